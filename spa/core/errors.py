@@ -1,0 +1,51 @@
+"""Refusal reasons and the one remote-error type.
+
+Invariants (docs/protocol.md, "Verification order"; STYLE principle 4):
+- Every refusal of a packet carries exactly one `Reason`.
+- Anything a remote party can make the core do wrong surfaces as `PacketError`
+  and nothing else; the verifier turns it into a `Refused` value.  The wire never
+  learns the reason: the server does not answer.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Reason(enum.Enum):
+    """Why a packet was refused, in the order the checks run."""
+
+    BAD_LENGTH = "bad_length"
+    BAD_VERSION = "bad_version"
+    UNKNOWN_TAG = "unknown_tag"
+    BAD_MAC = "bad_mac"
+    BAD_CIPHERTEXT = "bad_ciphertext"
+    MALFORMED = "malformed"
+    STALE = "stale"
+    FUTURE = "future"
+    STEP_MISMATCH = "step_mismatch"
+    REPLAY = "replay"
+    REPLAY_CACHE_FULL = "replay_cache_full"
+    REVOKED = "revoked"
+    SERVICE_NOT_ALLOWED = "service_not_allowed"
+    ADDRESS_NOT_ALLOWED = "address_not_allowed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class PacketError(Exception):
+    """A packet (or a field of one) is not acceptable.  Remote input only."""
+
+    def __init__(self, reason: Reason, detail: str = "") -> None:
+        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
+        self.reason = reason
+        self.detail = detail
+
+
+class FormatError(ValueError):
+    """Local input (an enrollment URI, a saved cache) is malformed.
+
+    The message is one line meant for an operator or user, and never contains
+    a secret.
+    """

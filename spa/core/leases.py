@@ -1,0 +1,174 @@
+"""The lease table: grants, closes and time -> firewall actions (NAT-safe).
+
+Invariants (docs/protocol.md, "Leases"; docs/threat-model.md, "shared NAT"):
+- A lease is (client, address, service) -> expiry.  Many clients may hold
+  leases on the same (address, service) pair, e.g. users behind one NAT.
+- After every call, the firewall state that the emitted actions build is
+  exactly {pair: latest expiry of its live leases}: `Allow(pair, until)` when
+  that latest expiry changes, `Remove(pair)` only when the pair's last lease
+  ends.  A close ends only the closing client's own lease; a renewed grant
+  extends, never shortens.
+- A lease is live while `now < expires`.  Every call that takes `now` first
+  expires what is due, so results do not depend on when `expire` last ran.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass
+
+from spa.core.wire import IPAddress
+
+Pair = tuple[IPAddress, str]  # (address, service name)
+LeaseKey = tuple[str, IPAddress, str]  # (client, address, service name)
+
+
+@dataclass(frozen=True, slots=True)
+class Allow:
+    """Let `address` reach `service` until `until` (Unix seconds)."""
+
+    address: IPAddress
+    service: str
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
+class Remove:
+    """Stop letting `address` reach `service`."""
+
+    address: IPAddress
+    service: str
+
+
+FirewallAction = Allow | Remove
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    client: str
+    address: IPAddress
+    service: str
+    expires: float
+
+
+class LeaseTable:
+    __slots__ = ("_by_pair", "_heap", "_leases", "_pair_until", "_seq")
+
+    def __init__(self) -> None:
+        self._leases: dict[LeaseKey, float] = {}
+        self._by_pair: dict[Pair, dict[str, float]] = {}
+        self._pair_until: dict[Pair, float] = {}
+        # (expires, sequence, client, address, service); the sequence keeps
+        # the heap from ever comparing an IPv4 with an IPv6 address.
+        self._heap: list[tuple[float, int, str, IPAddress, str]] = []
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+    def grant(
+        self, client: str, address: IPAddress, service: str, *, now: float, duration: float
+    ) -> list[FirewallAction]:
+        """Start or extend a client's lease.  Raises ValueError if duration <= 0."""
+        if duration <= 0:
+            raise ValueError("a grant needs a positive duration")
+        actions = self.expire(now)
+        self._extend(client, address, service, now + duration)
+        return actions + self._settle((address, service))
+
+    def close(
+        self, client: str, address: IPAddress, service: str, *, now: float
+    ) -> list[FirewallAction]:
+        """End one client's own lease (a no-op if it holds none)."""
+        actions = self.expire(now)
+        if self._leases.pop((client, address, service), None) is None:
+            return actions
+        self._drop_from_pair((address, service), client)
+        return actions + self._settle((address, service))
+
+    def close_client(self, client: str, *, now: float) -> list[FirewallAction]:
+        """End every lease a client holds (used by revoke with --close)."""
+        actions = self.expire(now)
+        for owner, address, service in [k for k in self._leases if k[0] == client]:
+            actions += self.close(owner, address, service, now=now)
+        return actions
+
+    def expire(self, now: float) -> list[FirewallAction]:
+        """Drop leases whose time has come; say what the firewall must change."""
+        touched: set[Pair] = set()
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            expires, _, client, address, service = heapq.heappop(heap)
+            key = (client, address, service)
+            if self._leases.get(key) == expires:  # else superseded or closed
+                del self._leases[key]
+                self._drop_from_pair((address, service), client)
+                touched.add((address, service))
+        actions: list[FirewallAction] = []
+        for pair in sorted(touched, key=_pair_order):
+            actions += self._settle(pair)
+        return actions
+
+    def next_due(self) -> float | None:
+        """When `expire` next has something to do (a hint; may be early)."""
+        return self._heap[0][0] if self._heap else None
+
+    def allowed(self) -> dict[Pair, float]:
+        """The firewall state the table wants: pair -> until."""
+        return dict(self._pair_until)
+
+    def leases(self) -> list[Lease]:
+        return [
+            Lease(client, address, service, expires)
+            for (client, address, service), expires in sorted(
+                self._leases.items(), key=lambda item: (item[1], item[0][0])
+            )
+        ]
+
+    def holders(self, address: IPAddress, service: str) -> dict[str, float]:
+        """client -> expiry for one pair."""
+        return dict(self._by_pair.get((address, service), {}))
+
+    @classmethod
+    def from_leases(cls, leases: list[Lease], *, now: float) -> LeaseTable:
+        """Rebuild a table (after a restart), keeping only live leases."""
+        table = cls()
+        for lease in leases:
+            if lease.expires > now:
+                table._extend(lease.client, lease.address, lease.service, lease.expires)
+                table._settle((lease.address, lease.service))
+        return table
+
+    def _extend(self, client: str, address: IPAddress, service: str, expires: float) -> None:
+        key = (client, address, service)
+        old = self._leases.get(key)
+        if old is not None and old >= expires:
+            return
+        self._leases[key] = expires
+        self._by_pair.setdefault((address, service), {})[client] = expires
+        heapq.heappush(self._heap, (expires, next(self._seq), client, address, service))
+
+    def _drop_from_pair(self, pair: Pair, client: str) -> None:
+        holders = self._by_pair[pair]
+        del holders[client]
+        if not holders:
+            del self._by_pair[pair]
+
+    def _settle(self, pair: Pair) -> list[FirewallAction]:
+        holders = self._by_pair.get(pair)
+        current = self._pair_until.get(pair)
+        if not holders:
+            if current is None:
+                return []
+            del self._pair_until[pair]
+            return [Remove(*pair)]
+        until = max(holders.values())
+        if until == current:
+            return []
+        self._pair_until[pair] = until
+        return [Allow(pair[0], pair[1], until)]
+
+
+def _pair_order(pair: Pair) -> tuple[int, bytes, str]:
+    return (pair[0].version, pair[0].packed, pair[1])

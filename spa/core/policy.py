@@ -1,0 +1,94 @@
+"""Services, duration caps and per-client permissions.
+
+Invariants (docs/protocol.md, "Policy"; docs/threat-model.md, "insider"):
+- A request is granted only for a service that exists and that the client is
+  allowed; a revoked client gets nothing.
+- A requested duration is capped by the service's maximum (capped, never
+  refused); 0 asks for the service's default.
+- An address other than the packet's source is allowed only for a client
+  with `allow_other_address`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from spa.core.errors import Reason
+from spa.core.wire import Action, IPAddress, Request, is_valid_service_name
+
+PROTOCOLS = ("tcp", "udp")
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A protected service: what a grant opens, and for how long at most."""
+
+    name: str
+    protocol: str
+    port: int
+    default_duration: int  # seconds granted when the request asks for 0
+    max_duration: int  # seconds; longer requests are capped to this
+
+    def __post_init__(self) -> None:
+        if not is_valid_service_name(self.name):
+            raise ValueError(f"service name {self.name!r}: use a-z, 0-9, '-', '_' (max 32)")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"service {self.name}: protocol must be tcp or udp")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"service {self.name}: port must be 1-65535")
+        if not 1 <= self.default_duration <= self.max_duration:
+            raise ValueError(f"service {self.name}: need 1 <= default duration <= max duration")
+
+    def cap(self, requested: int) -> int:
+        """The duration actually granted for a request."""
+        if requested <= 0:
+            return self.default_duration
+        return min(requested, self.max_duration)
+
+
+DEFAULT_SERVICES: Mapping[str, Service] = {
+    "ssh": Service("ssh", "tcp", 22, default_duration=30, max_duration=300),
+    "https": Service("https", "tcp", 443, default_duration=30 * 60, max_duration=4 * 3600),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ClientPolicy:
+    name: str
+    services: frozenset[str]
+    allow_other_address: bool = False
+    revoked: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What policy grants: the effective address, service and duration."""
+
+    address: IPAddress
+    service: Service
+    duration: int  # seconds, already capped; 0 for a close
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    services: Mapping[str, Service] = field(default_factory=lambda: dict(DEFAULT_SERVICES))
+    clients: Mapping[str, ClientPolicy] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, services: Iterable[Service], clients: Iterable[ClientPolicy]) -> Policy:
+        return cls({s.name: s for s in services}, {c.name: c for c in clients})
+
+    def decide(self, client: str, request: Request, source: IPAddress) -> Decision | Reason:
+        """Apply the rules in order; return a Decision or the refusal reason."""
+        rules = self.clients.get(client)
+        if rules is None or rules.revoked:
+            return Reason.REVOKED
+        service = self.services.get(request.service)
+        if service is None or request.service not in rules.services:
+            return Reason.SERVICE_NOT_ALLOWED
+        address = source if request.address is None else request.address
+        if address != source and not rules.allow_other_address:
+            return Reason.ADDRESS_NOT_ALLOWED
+        duration = service.cap(request.duration) if request.action is Action.OPEN else 0
+        return Decision(address, service, duration)

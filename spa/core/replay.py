@@ -1,0 +1,138 @@
+"""Bounded replay cache: (client, nonce) seen within the acceptance window.
+
+Invariants (docs/protocol.md, "Replay protection"; docs/threat-model.md):
+- A (client, nonce) pair recorded at time t is remembered at least until
+  t + 2 * window.  A packet is only accepted while its timestamp is within
+  +-window of the arrival time, so by the time an entry is forgotten the
+  packet that made it is refused `stale` anyway.
+- O(1) per packet: a dict for membership and a FIFO of expiries.  Arrival
+  times handed in by the caller never go backwards (the server passes a
+  clock clamped to be monotonic), so the FIFO stays sorted.
+- Hard caps, fail closed: a live entry is never evicted to make room.  When a
+  client holds `per_client_cap` live entries, or the cache holds `cap`, new
+  packets are refused `replay_cache_full` until entries expire.  Only
+  authenticated packets reach the cache, so only an enrolled client can fill
+  it, and the per-client cap keeps one client from locking out the others.
+- `dump`/`load` round-trip the live entries through a strict binary format
+  (no pickle), so a restart within the window does not reopen the door.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections import deque
+
+from spa.core.errors import FormatError
+
+DEFAULT_CAP = 1_000_000  # live entries in all (about 150 MB at worst)
+DEFAULT_PER_CLIENT_CAP = 1_024  # live entries per client (34 packets/s for 60 s)
+_MAGIC = b"SPARPL1\n"
+_HEADER = struct.Struct(">dI")  # window seconds, entry count
+_ENTRY = struct.Struct(">dB")  # expiry (Unix seconds), client name length
+_NONCE_SIZE = 24
+
+
+class Check(enum.Enum):
+    FRESH = "fresh"
+    REPLAY = "replay"
+    FULL = "full"
+
+
+class ReplayCache:
+    __slots__ = ("_cap", "_fifo", "_per_client", "_per_client_cap", "_seen", "window")
+
+    def __init__(
+        self,
+        window: float,
+        *,
+        cap: int = DEFAULT_CAP,
+        per_client_cap: int = DEFAULT_PER_CLIENT_CAP,
+    ) -> None:
+        if window <= 0 or cap < 1 or per_client_cap < 1:
+            raise ValueError("window and caps must be positive")
+        self.window = window
+        self._cap = cap
+        self._per_client_cap = per_client_cap
+        self._seen: set[tuple[str, bytes]] = set()
+        self._fifo: deque[tuple[float, str, bytes]] = deque()
+        self._per_client: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def check_and_add(self, client: str, nonce: bytes, now: float) -> Check:
+        """Record a nonce if it is new; say whether it was, or why not."""
+        self.expire(now)
+        key = (client, nonce)
+        if key in self._seen:
+            return Check.REPLAY
+        count = self._per_client.get(client, 0)
+        if count >= self._per_client_cap or len(self._seen) >= self._cap:
+            return Check.FULL
+        self._seen.add(key)
+        self._fifo.append((now + 2 * self.window, client, nonce))
+        self._per_client[client] = count + 1
+        return Check.FRESH
+
+    def expire(self, now: float) -> None:
+        """Forget entries whose packets can no longer pass the time check."""
+        fifo = self._fifo
+        while fifo and fifo[0][0] <= now:
+            _, client, nonce = fifo.popleft()
+            self._seen.discard((client, nonce))
+            left = self._per_client[client] - 1
+            if left:
+                self._per_client[client] = left
+            else:
+                del self._per_client[client]
+
+    def dump(self) -> bytes:
+        """Serialize the live entries."""
+        parts = [_MAGIC, _HEADER.pack(self.window, len(self._fifo))]
+        for expiry, client, nonce in self._fifo:
+            name = client.encode("utf-8")
+            parts.append(_ENTRY.pack(expiry, len(name)) + name + nonce)
+        return b"".join(parts)
+
+    @classmethod
+    def load(
+        cls,
+        data: bytes,
+        now: float,
+        *,
+        cap: int = DEFAULT_CAP,
+        per_client_cap: int = DEFAULT_PER_CLIENT_CAP,
+    ) -> ReplayCache:
+        """Rebuild a cache from `dump` output, dropping entries expired by `now`.
+
+        Entries are kept even beyond the caps (refusing more is the safe side).
+        Raises FormatError if the data is not a cache this version wrote.
+        """
+        if not data.startswith(_MAGIC):
+            raise FormatError("replay cache file has an unknown format")
+        try:
+            window, count = _HEADER.unpack_from(data, len(_MAGIC))
+            cache = cls(window, cap=cap, per_client_cap=per_client_cap)
+            pos = len(_MAGIC) + _HEADER.size
+            entries = []
+            for _ in range(count):
+                expiry, size = _ENTRY.unpack_from(data, pos)
+                pos += _ENTRY.size
+                client = data[pos : pos + size].decode("utf-8")
+                nonce = data[pos + size : pos + size + _NONCE_SIZE]
+                pos += size + _NONCE_SIZE
+                if len(nonce) != _NONCE_SIZE:
+                    raise FormatError("replay cache file is truncated")
+                entries.append((expiry, client, nonce))
+        except (struct.error, UnicodeDecodeError, ValueError) as exc:
+            raise FormatError("replay cache file is damaged") from exc
+        if pos != len(data):
+            raise FormatError("replay cache file has trailing bytes")
+        entries.sort(key=lambda entry: entry[0])
+        for expiry, client, nonce in entries:
+            if expiry > now and (client, nonce) not in cache._seen:
+                cache._seen.add((client, nonce))
+                cache._fifo.append((expiry, client, nonce))
+                cache._per_client[client] = cache._per_client.get(client, 0) + 1
+        return cache

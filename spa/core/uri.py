@@ -1,0 +1,216 @@
+"""The enrollment URI: everything one client needs for one server.
+
+    spa1://HOST[:PORT]/CLIENT?sid=SERVER_ID&key=SECRET&svc=NAME:PROTO:PORT[&svc=...]
+
+Invariants (docs/protocol.md, "Enrollment URI"):
+- `parse(render(e)) == e` for every valid enrollment, and `render` is canonical.
+- Parsing is strict: a wrong scheme or version, a bad host or port, a bad
+  client name, a missing, repeated or unknown parameter, a value of the wrong
+  size or alphabet, each raise `FormatError` with one line saying which part
+  is wrong.  No error message ever contains the secret.
+- IPv6 hosts are written in brackets.  SERVER_ID (16 bytes) and SECRET
+  (32 bytes) are unpadded base64url.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import re
+import urllib.parse
+from dataclasses import dataclass
+
+from spa.core.errors import FormatError
+from spa.core.keys import MASTER_SECRET_SIZE, SERVER_ID_SIZE
+from spa.core.policy import PROTOCOLS
+from spa.core.wire import is_valid_service_name
+
+SCHEME = "spa1"
+DEFAULT_PORT = 62201  # UDP knock port
+_CLIENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
+_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
+_B64_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRef:
+    """A service as a client sees it: what to ask for and which port to try."""
+
+    name: str
+    protocol: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Enrollment:
+    host: str  # DNS name or IP address, without brackets
+    port: int
+    server_id: bytes
+    client: str
+    secret: bytes
+    services: tuple[ServiceRef, ...]
+
+    def __repr__(self) -> str:
+        return (
+            f"Enrollment(host={self.host!r}, port={self.port}, client={self.client!r}, "
+            f"services={[s.name for s in self.services]}, secret=<hidden>)"
+        )
+
+
+def is_valid_client_name(name: str) -> bool:
+    """Letters, digits, '.', '_', '@', '-'; 1-64 chars; alphanumeric first."""
+    return _CLIENT_RE.match(name) is not None
+
+
+def check_host(host: str) -> str:
+    """Validate a host (IP address or DNS name); return it normalized.
+
+    Raises FormatError.
+    """
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    if not name or len(name) > 253 or not all(_LABEL_RE.match(p) for p in name.split(".")):
+        raise FormatError(f"host {host!r} is neither an IP address nor a DNS name")
+    return name.lower()
+
+
+def render(enrollment: Enrollment) -> str:
+    """The canonical URI.  Raises FormatError if a field is invalid."""
+    _check(enrollment)
+    host = check_host(enrollment.host)
+    if ":" in host:
+        host = f"[{host}]"
+    query = [("sid", _b64(enrollment.server_id)), ("key", _b64(enrollment.secret))]
+    query += [("svc", f"{s.name}:{s.protocol}:{s.port}") for s in enrollment.services]
+    text = "&".join(f"{k}={v}" for k, v in query)
+    return f"{SCHEME}://{host}:{enrollment.port}/{enrollment.client}?{text}"
+
+
+def parse(uri: str) -> Enrollment:
+    """Parse an enrollment URI strictly.  Raises FormatError naming the bad part."""
+    uri = uri.strip()
+    scheme, sep, _ = uri.partition("://")
+    if not sep:
+        raise FormatError("not an enrollment URI: it must start with spa1://")
+    if scheme.lower() != SCHEME:
+        if re.fullmatch(r"spa\d+", scheme.lower()):
+            raise FormatError(f"enrollment URI version {scheme!r} is not supported (need spa1)")
+        raise FormatError(f"not an enrollment URI: scheme {scheme!r}, expected spa1")
+    parts = urllib.parse.urlsplit(uri)
+    if parts.fragment or "#" in uri:
+        raise FormatError("enrollment URI must not have a #fragment")
+    if "@" in parts.netloc:
+        raise FormatError("enrollment URI must not carry a user name before the host")
+    host, port = _host_port(parts.netloc)
+    client = urllib.parse.unquote(parts.path[1:]) if parts.path.startswith("/") else ""
+    if not is_valid_client_name(client):
+        raise FormatError("client name in the URI path is missing or has bad characters")
+    sid, key, services = _params(parts.query)
+    enrollment = Enrollment(
+        host=host,
+        port=port,
+        server_id=_unb64(sid, SERVER_ID_SIZE, "server id (sid)"),
+        client=client,
+        secret=_unb64(key, MASTER_SECRET_SIZE, "secret (key)"),
+        services=tuple(_service(v) for v in services),
+    )
+    _check(enrollment)
+    return enrollment
+
+
+def _host_port(netloc: str) -> tuple[str, int]:
+    if netloc.startswith("["):
+        inside, sep, rest = netloc[1:].partition("]")
+        if not sep:
+            raise FormatError("IPv6 host is missing its closing ']'")
+        try:
+            host = str(ipaddress.IPv6Address(inside))
+        except ValueError:
+            raise FormatError(f"{inside!r} in brackets is not an IPv6 address") from None
+    else:
+        host, _, rest = netloc.partition(":")
+        rest = ":" + rest if _ else ""
+        if not host:
+            raise FormatError("enrollment URI has no host")
+        if ":" in rest[1:]:
+            raise FormatError("IPv6 host must be written in brackets, e.g. [2001:db8::1]")
+        host = check_host(host)
+    if not rest:
+        return host, DEFAULT_PORT
+    if not rest.startswith(":") or not rest[1:].isdigit() or not rest[1:].isascii():
+        raise FormatError("port after the host must be a number")
+    port = int(rest[1:])
+    if not 1 <= port <= 65535:
+        raise FormatError(f"port {port} is out of range 1-65535")
+    return host, port
+
+
+def _params(query: str) -> tuple[str, str, list[str]]:
+    """(sid, key, [svc, ...]) from the query; each must be there, once."""
+    found: dict[str, list[str]] = {"sid": [], "key": [], "svc": []}
+    for item in query.split("&") if query else []:
+        name, sep, value = item.partition("=")
+        if name not in found:
+            raise FormatError(f"unknown parameter {name!r} in enrollment URI")
+        if not sep or not value:
+            raise FormatError(f"parameter {name!r} has no value")
+        found[name].append(urllib.parse.unquote(value))
+    for name in ("sid", "key"):
+        if len(found[name]) != 1:
+            what = "missing" if not found[name] else "repeated"
+            raise FormatError(f"parameter {name!r} is {what} in enrollment URI")
+    if not found["svc"]:
+        raise FormatError("enrollment URI names no service (svc=NAME:PROTO:PORT)")
+    return found["sid"][0], found["key"][0], found["svc"]
+
+
+def _service(value: str) -> ServiceRef:
+    fields = value.split(":")
+    if len(fields) != 3:
+        raise FormatError(f"service {value!r} must be NAME:PROTO:PORT, e.g. ssh:tcp:22")
+    name, protocol, port = fields
+    if not is_valid_service_name(name):
+        raise FormatError(f"service name {name!r}: use a-z, 0-9, '-', '_' (max 32)")
+    if protocol not in PROTOCOLS:
+        raise FormatError(f"service {name}: protocol {protocol!r} must be tcp or udp")
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise FormatError(f"service {name}: port {port!r} must be 1-65535")
+    return ServiceRef(name, protocol, int(port))
+
+
+def _check(enrollment: Enrollment) -> None:
+    if not 1 <= enrollment.port <= 65535:
+        raise FormatError(f"port {enrollment.port} is out of range 1-65535")
+    if len(enrollment.server_id) != SERVER_ID_SIZE:
+        raise FormatError(f"server id must be {SERVER_ID_SIZE} bytes")
+    if len(enrollment.secret) != MASTER_SECRET_SIZE:
+        raise FormatError(f"secret must be {MASTER_SECRET_SIZE} bytes")
+    if not is_valid_client_name(enrollment.client):
+        raise FormatError(f"client name {enrollment.client!r} has bad characters")
+    names = [s.name for s in enrollment.services]
+    if not names:
+        raise FormatError("an enrollment needs at least one service")
+    if len(set(names)) != len(names):
+        raise FormatError("a service is named twice in the enrollment URI")
+    for s in enrollment.services:
+        _service(f"{s.name}:{s.protocol}:{s.port}")
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str, size: int, what: str) -> bytes:
+    if not _B64_RE.match(text):
+        raise FormatError(f"{what} is not base64url text")
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raise FormatError(f"{what} is not valid base64url") from None
+    if len(raw) != size or _b64(raw) != text:
+        raise FormatError(f"{what} must encode exactly {size} bytes")
+    return raw

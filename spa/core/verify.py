@@ -1,0 +1,157 @@
+"""The verification pipeline: bytes, source, now -> Accepted | Refused(reason).
+
+Invariants (docs/protocol.md, "Verification order"; STYLE principle 3):
+- Checks run cheapest first and stop at the first failure: exact length,
+  version, knock-tag lookup (one dict lookup), HMAC (constant time), AEAD
+  decryption, strict body parse, time window and step consistency, replay
+  cache, policy.  No cryptography runs for a packet with an unknown tag.
+- `verify` never raises for any packet bytes: every refusal is a value with a
+  `Reason`.  It never accepts a packet whose bytes differ from what an
+  enrolled client sealed.
+- Time is an argument: `now` is Unix seconds from the caller's clock.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from spa.core.errors import PacketError, Reason
+from spa.core.keys import ClientKeys, check_server_id, derive_keys
+from spa.core.knock import TagTable, step_of, step_of_ms, step_start, steps_for_window
+from spa.core.policy import Decision, Policy
+from spa.core.replay import Check, ReplayCache
+from spa.core.wire import (
+    HEADER_SIZE,
+    NONCE_OFFSET,
+    NONCE_SIZE,
+    PACKET_SIZE,
+    VERSION,
+    IPAddress,
+    Request,
+    open_packet,
+)
+
+DEFAULT_WINDOW = 30.0  # seconds either side of the server's clock
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    client: str
+    request: Request
+    decision: Decision
+    source: IPAddress
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    reason: Reason
+    client: str | None = None  # known once the tag matched
+
+
+_EARLY = {reason: Refused(reason) for reason in Reason}
+
+
+def parse_source(source: str | IPAddress) -> IPAddress:
+    """The packet's source as an address; IPv4-mapped IPv6 becomes IPv4.
+
+    Raises ValueError for a string that is not an address (a caller bug).
+    """
+    address = ipaddress.ip_address(source) if isinstance(source, str) else source
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+class Verifier:
+    """Holds the server's live view: keys, tag table, replay cache, policy."""
+
+    def __init__(
+        self,
+        server_id: bytes,
+        secrets: Mapping[str, bytes],
+        policy: Policy,
+        *,
+        now: float,
+        window: float = DEFAULT_WINDOW,
+        replay: ReplayCache | None = None,
+    ) -> None:
+        """`secrets` maps client name -> 32-byte master secret.
+
+        Raises ValueError for a bad server id, secret or window.
+        """
+        check_server_id(server_id)
+        if window <= 0:
+            raise ValueError("window must be positive")
+        self.server_id = server_id
+        self.window = window
+        self.policy = policy
+        self.replay = replay if replay is not None else ReplayCache(window)
+        self._keys: dict[str, ClientKeys] = {
+            name: derive_keys(secret, server_id) for name, secret in secrets.items()
+        }
+        step = step_of(now)
+        self._tags = TagTable(
+            {name: keys.tag_key for name, keys in self._keys.items()},
+            step,
+            skew=steps_for_window(window),
+        )
+        self._refresh_at = step_start(step + 1)
+
+    @property
+    def tags(self) -> TagTable:
+        return self._tags
+
+    def add_client(self, name: str, secret: bytes) -> None:
+        """Enroll or re-key a client (takes effect for the next packet)."""
+        keys = derive_keys(secret, self.server_id)
+        self._keys[name] = keys
+        self._tags.add(name, keys.tag_key)
+
+    def remove_client(self, name: str) -> None:
+        """Forget a client's keys and tags at once."""
+        self._keys.pop(name, None)
+        self._tags.remove(name)
+
+    def refresh(self, now: float) -> None:
+        """Move the tag table to the step of `now`.  Cheap when not due."""
+        if now >= self._refresh_at or now < self._refresh_at - 60:
+            step = step_of(now)
+            self._tags.advance(step)
+            self._refresh_at = step_start(step + 1)
+
+    def verify(self, packet: bytes, source: str | IPAddress, now: float) -> Accepted | Refused:
+        """Run every check in order; never raises for any packet bytes."""
+        if len(packet) != PACKET_SIZE:
+            return _EARLY[Reason.BAD_LENGTH]
+        if packet[0] != VERSION:
+            return _EARLY[Reason.BAD_VERSION]
+        if now >= self._refresh_at:
+            self.refresh(now)
+        found = self._tags.lookup(packet[1:HEADER_SIZE])
+        if found is None:
+            return _EARLY[Reason.UNKNOWN_TAG]
+        client, tag_step = found
+        try:
+            request = open_packet(packet, self._keys[client], self.server_id)
+        except PacketError as exc:
+            return Refused(exc.reason, client)
+        sent = request.timestamp_ms / 1000
+        if now - sent > self.window:
+            return Refused(Reason.STALE, client)
+        if sent - now > self.window:
+            return Refused(Reason.FUTURE, client)
+        if step_of_ms(request.timestamp_ms) != tag_step:
+            return Refused(Reason.STEP_MISMATCH, client)
+        nonce = packet[NONCE_OFFSET : NONCE_OFFSET + NONCE_SIZE]
+        check = self.replay.check_and_add(client, nonce, now)
+        if check is Check.REPLAY:
+            return Refused(Reason.REPLAY, client)
+        if check is Check.FULL:
+            return Refused(Reason.REPLAY_CACHE_FULL, client)
+        address = parse_source(source)
+        decision = self.policy.decide(client, request, address)
+        if isinstance(decision, Reason):
+            return Refused(decision, client)
+        return Accepted(client, request, decision, address)

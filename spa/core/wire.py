@@ -1,0 +1,235 @@
+"""Packet format version 1: sizes, body encoding, seal and open.
+
+Invariants (docs/protocol.md, "Wire format"):
+- Every packet is exactly PACKET_SIZE bytes whatever it asks (the body is
+  padded to BODY_SIZE), so its length leaks nothing.
+- The body encoding is canonical: one byte string per request and one request
+  per byte string.  Fixed field order, explicit lengths, zero padding checked,
+  no trailing bytes; unknown versions, actions and address families refused.
+- Encrypt-then-MAC: the HMAC covers everything before it and is checked in
+  constant time before any decryption is attempted.
+- Decoding raises `PacketError` and nothing else, whatever the bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import ipaddress
+import re
+import struct
+from dataclasses import dataclass
+
+from nacl.bindings import (
+    crypto_aead_xchacha20poly1305_ietf_decrypt,
+    crypto_aead_xchacha20poly1305_ietf_encrypt,
+)
+from nacl.exceptions import CryptoError
+
+from spa.core.errors import PacketError, Reason
+from spa.core.keys import SERVER_ID_SIZE, ClientKeys
+from spa.core.knock import TAG_SIZE, knock_tag, step_of_ms
+
+VERSION = 1
+VERSION_BYTE = bytes([VERSION])
+VERSION_SIZE = 1
+NONCE_SIZE = 24  # XChaCha20-Poly1305-IETF public nonce
+AEAD_TAG_SIZE = 16  # Poly1305 authenticator appended by the AEAD
+MAC_SIZE = 32  # HMAC-SHA256
+BODY_SIZE = 80  # fixed plaintext size; the largest request needs 74
+HEADER_SIZE = VERSION_SIZE + TAG_SIZE  # authenticated by AAD and MAC
+CIPHERTEXT_SIZE = BODY_SIZE + AEAD_TAG_SIZE
+PACKET_SIZE = HEADER_SIZE + NONCE_SIZE + CIPHERTEXT_SIZE + MAC_SIZE  # 161
+MAC_OFFSET = PACKET_SIZE - MAC_SIZE
+NONCE_OFFSET = HEADER_SIZE
+CIPHERTEXT_OFFSET = HEADER_SIZE + NONCE_SIZE
+
+SERVICE_MAX = 32  # bytes of service name
+OTP_MIN, OTP_MAX = 6, 10  # digits of a one-time password, when present
+DURATION_MAX = 2**32 - 1  # seconds, u32 on the wire
+TIMESTAMP_MAX = 2**64 - 1  # milliseconds, u64 on the wire
+
+_SERVICE_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}\Z")
+_OTP_RE = re.compile(r"[0-9]{6,10}\Z")
+_FIXED = struct.Struct(">QBIB")  # timestamp_ms, action, duration, address family
+FAMILY_NONE, FAMILY_V4, FAMILY_V6 = 0, 4, 6
+_ADDRESS_SIZE = {FAMILY_NONE: 0, FAMILY_V4: 4, FAMILY_V6: 16}
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class Action(enum.IntEnum):
+    OPEN = 1
+    CLOSE = 2
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What a client asks for.  `address=None` means "the packet's source"."""
+
+    timestamp_ms: int
+    action: Action
+    service: str
+    duration: int = 0  # seconds; 0 asks for the service's default
+    address: IPAddress | None = None
+    otp: str = ""
+
+
+def is_valid_service_name(name: str) -> bool:
+    """Lowercase ASCII letters, digits, '-' and '_', 1-32 chars, alnum first."""
+    return _SERVICE_RE.match(name) is not None
+
+
+def check_address(address: IPAddress) -> None:
+    """Raise ValueError for an address that can never be allowed."""
+    if address.is_unspecified or address.is_multicast:
+        raise ValueError(f"{address} cannot be allowed through a firewall")
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        raise ValueError(f"{address} is IPv4-mapped; send the IPv4 address itself")
+
+
+def encode_body(request: Request) -> bytes:
+    """The canonical BODY_SIZE-byte plaintext of a request.
+
+    Raises ValueError if the request cannot be represented.
+    """
+    _check_request(request)
+    if request.address is None:
+        family, raw = FAMILY_NONE, b""
+    else:
+        family = FAMILY_V4 if request.address.version == 4 else FAMILY_V6
+        raw = request.address.packed
+    service = request.service.encode("ascii")
+    otp = request.otp.encode("ascii")
+    body = (
+        _FIXED.pack(request.timestamp_ms, request.action, request.duration, family)
+        + raw
+        + bytes([len(service)])
+        + service
+        + bytes([len(otp)])
+        + otp
+    )
+    return body + bytes(BODY_SIZE - len(body))
+
+
+def _check_request(request: Request) -> None:
+    if not 0 <= request.timestamp_ms <= TIMESTAMP_MAX:
+        raise ValueError("timestamp out of range")
+    if not isinstance(request.action, Action):
+        raise ValueError("unknown action")
+    if not 0 <= request.duration <= DURATION_MAX:
+        raise ValueError("duration out of range")
+    if request.action is Action.CLOSE and request.duration != 0:
+        raise ValueError("a close carries no duration")
+    if not is_valid_service_name(request.service):
+        raise ValueError(f"bad service name {request.service!r}")
+    if request.otp and not _OTP_RE.match(request.otp):
+        raise ValueError("a one-time password is 6 to 10 digits")
+    if request.address is not None:
+        check_address(request.address)
+
+
+def decode_body(body: bytes) -> Request:
+    """Parse a plaintext body strictly.
+
+    Raises PacketError(MALFORMED) for anything that `encode_body` would not
+    have produced.
+    """
+    if len(body) != BODY_SIZE:
+        raise PacketError(Reason.MALFORMED, "body size")
+    timestamp_ms, action_byte, duration, family = _FIXED.unpack_from(body)
+    try:
+        action = Action(action_byte)
+    except ValueError:
+        raise PacketError(Reason.MALFORMED, "unknown action") from None
+    if action is Action.CLOSE and duration != 0:
+        raise PacketError(Reason.MALFORMED, "close with a duration")
+    pos = _FIXED.size
+    size = _ADDRESS_SIZE.get(family)
+    if size is None:
+        raise PacketError(Reason.MALFORMED, "unknown address family")
+    address: IPAddress | None = None
+    if family == FAMILY_V4:
+        address = ipaddress.IPv4Address(body[pos : pos + 4])
+    elif family == FAMILY_V6:
+        address = ipaddress.IPv6Address(body[pos : pos + 16])
+    pos += size
+    service_raw, pos = _read_string(body, pos, 1, SERVICE_MAX)
+    otp_raw, pos = _read_string(body, pos, 0, OTP_MAX)
+    if any(body[pos:]):
+        raise PacketError(Reason.MALFORMED, "non-zero padding")
+    service = service_raw.decode("ascii", "replace")
+    otp = otp_raw.decode("ascii", "replace")
+    if not is_valid_service_name(service):
+        raise PacketError(Reason.MALFORMED, "bad service name")
+    if otp and not _OTP_RE.match(otp):
+        raise PacketError(Reason.MALFORMED, "bad one-time password")
+    if address is not None:
+        try:
+            check_address(address)
+        except ValueError:
+            raise PacketError(Reason.MALFORMED, "unusable address") from None
+    return Request(timestamp_ms, action, service, duration, address, otp)
+
+
+def _read_string(body: bytes, pos: int, low: int, high: int) -> tuple[bytes, int]:
+    size = body[pos]
+    if not low <= size <= high:
+        raise PacketError(Reason.MALFORMED, "field length")
+    return body[pos + 1 : pos + 1 + size], pos + 1 + size
+
+
+def aad(tag: bytes, server_id: bytes) -> bytes:
+    """Additional data of the AEAD: version | tag | server id."""
+    return VERSION_BYTE + tag + server_id
+
+
+def seal(
+    request: Request, keys: ClientKeys, server_id: bytes, *, tag: bytes, nonce: bytes
+) -> bytes:
+    """Build the packet for a request.  `tag` and `nonce` come from the caller.
+
+    Raises ValueError for a request that cannot be encoded or wrong sizes.
+    """
+    if len(tag) != TAG_SIZE or len(nonce) != NONCE_SIZE or len(server_id) != SERVER_ID_SIZE:
+        raise ValueError("tag, nonce or server id has the wrong size")
+    header = VERSION_BYTE + tag
+    ciphertext = crypto_aead_xchacha20poly1305_ietf_encrypt(
+        encode_body(request), header + server_id, nonce, keys.cipher_key
+    )
+    signed = header + nonce + ciphertext
+    return signed + hmac.digest(keys.mac_key, signed, "sha256")
+
+
+def build_packet(request: Request, keys: ClientKeys, server_id: bytes, *, nonce: bytes) -> bytes:
+    """Seal a request under the knock tag of its own timestamp's step.
+
+    This is what a client sends.  Raises ValueError like `seal`.
+    """
+    tag = knock_tag(keys.tag_key, step_of_ms(request.timestamp_ms))
+    return seal(request, keys, server_id, tag=tag, nonce=nonce)
+
+
+def open_packet(packet: bytes, keys: ClientKeys, server_id: bytes) -> Request:
+    """Check the MAC, decrypt and parse a packet whose size, version and tag
+    the caller has already checked.
+
+    Raises PacketError(BAD_MAC | BAD_CIPHERTEXT | MALFORMED).
+    """
+    signed = packet[:MAC_OFFSET]
+    expected = hmac.digest(keys.mac_key, signed, "sha256")
+    if not hmac.compare_digest(expected, packet[MAC_OFFSET:]):
+        raise PacketError(Reason.BAD_MAC)
+    try:
+        body = crypto_aead_xchacha20poly1305_ietf_decrypt(
+            packet[CIPHERTEXT_OFFSET:MAC_OFFSET],
+            packet[:HEADER_SIZE] + server_id,
+            packet[NONCE_OFFSET:CIPHERTEXT_OFFSET],
+            keys.cipher_key,
+        )
+    except CryptoError:
+        raise PacketError(Reason.BAD_CIPHERTEXT) from None
+    return decode_body(body)
