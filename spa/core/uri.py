@@ -100,16 +100,18 @@ def parse(uri: str) -> Enrollment:
         if re.fullmatch(r"spa\d+", scheme.lower()):
             raise FormatError(f"enrollment URI version {scheme!r} is not supported (need spa1)")
         raise FormatError(f"not an enrollment URI: scheme {scheme!r}, expected spa1")
-    parts = urllib.parse.urlsplit(uri)
-    if parts.fragment or "#" in uri:
+    rest = uri.split("://", 1)[1]
+    if "#" in rest:
         raise FormatError("enrollment URI must not have a #fragment")
-    if "@" in parts.netloc:
+    netloc, _, tail = rest.partition("/")
+    path, _, query = tail.partition("?")
+    if "@" in netloc:
         raise FormatError("enrollment URI must not carry a user name before the host")
-    host, port = _host_port(parts.netloc)
-    client = urllib.parse.unquote(parts.path[1:]) if parts.path.startswith("/") else ""
+    host, port = _host_port(netloc)
+    client = urllib.parse.unquote(path)
     if not is_valid_client_name(client):
         raise FormatError("client name in the URI path is missing or has bad characters")
-    sid, key, services = _params(parts.query)
+    sid, key, services = _params(query)
     enrollment = Enrollment(
         host=host,
         port=port,
@@ -205,12 +207,13 @@ def _b64(raw: bytes) -> str:
 
 
 def _unb64(text: str, size: int, what: str) -> bytes:
+    problem = f"{what} must be exactly {size} bytes in unpadded base64url"
     if not _B64_RE.match(text):
-        raise FormatError(f"{what} is not base64url text")
+        raise FormatError(problem)
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError):
-        raise FormatError(f"{what} is not valid base64url") from None
+        raise FormatError(problem) from None
     if len(raw) != size or _b64(raw) != text:
-        raise FormatError(f"{what} must encode exactly {size} bytes")
+        raise FormatError(problem)
     return raw

@@ -1,0 +1,114 @@
+"""The enrollment URI: canonical rendering, strict parsing, no secret in errors."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from spa.core.errors import FormatError
+from spa.core.uri import DEFAULT_PORT, Enrollment, ServiceRef, parse, render
+
+SECRET = bytes(range(32))
+SID = bytes(range(100, 116))
+KEY_TEXT = base64.urlsafe_b64encode(SECRET).rstrip(b"=").decode()
+SID_TEXT = base64.urlsafe_b64encode(SID).rstrip(b"=").decode()
+SERVICES = (ServiceRef("ssh", "tcp", 22), ServiceRef("https", "tcp", 443))
+
+
+def enrollment(host: str = "knock.example.org", port: int = 62201) -> Enrollment:
+    return Enrollment(host, port, SID, "alice", SECRET, SERVICES)
+
+
+def uri(host: str = "knock.example.org:62201", query: str | None = None,
+        client: str = "alice", scheme: str = "spa1") -> str:
+    q = query if query is not None else f"sid={SID_TEXT}&key={KEY_TEXT}&svc=ssh:tcp:22"
+    return f"{scheme}://{host}/{client}?{q}"
+
+
+@pytest.mark.parametrize("host", ["knock.example.org", "192.0.2.1", "2001:db8::1", "localhost"])
+def test_round_trip(host: str) -> None:
+    e = enrollment(host)
+    text = render(e)
+    assert text.startswith("spa1://")
+    assert parse(text) == e
+    assert render(parse(text)) == text
+
+
+def test_ipv6_is_bracketed_and_the_secret_is_hidden_from_repr() -> None:
+    text = render(enrollment("2001:DB8::1"))
+    assert text.startswith("spa1://[2001:db8::1]:62201/alice?")
+    assert KEY_TEXT not in repr(parse(text))
+    assert "hidden" in repr(parse(text))
+
+
+def test_port_defaults_and_host_case_folds() -> None:
+    e = parse(uri(host="Knock.Example.ORG"))
+    assert e.port == DEFAULT_PORT
+    assert e.host == "knock.example.org"
+    assert e.services == (ServiceRef("ssh", "tcp", 22),)
+    assert parse(uri(host="[::1]:9")).port == 9
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("", "start with spa1://"),
+        ("https://example.org/alice", "scheme"),
+        (uri(scheme="spa2"), "version"),
+        (uri(host=""), "no host"),
+        (uri(host="bad_host!"), "neither an IP"),
+        (uri(host="2001:db8::1"), "brackets"),
+        (uri(host="[2001:db8::1"), "closing"),
+        (uri(host="[nonsense]"), "not an IPv6"),
+        (uri(host="h:0"), "out of range"),
+        (uri(host="h:70000"), "out of range"),
+        (uri(host="h:abc"), "number"),
+        (uri(host="user@h"), "user name"),
+        (uri(client=""), "client name"),
+        (uri(client="-alice"), "client name"),
+        (uri(client="al ice"), "client name"),
+        (uri() + "#frag", "fragment"),
+        (uri(query=f"key={KEY_TEXT}&svc=ssh:tcp:22"), "'sid' is missing"),
+        (uri(query=f"sid={SID_TEXT}&svc=ssh:tcp:22"), "'key' is missing"),
+        (uri(query=f"sid={SID_TEXT}&sid={SID_TEXT}&key={KEY_TEXT}&svc=ssh:tcp:22"), "repeated"),
+        (uri(query=f"sid={SID_TEXT}&key={KEY_TEXT}"), "no service"),
+        (uri(query=f"sid={SID_TEXT}&key={KEY_TEXT}&svc=ssh:tcp:22&x=1"), "unknown parameter"),
+        (uri(query=f"sid={SID_TEXT}&key=&svc=ssh:tcp:22"), "no value"),
+        (uri(query=f"sid={SID_TEXT}&key={KEY_TEXT}&svc=ssh:22"), "NAME:PROTO:PORT"),
+        (uri(query=f"sid={SID_TEXT}&key={KEY_TEXT}&svc=SSH:tcp:22"), "service name"),
+        (uri(query=f"sid={SID_TEXT}&key={KEY_TEXT}&svc=ssh:sctp:22"), "tcp or udp"),
+        (uri(query=f"sid={SID_TEXT}&key={KEY_TEXT}&svc=ssh:tcp:0"), "1-65535"),
+        (uri(query=f"sid={SID_TEXT}&key={KEY_TEXT}&svc=ssh:tcp:22&svc=ssh:tcp:2222"), "twice"),
+        (uri(query=f"sid={SID_TEXT}&key={KEY_TEXT[:-2]}&svc=ssh:tcp:22"), "32 bytes"),
+        (uri(query=f"sid={SID_TEXT}A&key={KEY_TEXT}&svc=ssh:tcp:22"), "16 bytes"),
+        (uri(query=f"sid={SID_TEXT}&key={KEY_TEXT}==&svc=ssh:tcp:22"), "32 bytes"),
+        (uri(query=f"sid={SID_TEXT}&key={KEY_TEXT.replace('A', '+')}&svc=ssh:tcp:22"),
+         "32 bytes"),
+    ],
+)
+def test_malformed_uris_say_which_part_is_wrong(text: str, match: str) -> None:
+    with pytest.raises(FormatError, match=match) as info:
+        parse(text)
+    message = str(info.value)
+    assert "\n" not in message
+    assert KEY_TEXT not in message
+    assert KEY_TEXT[:20] not in message
+
+
+def test_non_canonical_base64_is_refused() -> None:
+    """The last character of a 32-byte value carries 2 spare bits: must be 0."""
+    last = KEY_TEXT[-1]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    twin = alphabet[alphabet.index(last) + 1]
+    with pytest.raises(FormatError, match="32 bytes"):
+        parse(uri(query=f"sid={SID_TEXT}&key={KEY_TEXT[:-1]}{twin}&svc=ssh:tcp:22"))
+
+
+def test_render_refuses_invalid_enrollments() -> None:
+    with pytest.raises(FormatError, match="secret"):
+        render(Enrollment("h", 1, SID, "alice", bytes(31), SERVICES))
+    with pytest.raises(FormatError, match="at least one"):
+        render(Enrollment("h", 1, SID, "alice", SECRET, ()))
+    with pytest.raises(FormatError, match="neither"):
+        render(Enrollment("bad host", 1, SID, "alice", SECRET, SERVICES))

@@ -1,0 +1,251 @@
+"""The verification pipeline, one refusal reason at a time, and replay."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from spa.core.errors import Reason
+from spa.core.knock import knock_tag, step_of
+from spa.core.replay import ReplayCache
+from spa.core.verify import Accepted, Refused, Verifier, parse_source
+from spa.core.wire import PACKET_SIZE, Action, Request, seal
+from tests.world import (
+    NOW,
+    OTHER_SERVER_ID,
+    POLICY,
+    SECRETS,
+    SERVER_ID,
+    SRC,
+    SRC6,
+    Knocker,
+    keys,
+    verifier,
+)
+
+
+def reason(result: Accepted | Refused) -> Reason | None:
+    return result.reason if isinstance(result, Refused) else None
+
+
+def test_valid_packet_is_accepted_with_the_source_address() -> None:
+    result = verifier().verify(Knocker("alice").packet("ssh", duration=60), SRC, NOW)
+    assert isinstance(result, Accepted)
+    assert result.client == "alice"
+    assert result.decision.address == SRC
+    assert result.decision.service.name == "ssh"
+    assert result.decision.duration == 60
+
+
+def test_ipv6_source_and_string_sources_work() -> None:
+    v = verifier()
+    result = v.verify(Knocker("alice").packet(), str(SRC6), NOW)
+    assert isinstance(result, Accepted)
+    assert result.decision.address == SRC6
+    mapped = v.verify(Knocker("alice").packet(at=NOW + 1), "::ffff:192.0.2.10", NOW)
+    assert isinstance(mapped, Accepted)
+    assert mapped.decision.address == SRC
+
+
+@pytest.mark.parametrize("size", [0, 1, PACKET_SIZE - 1, PACKET_SIZE + 1, 1500])
+def test_wrong_length_is_refused_first(size: int) -> None:
+    assert reason(verifier().verify(b"\x01" * size, SRC, NOW)) is Reason.BAD_LENGTH
+
+
+def test_wrong_version_is_refused() -> None:
+    packet = bytearray(Knocker("alice").packet())
+    for version in (0, 2, 255):
+        packet[0] = version
+        assert reason(verifier().verify(bytes(packet), SRC, NOW)) is Reason.BAD_VERSION
+
+
+def test_unknown_tag_is_refused_without_crypto() -> None:
+    junk = b"\x01" + bytes(PACKET_SIZE - 1)
+    result = verifier().verify(junk, SRC, NOW)
+    assert result == Refused(Reason.UNKNOWN_TAG)  # no client: found nothing
+
+
+def test_packet_for_another_server_is_worthless_here() -> None:
+    """Server id binding: a packet sealed for another server never matches."""
+    packet = Knocker("alice", server_id=OTHER_SERVER_ID).packet()
+    assert reason(verifier().verify(packet, SRC, NOW)) is Reason.UNKNOWN_TAG
+
+
+def test_same_tag_but_sealed_for_another_server_fails_the_mac() -> None:
+    """Even with this server's tag, keys and AAD from another server fail."""
+    other = keys("alice", OTHER_SERVER_ID)
+    tag = knock_tag(keys("alice").tag_key, step_of(NOW))
+    packet = seal(Request(round(NOW * 1000), Action.OPEN, "ssh"), other, OTHER_SERVER_ID,
+                  tag=tag, nonce=bytes(24))
+    assert reason(verifier().verify(packet, SRC, NOW)) is Reason.BAD_MAC
+
+
+def test_wrong_client_key_fails_the_mac() -> None:
+    """Bob's keys under Alice's tag: the MAC check refuses it."""
+    tag = knock_tag(keys("alice").tag_key, step_of(NOW))
+    packet = seal(Request(round(NOW * 1000), Action.OPEN, "ssh"), keys("bob"), SERVER_ID,
+                  tag=tag, nonce=bytes(24))
+    result = verifier().verify(packet, SRC, NOW)
+    assert result == Refused(Reason.BAD_MAC, "alice")
+
+
+def test_right_mac_wrong_cipher_key_is_bad_ciphertext() -> None:
+    """MAC valid (an insider knows mac keys of its own), AEAD fails."""
+    import hmac
+
+    alice = keys("alice")
+    tag = knock_tag(alice.tag_key, step_of(NOW))
+    sealed = seal(Request(round(NOW * 1000), Action.OPEN, "ssh"), keys("bob"), SERVER_ID,
+                  tag=tag, nonce=bytes(24))
+    body = sealed[:-32]
+    forged = body + hmac.digest(alice.mac_key, body, "sha256")
+    assert reason(verifier().verify(forged, SRC, NOW)) is Reason.BAD_CIPHERTEXT
+
+
+def test_time_window_stale_future_and_edges() -> None:
+    k = Knocker("alice")
+    mid = NOW + 15  # mid-step, so +-31 s still lands on a step in the tag table
+    assert reason(verifier(mid).verify(k.packet(at=mid - 31), SRC, mid)) is Reason.STALE
+    assert reason(verifier(mid).verify(k.packet(at=mid + 31), SRC, mid)) is Reason.FUTURE
+    assert isinstance(verifier(mid).verify(k.packet(at=mid - 30), SRC, mid), Accepted)
+    assert isinstance(verifier(mid).verify(k.packet(at=mid + 30), SRC, mid), Accepted)
+    # Far outside the window the tag has rotated out: refused before any crypto.
+    assert reason(verifier(mid).verify(k.packet(at=mid - 91), SRC, mid)) is Reason.UNKNOWN_TAG
+    wide = verifier(window=90.0)
+    assert isinstance(wide.verify(k.packet(at=NOW - 80), SRC, NOW), Accepted)
+
+
+def test_timestamp_must_agree_with_the_tag_step() -> None:
+    alice = keys("alice")
+    step = step_of(NOW)
+    request = Request(round(NOW * 1000), Action.OPEN, "ssh")
+    packet = seal(request, alice, SERVER_ID, tag=knock_tag(alice.tag_key, step - 1),
+                  nonce=bytes(24))
+    assert reason(verifier().verify(packet, SRC, NOW)) is Reason.STEP_MISMATCH
+
+
+def test_replay_same_packet_twice() -> None:
+    v = verifier()
+    packet = Knocker("alice").packet()
+    assert isinstance(v.verify(packet, SRC, NOW), Accepted)
+    assert v.verify(packet, SRC, NOW + 1) == Refused(Reason.REPLAY, "alice")
+
+
+def test_replay_from_another_address() -> None:
+    v = verifier()
+    packet = Knocker("alice").packet()
+    assert isinstance(v.verify(packet, SRC, NOW), Accepted)
+    assert reason(v.verify(packet, "198.51.100.66", NOW + 0.1)) is Reason.REPLAY
+    assert reason(v.verify(packet, SRC6, NOW + 0.2)) is Reason.REPLAY
+
+
+def test_replay_after_a_restart_with_the_saved_cache() -> None:
+    v = verifier()
+    packet = Knocker("alice").packet()
+    assert isinstance(v.verify(packet, SRC, NOW), Accepted)
+    saved = v.replay.dump()
+    restarted = verifier(now=NOW + 5, replay=ReplayCache.load(saved, NOW + 5))
+    assert reason(restarted.verify(packet, SRC, NOW + 5)) is Reason.REPLAY
+    # Without the saved cache the door would reopen: the test can fail.
+    forgetful = verifier(now=NOW + 5)
+    assert isinstance(forgetful.verify(packet, SRC, NOW + 5), Accepted)
+
+
+def test_replay_after_the_window_is_stale() -> None:
+    v = verifier()
+    packet = Knocker("alice").packet()
+    assert isinstance(v.verify(packet, SRC, NOW), Accepted)
+    assert reason(v.verify(packet, SRC, NOW + 31)) is Reason.STALE
+    # Once its step leaves the tag table the packet is dropped even earlier.
+    for later in (NOW + 61, NOW + 3600):
+        assert reason(v.verify(packet, SRC, later)) is Reason.UNKNOWN_TAG
+
+
+def test_a_refused_packet_still_burns_its_nonce() -> None:
+    """A packet refused by policy is recorded: its replay says `replay`."""
+    v = verifier()
+    packet = Knocker("bob").packet("ssh")  # bob may not use ssh
+    assert reason(v.verify(packet, SRC, NOW)) is Reason.SERVICE_NOT_ALLOWED
+    assert reason(v.verify(packet, SRC, NOW)) is Reason.REPLAY
+
+
+def test_revoked_client() -> None:
+    assert verifier().verify(Knocker("mallory").packet(), SRC, NOW) == Refused(
+        Reason.REVOKED, "mallory")
+
+
+def test_removed_client_is_unknown_at_once() -> None:
+    v = verifier()
+    v.remove_client("alice")
+    assert reason(v.verify(Knocker("alice").packet(), SRC, NOW)) is Reason.UNKNOWN_TAG
+    v.add_client("alice", SECRETS["alice"])
+    assert isinstance(v.verify(Knocker("alice").packet(), SRC, NOW), Accepted)
+
+
+@pytest.mark.parametrize(("client", "service"), [("bob", "ssh"), ("alice", "smtp")])
+def test_service_not_allowed(client: str, service: str) -> None:
+    result = verifier().verify(Knocker(client).packet(service), SRC, NOW)
+    assert reason(result) is Reason.SERVICE_NOT_ALLOWED
+
+
+@pytest.mark.parametrize(
+    ("service", "asked", "granted"),
+    [("ssh", 0, 30), ("ssh", 1, 1), ("ssh", 300, 300), ("ssh", 301, 300),
+     ("ssh", 2**32 - 1, 300), ("https", 0, 1800), ("https", 10**6, 14400)],
+)
+def test_duration_is_capped_not_refused(service: str, asked: int, granted: int) -> None:
+    result = verifier().verify(Knocker("alice").packet(service, duration=asked), SRC, NOW)
+    assert isinstance(result, Accepted)
+    assert result.decision.duration == granted
+
+
+def test_allow_address_policy() -> None:
+    other = ipaddress.ip_address("198.51.100.7")
+    v = verifier()
+    assert reason(v.verify(Knocker("alice").packet(address=other), SRC, NOW)) is (
+        Reason.ADDRESS_NOT_ALLOWED)
+    same = v.verify(Knocker("alice").packet(address=SRC, at=NOW + 1), SRC, NOW)
+    assert isinstance(same, Accepted), "naming one's own source address is always fine"
+    carol = v.verify(Knocker("carol").packet(address=other), SRC, NOW)
+    assert isinstance(carol, Accepted)
+    assert carol.decision.address == other
+
+
+def test_close_is_verified_like_open_and_carries_no_duration() -> None:
+    result = verifier().verify(Knocker("alice").packet(action=Action.CLOSE), SRC, NOW)
+    assert isinstance(result, Accepted)
+    assert result.request.action is Action.CLOSE
+    assert result.decision.duration == 0
+
+
+def test_tag_table_follows_the_clock_across_steps() -> None:
+    v = verifier(now=NOW)
+    later = NOW + 3 * 30
+    assert isinstance(v.verify(Knocker("alice").packet(at=later), SRC, later), Accepted)
+    earlier = NOW - 300  # clock stepped back: the table follows
+    v.refresh(earlier)
+    assert v.tags.step == step_of(earlier)
+    assert isinstance(v.verify(Knocker("bob").packet("https", at=earlier), SRC, earlier),
+                      Accepted)
+
+
+def test_policy_can_be_swapped_live() -> None:
+    from dataclasses import replace
+
+    from spa.core.policy import Policy
+
+    v = verifier()
+    clients = dict(POLICY.clients)
+    clients["alice"] = replace(clients["alice"], revoked=True)
+    v.policy = Policy(POLICY.services, clients)
+    assert reason(v.verify(Knocker("alice").packet(), SRC, NOW)) is Reason.REVOKED
+
+
+def test_bad_arguments_are_local_errors() -> None:
+    with pytest.raises(ValueError, match="server id"):
+        Verifier(bytes(15), {}, POLICY, now=NOW)
+    with pytest.raises(ValueError, match="window"):
+        Verifier(SERVER_ID, {}, POLICY, now=NOW, window=0)
+    with pytest.raises(ValueError, match="does not appear"):
+        parse_source("not an address")
