@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, types, then every test with the CI hypothesis
+# profile (thousands of examples for the fuzz and round-trip properties).
+# Extra arguments go to pytest, e.g. scripts/test.sh -k replay
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
+
+echo "== ruff"
+.venv/bin/ruff check .
+echo "== mypy --strict"
+.venv/bin/mypy
+echo "== pytest (hypothesis profile: $HYPOTHESIS_PROFILE)"
+.venv/bin/python -m pytest -p no:cacheprovider "$@"
