@@ -249,3 +249,28 @@ def test_bad_arguments_are_local_errors() -> None:
         Verifier(SERVER_ID, {}, POLICY, now=NOW, window=0)
     with pytest.raises(ValueError, match="does not appear"):
         parse_source("not an address")
+
+
+def test_resent_packet_naming_the_clients_address_never_opens_for_the_sender() -> None:
+    """On-path attacker drops a packet and resends it from its own address.
+
+    With the address inside the encrypted body (`--allow-ip`), the attacker's
+    source gains nothing: refused for a plain client, and for a client that
+    may name other addresses the grant still goes to the named address.
+    """
+    attacker = ipaddress.ip_address("198.51.100.66")
+    plain = verifier().verify(Knocker("alice").packet(address=SRC), attacker, NOW)
+    assert reason(plain) is Reason.ADDRESS_NOT_ALLOWED
+    carol = verifier().verify(Knocker("carol").packet(address=SRC), attacker, NOW)
+    assert isinstance(carol, Accepted)
+    assert carol.decision.address == SRC
+
+
+def test_resent_packet_without_an_address_opens_for_the_sender() -> None:
+    """The honest limit (docs/threat-model.md): with no address in the body,
+    whoever delivers the packet first is the address that gets the grant."""
+    attacker = ipaddress.ip_address("198.51.100.66")
+    packet = Knocker("alice").packet()
+    result = verifier().verify(packet, attacker, NOW)
+    assert isinstance(result, Accepted)
+    assert result.decision.address == attacker
