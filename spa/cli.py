@@ -1,30 +1,247 @@
-"""spa-server's command line (thin: parse, call the library, print)."""
+"""spa-server's command line (thin: parse, call the library, print).
+
+Every local problem (bad config, bad argument, port in use, no permission)
+ends as one line on stderr and exit status 2, never a traceback.
+"""
 
 from __future__ import annotations
 
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, NoReturn
+
 import typer
+
+from spa.core.errors import FormatError
+from spa.server import admin
+from spa.server.config import DEFAULT_CONFIG, DEFAULT_PORT, DEFAULT_STATE_DIR
+from spa.server.errors import LocalError
 
 app = typer.Typer(
     help="Single-packet authorization server: keeps services closed until a client "
-    "sends one valid encrypted UDP packet.",
+    "sends one valid encrypted UDP packet, then opens them for that client's address "
+    "for a limited time.\n\n"
+    "Start with: spa-server init, spa-server enroll NAME --service ssh --endpoint HOST, "
+    "spa-server run.  Or try it all at once: spa-server demo.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Config file (TOML, 0600).",
+                                            envvar="SPA_SERVER_CONFIG")]
+
+
+class Context:
+    config: Path = DEFAULT_CONFIG
+
+
+_ctx = Context()
+
+
+def fail(message: str) -> NoReturn:
+    typer.echo(f"spa-server: error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@contextmanager
+def local_errors() -> Iterator[None]:
+    """Turn local errors into one line and exit status 2."""
+    try:
+        yield
+    except (LocalError, FormatError) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
 
 
 @app.callback()
-def _root() -> None:
-    """spa-server."""
+def _root(config: ConfigOption = DEFAULT_CONFIG) -> None:
+    _ctx.config = config
+
+
+@app.command()
+def init(
+    listen_port: Annotated[int, typer.Option(help="UDP port clients knock on.")] = DEFAULT_PORT,
+    backend: Annotated[str, typer.Option(help="Firewall: nftables, iptables or memory.")
+                       ] = "memory",
+    state_dir: Annotated[Path, typer.Option(help="Where leases, the replay cache and "
+                                            "events live.")] = DEFAULT_STATE_DIR,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing config "
+                                        "(forgets every client).")] = False,
+) -> None:
+    """Create the config file with a new random server id."""
+    with local_errors():
+        admin.init(_ctx.config, listen_port=listen_port, backend=backend, state_dir=state_dir,
+                   force=force)
+    typer.echo(f"wrote {_ctx.config} (0600): server id created, port {listen_port}/udp, "
+               f"backend {backend}, state in {state_dir}")
+    typer.echo(f"next: spa-server --config {_ctx.config} enroll NAME --service ssh "
+               "--endpoint HOST")
+
+
+@app.command()
+def enroll(
+    name: Annotated[str, typer.Argument(help="Client name, e.g. alice-laptop.")],
+    service: Annotated[list[str], typer.Option("--service", "-s",
+                                               help="A service it may open (repeat).")],
+    endpoint: Annotated[str, typer.Option(help="HOST[:PORT] clients send to (this server "
+                                          "as they reach it).")],
+    uri_only: Annotated[bool, typer.Option("--uri-only", help="Print only the URI.")] = False,
+) -> None:
+    """Enroll a client: create its secret and print its enrollment URI."""
+    with local_errors():
+        uri = admin.enroll(_ctx.config, name, service, endpoint)
+    if uri_only:
+        typer.echo(uri)
+        return
+    typer.echo(f"enrolled {name} for {', '.join(dict.fromkeys(service))}. Give this URI to "
+               "the user over a private channel (it holds the client's secret):\n")
+    typer.echo(f"  {uri}\n")
+    typer.echo(f"on the client: spa-client enroll '<URI>'   then: spa-client open "
+               f"{service[0]} HOST")
+
+
+@app.command()
+def clients() -> None:
+    """List enrolled clients."""
+    with local_errors():
+        entries = admin.clients(_ctx.config)
+    if not entries:
+        typer.echo("no clients enrolled; add one with: spa-server enroll NAME --service ssh "
+                   "--endpoint HOST")
+        return
+    typer.echo(f"{'NAME':<24} {'STATE':<8} {'SERVICES':<24} ENROLLED")
+    for entry in entries:
+        state = "revoked" if entry.revoked else "active"
+        typer.echo(f"{entry.name:<24} {state:<8} {','.join(entry.services):<24} "
+                   f"{entry.enrolled or '-'}")
+
+
+@app.command()
+def revoke(name: Annotated[str, typer.Argument(help="The client to revoke.")]) -> None:
+    """Revoke a client: its knocks are refused from now on (no restart needed)."""
+    with local_errors():
+        result = admin.revoke(_ctx.config, name, now=time.time())
+    typer.echo(result.message)
+
+
+@app.command()
+def run(
+    backend: Annotated[str | None, typer.Option(help="Override the config's backend.")] = None,
+    mode: Annotated[str | None, typer.Option(help="capture or udp (override the config).")
+                    ] = None,
+    interface: Annotated[str | None, typer.Option(help="Capture on this interface only.")
+                         ] = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT (SIGHUP reloads the config)."""
+    from spa.server import runner
+
+    with local_errors():
+        server = runner.build(_ctx.config, backend=backend, mode=mode, interface=interface)
+        server.start()
+    stop = threading.Event()
+
+    def on_stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    def on_hup(signum: int, frame: FrameType | None) -> None:
+        server.request_reload()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
+    with local_errors():
+        try:
+            server.serve(stop)
+        finally:
+            server.shutdown()
+
+
+def _format_left(seconds: float) -> str:
+    seconds = max(0, int(seconds + 0.999))
+    minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+@app.command()
+def status(json_out: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False
+           ) -> None:
+    """Show active leases: address, service, clients holding it, time left."""
+    now = time.time()
+    with local_errors():
+        _, state, rows = admin.status(_ctx.config, now=now)
+        running = state.running_server()
+        info = state.backend_info()
+    if json_out:
+        typer.echo(json.dumps([{"address": r.address, "service": r.service,
+                                "clients": r.clients, "seconds_left": round(r.seconds_left, 1)}
+                               for r in rows]))
+        return
+    who = (f"running (pid {running['pid']}, port {running['port']}/udp, "
+           f"backend {running['backend']})" if running else "not running")
+    typer.echo(f"server: {who}")
+    if not running and rows and info.get("expires_by_itself") is False:
+        typer.echo(f"warning: backend {info.get('backend')} cannot expire grants while the "
+                   "server is down; they end when it starts again")
+    if not rows:
+        typer.echo("no active leases")
+        return
+    typer.echo(f"{'ADDRESS':<40} {'SERVICE':<10} {'LEFT':>9}  CLIENTS")
+    for r in rows:
+        typer.echo(f"{r.address:<40} {r.service:<10} {_format_left(r.seconds_left):>9}  "
+                   f"{', '.join(r.clients)}")
+
+
+@app.command()
+def events(
+    since: Annotated[str | None, typer.Option(help="Only this recent: 30s, 10m, 2h, 7d.")
+                     ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
+) -> None:
+    """Show what happened: knocks accepted and refused (with the reason), leases."""
+    now = time.time()
+    with local_errors():
+        window = None if since is None else admin.parse_duration(since)
+        rows = admin.events(_ctx.config, since=window, now=now)
+    if json_out:
+        typer.echo(json.dumps([e.as_dict() for e in rows]))
+        return
+    if not rows:
+        typer.echo("no events" + (f" in the last {since}" if since else ""))
+        return
+    typer.echo(f"{'TIME':<19} {'OUTCOME':<11} {'ACTION':<6} {'REASON':<20} {'CLIENT':<14} "
+               f"{'SOURCE':<28} {'SERVICE':<8} {'DUR':>5} {'COUNT':>6}")
+    for e in rows:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time))
+        typer.echo(f"{stamp:<19} {e.outcome:<11} {e.action or '-':<6} {e.reason or '-':<20} "
+                   f"{e.client or '-':<14} "
+                   f"{e.source or '-':<28} {e.service or '-':<8} "
+                   f"{'-' if e.duration is None else e.duration:>5} {e.count:>6}")
 
 
 @app.command()
 def demo() -> None:
-    """Show the protocol at work in a few lines: a grant, a replay and a tampered
-    packet refused, two users behind one NAT address, a close."""
-    from spa import demo_core
+    """Show the whole thing in a few lines: a server on loopback, a client enrolled,
+    a grant with its countdown, a replay and a tampered packet refused, a close."""
+    from spa.demo import run as run_demo
 
-    raise typer.Exit(demo_core.run())
+    with local_errors():
+        raise typer.Exit(run_demo())
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except BrokenPipeError:
+        sys.exit(1)

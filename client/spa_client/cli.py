@@ -1,20 +1,166 @@
-"""spa-client's command line (thin: parse, call the library, print)."""
+"""spa-client's command line (thin: parse, call the library, print).
+
+Exit status: 0 done (for `open`: the port accepts connections), 1 the port
+did not open within --timeout, 2 usage or configuration error (one line, no
+traceback).
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, NoReturn
+
 import typer
 
+from spa.core.errors import FormatError
+from spa.core.uri import parse
+from spa.core.wire import NONCE_SIZE, Action
+from spa_client import knock
+from spa_client.profile import ENV_DIR, ProfileError, ProfileStore, default_dir
+
 app = typer.Typer(
-    help="Single-packet authorization client: sends one encrypted UDP packet that "
-    "opens a service on a server for your address, for a while.",
+    help="Single-packet authorization client: sends one encrypted UDP packet that opens "
+    "a service on a server for your address, for a while.\n\n"
+    "Start with: spa-client enroll 'spa1://...' (the URI your admin gave you), then: "
+    "spa-client open ssh HOST.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
+class Context:
+    directory: Path | None = None
+
+    def store(self) -> ProfileStore:
+        return ProfileStore(self.directory or default_dir())
+
+
+_ctx = Context()
+
+
+def fail(message: str) -> NoReturn:
+    typer.echo(f"spa-client: error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@contextmanager
+def local_errors() -> Iterator[None]:
+    try:
+        yield
+    except (ProfileError, knock.KnockError, FormatError) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+
+
 @app.callback()
-def _root() -> None:
-    """spa-client."""
+def _root(
+    config_dir: Annotated[Path | None, typer.Option(
+        "--config-dir", help=f"Where profiles live (default: ${ENV_DIR} or your user "
+        "config dir).")] = None,
+) -> None:
+    _ctx.directory = config_dir
+
+
+@app.command()
+def enroll(
+    uri: Annotated[str, typer.Argument(help="The spa1:// URI from your admin ('-' reads it "
+                                       "from standard input).")],
+    name: Annotated[str | None, typer.Option(help="Profile name (default: the server's "
+                                             "host).")] = None,
+) -> None:
+    """Save an enrollment so that `open` can use it."""
+    with local_errors():
+        text = sys.stdin.readline() if uri == "-" else uri
+        enrollment = parse(text)
+        profile = name or enrollment.host
+        path = _ctx.store().save(profile, enrollment)
+    services = ", ".join(f"{s.name} ({s.protocol}/{s.port})" for s in enrollment.services)
+    typer.echo(f"enrolled as {enrollment.client} at {enrollment.host}:{enrollment.port}; "
+               f"profile {profile!r} saved in {path} (0600)")
+    typer.echo(f"services: {services}")
+    typer.echo(f"next: spa-client open {enrollment.services[0].name} {profile}")
+
+
+def _progress(enabled: bool) -> Callable[[float, int], None]:
+    def show(left: float, sends: int) -> None:
+        if enabled:
+            sys.stderr.write(f"\rwaiting for the port to open: {left:4.1f} s left, "
+                             f"{sends} knock(s) sent ")
+            sys.stderr.flush()
+    return show
+
+
+@app.command(name="open")
+def open_(
+    service: Annotated[str, typer.Argument(help="Service to open, e.g. ssh.")],
+    host: Annotated[str, typer.Argument(help="Profile name or server host.")],
+    duration: Annotated[int, typer.Option(min=1, help="Seconds to ask for (the server "
+                                          "caps it; default: the service's default).")
+                        ] = 0,
+    allow_ip: Annotated[str | None, typer.Option(help="Ask for this address instead of the "
+                                                 "packet's source (binds the grant to it).")
+                        ] = None,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Send and exit 0 at once.")
+                       ] = False,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the port.")
+                       ] = 5.0,
+) -> None:
+    """Knock to open SERVICE on HOST, then wait until its port accepts connections."""
+    with local_errors():
+        profile = _ctx.store().find(host)
+        enrollment = profile.enrollment
+        ref = knock.service_of(enrollment, service)
+        address = knock.parse_allow_ip(allow_ip)
+        target = knock.resolve(enrollment.host, enrollment.port)
+        if no_wait or ref.protocol != "tcp":
+            packet = knock.make_packet(enrollment, Action.OPEN, service, duration=duration,
+                                       address=address, now=_now(),
+                                       nonce=os.urandom(NONCE_SIZE))
+            knock.send(target, packet)
+            typer.echo(f"knock sent: open {service} at {target.address}")
+            return
+        took = knock.open_and_wait(enrollment, ref, target, duration=duration,
+                                   address=address, timeout=timeout,
+                                   progress=_progress(sys.stderr.isatty()))
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\033[K")
+    if took is None:
+        typer.echo(f"spa-client: {service} ({ref.protocol}/{ref.port}) on {target.address} "
+                   f"did not open within {timeout:g} s", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{service} is open: {target.address} port {ref.port} accepts connections "
+               f"({took * 1000:.0f} ms)")
+
+
+@app.command()
+def close(
+    service: Annotated[str, typer.Argument(help="Service to close, e.g. ssh.")],
+    host: Annotated[str, typer.Argument(help="Profile name or server host.")],
+) -> None:
+    """End your own lease on SERVICE (others behind your address keep theirs)."""
+    with local_errors():
+        profile = _ctx.store().find(host)
+        enrollment = profile.enrollment
+        knock.service_of(enrollment, service)
+        target = knock.resolve(enrollment.host, enrollment.port)
+        knock.send(target, knock.make_packet(enrollment, Action.CLOSE, service, duration=0,
+                                             address=None, now=_now(),
+                                             nonce=os.urandom(NONCE_SIZE)))
+    typer.echo(f"close sent: {service} at {target.address}")
+
+
+def _now() -> float:
+    import time
+
+    return time.time()
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hmac
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 STEP_SECONDS = 30  # RFC 6238 default time step
 TAG_SIZE = 8  # bytes of knock tag on the wire
@@ -48,6 +49,15 @@ def knock_tag(tag_key: bytes, step: int) -> bytes:
 def steps_for_window(window_seconds: float) -> int:
     """How many steps either side of the current one a +-window can reach."""
     return max(1, math.ceil(window_seconds / STEP_SECONDS))
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """Tags computed ahead of a step boundary (see `TagTable.prepare`)."""
+
+    step: int
+    clients: frozenset[str]
+    entries: list[tuple[bytes, str]]
 
 
 class TagTable:
@@ -86,14 +96,34 @@ class TagTable:
         """The (client, step) a tag belongs to, or None.  One dict lookup."""
         return self._tags.get(tag)
 
-    def advance(self, step: int) -> None:
+    def prepare(self, step: int) -> Prepared:
+        """Compute, ahead of time, the tags that `advance(step)` will add.
+
+        Safe to call from another thread than the one that looks tags up: it
+        only reads a snapshot of the keys.  The result is used by `advance`
+        only if the set of clients has not changed meanwhile.
+        """
+        keys = list(self._keys.items())
+        far = step + self._skew
+        return Prepared(step, frozenset(name for name, _ in keys),
+                        [(knock_tag(key, far), name) for name, key in keys])
+
+    def advance(self, step: int, prepared: Prepared | None = None) -> None:
         """Move the table to a new current step (normally `old + 1`)."""
         if step == self._step:
             return
         if step == self._step + 1:
             self._drop_step(self._step - self._skew)
             self._step = step
-            self._add_step(step + self._skew, self._keys.items())
+            far = step + self._skew
+            if prepared is not None and prepared.step == step and (
+                    prepared.clients == frozenset(self._keys)):
+                entries = self._by_step.setdefault(far, [])
+                for tag, name in prepared.entries:
+                    entries.append((tag, name))
+                    self._tags.setdefault(tag, (name, far))
+            else:
+                self._add_step(far, self._keys.items())
         else:
             self._step = step
             self._rebuild()

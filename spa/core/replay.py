@@ -5,9 +5,9 @@ Invariants (docs/protocol.md, "Replay protection"; docs/threat-model.md):
   t + 2 * window.  A packet is only accepted while its timestamp is within
   +-window of the arrival time, so by the time an entry is forgotten the
   packet that made it is refused `stale` anyway.
-- O(1) per packet: a dict for membership and a FIFO of expiries.  Arrival
-  times handed in by the caller never go backwards (the server passes a
-  clock clamped to be monotonic), so the FIFO stays sorted.
+- O(1) per packet: a set for membership and a FIFO of expiries in arrival
+  order.  If the caller's clock steps backwards, a later entry may sit behind
+  an earlier one with a later expiry: it is then kept longer, never shorter.
 - Hard caps, fail closed: a live entry is never evicted to make room.  When a
   client holds `per_client_cap` live entries, or the cache holds `cap`, new
   packets are refused `replay_cache_full` until entries expire.  Only
@@ -15,6 +15,8 @@ Invariants (docs/protocol.md, "Replay protection"; docs/threat-model.md):
   it, and the per-client cap keeps one client from locking out the others.
 - `dump`/`load` round-trip the live entries through a strict binary format
   (no pickle), so a restart within the window does not reopen the door.
+  `on_add` lets the caller journal each new entry as it is made
+  (`entry_bytes` is its record format; `load` accepts a journal after a dump).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections import deque
+from collections.abc import Callable
 
 from spa.core.errors import FormatError
 
@@ -40,7 +43,7 @@ class Check(enum.Enum):
 
 
 class ReplayCache:
-    __slots__ = ("_cap", "_fifo", "_per_client", "_per_client_cap", "_seen", "window")
+    __slots__ = ("_cap", "_fifo", "_per_client", "_per_client_cap", "_seen", "on_add", "window")
 
     def __init__(
         self,
@@ -48,6 +51,7 @@ class ReplayCache:
         *,
         cap: int = DEFAULT_CAP,
         per_client_cap: int = DEFAULT_PER_CLIENT_CAP,
+        on_add: Callable[[float, str, bytes], None] | None = None,
     ) -> None:
         if window <= 0 or cap < 1 or per_client_cap < 1:
             raise ValueError("window and caps must be positive")
@@ -57,6 +61,7 @@ class ReplayCache:
         self._seen: set[tuple[str, bytes]] = set()
         self._fifo: deque[tuple[float, str, bytes]] = deque()
         self._per_client: dict[str, int] = {}
+        self.on_add = on_add
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -70,9 +75,12 @@ class ReplayCache:
         count = self._per_client.get(client, 0)
         if count >= self._per_client_cap or len(self._seen) >= self._cap:
             return Check.FULL
+        expiry = now + 2 * self.window
         self._seen.add(key)
-        self._fifo.append((now + 2 * self.window, client, nonce))
+        self._fifo.append((expiry, client, nonce))
         self._per_client[client] = count + 1
+        if self.on_add is not None:
+            self.on_add(expiry, client, nonce)
         return Check.FRESH
 
     def expire(self, now: float) -> None:
@@ -87,12 +95,21 @@ class ReplayCache:
             else:
                 del self._per_client[client]
 
+    def set_window(self, window: float) -> None:
+        """Change the window (a config change).  A wider window extends the
+        live entries by the difference, so none expires before its packet is
+        stale under the new window; a narrower one keeps them as they are."""
+        if window <= 0:
+            raise ValueError("window must be positive")
+        if window > self.window:
+            extra = 2 * (window - self.window)
+            self._fifo = deque((e + extra, c, n) for e, c, n in self._fifo)
+        self.window = window
+
     def dump(self) -> bytes:
         """Serialize the live entries."""
         parts = [_MAGIC, _HEADER.pack(self.window, len(self._fifo))]
-        for expiry, client, nonce in self._fifo:
-            name = client.encode("utf-8")
-            parts.append(_ENTRY.pack(expiry, len(name)) + name + nonce)
+        parts += [entry_bytes(expiry, client, nonce) for expiry, client, nonce in self._fifo]
         return b"".join(parts)
 
     @classmethod
@@ -103,10 +120,13 @@ class ReplayCache:
         *,
         cap: int = DEFAULT_CAP,
         per_client_cap: int = DEFAULT_PER_CLIENT_CAP,
+        journal: bytes = b"",
     ) -> ReplayCache:
-        """Rebuild a cache from `dump` output, dropping entries expired by `now`.
+        """Rebuild a cache from `dump` output (plus journal records written
+        after it), dropping entries expired by `now`.
 
         Entries are kept even beyond the caps (refusing more is the safe side).
+        A journal's last record may be cut short by a crash: it is ignored.
         Raises FormatError if the data is not a cache this version wrote.
         """
         if not data.startswith(_MAGIC):
@@ -129,6 +149,7 @@ class ReplayCache:
             raise FormatError("replay cache file is damaged") from exc
         if pos != len(data):
             raise FormatError("replay cache file has trailing bytes")
+        entries += _journal_entries(journal)
         entries.sort(key=lambda entry: entry[0])
         for expiry, client, nonce in entries:
             if expiry > now and (client, nonce) not in cache._seen:
@@ -136,3 +157,26 @@ class ReplayCache:
                 cache._fifo.append((expiry, client, nonce))
                 cache._per_client[client] = cache._per_client.get(client, 0) + 1
         return cache
+
+
+def entry_bytes(expiry: float, client: str, nonce: bytes) -> bytes:
+    """One entry's record, as in a dump and in a journal."""
+    name = client.encode("utf-8")
+    return _ENTRY.pack(expiry, len(name)) + name + nonce
+
+
+def _journal_entries(journal: bytes) -> list[tuple[float, str, bytes]]:
+    entries = []
+    pos = 0
+    while pos + _ENTRY.size <= len(journal):
+        expiry, size = _ENTRY.unpack_from(journal, pos)
+        end = pos + _ENTRY.size + size + _NONCE_SIZE
+        if end > len(journal):
+            break  # a record cut short by a crash
+        try:
+            client = journal[pos + _ENTRY.size : pos + _ENTRY.size + size].decode("utf-8")
+        except UnicodeDecodeError:
+            raise FormatError("replay journal is damaged") from None
+        entries.append((expiry, client, journal[end - _NONCE_SIZE : end]))
+        pos = end
+    return entries

@@ -19,7 +19,15 @@ from dataclasses import dataclass
 
 from spa.core.errors import PacketError, Reason
 from spa.core.keys import ClientKeys, check_server_id, derive_keys
-from spa.core.knock import TagTable, step_of, step_of_ms, step_start, steps_for_window
+from spa.core.knock import (
+    STEP_SECONDS,
+    Prepared,
+    TagTable,
+    step_of,
+    step_of_ms,
+    step_start,
+    steps_for_window,
+)
 from spa.core.policy import Decision, Policy
 from spa.core.replay import Check, ReplayCache
 from spa.core.wire import (
@@ -98,6 +106,7 @@ class Verifier:
             skew=steps_for_window(window),
         )
         self._refresh_at = step_start(step + 1)
+        self._staged: Prepared | None = None
 
     @property
     def tags(self) -> TagTable:
@@ -114,11 +123,21 @@ class Verifier:
         self._keys.pop(name, None)
         self._tags.remove(name)
 
+    @property
+    def next_step_at(self) -> float:
+        """When the tag table next moves (the next step boundary)."""
+        return self._refresh_at
+
+    def stage(self, prepared: Prepared) -> None:
+        """Hand in tags computed ahead of the next boundary (any thread)."""
+        self._staged = prepared
+
     def refresh(self, now: float) -> None:
         """Move the tag table to the step of `now`.  Cheap when not due."""
-        if now >= self._refresh_at or now < self._refresh_at - 60:
+        if now >= self._refresh_at or now < self._refresh_at - 2 * STEP_SECONDS:
             step = step_of(now)
-            self._tags.advance(step)
+            self._tags.advance(step, self._staged)
+            self._staged = None
             self._refresh_at = step_start(step + 1)
 
     def verify(self, packet: bytes, source: str | IPAddress, now: float) -> Accepted | Refused:

@@ -189,3 +189,20 @@ def test_tag_table_wider_window_holds_more_steps() -> None:
     assert table.lookup(knock_tag(key, 12)) == ("bob", 12)
     with pytest.raises(ValueError, match="skew"):
         TagTable({}, step=0, skew=0)
+
+
+def test_prepared_tags_are_used_only_when_the_clients_are_unchanged() -> None:
+    keys = tag_keys()
+    table = TagTable(keys, step=10)
+    prepared = table.prepare(11)
+    assert {name for _, name in prepared.entries} == set(keys)
+    table.advance(11, prepared)
+    assert table.lookup(knock_tag(keys["alice"], 12)) == ("alice", 12)
+    stale = table.prepare(12)
+    table.remove("bob")  # the client set changed after preparing
+    table.advance(12, stale)
+    assert table.lookup(knock_tag(keys["bob"], 13)) is None, "stale preparation ignored"
+    assert table.lookup(knock_tag(keys["alice"], 13)) == ("alice", 13)
+    wrong = table.prepare(99)
+    table.advance(13, wrong)  # prepared for another step: ignored
+    assert table.lookup(knock_tag(keys["alice"], 14)) == ("alice", 14)

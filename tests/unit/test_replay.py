@@ -78,3 +78,34 @@ def test_load_refuses_truncated_entries() -> None:
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="positive"):
         ReplayCache(0)
+
+
+def test_journal_of_new_entries_restores_them_after_a_dump() -> None:
+    from spa.core.replay import entry_bytes
+
+    journal: list[bytes] = []
+    cache = ReplayCache(30, on_add=lambda e, c, n: journal.append(entry_bytes(e, c, n)))
+    base = cache.dump()
+    cache.check_and_add("alice", N1, 0)
+    cache.check_and_add("bob", N2, 1)
+    cache.check_and_add("alice", N1, 2)  # a replay adds nothing
+    assert len(journal) == 2
+    cut = b"".join(journal) + journal[0][:-3]  # a crash cut the last record short
+    restored = ReplayCache.load(base, now=5, journal=cut)
+    assert restored.check_and_add("alice", N1, 5) is Check.REPLAY
+    assert restored.check_and_add("bob", N2, 5) is Check.REPLAY
+    assert len(restored) == 2
+
+
+def test_a_wider_window_keeps_entries_longer() -> None:
+    cache = ReplayCache(30)
+    cache.check_and_add("alice", N1, 0)
+    cache.set_window(60)
+    assert cache.check_and_add("alice", N1, 100) is Check.REPLAY  # 0 + 2*60 > 100
+    cache.expire(120)
+    assert len(cache) == 0
+    cache.set_window(10)  # narrower: new entries use it
+    cache.check_and_add("bob", N2, 200)
+    assert cache.check_and_add("bob", N2, 219) is Check.REPLAY
+    cache.expire(220)
+    assert len(cache) == 0

@@ -1,0 +1,112 @@
+"""Client profiles: one enrollment per server, stored 0600 in the config dir.
+
+Invariants:
+- A profile file holds a secret: written 0600 atomically in a 0700 directory,
+  and refused on load when group or others may read it.
+- Errors are one line (ProfileError) that never quotes the secret.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tempfile
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from spa.core.errors import FormatError
+from spa.core.uri import Enrollment, parse, render
+
+ENV_DIR = "SPA_CLIENT_DIR"
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
+
+
+class ProfileError(Exception):
+    """A local problem with profiles; the message says how to fix it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    name: str
+    enrollment: Enrollment
+
+
+def default_dir() -> Path:
+    env = os.environ.get(ENV_DIR)
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("spa-client"))
+
+
+class ProfileStore:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.profiles = directory / "profiles"
+
+    def save(self, name: str, enrollment: Enrollment) -> Path:
+        """Store (or replace the same enrollment).  Raises ProfileError."""
+        if not _NAME_RE.match(name):
+            raise ProfileError(f"profile name {name!r}: use letters, digits, '.', '_', '@', "
+                               "'-' (start with a letter or digit)")
+        path = self.profiles / f"{name}.toml"
+        if path.exists():
+            old = self.load(name)
+            same = (old.enrollment.server_id == enrollment.server_id
+                    and old.enrollment.client == enrollment.client)
+            if not same:
+                raise ProfileError(f"a profile named {name!r} exists for another enrollment; "
+                                   "pick another with --name")
+        text = f'# spa-client profile: holds a secret, keep it 0600\nuri = "{render(enrollment)}"\n'
+        try:
+            self.profiles.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=self.profiles)
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise ProfileError(f"cannot write {path}: {exc.strerror}") from None
+        return path
+
+    def load(self, name: str) -> Profile:
+        """Raises ProfileError (missing, unsafe permissions, damaged)."""
+        path = self.profiles / f"{name}.toml"
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            raise ProfileError(f"no profile {name!r}; enroll first: spa-client enroll URI"
+                               ) from None
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ProfileError(f"{path} holds a secret but group or others may read it; "
+                               f"fix it with: chmod 600 {path}")
+        try:
+            data = tomllib.loads(path.read_text())
+            return Profile(name, parse(str(data["uri"])))
+        except (tomllib.TOMLDecodeError, KeyError, UnicodeDecodeError):
+            raise ProfileError(f"{path} is damaged; enroll again") from None
+        except FormatError as exc:
+            raise ProfileError(f"{path}: {exc}; enroll again") from None
+
+    def names(self) -> list[str]:
+        if not self.profiles.is_dir():
+            return []
+        return sorted(p.stem for p in self.profiles.glob("*.toml"))
+
+    def find(self, host: str) -> Profile:
+        """The profile named `host`, else the one whose server is `host`."""
+        if host in self.names():
+            return self.load(host)
+        matches = [p for p in (self.load(n) for n in self.names())
+                   if p.enrollment.host == host.lower().strip("[]")]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise ProfileError(f"several profiles are for {host}: "
+                               f"{', '.join(p.name for p in matches)}; name one of them")
+        known = ", ".join(self.names()) or "none yet"
+        raise ProfileError(f"no profile for {host!r} (profiles: {known}); "
+                           "enroll first: spa-client enroll URI")

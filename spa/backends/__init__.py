@@ -1,0 +1,1 @@
+"""Firewall backends: one lifecycle (STYLE principle 6)."""

@@ -1,0 +1,44 @@
+"""The in-memory backend: a dict that stands in for a firewall.
+
+Used by unit tests and by `--backend memory` (the demo and loopback tests).
+It keeps no real port closed: it records what a real firewall would hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from spa.backends.base import Held
+from spa.core.policy import Service
+from spa.core.wire import IPAddress
+
+
+class MemoryBackend:
+    name = "memory"
+    expires_by_itself = False
+
+    def __init__(self) -> None:
+        self.grants: Held = {}
+        self.services: dict[str, Service] = {}
+        self.started = False
+        self.log: list[tuple[str, ...]] = []  # every call, for tests
+
+    def start(self, services: Mapping[str, Service], *, now: float) -> None:
+        self.services = dict(services)
+        self.started = True
+        self.log.append(("start",))
+
+    def allow(self, address: IPAddress, service: Service, until: float, *, now: float) -> None:
+        self.grants[(address, service.name)] = until
+        self.log.append(("allow", str(address), service.name, f"{until:.3f}"))
+
+    def remove(self, address: IPAddress, service: Service) -> None:
+        self.grants.pop((address, service.name), None)
+        self.log.append(("remove", str(address), service.name))
+
+    def held(self, *, now: float) -> Held:
+        return dict(self.grants)
+
+    def stop(self) -> None:
+        self.started = False
+        self.log.append(("stop",))

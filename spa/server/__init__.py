@@ -1,0 +1,1 @@
+"""The daemon: edges around the pure core (config, state, events, sockets)."""

@@ -1,0 +1,148 @@
+"""What the admin commands do: init, enroll, clients, revoke, status, events.
+
+The CLI (spa/cli.py) parses and prints; these functions do the work and are
+what the tests call.  This is an edge: it reads the clock and the CSPRNG and
+hands them to the core.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from spa.core.errors import FormatError
+from spa.core.keys import MASTER_SECRET_SIZE, SERVER_ID_SIZE
+from spa.core.uri import Enrollment, ServiceRef, check_host, is_valid_client_name, render
+from spa.server import config as config_mod
+from spa.server.config import ClientEntry, ServerConfig
+from spa.server.errors import ConfigError, LocalError
+from spa.server.events import EVENTS_DB, Event, read_events
+from spa.server.state import PairStatus, StateDir
+
+
+def init(path: Path, *, listen_port: int, backend: str, state_dir: Path, force: bool) -> bytes:
+    """Write a fresh config with a new random server id; return the id."""
+    if not 1 <= listen_port <= 65535:
+        raise ConfigError(f"--listen-port {listen_port} is out of range 1-65535")
+    if backend not in config_mod.BACKENDS:
+        raise ConfigError(f"--backend {backend!r}: choose one of {', '.join(config_mod.BACKENDS)}")
+    server_id = os.urandom(SERVER_ID_SIZE)
+    text = config_mod.render_new(server_id=server_id, listen_port=listen_port, backend=backend,
+                                 state_dir=state_dir.absolute())
+    config_mod.write_new(path, text, force=force)
+    return server_id
+
+
+def parse_endpoint(endpoint: str, default_port: int) -> tuple[str, int]:
+    """HOST, HOST:PORT, [V6] or [V6]:PORT.  Raises LocalError."""
+    text = endpoint.strip()
+    port = default_port
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise LocalError(f"--endpoint {endpoint!r}: IPv6 address is missing its ']'")
+        if rest:
+            if not rest.startswith(":") or not rest[1:].isdigit():
+                raise LocalError(f"--endpoint {endpoint!r}: expected [IPv6]:PORT")
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        if not port_text.isdigit():
+            raise LocalError(f"--endpoint {endpoint!r}: the port must be a number")
+        port = int(port_text)
+    else:
+        host = text  # a name, an IPv4 address, or a bare IPv6 address
+    if not 1 <= port <= 65535:
+        raise LocalError(f"--endpoint {endpoint!r}: port {port} is out of range 1-65535")
+    try:
+        return check_host(host), port
+    except FormatError as exc:
+        raise LocalError(f"--endpoint: {exc}") from None
+
+
+def enroll(path: Path, name: str, services: list[str], endpoint: str) -> str:
+    """Create a client with a new secret, store it, return its enrollment URI."""
+    config = config_mod.load(path)
+    if not is_valid_client_name(name):
+        raise LocalError(f"client name {name!r}: use letters, digits, '.', '_', '@', '-' "
+                         "(at most 64, starting with a letter or digit)")
+    if not services:
+        raise LocalError(f"name at least one service with --service ({_known(config)})")
+    for service in services:
+        if service not in config.services:
+            raise LocalError(f"unknown service {service!r}; known: {_known(config)} "
+                             f"(add it under [services] in {path})")
+    host, port = parse_endpoint(endpoint, config.listen_port)
+    secret = os.urandom(MASTER_SECRET_SIZE)
+    unique = list(dict.fromkeys(services))
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    config_mod.add_client(path, ClientEntry(name, secret, tuple(unique), enrolled=stamp))
+    refs = tuple(ServiceRef(s, config.services[s].protocol, config.services[s].port)
+                 for s in unique)
+    return render(Enrollment(host, port, config.server_id, name, secret, refs))
+
+
+def _known(config: ServerConfig) -> str:
+    return ", ".join(sorted(config.services))
+
+
+def clients(path: Path) -> list[ClientEntry]:
+    return sorted(config_mod.load(path).clients.values(), key=lambda c: c.name)
+
+
+@dataclass(frozen=True, slots=True)
+class RevokeResult:
+    name: str
+    changed: bool
+    leases: list[PairStatus]
+    message: str
+
+
+def revoke(path: Path, name: str, *, now: float) -> RevokeResult:
+    """Mark a client revoked; say what happens to its active leases."""
+    changed = config_mod.set_revoked(path, name)
+    config = config_mod.load(path)
+    held = [row for row in StateDir(config.state_dir).status(now) if name in row.clients]
+    if not changed:
+        return RevokeResult(name, False, held, f"{name} was already revoked")
+    if held:
+        longest = max(row.seconds_left for row in held)
+        tail = (f"its {len(held)} active lease(s) stay until they expire, at most "
+                f"{longest:.0f} s from now; sessions already open are not cut")
+    else:
+        tail = "it holds no active lease"
+    return RevokeResult(name, True, held,
+                        f"{name} is revoked: a running server refuses its knocks within a "
+                        f"second (no restart needed); {tail}")
+
+
+def status(path: Path, *, now: float) -> tuple[ServerConfig, StateDir, list[PairStatus]]:
+    config = config_mod.load(path)
+    state = StateDir(config.state_dir)
+    return config, state, state.status(now)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)\Z")
+_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """'90', '30s', '10m', '2h', '7d', '1w' -> seconds.  Raises LocalError."""
+    match = _DURATION.match(text.strip().lower())
+    if match is None:
+        raise LocalError(f"duration {text!r}: write a number with s, m, h, d or w, e.g. 10m")
+    return float(match.group(1)) * _UNIT[match.group(2)]
+
+
+def events(path: Path, *, since: float | None, now: float) -> list[Event]:
+    config = config_mod.load(path)
+    db = config.state_dir / EVENTS_DB
+    try:
+        return read_events(db, since=None if since is None else now - since)
+    except FileNotFoundError:
+        return []
+    except Exception as exc:  # sqlite3 errors: a damaged or foreign file
+        raise LocalError(f"cannot read events from {db}: {exc}") from None

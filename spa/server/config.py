@@ -1,0 +1,349 @@
+"""The server's configuration file (TOML): settings, services, clients.
+
+Invariants:
+- The file holds client secrets: it is written 0600 (atomically, through
+  `secretfile.write_private`) and refused on load when group or others may
+  read it.
+- Loading is strict: an unknown section or key, a wrong type or an invalid
+  value raises ConfigError with one line naming the file, the key and the fix.
+- Edits (`init`, `enroll`, `revoke`) go through tomlkit, so an admin's
+  comments and layout survive them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomlkit
+
+from spa.core.keys import MASTER_SECRET_SIZE, SERVER_ID_SIZE
+from spa.core.policy import DEFAULT_SERVICES, ClientPolicy, Policy, Service
+from spa.core.uri import is_valid_client_name
+from spa.server.errors import ConfigError
+from spa.server.secretfile import read_secret_file, write_private
+
+DEFAULT_CONFIG = Path("/etc/spa/server.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/spa")
+DEFAULT_PORT = 62201
+BACKENDS = ("nftables", "iptables", "memory")
+MODES = ("capture", "udp")
+# Until real firewalls and capture land (issue 5), a fresh config runs with
+# the in-memory backend over a bound UDP socket.
+DEFAULT_BACKEND = "memory"
+DEFAULT_MODE = "udp"
+DEFAULT_RETENTION_DAYS = 90
+
+_SERVER_KEYS = {
+    "server_id", "listen_port", "listen_address", "backend", "mode", "interface",
+    "state_dir", "window", "event_retention_days",
+}
+_SERVICE_KEYS = {"protocol", "port", "default_duration", "max_duration"}
+_CLIENT_KEYS = {"secret", "services", "allow_other_address", "revoked", "enrolled"}
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class ClientEntry:
+    name: str
+    secret: bytes
+    services: tuple[str, ...]
+    allow_other_address: bool = False
+    revoked: bool = False
+    enrolled: str = ""
+
+    def __repr__(self) -> str:
+        return f"ClientEntry({self.name!r}, services={self.services}, revoked={self.revoked})"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    path: Path
+    server_id: bytes = field(repr=False)
+    listen_port: int = DEFAULT_PORT
+    listen_address: str = "::"
+    backend: str = DEFAULT_BACKEND
+    mode: str = DEFAULT_MODE
+    interface: str = ""
+    state_dir: Path = DEFAULT_STATE_DIR
+    window: float = 30.0
+    event_retention_days: int = DEFAULT_RETENTION_DAYS
+    services: Mapping[str, Service] = field(default_factory=lambda: dict(DEFAULT_SERVICES))
+    clients: Mapping[str, ClientEntry] = field(default_factory=dict)
+
+    def policy(self) -> Policy:
+        return Policy(
+            dict(self.services),
+            {
+                c.name: ClientPolicy(c.name, frozenset(c.services), c.allow_other_address,
+                                     c.revoked)
+                for c in self.clients.values()
+            },
+        )
+
+    def secrets(self) -> dict[str, bytes]:
+        """name -> master secret, revoked clients included (they get `revoked`)."""
+        return {c.name: c.secret for c in self.clients.values()}
+
+
+def b64encode(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def b64decode(text: str, size: int, what: str) -> bytes:
+    """Raises ConfigError (never quoting the value: it may be a secret)."""
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != size:
+        raise ConfigError(f"{what} must be {size} bytes of base64url")
+    return raw
+
+
+def load(path: Path) -> ServerConfig:
+    """Read and validate the config.  Raises ConfigError."""
+    data = _read_toml(path)
+    unknown = set(data) - {"server", "services", "clients"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown section [{sorted(unknown)[0]}]")
+    server = _table(path, data, "server")
+    _no_unknown_keys(path, "server", server, _SERVER_KEYS)
+    where = f"{path}: [server]"
+    if "server_id" not in server:
+        raise ConfigError(f"{where} has no server_id; create the file with: spa-server init")
+    server_id = b64decode(_get(where, server, "server_id", str), SERVER_ID_SIZE,
+                          f"{where} server_id")
+    services = _services(path, data)
+    clients = _clients(path, data, services)
+    config = ServerConfig(
+        path=path,
+        server_id=server_id,
+        listen_port=_port(where, _get(where, server, "listen_port", int, DEFAULT_PORT)),
+        listen_address=_get(where, server, "listen_address", str, "::"),
+        backend=_choice(where, "backend", _get(where, server, "backend", str, DEFAULT_BACKEND),
+                        BACKENDS),
+        mode=_choice(where, "mode", _get(where, server, "mode", str, DEFAULT_MODE), MODES),
+        interface=_get(where, server, "interface", str, ""),
+        state_dir=Path(_get(where, server, "state_dir", str, str(DEFAULT_STATE_DIR))),
+        window=float(_get(where, server, "window", (int, float), 30)),
+        event_retention_days=_get(where, server, "event_retention_days", int,
+                                  DEFAULT_RETENTION_DAYS),
+        services=services,
+        clients=clients,
+    )
+    if not 1 <= config.window <= 300:
+        raise ConfigError(f"{where} window must be between 1 and 300 seconds")
+    if config.event_retention_days < 1:
+        raise ConfigError(f"{where} event_retention_days must be at least 1")
+    return config
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        raw = read_secret_file(path)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path} does not exist; create it with: spa-server --config {path} init"
+        ) from None
+    except PermissionError:
+        raise ConfigError(f"cannot read {path}: permission denied (run as root?)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a directory, not a config file") from None
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+
+
+def _table(path: Path, data: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: {name} must be a table ([{name}])")
+    return value
+
+
+def _no_unknown_keys(path: Path, section: str, table: Mapping[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"{path}: [{section}] has unknown key {unknown[0]!r} "
+                          f"(known: {', '.join(sorted(known))})")
+
+
+def _get(where: str, table: Mapping[str, Any], key: str, kind: Any, default: Any = None) -> Any:
+    if key not in table:
+        if default is None:
+            raise ConfigError(f"{where} needs {key}")
+        return default
+    value = table[key]
+    if isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"{where} {key} has the wrong type")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{where} {key} has the wrong type")
+    return value
+
+
+def _port(where: str, port: int) -> int:
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{where} port {port} is out of range 1-65535")
+    return port
+
+
+def _choice(where: str, key: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{where} {key} = {value!r}; choose one of {', '.join(choices)}")
+    return value
+
+
+def _services(path: Path, data: Mapping[str, Any]) -> dict[str, Service]:
+    table = _table(path, data, "services")
+    if not table:
+        return dict(DEFAULT_SERVICES)
+    services = {}
+    for name, spec in table.items():
+        where = f"{path}: [services.{name}]"
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where} must be a table")
+        _no_unknown_keys(path, f"services.{name}", spec, _SERVICE_KEYS)
+        try:
+            services[name] = Service(
+                name,
+                _get(where, spec, "protocol", str, "tcp"),
+                _get(where, spec, "port", int),
+                _get(where, spec, "default_duration", int),
+                _get(where, spec, "max_duration", int),
+            )
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    return services
+
+
+def _clients(path: Path, data: Mapping[str, Any], services: Mapping[str, Service]
+             ) -> dict[str, ClientEntry]:
+    clients = {}
+    for name, spec in _table(path, data, "clients").items():
+        where = f"{path}: [clients.{name}]"
+        if not is_valid_client_name(name):
+            raise ConfigError(f"{where}: bad client name")
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where} must be a table")
+        _no_unknown_keys(path, f"clients.{name}", spec, _CLIENT_KEYS)
+        allowed = _get(where, spec, "services", list)
+        for service in allowed:
+            if service not in services:
+                raise ConfigError(f"{where} names unknown service {service!r}")
+        clients[name] = ClientEntry(
+            name=name,
+            secret=b64decode(_get(where, spec, "secret", str), MASTER_SECRET_SIZE,
+                             f"{where} secret"),
+            services=tuple(allowed),
+            allow_other_address=_get(where, spec, "allow_other_address", bool, False),
+            revoked=_get(where, spec, "revoked", bool, False),
+            enrolled=_get(where, spec, "enrolled", str, ""),
+        )
+    return clients
+
+
+# ---- edits -----------------------------------------------------------------
+
+HEADER = """\
+spa-server configuration.  It holds every client's secret: keep it 0600.
+Edit services here; use `spa-server enroll` and `spa-server revoke` for clients.
+A running server picks up changes within a second."""
+
+
+def render_new(*, server_id: bytes, listen_port: int, backend: str, state_dir: Path,
+               mode: str = DEFAULT_MODE) -> str:
+    """The text of a fresh config file."""
+    doc = tomlkit.document()
+    for line in HEADER.splitlines():
+        doc.add(tomlkit.comment(line))
+    server = tomlkit.table()
+    server.add("server_id", b64encode(server_id))
+    server.add("listen_port", listen_port)
+    server["listen_port"].comment("UDP port clients knock on")
+    server.add("listen_address", "::")
+    server.add("backend", backend)
+    server["backend"].comment("nftables | iptables | memory")
+    server.add("mode", mode)
+    server["mode"].comment("capture (nothing bound) | udp (a bound socket)")
+    server.add("interface", "")
+    server["interface"].comment('capture mode: one interface, "" = all')
+    server.add("state_dir", str(state_dir))
+    server.add("window", 30)
+    server["window"].comment("seconds of clock difference accepted")
+    server.add("event_retention_days", DEFAULT_RETENTION_DAYS)
+    doc.add("server", server)
+    services = tomlkit.table(is_super_table=True)
+    for service in DEFAULT_SERVICES.values():
+        entry = tomlkit.table()
+        entry.add("protocol", service.protocol)
+        entry.add("port", service.port)
+        entry.add("default_duration", service.default_duration)
+        entry.add("max_duration", service.max_duration)
+        services.add(service.name, entry)
+    doc.add("services", services)
+    doc.add("clients", tomlkit.table(is_super_table=True))
+    return tomlkit.dumps(doc)
+
+
+def write_new(path: Path, text: str, *, force: bool) -> None:
+    """Write a fresh config.  Raises ConfigError if it exists and not `force`."""
+    if path.exists() and not force:
+        raise ConfigError(f"{path} already exists; pass --force to overwrite it "
+                          "(this forgets every enrolled client)")
+    _write(path, text)
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        write_private(path, text.encode("utf-8"))
+    except PermissionError:
+        raise ConfigError(f"cannot write {path}: permission denied (run as root?)") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _edit_document(path: Path) -> tomlkit.TOMLDocument:
+    load(path)  # validates and checks permissions first
+    return tomlkit.parse(path.read_text(encoding="utf-8"))
+
+
+def add_client(path: Path, entry: ClientEntry) -> None:
+    """Add a client to the file.  Raises ConfigError if the name is taken."""
+    doc = _edit_document(path)
+    if "clients" not in doc:
+        doc.add("clients", tomlkit.table(is_super_table=True))
+    clients = doc["clients"]
+    assert isinstance(clients, tomlkit.items.Table)
+    if entry.name in clients:
+        raise ConfigError(f"client {entry.name!r} is already enrolled; pick another name "
+                          f"or revoke it first")
+    table = tomlkit.table()
+    table.add("secret", b64encode(entry.secret))
+    table.add("services", list(entry.services))
+    table.add("allow_other_address", entry.allow_other_address)
+    table.add("revoked", False)
+    table.add("enrolled", entry.enrolled)
+    clients.add(entry.name, table)
+    _write(path, tomlkit.dumps(doc))
+
+
+def set_revoked(path: Path, name: str) -> bool:
+    """Mark a client revoked.  Returns False if it already was.
+
+    Raises ConfigError if there is no such client.
+    """
+    doc = _edit_document(path)
+    clients = doc.get("clients", {})
+    if name not in clients:
+        raise ConfigError(f"no client named {name!r}; see the list with: spa-server clients")
+    if clients[name].get("revoked", False):
+        return False
+    clients[name]["revoked"] = True
+    _write(path, tomlkit.dumps(doc))
+    return True

@@ -1,0 +1,288 @@
+"""The daemon: the receive path, housekeeping, reload, persistence.
+
+Invariants (docs/threat-model.md; issue 4's server design):
+- One thread receives and verifies.  It owns the verifier: every change to
+  keys, tags or policy is queued as a command and run by that thread between
+  packets, so nothing else ever mutates what it reads.
+- A housekeeping thread expires leases, prepares the next step's knock tags
+  ahead of the boundary, reloads the config when it changes (or on SIGHUP),
+  saves state and flushes events; none of it blocks the receive path for
+  longer than a lock around the lease table.
+- A grant reaches the firewall before the receive path takes the next packet.
+- The server never answers a packet.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from spa.backends.base import Backend, apply
+from spa.core.knock import step_of
+from spa.core.leases import Allow, FirewallAction, LeaseTable
+from spa.core.verify import Accepted, Refused, Verifier
+from spa.core.wire import Action
+from spa.server import config as config_mod
+from spa.server.config import ServerConfig
+from spa.server.errors import LocalError
+from spa.server.events import EVENTS_DB, Event, EventSink
+from spa.server.sources import PacketSource
+from spa.server.state import StateDir
+
+TICK = 0.2  # seconds between housekeeping rounds (revoke lands within ~0.5 s)
+RECEIVE_TIMEOUT = 0.25  # the receive thread wakes at least this often
+COMPACT_EVERY = 10.0  # seconds between replay-cache dumps (a journal covers between)
+PRUNE_EVERY = 3600.0  # seconds between event-retention prunes
+STAGE_AHEAD = 3.0  # seconds before a step boundary to prepare its tags
+
+Clock = Callable[[], float]
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class FileStamp:
+    mtime_ns: int
+    size: int
+    inode: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileStamp | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return cls(st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class Server:
+    def __init__(self, config: ServerConfig, *, backend: Backend, source: PacketSource,
+                 clock: Clock, log: Log) -> None:
+        self.config = config
+        self.backend = backend
+        self.source = source
+        self.clock = clock
+        self.log = log
+        self.state = StateDir(config.state_dir)
+        self._lock = threading.Lock()
+        self._commands: deque[Callable[[], None]] = deque()
+        self._reload_requested = threading.Event()
+        self._dirty = True
+        self._open_pairs: set[tuple[object, str]] = set()
+        self._stamp = FileStamp.of(config.path)
+        self._last_compact = self._last_prune = 0.0
+        self.verifier: Verifier
+        self.leases: LeaseTable
+        self.events: EventSink
+
+    # ---- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Load state, start the backend, reconcile.  Raises LocalError."""
+        now = self.clock()
+        self.state.ensure()
+        replay = self.state.load_replay(self.config.window, now)
+        self.state.journal(replay)
+        self.verifier = Verifier(self.config.server_id, self.config.secrets(),
+                                 self.config.policy(), now=now, window=self.config.window,
+                                 replay=replay)
+        saved = [lease for lease in self.state.load_leases() if lease.service in
+                 self.config.services]
+        self.leases = LeaseTable.from_leases(saved, now=now)
+        self.events = EventSink(self.state.path / EVENTS_DB, self.log,
+                                retention_days=self.config.event_retention_days)
+        self.backend.start(self.config.services, now=now)
+        self._reconcile(now)
+        self.state.write_server({
+            "pid": os.getpid(), "started": now, "port": self.config.listen_port,
+            "backend": self.backend.name, "mode": self.config.mode,
+        })
+        self._save(now)
+        self.log(f"started port={self.config.listen_port} backend={self.backend.name} "
+                 f"mode={self.config.mode} clients={len(self.config.clients)} "
+                 f"leases={len(self.leases)}")
+
+    def _reconcile(self, now: float) -> None:
+        """Make the backend hold exactly the live leases (after a restart)."""
+        wanted = self.leases.allowed()
+        held = self.backend.held(now=now)
+        for (address, name), until in wanted.items():
+            if held.get((address, name)) != until:
+                self.backend.allow(address, self.config.services[name], until, now=now)
+        for address, name in held.keys() - wanted.keys():
+            if name in self.config.services:
+                self.backend.remove(address, self.config.services[name])
+        self._open_pairs = set(wanted)
+
+    def serve(self, stop: threading.Event) -> None:
+        """Receive until `stop` is set, with housekeeping in its own thread."""
+        keeper = threading.Thread(target=self._housekeeping_loop, args=(stop,),
+                                  name="spa-housekeeping", daemon=True)
+        keeper.start()
+        try:
+            while not stop.is_set():
+                self.run_commands()
+                item = self.source.receive(RECEIVE_TIMEOUT)
+                if item is not None:
+                    self.handle(item[0], item[1])
+        finally:
+            stop.set()
+            keeper.join(timeout=5)
+
+    def shutdown(self) -> None:
+        """Stop cleanly: flush events, save state, stop the backend."""
+        now = self.clock()
+        self.run_commands()
+        with self._lock:
+            self._apply(self.leases.expire(now), now)
+        self._save(now)
+        self.state.compact_replay(self.verifier.replay)
+        self.state.close()
+        self.source.close()
+        self.backend.stop()
+        self.events.close()
+        self.state.clear_server()
+        self.log(f"stopped leases={len(self.leases)}")
+
+    def request_reload(self) -> None:
+        """SIGHUP: reload the config at the next housekeeping round."""
+        self._reload_requested.set()
+
+    # ---- the receive path --------------------------------------------------
+
+    def run_commands(self) -> None:
+        """Apply queued changes to the verifier (receive thread only)."""
+        commands = self._commands
+        while commands:
+            commands.popleft()()
+
+    def handle(self, data: bytes, source: str) -> Accepted | Refused:
+        """Verify one datagram and act on it.  Never answers, never raises for
+        any datagram content."""
+        now = self.clock()
+        result = self.verifier.verify(data, source, now)
+        if isinstance(result, Refused):
+            self.events.refuse(now, result.reason.value, result.client, source)
+            return result
+        decision = result.decision
+        request = result.request
+        name = decision.service.name
+        self.events.record(Event(now, "accepted", str(request.action), None, result.client,
+                                 str(decision.address), name,
+                                 decision.duration if request.action is Action.OPEN else None))
+        with self._lock:
+            if request.action is Action.OPEN:
+                actions = self.leases.grant(result.client, decision.address, name,
+                                            now=now, duration=decision.duration)
+            else:
+                actions = self.leases.close(result.client, decision.address, name, now=now)
+            self._apply(actions, now)
+            self._dirty = True
+        return result
+
+    def _apply(self, actions: list[FirewallAction], now: float) -> None:
+        """Carry out actions on the backend (caller holds the lock)."""
+        apply(self.backend, actions, self.config.services, now=now)
+        for action in actions:
+            pair = (action.address, action.service)
+            if isinstance(action, Allow):
+                if pair not in self._open_pairs:
+                    self._open_pairs.add(pair)
+                    self.events.record(Event(now, "lease_start", None, None, None,
+                                             str(action.address), action.service,
+                                             round(action.until - now)))
+            else:
+                self._open_pairs.discard(pair)
+                self.events.record(Event(now, "lease_end", None, None, None,
+                                         str(action.address), action.service))
+
+    # ---- housekeeping ------------------------------------------------------
+
+    def _housekeeping_loop(self, stop: threading.Event) -> None:
+        while not stop.wait(TICK):
+            try:
+                self.housekeeping()
+            except LocalError as exc:
+                self.log(f"error {exc}")
+            except Exception as exc:  # keep serving; say what broke
+                self.log(f"error housekeeping failed: {type(exc).__name__}: {exc}")
+
+    def housekeeping(self) -> None:
+        """One round: expire, stage tags, reload, save, flush."""
+        now = self.clock()
+        with self._lock:
+            expired = self.leases.expire(now)
+            if expired:
+                self._apply(expired, now)
+                self._dirty = True
+        boundary = self.verifier.next_step_at
+        if boundary - now <= STAGE_AHEAD:
+            self.verifier.stage(self.verifier.tags.prepare(step_of(boundary)))
+        self._maybe_reload()
+        self._save(now)
+        if now - self._last_compact >= COMPACT_EVERY:
+            self.state.compact_replay(self.verifier.replay)
+            self._last_compact = now
+        self.events.flush()
+        if now - self._last_prune >= PRUNE_EVERY:
+            self.events.prune(now)
+            self._last_prune = now
+
+    def _save(self, now: float) -> None:
+        with self._lock:
+            if not self._dirty:
+                return
+            self._dirty = False
+            leases = self.leases
+            self.state.save_leases(leases, now=now, backend=self.backend.name,
+                                   expires_by_itself=self.backend.expires_by_itself)
+
+    def _maybe_reload(self) -> None:
+        stamp = FileStamp.of(self.config.path)
+        if stamp == self._stamp and not self._reload_requested.is_set():
+            return
+        self._reload_requested.clear()
+        self._stamp = stamp
+        try:
+            new = config_mod.load(self.config.path)
+        except LocalError as exc:
+            self.log(f"error reload failed, keeping the running config: {exc}")
+            return
+        self._switch_to(new)
+
+    def _switch_to(self, new: ServerConfig) -> None:
+        old = self.config
+        if new.server_id != old.server_id or new.listen_port != old.listen_port or (
+                new.backend != old.backend or new.mode != old.mode):
+            self.log("warning server_id, listen_port, backend and mode changes take effect "
+                     "at the next restart")
+        changed = {n: c.secret for n, c in new.clients.items()
+                   if n not in old.clients or old.clients[n].secret != c.secret}
+        gone = [n for n in old.clients if n not in new.clients]
+        policy = new.policy()
+        for name, entry in new.clients.items():
+            if entry.revoked and not (name in old.clients and old.clients[name].revoked):
+                held = [lease for lease in self.leases.leases() if lease.client == name]
+                self.log(f"revoked client={name} leases={len(held)} "
+                         "(knocks refused from now on; its leases run out by themselves)")
+
+        def switch() -> None:
+            for name in gone:
+                self.verifier.remove_client(name)
+            for name, secret in changed.items():
+                self.verifier.add_client(name, secret)
+            self.verifier.policy = policy
+
+        services = dict(new.services)
+        for name in old.services.keys() - services.keys():
+            services[name] = old.services[name]  # keep removing what is open
+        self.config = replace(new, services=services, server_id=old.server_id,
+                              listen_port=old.listen_port, backend=old.backend,
+                              mode=old.mode, state_dir=old.state_dir)
+        self._commands.append(switch)
+        self.log(f"reloaded clients={len(new.clients)} added={len(changed)} "
+                 f"removed={len(gone)}")
+

@@ -1,0 +1,164 @@
+"""The event store (SQLite, WAL) and the log lines that mirror it.
+
+Invariants (docs/threat-model.md, "Flood"; STYLE principle 4):
+- The receive path only touches memory: `record` appends to a buffer under a
+  lock; `flush` (housekeeping thread) writes rows and log lines.
+- Refusals are aggregated per flush interval by (reason, client, source,
+  service), one row with a count per key, and at most MAX_KEYS_PER_FLUSH keys;
+  the rest fold into one row per reason.  Between flushes at most
+  MAX_KEYS_BUFFERED keys are held (a flood from spoofed sources folds too).
+  A flood of any size costs a bounded number of rows and log lines per second.
+- Accepted knocks and lease starts and ends are rows of their own.
+- Never a secret, never packet bytes: events carry names, addresses, reasons.
+- Readers in other processes open the database read-only (WAL lets them read
+  while the server writes).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+MAX_KEYS_PER_FLUSH = 500  # distinct refusal keys written per flush interval
+MAX_KEYS_BUFFERED = 10_000  # distinct keys held between flushes (spoofed-source floods)
+EVENTS_DB = "events.sqlite3"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    outcome TEXT NOT NULL,
+    action TEXT,
+    reason TEXT,
+    client TEXT,
+    source TEXT,
+    service TEXT,
+    duration INTEGER,
+    count INTEGER NOT NULL DEFAULT 1
+);
+CREATE INDEX IF NOT EXISTS events_time ON events(time);
+"""
+
+RefusalKey = tuple[str, str | None, str | None, str | None]  # reason, client, source, service
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    time: float
+    outcome: str  # accepted | refused | lease_start | lease_end
+    action: str | None = None  # open | close, for accepted and refused knocks
+    reason: str | None = None
+    client: str | None = None
+    source: str | None = None
+    service: str | None = None
+    duration: int | None = None
+    count: int = 1
+
+    def log_line(self) -> str:
+        """key=value, one line, fail2ban-friendly: `refused reason=replay ... src=IP`."""
+        parts = [self.outcome]
+        for key, value in (("action", self.action), ("reason", self.reason),
+                           ("client", self.client), ("src", self.source), ("service", self.service),
+                           ("duration", self.duration)):
+            if value is not None:
+                parts.append(f"{key}={value}")
+        if self.count != 1:
+            parts.append(f"count={self.count}")
+        return " ".join(parts)
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class EventSink:
+    """Buffers events from the receive path; `flush` writes them out."""
+
+    def __init__(self, path: Path, log: Callable[[str], None], *, retention_days: int) -> None:
+        self.path = path
+        self._log = log
+        self._retention = retention_days * 86400.0
+        self._lock = threading.Lock()
+        self._rows: list[Event] = []
+        self._refusals: dict[RefusalKey, tuple[float, int]] = {}
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def record(self, event: Event) -> None:
+        """A row of its own (accepted, lease start/end)."""
+        with self._lock:
+            self._rows.append(event)
+
+    def refuse(self, now: float, reason: str, client: str | None = None,
+               source: str | None = None, service: str | None = None) -> None:
+        """Count a refusal; rows are written per key at the next flush."""
+        key = (reason, client, source, service)
+        with self._lock:
+            refusals = self._refusals
+            if key not in refusals and len(refusals) >= MAX_KEYS_BUFFERED:
+                key = (reason, None, None, None)
+            first, count = refusals.get(key, (now, 0))
+            refusals[key] = (first, count + 1)
+
+    def flush(self) -> list[Event]:
+        """Write what was buffered; log each row; return what was written."""
+        with self._lock:
+            rows, self._rows = self._rows, []
+            refusals, self._refusals = self._refusals, {}
+        events = rows + _aggregate(refusals)
+        events.sort(key=lambda e: e.time)
+        if events:
+            self._db.executemany(
+                "INSERT INTO events (time, outcome, action, reason, client, source, service,"
+                " duration, count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(e.time, e.outcome, e.action, e.reason, e.client, e.source, e.service,
+                  e.duration, e.count) for e in events],
+            )
+            for event in events:
+                self._log(event.log_line())
+        return events
+
+    def prune(self, now: float) -> int:
+        """Delete rows older than the retention; return how many."""
+        cursor = self._db.execute("DELETE FROM events WHERE time < ?", (now - self._retention,))
+        return cursor.rowcount
+
+    def close(self) -> None:
+        self.flush()
+        self._db.close()
+
+
+def _aggregate(refusals: dict[RefusalKey, tuple[float, int]]) -> list[Event]:
+    ordered = sorted(refusals.items(), key=lambda item: -item[1][1])
+    events = [Event(first, "refused", None, *key, count=count)
+              for key, (first, count) in ordered[:MAX_KEYS_PER_FLUSH]]
+    folded: dict[str, tuple[float, int]] = {}
+    for (reason, *_), (first, count) in ordered[MAX_KEYS_PER_FLUSH:]:
+        old_first, old_count = folded.get(reason, (first, 0))
+        folded[reason] = (min(first, old_first), old_count + count)
+    events += [Event(first, "refused", reason=reason, count=count)
+               for reason, (first, count) in folded.items()]
+    return events
+
+
+def read_events(path: Path, *, since: float | None = None) -> list[Event]:
+    """Events from a database another process may be writing.
+
+    Raises FileNotFoundError if there is no database yet.
+    """
+    if not path.exists():
+        raise FileNotFoundError(path)
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = db.execute(
+            "SELECT time, outcome, action, reason, client, source, service, duration, count "
+            "FROM events WHERE time >= ? ORDER BY time, id",
+            (since if since is not None else 0.0,),
+        ).fetchall()
+    finally:
+        db.close()
+    return [Event(*row) for row in rows]

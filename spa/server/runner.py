@@ -1,0 +1,51 @@
+"""Build a Server from the config and the command line's overrides."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from spa.backends.base import Backend
+from spa.backends.memory import MemoryBackend
+from spa.server import config as config_mod
+from spa.server.daemon import Server
+from spa.server.errors import LocalError
+from spa.server.sources import PacketSource, UdpSource
+
+
+def log_to_stderr(line: str) -> None:
+    """One line per event, key=value; journald adds the time."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def make_backend(name: str) -> Backend:
+    if name == "memory":
+        return MemoryBackend()
+    if name in ("nftables", "iptables"):
+        raise LocalError(f"the {name} backend is not in this release yet; run with "
+                         "--backend memory (nothing is actually blocked with it)")
+    raise LocalError(f"unknown backend {name!r}; choose nftables, iptables or memory")
+
+
+def make_source(mode: str, address: str, port: int, interface: str) -> PacketSource:
+    if mode == "udp":
+        return UdpSource(address, port)
+    if mode == "capture":
+        raise LocalError("capture mode is not in this release yet; run with --mode udp")
+    raise LocalError(f"unknown mode {mode!r}; choose capture or udp")
+
+
+def build(path: Path, *, backend: str | None, mode: str | None,
+          interface: str | None) -> Server:
+    """Raises LocalError for any problem with the config or the machine."""
+    config = config_mod.load(path)
+    config = replace(config, backend=backend or config.backend, mode=mode or config.mode,
+                     interface=interface if interface is not None else config.interface)
+    chosen_backend = make_backend(config.backend)
+    source = make_source(config.mode, config.listen_address, config.listen_port,
+                         config.interface)
+    return Server(config, backend=chosen_backend, source=source, clock=time.time,
+                  log=log_to_stderr)

@@ -1,0 +1,84 @@
+"""Packet sources: where the receive loop gets datagrams from.
+
+Every source has `receive(timeout) -> (bytes, source address) | None` and
+`close()`.  `UdpSource` binds a UDP socket (udp mode); capture mode (an
+AF_PACKET socket with a BPF filter, nothing bound) plugs in here next.
+`FakeSource` feeds unit tests.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections import deque
+from typing import Protocol
+
+from spa.core.wire import PACKET_SIZE
+from spa.server.errors import LocalError
+
+RECV_SIZE = 2048  # larger than any packet we accept, so oversize is visible
+RECV_BUFFER = 4 * 1024 * 1024  # kernel socket buffer: absorbs bursts
+
+
+class PacketSource(Protocol):
+    def receive(self, timeout: float) -> tuple[bytes, str] | None: ...
+
+    def close(self) -> None: ...
+
+
+class UdpSource:
+    """A bound UDP socket; `::` listens on IPv6 and IPv4 (dual stack)."""
+
+    def __init__(self, address: str, port: int) -> None:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
+            sock.bind((address, port))
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise LocalError(f"UDP port {port} is already in use on {address}; stop the "
+                                 "other program or pick another port (listen_port)") from None
+            if exc.errno == errno.EACCES:
+                raise LocalError(f"no permission to bind UDP port {port} (run as root or pick "
+                                 "a port above 1023)") from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise LocalError(f"listen_address {address} is not an address of this "
+                                 "machine") from None
+            raise LocalError(f"cannot listen on {address} port {port}: {exc.strerror}") from None
+        self._sock = sock
+        self.port = sock.getsockname()[1]
+
+    def receive(self, timeout: float) -> tuple[bytes, str] | None:
+        self._sock.settimeout(timeout)
+        try:
+            data, peer = self._sock.recvfrom(RECV_SIZE)
+        except TimeoutError:
+            return None
+        return data, peer[0]
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class FakeSource:
+    """Hands out queued datagrams; `receive` returns None when empty."""
+
+    def __init__(self) -> None:
+        self.queue: deque[tuple[bytes, str]] = deque()
+        self.closed = False
+
+    def push(self, data: bytes, source: str) -> None:
+        self.queue.append((data, source))
+
+    def receive(self, timeout: float) -> tuple[bytes, str] | None:
+        return self.queue.popleft() if self.queue else None
+
+    def close(self) -> None:
+        self.closed = True
+
+
+assert PACKET_SIZE < RECV_SIZE

@@ -1,0 +1,177 @@
+"""The state directory: leases, the replay cache, and who is running.
+
+Invariants:
+- The replay cache survives restarts: a full dump (`replay.bin`) plus an
+  append-only journal of every entry made since (`replay.journal`), written
+  with one os.write per entry on the receive path (no fsync: it survives a
+  killed daemon, which is the case that matters; a power loss also drops the
+  firewall's state).  A compaction writes a new dump, then empties the journal.
+- `leases.json` is replaced atomically, so `spa-server status` in another
+  process always reads a whole file.
+- Files are 0600 and the directory 0700.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spa.core.errors import FormatError
+from spa.core.leases import Lease, LeaseTable
+from spa.core.replay import ReplayCache, entry_bytes
+from spa.server.errors import LocalError
+from spa.server.secretfile import write_private
+
+LEASES = "leases.json"
+REPLAY = "replay.bin"
+JOURNAL = "replay.journal"
+SERVER = "server.json"
+
+
+@dataclass(frozen=True, slots=True)
+class PairStatus:
+    address: str
+    service: str
+    clients: list[str]
+    seconds_left: float
+
+
+class StateDir:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._journal_fd: int | None = None
+
+    def ensure(self) -> None:
+        """Create the directory (0700).  Raises LocalError."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(self.path, 0o700)
+        except PermissionError:
+            raise LocalError(f"cannot create state directory {self.path}: permission denied "
+                             "(run as root, or set state_dir in the config)") from None
+        except OSError as exc:
+            raise LocalError(f"cannot create state directory {self.path}: {exc.strerror}") from None
+
+    # ---- replay cache ------------------------------------------------------
+
+    def load_replay(self, window: float, now: float) -> ReplayCache:
+        """The saved cache, or an empty one.  Raises LocalError if damaged."""
+        try:
+            dump = (self.path / REPLAY).read_bytes()
+        except FileNotFoundError:
+            dump = ReplayCache(window).dump()
+        try:
+            journal = (self.path / JOURNAL).read_bytes()
+        except FileNotFoundError:
+            journal = b""
+        try:
+            cache = ReplayCache.load(dump, now, journal=journal)
+        except FormatError as exc:
+            raise LocalError(f"{self.path / REPLAY}: {exc}; remove it only if the server has "
+                             "been stopped for longer than the time window") from None
+        cache.set_window(window)
+        return cache
+
+    def journal(self, cache: ReplayCache) -> None:
+        """Append every new replay entry to the journal from now on."""
+        fd = os.open(self.path / JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._journal_fd = fd
+
+        def append(expiry: float, client: str, nonce: bytes) -> None:
+            os.write(fd, entry_bytes(expiry, client, nonce))
+
+        cache.on_add = append
+
+    def compact_replay(self, cache: ReplayCache) -> None:
+        """Write a full dump, then empty the journal."""
+        write_private(self.path / REPLAY, cache.dump())
+        if self._journal_fd is not None:
+            os.ftruncate(self._journal_fd, 0)
+
+    def close(self) -> None:
+        if self._journal_fd is not None:
+            os.close(self._journal_fd)
+            self._journal_fd = None
+
+    # ---- leases ------------------------------------------------------------
+
+    def save_leases(self, table: LeaseTable, *, now: float, backend: str,
+                    expires_by_itself: bool) -> None:
+        data = {
+            "version": 1,
+            "updated": now,
+            "backend": backend,
+            "expires_by_itself": expires_by_itself,
+            "leases": [
+                {"client": lease.client, "address": str(lease.address),
+                 "service": lease.service, "expires": lease.expires}
+                for lease in table.leases()
+            ],
+        }
+        write_private(self.path / LEASES, json.dumps(data, indent=1).encode())
+
+    def load_leases(self) -> list[Lease]:
+        """Saved leases (expired ones included).  Raises LocalError if damaged."""
+        data = self._read_json(LEASES)
+        if data is None:
+            return []
+        try:
+            return [Lease(item["client"], ipaddress.ip_address(item["address"]),
+                          item["service"], float(item["expires"]))
+                    for item in data["leases"]]
+        except (KeyError, TypeError, ValueError):
+            raise LocalError(f"{self.path / LEASES} is damaged; stop the server and "
+                             "remove it (live grants are then forgotten)") from None
+
+    def status(self, now: float) -> list[PairStatus]:
+        """Active leases grouped by (address, service), soonest end first."""
+        pairs: dict[tuple[str, str], dict[str, float]] = {}
+        for lease in self.load_leases():
+            if lease.expires > now:
+                pairs.setdefault((str(lease.address), lease.service), {})[lease.client] = (
+                    lease.expires)
+        rows = [PairStatus(address, service, sorted(holders), max(holders.values()) - now)
+                for (address, service), holders in pairs.items()]
+        return sorted(rows, key=lambda row: (row.seconds_left, row.address, row.service))
+
+    # ---- the running server ------------------------------------------------
+
+    def write_server(self, info: dict[str, Any]) -> None:
+        write_private(self.path / SERVER, json.dumps(info).encode())
+
+    def clear_server(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.path / SERVER).unlink()
+
+    def running_server(self) -> dict[str, Any] | None:
+        """The running server's info, if its pid is alive."""
+        info = self._read_json(SERVER)
+        if not isinstance(info, dict) or not isinstance(info.get("pid"), int):
+            return None
+        try:
+            os.kill(info["pid"], 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return info
+
+    def backend_info(self) -> dict[str, Any]:
+        data = self._read_json(LEASES) or {}
+        return {"backend": data.get("backend"), "expires_by_itself": data.get("expires_by_itself")}
+
+    def _read_json(self, name: str) -> Any:
+        try:
+            return json.loads((self.path / name).read_text())
+        except FileNotFoundError:
+            return None
+        except PermissionError:
+            raise LocalError(f"cannot read {self.path / name}: permission denied "
+                             "(run as root?)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise LocalError(f"{self.path / name} is damaged (not JSON)") from None
