@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
+from spa.clitools import run_app
 from spa.core.errors import FormatError
 from spa.server import admin
 from spa.server.config import DEFAULT_CONFIG, DEFAULT_PORT, DEFAULT_STATE_DIR
@@ -37,6 +37,7 @@ app = typer.Typer(
 )
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Config file (TOML, 0600).",
+                                            readable=False,
                                             envvar="SPA_SERVER_CONFIG")]
 
 
@@ -91,7 +92,7 @@ def init(
 
 @app.command()
 def enroll(
-    name: Annotated[str, typer.Argument(help="Client name, e.g. alice-laptop.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Client name, e.g. alice-laptop.")],
     service: Annotated[list[str], typer.Option("--service", "-s",
                                                help="A service it may open (repeat).")],
     endpoint: Annotated[str, typer.Option(help="HOST[:PORT] clients send to (this server "
@@ -128,7 +129,8 @@ def clients() -> None:
 
 
 @app.command()
-def revoke(name: Annotated[str, typer.Argument(help="The client to revoke.")]) -> None:
+def revoke(name: Annotated[str, typer.Argument(metavar="NAME", help="The client to revoke.")]
+           ) -> None:
     """Revoke a client: its knocks are refused from now on (no restart needed)."""
     with local_errors():
         result = admin.revoke(_ctx.config, name, now=time.time())
@@ -232,8 +234,10 @@ def events(
 
 @app.command()
 def demo() -> None:
-    """Show the whole thing in a few lines: a server on loopback, a client enrolled,
-    a grant with its countdown, a replay and a tampered packet refused, a close."""
+    """Watch it work: a grant, a replay and a tampered packet refused, a close.
+
+    Runs a real server on loopback with a temporary state dir, enrolls a client,
+    and tells the story in a few lines.  Leaves nothing behind."""
     from spa.demo import run as run_demo
 
     with local_errors():
@@ -241,7 +245,4 @@ def demo() -> None:
 
 
 def main() -> None:
-    try:
-        app()
-    except BrokenPipeError:
-        sys.exit(1)
+    run_app(app, "spa-server")

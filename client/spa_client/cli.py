@@ -16,6 +16,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
+from spa.clitools import run_app
 from spa.core.errors import FormatError
 from spa.core.uri import parse
 from spa.core.wire import NONCE_SIZE, Action
@@ -71,8 +72,8 @@ def _root(
 
 @app.command()
 def enroll(
-    uri: Annotated[str, typer.Argument(help="The spa1:// URI from your admin ('-' reads it "
-                                       "from standard input).")],
+    uri: Annotated[str, typer.Argument(
+        metavar="URI", help="The spa1:// URI from your admin ('-' reads it from standard input).")],
     name: Annotated[str | None, typer.Option(help="Profile name (default: the server's "
                                              "host).")] = None,
 ) -> None:
@@ -100,11 +101,11 @@ def _progress(enabled: bool) -> Callable[[float, int], None]:
 
 @app.command(name="open")
 def open_(
-    service: Annotated[str, typer.Argument(help="Service to open, e.g. ssh.")],
-    host: Annotated[str, typer.Argument(help="Profile name or server host.")],
-    duration: Annotated[int, typer.Option(min=1, help="Seconds to ask for (the server "
-                                          "caps it; default: the service's default).")
-                        ] = 0,
+    service: Annotated[str, typer.Argument(metavar="SERVICE", help="Service to open, e.g. ssh.")],
+    host: Annotated[str, typer.Argument(metavar="HOST", help="Profile name or server host.")],
+    duration: Annotated[int | None, typer.Option(min=1, help="Seconds to ask for (the "
+                                                 "server caps it; default: the service's "
+                                                 "default).")] = None,
     allow_ip: Annotated[str | None, typer.Option(help="Ask for this address instead of the "
                                                  "packet's source (binds the grant to it).")
                         ] = None,
@@ -114,6 +115,7 @@ def open_(
                        ] = 5.0,
 ) -> None:
     """Knock to open SERVICE on HOST, then wait until its port accepts connections."""
+    asked = duration or 0  # 0 asks for the service's default
     with local_errors():
         profile = _ctx.store().find(host)
         enrollment = profile.enrollment
@@ -121,13 +123,13 @@ def open_(
         address = knock.parse_allow_ip(allow_ip)
         target = knock.resolve(enrollment.host, enrollment.port)
         if no_wait or ref.protocol != "tcp":
-            packet = knock.make_packet(enrollment, Action.OPEN, service, duration=duration,
+            packet = knock.make_packet(enrollment, Action.OPEN, service, duration=asked,
                                        address=address, now=_now(),
                                        nonce=os.urandom(NONCE_SIZE))
             knock.send(target, packet)
             typer.echo(f"knock sent: open {service} at {target.address}")
             return
-        took = knock.open_and_wait(enrollment, ref, target, duration=duration,
+        took = knock.open_and_wait(enrollment, ref, target, duration=asked,
                                    address=address, timeout=timeout,
                                    progress=_progress(sys.stderr.isatty()))
     if sys.stderr.isatty():
@@ -142,8 +144,9 @@ def open_(
 
 @app.command()
 def close(
-    service: Annotated[str, typer.Argument(help="Service to close, e.g. ssh.")],
-    host: Annotated[str, typer.Argument(help="Profile name or server host.")],
+    service: Annotated[str, typer.Argument(metavar="SERVICE",
+                                           help="Service to close, e.g. ssh.")],
+    host: Annotated[str, typer.Argument(metavar="HOST", help="Profile name or server host.")],
 ) -> None:
     """End your own lease on SERVICE (others behind your address keep theirs)."""
     with local_errors():
@@ -164,4 +167,4 @@ def _now() -> float:
 
 
 def main() -> None:
-    app()
+    run_app(app, "spa-client")

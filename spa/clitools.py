@@ -1,0 +1,50 @@
+"""What both command lines share: one-line usage errors with exit status 2.
+
+Click (under typer) prints usage errors as a framed block; a mature tool says
+what is wrong in one line and where to read more.  `run_app` runs a typer app
+with click's standalone mode off and turns its exceptions into that line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from types import ModuleType
+
+import typer
+
+
+def _click_exceptions() -> ModuleType:
+    """Click's exception classes: typer >= 0.2x vendors click as typer._click."""
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise ImportError("neither typer._click nor click is importable")
+
+
+click = _click_exceptions()
+_ABORT: tuple[type[BaseException], ...] = tuple({typer.Abort, getattr(click, "Abort", typer.Abort)})
+
+
+def run_app(app: typer.Typer, program: str) -> None:
+    """Run `app`; exit with its status.  Usage errors: one line, status 2."""
+    try:
+        code = app(standalone_mode=False, prog_name=program)
+    except click.UsageError as exc:
+        if not exc.format_message():  # no arguments at all: the help was shown
+            sys.exit(0)
+        where = exc.ctx.command_path if exc.ctx is not None else program
+        sys.stderr.write(f"{program}: error: {exc.format_message()} "
+                         f"(see: {where} --help)\n")
+        sys.exit(2)
+    except click.ClickException as exc:
+        sys.stderr.write(f"{program}: error: {exc.format_message()}\n")
+        sys.exit(2)
+    except _ABORT:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,188 @@
+"""Every local error path: one line on stderr, exit status 2, no traceback,
+and nothing lost (a failed command leaves the config as it was)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.integration.procs import command, run_cli
+
+pytestmark = pytest.mark.integration
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "server.toml"
+    done = run_cli("spa-server", "--config", str(path), "init", "--state-dir",
+                   str(tmp_path / "state"))
+    assert done.returncode == 0, done.stderr
+    return path
+
+
+def server(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_cli("spa-server", "--config", str(config), *args)
+
+
+def test_missing_config(tmp_path: Path) -> None:
+    done = server(tmp_path / "nope.toml", "clients")
+    assert_one_line_error(done, "does not exist", "init")
+
+
+def test_malformed_config(config: Path) -> None:
+    config.write_text("[server\n")
+    assert_one_line_error(server(config, "clients"), "not valid TOML")
+
+
+def test_unknown_key_in_config(config: Path) -> None:
+    config.write_text(config.read_text().replace("window = 30", "windwo = 30"))
+    assert_one_line_error(server(config, "status"), "unknown key 'windwo'")
+
+
+def test_group_readable_config_is_refused(config: Path) -> None:
+    os.chmod(config, 0o644)
+    assert_one_line_error(server(config, "clients"), "chmod 600")
+
+
+def test_init_refuses_to_overwrite(config: Path) -> None:
+    before = config.read_bytes()
+    assert_one_line_error(server(config, "init"), "already exists", "--force")
+    assert config.read_bytes() == before, "nothing lost"
+
+
+def test_init_bad_port(tmp_path: Path) -> None:
+    assert_one_line_error(server(tmp_path / "c.toml", "init", "--listen-port", "70000"),
+                          "out of range")
+
+
+def test_init_bad_backend(tmp_path: Path) -> None:
+    assert_one_line_error(server(tmp_path / "c.toml", "init", "--backend", "pf"), "choose one")
+
+
+def test_unknown_service(config: Path) -> None:
+    before = config.read_bytes()
+    done = server(config, "enroll", "alice", "--service", "smtp", "--endpoint", "h")
+    assert_one_line_error(done, "unknown service 'smtp'", "https, ssh")
+    assert config.read_bytes() == before
+
+
+def test_bad_endpoint(config: Path) -> None:
+    done = server(config, "enroll", "alice", "--service", "ssh", "--endpoint", "bad host!")
+    assert_one_line_error(done, "--endpoint")
+
+
+def test_bad_client_name(config: Path) -> None:
+    done = server(config, "enroll", "-x", "--service", "ssh", "--endpoint", "h")
+    assert done.returncode == 2
+    done = server(config, "enroll", "a b", "--service", "ssh", "--endpoint", "h")
+    assert_one_line_error(done, "client name")
+
+
+def test_duplicate_enroll(config: Path) -> None:
+    assert server(config, "enroll", "alice", "--service", "ssh", "--endpoint", "h"
+                  ).returncode == 0
+    done = server(config, "enroll", "alice", "--service", "ssh", "--endpoint", "h")
+    assert_one_line_error(done, "already enrolled")
+
+
+def test_unknown_client_revoke(config: Path) -> None:
+    assert_one_line_error(server(config, "revoke", "bob"), "no client named 'bob'")
+
+
+def test_missing_argument_is_one_line(config: Path) -> None:
+    assert_one_line_error(server(config, "enroll"), "Missing", "--help")
+
+
+def test_bad_since(config: Path) -> None:
+    assert_one_line_error(server(config, "events", "--since", "yesterday"), "duration")
+
+
+def test_port_in_use(config: Path) -> None:
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", 0))
+        port = sock.getsockname()[1]
+        config.write_text(config.read_text().replace("listen_port = 62201",
+                                                     f"listen_port = {port}"))
+        done = server(config, "run", "--backend", "memory", "--mode", "udp")
+    assert_one_line_error(done, f"UDP port {port} is already in use")
+
+
+def test_backend_not_available_yet_is_a_clear_error(config: Path) -> None:
+    assert_one_line_error(server(config, "run", "--backend", "nftables"), "--backend memory")
+
+
+def test_no_permission(tmp_path: Path) -> None:
+    """A config that belongs to someone else, read without root's override."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to drop capabilities")
+    config = tmp_path / "server.toml"
+    assert server(config, "init").returncode == 0
+    os.chown(config, 65534, 65534)  # nobody
+    done = subprocess.run(
+        ["setpriv", "--bounding-set", "-all", "--inh-caps", "-all", "--",
+         *command("spa-server"), "--config", str(config), "clients"],
+        capture_output=True, text=True, timeout=30, check=False)
+    assert_one_line_error(done, "permission denied")
+
+
+def client(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_cli("spa-client", "--config-dir", str(tmp_path / "client"), *args)
+
+
+@pytest.mark.parametrize(
+    ("uri", "fragment"),
+    [("https://example.org", "expected spa1"), ("spa2://h/alice?sid=x", "not supported"),
+     ("spa1://h/alice?sid=AAAA&key=AAAA&svc=ssh:tcp:22", "server id")],
+)
+def test_bad_uri(tmp_path: Path, uri: str, fragment: str) -> None:
+    assert_one_line_error(client(tmp_path, "enroll", uri), fragment)
+
+
+def test_open_without_profile(tmp_path: Path) -> None:
+    assert_one_line_error(client(tmp_path, "open", "ssh", "example.org"), "enroll first")
+
+
+def test_open_bad_duration_and_allow_ip(tmp_path: Path, config: Path) -> None:
+    uri = server(config, "enroll", "alice", "--service", "ssh", "--endpoint", "127.0.0.1",
+                 "--uri-only").stdout.strip()
+    assert client(tmp_path, "enroll", uri).returncode == 0
+    assert_one_line_error(client(tmp_path, "open", "ssh", "127.0.0.1", "--duration", "0"),
+                          "--duration")
+    assert_one_line_error(client(tmp_path, "open", "ssh", "127.0.0.1", "--allow-ip", "x"),
+                          "--allow-ip")
+    assert_one_line_error(client(tmp_path, "open", "smtp", "127.0.0.1"), "no service 'smtp'")
+
+
+def test_group_readable_profile_is_refused(tmp_path: Path, config: Path) -> None:
+    uri = server(config, "enroll", "alice", "--service", "ssh", "--endpoint", "127.0.0.1",
+                 "--uri-only").stdout.strip()
+    assert client(tmp_path, "enroll", uri).returncode == 0
+    profile = tmp_path / "client" / "profiles" / "127.0.0.1.toml"
+    assert profile.stat().st_mode & 0o777 == 0o600
+    os.chmod(profile, 0o640)
+    assert_one_line_error(client(tmp_path, "open", "ssh", "127.0.0.1"), "chmod 600")
+
+
+def test_secrets_never_in_error_messages(tmp_path: Path, config: Path) -> None:
+    uri = server(config, "enroll", "alice", "--service", "ssh", "--endpoint", "h",
+                 "--uri-only").stdout.strip()
+    secret = uri.split("key=")[1].split("&")[0]
+    broken = uri.replace("svc=ssh:tcp:22", "svc=ssh:tcp:0")
+    done = client(tmp_path, "enroll", broken)
+    assert done.returncode == 2
+    assert secret not in done.stderr + done.stdout

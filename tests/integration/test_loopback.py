@@ -1,0 +1,224 @@
+"""The real programs, end to end, on loopback: `spa-server run --mode udp
+--backend memory` and `spa-client` as separate processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from spa.core.uri import parse
+from spa.core.wire import NONCE_SIZE, Action
+from spa_client import knock
+from tests.integration.harness import (
+    PortGate,
+    ServerProcess,
+    events_json,
+    free_port,
+    status_json,
+    wait_until,
+)
+from tests.integration.procs import run_cli
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Site:
+    root: Path
+    config: Path
+    server: ServerProcess
+    host: str
+    uris: dict[str, str]
+    ssh: PortGate
+    https: PortGate
+
+    def client(self, who: str, *args: str, timeout: float = 30
+               ) -> subprocess.CompletedProcess[str]:
+        return run_cli("spa-client", "--config-dir", str(self.root / f"client-{who}"), *args,
+                       timeout=timeout)
+
+    def admin(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli("spa-server", "--config", str(self.config), *args)
+
+    def leases(self) -> list[dict[str, object]]:
+        return status_json(self.config)
+
+    def events(self, *args: str) -> list[dict[str, object]]:
+        return events_json(self.config, *args)
+
+
+def make_site(root: Path, host: str) -> Iterator[Site]:
+    config = root / "server.toml"
+    state = root / "state"
+    port = free_port(socket.SOCK_DGRAM, host)
+    done = run_cli("spa-server", "--config", str(config), "init", "--listen-port", str(port),
+                   "--state-dir", str(state))
+    assert done.returncode == 0, done.stderr
+    with PortGate(state, "ssh", host) as ssh, PortGate(state, "https", host) as https:
+        text = config.read_text()
+        text = text.replace('listen_address = "::"', f'listen_address = "{host}"')
+        text = text.replace("port = 22\n", f"port = {ssh.port}\n")
+        text = text.replace("port = 443\n", f"port = {https.port}\n")
+        config.write_text(text)
+        endpoint = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        uris = {}
+        for who, services in (("alice", ["ssh", "https"]), ("bob", ["https"])):
+            args = [a for s in services for a in ("--service", s)]
+            done = run_cli("spa-server", "--config", str(config), "enroll", who, *args,
+                           "--endpoint", endpoint, "--uri-only")
+            assert done.returncode == 0, done.stderr
+            uris[who] = done.stdout.strip()
+        with ServerProcess(config) as server:
+            site = Site(root, config, server, host, uris, ssh, https)
+            for who in uris:
+                done = site.client(who, "enroll", uris[who], "--name", "srv")
+                assert done.returncode == 0, done.stderr
+            yield site
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    yield from make_site(tmp_path, "127.0.0.1")
+
+
+def test_open_status_close(site: Site) -> None:
+    done = site.client("alice", "open", "ssh", "srv", "--duration", "60")
+    assert done.returncode == 0, done.stderr
+    assert "ssh is open" in done.stdout
+    rows = site.leases()
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["address"] == "127.0.0.1"
+    assert row["service"] == "ssh"
+    assert row["clients"] == ["alice"]
+    assert 50 < float(row["seconds_left"]) <= 60  # type: ignore[arg-type]
+    human = site.admin("status")
+    assert re.search(r"127\.0\.0\.1\s+ssh\s+\d+m\d\ds\s+alice", human.stdout), human.stdout
+    done = site.client("alice", "close", "ssh", "srv")
+    assert done.returncode == 0, done.stderr
+    assert wait_until(lambda: site.leases() == [])
+
+
+def test_port_closed_before_knock_and_open_fails_with_status_1(site: Site) -> None:
+    with socket.socket() as probe:
+        probe.settimeout(0.5)
+        assert probe.connect_ex((site.host, site.ssh.port)) != 0, "closed before a knock"
+    site.admin("revoke", "alice")
+    time.sleep(1.0)
+    done = site.client("alice", "open", "ssh", "srv", "--timeout", "2")
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "did not open within 2 s" in done.stderr
+
+
+def test_lease_expires_after_its_duration(site: Site) -> None:
+    assert site.client("alice", "open", "ssh", "srv", "--duration", "1").returncode == 0
+    assert site.leases() != []
+    assert wait_until(lambda: site.leases() == [], timeout=4)
+    assert wait_until(lambda: any(e["outcome"] == "lease_end" for e in site.events()))
+
+
+def test_no_wait_sends_and_returns(site: Site) -> None:
+    done = site.client("alice", "open", "https", "srv", "--no-wait")
+    assert done.returncode == 0
+    assert "knock sent" in done.stdout
+    assert wait_until(lambda: [r["service"] for r in site.leases()] == ["https"])
+
+
+def test_replayed_packet_is_refused_and_visible_in_events(site: Site) -> None:
+    enrollment = parse(site.uris["alice"])
+    target = knock.resolve(enrollment.host, enrollment.port)
+    packet = knock.make_packet(enrollment, Action.OPEN, "ssh", duration=30, address=None,
+                               now=time.time(), nonce=os.urandom(NONCE_SIZE))
+    knock.send(target, packet)
+    knock.send(target, packet)
+
+    def replay_recorded() -> bool:
+        return any(e["reason"] == "replay" and e["client"] == "alice" for e in site.events())
+
+    assert wait_until(replay_recorded)
+    accepted = [e for e in site.events() if e["outcome"] == "accepted"]
+    assert len(accepted) == 1
+    assert site.server.wait_for_line("refused reason=replay client=alice src=127.0.0.1")
+
+
+def test_revoke_while_running(site: Site) -> None:
+    assert site.client("alice", "open", "ssh", "srv", "--duration", "100").returncode == 0
+    wait_until(lambda: site.leases() != [])
+    time.sleep(0.3)  # leases.json is saved within a housekeeping round
+    done = site.admin("revoke", "alice")
+    assert done.returncode == 0
+    assert "refuses its knocks within a second" in done.stdout
+    assert "1 active lease(s) stay until they expire" in done.stdout
+    time.sleep(1.0)
+    assert site.client("alice", "open", "https", "srv", "--no-wait").returncode == 0
+    assert wait_until(lambda: any(e["reason"] == "revoked" for e in site.events()))
+    assert site.server.wait_for_line("revoked client=alice")
+    assert [r["service"] for r in site.leases()] == ["ssh"], "its lease runs out by itself"
+
+
+def test_two_clients_share_one_address(site: Site) -> None:
+    assert site.client("alice", "open", "https", "srv", "--duration", "600").returncode == 0
+    assert site.client("bob", "open", "https", "srv", "--duration", "300").returncode == 0
+    assert wait_until(lambda: len(site.leases()) == 1
+                      and site.leases()[0]["clients"] == ["alice", "bob"])
+    assert site.client("alice", "close", "https", "srv").returncode == 0
+    assert wait_until(lambda: site.leases()[0]["clients"] == ["bob"])
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        assert probe.connect_ex((site.host, site.https.port)) == 0, "bob keeps access"
+
+
+def test_events_since_and_human_output(site: Site) -> None:
+    assert site.client("alice", "open", "ssh", "srv").returncode == 0
+    assert wait_until(lambda: any(e["outcome"] == "accepted" for e in site.events("--since",
+                                                                                    "1m")))
+    human = site.admin("events", "--since", "10m")
+    assert "accepted" in human.stdout
+    assert "alice" in human.stdout
+    future = site.admin("events", "--since", "0s")
+    assert future.returncode == 0
+
+
+def test_sigterm_stops_cleanly(site: Site) -> None:
+    assert site.client("alice", "open", "ssh", "srv", "--duration", "100").returncode == 0
+    assert site.server.stop(signal.SIGTERM) == 0
+    assert any(line.startswith("stopped") for line in site.server.lines)
+    status = site.admin("status")
+    assert "not running" in status.stdout
+    assert "cannot expire grants while the server is down" in status.stdout
+
+
+def test_restart_refuses_replay_and_keeps_leases(site: Site) -> None:
+    enrollment = parse(site.uris["alice"])
+    target = knock.resolve(enrollment.host, enrollment.port)
+    packet = knock.make_packet(enrollment, Action.OPEN, "ssh", duration=100, address=None,
+                               now=time.time(), nonce=os.urandom(NONCE_SIZE))
+    knock.send(target, packet)
+    assert wait_until(lambda: site.leases() != [])
+    site.server.stop(signal.SIGKILL)  # a crash
+    with ServerProcess(site.config) as again:
+        knock.send(target, packet)
+        assert again.wait_for_line("refused reason=replay client=alice")
+        assert [r["service"] for r in site.leases()] == ["ssh"]
+
+
+@pytest.fixture
+def site6(tmp_path: Path) -> Iterator[Site]:
+    if not socket.has_ipv6:
+        pytest.skip("this machine has no IPv6")
+    yield from make_site(tmp_path, "::1")
+
+
+def test_ipv6_loopback(site6: Site) -> None:
+    done = site6.client("alice", "open", "ssh", "srv")
+    assert done.returncode == 0, done.stderr
+    assert [r["address"] for r in site6.leases()] == ["::1"]

@@ -1,0 +1,73 @@
+"""A server built from fakes: memory backend, fake source, fake clock."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spa.backends.memory import MemoryBackend
+from spa.core.keys import derive_keys
+from spa.core.wire import Action, Request, build_packet
+from spa.server import admin
+from spa.server import config as config_mod
+from spa.server.daemon import Server
+from spa.server.events import Event, read_events
+from spa.server.sources import FakeSource
+
+START = 1_800_000_000.0
+
+
+@dataclass
+class FakeClock:
+    now: float = START
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class World:
+    root: Path
+    clock: FakeClock = field(default_factory=FakeClock)
+    logs: list[str] = field(default_factory=list)
+    backend: MemoryBackend = field(default_factory=MemoryBackend)
+    source: FakeSource = field(default_factory=FakeSource)
+    server: Server | None = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "server.toml"
+
+    def init(self) -> None:
+        admin.init(self.config_path, listen_port=62201, backend="memory",
+                   state_dir=self.root / "state", force=False)
+
+    def enroll(self, name: str, *services: str) -> None:
+        admin.enroll(self.config_path, name, list(services) or ["ssh", "https"], "127.0.0.1")
+
+    def start(self) -> Server:
+        self.backend = MemoryBackend()
+        self.source = FakeSource()
+        self.server = Server(config_mod.load(self.config_path), backend=self.backend,
+                             source=self.source, clock=self.clock, log=self.logs.append)
+        self.server.start()
+        return self.server
+
+    def packet(self, client: str, service: str = "ssh", *, action: Action = Action.OPEN,
+               duration: int = 0, at: float | None = None, address: str | None = None) -> bytes:
+        config = config_mod.load(self.config_path)
+        keys = derive_keys(config.clients[client].secret, config.server_id)
+        when = self.clock.now if at is None else at
+        request = Request(int(when * 1000), action, service, duration,
+                          None if address is None else ipaddress.ip_address(address))
+        return build_packet(request, keys, config.server_id, nonce=os.urandom(24))
+
+    def events(self) -> list[Event]:
+        assert self.server is not None
+        self.server.events.flush()
+        return read_events(self.root / "state" / "events.sqlite3")

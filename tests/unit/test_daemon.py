@@ -1,0 +1,190 @@
+"""The daemon with fakes: receive path, housekeeping, reload, restart."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+import pytest
+
+from spa.core.errors import Reason
+from spa.core.knock import STEP_SECONDS, step_of
+from spa.core.verify import Accepted, Refused
+from spa.core.wire import Action
+from spa.server import admin
+from spa.server.daemon import STAGE_AHEAD
+from tests.server_world import World
+
+A = "192.0.2.10"
+B = "192.0.2.20"
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    w = World(tmp_path)
+    w.init()
+    w.enroll("alice")
+    w.enroll("bob", "https")
+    w.start()
+    return w
+
+
+def held(world: World) -> dict[tuple[str, str], float]:
+    return {(str(a), s): u for (a, s), u in world.backend.grants.items()}
+
+
+def test_grant_reaches_the_firewall_before_the_next_packet(world: World) -> None:
+    assert world.server is not None
+    result = world.server.handle(world.packet("alice", duration=60), A)
+    assert isinstance(result, Accepted)
+    assert held(world) == {(A, "ssh"): world.clock.now + 60}
+
+
+def test_expiry_in_housekeeping_removes_the_grant(world: World) -> None:
+    assert world.server is not None
+    world.server.handle(world.packet("alice", duration=10), A)
+    world.clock.advance(9.9)
+    world.server.housekeeping()
+    assert held(world) != {}
+    world.clock.advance(0.2)
+    world.server.housekeeping()
+    assert held(world) == {}
+    outcomes = [e.outcome for e in world.events()]
+    assert outcomes == ["accepted", "lease_start", "lease_end"]
+
+
+def test_replay_is_refused_and_recorded(world: World) -> None:
+    assert world.server is not None
+    packet = world.packet("alice")
+    world.server.handle(packet, A)
+    result = world.server.handle(packet, B)
+    assert isinstance(result, Refused)
+    assert result.reason is Reason.REPLAY
+    replays = [e for e in world.events() if e.reason == "replay"]
+    assert len(replays) == 1
+    assert replays[0].client == "alice"
+    assert replays[0].source == B
+
+
+def test_refusals_are_aggregated_not_one_row_each(world: World) -> None:
+    assert world.server is not None
+    for _ in range(5000):
+        world.server.handle(b"\x01" + os.urandom(160), "203.0.113.1")
+    for _ in range(100):
+        world.server.handle(os.urandom(20), "203.0.113.2")
+    rows = [e for e in world.events() if e.outcome == "refused"]
+    assert len(rows) == 2
+    counts = {e.reason: e.count for e in rows}
+    assert counts == {"unknown_tag": 5000, "bad_length": 100}
+    assert len(world.logs) < 10
+
+
+def test_two_clients_behind_one_nat_close_keeps_the_other(world: World) -> None:
+    assert world.server is not None
+    world.server.handle(world.packet("alice", "https", duration=600), A)
+    world.server.handle(world.packet("bob", "https", duration=1200), A)
+    world.server.handle(world.packet("alice", "https", action=Action.CLOSE), A)
+    assert held(world) == {(A, "https"): world.clock.now + 1200}
+
+
+def test_revoke_while_running_takes_effect_without_restart(world: World) -> None:
+    server = world.server
+    assert server is not None
+    server.handle(world.packet("alice", duration=100), A)
+    server.housekeeping()  # saves leases.json, as the running server does
+    result = admin.revoke(world.config_path, "alice", now=world.clock.now)
+    assert result.changed
+    assert "1 active lease" in result.message
+    server.housekeeping()  # notices the changed file
+    server.run_commands()  # the receive thread applies it before the next packet
+    refused = server.handle(world.packet("alice"), A)
+    assert isinstance(refused, Refused)
+    assert refused.reason is Reason.REVOKED
+    assert held(world) == {(A, "ssh"): world.clock.now + 100}, "its lease runs out by itself"
+    assert any(line.startswith("revoked client=alice leases=1") for line in world.logs)
+
+
+def test_enroll_while_running_takes_effect(world: World) -> None:
+    server = world.server
+    assert server is not None
+    world.enroll("carol", "ssh")
+    server.request_reload()
+    server.housekeeping()
+    server.run_commands()
+    assert isinstance(server.handle(world.packet("carol"), A), Accepted)
+
+
+def test_bad_config_edit_keeps_the_running_config(world: World) -> None:
+    server = world.server
+    assert server is not None
+    packet = world.packet("alice")
+    text = world.config_path.read_text()
+    world.config_path.write_text(text + "\n[oops\n")
+    server.housekeeping()
+    assert any("reload failed" in line for line in world.logs)
+    assert isinstance(server.handle(packet, A), Accepted)
+
+
+def test_tags_are_staged_before_the_boundary_and_used_after(world: World) -> None:
+    server = world.server
+    assert server is not None
+    boundary = server.verifier.next_step_at
+    world.clock.now = boundary - STAGE_AHEAD + 0.1
+    server.housekeeping()
+    assert server.verifier._staged is not None
+    assert server.verifier._staged.step == step_of(boundary)
+    world.clock.now = boundary + 1
+    assert isinstance(server.handle(world.packet("alice"), A), Accepted)
+    assert server.verifier.tags.step == step_of(boundary)
+    world.clock.now = boundary + 1 + STEP_SECONDS
+    assert isinstance(server.handle(world.packet("alice"), A), Accepted)
+
+
+def test_restart_keeps_replay_protection_and_leases(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    world.init()
+    world.enroll("alice")
+    server = world.start()
+    packet = world.packet("alice", duration=200)
+    assert isinstance(server.handle(packet, A), Accepted)
+    world.clock.advance(1)
+    server.housekeeping()
+    # a crash: no shutdown; the journal and leases.json are what is left
+    server.state.close()
+    server = world.start()
+    result = server.handle(packet, A)
+    assert isinstance(result, Refused)
+    assert result.reason is Reason.REPLAY
+    assert held(world) == {(A, "ssh"): world.clock.now - 1 + 200}, "restored and reconciled"
+
+
+def test_restart_after_expiry_removes_stale_grants(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    world.init()
+    world.enroll("alice")
+    server = world.start()
+    server.handle(world.packet("alice", duration=30), A)
+    server.shutdown()
+    world.clock.advance(31)
+    world.start()
+    assert held(world) == {}
+
+
+def test_shutdown_saves_everything_and_clears_the_pid(world: World) -> None:
+    server = world.server
+    assert server is not None
+    server.handle(world.packet("alice", duration=100), A)
+    server.shutdown()
+    assert server.state.running_server() is None
+    rows = server.state.status(world.clock.now)
+    assert [(r.address, r.service, r.clients) for r in rows] == [(A, "ssh", ["alice"])]
+    assert ("stop",) in world.backend.log
+
+
+def test_allow_ip_grant_goes_to_the_named_address(world: World) -> None:
+    server = world.server
+    assert server is not None
+    result = server.handle(world.packet("alice", address=A), A)
+    assert isinstance(result, Accepted)
+    assert result.decision.address == ipaddress.ip_address(A)
