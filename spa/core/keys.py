@@ -11,8 +11,10 @@ Invariants (docs/protocol.md, "Keys"):
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from dataclasses import dataclass
+from typing import Any
 
 MASTER_SECRET_SIZE = 32  # bytes of client master secret (256 bits)
 SERVER_ID_SIZE = 16  # bytes of random server id, chosen once at `init`
@@ -61,6 +63,36 @@ class ClientKeys:
 
     def __repr__(self) -> str:
         return "ClientKeys(<secret>)"
+
+
+class HmacSha256:
+    """HMAC-SHA256 under one key, with the padded-key states computed once.
+
+    `digest(m) == hmac.digest(key, m, "sha256")` (RFC 2104), about twice as
+    fast per call, since OpenSSL 3's one-shot HMAC re-creates its context on
+    every call.  tests/property/test_roundtrip.py checks the equality.
+    """
+
+    __slots__ = ("_inner", "_outer")
+    _BLOCK = 64  # SHA-256 block size
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > self._BLOCK:
+            key = hashlib.sha256(key).digest()
+        padded = key.ljust(self._BLOCK, b"\0")
+        self._inner: Any = hashlib.sha256(bytes(b ^ 0x36 for b in padded))
+        self._outer: Any = hashlib.sha256(bytes(b ^ 0x5C for b in padded))
+
+    def digest(self, message: bytes) -> bytes:
+        inner = self._inner.copy()
+        inner.update(message)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        result: bytes = outer.digest()
+        return result
+
+    def __repr__(self) -> str:
+        return "HmacSha256(<secret>)"
 
 
 def check_server_id(server_id: bytes) -> None:

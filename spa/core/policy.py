@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from spa.core.errors import Reason
 from spa.core.wire import Action, IPAddress, Request, is_valid_service_name
@@ -61,9 +62,9 @@ class ClientPolicy:
     revoked: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """What policy grants: the effective address, service and duration."""
+class Decision(NamedTuple):
+    """What policy grants: the effective address, service and duration.
+    (A NamedTuple for the receive path's sake; see wire.Request.)"""
 
     address: IPAddress
     service: Service
