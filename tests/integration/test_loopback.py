@@ -222,3 +222,20 @@ def test_ipv6_loopback(site6: Site) -> None:
     done = site6.client("alice", "open", "ssh", "srv")
     assert done.returncode == 0, done.stderr
     assert [r["address"] for r in site6.leases()] == ["::1"]
+
+
+def test_server_never_answers(site: Site) -> None:
+    """Valid, replayed, tampered and junk packets: not one byte comes back."""
+    enrollment = parse(site.uris["alice"])
+    packet = knock.make_packet(enrollment, Action.OPEN, "ssh", duration=5, address=None,
+                               now=time.time(), nonce=os.urandom(NONCE_SIZE))
+    tampered = bytearray(packet)
+    tampered[50] ^= 1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(1.0)
+        sock.connect((site.host, enrollment.port))
+        for datagram in (packet, packet, bytes(tampered), os.urandom(161), b"", b"x" * 1400):
+            sock.send(datagram)
+        with pytest.raises(TimeoutError):
+            sock.recv(2048)
+    assert wait_until(lambda: any(e["reason"] == "bad_mac" for e in site.events()))

@@ -188,3 +188,55 @@ def test_allow_ip_grant_goes_to_the_named_address(world: World) -> None:
     result = server.handle(world.packet("alice", address=A), A)
     assert isinstance(result, Accepted)
     assert result.decision.address == ipaddress.ip_address(A)
+
+
+def test_secrets_never_reach_logs_or_the_event_store(world: World) -> None:
+    """Drive every kind of event, then look for any secret in any output."""
+    from spa.server import config as config_mod
+    from spa.server.config import b64encode
+
+    server = world.server
+    assert server is not None
+    packet = world.packet("alice", duration=5)
+    server.handle(packet, A)
+    server.handle(packet, A)  # replay
+    bad = bytearray(world.packet("alice"))
+    bad[100] ^= 1
+    server.handle(bytes(bad), B)  # bad_mac
+    server.handle(world.packet("bob", "ssh"), B)  # service_not_allowed
+    world.clock.advance(6)
+    server.housekeeping()
+    server.shutdown()
+    config = config_mod.load(world.config_path)
+    secrets = [c.secret for c in config.clients.values()] + [config.server_id]
+    texts = [s.hex() for s in secrets] + [b64encode(s) for s in secrets]
+    state_bytes = b"".join(p.read_bytes() for p in (world.root / "state").iterdir()
+                           if p.is_file())
+    logs = "\n".join(world.logs)
+    assert len(world.logs) >= 5
+    for text in texts:
+        assert text not in logs
+        assert text.encode() not in state_bytes
+    for secret in secrets:
+        assert secret not in state_bytes
+
+
+def test_state_files_are_private(world: World) -> None:
+    server = world.server
+    assert server is not None
+    server.handle(world.packet("alice"), A)
+    server.housekeeping()
+    state = world.root / "state"
+    assert state.stat().st_mode & 0o777 == 0o700
+    for name in ("leases.json", "replay.bin", "replay.journal", "server.json"):
+        assert (state / name).stat().st_mode & 0o077 == 0, name
+    assert world.config_path.stat().st_mode & 0o777 == 0o600
+
+
+def test_event_retention_prunes_old_rows(world: World) -> None:
+    server = world.server
+    assert server is not None
+    server.handle(world.packet("alice"), A)
+    server.events.flush()
+    assert server.events.prune(world.clock.now + 89 * 86400) == 0
+    assert server.events.prune(world.clock.now + 91 * 86400) == 2  # accepted + lease_start
