@@ -20,7 +20,17 @@ if command -v apt-get >/dev/null 2>&1; then
     fi
 fi
 
-PYTHON=${PYTHON:-python3}
+# Debian's own interpreter: what a fresh Debian machine has, and the one we
+# benchmark (docs/benchmarks.md: 1.6x faster on the receive path than a plain
+# source build of the same version, side by side).
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x /usr/bin/python3 ]; then PYTHON=/usr/bin/python3; else PYTHON=python3; fi
+fi
+real() { "$1" -c 'import os, sys; print(os.path.realpath(getattr(sys, "_base_executable", sys.executable)))'; }
+if [ -x .venv/bin/python ] && [ "$(real .venv/bin/python)" != "$(real "$PYTHON")" ]; then
+    echo "setup: .venv was made with another interpreter; making it again with $PYTHON"
+    rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi

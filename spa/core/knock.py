@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hmac
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 STEP_SECONDS = 30  # RFC 6238 default time step
@@ -69,7 +69,7 @@ class TagTable:
     one step is refused `unknown_tag` and its next step is unaffected.
     """
 
-    __slots__ = ("_by_step", "_keys", "_skew", "_step", "_tags")
+    __slots__ = ("_by_step", "_keys", "_skew", "_step", "_tags", "lookup")
 
     def __init__(self, keys: Mapping[str, bytes], step: int, skew: int = 1) -> None:
         if skew < 1:
@@ -79,6 +79,9 @@ class TagTable:
         self._step = step
         self._tags: dict[bytes, tuple[str, int]] = {}
         self._by_step: dict[int, list[tuple[bytes, str]]] = {}
+        # tag -> (client, step) or None: the dict's own bound `get`, so the
+        # receive path pays one C call (the dict object is never replaced).
+        self.lookup: Callable[[bytes], tuple[str, int] | None] = self._tags.get
         self._rebuild()
 
     @property
@@ -91,10 +94,6 @@ class TagTable:
 
     def __len__(self) -> int:
         return len(self._tags)
-
-    def lookup(self, tag: bytes) -> tuple[str, int] | None:
-        """The (client, step) a tag belongs to, or None.  One dict lookup."""
-        return self._tags.get(tag)
 
     def prepare(self, step: int) -> Prepared:
         """Compute, ahead of time, the tags that `advance(step)` will add.

@@ -68,7 +68,9 @@ class ReplayCache:
 
     def check_and_add(self, client: str, nonce: bytes, now: float) -> Check:
         """Record a nonce if it is new; say whether it was, or why not."""
-        self.expire(now)
+        fifo = self._fifo
+        if fifo and fifo[0][0] <= now:
+            self.expire(now)
         key = (client, nonce)
         if key in self._seen:
             return Check.REPLAY

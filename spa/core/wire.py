@@ -14,6 +14,7 @@ Invariants (docs/protocol.md, "Wire format"):
 from __future__ import annotations
 
 import enum
+import functools
 import hmac
 import ipaddress
 import re
@@ -148,39 +149,52 @@ def decode_body(body: bytes) -> Request:
         raise PacketError(Reason.MALFORMED, "unknown action")
     if action is Action.CLOSE and duration != 0:
         raise PacketError(Reason.MALFORMED, "close with a duration")
-    pos = _FIXED.size
     size = _ADDRESS_SIZE.get(family)
     if size is None:
         raise PacketError(Reason.MALFORMED, "unknown address family")
-    address: IPAddress | None = None
-    if family == FAMILY_V4:
-        address = ipaddress.IPv4Address(body[pos : pos + 4])
-    elif family == FAMILY_V6:
-        address = ipaddress.IPv6Address(body[pos : pos + 16])
-    pos += size
-    service_raw, pos = _read_string(body, pos, 1, SERVICE_MAX)
-    otp_raw, pos = _read_string(body, pos, 0, OTP_MAX)
-    if any(body[pos:]):
+    pos = _FIXED.size + size
+    address = None if family == FAMILY_NONE else _address(body[_FIXED.size : pos])
+    service_size = body[pos]
+    if not 1 <= service_size <= SERVICE_MAX:
+        raise PacketError(Reason.MALFORMED, "service length")
+    service = _service_name(body[pos + 1 : pos + 1 + service_size])
+    pos += 1 + service_size
+    otp_size = body[pos]
+    if otp_size and not OTP_MIN <= otp_size <= OTP_MAX:
+        raise PacketError(Reason.MALFORMED, "one-time password length")
+    otp = _otp(body[pos + 1 : pos + 1 + otp_size]) if otp_size else ""
+    pos += 1 + otp_size  # at most 14 + 16 + 33 + 11 = 74 <= BODY_SIZE
+    if body.count(0, pos) != BODY_SIZE - pos:
         raise PacketError(Reason.MALFORMED, "non-zero padding")
-    service = service_raw.decode("ascii", "replace")
-    otp = otp_raw.decode("ascii", "replace")
-    if not is_valid_service_name(service):
-        raise PacketError(Reason.MALFORMED, "bad service name")
-    if otp and not _OTP_RE.match(otp):
-        raise PacketError(Reason.MALFORMED, "bad one-time password")
-    if address is not None:
-        try:
-            check_address(address)
-        except ValueError:
-            raise PacketError(Reason.MALFORMED, "unusable address") from None
     return Request(timestamp_ms, action, service, duration, address, otp)
 
 
-def _read_string(body: bytes, pos: int, low: int, high: int) -> tuple[bytes, int]:
-    size = body[pos]
-    if not low <= size <= high:
-        raise PacketError(Reason.MALFORMED, "field length")
-    return body[pos + 1 : pos + 1 + size], pos + 1 + size
+@functools.lru_cache(maxsize=256)
+def _service_name(raw: bytes) -> str:
+    """A service name field, checked.  Cached: only authenticated packets
+    are decoded, and a client names few services."""
+    if not 1 <= len(raw) <= SERVICE_MAX or not raw.isascii():
+        raise PacketError(Reason.MALFORMED, "bad service name")
+    name = raw.decode("ascii")
+    if not is_valid_service_name(name):
+        raise PacketError(Reason.MALFORMED, "bad service name")
+    return name
+
+
+def _otp(raw: bytes) -> str:
+    if not OTP_MIN <= len(raw) <= OTP_MAX or not raw.isascii() or not raw.isdigit():
+        raise PacketError(Reason.MALFORMED, "bad one-time password")
+    return raw.decode("ascii")
+
+
+def _address(raw: bytes) -> IPAddress:
+    address: IPAddress = (ipaddress.IPv4Address(raw) if len(raw) == 4
+                          else ipaddress.IPv6Address(raw))
+    try:
+        check_address(address)
+    except ValueError:
+        raise PacketError(Reason.MALFORMED, "unusable address") from None
+    return address
 
 
 def aad(tag: bytes, server_id: bytes) -> bytes:
