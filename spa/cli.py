@@ -73,8 +73,9 @@ def _root(config: ConfigOption = DEFAULT_CONFIG) -> None:
 @app.command()
 def init(
     listen_port: Annotated[int, typer.Option(help="UDP port clients knock on.")] = DEFAULT_PORT,
-    backend: Annotated[str, typer.Option(help="Firewall: nftables, iptables or memory.")
-                       ] = "memory",
+    backend: Annotated[str, typer.Option(help="Firewall: nftables, iptables or memory "
+                                         "(memory blocks nothing: tests and demos).")
+                       ] = "nftables",
     state_dir: Annotated[Path, typer.Option(help="Where leases, the replay cache and "
                                             "events live.")] = DEFAULT_STATE_DIR,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing config "

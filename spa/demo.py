@@ -53,6 +53,7 @@ class Demo:
                    force=False)
         text = self.config.read_text().replace('listen_address = "::"',
                                                'listen_address = "127.0.0.1"')
+        text = text.replace('mode = "capture"', 'mode = "udp"')
         self.config.write_text(text)
         self.uri = admin.enroll(self.config, "alice", ["ssh", "https"], f"127.0.0.1:{port}")
         self.enrollment = parse(self.uri)

@@ -33,15 +33,13 @@ DEFAULT_STATE_DIR = Path("/var/lib/spa")
 DEFAULT_PORT = 62201
 BACKENDS = ("nftables", "iptables", "memory")
 MODES = ("capture", "udp")
-# Until real firewalls and capture land (issue 5), a fresh config runs with
-# the in-memory backend over a bound UDP socket.
-DEFAULT_BACKEND = "memory"
-DEFAULT_MODE = "udp"
+DEFAULT_BACKEND = "nftables"  # grants expire in the kernel even if the daemon dies
+DEFAULT_MODE = "capture"  # nothing bound to the knock port
 DEFAULT_RETENTION_DAYS = 90
 
 _SERVER_KEYS = {
     "server_id", "listen_port", "listen_address", "backend", "mode", "interface",
-    "state_dir", "window", "event_retention_days",
+    "state_dir", "window", "event_retention_days", "flush_on_stop",
 }
 _SERVICE_KEYS = {"protocol", "port", "default_duration", "max_duration"}
 _CLIENT_KEYS = {"secret", "services", "allow_other_address", "revoked", "enrolled"}
@@ -72,6 +70,7 @@ class ServerConfig:
     state_dir: Path = DEFAULT_STATE_DIR
     window: float = 30.0
     event_retention_days: int = DEFAULT_RETENTION_DAYS
+    flush_on_stop: bool = False
     services: Mapping[str, Service] = field(default_factory=lambda: dict(DEFAULT_SERVICES))
     clients: Mapping[str, ClientEntry] = field(default_factory=dict)
 
@@ -133,6 +132,7 @@ def load(path: Path) -> ServerConfig:
         window=float(_get(where, server, "window", (int, float), 30)),
         event_retention_days=_get(where, server, "event_retention_days", int,
                                   DEFAULT_RETENTION_DAYS),
+        flush_on_stop=_get(where, server, "flush_on_stop", bool, False),
         services=services,
         clients=clients,
     )
@@ -277,6 +277,8 @@ def render_new(*, server_id: bytes, listen_port: int, backend: str, state_dir: P
     server.add("window", 30)
     server["window"].comment("seconds of clock difference accepted")
     server.add("event_retention_days", DEFAULT_RETENTION_DAYS)
+    server.add("flush_on_stop",
+               tomlkit.item(False).comment("nftables: end live grants at stop (rules stay)"))
     doc.add("server", server)
     services = tomlkit.table(is_super_table=True)
     for service in DEFAULT_SERVICES.values():

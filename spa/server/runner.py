@@ -21,12 +21,18 @@ def log_to_stderr(line: str) -> None:
     sys.stderr.flush()
 
 
-def make_backend(name: str) -> Backend:
+def make_backend(name: str, *, flush_on_stop: bool = False) -> Backend:
     if name == "memory":
         return MemoryBackend()
-    if name in ("nftables", "iptables"):
-        raise LocalError(f"the {name} backend is not in this release yet; run with "
-                         "--backend memory (nothing is actually blocked with it)")
+    if name == "nftables":
+        from spa.backends.libnft import default_runner
+        from spa.backends.nftables import NftablesBackend
+
+        return NftablesBackend(default_runner(), flush_on_stop=flush_on_stop)
+    if name == "iptables":
+        from spa.backends.iptables import IptablesBackend
+
+        return IptablesBackend.create()
     raise LocalError(f"unknown backend {name!r}; choose nftables, iptables or memory")
 
 
@@ -34,7 +40,9 @@ def make_source(mode: str, address: str, port: int, interface: str) -> PacketSou
     if mode == "udp":
         return UdpSource(address, port)
     if mode == "capture":
-        raise LocalError("capture mode is not in this release yet; run with --mode udp")
+        from spa.server.capture import CaptureSource
+
+        return CaptureSource(port, interface)
     raise LocalError(f"unknown mode {mode!r}; choose capture or udp")
 
 
@@ -44,7 +52,7 @@ def build(path: Path, *, backend: str | None, mode: str | None,
     config = config_mod.load(path)
     config = replace(config, backend=backend or config.backend, mode=mode or config.mode,
                      interface=interface if interface is not None else config.interface)
-    chosen_backend = make_backend(config.backend)
+    chosen_backend = make_backend(config.backend, flush_on_stop=config.flush_on_stop)
     source = make_source(config.mode, config.listen_address, config.listen_port,
                          config.interface)
     return Server(config, backend=chosen_backend, source=source, clock=time.time,

@@ -122,8 +122,17 @@ def test_port_in_use(config: Path) -> None:
     assert_one_line_error(done, f"UDP port {port} is already in use")
 
 
-def test_backend_not_available_yet_is_a_clear_error(config: Path) -> None:
-    assert_one_line_error(server(config, "run", "--backend", "nftables"), "--backend memory")
+def test_capture_on_a_missing_interface(config: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("capture needs root")
+    done = server(config, "run", "--backend", "memory", "--mode", "capture", "--interface",
+                  "nosuch0")
+    assert_one_line_error(done, "no network interface named 'nosuch0'")
+
+
+def test_unknown_mode(config: Path) -> None:
+    assert_one_line_error(server(config, "run", "--backend", "memory", "--mode", "pcap"),
+                          "unknown mode 'pcap'")
 
 
 def test_no_permission(tmp_path: Path) -> None:

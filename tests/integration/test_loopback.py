@@ -61,11 +61,12 @@ def make_site(root: Path, host: str) -> Iterator[Site]:
     state = root / "state"
     port = free_port(socket.SOCK_DGRAM, host)
     done = run_cli("spa-server", "--config", str(config), "init", "--listen-port", str(port),
-                   "--state-dir", str(state))
+                   "--state-dir", str(state), "--backend", "memory")
     assert done.returncode == 0, done.stderr
     with PortGate(state, "ssh", host) as ssh, PortGate(state, "https", host) as https:
         text = config.read_text()
         text = text.replace('listen_address = "::"', f'listen_address = "{host}"')
+        text = text.replace('mode = "capture"', 'mode = "udp"')
         text = text.replace("port = 22\n", f"port = {ssh.port}\n")
         text = text.replace("port = 443\n", f"port = {https.port}\n")
         config.write_text(text)

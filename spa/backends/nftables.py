@@ -1,0 +1,156 @@
+"""The nftables backend (the default): sets with timeouts in our own table.
+
+Invariants (docs/threat-model.md, "Firewall"; STYLE principle 6):
+- Everything lives in table `inet spa`; no other table, chain or rule is
+  touched.  `start` is idempotent: it creates what is missing, rewrites our
+  one chain, and keeps the sets' elements (grants that outlived a crash).
+- Per protected service, an IPv4 and an IPv6 set with `flags timeout`.  A
+  grant is an element whose timeout is the lease's expiry (whole seconds,
+  rounded up), so the kernel closes access on time even if the daemon dies.
+  A renewal replaces the element's timeout in one atomic transaction.
+- The chain (hook input, before the usual filter chains): established and
+  related traffic accepted (a session survives its lease); new connections
+  to a protected port accepted only from that service's sets; everything else
+  to a protected port dropped, never rejected (a scanner sees "filtered").
+- `stop` leaves live grants to expire by themselves, or with flush=True
+  empties the sets; the rules stay, so protected ports stay closed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from spa.backends.base import Held
+from spa.backends.libnft import Document, NftRunner
+from spa.core.policy import Service
+from spa.core.wire import IPAddress
+
+FAMILY = "inet"
+TABLE = "spa"
+CHAIN = "input"
+PRIORITY = -10  # before the conventional filter chains at priority 0
+
+
+def set_name(service: str, version: int) -> str:
+    return f"svc_{service}_v{version}"
+
+
+def _where(**fields: Any) -> dict[str, Any]:
+    return {"family": FAMILY, "table": TABLE, **fields}
+
+
+def _match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def timeout_seconds(until: float, now: float) -> int:
+    """The element timeout for a grant: whole seconds, rounded up, >= 1."""
+    return max(1, math.ceil(until - now - 1e-6))
+
+
+def render_start(services: Mapping[str, Service]) -> Document:
+    """The transaction that installs (or updates) our table."""
+    commands: list[dict[str, Any]] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}]
+    for service in services.values():
+        for version, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")):
+            commands.append({"add": {"set": _where(name=set_name(service.name, version),
+                                                   type=kind, flags=["timeout"])}})
+    commands.append({"add": {"chain": _where(name=CHAIN, type="filter", hook="input",
+                                             prio=PRIORITY, policy="accept")}})
+    commands.append({"flush": {"chain": _where(name=CHAIN)}})
+    commands.append({"add": {"rule": _where(chain=CHAIN, expr=[
+        _match({"ct": {"key": "state"}}, ["established", "related"], "in"),
+        {"accept": None},
+    ])}})
+    for service in services.values():
+        port = _match({"payload": {"protocol": service.protocol, "field": "dport"}},
+                      service.port)
+        for version, proto in ((4, "ip"), (6, "ip6")):
+            commands.append({"add": {"rule": _where(chain=CHAIN, expr=[
+                port,
+                _match({"payload": {"protocol": proto, "field": "saddr"}},
+                       f"@{set_name(service.name, version)}"),
+                {"accept": None},
+            ])}})
+        commands.append({"add": {"rule": _where(chain=CHAIN, expr=[port, {"drop": None}])}})
+    return {"nftables": commands}
+
+
+def render_allow(address: IPAddress, service: str, timeout: int) -> Document:
+    """Add or replace one element's timeout, atomically: add (no-op if it
+    exists), delete, add with the new timeout."""
+    where = _where(name=set_name(service, address.version))
+    value = str(address)
+    return {"nftables": [
+        {"add": {"element": {**where, "elem": [{"elem": {"val": value, "timeout": 1}}]}}},
+        {"delete": {"element": {**where, "elem": [value]}}},
+        {"add": {"element": {**where, "elem": [{"elem": {"val": value,
+                                                          "timeout": timeout}}]}}},
+    ]}
+
+
+def render_remove(address: IPAddress, service: str) -> Document:
+    """Remove one element; the leading add makes the delete safe when the
+    kernel already expired it."""
+    where = _where(name=set_name(service, address.version))
+    value = str(address)
+    return {"nftables": [
+        {"add": {"element": {**where, "elem": [{"elem": {"val": value, "timeout": 1}}]}}},
+        {"delete": {"element": {**where, "elem": [value]}}},
+    ]}
+
+
+def render_flush(services: Mapping[str, Service]) -> Document:
+    return {"nftables": [
+        {"flush": {"set": _where(name=set_name(service.name, version))}}
+        for service in services.values() for version in (4, 6)
+    ]}
+
+
+def parse_held(listing: Document, services: Mapping[str, Service], now: float) -> Held:
+    """(address, service) -> until, from `list table inet spa` output."""
+    by_set = {set_name(s.name, v): s.name for s in services.values() for v in (4, 6)}
+    held: Held = {}
+    for item in listing.get("nftables", []):
+        spec = item.get("set") if isinstance(item, dict) else None
+        if not spec or spec.get("table") != TABLE or spec.get("name") not in by_set:
+            continue
+        for elem in spec.get("elem", []):
+            if isinstance(elem, dict) and "elem" in elem:
+                value, expires = elem["elem"]["val"], elem["elem"].get("expires", 0)
+            else:
+                value, expires = elem, 0  # no timeout: not ours to keep
+            held[(ipaddress.ip_address(value), by_set[spec["name"]])] = now + float(expires)
+    return held
+
+
+class NftablesBackend:
+    name = "nftables"
+    expires_by_itself = True
+
+    def __init__(self, runner: NftRunner, *, flush_on_stop: bool = False) -> None:
+        self.runner = runner
+        self.flush_on_stop = flush_on_stop
+        self._services: dict[str, Service] = {}
+
+    def start(self, services: Mapping[str, Service], *, now: float) -> None:
+        self._services = dict(services)
+        self.runner.run(render_start(services))
+
+    def allow(self, address: IPAddress, service: Service, until: float, *, now: float) -> None:
+        self.runner.run(render_allow(address, service.name, timeout_seconds(until, now)))
+
+    def remove(self, address: IPAddress, service: Service) -> None:
+        self.runner.run(render_remove(address, service.name))
+
+    def held(self, *, now: float) -> Held:
+        listing = self.runner.run({"nftables": [{"list": {"table": {"family": FAMILY,
+                                                                     "name": TABLE}}}]})
+        return parse_held(listing, self._services, now)
+
+    def stop(self) -> None:
+        if self.flush_on_stop and self._services:
+            self.runner.run(render_flush(self._services))

@@ -1,0 +1,195 @@
+"""Capture mode: see knocks without binding the knock port.
+
+An AF_PACKET socket (SOCK_DGRAM: frames arrive from the network header on)
+with a classic BPF program attached in the kernel, so that only unfragmented
+UDP datagrams addressed to this host on the knock port reach Python.  Nothing
+listens on the port: to a scanner it is a closed port like any other.
+
+Invariants:
+- The filter is built once at start, as data (a list of instructions) that
+  tests check without root; the kernel runs it for every frame.
+- Per packet, IPv4/IPv6 and UDP headers are parsed with `struct`-free slicing;
+  fragments, IP options we cannot skip, IPv6 extension headers, and lengths
+  that do not add up are dropped.
+- Only frames for this host are accepted (pkttype HOST): a copy of our own
+  outgoing traffic, or frames for others on a promiscuous link, never count.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import socket
+import struct
+from typing import NamedTuple
+
+from spa.server.errors import LocalError
+
+ETH_P_ALL = 0x0003
+ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
+SO_ATTACH_FILTER = 26
+PACKET_HOST = 0
+RECV_SIZE = 2048
+RECV_BUFFER = 4 * 1024 * 1024
+
+# classic BPF opcodes (linux/filter.h)
+BPF_LD, BPF_LDX, BPF_JMP, BPF_RET = 0x00, 0x01, 0x05, 0x06
+BPF_W, BPF_H, BPF_B = 0x00, 0x08, 0x10
+BPF_ABS, BPF_IND, BPF_MSH = 0x20, 0x40, 0xA0
+BPF_JEQ, BPF_JSET = 0x10, 0x40
+BPF_K = 0x00
+SKF_AD_OFF = -0x1000
+SKF_AD_PROTOCOL = 0
+SKF_AD_PKTTYPE = 4
+
+
+class Insn(NamedTuple):
+    code: int
+    jt: int
+    jf: int
+    k: int
+
+
+def _k(value: int) -> int:
+    return value & 0xFFFFFFFF
+
+
+Label = str | int
+
+
+def assemble(items: list[tuple[int, Label, Label, int] | str]) -> list[Insn]:
+    """Resolve symbolic jump targets: a str item is a label for the next
+    instruction; jt/jf may name a label (or be a literal offset)."""
+    labels: dict[str, int] = {}
+    code: list[tuple[int, Label, Label, int]] = []
+    for item in items:
+        if isinstance(item, str):
+            labels[item] = len(code)
+        else:
+            code.append(item)
+    program = []
+    for pc, (op, jt, jf, k) in enumerate(code):
+        def offset(target: Label, pc: int = pc) -> int:
+            return target if isinstance(target, int) else labels[target] - pc - 1
+        program.append(Insn(op, offset(jt), offset(jf), k))
+    return program
+
+
+def knock_filter(port: int) -> list[Insn]:
+    """Accept unfragmented UDP to `port` for this host, IPv4 or IPv6."""
+    ld_h, ld_b = BPF_LD | BPF_H | BPF_ABS, BPF_LD | BPF_B | BPF_ABS
+    jeq = BPF_JMP | BPF_JEQ | BPF_K
+    return assemble([
+        (ld_b, 0, 0, _k(SKF_AD_OFF + SKF_AD_PKTTYPE)),
+        (jeq, 0, "drop", PACKET_HOST),
+        (ld_h, 0, 0, _k(SKF_AD_OFF + SKF_AD_PROTOCOL)),
+        (jeq, 0, "ipv6", ETH_P_IP),
+        (ld_b, 0, 0, 9),                                # IPv4 protocol
+        (jeq, 0, "drop", socket.IPPROTO_UDP),
+        (ld_h, 0, 0, 6),                                # flags + fragment offset
+        (BPF_JMP | BPF_JSET | BPF_K, "drop", 0, 0x3FFF),  # MF set or offset: a fragment
+        (BPF_LDX | BPF_B | BPF_MSH, 0, 0, 0),           # X = 4 * IHL
+        (BPF_LD | BPF_H | BPF_IND, 0, 0, 2),            # UDP destination port
+        (jeq, "accept", "drop", port),
+        "ipv6",
+        (jeq, 0, "drop", ETH_P_IPV6),
+        (ld_b, 0, 0, 6),                                # next header (no extensions)
+        (jeq, 0, "drop", socket.IPPROTO_UDP),
+        (ld_h, 0, 0, 42),                               # 40 + 2: UDP destination port
+        (jeq, "accept", "drop", port),
+        "accept",
+        (BPF_RET | BPF_K, 0, 0, 0xFFFF),
+        "drop",
+        (BPF_RET | BPF_K, 0, 0, 0),
+    ])
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def attach_filter(sock: socket.socket, program: list[Insn]) -> None:
+    """Attach (or atomically replace) a classic BPF program on a socket."""
+    raw = b"".join(struct.pack("HBBI", *insn) for insn in program)
+    buffer = ctypes.create_string_buffer(raw)
+    fprog = _SockFprog(len(program), ctypes.addressof(buffer))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(fprog))
+
+
+def parse_datagram(frame: bytes, port: int) -> tuple[bytes, str] | None:
+    """(UDP payload, source address) of an IPv4/IPv6 frame, or None."""
+    if not frame:
+        return None
+    version = frame[0] >> 4
+    if version == 4:
+        ihl = (frame[0] & 0x0F) * 4
+        total = int.from_bytes(frame[2:4], "big")
+        if ihl < 20 or total > len(frame) or total < ihl + 8 or frame[9] != socket.IPPROTO_UDP:
+            return None
+        if int.from_bytes(frame[6:8], "big") & 0x3FFF:
+            return None  # a fragment
+        udp = frame[ihl:total]
+        source = socket.inet_ntop(socket.AF_INET, frame[12:16])
+    elif version == 6:
+        if len(frame) < 48 or frame[6] != socket.IPPROTO_UDP:
+            return None
+        total = 40 + int.from_bytes(frame[4:6], "big")
+        if total > len(frame):
+            return None
+        udp = frame[40:total]
+        source = socket.inet_ntop(socket.AF_INET6, frame[8:24])
+    else:
+        return None
+    if len(udp) < 8 or int.from_bytes(udp[2:4], "big") != port:
+        return None
+    length = int.from_bytes(udp[4:6], "big")
+    if length < 8 or length > len(udp):
+        return None
+    return udp[8:length], source
+
+
+class CaptureSource:
+    """Knocks from an AF_PACKET socket; the knock port stays unbound."""
+
+    def __init__(self, port: int, interface: str = "") -> None:
+        try:
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
+        except PermissionError:
+            raise LocalError("capture mode needs root (or CAP_NET_RAW); run as root or use "
+                             "--mode udp") from None
+        try:
+            # Attach before binding so that nothing unfiltered is ever queued.
+            attach_filter(sock, knock_filter(port))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
+            if interface:
+                sock.bind((interface, ETH_P_ALL))
+        except OSError as exc:
+            sock.close()
+            if exc.errno in (errno.ENODEV, errno.ENXIO):
+                raise LocalError(f"no network interface named {interface!r} (see: ip link)"
+                                 ) from None
+            raise LocalError(f"cannot capture on {interface or 'all interfaces'}: "
+                             f"{exc.strerror}") from None
+        # Drain what arrived between socket() and attach: it was not filtered.
+        sock.setblocking(False)
+        try:
+            while True:
+                sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            pass
+        self._sock = sock
+        self.port = port
+
+    def receive(self, timeout: float) -> tuple[bytes, str] | None:
+        self._sock.settimeout(timeout)
+        try:
+            frame, address = self._sock.recvfrom(RECV_SIZE)
+        except TimeoutError:
+            return None
+        if address[2] != PACKET_HOST:
+            return None
+        return parse_datagram(frame, self.port)
+
+    def close(self) -> None:
+        self._sock.close()

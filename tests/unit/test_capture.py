@@ -1,0 +1,95 @@
+"""The capture filter and header parsing, on frames crafted with scapy."""
+
+from __future__ import annotations
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP, fragment
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
+from scapy.packet import Raw
+
+from spa.server.capture import ETH_P_IP, ETH_P_IPV6, PACKET_HOST, knock_filter, parse_datagram
+from tests.bpf import run_filter
+
+PORT = 62201
+PAYLOAD = b"\x01" + bytes(range(160))
+PROGRAM = knock_filter(PORT)
+OUTGOING, OTHERHOST = 4, 3
+
+
+def accepts(frame: bytes, protocol: int, pkttype: int = PACKET_HOST) -> bool:
+    return run_filter(PROGRAM, frame, protocol=protocol, pkttype=pkttype) > 0
+
+
+def v4(**kw: object) -> bytes:
+    header = IP(src="192.0.2.7", dst="192.0.2.1", **kw)  # type: ignore[arg-type]
+    return bytes(header / UDP(sport=5555, dport=PORT) / Raw(PAYLOAD))
+
+
+def v6() -> bytes:
+    return bytes(IPv6(src="2001:db8::7", dst="2001:db8::1") / UDP(sport=5555, dport=PORT)
+                 / Raw(PAYLOAD))
+
+
+def test_knocks_pass_and_parse() -> None:
+    assert accepts(v4(), ETH_P_IP)
+    assert parse_datagram(v4(), PORT) == (PAYLOAD, "192.0.2.7")
+    assert accepts(v6(), ETH_P_IPV6)
+    assert parse_datagram(v6(), PORT) == (PAYLOAD, "2001:db8::7")
+
+
+def test_ip_options_are_skipped_by_both() -> None:
+    from scapy.layers.inet import IPOption_NOP
+
+    frame = v4(options=[IPOption_NOP()] * 4)
+    assert frame[0] & 0x0F == 6
+    assert accepts(frame, ETH_P_IP)
+    assert parse_datagram(frame, PORT) == (PAYLOAD, "192.0.2.7")
+
+
+@pytest.mark.parametrize(
+    ("frame", "protocol", "pkttype"),
+    [
+        (bytes(IP(dst="192.0.2.1") / UDP(dport=PORT + 1) / Raw(PAYLOAD)), ETH_P_IP, PACKET_HOST),
+        (bytes(IP(dst="192.0.2.1") / TCP(dport=PORT)), ETH_P_IP, PACKET_HOST),
+        (bytes(IPv6(dst="2001:db8::1") / TCP(dport=PORT)), ETH_P_IPV6, PACKET_HOST),
+        (bytes(IPv6(dst="2001:db8::1") / IPv6ExtHdrHopByHop() / UDP(dport=PORT)
+               / Raw(PAYLOAD)), ETH_P_IPV6, PACKET_HOST),
+        (bytes(IPv6(dst="2001:db8::1") / IPv6ExtHdrFragment() / UDP(dport=PORT)
+               / Raw(PAYLOAD)), ETH_P_IPV6, PACKET_HOST),
+        (v4(), ETH_P_IP, OUTGOING),
+        (v4(), ETH_P_IP, OTHERHOST),
+        (v4(), 0x0806, PACKET_HOST),
+        (b"", ETH_P_IP, PACKET_HOST),
+        (v4()[:10], ETH_P_IP, PACKET_HOST),
+    ],
+    ids=["other port", "tcp", "tcp6", "v6 extension header", "v6 fragment header",
+         "outgoing", "other host", "arp", "empty", "truncated"],
+)
+def test_filter_drops_what_is_not_a_knock_for_us(frame: bytes, protocol: int,
+                                                 pkttype: int) -> None:
+    assert not accepts(frame, protocol, pkttype)
+
+
+def test_fragments_are_dropped_by_filter_and_parser() -> None:
+    whole = IP(src="192.0.2.7", dst="192.0.2.1") / UDP(dport=PORT) / Raw(PAYLOAD * 4)
+    pieces = [bytes(p) for p in fragment(whole, fragsize=200)]  # type: ignore[no-untyped-call]
+    assert len(pieces) > 1
+    for piece in pieces:
+        assert not accepts(piece, ETH_P_IP)
+        assert parse_datagram(piece, PORT) is None
+
+
+@pytest.mark.parametrize("cut", [1, 19, 27, 100])
+def test_parser_drops_truncated_or_inconsistent_frames(cut: int) -> None:
+    assert parse_datagram(v4()[:cut], PORT) is None
+    assert parse_datagram(v6()[:cut], PORT) is None
+
+
+def test_parser_drops_lying_lengths() -> None:
+    frame = bytearray(v4())
+    frame[24:26] = (4000).to_bytes(2, "big")  # UDP length beyond the frame
+    assert parse_datagram(bytes(frame), PORT) is None
+    frame6 = bytearray(v6())
+    frame6[4:6] = (4000).to_bytes(2, "big")  # IPv6 payload length beyond the frame
+    assert parse_datagram(bytes(frame6), PORT) is None
+    assert parse_datagram(b"\x50" + bytes(60), PORT) is None  # IP version 5
