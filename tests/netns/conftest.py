@@ -1,0 +1,226 @@
+"""The namespace world: a server with a real sshd and a TLS service, a
+client, an attacker, and two users behind a masquerading router.
+
+Built once per test session (namespaces, sshd, TLS server); each test gets a
+fresh spa-server with its own state and removes our nftables table after it.
+Skipped, with the reason, only where namespaces cannot be made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.integration.procs import command
+from tests.netns.topology import Namespace, Topology, can_make_namespaces, sh
+
+HERE = Path(__file__).resolve().parent
+KNOCK_PORT = 62201
+SRV4, CLI4, ATT4 = "10.199.1.1", "10.199.1.2", "10.199.2.2"
+SRV6, CLI6 = "fd00:199:1::1", "fd00:199:1::2"
+SRV_ATT4 = "10.199.2.1"
+SRV_NAT4, ROUTER4 = "10.199.3.1", "10.199.3.2"
+
+REASON = can_make_namespaces()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/netns/" in str(item.fspath):
+            item.add_marker(pytest.mark.netns)
+            if REASON is not None:
+                item.add_marker(pytest.mark.skip(reason=REASON))
+
+
+@dataclass
+class World:
+    topo: Topology
+    srv: Namespace
+    cli: Namespace
+    att: Namespace
+    router: Namespace
+    nat1: Namespace
+    nat2: Namespace
+    root: Path
+    srv_links: dict[str, str] = field(default_factory=dict)
+    procs: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    @property
+    def ssh_key(self) -> Path:
+        return self.root / "client_key"
+
+    @property
+    def sshd_log(self) -> Path:
+        return self.root / "sshd.log"
+
+    def ssh(self, ns: Namespace, host: str, remote: str, timeout: float = 4
+            ) -> subprocess.CompletedProcess[str]:
+        return ns.run("ssh", "-i", str(self.ssh_key), "-o", "BatchMode=yes",
+                      "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                      "-o", f"ConnectTimeout={int(timeout)}", "-o", "LogLevel=ERROR",
+                      f"root@{host}", remote, check=False, timeout=timeout + 30)
+
+
+def _start_services(world: World) -> None:
+    root = world.root
+    sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / "host_key"))
+    sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / "client_key"))
+    (root / "authorized_keys").write_text((root / "client_key.pub").read_text())
+    (root / "sshd_config").write_text(
+        f"Port 22\nListenAddress 0.0.0.0\nListenAddress ::\nHostKey {root}/host_key\n"
+        f"PidFile {root}/sshd.pid\nAuthorizedKeysFile {root}/authorized_keys\n"
+        "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nLogLevel VERBOSE\n"
+        "MaxStartups 100\n")
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    log = open(world.sshd_log, "w")  # noqa: SIM115 - lives as long as the session
+    world.procs.append(world.srv.popen(["/usr/sbin/sshd", "-D", "-e", "-f",
+                                        str(root / "sshd_config")], stdout=log, stderr=log))
+    sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+       "-nodes", "-subj", "/CN=spa-test", "-days", "1", "-keyout", str(root / "tls.key"),
+       "-out", str(root / "tls.crt"))
+    tls = world.srv.popen([sys.executable, str(HERE / "tls_server.py"), str(root / "tls.crt"),
+                           str(root / "tls.key"), "443"], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
+    world.procs.append(tls)
+    assert tls.stdout is not None
+    assert tls.stdout.readline().strip() == "listening"
+    deadline = time.monotonic() + 10
+    while "Server listening" not in world.sshd_log.read_text():
+        assert time.monotonic() < deadline, world.sshd_log.read_text()
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    if REASON is not None:
+        pytest.skip(REASON)
+    topo = Topology()
+    started: list[subprocess.Popen[str]] = []
+    try:
+        srv, cli, att = topo.ns("srv"), topo.ns("cli"), topo.ns("att")
+        router, nat1, nat2 = topo.ns("rtr"), topo.ns("nat1"), topo.ns("nat2")
+        w = World(topo, srv, cli, att, router, nat1, nat2, tmp_path_factory.mktemp("netns"),
+                  procs=started)
+        srv_cli, _ = topo.link(srv, [f"{SRV4}/24", f"{SRV6}/64"], cli,
+                               [f"{CLI4}/24", f"{CLI6}/64"])
+        srv_att, _ = topo.link(srv, [f"{SRV_ATT4}/24", "fd00:199:2::1/64"], att,
+                               [f"{ATT4}/24", "fd00:199:2::2/64"])
+        srv_nat, router_up = topo.link(srv, [f"{SRV_NAT4}/24"], router, [f"{ROUTER4}/24"])
+        topo.link(router, ["10.199.4.1/24"], nat1, ["10.199.4.2/24"])
+        topo.link(router, ["10.199.5.1/24"], nat2, ["10.199.5.2/24"])
+        w.srv_links = {"cli": srv_cli, "att": srv_att, "nat": srv_nat}
+        for ns, gateway in ((nat1, "10.199.4.1"), (nat2, "10.199.5.1")):
+            ns.run("ip", "route", "add", "default", "via", gateway)
+        router.run("sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        router.run("nft", f"add table ip nat; add chain ip nat post {{ type nat hook "
+                   f"postrouting priority srcnat; }}; add rule ip nat post oifname "
+                   f"{router_up} masquerade")
+        _start_services(w)
+        yield w
+    finally:
+        for proc in started:
+            proc.kill()
+        topo.cleanup()
+
+
+@dataclass
+class Spa:
+    """One spa-server in the server namespace, with its config and clients."""
+
+    world: World
+    root: Path
+    proc: subprocess.Popen[str] | None = None
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def config(self) -> Path:
+        return self.root / "server.toml"
+
+    def admin(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = self.world.srv.run(*command("spa-server"), "--config", str(self.config), *args,
+                                  check=False)
+        if check:
+            assert done.returncode == 0, done.stderr
+        return done
+
+    def start(self, *args: str) -> Spa:
+        self.lines = []
+        self.proc = self.world.srv.popen(
+            [*command("spa-server"), "--config", str(self.config), "run", *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+        assert self.wait_for("started "), self.lines
+        return self
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, prefix: str, timeout: float = 10) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(line.startswith(prefix) for line in self.lines):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=15)
+        self.proc = None
+        return code
+
+    def enroll(self, name: str, endpoint: str, *services: str) -> str:
+        args = [a for s in services for a in ("--service", s)]
+        return self.admin("enroll", name, *args, "--endpoint", endpoint, "--uri-only"
+                          ).stdout.strip()
+
+    def client(self, ns: Namespace, who: str, *args: str, timeout: float = 30
+               ) -> subprocess.CompletedProcess[str]:
+        return ns.run(*command("spa-client"), "--config-dir", str(self.root / f"c-{who}"),
+                      *args, check=False, timeout=timeout)
+
+    def events(self) -> list[dict[str, object]]:
+        rows: list[dict[str, object]] = json.loads(self.admin("events", "--json").stdout)
+        return rows
+
+    def elements(self) -> list[str]:
+        """Every element in our sets, as `set address`."""
+        done = self.world.srv.run("nft", "-j", "list", "table", "inet", "spa", check=False)
+        if done.returncode != 0:
+            return []
+        found = []
+        for item in json.loads(done.stdout)["nftables"]:
+            spec = item.get("set")
+            for elem in (spec or {}).get("elem", []):
+                value = elem["elem"]["val"] if isinstance(elem, dict) else elem
+                found.append(f"{spec['name']} {value}")
+        return sorted(found)
+
+
+@pytest.fixture
+def spa(world: World, tmp_path: Path) -> Iterator[Spa]:
+    site = Spa(world, tmp_path)
+    site.admin("init", "--listen-port", str(KNOCK_PORT), "--state-dir",
+               str(tmp_path / "state"))
+    try:
+        yield site
+    finally:
+        site.stop(signal.SIGKILL)
+        world.srv.run("nft", "delete", "table", "inet", "spa", check=False)
+        os.sync()

@@ -1,0 +1,124 @@
+"""A real sshd and TLS service hidden by nftables, opened by a real knock."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from tests.netns.conftest import ATT4, CLI4, SRV4, SRV6, SRV_ATT4, Spa, World
+
+
+def tcp_open(world: World, ns_name: str, host: str, port: int, timeout: float = 1.5) -> bool:
+    ns = getattr(world, ns_name)
+    code = (f"import socket,sys\ns=socket.socket(socket.AF_INET6 if ':' in {host!r} else "
+            f"socket.AF_INET)\ns.settimeout({timeout})\n"
+            f"sys.exit(s.connect_ex(({host!r},{port})))")
+    return ns.run(sys.executable, "-c", code, check=False).returncode == 0
+
+
+def enroll_alice(spa: Spa, endpoint: str = SRV4) -> None:
+    uri = spa.enroll("alice", endpoint, "ssh", "https")
+    assert spa.client(spa.world.cli, "alice", "enroll", uri, "--name", "srv").returncode == 0
+
+
+def test_closed_before_knock_open_after_and_a_real_ssh_login(spa: Spa) -> None:
+    world = spa.world
+    spa.start()
+    enroll_alice(spa)
+    assert not tcp_open(world, "cli", SRV4, 22), "ssh hidden before the knock"
+    assert not tcp_open(world, "cli", SRV4, 443), "https hidden before the knock"
+    done = spa.client(world.cli, "alice", "open", "ssh", "srv")
+    assert done.returncode == 0, done.stdout + done.stderr
+    login = world.ssh(world.cli, SRV4, "echo logged-in-as-$(whoami)")
+    assert login.returncode == 0, login.stderr
+    assert login.stdout.strip() == "logged-in-as-root"
+    assert not tcp_open(world, "att", SRV_ATT4, 22), "only the knocking address"
+    assert not tcp_open(world, "cli", SRV4, 443), "only the service asked for"
+    assert spa.elements() == [f"svc_ssh_v4 {CLI4}"]
+
+
+def test_session_survives_the_lease_new_connections_do_not(spa: Spa) -> None:
+    world = spa.world
+    spa.start()
+    enroll_alice(spa)
+    assert spa.client(world.cli, "alice", "open", "ssh", "srv", "--duration", "2"
+                      ).returncode == 0
+    session = world.cli.popen(
+        ["ssh", "-i", str(world.ssh_key), "-o", "BatchMode=yes", "-o",
+         "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o",
+         "LogLevel=ERROR", f"root@{SRV4}", "for i in 1 2 3 4 5; do echo tick $i; sleep 1; done"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = session.communicate(timeout=30)
+    assert session.returncode == 0, err
+    assert out.split() == ["tick", "1", "tick", "2", "tick", "3", "tick", "4", "tick", "5"]
+    # the lease (2 s) ended while the session ran; a new connection fails
+    assert spa.wait_for("lease_end", timeout=5)
+    assert spa.elements() == []
+    assert not tcp_open(world, "cli", SRV4, 22)
+    assert world.ssh(world.cli, SRV4, "true", timeout=2).returncode != 0
+
+
+def test_ipv6_knock_and_login(spa: Spa) -> None:
+    world = spa.world
+    spa.start()
+    enroll_alice(spa, f"[{SRV6}]")
+    assert not tcp_open(world, "cli", SRV6, 22)
+    done = spa.client(world.cli, "alice", "open", "ssh", "srv")
+    assert done.returncode == 0, done.stdout + done.stderr
+    login = world.ssh(world.cli, SRV6, "echo v6-ok")
+    assert login.stdout.strip() == "v6-ok", login.stderr
+    assert spa.elements() == [f"svc_ssh_v6 {'fd00:199:1::2'}"]
+
+
+def test_capture_mode_binds_nothing_and_udp_mode_works_too(spa: Spa) -> None:
+    world = spa.world
+    spa.start()
+    enroll_alice(spa)
+    sockets = world.srv.run("ss", "-Hulnp").stdout
+    assert ":62201" not in sockets, sockets
+    assert spa.client(world.cli, "alice", "open", "ssh", "srv").returncode == 0
+    spa.stop()
+    spa.start("--mode", "udp")
+    assert ":62201" in world.srv.run("ss", "-Hulnp").stdout
+    assert spa.elements() == [f"svc_ssh_v4 {CLI4}"], "the live lease survived the restart"
+    assert spa.client(world.cli, "alice", "close", "ssh", "srv").returncode == 0
+    assert spa.wait_for("lease_end")
+    assert not tcp_open(world, "cli", SRV4, 22)
+    assert spa.client(world.cli, "alice", "open", "ssh", "srv").returncode == 0
+    assert world.ssh(world.cli, SRV4, "true").returncode == 0
+
+
+def test_scans_find_nothing_and_hydra_never_reaches_sshd(spa: Spa) -> None:
+    world = spa.world
+    spa.start()
+    enroll_alice(spa)
+    # a legitimate user is in at the same time: the scanner still sees nothing
+    assert spa.client(world.cli, "alice", "open", "ssh", "srv", "--duration", "60"
+                      ).returncode == 0
+    tcp = world.att.run("nmap", "-sS", "-Pn", "-n", "-p", "22,443", "--max-retries", "1",
+                        "-oG", "-", SRV_ATT4, timeout=120).stdout
+    assert "22/filtered/tcp" in tcp and "443/filtered/tcp" in tcp, tcp
+    assert "/open/" not in tcp
+    udp = world.att.run("nmap", "-sU", "-Pn", "-n", "-p", "62201", "--max-retries", "1",
+                        "-oG", "-", SRV_ATT4, timeout=120).stdout
+    assert "62201/closed/udp" in udp, udp
+    marker = world.sshd_log.read_text()
+    world.att.run("hydra", "-l", "root", "-p", "wrong", "-t", "2", "-W", "1", "-w", "2",
+                  "-I", f"ssh://{SRV_ATT4}", check=False, timeout=120)
+    after = world.sshd_log.read_text()[len(marker):]
+    assert f"Connection from {ATT4}" not in after, after
+    assert f"from {ATT4}" not in after
+
+
+def test_client_exit_1_when_the_port_stays_shut(spa: Spa) -> None:
+    world = spa.world
+    spa.start()
+    enroll_alice(spa)
+    spa.admin("revoke", "alice")
+    time.sleep(1.2)
+    started = time.monotonic()
+    done = spa.client(world.cli, "alice", "open", "ssh", "srv", "--timeout", "2")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert time.monotonic() - started < 10
+    assert any(e["reason"] == "revoked" for e in spa.events())
