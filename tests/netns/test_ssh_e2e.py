@@ -7,10 +7,11 @@ import sys
 import time
 
 from tests.netns.conftest import ATT4, CLI4, SRV4, SRV6, SRV_ATT4, Spa, World
+from tests.netns.topology import Namespace
 
 
 def tcp_open(world: World, ns_name: str, host: str, port: int, timeout: float = 1.5) -> bool:
-    ns = getattr(world, ns_name)
+    ns: Namespace = getattr(world, ns_name)
     code = (f"import socket,sys\ns=socket.socket(socket.AF_INET6 if ':' in {host!r} else "
             f"socket.AF_INET)\ns.settimeout({timeout})\n"
             f"sys.exit(s.connect_ex(({host!r},{port})))")
