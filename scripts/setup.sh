@@ -7,7 +7,13 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
     python3 python3-venv python3-pip   # the interpreter and venv
-    iproute2                           # ip netns, for the namespace tests
+    nftables libnftables1              # the default firewall backend (in process)
+    iptables                           # the iptables backend
+    iproute2 procps                    # ip netns and sysctl, for the namespace tests
+    openssh-server openssh-client      # a real sshd and ssh login in the tests
+    openssl                            # a certificate for the TLS service in the tests
+    nmap hydra tcpdump                 # the attacker's tools in the tests
+    systemd                            # systemd-analyze verify for the unit file
 )
 
 if command -v apt-get >/dev/null 2>&1; then
