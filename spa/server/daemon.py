@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -30,6 +31,7 @@ from spa.server import config as config_mod
 from spa.server.config import ServerConfig
 from spa.server.errors import LocalError
 from spa.server.events import EVENTS_DB, Event, EventSink
+from spa.server.notify import Notifier
 from spa.server.sources import PacketSource
 from spa.server.state import StateDir
 
@@ -60,7 +62,7 @@ class FileStamp:
 
 class Server:
     def __init__(self, config: ServerConfig, *, backend: Backend, source: PacketSource,
-                 clock: Clock, log: Log) -> None:
+                 clock: Clock, log: Log, notifier: Notifier | None = None) -> None:
         self.config = config
         self.backend = backend
         self.source = source
@@ -74,6 +76,8 @@ class Server:
         self._open_pairs: set[tuple[object, str]] = set()
         self._stamp = FileStamp.of(config.path)
         self._last_compact = self._last_prune = 0.0
+        self.notifier = notifier or Notifier(None, None)
+        self._heartbeat = 0.0  # monotonic time of the receive loop's last turn
         self.verifier: Verifier
         self.leases: LeaseTable
         self.events: EventSink
@@ -122,8 +126,11 @@ class Server:
         keeper = threading.Thread(target=self._housekeeping_loop, args=(stop,),
                                   name="spa-housekeeping", daemon=True)
         keeper.start()
+        self.notifier.ready(f"serving port {self.config.listen_port}/udp, "
+                            f"backend {self.backend.name}, mode {self.config.mode}")
         try:
             while not stop.is_set():
+                self._heartbeat = time.monotonic()
                 self.run_commands()
                 item = self.source.receive(RECEIVE_TIMEOUT)
                 if item is not None:
@@ -135,6 +142,7 @@ class Server:
     def shutdown(self) -> None:
         """Stop cleanly: flush events, save state, stop the backend."""
         now = self.clock()
+        self.notifier.stopping()
         self.run_commands()
         with self._lock:
             self._apply(self.leases.expire(now), now)
@@ -227,6 +235,8 @@ class Server:
             self.state.compact_replay(self.verifier.replay)
             self._last_compact = now
         self.events.flush()
+        alive = time.monotonic() - self._heartbeat < 5 * RECEIVE_TIMEOUT
+        self.notifier.watchdog(time.monotonic(), alive)
         if now - self._last_prune >= PRUNE_EVERY:
             self.events.prune(now)
             self._last_prune = now

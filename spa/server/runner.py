@@ -12,6 +12,7 @@ from spa.backends.memory import MemoryBackend
 from spa.server import config as config_mod
 from spa.server.daemon import Server
 from spa.server.errors import LocalError
+from spa.server.notify import Notifier
 from spa.server.sources import PacketSource, UdpSource
 
 
@@ -56,4 +57,4 @@ def build(path: Path, *, backend: str | None, mode: str | None,
     source = make_source(config.mode, config.listen_address, config.listen_port,
                          config.interface)
     return Server(config, backend=chosen_backend, source=source, clock=time.time,
-                  log=log_to_stderr)
+                  log=log_to_stderr, notifier=Notifier.from_environment())

@@ -4,7 +4,8 @@ Invariants (docs/threat-model.md, "Secrets at rest"):
 - A secret file is written to a temporary file created 0600 in the same
   directory, flushed, fsynced and renamed over the target: a reader sees the
   old or the new content, never half, and the content is never readable by
-  group or others, not even for a moment.
+  group or others, not even for a moment.  An existing file's owner is kept
+  (root editing the config of a service that runs as user `spa`).
 - `read_secret_file` refuses a file that group or others may read or write,
   with a message that names the file and the `chmod` that fixes it.
 """
@@ -52,9 +53,17 @@ def write_private(path: Path, data: bytes, *, mode: int = 0o600) -> None:
     Raises OSError (the caller turns it into a LocalError with context).
     """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        owner = path.stat()
+    except FileNotFoundError:
+        owner = None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.fchmod(fd, mode)
+        if owner is not None and (owner.st_uid, owner.st_gid) != (os.geteuid(), os.getegid()):
+            # keep the owner (e.g. the `spa` service user) when root edits the file
+            with contextlib.suppress(PermissionError):
+                os.fchown(fd, owner.st_uid, owner.st_gid)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -154,10 +154,10 @@ class Spa:
             assert done.returncode == 0, done.stderr
         return done
 
-    def start(self, *args: str) -> Spa:
+    def start(self, *args: str, prefix: tuple[str, ...] = ()) -> Spa:
         self.lines = []
         self.proc = self.world.srv.popen(
-            [*command("spa-server"), "--config", str(self.config), "run", *args],
+            [*prefix, *command("spa-server"), "--config", str(self.config), "run", *args],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
         assert self.wait_for("started "), self.lines

@@ -123,3 +123,40 @@ def test_client_exit_1_when_the_port_stays_shut(spa: Spa) -> None:
     assert done.returncode == 1, done.stdout + done.stderr
     assert time.monotonic() - started < 10
     assert any(e["reason"] == "revoked" for e in spa.events())
+
+
+def test_runs_unprivileged_with_only_the_units_two_capabilities(world: World) -> None:
+    """As the systemd unit runs it: not root, CAP_NET_ADMIN and CAP_NET_RAW only."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    if shutil.which("setpriv") is None:
+        import pytest
+
+        pytest.skip("needs setpriv (util-linux)")
+    root = Path(tempfile.mkdtemp(prefix="spa-unpriv-"))
+    os.chmod(root, 0o755)
+    spa = Spa(world, root)
+    try:
+        spa.admin("init", "--listen-port", "62201", "--state-dir", str(root / "state"))
+        enroll_alice(spa)
+        (root / "state").mkdir(mode=0o700)
+        for path in (spa.config, root / "state"):
+            os.chown(path, 65534, 65534)
+        caps = "+net_admin,+net_raw"
+        spa.start(prefix=("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                          f"--inh-caps=-all,{caps}", f"--ambient-caps=-all,{caps}",
+                          f"--bounding-set=-all,{caps}", "--"))
+        assert not tcp_open(world, "cli", SRV4, 22)
+        assert spa.client(world.cli, "alice", "open", "ssh", "srv").returncode == 0
+        assert world.ssh(world.cli, SRV4, "true").returncode == 0
+        # enroll as root keeps the file's owner, so the service can still read it
+        spa.enroll("carol", SRV4, "ssh")
+        assert spa.config.stat().st_uid == 65534
+        assert spa.wait_for("reloaded clients=2")
+    finally:
+        spa.stop()
+        world.srv.run("nft", "delete", "table", "inet", "spa", check=False)
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,107 @@
+"""The systemd unit: it verifies, its exposure stays low, and the server
+speaks the notify protocol (READY=1, then WATCHDOG=1 pings) to a fake
+NOTIFY_SOCKET."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from spa.server.notify import Notifier
+from tests.integration.harness import free_port
+from tests.integration.procs import command, run_cli
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+UNIT = ROOT / "contrib/systemd/spa-server.service"
+
+
+def unit_for_this_machine(tmp_path: Path) -> Path:
+    """The unit with ExecStart pointing at this checkout's spa-server."""
+    text = UNIT.read_text().replace("/usr/local/bin/spa-server", command("spa-server")[0])
+    path = tmp_path / "spa-server.service"
+    path.write_text(text)
+    return path
+
+
+def need_systemd_analyze() -> None:
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("needs systemd-analyze (apt-get install systemd)")
+
+
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    need_systemd_analyze()
+    done = subprocess.run(["systemd-analyze", "verify", str(unit_for_this_machine(tmp_path))],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "spa-server.service" not in done.stderr, done.stderr
+
+
+def test_unit_exposure_stays_below_2(tmp_path: Path) -> None:
+    need_systemd_analyze()
+    done = subprocess.run(["systemd-analyze", "security", "--offline=true",
+                           str(unit_for_this_machine(tmp_path))],
+                          capture_output=True, text=True, timeout=60, check=False)
+    match = re.search(r"Overall exposure level for spa-server.service: ([0-9.]+)", done.stdout)
+    assert match is not None, done.stdout + done.stderr
+    assert float(match.group(1)) < 2.0
+
+
+def test_unit_asks_for_what_issue_5_names() -> None:
+    text = UNIT.read_text()
+    for line in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "StateDirectory=spa",
+                 "ConfigurationDirectory=spa", "NoNewPrivileges=yes", "ProtectSystem=strict",
+                 "ProtectHome=yes", "PrivateTmp=yes",
+                 "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW",
+                 "After=network-online.target nftables.service",
+                 "RestrictAddressFamilies=AF_UNIX AF_NETLINK AF_INET AF_INET6 AF_PACKET"):
+        assert line in text, line
+
+
+def test_notifier_does_nothing_without_systemd() -> None:
+    notifier = Notifier.from_environment({})
+    assert notifier.send("READY=1") is False
+    assert Notifier.from_environment({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "2000000",
+                                      "WATCHDOG_PID": "1"}).interval is None
+
+
+def test_server_sends_ready_then_watchdog_pings(tmp_path: Path) -> None:
+    sock_path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(sock_path))
+    listener.settimeout(10)
+    config = tmp_path / "server.toml"
+    port = free_port()
+    assert run_cli("spa-server", "--config", str(config), "init", "--listen-port", str(port),
+                   "--backend", "memory", "--state-dir", str(tmp_path / "state")
+                   ).returncode == 0
+    text = config.read_text().replace('listen_address = "::"', 'listen_address = "127.0.0.1"')
+    config.write_text(text.replace('mode = "capture"', 'mode = "udp"'))
+    env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"}
+    proc = subprocess.Popen([*command("spa-server"), "--config", str(config), "run"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    messages: list[str] = []
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and sum("WATCHDOG=1" in m for m in messages) < 3:
+            messages.append(listener.recv(4096).decode())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    try:
+        while True:
+            listener.settimeout(1)
+            messages.append(listener.recv(4096).decode())
+    except TimeoutError:
+        pass
+    listener.close()
+    assert messages[0].startswith("READY=1\nSTATUS=serving port"), messages
+    assert sum("WATCHDOG=1" in m for m in messages) >= 3
+    assert messages[-1] == "STOPPING=1"
