@@ -10,14 +10,14 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
+from spa import clitools
 from spa.clitools import run_app
 from spa.core.errors import FormatError
 from spa.server import admin
@@ -48,21 +48,9 @@ class Context:
 _ctx = Context()
 
 
-def fail(message: str) -> NoReturn:
-    typer.echo(f"spa-server: error: {message}", err=True)
-    raise typer.Exit(2)
-
-
-@contextmanager
-def local_errors() -> Iterator[None]:
-    """Turn local errors into one line and exit status 2."""
-    try:
-        yield
-    except (LocalError, FormatError) as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(130) from None
+def local_errors() -> AbstractContextManager[None]:
+    """Local errors: one line, exit status 2 (see spa.clitools)."""
+    return clitools.local_errors("spa-server", LocalError, FormatError)
 
 
 @app.callback()

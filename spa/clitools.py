@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import ModuleType
+from typing import NoReturn
 
 import typer
 
@@ -48,3 +51,22 @@ def run_app(app: typer.Typer, program: str) -> None:
     except BrokenPipeError:
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def fail(program: str, message: str) -> NoReturn:
+    """One line on stderr, exit status 2."""
+    typer.echo(f"{program}: error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@contextmanager
+def local_errors(program: str, *kinds: type[Exception]) -> Iterator[None]:
+    """Turn the given local errors into one line and exit status 2, and
+    Ctrl-C into "interrupted" and 130, never a traceback."""
+    try:
+        yield
+    except kinds as exc:
+        fail(program, str(exc))
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None

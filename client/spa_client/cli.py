@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
+from spa import clitools
 from spa.clitools import run_app
 from spa.core.errors import FormatError
 from spa.core.uri import parse
@@ -45,20 +46,9 @@ class Context:
 _ctx = Context()
 
 
-def fail(message: str) -> NoReturn:
-    typer.echo(f"spa-client: error: {message}", err=True)
-    raise typer.Exit(2)
-
-
-@contextmanager
-def local_errors() -> Iterator[None]:
-    try:
-        yield
-    except (ProfileError, knock.KnockError, FormatError) as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(130) from None
+def local_errors() -> AbstractContextManager[None]:
+    """Local errors: one line, exit status 2 (see spa.clitools)."""
+    return clitools.local_errors("spa-client", ProfileError, knock.KnockError, FormatError)
 
 
 @app.callback()
