@@ -240,3 +240,14 @@ def test_server_never_answers(site: Site) -> None:
         with pytest.raises(TimeoutError):
             sock.recv(2048)
     assert wait_until(lambda: any(e["reason"] == "bad_mac" for e in site.events()))
+
+
+def test_client_dir_from_the_environment(site: Site, tmp_path: Path) -> None:
+    """SPA_CLIENT_DIR stands in for --config-dir."""
+    where = tmp_path / "from-env"
+    env = {"SPA_CLIENT_DIR": str(where)}
+    done = run_cli("spa-client", "enroll", site.uris["alice"], "--name", "envsrv", env=env)
+    assert done.returncode == 0, done.stderr
+    assert (where / "profiles" / "envsrv.toml").exists()
+    done = run_cli("spa-client", "open", "ssh", "envsrv", env=env)
+    assert done.returncode == 0, done.stderr
