@@ -78,6 +78,7 @@ class Server:
         self._last_compact = self._last_prune = 0.0
         self.notifier = notifier or Notifier(None, None)
         self._heartbeat = 0.0  # monotonic time of the receive loop's last turn
+        self._retry_reconcile = False  # a firewall call failed: reconcile next round
         self.verifier: Verifier
         self.leases: LeaseTable
         self.events: EventSink
@@ -187,8 +188,12 @@ class Server:
                                             now=now, duration=decision.duration)
             else:
                 actions = self.leases.close(result.client, decision.address, name, now=now)
-            self._apply(actions, now)
             self._dirty = True
+            try:
+                self._apply(actions, now)
+            except LocalError as exc:  # keep serving; the next housekeeping retries
+                self.log(f"error firewall: {exc}")
+                self._retry_reconcile = True
         return result
 
     def _apply(self, actions: list[FirewallAction], now: float) -> None:
@@ -223,9 +228,12 @@ class Server:
         now = self.clock()
         with self._lock:
             expired = self.leases.expire(now)
-            if expired:
+            self._dirty |= bool(expired)
+            if self._retry_reconcile:
+                self._retry_reconcile = False
+                self._reconcile(now)
+            elif expired:
                 self._apply(expired, now)
-                self._dirty = True
         boundary = self.verifier.next_step_at
         if boundary - now <= STAGE_AHEAD:
             self.verifier.stage(self.verifier.tags.prepare(step_of(boundary)))

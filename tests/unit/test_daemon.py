@@ -240,3 +240,25 @@ def test_event_retention_prunes_old_rows(world: World) -> None:
     server.events.flush()
     assert server.events.prune(world.clock.now + 89 * 86400) == 0
     assert server.events.prune(world.clock.now + 91 * 86400) == 2  # accepted + lease_start
+
+
+def test_a_failing_firewall_call_is_logged_and_retried(world: World) -> None:
+    from spa.server.errors import LocalError
+
+    server = world.server
+    assert server is not None
+    calls = {"n": 0}
+    real_allow = world.backend.allow
+
+    def flaky_allow(*args: object, **kwargs: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise LocalError("nftables refused a command: test")
+        real_allow(*args, **kwargs)  # type: ignore[arg-type]
+
+    world.backend.allow = flaky_allow  # type: ignore[method-assign]
+    assert isinstance(server.handle(world.packet("alice", duration=60), A), Accepted)
+    assert any(line.startswith("error firewall:") for line in world.logs)
+    assert held(world) == {}
+    server.housekeeping()  # reconciles: the grant reaches the firewall
+    assert held(world) == {(A, "ssh"): world.clock.now + 60}
