@@ -150,12 +150,14 @@ class Verifier:
         self._staged = prepared
 
     def refresh(self, now: float) -> None:
-        """Move the tag table to the step of `now`.  Cheap when not due."""
-        if now >= self._refresh_at or now < self._refresh_at - 2 * STEP_SECONDS:
-            step = step_of(now)
-            self._tags.advance(step, self._staged)
-            self._staged = None
-            self._refresh_at = step_start(step + 1)
+        """Move the tag table to the step of `now` (forwards, or backwards after
+        the clock was set back).  Cheap when `now` is in the current step."""
+        if self._refresh_at - STEP_SECONDS <= now < self._refresh_at:
+            return
+        step = step_of(now)
+        self._tags.advance(step, self._staged)
+        self._staged = None
+        self._refresh_at = step_start(step + 1)
 
     def verify(self, packet: bytes, source: str | IPAddress, now: float) -> Accepted | Refused:
         """Run every check in order; never raises for any packet bytes."""
@@ -163,7 +165,7 @@ class Verifier:
             return _BAD_LENGTH
         if packet[0] != VERSION:
             return _BAD_VERSION
-        if now >= self._refresh_at:
+        if not self._refresh_at - STEP_SECONDS <= now < self._refresh_at:
             self.refresh(now)
         found = self._tags.lookup(packet[1:HEADER_SIZE])
         if found is None:

@@ -274,3 +274,11 @@ def test_resent_packet_without_an_address_opens_for_the_sender() -> None:
     result = verifier().verify(packet, attacker, NOW)
     assert isinstance(result, Accepted)
     assert result.decision.address == attacker
+
+
+def test_clock_set_back_moves_the_tag_table_back_at_the_next_packet() -> None:
+    v = verifier(now=NOW + 600)
+    assert v.tags.step == step_of(NOW + 600)
+    result = v.verify(Knocker("alice").packet(at=NOW), SRC, NOW)  # clock set back 10 min
+    assert isinstance(result, Accepted)
+    assert v.tags.step == step_of(NOW)
