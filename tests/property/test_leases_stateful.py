@@ -109,5 +109,5 @@ def _key(lease: Lease) -> tuple[str, str, str, float]:
 # minutes here, so the machine runs at most 800 (48,000 steps) per run.
 LeaseMachine.TestCase.settings = settings(
     LeaseMachine.TestCase.settings, stateful_step_count=60,
-    max_examples=min(settings.default.max_examples, 800))
+    max_examples=min(settings().max_examples, 800))
 TestLeaseTable = LeaseMachine.TestCase
