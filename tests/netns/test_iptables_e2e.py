@@ -1,0 +1,106 @@
+"""The iptables backend for real: legacy tables in the server namespace.
+
+This machine's default `iptables` may be the nf_tables variant, where the
+backend refuses to start (tested too).  To run it as on a legacy host, the
+server gets a PATH whose `iptables` is iptables-legacy; nothing outside the
+test's namespace changes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.procs import command
+from tests.netns.conftest import CLI4, SRV4, Spa, World
+from tests.netns.test_ssh_e2e import enroll_alice, tcp_open
+
+
+def legacy_path(tmp_path: Path) -> tuple[str, ...]:
+    legacy = shutil.which("iptables-legacy")
+    if legacy is None:
+        pytest.skip("needs iptables-legacy (apt-get install iptables)")
+    bindir = tmp_path / "legacy-bin"
+    bindir.mkdir()
+    (bindir / "iptables").symlink_to(legacy)
+    return ("env", f"PATH={bindir}{os.pathsep}{os.environ['PATH']}")
+
+
+def legacy_rules(world: World) -> str:
+    return (world.srv.run("iptables-legacy", "-S", "SPA", check=False).stdout
+            + world.srv.run("ip6tables-legacy", "-S", "SPA", check=False).stdout)
+
+
+@pytest.fixture
+def ipt(spa: Spa) -> Iterator[Spa]:
+    try:
+        yield spa
+    finally:
+        spa.stop(signal.SIGKILL)
+        for tool in ("iptables-legacy", "ip6tables-legacy"):
+            spa.world.srv.run(tool, "-D", "INPUT", "-j", "SPA", check=False)
+            spa.world.srv.run(tool, "-F", "SPA", check=False)
+            spa.world.srv.run(tool, "-X", "SPA", check=False)
+
+
+def test_iptables_backend_hides_and_opens_ssh(ipt: Spa, tmp_path: Path) -> None:
+    world = ipt.world
+    ipt.start("--backend", "iptables", prefix=legacy_path(tmp_path))
+    enroll_alice(ipt)
+    assert not tcp_open(world, "cli", SRV4, 22)
+    assert ipt.client(world.cli, "alice", "open", "ssh", "srv", "--duration", "2"
+                      ).returncode == 0
+    assert world.ssh(world.cli, SRV4, "echo via-iptables").stdout.strip() == "via-iptables"
+    assert f"-s {CLI4}/32" in legacy_rules(world)
+    assert "spa:ssh:" in legacy_rules(world)
+    # the daemon removes the rule at expiry (iptables cannot expire it by itself)
+    assert ipt.wait_for("lease_end", timeout=6)
+    assert f"-s {CLI4}/32" not in legacy_rules(world)
+    assert not tcp_open(world, "cli", SRV4, 22)
+
+
+def test_iptables_rules_left_by_a_crash_are_removed_at_start(ipt: Spa, tmp_path: Path) -> None:
+    world = ipt.world
+    prefix = legacy_path(tmp_path)
+    ipt.start("--backend", "iptables", prefix=prefix)
+    enroll_alice(ipt)
+    assert ipt.client(world.cli, "alice", "open", "ssh", "srv", "--duration", "2"
+                      ).returncode == 0
+    assert ipt.client(world.cli, "alice", "open", "https", "srv", "--duration", "120"
+                      ).returncode == 0
+    ipt.stop(signal.SIGKILL)
+    time.sleep(3)
+    rules = legacy_rules(world)
+    assert "spa:ssh:" in rules, "with the daemon down, nothing expires the rule"
+    status = ipt.admin("status").stdout
+    assert "cannot expire grants while the server is down" in status
+    ipt.start("--backend", "iptables", prefix=prefix)
+    rules = legacy_rules(world)
+    assert "spa:ssh:" not in rules, "the expired grant went at start"
+    assert rules.count("spa:https:") == 1, "the live one stayed, once"
+    assert not tcp_open(world, "cli", SRV4, 22)
+    assert tcp_open(world, "cli", SRV4, 443)
+
+
+def test_iptables_backend_refuses_an_nf_tables_host(ipt: Spa, tmp_path: Path) -> None:
+    nft_variant = shutil.which("iptables-nft")
+    if nft_variant is None:
+        pytest.skip("needs iptables-nft")
+    bindir = tmp_path / "nft-bin"
+    bindir.mkdir()
+    (bindir / "iptables").symlink_to(nft_variant)
+    done = ipt.world.srv.run("env", f"PATH={bindir}{os.pathsep}{os.environ['PATH']}",
+                             *ipt_command(ipt), "run", "--backend", "iptables", check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0
+    assert "nf_tables variant" in done.stderr and "--backend nftables" in done.stderr
+
+
+def ipt_command(spa: Spa) -> list[str]:
+    return [*command("spa-server"), "--config", str(spa.config)]
