@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from spa.netns import Namespace, Topology, can_make_namespaces, sh
 from tests.integration.procs import command
-from tests.netns.topology import Namespace, Topology, can_make_namespaces, sh
 
 HERE = Path(__file__).resolve().parent
 KNOCK_PORT = 62201

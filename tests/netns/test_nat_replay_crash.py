@@ -11,6 +11,7 @@ from pathlib import Path
 from scapy.layers.inet import UDP
 from scapy.utils import rdpcap
 
+from spa.netns import Namespace
 from tests.netns.conftest import (
     CLI4,
     HERE,
@@ -23,7 +24,6 @@ from tests.netns.conftest import (
     World,
 )
 from tests.netns.test_ssh_e2e import enroll_alice, tcp_open
-from tests.netns.topology import Namespace
 
 
 class TlsSession:

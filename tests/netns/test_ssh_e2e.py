@@ -6,8 +6,8 @@ import subprocess
 import sys
 import time
 
+from spa.netns import Namespace
 from tests.netns.conftest import ATT4, CLI4, SRV4, SRV6, SRV_ATT4, Spa, World
-from tests.netns.topology import Namespace
 
 
 def tcp_open(world: World, ns_name: str, host: str, port: int, timeout: float = 1.5) -> bool:

@@ -1,8 +1,10 @@
-"""Network namespaces made (and removed) by the tests themselves.
+"""Network namespaces made (and removed) by whoever uses them: the tests and
+`spa-server demo`.
 
-Every namespace, veth and address here is created by the test that uses it
-and deleted afterwards; traffic only ever goes to these addresses.  Names
-carry a random suffix, so parallel or leftover runs never collide.
+Every namespace, veth and address here is created by its user and deleted
+afterwards; traffic only ever goes to these addresses.  Names carry a random
+suffix, so parallel or leftover runs never collide.  Commands are argv lists,
+never shell strings.
 
     client ns ---- veth ---- server ns ---- veth ---- attacker ns
                                |
@@ -20,19 +22,20 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 def sh(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """Run a command (argv, never a shell string)."""
-    done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    done = subprocess.run(list(argv), capture_output=True, text=True,  # noqa: S603
+                          timeout=timeout, check=False)
     if check and done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed: {done.stderr.strip()}")
     return done
 
 
 def can_make_namespaces() -> str | None:
-    """None if this machine can run the netns tests, else the reason it cannot."""
+    """None if this machine can make namespaces (root, ip, nft), else why not."""
     if os.geteuid() != 0:
         return "needs root to create network namespaces"
     for tool in ("ip", "nft"):
@@ -57,8 +60,8 @@ class Namespace:
             ) -> subprocess.CompletedProcess[str]:
         return sh(*self.argv(*argv), check=check, timeout=timeout)
 
-    def popen(self, argv: Sequence[str], **kwargs: object) -> subprocess.Popen[str]:
-        return subprocess.Popen(self.argv(*argv), text=True, **kwargs)  # type: ignore[call-overload,no-any-return]
+    def popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[str]:
+        return subprocess.Popen(self.argv(*argv), text=True, **kwargs)  # noqa: S603
 
 
 @dataclass
