@@ -222,15 +222,26 @@ def events(
 
 
 @app.command()
-def demo() -> None:
+def demo(
+    loopback: Annotated[bool, typer.Option("--loopback", help="Run on loopback with the "
+                                           "memory backend, even as root.")] = False,
+) -> None:
     """Watch it work: a grant, a replay and a tampered packet refused, a close.
 
-    Runs a real server on loopback with a temporary state dir, enrolls a client,
-    and tells the story in a few lines.  Leaves nothing behind."""
-    from spa.demo import run as run_demo
+    As root: two network namespaces, a real sshd hidden by nftables, a real ssh
+    login before and after the knock.  Elsewhere (or with --loopback): a real
+    server on loopback with the memory backend.  Leaves nothing behind."""
+    from spa import demo_netns
+    from spa.demo import run as run_loopback
 
+    reason = "--loopback asked for" if loopback else demo_netns.unavailable()
     with local_errors():
-        raise typer.Exit(run_demo())
+        if reason is None:
+            raise typer.Exit(demo_netns.run())
+        if not loopback:
+            typer.echo(f"(network namespaces unavailable: {reason}; running the loopback "
+                       "demo instead)")
+        raise typer.Exit(run_loopback())
 
 
 def main() -> None:

@@ -20,8 +20,10 @@ import os
 import secrets
 import shutil
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -100,3 +102,49 @@ class Topology:
                 sh("kill", "-9", pid, check=False)
             sh("ip", "netns", "del", namespace.name, check=False)
         self.namespaces.clear()
+
+
+@dataclass
+class Sshd:
+    """A real OpenSSH server in a namespace, with throwaway keys: key login as
+    root only, verbose log to a file.  For the tests and the demo."""
+
+    process: subprocess.Popen[str]
+    client_key: Path
+    log: Path
+
+    def login_argv(self, host: str, remote: str, timeout: int = 3) -> list[str]:
+        return ["ssh", "-i", str(self.client_key), "-o", "BatchMode=yes",
+                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                "-o", f"ConnectTimeout={timeout}", "-o", "LogLevel=ERROR",
+                f"root@{host}", remote]
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+def start_sshd(ns: Namespace, root: Path, timeout: float = 10) -> Sshd:
+    """Generate keys in `root`, start sshd in `ns` on port 22, wait until it
+    listens.  Raises RuntimeError if it does not come up."""
+    sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / "host_key"))
+    sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / "client_key"))
+    (root / "authorized_keys").write_text((root / "client_key.pub").read_text())
+    (root / "sshd_config").write_text(
+        f"Port 22\nListenAddress 0.0.0.0\nListenAddress ::\nHostKey {root}/host_key\n"
+        f"PidFile {root}/sshd.pid\nAuthorizedKeysFile {root}/authorized_keys\n"
+        "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nLogLevel VERBOSE\n"
+        "MaxStartups 100\n")
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    log_path = root / "sshd.log"
+    with open(log_path, "w") as log:
+        process = ns.popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(root / "sshd_config")],
+                           stdout=log, stderr=log)
+    deadline = time.monotonic() + timeout
+    while "Server listening" not in log_path.read_text():
+        if time.monotonic() > deadline or process.poll() is not None:
+            process.kill()
+            raise RuntimeError(f"sshd did not start: {log_path.read_text()[-300:]}")
+        time.sleep(0.05)
+    return Sshd(process, root / "client_key", log_path)

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_demo_tells_the_story_and_exits_0() -> None:
-    done = run_cli("spa-server", "demo", timeout=60)
+    done = run_cli("spa-server", "demo", "--loopback", timeout=60)
     assert done.returncode == 0, done.stderr
     out = done.stdout
     for expected in ("granted", "s left, held by alice", "replayed packet refused: reason=replay",

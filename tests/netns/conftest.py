@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from spa.netns import Namespace, Topology, can_make_namespaces, sh
+from spa.netns import Namespace, Topology, can_make_namespaces, sh, start_sshd
 from tests.integration.procs import command
 
 HERE = Path(__file__).resolve().parent
@@ -73,19 +73,8 @@ class World:
 
 def _start_services(world: World) -> None:
     root = world.root
-    sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / "host_key"))
-    sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / "client_key"))
-    (root / "authorized_keys").write_text((root / "client_key.pub").read_text())
-    (root / "sshd_config").write_text(
-        f"Port 22\nListenAddress 0.0.0.0\nListenAddress ::\nHostKey {root}/host_key\n"
-        f"PidFile {root}/sshd.pid\nAuthorizedKeysFile {root}/authorized_keys\n"
-        "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
-        "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nLogLevel VERBOSE\n"
-        "MaxStartups 100\n")
-    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-    log = open(world.sshd_log, "w")  # noqa: SIM115 - lives as long as the session
-    world.procs.append(world.srv.popen(["/usr/sbin/sshd", "-D", "-e", "-f",
-                                        str(root / "sshd_config")], stdout=log, stderr=log))
+    sshd = start_sshd(world.srv, root)
+    world.procs.append(sshd.process)
     sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
        "-nodes", "-subj", "/CN=spa-test", "-days", "1", "-keyout", str(root / "tls.key"),
        "-out", str(root / "tls.crt"))
@@ -95,10 +84,6 @@ def _start_services(world: World) -> None:
     world.procs.append(tls)
     assert tls.stdout is not None
     assert tls.stdout.readline().strip() == "listening"
-    deadline = time.monotonic() + 10
-    while "Server listening" not in world.sshd_log.read_text():
-        assert time.monotonic() < deadline, world.sshd_log.read_text()
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="session")

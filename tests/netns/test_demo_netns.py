@@ -1,0 +1,39 @@
+"""`spa-server demo` as root runs in namespaces with a real sshd and ssh;
+without namespaces (not root) it says so and runs the loopback demo."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from spa.netns import sh
+from tests.integration.procs import command, run_cli
+
+
+def test_demo_in_namespaces_with_a_real_ssh_login() -> None:
+    before = sh("ip", "netns", "list").stdout
+    done = run_cli("spa-server", "demo", timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    for expected in ("before the knock: ssh cannot connect", "logged in as root",
+                     "s left, held by alice", "replayed packet refused: reason=replay",
+                     "tampered packet refused: reason=bad_mac",
+                     "after the close: ssh cannot connect again", "demo passed"):
+        assert expected in out, out
+    assert "FAILED" not in out
+    assert sh("ip", "netns", "list").stdout == before, "the demo removed its namespaces"
+
+
+def test_demo_falls_back_to_loopback_without_namespaces() -> None:
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv")
+    done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           *command("spa-server"), "demo"],
+                          capture_output=True, text=True, timeout=120, check=False,
+                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/tmp"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "network namespaces unavailable: needs root" in done.stdout
+    assert "running the loopback demo instead" in done.stdout
+    assert "demo passed" in done.stdout
