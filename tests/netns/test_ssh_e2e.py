@@ -160,3 +160,52 @@ def test_runs_unprivileged_with_only_the_units_two_capabilities(world: World) ->
         spa.stop()
         world.srv.run("nft", "delete", "table", "inet", "spa", check=False)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_renewal_replaces_the_elements_timeout(spa: Spa) -> None:
+    world = spa.world
+    spa.start()
+    enroll_alice(spa)
+    assert spa.client(world.cli, "alice", "open", "ssh", "srv", "--duration", "5"
+                      ).returncode == 0
+    assert spa.client(world.cli, "alice", "open", "ssh", "srv", "--duration", "200"
+                      ).returncode == 0
+    listing = world.srv.run("nft", "-j", "list", "set", "inet", "spa", "svc_ssh_v4").stdout
+    assert '"timeout": 200' in listing, listing
+    assert listing.count('"val"') == 1, "one element, its timeout replaced"
+    time.sleep(6)
+    assert tcp_open(world, "cli", SRV4, 22), "the longer lease holds past the first"
+
+
+def test_capture_on_one_interface_sees_only_that_link(spa: Spa) -> None:
+    world = spa.world
+    spa.start("--interface", world.srv_links["cli"])
+    enroll_alice(spa)
+    assert spa.client(world.cli, "alice", "open", "ssh", "srv").returncode == 0
+    # a valid knock arriving on another interface is not even seen
+    uri = spa.enroll("mallet", SRV_ATT4, "ssh")
+    assert spa.client(world.att, "mallet", "enroll", uri, "--name", "srv").returncode == 0
+    done = spa.client(world.att, "mallet", "open", "ssh", "srv", "--timeout", "2")
+    assert done.returncode == 1
+    assert not any(e["client"] == "mallet" for e in spa.events())
+
+
+def test_nft_program_fallback_does_the_same_work(world: World) -> None:
+    """Without libnftables the backend runs `nft -j -f -`: same table, same sets."""
+    code = (
+        "import ipaddress, time\n"
+        "from spa.backends.libnft import NftProgram\n"
+        "from spa.backends.nftables import NftablesBackend\n"
+        "from spa.core.policy import DEFAULT_SERVICES as S\n"
+        "b = NftablesBackend(NftProgram()); now = time.time()\n"
+        "b.start(S, now=now); b.start(S, now=now)\n"
+        "a = ipaddress.ip_address('192.0.2.9')\n"
+        "b.allow(a, S['ssh'], now + 30, now=now); b.allow(a, S['ssh'], now + 90, now=now)\n"
+        "held = b.held(now=now); print(sorted((str(k[0]), k[1]) for k in held))\n"
+        "b.remove(a, S['ssh']); b.remove(a, S['ssh']); print(len(b.held(now=now)))\n"
+    )
+    try:
+        done = world.srv.run(sys.executable, "-c", code)
+        assert done.stdout.split("\n")[:2] == ["[('192.0.2.9', 'ssh')]", "0"], done.stdout
+    finally:
+        world.srv.run("nft", "delete", "table", "inet", "spa", check=False)
