@@ -14,8 +14,10 @@ from spa.server.capture import (
     BPF_JSET,
     BPF_LD,
     BPF_LDX,
+    BPF_MEM,
     BPF_MSH,
     BPF_RET,
+    BPF_ST,
     SKF_AD_OFF,
     SKF_AD_PKTTYPE,
     SKF_AD_PROTOCOL,
@@ -25,6 +27,7 @@ from spa.server.capture import (
 
 def run_filter(program: list[Insn], frame: bytes, *, protocol: int, pkttype: int) -> int:
     a = x = 0
+    memory = [0] * 16
     pc = 0
     while True:
         insn = program[pc]
@@ -32,6 +35,12 @@ def run_filter(program: list[Insn], frame: bytes, *, protocol: int, pkttype: int
         cls = insn.code & 0x07
         if cls == BPF_RET:
             return insn.k
+        if cls == BPF_ST:
+            memory[insn.k] = a
+            continue
+        if cls == BPF_LD and insn.code & 0xE0 == BPF_MEM:
+            a = memory[insn.k]
+            continue
         if cls == BPF_LD:
             size = insn.code & 0x18
             width = {BPF_B: 1, BPF_H: 2}.get(size, 4)
@@ -55,6 +64,8 @@ def run_filter(program: list[Insn], frame: bytes, *, protocol: int, pkttype: int
             if insn.k >= len(frame):
                 return 0
             x = 4 * (frame[insn.k] & 0x0F)
+        elif cls == BPF_JMP and insn.code & 0xF0 == 0x00:  # BPF_JA
+            pc += insn.k
         elif cls == BPF_JMP:
             op = insn.code & 0xF0
             taken = a == insn.k if op == BPF_JEQ else bool(a & insn.k)

@@ -34,9 +34,9 @@ RECV_SIZE = 2048
 RECV_BUFFER = 4 * 1024 * 1024
 
 # classic BPF opcodes (linux/filter.h)
-BPF_LD, BPF_LDX, BPF_JMP, BPF_RET = 0x00, 0x01, 0x05, 0x06
+BPF_LD, BPF_LDX, BPF_ST, BPF_JMP, BPF_RET = 0x00, 0x01, 0x02, 0x05, 0x06
 BPF_W, BPF_H, BPF_B = 0x00, 0x08, 0x10
-BPF_ABS, BPF_IND, BPF_MSH = 0x20, 0x40, 0xA0
+BPF_ABS, BPF_IND, BPF_MEM, BPF_MSH = 0x20, 0x40, 0x60, 0xA0
 BPF_JEQ, BPF_JSET = 0x10, 0x40
 BPF_K = 0x00
 SKF_AD_OFF = -0x1000
@@ -68,6 +68,9 @@ def assemble(items: list[tuple[int, Label, Label, int] | str]) -> list[Insn]:
             labels[item] = len(code)
         else:
             code.append(item)
+    # an unconditional jump (BPF_JA) carries its target in k, not jt/jf
+    code = [(op, 0, 0, labels[jt] - pc - 1) if op == (BPF_JMP | 0x00) and isinstance(jt, str)
+            else (op, jt, jf, k) for pc, (op, jt, jf, k) in enumerate(code)]
     program = []
     for pc, (op, jt, jf, k) in enumerate(code):
         def offset(target: Label, pc: int = pc) -> int:
@@ -76,11 +79,25 @@ def assemble(items: list[tuple[int, Label, Label, int] | str]) -> list[Insn]:
     return program
 
 
-def knock_filter(port: int) -> list[Insn]:
-    """Accept unfragmented UDP to `port` for this host, IPv4 or IPv6."""
+MAX_INSNS = 4096  # BPF_MAXINSNS: the kernel refuses longer classic programs
+KNOCK_LENGTH = 8 + 161  # UDP header + one packet of wire format v1
+_TAG_BASE = 1  # the knock tag is at payload bytes 1-8 (after the version byte)
+
+
+def knock_filter(port: int, tags: list[bytes] | None = None) -> list[Insn]:
+    """Accept unfragmented UDP to `port` for this host, IPv4 or IPv6.
+
+    With `tags` (issue 6: drop junk before Python wakes), also require a UDP
+    length of exactly one knock and a payload whose bytes 1-8 equal one of
+    the tags: the two 32-bit words are kept in scratch memory M[0], M[1] and
+    compared with each tag in turn (4 instructions per tag).
+    """
     ld_h, ld_b = BPF_LD | BPF_H | BPF_ABS, BPF_LD | BPF_B | BPF_ABS
     jeq = BPF_JMP | BPF_JEQ | BPF_K
-    return assemble([
+    checking = tags is not None
+    v4_port_ok: Label = "v4_tags" if checking else "accept"
+    v6_port_ok: Label = "v6_tags" if checking else "accept"
+    program: list[tuple[int, Label, Label, int] | str] = [
         (ld_b, 0, 0, _k(SKF_AD_OFF + SKF_AD_PKTTYPE)),
         (jeq, 0, "drop", PACKET_HOST),
         (ld_h, 0, 0, _k(SKF_AD_OFF + SKF_AD_PROTOCOL)),
@@ -88,21 +105,58 @@ def knock_filter(port: int) -> list[Insn]:
         (ld_b, 0, 0, 9),                                # IPv4 protocol
         (jeq, 0, "drop", socket.IPPROTO_UDP),
         (ld_h, 0, 0, 6),                                # flags + fragment offset
-        (BPF_JMP | BPF_JSET | BPF_K, "drop", 0, 0x3FFF),  # MF set or offset: a fragment
+        (BPF_JMP | BPF_JSET | BPF_K, "drop", 0, 0x3FFF),  # MF or offset: a fragment
         (BPF_LDX | BPF_B | BPF_MSH, 0, 0, 0),           # X = 4 * IHL
         (BPF_LD | BPF_H | BPF_IND, 0, 0, 2),            # UDP destination port
-        (jeq, "accept", "drop", port),
+        (jeq, v4_port_ok, "drop", port),
         "ipv6",
         (jeq, 0, "drop", ETH_P_IPV6),
         (ld_b, 0, 0, 6),                                # next header (no extensions)
         (jeq, 0, "drop", socket.IPPROTO_UDP),
         (ld_h, 0, 0, 42),                               # 40 + 2: UDP destination port
-        (jeq, "accept", "drop", port),
+        (jeq, v6_port_ok, "drop", port),
+    ]
+    if tags is not None:
+        ld_w_ind, ld_w_abs = BPF_LD | BPF_W | BPF_IND, BPF_LD | BPF_W | BPF_ABS
+        st, ld_mem = BPF_ST, BPF_LD | BPF_MEM
+        program += [
+            "v4_tags",
+            (BPF_LD | BPF_H | BPF_IND, 0, 0, 4),        # UDP length
+            (jeq, 0, "drop", KNOCK_LENGTH),
+            (ld_w_ind, 0, 0, 8 + _TAG_BASE), (st, 0, 0, 0),
+            (ld_w_ind, 0, 0, 8 + _TAG_BASE + 4), (st, 0, 0, 1),
+            (BPF_JMP | 0x00 | BPF_K, "tags", "tags", 0),  # ja tags
+            "v6_tags",
+            (ld_h, 0, 0, 44),                           # UDP length
+            (jeq, 0, "drop", KNOCK_LENGTH),
+            (ld_w_abs, 0, 0, 48 + _TAG_BASE), (st, 0, 0, 0),
+            (ld_w_abs, 0, 0, 48 + _TAG_BASE + 4), (st, 0, 0, 1),
+            "tags",
+            (ld_mem, 0, 0, 0),
+        ]
+        for index, tag in enumerate(tags):
+            high, low = int.from_bytes(tag[:4], "big"), int.from_bytes(tag[4:8], "big")
+            miss = f"miss{index}"
+            program += [
+                (jeq, 0, miss, high),
+                (ld_mem, 0, 0, 1),
+                (jeq, "accept", 0, low),
+                (ld_mem, 0, 0, 0),
+                miss,
+            ]
+        program.append((BPF_RET | BPF_K, 0, 0, 0))      # no tag matched
+    program += [
         "accept",
         (BPF_RET | BPF_K, 0, 0, 0xFFFF),
         "drop",
         (BPF_RET | BPF_K, 0, 0, 0),
-    ])
+    ]
+    return assemble(program)
+
+
+def max_tags() -> int:
+    """How many tags fit in one classic program."""
+    return (MAX_INSNS - len(knock_filter(1, []))) // 4
 
 
 class _SockFprog(ctypes.Structure):
@@ -180,6 +234,29 @@ class CaptureSource:
             pass
         self._sock = sock
         self.port = port
+        self.filtering_tags = False
+
+    def set_tags(self, tags: list[bytes] | None) -> str:
+        """Filter on these knock tags in the kernel (None: port only).
+
+        Re-attaching replaces the program atomically.  Too many tags for one
+        program, or a kernel that refuses its size (net.core.optmem_max), falls
+        back to the port-only filter.  Returns a line for the log.
+        """
+        if tags is not None and len(tags) > max_tags():
+            tags = None
+            note = f"too many tags for one BPF program (max {max_tags()}); port-only filter"
+        else:
+            note = "port-only filter" if tags is None else f"kernel filter on {len(tags)} tags"
+        try:
+            attach_filter(self._sock, knock_filter(self.port, tags))
+        except OSError as exc:
+            attach_filter(self._sock, knock_filter(self.port))
+            tags = None
+            note = (f"kernel refused a {len(knock_filter(self.port, []))}+ instruction "
+                    f"filter ({exc.strerror}; raise net.core.optmem_max); port-only filter")
+        self.filtering_tags = tags is not None
+        return note
 
     def receive(self, timeout: float) -> tuple[bytes, str] | None:
         self._sock.settimeout(timeout)

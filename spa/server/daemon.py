@@ -23,7 +23,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from spa.backends.base import Backend, apply
-from spa.core.knock import step_of
+from spa.core.keys import derive_keys
+from spa.core.knock import knock_tag, step_of, steps_for_window
 from spa.core.leases import Allow, FirewallAction, LeaseTable
 from spa.core.verify import Accepted, Refused, Verifier
 from spa.core.wire import Action
@@ -79,6 +80,8 @@ class Server:
         self.notifier = notifier or Notifier(None, None)
         self._heartbeat = 0.0  # monotonic time of the receive loop's last turn
         self._retry_reconcile = False  # a firewall call failed: reconcile next round
+        self._filter_step: int | None = None  # the step the kernel tag filter was built for
+        self._tag_keys: dict[str, bytes] = {}
         self.verifier: Verifier
         self.leases: LeaseTable
         self.events: EventSink
@@ -101,6 +104,8 @@ class Server:
                                 retention_days=self.config.event_retention_days)
         self.backend.start(self.config.services, now=now)
         self._reconcile(now)
+        self._tag_keys = self._derive_tag_keys(self.config)
+        self._update_kernel_filter(now, force=True)
         self.state.write_server({
             "pid": os.getpid(), "started": now, "port": self.config.listen_port,
             "backend": self.backend.name, "mode": self.config.mode,
@@ -237,6 +242,7 @@ class Server:
         boundary = self.verifier.next_step_at
         if boundary - now <= STAGE_AHEAD:
             self.verifier.stage(self.verifier.tags.prepare(step_of(boundary)))
+        self._update_kernel_filter(now)
         self._maybe_reload()
         self._save(now)
         if now - self._last_compact >= COMPACT_EVERY:
@@ -248,6 +254,33 @@ class Server:
         if now - self._last_prune >= PRUNE_EVERY:
             self.events.prune(now)
             self._last_prune = now
+
+    @staticmethod
+    def _derive_tag_keys(config: ServerConfig) -> dict[str, bytes]:
+        return {name: derive_keys(secret, config.server_id).tag_key
+                for name, secret in config.secrets().items()}
+
+    def _update_kernel_filter(self, now: float, *, force: bool = False) -> None:
+        """Give a capture source the live tags, so junk never wakes Python.
+
+        Built shortly before each step boundary for the current window and
+        the next one together, so no live tag is ever missing; rebuilt at
+        once when clients change.
+        """
+        set_tags = getattr(self.source, "set_tags", None)
+        if set_tags is None:
+            return
+        boundary = self.verifier.next_step_at
+        step = step_of(boundary) if boundary - now <= STAGE_AHEAD else step_of(now)
+        if step == self._filter_step and not force:
+            return
+        skew = steps_for_window(self.config.window)
+        steps = range(step - 1 - skew, step + skew + 1)
+        tags = [knock_tag(key, s) for key in self._tag_keys.values() for s in steps]
+        note = set_tags(tags)
+        if self._filter_step is None or force:
+            self.log(f"capture {note}")
+        self._filter_step = step
 
     def _save(self, now: float) -> None:
         with self._lock:
@@ -301,6 +334,8 @@ class Server:
                               listen_port=old.listen_port, backend=old.backend,
                               mode=old.mode, state_dir=old.state_dir)
         self._commands.append(switch)
+        self._tag_keys = self._derive_tag_keys(new)
+        self._update_kernel_filter(self.clock(), force=True)
         self.log(f"reloaded clients={len(new.clients)} added={len(changed)} "
                  f"removed={len(gone)}")
 

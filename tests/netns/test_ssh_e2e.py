@@ -209,3 +209,23 @@ def test_nft_program_fallback_does_the_same_work(world: World) -> None:
         assert done.stdout.split("\n")[:2] == ["[('192.0.2.9', 'ssh')]", "0"], done.stdout
     finally:
         world.srv.run("nft", "delete", "table", "inet", "spa", check=False)
+
+
+def test_kernel_filter_drops_junk_before_python_and_follows_enrollment(spa: Spa) -> None:
+    world = spa.world
+    spa.start()
+    enroll_alice(spa)
+    assert spa.wait_for("reloaded clients=1")
+    assert any(line.startswith("capture kernel filter on") for line in spa.lines), spa.lines
+    flood = ("import os,socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+             f"for _ in range(3000): s.sendto(b'\\x01'+os.urandom(160),({SRV_ATT4!r},62201))\n")
+    world.att.run(sys.executable, "-c", flood)
+    assert spa.client(world.cli, "alice", "open", "ssh", "srv").returncode == 0
+    time.sleep(1.5)  # one events flush
+    refused = [e for e in spa.events() if e["outcome"] == "refused"]
+    assert refused == [], "3,000 junk packets, and not one reached Python"
+    # a client enrolled while the server runs: its tags join the filter at once
+    uri = spa.enroll("bob", SRV4, "ssh")
+    assert spa.client(world.cli, "bob", "enroll", uri, "--name", "srv").returncode == 0
+    assert spa.wait_for("reloaded clients=2")
+    assert spa.client(world.cli, "bob", "open", "ssh", "srv", "--timeout", "3").returncode == 0

@@ -93,3 +93,43 @@ def test_parser_drops_lying_lengths() -> None:
     frame6[4:6] = (4000).to_bytes(2, "big")  # IPv6 payload length beyond the frame
     assert parse_datagram(bytes(frame6), PORT) is None
     assert parse_datagram(b"\x50" + bytes(60), PORT) is None  # IP version 5
+
+
+TAGS = [bytes([i]) * 8 for i in range(1, 40)] + [bytes.fromhex("fd846dd9e4ff55d7")]
+
+
+def knock(tag: bytes, *, size: int = 161, v6: bool = False) -> bytes:
+    payload = b"\x01" + tag + bytes(size - 9)
+    header = IPv6(src="2001:db8::7", dst="2001:db8::1") if v6 else IP(
+        src="192.0.2.7", dst="192.0.2.1")
+    return bytes(header / UDP(sport=5555, dport=PORT) / Raw(payload))
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_tag_filter_passes_live_tags_only(v6: bool) -> None:
+    program = knock_filter(PORT, TAGS)
+    proto = ETH_P_IPV6 if v6 else ETH_P_IP
+    for tag in (TAGS[0], TAGS[17], TAGS[-1]):
+        assert run_filter(program, knock(tag, v6=v6), protocol=proto, pkttype=PACKET_HOST)
+    for junk in (bytes(8), bytes.fromhex("fd846dd9e4ff55d8"), bytes.fromhex("fd846dd9") * 2,
+                 TAGS[3][:4] + TAGS[4][4:]):
+        assert not run_filter(program, knock(junk, v6=v6), protocol=proto, pkttype=PACKET_HOST)
+    assert not run_filter(program, knock(TAGS[0], size=160, v6=v6), protocol=proto,
+                          pkttype=PACKET_HOST), "wrong length dropped in the kernel too"
+
+
+def test_tag_filter_with_ip_options_and_empty_tag_list() -> None:
+    from scapy.layers.inet import IPOption_NOP
+
+    frame = bytes(IP(src="192.0.2.7", dst="192.0.2.1", options=[IPOption_NOP()] * 8)
+                  / UDP(dport=PORT) / Raw(b"\x01" + TAGS[5] + bytes(152)))
+    assert run_filter(knock_filter(PORT, TAGS), frame, protocol=ETH_P_IP, pkttype=PACKET_HOST)
+    assert not run_filter(knock_filter(PORT, []), frame, protocol=ETH_P_IP, pkttype=PACKET_HOST)
+
+
+def test_tag_filter_size_limit() -> None:
+    from spa.server.capture import MAX_INSNS, max_tags
+
+    assert len(knock_filter(PORT, [bytes(8)] * max_tags())) <= MAX_INSNS
+    assert len(knock_filter(PORT, [bytes(8)] * (max_tags() + 1))) > MAX_INSNS
+    assert max_tags() >= 1000
