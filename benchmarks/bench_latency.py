@@ -1,0 +1,184 @@
+"""Knock-to-open latency (issue 6, benchmark 2), spa-server beside fwknopd.
+
+For each server (spa-server in capture and udp mode, nftables backend;
+fwknopd in udp-server and pcap mode, iptables) the script builds a fresh
+pair of network namespaces, puts a TCP service on port 22 behind the
+server's firewall (closed to all until a knock), and from the client
+namespace sends N knocks, each from its own source address (so no knock
+waits for the previous grant to end), timing from the knock leaving the
+client to the first TCP connect that completes.  Needs root.
+
+    .venv/bin/python benchmarks/bench_latency.py [--knocks 200] [--only spa-capture,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from spa.core.uri import parse
+from spa.core.wire import NONCE_SIZE, Action
+from spa.netns import Namespace, Topology, can_make_namespaces
+from spa.server import admin
+from spa_client import knock
+
+HERE = Path(__file__).resolve().parent
+SERVER = "10.201.0.1"
+KNOCK_PORT = 62201
+SERVICE = """
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 22)); s.listen(512)
+while True:
+    c, _ = s.accept(); c.close()
+"""
+
+
+def sources(count: int) -> list[str]:
+    return [f"10.201.{1 + i // 250}.{1 + i % 250}" for i in range(count)]
+
+
+class Site:
+    def __init__(self, root: Path, count: int) -> None:
+        self.root = root
+        self.topo = Topology()
+        self.srv, self.cli = self.topo.ns("srv"), self.topo.ns("cli")
+        self.srv_if, self.cli_if = self.topo.link(self.srv, [f"{SERVER}/16"], self.cli,
+                                                  ["10.201.0.2/16"])
+        for address in sources(count):
+            self.cli.run("ip", "addr", "add", f"{address}/16", "dev", self.cli_if)
+        self.procs: list[subprocess.Popen[str]] = [
+            self.srv.popen([sys.executable, "-c", SERVICE])]
+        time.sleep(0.3)
+
+    def probe(self, knocks: list[tuple[str, bytes]]) -> list[float | None]:
+        spec = self.root / "spec.json"
+        spec.write_text(json.dumps({"server": SERVER, "knock_port": KNOCK_PORT,
+                                    "service_port": 22, "timeout": 2.0,
+                                    "knocks": [[s, p.hex()] for s, p in knocks]}))
+        done = self.cli.run(sys.executable, str(HERE / "latency_probe.py"), str(spec),
+                            timeout=600)
+        results: list[float | None] = json.loads(done.stdout)
+        return results
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+        self.topo.cleanup()
+
+
+def spa_run(site: Site, count: int, mode: str) -> list[float | None]:
+    config = site.root / "server.toml"
+    admin.init(config, listen_port=KNOCK_PORT, backend="nftables",
+               state_dir=site.root / "state", force=True)
+    config.write_text(config.read_text().replace('mode = "capture"', f'mode = "{mode}"'))
+    uri = admin.enroll(config, "bench", ["ssh"], SERVER)
+    program = Path(sys.executable).parent / "spa-server"
+    server = site.srv.popen([str(program), "--config", str(config), "run"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    site.procs.append(server)
+    time.sleep(2.0)
+    enrollment = parse(uri)
+    knocks = [(source, knock.make_packet(enrollment, Action.OPEN, "ssh", duration=60,
+                                         address=None, now=time.time(),
+                                         nonce=os.urandom(NONCE_SIZE)))
+              for source in sources(count)]
+    return site.probe(knocks)
+
+
+def fwknopd_run(site: Site, count: int, mode: str) -> list[float | None]:
+    key = base64.b64encode(os.urandom(32)).decode()
+    hmac_key = base64.b64encode(os.urandom(64)).decode()
+    conf, access = site.root / "fwknopd.conf", site.root / "access.conf"
+    conf.write_text(f"PCAP_INTF {site.srv_if};\nUDP_SERVER_PORT {KNOCK_PORT};\n"
+                    f"PCAP_FILTER udp port {KNOCK_PORT};\nENABLE_DIGEST_PERSISTENCE N;\n")
+    access.write_text(f"SOURCE ANY\nKEY_BASE64 {key}\nHMAC_KEY_BASE64 {hmac_key}\n"
+                      "FW_ACCESS_TIMEOUT 60\nOPEN_PORTS tcp/22\n")
+    for path in (conf, access):
+        path.chmod(0o600)
+    site.srv.run("iptables", "-A", "INPUT", "-p", "tcp", "--dport", "22", "-j", "DROP")
+    argv = ["fwknopd", "-f", "-c", str(conf), "-a", str(access), "-d",
+            str(site.root / "digest.cache"), "-p", str(site.root / "fwknopd.pid"),
+            "-r", str(site.root / "run")]
+    if mode == "udp":
+        argv.append("-U")
+    site.procs.append(site.srv.popen(argv, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL))
+    time.sleep(2.0)
+    packets = site.root / "packets"
+    for source in sources(count):
+        site.cli.run("fwknop", "--no-rc-file", "-A", "tcp/22", "-a", source, "-D", SERVER,
+                     "--key-base64-rijndael", key, "--key-base64-hmac", hmac_key,
+                     "--use-hmac", "-T", "-B", str(packets), "-b")
+    lines = packets.read_text().split()
+    return site.probe([(s, line.encode()) for s, line in zip(sources(count), lines, strict=True)])
+
+
+SERVERS: dict[str, Callable[[Site, int], list[float | None]]] = {
+    "spa-capture": lambda site, n: spa_run(site, n, "capture"),
+    "spa-udp": lambda site, n: spa_run(site, n, "udp"),
+    "fwknopd-udp": lambda site, n: fwknopd_run(site, n, "udp"),
+    "fwknopd-pcap": lambda site, n: fwknopd_run(site, n, "pcap"),
+}
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--knocks", type=int, default=200)
+    parser.add_argument("--only", default=",".join(SERVERS))
+    args = parser.parse_args()
+    reason = can_make_namespaces()
+    if reason is not None:
+        print(f"bench_latency: {reason}", file=sys.stderr)
+        return 2
+    chosen = [name for name in args.only.split(",") if name]
+    missing = [n for n in chosen if n.startswith("fwknopd") and shutil.which("fwknopd") is None]
+    if missing:
+        print("bench_latency: fwknopd is not installed (apt-get install fwknop-server "
+              "fwknop-client); skipping " + ", ".join(missing), file=sys.stderr)
+        chosen = [n for n in chosen if n not in missing]
+    rows = {}
+    for name in chosen:
+        root = Path(tempfile.mkdtemp(prefix="spa-bench-"))
+        site = Site(root, args.knocks)
+        try:
+            rows[name] = SERVERS[name](site, args.knocks)
+        finally:
+            site.close()
+            shutil.rmtree(root, ignore_errors=True)
+    print(f"knock-to-open latency, {args.knocks} knocks each, one source address per knock")
+    print(f"{'server':<14} {'opened':>7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8}")
+    medians = {}
+    for name, results in rows.items():
+        ok = [r for r in results if r is not None]
+        if not ok:
+            print(f"{name:<14} {0:>7}")
+            continue
+        medians[name] = statistics.median(ok)
+        print(f"{name:<14} {len(ok):>7} {percentile(ok, .5):>8.2f} {percentile(ok, .9):>8.2f} "
+              f"{percentile(ok, .99):>8.2f} {max(ok):>8.2f}")
+    for ours in ("spa-capture", "spa-udp"):
+        for theirs in ("fwknopd-udp", "fwknopd-pcap"):
+            if ours in medians and theirs in medians:
+                print(f"p50 {theirs} / {ours}: {medians[theirs] / medians[ours]:.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

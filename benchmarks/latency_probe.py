@@ -1,0 +1,52 @@
+"""Runs inside the client namespace for bench_latency.py.
+
+    python latency_probe.py SPEC.json
+SPEC: {"server": ip, "knock_port": n, "service_port": n, "timeout": s,
+       "knocks": [[source_ip, payload_hex], ...]}
+For each knock: send the payload from its source address, then try TCP
+connects to the service from that same address (non-blocking, 0.2 ms
+polls) until one completes.  Prints a JSON list of milliseconds (null when
+the port did not open within the timeout).
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import sys
+import time
+
+
+def opened(source: str, server: str, port: int) -> bool:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((source, 0))
+        sock.setblocking(False)
+        sock.connect_ex((server, port))
+        _, writable, _ = select.select([], [sock], [], 0.0002)
+        return bool(writable) and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    finally:
+        sock.close()
+
+
+def main() -> None:
+    spec = json.loads(open(sys.argv[1]).read())
+    results: list[float | None] = []
+    for source, payload in spec["knocks"]:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind((source, 0))
+            started = time.perf_counter()
+            udp.sendto(bytes.fromhex(payload), (spec["server"], spec["knock_port"]))
+        deadline = started + spec["timeout"]
+        took = None
+        while time.perf_counter() < deadline:
+            if opened(source, spec["server"], spec["service_port"]):
+                took = (time.perf_counter() - started) * 1000
+                break
+        results.append(took)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
