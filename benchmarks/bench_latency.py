@@ -28,7 +28,7 @@ from pathlib import Path
 
 from spa.core.uri import parse
 from spa.core.wire import NONCE_SIZE, Action
-from spa.netns import Namespace, Topology, can_make_namespaces
+from spa.netns import Topology, can_make_namespaces
 from spa.server import admin
 from spa_client import knock
 

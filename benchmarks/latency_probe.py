@@ -16,6 +16,7 @@ import select
 import socket
 import sys
 import time
+from pathlib import Path
 
 
 def opened(source: str, server: str, port: int) -> bool:
@@ -31,7 +32,7 @@ def opened(source: str, server: str, port: int) -> bool:
 
 
 def main() -> None:
-    spec = json.loads(open(sys.argv[1]).read())
+    spec = json.loads(Path(sys.argv[1]).read_text())
     results: list[float | None] = []
     for source, payload in spec["knocks"]:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
