@@ -1,13 +1,15 @@
 """Bounded replay cache: (client, nonce) seen within the acceptance window.
 
 Invariants (docs/protocol.md, "Replay protection"; docs/threat-model.md):
-- A (client, nonce) pair recorded at time t is remembered at least until
-  t + 2 * window.  A packet is only accepted while its timestamp is within
+- A (client, nonce) pair recorded at time t is remembered until t + 2 *
+  window inclusive.  A packet is only accepted while its timestamp is within
   +-window of the arrival time, so by the time an entry is forgotten the
   packet that made it is refused `stale` anyway.
-- O(1) per packet: a set for membership and a FIFO of expiries in arrival
-  order.  If the caller's clock steps backwards, a later entry may sit behind
-  an earlier one with a later expiry: it is then kept longer, never shorter.
+- Membership is O(1) (a set); expiry is a heap ordered by expiry time
+  (O(log n) per new entry, C-level heapq), so a clock that was set back
+  never makes old entries block the expiry of new ones.
+- A clock that jumps forward and then back can forget entries early: that
+  is a documented limit (docs/threat-model.md, "Clocks").
 - Hard caps, fail closed: a live entry is never evicted to make room.  When a
   client holds `per_client_cap` live entries, or the cache holds `cap`, new
   packets are refused `replay_cache_full` until entries expire.  Only
@@ -22,8 +24,8 @@ Invariants (docs/protocol.md, "Replay protection"; docs/threat-model.md):
 from __future__ import annotations
 
 import enum
+import heapq
 import struct
-from collections import deque
 from collections.abc import Callable
 
 from spa.core.errors import FormatError
@@ -43,7 +45,7 @@ class Check(enum.Enum):
 
 
 class ReplayCache:
-    __slots__ = ("_cap", "_fifo", "_per_client", "_per_client_cap", "_seen", "on_add", "window")
+    __slots__ = ("_cap", "_heap", "_per_client", "_per_client_cap", "_seen", "on_add", "window")
 
     def __init__(
         self,
@@ -59,7 +61,7 @@ class ReplayCache:
         self._cap = cap
         self._per_client_cap = per_client_cap
         self._seen: set[tuple[str, bytes]] = set()
-        self._fifo: deque[tuple[float, str, bytes]] = deque()
+        self._heap: list[tuple[float, str, bytes]] = []
         self._per_client: dict[str, int] = {}
         self.on_add = on_add
 
@@ -68,8 +70,8 @@ class ReplayCache:
 
     def check_and_add(self, client: str, nonce: bytes, now: float) -> Check:
         """Record a nonce if it is new; say whether it was, or why not."""
-        fifo = self._fifo
-        if fifo and fifo[0][0] <= now:
+        heap = self._heap
+        if heap and heap[0][0] < now:
             self.expire(now)
         key = (client, nonce)
         if key in self._seen:
@@ -79,7 +81,7 @@ class ReplayCache:
             return Check.FULL
         expiry = now + 2 * self.window
         self._seen.add(key)
-        self._fifo.append((expiry, client, nonce))
+        heapq.heappush(self._heap, (expiry, client, nonce))
         self._per_client[client] = count + 1
         if self.on_add is not None:
             self.on_add(expiry, client, nonce)
@@ -87,9 +89,9 @@ class ReplayCache:
 
     def expire(self, now: float) -> None:
         """Forget entries whose packets can no longer pass the time check."""
-        fifo = self._fifo
-        while fifo and fifo[0][0] <= now:
-            _, client, nonce = fifo.popleft()
+        heap = self._heap
+        while heap and heap[0][0] < now:
+            _, client, nonce = heapq.heappop(heap)
             self._seen.discard((client, nonce))
             left = self._per_client[client] - 1
             if left:
@@ -105,13 +107,13 @@ class ReplayCache:
             raise ValueError("window must be positive")
         if window > self.window:
             extra = 2 * (window - self.window)
-            self._fifo = deque((e + extra, c, n) for e, c, n in self._fifo)
+            self._heap = [(e + extra, c, n) for e, c, n in self._heap]  # order kept
         self.window = window
 
     def dump(self) -> bytes:
         """Serialize the live entries."""
-        parts = [_MAGIC, _HEADER.pack(self.window, len(self._fifo))]
-        parts += [entry_bytes(expiry, client, nonce) for expiry, client, nonce in self._fifo]
+        parts = [_MAGIC, _HEADER.pack(self.window, len(self._heap))]
+        parts += [entry_bytes(expiry, client, nonce) for expiry, client, nonce in self._heap]
         return b"".join(parts)
 
     @classmethod
@@ -123,9 +125,12 @@ class ReplayCache:
         cap: int = DEFAULT_CAP,
         per_client_cap: int = DEFAULT_PER_CLIENT_CAP,
         journal: bytes = b"",
+        window: float | None = None,
     ) -> ReplayCache:
         """Rebuild a cache from `dump` output (plus journal records written
-        after it), dropping entries expired by `now`.
+        after it), dropping entries expired by `now`.  With `window` (the
+        window the server runs with now), a wider window extends every saved
+        entry by the difference before anything is dropped.
 
         Entries are kept even beyond the caps (refusing more is the safe side).
         A journal's last record may be cut short by a crash: it is ignored.
@@ -134,8 +139,8 @@ class ReplayCache:
         if not data.startswith(_MAGIC):
             raise FormatError("replay cache file has an unknown format")
         try:
-            window, count = _HEADER.unpack_from(data, len(_MAGIC))
-            cache = cls(window, cap=cap, per_client_cap=per_client_cap)
+            saved_window, count = _HEADER.unpack_from(data, len(_MAGIC))
+            cache = cls(saved_window, cap=cap, per_client_cap=per_client_cap)
             pos = len(_MAGIC) + _HEADER.size
             entries = []
             for _ in range(count):
@@ -152,11 +157,15 @@ class ReplayCache:
         if pos != len(data):
             raise FormatError("replay cache file has trailing bytes")
         entries += _journal_entries(journal)
-        entries.sort(key=lambda entry: entry[0])
+        entries.sort(key=lambda entry: entry[0])  # a sorted list is a heap
+        if window is not None:
+            extra = 2 * (window - cache.window) if window > cache.window else 0.0
+            entries = [(expiry + extra, client, nonce) for expiry, client, nonce in entries]
+            cache.window = window
         for expiry, client, nonce in entries:
-            if expiry > now and (client, nonce) not in cache._seen:
+            if expiry >= now and (client, nonce) not in cache._seen:
                 cache._seen.add((client, nonce))
-                cache._fifo.append((expiry, client, nonce))
+                cache._heap.append((expiry, client, nonce))
                 cache._per_client[client] = cache._per_client.get(client, 0) + 1
         return cache
 

@@ -110,6 +110,8 @@ class Verifier:
         self.window = window
         self.policy = policy
         self.replay = replay if replay is not None else ReplayCache(window)
+        if self.replay.window < window:
+            self.replay.set_window(window)  # never forget an entry before it is stale
         self._keys: dict[str, ClientKeys] = {
             name: derive_keys(secret, server_id) for name, secret in secrets.items()
         }

@@ -81,6 +81,7 @@ class Server:
         self._heartbeat = 0.0  # monotonic time of the receive loop's last turn
         self._retry_reconcile = False  # a firewall call failed: reconcile next round
         self._filter_step: int | None = None  # the step the kernel tag filter was built for
+        self._pending_snapshot: bytes | None = None  # replay snapshot to write
         self._tag_keys: dict[str, bytes] = {}
         self.verifier: Verifier
         self.leases: LeaseTable
@@ -93,6 +94,9 @@ class Server:
         now = self.clock()
         self.state.ensure()
         replay = self.state.load_replay(self.config.window, now)
+        # a fresh dump first: a record torn by a crash never sits in front of
+        # the records this run appends
+        self.state.compact_now(replay)
         self.state.journal(replay)
         self.verifier = Verifier(self.config.server_id, self.config.secrets(),
                                  self.config.policy(), now=now, window=self.config.window,
@@ -140,7 +144,10 @@ class Server:
                 self.run_commands()
                 item = self.source.receive(RECEIVE_TIMEOUT)
                 if item is not None:
-                    self.handle(item[0], item[1])
+                    try:
+                        self.handle(item[0], item[1])
+                    except Exception as exc:  # never let one packet end the server
+                        self.log(f"error receive path: {type(exc).__name__}: {exc}")
         finally:
             stop.set()
             keeper.join(timeout=5)
@@ -153,7 +160,7 @@ class Server:
         with self._lock:
             self._apply(self.leases.expire(now), now)
         self._save(now)
-        self.state.compact_replay(self.verifier.replay)
+        self.state.compact_now(self.verifier.replay)
         self.state.close()
         self.source.close()
         self.backend.stop()
@@ -245,9 +252,7 @@ class Server:
         self._update_kernel_filter(now)
         self._maybe_reload()
         self._save(now)
-        if now - self._last_compact >= COMPACT_EVERY:
-            self.state.compact_replay(self.verifier.replay)
-            self._last_compact = now
+        self._compact_replay(now)
         self.events.flush()
         alive = time.monotonic() - self._heartbeat < 5 * RECEIVE_TIMEOUT
         self.notifier.watchdog(time.monotonic(), alive)
@@ -282,6 +287,25 @@ class Server:
             self.log(f"capture {note}")
         self._filter_step = step
 
+    def _compact_replay(self, now: float) -> None:
+        """Every COMPACT_EVERY seconds: the receive thread snapshots and rotates
+        the journal (it owns the cache); this thread writes the snapshot."""
+        if self.state.journal_error is not None:
+            self.log(f"error replay journal: {self.state.journal_error} (the running server "
+                     "still refuses replays; a restart now could forget recent ones)")
+            self.state.journal_error = None
+        pending = self._pending_snapshot
+        if pending is not None:
+            self._pending_snapshot = None
+            self.state.finish_compaction(pending)
+        elif now - self._last_compact >= COMPACT_EVERY:
+            self._last_compact = now
+
+            def snapshot() -> None:
+                self._pending_snapshot = self.state.rotate_journal(self.verifier.replay)
+
+            self._commands.append(snapshot)
+
     def _save(self, now: float) -> None:
         with self._lock:
             if not self._dirty:
@@ -307,9 +331,10 @@ class Server:
     def _switch_to(self, new: ServerConfig) -> None:
         old = self.config
         if new.server_id != old.server_id or new.listen_port != old.listen_port or (
-                new.backend != old.backend or new.mode != old.mode):
-            self.log("warning server_id, listen_port, backend and mode changes take effect "
-                     "at the next restart")
+                new.backend != old.backend or new.mode != old.mode
+                or new.window != old.window):
+            self.log("warning server_id, listen_port, backend, mode and window changes take "
+                     "effect at the next restart")
         changed = {n: c.secret for n, c in new.clients.items()
                    if n not in old.clients or old.clients[n].secret != c.secret}
         gone = [n for n in old.clients if n not in new.clients]
@@ -332,7 +357,7 @@ class Server:
             services[name] = old.services[name]  # keep removing what is open
         self.config = replace(new, services=services, server_id=old.server_id,
                               listen_port=old.listen_port, backend=old.backend,
-                              mode=old.mode, state_dir=old.state_dir)
+                              mode=old.mode, state_dir=old.state_dir, window=old.window)
         self._commands.append(switch)
         self._tag_keys = self._derive_tag_keys(new)
         self._update_kernel_filter(self.clock(), force=True)

@@ -5,7 +5,10 @@ Invariants:
   append-only journal of every entry made since (`replay.journal`), written
   with one os.write per entry on the receive path (no fsync: it survives a
   killed daemon, which is the case that matters; a power loss also drops the
-  firewall's state).  A compaction writes a new dump, then empties the journal.
+  firewall's state).  A compaction snapshots the cache and rotates the
+  journal on the receive thread (`rotate_journal`), then writes the snapshot
+  and drops the old journal elsewhere (`finish_compaction`): at every moment
+  each entry is in a dump or a journal that `load_replay` reads.
 - `leases.json` is replaced atomically, so `spa-server status` in another
   process always reads a whole file.
 - Files are 0600 and the directory 0700.
@@ -30,6 +33,7 @@ from spa.server.secretfile import write_private
 LEASES = "leases.json"
 REPLAY = "replay.bin"
 JOURNAL = "replay.journal"
+JOURNAL_OLD = "replay.journal.old"  # being compacted: covered by no dump yet
 SERVER = "server.json"
 
 
@@ -45,6 +49,7 @@ class StateDir:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._journal_fd: int | None = None
+        self.journal_error: str | None = None
 
     def ensure(self) -> None:
         """Create the directory (0700).  Raises LocalError."""
@@ -65,33 +70,67 @@ class StateDir:
             dump = (self.path / REPLAY).read_bytes()
         except FileNotFoundError:
             dump = ReplayCache(window).dump()
+        journal = b""
+        for name in (JOURNAL_OLD, JOURNAL):  # older records first
+            try:
+                journal += (self.path / name).read_bytes()
+            except FileNotFoundError:
+                pass
         try:
-            journal = (self.path / JOURNAL).read_bytes()
-        except FileNotFoundError:
-            journal = b""
-        try:
-            cache = ReplayCache.load(dump, now, journal=journal)
+            cache = ReplayCache.load(dump, now, journal=journal, window=window)
         except FormatError as exc:
             raise LocalError(f"{self.path / REPLAY}: {exc}; remove it only if the server has "
                              "been stopped for longer than the time window") from None
-        cache.set_window(window)
         return cache
 
     def journal(self, cache: ReplayCache) -> None:
-        """Append every new replay entry to the journal from now on."""
-        fd = os.open(self.path / JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self._journal_fd = fd
+        """Append every new replay entry to the journal from now on.
+
+        A failed write (a full disk) does not stop the receive path: the
+        in-memory cache still protects the running server; `journal_error`
+        says what happened so the daemon can log it and compact.
+        """
+        self._open_journal()
 
         def append(expiry: float, client: str, nonce: bytes) -> None:
-            os.write(fd, entry_bytes(expiry, client, nonce))
+            try:
+                if self._journal_fd is not None:
+                    os.write(self._journal_fd, entry_bytes(expiry, client, nonce))
+            except OSError as exc:
+                self.journal_error = exc.strerror or str(exc)
 
         cache.on_add = append
 
-    def compact_replay(self, cache: ReplayCache) -> None:
-        """Write a full dump, then empty the journal."""
+    def _open_journal(self) -> None:
+        self._journal_fd = os.open(self.path / JOURNAL,
+                                   os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+    def compact_now(self, cache: ReplayCache) -> None:
+        """Dump and empty the journals (only while nothing else adds entries:
+        at start, at shutdown)."""
         write_private(self.path / REPLAY, cache.dump())
+        for name in (JOURNAL_OLD, JOURNAL):
+            if (self.path / name).exists():
+                os.truncate(self.path / name, 0)
+
+    def rotate_journal(self, cache: ReplayCache) -> bytes | None:
+        """Receive thread: snapshot the cache and start a new journal, so that
+        every entry is in the snapshot or in a journal at every moment.  The
+        snapshot is written by `finish_compaction` (another thread).  None if
+        the previous compaction has not finished."""
+        if (self.path / JOURNAL_OLD).exists():
+            return None
+        snapshot = cache.dump()
         if self._journal_fd is not None:
-            os.ftruncate(self._journal_fd, 0)
+            os.close(self._journal_fd)
+        os.replace(self.path / JOURNAL, self.path / JOURNAL_OLD)
+        self._open_journal()
+        return snapshot
+
+    def finish_compaction(self, snapshot: bytes) -> None:
+        """Write the snapshot, then drop the journal it covers."""
+        write_private(self.path / REPLAY, snapshot)
+        (self.path / JOURNAL_OLD).unlink(missing_ok=True)
 
     def close(self) -> None:
         if self._journal_fd is not None:

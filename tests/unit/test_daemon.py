@@ -262,3 +262,33 @@ def test_a_failing_firewall_call_is_logged_and_retried(world: World) -> None:
     assert held(world) == {}
     server.housekeeping()  # reconciles: the grant reaches the firewall
     assert held(world) == {(A, "ssh"): world.clock.now + 60}
+
+
+def test_a_knock_accepted_during_compaction_survives_a_restart(tmp_path: Path) -> None:
+    """Review finding: an entry written between the dump and the journal's
+    truncation was lost.  Now the journal is rotated with the snapshot."""
+    world = World(tmp_path)
+    world.init()
+    world.enroll("alice")
+    server = world.start()
+    first, second = world.packet("alice"), world.packet("alice")
+    assert isinstance(server.handle(first, A), Accepted)
+    server.housekeeping()       # queues the snapshot for the receive thread
+    server.run_commands()       # receive thread: snapshot + journal rotation
+    assert isinstance(server.handle(second, A), Accepted)  # lands in the new journal
+    server.housekeeping()       # writes the snapshot, drops the old journal
+    server.state.close()        # crash
+    again = world.start()
+    for packet in (first, second):
+        result = again.handle(packet, A)
+        assert isinstance(result, Refused)
+        assert result.reason is Reason.REPLAY
+
+
+def test_a_full_disk_for_the_journal_does_not_stop_the_receive_path(world: World) -> None:
+    server = world.server
+    assert server is not None
+    server.state._journal_fd = os.open("/dev/full", os.O_WRONLY)
+    assert isinstance(server.handle(world.packet("alice"), A), Accepted)
+    server.housekeeping()
+    assert any(line.startswith("error replay journal:") for line in world.logs)

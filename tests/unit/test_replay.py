@@ -22,7 +22,7 @@ def test_entries_live_two_windows_then_go() -> None:
     cache = ReplayCache(30)
     cache.check_and_add("alice", N1, 100)
     assert cache.check_and_add("alice", N1, 159.9) is Check.REPLAY
-    cache.expire(160)
+    cache.expire(160.001)
     assert len(cache) == 0
     assert cache.check_and_add("alice", N1, 160) is Check.FRESH
 
@@ -102,10 +102,36 @@ def test_a_wider_window_keeps_entries_longer() -> None:
     cache.check_and_add("alice", N1, 0)
     cache.set_window(60)
     assert cache.check_and_add("alice", N1, 100) is Check.REPLAY  # 0 + 2*60 > 100
-    cache.expire(120)
+    cache.expire(120.001)
     assert len(cache) == 0
     cache.set_window(10)  # narrower: new entries use it
     cache.check_and_add("bob", N2, 200)
     assert cache.check_and_add("bob", N2, 219) is Check.REPLAY
-    cache.expire(220)
+    cache.expire(220.001)
     assert len(cache) == 0
+
+
+def test_replay_at_exactly_two_windows_is_still_caught() -> None:
+    cache = ReplayCache(30)
+    cache.check_and_add("alice", N1, 100)
+    assert cache.check_and_add("alice", N1, 160) is Check.REPLAY  # t + 2w, inclusive
+    cache.expire(160.001)
+    assert len(cache) == 0
+
+
+def test_widening_the_window_across_a_restart_keeps_entries() -> None:
+    """Review finding: load dropped entries before widening them."""
+    cache = ReplayCache(30)
+    cache.check_and_add("alice", N1, 0)  # expiry 60
+    loaded = ReplayCache.load(cache.dump(), now=70, window=120)  # 60 + 2*90 = 240
+    assert loaded.window == 120
+    assert loaded.check_and_add("alice", N1, 70) is Check.REPLAY
+
+
+def test_clock_set_back_does_not_block_expiry_of_newer_entries() -> None:
+    """Review finding: a FIFO head far in the future blocked all expiry."""
+    cache = ReplayCache(30, per_client_cap=100)  # about 61 live a minute at one a second
+    cache.check_and_add("alice", N1, 10_000)  # before the clock was set back an hour
+    for second in range(200):  # one knock a second after the set-back
+        nonce = second.to_bytes(24, "big")
+        assert cache.check_and_add("alice", nonce, 6_400 + second) is Check.FRESH, second

@@ -282,3 +282,10 @@ def test_clock_set_back_moves_the_tag_table_back_at_the_next_packet() -> None:
     result = v.verify(Knocker("alice").packet(at=NOW), SRC, NOW)  # clock set back 10 min
     assert isinstance(result, Accepted)
     assert v.tags.step == step_of(NOW)
+
+
+def test_a_narrower_replay_cache_is_widened_to_the_verifiers_window() -> None:
+    v = verifier(window=120.0, replay=ReplayCache(30))
+    packet = Knocker("alice").packet()
+    assert isinstance(v.verify(packet, SRC, NOW), Accepted)
+    assert reason(v.verify(packet, SRC, NOW + 100)) is Reason.REPLAY
