@@ -72,10 +72,8 @@ class StateDir:
             dump = ReplayCache(window).dump()
         journal = b""
         for name in (JOURNAL_OLD, JOURNAL):  # older records first
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 journal += (self.path / name).read_bytes()
-            except FileNotFoundError:
-                pass
         try:
             cache = ReplayCache.load(dump, now, journal=journal, window=window)
         except FormatError as exc:
