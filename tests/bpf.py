@@ -25,10 +25,41 @@ from spa.server.capture import (
 )
 
 
+def check_like_the_kernel(program: list[Insn]) -> None:
+    """The kernel's static checks (net/core/filter.c, bpf_check_classic and
+    check_load_and_stores): forward jumps inside the program, 8-bit jt/jf, a
+    return at the end, and every scratch cell written before it is read on
+    every path, read in program order (a return does not reset what is known,
+    so code after a return must still see its cells written)."""
+    size = len(program)
+    assert 0 < size <= 4096, "the kernel refuses longer programs"
+    assert program[-1].code & 0x07 == BPF_RET, "the last instruction must return"
+    masks = [0xFFFF] * size
+    valid = 0
+    for pc, insn in enumerate(program):
+        valid &= masks[pc]
+        cls = insn.code & 0x07
+        if cls == BPF_ST:
+            valid |= 1 << insn.k
+        elif cls == BPF_LD and insn.code & 0xE0 == BPF_MEM:
+            assert valid & (1 << insn.k), f"M[{insn.k}] read before written at {pc}"
+        elif cls == BPF_JMP and insn.code & 0xF0 == 0x00:
+            assert pc + 1 + insn.k < size, f"jump out of the program at {pc}"
+            masks[pc + 1 + insn.k] &= valid
+            valid = 0xFFFF
+        elif cls == BPF_JMP:
+            assert 0 <= insn.jt <= 255 and 0 <= insn.jf <= 255, f"8-bit offsets: {insn}"
+            assert pc + 1 + max(insn.jt, insn.jf) < size, f"jump out of the program at {pc}"
+            masks[pc + 1 + insn.jt] &= valid
+            masks[pc + 1 + insn.jf] &= valid
+            valid = 0xFFFF
+
+
 def run_filter(program: list[Insn], frame: bytes, *, protocol: int, pkttype: int) -> int:
     a = x = 0
     memory = [0] * 16
     pc = 0
+    check_like_the_kernel(program)
     while True:
         insn = program[pc]
         pc += 1
@@ -40,6 +71,9 @@ def run_filter(program: list[Insn], frame: bytes, *, protocol: int, pkttype: int
             continue
         if cls == BPF_LD and insn.code & 0xE0 == BPF_MEM:
             a = memory[insn.k]
+            continue
+        if cls == BPF_LD and insn.code & 0xE0 == 0x00:  # BPF_IMM
+            a = insn.k
             continue
         if cls == BPF_LD:
             size = insn.code & 0x18

@@ -21,6 +21,7 @@ import ctypes
 import errno
 import socket
 import struct
+import time
 from typing import NamedTuple
 
 from spa.server.errors import LocalError
@@ -36,7 +37,7 @@ RECV_BUFFER = 4 * 1024 * 1024
 # classic BPF opcodes (linux/filter.h)
 BPF_LD, BPF_LDX, BPF_ST, BPF_JMP, BPF_RET = 0x00, 0x01, 0x02, 0x05, 0x06
 BPF_W, BPF_H, BPF_B = 0x00, 0x08, 0x10
-BPF_ABS, BPF_IND, BPF_MEM, BPF_MSH = 0x20, 0x40, 0x60, 0xA0
+BPF_IMM, BPF_ABS, BPF_IND, BPF_MEM, BPF_MSH = 0x00, 0x20, 0x40, 0x60, 0xA0
 BPF_JEQ, BPF_JSET = 0x10, 0x40
 BPF_K = 0x00
 SKF_AD_OFF = -0x1000
@@ -58,9 +59,17 @@ def _k(value: int) -> int:
 Label = str | int
 
 
+BPF_JA = BPF_JMP | 0x00  # unconditional jump: a 32-bit offset in k
+MAX_JUMP = 255  # jt and jf are 8-bit offsets
+
+
 def assemble(items: list[tuple[int, Label, Label, int] | str]) -> list[Insn]:
     """Resolve symbolic jump targets: a str item is a label for the next
-    instruction; jt/jf may name a label (or be a literal offset)."""
+    instruction; jt/jf (or, for BPF_JA, jt) may name a label.
+
+    Raises ValueError if a conditional jump does not reach (jt/jf are 8 bits):
+    the caller must keep conditional targets near, and use BPF_JA for far ones.
+    """
     labels: dict[str, int] = {}
     code: list[tuple[int, Label, Label, int]] = []
     for item in items:
@@ -68,20 +77,24 @@ def assemble(items: list[tuple[int, Label, Label, int] | str]) -> list[Insn]:
             labels[item] = len(code)
         else:
             code.append(item)
-    # an unconditional jump (BPF_JA) carries its target in k, not jt/jf
-    code = [(op, 0, 0, labels[jt] - pc - 1) if op == (BPF_JMP | 0x00) and isinstance(jt, str)
-            else (op, jt, jf, k) for pc, (op, jt, jf, k) in enumerate(code)]
     program = []
     for pc, (op, jt, jf, k) in enumerate(code):
         def offset(target: Label, pc: int = pc) -> int:
             return target if isinstance(target, int) else labels[target] - pc - 1
-        program.append(Insn(op, offset(jt), offset(jf), k))
+        if op == BPF_JA:
+            program.append(Insn(op, 0, 0, offset(jt)))
+            continue
+        insn = Insn(op, offset(jt), offset(jf), k)
+        if not (0 <= insn.jt <= MAX_JUMP and 0 <= insn.jf <= MAX_JUMP):
+            raise ValueError(f"BPF jump out of reach at instruction {pc}: {insn}")
+        program.append(insn)
     return program
 
 
 MAX_INSNS = 4096  # BPF_MAXINSNS: the kernel refuses longer classic programs
 KNOCK_LENGTH = 8 + 161  # UDP header + one packet of wire format v1
 _TAG_BASE = 1  # the knock tag is at payload bytes 1-8 (after the version byte)
+_PER_TAG = 5  # instructions per tag in the tag list
 
 
 def knock_filter(port: int, tags: list[bytes] | None = None) -> list[Insn]:
@@ -89,14 +102,15 @@ def knock_filter(port: int, tags: list[bytes] | None = None) -> list[Insn]:
 
     With `tags` (issue 6: drop junk before Python wakes), also require a UDP
     length of exactly one knock and a payload whose bytes 1-8 equal one of
-    the tags: the two 32-bit words are kept in scratch memory M[0], M[1] and
-    compared with each tag in turn (4 instructions per tag).
+    the tags.  The two 32-bit words sit in scratch memory M[0], M[1]; each tag
+    is a block of five instructions whose jumps stay inside the block (a
+    miss skips to the next block, a hit returns at once), so no conditional
+    jump ever needs more than the 8 bits classic BPF gives it.
     """
     ld_h, ld_b = BPF_LD | BPF_H | BPF_ABS, BPF_LD | BPF_B | BPF_ABS
     jeq = BPF_JMP | BPF_JEQ | BPF_K
-    checking = tags is not None
-    v4_port_ok: Label = "v4_tags" if checking else "accept"
-    v6_port_ok: Label = "v6_tags" if checking else "accept"
+    accept_insn = (BPF_RET | BPF_K, 0, 0, 0xFFFF)
+    drop_insn = (BPF_RET | BPF_K, 0, 0, 0)
     program: list[tuple[int, Label, Label, int] | str] = [
         (ld_b, 0, 0, _k(SKF_AD_OFF + SKF_AD_PKTTYPE)),
         (jeq, 0, "drop", PACKET_HOST),
@@ -108,55 +122,58 @@ def knock_filter(port: int, tags: list[bytes] | None = None) -> list[Insn]:
         (BPF_JMP | BPF_JSET | BPF_K, "drop", 0, 0x3FFF),  # MF or offset: a fragment
         (BPF_LDX | BPF_B | BPF_MSH, 0, 0, 0),           # X = 4 * IHL
         (BPF_LD | BPF_H | BPF_IND, 0, 0, 2),            # UDP destination port
-        (jeq, v4_port_ok, "drop", port),
+        (jeq, "v4_port_ok", "drop", port),
         "ipv6",
         (jeq, 0, "drop", ETH_P_IPV6),
         (ld_b, 0, 0, 6),                                # next header (no extensions)
         (jeq, 0, "drop", socket.IPPROTO_UDP),
         (ld_h, 0, 0, 42),                               # 40 + 2: UDP destination port
-        (jeq, v6_port_ok, "drop", port),
+        (jeq, "v6_port_ok", "drop", port),
+        "drop",
+        drop_insn,
     ]
-    if tags is not None:
-        ld_w_ind, ld_w_abs = BPF_LD | BPF_W | BPF_IND, BPF_LD | BPF_W | BPF_ABS
-        st, ld_mem = BPF_ST, BPF_LD | BPF_MEM
+    if tags is None:
+        return assemble([*program, "v4_port_ok", "v6_port_ok", accept_insn])
+    ld_w_ind, ld_w_abs = BPF_LD | BPF_W | BPF_IND, BPF_LD | BPF_W | BPF_ABS
+    st, ld_mem = BPF_ST, BPF_LD | BPF_MEM
+    # The kernel's checker reads the program in order and wants every scratch
+    # cell written before any read on every path it can see, including the
+    # fall-through after a return: write both cells first.
+    program = [(BPF_LD | BPF_IMM, 0, 0, 0), (st, 0, 0, 0), (st, 0, 0, 1), *program]
+    program += [
+        "v4_port_ok",
+        (BPF_LD | BPF_H | BPF_IND, 0, 0, 4),            # UDP length
+        (jeq, 0, "drop_length", KNOCK_LENGTH),
+        (ld_w_ind, 0, 0, 8 + _TAG_BASE), (st, 0, 0, 0),
+        (ld_w_ind, 0, 0, 8 + _TAG_BASE + 4), (st, 0, 0, 1),
+        (BPF_JA, "tags", 0, 0),
+        "v6_port_ok",
+        (ld_h, 0, 0, 44),                               # UDP length
+        (jeq, 0, "drop_length", KNOCK_LENGTH),
+        (ld_w_abs, 0, 0, 48 + _TAG_BASE), (st, 0, 0, 0),
+        (ld_w_abs, 0, 0, 48 + _TAG_BASE + 4), (st, 0, 0, 1),
+        (BPF_JA, "tags", 0, 0),
+        "drop_length",
+        drop_insn,
+        "tags",
+        (ld_mem, 0, 0, 0),
+    ]
+    for tag in tags:
+        high, low = int.from_bytes(tag[:4], "big"), int.from_bytes(tag[4:8], "big")
         program += [
-            "v4_tags",
-            (BPF_LD | BPF_H | BPF_IND, 0, 0, 4),        # UDP length
-            (jeq, 0, "drop", KNOCK_LENGTH),
-            (ld_w_ind, 0, 0, 8 + _TAG_BASE), (st, 0, 0, 0),
-            (ld_w_ind, 0, 0, 8 + _TAG_BASE + 4), (st, 0, 0, 1),
-            (BPF_JMP | 0x00 | BPF_K, "tags", "tags", 0),  # ja tags
-            "v6_tags",
-            (ld_h, 0, 0, 44),                           # UDP length
-            (jeq, 0, "drop", KNOCK_LENGTH),
-            (ld_w_abs, 0, 0, 48 + _TAG_BASE), (st, 0, 0, 0),
-            (ld_w_abs, 0, 0, 48 + _TAG_BASE + 4), (st, 0, 0, 1),
-            "tags",
+            (jeq, 0, 4, high),                          # miss: to the next block
+            (ld_mem, 0, 0, 1),
+            (jeq, 0, 1, low),                           # miss: restore M[0], go on
+            accept_insn,
             (ld_mem, 0, 0, 0),
         ]
-        for index, tag in enumerate(tags):
-            high, low = int.from_bytes(tag[:4], "big"), int.from_bytes(tag[4:8], "big")
-            miss = f"miss{index}"
-            program += [
-                (jeq, 0, miss, high),
-                (ld_mem, 0, 0, 1),
-                (jeq, "accept", 0, low),
-                (ld_mem, 0, 0, 0),
-                miss,
-            ]
-        program.append((BPF_RET | BPF_K, 0, 0, 0))      # no tag matched
-    program += [
-        "accept",
-        (BPF_RET | BPF_K, 0, 0, 0xFFFF),
-        "drop",
-        (BPF_RET | BPF_K, 0, 0, 0),
-    ]
+    program.append(drop_insn)                           # no tag matched
     return assemble(program)
 
 
 def max_tags() -> int:
     """How many tags fit in one classic program."""
-    return (MAX_INSNS - len(knock_filter(1, []))) // 4
+    return (MAX_INSNS - len(knock_filter(1, []))) // _PER_TAG
 
 
 class _SockFprog(ctypes.Structure):
@@ -250,11 +267,13 @@ class CaptureSource:
             note = "port-only filter" if tags is None else f"kernel filter on {len(tags)} tags"
         try:
             attach_filter(self._sock, knock_filter(self.port, tags))
-        except OSError as exc:
+        except (OSError, ValueError, struct.error) as exc:
             attach_filter(self._sock, knock_filter(self.port))
+            size = len(knock_filter(self.port, tags or []))
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
             tags = None
-            note = (f"kernel refused a {len(knock_filter(self.port, []))}+ instruction "
-                    f"filter ({exc.strerror}; raise net.core.optmem_max); port-only filter")
+            note = (f"kernel filter of {size} instructions not attached ({reason}; "
+                    "raise net.core.optmem_max?); port-only filter")
         self.filtering_tags = tags is not None
         return note
 
@@ -264,6 +283,11 @@ class CaptureSource:
             frame, address = self._sock.recvfrom(RECV_SIZE)
         except TimeoutError:
             return None
+        except OSError as exc:
+            if exc.errno in (errno.ENETDOWN, errno.ENXIO, errno.ENODEV):
+                time.sleep(timeout)  # the interface went down: wait for it
+                return None
+            raise
         if address[2] != PACKET_HOST:
             return None
         return parse_datagram(frame, self.port)

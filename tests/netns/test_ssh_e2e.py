@@ -229,3 +229,18 @@ def test_kernel_filter_drops_junk_before_python_and_follows_enrollment(spa: Spa)
     assert spa.client(world.cli, "bob", "enroll", uri, "--name", "srv").returncode == 0
     assert spa.wait_for("reloaded clients=2")
     assert spa.client(world.cli, "bob", "open", "ssh", "srv", "--timeout", "3").returncode == 0
+
+
+def test_kernel_filter_with_many_clients(spa: Spa) -> None:
+    """Review finding: 15+ clients broke the filter's 8-bit jumps.  60 clients
+    here (240 tags) and the last one enrolled still gets in."""
+    from spa.server import admin
+
+    world = spa.world
+    for index in range(59):
+        admin.enroll(spa.config, f"user{index}", ["ssh"], SRV4)
+    enroll_alice(spa)
+    spa.start()
+    line = next(x for x in spa.lines if x.startswith("capture "))
+    assert line == "capture kernel filter on 240 tags", line
+    assert spa.client(world.cli, "alice", "open", "ssh", "srv").returncode == 0
