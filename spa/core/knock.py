@@ -56,7 +56,7 @@ class Prepared:
     """Tags computed ahead of a step boundary (see `TagTable.prepare`)."""
 
     step: int
-    clients: frozenset[str]
+    clients: frozenset[tuple[str, bytes]]  # (name, tag key): a re-key changes it
     entries: list[tuple[bytes, str]]
 
 
@@ -100,12 +100,11 @@ class TagTable:
 
         Safe to call from another thread than the one that looks tags up: it
         only reads a snapshot of the keys.  The result is used by `advance`
-        only if the set of clients has not changed meanwhile.
+        only if no client was added, removed or re-keyed meanwhile.
         """
         keys = list(self._keys.items())
         far = step + self._skew
-        return Prepared(step, frozenset(name for name, _ in keys),
-                        [(knock_tag(key, far), name) for name, key in keys])
+        return Prepared(step, frozenset(keys), [(knock_tag(key, far), name) for name, key in keys])
 
     def advance(self, step: int, prepared: Prepared | None = None) -> None:
         """Move the table to a new current step (normally `old + 1`)."""
@@ -116,7 +115,7 @@ class TagTable:
             self._step = step
             far = step + self._skew
             if prepared is not None and prepared.step == step and (
-                    prepared.clients == frozenset(self._keys)):
+                    prepared.clients == frozenset(self._keys.items())):
                 entries = self._by_step.setdefault(far, [])
                 for tag, name in prepared.entries:
                     entries.append((tag, name))

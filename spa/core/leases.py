@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from dataclasses import dataclass
 
 from spa.core.wire import IPAddress
@@ -70,9 +71,12 @@ class LeaseTable:
     def grant(
         self, client: str, address: IPAddress, service: str, *, now: float, duration: float
     ) -> list[FirewallAction]:
-        """Start or extend a client's lease.  Raises ValueError if duration <= 0."""
-        if duration <= 0:
-            raise ValueError("a grant needs a positive duration")
+        """Start or extend a client's lease.
+
+        Raises ValueError unless duration is finite and positive and now finite.
+        """
+        if not (math.isfinite(duration) and duration > 0 and math.isfinite(now)):
+            raise ValueError("a grant needs a finite positive duration at a finite time")
         actions = self.expire(now)
         self._extend(client, address, service, now + duration)
         return actions + self._settle((address, service))

@@ -154,10 +154,12 @@ def _host_port(netloc: str) -> tuple[str, int]:
 def _params(query: str) -> tuple[str, str, list[str]]:
     """(sid, key, [svc, ...]) from the query; each must be there, once."""
     found: dict[str, list[str]] = {"sid": [], "key": [], "svc": []}
-    for item in query.split("&") if query else []:
+    for number, item in enumerate(query.split("&") if query else [], start=1):
         name, sep, value = item.partition("=")
         if name not in found:
-            raise FormatError(f"unknown parameter {name!r} in enrollment URI")
+            # never echo it: a mangled "key=..." would print the secret
+            raise FormatError(f"parameter #{number} of the enrollment URI is not sid=, key= "
+                              "or svc=")
         if not sep or not value:
             raise FormatError(f"parameter {name!r} has no value")
         found[name].append(urllib.parse.unquote(value))

@@ -74,8 +74,11 @@ def parse_source(source: str | IPAddress) -> IPAddress:
     """
     if isinstance(source, str):
         return _parse_source_text(source)
-    if isinstance(source, ipaddress.IPv6Address) and source.ipv4_mapped is not None:
-        return source.ipv4_mapped
+    if isinstance(source, ipaddress.IPv6Address):
+        if source.ipv4_mapped is not None:
+            return source.ipv4_mapped
+        if source.scope_id is not None:  # fe80::1%eth0: the zone is not part of it
+            return ipaddress.IPv6Address(source.packed)
     return source
 
 
@@ -161,8 +164,11 @@ class Verifier:
         self._staged = None
         self._refresh_at = step_start(step + 1)
 
-    def verify(self, packet: bytes, source: str | IPAddress, now: float) -> Accepted | Refused:
+    def verify(self, packet: bytes | bytearray | memoryview, source: str | IPAddress,
+               now: float) -> Accepted | Refused:
         """Run every check in order; never raises for any packet bytes."""
+        if type(packet) is not bytes:
+            packet = bytes(packet)  # a bytearray or memoryview: hashable, sliceable
         if len(packet) != PACKET_SIZE:
             return _BAD_LENGTH
         if packet[0] != VERSION:

@@ -206,3 +206,15 @@ def test_prepared_tags_are_used_only_when_the_clients_are_unchanged() -> None:
     wrong = table.prepare(99)
     table.advance(13, wrong)  # prepared for another step: ignored
     assert table.lookup(knock_tag(keys["alice"], 14)) == ("alice", 14)
+
+
+def test_a_rekey_after_preparing_is_noticed() -> None:
+    """Review finding: preparation compared client names, not keys."""
+    keys = tag_keys()
+    table = TagTable(keys, step=10)
+    prepared = table.prepare(11)
+    new_key = bytes(32)
+    table.add("alice", new_key)  # same name, new key
+    table.advance(11, prepared)
+    assert table.lookup(knock_tag(new_key, 12)) == ("alice", 12)
+    assert table.lookup(knock_tag(keys["alice"], 12)) is None

@@ -96,3 +96,9 @@ def test_rebuild_from_saved_leases_keeps_live_ones_exactly() -> None:
 def test_grant_needs_a_positive_duration() -> None:
     with pytest.raises(ValueError, match="positive"):
         LeaseTable().grant("alice", NAT, "ssh", now=0, duration=0)
+
+
+@pytest.mark.parametrize("duration", [float("nan"), float("inf"), -1.0])
+def test_grant_refuses_non_finite_durations(duration: float) -> None:
+    with pytest.raises(ValueError, match="finite"):
+        LeaseTable().grant("alice", NAT, "ssh", now=0, duration=duration)

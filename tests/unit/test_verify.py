@@ -289,3 +289,15 @@ def test_a_narrower_replay_cache_is_widened_to_the_verifiers_window() -> None:
     packet = Knocker("alice").packet()
     assert isinstance(v.verify(packet, SRC, NOW), Accepted)
     assert reason(v.verify(packet, SRC, NOW + 100)) is Reason.REPLAY
+
+
+def test_bytearray_and_memoryview_packets_are_verified_too() -> None:
+    packet = Knocker("alice").packet()
+    assert isinstance(verifier().verify(bytearray(packet), SRC, NOW), Accepted)
+    assert isinstance(verifier().verify(memoryview(packet), SRC, NOW), Accepted)
+    assert reason(verifier().verify(bytearray(161), SRC, NOW)) is Reason.BAD_VERSION
+
+
+def test_an_ipv6_zone_does_not_split_one_host_in_two() -> None:
+    assert parse_source("fe80::1%eth0") == ipaddress.ip_address("fe80::1")
+    assert parse_source(ipaddress.IPv6Address("fe80::1%eth0")) == ipaddress.ip_address("fe80::1")
