@@ -355,6 +355,10 @@ class Server:
         services = dict(new.services)
         for name in old.services.keys() - services.keys():
             services[name] = old.services[name]  # keep removing what is open
+        if services != dict(old.services):
+            with self._lock:  # the backend keeps its grants; the rules follow
+                self.backend.start(services, now=self.clock())
+            self.log(f"firewall rules updated for services: {', '.join(sorted(services))}")
         self.config = replace(new, services=services, server_id=old.server_id,
                               listen_port=old.listen_port, backend=old.backend,
                               mode=old.mode, state_dir=old.state_dir, window=old.window)

@@ -292,3 +292,18 @@ def test_a_full_disk_for_the_journal_does_not_stop_the_receive_path(world: World
     assert isinstance(server.handle(world.packet("alice"), A), Accepted)
     server.housekeeping()
     assert any(line.startswith("error replay journal:") for line in world.logs)
+
+
+def test_a_service_added_or_moved_while_running_reaches_the_firewall(world: World) -> None:
+    """Review finding: a reload changed policy but not the firewall's rules."""
+    server = world.server
+    assert server is not None
+    text = world.config_path.read_text().replace("port = 22\n", "port = 2222\n")
+    text += '\n[services.pg]\nprotocol = "tcp"\nport = 5432\ndefault_duration = 60\n' \
+            'max_duration = 600\n'
+    world.config_path.write_text(text)
+    server.housekeeping()
+    assert world.backend.log.count(("start",)) == 2
+    assert world.backend.services["ssh"].port == 2222
+    assert "pg" in world.backend.services
+    assert any(line.startswith("firewall rules updated") for line in world.logs)
