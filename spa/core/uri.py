@@ -18,7 +18,6 @@ import base64
 import binascii
 import ipaddress
 import re
-import urllib.parse
 from dataclasses import dataclass
 
 from spa.core.errors import FormatError
@@ -72,9 +71,14 @@ def check_host(host: str) -> str:
         return str(ipaddress.ip_address(host))
     except ValueError:
         pass
-    name = host[:-1] if host.endswith(".") else host
+    name = host
     if not name or len(name) > 253 or not all(_LABEL_RE.match(p) for p in name.split(".")):
         raise FormatError(f"host {host!r} is neither an IP address nor a DNS name")
+    last = name.rsplit(".", 1)[-1]
+    if last.isdigit() or last.lower().startswith("0x"):
+        # 010.0.0.1, 0x7f.1, 2130706433: not IP literals, but resolvers read
+        # them as (other) addresses; a DNS top-level label is never numeric
+        raise FormatError(f"host {host!r} looks like a malformed IP address")
     return name.lower()
 
 
@@ -108,7 +112,9 @@ def parse(uri: str) -> Enrollment:
     if "@" in netloc:
         raise FormatError("enrollment URI must not carry a user name before the host")
     host, port = _host_port(netloc)
-    client = urllib.parse.unquote(path)
+    if "%" in netloc + path:
+        raise FormatError("enrollment URI must not percent-encode its host or client name")
+    client = path
     if not is_valid_client_name(client):
         raise FormatError("client name in the URI path is missing or has bad characters")
     sid, key, services = _params(query)
@@ -145,6 +151,8 @@ def _host_port(netloc: str) -> tuple[str, int]:
         return host, DEFAULT_PORT
     if not rest.startswith(":") or not rest[1:].isdigit() or not rest[1:].isascii():
         raise FormatError("port after the host must be a number")
+    if len(rest) > 2 and rest[1] == "0":
+        raise FormatError("port after the host must not start with 0")
     port = int(rest[1:])
     if not 1 <= port <= 65535:
         raise FormatError(f"port {port} is out of range 1-65535")
@@ -162,7 +170,9 @@ def _params(query: str) -> tuple[str, str, list[str]]:
                               "or svc=")
         if not sep or not value:
             raise FormatError(f"parameter {name!r} has no value")
-        found[name].append(urllib.parse.unquote(value))
+        if "%" in value:
+            raise FormatError(f"parameter {name!r} must not be percent-encoded")
+        found[name].append(value)
     for name in ("sid", "key"):
         if len(found[name]) != 1:
             what = "missing" if not found[name] else "repeated"

@@ -87,11 +87,21 @@ def is_valid_service_name(name: str) -> bool:
 
 
 def check_address(address: IPAddress) -> None:
-    """Raise ValueError for an address that can never be allowed."""
-    if address.is_unspecified or address.is_multicast:
+    """Raise ValueError for an address that can never be a client's: the
+    unspecified, multicast, loopback, reserved (which covers the IPv4
+    broadcast) and "this network" (0/8) addresses; and the two IPv6 spellings
+    of an IPv4 address (mapped, compatible), so each host has one encoding."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            raise ValueError(f"{address} is IPv4-mapped; send the IPv4 address itself")
+        if int(address) >> 32 == 0 and int(address) > 1:
+            raise ValueError(f"{address} is IPv4-compatible (deprecated); send the IPv4 "
+                             "address")
+    elif address.packed[0] == 0 and not address.is_unspecified:
+        raise ValueError(f"{address} is in 0.0.0.0/8 ('this network')")
+    if (address.is_unspecified or address.is_multicast or address.is_loopback
+            or address.is_reserved):
         raise ValueError(f"{address} cannot be allowed through a firewall")
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        raise ValueError(f"{address} is IPv4-mapped; send the IPv4 address itself")
 
 
 def encode_body(request: Request) -> bytes:

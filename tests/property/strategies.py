@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import ipaddress
-
 from hypothesis import strategies as st
 
-from spa.core.wire import Action, IPAddress, Request
+from spa.core.wire import Action, IPAddress, Request, check_address
 
 service_names = st.from_regex(r"[a-z0-9][a-z0-9_-]{0,31}", fullmatch=True)
 otps = st.one_of(st.just(""), st.from_regex(r"[0-9]{6,10}", fullmatch=True))
 
 
 def _usable(address: IPAddress) -> bool:
-    if address.is_unspecified or address.is_multicast:
+    try:
+        check_address(address)
+    except ValueError:
         return False
-    return not (isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None)
+    return True
 
 
 addresses = st.one_of(

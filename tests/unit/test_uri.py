@@ -121,3 +121,19 @@ def test_a_mangled_key_parameter_is_not_echoed(mangled: str) -> None:
     with pytest.raises(FormatError) as info:
         parse(uri(query=f"sid={SID_TEXT}&{mangled}&svc=ssh:tcp:22"))
     assert KEY_TEXT[:8] not in str(info.value)
+
+
+@pytest.mark.parametrize("host", ["010.0.0.1", "0x7f.1", "2130706433", "1.2.3.256",
+                                  "example.999", "%61lice.org"])
+def test_numeric_hosts_that_are_not_ip_literals_are_refused(host: str) -> None:
+    """Review finding: resolvers read these as other addresses."""
+    with pytest.raises(FormatError):
+        parse(uri(host=host))
+
+
+@pytest.mark.parametrize("text", [uri(client="%61lice"), uri(host="h:062201"),
+                                  uri(query=f"sid={SID_TEXT}&key=%41{KEY_TEXT[1:]}"
+                                            "&svc=ssh:tcp:22")])
+def test_percent_encoding_and_leading_zeros_are_refused(text: str) -> None:
+    with pytest.raises(FormatError):
+        parse(text)
