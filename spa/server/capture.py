@@ -171,6 +171,36 @@ def knock_filter(port: int, tags: list[bytes] | None = None) -> list[Insn]:
     return assemble(program)
 
 
+def udp_payload_filter(tags: list[bytes]) -> list[Insn]:
+    """For a bound UDP socket (udp mode), where a socket filter sees the
+    datagram from its UDP header on: exactly one knock's length and one of
+    the live tags at payload bytes 1-8, in the same 5-instruction blocks."""
+    ld_h, ld_w = BPF_LD | BPF_H | BPF_ABS, BPF_LD | BPF_W | BPF_ABS
+    jeq = BPF_JMP | BPF_JEQ | BPF_K
+    program: list[tuple[int, Label, Label, int] | str] = [
+        (BPF_LD | BPF_IMM, 0, 0, 0), (BPF_ST, 0, 0, 0), (BPF_ST, 0, 0, 1),
+        (ld_h, 0, 0, 4),                                # UDP length
+        (jeq, 0, "drop", KNOCK_LENGTH),
+        (ld_w, 0, 0, 8 + _TAG_BASE + 4), (BPF_ST, 0, 0, 1),
+        (ld_w, 0, 0, 8 + _TAG_BASE),  (BPF_ST, 0, 0, 0),
+        (BPF_JA, "tags", 0, 0),
+        "drop",
+        (BPF_RET | BPF_K, 0, 0, 0),
+        "tags",
+    ]
+    for tag in tags:
+        high, low = int.from_bytes(tag[:4], "big"), int.from_bytes(tag[4:8], "big")
+        program += [
+            (jeq, 0, 4, high),
+            (BPF_LD | BPF_MEM, 0, 0, 1),
+            (jeq, 0, 1, low),
+            (BPF_RET | BPF_K, 0, 0, 0xFFFF),
+            (BPF_LD | BPF_MEM, 0, 0, 0),
+        ]
+    program.append((BPF_RET | BPF_K, 0, 0, 0))
+    return assemble(program)
+
+
 def max_tags() -> int:
     """How many tags fit in one classic program."""
     return (MAX_INSNS - len(knock_filter(1, []))) // _PER_TAG

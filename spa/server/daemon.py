@@ -284,7 +284,7 @@ class Server:
         tags = [knock_tag(key, s) for key in self._tag_keys.values() for s in steps]
         note = set_tags(tags)
         if self._filter_step is None or force:
-            self.log(f"capture {note}")
+            self.log(f"{self.config.mode} {note}")
         self._filter_step = step
 
     def _compact_replay(self, now: float) -> None:

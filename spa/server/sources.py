@@ -8,6 +8,7 @@ AF_PACKET socket with a BPF filter, nothing bound) plugs in here next.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 from collections import deque
@@ -18,6 +19,7 @@ from spa.server.errors import LocalError
 
 RECV_SIZE = 2048  # larger than any packet we accept, so oversize is visible
 RECV_BUFFER = 4 * 1024 * 1024  # kernel socket buffer: absorbs bursts
+SO_DETACH_FILTER = 27
 
 
 class PacketSource(Protocol):
@@ -51,6 +53,25 @@ class UdpSource:
             raise LocalError(f"cannot listen on {address} port {port}: {exc.strerror}") from None
         self._sock = sock
         self.port = sock.getsockname()[1]
+        self.filtering_tags = False
+
+    def set_tags(self, tags: list[bytes] | None) -> str:
+        """Drop datagrams without a live knock tag in the kernel (a socket
+        filter); None removes the filter.  Returns a line for the log."""
+        from spa.server.capture import attach_filter, max_tags, udp_payload_filter
+
+        if tags is None or len(tags) > max_tags():
+            with contextlib.suppress(OSError):
+                self._sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
+            self.filtering_tags = False
+            return "no kernel filter (too many tags)" if tags is not None else "no kernel filter"
+        try:
+            attach_filter(self._sock, udp_payload_filter(tags))
+        except (OSError, ValueError) as exc:
+            self.filtering_tags = False
+            return f"kernel filter not attached ({exc}); no kernel filter"
+        self.filtering_tags = True
+        return f"kernel filter on {len(tags)} tags"
 
     def receive(self, timeout: float) -> tuple[bytes, str] | None:
         self._sock.settimeout(timeout)

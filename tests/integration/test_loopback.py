@@ -251,3 +251,15 @@ def test_client_dir_from_the_environment(site: Site, tmp_path: Path) -> None:
     assert (where / "profiles" / "envsrv.toml").exists()
     done = run_cli("spa-client", "open", "ssh", "envsrv", env=env)
     assert done.returncode == 0, done.stderr
+
+
+def test_udp_mode_drops_junk_in_the_kernel(site: Site) -> None:
+    """The bound socket carries a filter on the live tags: junk with the right
+    version byte and length never reaches the server; knocks do."""
+    assert site.server.wait_for_line("udp kernel filter on")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _ in range(500):
+            sock.sendto(b"\x01" + os.urandom(160), (site.host, parse(site.uris["alice"]).port))
+    assert site.client("alice", "open", "ssh", "srv").returncode == 0
+    time.sleep(0.6)
+    assert [e for e in site.events() if e["outcome"] == "refused"] == []

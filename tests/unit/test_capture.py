@@ -155,3 +155,18 @@ def test_assembler_refuses_a_jump_out_of_reach() -> None:
         (BPF_JMP | BPF_JEQ, "end", 0, 1), *[(BPF_RET, 0, 0, 0)] * 300, "end", (BPF_RET, 0, 0, 1)]
     with pytest.raises(ValueError, match="out of reach"):
         assemble(far)
+
+
+def test_udp_socket_filter_passes_live_tags_only() -> None:
+    """udp mode: the socket filter sees the datagram from its UDP header on."""
+    from spa.server.capture import udp_payload_filter
+
+    program = udp_payload_filter(TAGS)
+
+    def datagram(tag: bytes, size: int = 161) -> bytes:
+        return bytes(UDP(sport=5555, dport=PORT) / Raw(b"\x01" + tag + bytes(size - 9)))
+
+    assert run_filter(program, datagram(TAGS[7]), protocol=0, pkttype=0)
+    assert run_filter(program, datagram(TAGS[-1]), protocol=0, pkttype=0)
+    assert not run_filter(program, datagram(bytes(8)), protocol=0, pkttype=0)
+    assert not run_filter(program, datagram(TAGS[7], size=162), protocol=0, pkttype=0)
