@@ -34,7 +34,8 @@ def _free_udp_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _until(check: Callable[[], bool], timeout: float = WAIT) -> bool:
+def until(check: Callable[[], bool], timeout: float = WAIT) -> bool:
+    """Poll `check` every 50 ms until it holds or `timeout` passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
@@ -97,7 +98,7 @@ class Demo:
     def story(self) -> None:
         first = self.packet(Action.OPEN, "ssh", 30)
         knock.send(self.target, first)
-        granted = _until(lambda: any(r.service == "ssh" for r in self.leases()))
+        granted = until(lambda: any(r.service == "ssh" for r in self.leases()))
         self.say("2. alice knocks: open ssh for 30 s (one 161-byte UDP packet, no answer)")
         self.check(granted, "granted: the firewall now lets 127.0.0.1 reach ssh (tcp/22)")
         for _ in range(3):
@@ -112,9 +113,9 @@ class Demo:
         tampered = bytearray(first)
         tampered[80] ^= 0x01
         knock.send(self.target, bytes(tampered))
-        self.check(_until(lambda: bool(self.refusals("replay"))),
+        self.check(until(lambda: bool(self.refusals("replay"))),
                    "replayed packet refused: reason=replay")
-        self.check(_until(lambda: bool(self.refusals("bad_mac"))),
+        self.check(until(lambda: bool(self.refusals("bad_mac"))),
                    "tampered packet refused: reason=bad_mac (checked before any decryption)")
         for _ in range(100):
             knock.send(self.target, b"\x01" + os.urandom(160))
@@ -124,7 +125,7 @@ class Demo:
                    "server never saw them")
         self.say("4. alice is done: close ssh")
         knock.send(self.target, self.packet(Action.CLOSE, "ssh"))
-        self.check(_until(lambda: not self.leases()), "lease gone: ssh is closed again")
+        self.check(until(lambda: not self.leases()), "lease gone: ssh is closed again")
         self.say("5. the server's log lines (fail2ban-readable):")
         for line in self.logs:
             if line.startswith(("accepted", "refused", "lease_")):

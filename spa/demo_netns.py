@@ -23,6 +23,7 @@ from pathlib import Path
 
 from spa.core.uri import parse
 from spa.core.wire import NONCE_SIZE, Action
+from spa.demo import until
 from spa.netns import Namespace, Sshd, Topology, can_make_namespaces, start_sshd
 from spa.server import admin
 from spa_client import knock
@@ -79,7 +80,7 @@ class NetnsDemo:
             [*_program("spa-server"), "--config", str(self.config), "run"],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         threading.Thread(target=self._read, daemon=True).start()
-        if not self._wait(lambda: any(x.startswith("started") for x in self.lines)):
+        if not until(lambda: any(x.startswith("started") for x in self.lines)):
             raise RuntimeError(f"spa-server did not start: {self.lines[-3:]}")
 
     def _read(self) -> None:
@@ -87,15 +88,6 @@ class NetnsDemo:
         assert self.server.stdout is not None
         for line in self.server.stdout:
             self.lines.append(line.rstrip("\n"))
-
-    @staticmethod
-    def _wait(check: Callable[[], bool], timeout: float = 5) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if check():
-                return True
-            time.sleep(0.05)
-        return check()
 
     def client(self, *args: str) -> subprocess.CompletedProcess[str]:
         return self.cli.run(*_program("spa-client"), "--config-dir", str(self.root / "client"),
@@ -151,13 +143,13 @@ class NetnsDemo:
         tampered = bytearray(packet)
         tampered[80] ^= 1
         self.send_raw(bytes(tampered))
-        self.check(self._wait(lambda: any("reason=replay" in x for x in self.lines)),
+        self.check(until(lambda: any("reason=replay" in x for x in self.lines)),
                    "replayed packet refused: reason=replay")
-        self.check(self._wait(lambda: any("reason=bad_mac" in x for x in self.lines)),
+        self.check(until(lambda: any("reason=bad_mac" in x for x in self.lines)),
                    "tampered packet refused: reason=bad_mac")
         say("5. alice closes ssh: spa-client close ssh srv")
         self.client("close", "ssh", "srv")
-        self.check(self._wait(lambda: not self.leases()), "lease gone")
+        self.check(until(lambda: not self.leases()), "lease gone")
         after = self.ssh("true")
         self.check(after.returncode != 0, "after the close: ssh cannot connect again")
         say("6. the server's log lines (fail2ban-readable):")
