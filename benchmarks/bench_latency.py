@@ -48,23 +48,31 @@ def sources(count: int) -> list[str]:
     return [f"10.201.{1 + i // 250}.{1 + i % 250}" for i in range(count)]
 
 
+ATTACKER_SERVER, ATTACKER = "10.202.0.1", "10.202.0.2"
+
+
 class Site:
-    def __init__(self, root: Path, count: int) -> None:
+    def __init__(self, root: Path, count: int, *, attacker: bool = False) -> None:
         self.root = root
         self.topo = Topology()
         self.srv, self.cli = self.topo.ns("srv"), self.topo.ns("cli")
         self.srv_if, self.cli_if = self.topo.link(self.srv, [f"{SERVER}/16"], self.cli,
                                                   ["10.201.0.2/16"])
+        if attacker:
+            self.att = self.topo.ns("att")
+            self.topo.link(self.srv, [f"{ATTACKER_SERVER}/24"], self.att, [f"{ATTACKER}/24"])
         for address in sources(count):
             self.cli.run("ip", "addr", "add", f"{address}/16", "dev", self.cli_if)
         self.procs: list[subprocess.Popen[str]] = [
             self.srv.popen([sys.executable, "-c", SERVICE])]
         time.sleep(0.3)
 
-    def probe(self, knocks: list[tuple[str, bytes]]) -> list[float | None]:
+    def probe(self, knocks: list[tuple[str, bytes]], *, interval: float = 0.0,
+              timeout: float = 2.0) -> list[float | None]:
         spec = self.root / "spec.json"
         spec.write_text(json.dumps({"server": SERVER, "knock_port": KNOCK_PORT,
-                                    "service_port": 22, "timeout": 2.0,
+                                    "service_port": 22, "timeout": timeout,
+                                    "interval": interval,
                                     "knocks": [[s, p.hex()] for s, p in knocks]}))
         done = self.cli.run(sys.executable, str(HERE / "latency_probe.py"), str(spec),
                             timeout=600)
@@ -77,7 +85,15 @@ class Site:
         self.topo.cleanup()
 
 
+Started = tuple[subprocess.Popen[str], list[tuple[str, bytes]]]
+
+
 def spa_run(site: Site, count: int, mode: str) -> list[float | None]:
+    return site.probe(start_spa(site, count, mode)[1])
+
+
+def start_spa(site: Site, count: int, mode: str) -> Started:
+    """spa-server running in the server namespace, and `count` fresh knocks."""
     config = site.root / "server.toml"
     admin.init(config, listen_port=KNOCK_PORT, backend="nftables",
                state_dir=site.root / "state", force=True)
@@ -93,10 +109,16 @@ def spa_run(site: Site, count: int, mode: str) -> list[float | None]:
                                          address=None, now=time.time(),
                                          nonce=os.urandom(NONCE_SIZE)))
               for source in sources(count)]
-    return site.probe(knocks)
+    return server, knocks
 
 
 def fwknopd_run(site: Site, count: int, mode: str) -> list[float | None]:
+    return site.probe(start_fwknopd(site, count, mode)[1])
+
+
+def start_fwknopd(site: Site, count: int, mode: str) -> Started:
+    """fwknopd running in the server namespace, and `count` knocks made by
+    the real fwknop client."""
     key = base64.b64encode(os.urandom(32)).decode()
     hmac_key = base64.b64encode(os.urandom(64)).decode()
     conf, access = site.root / "fwknopd.conf", site.root / "access.conf"
@@ -112,8 +134,8 @@ def fwknopd_run(site: Site, count: int, mode: str) -> list[float | None]:
             "-r", str(site.root / "run")]
     if mode == "udp":
         argv.append("-U")
-    site.procs.append(site.srv.popen(argv, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL))
+    server = site.srv.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    site.procs.append(server)
     time.sleep(2.0)
     packets = site.root / "packets"
     for source in sources(count):
@@ -121,7 +143,7 @@ def fwknopd_run(site: Site, count: int, mode: str) -> list[float | None]:
                      "--key-base64-rijndael", key, "--key-base64-hmac", hmac_key,
                      "--use-hmac", "-T", "-B", str(packets), "-b")
     lines = packets.read_text().split()
-    return site.probe([(s, line.encode()) for s, line in zip(sources(count), lines, strict=True)])
+    return server, [(s, line.encode()) for s, line in zip(sources(count), lines, strict=True)]
 
 
 SERVERS: dict[str, Callable[[Site, int], list[float | None]]] = {

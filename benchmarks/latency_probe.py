@@ -2,6 +2,7 @@
 
     python latency_probe.py SPEC.json
 SPEC: {"server": ip, "knock_port": n, "service_port": n, "timeout": s,
+       "interval": s (optional: knock i is sent no sooner than i * interval),
        "knocks": [[source_ip, payload_hex], ...]}
 For each knock: send the payload from its source address, then try TCP
 connects to the service from that same address (non-blocking, 0.2 ms
@@ -34,7 +35,12 @@ def opened(source: str, server: str, port: int) -> bool:
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     results: list[float | None] = []
-    for source, payload in spec["knocks"]:
+    interval = float(spec.get("interval", 0))
+    begin = time.perf_counter()
+    for index, (source, payload) in enumerate(spec["knocks"]):
+        pause = begin + index * interval - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.bind((source, 0))
             started = time.perf_counter()
