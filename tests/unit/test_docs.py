@@ -1,34 +1,39 @@
-"""Every test that docs/threat-model.md names exists (claims need evidence)."""
+"""Every test that docs/threat-model.md names exists, once (claims need evidence)."""
 
 from __future__ import annotations
 
 import ast
 import re
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-REFERENCE = re.compile(r"`((?:unit|property|netns|integration)/[\w/]+\.py)::(\w+)`")
+REFERENCE = re.compile(r"`((?:test_|Test)\w+)`")
 
 
-def defined_names(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
-    return {node.name for node in ast.walk(tree)
-            if isinstance(node, ast.FunctionDef | ast.ClassDef)} | {
-        target.id for node in ast.walk(tree) if isinstance(node, ast.Assign)
-        for target in node.targets if isinstance(target, ast.Name)}
+def defined_names() -> Counter[str]:
+    """Test functions and classes defined anywhere under tests/, with counts."""
+    names: Counter[str] = Counter()
+    for path in (ROOT / "tests").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        names.update(node.name for node in ast.walk(tree)
+                     if isinstance(node, ast.FunctionDef | ast.ClassDef))
+        names.update(target.id for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                     for target in node.targets if isinstance(target, ast.Name))
+    return names
 
 
 def test_threat_model_names_only_real_tests() -> None:
     text = (ROOT / "docs/threat-model.md").read_text()
-    references = REFERENCE.findall(text)
-    assert len(references) >= 30
-    missing = [f"{file}::{name}" for file, name in references
-               if not (ROOT / "tests" / file).exists()
-               or name not in defined_names(ROOT / "tests" / file)]
-    assert missing == []
+    references = set(REFERENCE.findall(text))
+    assert len(references) >= 60
+    defined = defined_names()
+    assert sorted(n for n in references if defined[n] == 0) == [], "named but not defined"
+    assert sorted(n for n in references if defined[n] > 1) == [], "named but ambiguous"
 
 
 def test_the_reference_check_can_fail() -> None:
-    names = defined_names(ROOT / "tests/unit/test_docs.py")
-    assert "test_threat_model_names_only_real_tests" in names
-    assert "test_that_does_not_exist" not in names
+    defined = defined_names()
+    assert defined["test_threat_model_names_only_real_tests"] == 1
+    assert defined["test_that_does_not_exist"] == 0
+    assert REFERENCE.findall("see `test_x` and `TestY`, not `spa-server`") == ["test_x", "TestY"]
