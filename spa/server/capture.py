@@ -97,6 +97,25 @@ _TAG_BASE = 1  # the knock tag is at payload bytes 1-8 (after the version byte)
 _PER_TAG = 5  # instructions per tag in the tag list
 
 
+def _tag_blocks(tags: list[bytes]) -> list[tuple[int, Label, Label, int] | str]:
+    """With A = M[0] = tag bytes 0-3 and M[1] = bytes 4-7: one five-instruction
+    block per tag (a miss skips to the next block, a hit returns at once, so
+    no jump leaves its block), then a return that drops."""
+    jeq = BPF_JMP | BPF_JEQ | BPF_K
+    code: list[tuple[int, Label, Label, int] | str] = []
+    for tag in tags:
+        high, low = int.from_bytes(tag[:4], "big"), int.from_bytes(tag[4:8], "big")
+        code += [
+            (jeq, 0, 4, high),                          # miss: to the next block
+            (BPF_LD | BPF_MEM, 0, 0, 1),
+            (jeq, 0, 1, low),                           # miss: restore M[0], go on
+            (BPF_RET | BPF_K, 0, 0, 0xFFFF),
+            (BPF_LD | BPF_MEM, 0, 0, 0),
+        ]
+    code.append((BPF_RET | BPF_K, 0, 0, 0))             # no tag matched
+    return code
+
+
 def knock_filter(port: int, tags: list[bytes] | None = None) -> list[Insn]:
     """Accept unfragmented UDP to `port` for this host, IPv4 or IPv6.
 
@@ -158,16 +177,7 @@ def knock_filter(port: int, tags: list[bytes] | None = None) -> list[Insn]:
         "tags",
         (ld_mem, 0, 0, 0),
     ]
-    for tag in tags:
-        high, low = int.from_bytes(tag[:4], "big"), int.from_bytes(tag[4:8], "big")
-        program += [
-            (jeq, 0, 4, high),                          # miss: to the next block
-            (ld_mem, 0, 0, 1),
-            (jeq, 0, 1, low),                           # miss: restore M[0], go on
-            accept_insn,
-            (ld_mem, 0, 0, 0),
-        ]
-    program.append(drop_insn)                           # no tag matched
+    program += _tag_blocks(tags)
     return assemble(program)
 
 
@@ -188,16 +198,7 @@ def udp_payload_filter(tags: list[bytes]) -> list[Insn]:
         (BPF_RET | BPF_K, 0, 0, 0),
         "tags",
     ]
-    for tag in tags:
-        high, low = int.from_bytes(tag[:4], "big"), int.from_bytes(tag[4:8], "big")
-        program += [
-            (jeq, 0, 4, high),
-            (BPF_LD | BPF_MEM, 0, 0, 1),
-            (jeq, 0, 1, low),
-            (BPF_RET | BPF_K, 0, 0, 0xFFFF),
-            (BPF_LD | BPF_MEM, 0, 0, 0),
-        ]
-    program.append((BPF_RET | BPF_K, 0, 0, 0))
+    program += _tag_blocks(tags)
     return assemble(program)
 
 
