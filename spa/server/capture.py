@@ -282,7 +282,6 @@ class CaptureSource:
             pass
         self._sock = sock
         self.port = port
-        self.filtering_tags = False
 
     def set_tags(self, tags: list[bytes] | None) -> str:
         """Filter on these knock tags in the kernel (None: port only).
@@ -305,7 +304,6 @@ class CaptureSource:
             tags = None
             note = (f"kernel filter of {size} instructions not attached ({reason}; "
                     "raise net.core.optmem_max?); port-only filter")
-        self.filtering_tags = tags is not None
         return note
 
     def receive(self, timeout: float) -> tuple[bytes, str] | None:

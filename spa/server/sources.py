@@ -53,7 +53,6 @@ class UdpSource:
             raise LocalError(f"cannot listen on {address} port {port}: {exc.strerror}") from None
         self._sock = sock
         self.port = sock.getsockname()[1]
-        self.filtering_tags = False
 
     def set_tags(self, tags: list[bytes] | None) -> str:
         """Drop datagrams without a live knock tag in the kernel (a socket
@@ -63,14 +62,11 @@ class UdpSource:
         if tags is None or len(tags) > max_tags():
             with contextlib.suppress(OSError):
                 self._sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
-            self.filtering_tags = False
             return "no kernel filter (too many tags)" if tags is not None else "no kernel filter"
         try:
             attach_filter(self._sock, udp_payload_filter(tags))
         except (OSError, ValueError) as exc:
-            self.filtering_tags = False
             return f"kernel filter not attached ({exc}); no kernel filter"
-        self.filtering_tags = True
         return f"kernel filter on {len(tags)} tags"
 
     def receive(self, timeout: float) -> tuple[bytes, str] | None:
