@@ -60,14 +60,18 @@ class UdpSource:
         from spa.server.capture import attach_filter, max_tags, udp_payload_filter
 
         if tags is None or len(tags) > max_tags():
-            with contextlib.suppress(OSError):
-                self._sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
+            self._detach()
             return "no kernel filter (too many tags)" if tags is not None else "no kernel filter"
         try:
             attach_filter(self._sock, udp_payload_filter(tags))
         except (OSError, ValueError) as exc:
+            self._detach()  # never leave an older tag list in place: it would drop knocks
             return f"kernel filter not attached ({exc}); no kernel filter"
         return f"kernel filter on {len(tags)} tags"
+
+    def _detach(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
 
     def receive(self, timeout: float) -> tuple[bytes, str] | None:
         self._sock.settimeout(timeout)

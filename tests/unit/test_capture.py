@@ -170,3 +170,28 @@ def test_udp_socket_filter_passes_live_tags_only() -> None:
     assert run_filter(program, datagram(TAGS[-1]), protocol=0, pkttype=0)
     assert not run_filter(program, datagram(bytes(8)), protocol=0, pkttype=0)
     assert not run_filter(program, datagram(TAGS[7], size=162), protocol=0, pkttype=0)
+
+
+def test_udp_filter_failure_removes_the_old_tag_list() -> None:
+    """A failed re-attach must not leave a stale tag list dropping knocks."""
+    import os
+    import socket as socketlib
+
+    from spa.server import capture
+    from spa.server.sources import UdpSource
+
+    src = UdpSource("127.0.0.1", 0)
+    try:
+        assert src.set_tags([b"AAAAAAAA"]) == "kernel filter on 1 tags"
+        real = capture.udp_payload_filter
+        capture.udp_payload_filter = lambda tags: (_ for _ in ()).throw(ValueError("too far"))
+        try:
+            assert "not attached" in src.set_tags([b"BBBBBBBB"])
+        finally:
+            capture.udp_payload_filter = real
+        with socketlib.socket(socketlib.AF_INET, socketlib.SOCK_DGRAM) as sender:
+            sender.sendto(b"\x01BBBBBBBB" + os.urandom(152), ("127.0.0.1", src.port))
+        item = src.receive(1.0)
+        assert item is not None and item[0][1:9] == b"BBBBBBBB"
+    finally:
+        src.close()
