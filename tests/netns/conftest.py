@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from spa.netns import Namespace, Topology, can_make_namespaces, sh, start_sshd
+from spa.netns import Namespace, Sshd, Topology, can_make_namespaces, sh, start_sshd
 from tests.integration.procs import command
 
 HERE = Path(__file__).resolve().parent
@@ -55,26 +55,28 @@ class World:
     srv_links: dict[str, str] = field(default_factory=dict)
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
 
-    @property
-    def ssh_key(self) -> Path:
-        return self.root / "client_key"
+    sshd: Sshd | None = None
 
     @property
     def sshd_log(self) -> Path:
-        return self.root / "sshd.log"
+        assert self.sshd is not None
+        return self.sshd.log
+
+    def sshd_login(self, host: str, remote: str, timeout: float = 4) -> list[str]:
+        """argv of a key login as root to the namespace's sshd."""
+        assert self.sshd is not None
+        return self.sshd.login_argv(host, remote, timeout=int(timeout))
 
     def ssh(self, ns: Namespace, host: str, remote: str, timeout: float = 4
             ) -> subprocess.CompletedProcess[str]:
-        return ns.run("ssh", "-i", str(self.ssh_key), "-o", "BatchMode=yes",
-                      "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                      "-o", f"ConnectTimeout={int(timeout)}", "-o", "LogLevel=ERROR",
-                      f"root@{host}", remote, check=False, timeout=timeout + 30)
+        return ns.run(*self.sshd_login(host, remote, timeout), check=False,
+                      timeout=timeout + 30)
 
 
 def _start_services(world: World) -> None:
     root = world.root
-    sshd = start_sshd(world.srv, root)
-    world.procs.append(sshd.process)
+    world.sshd = start_sshd(world.srv, root)
+    world.procs.append(world.sshd.process)
     sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
        "-nodes", "-subj", "/CN=spa-test", "-days", "1", "-keyout", str(root / "tls.key"),
        "-out", str(root / "tls.crt"))

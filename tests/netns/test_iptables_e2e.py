@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.procs import command
-from tests.netns.conftest import CLI4, SRV4, Spa, World
+from tests.netns.conftest import CLI4, CLI6, SRV4, SRV6, Spa, World
 from tests.netns.test_ssh_e2e import enroll_alice, tcp_open
 
 
@@ -49,20 +49,23 @@ def ipt(spa: Spa) -> Iterator[Spa]:
             spa.world.srv.run(tool, "-X", "SPA", check=False)
 
 
-def test_iptables_backend_hides_and_opens_ssh(ipt: Spa, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("server", "client"), [(SRV4, f"{CLI4}/32"), (SRV6, f"{CLI6}/128")],
+                         ids=["ipv4", "ipv6"])
+def test_iptables_backend_hides_and_opens_ssh(ipt: Spa, tmp_path: Path, server: str,
+                                              client: str) -> None:
     world = ipt.world
     ipt.start("--backend", "iptables", prefix=legacy_path(tmp_path))
-    enroll_alice(ipt)
-    assert not tcp_open(world, "cli", SRV4, 22)
+    enroll_alice(ipt, f"[{server}]" if ":" in server else server)
+    assert not tcp_open(world, "cli", server, 22)
     assert ipt.client(world.cli, "alice", "open", "ssh", "srv", "--duration", "2"
                       ).returncode == 0
-    assert world.ssh(world.cli, SRV4, "echo via-iptables").stdout.strip() == "via-iptables"
-    assert f"-s {CLI4}/32" in legacy_rules(world)
+    assert world.ssh(world.cli, server, "echo via-iptables").stdout.strip() == "via-iptables"
+    assert f"-s {client}" in legacy_rules(world)
     assert "spa:ssh:" in legacy_rules(world)
     # the daemon removes the rule at expiry (iptables cannot expire it by itself)
     assert ipt.wait_for("lease_end", timeout=6)
-    assert f"-s {CLI4}/32" not in legacy_rules(world)
-    assert not tcp_open(world, "cli", SRV4, 22)
+    assert f"-s {client}" not in legacy_rules(world)
+    assert not tcp_open(world, "cli", server, 22)
 
 
 def test_iptables_rules_left_by_a_crash_are_removed_at_start(ipt: Spa, tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from spa.netns import Namespace
 from tests.netns.conftest import ATT4, CLI4, SRV4, SRV6, SRV_ATT4, Spa, World
 
@@ -39,16 +41,15 @@ def test_closed_before_knock_open_after_and_a_real_ssh_login(spa: Spa) -> None:
     assert spa.elements() == [f"svc_ssh_v4 {CLI4}"]
 
 
-def test_session_survives_the_lease_new_connections_do_not(spa: Spa) -> None:
+@pytest.mark.parametrize("server", [SRV4, SRV6], ids=["ipv4", "ipv6"])
+def test_session_survives_the_lease_new_connections_do_not(spa: Spa, server: str) -> None:
     world = spa.world
     spa.start()
-    enroll_alice(spa)
+    enroll_alice(spa, f"[{server}]" if ":" in server else server)
     assert spa.client(world.cli, "alice", "open", "ssh", "srv", "--duration", "2"
                       ).returncode == 0
     session = world.cli.popen(
-        ["ssh", "-i", str(world.ssh_key), "-o", "BatchMode=yes", "-o",
-         "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o",
-         "LogLevel=ERROR", f"root@{SRV4}", "for i in 1 2 3 4 5; do echo tick $i; sleep 1; done"],
+        world.sshd_login(server, "for i in 1 2 3 4 5; do echo tick $i; sleep 1; done"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = session.communicate(timeout=30)
     assert session.returncode == 0, err
@@ -56,8 +57,8 @@ def test_session_survives_the_lease_new_connections_do_not(spa: Spa) -> None:
     # the lease (2 s) ended while the session ran; a new connection fails
     assert spa.wait_for("lease_end", timeout=5)
     assert spa.elements() == []
-    assert not tcp_open(world, "cli", SRV4, 22)
-    assert world.ssh(world.cli, SRV4, "true", timeout=2).returncode != 0
+    assert not tcp_open(world, "cli", server, 22)
+    assert world.ssh(world.cli, server, "true", timeout=2).returncode != 0
 
 
 def test_ipv6_knock_and_login(spa: Spa) -> None:
@@ -133,8 +134,6 @@ def test_runs_unprivileged_with_only_the_units_two_capabilities(world: World) ->
     from pathlib import Path
 
     if shutil.which("setpriv") is None:
-        import pytest
-
         pytest.skip("needs setpriv (util-linux)")
     root = Path(tempfile.mkdtemp(prefix="spa-unpriv-"))
     os.chmod(root, 0o755)
