@@ -211,3 +211,24 @@ def spa(world: World, tmp_path: Path) -> Iterator[Spa]:
         site.stop(signal.SIGKILL)
         world.srv.run("nft", "delete", "table", "inet", "spa", check=False)
         os.sync()
+
+
+@pytest.fixture
+def checkout_reachable_by_others() -> Iterator[None]:
+    """Tests that run spa-server as another user (uid 65534) need to reach this
+    checkout's .venv.  A clone in a private directory (mktemp -d is 0700) is
+    not: give the missing search (x, not read) permission on its ancestors for
+    the test's duration, and put the modes back afterwards."""
+    changed: list[tuple[Path, int]] = []
+    try:
+        # the console script's directories: .venv/bin, .venv, the checkout
+        # (the editable install's sources), and everything above it
+        for directory in reversed(Path(command("spa-server")[0]).absolute().parents):
+            mode = directory.stat().st_mode
+            if not mode & 0o001:
+                changed.append((directory, mode))
+                directory.chmod((mode & 0o7777) | 0o001)
+        yield
+    finally:
+        for directory, mode in reversed(changed):
+            directory.chmod(mode & 0o7777)

@@ -26,6 +26,7 @@ def test_demo_in_namespaces_with_a_real_ssh_login() -> None:
     assert sh("ip", "netns", "list").stdout == before, "the demo removed its namespaces"
 
 
+@pytest.mark.usefixtures("checkout_reachable_by_others")
 def test_demo_falls_back_to_loopback_without_namespaces() -> None:
     if shutil.which("setpriv") is None:
         pytest.skip("needs setpriv")

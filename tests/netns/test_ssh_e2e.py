@@ -126,6 +126,7 @@ def test_client_exit_1_when_the_port_stays_shut(spa: Spa) -> None:
     assert any(e["reason"] == "revoked" for e in spa.events())
 
 
+@pytest.mark.usefixtures("checkout_reachable_by_others")
 def test_runs_unprivileged_with_only_the_units_two_capabilities(world: World) -> None:
     """As the systemd unit runs it: not root, CAP_NET_ADMIN and CAP_NET_RAW only."""
     import os
