@@ -5,13 +5,15 @@ Invariants (STYLE principle 6):
   chain, idempotently), `allow` (address may reach service until a time),
   `remove`, `held` (what it holds now), `stop`.  It never touches rules it
   does not own.
+- `apply` carries out several changes at once where the backend can (one
+  nftables transaction for a whole batch of grants), else one by one.
 - `expires_by_itself` says whether a grant closes on time even when the daemon
   is not running (nftables set timeouts: yes; memory and iptables: no).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
 from spa.core.leases import Allow, FirewallAction, Remove
@@ -19,6 +21,7 @@ from spa.core.policy import Service
 from spa.core.wire import IPAddress
 
 Held = dict[tuple[IPAddress, str], float]  # (address, service name) -> until
+Change = tuple[Allow | Remove, Service]  # a lease action and the service it names
 
 
 class Backend(Protocol):
@@ -34,6 +37,10 @@ class Backend(Protocol):
     def remove(self, address: IPAddress, service: Service) -> None:
         """Stop letting address reach service (no error if not held)."""
 
+    def apply(self, changes: Sequence[Change], *, now: float) -> None:
+        """Carry out changes (at most one per address and service), at once
+        where the backend can.  Raises LocalError."""
+
     def held(self, *, now: float) -> Held:
         """What the backend currently lets through."""
 
@@ -43,9 +50,20 @@ class Backend(Protocol):
 
 def apply(backend: Backend, actions: Iterable[FirewallAction],
           services: Mapping[str, Service], *, now: float) -> None:
-    """Carry out lease-table actions.  Raises LocalError from the backend."""
+    """Carry out lease-table actions, in one call to the backend.  Each action
+    states the whole wanted state of its (address, service) pair, so only the
+    last action per pair is sent.  Raises LocalError from the backend."""
+    last: dict[tuple[IPAddress, str], FirewallAction] = {}
     for action in actions:
-        service = services[action.service]
+        last[(action.address, action.service)] = action
+    if last:
+        backend.apply([(action, services[action.service]) for action in last.values()],
+                      now=now)
+
+
+def apply_each(backend: Backend, changes: Sequence[Change], *, now: float) -> None:
+    """`Backend.apply` for backends without batches: one change at a time."""
+    for action, service in changes:
         if isinstance(action, Allow):
             backend.allow(action.address, service, action.until, now=now)
         else:

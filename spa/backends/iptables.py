@@ -20,10 +20,10 @@ from __future__ import annotations
 import ipaddress
 import shutil
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from spa.backends.base import Backend, Held
+from spa.backends.base import Backend, Change, Held, apply_each
 from spa.core.policy import Service
 from spa.core.wire import IPAddress
 from spa.server.errors import LocalError
@@ -190,6 +190,9 @@ class IptablesBackend:
             for rule in self._grant_rules(table, address, service.name):
                 chain.delete_rule(rule)
         self._run("remove a grant", act)
+
+    def apply(self, changes: Sequence[Change], *, now: float) -> None:
+        apply_each(self, changes, now=now)
 
     def held(self, *, now: float) -> Held:
         held: Held = {}

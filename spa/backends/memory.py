@@ -6,9 +6,9 @@ It keeps no real port closed: it records what a real firewall would hold.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
-from spa.backends.base import Held
+from spa.backends.base import Change, Held, apply_each
 from spa.core.policy import Service
 from spa.core.wire import IPAddress
 
@@ -35,6 +35,10 @@ class MemoryBackend:
     def remove(self, address: IPAddress, service: Service) -> None:
         self.grants.pop((address, service.name), None)
         self.log.append(("remove", str(address), service.name))
+
+    def apply(self, changes: Sequence[Change], *, now: float) -> None:
+        self.log.append(("apply", str(len(changes))))
+        apply_each(self, changes, now=now)
 
     def held(self, *, now: float) -> Held:
         return dict(self.grants)

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from spa.backends.base import Held
+from spa.backends.base import Change, Held
 from spa.backends.libnft import Document, NftRunner
+from spa.core.leases import Allow
 from spa.core.policy import Service
 from spa.core.wire import IPAddress
 
@@ -82,25 +83,45 @@ def render_start(services: Mapping[str, Service]) -> Document:
 def render_allow(address: IPAddress, service: str, timeout: int) -> Document:
     """Add or replace one element's timeout, atomically: add (no-op if it
     exists), delete, add with the new timeout."""
-    where = _where(name=set_name(service, address.version))
-    value = str(address)
-    return {"nftables": [
-        {"add": {"element": {**where, "elem": [{"elem": {"val": value, "timeout": 1}}]}}},
-        {"delete": {"element": {**where, "elem": [value]}}},
-        {"add": {"element": {**where, "elem": [{"elem": {"val": value,
-                                                          "timeout": timeout}}]}}},
-    ]}
+    return {"nftables": _allow_commands(address, service, timeout)}
 
 
 def render_remove(address: IPAddress, service: str) -> Document:
     """Remove one element; the leading add makes the delete safe when the
     kernel already expired it."""
+    return {"nftables": _remove_commands(address, service)}
+
+
+def render_changes(changes: Sequence[Change], now: float) -> Document:
+    """Several grants and removals as one transaction (all or nothing)."""
+    commands: list[dict[str, Any]] = []
+    for action, service in changes:
+        if isinstance(action, Allow):
+            commands += _allow_commands(action.address, service.name,
+                                        timeout_seconds(action.until, now))
+        else:
+            commands += _remove_commands(action.address, service.name)
+    return {"nftables": commands}
+
+
+def _allow_commands(address: IPAddress, service: str, timeout: int) -> list[dict[str, Any]]:
     where = _where(name=set_name(service, address.version))
     value = str(address)
-    return {"nftables": [
+    return [
         {"add": {"element": {**where, "elem": [{"elem": {"val": value, "timeout": 1}}]}}},
         {"delete": {"element": {**where, "elem": [value]}}},
-    ]}
+        {"add": {"element": {**where, "elem": [{"elem": {"val": value,
+                                                          "timeout": timeout}}]}}},
+    ]
+
+
+def _remove_commands(address: IPAddress, service: str) -> list[dict[str, Any]]:
+    where = _where(name=set_name(service, address.version))
+    value = str(address)
+    return [
+        {"add": {"element": {**where, "elem": [{"elem": {"val": value, "timeout": 1}}]}}},
+        {"delete": {"element": {**where, "elem": [value]}}},
+    ]
 
 
 def render_flush(services: Mapping[str, Service]) -> Document:
@@ -145,6 +166,10 @@ class NftablesBackend:
 
     def remove(self, address: IPAddress, service: Service) -> None:
         self.runner.run(render_remove(address, service.name))
+
+    def apply(self, changes: Sequence[Change], *, now: float) -> None:
+        if changes:
+            self.runner.run(render_changes(changes, now))
 
     def held(self, *, now: float) -> Held:
         listing = self.runner.run({"nftables": [{"list": {"table": {"family": FAMILY,

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import select
 import socket
 import struct
 import time
 from typing import NamedTuple
 
 from spa.server.errors import LocalError
+from spa.server.sources import BATCH, Datagram
 
 ETH_P_ALL = 0x0003
 ETH_P_IP = 0x0800
@@ -33,6 +35,7 @@ SO_ATTACH_FILTER = 26
 PACKET_HOST = 0
 RECV_SIZE = 2048
 RECV_BUFFER = 4 * 1024 * 1024
+_DOWN = (errno.ENETDOWN, errno.ENXIO, errno.ENODEV)  # the interface went away
 
 # classic BPF opcodes (linux/filter.h)
 BPF_LD, BPF_LDX, BPF_ST, BPF_JMP, BPF_RET = 0x00, 0x01, 0x02, 0x05, 0x06
@@ -281,6 +284,8 @@ class CaptureSource:
         except (BlockingIOError, InterruptedError):
             pass
         self._sock = sock
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
         self.port = port
 
     def set_tags(self, tags: list[bytes] | None) -> str:
@@ -306,20 +311,35 @@ class CaptureSource:
                     "raise net.core.optmem_max?); port-only filter")
         return note
 
-    def receive(self, timeout: float) -> tuple[bytes, str] | None:
-        self._sock.settimeout(timeout)
+    def receive(self, timeout: float) -> list[Datagram]:
+        """Queued knocks (see spa.server.sources); [] after `timeout` idle."""
         try:
-            frame, address = self._sock.recvfrom(RECV_SIZE)
-        except TimeoutError:
-            return None
+            items = self._drain()
+            if not items and self._poll.poll(timeout * 1000):
+                items = self._drain()
         except OSError as exc:
-            if exc.errno in (errno.ENETDOWN, errno.ENXIO, errno.ENODEV):
+            if exc.errno in _DOWN:
                 time.sleep(timeout)  # the interface went down: wait for it
-                return None
+                return []
             raise
-        if address[2] != PACKET_HOST:
-            return None
-        return parse_datagram(frame, self.port)
+        return items
+
+    def _drain(self) -> list[Datagram]:
+        items: list[Datagram] = []
+        recvfrom, port = self._sock.recvfrom, self.port
+        try:
+            for _ in range(BATCH):
+                frame, address = recvfrom(RECV_SIZE)
+                if address[2] == PACKET_HOST:
+                    item = parse_datagram(frame, port)
+                    if item is not None:
+                        items.append(item)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            if not (items and exc.errno in _DOWN):
+                raise  # (what came before the interface went down is kept)
+        return items
 
     def close(self) -> None:
         self._sock.close()

@@ -8,7 +8,9 @@ Invariants (docs/threat-model.md; issue 4's server design):
   ahead of the boundary, reloads the config when it changes (or on SIGHUP),
   saves state and flushes events; none of it blocks the receive path for
   longer than a lock around the lease table.
-- A grant reaches the firewall before the receive path takes the next packet.
+- The receive thread takes what the socket holds (up to a batch) per wake-up,
+  verifies each datagram, and hands the batch's grants to the firewall in one
+  call (one nftables transaction) before it takes the next batch.
 - The server never answers a packet.
 """
 
@@ -33,7 +35,7 @@ from spa.server.config import ServerConfig
 from spa.server.errors import LocalError
 from spa.server.events import EVENTS_DB, Event, EventSink
 from spa.server.notify import Notifier
-from spa.server.sources import PacketSource
+from spa.server.sources import Datagram, PacketSource
 from spa.server.state import StateDir
 
 TICK = 0.2  # seconds between housekeeping rounds (revoke lands within ~0.5 s)
@@ -142,11 +144,11 @@ class Server:
             while not stop.is_set():
                 self._heartbeat = time.monotonic()
                 self.run_commands()
-                item = self.source.receive(RECEIVE_TIMEOUT)
-                if item is not None:
+                batch = self.source.receive(RECEIVE_TIMEOUT)
+                if batch:
                     try:
-                        self.handle(item[0], item[1])
-                    except Exception as exc:  # never let one packet end the server
+                        self.handle_batch(batch)
+                    except Exception as exc:  # never let one batch end the server
                         self.log(f"error receive path: {type(exc).__name__}: {exc}")
         finally:
             stop.set()
@@ -181,32 +183,48 @@ class Server:
             commands.popleft()()
 
     def handle(self, data: bytes, source: str) -> Accepted | Refused:
-        """Verify one datagram and act on it.  Never answers, never raises for
-        any datagram content."""
+        """Verify one datagram and act on it (see handle_batch)."""
+        return self.handle_batch([(data, source)])[0]
+
+    def handle_batch(self, batch: list[Datagram]) -> list[Accepted | Refused]:
+        """Verify datagrams and act on them; the batch's firewall changes go
+        out in one call.  Never answers, never raises for any content."""
         now = self.clock()
-        result = self.verifier.verify(data, source, now)
-        if isinstance(result, Refused):
-            self.events.refuse(now, result.reason.value, result.client, source)
-            return result
-        decision = result.decision
-        request = result.request
-        name = decision.service.name
-        self.events.record(Event(now, "accepted", str(request.action), None, result.client,
-                                 str(decision.address), name,
-                                 decision.duration if request.action is Action.OPEN else None))
-        with self._lock:
-            if request.action is Action.OPEN:
-                actions = self.leases.grant(result.client, decision.address, name,
-                                            now=now, duration=decision.duration)
+        verify, events = self.verifier.verify, self.events
+        results: list[Accepted | Refused] = []
+        accepted: list[Accepted] = []
+        for data, source in batch:
+            result = verify(data, source, now)
+            results.append(result)
+            if isinstance(result, Refused):
+                events.refuse(now, result.reason.value, result.client, source)
             else:
-                actions = self.leases.close(result.client, decision.address, name, now=now)
+                accepted.append(result)
+        if accepted:
+            self._grant(accepted, now)
+        return results
+
+    def _grant(self, accepted: list[Accepted], now: float) -> None:
+        actions: list[FirewallAction] = []
+        with self._lock:
+            for result in accepted:
+                decision, request = result.decision, result.request
+                name = decision.service.name
+                opening = request.action is Action.OPEN
+                self.events.record(Event(now, "accepted", str(request.action), None,
+                                         result.client, str(decision.address), name,
+                                         decision.duration if opening else None))
+                if opening:
+                    actions += self.leases.grant(result.client, decision.address, name,
+                                                 now=now, duration=decision.duration)
+                else:
+                    actions += self.leases.close(result.client, decision.address, name, now=now)
             self._dirty = True
             try:
                 self._apply(actions, now)
             except LocalError as exc:  # keep serving; the next housekeeping retries
                 self.log(f"error firewall: {exc}")
                 self._retry_reconcile = True
-        return result
 
     def _apply(self, actions: list[FirewallAction], now: float) -> None:
         """Carry out actions on the backend (caller holds the lock)."""

@@ -1,15 +1,18 @@
 """Packet sources: where the receive loop gets datagrams from.
 
-Every source has `receive(timeout) -> (bytes, source address) | None` and
-`close()`.  `UdpSource` binds a UDP socket (udp mode); capture mode (an
-AF_PACKET socket with a BPF filter, nothing bound) plugs in here next.
-`FakeSource` feeds unit tests.
+Every source has `receive(timeout) -> [(bytes, source address), ...]` and
+`close()`.  `receive` returns what is queued (at most BATCH datagrams) at
+once, waits up to `timeout` only when nothing is, and returns [] if nothing
+came: under load one wake-up serves a batch.  `UdpSource` binds a UDP socket
+(udp mode); `spa.server.capture.CaptureSource` reads an AF_PACKET socket
+(capture mode).  `FakeSource` feeds unit tests.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import select
 import socket
 from collections import deque
 from typing import Protocol
@@ -20,10 +23,13 @@ from spa.server.errors import LocalError
 RECV_SIZE = 2048  # larger than any packet we accept, so oversize is visible
 RECV_BUFFER = 4 * 1024 * 1024  # kernel socket buffer: absorbs bursts
 SO_DETACH_FILTER = 27
+BATCH = 64  # datagrams taken per wake-up at most (the receive thread's turn)
+
+Datagram = tuple[bytes, str]  # (payload, source address)
 
 
 class PacketSource(Protocol):
-    def receive(self, timeout: float) -> tuple[bytes, str] | None: ...
+    def receive(self, timeout: float) -> list[Datagram]: ...
 
     def close(self) -> None: ...
 
@@ -51,7 +57,10 @@ class UdpSource:
                 raise LocalError(f"listen_address {address} is not an address of this "
                                  "machine") from None
             raise LocalError(f"cannot listen on {address} port {port}: {exc.strerror}") from None
+        sock.setblocking(False)
         self._sock = sock
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
         self.port = sock.getsockname()[1]
 
     def set_tags(self, tags: list[bytes] | None) -> str:
@@ -73,13 +82,22 @@ class UdpSource:
         with contextlib.suppress(OSError):
             self._sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
 
-    def receive(self, timeout: float) -> tuple[bytes, str] | None:
-        self._sock.settimeout(timeout)
+    def receive(self, timeout: float) -> list[Datagram]:
+        items = self._drain()
+        if not items and self._poll.poll(timeout * 1000):
+            items = self._drain()
+        return items
+
+    def _drain(self) -> list[Datagram]:
+        items: list[Datagram] = []
+        recvfrom = self._sock.recvfrom
         try:
-            data, peer = self._sock.recvfrom(RECV_SIZE)
-        except TimeoutError:
-            return None
-        return data, peer[0]
+            for _ in range(BATCH):
+                data, peer = recvfrom(RECV_SIZE)
+                items.append((data, peer[0]))
+        except (BlockingIOError, InterruptedError):
+            pass
+        return items
 
     def close(self) -> None:
         self._sock.close()
@@ -89,14 +107,15 @@ class FakeSource:
     """Hands out queued datagrams; `receive` returns None when empty."""
 
     def __init__(self) -> None:
-        self.queue: deque[tuple[bytes, str]] = deque()
+        self.queue: deque[Datagram] = deque()
         self.closed = False
 
     def push(self, data: bytes, source: str) -> None:
         self.queue.append((data, source))
 
-    def receive(self, timeout: float) -> tuple[bytes, str] | None:
-        return self.queue.popleft() if self.queue else None
+    def receive(self, timeout: float) -> list[Datagram]:
+        queue = self.queue
+        return [queue.popleft() for _ in range(min(BATCH, len(queue)))]
 
     def close(self) -> None:
         self.closed = True

@@ -191,7 +191,32 @@ def test_udp_filter_failure_removes_the_old_tag_list() -> None:
             capture.udp_payload_filter = real
         with socketlib.socket(socketlib.AF_INET, socketlib.SOCK_DGRAM) as sender:
             sender.sendto(b"\x01BBBBBBBB" + os.urandom(152), ("127.0.0.1", src.port))
-        item = src.receive(1.0)
-        assert item is not None and item[0][1:9] == b"BBBBBBBB"
+        items = src.receive(1.0)
+        assert len(items) == 1 and items[0][0][1:9] == b"BBBBBBBB"
+    finally:
+        src.close()
+
+
+def test_udp_source_takes_what_is_queued_in_batches() -> None:
+    """One receive takes up to BATCH queued datagrams without waiting; an idle
+    receive waits its timeout and returns nothing."""
+    import socket as socketlib
+    import time
+
+    from spa.server.sources import BATCH, UdpSource
+
+    src = UdpSource("127.0.0.1", 0)
+    try:
+        with socketlib.socket(socketlib.AF_INET, socketlib.SOCK_DGRAM) as sender:
+            for i in range(BATCH + 10):
+                sender.sendto(i.to_bytes(2, "big") * 80, ("127.0.0.1", src.port))
+        first, second = src.receive(1.0), src.receive(1.0)
+        assert [len(first), len(second)] == [BATCH, 10]
+        got = [int.from_bytes(data[:2], "big") for data, _ in first + second]
+        assert got == list(range(BATCH + 10))
+        assert {source for _, source in first + second} == {"127.0.0.1"}
+        started = time.monotonic()
+        assert src.receive(0.2) == []
+        assert time.monotonic() - started >= 0.15
     finally:
         src.close()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,41 @@ def test_grant_reaches_the_firewall_before_the_next_packet(world: World) -> None
     result = world.server.handle(world.packet("alice", duration=60), A)
     assert isinstance(result, Accepted)
     assert held(world) == {(A, "ssh"): world.clock.now + 60}
+
+
+def test_a_batch_of_grants_reaches_the_firewall_in_one_call(world: World) -> None:
+    """Datagrams taken in one wake-up are verified one by one and their grants
+    go to the backend together (one nftables transaction), junk refused."""
+    assert world.server is not None
+    sources = [f"192.0.2.{i}" for i in range(30, 40)]
+    batch = [(world.packet("alice", duration=60), s) for s in sources]
+    batch.insert(4, (b"\x01" + os.urandom(160), "203.0.113.9"))
+    world.backend.log.clear()
+    results = world.server.handle_batch(batch)
+    assert [type(r) for r in results] == [Accepted] * 4 + [Refused] + [Accepted] * 6
+    assert world.backend.log[0] == ("apply", "10")
+    assert [entry[0] for entry in world.backend.log] == ["apply"] + ["allow"] * 10
+    assert held(world) == {(s, "ssh"): world.clock.now + 60 for s in sources}
+
+
+def test_the_serve_loop_takes_queued_datagrams_in_batches(world: World) -> None:
+    assert world.server is not None
+    for i in range(100):
+        world.source.push(world.packet("alice", duration=60), f"192.0.2.{i + 1}")
+    world.backend.log.clear()
+    stop = threading.Event()
+    thread = threading.Thread(target=world.server.serve, args=(stop,))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(world.backend.grants) < 100 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+    batches = [int(entry[1]) for entry in world.backend.log if entry[0] == "apply"]
+    assert batches == [64, 36]
+    assert len(world.backend.grants) == 100
 
 
 def test_expiry_in_housekeeping_removes_the_grant(world: World) -> None:

@@ -5,15 +5,18 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from spa.backends.base import apply
 from spa.backends.libnft import FakeNft
 from spa.backends.nftables import (
     NftablesBackend,
     parse_held,
     render_allow,
+    render_remove,
     render_start,
     set_name,
     timeout_seconds,
 )
+from spa.core.leases import Allow, Remove
 from spa.core.policy import DEFAULT_SERVICES, Service
 
 SERVICES = dict(DEFAULT_SERVICES) | {"dns": Service("dns", "udp", 53, 10, 60)}
@@ -92,6 +95,33 @@ def test_backend_sends_each_call_as_one_document() -> None:
     assert len(fake.documents) == 4
     assert commands(fake.documents[3]) == [("flush", "set")] * (2 * len(SERVICES))
     assert NftablesBackend(FakeNft()).flush_on_stop is False
+
+
+def test_a_batch_of_changes_is_one_transaction() -> None:
+    fake = FakeNft()
+    backend = NftablesBackend(fake)
+    backend.start(SERVICES, now=0)
+    backend.apply([(Allow(A4, "ssh", 30.5), SERVICES["ssh"]),
+                   (Allow(A6, "https", 100.0), SERVICES["https"]),
+                   (Remove(A4, "dns"), SERVICES["dns"])], now=0)
+    backend.apply([], now=0)  # nothing to do: no transaction at all
+    assert len(fake.documents) == 2
+    batch = fake.documents[1]
+    assert batch["nftables"] == (render_allow(A4, "ssh", 31)["nftables"]
+                                 + render_allow(A6, "https", 100)["nftables"]
+                                 + render_remove(A4, "dns")["nftables"])
+
+
+def test_apply_sends_only_the_last_action_per_address_and_service() -> None:
+    fake = FakeNft()
+    backend = NftablesBackend(fake)
+    backend.start(SERVICES, now=0)
+    apply(backend, [Allow(A4, "ssh", 10.0), Allow(A6, "ssh", 20.0), Allow(A4, "ssh", 40.0),
+                    Remove(A6, "ssh")], SERVICES, now=0)
+    assert fake.documents[1]["nftables"] == (render_allow(A4, "ssh", 40)["nftables"]
+                                             + render_remove(A6, "ssh")["nftables"])
+    apply(backend, [], SERVICES, now=0)
+    assert len(fake.documents) == 2
 
 
 def test_parse_held_reads_our_sets_only() -> None:
