@@ -57,6 +57,14 @@ def udp_drops(ns: Namespace, port: int) -> int | None:
     return None
 
 
+def compile_flood(directory: Path) -> Path:
+    """benchmarks/flood.c compiled into `directory`."""
+    program = directory / "flood"
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(program), str(HERE / "flood.c")],
+                   check=True)
+    return program
+
+
 def starter(name: str) -> tuple[str, object]:
     kind, mode = name.split("-", 1)
     return mode, start_spa if kind == "spa" else start_fwknopd
@@ -108,8 +116,7 @@ def main() -> int:
         print(f"bench_flood: {reason or 'needs gcc'}", file=sys.stderr)
         return 2
     build = Path(tempfile.mkdtemp(prefix="spa-flood-bin-"))
-    flood = build / "flood"
-    subprocess.run(["gcc", "-O2", "-o", str(flood), str(HERE / "flood.c")], check=True)
+    flood = compile_flood(build)
     chosen = [n for n in args.only.split(",") if n]
     if shutil.which("fwknopd") is None:
         chosen = [n for n in chosen if not n.startswith("fwknopd")]

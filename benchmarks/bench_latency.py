@@ -119,6 +119,17 @@ def fwknopd_run(site: Site, count: int, mode: str) -> list[float | None]:
 def start_fwknopd(site: Site, count: int, mode: str) -> Started:
     """fwknopd running in the server namespace, and `count` knocks made by
     the real fwknop client."""
+    server, keys = launch_fwknopd(site, mode)
+    addresses = sources(count)
+    return server, list(zip(addresses, fwknop_packets(site, keys, addresses), strict=True))
+
+
+FwknopKeys = tuple[str, str]  # base64 encryption key, base64 HMAC key
+
+
+def launch_fwknopd(site: Site, mode: str) -> tuple[subprocess.Popen[str], FwknopKeys]:
+    """fwknopd (udp server or pcap mode) in the server namespace, iptables
+    dropping port 22 until it grants; returns the process and its keys."""
     key = base64.b64encode(os.urandom(32)).decode()
     hmac_key = base64.b64encode(os.urandom(64)).decode()
     conf, access = site.root / "fwknopd.conf", site.root / "access.conf"
@@ -137,13 +148,19 @@ def start_fwknopd(site: Site, count: int, mode: str) -> Started:
     server = site.srv.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     site.procs.append(server)
     time.sleep(2.0)
-    packets = site.root / "packets"
-    for source in sources(count):
-        site.cli.run("fwknop", "--no-rc-file", "-A", "tcp/22", "-a", source, "-D", SERVER,
-                     "--key-base64-rijndael", key, "--key-base64-hmac", hmac_key,
-                     "--use-hmac", "-T", "-B", str(packets), "-b")
-    lines = packets.read_text().split()
-    return server, [(s, line.encode()) for s, line in zip(sources(count), lines, strict=True)]
+    return server, (key, hmac_key)
+
+
+def fwknop_packets(site: Site, keys: FwknopKeys, addresses: list[str]) -> list[bytes]:
+    """One packet per address (the address it asks to open for), made by the
+    real fwknop client (one process per packet)."""
+    saved = site.root / "packets"
+    saved.unlink(missing_ok=True)
+    for address in addresses:
+        site.cli.run("fwknop", "--no-rc-file", "-A", "tcp/22", "-a", address, "-D", SERVER,
+                     "--key-base64-rijndael", keys[0], "--key-base64-hmac", keys[1],
+                     "--use-hmac", "-T", "-B", str(saved), "-b")
+    return [line.encode() for line in saved.read_text().split()]
 
 
 SERVERS: dict[str, Callable[[Site, int], list[float | None]]] = {

@@ -1,13 +1,23 @@
-/* flood.c: send knock-shaped junk (161 random bytes, first byte 0x01, the
- * version) to one UDP port as fast as one core can, with sendmmsg.
+/* flood.c: a small traffic generator for the benchmarks (sendmmsg, one core).
  *
- *   flood DST_IPV4 PORT SECONDS
+ *   flood [-f FILE] [-r RATE] [-1] DST_IPV4 PORT SECONDS
  *
- * Prints "sent N packets in S s". Part of benchmarks/bench_flood.py, which
- * compiles it into a temporary directory and runs it only inside network
- * namespaces it creates. */
+ * Without -f: knock-shaped junk (161 random bytes, first byte 0x01, the
+ * version) from the sender's own address.
+ * With -f: the records of FILE, each 4 bytes of IPv4 source address followed
+ * by a 161-byte payload, sent in order from a raw socket (IP_HDRINCL) so that
+ * every record leaves from its own source address; the file is cycled unless
+ * -1 is given (each record once).
+ * -r RATE paces the sending at RATE packets per second (default: as fast as
+ * one core can).  Stops after SECONDS (or, with -1, at the end of the file).
+ *
+ * Prints "sent N packets in S s".  Run only by the scripts in benchmarks/,
+ * which compile it into a temporary directory and run it only inside network
+ * namespaces they create. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
+#include <netinet/ip.h>
+#include <netinet/udp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,7 +25,7 @@
 #include <time.h>
 #include <unistd.h>
 
-enum { POOL = 4096, BATCH = 64, SIZE = 161 };
+enum { POOL = 4096, BATCH = 64, SIZE = 161, RECORD = 4 + SIZE, FRAME = 20 + 8 + SIZE };
 
 static double now(void) {
     struct timespec ts;
@@ -23,43 +33,122 @@ static double now(void) {
     return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+/* Frames (IPv4 + UDP header + payload) or bare payloads, ready to send. */
+static unsigned char *load(const char *path, struct in_addr dst, int port, size_t *count) {
+    FILE *file = fopen(path, "rb");
+    if (!file) {
+        perror(path);
+        exit(1);
+    }
+    fseek(file, 0, SEEK_END);
+    long size = ftell(file);
+    rewind(file);
+    if (size <= 0 || size % RECORD) {
+        fprintf(stderr, "%s: not a whole number of %d-byte records\n", path, RECORD);
+        exit(2);
+    }
+    *count = size / RECORD;
+    unsigned char *frames = calloc(*count, FRAME);
+    unsigned char record[RECORD];
+    for (size_t i = 0; i < *count; i++) {
+        if (fread(record, 1, RECORD, file) != RECORD) {
+            perror(path);
+            exit(1);
+        }
+        unsigned char *frame = frames + i * FRAME;
+        struct iphdr *ip = (struct iphdr *)frame;
+        struct udphdr *udp = (struct udphdr *)(frame + 20);
+        ip->version = 4;
+        ip->ihl = 5;
+        ip->ttl = 64;
+        ip->protocol = IPPROTO_UDP;
+        ip->tot_len = htons(FRAME);
+        memcpy(&ip->saddr, record, 4);
+        ip->daddr = dst.s_addr;  /* the kernel fills in the id and checksum */
+        udp->source = htons(40000 + i % 20000);
+        udp->dest = htons(port);
+        udp->len = htons(8 + SIZE);
+        udp->check = 0;  /* optional over IPv4 */
+        memcpy(frame + 28, record + 4, SIZE);
+    }
+    fclose(file);
+    return frames;
+}
+
 int main(int argc, char **argv) {
-    if (argc != 4) {
-        fprintf(stderr, "usage: flood DST_IPV4 PORT SECONDS\n");
+    const char *path = NULL;
+    double rate = 0;
+    int once = 0, opt;
+    while ((opt = getopt(argc, argv, "f:r:1")) != -1) {
+        if (opt == 'f') path = optarg;
+        else if (opt == 'r') rate = atof(optarg);
+        else if (opt == '1') once = 1;
+        else return 2;
+    }
+    if (argc - optind != 3) {
+        fprintf(stderr, "usage: flood [-f FILE] [-r RATE] [-1] DST_IPV4 PORT SECONDS\n");
         return 2;
     }
-    static unsigned char pool[POOL][SIZE];
-    FILE *random = fopen("/dev/urandom", "rb");
-    if (!random || fread(pool, 1, sizeof pool, random) != sizeof pool) {
-        perror("urandom");
+    struct sockaddr_in dst = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[optind + 1]))};
+    if (inet_pton(AF_INET, argv[optind], &dst.sin_addr) != 1) {
+        fprintf(stderr, "flood: bad address %s\n", argv[optind]);
+        return 2;
+    }
+    size_t count, length;
+    unsigned char *items;
+    int fd;
+    if (path) {
+        items = load(path, dst.sin_addr, atoi(argv[optind + 1]), &count);
+        length = FRAME;
+        fd = socket(AF_INET, SOCK_RAW, IPPROTO_RAW);  /* implies IP_HDRINCL */
+    } else {
+        count = POOL;
+        length = SIZE;
+        items = malloc(POOL * SIZE);
+        FILE *random = fopen("/dev/urandom", "rb");
+        if (!random || fread(items, 1, POOL * SIZE, random) != POOL * SIZE) {
+            perror("urandom");
+            return 1;
+        }
+        fclose(random);
+        for (int i = 0; i < POOL; i++) items[i * SIZE] = 1;
+        fd = socket(AF_INET, SOCK_DGRAM, 0);
+    }
+    if (fd < 0) {
+        perror("socket");
         return 1;
     }
-    fclose(random);
-    for (int i = 0; i < POOL; i++) pool[i][0] = 1;
-    struct sockaddr_in dst = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[2]))};
-    inet_pton(AF_INET, argv[1], &dst.sin_addr);
-    int fd = socket(AF_INET, SOCK_DGRAM, 0);
     int buffer = 4 << 20;
     setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &buffer, sizeof buffer);
     struct mmsghdr msgs[BATCH];
     struct iovec iov[BATCH];
     memset(msgs, 0, sizeof msgs);
-    double start = now(), deadline = start + atof(argv[3]);
-    unsigned long sent = 0, next = 0;
-    while (now() < deadline) {
-        for (int j = 0; j < BATCH; j++) {
-            iov[j].iov_base = pool[(next + j) % POOL];
-            iov[j].iov_len = SIZE;
+    double start = now(), deadline = start + atof(argv[optind + 2]);
+    unsigned long sent = 0;
+    for (;;) {
+        double t = now();
+        if (t >= deadline || (once && sent >= count)) break;
+        int batch = BATCH;
+        if (rate > 0) {
+            double due = (t - start) * rate - sent;  /* packets owed by now */
+            if (due < 1) {
+                struct timespec pause = {0, 50000};  /* 50 us */
+                nanosleep(&pause, NULL);
+                continue;
+            }
+            if (due < batch) batch = (int)due;
+        }
+        if (once && count - sent < (unsigned long)batch) batch = count - sent;
+        for (int j = 0; j < batch; j++) {
+            iov[j].iov_base = items + ((sent + j) % count) * length;
+            iov[j].iov_len = length;
             msgs[j].msg_hdr.msg_iov = &iov[j];
             msgs[j].msg_hdr.msg_iovlen = 1;
             msgs[j].msg_hdr.msg_name = &dst;
             msgs[j].msg_hdr.msg_namelen = sizeof dst;
         }
-        int n = sendmmsg(fd, msgs, BATCH, 0);
-        if (n > 0) {
-            sent += n;
-            next += n;
-        }
+        int n = sendmmsg(fd, msgs, batch, 0);
+        if (n > 0) sent += n;
     }
     printf("sent %lu packets in %.2f s\n", sent, now() - start);
     return 0;
