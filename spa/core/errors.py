@@ -18,6 +18,7 @@ class Reason(enum.Enum):
     BAD_LENGTH = "bad_length"
     BAD_VERSION = "bad_version"
     UNKNOWN_TAG = "unknown_tag"
+    RATE_LIMITED = "rate_limited"  # a tag or source over its forged-packet limit
     BAD_MAC = "bad_mac"
     BAD_CIPHERTEXT = "bad_ciphertext"
     MALFORMED = "malformed"

@@ -68,6 +68,12 @@ class ReplayCache:
     def __len__(self) -> int:
         return len(self._seen)
 
+    def seen(self, client: str, nonce: bytes) -> bool:
+        """Whether this nonce is recorded (a set lookup: the verifier asks
+        before any cryptography).  An entry past its expiry but not yet
+        dropped still counts: its packet is stale by then anyway."""
+        return (client, nonce) in self._seen
+
     def check_and_add(self, client: str, nonce: bytes, now: float) -> Check:
         """Record a nonce if it is new; say whether it was, or why not."""
         heap = self._heap

@@ -2,9 +2,12 @@
 
 Invariants (docs/protocol.md, "Verification order"; STYLE principle 3):
 - Checks run cheapest first and stop at the first failure: exact length,
-  version, knock-tag lookup (one dict lookup), HMAC (constant time), AEAD
-  decryption, strict body parse, time window and step consistency, replay
-  cache, policy.  No cryptography runs for a packet with an unknown tag.
+  version, knock-tag lookup (one dict lookup), the forged-packet limits
+  (spa.core.limits), a replay-cache membership test (a set lookup: a
+  replayed packet costs no cryptography), HMAC (constant time), AEAD
+  decryption, strict body parse, time window and step consistency, the
+  replay cache's record, policy.  No cryptography runs for a packet with an
+  unknown tag, a replayed nonce, or a tag or source over its failure limit.
 - `verify` never raises for any packet bytes: every refusal is a value with a
   `Reason`.  It never accepts a packet whose bytes differ from what an
   enrolled client sealed.
@@ -29,6 +32,7 @@ from spa.core.knock import (
     step_start,
     steps_for_window,
 )
+from spa.core.limits import FailureLimiter
 from spa.core.policy import Decision, Policy
 from spa.core.replay import Check, ReplayCache
 from spa.core.wire import (
@@ -65,6 +69,7 @@ class Refused(NamedTuple):
 _BAD_LENGTH = Refused(Reason.BAD_LENGTH)
 _BAD_VERSION = Refused(Reason.BAD_VERSION)
 _UNKNOWN_TAG = Refused(Reason.UNKNOWN_TAG)
+_AUTHENTICATION = frozenset({Reason.BAD_MAC, Reason.BAD_CIPHERTEXT, Reason.MALFORMED})
 
 
 def parse_source(source: str | IPAddress) -> IPAddress:
@@ -101,6 +106,7 @@ class Verifier:
         now: float,
         window: float = DEFAULT_WINDOW,
         replay: ReplayCache | None = None,
+        limiter: FailureLimiter | None = None,
     ) -> None:
         """`secrets` maps client name -> 32-byte master secret.
 
@@ -113,6 +119,7 @@ class Verifier:
         self.window = window
         self.policy = policy
         self.replay = replay if replay is not None else ReplayCache(window)
+        self.limiter = limiter if limiter is not None else FailureLimiter()
         if self.replay.window < window:
             self.replay.set_window(window)  # never forget an entry before it is stale
         self._keys: dict[str, ClientKeys] = {
@@ -144,6 +151,7 @@ class Verifier:
         self._keys.pop(name, None)
         self._macs.pop(name, None)
         self._tags.remove(name)
+        self.limiter.forget(name)
 
     @property
     def next_step_at(self) -> float:
@@ -175,13 +183,22 @@ class Verifier:
             return _BAD_VERSION
         if not self._refresh_at - STEP_SECONDS <= now < self._refresh_at:
             self.refresh(now)
-        found = self._tags.lookup(packet[1:HEADER_SIZE])
+        tag = packet[1:HEADER_SIZE]
+        found = self._tags.lookup(tag)
         if found is None:
             return _UNKNOWN_TAG
         client, tag_step = found
+        limiter = self.limiter
+        if limiter.blocked(tag, source, client, now):
+            return Refused(Reason.RATE_LIMITED, client)
+        nonce = packet[NONCE_OFFSET : NONCE_OFFSET + NONCE_SIZE]
+        if self.replay.seen(client, nonce):
+            return Refused(Reason.REPLAY, client)
         try:
             request = open_packet(packet, self._keys[client], self.server_id, self._macs[client])
         except PacketError as exc:
+            if exc.reason in _AUTHENTICATION:
+                limiter.failed(tag, source, now)
             return Refused(exc.reason, client)
         sent = request.timestamp_ms / 1000
         if now - sent > self.window:
@@ -190,7 +207,7 @@ class Verifier:
             return Refused(Reason.FUTURE, client)
         if step_of_ms(request.timestamp_ms) != tag_step:
             return Refused(Reason.STEP_MISMATCH, client)
-        nonce = packet[NONCE_OFFSET : NONCE_OFFSET + NONCE_SIZE]
+        limiter.trust(client, source, now)
         check = self.replay.check_and_add(client, nonce, now)
         if check is Check.REPLAY:
             return Refused(Reason.REPLAY, client)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from spa.core.uri import parse
-from spa.core.wire import NONCE_SIZE, Action
+from spa.core.wire import NONCE_OFFSET, NONCE_SIZE, Action
 from spa_client import knock
 from tests.integration.harness import (
     PortGate,
@@ -231,7 +231,7 @@ def test_server_never_answers(site: Site) -> None:
     packet = knock.make_packet(enrollment, Action.OPEN, "ssh", duration=5, address=None,
                                now=time.time(), nonce=os.urandom(NONCE_SIZE))
     tampered = bytearray(packet)
-    tampered[50] ^= 1
+    tampered[NONCE_OFFSET] ^= 1  # a new nonce: the MAC check (not the replay cache) refuses it
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(1.0)
         sock.connect((site.host, enrollment.port))
