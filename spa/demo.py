@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from spa.core.uri import parse
-from spa.core.wire import NONCE_SIZE, Action
+from spa.core.wire import NONCE_OFFSET, NONCE_SIZE, Action
 from spa.server import admin, runner
 from spa.server.events import Event
 from spa.server.state import PairStatus
@@ -111,12 +111,13 @@ class Demo:
         self.say("3. an eavesdropper replays alice's packet, and flips one bit of another copy")
         knock.send(self.target, first)
         tampered = bytearray(first)
-        tampered[80] ^= 0x01
+        tampered[NONCE_OFFSET] ^= 0x01  # a new nonce, so not a replay
         knock.send(self.target, bytes(tampered))
         self.check(until(lambda: bool(self.refusals("replay"))),
                    "replayed packet refused: reason=replay")
         self.check(until(lambda: bool(self.refusals("bad_mac"))),
-                   "tampered packet refused: reason=bad_mac (checked before any decryption)")
+                   "tampered packet (nonce bit flipped) refused: reason=bad_mac, before any "
+                   "decryption")
         for _ in range(100):
             knock.send(self.target, b"\x01" + os.urandom(160))
         time.sleep(0.6)  # an events flush

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from spa.core.uri import parse
-from spa.core.wire import NONCE_SIZE, Action
+from spa.core.wire import NONCE_OFFSET, NONCE_SIZE, Action
 from spa.demo import until
 from spa.netns import Namespace, Sshd, Topology, can_make_namespaces, start_sshd
 from spa.server import admin
@@ -141,12 +141,12 @@ class NetnsDemo:
         self.send_raw(packet)
         self.send_raw(packet)
         tampered = bytearray(packet)
-        tampered[80] ^= 1
+        tampered[NONCE_OFFSET] ^= 1  # a new nonce, so not a replay
         self.send_raw(bytes(tampered))
         self.check(until(lambda: any("reason=replay" in x for x in self.lines)),
                    "replayed packet refused: reason=replay")
         self.check(until(lambda: any("reason=bad_mac" in x for x in self.lines)),
-                   "tampered packet refused: reason=bad_mac")
+                   "tampered packet (nonce bit flipped) refused: reason=bad_mac")
         say("5. alice closes ssh: spa-client close ssh srv")
         self.client("close", "ssh", "srv")
         self.check(until(lambda: not self.leases()), "lease gone")

@@ -14,7 +14,8 @@ def test_demo_tells_the_story_and_exits_0() -> None:
     assert done.returncode == 0, done.stderr
     out = done.stdout
     for expected in ("granted", "s left, held by alice", "replayed packet refused: reason=replay",
-                     "tampered packet refused: reason=bad_mac", "the server never saw them",
+                     "tampered packet (nonce bit flipped) refused: reason=bad_mac",
+                     "the server never saw them",
                      "lease gone", "refused reason=replay client=alice src=127.0.0.1",
                      "demo passed"):
         assert expected in out

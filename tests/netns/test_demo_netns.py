@@ -19,7 +19,7 @@ def test_demo_in_namespaces_with_a_real_ssh_login() -> None:
     out = done.stdout
     for expected in ("before the knock: ssh cannot connect", "logged in as root",
                      "s left, held by alice", "replayed packet refused: reason=replay",
-                     "tampered packet refused: reason=bad_mac",
+                     "tampered packet (nonce bit flipped) refused: reason=bad_mac",
                      "after the close: ssh cannot connect again", "demo passed"):
         assert expected in out, out
     assert "FAILED" not in out
