@@ -131,9 +131,12 @@ class FakeNft:
     def __init__(self) -> None:
         self.documents: list[Document] = []
         self.listing: Document = {"nftables": []}
+        self.refuse_next: list[str] = []  # errors to raise, one per coming run
 
     def run(self, document: Document) -> Document:
         self.documents.append(document)
+        if self.refuse_next:
+            raise _error(self.refuse_next.pop(0))
         if any("list" in command for command in document["nftables"]):
             return self.listing
         return {}

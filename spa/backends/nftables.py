@@ -7,7 +7,11 @@ Invariants (docs/threat-model.md, "Firewall"; STYLE principle 6):
 - Per protected service, an IPv4 and an IPv6 set with `flags timeout`.  A
   grant is an element whose timeout is the lease's expiry (whole seconds,
   rounded up), so the kernel closes access on time even if the daemon dies.
-  A renewal replaces the element's timeout in one atomic transaction.
+  A renewal replaces the element's timeout in one atomic transaction.  A
+  grant for an address the backend believes absent is a single `create`
+  (which fails if the element exists after all); if the kernel refuses the
+  transaction, it is sent again with every grant in the add+delete+add form,
+  so a wrong belief costs time, never a wrong timeout.
 - The chain (hook input, before the usual filter chains): established and
   related traffic accepted (a session survives its lease); new connections
   to a protected port accepted only from that service's sets; everything else
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from spa.backends.base import Change, Held
@@ -28,6 +32,7 @@ from spa.backends.libnft import Document, NftRunner
 from spa.core.leases import Allow
 from spa.core.policy import Service
 from spa.core.wire import IPAddress
+from spa.server.errors import LocalError
 
 FAMILY = "inet"
 TABLE = "spa"
@@ -92,16 +97,28 @@ def render_remove(address: IPAddress, service: str) -> Document:
     return {"nftables": _remove_commands(address, service)}
 
 
-def render_changes(changes: Sequence[Change], now: float) -> Document:
-    """Several grants and removals as one transaction (all or nothing)."""
+def render_changes(changes: Sequence[Change], now: float,
+                   absent: Callable[[IPAddress, str], bool] = lambda address, service: False,
+                   ) -> Document:
+    """Several grants and removals as one transaction (all or nothing).
+    Grants for which `absent(address, service)` holds are a single `create`."""
     commands: list[dict[str, Any]] = []
     for action, service in changes:
         if isinstance(action, Allow):
-            commands += _allow_commands(action.address, service.name,
-                                        timeout_seconds(action.until, now))
+            timeout = timeout_seconds(action.until, now)
+            if absent(action.address, service.name):
+                commands.append(_create_command(action.address, service.name, timeout))
+            else:
+                commands += _allow_commands(action.address, service.name, timeout)
         else:
             commands += _remove_commands(action.address, service.name)
     return {"nftables": commands}
+
+
+def _create_command(address: IPAddress, service: str, timeout: int) -> dict[str, Any]:
+    where = _where(name=set_name(service, address.version))
+    return {"create": {"element": {**where, "elem": [{"elem": {"val": str(address),
+                                                                "timeout": timeout}}]}}}
 
 
 def _allow_commands(address: IPAddress, service: str, timeout: int) -> list[dict[str, Any]]:
@@ -156,6 +173,9 @@ class NftablesBackend:
         self.runner = runner
         self.flush_on_stop = flush_on_stop
         self._services: dict[str, Service] = {}
+        # Elements we believe the kernel holds (a hint for `create`: grants
+        # that expired in the kernel linger here until their Remove).
+        self._present: set[tuple[IPAddress, str]] = set()
 
     def start(self, services: Mapping[str, Service], *, now: float) -> None:
         self._services = dict(services)
@@ -163,18 +183,35 @@ class NftablesBackend:
 
     def allow(self, address: IPAddress, service: Service, until: float, *, now: float) -> None:
         self.runner.run(render_allow(address, service.name, timeout_seconds(until, now)))
+        self._present.add((address, service.name))
 
     def remove(self, address: IPAddress, service: Service) -> None:
         self.runner.run(render_remove(address, service.name))
+        self._present.discard((address, service.name))
 
     def apply(self, changes: Sequence[Change], *, now: float) -> None:
-        if changes:
+        if not changes:
+            return
+        present = self._present
+        try:
+            self.runner.run(render_changes(
+                changes, now, lambda address, name: (address, name) not in present))
+        except LocalError:
+            # An element we thought absent exists (or something else broke):
+            # the form that works either way; its error is the one to report.
             self.runner.run(render_changes(changes, now))
+        for action, service in changes:
+            if isinstance(action, Allow):
+                present.add((action.address, service.name))
+            else:
+                present.discard((action.address, service.name))
 
     def held(self, *, now: float) -> Held:
         listing = self.runner.run({"nftables": [{"list": {"table": {"family": FAMILY,
                                                                      "name": TABLE}}}]})
-        return parse_held(listing, self._services, now)
+        held = parse_held(listing, self._services, now)
+        self._present = set(held)
+        return held
 
     def stop(self) -> None:
         if self.flush_on_stop and self._services:

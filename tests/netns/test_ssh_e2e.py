@@ -211,6 +211,37 @@ def test_nft_program_fallback_does_the_same_work(world: World) -> None:
         world.srv.run("nft", "delete", "table", "inet", "spa", check=False)
 
 
+def test_batched_grants_use_create_and_recover_from_an_element_that_exists(world: World) -> None:
+    """Real libnftables: a batch of new grants is one transaction of creates;
+    an element that exists although the backend believed it absent (here: put
+    there by hand with a long timeout) makes the kernel refuse the create, and
+    the batch is resent so that the grant gets our timeout, not the old one."""
+    code = (
+        "import ipaddress, json, subprocess, time\n"
+        "from spa.backends.libnft import LibNft\n"
+        "from spa.backends.nftables import NftablesBackend\n"
+        "from spa.core.leases import Allow\n"
+        "from spa.core.policy import DEFAULT_SERVICES as S\n"
+        "b = NftablesBackend(LibNft()); now = time.time()\n"
+        "b.start(S, now=now); b.held(now=now)\n"
+        "subprocess.run(['nft', 'add', 'element', 'inet', 'spa', 'svc_ssh_v4',\n"
+        "                '{ 192.0.2.7 timeout 1h }'], check=True)\n"
+        "new = [ipaddress.ip_address(f'192.0.2.{i}') for i in range(10, 20)]\n"
+        "b.apply([(Allow(a, 'ssh', now + 30), S['ssh']) for a in new], now=now)\n"
+        "b.apply([(Allow(ipaddress.ip_address('192.0.2.7'), 'ssh', now + 30), S['ssh'])],\n"
+        "        now=now)\n"
+        "held = b.held(now=now)\n"
+        "print(len(held), round(held[(ipaddress.ip_address('192.0.2.7'), 'ssh')] - now))\n"
+    )
+    try:
+        done = world.srv.run(sys.executable, "-c", code)
+        count, left = done.stdout.split()
+        assert count == "11"
+        assert 25 <= int(left) <= 30, f"the hand-made 1 h timeout survived: {left} s left"
+    finally:
+        world.srv.run("nft", "delete", "table", "inet", "spa", check=False)
+
+
 def test_kernel_filter_drops_junk_before_python_and_follows_enrollment(spa: Spa) -> None:
     world = spa.world
     spa.start()

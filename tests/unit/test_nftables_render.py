@@ -5,12 +5,15 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from spa.backends.base import apply
+import pytest
+
+from spa.backends.base import Change, apply
 from spa.backends.libnft import FakeNft
 from spa.backends.nftables import (
     NftablesBackend,
     parse_held,
     render_allow,
+    render_changes,
     render_remove,
     render_start,
     set_name,
@@ -18,6 +21,7 @@ from spa.backends.nftables import (
 )
 from spa.core.leases import Allow, Remove
 from spa.core.policy import DEFAULT_SERVICES, Service
+from spa.server.errors import LocalError
 
 SERVICES = dict(DEFAULT_SERVICES) | {"dns": Service("dns", "udp", 53, 10, 60)}
 A4 = ipaddress.ip_address("192.0.2.5")
@@ -107,21 +111,72 @@ def test_a_batch_of_changes_is_one_transaction() -> None:
     backend.apply([], now=0)  # nothing to do: no transaction at all
     assert len(fake.documents) == 2
     batch = fake.documents[1]
-    assert batch["nftables"] == (render_allow(A4, "ssh", 31)["nftables"]
-                                 + render_allow(A6, "https", 100)["nftables"]
+    assert batch["nftables"] == (render_changes([(Allow(A4, "ssh", 30.5), SERVICES["ssh"])], 0,
+                                                lambda address, name: True)["nftables"]
+                                 + [{"create": {"element": {
+                                     "family": "inet", "table": "spa", "name": "svc_https_v6",
+                                     "elem": [{"elem": {"val": str(A6), "timeout": 100}}]}}}]
                                  + render_remove(A4, "dns")["nftables"])
+    assert commands(batch)[0] == ("create", "element")
+
+
+def test_a_grant_for_an_absent_address_is_one_create_and_a_renewal_replaces() -> None:
+    fake = FakeNft()
+    backend = NftablesBackend(fake)
+    backend.start(SERVICES, now=0)
+    backend.held(now=0)  # the kernel holds nothing
+    backend.apply([(Allow(A4, "ssh", 30.0), SERVICES["ssh"]),
+                   (Allow(A6, "ssh", 30.0), SERVICES["ssh"])], now=0)
+    assert commands(fake.documents[-1]) == [("create", "element")] * 2
+    backend.apply([(Allow(A4, "ssh", 90.0), SERVICES["ssh"])], now=0)  # now present
+    assert fake.documents[-1] == render_allow(A4, "ssh", 90)
+    backend.apply([(Remove(A4, "ssh"), SERVICES["ssh"])], now=0)
+    backend.apply([(Allow(A4, "ssh", 30.0), SERVICES["ssh"])], now=0)  # absent again
+    assert commands(fake.documents[-1]) == [("create", "element")]
+
+
+def test_a_create_the_kernel_refuses_is_resent_in_the_form_that_always_works() -> None:
+    """The element existed after all (someone else's, or an unknown leftover):
+    the whole batch goes again as add+delete+add, so the timeout is ours."""
+    fake = FakeNft()
+    backend = NftablesBackend(fake)
+    backend.start(SERVICES, now=0)
+    fake.refuse_next.append("Error: Could not process rule: File exists")
+    changes: list[Change] = [(Allow(A4, "ssh", 30.0), SERVICES["ssh"]),
+                             (Remove(A6, "https"), SERVICES["https"])]
+    backend.apply(changes, now=0)
+    assert commands(fake.documents[-2]) == [("create", "element"), ("add", "element"),
+                                            ("delete", "element")]
+    assert fake.documents[-1]["nftables"] == (render_allow(A4, "ssh", 30)["nftables"]
+                                              + render_remove(A6, "https")["nftables"])
+    # Both attempts refused: the error reaches the daemon (which reconciles).
+    fake.refuse_next += ["Error: first", "Error: second"]
+    with pytest.raises(LocalError, match="second"):
+        backend.apply([(Allow(A6, "ssh", 30.0), SERVICES["ssh"])], now=0)
+
+
+def test_held_replaces_what_the_backend_believes_the_kernel_holds() -> None:
+    fake = FakeNft()
+    backend = NftablesBackend(fake)
+    backend.start(SERVICES, now=0)
+    fake.listing = {"nftables": [{"set": {"family": "inet", "table": "spa", "name": "svc_ssh_v4",
+                                          "elem": [{"elem": {"val": str(A4), "expires": 20}}]}}]}
+    backend.held(now=0)
+    backend.apply([(Allow(A4, "ssh", 30.0), SERVICES["ssh"])], now=0)
+    assert fake.documents[-1] == render_allow(A4, "ssh", 30)
 
 
 def test_apply_sends_only_the_last_action_per_address_and_service() -> None:
     fake = FakeNft()
     backend = NftablesBackend(fake)
     backend.start(SERVICES, now=0)
+    backend.allow(A4, SERVICES["ssh"], 5.0, now=0)  # present: a grant replaces it
     apply(backend, [Allow(A4, "ssh", 10.0), Allow(A6, "ssh", 20.0), Allow(A4, "ssh", 40.0),
                     Remove(A6, "ssh")], SERVICES, now=0)
-    assert fake.documents[1]["nftables"] == (render_allow(A4, "ssh", 40)["nftables"]
+    assert fake.documents[2]["nftables"] == (render_allow(A4, "ssh", 40)["nftables"]
                                              + render_remove(A6, "ssh")["nftables"])
     apply(backend, [], SERVICES, now=0)
-    assert len(fake.documents) == 2
+    assert len(fake.documents) == 3
 
 
 def test_parse_held_reads_our_sets_only() -> None:
