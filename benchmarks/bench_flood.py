@@ -1,15 +1,23 @@
-"""Junk flood (issue 6, benchmark 1), spa-server beside fwknopd.
+"""Floods (issue 6, benchmarks 1, 4 and 6), spa-server beside fwknopd.
 
 For each server: fresh namespaces (server, client, attacker); a TCP service
 on port 22 behind the server's firewall.  The attacker namespace runs
-benchmarks/flood.c (sendmmsg, one core) sending knock-shaped junk (161 random
-bytes, version byte 1) at the knock port for --seconds, while the client
-knocks every 100 ms, each knock from its own address.  Reported: packets
-offered per second, knocks granted and their knock-to-open latency during
-the flood, the server's CPU while idle and while flooded, and (udp modes) the
-kernel's drops on the knock socket.  Needs root and gcc.
+benchmarks/flood.c (sendmmsg, one core) at the knock port for --seconds,
+while the client knocks every 100 ms, each knock a new packet from its own
+address.  What the attacker sends (--kind):
+  junk    knock-shaped junk: 161 random bytes, version byte 1 (benchmark 1)
+  replay  one valid knock the client sent (and was granted) before the
+          flood, captured and replayed as it is (benchmark 4)
+  forged  that knock's live tag with random bytes behind it: what someone
+          who saw one knock can make the server check (spa-server only)
+Reported: packets offered per second and in all, knocks granted during the
+flood and their knock-to-open latency, the server's CPU idle and flooded,
+its refusals per second (spa-server: from its event store; fwknopd: the
+"Replay detected" lines it logs), the kernel's drops on the knock socket (udp
+modes), and the server's resident memory before, at most during, and after
+the flood (benchmark 6).  Needs root and gcc.
 
-    .venv/bin/python benchmarks/bench_flood.py [--seconds 10] [--only spa-capture,...]
+    .venv/bin/python benchmarks/bench_flood.py [--kind junk] [--seconds 10] [--only spa-capture,...]
 """
 
 from __future__ import annotations
@@ -22,7 +30,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench_latency import (
@@ -65,49 +76,134 @@ def compile_flood(directory: Path) -> Path:
     return program
 
 
-def starter(name: str) -> tuple[str, object]:
-    kind, mode = name.split("-", 1)
-    return mode, start_spa if kind == "spa" else start_fwknopd
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
-def run_one(name: str, seconds: float, flood: Path) -> dict[str, object]:
+class RssSampler:
+    """The highest resident set size of a process, sampled every 0.1 s."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak = pid, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            self.peak = max(self.peak, rss_mb(self.pid))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+@dataclass
+class Row:
+    server: str
+    kind: str
+    sent: int
+    offered_pps: float
+    knocks: int
+    granted: int
+    p50: float | None
+    p99: float | None
+    cpu_idle: float
+    cpu_flood: float
+    refused_per_s: float | None
+    drops: int | None
+    rss_before: float
+    rss_peak: float
+    rss_after: float
+
+
+def refusals(site: Site, name: str, kind: str, since: float) -> int | None:
+    """Refusals the server recorded since `since` (None: it does not say)."""
+    if name.startswith("spa"):
+        from spa.server.events import EVENTS_DB, read_events
+
+        reasons = {"junk": {"unknown_tag", "bad_version"}, "replay": {"replay"},
+                   "forged": {"bad_mac", "rate_limited"}}[kind]
+        return sum(e.count for e in read_events(site.root / "state" / EVENTS_DB, since=since)
+                   if e.outcome == "refused" and e.reason in reasons)
+    if kind == "replay":
+        return (site.root / "fwknopd.log").read_text(errors="replace").count("Replay detected")
+    return None
+
+
+def attack_argv(flood: Path, kind: str, seconds: float,
+                captured: Path | None) -> list[str]:
+    argv = [str(flood)]
+    if kind != "junk":
+        assert captured is not None
+        argv += ["-p", str(captured)] + (["-x", "9"] if kind == "forged" else [])
+    return [*argv, ATTACKER_SERVER, str(KNOCK_PORT), str(seconds)]
+
+
+def run_one(name: str, kind: str, seconds: float, flood: Path) -> Row:
     knocks_wanted = int((seconds - 2) / INTERVAL)
     root = Path(tempfile.mkdtemp(prefix="spa-flood-"))
-    site = Site(root, knocks_wanted, attacker=True)
+    site = Site(root, knocks_wanted + 1, attacker=True)
     try:
         mode, start = starter(name)
-        server, knocks = start(site, knocks_wanted, mode)  # type: ignore[operator]
-        assert isinstance(server, subprocess.Popen)
+        server, knocks = start(site, knocks_wanted + 1, mode)
+        captured = None
+        if kind != "junk":  # the client's knock, granted, then captured
+            assert site.probe(knocks[-1:], timeout=5.0)[0] is not None, "the knock did not open"
+            captured = root / "captured"
+            captured.write_bytes(knocks[-1][1])
+        knocks = knocks[:-1]
         idle_before = cpu_seconds(server.pid)
         time.sleep(3)
         idle = (cpu_seconds(server.pid) - idle_before) / 3
+        rss_before = rss_mb(server.pid)
         drops_before = udp_drops(site.srv, KNOCK_PORT)
-        sender = site.att.popen([str(flood), ATTACKER_SERVER, str(KNOCK_PORT), str(seconds)],
+        sampler = RssSampler(server.pid)
+        flood_started = time.time()
+        sender = site.att.popen(attack_argv(flood, kind, seconds, captured),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         busy_before, t0 = cpu_seconds(server.pid), time.monotonic()
         time.sleep(1)  # let the flood reach full rate
-        results = site.probe(knocks, interval=INTERVAL, timeout=1.0)
+        results = site.probe(knocks, interval=INTERVAL, timeout=1.0,
+                             fresh=name.startswith("spa"))
         out, _ = sender.communicate(timeout=seconds + 30)
         busy = (cpu_seconds(server.pid) - busy_before) / (time.monotonic() - t0)
+        rss_peak = sampler.stop()
         drops_after = udp_drops(site.srv, KNOCK_PORT)
+        time.sleep(2)  # let the server write its events
+        rss_after = rss_mb(server.pid)
         match = re.search(r"sent (\d+) packets in ([0-9.]+) s", out)
-        offered = int(match.group(1)) / float(match.group(2)) if match else 0.0
+        sent, took = (int(match.group(1)), float(match.group(2))) if match else (0, 1.0)
+        refused = refusals(site, name, kind, flood_started)
         ok = [r for r in results if r is not None]
-        return {
-            "server": name, "offered_pps": offered, "knocks": len(results),
-            "granted": len(ok), "p50": statistics.median(ok) if ok else None,
-            "p99": percentile(ok, 0.99) if ok else None, "cpu_idle": idle, "cpu_flood": busy,
-            "drops": None if drops_before is None or drops_after is None
-            else drops_after - drops_before,
-        }
+        return Row(name, kind, sent, sent / took, len(results), len(ok),
+                   statistics.median(ok) if ok else None,
+                   percentile(ok, 0.99) if ok else None, idle, busy,
+                   None if refused is None else refused / took,
+                   None if drops_before is None or drops_after is None
+                   else drops_after - drops_before,
+                   rss_before, max(rss_peak, rss_before), rss_after)
     finally:
         site.close()
         shutil.rmtree(root, ignore_errors=True)
 
 
+Starter = Callable[[Site, int, str], tuple[subprocess.Popen[str], list[tuple[str, bytes]]]]
+
+
+def starter(name: str) -> tuple[str, Starter]:
+    kind, mode = name.split("-", 1)
+    return mode, start_spa if kind == "spa" else start_fwknopd
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kind", default="junk", choices=["junk", "replay", "forged"])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--only", default="spa-capture,spa-udp,fwknopd-udp,fwknopd-pcap")
     args = parser.parse_args()
@@ -115,23 +211,35 @@ def main() -> int:
     if reason is not None or shutil.which("gcc") is None:
         print(f"bench_flood: {reason or 'needs gcc'}", file=sys.stderr)
         return 2
-    build = Path(tempfile.mkdtemp(prefix="spa-flood-bin-"))
-    flood = compile_flood(build)
     chosen = [n for n in args.only.split(",") if n]
+    if args.kind == "forged":
+        chosen = [n for n in chosen if n.startswith("spa")]  # fwknopd has no tag: junk
     if shutil.which("fwknopd") is None:
+        print("bench_flood: fwknopd is not installed (bash benchmarks/setup.sh); "
+              "measuring spa-server only", file=sys.stderr)
         chosen = [n for n in chosen if not n.startswith("fwknopd")]
-    rows = [run_one(name, args.seconds, flood) for name in chosen]
-    shutil.rmtree(build, ignore_errors=True)
-    print(f"junk flood for {args.seconds:g} s, a legitimate knock every {INTERVAL * 1000:.0f} ms")
-    print(f"{'server':<13} {'offered/s':>10} {'granted':>9} {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'cpu idle':>8} {'cpu flood':>9} {'drops':>8}")
+    build = Path(tempfile.mkdtemp(prefix="spa-flood-bin-"))
+    try:
+        flood = compile_flood(build)
+        rows = [run_one(name, args.kind, args.seconds, flood) for name in chosen]
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    print(f"{args.kind} flood for {args.seconds:g} s, a legitimate knock every "
+          f"{INTERVAL * 1000:.0f} ms")
+    print(f"{'server':<13} {'sent':>10} {'offered/s':>10} {'granted':>11} {'p50 ms':>7} "
+          f"{'p99 ms':>7} {'cpu idle':>8} {'cpu flood':>9} {'refused/s':>9} {'drops':>9} "
+          f"{'RSS MB before/peak/after':>24}")
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
     for row in rows:
-        def ms(value: object) -> str:
-            return "-" if value is None else f"{value:.2f}"
-        print(f"{row['server']:<13} {row['offered_pps']:>10,.0f} "
-              f"{row['granted']:>4}/{row['knocks']:<4} {ms(row['p50']):>7} {ms(row['p99']):>7} "
-              f"{row['cpu_idle']:>8.1%} {row['cpu_flood']:>9.1%} "
-              f"{'-' if row['drops'] is None else row['drops']:>8}")
+        refused = "-" if row.refused_per_s is None else f"{row.refused_per_s:,.0f}"
+        rss = f"{row.rss_before:.1f}/{row.rss_peak:.1f}/{row.rss_after:.1f}"
+        print(f"{row.server:<13} {row.sent:>10,} {row.offered_pps:>10,.0f} "
+              f"{row.granted:>5}/{row.knocks:<5} {ms(row.p50):>7} {ms(row.p99):>7} "
+              f"{row.cpu_idle:>8.1%} {row.cpu_flood:>9.1%} {refused:>9} "
+              f"{'-' if row.drops is None else f'{row.drops:,}':>9} {rss:>24}")
     return 0
 
 

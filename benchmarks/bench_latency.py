@@ -65,14 +65,19 @@ class Site:
             self.cli.run("ip", "addr", "add", f"{address}/16", "dev", self.cli_if)
         self.procs: list[subprocess.Popen[str]] = [
             self.srv.popen([sys.executable, "-c", SERVICE])]
+        self.spa_uri: str | None = None  # set by start_spa
         time.sleep(0.3)
 
     def probe(self, knocks: list[tuple[str, bytes]], *, interval: float = 0.0,
-              timeout: float = 2.0) -> list[float | None]:
+              timeout: float = 2.0, fresh: bool = False) -> list[float | None]:
+        """Send the knocks from the client namespace, timing each to the first
+        connect.  fresh=True: spa-server knocks are made just before sending
+        (for runs longer than the 30 s window)."""
         spec = self.root / "spec.json"
         spec.write_text(json.dumps({"server": SERVER, "knock_port": KNOCK_PORT,
                                     "service_port": 22, "timeout": timeout,
                                     "interval": interval,
+                                    "uri": self.spa_uri if fresh else None,
                                     "knocks": [[s, p.hex()] for s, p in knocks]}))
         done = self.cli.run(sys.executable, str(HERE / "latency_probe.py"), str(spec),
                             timeout=600)
@@ -98,10 +103,11 @@ def start_spa(site: Site, count: int, mode: str) -> Started:
     admin.init(config, listen_port=KNOCK_PORT, backend="nftables",
                state_dir=site.root / "state", force=True)
     config.write_text(config.read_text().replace('mode = "capture"', f'mode = "{mode}"'))
-    uri = admin.enroll(config, "bench", ["ssh"], SERVER)
+    uri = site.spa_uri = admin.enroll(config, "bench", ["ssh"], SERVER)
     program = Path(sys.executable).parent / "spa-server"
-    server = site.srv.popen([str(program), "--config", str(config), "run"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with (site.root / "spa-server.log").open("w") as log:
+        server = site.srv.popen([str(program), "--config", str(config), "run"],
+                                stdout=log, stderr=subprocess.STDOUT)
     site.procs.append(server)
     time.sleep(2.0)
     enrollment = parse(uri)
@@ -134,7 +140,8 @@ def launch_fwknopd(site: Site, mode: str) -> tuple[subprocess.Popen[str], Fwknop
     hmac_key = base64.b64encode(os.urandom(64)).decode()
     conf, access = site.root / "fwknopd.conf", site.root / "access.conf"
     conf.write_text(f"PCAP_INTF {site.srv_if};\nUDP_SERVER_PORT {KNOCK_PORT};\n"
-                    f"PCAP_FILTER udp port {KNOCK_PORT};\nENABLE_DIGEST_PERSISTENCE N;\n")
+                    f"PCAP_FILTER udp port {KNOCK_PORT};\n")  # digest persistence on (its default):
+    # without it fwknopd does not detect replays at all (spa-server always does)
     access.write_text(f"SOURCE ANY\nKEY_BASE64 {key}\nHMAC_KEY_BASE64 {hmac_key}\n"
                       "FW_ACCESS_TIMEOUT 60\nOPEN_PORTS tcp/22\n")
     for path in (conf, access):
@@ -145,7 +152,8 @@ def launch_fwknopd(site: Site, mode: str) -> tuple[subprocess.Popen[str], Fwknop
             "-r", str(site.root / "run")]
     if mode == "udp":
         argv.append("-U")
-    server = site.srv.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with (site.root / "fwknopd.log").open("w") as log:  # its messages, e.g. "Replay detected"
+        server = site.srv.popen(argv, stdout=log, stderr=subprocess.STDOUT)
     site.procs.append(server)
     time.sleep(2.0)
     return server, (key, hmac_key)

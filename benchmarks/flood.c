@@ -1,9 +1,13 @@
 /* flood.c: a small traffic generator for the benchmarks (sendmmsg, one core).
  *
- *   flood [-f FILE] [-r RATE] [-1] DST_IPV4 PORT SECONDS
+ *   flood [-f FILE | -p PAYLOAD [-x OFFSET]] [-r RATE] [-1] DST_IPV4 PORT SECONDS
  *
- * Without -f: knock-shaped junk (161 random bytes, first byte 0x01, the
+ * Without -f or -p: knock-shaped junk (161 random bytes, first byte 0x01, the
  * version) from the sender's own address.
+ * With -p: the bytes of PAYLOAD (up to 1400) in every datagram, from the
+ * sender's own address (a replay flood); with -x OFFSET, bytes from OFFSET on
+ * are random, different in each of 4096 variants (a live knock tag in front
+ * of forged rest).
  * With -f: the records of FILE, each 4 bytes of IPv4 source address followed
  * by a 161-byte payload, sent in order from a raw socket (IP_HDRINCL) so that
  * every record leaves from its own source address; the file is cycled unless
@@ -25,7 +29,8 @@
 #include <time.h>
 #include <unistd.h>
 
-enum { POOL = 4096, BATCH = 64, SIZE = 161, RECORD = 4 + SIZE, FRAME = 20 + 8 + SIZE };
+enum { POOL = 4096, BATCH = 64, SIZE = 161, RECORD = 4 + SIZE, FRAME = 20 + 8 + SIZE,
+       MAX_PAYLOAD = 1400 };
 
 static double now(void) {
     struct timespec ts;
@@ -76,17 +81,20 @@ static unsigned char *load(const char *path, struct in_addr dst, int port, size_
 }
 
 int main(int argc, char **argv) {
-    const char *path = NULL;
+    const char *path = NULL, *payload = NULL;
     double rate = 0;
-    int once = 0, opt;
-    while ((opt = getopt(argc, argv, "f:r:1")) != -1) {
+    int once = 0, offset = -1, opt;
+    while ((opt = getopt(argc, argv, "f:p:x:r:1")) != -1) {
         if (opt == 'f') path = optarg;
+        else if (opt == 'p') payload = optarg;
+        else if (opt == 'x') offset = atoi(optarg);
         else if (opt == 'r') rate = atof(optarg);
         else if (opt == '1') once = 1;
         else return 2;
     }
     if (argc - optind != 3) {
-        fprintf(stderr, "usage: flood [-f FILE] [-r RATE] [-1] DST_IPV4 PORT SECONDS\n");
+        fprintf(stderr, "usage: flood [-f FILE | -p PAYLOAD [-x OFFSET]] [-r RATE] [-1] "
+                        "DST_IPV4 PORT SECONDS\n");
         return 2;
     }
     struct sockaddr_in dst = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[optind + 1]))};
@@ -101,6 +109,28 @@ int main(int argc, char **argv) {
         items = load(path, dst.sin_addr, atoi(argv[optind + 1]), &count);
         length = FRAME;
         fd = socket(AF_INET, SOCK_RAW, IPPROTO_RAW);  /* implies IP_HDRINCL */
+    } else if (payload) {
+        unsigned char bytes[MAX_PAYLOAD];
+        FILE *file = fopen(payload, "rb");
+        if (!file) {
+            perror(payload);
+            return 1;
+        }
+        length = fread(bytes, 1, sizeof bytes, file);
+        fclose(file);
+        count = offset >= 0 ? POOL : 1;
+        items = malloc(count * length);
+        FILE *random = fopen("/dev/urandom", "rb");
+        for (size_t i = 0; i < count; i++) {
+            memcpy(items + i * length, bytes, length);
+            if (offset >= 0 && (size_t)offset < length &&
+                fread(items + i * length + offset, 1, length - offset, random) != length - offset) {
+                perror("urandom");
+                return 1;
+            }
+        }
+        fclose(random);
+        fd = socket(AF_INET, SOCK_DGRAM, 0);
     } else {
         count = POOL;
         length = SIZE;

@@ -3,6 +3,9 @@
     python latency_probe.py SPEC.json
 SPEC: {"server": ip, "knock_port": n, "service_port": n, "timeout": s,
        "interval": s (optional: knock i is sent no sooner than i * interval),
+       "uri": spa1://... (optional: each knock is made just before it is sent,
+              so that runs longer than the 30 s window stay fresh; the
+              payloads given are then ignored),
        "knocks": [[source_ip, payload_hex], ...]}
 For each knock: send the payload from its source address, then try TCP
 connects to the service from that same address (non-blocking, 0.2 ms
@@ -32,19 +35,32 @@ def opened(source: str, server: str, port: int) -> bool:
         sock.close()
 
 
+def fresh_knock(uri: str) -> bytes:
+    import os
+
+    from spa.core.uri import parse
+    from spa.core.wire import NONCE_SIZE, Action
+    from spa_client.knock import make_packet
+
+    return make_packet(parse(uri), Action.OPEN, "ssh", duration=60, address=None,
+                       now=time.time(), nonce=os.urandom(NONCE_SIZE))
+
+
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     results: list[float | None] = []
     interval = float(spec.get("interval", 0))
+    uri = spec.get("uri")
     begin = time.perf_counter()
     for index, (source, payload) in enumerate(spec["knocks"]):
         pause = begin + index * interval - time.perf_counter()
         if pause > 0:
             time.sleep(pause)
+        data = fresh_knock(uri) if uri else bytes.fromhex(payload)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.bind((source, 0))
             started = time.perf_counter()
-            udp.sendto(bytes.fromhex(payload), (spec["server"], spec["knock_port"]))
+            udp.sendto(data, (spec["server"], spec["knock_port"]))
         deadline = started + spec["timeout"]
         took = None
         while time.perf_counter() < deadline:
