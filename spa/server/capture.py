@@ -23,10 +23,11 @@ import select
 import socket
 import struct
 import time
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from spa.server.errors import LocalError
-from spa.server.sources import BATCH, Datagram
+from spa.server.sources import BATCH, Datagram, filter_note
 
 ETH_P_ALL = 0x0003
 ETH_P_IP = 0x0800
@@ -100,26 +101,44 @@ _TAG_BASE = 1  # the knock tag is at payload bytes 1-8 (after the version byte)
 _PER_TAG = 5  # instructions per tag in the tag list
 
 
-def _tag_blocks(tags: list[bytes]) -> list[tuple[int, Label, Label, int] | str]:
-    """With A = M[0] = tag bytes 0-3 and M[1] = bytes 4-7: one five-instruction
-    block per tag (a miss skips to the next block, a hit returns at once, so
-    no jump leaves its block), then a return that drops."""
+_NONCE_BASE = 9  # the nonce starts at payload byte 9; its first 8 bytes identify a packet
+_ACCEPT = (BPF_RET | BPF_K, 0, 0, 0xFFFF)
+_DROP = (BPF_RET | BPF_K, 0, 0, 0)
+Code = list[tuple[int, Label, Label, int] | str]
+
+
+def _word_blocks(values: Sequence[bytes], cells: tuple[int, int],
+                 hit: tuple[int, Label, Label, int]) -> Code:
+    """With A = M[cells[0]] = bytes 0-3 and M[cells[1]] = bytes 4-7 of a field:
+    one five-instruction block per 8-byte value (a miss skips to the next
+    block, a hit runs `hit`, so no conditional jump leaves its block)."""
     jeq = BPF_JMP | BPF_JEQ | BPF_K
-    code: list[tuple[int, Label, Label, int] | str] = []
-    for tag in tags:
-        high, low = int.from_bytes(tag[:4], "big"), int.from_bytes(tag[4:8], "big")
+    code: Code = []
+    for value in values:
+        high, low = int.from_bytes(value[:4], "big"), int.from_bytes(value[4:8], "big")
         code += [
             (jeq, 0, 4, high),                          # miss: to the next block
-            (BPF_LD | BPF_MEM, 0, 0, 1),
-            (jeq, 0, 1, low),                           # miss: restore M[0], go on
-            (BPF_RET | BPF_K, 0, 0, 0xFFFF),
-            (BPF_LD | BPF_MEM, 0, 0, 0),
+            (BPF_LD | BPF_MEM, 0, 0, cells[1]),
+            (jeq, 0, 1, low),                           # miss: restore A, go on
+            hit,
+            (BPF_LD | BPF_MEM, 0, 0, cells[0]),
         ]
-    code.append((BPF_RET | BPF_K, 0, 0, 0))             # no tag matched
     return code
 
 
-def knock_filter(port: int, tags: list[bytes] | None = None) -> list[Insn]:
+def _tag_blocks(tags: Sequence[bytes], nonces: Sequence[bytes] = ()) -> Code:
+    """The tag list (tag in M[0], M[1]): no tag matched drops.  With
+    `nonces` (the first 8 bytes of replayed packets' nonces, in M[2], M[3]),
+    a tag hit goes on to the nonce list, where a hit drops and the end accepts."""
+    if not nonces:
+        return [*_word_blocks(tags, (0, 1), _ACCEPT), _DROP]
+    return [*_word_blocks(tags, (0, 1), (BPF_JA, "nonces", 0, 0)), _DROP,
+            "nonces", (BPF_LD | BPF_MEM, 0, 0, 2),
+            *_word_blocks(nonces, (2, 3), _DROP), _ACCEPT]
+
+
+def knock_filter(port: int, tags: list[bytes] | None = None,
+                 nonces: Sequence[bytes] = ()) -> list[Insn]:
     """Accept unfragmented UDP to `port` for this host, IPv4 or IPv6.
 
     With `tags` (issue 6: drop junk before Python wakes), also require a UDP
@@ -128,6 +147,10 @@ def knock_filter(port: int, tags: list[bytes] | None = None) -> list[Insn]:
     is a block of five instructions whose jumps stay inside the block (a
     miss skips to the next block, a hit returns at once), so no conditional
     jump ever needs more than the 8 bits classic BPF gives it.
+
+    With `nonces` (a replay flood: the first 8 bytes of the nonces of packets
+    being replayed), a knock carrying a live tag and one of those nonces is
+    dropped too: its copies no longer wake Python.
     """
     ld_h, ld_b = BPF_LD | BPF_H | BPF_ABS, BPF_LD | BPF_B | BPF_ABS
     jeq = BPF_JMP | BPF_JEQ | BPF_K
@@ -161,37 +184,50 @@ def knock_filter(port: int, tags: list[bytes] | None = None) -> list[Insn]:
     # The kernel's checker reads the program in order and wants every scratch
     # cell written before any read on every path it can see, including the
     # fall-through after a return: write both cells first.
-    program = [(BPF_LD | BPF_IMM, 0, 0, 0), (st, 0, 0, 0), (st, 0, 0, 1), *program]
+    cells = range(4 if nonces else 2)
+    program = [(BPF_LD | BPF_IMM, 0, 0, 0), *[(st, 0, 0, c) for c in cells], *program]
+
+    def fields(load: int, base: int) -> Code:
+        offsets = [_TAG_BASE, _TAG_BASE + 4, _NONCE_BASE, _NONCE_BASE + 4][:len(cells)]
+        code: Code = []
+        for cell, offset in zip(cells, offsets, strict=True):
+            code += [(load, 0, 0, base + offset), (st, 0, 0, cell)]
+        return code
+
     program += [
         "v4_port_ok",
         (BPF_LD | BPF_H | BPF_IND, 0, 0, 4),            # UDP length
         (jeq, 0, "drop_length", KNOCK_LENGTH),
-        (ld_w_ind, 0, 0, 8 + _TAG_BASE), (st, 0, 0, 0),
-        (ld_w_ind, 0, 0, 8 + _TAG_BASE + 4), (st, 0, 0, 1),
+        *fields(ld_w_ind, 8),
         (BPF_JA, "tags", 0, 0),
         "v6_port_ok",
         (ld_h, 0, 0, 44),                               # UDP length
         (jeq, 0, "drop_length", KNOCK_LENGTH),
-        (ld_w_abs, 0, 0, 48 + _TAG_BASE), (st, 0, 0, 0),
-        (ld_w_abs, 0, 0, 48 + _TAG_BASE + 4), (st, 0, 0, 1),
+        *fields(ld_w_abs, 48),
         (BPF_JA, "tags", 0, 0),
         "drop_length",
         drop_insn,
         "tags",
         (ld_mem, 0, 0, 0),
     ]
-    program += _tag_blocks(tags)
+    program += _tag_blocks(tags, nonces)
     return assemble(program)
 
 
-def udp_payload_filter(tags: list[bytes]) -> list[Insn]:
+def udp_payload_filter(tags: list[bytes],
+                       nonces: Sequence[bytes] = ()) -> list[Insn]:
     """For a bound UDP socket (udp mode), where a socket filter sees the
     datagram from its UDP header on: exactly one knock's length and one of
-    the live tags at payload bytes 1-8, in the same 5-instruction blocks."""
+    the live tags at payload bytes 1-8, in the same 5-instruction blocks;
+    with `nonces`, the same replay drop as knock_filter."""
     ld_h, ld_w = BPF_LD | BPF_H | BPF_ABS, BPF_LD | BPF_W | BPF_ABS
     jeq = BPF_JMP | BPF_JEQ | BPF_K
-    program: list[tuple[int, Label, Label, int] | str] = [
-        (BPF_LD | BPF_IMM, 0, 0, 0), (BPF_ST, 0, 0, 0), (BPF_ST, 0, 0, 1),
+    program: Code = [(BPF_LD | BPF_IMM, 0, 0, 0), (BPF_ST, 0, 0, 0), (BPF_ST, 0, 0, 1)]
+    if nonces:
+        program += [(BPF_ST, 0, 0, 2), (BPF_ST, 0, 0, 3),
+                    (ld_w, 0, 0, 8 + _NONCE_BASE), (BPF_ST, 0, 0, 2),
+                    (ld_w, 0, 0, 8 + _NONCE_BASE + 4), (BPF_ST, 0, 0, 3)]
+    program += [
         (ld_h, 0, 0, 4),                                # UDP length
         (jeq, 0, "drop", KNOCK_LENGTH),
         (ld_w, 0, 0, 8 + _TAG_BASE + 4), (BPF_ST, 0, 0, 1),
@@ -201,13 +237,22 @@ def udp_payload_filter(tags: list[bytes]) -> list[Insn]:
         (BPF_RET | BPF_K, 0, 0, 0),
         "tags",
     ]
-    program += _tag_blocks(tags)
+    program += _tag_blocks(tags, nonces)
     return assemble(program)
 
 
-def max_tags() -> int:
-    """How many tags fit in one classic program."""
-    return (MAX_INSNS - len(knock_filter(1, []))) // _PER_TAG
+def fit(tags: Sequence[bytes], nonces: Sequence[bytes]) -> Sequence[bytes] | None:
+    """The nonces that fit in one program beside the tags (the tags come
+    first: blocking replays in the kernel is a saving, the tags are the
+    filter), or None if not even the tags fit."""
+    if len(tags) <= max_tags(len(nonces)):
+        return nonces
+    return () if len(tags) <= max_tags() else None
+
+
+def max_tags(nonces: int = 0) -> int:
+    """How many tags fit in one classic program (beside `nonces` blocked nonces)."""
+    return (MAX_INSNS - len(knock_filter(1, [], [bytes(8)] * nonces))) // _PER_TAG
 
 
 class _SockFprog(ctypes.Structure):
@@ -288,25 +333,27 @@ class CaptureSource:
         self._poll.register(sock, select.POLLIN)
         self.port = port
 
-    def set_tags(self, tags: list[bytes] | None) -> str:
-        """Filter on these knock tags in the kernel (None: port only).
+    def set_tags(self, tags: list[bytes] | None, nonces: Sequence[bytes] = ()) -> str:
+        """Filter on these knock tags in the kernel (None: port only), and
+        drop knocks carrying one of `nonces` (replays being flooded).
 
         Re-attaching replaces the program atomically.  Too many tags for one
         program, or a kernel that refuses its size (net.core.optmem_max), falls
         back to the port-only filter.  Returns a line for the log.
         """
-        if tags is not None and len(tags) > max_tags():
-            tags = None
+        fitted = None if tags is None else fit(tags, nonces)
+        if tags is not None and fitted is None:
+            tags, fitted = None, ()
             note = f"too many tags for one BPF program (max {max_tags()}); port-only filter"
         else:
-            note = "port-only filter" if tags is None else f"kernel filter on {len(tags)} tags"
+            note = ("port-only filter" if tags is None
+                    else filter_note(tags, fitted or ()))
         try:
-            attach_filter(self._sock, knock_filter(self.port, tags))
+            attach_filter(self._sock, knock_filter(self.port, tags, fitted or ()))
         except (OSError, ValueError, struct.error) as exc:
             attach_filter(self._sock, knock_filter(self.port))
-            size = len(knock_filter(self.port, tags or []))
+            size = len(knock_filter(self.port, tags or [], fitted or ()))
             reason = exc.strerror if isinstance(exc, OSError) else str(exc)
-            tags = None
             note = (f"kernel filter of {size} instructions not attached ({reason}; "
                     "raise net.core.optmem_max?); port-only filter")
         return note

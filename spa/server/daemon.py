@@ -11,6 +11,10 @@ Invariants (docs/threat-model.md; issue 4's server design):
 - The receive thread takes what the socket holds (up to a batch) per wake-up,
   verifies each datagram, and hands the batch's grants to the firewall in one
   call (one nftables transaction) before it takes the next batch.
+- A packet replayed REPLAYS_TO_BLOCK times in one second has its nonce added
+  to the kernel filter (at most MAX_BLOCKED_NONCES, for as long as its tag can
+  be live), so a replay flood stops waking Python; a client's new knock has a
+  new random nonce and is never caught by it.
 - The server never answers a packet.
 """
 
@@ -25,11 +29,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from spa.backends.base import Backend, apply
+from spa.core.errors import Reason
 from spa.core.keys import derive_keys
-from spa.core.knock import knock_tag, step_of, steps_for_window
+from spa.core.knock import STEP_SECONDS, knock_tag, step_of, steps_for_window
 from spa.core.leases import Allow, FirewallAction, LeaseTable
 from spa.core.verify import Accepted, Refused, Verifier
-from spa.core.wire import Action
+from spa.core.wire import NONCE_OFFSET, Action
 from spa.server import config as config_mod
 from spa.server.config import ServerConfig
 from spa.server.errors import LocalError
@@ -43,6 +48,9 @@ RECEIVE_TIMEOUT = 0.25  # the receive thread wakes at least this often
 COMPACT_EVERY = 10.0  # seconds between replay-cache dumps (a journal covers between)
 PRUNE_EVERY = 3600.0  # seconds between event-retention prunes
 STAGE_AHEAD = 3.0  # seconds before a step boundary to prepare its tags
+REPLAYS_TO_BLOCK = 20  # copies of one packet in one second that put its nonce in the kernel filter
+MAX_BLOCKED_NONCES = 64  # nonces the kernel filter drops at most (5 BPF instructions each)
+NONCE_PREFIX = 8  # bytes of the nonce the kernel filter compares
 
 Clock = Callable[[], float]
 Log = Callable[[str], None]
@@ -85,6 +93,11 @@ class Server:
         self._filter_step: int | None = None  # the step the kernel tag filter was built for
         self._pending_snapshot: bytes | None = None  # replay snapshot to write
         self._tag_keys: dict[str, bytes] = {}
+        self._replays: dict[bytes, int] = {}  # nonce prefix -> copies this second
+        self._replay_second = -1
+        # nonce prefix -> until: written by the receive thread, read by housekeeping
+        self._blocked_nonces: dict[bytes, float] = {}
+        self._filter_nonces: list[bytes] = []  # what the kernel filter drops now
         self.verifier: Verifier
         self.leases: LeaseTable
         self.events: EventSink
@@ -198,11 +211,25 @@ class Server:
             results.append(result)
             if isinstance(result, Refused):
                 events.refuse(now, result.reason.value, result.client, source)
+                if result.reason is Reason.REPLAY:
+                    self._count_replay(data, now)
             else:
                 accepted.append(result)
         if accepted:
             self._grant(accepted, now)
         return results
+
+    def _count_replay(self, data: bytes, now: float) -> None:
+        second = int(now)
+        if second != self._replay_second:
+            self._replay_second = second
+            self._replays.clear()
+        nonce = bytes(data[NONCE_OFFSET:NONCE_OFFSET + NONCE_PREFIX])
+        count = self._replays.get(nonce, 0) + 1
+        self._replays[nonce] = count
+        if count == REPLAYS_TO_BLOCK and len(self._blocked_nonces) < MAX_BLOCKED_NONCES:
+            # as long as its tag can be live: the window either side, plus a step
+            self._blocked_nonces[nonce] = now + 2 * self.config.window + STEP_SECONDS
 
     def _grant(self, accepted: list[Accepted], now: float) -> None:
         actions: list[FirewallAction] = []
@@ -295,15 +322,21 @@ class Server:
             return
         boundary = self.verifier.next_step_at
         step = step_of(boundary) if boundary - now <= STAGE_AHEAD else step_of(now)
-        if step == self._filter_step and not force:
+        blocked = self._blocked_nonces
+        for nonce, until in list(blocked.items()):
+            if until <= now:
+                del blocked[nonce]
+        nonces = sorted(blocked)
+        if step == self._filter_step and not force and nonces == self._filter_nonces:
             return
         skew = steps_for_window(self.config.window)
         steps = range(step - 1 - skew, step + skew + 1)
         tags = [knock_tag(key, s) for key in self._tag_keys.values() for s in steps]
-        note = set_tags(tags)
-        if self._filter_step is None or force:
+        note = set_tags(tags, nonces)
+        if self._filter_step is None or force or nonces != self._filter_nonces:
             self.log(f"{self.config.mode} {note}")
         self._filter_step = step
+        self._filter_nonces = nonces
 
     def _compact_replay(self, now: float) -> None:
         """Every COMPACT_EVERY seconds: the receive thread snapshots and rotates

@@ -15,6 +15,7 @@ import errno
 import select
 import socket
 from collections import deque
+from collections.abc import Sequence
 from typing import Protocol
 
 from spa.core.wire import PACKET_SIZE
@@ -63,20 +64,25 @@ class UdpSource:
         self._poll.register(sock, select.POLLIN)
         self.port = sock.getsockname()[1]
 
-    def set_tags(self, tags: list[bytes] | None) -> str:
+    def set_tags(self, tags: list[bytes] | None, nonces: Sequence[bytes] = ()) -> str:
         """Drop datagrams without a live knock tag in the kernel (a socket
-        filter); None removes the filter.  Returns a line for the log."""
-        from spa.server.capture import attach_filter, max_tags, udp_payload_filter
+        filter), and those carrying one of `nonces` (replays being flooded);
+        None removes the filter.  Returns a line for the log."""
+        from spa.server.capture import attach_filter, fit, udp_payload_filter
 
-        if tags is None or len(tags) > max_tags():
+        if tags is None:
             self._detach()
-            return "no kernel filter (too many tags)" if tags is not None else "no kernel filter"
+            return "no kernel filter"
+        fitted = fit(tags, nonces)
+        if fitted is None:
+            self._detach()
+            return "no kernel filter (too many tags)"
         try:
-            attach_filter(self._sock, udp_payload_filter(tags))
+            attach_filter(self._sock, udp_payload_filter(tags, fitted))
         except (OSError, ValueError) as exc:
             self._detach()  # never leave an older tag list in place: it would drop knocks
             return f"kernel filter not attached ({exc}); no kernel filter"
-        return f"kernel filter on {len(tags)} tags"
+        return filter_note(tags, fitted)
 
     def _detach(self) -> None:
         with contextlib.suppress(OSError):
@@ -94,13 +100,21 @@ class UdpSource:
         try:
             for _ in range(BATCH):
                 data, peer = recvfrom(RECV_SIZE)
-                items.append((data, peer[0]))
+                host = peer[0]
+                if host.startswith("::ffff:") and "." in host:
+                    host = host[7:]  # IPv4 through the dual-stack socket: say it as IPv4
+                items.append((data, host))
         except (BlockingIOError, InterruptedError):
             pass
         return items
 
     def close(self) -> None:
         self._sock.close()
+
+
+def filter_note(tags: Sequence[bytes], nonces: Sequence[bytes]) -> str:
+    note = f"kernel filter on {len(tags)} tags"
+    return note + (f", dropping {len(nonces)} replayed nonces" if nonces else "")
 
 
 class FakeSource:

@@ -8,11 +8,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from scapy.layers.inet import UDP
 from scapy.utils import rdpcap
 
 from spa.netns import Namespace
 from tests.netns.conftest import (
+    ATT4,
     CLI4,
     HERE,
     KNOCK_PORT,
@@ -145,6 +147,34 @@ def test_captured_packet_replayed_opens_nothing(spa: Spa, tmp_path: Path) -> Non
     assert spa.wait_for("refused reason=replay client=alice src=10.199.1.2")
     assert not tcp_open(world, "cli", SRV4, 22)
     assert spa.elements() == []
+
+
+@pytest.mark.parametrize("mode", ["capture", "udp"])
+def test_a_replay_flood_is_dropped_in_the_kernel_and_the_client_still_gets_in(
+        spa: Spa, tmp_path: Path, mode: str) -> None:
+    """Thousands of copies of one captured knock: after the first few dozen
+    the kernel filter drops its nonce, so the rest never wake Python."""
+    world = spa.world
+    spa.start("--mode", mode)
+    enroll_alice(spa)
+    payload = capture_one_knock(world, spa, tmp_path)
+    flood = ("import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+             "p=bytes.fromhex(sys.argv[1])\n"
+             f"for _ in range(int(sys.argv[2])): s.sendto(p,({SRV_ATT4!r},{KNOCK_PORT}))\n")
+    world.att.run(sys.executable, "-c", flood, payload.hex(), "2000")
+    deadline = time.monotonic() + 5
+    while not any(line.endswith("dropping 1 replayed nonces") for line in spa.lines):
+        assert time.monotonic() < deadline, spa.lines
+        time.sleep(0.05)
+    time.sleep(0.6)  # an events flush
+    before = replays(spa, ATT4)
+    assert 20 <= before <= 2000
+    world.att.run(sys.executable, "-c", flood, payload.hex(), "5000")
+    time.sleep(1.0)
+    assert replays(spa, ATT4) == before, "5,000 more copies, and not one reached Python"
+    assert not tcp_open(world, "att", SRV_ATT4, 22)
+    assert spa.client(world.cli, "alice", "open", "ssh", "srv", "--timeout", "3"
+                      ).returncode == 0
 
 
 def test_kill_9_grants_still_close_on_time_and_restart_leaves_no_stale(spa: Spa) -> None:

@@ -184,7 +184,10 @@ def test_udp_filter_failure_removes_the_old_tag_list() -> None:
     try:
         assert src.set_tags([b"AAAAAAAA"]) == "kernel filter on 1 tags"
         real = capture.udp_payload_filter
-        capture.udp_payload_filter = lambda tags: (_ for _ in ()).throw(ValueError("too far"))
+        def refuse(tags: object, nonces: object = ()) -> list[capture.Insn]:
+            raise ValueError("too far")
+
+        capture.udp_payload_filter = refuse
         try:
             assert "not attached" in src.set_tags([b"BBBBBBBB"])
         finally:
@@ -218,5 +221,83 @@ def test_udp_source_takes_what_is_queued_in_batches() -> None:
         started = time.monotonic()
         assert src.receive(0.2) == []
         assert time.monotonic() - started >= 0.15
+    finally:
+        src.close()
+
+
+def knock_with_nonce(tag: bytes, nonce: bytes, *, v6: bool = False) -> bytes:
+    payload = b"\x01" + tag + nonce + bytes(161 - 9 - len(nonce))
+    header = IPv6(src="2001:db8::7", dst="2001:db8::1") if v6 else IP(
+        src="192.0.2.7", dst="192.0.2.1")
+    return bytes(header / UDP(sport=5555, dport=PORT) / Raw(payload))
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_replayed_nonces_are_dropped_in_the_kernel_and_nothing_else(v6: bool) -> None:
+    """A replay flood: the copies carry a live tag and one known nonce."""
+    from tests.bpf import check_like_the_kernel
+
+    blocked = [bytes.fromhex("0123456789abcdef"), bytes.fromhex("fedcba9876543210")]
+    program = knock_filter(PORT, TAGS, blocked)
+    check_like_the_kernel(program)
+    proto = ETH_P_IPV6 if v6 else ETH_P_IP
+
+    def passes(tag: bytes, nonce: bytes) -> bool:
+        frame = knock_with_nonce(tag, nonce + bytes(16), v6=v6)
+        return run_filter(program, frame, protocol=proto, pkttype=PACKET_HOST) > 0
+
+    assert not passes(TAGS[3], blocked[0]) and not passes(TAGS[-1], blocked[1])
+    assert passes(TAGS[3], bytes.fromhex("0123456789abcdee"))  # one bit away: a new nonce
+    assert passes(TAGS[3], blocked[0][:4] + blocked[1][4:])  # halves of two: no match
+    assert not passes(bytes(8), bytes(8))  # junk still dropped
+    assert run_filter(knock_filter(PORT, TAGS), knock_with_nonce(TAGS[3], blocked[0] + bytes(16),
+                      v6=v6), protocol=proto, pkttype=PACKET_HOST), "no nonces: passes"
+
+
+def test_udp_socket_filter_drops_replayed_nonces() -> None:
+    from spa.server.capture import udp_payload_filter
+    from tests.bpf import check_like_the_kernel
+
+    nonce = bytes.fromhex("0123456789abcdef")
+    program = udp_payload_filter(TAGS, [nonce])
+    check_like_the_kernel(program)
+
+    def datagram(tag: bytes, first: bytes) -> bytes:
+        return bytes(UDP(sport=5555, dport=PORT) / Raw(b"\x01" + tag + first + bytes(144)))
+
+    assert not run_filter(program, datagram(TAGS[7], nonce), protocol=0, pkttype=0)
+    assert run_filter(program, datagram(TAGS[7], bytes(8)), protocol=0, pkttype=0)
+    assert not run_filter(program, datagram(bytes(8), bytes(8)), protocol=0, pkttype=0)
+
+
+def test_tags_come_first_when_the_program_is_full() -> None:
+    from spa.server.capture import MAX_INSNS, fit, max_tags
+
+    nonces = [bytes(8)] * 64
+    assert fit([bytes(8)] * 10, nonces) == nonces
+    full = [bytes(8)] * max_tags()
+    assert fit(full, nonces) == ()
+    assert fit([bytes(8)] * (max_tags() + 1), nonces) is None
+    fitted = [bytes(8)] * max_tags(64)
+    assert len(knock_filter(PORT, fitted, nonces)) <= MAX_INSNS
+
+
+def test_dual_stack_udp_source_gives_ipv4_senders_as_ipv4() -> None:
+    """Review finding: events and logs said src=::ffff:10.0.0.2 in udp mode,
+    which fail2ban would ban as another address than the sender's."""
+    import socket as socketlib
+
+    from spa.server.sources import UdpSource
+
+    src = UdpSource("::", 0)
+    try:
+        with socketlib.socket(socketlib.AF_INET, socketlib.SOCK_DGRAM) as sender:
+            sender.sendto(b"x", ("127.0.0.1", src.port))
+        with socketlib.socket(socketlib.AF_INET6, socketlib.SOCK_DGRAM) as sender:
+            sender.sendto(b"y", ("::1", src.port))
+        got = src.receive(1.0)
+        if len(got) < 2:
+            got += src.receive(1.0)
+        assert sorted(got) == [(b"x", "127.0.0.1"), (b"y", "::1")]
     finally:
         src.close()

@@ -6,6 +6,7 @@ import ipaddress
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,10 @@ import pytest
 from spa.core.errors import Reason
 from spa.core.knock import STEP_SECONDS, step_of
 from spa.core.verify import Accepted, Refused
-from spa.core.wire import Action
+from spa.core.wire import NONCE_OFFSET, Action
 from spa.server import admin
 from spa.server.daemon import STAGE_AHEAD
+from spa.server.sources import FakeSource, filter_note
 from tests.server_world import World
 
 A = "192.0.2.10"
@@ -344,3 +346,53 @@ def test_a_service_added_or_moved_while_running_reaches_the_firewall(world: Worl
     assert world.backend.services["ssh"].port == 2222
     assert "pg" in world.backend.services
     assert any(line.startswith("firewall rules updated") for line in world.logs)
+
+
+class FilteringSource(FakeSource):
+    """A fake source with a kernel filter: records what it was told to drop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.filters: list[tuple[int, list[bytes]]] = []
+
+    def set_tags(self, tags: list[bytes] | None, nonces: Sequence[bytes] = ()) -> str:
+        self.filters.append((len(tags or []), list(nonces)))
+        return filter_note(tags or [], nonces)
+
+
+def test_a_replay_flood_puts_the_nonce_in_the_kernel_filter_until_its_tag_is_gone(
+        world: World) -> None:
+    from spa.server.daemon import REPLAYS_TO_BLOCK
+
+    assert world.server is not None
+    source = world.server.source = FilteringSource()
+    packet = world.packet("alice", duration=60)
+    assert isinstance(world.server.handle(packet, A), Accepted)
+    world.server.handle_batch([(packet, B)] * (REPLAYS_TO_BLOCK - 2))
+    world.server.housekeeping()
+    assert all(nonces == [] for _, nonces in source.filters), "not yet a flood"
+    world.server.handle_batch([(packet, B)] * 5)
+    world.server.housekeeping()
+    nonce = packet[NONCE_OFFSET:NONCE_OFFSET + 8]
+    assert source.filters[-1][1] == [nonce]
+    assert any(line.endswith("dropping 1 replayed nonces") for line in world.logs)
+    # the client's next knock has a new nonce: never caught
+    assert isinstance(world.server.handle(world.packet("alice", duration=60), A), Accepted)
+    # once the packet's tag cannot be live any more, the nonce leaves the filter
+    world.clock.advance(2 * 30 + 31)
+    world.server.housekeeping()
+    assert source.filters[-1][1] == []
+
+
+def test_replays_spread_over_seconds_are_not_a_flood(world: World) -> None:
+    from spa.server.daemon import REPLAYS_TO_BLOCK
+
+    assert world.server is not None
+    source = world.server.source = FilteringSource()
+    packet = world.packet("alice", duration=60)
+    world.server.handle(packet, A)
+    for _ in range(3):
+        world.server.handle_batch([(packet, B)] * (REPLAYS_TO_BLOCK // 2))
+        world.clock.advance(1)
+        world.server.housekeeping()
+    assert all(nonces == [] for _, nonces in source.filters)
