@@ -49,6 +49,7 @@ from bench_latency import (
 from spa.netns import Namespace, can_make_namespaces
 
 INTERVAL = 0.1  # seconds between legitimate knocks
+CLIENT_PREFIX = "10.201."  # the client namespace's knock addresses (bench_latency.sources)
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -119,6 +120,7 @@ class Row:
     rss_before: float
     rss_peak: float
     rss_after: float
+    knocks_refused: dict[str, int]  # spa-server: its refusals of the client's knocks, by reason
 
 
 def refusals(site: Site, name: str, kind: str, since: float) -> int | None:
@@ -133,6 +135,19 @@ def refusals(site: Site, name: str, kind: str, since: float) -> int | None:
     if kind == "replay":
         return (site.root / "fwknopd.log").read_text(errors="replace").count("Replay detected")
     return None
+
+
+def knocks_refused(site: Site, name: str, since: float) -> dict[str, int]:
+    """spa-server's refusals of packets from the client namespace, by reason."""
+    if not name.startswith("spa"):
+        return {}
+    from spa.server.events import EVENTS_DB, read_events
+
+    found: dict[str, int] = {}
+    for event in read_events(site.root / "state" / EVENTS_DB, since=since):
+        if event.outcome == "refused" and (event.source or "").startswith(CLIENT_PREFIX):
+            found[event.reason or "?"] = found.get(event.reason or "?", 0) + event.count
+    return found
 
 
 def attack_argv(flood: Path, kind: str, seconds: float,
@@ -168,8 +183,10 @@ def run_one(name: str, kind: str, seconds: float, flood: Path) -> Row:
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         busy_before, t0 = cpu_seconds(server.pid), time.monotonic()
         time.sleep(1)  # let the flood reach full rate
+        # only knocks sent while the flood lasts count (one that times out
+        # delays the next by up to a second)
         results = site.probe(knocks, interval=INTERVAL, timeout=1.0,
-                             fresh=name.startswith("spa"))
+                             fresh=name.startswith("spa"), until=flood_started + seconds - 1)
         out, _ = sender.communicate(timeout=seconds + 30)
         busy = (cpu_seconds(server.pid) - busy_before) / (time.monotonic() - t0)
         rss_peak = sampler.stop()
@@ -186,7 +203,8 @@ def run_one(name: str, kind: str, seconds: float, flood: Path) -> Row:
                    None if refused is None else refused / took,
                    None if drops_before is None or drops_after is None
                    else drops_after - drops_before,
-                   rss_before, max(rss_peak, rss_before), rss_after)
+                   rss_before, max(rss_peak, rss_before), rss_after,
+                   knocks_refused(site, name, flood_started))
     finally:
         site.close()
         shutil.rmtree(root, ignore_errors=True)
@@ -240,6 +258,8 @@ def main() -> int:
               f"{row.granted:>5}/{row.knocks:<5} {ms(row.p50):>7} {ms(row.p99):>7} "
               f"{row.cpu_idle:>8.1%} {row.cpu_flood:>9.1%} {refused:>9} "
               f"{'-' if row.drops is None else f'{row.drops:,}':>9} {rss:>24}")
+        if row.knocks_refused:
+            print(f"  {row.server}: the client's knocks refused: {row.knocks_refused}")
     return 0
 
 

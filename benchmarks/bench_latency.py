@@ -69,15 +69,17 @@ class Site:
         time.sleep(0.3)
 
     def probe(self, knocks: list[tuple[str, bytes]], *, interval: float = 0.0,
-              timeout: float = 2.0, fresh: bool = False) -> list[float | None]:
+              timeout: float = 2.0, fresh: bool = False,
+              until: float | None = None) -> list[float | None]:
         """Send the knocks from the client namespace, timing each to the first
         connect.  fresh=True: spa-server knocks are made just before sending
-        (for runs longer than the 30 s window)."""
+        (for runs longer than the 30 s window); `until` (Unix time): send
+        nothing after it (a knock that timed out delays the next ones)."""
         spec = self.root / "spec.json"
         spec.write_text(json.dumps({"server": SERVER, "knock_port": KNOCK_PORT,
                                     "service_port": 22, "timeout": timeout,
                                     "interval": interval,
-                                    "uri": self.spa_uri if fresh else None,
+                                    "uri": self.spa_uri if fresh else None, "until": until,
                                     "knocks": [[s, p.hex()] for s, p in knocks]}))
         done = self.cli.run(sys.executable, str(HERE / "latency_probe.py"), str(spec),
                             timeout=600)

@@ -18,6 +18,7 @@ fwknopd's from polling its iptables chain (it logs nothing countable), so
 its rate is the grants it made per second.  Needs root, gcc, fwknop.
 
     .venv/bin/python benchmarks/bench_throughput.py [--rates 1000,5000,...] [--seconds 2]
+    .venv/bin/python benchmarks/bench_throughput.py --close   # verification without grants
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def prepare_site(root: Path) -> Site:
 
 
 def spa_point(root: Path, flood: Path, mode: str, clients: int, rate: int,
-              seconds: float) -> Point:
+              seconds: float, action: Action = Action.OPEN) -> Point:
     count = int(rate * seconds)
     site = prepare_site(root)
     try:
@@ -106,8 +107,8 @@ def spa_point(root: Path, flood: Path, mode: str, clients: int, rate: int,
         site.procs.append(server)
         time.sleep(2.0)
         now = time.time()
-        packets = [(source, knock.make_packet(uris[i % clients], Action.OPEN, "ssh",
-                                              duration=60, address=None, now=now,
+        packets = [(source, knock.make_packet(uris[i % clients], action, "ssh",
+                                              duration=60 if action is Action.OPEN else 0, address=None, now=now,
                                               nonce=os.urandom(NONCE_SIZE)))
                    for i, source in enumerate(sources(count))]
         records = root / "records"
@@ -125,7 +126,8 @@ def spa_point(root: Path, flood: Path, mode: str, clients: int, rate: int,
                 refused[event.reason] += event.count
         granted = nft_elements(site)
         assert granted == len(leases), f"{granted} set elements for {len(leases)} lease starts"
-        return Point(f"spa-{mode}", rate, count, offered, len(accepted), per_second(accepted),
+        name = f"spa-{mode}" + ("" if action is Action.OPEN else " (close)")
+        return Point(name, rate, count, offered, len(accepted), per_second(accepted),
                      granted, per_second(leases), dict(refused),
                      drops_between(drops_before, drops_after))
     finally:
@@ -229,6 +231,10 @@ def main() -> int:
     parser.add_argument("--rates", default="1000,5000,10000,20000,40000")
     parser.add_argument("--seconds", type=float, default=2.0, help="length of each burst")
     parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--close", action="store_true",
+                        help="spa-server only: valid 'close' knocks for leases nobody holds, "
+                        "so the server verifies and records each but changes no firewall "
+                        "state (its verification rate without grants)")
     parser.add_argument("--fwknop-rates", default="100,1000")
     parser.add_argument("--only", default="spa-capture,spa-udp,fwknopd-udp,fwknopd-pcap")
     args = parser.parse_args()
@@ -237,6 +243,8 @@ def main() -> int:
         print(f"bench_throughput: {reason or 'needs gcc'}", file=sys.stderr)
         return 2
     chosen = [n for n in args.only.split(",") if n]
+    if args.close:
+        chosen = [n for n in chosen if n.startswith("spa")]
     if shutil.which("fwknopd") is None:
         print("bench_throughput: fwknopd is not installed (bash benchmarks/setup.sh); "
               "measuring spa-server only", file=sys.stderr)
@@ -253,7 +261,8 @@ def main() -> int:
                 try:
                     if kind == "spa":
                         rows.append(spa_point(root, flood, mode, args.clients, rate,
-                                              args.seconds))
+                                              args.seconds,
+                                              Action.CLOSE if args.close else Action.OPEN))
                     else:
                         rows.append(fwknop_point(root, mode, rate, args.seconds))
                 finally:

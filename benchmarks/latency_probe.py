@@ -3,6 +3,8 @@
     python latency_probe.py SPEC.json
 SPEC: {"server": ip, "knock_port": n, "service_port": n, "timeout": s,
        "interval": s (optional: knock i is sent no sooner than i * interval),
+       "until": Unix time (optional: no knock is sent after it; knocks not
+                sent are left out of the results),
        "uri": spa1://... (optional: each knock is made just before it is sent,
               so that runs longer than the 30 s window stay fresh; the
               payloads given are then ignored),
@@ -51,11 +53,14 @@ def main() -> None:
     results: list[float | None] = []
     interval = float(spec.get("interval", 0))
     uri = spec.get("uri")
+    until = spec.get("until")
     begin = time.perf_counter()
     for index, (source, payload) in enumerate(spec["knocks"]):
         pause = begin + index * interval - time.perf_counter()
         if pause > 0:
             time.sleep(pause)
+        if until is not None and time.time() >= until:
+            break
         data = fresh_knock(uri) if uri else bytes.fromhex(payload)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.bind((source, 0))
