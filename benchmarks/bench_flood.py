@@ -69,6 +69,21 @@ def udp_drops(ns: Namespace, port: int) -> int | None:
     return None
 
 
+def servers_to_run(program: str, only: str, *, spa_only: bool = False) -> list[str] | None:
+    """The servers named in `only` that can run here, or None (and why, on
+    stderr) if nothing can: the benchmarks need namespaces and gcc."""
+    reason = can_make_namespaces()
+    if reason is not None or shutil.which("gcc") is None:
+        print(f"{program}: {reason or 'needs gcc (bash benchmarks/setup.sh)'}", file=sys.stderr)
+        return None
+    chosen = [n for n in only.split(",") if n and not (spa_only and n.startswith("fwknopd"))]
+    if shutil.which("fwknopd") is None and any(n.startswith("fwknopd") for n in chosen):
+        print(f"{program}: fwknopd is not installed (bash benchmarks/setup.sh); "
+              "measuring spa-server only", file=sys.stderr)
+        chosen = [n for n in chosen if not n.startswith("fwknopd")]
+    return chosen
+
+
 def compile_flood(directory: Path) -> Path:
     """benchmarks/flood.c compiled into `directory`."""
     program = directory / "flood"
@@ -225,17 +240,10 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--only", default="spa-capture,spa-udp,fwknopd-udp,fwknopd-pcap")
     args = parser.parse_args()
-    reason = can_make_namespaces()
-    if reason is not None or shutil.which("gcc") is None:
-        print(f"bench_flood: {reason or 'needs gcc'}", file=sys.stderr)
+    chosen = servers_to_run("bench_flood", args.only,
+                            spa_only=args.kind == "forged")  # fwknopd has no tag: junk
+    if chosen is None:
         return 2
-    chosen = [n for n in args.only.split(",") if n]
-    if args.kind == "forged":
-        chosen = [n for n in chosen if n.startswith("spa")]  # fwknopd has no tag: junk
-    if shutil.which("fwknopd") is None:
-        print("bench_flood: fwknopd is not installed (bash benchmarks/setup.sh); "
-              "measuring spa-server only", file=sys.stderr)
-        chosen = [n for n in chosen if not n.startswith("fwknopd")]
     build = Path(tempfile.mkdtemp(prefix="spa-flood-bin-"))
     try:
         flood = compile_flood(build)

@@ -36,12 +36,11 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench_flood import compile_flood, udp_drops
+from bench_flood import compile_flood, servers_to_run, udp_drops
 from bench_latency import KNOCK_PORT, SERVER, Site, fwknop_packets, launch_fwknopd
 
 from spa.core.uri import parse
 from spa.core.wire import NONCE_SIZE, Action
-from spa.netns import can_make_namespaces
 from spa.server import admin
 from spa.server.events import EVENTS_DB, Event, read_events
 from spa_client import knock
@@ -108,7 +107,8 @@ def spa_point(root: Path, flood: Path, mode: str, clients: int, rate: int,
         time.sleep(2.0)
         now = time.time()
         packets = [(source, knock.make_packet(uris[i % clients], action, "ssh",
-                                              duration=60 if action is Action.OPEN else 0, address=None, now=now,
+                                              duration=60 if action is Action.OPEN else 0,
+                                              address=None, now=now,
                                               nonce=os.urandom(NONCE_SIZE)))
                    for i, source in enumerate(sources(count))]
         records = root / "records"
@@ -238,17 +238,9 @@ def main() -> int:
     parser.add_argument("--fwknop-rates", default="100,1000")
     parser.add_argument("--only", default="spa-capture,spa-udp,fwknopd-udp,fwknopd-pcap")
     args = parser.parse_args()
-    reason = can_make_namespaces()
-    if reason is not None or shutil.which("gcc") is None:
-        print(f"bench_throughput: {reason or 'needs gcc'}", file=sys.stderr)
+    chosen = servers_to_run("bench_throughput", args.only, spa_only=args.close)
+    if chosen is None:
         return 2
-    chosen = [n for n in args.only.split(",") if n]
-    if args.close:
-        chosen = [n for n in chosen if n.startswith("spa")]
-    if shutil.which("fwknopd") is None:
-        print("bench_throughput: fwknopd is not installed (bash benchmarks/setup.sh); "
-              "measuring spa-server only", file=sys.stderr)
-        chosen = [n for n in chosen if not n.startswith("fwknopd")]
     build = Path(tempfile.mkdtemp(prefix="spa-bench-bin-"))
     flood = compile_flood(build)
     rows = []
