@@ -6,8 +6,10 @@ core's `build_packet`.  A fresh nonce for every packet, re-sends included.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
+import selectors
 import socket
 import time
 from collections.abc import Callable
@@ -18,8 +20,9 @@ from spa.core.uri import Enrollment, ServiceRef
 from spa.core.wire import NONCE_SIZE, Action, IPAddress, Request, build_packet
 
 RESEND_AFTER = 1.0  # seconds without the port opening before a fresh packet
-PROBE_EVERY = 0.1  # seconds between TCP connection attempts
-PROBE_TIMEOUT = 0.3  # a dropped SYN shows up as a timeout
+FIRST_PROBE = 0.002  # seconds after the knock before the first connection attempt
+PROBE_GAP_MAX = 0.2  # the gap between new connection attempts doubles up to this
+MAX_PROBES = 8  # connection attempts kept open at once (the oldest is dropped)
 
 
 class KnockError(Exception):
@@ -67,14 +70,53 @@ def send(target: Target, packet: bytes) -> None:
             raise KnockError(f"cannot send to {target.address}: {exc.strerror}") from None
 
 
-def port_accepts(address: str, family: int, port: int, timeout: float = PROBE_TIMEOUT) -> bool:
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect((address, port))
-        except OSError:
-            return False
-    return True
+class PortProbe:
+    """Overlapping non-blocking TCP connects to one port.
+
+    A SYN that reaches the server before its grant is dropped and never
+    answered, so waiting on one connect would cost its whole timeout.  Instead
+    a new attempt starts at growing gaps (2 ms after the knock, then doubling
+    to 200 ms) while the earlier ones stay open: whichever completes first
+    wins, one round trip after the first SYN that found the port open.
+    """
+
+    def __init__(self, address: str, family: int, port: int) -> None:
+        self.address, self.family, self.port = address, family, port
+        self._selector = selectors.DefaultSelector()
+        self._pending: list[socket.socket] = []
+
+    def start(self) -> None:
+        """Send one more SYN (a new connection attempt)."""
+        if len(self._pending) >= MAX_PROBES:
+            self._drop(self._pending[0])
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        if sock.connect_ex((self.address, self.port)) not in (0, errno.EINPROGRESS):
+            sock.close()
+            return
+        self._pending.append(sock)
+        self._selector.register(sock, selectors.EVENT_WRITE)
+
+    def wait(self, timeout: float) -> bool:
+        """True once an attempt connects (within `timeout` seconds)."""
+        for key, _ in self._selector.select(max(0.0, timeout)):
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            self._drop(sock)
+            if error == 0:
+                return True
+        return False
+
+    def _drop(self, sock: socket.socket) -> None:
+        self._selector.unregister(sock)
+        self._pending.remove(sock)
+        sock.close()
+
+    def close(self) -> None:
+        for sock in list(self._pending):
+            self._drop(sock)
+        self._selector.close()
 
 
 def parse_allow_ip(text: str | None) -> IPAddress | None:
@@ -89,25 +131,34 @@ def parse_allow_ip(text: str | None) -> IPAddress | None:
 def open_and_wait(enrollment: Enrollment, service: ServiceRef, target: Target, *,
                   duration: int, address: IPAddress | None, timeout: float,
                   progress: Callable[[float, int], None]) -> float | None:
-    """Knock, then wait for the TCP port; re-knock with a new nonce when it
-    stays shut.  Returns the seconds it took, or None after `timeout`."""
+    """Knock, then wait for the TCP port (PortProbe); re-knock with a new
+    nonce when it stays shut.  Returns the seconds it took, or None after
+    `timeout`."""
     started = time.monotonic()
     deadline = started + timeout
     sends = 0
     next_send = started
-    while True:
-        now = time.monotonic()
-        if now >= next_send:
-            send(target, make_packet(enrollment, Action.OPEN, service.name, duration=duration,
-                                     address=address, now=time.time(),
-                                     nonce=os.urandom(NONCE_SIZE)))
-            sends += 1
-            next_send = now + RESEND_AFTER
-        left = deadline - time.monotonic()
-        progress(max(0.0, left), sends)
-        if port_accepts(target.address, target.family, service.port,
-                        min(PROBE_TIMEOUT, max(0.05, left))):
-            return time.monotonic() - started
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(min(PROBE_EVERY, max(0.0, deadline - time.monotonic())))
+    next_probe = started + FIRST_PROBE
+    gap = FIRST_PROBE
+    probe = PortProbe(target.address, target.family, service.port)
+    try:
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                return None
+            if now >= next_send:
+                send(target, make_packet(enrollment, Action.OPEN, service.name,
+                                         duration=duration, address=address, now=time.time(),
+                                         nonce=os.urandom(NONCE_SIZE)))
+                sends += 1
+                next_send = now + RESEND_AFTER
+                progress(max(0.0, deadline - now), sends)
+            if now >= next_probe:
+                probe.start()
+                gap = min(gap * 2, PROBE_GAP_MAX)
+                next_probe = now + gap
+            if probe.wait(min(next_probe, next_send, deadline) - time.monotonic()):
+                return time.monotonic() - started
+            progress(max(0.0, deadline - time.monotonic()), sends)
+    finally:
+        probe.close()

@@ -1,0 +1,82 @@
+"""spa-client's wait for the port: overlapping connects, on loopback."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+from spa_client.knock import MAX_PROBES, PortProbe
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_probe_connects_once_the_port_listens() -> None:
+    port = free_port()
+    probe = PortProbe("127.0.0.1", socket.AF_INET, port)
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        probe.start()
+        assert not probe.wait(0.1), "nothing listens yet: refused, not open"
+        listener.bind(("127.0.0.1", port))
+        listener.listen(8)
+        probe.start()
+        assert probe.wait(1.0)
+    finally:
+        probe.close()
+        listener.close()
+
+
+def test_probes_stay_bounded_and_close() -> None:
+    """Attempts that never finish (here: a full backlog that the server
+    never accepts) are capped at MAX_PROBES and all closed at the end."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    probe = PortProbe("127.0.0.1", socket.AF_INET, port)
+    try:
+        for _ in range(3 * MAX_PROBES):
+            probe.start()
+            probe.wait(0)
+        assert len(probe._pending) <= MAX_PROBES
+    finally:
+        probe.close()
+        listener.close()
+    assert probe._pending == []
+
+
+def test_the_first_attempt_to_complete_wins_without_waiting_for_older_ones() -> None:
+    """An earlier attempt that is still pending (its SYN was dropped) does not
+    hold up a later one that connects: the wait returns within milliseconds."""
+    port = free_port()
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    probe = PortProbe("127.0.0.1", socket.AF_INET, port)
+    opened = threading.Event()
+
+    def open_later() -> None:
+        time.sleep(0.05)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(8)
+        opened.set()
+
+    thread = threading.Thread(target=open_later)
+    thread.start()
+    try:
+        started = time.monotonic()
+        connected = False
+        while not connected and time.monotonic() - started < 2:
+            probe.start()
+            connected = probe.wait(0.01)
+        assert connected and opened.is_set()
+        assert time.monotonic() - started < 0.5
+    finally:
+        thread.join()
+        probe.close()
+        listener.close()
