@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import stat
-import tempfile
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +62,8 @@ class ProfileStore:
         text = f'# spa-client profile: holds a secret, keep it 0600\nuri = "{render(enrollment)}"\n'
         try:
             self.profiles.mkdir(parents=True, exist_ok=True, mode=0o700)
+            import tempfile  # only when saving: keeps `open`'s start-up short
+
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=self.profiles)
             os.fchmod(fd, 0o600)
             with os.fdopen(fd, "w") as handle:

@@ -16,9 +16,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from spa.core.errors import Reason
-from spa.core.wire import Action, IPAddress, Request, is_valid_service_name
-
-PROTOCOLS = ("tcp", "udp")
+from spa.core.wire import PROTOCOLS, Action, IPAddress, Request, is_valid_service_name
 
 
 @dataclass(frozen=True, slots=True)

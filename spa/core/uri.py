@@ -22,8 +22,7 @@ from dataclasses import dataclass
 
 from spa.core.errors import FormatError
 from spa.core.keys import MASTER_SECRET_SIZE, SERVER_ID_SIZE
-from spa.core.policy import PROTOCOLS
-from spa.core.wire import is_valid_service_name
+from spa.core.wire import PROTOCOLS, is_valid_service_name
 
 SCHEME = "spa1"
 DEFAULT_PORT = 62201  # UDP knock port

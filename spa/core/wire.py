@@ -45,6 +45,8 @@ OTP_MIN, OTP_MAX = 6, 10  # digits of a one-time password, when present
 DURATION_MAX = 2**32 - 1  # seconds, u32 on the wire
 TIMESTAMP_MAX = 2**64 - 1  # milliseconds, u64 on the wire
 
+PROTOCOLS = ("tcp", "udp")  # what a service can be (here, not in policy: the client needs
+# it without policy's classes, whose creation costs start-up time)
 _SERVICE_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}\Z")
 _OTP_RE = re.compile(r"[0-9]{6,10}\Z")
 _FIXED = struct.Struct(">QBIB")  # timestamp_ms, action, duration, address family
