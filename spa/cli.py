@@ -87,18 +87,42 @@ def enroll(
     endpoint: Annotated[str, typer.Option(help="HOST[:PORT] clients send to (this server "
                                           "as they reach it).")],
     uri_only: Annotated[bool, typer.Option("--uri-only", help="Print only the URI.")] = False,
+    qr: Annotated[bool, typer.Option("--qr", help="Also print the URI as a QR code (fits 80 "
+                                     "columns) for a phone or laptop camera.")] = False,
+    png: Annotated[Path | None, typer.Option("--png", metavar="FILE", help="Also write the "
+                                             "QR code to FILE as a PNG (0600: it holds the "
+                                             "secret).")] = None,
 ) -> None:
     """Enroll a client: create its secret and print its enrollment URI."""
     with local_errors():
+        if png is not None and (png.is_dir() or not png.parent.is_dir()):
+            raise LocalError(f"--png {png}: not a file in an existing directory")
         uri = admin.enroll(_ctx.config, name, service, endpoint)
+        if png is not None:
+            from spa.server import qr as qr_mod
+
+            try:
+                qr_mod.write_png(uri, png)
+            except OSError as exc:
+                raise LocalError(f"cannot write {png}: {exc.strerror}; {name} is enrolled "
+                                 f"all the same: revoke {name} and enroll it again") from None
     if uri_only:
         typer.echo(uri)
         return
     typer.echo(f"enrolled {name} for {', '.join(dict.fromkeys(service))}. Give this URI to "
                "the user over a private channel (it holds the client's secret):\n")
     typer.echo(f"  {uri}\n")
-    typer.echo(f"on the client: spa-client enroll '<URI>'   then: spa-client open "
-               f"{service[0]} HOST")
+    if qr:
+        import sys
+
+        from spa.server import qr as qr_mod
+
+        typer.echo("or let them scan this code (it holds the same secret):\n")
+        typer.echo(qr_mod.terminal_text(uri, ansi=sys.stdout.isatty()))
+    if png is not None:
+        typer.echo(f"QR code written to {png} (0600; delete it once scanned)")
+    typer.echo(f"on the client: spa-client enroll '<URI>' (or --qr-image FILE)   then: "
+               f"spa-client open {service[0]} HOST")
 
 
 @app.command()

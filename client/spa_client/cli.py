@@ -62,14 +62,28 @@ def _root(
 
 @app.command()
 def enroll(
-    uri: Annotated[str, typer.Argument(
-        metavar="URI", help="The spa1:// URI from your admin ('-' reads it from standard input).")],
+    uri: Annotated[str | None, typer.Argument(
+        metavar="[URI]", help="The spa1:// URI from your admin ('-' reads it from standard "
+        "input).")] = None,
     name: Annotated[str | None, typer.Option(help="Profile name (default: the server's "
                                              "host).")] = None,
+    qr_image: Annotated[Path | None, typer.Option(
+        "--qr-image", metavar="FILE", help="Read the URI from a picture of its QR code "
+        "(a screenshot, a photo, the PNG from spa-server enroll --png).")] = None,
 ) -> None:
     """Save an enrollment so that `open` can use it."""
     with local_errors():
-        text = sys.stdin.readline() if uri == "-" else uri
+        if (uri is None) == (qr_image is None):
+            raise ProfileError("give the enrollment URI, or --qr-image FILE (one of the two)")
+        if qr_image is not None:
+            from spa_client.qrimage import QrImageError, read_uri
+
+            try:
+                text = read_uri(qr_image)
+            except QrImageError as exc:
+                raise ProfileError(str(exc)) from None
+        else:
+            text = sys.stdin.readline() if uri == "-" else str(uri)
         enrollment = parse(text)
         profile = name or enrollment.host
         path = _ctx.store().save(profile, enrollment)

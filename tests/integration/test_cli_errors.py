@@ -195,3 +195,42 @@ def test_secrets_never_in_error_messages(tmp_path: Path, config: Path) -> None:
     done = client(tmp_path, "enroll", broken)
     assert done.returncode == 2
     assert secret not in done.stderr + done.stdout
+
+
+def test_qr_enrollment_round_trip_through_both_programs(config: Path, tmp_path: Path) -> None:
+    """spa-server enroll --qr --png, then spa-client enroll --qr-image: the
+    profile is the one the URI itself makes."""
+    png = tmp_path / "bob.png"
+    done = server(config, "enroll", "bob", "--service", "ssh", "--endpoint", "203.0.113.10",
+                  "--qr", "--png", str(png))
+    assert done.returncode == 0, done.stderr
+    assert "▀" in done.stdout or "▄" in done.stdout, "a code in the terminal"
+    assert oct(png.stat().st_mode & 0o777) == "0o600"
+    uri = next(line.strip() for line in done.stdout.splitlines() if "spa1://" in line)
+    by_image, by_uri = tmp_path / "img", tmp_path / "uri"
+    done = run_cli("spa-client", "--config-dir", str(by_image), "enroll", "--qr-image", str(png))
+    assert done.returncode == 0, done.stderr
+    assert "key=" not in done.stdout + done.stderr, "the secret is never echoed"
+    assert run_cli("spa-client", "--config-dir", str(by_uri), "enroll", uri).returncode == 0
+    assert ((by_image / "profiles" / "203.0.113.10.toml").read_text()
+            == (by_uri / "profiles" / "203.0.113.10.toml").read_text())
+
+
+def test_qr_image_errors(tmp_path: Path) -> None:
+    blank = tmp_path / "blank.png"
+    blank.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # a PNG header, nothing readable
+    client = ("spa-client", "--config-dir", str(tmp_path / "c"), "enroll")
+    assert_one_line_error(run_cli(*client, "--qr-image", str(tmp_path / "none.png")),
+                          "no such file")
+    assert_one_line_error(run_cli(*client, "--qr-image", str(blank)), str(blank))
+    assert_one_line_error(run_cli(*client), "URI, or --qr-image")
+    assert_one_line_error(run_cli(*client, "spa1://x", "--qr-image", str(blank)),
+                          "one of the two")
+
+
+def test_png_into_a_missing_directory_enrolls_nothing(config: Path, tmp_path: Path) -> None:
+    before = config.read_text()
+    done = server(config, "enroll", "carol", "--service", "ssh", "--endpoint", "203.0.113.10",
+                  "--png", str(tmp_path / "no" / "such" / "dir" / "c.png"))
+    assert_one_line_error(done, "not a file in an existing directory")
+    assert config.read_text() == before
