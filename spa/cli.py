@@ -92,12 +92,17 @@ def enroll(
     png: Annotated[Path | None, typer.Option("--png", metavar="FILE", help="Also write the "
                                              "QR code to FILE as a PNG (0600: it holds the "
                                              "secret).")] = None,
+    expires: Annotated[str | None, typer.Option(
+        "--expires", metavar="DURATION", help="The enrollment must be used within this time "
+        "(e.g. 15m, 2h, 1d): a first knock after it is refused (enrollment_expired).")
+    ] = None,
 ) -> None:
     """Enroll a client: create its secret and print its enrollment URI."""
     with local_errors():
         if png is not None and (png.is_dir() or not png.parent.is_dir()):
             raise LocalError(f"--png {png}: not a file in an existing directory")
-        uri = admin.enroll(_ctx.config, name, service, endpoint)
+        seconds = None if expires is None else parse_duration(expires, "--expires")
+        uri = admin.enroll(_ctx.config, name, service, endpoint, expires=seconds)
         if png is not None:
             from spa.server import qr as qr_mod
 
@@ -112,6 +117,9 @@ def enroll(
     typer.echo(f"enrolled {name} for {', '.join(dict.fromkeys(service))}. Give this URI to "
                "the user over a private channel (it holds the client's secret):\n")
     typer.echo(f"  {uri}\n")
+    if seconds is not None:
+        typer.echo(f"it must be used within {expires}: a first knock after that is refused "
+                   "(enrollment_expired); spa-server clients shows whether it was\n")
     if qr:
         import sys
 
@@ -125,20 +133,33 @@ def enroll(
                f"spa-client open {service[0]} HOST")
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, option: str) -> float:
+    """'90s', '15m', '2h', '1d' (or plain seconds) -> seconds.  Raises LocalError."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    if not number.isdigit() or int(number) == 0:
+        raise LocalError(f"{option} {text!r}: give a positive whole number with s, m, h or d, "
+                         "e.g. 15m")
+    return int(number) * _UNITS[unit]
+
+
 @app.command()
 def clients() -> None:
     """List enrolled clients."""
     with local_errors():
         entries = admin.clients(_ctx.config)
+        states = admin.client_states(_ctx.config, now=time.time())
     if not entries:
         typer.echo("no clients enrolled; add one with: spa-server enroll NAME --service ssh "
                    "--endpoint HOST")
         return
-    typer.echo(f"{'NAME':<24} {'STATE':<8} {'SERVICES':<24} ENROLLED")
+    width = max(8, *(len(v) for v in states.values()))
+    typer.echo(f"{'NAME':<24} {'STATE':<{width}} {'SERVICES':<24} ENROLLED")
     for entry in entries:
-        state = "revoked" if entry.revoked else "active"
-        typer.echo(f"{entry.name:<24} {state:<8} {','.join(entry.services):<24} "
-                   f"{entry.enrolled or '-'}")
+        typer.echo(f"{entry.name:<24} {states[entry.name]:<{width}} "
+                   f"{','.join(entry.services):<24} {entry.enrolled or '-'}")
 
 
 @app.command()

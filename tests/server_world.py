@@ -47,8 +47,9 @@ class World:
         admin.init(self.config_path, listen_port=62201, backend="memory",
                    state_dir=self.root / "state", force=False)
 
-    def enroll(self, name: str, *services: str) -> None:
-        admin.enroll(self.config_path, name, list(services) or ["ssh", "https"], "127.0.0.1")
+    def enroll(self, name: str, *services: str, expires: float | None = None) -> None:
+        admin.enroll(self.config_path, name, list(services) or ["ssh", "https"], "127.0.0.1",
+                     expires=expires, now=self.clock.now)
 
     def start(self) -> Server:
         self.backend = MemoryBackend()

@@ -28,6 +28,7 @@ class Reason(enum.Enum):
     REPLAY = "replay"
     REPLAY_CACHE_FULL = "replay_cache_full"
     REVOKED = "revoked"
+    ENROLLMENT_EXPIRED = "enrollment_expired"  # a pending client's first knock came too late
     SERVICE_NOT_ALLOWED = "service_not_allowed"
     ADDRESS_NOT_ALLOWED = "address_not_allowed"
 

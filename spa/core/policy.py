@@ -7,6 +7,9 @@ Invariants (docs/protocol.md, "Policy"; docs/threat-model.md, "insider"):
   refused); 0 asks for the service's default.
 - An address other than the packet's source is allowed only for a client
   with `allow_other_address`.
+- A pending enrollment (`enroll_by`) is refused `enrollment_expired` when the
+  packet's own authenticated timestamp is past it, unless the client has
+  knocked in time before (`activated`); the server keeps that record.
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ class ClientPolicy:
     services: frozenset[str]
     allow_other_address: bool = False
     revoked: bool = False
+    # Unix time by which a pending enrollment must be used (None: no limit).
+    # Once the client has knocked (it is in Policy.activated) it no longer applies.
+    enroll_by: float | None = None
 
 
 class Decision(NamedTuple):
@@ -73,6 +79,7 @@ class Decision(NamedTuple):
 class Policy:
     services: Mapping[str, Service] = field(default_factory=lambda: dict(DEFAULT_SERVICES))
     clients: Mapping[str, ClientPolicy] = field(default_factory=dict)
+    activated: frozenset[str] = frozenset()  # pending clients that have knocked in time
 
     @classmethod
     def build(cls, services: Iterable[Service], clients: Iterable[ClientPolicy]) -> Policy:
@@ -83,6 +90,9 @@ class Policy:
         rules = self.clients.get(client)
         if rules is None or rules.revoked:
             return Reason.REVOKED
+        if (rules.enroll_by is not None and client not in self.activated
+                and request.timestamp_ms > rules.enroll_by * 1000):
+            return Reason.ENROLLMENT_EXPIRED
         service = self.services.get(request.service)
         if service is None or request.service not in rules.services:
             return Reason.SERVICE_NOT_ALLOWED

@@ -63,8 +63,11 @@ def parse_endpoint(endpoint: str, default_port: int) -> tuple[str, int]:
         raise LocalError(f"--endpoint: {exc}") from None
 
 
-def enroll(path: Path, name: str, services: list[str], endpoint: str) -> str:
-    """Create a client with a new secret, store it, return its enrollment URI."""
+def enroll(path: Path, name: str, services: list[str], endpoint: str, *,
+           expires: float | None = None, now: float | None = None) -> str:
+    """Create a client with a new secret, store it, return its enrollment URI.
+    With `expires` (seconds) the client is pending: its first knock must come
+    within that time of `now`, or it is refused `enrollment_expired`."""
     config = config_mod.load(path)
     if not is_valid_client_name(name):
         raise LocalError(f"client name {name!r}: use letters, digits, '.', '_', '@', '-' "
@@ -78,8 +81,13 @@ def enroll(path: Path, name: str, services: list[str], endpoint: str) -> str:
     host, port = parse_endpoint(endpoint, config.listen_port)
     secret = os.urandom(MASTER_SECRET_SIZE)
     unique = list(dict.fromkeys(services))
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    config_mod.add_client(path, ClientEntry(name, secret, tuple(unique), enrolled=stamp))
+    when = time.time() if now is None else now
+    if expires is not None and not expires > 0:
+        raise LocalError("--expires must be a positive duration, e.g. 15m")
+    enroll_by = config_mod.format_utc(when + expires) if expires is not None else ""
+    config_mod.add_client(path, ClientEntry(name, secret, tuple(unique),
+                                            enrolled=config_mod.format_utc(when),
+                                            enroll_by=enroll_by))
     refs = tuple(ServiceRef(s, config.services[s].protocol, config.services[s].port)
                  for s in unique)
     return render(Enrollment(host, port, config.server_id, name, secret, refs))
@@ -91,6 +99,26 @@ def _known(config: ServerConfig) -> str:
 
 def clients(path: Path) -> list[ClientEntry]:
     return sorted(config_mod.load(path).clients.values(), key=lambda c: c.name)
+
+
+def client_states(path: Path, *, now: float) -> dict[str, str]:
+    """name -> revoked | active | pending until <UTC> | expired (pending, never used)."""
+    config = config_mod.load(path)
+    try:
+        activated = StateDir(config.state_dir).load_activated()
+    except LocalError:
+        activated = {}  # unreadable here (not root?): pending clients show as pending
+    states = {}
+    for name, entry in config.clients.items():
+        if entry.revoked:
+            states[name] = "revoked"
+        elif not entry.enroll_by or activated.get(name) == entry.enroll_by:
+            states[name] = "active"
+        elif config_mod.parse_utc(entry.enroll_by) > now:
+            states[name] = f"pending until {entry.enroll_by}"
+        else:
+            states[name] = "expired"
+    return states
 
 
 @dataclass(frozen=True, slots=True)

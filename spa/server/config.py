@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import calendar
+import time
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,7 +44,8 @@ _SERVER_KEYS = {
     "state_dir", "window", "event_retention_days", "flush_on_stop",
 }
 _SERVICE_KEYS = {"protocol", "port", "default_duration", "max_duration"}
-_CLIENT_KEYS = {"secret", "services", "allow_other_address", "revoked", "enrolled"}
+_CLIENT_KEYS = {"secret", "services", "allow_other_address", "revoked", "enrolled",
+                "enroll_by"}
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -53,6 +56,7 @@ class ClientEntry:
     allow_other_address: bool = False
     revoked: bool = False
     enrolled: str = ""
+    enroll_by: str = ""  # pending: first knock due by this UTC time (empty: no limit)
 
     def __repr__(self) -> str:
         return f"ClientEntry({self.name!r}, services={self.services}, revoked={self.revoked})"
@@ -74,14 +78,16 @@ class ServerConfig:
     services: Mapping[str, Service] = field(default_factory=lambda: dict(DEFAULT_SERVICES))
     clients: Mapping[str, ClientEntry] = field(default_factory=dict)
 
-    def policy(self) -> Policy:
+    def policy(self, activated: frozenset[str] = frozenset()) -> Policy:
+        """The rules; `activated`: pending clients known to have knocked in time."""
         return Policy(
             dict(self.services),
             {
                 c.name: ClientPolicy(c.name, frozenset(c.services), c.allow_other_address,
-                                     c.revoked)
+                                     c.revoked, parse_utc(c.enroll_by) if c.enroll_by else None)
                 for c in self.clients.values()
             },
+            activated,
         )
 
     def secrets(self) -> dict[str, bytes]:
@@ -244,8 +250,27 @@ def _clients(path: Path, data: Mapping[str, Any], services: Mapping[str, Service
             allow_other_address=_get(where, spec, "allow_other_address", bool, False),
             revoked=_get(where, spec, "revoked", bool, False),
             enrolled=_get(where, spec, "enrolled", str, ""),
+            enroll_by=_get(where, spec, "enroll_by", str, ""),
         )
+        if clients[name].enroll_by:
+            try:
+                parse_utc(clients[name].enroll_by)
+            except ValueError:
+                raise ConfigError(f"{where} enroll_by = {clients[name].enroll_by!r}: not a "
+                                  f"UTC time like {format_utc(0)}") from None
     return clients
+
+
+UTC_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def format_utc(when: float) -> str:
+    return time.strftime(UTC_FORMAT, time.gmtime(when))
+
+
+def parse_utc(text: str) -> float:
+    """Unix time of a UTC_FORMAT string.  Raises ValueError."""
+    return calendar.timegm(time.strptime(text, UTC_FORMAT))
 
 
 # ---- edits -----------------------------------------------------------------
@@ -331,6 +356,8 @@ def add_client(path: Path, entry: ClientEntry) -> None:
     table.add("allow_other_address", entry.allow_other_address)
     table.add("revoked", False)
     table.add("enrolled", entry.enrolled)
+    if entry.enroll_by:
+        table.add("enroll_by", entry.enroll_by)
     clients.add(entry.name, table)
     _write(path, tomlkit.dumps(doc))
 

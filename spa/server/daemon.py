@@ -33,6 +33,7 @@ from spa.core.errors import Reason
 from spa.core.keys import derive_keys
 from spa.core.knock import STEP_SECONDS, knock_tag, step_of, steps_for_window
 from spa.core.leases import Allow, FirewallAction, LeaseTable
+from spa.core.policy import Policy
 from spa.core.verify import Accepted, Refused, Verifier
 from spa.core.wire import NONCE_OFFSET, Action
 from spa.server import config as config_mod
@@ -98,6 +99,10 @@ class Server:
         # nonce prefix -> until: written by the receive thread, read by housekeeping
         self._blocked_nonces: dict[bytes, float] = {}
         self._filter_nonces: list[bytes] = []  # what the kernel filter drops now
+        # pending enrollments (enroll_by): those used in time, and those not yet
+        self._activated: dict[str, str] = {}  # name -> the enroll_by it met
+        self._pending: frozenset[str] = frozenset()
+        self._activated_dirty = False
         self.verifier: Verifier
         self.leases: LeaseTable
         self.events: EventSink
@@ -113,9 +118,10 @@ class Server:
         # the records this run appends
         self.state.compact_now(replay)
         self.state.journal(replay)
+        self._activated = self.state.load_activated()
         self.verifier = Verifier(self.config.server_id, self.config.secrets(),
-                                 self.config.policy(), now=now, window=self.config.window,
-                                 replay=replay)
+                                 self._policy_of(self.config), now=now,
+                                 window=self.config.window, replay=replay)
         saved = [lease for lease in self.state.load_leases() if lease.service in
                  self.config.services]
         self.leases = LeaseTable.from_leases(saved, now=now)
@@ -215,9 +221,30 @@ class Server:
                     self._count_replay(data, now)
             else:
                 accepted.append(result)
+                if result.client in self._pending:
+                    self._activate(result.client)
         if accepted:
             self._grant(accepted, now)
         return results
+
+    def _policy_of(self, config: ServerConfig) -> Policy:
+        """The config's rules with what this server knows of pending clients
+        (receive thread, or before it starts)."""
+        met = frozenset(name for name, entry in config.clients.items()
+                        if entry.enroll_by and self._activated.get(name) == entry.enroll_by)
+        self._pending = frozenset(name for name, entry in config.clients.items()
+                                  if entry.enroll_by and name not in met)
+        return config.policy(met)
+
+    def _activate(self, client: str) -> None:
+        """A pending client's knock was accepted in time: it is enrolled for good."""
+        entry = self.config.clients.get(client)
+        if entry is None or not entry.enroll_by:
+            return
+        self._activated[client] = entry.enroll_by
+        self._activated_dirty = True
+        self.verifier.policy = self._policy_of(self.config)
+        self.log(f"activated client={client} (its pending enrollment was used in time)")
 
     def _count_replay(self, data: bytes, now: float) -> None:
         second = int(now)
@@ -358,6 +385,9 @@ class Server:
             self._commands.append(snapshot)
 
     def _save(self, now: float) -> None:
+        if self._activated_dirty:
+            self._activated_dirty = False
+            self.state.save_activated(dict(self._activated))
         with self._lock:
             if not self._dirty:
                 return
@@ -389,7 +419,6 @@ class Server:
         changed = {n: c.secret for n, c in new.clients.items()
                    if n not in old.clients or old.clients[n].secret != c.secret}
         gone = [n for n in old.clients if n not in new.clients]
-        policy = new.policy()
         for name, entry in new.clients.items():
             if entry.revoked and not (name in old.clients and old.clients[name].revoked):
                 held = [lease for lease in self.leases.leases() if lease.client == name]
@@ -401,7 +430,7 @@ class Server:
                 self.verifier.remove_client(name)
             for name, secret in changed.items():
                 self.verifier.add_client(name, secret)
-            self.verifier.policy = policy
+            self.verifier.policy = self._policy_of(new)
 
         services = dict(new.services)
         for name in old.services.keys() - services.keys():

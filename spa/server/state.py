@@ -35,6 +35,7 @@ REPLAY = "replay.bin"
 JOURNAL = "replay.journal"
 JOURNAL_OLD = "replay.journal.old"  # being compacted: covered by no dump yet
 SERVER = "server.json"
+ACTIVATED = "activated.json"  # pending enrollments used in time: name -> the enroll_by it met
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +165,22 @@ class StateDir:
         except (KeyError, TypeError, ValueError):
             raise LocalError(f"{self.path / LEASES} is damaged; stop the server and "
                              "remove it (live grants are then forgotten)") from None
+
+    def save_activated(self, activated: dict[str, str]) -> None:
+        write_private(self.path / ACTIVATED,
+                      json.dumps({"version": 1, "activated": activated}).encode())
+
+    def load_activated(self) -> dict[str, str]:
+        """name -> the enroll_by its first knock met.  Raises LocalError if damaged."""
+        data = self._read_json(ACTIVATED)
+        if data is None:
+            return {}
+        found = data.get("activated") if isinstance(data, dict) else None
+        if not isinstance(found, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in found.items()):
+            raise LocalError(f"{self.path / ACTIVATED} is damaged; stop the server and "
+                             "remove it (pending clients that knocked must be enrolled again)")
+        return found
 
     def status(self, now: float) -> list[PairStatus]:
         """Active leases grouped by (address, service), soonest end first."""

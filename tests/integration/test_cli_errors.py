@@ -234,3 +234,26 @@ def test_png_into_a_missing_directory_enrolls_nothing(config: Path, tmp_path: Pa
                   "--png", str(tmp_path / "no" / "such" / "dir" / "c.png"))
     assert_one_line_error(done, "not a file in an existing directory")
     assert config.read_text() == before
+
+
+def test_enroll_expires_shows_pending_and_refuses_bad_durations(config: Path) -> None:
+    done = server(config, "enroll", "erin", "--service", "ssh", "--endpoint", "203.0.113.10",
+                  "--expires", "15m")
+    assert done.returncode == 0, done.stderr
+    assert "must be used within 15m" in done.stdout
+    listing = server(config, "clients").stdout
+    assert "erin" in listing and "pending until 20" in listing
+    before = config.read_text()
+    for bad in ("0", "15x", "-5m", "m", "1.5h"):
+        done = server(config, "enroll", "fay", "--service", "ssh", "--endpoint",
+                      "203.0.113.10", "--expires", bad)
+        assert_one_line_error(done, "--expires", "e.g. 15m")
+    assert config.read_text() == before
+
+
+def test_bad_enroll_by_in_config(config: Path) -> None:
+    assert server(config, "enroll", "gus", "--service", "ssh", "--endpoint", "203.0.113.10",
+                  "--expires", "1h").returncode == 0
+    text = config.read_text()
+    config.write_text(text.replace('enroll_by = "', 'enroll_by = "soon ', 1))
+    assert_one_line_error(server(config, "clients"), "enroll_by", "UTC time like")

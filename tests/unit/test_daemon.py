@@ -396,3 +396,27 @@ def test_replays_spread_over_seconds_are_not_a_flood(world: World) -> None:
         world.clock.advance(1)
         world.server.housekeeping()
     assert all(nonces == [] for _, nonces in source.filters)
+
+
+def test_a_pending_enrollment_works_once_in_time_and_never_late(tmp_path: Path) -> None:
+    """enroll --expires: the first knock must come in time; once it has, the
+    client stays enrolled (across a restart); a late first knock is refused."""
+    w = World(tmp_path)
+    w.init()
+    w.enroll("carol", "ssh", expires=900)
+    w.enroll("dave", "ssh", expires=900)
+    server = w.start()
+    assert admin.client_states(w.config_path, now=w.clock.now)["carol"].startswith("pending")
+    w.clock.advance(600)
+    assert isinstance(server.handle(w.packet("carol", duration=60), A), Accepted)
+    assert any(line.startswith("activated client=carol") for line in w.logs)
+    server.housekeeping()  # saves the activation
+    server.shutdown()
+    w.clock.advance(3600)  # both enrollments' time is long past
+    server = w.start()
+    assert isinstance(server.handle(w.packet("carol", duration=60), B), Accepted)
+    late = server.handle(w.packet("dave", duration=60), A)
+    assert late == Refused(Reason.ENROLLMENT_EXPIRED, "dave")
+    states = admin.client_states(w.config_path, now=w.clock.now)
+    assert (states["carol"], states["dave"]) == ("active", "expired")
+    assert any(e.reason == "enrollment_expired" and e.client == "dave" for e in w.events())

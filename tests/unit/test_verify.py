@@ -304,3 +304,21 @@ def test_bytearray_and_memoryview_packets_are_verified_too() -> None:
 def test_an_ipv6_zone_does_not_split_one_host_in_two() -> None:
     assert parse_source("fe80::1%eth0") == ipaddress.ip_address("fe80::1")
     assert parse_source(ipaddress.IPv6Address("fe80::1%eth0")) == ipaddress.ip_address("fe80::1")
+
+
+def test_a_pending_enrollment_is_judged_by_the_packets_own_time() -> None:
+    from dataclasses import replace
+
+    from spa.core.policy import Policy
+
+    base = verifier().policy
+    pending = Policy(base.services, {**base.clients, "alice": replace(
+        base.clients["alice"], enroll_by=NOW + 10)})
+    v = verifier(now=NOW + 20)
+    v.policy = pending
+    alice = Knocker("alice")
+    assert reason(v.verify(alice.packet(at=NOW + 20), SRC, NOW + 20)) is (
+        Reason.ENROLLMENT_EXPIRED)
+    assert isinstance(v.verify(alice.packet(at=NOW + 9), SRC, NOW + 20), Accepted)
+    v.policy = replace(pending, activated=frozenset({"alice"}))
+    assert isinstance(v.verify(alice.packet(at=NOW + 20), SRC, NOW + 20), Accepted)
