@@ -92,6 +92,10 @@ def enroll(
     png: Annotated[Path | None, typer.Option("--png", metavar="FILE", help="Also write the "
                                              "QR code to FILE as a PNG (0600: it holds the "
                                              "secret).")] = None,
+    otp: Annotated[bool, typer.Option("--otp", help="Also require a code from an "
+                                      "authenticator app (Aegis, Google Authenticator, "
+                                      "FreeOTP...) in every open knock; prints its QR code.")
+                   ] = False,
     expires: Annotated[str | None, typer.Option(
         "--expires", metavar="DURATION", help="The enrollment must be used within this time "
         "(e.g. 15m, 2h, 1d): a first knock after it is refused (enrollment_expired).")
@@ -102,12 +106,15 @@ def enroll(
         if png is not None and (png.is_dir() or not png.parent.is_dir()):
             raise LocalError(f"--png {png}: not a file in an existing directory")
         seconds = None if expires is None else parse_duration(expires, "--expires")
-        uri = admin.enroll(_ctx.config, name, service, endpoint, expires=seconds)
+        uri = admin.enroll(_ctx.config, name, service, endpoint, expires=seconds, otp=otp)
+        otp_uri = admin.otp_uri(_ctx.config, name) if otp else None
         if png is not None:
             from spa.server import qr as qr_mod
 
             try:
                 qr_mod.write_png(uri, png)
+                if otp_uri is not None:
+                    qr_mod.write_png(otp_uri, otp_png(png))
             except OSError as exc:
                 raise LocalError(f"cannot write {png}: {exc.strerror}; {name} is enrolled "
                                  f"all the same: revoke {name} and enroll it again") from None
@@ -127,10 +134,26 @@ def enroll(
 
         typer.echo("or let them scan this code (it holds the same secret):\n")
         typer.echo(qr_mod.terminal_text(uri, ansi=sys.stdout.isatty()))
+    if otp_uri is not None:
+        import sys
+
+        from spa.server import qr as qr_mod
+
+        typer.echo("second factor: scan this code with the user's authenticator app (issuer "
+                   f"'spa', account {name!r}); every open knock then needs its current code:\n")
+        typer.echo(qr_mod.terminal_text(otp_uri, ansi=sys.stdout.isatty()))
+        typer.echo(f"  {otp_uri}\n")
     if png is not None:
         typer.echo(f"QR code written to {png} (0600; delete it once scanned)")
+        if otp_uri is not None:
+            typer.echo(f"authenticator QR code written to {otp_png(png)} (0600)")
     typer.echo(f"on the client: spa-client enroll '<URI>' (or --qr-image FILE)   then: "
                f"spa-client open {service[0]} HOST")
+
+
+def otp_png(png: Path) -> Path:
+    """Where --png puts the authenticator code: beside the enrollment code."""
+    return png.with_name(f"{png.stem}-otp{png.suffix or '.png'}")
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

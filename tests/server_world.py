@@ -47,9 +47,10 @@ class World:
         admin.init(self.config_path, listen_port=62201, backend="memory",
                    state_dir=self.root / "state", force=False)
 
-    def enroll(self, name: str, *services: str, expires: float | None = None) -> None:
+    def enroll(self, name: str, *services: str, expires: float | None = None,
+               otp: bool = False) -> None:
         admin.enroll(self.config_path, name, list(services) or ["ssh", "https"], "127.0.0.1",
-                     expires=expires, now=self.clock.now)
+                     expires=expires, now=self.clock.now, otp=otp)
 
     def start(self) -> Server:
         self.backend = MemoryBackend()
@@ -60,12 +61,13 @@ class World:
         return self.server
 
     def packet(self, client: str, service: str = "ssh", *, action: Action = Action.OPEN,
-               duration: int = 0, at: float | None = None, address: str | None = None) -> bytes:
+               duration: int = 0, at: float | None = None, address: str | None = None,
+               otp: str = "") -> bytes:
         config = config_mod.load(self.config_path)
         keys = derive_keys(config.clients[client].secret, config.server_id)
         when = self.clock.now if at is None else at
         request = Request(int(when * 1000), action, service, duration,
-                          None if address is None else ipaddress.ip_address(address))
+                          None if address is None else ipaddress.ip_address(address), otp)
         return build_packet(request, keys, config.server_id, nonce=os.urandom(24))
 
     def events(self) -> list[Event]:

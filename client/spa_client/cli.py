@@ -117,6 +117,10 @@ def open_(
                        ] = False,
     timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the port.")
                        ] = 5.0,
+    otp: Annotated[str | None, typer.Option("--otp", metavar="CODE", help="The current code "
+                                            "from your authenticator app, if your admin set "
+                                            "one up (asked for when needed and not given).")
+                   ] = None,
 ) -> None:
     """Knock to open SERVICE on HOST, then wait until its port accepts connections."""
     asked = duration or 0  # 0 asks for the service's default
@@ -125,17 +129,18 @@ def open_(
         enrollment = profile.enrollment
         ref = knock.service_of(enrollment, service)
         address = knock.parse_allow_ip(allow_ip)
+        code = _otp_code(otp, enrollment.otp, profile_name=host)
         target = knock.resolve(enrollment.host, enrollment.port)
         if no_wait or ref.protocol != "tcp":
             packet = knock.make_packet(enrollment, Action.OPEN, service, duration=asked,
                                        address=address, now=_now(),
-                                       nonce=os.urandom(NONCE_SIZE))
+                                       nonce=os.urandom(NONCE_SIZE), otp=code)
             knock.send(target, packet)
             typer.echo(f"knock sent: open {service} at {target.address}")
             return
         took = knock.open_and_wait(enrollment, ref, target, duration=asked,
                                    address=address, timeout=timeout,
-                                   progress=_progress(sys.stderr.isatty()))
+                                   progress=_progress(sys.stderr.isatty()), otp=code)
     if sys.stderr.isatty():
         sys.stderr.write("\r\033[K")
     if took is None:
@@ -162,6 +167,18 @@ def close(
                                              address=None, now=_now(),
                                              nonce=os.urandom(NONCE_SIZE)))
     typer.echo(f"close sent: {service} at {target.address}")
+
+
+def _otp_code(given: str | None, needed: bool, *, profile_name: str) -> str:
+    """The authenticator code to send: --otp, or asked for on the terminal."""
+    if given is not None:
+        return knock.check_otp(given)
+    if not needed:
+        return ""
+    if not sys.stdin.isatty():
+        raise knock.KnockError(f"profile {profile_name!r} needs a code from your "
+                               "authenticator app: pass --otp CODE")
+    return knock.check_otp(typer.prompt("code from your authenticator app"))
 
 
 def _now() -> float:

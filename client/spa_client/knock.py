@@ -55,9 +55,9 @@ def service_of(enrollment: Enrollment, name: str) -> ServiceRef:
 
 
 def make_packet(enrollment: Enrollment, action: Action, service: str, *, duration: int,
-                address: IPAddress | None, now: float, nonce: bytes) -> bytes:
+                address: IPAddress | None, now: float, nonce: bytes, otp: str = "") -> bytes:
     keys = derive_keys(enrollment.secret, enrollment.server_id)
-    request = Request(int(now * 1000), action, service, duration, address)
+    request = Request(int(now * 1000), action, service, duration, address, otp)
     return build_packet(request, keys, enrollment.server_id, nonce=nonce)
 
 
@@ -119,6 +119,14 @@ class PortProbe:
         self._selector.close()
 
 
+def check_otp(code: str) -> str:
+    """An authenticator code as typed (spaces allowed).  Raises KnockError."""
+    digits = code.replace(" ", "")
+    if not (digits.isascii() and digits.isdigit() and 6 <= len(digits) <= 10):
+        raise KnockError("the authenticator code is 6 digits, e.g. 123456 (from the app, now)")
+    return digits
+
+
 def parse_allow_ip(text: str | None) -> IPAddress | None:
     if text is None:
         return None
@@ -130,7 +138,7 @@ def parse_allow_ip(text: str | None) -> IPAddress | None:
 
 def open_and_wait(enrollment: Enrollment, service: ServiceRef, target: Target, *,
                   duration: int, address: IPAddress | None, timeout: float,
-                  progress: Callable[[float, int], None]) -> float | None:
+                  progress: Callable[[float, int], None], otp: str = "") -> float | None:
     """Knock, then wait for the TCP port (PortProbe); re-knock with a new
     nonce when it stays shut.  Returns the seconds it took, or None after
     `timeout`."""
@@ -149,7 +157,7 @@ def open_and_wait(enrollment: Enrollment, service: ServiceRef, target: Target, *
             if now >= next_send:
                 send(target, make_packet(enrollment, Action.OPEN, service.name,
                                          duration=duration, address=address, now=time.time(),
-                                         nonce=os.urandom(NONCE_SIZE)))
+                                         nonce=os.urandom(NONCE_SIZE), otp=otp))
                 sends += 1
                 next_send = now + RESEND_AFTER
                 progress(max(0.0, deadline - now), sends)

@@ -31,6 +31,8 @@ class Reason(enum.Enum):
     ENROLLMENT_EXPIRED = "enrollment_expired"  # a pending client's first knock came too late
     SERVICE_NOT_ALLOWED = "service_not_allowed"
     ADDRESS_NOT_ALLOWED = "address_not_allowed"
+    OTP_INVALID = "otp_invalid"  # a client enrolled with --otp sent no code or a wrong one
+    OTP_REUSED = "otp_reused"  # that code (or a later one) was used before
 
     def __str__(self) -> str:
         return self.value

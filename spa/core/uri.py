@@ -1,6 +1,6 @@
 """The enrollment URI: everything one client needs for one server.
 
-    spa1://HOST[:PORT]/CLIENT?sid=SERVER_ID&key=SECRET&svc=NAME:PROTO:PORT[&svc=...]
+    spa1://HOST[:PORT]/CLIENT?sid=SERVER_ID&key=SECRET&svc=NAME:PROTO:PORT[&svc=...][&otp=1]
 
 Invariants (docs/protocol.md, "Enrollment URI"):
 - `parse(render(e)) == e` for every valid enrollment, and `render` is canonical.
@@ -48,6 +48,7 @@ class Enrollment:
     client: str
     secret: bytes
     services: tuple[ServiceRef, ...]
+    otp: bool = False  # the server wants an authenticator code in each open knock
 
     def __repr__(self) -> str:
         return (
@@ -89,6 +90,8 @@ def render(enrollment: Enrollment) -> str:
         host = f"[{host}]"
     query = [("sid", _b64(enrollment.server_id)), ("key", _b64(enrollment.secret))]
     query += [("svc", f"{s.name}:{s.protocol}:{s.port}") for s in enrollment.services]
+    if enrollment.otp:
+        query.append(("otp", "1"))
     text = "&".join(f"{k}={v}" for k, v in query)
     return f"{SCHEME}://{host}:{enrollment.port}/{enrollment.client}?{text}"
 
@@ -116,7 +119,7 @@ def parse(uri: str) -> Enrollment:
     client = path
     if not is_valid_client_name(client):
         raise FormatError("client name in the URI path is missing or has bad characters")
-    sid, key, services = _params(query)
+    sid, key, services, otp = _params(query)
     enrollment = Enrollment(
         host=host,
         port=port,
@@ -124,6 +127,7 @@ def parse(uri: str) -> Enrollment:
         client=client,
         secret=_unb64(key, MASTER_SECRET_SIZE, "secret (key)"),
         services=tuple(_service(v) for v in services),
+        otp=otp,
     )
     _check(enrollment)
     return enrollment
@@ -158,15 +162,16 @@ def _host_port(netloc: str) -> tuple[str, int]:
     return host, port
 
 
-def _params(query: str) -> tuple[str, str, list[str]]:
-    """(sid, key, [svc, ...]) from the query; each must be there, once."""
-    found: dict[str, list[str]] = {"sid": [], "key": [], "svc": []}
+def _params(query: str) -> tuple[str, str, list[str], bool]:
+    """(sid, key, [svc, ...], otp) from the query; sid and key once, svc at
+    least once, otp (=1) at most once."""
+    found: dict[str, list[str]] = {"sid": [], "key": [], "svc": [], "otp": []}
     for number, item in enumerate(query.split("&") if query else [], start=1):
         name, sep, value = item.partition("=")
         if name not in found:
             # never echo it: a mangled "key=..." would print the secret
-            raise FormatError(f"parameter #{number} of the enrollment URI is not sid=, key= "
-                              "or svc=")
+            raise FormatError(f"parameter #{number} of the enrollment URI is not sid=, key=, "
+                              "svc= or otp=")
         if not sep or not value:
             raise FormatError(f"parameter {name!r} has no value")
         if "%" in value:
@@ -178,7 +183,9 @@ def _params(query: str) -> tuple[str, str, list[str]]:
             raise FormatError(f"parameter {name!r} is {what} in enrollment URI")
     if not found["svc"]:
         raise FormatError("enrollment URI names no service (svc=NAME:PROTO:PORT)")
-    return found["sid"][0], found["key"][0], found["svc"]
+    if found["otp"] not in ([], ["1"]):
+        raise FormatError("parameter 'otp' must be otp=1, once")
+    return found["sid"][0], found["key"][0], found["svc"], bool(found["otp"])
 
 
 def _service(value: str) -> ServiceRef:

@@ -33,6 +33,7 @@ from spa.core.knock import (
     steps_for_window,
 )
 from spa.core.limits import FailureLimiter
+from spa.core.otp import OtpChecker
 from spa.core.policy import Decision, Policy
 from spa.core.replay import Check, ReplayCache
 from spa.core.wire import (
@@ -41,6 +42,7 @@ from spa.core.wire import (
     NONCE_SIZE,
     PACKET_SIZE,
     VERSION,
+    Action,
     IPAddress,
     Request,
     open_packet,
@@ -107,6 +109,7 @@ class Verifier:
         window: float = DEFAULT_WINDOW,
         replay: ReplayCache | None = None,
         limiter: FailureLimiter | None = None,
+        otp: OtpChecker | None = None,
     ) -> None:
         """`secrets` maps client name -> 32-byte master secret.
 
@@ -120,6 +123,7 @@ class Verifier:
         self.policy = policy
         self.replay = replay if replay is not None else ReplayCache(window)
         self.limiter = limiter if limiter is not None else FailureLimiter()
+        self.otp = otp if otp is not None else OtpChecker({})
         if self.replay.window < window:
             self.replay.set_window(window)  # never forget an entry before it is stale
         self._keys: dict[str, ClientKeys] = {
@@ -217,4 +221,8 @@ class Verifier:
         decision = self.policy.decide(client, request, address)
         if isinstance(decision, Reason):
             return Refused(decision, client)
+        if request.action is Action.OPEN:
+            refusal = self.otp.check(client, request.otp, now)
+            if refusal is not None:
+                return Refused(refusal, client)
         return Accepted(client, request, decision, address)

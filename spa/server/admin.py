@@ -7,6 +7,7 @@ hands them to the core.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from spa.core.errors import FormatError
 from spa.core.keys import MASTER_SECRET_SIZE, SERVER_ID_SIZE
+from spa.core.otp import SECRET_BYTES, provisioning_uri
 from spa.core.uri import Enrollment, ServiceRef, check_host, is_valid_client_name, render
 from spa.server import config as config_mod
 from spa.server.config import ClientEntry, ServerConfig
@@ -64,7 +66,7 @@ def parse_endpoint(endpoint: str, default_port: int) -> tuple[str, int]:
 
 
 def enroll(path: Path, name: str, services: list[str], endpoint: str, *,
-           expires: float | None = None, now: float | None = None) -> str:
+           expires: float | None = None, now: float | None = None, otp: bool = False) -> str:
     """Create a client with a new secret, store it, return its enrollment URI.
     With `expires` (seconds) the client is pending: its first knock must come
     within that time of `now`, or it is refused `enrollment_expired`."""
@@ -85,12 +87,21 @@ def enroll(path: Path, name: str, services: list[str], endpoint: str, *,
     if expires is not None and not expires > 0:
         raise LocalError("--expires must be a positive duration, e.g. 15m")
     enroll_by = config_mod.format_utc(when + expires) if expires is not None else ""
+    otp_secret = base64.b32encode(os.urandom(SECRET_BYTES)).decode() if otp else ""
     config_mod.add_client(path, ClientEntry(name, secret, tuple(unique),
                                             enrolled=config_mod.format_utc(when),
-                                            enroll_by=enroll_by))
+                                            enroll_by=enroll_by, otp_secret=otp_secret))
     refs = tuple(ServiceRef(s, config.services[s].protocol, config.services[s].port)
                  for s in unique)
-    return render(Enrollment(host, port, config.server_id, name, secret, refs))
+    return render(Enrollment(host, port, config.server_id, name, secret, refs, otp=otp))
+
+
+def otp_uri(path: Path, name: str) -> str | None:
+    """The otpauth:// URI for a client's authenticator app (None: it has none)."""
+    entry = config_mod.load(path).clients.get(name)
+    if entry is None or not entry.otp_secret:
+        return None
+    return provisioning_uri(entry.otp_secret, name)
 
 
 def _known(config: ServerConfig) -> str:

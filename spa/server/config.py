@@ -45,7 +45,7 @@ _SERVER_KEYS = {
 }
 _SERVICE_KEYS = {"protocol", "port", "default_duration", "max_duration"}
 _CLIENT_KEYS = {"secret", "services", "allow_other_address", "revoked", "enrolled",
-                "enroll_by"}
+                "enroll_by", "otp_secret"}
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -57,6 +57,7 @@ class ClientEntry:
     revoked: bool = False
     enrolled: str = ""
     enroll_by: str = ""  # pending: first knock due by this UTC time (empty: no limit)
+    otp_secret: str = field(default="", repr=False)  # base32 TOTP secret (empty: no code)
 
     def __repr__(self) -> str:
         return f"ClientEntry({self.name!r}, services={self.services}, revoked={self.revoked})"
@@ -89,6 +90,10 @@ class ServerConfig:
             },
             activated,
         )
+
+    def otp_secrets(self) -> dict[str, str]:
+        """name -> TOTP secret, for the clients that must send an authenticator code."""
+        return {c.name: c.otp_secret for c in self.clients.values() if c.otp_secret}
 
     def secrets(self) -> dict[str, bytes]:
         """name -> master secret, revoked clients included (they get `revoked`)."""
@@ -251,7 +256,15 @@ def _clients(path: Path, data: Mapping[str, Any], services: Mapping[str, Service
             revoked=_get(where, spec, "revoked", bool, False),
             enrolled=_get(where, spec, "enrolled", str, ""),
             enroll_by=_get(where, spec, "enroll_by", str, ""),
+            otp_secret=_get(where, spec, "otp_secret", str, ""),
         )
+        if clients[name].otp_secret:
+            try:
+                if len(base64.b32decode(clients[name].otp_secret, casefold=True)) < 10:
+                    raise ValueError
+            except (ValueError, binascii.Error):
+                raise ConfigError(f"{where} otp_secret: not a base32 secret of 80 bits or "
+                                  "more (enroll the client again with --otp)") from None
         if clients[name].enroll_by:
             try:
                 parse_utc(clients[name].enroll_by)
@@ -358,6 +371,8 @@ def add_client(path: Path, entry: ClientEntry) -> None:
     table.add("enrolled", entry.enrolled)
     if entry.enroll_by:
         table.add("enroll_by", entry.enroll_by)
+    if entry.otp_secret:
+        table.add("otp_secret", entry.otp_secret)
     clients.add(entry.name, table)
     _write(path, tomlkit.dumps(doc))
 

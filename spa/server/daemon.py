@@ -33,6 +33,7 @@ from spa.core.errors import Reason
 from spa.core.keys import derive_keys
 from spa.core.knock import STEP_SECONDS, knock_tag, step_of, steps_for_window
 from spa.core.leases import Allow, FirewallAction, LeaseTable
+from spa.core.otp import OtpChecker
 from spa.core.policy import Policy
 from spa.core.verify import Accepted, Refused, Verifier
 from spa.core.wire import NONCE_OFFSET, Action
@@ -103,6 +104,7 @@ class Server:
         self._activated: dict[str, str] = {}  # name -> the enroll_by it met
         self._pending: frozenset[str] = frozenset()
         self._activated_dirty = False
+        self._otp_dirty = False
         self.verifier: Verifier
         self.leases: LeaseTable
         self.events: EventSink
@@ -119,9 +121,11 @@ class Server:
         self.state.compact_now(replay)
         self.state.journal(replay)
         self._activated = self.state.load_activated()
+        otp = OtpChecker(self.config.otp_secrets(), self.state.load_otp_steps(),
+                         on_use=self._otp_used)
         self.verifier = Verifier(self.config.server_id, self.config.secrets(),
                                  self._policy_of(self.config), now=now,
-                                 window=self.config.window, replay=replay)
+                                 window=self.config.window, replay=replay, otp=otp)
         saved = [lease for lease in self.state.load_leases() if lease.service in
                  self.config.services]
         self.leases = LeaseTable.from_leases(saved, now=now)
@@ -226,6 +230,9 @@ class Server:
         if accepted:
             self._grant(accepted, now)
         return results
+
+    def _otp_used(self, client: str, step: int) -> None:
+        self._otp_dirty = True  # saved by the next housekeeping round
 
     def _policy_of(self, config: ServerConfig) -> Policy:
         """The config's rules with what this server knows of pending clients
@@ -385,6 +392,9 @@ class Server:
             self._commands.append(snapshot)
 
     def _save(self, now: float) -> None:
+        if self._otp_dirty:
+            self._otp_dirty = False
+            self.state.save_otp_steps(self.verifier.otp.last_steps)
         if self._activated_dirty:
             self._activated_dirty = False
             self.state.save_activated(dict(self._activated))
@@ -431,6 +441,7 @@ class Server:
             for name, secret in changed.items():
                 self.verifier.add_client(name, secret)
             self.verifier.policy = self._policy_of(new)
+            self.verifier.otp.set_secrets(new.otp_secrets())
 
         services = dict(new.services)
         for name in old.services.keys() - services.keys():

@@ -35,6 +35,7 @@ REPLAY = "replay.bin"
 JOURNAL = "replay.journal"
 JOURNAL_OLD = "replay.journal.old"  # being compacted: covered by no dump yet
 SERVER = "server.json"
+OTP_STEPS = "otp.json"  # the last authenticator-code time step each client used
 ACTIVATED = "activated.json"  # pending enrollments used in time: name -> the enroll_by it met
 
 
@@ -180,6 +181,21 @@ class StateDir:
                 isinstance(k, str) and isinstance(v, str) for k, v in found.items()):
             raise LocalError(f"{self.path / ACTIVATED} is damaged; stop the server and "
                              "remove it (pending clients that knocked must be enrolled again)")
+        return found
+
+    def save_otp_steps(self, steps: dict[str, int]) -> None:
+        write_private(self.path / OTP_STEPS, json.dumps({"version": 1, "last": steps}).encode())
+
+    def load_otp_steps(self) -> dict[str, int]:
+        """client -> last used code step.  Raises LocalError if damaged."""
+        data = self._read_json(OTP_STEPS)
+        if data is None:
+            return {}
+        found = data.get("last") if isinstance(data, dict) else None
+        if not isinstance(found, dict) or not all(
+                isinstance(k, str) and type(v) is int for k, v in found.items()):
+            raise LocalError(f"{self.path / OTP_STEPS} is damaged; stop the server and remove "
+                             "it (codes used in the last minute could then be used again)")
         return found
 
     def status(self, now: float) -> list[PairStatus]:

@@ -263,3 +263,35 @@ def test_udp_mode_drops_junk_in_the_kernel(site: Site) -> None:
     assert site.client("alice", "open", "ssh", "srv").returncode == 0
     time.sleep(0.6)
     assert [e for e in site.events() if e["outcome"] == "refused"] == []
+
+
+def test_authenticator_code_end_to_end(site: Site) -> None:
+    """enroll --otp: the app's code (made here by pyotp from the otpauth URI
+    the server printed) opens once; the same code again does not; no code on
+    a non-terminal is a one-line error."""
+    import pyotp
+
+    endpoint = parse(site.uris["alice"])
+    done = site.admin("enroll", "carol", "--service", "ssh", "--otp", "--endpoint",
+                      f"{endpoint.host}:{endpoint.port}")
+    assert done.returncode == 0, done.stderr
+    uri = next(line.strip() for line in done.stdout.splitlines() if "spa1://" in line)
+    otpauth = next(line.strip() for line in done.stdout.splitlines() if "otpauth://" in line)
+    assert uri.endswith("&otp=1") and "issuer=spa" in otpauth
+    assert site.client("carol", "enroll", uri, "--name", "srv").returncode == 0
+    assert site.server.wait_for_line("reloaded clients=3")
+    done = site.client("carol", "open", "ssh", "srv")
+    assert done.returncode == 2 and "pass --otp CODE" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    app = pyotp.parse_uri(otpauth)
+    assert isinstance(app, pyotp.TOTP)
+    code = app.now()
+    done = site.client("carol", "open", "ssh", "srv", "--otp", code)
+    assert done.returncode == 0, done.stderr
+    assert site.client("carol", "close", "ssh", "srv").returncode == 0  # no code needed
+    assert wait_until(lambda: site.leases() == [])
+    done = site.client("carol", "open", "ssh", "srv", "--otp", code, "--timeout", "1.5")
+    assert done.returncode == 1, "a used code opens nothing"
+    assert wait_until(lambda: any(e["reason"] == "otp_reused" for e in site.events()))
+    bad = site.client("carol", "open", "ssh", "srv", "--otp", "12ab56")
+    assert bad.returncode == 2 and "6 digits" in bad.stderr

@@ -420,3 +420,26 @@ def test_a_pending_enrollment_works_once_in_time_and_never_late(tmp_path: Path) 
     states = admin.client_states(w.config_path, now=w.clock.now)
     assert (states["carol"], states["dave"]) == ("active", "expired")
     assert any(e.reason == "enrollment_expired" and e.client == "dave" for e in w.events())
+
+
+def test_a_used_authenticator_code_stays_used_across_a_restart(tmp_path: Path) -> None:
+    import pyotp
+
+    w = World(tmp_path)
+    w.init()
+    w.enroll("erin", "ssh", otp=True)
+    server = w.start()
+    otpauth = admin.otp_uri(w.config_path, "erin")
+    assert otpauth is not None and admin.otp_uri(w.config_path, "nobody") is None
+    app = pyotp.parse_uri(otpauth)
+    assert isinstance(app, pyotp.TOTP)
+    code = app.at(w.clock.now)
+    assert isinstance(server.handle(w.packet("erin", duration=60, otp=code), A), Accepted)
+    server.housekeeping()
+    server.shutdown()
+    server = w.start()
+    again = server.handle(w.packet("erin", duration=60, otp=code), A)
+    assert again == Refused(Reason.OTP_REUSED, "erin")
+    w.clock.advance(30)
+    assert isinstance(server.handle(w.packet("erin", duration=60, otp=app.at(w.clock.now)),
+                                    A), Accepted)

@@ -74,7 +74,7 @@ def test_port_defaults_and_host_case_folds() -> None:
         (uri(query=f"sid={SID_TEXT}&sid={SID_TEXT}&key={KEY_TEXT}&svc=ssh:tcp:22"), "repeated"),
         (uri(query=f"sid={SID_TEXT}&key={KEY_TEXT}"), "no service"),
         (uri(query=f"sid={SID_TEXT}&key={KEY_TEXT}&svc=ssh:tcp:22&x=1"),
-         "is not sid=, key= or svc="),
+         "is not sid=, key=, svc= or otp="),
         (uri(query=f"sid={SID_TEXT}&key=&svc=ssh:tcp:22"), "no value"),
         (uri(query=f"sid={SID_TEXT}&key={KEY_TEXT}&svc=ssh:22"), "NAME:PROTO:PORT"),
         (uri(query=f"sid={SID_TEXT}&key={KEY_TEXT}&svc=SSH:tcp:22"), "service name"),
@@ -137,3 +137,16 @@ def test_numeric_hosts_that_are_not_ip_literals_are_refused(host: str) -> None:
 def test_percent_encoding_and_leading_zeros_are_refused(text: str) -> None:
     with pytest.raises(FormatError):
         parse(text)
+
+
+def test_the_otp_flag_round_trips_and_is_strict() -> None:
+    from dataclasses import replace
+
+    plain = enrollment()
+    with_otp = replace(plain, otp=True)
+    assert render(with_otp).endswith("&otp=1")
+    assert parse(render(with_otp)) == with_otp
+    assert parse(render(plain)).otp is False
+    for bad in ("&otp=0", "&otp=1&otp=1", "&otp=yes"):
+        with pytest.raises(FormatError, match="otp"):
+            parse(render(plain) + bad)

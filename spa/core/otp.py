@@ -1,0 +1,79 @@
+"""The authenticator-app second factor (RFC 6238 TOTP, with pyotp).
+
+Invariants (docs/threat-model.md, "Stolen client device"; issue 7):
+- A client enrolled with `--otp` must put a valid code from its authenticator
+  app in every `open` knock (inside the encrypted body).  The code is the one
+  for the server's time, or one step (30 s) either side of it (drift).
+- Each code works once: a code whose time step is not later than the last one
+  this client used is refused `otp_reused`, even in a new packet (someone who
+  saw the code over a shoulder, holding the device's secret, gets nothing).
+- A missing or wrong code is `otp_invalid`.  Codes are compared in constant
+  time.  Time is an argument (`now`, Unix seconds).
+- `close` knocks need no code (`spa-client open --keep` sends one at Ctrl-C;
+  closing one's own lease gives an attacker nothing).
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable, Mapping
+
+import pyotp
+
+from spa.core.errors import Reason
+
+STEP = 30  # seconds per code, what authenticator apps use
+DRIFT = 1  # steps either side of the server's time that are accepted
+ISSUER = "spa"
+
+
+SECRET_BYTES = 20  # 160 bits, what authenticator apps expect (the caller draws them)
+
+
+def provisioning_uri(secret: str, client: str) -> str:
+    """The otpauth:// URI an authenticator app scans (issuer 'spa', account NAME)."""
+    return pyotp.TOTP(secret).provisioning_uri(name=client, issuer_name=ISSUER)
+
+
+class OtpChecker:
+    __slots__ = ("_last", "_secrets", "on_use")
+
+    def __init__(self, secrets: Mapping[str, str], last_steps: Mapping[str, int] | None = None,
+                 on_use: Callable[[str, int], None] | None = None) -> None:
+        """`secrets`: client -> base32 secret, for the clients that need a code."""
+        self._secrets = {name: pyotp.TOTP(secret) for name, secret in secrets.items()}
+        self._last: dict[str, int] = dict(last_steps or {})
+        self.on_use = on_use
+
+    def set_secrets(self, secrets: Mapping[str, str]) -> None:
+        """After a reload: who needs a code now (used steps are kept)."""
+        self._secrets = {name: pyotp.TOTP(secret) for name, secret in secrets.items()}
+
+    def required(self, client: str) -> bool:
+        return client in self._secrets
+
+    @property
+    def last_steps(self) -> dict[str, int]:
+        return dict(self._last)
+
+    def check(self, client: str, code: str, now: float) -> Reason | None:
+        """None if the client needs no code or this one is good (it is then
+        used up); else the refusal reason."""
+        totp = self._secrets.get(client)
+        if totp is None:
+            return None
+        if not code:
+            return Reason.OTP_INVALID
+        current = int(now // STEP)
+        matched = None
+        for step in range(current - DRIFT, current + DRIFT + 1):
+            if hmac.compare_digest(totp.at(step * STEP), code):
+                matched = step
+        if matched is None:
+            return Reason.OTP_INVALID
+        if matched <= self._last.get(client, -1):
+            return Reason.OTP_REUSED
+        self._last[client] = matched
+        if self.on_use is not None:
+            self.on_use(client, matched)
+        return None

@@ -1,0 +1,69 @@
+"""The authenticator second factor: RFC 6238 codes made by pyotp, drift, reuse."""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+
+import pyotp
+
+from spa.core.errors import Reason
+from spa.core.otp import STEP, OtpChecker, provisioning_uri
+from spa.core.verify import Accepted, Refused
+from spa.core.wire import Action
+from tests.world import NOW, Knocker, verifier
+
+SECRET = base64.b32encode(bytes(range(20))).decode()
+SRC = ipaddress.ip_address("192.0.2.10")
+
+
+def code(at: float) -> str:
+    return pyotp.TOTP(SECRET).at(at)
+
+
+def test_codes_within_one_step_of_the_server_clock_pass_once() -> None:
+    used: list[tuple[str, int]] = []
+    checker = OtpChecker({"alice": SECRET}, on_use=lambda c, s: used.append((c, s)))
+    assert checker.check("alice", code(NOW - STEP), NOW) is None  # the phone runs 30 s late
+    assert checker.check("alice", code(NOW - STEP), NOW) is Reason.OTP_REUSED
+    assert checker.check("alice", code(NOW), NOW) is None
+    assert checker.check("alice", code(NOW - STEP), NOW) is Reason.OTP_REUSED  # older: too
+    assert checker.check("alice", code(NOW + STEP), NOW) is None  # the phone runs early
+    assert used == [("alice", int(NOW // STEP) - 1), ("alice", int(NOW // STEP)),
+                    ("alice", int(NOW // STEP) + 1)]
+
+
+def test_wrong_missing_and_far_codes_are_invalid() -> None:
+    checker = OtpChecker({"alice": SECRET})
+    for bad in ("", "000000" if code(NOW) != "000000" else "111111",
+                code(NOW - 2 * STEP), code(NOW + 2 * STEP)):
+        assert checker.check("alice", bad, NOW) is Reason.OTP_INVALID
+    assert checker.check("bob", "", NOW) is None  # bob needs no code
+    assert checker.required("alice") and not checker.required("bob")
+
+
+def test_used_steps_survive_a_restart_through_last_steps() -> None:
+    first = OtpChecker({"alice": SECRET})
+    assert first.check("alice", code(NOW), NOW) is None
+    again = OtpChecker({"alice": SECRET}, first.last_steps)
+    assert again.check("alice", code(NOW), NOW + 5) is Reason.OTP_REUSED
+
+
+def test_provisioning_uri_is_what_authenticator_apps_scan() -> None:
+    uri = provisioning_uri(SECRET, "alice-phone")
+    assert uri.startswith("otpauth://totp/spa:alice-phone?")
+    assert f"secret={SECRET}" in uri and "issuer=spa" in uri
+    parsed = pyotp.parse_uri(uri)
+    assert isinstance(parsed, pyotp.TOTP) and parsed.at(NOW) == code(NOW)
+
+
+def test_the_verifier_wants_a_code_for_open_only() -> None:
+    v = verifier(otp=OtpChecker({"alice": SECRET}))
+    alice = Knocker("alice")
+    assert v.verify(alice.packet(), SRC, NOW) == Refused(Reason.OTP_INVALID, "alice")
+    assert isinstance(v.verify(alice.packet(otp=code(NOW)), SRC, NOW), Accepted)
+    assert v.verify(alice.packet(otp=code(NOW)), SRC, NOW) == Refused(Reason.OTP_REUSED,
+                                                                      "alice")
+    assert isinstance(v.verify(alice.packet(action=Action.CLOSE), SRC, NOW), Accepted)
+    bob = Knocker("bob")
+    assert isinstance(v.verify(bob.packet("https"), SRC, NOW), Accepted), "bob needs none"
