@@ -181,6 +181,35 @@ def _otp_code(given: str | None, needed: bool, *, profile_name: str) -> str:
     return knock.check_otp(typer.prompt("code from your authenticator app"))
 
 
+@app.command()
+def profiles() -> None:
+    """List your enrolled servers and their services."""
+    with local_errors():
+        store = _ctx.store()
+        found = [store.load(name) for name in store.names()]
+    if not found:
+        typer.echo(f"no profiles in {store.profiles}; enroll first: spa-client enroll URI")
+        return
+    typer.echo(f"{'PROFILE':<20} {'SERVER':<32} {'CLIENT':<20} SERVICES")
+    for profile in found:
+        e = profile.enrollment
+        server = f"[{e.host}]:{e.port}" if ":" in e.host else f"{e.host}:{e.port}"
+        services = ", ".join(f"{s.name} ({s.protocol}/{s.port})" for s in e.services)
+        extra = "  (needs an authenticator code)" if e.otp else ""
+        typer.echo(f"{profile.name:<20} {server:<32} {e.client:<20} {services}{extra}")
+
+
+@app.command()
+def forget(
+    host: Annotated[str, typer.Argument(metavar="HOST", help="Profile name or server host.")],
+) -> None:
+    """Delete a profile (its secret goes with it; ask your admin to revoke the client)."""
+    with local_errors():
+        path = _ctx.store().forget(host)
+    typer.echo(f"removed {path}; the server still knows this client until its admin runs "
+               "spa-server revoke")
+
+
 def _now() -> float:
     import time
 

@@ -92,6 +92,16 @@ class ProfileStore:
         except FormatError as exc:
             raise ProfileError(f"{path}: {exc}; enroll again") from None
 
+    def forget(self, host: str) -> Path:
+        """Delete the profile `find(host)` names; returns its path.  Raises ProfileError."""
+        profile = self.find(host)
+        path = self.profiles / f"{profile.name}.toml"
+        try:
+            path.unlink()
+        except OSError as exc:
+            raise ProfileError(f"cannot remove {path}: {exc.strerror}") from None
+        return path
+
     def names(self) -> list[str]:
         if not self.profiles.is_dir():
             return []

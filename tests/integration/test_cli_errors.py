@@ -257,3 +257,28 @@ def test_bad_enroll_by_in_config(config: Path) -> None:
     text = config.read_text()
     config.write_text(text.replace('enroll_by = "', 'enroll_by = "soon ', 1))
     assert_one_line_error(server(config, "clients"), "enroll_by", "UTC time like")
+
+
+def test_profiles_lists_and_forget_removes(config: Path, tmp_path: Path) -> None:
+    client = ("spa-client", "--config-dir", str(tmp_path / "c"))
+    empty = run_cli(*client, "profiles")
+    assert empty.returncode == 0 and "no profiles" in empty.stdout
+    for name, extra in (("hank", ()), ("iris", ("--otp",))):
+        done = server(config, "enroll", name, "--service", "ssh", "--endpoint",
+                      "203.0.113.10:4000", *extra, "--uri-only")
+        assert done.returncode == 0, done.stderr
+        assert run_cli(*client, "enroll", done.stdout.strip(), "--name", name).returncode == 0
+    listing = run_cli(*client, "profiles")
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert any(line.startswith("hank ") and "203.0.113.10:4000" in line and "ssh (tcp/22)"
+               in line and "authenticator" not in line for line in lines)
+    assert any(line.startswith("iris ") and "authenticator code" in line for line in lines)
+    assert "key=" not in listing.stdout
+    done = run_cli(*client, "forget", "hank")
+    assert done.returncode == 0 and "spa-server revoke" in done.stdout
+    assert not (tmp_path / "c" / "profiles" / "hank.toml").exists()
+    assert_one_line_error(run_cli(*client, "forget", "hank"), "no profile for 'hank'")
+    done = run_cli(*client, "forget", "203.0.113.10")  # by server host: one profile left
+    assert done.returncode == 0 and "iris.toml" in done.stdout
+    assert "no profiles" in run_cli(*client, "profiles").stdout
