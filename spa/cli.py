@@ -186,11 +186,14 @@ def clients() -> None:
 
 
 @app.command()
-def revoke(name: Annotated[str, typer.Argument(metavar="NAME", help="The client to revoke.")]
+def revoke(name: Annotated[str, typer.Argument(metavar="NAME", help="The client to revoke.")],
+           close: Annotated[bool, typer.Option("--close", help="Also end its live leases now "
+                                               "(others sharing its address keep theirs; "
+                                               "open sessions are not cut).")] = False,
            ) -> None:
     """Revoke a client: its knocks are refused from now on (no restart needed)."""
     with local_errors():
-        result = admin.revoke(_ctx.config, name, now=time.time())
+        result = admin.revoke(_ctx.config, name, now=time.time(), close=close)
     typer.echo(result.message)
 
 

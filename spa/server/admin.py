@@ -140,17 +140,22 @@ class RevokeResult:
     message: str
 
 
-def revoke(path: Path, name: str, *, now: float) -> RevokeResult:
+def revoke(path: Path, name: str, *, now: float, close: bool = False) -> RevokeResult:
     """Mark a client revoked; say what happens to its active leases."""
-    changed = config_mod.set_revoked(path, name)
+    changed = config_mod.set_revoked(path, name, close=close)
     config = config_mod.load(path)
     held = [row for row in StateDir(config.state_dir).status(now) if name in row.clients]
     if not changed:
         return RevokeResult(name, False, held, f"{name} was already revoked")
-    if held:
+    if close:
+        tail = (f"its {len(held)} active lease(s) end within a second as well (the running "
+                "server closes them; if it is stopped, at its start)" if held
+                else "it holds no active lease")
+    elif held:
         longest = max(row.seconds_left for row in held)
         tail = (f"its {len(held)} active lease(s) stay until they expire, at most "
-                f"{longest:.0f} s from now; sessions already open are not cut")
+                f"{longest:.0f} s from now (--close ends them now); sessions already open "
+                "are not cut")
     else:
         tail = "it holds no active lease"
     return RevokeResult(name, True, held,

@@ -45,7 +45,7 @@ _SERVER_KEYS = {
 }
 _SERVICE_KEYS = {"protocol", "port", "default_duration", "max_duration"}
 _CLIENT_KEYS = {"secret", "services", "allow_other_address", "revoked", "enrolled",
-                "enroll_by", "otp_secret"}
+                "enroll_by", "otp_secret", "close_leases"}
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -58,6 +58,7 @@ class ClientEntry:
     enrolled: str = ""
     enroll_by: str = ""  # pending: first knock due by this UTC time (empty: no limit)
     otp_secret: str = field(default="", repr=False)  # base32 TOTP secret (empty: no code)
+    close_leases: bool = False  # revoked with --close: its leases end at once, too
 
     def __repr__(self) -> str:
         return f"ClientEntry({self.name!r}, services={self.services}, revoked={self.revoked})"
@@ -257,6 +258,7 @@ def _clients(path: Path, data: Mapping[str, Any], services: Mapping[str, Service
             enrolled=_get(where, spec, "enrolled", str, ""),
             enroll_by=_get(where, spec, "enroll_by", str, ""),
             otp_secret=_get(where, spec, "otp_secret", str, ""),
+            close_leases=_get(where, spec, "close_leases", bool, False),
         )
         if clients[name].otp_secret:
             try:
@@ -377,8 +379,9 @@ def add_client(path: Path, entry: ClientEntry) -> None:
     _write(path, tomlkit.dumps(doc))
 
 
-def set_revoked(path: Path, name: str) -> bool:
-    """Mark a client revoked.  Returns False if it already was.
+def set_revoked(path: Path, name: str, *, close: bool = False) -> bool:
+    """Mark a client revoked (with `close`: its leases are to end at once too).
+    Returns False if nothing changed.
 
     Raises ConfigError if there is no such client.
     """
@@ -386,8 +389,11 @@ def set_revoked(path: Path, name: str) -> bool:
     clients = doc.get("clients", {})
     if name not in clients:
         raise ConfigError(f"no client named {name!r}; see the list with: spa-server clients")
-    if clients[name].get("revoked", False):
+    entry = clients[name]
+    if entry.get("revoked", False) and (not close or entry.get("close_leases", False)):
         return False
-    clients[name]["revoked"] = True
+    entry["revoked"] = True
+    if close:
+        entry["close_leases"] = True
     _write(path, tomlkit.dumps(doc))
     return True

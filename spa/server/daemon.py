@@ -126,8 +126,9 @@ class Server:
         self.verifier = Verifier(self.config.server_id, self.config.secrets(),
                                  self._policy_of(self.config), now=now,
                                  window=self.config.window, replay=replay, otp=otp)
+        closed = {n for n, c in self.config.clients.items() if c.close_leases}
         saved = [lease for lease in self.state.load_leases() if lease.service in
-                 self.config.services]
+                 self.config.services and lease.client not in closed]
         self.leases = LeaseTable.from_leases(saved, now=now)
         self.events = EventSink(self.state.path / EVENTS_DB, self.log,
                                 retention_days=self.config.event_retention_days)
@@ -430,7 +431,19 @@ class Server:
                    if n not in old.clients or old.clients[n].secret != c.secret}
         gone = [n for n in old.clients if n not in new.clients]
         for name, entry in new.clients.items():
-            if entry.revoked and not (name in old.clients and old.clients[name].revoked):
+            was = old.clients.get(name)
+            if entry.close_leases and not (was is not None and was.close_leases):
+                now = self.clock()
+                with self._lock:
+                    closing = self.leases.close_client(name, now=now)
+                    self._dirty = True
+                    try:
+                        self._apply(closing, now)
+                    except LocalError as exc:  # the next housekeeping reconciles
+                        self.log(f"error firewall: {exc}")
+                        self._retry_reconcile = True
+                self.log(f"revoked client={name} leases closed (knocks refused from now on)")
+            elif entry.revoked and not (was is not None and was.revoked):
                 held = [lease for lease in self.leases.leases() if lease.client == name]
                 self.log(f"revoked client={name} leases={len(held)} "
                          "(knocks refused from now on; its leases run out by themselves)")

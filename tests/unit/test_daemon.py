@@ -443,3 +443,27 @@ def test_a_used_authenticator_code_stays_used_across_a_restart(tmp_path: Path) -
     w.clock.advance(30)
     assert isinstance(server.handle(w.packet("erin", duration=60, otp=app.at(w.clock.now)),
                                     A), Accepted)
+
+
+def test_revoke_close_ends_that_clients_leases_only(world: World) -> None:
+    """alice and bob share address A (a NAT); alice also holds B.  Revoking
+    alice with --close ends her leases at once: B closes, A stays for bob."""
+    assert world.server is not None
+    server = world.server
+    server.handle(world.packet("alice", "https", duration=600), A)
+    server.handle(world.packet("bob", "https", duration=600), A)
+    server.handle(world.packet("alice", "https", duration=600), B)
+    server.housekeeping()  # leases.json, which revoke reads
+    result = admin.revoke(world.config_path, "alice", now=world.clock.now, close=True)
+    assert result.changed and "end within a second" in result.message
+    server.request_reload()
+    server.housekeeping()
+    assert set(held(world)) == {(A, "https")}
+    assert server.leases.holders(ipaddress.ip_address(A), "https").keys() == {"bob"}
+    assert any(line.startswith("revoked client=alice leases closed") for line in world.logs)
+    # a restart keeps them closed (the saved leases of a --close client are dropped)
+    server.shutdown()
+    restarted = world.start()
+    assert {lease.client for lease in restarted.leases.leases()} == {"bob"}
+    assert admin.revoke(world.config_path, "alice", now=world.clock.now,
+                        close=True).changed is False
