@@ -169,16 +169,93 @@ def close(
     typer.echo(f"close sent: {service} at {target.address}")
 
 
-def _otp_code(given: str | None, needed: bool, *, profile_name: str) -> str:
-    """The authenticator code to send: --otp, or asked for on the terminal."""
+def _otp_code(given: str | None, needed: bool, *, profile_name: str, tty: bool = False) -> str:
+    """The authenticator code to send: --otp, or asked for on the terminal
+    (with tty=True on /dev/tty: standard input may be ssh's channel)."""
     if given is not None:
         return knock.check_otp(given)
     if not needed:
         return ""
-    if not sys.stdin.isatty():
-        raise knock.KnockError(f"profile {profile_name!r} needs a code from your "
-                               "authenticator app: pass --otp CODE")
-    return knock.check_otp(typer.prompt("code from your authenticator app"))
+    if tty:
+        try:
+            with open("/dev/tty", "r+") as terminal:
+                terminal.write("code from your authenticator app: ")
+                terminal.flush()
+                return knock.check_otp(terminal.readline().strip())
+        except OSError:
+            pass
+    elif sys.stdin.isatty():
+        return knock.check_otp(typer.prompt("code from your authenticator app"))
+    raise knock.KnockError(f"profile {profile_name!r} needs a code from your "
+                           "authenticator app: pass --otp CODE")
+
+
+@app.command()
+def connect(
+    host: Annotated[str, typer.Argument(metavar="HOST", help="The server (ssh's %h).")],
+    port: Annotated[int, typer.Argument(metavar="PORT", min=1, max=65535,
+                                        help="The TCP port (ssh's %p).")],
+    otp: Annotated[str | None, typer.Option("--otp", metavar="CODE", help="Authenticator "
+                                            "code, if needed (else asked on the terminal).")
+                   ] = None,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the port.")
+                       ] = 5.0,
+) -> None:
+    """Knock for the service on PORT, wait until it opens, then carry standard input and
+    output to it: in ~/.ssh/config, ProxyCommand spa-client connect %h %p."""
+    import socket
+
+    from spa_client.relay import relay
+
+    with local_errors():
+        profile = _ctx.store().find(host)
+        enrollment = profile.enrollment
+        ref = next((s for s in enrollment.services if s.protocol == "tcp" and s.port == port),
+                   None)
+        if ref is None:
+            offered = ", ".join(f"{s.name} ({s.protocol}/{s.port})" for s in enrollment.services)
+            raise knock.KnockError(f"profile {profile.name!r} has no TCP service on port {port} "
+                                   f"(it has: {offered})")
+        code = _otp_code(otp, enrollment.otp, profile_name=profile.name, tty=True)
+        target = knock.resolve(enrollment.host, enrollment.port)
+        took = knock.open_and_wait(enrollment, ref, target, duration=0, address=None,
+                                   timeout=timeout, progress=lambda left, sends: None, otp=code)
+        if took is None:
+            raise knock.KnockError(f"{ref.name} (tcp/{port}) on {target.address} did not open "
+                                   f"within {timeout:g} s (spa-client doctor {host} says why)")
+        try:
+            sock = socket.create_connection((target.address, port), timeout=timeout)
+        except OSError as exc:
+            raise knock.KnockError(f"cannot connect to {target.address} port {port}: "
+                                   f"{exc.strerror or exc}") from None
+    sock.settimeout(None)
+    with sock:
+        relay(sock, sys.stdin.fileno(), sys.stdout.fileno())
+
+
+@app.command(name="ssh-config")
+def ssh_config(
+    host: Annotated[str, typer.Argument(metavar="HOST", help="Profile name or server host.")],
+) -> None:
+    """Print the ~/.ssh/config lines that make `ssh HOST` knock first."""
+    with local_errors():
+        profile = _ctx.store().find(host)
+    program = _program_path()
+    where = f" --config-dir {_ctx.directory}" if _ctx.directory is not None else ""
+    typer.echo(f"# add to ~/.ssh/config: ssh {profile.enrollment.host} then knocks first")
+    typer.echo(f"Host {profile.enrollment.host}")
+    typer.echo(f"    ProxyCommand {program}{where} connect %h %p")
+
+
+def _program_path() -> str:
+    import shutil
+    from pathlib import Path as _Path
+
+    found = shutil.which("spa-client")
+    argv0 = _Path(sys.argv[0])
+    if argv0.name == "spa-client" and argv0.exists():
+        return str(argv0.resolve())
+    return found or "spa-client"
 
 
 @app.command()

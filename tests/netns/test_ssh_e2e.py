@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -188,6 +189,31 @@ def test_capture_on_one_interface_sees_only_that_link(spa: Spa) -> None:
     done = spa.client(world.att, "mallet", "open", "ssh", "srv", "--timeout", "2")
     assert done.returncode == 1
     assert not any(e["client"] == "mallet" for e in spa.events())
+
+
+def test_ssh_with_spa_client_as_proxycommand_just_works(spa: Spa, tmp_path: Path) -> None:
+    """`spa-client ssh-config` writes the ProxyCommand; a real ssh with that
+    config knocks, waits for the grant and logs in, with nothing opened first."""
+    world = spa.world
+    spa.start()
+    enroll_alice(spa)
+    assert not tcp_open(world, "cli", SRV4, 22)
+    done = spa.client(world.cli, "alice", "ssh-config", "srv")
+    assert done.returncode == 0, done.stderr
+    assert f"Host {SRV4}" in done.stdout and "connect %h %p" in done.stdout
+    assert world.sshd is not None
+    config = tmp_path / "ssh_config"
+    config.write_text(done.stdout + f"    IdentityFile {world.sshd.client_key}\n"
+                      "    BatchMode yes\n    StrictHostKeyChecking no\n"
+                      "    UserKnownHostsFile /dev/null\n    LogLevel ERROR\n")
+    login = world.cli.run("ssh", "-F", str(config), f"root@{SRV4}",
+                          "echo through-the-proxycommand; head -c 300000 /dev/zero | wc -c",
+                          check=False, timeout=60)
+    assert login.returncode == 0, login.stderr
+    assert login.stdout.split() == ["through-the-proxycommand", "300000"]
+    assert any(e["outcome"] == "accepted" and e["client"] == "alice" for e in spa.events())
+    wrong = spa.client(world.cli, "alice", "connect", SRV4, "2222")
+    assert wrong.returncode == 2 and "no TCP service on port 2222" in wrong.stderr
 
 
 def test_nft_program_fallback_does_the_same_work(world: World) -> None:

@@ -80,3 +80,46 @@ def test_the_first_attempt_to_complete_wins_without_waiting_for_older_ones() -> 
         thread.join()
         probe.close()
         listener.close()
+
+
+def test_relay_copies_both_ways_and_half_closes() -> None:
+    import os
+
+    from spa_client.relay import relay
+
+    ours, theirs = socket.socketpair()
+    stdin_r, stdin_w = os.pipe()
+    stdout_r, stdout_w = os.pipe()
+    payload = os.urandom(200_000)
+
+    def server_side() -> None:
+        received = b""
+        while True:
+            chunk = theirs.recv(65536)
+            if not chunk:  # our end of input reached the server as a half-close
+                break
+            received += chunk
+        theirs.sendall(received[::-1])
+        theirs.close()
+
+    def write_input() -> None:
+        os.write(stdin_w, payload)
+        os.close(stdin_w)
+
+    out: list[bytes] = []
+
+    def read_output() -> None:
+        while chunk := os.read(stdout_r, 65536):
+            out.append(chunk)
+
+    threads = [threading.Thread(target=f) for f in (server_side, write_input, read_output)]
+    for thread in threads:
+        thread.start()
+    relay(ours, stdin_r, stdout_w)
+    os.close(stdout_w)
+    for thread in threads:
+        thread.join(timeout=10)
+    assert b"".join(out) == payload[::-1]
+    for fd in (stdin_r, stdout_r):
+        os.close(fd)
+    ours.close()
