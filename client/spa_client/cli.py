@@ -19,7 +19,7 @@ import typer
 from spa import clitools
 from spa.clitools import run_app
 from spa.core.errors import FormatError
-from spa.core.uri import parse
+from spa.core.uri import Enrollment, ServiceRef, parse
 from spa.core.wire import NONCE_SIZE, Action
 from spa_client import knock
 from spa_client.profile import ENV_DIR, ProfileError, ProfileStore, default_dir
@@ -121,6 +121,9 @@ def open_(
                                             "from your authenticator app, if your admin set "
                                             "one up (asked for when needed and not given).")
                    ] = None,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep it open: re-knock before the "
+                                       "lease ends and at once when your address changes, "
+                                       "until Ctrl-C, which closes it.")] = False,
 ) -> None:
     """Knock to open SERVICE on HOST, then wait until its port accepts connections."""
     asked = duration or 0  # 0 asks for the service's default
@@ -131,6 +134,12 @@ def open_(
         address = knock.parse_allow_ip(allow_ip)
         code = _otp_code(otp, enrollment.otp, profile_name=host)
         target = knock.resolve(enrollment.host, enrollment.port)
+        if keep and enrollment.otp:
+            raise knock.KnockError("--keep cannot renew for a profile that needs an "
+                                   "authenticator code (each knock needs a new one); open "
+                                   "with a longer --duration instead")
+        if keep and not asked:
+            asked = knock.KEEP_DEFAULT
         if no_wait or ref.protocol != "tcp":
             packet = knock.make_packet(enrollment, Action.OPEN, service, duration=asked,
                                        address=address, now=_now(),
@@ -149,6 +158,8 @@ def open_(
         raise typer.Exit(1)
     typer.echo(f"{service} is open: {target.address} port {ref.port} accepts connections "
                f"({took * 1000:.0f} ms)")
+    if keep:
+        _keep(enrollment, ref, target, asked or knock.KEEP_DEFAULT)
 
 
 @app.command()
@@ -188,6 +199,47 @@ def _otp_code(given: str | None, needed: bool, *, profile_name: str, tty: bool =
         return knock.check_otp(typer.prompt("code from your authenticator app"))
     raise knock.KnockError(f"profile {profile_name!r} needs a code from your "
                            "authenticator app: pass --otp CODE")
+
+
+def _keep(enrollment: Enrollment, ref: ServiceRef, target: knock.Target,
+          duration: int) -> None:
+    """--keep: renew until Ctrl-C, then close.  A live countdown on a terminal,
+    one line per renewal otherwise."""
+    import signal
+    import time
+
+    interrupted = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal interrupted
+        interrupted = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    live = sys.stderr.isatty()
+
+    def show(event: str, left: float, address: str | None) -> None:
+        if event == "tick":
+            if live:
+                sys.stderr.write(f"\r{ref.name} open; renewing in {left:4.0f} s "
+                                 "(Ctrl-C closes it) ")
+                sys.stderr.flush()
+            return
+        why = "your address changed" if event == "moved" else "renewed"
+        line = (f"{time.strftime('%H:%M:%S')} {ref.name}: {why} (from {address or '?'}); "
+                f"next in {left:.0f} s")
+        sys.stderr.write(("\r\033[K" if live else "") + line + "\n")
+        sys.stderr.flush()
+
+    knock.keep_open(enrollment, ref, target, duration=duration, show=show,
+                    stop=lambda: interrupted)
+    with local_errors():
+        knock.send(target, knock.make_packet(enrollment, Action.CLOSE, ref.name, duration=0,
+                                             address=None, now=_now(),
+                                             nonce=os.urandom(NONCE_SIZE)))
+    if live:
+        sys.stderr.write("\r\033[K")
+    typer.echo(f"closed {ref.name} at {target.address}")
 
 
 @app.command()

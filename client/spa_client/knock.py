@@ -170,3 +170,49 @@ def open_and_wait(enrollment: Enrollment, service: ServiceRef, target: Target, *
             progress(max(0.0, deadline - time.monotonic()), sends)
     finally:
         probe.close()
+
+
+KEEP_DEFAULT = 60  # seconds asked for by --keep when --duration is not given
+TICK = 1.0  # seconds between countdown updates and address checks
+
+
+def local_address(target: Target) -> str | None:
+    """The address this machine would send from to reach the server (no
+    packet is sent: a UDP connect only picks the route)."""
+    try:
+        with socket.socket(target.family, socket.SOCK_DGRAM) as sock:
+            sock.connect((target.address, target.knock_port))
+            return str(sock.getsockname()[0])
+    except OSError:
+        return None
+
+
+def keep_open(enrollment: Enrollment, service: ServiceRef, target: Target, *, duration: int,
+              show: Callable[[str, float, str | None], None],
+              stop: Callable[[], bool],
+              clock: Callable[[], float] = time.monotonic,
+              sleep: Callable[[float], None] = time.sleep,
+              where: Callable[[Target], str | None] = local_address) -> int:
+    """Re-knock every third of `duration` (so a grant capped at a third of
+    what was asked still never lapses), and at once when the outgoing address
+    changes (roaming), until `stop()`.  `show(event, seconds_to_next, address)`
+    reports each renewal ('renewed', 'moved') and each tick ('tick').
+    Returns how many knocks were sent."""
+    every = max(1.0, duration / 3)
+    address = where(target)
+    sends = 0
+    next_knock = clock()
+    while not stop():
+        now = clock()
+        moved = (current := where(target)) != address
+        if moved or now >= next_knock:
+            send(target, make_packet(enrollment, Action.OPEN, service.name, duration=duration,
+                                     address=None, now=time.time(),
+                                     nonce=os.urandom(NONCE_SIZE)))
+            sends += 1
+            address, next_knock = current, now + every
+            show("moved" if moved else "renewed", every, address)
+        else:
+            show("tick", next_knock - now, address)
+        sleep(min(TICK, max(0.0, next_knock - clock())))
+    return sends

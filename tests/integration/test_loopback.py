@@ -295,3 +295,30 @@ def test_authenticator_code_end_to_end(site: Site) -> None:
     assert wait_until(lambda: any(e["reason"] == "otp_reused" for e in site.events()))
     bad = site.client("carol", "open", "ssh", "srv", "--otp", "12ab56")
     assert bad.returncode == 2 and "6 digits" in bad.stderr
+
+
+def test_keep_renews_the_lease_until_ctrl_c_then_closes(site: Site) -> None:
+    """--keep with a 3 s lease: still open after 6 s (renewed every second),
+    Ctrl-C (SIGINT) sends a close, the lease ends at once, exit status 0."""
+    import signal
+
+    from tests.integration.procs import command
+
+    proc = subprocess.Popen(
+        [*command("spa-client"), "--config-dir", str(site.root / "client-alice"), "open",
+         "ssh", "srv", "--duration", "3", "--keep"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: site.leases() != [], timeout=5)
+        time.sleep(6)
+        rows = site.leases()
+        assert [r["service"] for r in rows] == ["ssh"], "renewed past its 3 s"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "closed ssh" in out
+    assert err.count("renewed") >= 5, err  # plain lines without a terminal
+    assert wait_until(lambda: site.leases() == [], timeout=2)

@@ -123,3 +123,44 @@ def test_relay_copies_both_ways_and_half_closes() -> None:
     for fd in (stdin_r, stdout_r):
         os.close(fd)
     ours.close()
+
+
+def test_keep_renews_every_third_of_the_lease_and_at_once_on_a_new_address() -> None:
+    import os
+
+    from spa.core.uri import Enrollment, ServiceRef
+    from spa_client.knock import Target, keep_open
+
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.setblocking(False)
+    target = Target("127.0.0.1", socket.AF_INET, receiver.getsockname()[1])
+    enrollment = Enrollment("127.0.0.1", target.knock_port, bytes(16), "alice", os.urandom(32),
+                            (ServiceRef("ssh", "tcp", 22),))
+    now = [0.0]
+    events: list[tuple[str, float]] = []
+
+    def sleep(seconds: float) -> None:
+        now[0] += max(seconds, 0.001)
+
+    def where(_: Target) -> str:
+        return "192.0.2.1" if now[0] < 50 else "198.51.100.7"  # the laptop moved at 50 s
+
+    sent = keep_open(enrollment, ServiceRef("ssh", "tcp", 22), target, duration=60,
+                     show=lambda event, left, address: events.append((event, now[0])),
+                     stop=lambda: now[0] >= 100, clock=lambda: now[0], sleep=sleep,
+                     where=where)
+    renewals = [(e, t) for e, t in events if e != "tick"]
+    assert renewals[0] == ("renewed", 0.0)
+    assert ("renewed", 20.0) in renewals and ("renewed", 40.0) in renewals
+    moved = [t for e, t in renewals if e == "moved"]
+    assert len(moved) == 1 and 50 <= moved[0] <= 51, "a new address: a knock at once"
+    assert ("renewed", moved[0] + 20) in renewals, "the schedule restarts from the move"
+    got = 0
+    try:
+        while receiver.recv(2048):
+            got += 1
+    except BlockingIOError:
+        pass
+    receiver.close()
+    assert got == sent == len(renewals)
