@@ -169,6 +169,35 @@ def parse_duration(text: str, option: str) -> float:
 
 
 @app.command()
+def rotate(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The client to re-key.")],
+    grace: Annotated[str, typer.Option(metavar="DURATION", help="How long the old secret "
+                                       "keeps working (e.g. 10m; 0: it stops at once).")
+                     ] = "0",
+    endpoint: Annotated[str | None, typer.Option(help="HOST[:PORT] for the new URI (default: "
+                                                 "the one it was enrolled with).")] = None,
+    qr: Annotated[bool, typer.Option("--qr", help="Also print the new URI as a QR code.")
+                  ] = False,
+) -> None:
+    """Give a client a new secret and URI (after a lost device, a leaked URI, or a photo
+    of its QR code); a running server switches within a second."""
+    with local_errors():
+        seconds = 0.0 if grace.strip() == "0" else parse_duration(grace, "--grace")
+        uri = admin.rotate(_ctx.config, name, grace=seconds, now=time.time(),
+                           endpoint=endpoint)
+    when = "stops working now" if not seconds else f"keeps working for {grace}"
+    typer.echo(f"{name} has a new secret; the old one {when}. Its new URI (give it to the "
+               "user privately; they enroll it again with spa-client enroll):\n")
+    typer.echo(f"  {uri}\n")
+    if qr:
+        import sys
+
+        from spa.server import qr as qr_mod
+
+        typer.echo(qr_mod.terminal_text(uri, ansi=sys.stdout.isatty()))
+
+
+@app.command()
 def clients() -> None:
     """List enrolled clients."""
     with local_errors():

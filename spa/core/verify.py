@@ -111,7 +111,9 @@ class Verifier:
         limiter: FailureLimiter | None = None,
         otp: OtpChecker | None = None,
     ) -> None:
-        """`secrets` maps client name -> 32-byte master secret.
+        """`secrets` maps client name -> 32-byte master secret (and NAME~old
+        -> the secret a rotate replaced, while its grace lasts: its packets
+        count as NAME's).
 
         Raises ValueError for a bad server id, secret or window.
         """
@@ -191,7 +193,9 @@ class Verifier:
         found = self._tags.lookup(tag)
         if found is None:
             return _UNKNOWN_TAG
-        client, tag_step = found
+        key_name, tag_step = found
+        # a rotated-out secret in its grace period is keyed NAME~old
+        client = key_name.partition("~")[0] if "~" in key_name else key_name
         limiter = self.limiter
         if limiter.blocked(tag, source, client, now):
             return Refused(Reason.RATE_LIMITED, client)
@@ -199,7 +203,8 @@ class Verifier:
         if self.replay.seen(client, nonce):
             return Refused(Reason.REPLAY, client)
         try:
-            request = open_packet(packet, self._keys[client], self.server_id, self._macs[client])
+            request = open_packet(packet, self._keys[key_name], self.server_id,
+                                  self._macs[key_name])
         except PacketError as exc:
             if exc.reason in _AUTHENTICATION:
                 limiter.failed(tag, source, now)

@@ -90,10 +90,38 @@ def enroll(path: Path, name: str, services: list[str], endpoint: str, *,
     otp_secret = base64.b32encode(os.urandom(SECRET_BYTES)).decode() if otp else ""
     config_mod.add_client(path, ClientEntry(name, secret, tuple(unique),
                                             enrolled=config_mod.format_utc(when),
-                                            enroll_by=enroll_by, otp_secret=otp_secret))
+                                            enroll_by=enroll_by, otp_secret=otp_secret,
+                                            endpoint=endpoint.strip()))
     refs = tuple(ServiceRef(s, config.services[s].protocol, config.services[s].port)
                  for s in unique)
     return render(Enrollment(host, port, config.server_id, name, secret, refs, otp=otp))
+
+
+def rotate(path: Path, name: str, *, grace: float, now: float,
+           endpoint: str | None = None) -> str:
+    """A new secret for a client; the old one keeps working for `grace`
+    seconds (0: stops at once).  Returns the new enrollment URI.
+    Raises LocalError (no such client, revoked, no endpoint known)."""
+    config = config_mod.load(path)
+    entry = config.clients.get(name)
+    if entry is None:
+        raise LocalError(f"no client named {name!r}; see the list with: spa-server clients")
+    if entry.revoked:
+        raise LocalError(f"{name} is revoked; enroll a new client instead")
+    where = endpoint or entry.endpoint
+    if not where:
+        raise LocalError(f"{name} was enrolled before endpoints were recorded: give "
+                         "--endpoint HOST[:PORT] (as in its URI)")
+    host, port = parse_endpoint(where, config.listen_port)
+    if grace < 0:
+        raise LocalError("--grace must be 0 or a positive duration, e.g. 10m")
+    secret = os.urandom(MASTER_SECRET_SIZE)
+    config_mod.set_secret(path, name, secret,
+                          old_until=config_mod.format_utc(now + grace) if grace else "")
+    refs = tuple(ServiceRef(s, config.services[s].protocol, config.services[s].port)
+                 for s in entry.services)
+    return render(Enrollment(host, port, config.server_id, name, secret, refs,
+                             otp=bool(entry.otp_secret)))
 
 
 def otp_uri(path: Path, name: str) -> str | None:

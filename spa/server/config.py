@@ -45,7 +45,10 @@ _SERVER_KEYS = {
 }
 _SERVICE_KEYS = {"protocol", "port", "default_duration", "max_duration"}
 _CLIENT_KEYS = {"secret", "services", "allow_other_address", "revoked", "enrolled",
-                "enroll_by", "otp_secret", "close_leases"}
+                "enroll_by", "otp_secret", "close_leases", "endpoint", "old_secret",
+                "old_until"}
+OLD_KEY = "~old"  # key name suffix of a rotated-out secret in its grace period ('~' is
+# never in a client name, so it cannot collide)
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -59,6 +62,9 @@ class ClientEntry:
     enroll_by: str = ""  # pending: first knock due by this UTC time (empty: no limit)
     otp_secret: str = field(default="", repr=False)  # base32 TOTP secret (empty: no code)
     close_leases: bool = False  # revoked with --close: its leases end at once, too
+    endpoint: str = ""  # HOST[:PORT] its URI names (for rotate)
+    old_secret: bytes = field(default=b"", repr=False)  # the secret before a rotate ...
+    old_until: str = ""  # ... which keeps working until this UTC time (grace)
 
     def __repr__(self) -> str:
         return f"ClientEntry({self.name!r}, services={self.services}, revoked={self.revoked})"
@@ -96,9 +102,21 @@ class ServerConfig:
         """name -> TOTP secret, for the clients that must send an authenticator code."""
         return {c.name: c.otp_secret for c in self.clients.values() if c.otp_secret}
 
-    def secrets(self) -> dict[str, bytes]:
-        """name -> master secret, revoked clients included (they get `revoked`)."""
-        return {c.name: c.secret for c in self.clients.values()}
+    def secrets(self, now: float | None = None) -> dict[str, bytes]:
+        """key name -> master secret, revoked clients included (they get
+        `revoked`); with `now`, also NAME~old for a rotated-out secret still
+        in its grace period."""
+        found = {c.name: c.secret for c in self.clients.values()}
+        if now is not None:
+            for c in self.clients.values():
+                if c.old_secret and c.old_until and parse_utc(c.old_until) > now:
+                    found[c.name + OLD_KEY] = c.old_secret
+        return found
+
+    def grace_ends(self) -> dict[str, float]:
+        """key name (NAME~old) -> when its grace period ends."""
+        return {c.name + OLD_KEY: parse_utc(c.old_until) for c in self.clients.values()
+                if c.old_secret and c.old_until}
 
 
 def b64encode(raw: bytes) -> str:
@@ -259,7 +277,17 @@ def _clients(path: Path, data: Mapping[str, Any], services: Mapping[str, Service
             enroll_by=_get(where, spec, "enroll_by", str, ""),
             otp_secret=_get(where, spec, "otp_secret", str, ""),
             close_leases=_get(where, spec, "close_leases", bool, False),
+            endpoint=_get(where, spec, "endpoint", str, ""),
+            old_secret=b64decode(_get(where, spec, "old_secret", str, ""), MASTER_SECRET_SIZE,
+                                 f"{where} old_secret") if "old_secret" in spec else b"",
+            old_until=_get(where, spec, "old_until", str, ""),
         )
+        if clients[name].old_until:
+            try:
+                parse_utc(clients[name].old_until)
+            except ValueError:
+                raise ConfigError(f"{where} old_until = {clients[name].old_until!r}: not a "
+                                  f"UTC time like {format_utc(0)}") from None
         if clients[name].otp_secret:
             try:
                 if len(base64.b32decode(clients[name].otp_secret, casefold=True)) < 10:
@@ -375,6 +403,8 @@ def add_client(path: Path, entry: ClientEntry) -> None:
         table.add("enroll_by", entry.enroll_by)
     if entry.otp_secret:
         table.add("otp_secret", entry.otp_secret)
+    if entry.endpoint:
+        table.add("endpoint", entry.endpoint)
     clients.add(entry.name, table)
     _write(path, tomlkit.dumps(doc))
 
@@ -397,3 +427,24 @@ def set_revoked(path: Path, name: str, *, close: bool = False) -> bool:
         entry["close_leases"] = True
     _write(path, tomlkit.dumps(doc))
     return True
+
+
+def set_secret(path: Path, name: str, secret: bytes, *, old_until: str) -> ClientEntry:
+    """Give a client a new secret; the old one stays as old_secret until
+    `old_until` (empty: dropped now).  Returns the entry as it was.
+    Raises ConfigError if there is no such client."""
+    before = load(path).clients.get(name)
+    doc = _edit_document(path)
+    clients = doc.get("clients", {})
+    if name not in clients or before is None:
+        raise ConfigError(f"no client named {name!r}; see the list with: spa-server clients")
+    entry = clients[name]
+    for key in ("old_secret", "old_until"):
+        if key in entry:
+            del entry[key]
+    if old_until:
+        entry["old_secret"] = b64encode(before.secret)
+        entry["old_until"] = old_until
+    entry["secret"] = b64encode(secret)
+    _write(path, tomlkit.dumps(doc))
+    return before

@@ -123,7 +123,8 @@ class Server:
         self._activated = self.state.load_activated()
         otp = OtpChecker(self.config.otp_secrets(), self.state.load_otp_steps(),
                          on_use=self._otp_used)
-        self.verifier = Verifier(self.config.server_id, self.config.secrets(),
+        self._grace = self._grace_of(self.config, now)
+        self.verifier = Verifier(self.config.server_id, self.config.secrets(now),
                                  self._policy_of(self.config), now=now,
                                  window=self.config.window, replay=replay, otp=otp)
         closed = {n for n, c in self.config.clients.items() if c.close_leases}
@@ -134,7 +135,7 @@ class Server:
                                 retention_days=self.config.event_retention_days)
         self.backend.start(self.config.services, now=now)
         self._reconcile(now)
-        self._tag_keys = self._derive_tag_keys(self.config)
+        self._tag_keys = self._derive_tag_keys(self.config, now)
         self._update_kernel_filter(now, force=True)
         self.state.write_server({
             "pid": os.getpid(), "started": now, "port": self.config.listen_port,
@@ -329,6 +330,7 @@ class Server:
         boundary = self.verifier.next_step_at
         if boundary - now <= STAGE_AHEAD:
             self.verifier.stage(self.verifier.tags.prepare(step_of(boundary)))
+        self._end_grace(now)
         self._update_kernel_filter(now)
         self._maybe_reload()
         self._save(now)
@@ -341,9 +343,32 @@ class Server:
             self._last_prune = now
 
     @staticmethod
-    def _derive_tag_keys(config: ServerConfig) -> dict[str, bytes]:
+    def _derive_tag_keys(config: ServerConfig, now: float) -> dict[str, bytes]:
         return {name: derive_keys(secret, config.server_id).tag_key
-                for name, secret in config.secrets().items()}
+                for name, secret in config.secrets(now).items()}
+
+    @staticmethod
+    def _grace_of(config: ServerConfig, now: float) -> dict[str, float]:
+        """NAME~old -> end of grace, for the rotated-out secrets still live."""
+        return {key: until for key, until in config.grace_ends().items() if until > now}
+
+    def _end_grace(self, now: float) -> None:
+        """Housekeeping: a rotated-out secret whose grace is over stops at once."""
+        ended = [key for key, until in self._grace.items() if until <= now]
+        if not ended:
+            return
+        for key in ended:
+            del self._grace[key]
+
+        def forget() -> None:
+            for key in ended:
+                self.verifier.remove_client(key)
+
+        self._commands.append(forget)
+        self._tag_keys = self._derive_tag_keys(self.config, now)
+        self._update_kernel_filter(now, force=True)
+        self.log(f"grace over: the old secret of {', '.join(k.split('~')[0] for k in ended)} "
+                 "no longer works")
 
     def _update_kernel_filter(self, now: float, *, force: bool = False) -> None:
         """Give a capture source the live tags, so junk never wakes Python.
@@ -427,9 +452,11 @@ class Server:
                 or new.window != old.window):
             self.log("warning server_id, listen_port, backend, mode and window changes take "
                      "effect at the next restart")
-        changed = {n: c.secret for n, c in new.clients.items()
-                   if n not in old.clients or old.clients[n].secret != c.secret}
-        gone = [n for n in old.clients if n not in new.clients]
+        now = self.clock()
+        old_keys, new_keys = old.secrets(now), new.secrets(now)
+        changed = {n: k for n, k in new_keys.items() if old_keys.get(n) != k}
+        gone = [n for n in old_keys if n not in new_keys]
+        self._grace = self._grace_of(new, now)
         for name, entry in new.clients.items():
             was = old.clients.get(name)
             if entry.close_leases and not (was is not None and was.close_leases):
@@ -467,7 +494,7 @@ class Server:
                               listen_port=old.listen_port, backend=old.backend,
                               mode=old.mode, state_dir=old.state_dir, window=old.window)
         self._commands.append(switch)
-        self._tag_keys = self._derive_tag_keys(new)
+        self._tag_keys = self._derive_tag_keys(new, now)
         self._update_kernel_filter(self.clock(), force=True)
         self.log(f"reloaded clients={len(new.clients)} added={len(changed)} "
                  f"removed={len(gone)}")

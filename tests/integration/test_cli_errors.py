@@ -282,3 +282,23 @@ def test_profiles_lists_and_forget_removes(config: Path, tmp_path: Path) -> None
     done = run_cli(*client, "forget", "203.0.113.10")  # by server host: one profile left
     assert done.returncode == 0 and "iris.toml" in done.stdout
     assert "no profiles" in run_cli(*client, "profiles").stdout
+
+
+def test_rotate_prints_a_new_uri_and_refuses_what_it_cannot_do(config: Path,
+                                                               tmp_path: Path) -> None:
+    first = server(config, "enroll", "jo", "--service", "ssh", "--endpoint",
+                   "203.0.113.10:4000", "--uri-only").stdout.strip()
+    client = ("spa-client", "--config-dir", str(tmp_path / "c"))
+    assert run_cli(*client, "enroll", first, "--name", "srv").returncode == 0
+    done = server(config, "rotate", "jo", "--grace", "10m")
+    assert done.returncode == 0, done.stderr
+    assert "keeps working for 10m" in done.stdout
+    second = next(line.strip() for line in done.stdout.splitlines() if "spa1://" in line)
+    assert second != first and second.split("?")[0] == first.split("?")[0]
+    assert "old_until" in config.read_text()
+    again = run_cli(*client, "enroll", second, "--name", "srv")
+    assert again.returncode == 0, "the same client at the same server: the profile is replaced"
+    assert_one_line_error(server(config, "rotate", "jo", "--grace", "soon"), "--grace")
+    assert_one_line_error(server(config, "rotate", "kim"), "no client named 'kim'")
+    assert server(config, "revoke", "jo").returncode == 0
+    assert_one_line_error(server(config, "rotate", "jo"), "revoked")

@@ -467,3 +467,53 @@ def test_revoke_close_ends_that_clients_leases_only(world: World) -> None:
     assert {lease.client for lease in restarted.leases.leases()} == {"bob"}
     assert admin.revoke(world.config_path, "alice", now=world.clock.now,
                         close=True).changed is False
+
+
+def test_rotate_with_grace_keeps_the_old_secret_until_it_ends(tmp_path: Path) -> None:
+    from spa.core.uri import parse as parse_uri
+    from spa.server import config as config_mod
+    from spa.server.errors import LocalError
+
+    w = World(tmp_path)
+    w.init()
+    w.enroll("alice", "ssh")
+    server = w.start()
+    old_packet = w.packet("alice", duration=60)  # made with the secret before the rotate
+    new_uri = admin.rotate(w.config_path, "alice", grace=120, now=w.clock.now)
+    server.request_reload()
+    server.housekeeping()
+    server.run_commands()
+    assert isinstance(server.handle(old_packet, A), Accepted), "old secret in its grace"
+    new_packet = w.packet("alice", duration=60)  # World reads the new secret from the config
+    assert parse_uri(new_uri).secret == config_mod.load(w.config_path).clients["alice"].secret
+    assert isinstance(server.handle(new_packet, B), Accepted)
+    w.clock.advance(121)
+    server.housekeeping()
+    server.run_commands()
+    assert any(line.startswith("grace over: the old secret of alice") for line in w.logs)
+    keys = config_mod.load(w.config_path).clients["alice"]
+    stale = build_with(w, keys.old_secret)
+    assert server.handle(stale, A) == Refused(Reason.UNKNOWN_TAG)
+    assert isinstance(server.handle(w.packet("alice", duration=60), A), Accepted)
+    # grace 0: the old secret stops at the reload
+    admin.rotate(w.config_path, "alice", grace=0, now=w.clock.now)
+    previous = keys.secret
+    server.request_reload()
+    server.housekeeping()
+    server.run_commands()
+    assert server.handle(build_with(w, previous), A) == Refused(Reason.UNKNOWN_TAG)
+    assert isinstance(server.handle(w.packet("alice", duration=60), A), Accepted)
+    with pytest.raises(LocalError, match="no client named"):
+        admin.rotate(w.config_path, "nobody", grace=0, now=w.clock.now)
+
+
+def build_with(w: World, secret: bytes) -> bytes:
+    """A packet for alice made with a given master secret."""
+    from spa.core.keys import derive_keys
+    from spa.core.wire import Request, build_packet
+    from spa.server import config as config_mod
+
+    server_id = config_mod.load(w.config_path).server_id
+    request = Request(int(w.clock.now * 1000), Action.OPEN, "ssh", 60, None)
+    return build_packet(request, derive_keys(secret, server_id), server_id,
+                        nonce=os.urandom(24))
