@@ -22,7 +22,7 @@ from spa.core.errors import FormatError
 from spa.core.uri import Enrollment, ServiceRef, parse
 from spa.core.wire import NONCE_SIZE, Action
 from spa_client import knock
-from spa_client.profile import ENV_DIR, ProfileError, ProfileStore, default_dir
+from spa_client.profile import ENV_DIR, Profile, ProfileError, ProfileStore, default_dir
 
 app = typer.Typer(
     help="Single-packet authorization client: sends one encrypted UDP packet that opens "
@@ -308,6 +308,55 @@ def _program_path() -> str:
     if argv0.name == "spa-client" and argv0.exists():
         return str(argv0.resolve())
     return found or "spa-client"
+
+
+@app.command()
+def doctor(
+    host: Annotated[str, typer.Argument(metavar="HOST", help="Profile name or server host.")],
+    service: Annotated[str | None, typer.Option(help="Service to knock for (default: the "
+                                                "profile's first).")] = None,
+) -> None:
+    """Find out why a knock does not open the port: the profile, the server's name, this
+    machine's clock, then a real knock.  Ends with one line saying what to fix."""
+    from spa_client import doctor as doc
+
+    def knock_once(profile: Profile) -> tuple[bool, str]:
+        e = profile.enrollment
+        ref = e.services[0] if service is None else knock.service_of(e, service)
+        target = knock.resolve(e.host, e.port)
+        if ref.protocol != "tcp":
+            knock.send(target, knock.make_packet(e, Action.OPEN, ref.name, duration=0,
+                                                 address=None, now=_now(),
+                                                 nonce=os.urandom(NONCE_SIZE)))
+            return True, f"sent for {ref.name} ({ref.protocol}/{ref.port}); UDP cannot be probed"
+        if e.otp:
+            return False, ("this profile needs an authenticator code: try spa-client open "
+                           f"{ref.name} {profile.name} --otp CODE")
+        probe = knock.PortProbe(target.address, target.family, ref.port)
+        try:
+            probe.start()
+            already = probe.wait(0.5)
+        finally:
+            probe.close()
+        if already:
+            return True, (f"{ref.name} (tcp/{ref.port}) is open already, before any knock "
+                          "(a lease this address holds, or no firewall): nothing to fix here")
+        took = knock.open_and_wait(e, ref, target, duration=0, address=None, timeout=3.0,
+                                   progress=lambda left, sends: None)
+        if took is None:
+            return False, f"{ref.name} (tcp/{ref.port}) did not open within 3 s"
+        return True, f"{ref.name} (tcp/{ref.port}) opened in {took * 1000:.0f} ms"
+
+    with local_errors():
+        findings = doc.diagnose(_ctx.store(), host,
+                                resolve=lambda h, p: knock.resolve(h, p).address,
+                                clock=doc.kernel_clock, knock=knock_once)
+    for finding in findings:
+        mark = {True: "ok  ", False: "FAIL", None: "??  "}[finding.ok]
+        typer.echo(f"{mark} {finding.what}")
+    typer.echo(doc.verdict(findings))
+    if any(f.ok is False for f in findings):
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -322,3 +322,20 @@ def test_keep_renews_the_lease_until_ctrl_c_then_closes(site: Site) -> None:
     assert "closed ssh" in out
     assert err.count("renewed") >= 5, err  # plain lines without a terminal
     assert wait_until(lambda: site.leases() == [], timeout=2)
+
+
+def test_doctor_knocks_and_says_what_to_fix(site: Site) -> None:
+    done = site.client("alice", "doctor", "srv")
+    assert "ok   profile 'srv'" in done.stdout and "ok   knock: ssh (tcp/" in done.stdout
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith(("all good", "all checks passed")), done.stdout
+    assert done.returncode == 0
+    again = site.client("alice", "doctor", "srv")
+    assert "is open already, before any knock" in again.stdout
+    assert site.client("alice", "close", "ssh", "srv").returncode == 0
+    assert wait_until(lambda: site.leases() == [])
+    site.admin("revoke", "alice")
+    time.sleep(1.0)
+    done = site.client("alice", "doctor", "srv")
+    assert done.returncode == 1
+    assert "FAIL knock" in done.stdout and "revoked" in done.stdout.strip().splitlines()[-1]
