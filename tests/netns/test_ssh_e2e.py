@@ -216,6 +216,54 @@ def test_ssh_with_spa_client_as_proxycommand_just_works(spa: Spa, tmp_path: Path
     assert wrong.returncode == 2 and "no TCP service on port 2222" in wrong.stderr
 
 
+def test_keep_renews_through_nftables_and_follows_a_new_address(spa: Spa) -> None:
+    """--keep with a 6 s lease against the real server and nftables: still
+    open after 9 s; when the laptop's outgoing address changes, it knocks at
+    once for the new one; Ctrl-C closes."""
+    import signal
+
+    from tests.integration.procs import command
+
+    world = spa.world
+    spa.start()
+    enroll_alice(spa)
+    line = world.cli.run("ip", "-o", "-4", "addr", "show").stdout
+    iface = next(f.split()[1] for f in line.splitlines() if f" {CLI4}/" in f)
+    roamed = "10.199.1.77"
+    proc = world.cli.popen([*command("spa-client"), "--config-dir", str(spa.root / "c-alice"),
+                            "open", "ssh", "srv", "--duration", "6", "--keep"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 5
+        while f"svc_ssh_v4 {CLI4}" not in spa.elements():
+            assert time.monotonic() < deadline, "the first knock did not open"
+            time.sleep(0.1)
+        time.sleep(9)
+        assert f"svc_ssh_v4 {CLI4}" in spa.elements(), "renewed past its 6 s"
+        assert world.ssh(world.cli, SRV4, "echo kept").stdout.strip() == "kept"
+        world.cli.run("ip", "addr", "add", f"{roamed}/24", "dev", iface)
+        world.cli.run("ip", "route", "replace", "10.199.1.0/24", "dev", iface, "proto",
+                      "kernel", "scope", "link", "src", roamed)
+        deadline = time.monotonic() + 4
+        while f"svc_ssh_v4 {roamed}" not in spa.elements():
+            assert time.monotonic() < deadline, "no knock from the new address"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+        assert proc.returncode == 0, err
+        assert "closed ssh" in out and "your address changed" in err
+        deadline = time.monotonic() + 3
+        while f"svc_ssh_v4 {roamed}" in spa.elements():
+            assert time.monotonic() < deadline, "the close did not end the lease"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        world.cli.run("ip", "route", "replace", "10.199.1.0/24", "dev", iface, "proto",
+                      "kernel", "scope", "link", "src", CLI4, check=False)
+        world.cli.run("ip", "addr", "del", f"{roamed}/24", "dev", iface, check=False)
+
+
 def test_nft_program_fallback_does_the_same_work(world: World) -> None:
     """Without libnftables the backend runs `nft -j -f -`: same table, same sets."""
     code = (
