@@ -282,12 +282,8 @@ def _clients(path: Path, data: Mapping[str, Any], services: Mapping[str, Service
                                  f"{where} old_secret") if "old_secret" in spec else b"",
             old_until=_get(where, spec, "old_until", str, ""),
         )
-        if clients[name].old_until:
-            try:
-                parse_utc(clients[name].old_until)
-            except ValueError:
-                raise ConfigError(f"{where} old_until = {clients[name].old_until!r}: not a "
-                                  f"UTC time like {format_utc(0)}") from None
+        _check_utc(where, "old_until", clients[name].old_until)
+        _check_utc(where, "enroll_by", clients[name].enroll_by)
         if clients[name].otp_secret:
             try:
                 if len(base64.b32decode(clients[name].otp_secret, casefold=True)) < 10:
@@ -295,13 +291,18 @@ def _clients(path: Path, data: Mapping[str, Any], services: Mapping[str, Service
             except (ValueError, binascii.Error):
                 raise ConfigError(f"{where} otp_secret: not a base32 secret of 80 bits or "
                                   "more (enroll the client again with --otp)") from None
-        if clients[name].enroll_by:
-            try:
-                parse_utc(clients[name].enroll_by)
-            except ValueError:
-                raise ConfigError(f"{where} enroll_by = {clients[name].enroll_by!r}: not a "
-                                  f"UTC time like {format_utc(0)}") from None
     return clients
+
+
+def _check_utc(where: str, key: str, value: str) -> None:
+    """Raises ConfigError unless `value` is empty or a UTC_FORMAT time."""
+    if not value:
+        return
+    try:
+        parse_utc(value)
+    except ValueError:
+        raise ConfigError(f"{where} {key} = {value!r}: not a UTC time like "
+                          f"{format_utc(0)}") from None
 
 
 UTC_FORMAT = "%Y-%m-%dT%H:%M:%SZ"

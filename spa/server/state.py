@@ -22,7 +22,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from spa.core.errors import FormatError
 from spa.core.leases import Lease, LeaseTable
@@ -37,6 +37,7 @@ JOURNAL_OLD = "replay.journal.old"  # being compacted: covered by no dump yet
 SERVER = "server.json"
 OTP_STEPS = "otp.json"  # the last authenticator-code time step each client used
 ACTIVATED = "activated.json"  # pending enrollments used in time: name -> the enroll_by it met
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,29 +174,27 @@ class StateDir:
 
     def load_activated(self) -> dict[str, str]:
         """name -> the enroll_by its first knock met.  Raises LocalError if damaged."""
-        data = self._read_json(ACTIVATED)
-        if data is None:
-            return {}
-        found = data.get("activated") if isinstance(data, dict) else None
-        if not isinstance(found, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in found.items()):
-            raise LocalError(f"{self.path / ACTIVATED} is damaged; stop the server and "
-                             "remove it (pending clients that knocked must be enrolled again)")
-        return found
+        return self._load_map(ACTIVATED, "activated", str,
+                              "pending clients that knocked must be enrolled again")
 
     def save_otp_steps(self, steps: dict[str, int]) -> None:
         write_private(self.path / OTP_STEPS, json.dumps({"version": 1, "last": steps}).encode())
 
     def load_otp_steps(self) -> dict[str, int]:
         """client -> last used code step.  Raises LocalError if damaged."""
-        data = self._read_json(OTP_STEPS)
+        return self._load_map(OTP_STEPS, "last", int,
+                              "codes used in the last minute could then be used again")
+
+    def _load_map(self, name: str, key: str, kind: type[T], loss: str) -> dict[str, T]:
+        """The {str: kind} map under `key` in a small JSON state file."""
+        data = self._read_json(name)
         if data is None:
             return {}
-        found = data.get("last") if isinstance(data, dict) else None
+        found = data.get(key) if isinstance(data, dict) else None
         if not isinstance(found, dict) or not all(
-                isinstance(k, str) and type(v) is int for k, v in found.items()):
-            raise LocalError(f"{self.path / OTP_STEPS} is damaged; stop the server and remove "
-                             "it (codes used in the last minute could then be used again)")
+                isinstance(k, str) and type(v) is kind for k, v in found.items()):
+            raise LocalError(f"{self.path / name} is damaged; stop the server and remove it "
+                             f"({loss})")
         return found
 
     def status(self, now: float) -> list[PairStatus]:
