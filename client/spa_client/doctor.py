@@ -61,6 +61,22 @@ def check_profile(store: ProfileStore, host: str) -> tuple[Finding, Profile | No
                    "(0600)"), profile
 
 
+def check_expiry(profile: Profile, now: float) -> Finding | None:
+    """For a pending enrollment (exp= in its URI): is there still time?"""
+    expires = profile.enrollment.expires
+    if expires is None:
+        return None
+    import time
+
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(expires))
+    if now < expires:
+        return Finding(True, f"enrollment: pending, its first knock is due by {when}")
+    return Finding(None, f"enrollment: its first knock was due by {when}; if this device had "
+                   "not knocked by then, the server refuses it (enrollment_expired)",
+                   "ask your admin for a new enrollment (spa-server rotate "
+                   f"{profile.enrollment.client}) if knocks do not open")
+
+
 def check_clock(probe: Callable[[], tuple[bool, float] | None]) -> Finding:
     state = probe()
     if state is None:
@@ -84,12 +100,18 @@ def check_clock(probe: Callable[[], tuple[bool, float] | None]) -> Finding:
 def diagnose(store: ProfileStore, host: str, *,
              resolve: Callable[[str, int], str],
              clock: Callable[[], tuple[bool, float] | None],
-             knock: Callable[[Profile], tuple[bool, str]]) -> list[Finding]:
+             knock: Callable[[Profile], tuple[bool, str]],
+             now: float | None = None) -> list[Finding]:
     """Every check that applies, in order; stops where later ones cannot run."""
+    import time
+
     finding, profile = check_profile(store, host)
     findings = [finding]
     if profile is None:
         return findings
+    expiry = check_expiry(profile, time.time() if now is None else now)
+    if expiry is not None:
+        findings.append(expiry)
     e = profile.enrollment
     try:
         address = resolve(e.host, e.port)
@@ -115,6 +137,9 @@ def verdict(findings: list[Finding]) -> str:
     a clock nothing vouches for blames the clock first."""
     clock = next((f for f in findings if f.what.startswith("clock:")), None)
     knocked = next((f for f in findings if f.what.startswith("knock:")), None)
+    expiry = next((f for f in findings if f.what.startswith("enrollment:")), None)
+    if knocked is not None and knocked.ok is False and expiry is not None and not expiry.ok:
+        return f"fix: {expiry.fix}"
     if knocked is not None and knocked.ok is False and clock is not None and not clock.ok:
         return f"fix: the clock first: {clock.fix}; then, {knocked.fix}"
     for finding in findings:

@@ -1,6 +1,7 @@
 """The enrollment URI: everything one client needs for one server.
 
     spa1://HOST[:PORT]/CLIENT?sid=SERVER_ID&key=SECRET&svc=NAME:PROTO:PORT[&svc=...][&otp=1]
+        [&exp=UNIX_TIME]
 
 Invariants (docs/protocol.md, "Enrollment URI"):
 - `parse(render(e)) == e` for every valid enrollment, and `render` is canonical.
@@ -49,6 +50,7 @@ class Enrollment:
     secret: bytes
     services: tuple[ServiceRef, ...]
     otp: bool = False  # the server wants an authenticator code in each open knock
+    expires: int | None = None  # a pending enrollment: its first knock due by (Unix time)
 
     def __repr__(self) -> str:
         return (
@@ -92,6 +94,8 @@ def render(enrollment: Enrollment) -> str:
     query += [("svc", f"{s.name}:{s.protocol}:{s.port}") for s in enrollment.services]
     if enrollment.otp:
         query.append(("otp", "1"))
+    if enrollment.expires is not None:
+        query.append(("exp", str(enrollment.expires)))
     text = "&".join(f"{k}={v}" for k, v in query)
     return f"{SCHEME}://{host}:{enrollment.port}/{enrollment.client}?{text}"
 
@@ -119,7 +123,7 @@ def parse(uri: str) -> Enrollment:
     client = path
     if not is_valid_client_name(client):
         raise FormatError("client name in the URI path is missing or has bad characters")
-    sid, key, services, otp = _params(query)
+    sid, key, services, otp, expires = _params(query)
     enrollment = Enrollment(
         host=host,
         port=port,
@@ -128,6 +132,7 @@ def parse(uri: str) -> Enrollment:
         secret=_unb64(key, MASTER_SECRET_SIZE, "secret (key)"),
         services=tuple(_service(v) for v in services),
         otp=otp,
+        expires=expires,
     )
     _check(enrollment)
     return enrollment
@@ -162,16 +167,16 @@ def _host_port(netloc: str) -> tuple[str, int]:
     return host, port
 
 
-def _params(query: str) -> tuple[str, str, list[str], bool]:
-    """(sid, key, [svc, ...], otp) from the query; sid and key once, svc at
-    least once, otp (=1) at most once."""
-    found: dict[str, list[str]] = {"sid": [], "key": [], "svc": [], "otp": []}
+def _params(query: str) -> tuple[str, str, list[str], bool, int | None]:
+    """(sid, key, [svc, ...], otp, exp) from the query; sid and key once, svc
+    at least once, otp (=1) and exp (a Unix time) at most once."""
+    found: dict[str, list[str]] = {"sid": [], "key": [], "svc": [], "otp": [], "exp": []}
     for number, item in enumerate(query.split("&") if query else [], start=1):
         name, sep, value = item.partition("=")
         if name not in found:
             # never echo it: a mangled "key=..." would print the secret
             raise FormatError(f"parameter #{number} of the enrollment URI is not sid=, key=, "
-                              "svc= or otp=")
+                              "svc=, otp= or exp=")
         if not sep or not value:
             raise FormatError(f"parameter {name!r} has no value")
         if "%" in value:
@@ -185,7 +190,12 @@ def _params(query: str) -> tuple[str, str, list[str], bool]:
         raise FormatError("enrollment URI names no service (svc=NAME:PROTO:PORT)")
     if found["otp"] not in ([], ["1"]):
         raise FormatError("parameter 'otp' must be otp=1, once")
-    return found["sid"][0], found["key"][0], found["svc"], bool(found["otp"])
+    exp = found["exp"]
+    if exp and (len(exp) > 1 or not exp[0].isascii() or not exp[0].isdigit()
+                or exp[0].startswith("0") or len(exp[0]) > 12):
+        raise FormatError("parameter 'exp' must be a Unix time in seconds, once")
+    return (found["sid"][0], found["key"][0], found["svc"], bool(found["otp"]),
+            int(exp[0]) if exp else None)
 
 
 def _service(value: str) -> ServiceRef:

@@ -94,7 +94,8 @@ def enroll(path: Path, name: str, services: list[str], endpoint: str, *,
                                             endpoint=endpoint.strip()))
     refs = tuple(ServiceRef(s, config.services[s].protocol, config.services[s].port)
                  for s in unique)
-    return render(Enrollment(host, port, config.server_id, name, secret, refs, otp=otp))
+    return render(Enrollment(host, port, config.server_id, name, secret, refs, otp=otp,
+                             expires=None if expires is None else int(when + expires)))
 
 
 def rotate(path: Path, name: str, *, grace: float, now: float,

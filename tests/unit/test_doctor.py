@@ -74,3 +74,19 @@ def test_an_unresolvable_name_stops_before_the_knock(tmp_path: Path) -> None:
                         clock=lambda: (True, 0.0), knock=lambda p: (True, ""))
     assert [f.ok for f in findings] == [True, False]
     assert "DNS" in verdict(findings)
+
+
+def test_a_pending_enrollment_past_its_time_is_named_as_the_likely_cause(
+        tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    store = ProfileStore(tmp_path)
+    store.save("srv", replace(ENROLLMENT, expires=1_800_000_000))
+    early = diagnose(store, "srv", resolve=resolve, clock=lambda: (True, 0.0),
+                     knock=lambda p: (True, "opened"), now=1_799_999_000)
+    assert early[1].ok is True and "due by 2027-01-15" in early[1].what
+    late = diagnose(store, "srv", resolve=resolve, clock=lambda: (True, 0.0),
+                    knock=lambda p: (False, "did not open"), now=1_800_000_100)
+    assert late[1].ok is None
+    assert verdict(late) == ("fix: ask your admin for a new enrollment (spa-server rotate "
+                             "alice) if knocks do not open")

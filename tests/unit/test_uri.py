@@ -74,7 +74,7 @@ def test_port_defaults_and_host_case_folds() -> None:
         (uri(query=f"sid={SID_TEXT}&sid={SID_TEXT}&key={KEY_TEXT}&svc=ssh:tcp:22"), "repeated"),
         (uri(query=f"sid={SID_TEXT}&key={KEY_TEXT}"), "no service"),
         (uri(query=f"sid={SID_TEXT}&key={KEY_TEXT}&svc=ssh:tcp:22&x=1"),
-         "is not sid=, key=, svc= or otp="),
+         "is not sid=, key=, svc=, otp= or exp="),
         (uri(query=f"sid={SID_TEXT}&key=&svc=ssh:tcp:22"), "no value"),
         (uri(query=f"sid={SID_TEXT}&key={KEY_TEXT}&svc=ssh:22"), "NAME:PROTO:PORT"),
         (uri(query=f"sid={SID_TEXT}&key={KEY_TEXT}&svc=SSH:tcp:22"), "service name"),
@@ -150,3 +150,14 @@ def test_the_otp_flag_round_trips_and_is_strict() -> None:
     for bad in ("&otp=0", "&otp=1&otp=1", "&otp=yes"):
         with pytest.raises(FormatError, match="otp"):
             parse(render(plain) + bad)
+
+
+def test_the_expiry_round_trips_and_is_strict() -> None:
+    from dataclasses import replace
+
+    pending = replace(enrollment(), expires=1_800_000_900)
+    assert render(pending).endswith("&exp=1800000900")
+    assert parse(render(pending)) == pending
+    for bad in ("&exp=", "&exp=soon", "&exp=012", "&exp=1&exp=2", "&exp=-5"):
+        with pytest.raises(FormatError):
+            parse(render(enrollment()) + bad)
