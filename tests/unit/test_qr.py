@@ -19,7 +19,7 @@ LONGEST = render(Enrollment(
     "spa-gateway.eu-west-3.compute.internal.example.org", 62201, bytes(range(16)),
     "a" * 64, os.urandom(32),
     (ServiceRef("ssh", "tcp", 22), ServiceRef("https", "tcp", 443),
-     ServiceRef("webmail", "tcp", 8443))))
+     ServiceRef("webmail", "tcp", 8443)), otp=True, expires=1_800_000_900))
 
 
 def decode_terminal(text: str) -> list[str]:
