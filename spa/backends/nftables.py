@@ -16,6 +16,10 @@ Invariants (docs/threat-model.md, "Firewall"; STYLE principle 6):
   related traffic accepted (a session survives its lease); new connections
   to a protected port accepted only from that service's sets; everything else
   to a protected port dropped, never rejected (a scanner sees "filtered").
+- Every dropped attempt on a protected port is counted in the kernel, per
+  (source, port), in the dynamic sets drops_v4 / drops_v6 (elements time
+  out after DROPS_TIMEOUT of silence; at most DROPS_SIZE): no packet wakes
+  the daemon, which reads the counters now and then (`drops`).
 - `stop` leaves live grants to expire by themselves, or with flush=True
   empties the sets; the rules stay, so protected ports stay closed.
 """
@@ -38,6 +42,8 @@ FAMILY = "inet"
 TABLE = "spa"
 CHAIN = "input"
 PRIORITY = -10  # before the conventional filter chains at priority 0
+DROPS_TIMEOUT = 600  # seconds an idle (source, port) drop counter is kept
+DROPS_SIZE = 65536  # drop counters per address family at most (the kernel stops adding)
 
 
 def set_name(service: str, version: int) -> str:
@@ -57,13 +63,20 @@ def timeout_seconds(until: float, now: float) -> int:
     return max(1, math.ceil(until - now - 1e-6))
 
 
-def render_start(services: Mapping[str, Service]) -> Document:
-    """The transaction that installs (or updates) our table."""
+def render_start(services: Mapping[str, Service], *, drop_sets: bool = True) -> Document:
+    """The transaction that installs (or updates) our table.  drop_sets=False
+    when they exist already: the kernel marks a set that rules update as
+    dynamic, and adding it again without that flag (which nft's JSON does not
+    take) is refused."""
     commands: list[dict[str, Any]] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}]
     for service in services.values():
         for version, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")):
             commands.append({"add": {"set": _where(name=set_name(service.name, version),
                                                    type=kind, flags=["timeout"])}})
+    for version, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")) if drop_sets else ():
+        commands.append({"add": {"set": _where(
+            name=f"drops_v{version}", type=[kind, "inet_service"], flags=["timeout"],
+            timeout=DROPS_TIMEOUT, size=DROPS_SIZE)}})
     commands.append({"add": {"chain": _where(name=CHAIN, type="filter", hook="input",
                                              prio=PRIORITY, policy="accept")}})
     commands.append({"flush": {"chain": _where(name=CHAIN)}})
@@ -80,6 +93,16 @@ def render_start(services: Mapping[str, Service]) -> Document:
                 _match({"payload": {"protocol": proto, "field": "saddr"}},
                        f"@{set_name(service.name, version)}"),
                 {"accept": None},
+            ])}})
+        for version, proto, family in ((4, "ip", "ipv4"), (6, "ip6", "ipv6")):
+            commands.append({"add": {"rule": _where(chain=CHAIN, expr=[
+                port,
+                _match({"meta": {"key": "nfproto"}}, family),
+                {"set": {"op": "update", "set": f"@drops_v{version}", "stmt": [{"counter": None}],
+                         "elem": {"concat": [
+                             {"payload": {"protocol": proto, "field": "saddr"}},
+                             {"payload": {"protocol": service.protocol, "field": "dport"}}]}}},
+                {"drop": None},
             ])}})
         commands.append({"add": {"rule": _where(chain=CHAIN, expr=[port, {"drop": None}])}})
     return {"nftables": commands}
@@ -165,6 +188,24 @@ def parse_held(listing: Document, services: Mapping[str, Service], now: float) -
     return held
 
 
+def parse_drops(listing: Document) -> dict[tuple[str, int], int]:
+    """(source, port) -> dropped packets, from `list set` output of drops_v4/v6."""
+    found: dict[tuple[str, int], int] = {}
+    for item in listing.get("nftables", []):
+        spec = item.get("set") if isinstance(item, dict) else None
+        if not spec or spec.get("table") != TABLE or not str(spec.get("name")).startswith(
+                "drops_v"):
+            continue
+        for elem in spec.get("elem", []):
+            inner = elem.get("elem", {}) if isinstance(elem, dict) else {}
+            value = inner.get("val", {}).get("concat") if isinstance(inner.get("val"), dict) \
+                else None
+            counter = inner.get("counter", {})
+            if isinstance(value, list) and len(value) == 2 and isinstance(counter, dict):
+                found[(str(value[0]), int(value[1]))] = int(counter.get("packets", 0))
+    return found
+
+
 class NftablesBackend:
     name = "nftables"
     expires_by_itself = True
@@ -179,7 +220,15 @@ class NftablesBackend:
 
     def start(self, services: Mapping[str, Service], *, now: float) -> None:
         self._services = dict(services)
-        self.runner.run(render_start(services))
+        try:
+            listing = self.runner.run({"nftables": [{"list": {"table": {"family": FAMILY,
+                                                                         "name": TABLE}}}]})
+        except LocalError:
+            listing = {}  # no table yet
+        present = {item["set"].get("name") for item in listing.get("nftables", [])
+                   if isinstance(item, dict) and isinstance(item.get("set"), dict)}
+        self.runner.run(render_start(services,
+                                     drop_sets=not {"drops_v4", "drops_v6"} <= present))
 
     def allow(self, address: IPAddress, service: Service, until: float, *, now: float) -> None:
         self.runner.run(render_allow(address, service.name, timeout_seconds(until, now)))
@@ -205,6 +254,12 @@ class NftablesBackend:
                 present.add((action.address, service.name))
             else:
                 present.discard((action.address, service.name))
+
+    def drops(self) -> dict[tuple[str, int], int]:
+        """Dropped attempts on protected ports: (source, port) -> packets so far."""
+        listing = self.runner.run({"nftables": [{"list": {"table": {"family": FAMILY,
+                                                                     "name": TABLE}}}]})
+        return parse_drops(listing)
 
     def held(self, *, now: float) -> Held:
         listing = self.runner.run({"nftables": [{"list": {"table": {"family": FAMILY,

@@ -42,6 +42,7 @@ from spa.server.config import ServerConfig
 from spa.server.errors import LocalError
 from spa.server.events import EVENTS_DB, Event, EventSink
 from spa.server.notify import Notifier
+from spa.server.scans import ScanDetector
 from spa.server.sources import Datagram, PacketSource
 from spa.server.state import StateDir
 
@@ -53,6 +54,8 @@ STAGE_AHEAD = 3.0  # seconds before a step boundary to prepare its tags
 REPLAYS_TO_BLOCK = 20  # copies of one packet in one second that put its nonce in the kernel filter
 MAX_BLOCKED_NONCES = 64  # nonces the kernel filter drops at most (5 BPF instructions each)
 NONCE_PREFIX = 8  # bytes of the nonce the kernel filter compares
+DROPS_EVERY = 5.0  # seconds between readings of the firewall's drop counters
+MAX_DROP_ROWS = 500  # 'dropped'/'scan' rows per reading; the rest fold into one row
 
 Clock = Callable[[], float]
 Log = Callable[[str], None]
@@ -105,6 +108,8 @@ class Server:
         self._pending: frozenset[str] = frozenset()
         self._activated_dirty = False
         self._otp_dirty = False
+        self._scans = ScanDetector()
+        self._last_drops = 0.0
         self.verifier: Verifier
         self.leases: LeaseTable
         self.events: EventSink
@@ -331,6 +336,7 @@ class Server:
         if boundary - now <= STAGE_AHEAD:
             self.verifier.stage(self.verifier.tags.prepare(step_of(boundary)))
         self._end_grace(now)
+        self._read_drops(now)
         self._update_kernel_filter(now)
         self._maybe_reload()
         self._save(now)
@@ -351,6 +357,30 @@ class Server:
     def _grace_of(config: ServerConfig, now: float) -> dict[str, float]:
         """NAME~old -> end of grace, for the rotated-out secrets still live."""
         return {key: until for key, until in config.grace_ends().items() if until > now}
+
+    def _read_drops(self, now: float) -> None:
+        """Every DROPS_EVERY seconds: the firewall's drop counters become
+        'dropped' events per (source, service) and 'scan' events."""
+        read = getattr(self.backend, "drops", None)
+        if read is None or now - self._last_drops < DROPS_EVERY:
+            return
+        self._last_drops = now
+        with self._lock:
+            counters = read()
+        dropped, scans = self._scans.observe(counters, now)
+        by_port = {s.port: s.name for s in self.config.services.values()}
+        dropped.sort(key=lambda item: -item.attempts)
+        for item in dropped[:MAX_DROP_ROWS]:
+            self.events.record(Event(now, "dropped", None, None, None, item.source,
+                                     by_port.get(item.port, str(item.port)), None,
+                                     item.attempts))
+        rest = sum(item.attempts for item in dropped[MAX_DROP_ROWS:])
+        if rest:  # a spoofed flood: many sources, one row for the tail
+            self.events.record(Event(now, "dropped", count=rest))
+        for scan in scans[:MAX_DROP_ROWS]:
+            names = ",".join(by_port.get(port, str(port)) for port in scan.ports)
+            self.events.record(Event(now, "scan", None, None, None, scan.source, names, None,
+                                     scan.attempts))
 
     def _end_grace(self, now: float) -> None:
         """Housekeeping: a rotated-out secret whose grace is over stops at once."""

@@ -48,7 +48,7 @@ RefusalKey = tuple[str, str | None, str | None, str | None]  # reason, client, s
 @dataclass(frozen=True, slots=True)
 class Event:
     time: float
-    outcome: str  # accepted | refused | lease_start | lease_end
+    outcome: str  # accepted | refused | lease_start | lease_end | dropped | scan
     action: str | None = None  # open | close, for accepted and refused knocks
     reason: str | None = None
     client: str | None = None

@@ -112,6 +112,21 @@ def test_scans_find_nothing_and_hydra_never_reaches_sshd(spa: Spa) -> None:
     after = world.sshd_log.read_text()[len(marker):]
     assert f"Connection from {ATT4}" not in after, after
     assert f"from {ATT4}" not in after
+    # ...but the server saw it all: the firewall counted the drops, the daemon
+    # reported them per source and service, and called the attacker a scan
+    deadline = time.monotonic() + 12
+    while not any(e["outcome"] == "scan" for e in spa.events()):
+        assert time.monotonic() < deadline, spa.lines[-10:]
+        time.sleep(0.5)
+    events = spa.events()
+    scans = [e for e in events if e["outcome"] == "scan"]
+    assert [(e["source"], e["service"]) for e in scans] == [(ATT4, "ssh,https")]
+    dropped = {e["service"]: e["count"] for e in events
+               if e["outcome"] == "dropped" and e["source"] == ATT4}
+    assert set(dropped) == {"ssh", "https"} and int(dropped["ssh"]) >= 2  # type: ignore[call-overload]
+    assert not any(e["outcome"] == "dropped" and e["source"] == CLI4 for e in events), (
+        "the knocking user's traffic was let in, not counted")
+    assert any(line.startswith(f"scan src={ATT4} service=ssh,https") for line in spa.lines)
 
 
 def test_client_exit_1_when_the_port_stays_shut(spa: Spa) -> None:

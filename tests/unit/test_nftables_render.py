@@ -49,7 +49,7 @@ def test_start_touches_only_our_table_and_is_idempotent() -> None:
             assert spec["table"] == "spa"
     verbs = commands(doc)
     assert ("delete", "table") not in verbs and ("flush", "set") not in verbs, "grants kept"
-    assert verbs.count(("add", "set")) == 2 * len(SERVICES)
+    assert verbs.count(("add", "set")) == 2 * len(SERVICES) + 2  # and the drop counters
     assert ("flush", "chain") in verbs, "our one chain is rewritten"
 
 
@@ -64,7 +64,8 @@ def test_chain_accepts_established_then_sets_then_drops_never_rejects() -> None:
         mine = [r for r in rules if r[0]["match"]["left"] == {
             "payload": {"protocol": service.protocol, "field": "dport"}}
             and r[0]["match"]["right"] == service.port]
-        assert [next(iter(r[-1])) for r in mine] == ["accept", "accept", "drop"], name
+        assert [next(iter(r[-1])) for r in mine] == ["accept", "accept"] + ["drop"] * 3, name
+        assert [r[2]["set"]["set"] for r in mine[2:4]] == ["@drops_v4", "@drops_v6"], "counted"
         assert mine[0][1]["match"]["right"] == f"@{set_name(name, 4)}"
         assert mine[1][1]["match"]["right"] == f"@{set_name(name, 6)}"
     chain = next(c["add"]["chain"] for c in render_start(SERVICES)["nftables"]
@@ -96,8 +97,9 @@ def test_backend_sends_each_call_as_one_document() -> None:
     backend.allow(A4, SERVICES["ssh"], 30.5, now=0)
     backend.remove(A4, SERVICES["ssh"])
     backend.stop()
-    assert len(fake.documents) == 4
-    assert commands(fake.documents[3]) == [("flush", "set")] * (2 * len(SERVICES))
+    assert len(fake.documents) == 5  # start lists the table first (are the drop sets there?)
+    assert commands(fake.documents[0]) == [("list", "table")]
+    assert commands(fake.documents[4]) == [("flush", "set")] * (2 * len(SERVICES))
     assert NftablesBackend(FakeNft()).flush_on_stop is False
 
 
@@ -109,8 +111,8 @@ def test_a_batch_of_changes_is_one_transaction() -> None:
                    (Allow(A6, "https", 100.0), SERVICES["https"]),
                    (Remove(A4, "dns"), SERVICES["dns"])], now=0)
     backend.apply([], now=0)  # nothing to do: no transaction at all
-    assert len(fake.documents) == 2
-    batch = fake.documents[1]
+    assert len(fake.documents) == 3  # the listing and the start, then the batch
+    batch = fake.documents[2]
     assert batch["nftables"] == (render_changes([(Allow(A4, "ssh", 30.5), SERVICES["ssh"])], 0,
                                                 lambda address, name: True)["nftables"]
                                  + [{"create": {"element": {
@@ -173,10 +175,36 @@ def test_apply_sends_only_the_last_action_per_address_and_service() -> None:
     backend.allow(A4, SERVICES["ssh"], 5.0, now=0)  # present: a grant replaces it
     apply(backend, [Allow(A4, "ssh", 10.0), Allow(A6, "ssh", 20.0), Allow(A4, "ssh", 40.0),
                     Remove(A6, "ssh")], SERVICES, now=0)
-    assert fake.documents[2]["nftables"] == (render_allow(A4, "ssh", 40)["nftables"]
+    assert fake.documents[3]["nftables"] == (render_allow(A4, "ssh", 40)["nftables"]
                                              + render_remove(A6, "ssh")["nftables"])
     apply(backend, [], SERVICES, now=0)
-    assert len(fake.documents) == 3
+    assert len(fake.documents) == 4
+
+
+def test_drop_sets_are_added_only_when_missing_and_their_counters_parse() -> None:
+    """The kernel marks the drop sets dynamic once rules update them; adding
+    them again (nft's JSON cannot say 'dynamic') is refused, so start leaves
+    them alone when the table has them."""
+    fake = FakeNft()
+    backend = NftablesBackend(fake)
+    backend.start(SERVICES, now=0)
+    assert ("add", "set") in commands(fake.documents[-1])
+    first = sum(1 for c in fake.documents[-1]["nftables"]
+                if "add" in c and "set" in c["add"] and c["add"]["set"]["name"].startswith("drops"))
+    assert first == 2
+    fake.listing = {"nftables": [
+        {"set": {"family": "inet", "table": "spa", "name": "drops_v4", "elem": [
+            {"elem": {"val": {"concat": ["198.51.100.7", 22]}, "counter": {"packets": 3}}},
+            {"elem": {"val": {"concat": ["198.51.100.7", 443]}, "counter": {"packets": 1}}}]}},
+        {"set": {"family": "inet", "table": "spa", "name": "drops_v6", "elem": [
+            {"elem": {"val": {"concat": ["2001:db8::7", 22]}, "counter": {"packets": 2}}}]}},
+        {"set": {"family": "inet", "table": "other", "name": "drops_v4", "elem": [
+            {"elem": {"val": {"concat": ["192.0.2.1", 22]}, "counter": {"packets": 9}}}]}}]}
+    backend.start(SERVICES, now=0)
+    assert not any("add" in c and "set" in c["add"] and c["add"]["set"]["name"].startswith(
+        "drops") for c in fake.documents[-1]["nftables"])
+    assert backend.drops() == {("198.51.100.7", 22): 3, ("198.51.100.7", 443): 1,
+                               ("2001:db8::7", 22): 2}
 
 
 def test_parse_held_reads_our_sets_only() -> None:

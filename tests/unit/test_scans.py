@@ -1,0 +1,46 @@
+"""Drop counters -> dropped attempts and scans (sans-IO)."""
+
+from __future__ import annotations
+
+from spa.server.scans import SCAN_ATTEMPTS, SCAN_WINDOW, Dropped, Scan, ScanDetector
+
+NOW = 1_800_000_000.0
+
+
+def test_counters_become_attempts_since_the_last_reading() -> None:
+    detector = ScanDetector()
+    dropped, scans = detector.observe({("198.51.100.7", 22): 3}, NOW)
+    assert dropped == [Dropped("198.51.100.7", 22, 3)] and scans == []
+    dropped, _ = detector.observe({("198.51.100.7", 22): 5}, NOW + 5)
+    assert dropped == [Dropped("198.51.100.7", 22, 2)]
+    dropped, _ = detector.observe({("198.51.100.7", 22): 5}, NOW + 10)
+    assert dropped == []
+    dropped, _ = detector.observe({("198.51.100.7", 22): 1}, NOW + 700)  # timed out, back
+    assert dropped == [Dropped("198.51.100.7", 22, 1)]
+
+
+def test_two_protected_ports_or_many_attempts_are_a_scan_reported_once() -> None:
+    detector = ScanDetector()
+    _, scans = detector.observe({("198.51.100.7", 22): 1, ("198.51.100.7", 443): 1,
+                                 ("203.0.113.5", 22): 1}, NOW)
+    assert scans == [Scan("198.51.100.7", (22, 443), 2)]
+    _, scans = detector.observe({("198.51.100.7", 22): 9, ("198.51.100.7", 443): 9,
+                                 ("203.0.113.5", 22): 1}, NOW + 5)
+    assert scans == [], "one report per source per window"
+    _, scans = detector.observe({("198.51.100.7", 22): 9, ("198.51.100.7", 443): 9,
+                                 ("203.0.113.5", 22): 1 + SCAN_ATTEMPTS}, NOW + 10)
+    assert scans == [Scan("203.0.113.5", (22,), 1 + SCAN_ATTEMPTS)], "brute force on one port"
+    _, scans = detector.observe({("198.51.100.7", 22): 10, ("198.51.100.7", 443): 10,
+                                 ("203.0.113.5", 22): 1 + SCAN_ATTEMPTS}, NOW + SCAN_WINDOW + 1)
+    assert [s.source for s in scans] == ["198.51.100.7"], "still at it after a window"
+
+
+def test_history_is_forgotten_after_the_window() -> None:
+    detector = ScanDetector()
+    detector.observe({("198.51.100.7", 22): 1}, NOW)
+    _, scans = detector.observe({("198.51.100.7", 22): 1, ("198.51.100.7", 443): 1},
+                                NOW + SCAN_WINDOW + 1)
+    assert scans == [], "one port now and one a window ago are not a scan"
+    assert list(detector._history) == ["198.51.100.7"]
+    detector.observe({("198.51.100.7", 22): 1, ("198.51.100.7", 443): 1}, NOW + 3 * SCAN_WINDOW)
+    assert detector._history == {}
