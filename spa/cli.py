@@ -156,16 +156,16 @@ def otp_png(png: Path) -> Path:
     return png.with_name(f"{png.stem}-otp{png.suffix or '.png'}")
 
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
 def parse_duration(text: str, option: str) -> float:
-    """'90s', '15m', '2h', '1d' (or plain seconds) -> seconds.  Raises LocalError."""
-    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
-    if not number.isdigit() or int(number) == 0:
-        raise LocalError(f"{option} {text!r}: give a positive whole number with s, m, h or d, "
+    """A positive duration for `option` ('90s', '15m', '2h', '1d').  Raises LocalError."""
+    try:
+        seconds = admin.parse_duration(text)
+    except LocalError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise LocalError(f"{option} {text!r}: give a positive duration with s, m, h, d or w, "
                          "e.g. 15m")
-    return int(number) * _UNITS[unit]
+    return seconds
 
 
 @app.command()

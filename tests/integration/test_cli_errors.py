@@ -244,7 +244,7 @@ def test_enroll_expires_shows_pending_and_refuses_bad_durations(config: Path) ->
     listing = server(config, "clients").stdout
     assert "erin" in listing and "pending until 20" in listing
     before = config.read_text()
-    for bad in ("0", "15x", "-5m", "m", "1.5h"):
+    for bad in ("0", "15x", "-5m", "m", "0s"):
         done = server(config, "enroll", "fay", "--service", "ssh", "--endpoint",
                       "203.0.113.10", "--expires", bad)
         assert_one_line_error(done, "--expires", "e.g. 15m")
