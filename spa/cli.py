@@ -322,6 +322,39 @@ def events(
 
 
 @app.command()
+def stats(
+    since: Annotated[str | None, typer.Option(help="Only this recent: 24h, 7d, 30d.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
+) -> None:
+    """Counts from the event store: knocks accepted and refused (by reason, client,
+    service), attempts the firewall dropped, scans, and the busiest hostile sources."""
+    now = time.time()
+    with local_errors():
+        window = None if since is None else admin.parse_duration(since)
+        report = admin.stats(admin.events(_ctx.config, since=window, now=now))
+    if json_out:
+        typer.echo(json.dumps(report))
+        return
+    span = f"the last {since}" if since else "all recorded time"
+    typer.echo(f"in {span}: {report['accepted']} knocks accepted, {report['refused']} "
+               f"refused, {report['dropped']} attempts dropped by the firewall, "
+               f"{report['scans']} scans")
+    for title, key in (("accepted by client", "accepted_by_client"),
+                       ("accepted by service", "accepted_by_service"),
+                       ("refused by reason", "refused_by_reason"),
+                       ("refused by client", "refused_by_client"),
+                       ("dropped by service", "dropped_by_service"),
+                       ("scans by source", "scans_by_source"),
+                       ("top sources of refusals and drops", "top_sources")):
+        table = report[key]
+        assert isinstance(table, dict)
+        if table:
+            typer.echo(f"{title}:")
+            for name, count in table.items():
+                typer.echo(f"  {name:<40} {count:>8}")
+
+
+@app.command()
 def demo(
     loopback: Annotated[bool, typer.Option("--loopback", help="Run on loopback with the "
                                            "memory backend, even as root.")] = False,

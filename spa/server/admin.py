@@ -210,6 +210,38 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * _UNIT[match.group(2)]
 
 
+def stats(events_: list[Event], *, top: int = 10) -> dict[str, object]:
+    """Counts over events (each row weighted by its count): knocks accepted and
+    refused by reason, by client and by service; dropped attempts and scans by
+    source; the top sources of refusals, drops and scans."""
+    def tally(rows: list[Event], key: str) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for row in rows:
+            name = getattr(row, key) or "-"
+            found[name] = found.get(name, 0) + row.count
+        return dict(sorted(found.items(), key=lambda item: (-item[1], item[0])))
+
+    accepted = [e for e in events_ if e.outcome == "accepted"]
+    refused = [e for e in events_ if e.outcome == "refused"]
+    dropped = [e for e in events_ if e.outcome == "dropped"]
+    scans = [e for e in events_ if e.outcome == "scan"]
+    hostile = tally(refused + dropped, "source")
+    return {
+        "accepted": sum(e.count for e in accepted),
+        "refused": sum(e.count for e in refused),
+        "accepted_by_client": tally(accepted, "client"),
+        "accepted_by_service": tally(accepted, "service"),
+        "refused_by_reason": tally(refused, "reason"),
+        "refused_by_client": tally([e for e in refused if e.client], "client"),
+        "dropped": sum(e.count for e in dropped),
+        "dropped_by_service": tally(dropped, "service"),
+        "scans": len(scans),
+        "scans_by_source": {k: v for k, v in tally(
+            [Event(e.time, e.outcome, source=e.source) for e in scans], "source").items()},
+        "top_sources": dict(list(hostile.items())[:top]),
+    }
+
+
 def events(path: Path, *, since: float | None, now: float) -> list[Event]:
     config = config_mod.load(path)
     db = config.state_dir / EVENTS_DB

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -339,3 +340,20 @@ def test_doctor_knocks_and_says_what_to_fix(site: Site) -> None:
     done = site.client("alice", "doctor", "srv")
     assert done.returncode == 1
     assert "FAIL knock" in done.stdout and "revoked" in done.stdout.strip().splitlines()[-1]
+
+
+def test_stats_from_the_running_server(site: Site) -> None:
+    assert site.client("alice", "open", "ssh", "srv").returncode == 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _ in range(3):
+            sock.sendto(b"\x01" + os.urandom(160), (site.host, parse(site.uris["alice"]).port))
+    assert wait_until(lambda: any(e["outcome"] == "accepted" for e in site.events()))
+    done = site.admin("stats", "--since", "1h", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["accepted"] >= 1 and report["accepted_by_client"].get("alice", 0) >= 1
+    human = site.admin("stats")
+    assert human.returncode == 0 and "knocks accepted" in human.stdout
+    assert "accepted by client:" in human.stdout
+    bad = site.admin("stats", "--since", "soon")
+    assert bad.returncode == 2 and "duration 'soon'" in bad.stderr
