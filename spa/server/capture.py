@@ -36,7 +36,8 @@ SO_ATTACH_FILTER = 26
 PACKET_HOST = 0
 RECV_SIZE = 2048
 RECV_BUFFER = 4 * 1024 * 1024
-_DOWN = (errno.ENETDOWN, errno.ENXIO, errno.ENODEV)  # the interface went away
+_DOWN = (errno.ENETDOWN, errno.ENXIO, errno.ENODEV)
+SOL_PACKET, PACKET_STATISTICS = 263, 6  # linux/if_packet.h  # the interface went away
 
 # classic BPF opcodes (linux/filter.h)
 BPF_LD, BPF_LDX, BPF_ST, BPF_JMP, BPF_RET = 0x00, 0x01, 0x02, 0x05, 0x06
@@ -331,6 +332,7 @@ class CaptureSource:
         self._sock = sock
         self._poll = select.poll()
         self._poll.register(sock, select.POLLIN)
+        self._queue_drops = 0
         self.port = port
 
     def set_tags(self, tags: list[bytes] | None, nonces: Sequence[bytes] = ()) -> str:
@@ -357,6 +359,16 @@ class CaptureSource:
             note = (f"kernel filter of {size} instructions not attached ({reason}; "
                     "raise net.core.optmem_max?); port-only filter")
         return note
+
+    def queue_drops(self) -> int | None:
+        """Frames the kernel dropped because this socket's queue was full
+        (PACKET_STATISTICS, which resets on reading: summed here)."""
+        try:
+            raw = self._sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
+        except OSError:
+            return None
+        self._queue_drops += struct.unpack("II", raw)[1]
+        return self._queue_drops
 
     def receive(self, timeout: float) -> list[Datagram]:
         """Queued knocks (see spa.server.sources); [] after `timeout` idle."""

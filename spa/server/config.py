@@ -83,6 +83,7 @@ class ServerConfig:
     window: float = 30.0
     event_retention_days: int = DEFAULT_RETENTION_DAYS
     flush_on_stop: bool = False
+    metrics_listen: str = ""  # [metrics] listen = "127.0.0.1:9712" (empty: no endpoint)
     services: Mapping[str, Service] = field(default_factory=lambda: dict(DEFAULT_SERVICES))
     clients: Mapping[str, ClientEntry] = field(default_factory=dict)
 
@@ -137,7 +138,7 @@ def b64decode(text: str, size: int, what: str) -> bytes:
 def load(path: Path) -> ServerConfig:
     """Read and validate the config.  Raises ConfigError."""
     data = _read_toml(path)
-    unknown = set(data) - {"server", "services", "clients"}
+    unknown = set(data) - {"server", "services", "clients", "metrics"}
     if unknown:
         raise ConfigError(f"{path}: unknown section [{sorted(unknown)[0]}]")
     server = _table(path, data, "server")
@@ -163,6 +164,7 @@ def load(path: Path) -> ServerConfig:
         event_retention_days=_get(where, server, "event_retention_days", int,
                                   DEFAULT_RETENTION_DAYS),
         flush_on_stop=_get(where, server, "flush_on_stop", bool, False),
+        metrics_listen=_metrics_listen(path, data),
         services=services,
         clients=clients,
     )
@@ -171,6 +173,20 @@ def load(path: Path) -> ServerConfig:
     if config.event_retention_days < 1:
         raise ConfigError(f"{where} event_retention_days must be at least 1")
     return config
+
+
+def _metrics_listen(path: Path, data: Mapping[str, Any]) -> str:
+    """[metrics] listen = "HOST:PORT" (loopback unless the admin says otherwise)."""
+    metrics = _table(path, data, "metrics")
+    _no_unknown_keys(path, "metrics", metrics, {"listen"})
+    where = f"{path}: [metrics]"
+    listen: str = _get(where, metrics, "listen", str, "")
+    if listen:
+        host, sep, port = listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ConfigError(f"{where} listen = {listen!r}: write HOST:PORT, e.g. "
+                              '"127.0.0.1:9712"')
+    return listen
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from spa.server import config as config_mod
 from spa.server.config import ServerConfig
 from spa.server.errors import LocalError
 from spa.server.events import EVENTS_DB, Event, EventSink
+from spa.server.metrics import Metrics
 from spa.server.notify import Notifier
 from spa.server.scans import ScanDetector
 from spa.server.sources import Datagram, PacketSource
@@ -110,6 +111,7 @@ class Server:
         self._otp_dirty = False
         self._scans = ScanDetector()
         self._last_drops = 0.0
+        self.metrics: Metrics | None = None
         self.verifier: Verifier
         self.leases: LeaseTable
         self.events: EventSink
@@ -146,6 +148,9 @@ class Server:
             "pid": os.getpid(), "started": now, "port": self.config.listen_port,
             "backend": self.backend.name, "mode": self.config.mode,
         })
+        if self.config.metrics_listen:
+            self.metrics = Metrics()
+            self.metrics.serve(self.config.metrics_listen)
         self._save(now)
         self.log(f"started port={self.config.listen_port} backend={self.backend.name} "
                  f"mode={self.config.mode} clients={len(self.config.clients)} "
@@ -197,6 +202,8 @@ class Server:
         self.source.close()
         self.backend.stop()
         self.events.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self.state.clear_server()
         self.log(f"stopped leases={len(self.leases)}")
 
@@ -341,7 +348,9 @@ class Server:
         self._maybe_reload()
         self._save(now)
         self._compact_replay(now)
-        self.events.flush()
+        written = self.events.flush()
+        if self.metrics is not None:
+            self._update_metrics(written)
         alive = time.monotonic() - self._heartbeat < 5 * RECEIVE_TIMEOUT
         self.notifier.watchdog(time.monotonic(), alive)
         if now - self._last_prune >= PRUNE_EVERY:
@@ -357,6 +366,17 @@ class Server:
     def _grace_of(config: ServerConfig, now: float) -> dict[str, float]:
         """NAME~old -> end of grace, for the rotated-out secrets still live."""
         return {key: until for key, until in config.grace_ends().items() if until > now}
+
+    def _update_metrics(self, written: list[Event]) -> None:
+        assert self.metrics is not None
+        self.metrics.observe(written)
+        with self._lock:
+            per_service: dict[str, int] = {}
+            for (_, service) in self.leases.allowed():
+                per_service[service] = per_service.get(service, 0) + 1
+        queue_drops = getattr(self.source, "queue_drops", None)
+        self.metrics.set_state(per_service, self.config.services,
+                               queue_drops() if queue_drops is not None else None)
 
     def _read_drops(self, now: float) -> None:
         """Every DROPS_EVERY seconds: the firewall's drop counters become

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import select
 import socket
 from collections import deque
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol
 
 from spa.core.wire import PACKET_SIZE
@@ -83,6 +85,21 @@ class UdpSource:
             self._detach()  # never leave an older tag list in place: it would drop knocks
             return f"kernel filter not attached ({exc}); no kernel filter"
         return filter_note(tags, fitted)
+
+    def queue_drops(self) -> int | None:
+        """Datagrams the kernel dropped on this socket (a full queue, or the
+        tag filter), from /proc/net/udp{,6}; None if not found."""
+        inode = os.fstat(self._sock.fileno()).st_ino
+        for name in ("/proc/net/udp", "/proc/net/udp6"):
+            try:
+                lines = Path(name).read_text().splitlines()[1:]
+            except OSError:
+                continue
+            for line in lines:
+                fields = line.split()
+                if len(fields) > 12 and fields[9] == str(inode):
+                    return int(fields[-1])
+        return None
 
     def _detach(self) -> None:
         with contextlib.suppress(OSError):

@@ -10,7 +10,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +57,7 @@ class Site:
         return events_json(self.config, *args)
 
 
-def make_site(root: Path, host: str) -> Iterator[Site]:
+def make_site(root: Path, host: str, *, extra_config: str = "") -> Generator[Site, None, None]:
     config = root / "server.toml"
     state = root / "state"
     port = free_port(socket.SOCK_DGRAM, host)
@@ -70,7 +70,7 @@ def make_site(root: Path, host: str) -> Iterator[Site]:
         text = text.replace('mode = "capture"', 'mode = "udp"')
         text = text.replace("port = 22\n", f"port = {ssh.port}\n")
         text = text.replace("port = 443\n", f"port = {https.port}\n")
-        config.write_text(text)
+        config.write_text(text + extra_config)
         endpoint = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         uris = {}
         for who, services in (("alice", ["ssh", "https"]), ("bob", ["https"])):
@@ -357,3 +357,36 @@ def test_stats_from_the_running_server(site: Site) -> None:
     assert "accepted by client:" in human.stdout
     bad = site.admin("stats", "--since", "soon")
     assert bad.returncode == 2 and "duration 'soon'" in bad.stderr
+
+
+def test_prometheus_metrics_on_loopback(tmp_path: Path) -> None:
+    """[metrics] listen: counters by outcome and reason, replays apart, active
+    leases per service, the receive queue's drops; nothing when unset."""
+    import urllib.request
+
+    metrics_port = free_port(socket.SOCK_STREAM)
+    sites = make_site(tmp_path, "127.0.0.1", extra_config=(
+        f'\n[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n'))
+    site = next(sites)
+    try:
+        enrollment = parse(site.uris["alice"])
+        packet = knock.make_packet(enrollment, Action.OPEN, "ssh", duration=60, address=None,
+                                   now=time.time(), nonce=os.urandom(NONCE_SIZE))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for _ in range(3):
+                sock.sendto(packet, (site.host, enrollment.port))
+
+        def scrape() -> str:
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                return str(answer.read().decode())
+
+        assert wait_until(lambda: "spa_replays_total 2.0" in scrape(), timeout=5), scrape()
+        text = scrape()
+        assert 'spa_knocks_total{outcome="accepted",reason=""} 1.0' in text
+        assert 'spa_knocks_total{outcome="refused",reason="replay"} 2.0' in text
+        assert 'spa_active_leases{service="ssh"} 1.0' in text
+        assert 'spa_active_leases{service="https"} 0.0' in text
+        assert "spa_receive_queue_drops" in text
+    finally:
+        sites.close()
