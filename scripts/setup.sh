@@ -13,6 +13,7 @@ APT_PACKAGES=(
     openssh-server openssh-client      # a real sshd and ssh login in the tests
     openssl                            # a certificate for the TLS service in the tests
     nmap hydra tcpdump                 # the attacker's tools in the tests
+    fail2ban                           # fail2ban-regex checks contrib/fail2ban in the tests
     systemd                            # systemd-analyze verify for the unit file
 )
 

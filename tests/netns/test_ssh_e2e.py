@@ -127,6 +127,11 @@ def test_scans_find_nothing_and_hydra_never_reaches_sshd(spa: Spa) -> None:
     assert not any(e["outcome"] == "dropped" and e["source"] == CLI4 for e in events), (
         "the knocking user's traffic was let in, not counted")
     assert any(line.startswith(f"scan src={ATT4} service=ssh,https") for line in spa.lines)
+    from tests.integration.f2b import matched_lines
+
+    scan_lines = [line for line in spa.lines if line.startswith("scan ")]
+    assert [m for m in matched_lines(spa.lines) if m.startswith("scan ")] == scan_lines, (
+        "contrib/fail2ban matches the daemon's real scan line")
 
 
 def test_client_exit_1_when_the_port_stays_shut(spa: Spa) -> None:

@@ -1,0 +1,38 @@
+"""Run fail2ban-regex with our filter over log lines (the real program)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+FILTER = Path(__file__).resolve().parents[2] / "contrib/fail2ban/filter.d/spa-server.conf"
+
+
+def matched_lines(lines: list[str]) -> list[str]:
+    """The lines our fail2ban filter matches, as fail2ban-regex reports them."""
+    program = shutil.which("fail2ban-regex")
+    if program is None:
+        pytest.fail("fail2ban-regex is missing: bash scripts/setup.sh installs fail2ban")
+    with tempfile.NamedTemporaryFile("w", suffix=".log", delete=False) as log:
+        log.write("\n".join(lines) + "\n")
+    try:
+        done = subprocess.run([program, "--print-all-matched", log.name, str(FILTER)],
+                              capture_output=True, text=True, timeout=60, check=True)
+    finally:
+        Path(log.name).unlink()
+    summary = re.search(r"Lines: (\d+) lines, \d+ ignored, (\d+) matched", done.stdout)
+    assert summary is not None, done.stdout
+    block = done.stdout.split("|- Matched line(s):", 1)
+    found = []
+    if len(block) == 2:
+        for line in block[1].splitlines()[1:]:
+            if not line.startswith("|  "):
+                break
+            found.append(line[3:].strip())
+    assert len(found) == int(summary.group(2)), done.stdout
+    return found
