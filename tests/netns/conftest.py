@@ -187,14 +187,16 @@ class Spa:
         return rows
 
     def elements(self) -> list[str]:
-        """Every element in our sets, as `set address`."""
+        """Every grant in our sets, as `set address` (not the drop counters)."""
         done = self.world.srv.run("nft", "-j", "list", "table", "inet", "spa", check=False)
         if done.returncode != 0:
             return []
         found = []
         for item in json.loads(done.stdout)["nftables"]:
             spec = item.get("set")
-            for elem in (spec or {}).get("elem", []):
+            if spec is None or spec["name"].startswith("drops_"):
+                continue  # the drop counters are not grants
+            for elem in spec.get("elem", []):
                 value = elem["elem"]["val"] if isinstance(elem, dict) else elem
                 found.append(f"{spec['name']} {value}")
         return sorted(found)
