@@ -51,6 +51,44 @@ def local_errors() -> AbstractContextManager[None]:
     return clitools.local_errors("spa-client", ProfileError, knock.KnockError, FormatError)
 
 
+# Commands are registered with typer in main(): only the one being run, or all
+# of them for --help, a bare call or an unknown name.  Typer builds every
+# registered command's parser at each start (about 1.5 ms a command here),
+# which `open` should not pay for the seven it does not run.
+_COMMANDS: dict[str, Callable[..., None]] = {}
+_GLOBAL_OPTIONS_WITH_VALUE = {"--config-dir"}
+
+
+def _command(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    def register(function: Callable[..., None]) -> Callable[..., None]:
+        _COMMANDS[name] = function
+        return function
+    return register
+
+
+def _invoked(argv: list[str]) -> str | None:
+    """The command named in argv, if it is one of ours; None otherwise."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _GLOBAL_OPTIONS_WITH_VALUE:
+            skip = True
+        elif not arg.startswith("-"):
+            return arg if arg in _COMMANDS else None
+        elif arg in ("-h", "--help"):
+            return None
+    return None
+
+
+def register_commands(argv: list[str]) -> None:
+    """Register the invoked command with typer (all of them when unsure)."""
+    wanted = _invoked(argv)
+    for name, function in _COMMANDS.items():
+        if wanted is None or name == wanted:
+            app.command(name=name)(function)
+
+
 @app.callback()
 def _root(
     config_dir: Annotated[Path | None, typer.Option(
@@ -60,7 +98,7 @@ def _root(
     _ctx.directory = config_dir
 
 
-@app.command()
+@_command("enroll")
 def enroll(
     uri: Annotated[str | None, typer.Argument(
         metavar="[URI]", help="The spa1:// URI from your admin ('-' reads it from standard "
@@ -103,7 +141,7 @@ def _progress(enabled: bool) -> Callable[[float, int], None]:
     return show
 
 
-@app.command(name="open")
+@_command("open")
 def open_(
     service: Annotated[str, typer.Argument(metavar="SERVICE", help="Service to open, e.g. ssh.")],
     host: Annotated[str, typer.Argument(metavar="HOST", help="Profile name or server host.")],
@@ -162,7 +200,7 @@ def open_(
         _keep(enrollment, ref, target, asked or knock.KEEP_DEFAULT)
 
 
-@app.command()
+@_command("close")
 def close(
     service: Annotated[str, typer.Argument(metavar="SERVICE",
                                            help="Service to close, e.g. ssh.")],
@@ -242,7 +280,7 @@ def _keep(enrollment: Enrollment, ref: ServiceRef, target: knock.Target,
     typer.echo(f"closed {ref.name} at {target.address}")
 
 
-@app.command()
+@_command("connect")
 def connect(
     host: Annotated[str, typer.Argument(metavar="HOST", help="The server (ssh's %h).")],
     port: Annotated[int, typer.Argument(metavar="PORT", min=1, max=65535,
@@ -253,8 +291,7 @@ def connect(
     timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the port.")
                        ] = 5.0,
 ) -> None:
-    """Knock for the service on PORT, wait until it opens, then carry standard input and
-    output to it: in ~/.ssh/config, ProxyCommand spa-client connect %h %p."""
+    """Knock for PORT's service, wait, then relay stdin/stdout (ssh's ProxyCommand)."""
     import socket
 
     from spa_client.relay import relay
@@ -285,7 +322,7 @@ def connect(
         relay(sock, sys.stdin.fileno(), sys.stdout.fileno())
 
 
-@app.command(name="ssh-config")
+@_command("ssh-config")
 def ssh_config(
     host: Annotated[str, typer.Argument(metavar="HOST", help="Profile name or server host.")],
 ) -> None:
@@ -310,14 +347,13 @@ def _program_path() -> str:
     return found or "spa-client"
 
 
-@app.command()
+@_command("doctor")
 def doctor(
     host: Annotated[str, typer.Argument(metavar="HOST", help="Profile name or server host.")],
     service: Annotated[str | None, typer.Option(help="Service to knock for (default: the "
                                                 "profile's first).")] = None,
 ) -> None:
-    """Find out why a knock does not open the port: the profile, the server's name, this
-    machine's clock, then a real knock.  Ends with one line saying what to fix."""
+    """Why a knock does not open: profile, name, clock, a real knock; one line to fix."""
     from spa_client import doctor as doc
 
     def knock_once(profile: Profile) -> tuple[bool, str]:
@@ -359,7 +395,7 @@ def doctor(
         raise typer.Exit(1)
 
 
-@app.command()
+@_command("profiles")
 def profiles() -> None:
     """List your enrolled servers and their services."""
     with local_errors():
@@ -377,7 +413,7 @@ def profiles() -> None:
         typer.echo(f"{profile.name:<20} {server:<32} {e.client:<20} {services}{extra}")
 
 
-@app.command()
+@_command("forget")
 def forget(
     host: Annotated[str, typer.Argument(metavar="HOST", help="Profile name or server host.")],
 ) -> None:
@@ -395,4 +431,5 @@ def _now() -> float:
 
 
 def main() -> None:
+    register_commands(sys.argv[1:])
     run_app(app, "spa-client")

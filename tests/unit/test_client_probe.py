@@ -164,3 +164,15 @@ def test_keep_renews_every_third_of_the_lease_and_at_once_on_a_new_address() -> 
         pass
     receiver.close()
     assert got == sent == len(renewals)
+
+
+def test_only_the_invoked_command_is_built_unless_unsure() -> None:
+    from spa_client.cli import _COMMANDS, _invoked
+
+    assert _invoked(["open", "ssh", "srv"]) == "open"
+    assert _invoked(["--config-dir", "/x", "ssh-config", "srv"]) == "ssh-config"
+    assert _invoked(["--config-dir", "open"]) is None  # 'open' is the option's value
+    for unsure in ([], ["--help"], ["-h", "open"], ["opne", "ssh"], ["--config-dir=/x"]):
+        assert _invoked(unsure) is None, unsure
+    assert {"enroll", "open", "close", "connect", "ssh-config", "doctor", "profiles",
+            "forget"} == set(_COMMANDS)
