@@ -173,9 +173,21 @@ class Spa:
         return code
 
     def enroll(self, name: str, endpoint: str, *services: str) -> str:
+        """Enroll NAME; with the server running, wait until it has loaded the
+        client, so a test's first knock is the one the server judges."""
         args = [a for s in services for a in ("--service", s)]
-        return self.admin("enroll", name, *args, "--endpoint", endpoint, "--uri-only"
-                          ).stdout.strip()
+        reloads = self._count("reloaded ")
+        uri = self.admin("enroll", name, *args, "--endpoint", endpoint, "--uri-only"
+                         ).stdout.strip()
+        if self.proc is not None and self.proc.poll() is None:
+            deadline = time.monotonic() + 10
+            while self._count("reloaded ") == reloads:
+                assert time.monotonic() < deadline, self.lines
+                time.sleep(0.05)
+        return uri
+
+    def _count(self, prefix: str) -> int:
+        return sum(1 for line in list(self.lines) if line.startswith(prefix))
 
     def client(self, ns: Namespace, who: str, *args: str, timeout: float = 30
                ) -> subprocess.CompletedProcess[str]:
