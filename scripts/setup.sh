@@ -15,6 +15,7 @@ APT_PACKAGES=(
     nmap hydra tcpdump                 # the attacker's tools in the tests
     fail2ban                           # fail2ban-regex checks contrib/fail2ban in the tests
     systemd                            # systemd-analyze verify for the unit file
+    chromium chromium-driver           # a real browser for the dashboard tests (selenium)
 )
 
 if command -v apt-get >/dev/null 2>&1; then

@@ -226,6 +226,70 @@ def revoke(name: Annotated[str, typer.Argument(metavar="NAME", help="The client 
     typer.echo(result.message)
 
 
+@app.command("dashboard-password")
+def dashboard_password(
+    stdin: Annotated[bool, typer.Option("--stdin", help="Read the password from standard "
+                                        "input (first line), for scripts; never pass it in "
+                                        "an argument.")] = False,
+) -> None:
+    """Set the dashboard's password (stored as an Argon2id hash, 0600, in the state
+    directory).  Setting it again signs every open session out."""
+    import getpass
+    import sys
+
+    from spa.server import config as config_mod
+    from spa.server import webauth
+
+    with local_errors():
+        state_dir = config_mod.load(_ctx.config).state_dir
+        if stdin:
+            password = sys.stdin.readline().rstrip("\r\n")
+        else:
+            if not sys.stdin.isatty():
+                raise LocalError("no terminal to ask for the password on; pipe it in with "
+                                 "--stdin")
+            password = getpass.getpass("new dashboard password: ")
+            webauth.check_new_password(password)
+            if getpass.getpass("the same again: ") != password:
+                raise LocalError("the two passwords differ; nothing was changed")
+        path = webauth.save(state_dir, webauth.make_credentials(password))
+    typer.echo(f"dashboard password set ({path}, 0600, Argon2id); open sessions are signed "
+               "out.  Start it with: spa-server dashboard")
+
+
+@app.command()
+def dashboard(
+    listen: Annotated[str | None, typer.Option(
+        help="HOST:PORT to serve on (default: [dashboard] listen, else 127.0.0.1:9713). "
+        "Keep it on loopback and reach it through an ssh tunnel.")] = None,
+) -> None:
+    """Serve the web dashboard: open leases with live countdowns, the activity
+    table, knocks and scans over time, clients with revoke buttons."""
+    import sys
+
+    from spa.server import config as config_mod
+    from spa.server import dashboard as web
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    def ready(url: str) -> None:
+        port = url.rstrip("/").rpartition(":")[2]
+        log(f"dashboard on {url} (from your laptop: ssh -L {port}:{where} THIS-SERVER, then "
+            f"open http://127.0.0.1:{port}/)")
+
+    with local_errors():
+        config = config_mod.load(_ctx.config)
+        where = listen or config.dashboard_listen
+        if listen is not None:
+            config_mod.check_listen("--listen", listen)
+        host = where.rpartition(":")[0].strip("[]")
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            log(f"warning: serving on {host}, not loopback: the dashboard speaks plain HTTP, "
+                "so the password would cross the network in clear; prefer an ssh tunnel")
+        web.serve(web.Dashboard(_ctx.config, log=log), where, on_ready=ready)
+
+
 @app.command()
 def run(
     backend: Annotated[str | None, typer.Option(help="Override the config's backend.")] = None,
@@ -331,7 +395,8 @@ def stats(
     now = time.time()
     with local_errors():
         window = None if since is None else admin.parse_duration(since)
-        report = admin.stats(admin.events(_ctx.config, since=window, now=now))
+        report = admin.stats(admin.events(_ctx.config, since=window, now=now),
+                             countries=admin.countries(_ctx.config))
     if json_out:
         typer.echo(json.dumps(report))
         return
@@ -345,13 +410,31 @@ def stats(
                        ("refused by client", "refused_by_client"),
                        ("dropped by service", "dropped_by_service"),
                        ("scans by source", "scans_by_source"),
-                       ("top sources of refusals and drops", "top_sources")):
-        table = report[key]
-        assert isinstance(table, dict)
-        if table:
-            typer.echo(f"{title}:")
-            for name, count in table.items():
-                typer.echo(f"  {name:<40} {count:>8}")
+                       ("top sources of refusals and drops", "top_sources"),
+                       *((("failed attempts by country", "failed_by_country"),
+                          ("scans by country", "scans_by_country")) if report["geoip"] else ())):
+        _print_table(title, report[key])
+    monthly = report["monthly"]
+    assert isinstance(monthly, dict)
+    if monthly:
+        typer.echo("failed attempts by month (refused knocks and dropped connections; UTC)"
+                   + (", top countries" if report["geoip"] else ""))
+        for month, row in monthly.items():
+            top = ", ".join(f"{code} {count}" for code, count
+                            in list(row["failed_by_country"].items())[:5])
+            typer.echo(f"  {month}  {row['failed']:>8} failed {row['scans']:>5} scans"
+                       + (f"   {top}" if report["geoip"] else ""))
+    if not report["geoip"]:
+        typer.echo("(countries: set [geoip] database = \"/path/GeoLite2-Country.mmdb\" in the "
+                   "config)")
+
+
+def _print_table(title: str, table: object) -> None:
+    assert isinstance(table, dict)
+    if table:
+        typer.echo(f"{title}:")
+        for name, count in table.items():
+            typer.echo(f"  {name:<40} {count:>8}")
 
 
 @app.command()

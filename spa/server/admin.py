@@ -11,8 +11,10 @@ import base64
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from spa.core.errors import FormatError
 from spa.core.keys import MASTER_SECRET_SIZE, SERVER_ID_SIZE
@@ -22,6 +24,7 @@ from spa.server import config as config_mod
 from spa.server.config import ClientEntry, ServerConfig
 from spa.server.errors import ConfigError, LocalError
 from spa.server.events import EVENTS_DB, Event, read_events
+from spa.server.geoip import Countries
 from spa.server.state import PairStatus, StateDir
 
 
@@ -210,36 +213,68 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * _UNIT[match.group(2)]
 
 
-def stats(events_: list[Event], *, top: int = 10) -> dict[str, object]:
+def stats(events_: list[Event], *, top: int = 10,
+          countries: Countries | None = None) -> dict[str, object]:
     """Counts over events (each row weighted by its count): knocks accepted and
     refused by reason, by client and by service; dropped attempts and scans by
-    source; the top sources of refusals, drops and scans."""
-    def tally(rows: list[Event], key: str) -> dict[str, int]:
+    source; the top sources of refusals, drops and scans; failed attempts
+    (refused knocks and dropped connection attempts) and scans by country
+    (with a GeoIP database) and by month (UTC)."""
+    lookup = countries or Countries(None)
+
+    def tally(rows: list[Event], key: Callable[[Event], str | None]) -> dict[str, int]:
         found: dict[str, int] = {}
         for row in rows:
-            name = getattr(row, key) or "-"
+            name = key(row) or "-"
             found[name] = found.get(name, 0) + row.count
         return dict(sorted(found.items(), key=lambda item: (-item[1], item[0])))
+
+    def field(name: str) -> Callable[[Event], str | None]:
+        return lambda row: cast("str | None", getattr(row, name))
+
+    def country(row: Event) -> str:
+        return lookup.country(row.source)
 
     accepted = [e for e in events_ if e.outcome == "accepted"]
     refused = [e for e in events_ if e.outcome == "refused"]
     dropped = [e for e in events_ if e.outcome == "dropped"]
-    scans = [e for e in events_ if e.outcome == "scan"]
-    hostile = tally(refused + dropped, "source")
+    scans = [Event(e.time, e.outcome, source=e.source) for e in events_ if e.outcome == "scan"]
+    failed = refused + dropped
+    hostile = tally(failed, field("source"))
+    monthly: dict[str, dict[str, object]] = {}
+    for month in sorted({_month(e.time) for e in failed + scans}):
+        in_month = [e for e in failed if _month(e.time) == month]
+        monthly[month] = {
+            "failed": sum(e.count for e in in_month),
+            "scans": sum(1 for e in scans if _month(e.time) == month),
+            "failed_by_country": tally(in_month, country),
+        }
     return {
         "accepted": sum(e.count for e in accepted),
         "refused": sum(e.count for e in refused),
-        "accepted_by_client": tally(accepted, "client"),
-        "accepted_by_service": tally(accepted, "service"),
-        "refused_by_reason": tally(refused, "reason"),
-        "refused_by_client": tally([e for e in refused if e.client], "client"),
+        "accepted_by_client": tally(accepted, field("client")),
+        "accepted_by_service": tally(accepted, field("service")),
+        "refused_by_reason": tally(refused, field("reason")),
+        "refused_by_client": tally([e for e in refused if e.client], field("client")),
         "dropped": sum(e.count for e in dropped),
-        "dropped_by_service": tally(dropped, "service"),
+        "dropped_by_service": tally(dropped, field("service")),
         "scans": len(scans),
-        "scans_by_source": {k: v for k, v in tally(
-            [Event(e.time, e.outcome, source=e.source) for e in scans], "source").items()},
+        "scans_by_source": tally(scans, field("source")),
         "top_sources": dict(list(hostile.items())[:top]),
+        "geoip": lookup.enabled,
+        "failed_by_country": tally(failed, country),
+        "scans_by_country": tally(scans, country),
+        "monthly": monthly,
     }
+
+
+def _month(when: float) -> str:
+    return time.strftime("%Y-%m", time.gmtime(when))
+
+
+def countries(path: Path) -> Countries:
+    """The configured GeoIP lookup (disabled without [geoip]).  Raises LocalError."""
+    return Countries(config_mod.load(path).geoip_database)
 
 
 def events(path: Path, *, since: float | None, now: float) -> list[Event]:

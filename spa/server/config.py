@@ -38,6 +38,7 @@ MODES = ("capture", "udp")
 DEFAULT_BACKEND = "nftables"  # grants expire in the kernel even if the daemon dies
 DEFAULT_MODE = "capture"  # nothing bound to the knock port
 DEFAULT_RETENTION_DAYS = 90
+DEFAULT_DASHBOARD_LISTEN = "127.0.0.1:9713"  # loopback: reach it through an ssh tunnel
 
 _SERVER_KEYS = {
     "server_id", "listen_port", "listen_address", "backend", "mode", "interface",
@@ -84,6 +85,8 @@ class ServerConfig:
     event_retention_days: int = DEFAULT_RETENTION_DAYS
     flush_on_stop: bool = False
     metrics_listen: str = ""  # [metrics] listen = "127.0.0.1:9712" (empty: no endpoint)
+    geoip_database: Path | None = None  # [geoip] database = "/path/Country.mmdb"
+    dashboard_listen: str = DEFAULT_DASHBOARD_LISTEN  # [dashboard] listen
     services: Mapping[str, Service] = field(default_factory=lambda: dict(DEFAULT_SERVICES))
     clients: Mapping[str, ClientEntry] = field(default_factory=dict)
 
@@ -138,7 +141,7 @@ def b64decode(text: str, size: int, what: str) -> bytes:
 def load(path: Path) -> ServerConfig:
     """Read and validate the config.  Raises ConfigError."""
     data = _read_toml(path)
-    unknown = set(data) - {"server", "services", "clients", "metrics"}
+    unknown = set(data) - {"server", "services", "clients", "metrics", "geoip", "dashboard"}
     if unknown:
         raise ConfigError(f"{path}: unknown section [{sorted(unknown)[0]}]")
     server = _table(path, data, "server")
@@ -164,7 +167,9 @@ def load(path: Path) -> ServerConfig:
         event_retention_days=_get(where, server, "event_retention_days", int,
                                   DEFAULT_RETENTION_DAYS),
         flush_on_stop=_get(where, server, "flush_on_stop", bool, False),
-        metrics_listen=_metrics_listen(path, data),
+        metrics_listen=_listen(path, data, "metrics", ""),
+        geoip_database=_geoip(path, data),
+        dashboard_listen=_listen(path, data, "dashboard", DEFAULT_DASHBOARD_LISTEN),
         services=services,
         clients=clients,
     )
@@ -175,18 +180,31 @@ def load(path: Path) -> ServerConfig:
     return config
 
 
-def _metrics_listen(path: Path, data: Mapping[str, Any]) -> str:
-    """[metrics] listen = "HOST:PORT" (loopback unless the admin says otherwise)."""
-    metrics = _table(path, data, "metrics")
-    _no_unknown_keys(path, "metrics", metrics, {"listen"})
-    where = f"{path}: [metrics]"
-    listen: str = _get(where, metrics, "listen", str, "")
+def _listen(path: Path, data: Mapping[str, Any], section: str, default: str) -> str:
+    """[metrics] or [dashboard] listen = "HOST:PORT" (loopback unless the admin
+    says otherwise)."""
+    table = _table(path, data, section)
+    _no_unknown_keys(path, section, table, {"listen"})
+    where = f"{path}: [{section}]"
+    listen: str = _get(where, table, "listen", str, default)
     if listen:
-        host, sep, port = listen.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise ConfigError(f"{where} listen = {listen!r}: write HOST:PORT, e.g. "
-                              '"127.0.0.1:9712"')
+        check_listen(f"{where} listen =", listen, default or "127.0.0.1:9712")
     return listen
+
+
+def check_listen(what: str, listen: str, example: str = DEFAULT_DASHBOARD_LISTEN) -> None:
+    """HOST:PORT with a port in 1-65535.  Raises ConfigError."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f'{what} {listen!r}: write HOST:PORT, e.g. "{example}"')
+
+
+def _geoip(path: Path, data: Mapping[str, Any]) -> Path | None:
+    """[geoip] database = "/var/lib/GeoIP/GeoLite2-Country.mmdb" (optional)."""
+    table = _table(path, data, "geoip")
+    _no_unknown_keys(path, "geoip", table, {"database"})
+    database: str = _get(f"{path}: [geoip]", table, "database", str, "")
+    return Path(database) if database else None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -153,20 +153,89 @@ def _aggregate(refusals: dict[RefusalKey, tuple[float, int]]) -> list[Event]:
     return events
 
 
+def _read_only(path: Path) -> sqlite3.Connection:
+    """Raises FileNotFoundError if there is no database yet."""
+    if not path.exists():
+        raise FileNotFoundError(path)
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
+_COLUMNS = "time, outcome, action, reason, client, source, service, duration, count"
+
+
 def read_events(path: Path, *, since: float | None = None) -> list[Event]:
-    """Events from a database another process may be writing.
+    """Events from a database another process may be writing, oldest first.
 
     Raises FileNotFoundError if there is no database yet.
     """
-    if not path.exists():
-        raise FileNotFoundError(path)
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    db = _read_only(path)
     try:
         rows = db.execute(
-            "SELECT time, outcome, action, reason, client, source, service, duration, count "
-            "FROM events WHERE time >= ? ORDER BY time, id",
+            f"SELECT {_COLUMNS} FROM events WHERE time >= ? ORDER BY time, id",  # noqa: S608
             (since if since is not None else 0.0,),
         ).fetchall()
     finally:
         db.close()
     return [Event(*row) for row in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """What the dashboard's activity table asks for (empty: any)."""
+    since: float = 0.0
+    outcome: str = ""
+    client: str = ""
+    reason: str = ""
+    source: str = ""
+
+
+def query_events(path: Path, where: Filter, *, limit: int = 500) -> list[Event]:
+    """The newest `limit` events matching `where`, newest first (values are
+    bound parameters, never pasted into SQL).  Raises FileNotFoundError."""
+    clauses, params = ["time >= ?"], [where.since]
+    for column in ("outcome", "client", "reason", "source"):
+        value = getattr(where, column)
+        if value:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    db = _read_only(path)
+    try:
+        rows = db.execute(
+            f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(clauses)} "  # noqa: S608
+            "ORDER BY time DESC, id DESC LIMIT ?", (*params, limit)).fetchall()
+    finally:
+        db.close()
+    return [Event(*row) for row in rows]
+
+
+def last_seen(path: Path) -> dict[str, tuple[float, str]]:
+    """client -> (time, source) of its last accepted knock.  Raises FileNotFoundError."""
+    db = _read_only(path)
+    try:
+        rows = db.execute(
+            "SELECT client, MAX(time), source FROM events WHERE outcome = 'accepted' "
+            "AND client IS NOT NULL GROUP BY client").fetchall()
+    finally:
+        db.close()
+    return {client: (when, source or "-") for client, when, source in rows}
+
+
+def histogram(path: Path, *, since: float, width: float, outcomes: tuple[str, ...]
+              ) -> dict[str, dict[int, int]]:
+    """outcome -> {bucket index: count} for buckets of `width` seconds from
+    `since` (scans count one per row; the rest by their count).
+    Raises FileNotFoundError."""
+    db = _read_only(path)
+    marks = ", ".join("?" for _ in outcomes)
+    try:
+        rows = db.execute(
+            "SELECT outcome, CAST((time - ?) / ? AS INTEGER) AS slot, "  # noqa: S608
+            "SUM(CASE WHEN outcome = 'scan' THEN 1 ELSE count END) FROM events "
+            f"WHERE time >= ? AND outcome IN ({marks}) GROUP BY outcome, slot",
+            (since, width, since, *outcomes)).fetchall()
+    finally:
+        db.close()
+    found: dict[str, dict[int, int]] = {name: {} for name in outcomes}
+    for outcome, slot, count in rows:
+        found[outcome][int(slot)] = int(count)
+    return found

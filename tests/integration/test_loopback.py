@@ -359,6 +359,37 @@ def test_stats_from_the_running_server(site: Site) -> None:
     assert bad.returncode == 2 and "duration 'soon'" in bad.stderr
 
 
+def test_stats_by_country_with_a_geoip_database(tmp_path: Path) -> None:
+    """[geoip] database: refused knocks from 127.0.0.1 count for the country
+    the test's own database gives loopback; a missing file is one clear line."""
+    from tests.geoip_db import make_country_db
+
+    db = make_country_db(tmp_path / "countries.mmdb", {"127.0.0.0/8": "NZ"})
+    sites = make_site(tmp_path, "127.0.0.1",
+                      extra_config=f'\n[geoip]\ndatabase = "{db}"\n')
+    site = next(sites)
+    try:
+        site.admin("revoke", "alice")
+        time.sleep(1.0)  # the server reloads within a second
+        site.client("alice", "open", "ssh", "srv", "--timeout", "1")  # knocks, refused
+        assert wait_until(lambda: sum(e["count"] for e in site.events()  # type: ignore[misc]
+                                      if e["outcome"] == "refused") >= 1)
+        report = json.loads(site.admin("stats", "--json").stdout)
+        failed = report["refused"]
+        assert report["geoip"] is True
+        assert report["failed_by_country"] == {"NZ": failed}
+        month = time.strftime("%Y-%m", time.gmtime())
+        assert report["monthly"][month]["failed_by_country"] == {"NZ": failed}
+        human = site.admin("stats").stdout
+        assert "failed attempts by country:" in human and f"NZ {failed}" in human
+        db.unlink()
+        gone = site.admin("stats")
+        assert gone.returncode == 2 and "Traceback" not in gone.stderr
+        assert gone.stderr.strip().endswith("or remove [geoip] from the config")
+    finally:
+        next(sites, None)
+
+
 def test_prometheus_metrics_on_loopback(tmp_path: Path) -> None:
     """[metrics] listen: counters by outcome and reason, replays apart, active
     leases per service, the receive queue's drops; nothing when unset."""

@@ -42,3 +42,44 @@ def test_stats_count_what_the_daemon_recorded(tmp_path: Path) -> None:
     assert list(report["top_sources"])[:2] == [C, B]  # type: ignore[call-overload]
     later = admin.stats(admin.events(w.config_path, since=1, now=w.clock.now + 3600))
     assert later["accepted"] == 0 and later["refused"] == 0
+
+
+def test_failed_attempts_by_country_and_by_month_from_a_geoip_database(
+        tmp_path: Path) -> None:
+    from spa.server.geoip import Countries
+    from tests.geoip_db import make_country_db
+
+    db = make_country_db(tmp_path / "c.mmdb", {"192.0.2.0/24": "FR", "198.51.100.0/24": "BR",
+                                               "2001:db8::/32": "JP"})
+    october, november = 1_790_000_000.0, 1_792_700_000.0  # 2026-09-21, 2026-10-22 UTC
+    rows = [Event(october, "refused", reason="bad_mac", source=A, count=7),
+            Event(october, "dropped", source=B, service="ssh", count=3),
+            Event(november, "refused", reason="replay", source="2001:db8::5", count=2),
+            Event(november, "dropped", source=C, service="ssh", count=4),  # not in the db
+            Event(november, "scan", source=B, service="ssh,https", count=20),
+            Event(november, "accepted", client="alice", source=A, service="ssh")]
+    report = admin.stats(rows, countries=Countries(db))
+    assert report["geoip"] is True
+    assert report["failed_by_country"] == {"FR": 7, "-": 4, "BR": 3, "JP": 2}
+    assert report["scans_by_country"] == {"BR": 1}
+    assert report["monthly"] == {
+        "2026-09": {"failed": 10, "scans": 0, "failed_by_country": {"FR": 7, "BR": 3}},
+        "2026-10": {"failed": 6, "scans": 1, "failed_by_country": {"-": 4, "JP": 2}},
+    }
+    plain = admin.stats(rows)  # no database: the same counts, country unknown
+    assert plain["geoip"] is False
+    assert plain["failed_by_country"] == {"-": 16}
+
+
+def test_a_missing_or_foreign_geoip_file_is_one_clear_error(tmp_path: Path) -> None:
+    import pytest
+
+    from spa.server.errors import LocalError
+    from spa.server.geoip import Countries
+
+    with pytest.raises(LocalError, match="does not exist; install one"):
+        Countries(tmp_path / "none.mmdb")
+    junk = tmp_path / "junk.mmdb"
+    junk.write_bytes(b"not a database" * 10)
+    with pytest.raises(LocalError, match="is not a MaxMind DB file"):
+        Countries(junk)

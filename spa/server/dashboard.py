@@ -1,0 +1,423 @@
+"""The dashboard: a small web application over the daemon's own files.
+
+It reads what the daemon writes (the event store, read-only; leases.json; the
+config) and changes one thing, through the same code as the command line:
+`revoke` (the running daemon picks the change up within a second).  It needs
+no capability and no network access of its own, and runs as its own process
+(`spa-server dashboard`), on loopback by default: reach it through an ssh
+tunnel after knocking.
+
+Defences, each tested in tests/unit/test_dashboard.py:
+- every page but /login and /static needs a session; sessions are cookies
+  signed with a random key (itsdangerous, through Starlette's
+  SessionMiddleware), HttpOnly, SameSite=Strict, 8 hours at most, and end
+  when the password changes (the session holds the hash's fingerprint);
+- every form (login included) carries a CSRF token bound to the session;
+- logins lock out after repeated failures (spa.server.webauth);
+- the Host header must name the listening address or localhost (a DNS
+  rebinding page cannot reach a loopback dashboard);
+- a Content-Security-Policy allows only the application's own scripts,
+  styles and images: no inline script, no CDN (the server may have no
+  internet), and the pages cannot be framed;
+- templates autoescape, the live table is filled with textContent; secrets
+  (client keys, OTP secrets, the hash) never reach a page.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.middleware.sessions import SessionMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from spa.server import admin, webauth
+from spa.server import config as config_mod
+from spa.server.errors import LocalError
+from spa.server.events import EVENTS_DB, Filter, histogram, last_seen, query_events
+from spa.server.state import StateDir
+
+HERE = Path(__file__).parent / "web"
+SESSION_SECONDS = 8 * 3600
+COOKIE = "spa_dashboard"
+OUTCOMES = ("accepted", "refused", "lease_start", "lease_end", "dropped", "scan")
+GRAPH_OUTCOMES = ("accepted", "refused", "dropped", "scan")
+RANGES = {"24h": (86400, 3600), "7d": (7 * 86400, 6 * 3600), "30d": (30 * 86400, 86400)}
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+       "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+HEADERS = [
+    (b"content-security-policy", CSP.encode()),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"),
+]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class SecurityHeaders:
+    """Adds HEADERS to every HTTP response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *HEADERS]
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+@dataclass
+class Dashboard:
+    """What the handlers share: where the config is, the clock, the login state."""
+    config_path: Path
+    clock: Callable[[], float] = time.time
+    log: Callable[[str], None] = print
+    limiter: webauth.LoginLimiter = field(default_factory=webauth.LoginLimiter)
+    checking: threading.Lock = field(default_factory=threading.Lock)
+
+    def config(self) -> config_mod.ServerConfig:
+        return config_mod.load(self.config_path)
+
+    def credentials(self) -> webauth.Credentials:
+        return webauth.load(self.config().state_dir)
+
+    def events_db(self) -> Path:
+        return self.config().state_dir / EVENTS_DB
+
+
+def allowed_hosts(listen: str) -> list[str]:
+    host = listen.rpartition(":")[0].strip("[]")
+    names = {"localhost", "127.0.0.1", "::1", "[::1]"}
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        names.add(host)
+    else:
+        if not address.is_unspecified:
+            names.add(str(address) if address.version == 4 else f"[{address}]")
+    return sorted(names)
+
+
+def make_app(dash: Dashboard, *, listen: str = config_mod.DEFAULT_DASHBOARD_LISTEN,
+             secure_cookie: bool = False) -> Starlette:
+    """The ASGI application.  Raises LocalError if no password is set."""
+    key = dash.credentials().key
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.filters["ago"] = _ago
+    templates.env.filters["utc"] = _utc
+
+    def page(request: Request, name: str, status: int = 200, **context: Any) -> Response:
+        session = request.session
+        context.setdefault("flash", session.pop("flash", ""))
+        context.setdefault("signed_in", True)
+        return templates.TemplateResponse(request, name, {"csrf": _csrf(session), **context},
+                                          status_code=status)
+
+    def signed_in(request: Request) -> bool:
+        try:
+            credentials = dash.credentials()
+        except LocalError:
+            return False
+        return webauth.same_token(credentials.fingerprint, request.session.get("auth"))
+
+    def guard(handler: Callable[[Request], Awaitable[Response]]
+              ) -> Callable[[Request], Awaitable[Response]]:
+        async def guarded(request: Request) -> Response:
+            if not signed_in(request):
+                if request.url.path.startswith("/api/"):
+                    return JSONResponse({"error": "not signed in"}, status_code=401)
+                return RedirectResponse("/login", status_code=303)
+            return await handler(request)
+        return guarded
+
+    async def checked_form(request: Request) -> dict[str, str] | Response:
+        form = await request.form()
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        if not webauth.same_token(request.session.get("csrf"), fields.get("csrf")):
+            return PlainTextResponse("the form expired or came from another site; reload "
+                                     "the page and try again", status_code=403)
+        return fields
+
+    async def login_page(request: Request) -> Response:
+        if signed_in(request):
+            return RedirectResponse("/", status_code=303)
+        return page(request, "login.html", signed_in=False, wait=dash.limiter.wait(dash.clock()))
+
+    async def login(request: Request) -> Response:
+        fields = await checked_form(request)
+        if isinstance(fields, Response):
+            return fields
+        now = dash.clock()
+        wait = dash.limiter.wait(now)
+        if wait > 0:
+            return page(request, "login.html", status=429, wait=wait, signed_in=False,
+                        error=f"Too many failed logins: locked for {wait:.0f} more seconds.")
+        credentials = dash.credentials()
+        password = fields.get("password", "")[:webauth.MAX_PASSWORD]
+
+        def check() -> bool:
+            with dash.checking:  # one Argon2id check at a time (256 MiB each)
+                return credentials.check(password)
+
+        if not await run_in_threadpool(check):
+            dash.limiter.failed(dash.clock())
+            dash.log(f"dashboard login failed src={_peer(request)}")
+            wait = dash.limiter.wait(dash.clock())
+            error = ("Wrong password." if wait == 0 else
+                     f"Wrong password. Too many failures: locked for {wait:.0f} seconds.")
+            return page(request, "login.html", status=401, error=error, wait=wait,
+                        signed_in=False)
+        dash.limiter.succeeded()
+        request.session.clear()  # no fixation: a new session, a new CSRF token
+        request.session.update(auth=credentials.fingerprint, csrf=webauth.new_csrf_token())
+        dash.log(f"dashboard login src={_peer(request)}")
+        return RedirectResponse("/", status_code=303)
+
+    async def logout(request: Request) -> Response:
+        fields = await checked_form(request)
+        if isinstance(fields, Response):
+            return fields
+        request.session.clear()
+        return RedirectResponse("/login", status_code=303)
+
+    async def overview(request: Request) -> Response:
+        span = request.query_params.get("range", "24h")
+        if span not in RANGES:
+            span = "24h"
+        data = await run_in_threadpool(_overview, dash, span)
+        return page(request, "overview.html", span=span, ranges=list(RANGES), **data)
+
+    async def activity(request: Request) -> Response:
+        params = request.query_params
+        since_text = params.get("since", "24h") or "24h"
+        error = ""
+        try:
+            since = dash.clock() - admin.parse_duration(since_text)
+        except LocalError as exc:
+            error, since_text, since = str(exc), "24h", dash.clock() - 86400
+        where = Filter(since=since, outcome=params.get("outcome", ""),
+                       client=params.get("client", ""), reason=params.get("reason", ""),
+                       source=params.get("source", ""))
+        rows = await run_in_threadpool(_query, dash, where)
+        clients = sorted(dash.config().clients)
+        return page(request, "activity.html", rows=rows, where=where, since=since_text,
+                    error=error, outcomes=OUTCOMES, clients=clients,
+                    reasons=sorted(_reasons()), now=dash.clock())
+
+    async def leases_api(request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(_leases, dash))
+
+    async def graph(request: Request) -> Response:
+        span = request.query_params.get("range", "24h")
+        seconds, width = RANGES.get(span, RANGES["24h"])
+        svg = await run_in_threadpool(_graph, dash, seconds, width)
+        return Response(svg, media_type="image/svg+xml")
+
+    async def revoke(request: Request) -> Response:
+        fields = await checked_form(request)
+        if isinstance(fields, Response):
+            return fields
+        name = request.path_params["name"]
+        close = fields.get("close") == "1"
+        try:
+            result = await run_in_threadpool(
+                lambda: admin.revoke(dash.config_path, name, now=dash.clock(), close=close))
+            message = result.message
+            dash.log(f"dashboard revoke client={name} close={int(close)}")
+        except LocalError as exc:
+            message = str(exc)
+        request.session["flash"] = message
+        return RedirectResponse("/#clients", status_code=303)
+
+    routes = [
+        Route("/login", login_page, methods=["GET"]),
+        Route("/login", login, methods=["POST"]),
+        Route("/logout", logout, methods=["POST"]),
+        Route("/", guard(overview), methods=["GET"]),
+        Route("/activity", guard(activity), methods=["GET"]),
+        Route("/graph.svg", guard(graph), methods=["GET"]),
+        Route("/api/leases", guard(leases_api), methods=["GET"]),
+        Route("/clients/{name}/revoke", guard(revoke), methods=["POST"]),
+        Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
+    ]
+    middleware = [
+        Middleware(SecurityHeaders),
+        Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(listen)),
+        Middleware(SessionMiddleware, secret_key=key.hex(), session_cookie=COOKIE,
+                   max_age=SESSION_SECONDS, same_site="strict", https_only=secure_cookie),
+    ]
+    return Starlette(routes=routes, middleware=middleware)
+
+
+def _csrf(session: dict[str, Any]) -> str:
+    token = session.get("csrf")
+    if not isinstance(token, str) or not token:
+        token = session["csrf"] = webauth.new_csrf_token()
+    return token
+
+
+def _peer(request: Request) -> str:
+    return request.client.host if request.client else "-"
+
+
+def _reasons() -> set[str]:
+    from spa.core.errors import Reason
+    return {reason.value for reason in Reason}
+
+
+def _query(dash: Dashboard, where: Filter) -> list[Any]:
+    try:
+        return query_events(dash.events_db(), where)
+    except FileNotFoundError:
+        return []
+
+
+def _leases(dash: Dashboard) -> dict[str, Any]:
+    now = dash.clock()
+    rows = StateDir(dash.config().state_dir).status(now)
+    return {"now": now, "leases": [
+        {"address": row.address, "service": row.service, "clients": row.clients,
+         "expires": now + row.seconds_left} for row in rows]}
+
+
+def _overview(dash: Dashboard, span: str) -> dict[str, Any]:
+    now = dash.clock()
+    config = dash.config()
+    states = admin.client_states(dash.config_path, now=now)
+    db = config.state_dir / EVENTS_DB
+    try:
+        seen = last_seen(db)
+        recent = admin.stats(query_events(db, Filter(since=now - RANGES[span][0]),
+                                          limit=1_000_000))
+        year = admin.stats(query_events(db, Filter(since=now - 366 * 86400), limit=1_000_000),
+                           countries=admin.countries(dash.config_path))
+    except FileNotFoundError:
+        seen, recent, year = {}, admin.stats([]), admin.stats([])
+    clients = [{"name": name, "state": states.get(name, "?"),
+                "services": ", ".join(entry.services), "otp": bool(entry.otp_secret),
+                "seen": seen.get(name)}
+               for name, entry in sorted(config.clients.items())]
+    return {"now": now, "leases": _leases(dash)["leases"], "clients": clients,
+            "recent": recent, "year": year}
+
+
+def _graph(dash: Dashboard, seconds: int, width: int) -> str:
+    now = dash.clock()
+    slots = seconds // width
+    start = (now // width + 1) * width - slots * width  # whole buckets, the last one is now
+    try:
+        counts = histogram(dash.events_db(), since=start, width=width, outcomes=GRAPH_OUTCOMES)
+    except FileNotFoundError:
+        counts = {name: {} for name in GRAPH_OUTCOMES}
+    return render_graph(counts, start=start, width=width, slots=int(slots))
+
+
+COLOURS = {"accepted": "#2e7d32", "refused": "#e65100", "dropped": "#757575", "scan": "#c62828"}
+
+
+def render_graph(counts: dict[str, dict[int, int]], *, start: float, width: int,
+                 slots: int) -> str:
+    """Grouped bars per time bucket, one colour per outcome, with a legend and
+    a y scale; numbers only (no text from events reaches the image)."""
+    w, h, left, bottom, top = 760, 240, 48, 28, 24
+    plot_w, plot_h = w - left - 8, h - bottom - top
+    peak = max([1, *(v for series in counts.values() for v in series.values())])
+    slot_w = plot_w / slots
+    bar_w = max(1.0, slot_w / (len(counts) + 1))
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+             f'viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="11">',
+             f'<rect width="{w}" height="{h}" fill="#ffffff"/>']
+    for i in range(5):
+        value = peak * i / 4
+        y = top + plot_h - plot_h * i / 4
+        parts.append(f'<line x1="{left}" x2="{w - 8}" y1="{y:.1f}" y2="{y:.1f}" '
+                     'stroke="#e0e0e0"/>')
+        parts.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end" '
+                     f'fill="#555">{value:.0f}</text>')
+    for k, (outcome, series) in enumerate(counts.items()):
+        for slot, value in series.items():
+            if 0 <= slot < slots and value:
+                bar_h = plot_h * value / peak
+                x = left + slot * slot_w + k * bar_w + bar_w / 2
+                parts.append(f'<rect class="bar {outcome}" x="{x:.1f}" '
+                             f'y="{top + plot_h - bar_h:.1f}" width="{bar_w:.1f}" '
+                             f'height="{bar_h:.1f}" fill="{COLOURS[outcome]}">'
+                             f'<title>{value}</title></rect>')
+        parts.append(f'<rect x="{left + k * 110}" y="6" width="10" height="10" '
+                     f'fill="{COLOURS[outcome]}"/><text x="{left + k * 110 + 14}" '
+                     f'y="15" fill="#333">{outcome}</text>')
+    step = max(1, slots // 6)
+    for slot in range(0, slots, step):
+        when = time.gmtime(start + slot * width)
+        label = time.strftime("%H:%M" if width < 86400 else "%m-%d", when)
+        if width >= 6 * 3600 and width < 86400:
+            label = time.strftime("%m-%d %Hh", when)
+        parts.append(f'<text x="{left + slot * slot_w:.1f}" y="{h - 10}" '
+                     f'fill="#555">{label}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _ago(when: float | None, now: float | None = None) -> str:
+    if when is None:
+        return "never"
+    seconds = max(0.0, (now if now is not None else time.time()) - when)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def _utc(when: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(when))
+
+
+def serve(dash: Dashboard, listen: str, *, on_ready: Callable[[str], None]) -> None:
+    """Bind, then serve until SIGINT/SIGTERM.  Raises LocalError."""
+    import socket
+
+    import uvicorn
+
+    app = make_app(dash, listen=listen)
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, int(port)))
+    except OSError as exc:
+        sock.close()
+        raise LocalError(f"cannot listen on {listen}: {exc.strerror}; pick another with "
+                         "--listen HOST:PORT or [dashboard] listen") from None
+    sock.listen(64)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                           server_header=False, date_header=False))
+    on_ready(f"http://{listen}/")
+    server.run(sockets=[sock])
