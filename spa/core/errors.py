@@ -38,6 +38,15 @@ class Reason(enum.Enum):
         return self.value
 
 
+# Refusals that come after the packet's MAC and ciphertext checked out: its
+# sender held a client's key (or replays a packet too old for the replay set).
+AFTER_AUTHENTICATION = frozenset({
+    Reason.STALE, Reason.FUTURE, Reason.STEP_MISMATCH, Reason.REPLAY_CACHE_FULL,
+    Reason.REVOKED, Reason.ENROLLMENT_EXPIRED, Reason.SERVICE_NOT_ALLOWED,
+    Reason.ADDRESS_NOT_ALLOWED, Reason.OTP_INVALID, Reason.OTP_REUSED,
+})
+
+
 class PacketError(Exception):
     """A packet (or a field of one) is not acceptable.  Remote input only."""
 

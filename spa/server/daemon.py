@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from spa.backends.base import Backend, apply
-from spa.core.errors import Reason
+from spa.core.errors import AFTER_AUTHENTICATION, Reason
 from spa.core.keys import derive_keys
 from spa.core.knock import STEP_SECONDS, knock_tag, step_of, steps_for_window
 from spa.core.leases import Allow, FirewallAction, LeaseTable
@@ -43,7 +43,7 @@ from spa.server.errors import LocalError
 from spa.server.events import EVENTS_DB, Event, EventSink
 from spa.server.metrics import Metrics
 from spa.server.notify import Notifier
-from spa.server.scans import ScanDetector
+from spa.server.scans import SCAN_WINDOW, ScanDetector
 from spa.server.sources import Datagram, PacketSource
 from spa.server.state import StateDir
 
@@ -56,6 +56,7 @@ REPLAYS_TO_BLOCK = 20  # copies of one packet in one second that put its nonce i
 MAX_BLOCKED_NONCES = 64  # nonces the kernel filter drops at most (5 BPF instructions each)
 NONCE_PREFIX = 8  # bytes of the nonce the kernel filter compares
 DROPS_EVERY = 5.0  # seconds between readings of the firewall's drop counters
+MAX_KNOCKED_SOURCES = 10_000  # sources remembered as clients' (scan detection)
 MAX_DROP_ROWS = 500  # 'dropped'/'scan' rows per reading; the rest fold into one row
 
 Clock = Callable[[], float]
@@ -110,6 +111,7 @@ class Server:
         self._activated_dirty = False
         self._otp_dirty = False
         self._scans = ScanDetector()
+        self._knocked: dict[str, float] = {}  # source -> its last authenticated knock
         self._last_drops = 0.0
         self.metrics: Metrics | None = None
         self.verifier: Verifier
@@ -237,7 +239,10 @@ class Server:
                 events.refuse(now, result.reason.value, result.client, source)
                 if result.reason is Reason.REPLAY:
                     self._count_replay(data, now)
+                elif result.reason in AFTER_AUTHENTICATION:
+                    self._knocked_from(source, now)
             else:
+                self._knocked_from(source, now)
                 accepted.append(result)
                 if result.client in self._pending:
                     self._activate(result.client)
@@ -266,6 +271,13 @@ class Server:
         self._activated_dirty = True
         self.verifier.policy = self._policy_of(self.config)
         self.log(f"activated client={client} (its pending enrollment was used in time)")
+
+    def _knocked_from(self, source: str, now: float) -> None:
+        """A client's key knocked from `source` (scan detection spares its
+        probes of the port it asked for); bounded, pruned with the drops."""
+        knocked = self._knocked
+        if source in knocked or len(knocked) < MAX_KNOCKED_SOURCES:
+            knocked[source] = now
 
     def _count_replay(self, data: bytes, now: float) -> None:
         second = int(now)
@@ -387,7 +399,11 @@ class Server:
         self._last_drops = now
         with self._lock:
             counters = read()
-        dropped, scans = self._scans.observe(counters, now)
+        cutoff = now - SCAN_WINDOW
+        for source, when in list(self._knocked.items()):  # in place: the receive thread adds
+            if when <= cutoff:
+                self._knocked.pop(source, None)
+        dropped, scans = self._scans.observe(counters, now, self._knocked)
         by_port = {s.port: s.name for s in self.config.services.values()}
         dropped.sort(key=lambda item: -item.attempts)
         for item in dropped[:MAX_DROP_ROWS]:

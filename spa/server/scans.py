@@ -8,6 +8,13 @@ Invariants (issue 8; sans-IO: counters and `now` in, findings out):
 - A source is a scan when, within SCAN_WINDOW seconds, it tried SCAN_PORTS
   or more protected ports, or SCAN_ATTEMPTS or more attempts in all.  A scan
   is reported once per source per SCAN_WINDOW, however long it goes on.
+- The attempts rule spares a source that sent an authenticated knock within
+  the window (`knocked`): a client whose knock was refused (clock skew,
+  revoked, a wrong code) keeps probing its one port while it waits, and that
+  is not a brute-force run (a refused `spa-client open --timeout 4` made 23
+  to 43 attempts, enough to be called a scan before this rule; the check is
+  tests/netns/test_dashboard_browser.py).  Its drops
+  are still counted, and trying a second port is still a scan.
 - Memory is bounded: the last counters mirror the kernel's sets (bounded by
   their size); per-source history keeps only the window.
 """
@@ -15,6 +22,7 @@ Invariants (issue 8; sans-IO: counters and `now` in, findings out):
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from typing import NamedTuple
 
 SCAN_WINDOW = 60.0  # seconds
@@ -42,7 +50,10 @@ class ScanDetector:
         self._history: dict[str, deque[tuple[float, int, int]]] = {}  # (time, port, n)
         self._reported: dict[str, float] = {}
 
-    def observe(self, counters: Counters, now: float) -> tuple[list[Dropped], list[Scan]]:
+    def observe(self, counters: Counters, now: float, knocked: Mapping[str, float] | None = None
+                ) -> tuple[list[Dropped], list[Scan]]:
+        """`knocked`: source -> when it last sent an authenticated knock."""
+        knocked = knocked or {}
         dropped = []
         for key, total in counters.items():
             before = self._last.get(key, 0)
@@ -65,7 +76,8 @@ class ScanDetector:
             ports = tuple(sorted({port for _, port, _ in history}))
             attempts = sum(n for _, _, n in history)
             last = self._reported.get(source)
-            if (len(ports) >= SCAN_PORTS or attempts >= SCAN_ATTEMPTS) and (
+            client = knocked.get(source, -SCAN_WINDOW) > now - SCAN_WINDOW
+            if (len(ports) >= SCAN_PORTS or (attempts >= SCAN_ATTEMPTS and not client)) and (
                     last is None or now - last >= SCAN_WINDOW):
                 self._reported[source] = now
                 scans.append(Scan(source, ports, attempts))

@@ -44,3 +44,19 @@ def test_history_is_forgotten_after_the_window() -> None:
     assert list(detector._history) == ["198.51.100.7"]
     detector.observe({("198.51.100.7", 22): 1, ("198.51.100.7", 443): 1}, NOW + 3 * SCAN_WINDOW)
     assert detector._history == {}
+
+
+def test_a_client_that_knocked_may_probe_its_port_but_not_a_second_one() -> None:
+    """A refused client (clock skew, revoked, a wrong code) keeps probing the
+    port it asked for while it waits: not a brute-force run."""
+    client, stranger = "192.0.2.10", "203.0.113.5"
+    detector = ScanDetector()
+    many = 5 * SCAN_ATTEMPTS
+    knocked = {client: NOW - 10}
+    _, scans = detector.observe({(client, 22): many, (stranger, 22): many}, NOW, knocked)
+    assert scans == [Scan(stranger, (22,), many)]
+    _, scans = detector.observe({(client, 22): many, (client, 443): 1}, NOW + 5, knocked)
+    assert scans == [Scan(client, (22, 443), many + 1)], "a second port is still a scan"
+    later = ScanDetector()
+    _, scans = later.observe({(client, 22): many}, NOW + SCAN_WINDOW, knocked)
+    assert scans == [Scan(client, (22,), many)], "a knock a window ago spares nothing"
