@@ -347,7 +347,7 @@ def render_graph(counts: dict[str, dict[int, int]], *, start: float, width: int,
     a y scale; numbers only (no text from events reaches the image)."""
     w, h, left, bottom, top = 760, 240, 48, 28, 24
     plot_w, plot_h = w - left - 8, h - bottom - top
-    peak = max([1, *(v for series in counts.values() for v in series.values())])
+    peak = _nice_top(max([0, *(v for series in counts.values() for v in series.values())]))
     slot_w = plot_w / slots
     bar_w = max(1.0, slot_w / (len(counts) + 1))
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
@@ -382,6 +382,17 @@ def render_graph(counts: dict[str, dict[int, int]], *, start: float, width: int,
                      f'fill="#555">{label}</text>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _nice_top(value: int) -> int:
+    """The smallest 4 x (1, 2 or 5 x 10^k) >= value: four whole gridline steps."""
+    step = 1
+    while 4 * step < value:
+        for factor in (2, 2.5, 2):  # 1 -> 2 -> 5 -> 10 -> 20 ...
+            step = int(step * factor)
+            if 4 * step >= value:
+                break
+    return 4 * step
 
 
 def _ago(when: float | None, now: float | None = None) -> str:

@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 
 from tests.integration.harness import free_port
 from tests.integration.procs import command
-from tests.netns.conftest import CLI4, Spa
+from tests.netns.conftest import ATT4, CLI4, SRV4, SRV_ATT4, Spa
 from tests.netns.test_ssh_e2e import enroll_alice
 
 PASSWORD = "a long dashboard passphrase"
@@ -118,7 +119,20 @@ def test_login_see_a_real_knock_appear_count_down_and_revoke(
     assert driver.find_element(By.ID, "no-leases").is_displayed()
     assert driver.find_element(By.ID, "count-leases").text == "0"
 
-    # 2. A real knock from the client's namespace: the lease appears without a
+    # 2. Something to show: an attacker tries ssh and https (dropped, a scan);
+    #    bob, revoked, knocks (refused).
+    bob = spa.enroll("bob", SRV4, "ssh")
+    assert spa.client(world.cli, "bob", "enroll", bob, "--name", "srv").returncode == 0
+    spa.admin("revoke", "bob")
+    probe = ("import socket,sys\nfor port in (22, 443, 22, 443):\n"
+             "    try: socket.create_connection((sys.argv[1], port), timeout=0.3)\n"
+             "    except OSError: pass\n")
+    world.att.run(sys.executable, "-c", probe, SRV_ATT4)
+    assert spa.wait_for(f"scan src={ATT4} service=ssh,https", timeout=15), spa.lines
+    assert spa.client(world.cli, "bob", "open", "ssh", "srv", "--timeout", "1").returncode != 0
+    assert spa.wait_for("refused reason=revoked client=bob"), spa.lines
+
+    # 3. A real knock from the client's namespace: the lease appears without a
     #    reload (the page polls /api/leases) and its countdown runs.
     done = spa.client(world.cli, "alice", "open", "ssh", "srv", "--duration", "300")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -134,23 +148,29 @@ def test_login_see_a_real_knock_appear_count_down_and_revoke(
     assert not driver.find_element(By.ID, "no-leases").is_displayed()
     driver.refresh()  # the rest of the page (counts, last seen, graph) on a fresh load
     assert driver.find_element(By.ID, "count-accepted").text == "1"
+    assert driver.find_element(By.ID, "count-scans").text == "1"
+    assert int(driver.find_element(By.ID, "count-refused").text) >= 1
+    assert driver.find_element(By.CSS_SELECTOR, "#client-bob .state").text == "revoked"
     alice = driver.find_element(By.ID, "client-alice")
     assert "from " + CLI4 in alice.text and "active" in alice.text
     graph = driver.find_element(By.ID, "graph")
     assert driver.execute_script("return arguments[0].naturalWidth", graph) == 760
     shot(driver, tmp_path, "dashboard-overview")
 
-    # 3. The activity table, filtered by client.
+    # 4. The activity table, filtered by client.
     driver.get(dashboard + "/activity")
+    everything = {tr.find_elements(By.TAG_NAME, "td")[1].text
+                  for tr in driver.find_elements(By.CSS_SELECTOR, "#activity tbody tr")}
+    assert {"accepted", "lease_start", "refused", "dropped", "scan"} <= everything
+    shot(driver, tmp_path, "dashboard-activity")
     Select(driver.find_element(By.ID, "filter-client")).select_by_visible_text("alice")
     driver.find_element(By.CSS_SELECTOR, "#filters button").click()
     wait.until(ec.url_contains("client=alice"))
     outcomes = [tr.find_elements(By.TAG_NAME, "td")[1].text
                 for tr in driver.find_elements(By.CSS_SELECTOR, "#activity tbody tr")]
     assert outcomes == ["accepted"]  # lease rows belong to an address, not a client
-    shot(driver, tmp_path, "dashboard-activity")
 
-    # 4. Revoke with close: the server refuses alice and closes her lease.
+    # 5. Revoke with close: the server refuses alice and closes her lease.
     driver.get(dashboard + "/")
     driver.find_element(
         By.XPATH, "//tr[@id='client-alice']//button[text()='Revoke and close leases']").click()
@@ -171,13 +191,13 @@ def test_login_see_a_real_knock_appear_count_down_and_revoke(
     while drops() == before:  # the next reading of the drop counters (every 5 s)
         assert time.monotonic() < deadline, spa.lines
         time.sleep(0.1)
-    assert not [line for line in spa.lines if line.startswith("scan ")], spa.lines
+    assert not [line for line in spa.lines if line.startswith(f"scan src={CLI4}")], spa.lines
 
-    # 5. The page ran under its Content-Security-Policy without a violation.
+    # 6. The page ran under its Content-Security-Policy without a violation.
     logs = driver.get_log("browser")  # type: ignore[attr-defined]  # chromium only
     assert not [entry for entry in logs if "Content Security Policy" in entry["message"]], logs
 
-    # 6. Signing out ends the session.
+    # 7. Signing out ends the session.
     driver.find_element(By.CSS_SELECTOR, "form.logout button").click()
     wait.until(ec.url_to_be(dashboard + "/login"))
     driver.get(dashboard + "/activity")
