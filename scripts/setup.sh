@@ -14,6 +14,7 @@ APT_PACKAGES=(
     openssl                            # a certificate for the TLS service in the tests
     nmap hydra tcpdump                 # the attacker's tools in the tests
     fail2ban                           # fail2ban-regex checks contrib/fail2ban in the tests
+    ipset                              # the iptables backend counts dropped attempts in ipsets
     systemd                            # systemd-analyze verify for the unit file
     chromium chromium-driver           # a real browser for the dashboard tests (selenium)
 )

@@ -33,7 +33,7 @@ def make_backend(name: str, *, flush_on_stop: bool = False) -> Backend:
     if name == "iptables":
         from spa.backends.iptables import IptablesBackend
 
-        return IptablesBackend.create(flush_on_stop=flush_on_stop)
+        return IptablesBackend.create(flush_on_stop=flush_on_stop, log=log_to_stderr)
     raise LocalError(f"unknown backend {name!r}; choose nftables, iptables or memory")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.procs import command
-from tests.netns.conftest import CLI4, CLI6, SRV4, SRV6, Spa, World
+from tests.netns.conftest import ATT4, CLI4, CLI6, SRV4, SRV6, SRV_ATT4, Spa, World
 from tests.netns.test_ssh_e2e import enroll_alice, tcp_open
 
 
@@ -109,3 +110,52 @@ def test_iptables_backend_refuses_an_nf_tables_host(ipt: Spa, tmp_path: Path) ->
 
 def ipt_command(spa: Spa) -> list[str]:
     return [*command("spa-server"), "--config", str(spa.config)]
+
+
+def test_iptables_counts_dropped_attempts_and_reports_a_scan(ipt: Spa, tmp_path: Path) -> None:
+    """The counting ipsets: an attacker's SYNs to ssh and https are dropped,
+    counted per (source, port), and reported as dropped attempts and a scan;
+    the knocking user's own traffic is let in, not counted."""
+    world = ipt.world
+    ipt.start("--backend", "iptables", prefix=legacy_path(tmp_path))
+    enroll_alice(ipt)
+    rules = world.srv.run("iptables-legacy", "-S", "SPA").stdout
+    ssh_rules = [line for line in rules.splitlines() if "--dport 22 " in line]
+    assert ssh_rules == [
+        "-A SPA -p tcp -m tcp --dport 22 -m set --match-set spa_drops_v4 src,dst -j DROP",
+        "-A SPA -p tcp -m tcp --dport 22 -j SET --add-set spa_drops_v4 src,dst --timeout 600",
+        "-A SPA -p tcp -m tcp --dport 22 -j DROP"], rules  # a plain DROP ends each port
+    assert "spa_drops_v6" in world.srv.run("ip6tables-legacy", "-S", "SPA").stdout
+    assert ipt.client(world.cli, "alice", "open", "ssh", "srv", "--duration", "60"
+                      ).returncode == 0
+    raced = counted(world, CLI4, 22)  # probes that beat the grant (the first SYN goes 2 ms
+    assert world.ssh(world.cli, SRV4, "echo in").stdout.strip() == "in"  # after the knock)
+    assert counted(world, CLI4, 22) == raced, "the user's session was let in, not counted"
+    probe = ("import socket,sys\nfor port in (22, 443, 22, 443, 22):\n"
+             "    try: socket.create_connection((sys.argv[1], port), timeout=0.3)\n"
+             "    except OSError: pass\n")
+    world.att.run(sys.executable, "-c", probe, SRV_ATT4)
+    assert ipt.wait_for(f"scan src={ATT4} service=ssh,https", timeout=15), ipt.lines[-10:]
+
+    def dropped() -> dict[str, int]:
+        found: dict[str, int] = {}
+        for e in ipt.events():
+            if e["outcome"] == "dropped" and e["source"] == ATT4:
+                service = str(e["service"])
+                found[service] = found.get(service, 0) + int(e["count"])  # type: ignore[call-overload]
+        return found
+
+    deadline = time.monotonic() + 12  # the readings (every 5 s) add up to every SYN
+    while dropped() != {"ssh": 3, "https": 2}:
+        assert time.monotonic() < deadline, dropped()
+        time.sleep(0.5)
+    assert counted(world, ATT4, 22) == 3 and counted(world, ATT4, 443) == 2
+    assert not tcp_open(world, "att", SRV_ATT4, 22), "counting never opens anything"
+
+
+def counted(world: World, source: str, port: int) -> int:
+    """The kernel's drop counter for (source, port), from `ipset list`."""
+    for line in world.srv.run("ipset", "list", "spa_drops_v4").stdout.splitlines():
+        if line.startswith(f"{source},tcp:{port} "):
+            return int(line.split(" packets ")[1].split()[0])
+    return 0

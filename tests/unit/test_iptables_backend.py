@@ -43,3 +43,44 @@ def test_refuses_to_start_on_an_nf_tables_host(tmp_path: Path,
     with pytest.raises(LocalError, match=r"nf_tables variant.*--backend nftables") as info:
         IptablesBackend.create()
     assert "\n" not in str(info.value)
+
+
+IPSET_XML = """<ipsets>
+<ipset name="spa_drops_v4"><type>hash:ip,port</type><header><counters/></header>
+<members>
+<member><elem>198.51.100.7,tcp:22</elem><timeout>590</timeout><packets>3</packets><bytes>180</bytes></member>
+<member><elem>198.51.100.7,tcp:443</elem><timeout>590</timeout><packets>2</packets><bytes>120</bytes></member>
+<member><elem>2001:db8::5,udp:53</elem><timeout>12</timeout><packets>7</packets><bytes>9</bytes></member>
+<member><elem>broken</elem><packets>1</packets></member>
+</members></ipset></ipsets>"""
+
+
+def test_drop_counters_are_read_from_ipset_xml() -> None:
+    from spa.backends.iptables import parse_ipset_xml
+
+    assert parse_ipset_xml(IPSET_XML) == {("198.51.100.7", 22): 3, ("198.51.100.7", 443): 2,
+                                          ("2001:db8::5", 53): 7}
+    assert parse_ipset_xml("<ipsets></ipsets>") == {}
+    with pytest.raises(ValueError, match="not ipset XML"):
+        parse_ipset_xml("ipset v7.17: The set with the given name does not exist")
+
+
+def test_without_ipset_drops_are_not_counted_and_the_log_says_how_to_fix_it() -> None:
+    import subprocess
+
+    def missing(*args: str) -> subprocess.CompletedProcess[str]:
+        raise FileNotFoundError("ipset")
+
+    def refusing(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(["ipset", *args], 1, "",
+                                           "ipset v7.17: Kernel error received: "
+                                           "Operation not permitted\n")
+
+    for fake, expected in ((missing, "install it: apt-get install ipset"),
+                           (refusing, "Operation not permitted")):
+        logs: list[str] = []
+        backend = IptablesBackend(object(), ipset=fake, log=logs.append)
+        assert backend._make_drop_sets() is False
+        assert len(logs) == 1 and logs[0].startswith("warning dropped attempts are not "
+                                                     "counted") and expected in logs[0]
+        assert backend.drops() == {}
