@@ -302,3 +302,33 @@ def test_rotate_prints_a_new_uri_and_refuses_what_it_cannot_do(config: Path,
     assert_one_line_error(server(config, "rotate", "kim"), "no client named 'kim'")
     assert server(config, "revoke", "jo").returncode == 0
     assert_one_line_error(server(config, "rotate", "jo"), "revoked")
+
+
+def test_dashboard_password_and_dashboard_errors(config: Path, tmp_path: Path) -> None:
+    """No password yet, a short one, no terminal, a bad or busy address: one
+    line each, exit 2, and the password never echoed."""
+    assert_one_line_error(server(config, "dashboard"),
+                          "no dashboard password is set", "spa-server dashboard-password")
+    short = run_cli("spa-server", "--config", str(config), "dashboard-password", "--stdin",
+                    input="tooshort\n")
+    assert_one_line_error(short, "too short", "at least 12")
+    assert "tooshort" not in short.stderr
+    assert_one_line_error(server(config, "dashboard-password"), "no terminal", "--stdin")
+    secret = "a perfectly long passphrase"
+    done = run_cli("spa-server", "--config", str(config), "dashboard-password", "--stdin",
+                   input=secret + "\n", timeout=60)
+    assert done.returncode == 0 and secret not in done.stdout + done.stderr
+    stored = tmp_path / "state" / "dashboard.password"
+    assert stored.stat().st_mode & 0o777 == 0o600
+    assert stored.read_bytes().startswith(b"$argon2id$") and secret.encode() not in (
+        stored.read_bytes())
+    assert_one_line_error(server(config, "dashboard", "--listen", "localhost"),
+                          "write HOST:PORT")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert_one_line_error(server(config, "dashboard", "--listen", f"127.0.0.1:{port}"),
+                              f"cannot listen on 127.0.0.1:{port}", "--listen")
+    config.write_text(config.read_text() + '\n[dashboard]\nlisten = "127.0.0.1:99999"\n')
+    assert_one_line_error(server(config, "dashboard"), "[dashboard] listen", "HOST:PORT")

@@ -23,10 +23,13 @@ ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "contrib/systemd/spa-server.service"
 
 
-def unit_for_this_machine(tmp_path: Path) -> Path:
+DASHBOARD_UNIT = ROOT / "contrib/systemd/spa-dashboard.service"
+
+
+def unit_for_this_machine(tmp_path: Path, unit: Path = UNIT) -> Path:
     """The unit with ExecStart pointing at this checkout's spa-server."""
-    text = UNIT.read_text().replace("/usr/local/bin/spa-server", command("spa-server")[0])
-    path = tmp_path / "spa-server.service"
+    text = unit.read_text().replace("/usr/local/bin/spa-server", command("spa-server")[0])
+    path = tmp_path / unit.name
     path.write_text(text)
     return path
 
@@ -52,6 +55,23 @@ def test_unit_exposure_stays_below_2(tmp_path: Path) -> None:
     match = re.search(r"Overall exposure level for spa-server.service: ([0-9.]+)", done.stdout)
     assert match is not None, done.stdout + done.stderr
     assert float(match.group(1)) < 2.0
+
+
+def test_dashboard_unit_verifies_and_runs_with_no_capability(tmp_path: Path) -> None:
+    need_systemd_analyze()
+    unit = unit_for_this_machine(tmp_path, DASHBOARD_UNIT)
+    done = subprocess.run(["systemd-analyze", "verify", str(unit)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "spa-dashboard.service" not in done.stderr, done.stderr
+    done = subprocess.run(["systemd-analyze", "security", "--offline=true", str(unit)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    match = re.search(r"Overall exposure level for spa-dashboard.service: ([0-9.]+)",
+                      done.stdout)
+    assert match is not None, done.stdout + done.stderr
+    assert float(match.group(1)) < 2.0, done.stdout
+    text = DASHBOARD_UNIT.read_text()
+    assert "\nCapabilityBoundingSet=\n" in text and "IPAddressAllow=localhost" in text
 
 
 def test_unit_asks_for_what_issue_5_names() -> None:
