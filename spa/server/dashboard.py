@@ -47,7 +47,14 @@ from starlette.templating import Jinja2Templates
 from spa.server import admin, webauth
 from spa.server import config as config_mod
 from spa.server.errors import LocalError
-from spa.server.events import EVENTS_DB, Filter, histogram, last_seen, query_events
+from spa.server.events import (
+    EVENTS_DB,
+    Filter,
+    histogram,
+    last_seen,
+    query_events,
+    read_summary,
+)
 from spa.server.state import StateDir
 
 HERE = Path(__file__).parent / "web"
@@ -313,9 +320,8 @@ def _overview(dash: Dashboard, span: str) -> dict[str, Any]:
     db = config.state_dir / EVENTS_DB
     try:
         seen = last_seen(db)
-        recent = admin.stats(query_events(db, Filter(since=now - RANGES[span][0]),
-                                          limit=1_000_000))
-        year = admin.stats(query_events(db, Filter(since=now - 366 * 86400), limit=1_000_000),
+        recent = admin.stats(read_summary(db, since=now - RANGES[span][0]))
+        year = admin.stats(read_summary(db, since=now - 366 * 86400),
                            countries=admin.countries(dash.config_path))
     except FileNotFoundError:
         seen, recent, year = {}, admin.stats([]), admin.stats([])

@@ -179,6 +179,26 @@ def read_events(path: Path, *, since: float | None = None) -> list[Event]:
     return [Event(*row) for row in rows]
 
 
+def read_summary(path: Path, *, since: float = 0.0) -> list[Event]:
+    """The events since `since`, summed per (UTC month, outcome, action,
+    reason, client, source, service): `spa.server.admin.stats` gives the same
+    report from these as from every row, in a bounded number of rows (scan
+    rows, at most one per source a minute, are kept as they are, since stats
+    counts them one each).  Raises FileNotFoundError."""
+    db = _read_only(path)
+    try:
+        rows = db.execute(
+            "SELECT MIN(time), outcome, action, reason, client, source, service, NULL, "  # noqa: S608
+            "SUM(count) FROM events WHERE time >= ? AND outcome != 'scan' "
+            "GROUP BY strftime('%Y-%m', time, 'unixepoch'), outcome, action, reason, client, "
+            "source, service "
+            f"UNION ALL SELECT {_COLUMNS} FROM events WHERE time >= ? "
+            "AND outcome = 'scan'", (since, since)).fetchall()
+    finally:
+        db.close()
+    return [Event(*row) for row in rows]
+
+
 @dataclass(frozen=True, slots=True)
 class Filter:
     """What the dashboard's activity table asks for (empty: any)."""

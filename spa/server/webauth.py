@@ -74,9 +74,20 @@ def make_credentials(password: str, *, opslimit: int = OPSLIMIT,
 
 
 def save(state_dir: Path, credentials: Credentials) -> Path:
+    """Write the hash and the cookie key, 0600, owned like the state directory
+    (root sets the password; the dashboard runs as the daemon's user).
+    Raises LocalError."""
     path = state_dir / PASSWORD_FILE
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_private(path, credentials.hash + b"\n" + credentials.key.hex().encode() + b"\n")
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_private(path, credentials.hash + b"\n" + credentials.key.hex().encode() + b"\n")
+        owner = state_dir.stat()
+        if os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
+            os.chown(path, owner.st_uid, owner.st_gid)
+    except PermissionError:
+        raise LocalError(f"cannot write {path}: permission denied (run as root?)") from None
+    except OSError as exc:
+        raise LocalError(f"cannot write {path}: {exc.strerror}") from None
     return path
 
 

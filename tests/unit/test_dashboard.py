@@ -295,3 +295,16 @@ def test_no_password_set_is_one_clear_error(tmp_path: Path) -> None:
     bad.chmod(0o644)
     with pytest.raises(LocalError, match="chmod 600"):
         webauth.load(tmp_path / "state")
+
+
+def test_the_password_file_belongs_to_the_state_directorys_owner(tmp_path: Path) -> None:
+    """Root sets the password; the dashboard runs as the daemon's user, who
+    owns the state directory and must be able to read the file."""
+    state = tmp_path / "state"
+    state.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("needs root to hand a file to another user")
+    os.chown(state, 65534, 65534)
+    path = webauth.save(state, webauth.make_credentials(PASSWORD, **CHEAP))
+    assert (path.stat().st_uid, path.stat().st_gid) == (65534, 65534)
+    assert path.stat().st_mode & 0o777 == 0o600

@@ -83,3 +83,32 @@ def test_a_missing_or_foreign_geoip_file_is_one_clear_error(tmp_path: Path) -> N
     junk.write_bytes(b"not a database" * 10)
     with pytest.raises(LocalError, match="is not a MaxMind DB file"):
         Countries(junk)
+
+
+def test_the_summary_gives_the_same_report_as_every_row(tmp_path: Path) -> None:
+    """The dashboard reads sums per month, not every row: same report."""
+    from spa.server.events import read_events, read_summary
+    from spa.server.geoip import Countries
+    from tests.geoip_db import make_country_db
+
+    w = World(tmp_path)
+    w.init()
+    w.enroll("alice")
+    server = w.start()
+    for step in range(40):  # a day apart: two months of knocks, refusals, drops, scans
+        server.handle(w.packet("alice", duration=60), A)
+        server.handle(b"\x01" + os.urandom(160), C)
+        if step % 3 == 0:
+            server.events.record(Event(w.clock.now, "dropped", source=B, service="ssh",
+                                       count=step))
+            server.events.record(Event(w.clock.now, "scan", source=B, service="ssh", count=9))
+        server.events.flush()
+        w.clock.advance(86400)
+    db = tmp_path / "state" / "events.sqlite3"
+    rows, summary = read_events(db), read_summary(db)
+    assert len(summary) < len(rows) / 4
+    countries = Countries(make_country_db(tmp_path / "c.mmdb", {"198.51.100.0/24": "BR"}))
+    assert admin.stats(summary, countries=countries) == admin.stats(rows, countries=countries)
+    since = w.clock.now - 10 * 86400
+    assert admin.stats(read_summary(db, since=since)) == admin.stats(read_events(db,
+                                                                                 since=since))
