@@ -180,27 +180,33 @@ def make_app(dash: Dashboard, *, listen: str = config_mod.DEFAULT_DASHBOARD_LIST
         fields = await checked_form(request)
         if isinstance(fields, Response):
             return fields
-        now = dash.clock()
-        wait = dash.limiter.wait(now)
-        if wait > 0:
-            return page(request, "login.html", status=429, wait=wait, signed_in=False,
-                        error=f"Too many failed logins: locked for {wait:.0f} more seconds.")
         credentials = dash.credentials()
         password = fields.get("password", "")[:webauth.MAX_PASSWORD]
 
-        def check() -> bool:
+        def check() -> bool | None:
+            """None: locked.  The lock-out is checked and a failure recorded
+            under the same lock as the check, so concurrent attempts cannot
+            all slip past the lock-out before the first failure counts."""
             with dash.checking:  # one Argon2id check at a time (256 MiB each)
-                return credentials.check(password)
+                if dash.limiter.wait(dash.clock()) > 0:
+                    return None
+                if credentials.check(password):
+                    dash.limiter.succeeded()
+                    return True
+                dash.limiter.failed(dash.clock())
+                return False
 
-        if not await run_in_threadpool(check):
-            dash.limiter.failed(dash.clock())
+        verdict = await run_in_threadpool(check)
+        wait = dash.limiter.wait(dash.clock())
+        if verdict is None:
+            return page(request, "login.html", status=429, wait=wait, signed_in=False,
+                        error=f"Too many failed logins: locked for {wait:.0f} more seconds.")
+        if not verdict:
             dash.log(f"dashboard login failed src={_peer(request)}")
-            wait = dash.limiter.wait(dash.clock())
             error = ("Wrong password." if wait == 0 else
                      f"Wrong password. Too many failures: locked for {wait:.0f} seconds.")
             return page(request, "login.html", status=401, error=error, wait=wait,
                         signed_in=False)
-        dash.limiter.succeeded()
         request.session.clear()  # no fixation: a new session, a new CSRF token
         request.session.update(auth=credentials.fingerprint, csrf=webauth.new_csrf_token())
         dash.log(f"dashboard login src={_peer(request)}")

@@ -308,3 +308,33 @@ def test_the_password_file_belongs_to_the_state_directorys_owner(tmp_path: Path)
     path = webauth.save(state, webauth.make_credentials(PASSWORD, **CHEAP))
     assert (path.stat().st_uid, path.stat().st_gid) == (65534, 65534)
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_concurrent_guesses_cannot_slip_past_the_lock_out(site: Site) -> None:
+    """Twenty guesses sent at once: only MAX_FAILURES passwords are checked;
+    the rest are refused as locked, even though they all arrived before the
+    first failure was recorded."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    checked = []
+    real_check = webauth.Credentials.check
+
+    def counting(self: webauth.Credentials, password: str) -> bool:
+        checked.append(password)
+        return real_check(self, password)
+
+    token = site.csrf()
+    cookies = dict(site.http.cookies)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(webauth.Credentials, "check", counting)
+
+        def guess(n: int) -> int:
+            with TestClient(site.http.app, base_url="http://127.0.0.1:9713",
+                            cookies=cookies) as client:
+                return client.post("/login", data={"csrf": token, "password": f"guess {n:04d}"},
+                                   follow_redirects=False).status_code
+
+        with ThreadPoolExecutor(20) as pool:
+            codes = list(pool.map(guess, range(20)))
+    assert len(checked) == webauth.MAX_FAILURES
+    assert sorted(codes) == [401] * webauth.MAX_FAILURES + [429] * (20 - webauth.MAX_FAILURES)
