@@ -20,6 +20,7 @@ Invariants (docs/threat-model.md; issue 4's server design):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -93,6 +94,11 @@ class Server:
         self._dirty = True
         self._open_pairs: set[tuple[object, str]] = set()
         self._stamp = FileStamp.of(config.path)
+        # what the file said of the settings a reload cannot change (run's
+        # --backend/--mode may override the file: compare file with file)
+        self._file_fixed = _fixed_settings(config)
+        with contextlib.suppress(LocalError):
+            self._file_fixed = _fixed_settings(config_mod.load(config.path))
         self._last_compact = self._last_prune = 0.0
         self.notifier = notifier or Notifier(None, None)
         self._heartbeat = 0.0  # monotonic time of the receive loop's last turn
@@ -513,11 +519,11 @@ class Server:
 
     def _switch_to(self, new: ServerConfig) -> None:
         old = self.config
-        if new.server_id != old.server_id or new.listen_port != old.listen_port or (
-                new.backend != old.backend or new.mode != old.mode
-                or new.window != old.window):
+        fixed = _fixed_settings(new)
+        if fixed != self._file_fixed:
             self.log("warning server_id, listen_port, backend, mode and window changes take "
                      "effect at the next restart")
+            self._file_fixed = fixed  # said once per change, not at every reload
         now = self.clock()
         old_keys, new_keys = old.secrets(now), new.secrets(now)
         changed = {n: k for n, k in new_keys.items() if old_keys.get(n) != k}
@@ -565,3 +571,7 @@ class Server:
         self.log(f"reloaded clients={len(new.clients)} added={len(changed)} "
                  f"removed={len(gone)}")
 
+
+def _fixed_settings(config: ServerConfig) -> tuple[object, ...]:
+    """The settings a reload cannot change (they need a restart)."""
+    return (config.server_id, config.listen_port, config.backend, config.mode, config.window)

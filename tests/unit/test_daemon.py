@@ -517,3 +517,38 @@ def build_with(w: World, secret: bytes) -> bytes:
     request = Request(int(w.clock.now * 1000), Action.OPEN, "ssh", 60, None)
     return build_packet(request, derive_keys(secret, server_id), server_id,
                         nonce=os.urandom(24))
+
+
+def test_restart_only_settings_warn_once_per_change_not_for_runs_overrides(
+        tmp_path: Path) -> None:
+    """`run --mode udp` over a file that says capture: enrolling (a reload)
+    warns of nothing; changing the window in the file warns once."""
+    from dataclasses import replace
+
+    from spa.server import config as config_mod
+    from spa.server.daemon import Server
+    from spa.server.sources import FakeSource
+
+    world = World(tmp_path)
+    world.init()
+    config = config_mod.load(world.config_path)
+    assert config.mode == "capture"
+    server = Server(replace(config, mode="udp"), backend=world.backend, source=FakeSource(),
+                    clock=world.clock, log=world.logs.append)
+    server.start()
+    warning = "warning server_id, listen_port, backend, mode and window changes"
+    for name in ("alice", "bob"):
+        world.enroll(name)
+        server.request_reload()
+        server.housekeeping()
+    assert not [line for line in world.logs if line.startswith(warning)]
+    world.config_path.write_text(world.config_path.read_text().replace("window = 30",
+                                                                       "window = 45"))
+    server.request_reload()
+    server.housekeeping()
+    world.enroll("carol")
+    server.request_reload()
+    server.housekeeping()
+    assert len([line for line in world.logs if line.startswith(warning)]) == 1
+    assert server.config.window == 30, "the running window stays until a restart"
+    server.shutdown()
