@@ -262,6 +262,9 @@ def dashboard(
     listen: Annotated[str | None, typer.Option(
         help="HOST:PORT to serve on (default: [dashboard] listen, else 127.0.0.1:9713). "
         "Keep it on loopback and reach it through an ssh tunnel.")] = None,
+    secure_cookie: Annotated[bool, typer.Option(
+        "--secure-cookie", help="Behind a TLS proxy: the browser sends the session cookie "
+        "over HTTPS only (plain http://127.0.0.1 logins then stop working).")] = False,
 ) -> None:
     """Serve the web dashboard: open leases with live countdowns, the activity
     table, knocks and scans over time, clients with revoke buttons."""
@@ -287,7 +290,8 @@ def dashboard(
         if host not in ("127.0.0.1", "::1", "localhost"):
             log(f"warning: serving on {host}, not loopback: the dashboard speaks plain HTTP, "
                 "so the password would cross the network in clear; prefer an ssh tunnel")
-        web.serve(web.Dashboard(_ctx.config, log=log), where, on_ready=ready)
+        web.serve(web.Dashboard(_ctx.config, log=log), where, on_ready=ready,
+                  secure_cookie=secure_cookie)
 
 
 @app.command()

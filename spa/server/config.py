@@ -15,9 +15,12 @@ from __future__ import annotations
 import base64
 import binascii
 import calendar
+import contextlib
+import fcntl
+import os
 import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -413,6 +416,26 @@ def _write(path: Path, text: str) -> None:
         raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
 
 
+@contextlib.contextmanager
+def _editing(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock for one read-modify-write of the config, so two
+    edits at once (two dashboard revokes, the dashboard and the command line)
+    cannot undo each other.  The lock file holds nothing (0644, beside the
+    config; flock works on a read-only descriptor).  Raises ConfigError."""
+    lock = path.parent / f".{path.name}.lock"
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except PermissionError:
+        raise ConfigError(f"cannot write {path}: permission denied (run as root?)") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot lock {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _edit_document(path: Path) -> tomlkit.TOMLDocument:
     load(path)  # validates and checks permissions first
     return tomlkit.parse(path.read_text(encoding="utf-8"))
@@ -420,28 +443,29 @@ def _edit_document(path: Path) -> tomlkit.TOMLDocument:
 
 def add_client(path: Path, entry: ClientEntry) -> None:
     """Add a client to the file.  Raises ConfigError if the name is taken."""
-    doc = _edit_document(path)
-    if "clients" not in doc:
-        doc.add("clients", tomlkit.table(is_super_table=True))
-    clients = doc["clients"]
-    assert isinstance(clients, tomlkit.items.Table)
-    if entry.name in clients:
-        raise ConfigError(f"client {entry.name!r} is already enrolled; pick another name "
-                          f"or revoke it first")
-    table = tomlkit.table()
-    table.add("secret", b64encode(entry.secret))
-    table.add("services", list(entry.services))
-    table.add("allow_other_address", entry.allow_other_address)
-    table.add("revoked", False)
-    table.add("enrolled", entry.enrolled)
-    if entry.enroll_by:
-        table.add("enroll_by", entry.enroll_by)
-    if entry.otp_secret:
-        table.add("otp_secret", entry.otp_secret)
-    if entry.endpoint:
-        table.add("endpoint", entry.endpoint)
-    clients.add(entry.name, table)
-    _write(path, tomlkit.dumps(doc))
+    with _editing(path):
+        doc = _edit_document(path)
+        if "clients" not in doc:
+            doc.add("clients", tomlkit.table(is_super_table=True))
+        clients = doc["clients"]
+        assert isinstance(clients, tomlkit.items.Table)
+        if entry.name in clients:
+            raise ConfigError(f"client {entry.name!r} is already enrolled; pick another name "
+                              f"or revoke it first")
+        table = tomlkit.table()
+        table.add("secret", b64encode(entry.secret))
+        table.add("services", list(entry.services))
+        table.add("allow_other_address", entry.allow_other_address)
+        table.add("revoked", False)
+        table.add("enrolled", entry.enrolled)
+        if entry.enroll_by:
+            table.add("enroll_by", entry.enroll_by)
+        if entry.otp_secret:
+            table.add("otp_secret", entry.otp_secret)
+        if entry.endpoint:
+            table.add("endpoint", entry.endpoint)
+        clients.add(entry.name, table)
+        _write(path, tomlkit.dumps(doc))
 
 
 def set_revoked(path: Path, name: str, *, close: bool = False) -> bool:
@@ -450,36 +474,38 @@ def set_revoked(path: Path, name: str, *, close: bool = False) -> bool:
 
     Raises ConfigError if there is no such client.
     """
-    doc = _edit_document(path)
-    clients = doc.get("clients", {})
-    if name not in clients:
-        raise ConfigError(f"no client named {name!r}; see the list with: spa-server clients")
-    entry = clients[name]
-    if entry.get("revoked", False) and (not close or entry.get("close_leases", False)):
-        return False
-    entry["revoked"] = True
-    if close:
-        entry["close_leases"] = True
-    _write(path, tomlkit.dumps(doc))
-    return True
+    with _editing(path):
+        doc = _edit_document(path)
+        clients = doc.get("clients", {})
+        if name not in clients:
+            raise ConfigError(f"no client named {name!r}; see the list with: spa-server clients")
+        entry = clients[name]
+        if entry.get("revoked", False) and (not close or entry.get("close_leases", False)):
+            return False
+        entry["revoked"] = True
+        if close:
+            entry["close_leases"] = True
+        _write(path, tomlkit.dumps(doc))
+        return True
 
 
 def set_secret(path: Path, name: str, secret: bytes, *, old_until: str) -> ClientEntry:
     """Give a client a new secret; the old one stays as old_secret until
     `old_until` (empty: dropped now).  Returns the entry as it was.
     Raises ConfigError if there is no such client."""
-    before = load(path).clients.get(name)
-    doc = _edit_document(path)
-    clients = doc.get("clients", {})
-    if name not in clients or before is None:
-        raise ConfigError(f"no client named {name!r}; see the list with: spa-server clients")
-    entry = clients[name]
-    for key in ("old_secret", "old_until"):
-        if key in entry:
-            del entry[key]
-    if old_until:
-        entry["old_secret"] = b64encode(before.secret)
-        entry["old_until"] = old_until
-    entry["secret"] = b64encode(secret)
-    _write(path, tomlkit.dumps(doc))
-    return before
+    with _editing(path):
+        before = load(path).clients.get(name)
+        doc = _edit_document(path)
+        clients = doc.get("clients", {})
+        if name not in clients or before is None:
+            raise ConfigError(f"no client named {name!r}; see the list with: spa-server clients")
+        entry = clients[name]
+        for key in ("old_secret", "old_until"):
+            if key in entry:
+                del entry[key]
+        if old_until:
+            entry["old_secret"] = b64encode(before.secret)
+            entry["old_until"] = old_until
+        entry["secret"] = b64encode(secret)
+        _write(path, tomlkit.dumps(doc))
+        return before

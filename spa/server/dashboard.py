@@ -100,6 +100,48 @@ class SecurityHeaders:
         await self.app(scope, receive, with_headers)
 
 
+MAX_BODY = 16 * 1024  # bytes: the forms here are a password or a token
+
+
+class BodyLimit:
+    """Refuses a request body over MAX_BODY (413) before the application
+    parses it: an anonymous POST could otherwise make the form parser hold
+    up to a gigabyte (1,000 fields of 1 MB, Starlette's limits)."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length", b"0")
+        body, more = b"", True
+        if not declared.isdigit() or int(declared) > self.limit:
+            more = False
+        while more and len(body) <= self.limit:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        if more or len(body) > self.limit or not declared.isdigit() or (
+                int(declared) > self.limit):
+            await PlainTextResponse("request too large", status_code=413)(scope, receive, send)
+            return
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
 @dataclass
 class Dashboard:
     """What the handlers share: where the config is, the clock, the login state."""
@@ -109,6 +151,10 @@ class Dashboard:
     limiter: webauth.LoginLimiter = field(default_factory=webauth.LoginLimiter)
     checking: threading.Lock = field(default_factory=threading.Lock)
     _loaded: tuple[FileStamp, config_mod.ServerConfig] | None = None
+    # sessions signed out (session id -> when): a copy of the cookie is no
+    # session after sign-out (in memory: a restart forgets them; sessions still
+    # end SESSION_SECONDS after login, and a new password ends them all)
+    ended: dict[str, float] = field(default_factory=dict)
 
     def config(self) -> config_mod.ServerConfig:
         """The config, parsed again only when the file changed (a TOML parse
@@ -158,11 +204,18 @@ def make_app(dash: Dashboard, *, listen: str = config_mod.DEFAULT_DASHBOARD_LIST
                                           status_code=status)
 
     def signed_in(request: Request) -> bool:
+        """A session from a login with the current password, less than
+        SESSION_SECONDS ago (however often the cookie was re-signed since),
+        not signed out."""
+        session = request.session
         try:
             credentials = dash.credentials()
         except LocalError:
             return False
-        return webauth.same_token(credentials.fingerprint, request.session.get("auth"))
+        at, sid = session.get("at"), session.get("sid")
+        return (webauth.same_token(credentials.fingerprint, session.get("auth"))
+                and isinstance(at, float | int) and 0 <= dash.clock() - at < SESSION_SECONDS
+                and isinstance(sid, str) and sid not in dash.ended)
 
     def guard(handler: Callable[[Request], Awaitable[Response]]
               ) -> Callable[[Request], Awaitable[Response]]:
@@ -175,7 +228,7 @@ def make_app(dash: Dashboard, *, listen: str = config_mod.DEFAULT_DASHBOARD_LIST
         return guarded
 
     async def checked_form(request: Request) -> dict[str, str] | Response:
-        form = await request.form()
+        form = await request.form(max_fields=8, max_part_size=4096)
         fields = {k: v for k, v in form.items() if isinstance(v, str)}
         if not webauth.same_token(request.session.get("csrf"), fields.get("csrf")):
             return PlainTextResponse("the form expired or came from another site; reload "
@@ -219,7 +272,8 @@ def make_app(dash: Dashboard, *, listen: str = config_mod.DEFAULT_DASHBOARD_LIST
             return page(request, "login.html", status=401, error=error, wait=wait,
                         signed_in=False)
         request.session.clear()  # no fixation: a new session, a new CSRF token
-        request.session.update(auth=credentials.fingerprint, csrf=webauth.new_csrf_token())
+        request.session.update(auth=credentials.fingerprint, csrf=webauth.new_csrf_token(),
+                               at=dash.clock(), sid=webauth.new_csrf_token())
         dash.log(f"dashboard login src={_peer(request)}")
         return RedirectResponse("/", status_code=303)
 
@@ -227,6 +281,12 @@ def make_app(dash: Dashboard, *, listen: str = config_mod.DEFAULT_DASHBOARD_LIST
         fields = await checked_form(request)
         if isinstance(fields, Response):
             return fields
+        now, sid = dash.clock(), request.session.get("sid")
+        for old_sid, when in list(dash.ended.items()):
+            if now - when > SESSION_SECONDS:
+                del dash.ended[old_sid]
+        if isinstance(sid, str):
+            dash.ended[sid] = now  # any copy of this cookie is no session now
         request.session.clear()
         return RedirectResponse("/login", status_code=303)
 
@@ -292,6 +352,7 @@ def make_app(dash: Dashboard, *, listen: str = config_mod.DEFAULT_DASHBOARD_LIST
     ]
     middleware = [
         Middleware(SecurityHeaders),
+        Middleware(BodyLimit),
         Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(listen)),
         Middleware(SessionMiddleware, secret_key=key.hex(), session_cookie=COOKIE,
                    max_age=SESSION_SECONDS, same_site="strict", https_only=secure_cookie),
@@ -432,13 +493,14 @@ def _utc(when: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(when))
 
 
-def serve(dash: Dashboard, listen: str, *, on_ready: Callable[[str], None]) -> None:
+def serve(dash: Dashboard, listen: str, *, on_ready: Callable[[str], None],
+          secure_cookie: bool = False) -> None:
     """Bind, then serve until SIGINT/SIGTERM.  Raises LocalError."""
     import socket
 
     import uvicorn
 
-    app = make_app(dash, listen=listen)
+    app = make_app(dash, listen=listen, secure_cookie=secure_cookie)
     host, _, port = listen.rpartition(":")
     host = host.strip("[]")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -451,7 +513,11 @@ def serve(dash: Dashboard, listen: str, *, on_ready: Callable[[str], None]) -> N
         raise LocalError(f"cannot listen on {listen}: {exc.strerror}; pick another with "
                          "--listen HOST:PORT or [dashboard] listen") from None
     sock.listen(64)
+    # proxy_headers off: every tunnelled request comes from loopback, which
+    # uvicorn would otherwise trust to set X-Forwarded-For (a forged source in
+    # the login log).  A bounded number of connections at once.
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                           server_header=False, date_header=False))
+                                           server_header=False, date_header=False,
+                                           proxy_headers=False, limit_concurrency=64))
     on_ready(f"http://{listen}/")
     server.run(sockets=[sock])

@@ -157,7 +157,8 @@ def _read_only(path: Path) -> sqlite3.Connection:
     """Raises FileNotFoundError if there is no database yet."""
     if not path.exists():
         raise FileNotFoundError(path)
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    # as_uri escapes '?' and '#' in the path (else they would end the file name)
+    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
 
 
 _COLUMNS = "time, outcome, action, reason, client, source, service, duration, count"

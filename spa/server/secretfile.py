@@ -47,23 +47,29 @@ def read_secret_file(path: Path) -> bytes:
         return handle.read()
 
 
-def write_private(path: Path, data: bytes, *, mode: int = 0o600) -> None:
-    """Atomically replace `path` with `data`, created with `mode` (0600).
+def write_private(path: Path, data: bytes, *, mode: int = 0o600,
+                  owner: tuple[int, int] | None = None) -> None:
+    """Atomically replace `path` with `data`, created with `mode` (0600);
+    with `owner` (uid, gid), owned by them from before it takes the name (no
+    chown after the rename, which a symlink swapped in could redirect).
 
     Raises OSError (the caller turns it into a LocalError with context).
     """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
-        owner = path.stat()
+        existing: os.stat_result | None = path.stat()
     except FileNotFoundError:
-        owner = None
+        existing = None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.fchmod(fd, mode)
-        if owner is not None and (owner.st_uid, owner.st_gid) != (os.geteuid(), os.getegid()):
+        if owner is not None:
+            os.fchown(fd, *owner)
+        elif existing is not None and (existing.st_uid, existing.st_gid) != (
+                os.geteuid(), os.getegid()):
             # keep the owner (e.g. the `spa` service user) when root edits the file
             with contextlib.suppress(PermissionError):
-                os.fchown(fd, owner.st_uid, owner.st_gid)
+                os.fchown(fd, existing.st_uid, existing.st_gid)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

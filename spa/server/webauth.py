@@ -80,10 +80,11 @@ def save(state_dir: Path, credentials: Credentials) -> Path:
     path = state_dir / PASSWORD_FILE
     try:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_private(path, credentials.hash + b"\n" + credentials.key.hex().encode() + b"\n")
-        owner = state_dir.stat()
-        if os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
-            os.chown(path, owner.st_uid, owner.st_gid)
+        found = state_dir.stat()
+        owner = ((found.st_uid, found.st_gid)
+                 if os.geteuid() == 0 and (found.st_uid, found.st_gid) != (0, 0) else None)
+        write_private(path, credentials.hash + b"\n" + credentials.key.hex().encode() + b"\n",
+                      owner=owner)
     except PermissionError:
         raise LocalError(f"cannot write {path}: permission denied (run as root?)") from None
     except OSError as exc:

@@ -17,7 +17,7 @@ from spa.server import config as config_mod
 from spa.server import webauth
 from spa.server.dashboard import Dashboard, allowed_hosts, make_app, render_graph
 from spa.server.events import Event
-from tests.server_world import World
+from tests.server_world import START, World
 
 PASSWORD = "correct horse battery staple"
 A, B = "192.0.2.10", "198.51.100.7"
@@ -338,3 +338,107 @@ def test_concurrent_guesses_cannot_slip_past_the_lock_out(site: Site) -> None:
             codes = list(pool.map(guess, range(20)))
     assert len(checked) == webauth.MAX_FAILURES
     assert sorted(codes) == [401] * webauth.MAX_FAILURES + [429] * (20 - webauth.MAX_FAILURES)
+
+
+def test_concurrent_revokes_are_all_kept(site: Site) -> None:
+    """Eight revokes at once (the dashboard's thread pool, or the dashboard and
+    the command line): each read-modify-write of the config holds a lock, so
+    none undoes another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from spa.server import admin
+
+    names = [f"user{i}" for i in range(8)]
+    for name in names:
+        site.world.enroll(name, "ssh")
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda name: admin.revoke(site.world.config_path, name,
+                                                now=site.world.clock.now), names))
+    clients = config_mod.load(site.world.config_path).clients
+    assert [name for name in names if not clients[name].revoked] == []
+    assert site.login() == 303
+    token = site.csrf("/")
+    site.world.enroll("late", "ssh")
+    site.world.enroll("later", "ssh")
+
+    def revoke(name: str) -> int:
+        return site.http.post(f"/clients/{name}/revoke", data={"csrf": token},
+                              follow_redirects=False).status_code
+
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(revoke, ["late", "later"])) == [303, 303]
+    clients = config_mod.load(site.world.config_path).clients
+    assert clients["late"].revoked and clients["later"].revoked
+
+
+def test_a_large_body_is_refused_before_it_is_parsed(site: Site) -> None:
+    big = {"csrf": site.csrf(), "password": "x" * 100_000}
+    assert site.http.post("/login", data=big).status_code == 413
+
+    def stream() -> Iterator[bytes]:  # no Content-Length: chunked, counted as it comes
+        for _ in range(64):
+            yield b"a=" + b"x" * 1024 + b"&"
+
+    answer = site.http.post("/login", content=stream(),
+                            headers={"content-type": "application/x-www-form-urlencoded"})
+    assert answer.status_code == 413
+    many = {f"f{i}": "1" for i in range(50)} | {"csrf": site.csrf(), "password": PASSWORD}
+    assert site.http.post("/login", data=many).status_code == 400  # too many fields
+    assert site.login() == 303  # an ordinary form still works
+
+
+def test_signing_out_ends_every_copy_of_the_cookie(site: Site) -> None:
+    assert site.login() == 303
+    copy = site.http.cookies["spa_dashboard"]
+    answer = site.http.post("/logout", data={"csrf": site.csrf("/")}, follow_redirects=False)
+    assert answer.status_code == 303
+    site.http.cookies.clear()
+    site.http.cookies.set("spa_dashboard", copy)
+    assert site.http.get("/", follow_redirects=False).status_code == 303
+
+
+def test_a_session_ends_eight_hours_after_login_however_often_it_is_renewed(
+        site: Site) -> None:
+    """The cookie is re-signed whenever the session changes (a flash message,
+    say); the login time inside it still bounds the session."""
+    assert site.login() == 303
+    for _ in range(3):
+        site.world.clock.advance(3 * 3600 - 60)
+        page = site.http.post("/clients/nobody/revoke", data={"csrf": site.csrf("/")},
+                              follow_redirects=False)
+        assert page.status_code in (303, 200), page.status_code
+        if site.world.clock.now - START < 8 * 3600:
+            assert site.http.get("/", follow_redirects=False).status_code == 200
+    assert site.http.get("/", follow_redirects=False).status_code == 303
+
+
+def test_a_symlink_at_the_password_files_place_is_replaced_not_followed(
+        tmp_path: Path) -> None:
+    """The file gets its owner (fchown) before it takes its name; nothing is
+    chowned by name afterwards, so a link swapped in cannot aim that at
+    another file.  (This checks the outcome with a link placed beforehand;
+    the race itself is closed by construction.)"""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to hand a file to another user")
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, 65534, 65534)
+    victim = tmp_path / "victim"
+    victim.write_text("root's")
+    (state / webauth.PASSWORD_FILE).symlink_to(victim)
+    path = webauth.save(state, webauth.make_credentials(PASSWORD, **CHEAP))
+    assert not path.is_symlink() and path.stat().st_uid == 65534
+    assert victim.read_text() == "root's" and victim.stat().st_uid == 0
+
+
+def test_events_open_read_only_whatever_the_state_directory_is_called(
+        tmp_path: Path) -> None:
+    from spa.server.events import EVENTS_DB, EventSink, read_events
+
+    odd = tmp_path / "a?mode=rwc#x"
+    odd.mkdir()
+    sink = EventSink(odd / EVENTS_DB, lambda line: None, retention_days=1)
+    sink.record(Event(1.0, "scan", source=A))
+    sink.close()
+    assert [e.source for e in read_events(odd / EVENTS_DB)] == [A]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a?mode=rwc#x"]  # nothing else made
