@@ -179,8 +179,9 @@ def rotate(
     qr: Annotated[bool, typer.Option("--qr", help="Also print the new URI as a QR code.")
                   ] = False,
 ) -> None:
-    """Give a client a new secret and URI (after a lost device, a leaked URI, or a photo
-    of its QR code); a running server switches within a second."""
+    """Give a client a new secret and URI; a running server switches within a second.
+
+    For a lost device, a leaked URI, or a photo of its QR code."""
     with local_errors():
         seconds = 0.0 if grace.strip() == "0" else parse_duration(grace, "--grace")
         uri = admin.rotate(_ctx.config, name, grace=seconds, now=time.time(),
@@ -232,8 +233,9 @@ def dashboard_password(
                                         "input (first line), for scripts; never pass it in "
                                         "an argument.")] = False,
 ) -> None:
-    """Set the dashboard's password (stored as an Argon2id hash, 0600, in the state
-    directory).  Setting it again signs every open session out."""
+    """Set the dashboard's password; setting it again signs every session out.
+
+    Stored as an Argon2id hash, 0600, in the state directory."""
     import getpass
     import sys
 
@@ -260,14 +262,17 @@ def dashboard_password(
 @app.command()
 def dashboard(
     listen: Annotated[str | None, typer.Option(
-        help="HOST:PORT to serve on (default: [dashboard] listen, else 127.0.0.1:9713). "
+        help="HOST:PORT to serve on (default: \\[dashboard] listen, else 127.0.0.1:9713). "
         "Keep it on loopback and reach it through an ssh tunnel.")] = None,
     secure_cookie: Annotated[bool, typer.Option(
         "--secure-cookie", help="Behind a TLS proxy: the browser sends the session cookie "
         "over HTTPS only (plain http://127.0.0.1 logins then stop working).")] = False,
 ) -> None:
-    """Serve the web dashboard: open leases with live countdowns, the activity
-    table, knocks and scans over time, clients with revoke buttons."""
+    """Serve the web dashboard (loopback; reach it through an ssh tunnel).
+
+    Open leases with live countdowns, the activity table, knocks and scans
+    over time, clients with revoke buttons.  Set a password first with
+    spa-server dashboard-password."""
     import sys
 
     from spa.server import config as config_mod
@@ -394,8 +399,11 @@ def stats(
     since: Annotated[str | None, typer.Option(help="Only this recent: 24h, 7d, 30d.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
 ) -> None:
-    """Counts from the event store: knocks accepted and refused (by reason, client,
-    service), attempts the firewall dropped, scans, and the busiest hostile sources."""
+    """Counts: knocks by reason, client and service; drops, scans; by month and country.
+
+    From the event store: knocks accepted and refused (by reason, client,
+    service), attempts the firewall dropped, scans, the busiest hostile
+    sources, failed attempts by month (and by country with a GeoIP database)."""
     now = time.time()
     with local_errors():
         window = None if since is None else admin.parse_duration(since)
