@@ -421,6 +421,7 @@ def stats(
                        ("refused by reason", "refused_by_reason"),
                        ("refused by client", "refused_by_client"),
                        ("dropped by service", "dropped_by_service"),
+                       ("dropped by source", "dropped_by_source"),
                        ("scans by source", "scans_by_source"),
                        ("top sources of refusals and drops", "top_sources"),
                        *((("failed attempts by country", "failed_by_country"),

@@ -38,6 +38,7 @@ def test_stats_count_what_the_daemon_recorded(tmp_path: Path) -> None:
                                            "service_not_allowed": 1}
     assert report["refused_by_client"] == {"bob": 3}
     assert (report["dropped"], report["scans"]) == (40, 1)
+    assert report["dropped_by_source"] == {C: 40}
     assert report["scans_by_source"] == {C: 1}
     assert list(report["top_sources"])[:2] == [C, B]  # type: ignore[call-overload]
     later = admin.stats(admin.events(w.config_path, since=1, now=w.clock.now + 3600))
