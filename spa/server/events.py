@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 MAX_KEYS_PER_FLUSH = 500  # distinct refusal keys written per flush interval
 MAX_KEYS_BUFFERED = 10_000  # distinct keys held between flushes (spoofed-source floods)
@@ -161,6 +162,15 @@ def _read_only(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
 
 
+def _fetch(path: Path, sql: str, params: tuple[object, ...]) -> list[Any]:
+    """The rows of one read-only query.  Raises FileNotFoundError."""
+    db = _read_only(path)
+    try:
+        return db.execute(sql, params).fetchall()
+    finally:
+        db.close()
+
+
 _COLUMNS = "time, outcome, action, reason, client, source, service, duration, count"
 
 
@@ -169,14 +179,8 @@ def read_events(path: Path, *, since: float | None = None) -> list[Event]:
 
     Raises FileNotFoundError if there is no database yet.
     """
-    db = _read_only(path)
-    try:
-        rows = db.execute(
-            f"SELECT {_COLUMNS} FROM events WHERE time >= ? ORDER BY time, id",  # noqa: S608
-            (since if since is not None else 0.0,),
-        ).fetchall()
-    finally:
-        db.close()
+    rows = _fetch(path, f"SELECT {_COLUMNS} FROM events WHERE time >= ? "  # noqa: S608
+                  "ORDER BY time, id", (since if since is not None else 0.0,))
     return [Event(*row) for row in rows]
 
 
@@ -186,17 +190,14 @@ def read_summary(path: Path, *, since: float = 0.0) -> list[Event]:
     report from these as from every row, in a bounded number of rows (scan
     rows, at most one per source a minute, are kept as they are, since stats
     counts them one each).  Raises FileNotFoundError."""
-    db = _read_only(path)
-    try:
-        rows = db.execute(
-            "SELECT MIN(time), outcome, action, reason, client, source, service, NULL, "  # noqa: S608
-            "SUM(count) FROM events WHERE time >= ? AND outcome != 'scan' "
-            "GROUP BY strftime('%Y-%m', time, 'unixepoch'), outcome, action, reason, client, "
-            "source, service "
-            f"UNION ALL SELECT {_COLUMNS} FROM events WHERE time >= ? "
-            "AND outcome = 'scan'", (since, since)).fetchall()
-    finally:
-        db.close()
+    rows = _fetch(
+        path,
+        "SELECT MIN(time), outcome, action, reason, client, source, service, NULL, "  # noqa: S608
+        "SUM(count) FROM events WHERE time >= ? AND outcome != 'scan' "
+        "GROUP BY strftime('%Y-%m', time, 'unixepoch'), outcome, action, reason, client, "
+        "source, service "
+        f"UNION ALL SELECT {_COLUMNS} FROM events WHERE time >= ? AND outcome = 'scan'",
+        (since, since))
     return [Event(*row) for row in rows]
 
 
@@ -219,25 +220,15 @@ def query_events(path: Path, where: Filter, *, limit: int = 500) -> list[Event]:
         if value:
             clauses.append(f"{column} = ?")
             params.append(value)
-    db = _read_only(path)
-    try:
-        rows = db.execute(
-            f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(clauses)} "  # noqa: S608
-            "ORDER BY time DESC, id DESC LIMIT ?", (*params, limit)).fetchall()
-    finally:
-        db.close()
+    rows = _fetch(path, f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(clauses)} "  # noqa: S608
+                  "ORDER BY time DESC, id DESC LIMIT ?", (*params, limit))
     return [Event(*row) for row in rows]
 
 
 def last_seen(path: Path) -> dict[str, tuple[float, str]]:
     """client -> (time, source) of its last accepted knock.  Raises FileNotFoundError."""
-    db = _read_only(path)
-    try:
-        rows = db.execute(
-            "SELECT client, MAX(time), source FROM events WHERE outcome = 'accepted' "
-            "AND client IS NOT NULL GROUP BY client").fetchall()
-    finally:
-        db.close()
+    rows = _fetch(path, "SELECT client, MAX(time), source FROM events WHERE outcome = "
+                  "'accepted' AND client IS NOT NULL GROUP BY client", ())
     return {client: (when, source or "-") for client, when, source in rows}
 
 
@@ -246,16 +237,12 @@ def histogram(path: Path, *, since: float, width: float, outcomes: tuple[str, ..
     """outcome -> {bucket index: count} for buckets of `width` seconds from
     `since` (scans count one per row; the rest by their count).
     Raises FileNotFoundError."""
-    db = _read_only(path)
     marks = ", ".join("?" for _ in outcomes)
-    try:
-        rows = db.execute(
-            "SELECT outcome, CAST((time - ?) / ? AS INTEGER) AS slot, "  # noqa: S608
-            "SUM(CASE WHEN outcome = 'scan' THEN 1 ELSE count END) FROM events "
-            f"WHERE time >= ? AND outcome IN ({marks}) GROUP BY outcome, slot",
-            (since, width, since, *outcomes)).fetchall()
-    finally:
-        db.close()
+    rows = _fetch(path,
+                  "SELECT outcome, CAST((time - ?) / ? AS INTEGER) AS slot, "  # noqa: S608
+                  "SUM(CASE WHEN outcome = 'scan' THEN 1 ELSE count END) FROM events "
+                  f"WHERE time >= ? AND outcome IN ({marks}) GROUP BY outcome, slot",
+                  (since, width, since, *outcomes))
     found: dict[str, dict[int, int]] = {name: {} for name in outcomes}
     for outcome, slot, count in rows:
         found[outcome][int(slot)] = int(count)
