@@ -241,14 +241,17 @@ def stats(events_: list[Event], *, top: int = 10,
     scans = [Event(e.time, e.outcome, source=e.source) for e in events_ if e.outcome == "scan"]
     failed = refused + dropped
     hostile = tally(failed, field("source"))
-    monthly: dict[str, dict[str, object]] = {}
-    for month in sorted({_month(e.time) for e in failed + scans}):
-        in_month = [e for e in failed if _month(e.time) == month]
-        monthly[month] = {
-            "failed": sum(e.count for e in in_month),
-            "scans": sum(1 for e in scans if _month(e.time) == month),
-            "failed_by_country": tally(in_month, country),
-        }
+    failed_in: dict[str, list[Event]] = {}
+    scans_in: dict[str, int] = {}
+    for e in failed:
+        failed_in.setdefault(_month(e.time), []).append(e)
+    for e in scans:
+        scans_in[_month(e.time)] = scans_in.get(_month(e.time), 0) + 1
+    monthly: dict[str, dict[str, object]] = {
+        month: {"failed": sum(e.count for e in failed_in.get(month, [])),
+                "scans": scans_in.get(month, 0),
+                "failed_by_country": tally(failed_in.get(month, []), country)}
+        for month in sorted(failed_in.keys() | scans_in.keys())}
     return {
         "accepted": sum(e.count for e in accepted),
         "refused": sum(e.count for e in refused),
