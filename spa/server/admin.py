@@ -146,7 +146,11 @@ def clients(path: Path) -> list[ClientEntry]:
 
 def client_states(path: Path, *, now: float) -> dict[str, str]:
     """name -> revoked | active | pending until <UTC> | expired (pending, never used)."""
-    config = config_mod.load(path)
+    return states_of(config_mod.load(path), now=now)
+
+
+def states_of(config: ServerConfig, *, now: float) -> dict[str, str]:
+    """client_states for a config already loaded."""
     try:
         activated = StateDir(config.state_dir).load_activated()
     except LocalError:

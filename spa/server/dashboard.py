@@ -56,6 +56,7 @@ from spa.server.events import (
     query_events,
     read_summary,
 )
+from spa.server.geoip import Countries
 from spa.server.state import StateDir
 
 HERE = Path(__file__).parent / "web"
@@ -151,6 +152,7 @@ class Dashboard:
     limiter: webauth.LoginLimiter = field(default_factory=webauth.LoginLimiter)
     checking: threading.Lock = field(default_factory=threading.Lock)
     _loaded: tuple[FileStamp, config_mod.ServerConfig] | None = None
+    _countries: tuple[Path | None, Countries] | None = None
     # sessions signed out (session id -> when): a copy of the cookie is no
     # session after sign-out (in memory: a restart forgets them; sessions still
     # end SESSION_SECONDS after login, and a new password ends them all)
@@ -167,6 +169,15 @@ class Dashboard:
         if stamp is not None:
             self._loaded = (stamp, config)
         return config
+
+    def countries(self) -> Countries:
+        """The configured GeoIP lookup, opened once per database path (its
+        reader maps the file; a page view should not open it again)."""
+        path = self.config().geoip_database
+        opened = self._countries
+        if opened is None or opened[0] != path:
+            opened = self._countries = (path, Countries(path))
+        return opened[1]
 
     def credentials(self) -> webauth.Credentials:
         return webauth.load(self.config().state_dir)
@@ -394,15 +405,16 @@ def _leases(dash: Dashboard) -> dict[str, Any]:
 def _overview(dash: Dashboard, span: str) -> dict[str, Any]:
     now = dash.clock()
     config = dash.config()
-    states = admin.client_states(dash.config_path, now=now)
+    states = admin.states_of(config, now=now)
     db = config.state_dir / EVENTS_DB
     try:
         seen = last_seen(db)
         recent = admin.stats(read_summary(db, since=now - RANGES[span][0]))
         year = admin.stats(read_summary(db, since=now - 366 * 86400),
-                           countries=admin.countries(dash.config_path))
+                           countries=dash.countries())
     except FileNotFoundError:
-        seen, recent, year = {}, admin.stats([]), admin.stats([])
+        seen, recent = {}, admin.stats([])
+        year = admin.stats([], countries=dash.countries())  # no events yet
     clients = [{"name": name, "state": states.get(name, "?"),
                 "services": ", ".join(entry.services), "otp": bool(entry.otp_secret),
                 "seen": seen.get(name)}
