@@ -118,17 +118,16 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers", [])).get(b"content-length", b"0")
+        too_big = not declared.isdigit() or int(declared) > self.limit
         body, more = b"", True
-        if not declared.isdigit() or int(declared) > self.limit:
-            more = False
-        while more and len(body) <= self.limit:
+        while more and not too_big:
             message = await receive()
             if message["type"] != "http.request":
                 return  # the client went away
             body += message.get("body", b"")
             more = message.get("more_body", False)
-        if more or len(body) > self.limit or not declared.isdigit() or (
-                int(declared) > self.limit):
+            too_big = len(body) > self.limit
+        if too_big:
             await PlainTextResponse("request too large", status_code=413)(scope, receive, send)
             return
         sent = False
