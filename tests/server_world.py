@@ -52,9 +52,9 @@ class World:
         admin.enroll(self.config_path, name, list(services) or ["ssh", "https"], "127.0.0.1",
                      expires=expires, now=self.clock.now, otp=otp)
 
-    def start(self) -> Server:
+    def start(self, source: FakeSource | None = None) -> Server:
         self.backend = MemoryBackend()
-        self.source = FakeSource()
+        self.source = source if source is not None else FakeSource()
         self.server = Server(config_mod.load(self.config_path), backend=self.backend,
                              source=self.source, clock=self.clock, log=self.logs.append)
         self.server.start()

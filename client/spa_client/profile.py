@@ -4,10 +4,15 @@ Invariants:
 - A profile file holds a secret: written 0600 atomically in a 0700 directory,
   and refused on load when group or others may read it.
 - Errors are one line (ProfileError) that never quotes the secret.
+- Beside each profile, `NAME.opened` records when a knock of this profile last
+  opened its port (no secret; also 0600; best effort: a failure to record never
+  fails the knock).  Saving a different enrollment under the name, or
+  forgetting it, removes the record: it speaks of one enrollment only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
@@ -60,6 +65,7 @@ class ProfileStore:
                 raise ProfileError(f"a profile named {name!r} exists for another enrollment; "
                                    "pick another with --name")
         text = f'# spa-client profile: holds a secret, keep it 0600\nuri = "{render(enrollment)}"\n'
+        changed = not path.exists() or path.read_text() != text
         try:
             self.profiles.mkdir(parents=True, exist_ok=True, mode=0o700)
             import tempfile  # only when saving: keeps `open`'s start-up short
@@ -71,6 +77,8 @@ class ProfileStore:
             os.replace(tmp, path)
         except OSError as exc:
             raise ProfileError(f"cannot write {path}: {exc.strerror}") from None
+        if changed:
+            self._forget_opened(name)
         return path
 
     def load(self, name: str) -> Profile:
@@ -100,7 +108,46 @@ class ProfileStore:
             path.unlink()
         except OSError as exc:
             raise ProfileError(f"cannot remove {path}: {exc.strerror}") from None
+        self._forget_opened(profile.name)
         return path
+
+    def record_opened(self, name: str, when: float) -> bool:
+        """Note that a knock of profile `name` opened its port at `when` (Unix
+        time).  Cheap (no import, one small 0600 file replaced atomically) and
+        best effort: False when it could not be written."""
+        path = self.profiles / f"{name}.opened"
+        tmp = self.profiles / f".{name}.opened.{os.getpid()}"
+        text = ("# spa-client: when this profile last opened its port (no secret)\n"
+                f"last_opened = {int(when)}\n")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                os.fchmod(fd, 0o600)
+                handle.write(text)
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            return False
+        return True
+
+    def last_opened(self, name: str) -> float | None:
+        """When a knock of profile `name` last opened its port, if recorded."""
+        try:
+            data = tomllib.loads((self.profiles / f"{name}.opened").read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            return None
+        when = data.get("last_opened")
+        return float(when) if isinstance(when, int) and when > 0 else None
+
+    def _forget_opened(self, name: str) -> None:
+        try:
+            (self.profiles / f"{name}.opened").unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise ProfileError(f"cannot remove {self.profiles / name}.opened: "
+                               f"{exc.strerror}") from None
 
     def names(self) -> list[str]:
         if not self.profiles.is_dir():

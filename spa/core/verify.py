@@ -164,6 +164,12 @@ class Verifier:
         """When the tag table next moves (the next step boundary)."""
         return self._refresh_at
 
+    @property
+    def staged_step(self) -> int | None:
+        """The step whose tags are staged, if any."""
+        staged = self._staged
+        return None if staged is None else staged.step
+
     def stage(self, prepared: Prepared) -> None:
         """Hand in tags computed ahead of the next boundary (any thread)."""
         self._staged = prepared

@@ -4,10 +4,12 @@ Invariants (docs/threat-model.md; issue 4's server design):
 - One thread receives and verifies.  It owns the verifier: every change to
   keys, tags or policy is queued as a command and run by that thread between
   packets, so nothing else ever mutates what it reads.
-- A housekeeping thread expires leases, prepares the next step's knock tags
-  ahead of the boundary, reloads the config when it changes (or on SIGHUP),
-  saves state and flushes events; none of it blocks the receive path for
-  longer than a lock around the lease table.
+- A housekeeping thread expires leases, builds the kernel tag filter from the
+  clock (never from the last packet: an idle server keeps every live tag),
+  prepares the next step's knock tags ahead of the boundary, reloads the
+  config when it changes (or on SIGHUP), saves state and flushes events;
+  none of it blocks the receive path for longer than a lock around the
+  lease table.
 - The receive thread takes what the socket holds (up to a batch) per wake-up,
   verifies each datagram, and hands the batch's grants to the firewall in one
   call (one nftables transaction) before it takes the next batch.
@@ -32,7 +34,7 @@ from pathlib import Path
 from spa.backends.base import Backend, apply
 from spa.core.errors import AFTER_AUTHENTICATION, Reason
 from spa.core.keys import derive_keys
-from spa.core.knock import STEP_SECONDS, knock_tag, step_of, steps_for_window
+from spa.core.knock import STEP_SECONDS, knock_tag, step_of, step_start, steps_for_window
 from spa.core.leases import Allow, FirewallAction, LeaseTable
 from spa.core.otp import OtpChecker
 from spa.core.policy import Policy
@@ -45,7 +47,7 @@ from spa.server.events import EVENTS_DB, Event, EventSink
 from spa.server.metrics import Metrics
 from spa.server.notify import Notifier
 from spa.server.scans import SCAN_WINDOW, ScanDetector
-from spa.server.sources import Datagram, PacketSource
+from spa.server.sources import NONCE_PREFIX, Datagram, PacketSource
 from spa.server.state import StateDir
 
 TICK = 0.2  # seconds between housekeeping rounds (revoke lands within ~0.5 s)
@@ -55,7 +57,6 @@ PRUNE_EVERY = 3600.0  # seconds between event-retention prunes
 STAGE_AHEAD = 3.0  # seconds before a step boundary to prepare its tags
 REPLAYS_TO_BLOCK = 20  # copies of one packet in one second that put its nonce in the kernel filter
 MAX_BLOCKED_NONCES = 64  # nonces the kernel filter drops at most (5 BPF instructions each)
-NONCE_PREFIX = 8  # bytes of the nonce the kernel filter compares
 DROPS_EVERY = 5.0  # seconds between readings of the firewall's drop counters
 MAX_KNOCKED_SOURCES = 10_000  # sources remembered as clients' (scan detection)
 MAX_DROP_ROWS = 500  # 'dropped'/'scan' rows per reading; the rest fold into one row
@@ -104,6 +105,7 @@ class Server:
         self._heartbeat = 0.0  # monotonic time of the receive loop's last turn
         self._retry_reconcile = False  # a firewall call failed: reconcile next round
         self._filter_step: int | None = None  # the step the kernel tag filter was built for
+        self._refresh_queued = False  # the receive thread will move the tag table
         self._pending_snapshot: bytes | None = None  # replay snapshot to write
         self._tag_keys: dict[str, bytes] = {}
         self._replays: dict[bytes, int] = {}  # nonce prefix -> copies this second
@@ -357,9 +359,7 @@ class Server:
                 self._reconcile(now)
             elif expired:
                 self._apply(expired, now)
-        boundary = self.verifier.next_step_at
-        if boundary - now <= STAGE_AHEAD:
-            self.verifier.stage(self.verifier.tags.prepare(step_of(boundary)))
+        self._follow_the_clock(now)
         self._end_grace(now)
         self._read_drops(now)
         self._update_kernel_filter(now)
@@ -374,6 +374,29 @@ class Server:
         if now - self._last_prune >= PRUNE_EVERY:
             self.events.prune(now)
             self._last_prune = now
+
+    def _follow_the_clock(self, now: float) -> None:
+        """Move the tag table with the clock, whether or not packets arrive.
+
+        The verifier moves its table when a packet reaches it; the kernel
+        filter is built from the clock alone (`_update_kernel_filter`), so a
+        server that receives nothing for hours still holds the live tags (an
+        idle server once kept the tags of its last packet's step, and every
+        later knock died in the kernel).  Here: stage the next step's tags
+        ahead of the boundary, and once it has passed, have the receive
+        thread move the table (it owns the verifier).
+        """
+        verifier, step = self.verifier, step_of(now)
+        if step_start(step + 1) - now <= STAGE_AHEAD and verifier.staged_step != step + 1:
+            verifier.stage(verifier.tags.prepare(step + 1))
+        if verifier.tags.step != step and not self._refresh_queued:
+            self._refresh_queued = True
+
+            def refresh() -> None:
+                self._refresh_queued = False
+                self.verifier.refresh(self.clock())
+
+            self._commands.append(refresh)
 
     @staticmethod
     def _derive_tag_keys(config: ServerConfig, now: float) -> dict[str, bytes]:
@@ -452,8 +475,7 @@ class Server:
         set_tags = getattr(self.source, "set_tags", None)
         if set_tags is None:
             return
-        boundary = self.verifier.next_step_at
-        step = step_of(boundary) if boundary - now <= STAGE_AHEAD else step_of(now)
+        step = step_of(now + STAGE_AHEAD)  # from the clock alone, never from packets
         blocked = self._blocked_nonces
         for nonce, until in list(blocked.items()):
             if until <= now:

@@ -20,13 +20,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from spa.core.wire import PACKET_SIZE
+from spa.core.knock import TAG_SIZE
+from spa.core.wire import NONCE_OFFSET, PACKET_SIZE
 from spa.server.errors import LocalError
 
 RECV_SIZE = 2048  # larger than any packet we accept, so oversize is visible
 RECV_BUFFER = 4 * 1024 * 1024  # kernel socket buffer: absorbs bursts
 SO_DETACH_FILTER = 27
 BATCH = 64  # datagrams taken per wake-up at most (the receive thread's turn)
+NONCE_PREFIX = 8  # bytes of the nonce the kernel filter compares (replays being flooded)
 
 Datagram = tuple[bytes, str]  # (payload, source address)
 
@@ -150,6 +152,35 @@ class FakeSource:
 
     def close(self) -> None:
         self.closed = True
+
+
+class FakeFilteredSource(FakeSource):
+    """A FakeSource with a kernel filter: `set_tags` records what the kernel
+    would let through, and `receive` hands out only datagrams it would pass
+    (those with a live tag and no blocked nonce), as the capture and udp
+    sources' filters do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: frozenset[bytes] | None = None  # None: no filter (everything passes)
+        self.nonces: tuple[bytes, ...] = ()
+        self.builds = 0
+
+    def set_tags(self, tags: list[bytes] | None, nonces: Sequence[bytes] = ()) -> str:
+        self.tags = None if tags is None else frozenset(tags)
+        self.nonces = tuple(nonces)
+        self.builds += 1
+        return filter_note(tags or [], nonces)
+
+    def passes(self, data: bytes) -> bool:
+        """Whether the kernel filter would hand this datagram to Python."""
+        if self.tags is None:
+            return True
+        nonce = data[NONCE_OFFSET:NONCE_OFFSET + NONCE_PREFIX]
+        return data[1:1 + TAG_SIZE] in self.tags and nonce not in self.nonces
+
+    def receive(self, timeout: float) -> list[Datagram]:
+        return [item for item in super().receive(timeout) if self.passes(item[0])]
 
 
 assert PACKET_SIZE < RECV_SIZE

@@ -8,6 +8,7 @@ Skipped, with the reason, only where namespaces cannot be made.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -88,17 +89,16 @@ def _start_services(world: World) -> None:
     assert tls.stdout.readline().strip() == "listening"
 
 
-@pytest.fixture(scope="session")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    if REASON is not None:
-        pytest.skip(REASON)
+@contextlib.contextmanager
+def open_world(root: Path) -> Iterator[World]:
+    """Namespaces, links, sshd and the TLS service; all removed afterwards."""
+    root.mkdir(parents=True, exist_ok=True)
     topo = Topology()
     started: list[subprocess.Popen[str]] = []
     try:
         srv, cli, att = topo.ns("srv"), topo.ns("cli"), topo.ns("att")
         router, nat1, nat2 = topo.ns("rtr"), topo.ns("nat1"), topo.ns("nat2")
-        w = World(topo, srv, cli, att, router, nat1, nat2, tmp_path_factory.mktemp("netns"),
-                  procs=started)
+        w = World(topo, srv, cli, att, router, nat1, nat2, root, procs=started)
         srv_cli, _ = topo.link(srv, [f"{SRV4}/24", f"{SRV6}/64"], cli,
                                [f"{CLI4}/24", f"{CLI6}/64"])
         srv_att, _ = topo.link(srv, [f"{SRV_ATT4}/24", "fd00:199:2::1/64"], att,
@@ -119,6 +119,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         for proc in started:
             proc.kill()
         topo.cleanup()
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    if REASON is not None:
+        pytest.skip(REASON)
+    with open_world(tmp_path_factory.mktemp("netns")) as w:
+        yield w
 
 
 @dataclass
@@ -214,17 +222,25 @@ class Spa:
         return sorted(found)
 
 
-@pytest.fixture
-def spa(world: World, tmp_path: Path) -> Iterator[Spa]:
-    site = Spa(world, tmp_path)
-    site.admin("init", "--listen-port", str(KNOCK_PORT), "--state-dir",
-               str(tmp_path / "state"))
+@contextlib.contextmanager
+def open_site(world: World, root: Path) -> Iterator[Spa]:
+    """A configured (not started) spa-server in the world's server namespace;
+    killed and its table removed afterwards."""
+    root.mkdir(parents=True, exist_ok=True)
+    site = Spa(world, root)
+    site.admin("init", "--listen-port", str(KNOCK_PORT), "--state-dir", str(root / "state"))
     try:
         yield site
     finally:
         site.stop(signal.SIGKILL)
         world.srv.run("nft", "delete", "table", "inet", "spa", check=False)
         os.sync()
+
+
+@pytest.fixture
+def spa(world: World, tmp_path: Path) -> Iterator[Spa]:
+    with open_site(world, tmp_path) as site:
+        yield site
 
 
 @pytest.fixture

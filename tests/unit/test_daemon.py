@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 
 from spa.core.errors import Reason
-from spa.core.knock import STEP_SECONDS, step_of
+from spa.core.keys import derive_keys
+from spa.core.knock import STEP_SECONDS, knock_tag, step_of
 from spa.core.verify import Accepted, Refused
 from spa.core.wire import NONCE_OFFSET, Action
 from spa.server import admin
-from spa.server.daemon import STAGE_AHEAD
-from spa.server.sources import FakeSource, filter_note
+from spa.server import config as config_mod
+from spa.server.daemon import STAGE_AHEAD, TICK
+from spa.server.sources import FakeFilteredSource, FakeSource, filter_note
 from tests.server_world import World
 
 A = "192.0.2.10"
@@ -552,3 +554,38 @@ def test_restart_only_settings_warn_once_per_change_not_for_runs_overrides(
     assert len([line for line in world.logs if line.startswith(warning)]) == 1
     assert server.config.window == 30, "the running window stays until a restart"
     server.shutdown()
+
+
+
+def test_an_idle_server_keeps_every_live_tag_in_the_kernel_filter(tmp_path: Path) -> None:
+    """Issue 12: the filter follows the clock, not the packets.  Ten minutes
+    with no packet at all (housekeeping every TICK, as its thread runs): at
+    every second the client's tags for now and for a clock +-window off are
+    in the filter, the verifier's table moves too, and a knock at the end
+    reaches Python and is granted.  The filter once stayed on the step of the
+    last packet it saw, and every knock after a quiet minute died in it."""
+    world = World(tmp_path)
+    world.init()
+    world.enroll("alice")
+    source = FakeFilteredSource()
+    server = world.start(source)
+    config = config_mod.load(world.config_path)
+    tag_key = derive_keys(config.clients["alice"].secret, config.server_id).tag_key
+    window = config.window
+    ticks_per_second = round(1 / TICK)
+    for second in range(600):
+        for _ in range(ticks_per_second):
+            world.clock.advance(TICK)
+            server.housekeeping()
+            server.run_commands()  # the receive thread's turn (it wakes every 0.25 s)
+        now = world.clock.now
+        assert source.tags is not None
+        for offset in (-window, 0.0, window):
+            tag = knock_tag(tag_key, step_of(now + offset))
+            assert tag in source.tags, f"alice's tag for now{offset:+.0f} s missing at {second} s"
+        assert server.verifier.tags.step == step_of(now)
+    packet = world.packet("alice")
+    source.push(packet, A)
+    batch = source.receive(0)
+    assert batch == [(packet, A)], "the kernel filter let the knock through"
+    assert isinstance(server.handle_batch(batch)[0], Accepted)
