@@ -23,6 +23,7 @@ from spa.core.errors import FormatError
 from spa.server import admin
 from spa.server.config import DEFAULT_CONFIG, DEFAULT_PORT, DEFAULT_STATE_DIR
 from spa.server.errors import LocalError
+from spa.server.state import describe_holder
 
 app = typer.Typer(
     help="Single-packet authorization server: keeps services closed until a client "
@@ -352,8 +353,8 @@ def status(json_out: Annotated[bool, typer.Option("--json", help="Machine-readab
                                 "clients": r.clients, "seconds_left": round(r.seconds_left, 1)}
                                for r in rows]))
         return
-    who = (f"running (pid {running['pid']}, port {running['port']}/udp, "
-           f"backend {running['backend']})" if running else "not running")
+    who = (f"running ({describe_holder(running, now)}, port {running.get('port')}/udp, "
+           f"backend {running.get('backend')})" if running else "not running")
     typer.echo(f"server: {who}")
     if not running and rows and info.get("expires_by_itself") is False:
         typer.echo(f"warning: backend {info.get('backend')} cannot expire grants while the "

@@ -53,6 +53,10 @@ class World:
                      expires=expires, now=self.clock.now, otp=otp)
 
     def start(self, source: FakeSource | None = None) -> Server:
+        """A new server on the same state; one started before and never shut
+        down is taken for crashed (a dead process's lock goes with it)."""
+        if self.server is not None:
+            self.server.state.release()
         self.backend = MemoryBackend()
         self.source = source if source is not None else FakeSource()
         self.server = Server(config_mod.load(self.config_path), backend=self.backend,

@@ -82,13 +82,17 @@ class FileStamp:
 
 class Server:
     def __init__(self, config: ServerConfig, *, backend: Backend, source: PacketSource,
-                 clock: Clock, log: Log, notifier: Notifier | None = None) -> None:
+                 clock: Clock, log: Log, notifier: Notifier | None = None,
+                 state: StateDir | None = None) -> None:
+        """`state`: the state directory, already locked by the caller (so a
+        second daemon is refused before it binds a socket); else `start`
+        locks it."""
         self.config = config
         self.backend = backend
         self.source = source
         self.clock = clock
         self.log = log
-        self.state = StateDir(config.state_dir)
+        self.state = state if state is not None else StateDir(config.state_dir)
         self._lock = threading.Lock()
         self._commands: deque[Callable[[], None]] = deque()
         self._reload_requested = threading.Event()
@@ -132,6 +136,7 @@ class Server:
         """Load state, start the backend, reconcile.  Raises LocalError."""
         now = self.clock()
         self.state.ensure()
+        self.state.acquire(now)  # one daemon per state directory, before anything else
         replay = self.state.load_replay(self.config.window, now)
         # a fresh dump first: a record torn by a crash never sits in front of
         # the records this run appends
@@ -155,7 +160,7 @@ class Server:
         self._tag_keys = self._derive_tag_keys(self.config, now)
         self._update_kernel_filter(now, force=True)
         self.state.write_server({
-            "pid": os.getpid(), "started": now, "port": self.config.listen_port,
+            "pid": os.getpid(), "started": self._started_at(now), "port": self.config.listen_port,
             "backend": self.backend.name, "mode": self.config.mode,
         })
         if self.config.metrics_listen:
@@ -165,6 +170,11 @@ class Server:
         self.log(f"started port={self.config.listen_port} backend={self.backend.name} "
                  f"mode={self.config.mode} clients={len(self.config.clients)} "
                  f"leases={len(self.leases)}")
+
+    def _started_at(self, now: float) -> float:
+        info = self.state.running_server() or {}
+        started = info.get("started")
+        return float(started) if isinstance(started, int | float) else now
 
     def _reconcile(self, now: float) -> None:
         """Make the backend hold exactly the live leases (after a restart)."""
@@ -214,8 +224,8 @@ class Server:
         self.events.close()
         if self.metrics is not None:
             self.metrics.close()
-        self.state.clear_server()
         self.log(f"stopped leases={len(self.leases)}")
+        self.state.release()  # last: until here no second daemon may start
 
     def request_reload(self) -> None:
         """SIGHUP: reload the config at the next housekeeping round."""

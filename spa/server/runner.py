@@ -14,6 +14,7 @@ from spa.server.daemon import Server
 from spa.server.errors import LocalError
 from spa.server.notify import Notifier
 from spa.server.sources import PacketSource, UdpSource
+from spa.server.state import StateDir
 
 
 def log_to_stderr(line: str) -> None:
@@ -53,8 +54,11 @@ def build(path: Path, *, backend: str | None, mode: str | None,
     config = config_mod.load(path)
     config = replace(config, backend=backend or config.backend, mode=mode or config.mode,
                      interface=interface if interface is not None else config.interface)
+    state = StateDir(config.state_dir)
+    state.ensure()
+    state.acquire(time.time())  # a second daemon stops here, before socket or firewall
     chosen_backend = make_backend(config.backend, flush_on_stop=config.flush_on_stop)
     source = make_source(config.mode, config.listen_address, config.listen_port,
                          config.interface)
     return Server(config, backend=chosen_backend, source=source, clock=time.time,
-                  log=log_to_stderr, notifier=Notifier.from_environment())
+                  log=log_to_stderr, notifier=Notifier.from_environment(), state=state)

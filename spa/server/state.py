@@ -12,11 +12,18 @@ Invariants:
 - `leases.json` is replaced atomically, so `spa-server status` in another
   process always reads a whole file.
 - Files are 0600 and the directory 0700.
+- One daemon per state directory: it holds an exclusive flock on
+  `server.lock` for its whole life (the kernel drops it when the process
+  ends, even by kill -9), and keeps its pid, start time, port and backend in
+  that file.  A second daemon is refused before it touches the firewall;
+  `running_server` asks the lock, not a pid that may have been reused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import ipaddress
 import json
 import os
@@ -34,7 +41,7 @@ LEASES = "leases.json"
 REPLAY = "replay.bin"
 JOURNAL = "replay.journal"
 JOURNAL_OLD = "replay.journal.old"  # being compacted: covered by no dump yet
-SERVER = "server.json"
+LOCK = "server.lock"  # held by the running daemon; holds its pid, start, port, backend
 OTP_STEPS = "otp.json"  # the last authenticator-code time step each client used
 ACTIVATED = "activated.json"  # pending enrollments used in time: name -> the enroll_by it met
 T = TypeVar("T")
@@ -52,6 +59,7 @@ class StateDir:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._journal_fd: int | None = None
+        self._lock_fd: int | None = None
         self.journal_error: str | None = None
 
     def ensure(self) -> None:
@@ -210,25 +218,78 @@ class StateDir:
 
     # ---- the running server ------------------------------------------------
 
-    def write_server(self, info: dict[str, Any]) -> None:
-        write_private(self.path / SERVER, json.dumps(info).encode())
+    def acquire(self, now: float) -> None:
+        """Become the one daemon of this state directory, for the life of the
+        process (idempotent).  Raises LocalError naming the running one."""
+        if self._lock_fd is not None:
+            return
+        fd = self._open_lock(os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            held = exc.errno in (errno.EAGAIN, errno.EACCES)
+            holder = _read_lock(fd) if held else None
+            os.close(fd)
+            if not held:
+                raise LocalError(f"cannot lock {self.path / LOCK}: {exc.strerror}") from None
+            who = describe_holder(holder or {}, now)
+            raise LocalError(f"spa-server is already running on {self.path} ({who}); stop it "
+                             "first (systemctl stop spa-server), or give this one its own "
+                             "state_dir") from None
+        self._lock_fd = fd
+        self.write_server({"pid": os.getpid(), "started": now})
 
-    def clear_server(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            (self.path / SERVER).unlink()
+    def _open_lock(self, flags: int) -> int:
+        """Raises FileNotFoundError (no O_CREAT, no file), LocalError."""
+        path = self.path / LOCK
+        try:
+            return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            raise
+        except PermissionError:
+            raise LocalError(f"cannot open {path}: permission denied (run as root?)") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise LocalError(f"cannot open {path}: it is a symbolic link (spa never "
+                                 "follows links in its state directory); remove it") from None
+            raise LocalError(f"cannot open {path}: {exc.strerror}") from None
+
+    def write_server(self, info: dict[str, Any]) -> None:
+        """Record the running daemon's facts in its lock file (holder only)."""
+        fd = self._lock_fd
+        if fd is None:
+            return
+        data = json.dumps(info).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+
+    def release(self) -> None:
+        """Give up the lock (at shutdown: the last thing the daemon does)."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)
 
     def running_server(self) -> dict[str, Any] | None:
-        """The running server's info, if its pid is alive."""
-        info = self._read_json(SERVER)
-        if not isinstance(info, dict) or not isinstance(info.get("pid"), int):
-            return None
+        """The running daemon's facts (pid, started, port, backend, mode), or
+        None when no process holds the lock.  Raises LocalError if unreadable."""
+        if self._lock_fd is not None:
+            return _read_lock(self._lock_fd)
         try:
-            os.kill(info["pid"], 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return info
+            fd = self._open_lock(os.O_RDONLY)
+        except FileNotFoundError:
+            return None  # never started here
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise LocalError(f"cannot read {self.path / LOCK}: {exc.strerror}") from None
+            return _read_lock(fd) or {"pid": None}
+        else:
+            return None  # nobody holds it: not running
+        finally:
+            os.close(fd)
 
     def backend_info(self) -> dict[str, Any]:
         data = self._read_json(LEASES) or {}
@@ -244,3 +305,31 @@ class StateDir:
                              "(run as root?)") from None
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise LocalError(f"{self.path / name} is damaged (not JSON)") from None
+
+
+def _read_lock(fd: int) -> dict[str, Any] | None:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"null")
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def describe_holder(info: dict[str, Any], now: float) -> str:
+    """'pid 1234, up 2h03m' for a lock holder's facts."""
+    pid = info.get("pid")
+    started = info.get("started")
+    where = f"pid {pid}" if isinstance(pid, int) else "pid unknown"
+    if isinstance(started, int | float):
+        where += f", up {format_span(now - started)}"
+    return where
+
+
+def format_span(seconds: float) -> str:
+    """A duration as 2h03m05s, 4m09s or 12s."""
+    seconds = max(0, int(seconds))
+    minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"

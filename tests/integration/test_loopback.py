@@ -421,3 +421,27 @@ def test_prometheus_metrics_on_loopback(tmp_path: Path) -> None:
         assert "spa_receive_queue_drops" in text
     finally:
         sites.close()
+
+
+def test_a_second_daemon_on_the_same_state_is_refused_and_the_first_keeps_serving(
+        site: Site) -> None:
+    """Issue 12: one daemon per state directory.  A second `run` fails with
+    one line naming the running pid (exit 2) before it touches anything; the
+    first still grants; `status` names the lock holder's pid and uptime; a
+    killed daemon's lock goes with it."""
+    first = site.server.proc
+    assert first is not None
+    second = run_cli("spa-server", "--config", str(site.config), "run", timeout=30)
+    assert second.returncode == 2
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in second.stderr, second.stderr
+    assert f"already running on {site.root / 'state'} (pid {first.pid}, up " in lines[0]
+    status = site.admin("status").stdout
+    assert re.search(rf"server: running \(pid {first.pid}, up \d+s, port \d+/udp, "
+                     r"backend memory\)", status), status
+    assert site.client("alice", "open", "ssh", "srv").returncode == 0, "the first still serves"
+    site.server.stop(signal.SIGKILL)
+    assert "server: not running" in site.admin("status").stdout
+    with ServerProcess(site.config) as again:
+        assert again.proc is not None
+        assert f"pid {again.proc.pid}" in site.admin("status").stdout

@@ -269,7 +269,7 @@ def test_state_files_are_private(world: World) -> None:
     server.housekeeping()
     state = world.root / "state"
     assert state.stat().st_mode & 0o777 == 0o700
-    for name in ("leases.json", "replay.bin", "replay.journal", "server.json"):
+    for name in ("leases.json", "replay.bin", "replay.journal", "server.lock"):
         assert (state / name).stat().st_mode & 0o077 == 0, name
     assert world.config_path.stat().st_mode & 0o777 == 0o600
 

@@ -1,0 +1,44 @@
+"""One daemon per state directory: the lock in server.lock."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from spa.server.errors import LocalError
+from spa.server.state import LOCK, StateDir, describe_holder
+
+
+def test_the_lock_refuses_a_second_holder_and_names_the_first(tmp_path: Path) -> None:
+    first, second = StateDir(tmp_path), StateDir(tmp_path)
+    first.ensure()
+    assert second.running_server() is None
+    first.acquire(now=1000.0)
+    first.write_server({"pid": os.getpid(), "started": 1000.0, "port": 62201})
+    with pytest.raises(LocalError, match=rf"already running on {tmp_path} \(pid {os.getpid()}, "
+                       r"up 2m05s\); stop it first"):
+        second.acquire(now=1125.0)
+    assert second.running_server() == {"pid": os.getpid(), "started": 1000.0, "port": 62201}
+    assert (tmp_path / LOCK).stat().st_mode & 0o077 == 0
+    first.release()
+    assert second.running_server() is None
+    second.acquire(now=2000.0)
+    assert first.running_server() is not None
+
+
+def test_the_lock_file_is_never_followed_through_a_link(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_text("keep")
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / LOCK).symlink_to(target)
+    with pytest.raises(LocalError, match=r"is a symbolic link .*; remove it"):
+        StateDir(state).acquire(now=0.0)
+    assert target.read_text() == "keep"
+
+
+def test_describe_holder() -> None:
+    assert describe_holder({"pid": 7, "started": 0.0}, 7384.0) == "pid 7, up 2h03m04s"
+    assert describe_holder({}, 0.0) == "pid unknown"
