@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -23,6 +23,9 @@ from spa.core.uri import Enrollment, ServiceRef, parse
 from spa.core.wire import NONCE_SIZE, Action
 from spa_client import knock
 from spa_client.profile import ENV_DIR, Profile, ProfileError, ProfileStore, default_dir
+
+if TYPE_CHECKING:
+    from spa_client.doctor import Knocked  # doctor's module loads only when it runs
 
 app = typer.Typer(
     help="Single-packet authorization client: sends one encrypted UDP packet that opens "
@@ -166,7 +169,8 @@ def open_(
     """Knock to open SERVICE on HOST, then wait until its port accepts connections."""
     asked = duration or 0  # 0 asks for the service's default
     with local_errors():
-        profile = _ctx.store().find(host)
+        store = _ctx.store()
+        profile = store.find(host)
         enrollment = profile.enrollment
         ref = knock.service_of(enrollment, service)
         address = knock.parse_allow_ip(allow_ip)
@@ -196,6 +200,7 @@ def open_(
         raise typer.Exit(1)
     typer.echo(f"{service} is open: {target.address} port {ref.port} accepts connections "
                f"({took * 1000:.0f} ms)")
+    store.record_opened(profile.name, _now())  # for doctor; best effort, one small file
     if keep:
         _keep(enrollment, ref, target, asked or knock.KEEP_DEFAULT)
 
@@ -297,7 +302,8 @@ def connect(
     from spa_client.relay import relay
 
     with local_errors():
-        profile = _ctx.store().find(host)
+        store = _ctx.store()
+        profile = store.find(host)
         enrollment = profile.enrollment
         ref = next((s for s in enrollment.services if s.protocol == "tcp" and s.port == port),
                    None)
@@ -312,6 +318,7 @@ def connect(
         if took is None:
             raise knock.KnockError(f"{ref.name} (tcp/{port}) on {target.address} did not open "
                                    f"within {timeout:g} s (spa-client doctor {host} says why)")
+        store.record_opened(profile.name, _now())  # for doctor, as open does
         try:
             sock = socket.create_connection((target.address, port), timeout=timeout)
         except OSError as exc:
@@ -352,47 +359,64 @@ def doctor(
     host: Annotated[str, typer.Argument(metavar="HOST", help="Profile name or server host.")],
     service: Annotated[str | None, typer.Option(help="Service to knock for (default: the "
                                                 "profile's first).")] = None,
+    otp: Annotated[str | None, typer.Option("--otp", metavar="CODE", help="The current code "
+                                            "from your authenticator app, if the profile "
+                                            "needs one (asked for on a terminal when not "
+                                            "given).")] = None,
+    time_server: Annotated[str, typer.Option("--time-server", metavar="HOST", help="Measure "
+                                             "this clock against HOST by SNTP ('none': do "
+                                             "not).")] = "pool.ntp.org",
 ) -> None:
     """Why a knock does not open: profile, name, clock, a real knock; one line to fix."""
     from spa_client import doctor as doc
+    from spa_client import sntp
 
-    def knock_once(profile: Profile) -> tuple[bool, str]:
-        e = profile.enrollment
-        ref = e.services[0] if service is None else knock.service_of(e, service)
-        target = knock.resolve(e.host, e.port)
-        if ref.protocol != "tcp":
-            knock.send(target, knock.make_packet(e, Action.OPEN, ref.name, duration=0,
-                                                 address=None, now=_now(),
-                                                 nonce=os.urandom(NONCE_SIZE)))
-            return True, f"sent for {ref.name} ({ref.protocol}/{ref.port}); UDP cannot be probed"
-        if e.otp:
-            return False, ("this profile needs an authenticator code: try spa-client open "
-                           f"{ref.name} {profile.name} --otp CODE")
-        probe = knock.PortProbe(target.address, target.family, ref.port)
-        try:
-            probe.start()
-            already = probe.wait(0.5)
-        finally:
-            probe.close()
-        if already:
-            return True, (f"{ref.name} (tcp/{ref.port}) is open already, before any knock "
-                          "(a lease this address holds, or no firewall): nothing to fix here")
-        took = knock.open_and_wait(e, ref, target, duration=0, address=None, timeout=3.0,
-                                   progress=lambda left, sends: None)
-        if took is None:
-            return False, f"{ref.name} (tcp/{ref.port}) did not open within 3 s"
-        return True, f"{ref.name} (tcp/{ref.port}) opened in {took * 1000:.0f} ms"
-
+    server = None if time_server.lower() == "none" else time_server
     with local_errors():
-        findings = doc.diagnose(_ctx.store(), host,
-                                resolve=lambda h, p: knock.resolve(h, p).address,
-                                clock=doc.kernel_clock, knock=knock_once)
+        findings = doc.diagnose(
+            _ctx.store(), host, resolve=lambda h, p: knock.resolve(h, p).address,
+            clock=doc.kernel_clock, time_server=server,
+            time_offset=lambda: None if server is None else sntp.query_offset(server),
+            knock=lambda profile: _doctor_knock(profile, service, otp), now=_now())
     for finding in findings:
         mark = {True: "ok  ", False: "FAIL", None: "??  "}[finding.ok]
         typer.echo(f"{mark} {finding.what}")
     typer.echo(doc.verdict(findings))
     if any(f.ok is False for f in findings):
         raise typer.Exit(1)
+
+
+def _doctor_knock(profile: Profile, service: str | None, otp: str | None) -> Knocked:
+    """doctor's knock: is the port open already; else knock (with the code,
+    asked for as `open` does) and wait up to doctor's KNOCK_TIMEOUT."""
+    from spa_client import doctor as doc
+
+    e = profile.enrollment
+    ref = e.services[0] if service is None else knock.service_of(e, service)
+    target = knock.resolve(e.host, e.port)
+    if ref.protocol == "tcp" and _open_already(target, ref):
+        return doc.Knocked(doc.Fact.OPEN_ALREADY, ref)
+    if e.otp and otp is None and not sys.stdin.isatty():
+        return doc.Knocked(doc.Fact.NOT_SENT, ref)
+    code = _otp_code(otp, e.otp, profile_name=profile.name)
+    if ref.protocol != "tcp":
+        knock.send(target, knock.make_packet(e, Action.OPEN, ref.name, duration=0,
+                                             address=None, now=_now(),
+                                             nonce=os.urandom(NONCE_SIZE), otp=code))
+        return doc.Knocked(doc.Fact.UNPROBED, ref)
+    took = knock.open_and_wait(e, ref, target, duration=0, address=None,
+                               timeout=doc.KNOCK_TIMEOUT, progress=lambda left, sends: None,
+                               otp=code)
+    return doc.Knocked(doc.Fact.SHUT if took is None else doc.Fact.OPENED, ref, took)
+
+
+def _open_already(target: knock.Target, ref: ServiceRef) -> bool:
+    probe = knock.PortProbe(target.address, target.family, ref.port)
+    try:
+        probe.start()
+        return probe.wait(0.5)
+    finally:
+        probe.close()
 
 
 @_command("profiles")

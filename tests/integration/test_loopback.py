@@ -326,18 +326,18 @@ def test_keep_renews_the_lease_until_ctrl_c_then_closes(site: Site) -> None:
 
 
 def test_doctor_knocks_and_says_what_to_fix(site: Site) -> None:
-    done = site.client("alice", "doctor", "srv")
+    done = site.client("alice", "doctor", "srv", "--time-server", "none")
     assert "ok   profile 'srv'" in done.stdout and "ok   knock: ssh (tcp/" in done.stdout
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith(("all good", "all checks passed")), done.stdout
     assert done.returncode == 0
-    again = site.client("alice", "doctor", "srv")
+    again = site.client("alice", "doctor", "srv", "--time-server", "none")
     assert "is open already, before any knock" in again.stdout
     assert site.client("alice", "close", "ssh", "srv").returncode == 0
     assert wait_until(lambda: site.leases() == [])
     site.admin("revoke", "alice")
     time.sleep(1.0)
-    done = site.client("alice", "doctor", "srv")
+    done = site.client("alice", "doctor", "srv", "--time-server", "none")
     assert done.returncode == 1
     assert "FAIL knock" in done.stdout and "revoked" in done.stdout.strip().splitlines()[-1]
 
