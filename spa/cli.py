@@ -23,7 +23,7 @@ from spa.core.errors import FormatError
 from spa.server import admin
 from spa.server.config import DEFAULT_CONFIG, DEFAULT_PORT, DEFAULT_STATE_DIR
 from spa.server.errors import LocalError
-from spa.server.state import describe_holder
+from spa.server.state import describe_gate, describe_holder
 
 app = typer.Typer(
     help="Single-packet authorization server: keeps services closed until a client "
@@ -356,6 +356,8 @@ def status(json_out: Annotated[bool, typer.Option("--json", help="Machine-readab
     who = (f"running ({describe_holder(running, now)}, port {running.get('port')}/udp, "
            f"backend {running.get('backend')})" if running else "not running")
     typer.echo(f"server: {who}")
+    if running:
+        typer.echo(f"gate: {describe_gate(running.get('gate'))}")
     if not running and rows and info.get("expires_by_itself") is False:
         typer.echo(f"warning: backend {info.get('backend')} cannot expire grants while the "
                    "server is down; they end when it starts again")

@@ -44,6 +44,7 @@ COMMENT_PREFIX = "spa:"
 DROPS_TIMEOUT = 600  # seconds an idle (source, port) drop counter is kept (as nftables)
 DROPS_SIZE = 65536  # drop counters per address family at most
 DROP_SETS = {4: "spa_drops_v4", 6: "spa_drops_v6"}
+GRANT_ENDING = 1.5  # seconds: a grant this close to its end may be on its way out
 
 
 def parse_ipset_xml(text: str) -> dict[tuple[str, int], int]:
@@ -87,6 +88,19 @@ def parse_comment(comment: str) -> tuple[str, float] | None:
         return None
 
 
+def _signature(rule: Any) -> tuple[object, ...]:
+    """A rule as python-iptables reads it: addresses, protocol, interfaces,
+    each match and the target with their parameters."""
+    matches = tuple((m.name, tuple(sorted((k, tuple(v)) for k, v in
+                                          m.get_all_parameters().items())))
+                    for m in rule.matches)
+    target = rule.target
+    return (rule.src, rule.dst, rule.protocol, rule.in_interface, rule.out_interface, matches,
+            target.name if target is not None else None,
+            tuple(sorted((k, tuple(v)) for k, v in target.get_all_parameters().items()))
+            if target is not None else ())
+
+
 def active_variant(program: str = "iptables") -> str | None:
     """'legacy', 'nf_tables', or None when no iptables program is installed."""
     path = shutil.which(program)
@@ -110,6 +124,7 @@ class IptablesBackend:
         self._ipset = ipset
         self._log = log
         self._counting = False  # the drop sets exist and the rules use them
+        self._installed: tuple[tuple[object, ...], ...] = ()  # `_shape` right after start
 
     @classmethod
     def create(cls, *, flush_on_stop: bool = False,
@@ -187,6 +202,7 @@ class IptablesBackend:
         self._counting = self._make_drop_sets()
         for version in (4, 6):
             self._run("install the SPA chain", lambda v=version: self._install(v, now))
+        self._installed = self._run("read the SPA chain", self._shape)
 
     def _make_drop_sets(self) -> bool:
         """The two counting ipsets (kept if they exist).  False, with a log
@@ -231,11 +247,12 @@ class IptablesBackend:
         if not table.is_chain(CHAIN):
             table.create_chain(CHAIN)
         chain = iptc.Chain(table, CHAIN)
-        keep = []
-        for rule in chain.rules:
+        keep = []  # the live grants, made anew: rule objects read before a flush are
+        for rule in chain.rules:  # not valid after it (a commit with 12 of them failed)
             found = self._comment_of(rule)
             if found is not None and found[0] in self._services and found[1] > now:
-                keep.append(rule)
+                address = ipaddress.ip_address(rule.src.split("/")[0])
+                keep.append(self._grant_rule(address, self._services[found[0]], found[1]))
         chain.flush()
         established = self._rule(version)
         match = established.create_match("conntrack")
@@ -307,6 +324,62 @@ class IptablesBackend:
                     address = ipaddress.ip_address(rule.src.split("/")[0])
                     held[(address, owner[0])] = owner[1]
         return held
+
+    # ---- keeping the gate --------------------------------------------------
+
+    def _shape(self) -> tuple[tuple[object, ...], ...]:
+        """Our chains as python-iptables reads them, grants left out: what an
+        untouched install keeps (the jump from INPUT, the fixed rules)."""
+        found: list[tuple[object, ...]] = []
+        for version in (4, 6):
+            table = self._table(version)
+            if not table.is_chain(CHAIN):
+                found.append((version, "no chain"))
+                continue
+            jumps = sum(1 for rule in self._iptc.Chain(table, "INPUT").rules
+                        if rule.target.name == CHAIN)
+            rules = [_signature(rule) for rule in self._iptc.Chain(table, CHAIN).rules
+                     if self._comment_of(rule) is None]
+            found.append((version, jumps, tuple(rules)))
+        return tuple(found)
+
+    def repair(self, wanted: Held, *, now: float) -> str | None:
+        """If another program removed or altered our chains or grants, put
+        them back with exactly `wanted` and say what was wrong; else None.
+        iptables sends no notification: the daemon polls (spa.server.guard).
+        Raises LocalError."""
+        problem: str | None = self._run("read the SPA chain",
+                                        lambda: self._diagnose(wanted, now))
+        if problem is None:
+            return None
+        self.start(self._services, now=now)
+        held = self.held(now=now)
+        for (address, name), until in wanted.items():
+            if until > now and held.get((address, name)) != until and name in self._services:
+                self.allow(address, self._services[name], until, now=now)
+        for address, name in held.keys() - wanted.keys():
+            if name in self._services:
+                self.remove(address, self._services[name])
+        self._installed = self._shape()
+        return problem
+
+    def _diagnose(self, wanted: Held, now: float) -> str | None:
+        shape = self._shape()
+        if shape != self._installed:
+            for version, item in zip((4, 6), shape, strict=True):
+                name = "IPv4" if version == 4 else "IPv6"
+                if item[1] == "no chain":
+                    return f"chain {CHAIN} ({name}) was removed by another program"
+                if item[1] == 0:
+                    return (f"the jump from INPUT to chain {CHAIN} ({name}) was removed by "
+                            "another program")
+            return f"the rules of chain {CHAIN} were altered by another program"
+        held = self.held(now=now)
+        live = {key for key, until in wanted.items() if until - now > GRANT_ENDING}
+        if (live - held.keys() or held.keys() - wanted.keys()
+                or any(abs(held[key] - wanted[key]) > 0.01 for key in live & held.keys())):
+            return f"the grants in chain {CHAIN} were changed by another program"
+        return None
 
     def stop(self) -> None:
         if not self.flush_on_stop:

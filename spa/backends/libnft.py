@@ -28,9 +28,13 @@ Document = dict[str, Any]
 
 class NftRunner(Protocol):
     name: str
+    owns_tables: bool  # its tables can be `flags owner`: one socket for its whole life
 
     def run(self, document: Document) -> Document:
         """Run one JSON document (one atomic transaction); return the output."""
+
+    def run_text(self, command: str) -> None:
+        """Run one command in nft's own syntax (for what the JSON cannot say)."""
 
 
 def _error(text: str) -> LocalError:
@@ -57,6 +61,7 @@ class LibNft:
     """libnftables through ctypes (about 60 times faster per call than `nft`)."""
 
     name = "libnftables"
+    owns_tables = True  # one context, one netlink socket, for the daemon's life
 
     def __init__(self, library: str = LIBRARY) -> None:
         lib = ctypes.CDLL(library)
@@ -89,6 +94,11 @@ class LibNft:
             raise _error(errors or output)
         return _parse(output)
 
+    def run_text(self, command: str) -> None:
+        rc = self._lib.nft_run_cmd_from_buffer(self._ctx, command.encode())
+        if rc != 0:
+            raise _error((self._lib.nft_ctx_get_error_buffer(self._ctx) or b"").decode())
+
     def close(self) -> None:
         if self._ctx:
             self._lib.nft_ctx_free(self._ctx)
@@ -99,6 +109,7 @@ class NftProgram:
     """The `nft` program, one process per call (the fallback)."""
 
     name = "nft"
+    owns_tables = False  # a process per call: a table it owned would go with it
 
     def __init__(self, program: str = "nft") -> None:
         path = shutil.which(program)
@@ -114,6 +125,12 @@ class NftProgram:
             raise _error(done.stderr or done.stdout)
         return _parse(done.stdout)
 
+    def run_text(self, command: str) -> None:
+        done = subprocess.run([self._argv[0], command], capture_output=True, text=True,  # noqa: S603
+                              timeout=30, check=False)
+        if done.returncode != 0:
+            raise _error(done.stderr or done.stdout)
+
 
 def default_runner() -> NftRunner:
     """libnftables if it loads, else the nft program.  Raises LocalError."""
@@ -128,7 +145,9 @@ class FakeNft:
 
     name = "fake"
 
-    def __init__(self) -> None:
+    def __init__(self, *, owns_tables: bool = False) -> None:
+        self.owns_tables = owns_tables
+        self.texts: list[str] = []
         self.documents: list[Document] = []
         self.listing: Document = {"nftables": []}
         self.refuse_next: list[str] = []  # errors to raise, one per coming run
@@ -140,3 +159,6 @@ class FakeNft:
         if any("list" in command for command in document["nftables"]):
             return self.listing
         return {}
+
+    def run_text(self, command: str) -> None:
+        self.texts.append(command)

@@ -21,6 +21,7 @@ class MemoryBackend:
         self.grants: Held = {}
         self.services: dict[str, Service] = {}
         self.started = False
+        self.removed = False  # `wipe` was called: another program took the gate away
         self.log: list[tuple[str, ...]] = []  # every call, for tests
 
     def start(self, services: Mapping[str, Service], *, now: float) -> None:
@@ -42,6 +43,22 @@ class MemoryBackend:
 
     def held(self, *, now: float) -> Held:
         return dict(self.grants)
+
+    def wipe(self) -> None:
+        """For tests: what `nft flush ruleset` does to a real gate."""
+        self.grants.clear()
+        self.removed = True
+
+    def repair(self, wanted: Held, *, now: float) -> str | None:
+        """Put back exactly `wanted` if the gate was wiped or its grants changed."""
+        if not self.removed and self.grants == dict(wanted):
+            return None
+        problem = ("the memory gate was removed by another program" if self.removed
+                   else "the memory gate's grants were changed by another program")
+        self.removed = False
+        self.grants = {key: until for key, until in wanted.items() if until > now}
+        self.log.append(("repair",))
+        return problem
 
     def stop(self) -> None:
         self.started = False

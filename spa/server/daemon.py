@@ -44,6 +44,7 @@ from spa.server import config as config_mod
 from spa.server.config import ServerConfig
 from spa.server.errors import LocalError
 from spa.server.events import EVENTS_DB, Event, EventSink
+from spa.server.guard import GateState, Guard
 from spa.server.metrics import Metrics
 from spa.server.notify import Notifier
 from spa.server.scans import SCAN_WINDOW, ScanDetector
@@ -126,6 +127,8 @@ class Server:
         self._knocked: dict[str, float] = {}  # source -> its last authenticated knock
         self._last_drops = 0.0
         self.metrics: Metrics | None = None
+        self._facts: dict[str, object] = {}  # what the lock file tells `status`
+        self.guard: Guard
         self.verifier: Verifier
         self.leases: LeaseTable
         self.events: EventSink
@@ -157,12 +160,17 @@ class Server:
                                 retention_days=self.config.event_retention_days)
         self.backend.start(self.config.services, now=now)
         self._reconcile(now)
+        self.guard = Guard(self.backend, lock=self._lock, wanted=lambda: self.leases.allowed(),
+                           clock=self.clock, log=self.log, record=self.events.record,
+                           on_change=self._gate_changed)
         self._tag_keys = self._derive_tag_keys(self.config, now)
         self._update_kernel_filter(now, force=True)
-        self.state.write_server({
+        self._facts = {
             "pid": os.getpid(), "started": self._started_at(now), "port": self.config.listen_port,
             "backend": self.backend.name, "mode": self.config.mode,
-        })
+            "gate": self.guard.state.as_dict(),
+        }
+        self.state.write_server(self._facts)
         if self.config.metrics_listen:
             self.metrics = Metrics()
             self.metrics.serve(self.config.metrics_listen)
@@ -170,6 +178,11 @@ class Server:
         self.log(f"started port={self.config.listen_port} backend={self.backend.name} "
                  f"mode={self.config.mode} clients={len(self.config.clients)} "
                  f"leases={len(self.leases)}")
+
+    def _gate_changed(self, gate: GateState) -> None:
+        """The guard repaired the gate, or failed to: `status` shows it."""
+        self._facts = {**self._facts, "gate": gate.as_dict()}
+        self.state.write_server(self._facts)
 
     def _started_at(self, now: float) -> float:
         info = self.state.running_server() or {}
@@ -193,6 +206,8 @@ class Server:
         keeper = threading.Thread(target=self._housekeeping_loop, args=(stop,),
                                   name="spa-housekeeping", daemon=True)
         keeper.start()
+        self.guard.start_watching(stop)
+        self._gate_changed(self.guard.state)
         self.notifier.ready(f"serving port {self.config.listen_port}/udp, "
                             f"backend {self.backend.name}, mode {self.config.mode}")
         try:
@@ -361,6 +376,9 @@ class Server:
     def housekeeping(self) -> None:
         """One round: expire, stage tags, reload, save, flush."""
         now = self.clock()
+        if self._retry_reconcile:  # a firewall call failed: was the gate taken away?
+            self.guard.check(time.monotonic())
+        self.guard.poll(now)
         with self._lock:
             expired = self.leases.expire(now)
             self._dirty |= bool(expired)

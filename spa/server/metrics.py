@@ -36,6 +36,9 @@ class Metrics:
                                registry=self.registry)
         self.scans = Counter("spa_scans", "Port scans or brute-force runs seen",
                              registry=self.registry)
+        self.restores = Counter("spa_firewall_restores", "Times another program removed or "
+                                "altered the gate and spa put it back (alert on any increase)",
+                                ["reason"], registry=self.registry)
         self.active_leases = Gauge("spa_active_leases", "Leases now open", ["service"],
                                    registry=self.registry)
         self.receive_drops = Gauge("spa_receive_queue_drops", "Datagrams the kernel dropped "
@@ -56,6 +59,8 @@ class Metrics:
                 self.dropped.labels(event.service or "").inc(event.count)
             elif event.outcome == "scan":
                 self.scans.inc()
+            elif event.outcome == "firewall":
+                self.restores.labels(event.reason or "").inc()
 
     def set_state(self, leases: Mapping[str, int], services: Iterable[str],
                   receive_drops: int | None) -> None:

@@ -27,6 +27,7 @@ import fcntl
 import ipaddress
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -333,3 +334,24 @@ def format_span(seconds: float) -> str:
     if hours:
         return f"{hours}h{minutes:02d}m{secs:02d}s"
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def describe_gate(gate: object) -> str:
+    """`status`'s line on the firewall gate, from the daemon's facts."""
+    if not isinstance(gate, dict):
+        return "unknown (a daemon from before this version)"
+    how = ("watched: put back within milliseconds of a change by another program"
+           if gate.get("watched") else "checked every half second by the daemon")
+    at = gate.get("at")
+    when = (_clock_time(at) if isinstance(at, int | float) and at else "")
+    state, last, repairs = gate.get("state"), gate.get("last"), gate.get("repairs", 0)
+    if state == "failing":
+        return f"FAILING since {when}: {last} (knocks may be accepted while nothing opens)"
+    if state == "restored":
+        return (f"ok, {how}; restored {repairs} time{'' if repairs == 1 else 's'}, last at "
+                f"{when}: {last}")
+    return f"ok, {how}"
+
+
+def _clock_time(unix: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix))

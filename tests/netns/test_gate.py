@@ -7,11 +7,20 @@ Real spa-server, nftables, sshd and ssh in namespaces.
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from tests.netns.conftest import SRV4, Spa, open_site, open_world
-from tests.netns.test_ssh_e2e import enroll_alice
+import pytest
+
+from tests.netns.conftest import ATT4, CLI4, SRV4, SRV_ATT4, Spa, World, open_site, open_world
+from tests.netns.test_ssh_e2e import enroll_alice, tcp_open
+
+HERE = Path(__file__).resolve().parent
 
 IDLE = 100  # seconds of silence before the knock: more than three tag steps (30 s each)
 
@@ -33,3 +42,105 @@ def test_a_knock_after_100_s_of_silence_opens_in_both_modes(spa: Spa, tmp_path: 
             assert done.returncode == 0, done.stdout + done.stderr + "\n".join(site.lines)
             login = site.world.ssh(site.world.cli, SRV4, "echo after-silence")
             assert login.stdout.strip() == "after-silence", login.stderr
+
+
+class Prober:
+    """The attacker probing tcp/22 every 10 ms from its own namespace."""
+
+    def __init__(self, world: World, seconds: float, host: str = SRV_ATT4,
+                 port: int = 22) -> None:
+        self.proc = world.att.popen([sys.executable, str(HERE / "syn_probe.py"), host, str(port),
+                                     "0.01", str(seconds)], stdout=subprocess.PIPE)
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "probing"
+
+    def result(self) -> dict[str, Any]:
+        out, _ = self.proc.communicate(timeout=60)
+        found: dict[str, Any] = json.loads(out)
+        return found
+
+
+@pytest.mark.parametrize("command", [("flush", "ruleset"), ("delete", "table", "inet", "spa")],
+                         ids=["flush-ruleset", "delete-table"])
+def test_the_gate_is_put_back_at_once_with_the_users_lease(spa: Spa,
+                                                          command: tuple[str, ...]) -> None:
+    """Issue 12: `nft flush ruleset` (what `systemctl restart nftables` does
+    with Debian's default file) or `nft delete table inet spa` once left ssh
+    open to everyone until a restart.  Now the daemon hears the kernel's
+    change notification and puts the table back within milliseconds, and in
+    the meantime its owned hold table (which neither command can touch)
+    keeps the gate: an attacker probing every 10 ms gets nothing through
+    (the issue allows 2), the user's live lease is back, and the log and
+    `status` say what happened."""
+    world = spa.world
+    spa.start()
+    enroll_alice(spa)
+    assert spa.client(world.cli, "alice", "open", "ssh", "srv", "--duration", "120"
+                      ).returncode == 0
+    prober = Prober(world, 3.0)
+    time.sleep(1.0)
+    world.srv.run("nft", *command)
+    probes = prober.result()
+    assert probes["sent"] > 200, probes
+    assert probes["opened"] == [], probes
+    assert "table inet spa_hold" in world.srv.run("nft", "list", "tables").stdout
+    assert spa.wait_for("warning firewall: table inet spa was removed by another program; "
+                        "restored with 1 lease in "), spa.lines[-5:]
+    assert spa.elements() == [f"svc_ssh_v4 {CLI4}"], "the user's lease is back"
+    assert world.ssh(world.cli, SRV4, "echo still-in").stdout.strip() == "still-in"
+    assert not tcp_open(world, "att", SRV_ATT4, 22)
+    status = spa.admin("status").stdout
+    assert "gate: ok, watched" in status and "restored 1 time, last at" in status, status
+    assert not any("nftables refused" in line for line in spa.lines), spa.lines
+
+
+def test_kill_9_and_restarts_never_open_the_gate(spa: Spa) -> None:
+    """Issue 12: a restart or `kill -9` never deletes the table first; the
+    table outlives the daemon (the kernel keeps enforcing it), and a start
+    replaces its rules in one transaction.  Not one probe gets through."""
+    world = spa.world
+    spa.start()
+    enroll_alice(spa)
+    prober = Prober(world, 8.0)
+    time.sleep(0.5)
+    spa.stop(signal.SIGKILL)
+    time.sleep(1.0)
+    tables = world.srv.run("nft", "list", "tables").stdout.splitlines()
+    assert tables == ["table inet spa"], "the hold table went with its owner; ours stays"
+    spa.start()
+    time.sleep(0.5)
+    spa.stop(signal.SIGTERM)
+    time.sleep(1.0)
+    spa.start()
+    probes = prober.result()
+    assert probes["sent"] > 500, probes
+    assert probes["opened"] == [], probes
+
+
+def test_no_other_program_can_touch_the_hold_table(spa: Spa) -> None:
+    """The hold table is owned by the daemon's netlink socket: another
+    process (root included) can neither delete nor change it, and a flush of
+    the whole ruleset passes it by."""
+    world = spa.world
+    spa.start()
+    enroll_alice(spa)
+    assert spa.client(world.cli, "alice", "open", "ssh", "srv", "--duration", "60"
+                      ).returncode == 0
+    for command in (("delete", "table", "inet", "spa_hold"),
+                    ("flush", "chain", "inet", "spa_hold", "input"),
+                    ("add", "element", "inet", "spa_hold", "svc_ssh_v4", f"{{ {ATT4} }}")):
+        done = world.srv.run("nft", *command, check=False)
+        assert done.returncode != 0 and "Operation not permitted" in done.stderr, command
+    held = world.srv.run("nft", "list", "set", "inet", "spa_hold", "svc_ssh_v4").stdout
+    assert CLI4 in held and ATT4 not in held
+    # with the daemon frozen (it cannot repair), our table deleted: the hold
+    # alone keeps strangers out and lets the lease in
+    assert spa.proc is not None
+    spa.proc.send_signal(signal.SIGSTOP)
+    try:
+        world.srv.run("nft", "delete", "table", "inet", "spa")
+        assert not tcp_open(world, "att", SRV_ATT4, 22)
+        assert tcp_open(world, "cli", SRV4, 22)
+    finally:
+        spa.proc.send_signal(signal.SIGCONT)
+    assert spa.wait_for("warning firewall: table inet spa was removed"), spa.lines[-5:]

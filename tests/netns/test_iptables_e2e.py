@@ -159,3 +159,30 @@ def counted(world: World, source: str, port: int) -> int:
         if line.startswith(f"{source},tcp:{port} "):
             return int(line.split(" packets ")[1].split()[0])
     return 0
+
+
+def test_iptables_rules_flushed_by_another_program_are_put_back_within_the_poll(
+        ipt: Spa, tmp_path: Path) -> None:
+    """Issue 12, iptables: legacy iptables sends no notification, so the
+    daemon reads its chains every POLL_SECONDS (0.4 s): that is the window an
+    `iptables -F` opens.  The chain, the jump and the user's lease come back
+    and the log says so."""
+    from spa.server.guard import POLL_SECONDS
+    from tests.netns.test_gate import Prober
+
+    world = ipt.world
+    ipt.start("--backend", "iptables", prefix=legacy_path(tmp_path))
+    enroll_alice(ipt)
+    assert ipt.client(world.cli, "alice", "open", "ssh", "srv", "--duration", "120"
+                      ).returncode == 0
+    prober = Prober(world, 3.0)
+    time.sleep(1.0)
+    world.srv.run("iptables-legacy", "-F")
+    probes = prober.result()
+    # every 10 ms for at most a poll and the repair (~0.1 s with a few grants)
+    assert len(probes["opened"]) <= (POLL_SECONDS + 0.2) / 0.01, probes
+    assert ipt.wait_for("warning firewall: the jump from INPUT to chain SPA (IPv4) was removed "
+                        "by another program; restored with 1 lease in "), ipt.lines[-5:]
+    assert f"-s {CLI4}/32" in legacy_rules(world)
+    assert world.ssh(world.cli, SRV4, "echo in").stdout.strip() == "in"
+    assert not tcp_open(world, "att", SRV_ATT4, 22)

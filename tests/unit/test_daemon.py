@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from spa.server import admin
 from spa.server import config as config_mod
 from spa.server.daemon import STAGE_AHEAD, TICK
 from spa.server.sources import FakeFilteredSource, FakeSource, filter_note
-from tests.server_world import World
+from tests.server_world import START, World
 
 A = "192.0.2.10"
 B = "192.0.2.20"
@@ -589,3 +590,33 @@ def test_an_idle_server_keeps_every_live_tag_in_the_kernel_filter(tmp_path: Path
     batch = source.receive(0)
     assert batch == [(packet, A)], "the kernel filter let the knock through"
     assert isinstance(server.handle_batch(batch)[0], Accepted)
+
+
+def test_a_gate_taken_away_is_put_back_with_its_leases_and_said_so(world: World) -> None:
+    """Issue 12: another program removes the gate (here the memory backend's
+    stand-in for `nft flush ruleset`); the next check puts it back with every
+    live lease at its remaining time, logs one warning line, records a
+    `firewall` event and shows the repair in the lock file `status` reads."""
+    server = world.server
+    assert server is not None
+    assert isinstance(server.handle(world.packet("alice", duration=60), A), Accepted)
+    assert isinstance(server.handle(world.packet("bob", "https", duration=30), B), Accepted)
+    world.clock.advance(10)
+    server.housekeeping()
+    assert server.guard.check(time.monotonic()) is None, "an untouched gate is left alone"
+    world.backend.wipe()
+    world.clock.advance(1)
+    server.housekeeping()
+    assert held(world) == {(A, "ssh"): START + 60, (B, "https"): START + 30}
+    warnings = [line for line in world.logs if line.startswith("warning firewall:")]
+    assert len(warnings) == 1
+    assert re.fullmatch(r"warning firewall: the memory gate was removed by another program; "
+                        r"restored with 2 leases in \d+\.\d ms", warnings[0]), warnings
+    assert [(e.outcome, e.action, e.reason, e.count) for e in world.events()
+            if e.outcome == "firewall"] == [("firewall", "restore", "removed", 2)]
+    facts = server.state.running_server()
+    assert facts is not None and facts["gate"]["state"] == "restored"
+    assert facts["gate"]["repairs"] == 1
+    assert "removed by another program" in facts["gate"]["last"]
+    server.housekeeping()
+    assert len([line for line in world.logs if line.startswith("warning firewall:")]) == 1

@@ -97,9 +97,12 @@ def test_backend_sends_each_call_as_one_document() -> None:
     backend.allow(A4, SERVICES["ssh"], 30.5, now=0)
     backend.remove(A4, SERVICES["ssh"])
     backend.stop()
-    assert len(fake.documents) == 5  # start lists the table first (are the drop sets there?)
+    # start lists the table first (are the drop sets there?), installs, and
+    # lists it again (the shape `repair` compares with)
+    assert len(fake.documents) == 6
     assert commands(fake.documents[0]) == [("list", "table")]
-    assert commands(fake.documents[4]) == [("flush", "set")] * (2 * len(SERVICES))
+    assert commands(fake.documents[2]) == [("list", "table")]
+    assert commands(fake.documents[5]) == [("flush", "set")] * (2 * len(SERVICES))
     assert NftablesBackend(FakeNft()).flush_on_stop is False
 
 
@@ -111,8 +114,8 @@ def test_a_batch_of_changes_is_one_transaction() -> None:
                    (Allow(A6, "https", 100.0), SERVICES["https"]),
                    (Remove(A4, "dns"), SERVICES["dns"])], now=0)
     backend.apply([], now=0)  # nothing to do: no transaction at all
-    assert len(fake.documents) == 3  # the listing and the start, then the batch
-    batch = fake.documents[2]
+    assert len(fake.documents) == 4  # the listings and the start, then the batch
+    batch = fake.documents[3]
     assert batch["nftables"] == (render_changes([(Allow(A4, "ssh", 30.5), SERVICES["ssh"])], 0,
                                                 lambda address, name: True)["nftables"]
                                  + [{"create": {"element": {
@@ -175,10 +178,10 @@ def test_apply_sends_only_the_last_action_per_address_and_service() -> None:
     backend.allow(A4, SERVICES["ssh"], 5.0, now=0)  # present: a grant replaces it
     apply(backend, [Allow(A4, "ssh", 10.0), Allow(A6, "ssh", 20.0), Allow(A4, "ssh", 40.0),
                     Remove(A6, "ssh")], SERVICES, now=0)
-    assert fake.documents[3]["nftables"] == (render_allow(A4, "ssh", 40)["nftables"]
+    assert fake.documents[4]["nftables"] == (render_allow(A4, "ssh", 40)["nftables"]
                                              + render_remove(A6, "ssh")["nftables"])
     apply(backend, [], SERVICES, now=0)
-    assert len(fake.documents) == 4
+    assert len(fake.documents) == 5
 
 
 def test_drop_sets_are_added_only_when_missing_and_their_counters_parse() -> None:
@@ -188,8 +191,8 @@ def test_drop_sets_are_added_only_when_missing_and_their_counters_parse() -> Non
     fake = FakeNft()
     backend = NftablesBackend(fake)
     backend.start(SERVICES, now=0)
-    assert ("add", "set") in commands(fake.documents[-1])
-    first = sum(1 for c in fake.documents[-1]["nftables"]
+    assert ("add", "set") in commands(fake.documents[-2])
+    first = sum(1 for c in fake.documents[-2]["nftables"]
                 if "add" in c and "set" in c["add"] and c["add"]["set"]["name"].startswith("drops"))
     assert first == 2
     fake.listing = {"nftables": [
@@ -201,8 +204,9 @@ def test_drop_sets_are_added_only_when_missing_and_their_counters_parse() -> Non
         {"set": {"family": "inet", "table": "other", "name": "drops_v4", "elem": [
             {"elem": {"val": {"concat": ["192.0.2.1", 22]}, "counter": {"packets": 9}}}]}}]}
     backend.start(SERVICES, now=0)
+    assert commands(fake.documents[-2])[0] == ("add", "table")
     assert not any("add" in c and "set" in c["add"] and c["add"]["set"]["name"].startswith(
-        "drops") for c in fake.documents[-1]["nftables"])
+        "drops") for c in fake.documents[-2]["nftables"])
     assert backend.drops() == {("198.51.100.7", 22): 3, ("198.51.100.7", 443): 1,
                                ("2001:db8::7", 22): 2}
 
@@ -220,3 +224,42 @@ def test_parse_held_reads_our_sets_only() -> None:
     held = parse_held(listing, SERVICES, now=1000)
     assert held == {(A4, "ssh"): 1012, (A6, "https"): 1003,
                     (ipaddress.ip_address("2001:db8::6"), "https"): 1000}
+
+
+def test_the_hold_table_is_owned_and_every_grant_reaches_both_tables_at_once() -> None:
+    """Issue 12: a runner that keeps one socket (libnftables) gets the hold
+    table: made `flags owner` in nft's own syntax (its JSON drops table
+    flags), filled with the grants our table already holds, and from then
+    on each grant and removal is one transaction for both tables."""
+    fake = FakeNft(owns_tables=True)
+    fake.listing = {"nftables": [{"set": {"family": "inet", "table": "spa",
+                                          "name": "svc_ssh_v4",
+                                          "elem": [{"elem": {"val": str(A4), "expires": 20}}]}}]}
+    backend = NftablesBackend(fake)
+    backend.start(SERVICES, now=100)
+    assert fake.texts == ["add table inet spa_hold { flags owner; }"]
+    hold = fake.documents[-1]["nftables"]
+    assert all(next(iter(next(iter(c.values())).values()))["table"] == "spa_hold"
+               for c in hold)
+    assert {"add": {"element": {"family": "inet", "table": "spa_hold", "name": "svc_ssh_v4",
+                                "elem": [{"elem": {"val": str(A4), "timeout": 20}}]}}} in hold
+    chain = next(c["add"]["chain"] for c in hold if "chain" in c.get("add", {}))
+    assert chain["hook"] == "input" and chain["prio"] == -9, "right after ours (we count)"
+    backend.apply([(Allow(A6, "https", 130.0), SERVICES["https"]),
+                   (Remove(A4, "ssh"), SERVICES["ssh"])], now=100)
+    batch = fake.documents[-1]["nftables"]
+    tables = [next(iter(next(iter(c.values())).values()))["table"] for c in batch]
+    assert tables.count("spa_hold") == 3 + 2 and tables.count("spa") == 1 + 2
+    backend.start(SERVICES, now=100)  # a reload: the owned table is not made twice
+    assert fake.texts == ["add table inet spa_hold { flags owner; }"]
+    assert NftablesBackend(FakeNft())._hold_wanted is False, "the nft program cannot own one"
+
+
+def test_our_accept_rules_mark_what_they_let_in() -> None:
+    doc = render_start(SERVICES)
+    accepts = [c["add"]["rule"]["expr"] for c in doc["nftables"]
+               if "rule" in c.get("add", {}) and {"accept": None} in c["add"]["rule"]["expr"]
+               and len(c["add"]["rule"]["expr"]) > 2]
+    assert len(accepts) == 2 * len(SERVICES)
+    assert all({"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"|": [
+        {"meta": {"key": "mark"}}, 0x10000000]}}} in expr for expr in accepts)

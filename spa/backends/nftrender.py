@@ -1,0 +1,243 @@
+"""nftables documents for our table, and what its listings say.  Pure: the
+JSON the backend sends and parses, tested without root (STYLE principle 6).
+
+The invariants of what these documents install are the backend's
+(spa/backends/nftables.py); here every command is data, never shell text.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from spa.backends.base import Change, Held
+from spa.backends.libnft import Document
+from spa.core.leases import Allow
+from spa.core.policy import Service
+from spa.core.wire import IPAddress
+
+FAMILY = "inet"
+TABLE = "spa"
+HOLD = "spa_hold"  # the same gate in a table the daemon owns (see the backend)
+CHAIN = "input"
+PRIORITY = -10  # before the conventional filter chains at priority 0
+HOLD_PRIORITY = -9  # right after ours: spa counts the drops, the hold only backs it up
+GATE_MARK = 0x10000000  # set on what our table accepts: a host table can accept on it
+DROPS_TIMEOUT = 600  # seconds an idle (source, port) drop counter is kept
+DROPS_SIZE = 65536  # drop counters per address family at most (the kernel stops adding)
+
+
+def set_name(service: str, version: int) -> str:
+    return f"svc_{service}_v{version}"
+
+
+def _where(table: str = TABLE, **fields: Any) -> dict[str, Any]:
+    return {"family": FAMILY, "table": table, **fields}
+
+
+def _match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def timeout_seconds(until: float, now: float) -> int:
+    """The element timeout for a grant: whole seconds, rounded up, >= 1."""
+    return max(1, math.ceil(until - now - 1e-6))
+
+
+def render_start(services: Mapping[str, Service], *, drop_sets: bool = True) -> Document:
+    """The transaction that installs (or updates) our table.  drop_sets=False
+    when they exist already: the kernel marks a set that rules update as
+    dynamic, and adding it again without that flag (which nft's JSON does not
+    take) is refused."""
+    commands: list[dict[str, Any]] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}]
+    for service in services.values():
+        for version, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")):
+            commands.append({"add": {"set": _where(name=set_name(service.name, version),
+                                                   type=kind, flags=["timeout"])}})
+    for version, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")) if drop_sets else ():
+        commands.append({"add": {"set": _where(
+            name=f"drops_v{version}", type=[kind, "inet_service"], flags=["timeout"],
+            timeout=DROPS_TIMEOUT, size=DROPS_SIZE)}})
+    commands.append({"add": {"chain": _where(name=CHAIN, type="filter", hook="input",
+                                             prio=PRIORITY, policy="accept")}})
+    commands.append({"flush": {"chain": _where(name=CHAIN)}})
+    commands.append({"add": {"rule": _where(chain=CHAIN, expr=[
+        _match({"ct": {"key": "state"}}, ["established", "related"], "in"),
+        {"accept": None},
+    ])}})
+    for service in services.values():
+        port = _match({"payload": {"protocol": service.protocol, "field": "dport"}},
+                      service.port)
+        for version, proto in ((4, "ip"), (6, "ip6")):
+            commands.append({"add": {"rule": _where(chain=CHAIN, expr=[
+                port,
+                _match({"payload": {"protocol": proto, "field": "saddr"}},
+                       f"@{set_name(service.name, version)}"),
+                _SET_MARK,
+                {"accept": None},
+            ])}})
+        for version, proto, family in ((4, "ip", "ipv4"), (6, "ip6", "ipv6")):
+            commands.append({"add": {"rule": _where(chain=CHAIN, expr=[
+                port,
+                _match({"meta": {"key": "nfproto"}}, family),
+                {"set": {"op": "update", "set": f"@drops_v{version}", "stmt": [{"counter": None}],
+                         "elem": {"concat": [
+                             {"payload": {"protocol": proto, "field": "saddr"}},
+                             {"payload": {"protocol": service.protocol, "field": "dport"}}]}}},
+                {"drop": None},
+            ])}})
+        commands.append({"add": {"rule": _where(chain=CHAIN, expr=[port, {"drop": None}])}})
+    return {"nftables": commands}
+
+
+_SET_MARK = {"mangle": {"key": {"meta": {"key": "mark"}},
+                        "value": {"|": [{"meta": {"key": "mark"}}, GATE_MARK]}}}
+
+
+def render_hold(services: Mapping[str, Service], held: Held, now: float) -> Document:
+    """The hold table's content (the table itself is made `flags owner` by a
+    text command: nft's JSON drops table flags): per service the grant sets,
+    set to exactly `held`, and one chain that drops a protected port unless
+    the source is in its set.  No counting: our table counts."""
+    commands: list[dict[str, Any]] = []
+    for service in services.values():
+        for version, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")):
+            name = set_name(service.name, version)
+            commands += [{"add": {"set": _where(HOLD, name=name, type=kind, flags=["timeout"])}},
+                         {"flush": {"set": _where(HOLD, name=name)}}]
+    commands += [{"add": {"chain": _where(HOLD, name=CHAIN, type="filter", hook="input",
+                                          prio=HOLD_PRIORITY, policy="accept")}},
+                 {"flush": {"chain": _where(HOLD, name=CHAIN)}},
+                 {"add": {"rule": _where(HOLD, chain=CHAIN, expr=[
+                     _match({"ct": {"key": "state"}}, ["established", "related"], "in"),
+                     {"accept": None}])}}]
+    for service in services.values():
+        port = _match({"payload": {"protocol": service.protocol, "field": "dport"}},
+                      service.port)
+        for version, proto in ((4, "ip"), (6, "ip6")):
+            commands.append({"add": {"rule": _where(HOLD, chain=CHAIN, expr=[
+                port, _match({"payload": {"protocol": proto, "field": "saddr"}},
+                             f"@{set_name(service.name, version)}"), {"accept": None}])}})
+        commands.append({"add": {"rule": _where(HOLD, chain=CHAIN, expr=[port,
+                                                                         {"drop": None}])}})
+    for (address, name), until in sorted(held.items(), key=str):
+        if name in services and until > now:
+            commands.append({"add": {"element": {
+                **_where(HOLD, name=set_name(name, address.version)),
+                "elem": [{"elem": {"val": str(address), "timeout": timeout_seconds(until, now)}}],
+            }}})
+    return {"nftables": commands}
+
+
+def render_allow(address: IPAddress, service: str, timeout: int, *,
+                 hold: bool = False) -> Document:
+    """Add or replace one element's timeout, atomically: add (no-op if it
+    exists), delete, add with the new timeout (in the hold table too)."""
+    return {"nftables": [command for table in _tables(hold)
+                         for command in _allow_commands(address, service, timeout, table)]}
+
+
+def render_remove(address: IPAddress, service: str, *, hold: bool = False) -> Document:
+    """Remove one element; the leading add makes the delete safe when the
+    kernel already expired it."""
+    return {"nftables": [command for table in _tables(hold)
+                         for command in _remove_commands(address, service, table)]}
+
+
+def _tables(hold: bool) -> tuple[str, ...]:
+    return (TABLE, HOLD) if hold else (TABLE,)
+
+
+def render_changes(changes: Sequence[Change], now: float,
+                   absent: Callable[[IPAddress, str], bool] = lambda address, service: False,
+                   *, hold: bool = False) -> Document:
+    """Several grants and removals as one transaction (all or nothing), in
+    our table and, with `hold`, the hold table.  Grants for which
+    `absent(address, service)` holds are a single `create` in our table."""
+    commands: list[dict[str, Any]] = []
+    for action, service in changes:
+        if isinstance(action, Allow):
+            timeout = timeout_seconds(action.until, now)
+            if absent(action.address, service.name):
+                commands.append(_create_command(action.address, service.name, timeout))
+            else:
+                commands += _allow_commands(action.address, service.name, timeout)
+            if hold:
+                commands += _allow_commands(action.address, service.name, timeout, HOLD)
+        else:
+            commands += _remove_commands(action.address, service.name)
+            if hold:
+                commands += _remove_commands(action.address, service.name, HOLD)
+    return {"nftables": commands}
+
+
+def _create_command(address: IPAddress, service: str, timeout: int) -> dict[str, Any]:
+    where = _where(name=set_name(service, address.version))
+    return {"create": {"element": {**where, "elem": [{"elem": {"val": str(address),
+                                                                "timeout": timeout}}]}}}
+
+
+def _allow_commands(address: IPAddress, service: str, timeout: int,
+                    table: str = TABLE) -> list[dict[str, Any]]:
+    where = _where(table, name=set_name(service, address.version))
+    value = str(address)
+    return [
+        {"add": {"element": {**where, "elem": [{"elem": {"val": value, "timeout": 1}}]}}},
+        {"delete": {"element": {**where, "elem": [value]}}},
+        {"add": {"element": {**where, "elem": [{"elem": {"val": value,
+                                                          "timeout": timeout}}]}}},
+    ]
+
+
+def _remove_commands(address: IPAddress, service: str,
+                     table: str = TABLE) -> list[dict[str, Any]]:
+    where = _where(table, name=set_name(service, address.version))
+    value = str(address)
+    return [
+        {"add": {"element": {**where, "elem": [{"elem": {"val": value, "timeout": 1}}]}}},
+        {"delete": {"element": {**where, "elem": [value]}}},
+    ]
+
+
+def render_flush(services: Mapping[str, Service], *, hold: bool = False) -> Document:
+    return {"nftables": [
+        {"flush": {"set": _where(table, name=set_name(service.name, version))}}
+        for table in _tables(hold) for service in services.values() for version in (4, 6)
+    ]}
+
+
+def parse_held(listing: Document, services: Mapping[str, Service], now: float) -> Held:
+    """(address, service) -> until, from `list table inet spa` output."""
+    by_set = {set_name(s.name, v): s.name for s in services.values() for v in (4, 6)}
+    held: Held = {}
+    for item in listing.get("nftables", []):
+        spec = item.get("set") if isinstance(item, dict) else None
+        if not spec or spec.get("table") != TABLE or spec.get("name") not in by_set:
+            continue
+        for elem in spec.get("elem", []):
+            if isinstance(elem, dict) and "elem" in elem:
+                value, expires = elem["elem"]["val"], elem["elem"].get("expires", 0)
+            else:
+                value, expires = elem, 0  # no timeout: not ours to keep
+            held[(ipaddress.ip_address(value), by_set[spec["name"]])] = now + float(expires)
+    return held
+
+
+def parse_drops(listing: Document) -> dict[tuple[str, int], int]:
+    """(source, port) -> dropped packets, from `list set` output of drops_v4/v6."""
+    found: dict[tuple[str, int], int] = {}
+    for item in listing.get("nftables", []):
+        spec = item.get("set") if isinstance(item, dict) else None
+        if not spec or spec.get("table") != TABLE or not str(spec.get("name")).startswith(
+                "drops_v"):
+            continue
+        for elem in spec.get("elem", []):
+            inner = elem.get("elem", {}) if isinstance(elem, dict) else {}
+            value = inner.get("val", {}).get("concat") if isinstance(inner.get("val"), dict) \
+                else None
+            counter = inner.get("counter", {})
+            if isinstance(value, list) and len(value) == 2 and isinstance(counter, dict):
+                found[(str(value[0]), int(value[1]))] = int(counter.get("packets", 0))
+    return found

@@ -1,0 +1,175 @@
+"""Is our nftables table as we installed it?  And the one transaction that
+puts it back.  Pure: listings in, findings and documents out.
+
+Invariants (docs/threat-model.md, "The host firewall is reloaded"):
+- `shape` is what `list table inet spa` says of our table minus what moves
+  by itself (handles, set elements, counters): two listings of an untouched
+  table have the same shape.  The backend keeps the shape it read right
+  after installing, so the comparison is nftables' rendering against
+  nftables' rendering, never against what we sent (which nft normalizes).
+- `diagnose` names the first thing wrong: the table gone, our chain gone,
+  chains, rules or sets altered, grants missing, extra, or with another
+  timeout than the lease's (beyond the whole-second rounding).
+- `render_repair` is one transaction: it deletes what is not ours or not
+  as installed inside our table, installs the table as `render_start`
+  does, and sets every grant set to exactly the live leases at their
+  remaining time.  All or nothing: the gate is never half restored.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from spa.backends.base import Held
+from spa.backends.libnft import Document
+from spa.backends.nftables import (
+    CHAIN,
+    FAMILY,
+    TABLE,
+    parse_held,
+    render_start,
+    set_name,
+    timeout_seconds,
+)
+from spa.core.policy import Service
+
+EXPIRY_SLACK = 2.0  # seconds a grant's kernel expiry may differ from its lease (rounding, lag)
+ENDING = 1.5  # a lease this close to its end may already be gone from the kernel
+DROP_SETS = ("drops_v4", "drops_v6")
+
+Shape = str  # a canonical JSON text
+
+
+def _still(item: dict[str, Any]) -> dict[str, Any]:
+    """An item of our table without what changes by itself: handles, a
+    set's elements, counter values."""
+    kind, spec = next(iter(item.items()))
+    kept = {key: value for key, value in spec.items()
+            if key != "handle" and not (kind in ("set", "map") and key == "elem")}
+    return {kind: _zero_counters(kept)}
+
+
+def _zero_counters(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: None if key == "counter" else _zero_counters(inner)
+                for key, inner in value.items()}
+    if isinstance(value, list):
+        return [_zero_counters(inner) for inner in value]
+    return value
+
+
+def _ours(listing: Document) -> list[dict[str, Any]]:
+    """The items of our table in a listing (sets, chains, rules)."""
+    found = []
+    for item in listing.get("nftables", []):
+        if not isinstance(item, dict):
+            continue
+        for kind, spec in item.items():
+            if (kind in ("set", "map", "chain", "rule", "flowtable", "counter", "quota")
+                    and isinstance(spec, dict) and spec.get("table") == TABLE
+                    and spec.get("family") == FAMILY):
+                found.append({kind: spec})
+    return found
+
+
+def has_table(listing: Document) -> bool:
+    return any(isinstance(item, dict) and isinstance(item.get("table"), dict)
+               and item["table"].get("name") == TABLE and item["table"].get("family") == FAMILY
+               for item in listing.get("nftables", []))
+
+
+def shape(listing: Document) -> Shape:
+    return json.dumps([_still(item) for item in _ours(listing)], sort_keys=True)
+
+
+def _chains(listing: Document) -> set[str]:
+    return {item["chain"]["name"] for item in _ours(listing) if "chain" in item}
+
+
+def diagnose(listing: Document | None, installed: Shape, services: Mapping[str, Service],
+             wanted: Held, now: float) -> str | None:
+    """What another program changed, or None if the table is as we left it.
+    `listing` None: the table does not exist."""
+    if listing is None or not has_table(listing):
+        return f"table {FAMILY} {TABLE} was removed by another program"
+    if CHAIN not in _chains(listing):
+        return f"chain {CHAIN} of table {FAMILY} {TABLE} was removed by another program"
+    if shape(listing) != installed:
+        return (f"the chains, rules or sets of table {FAMILY} {TABLE} were altered by another "
+                "program")
+    held = parse_held(listing, services, now)
+    missing = sorted(f"{a} {s}" for (a, s), until in wanted.items()
+                     if until - now > ENDING and (a, s) not in held)
+    if missing:
+        return (f"{len(missing)} grant(s) were removed from table {FAMILY} {TABLE} by another "
+                f"program ({', '.join(missing[:3])})")
+    extra = sorted(f"{a} {s}" for (a, s) in held if (a, s) not in wanted)
+    if extra:
+        return (f"table {FAMILY} {TABLE} holds {len(extra)} grant(s) spa did not make "
+                f"({', '.join(extra[:3])})")
+    moved = sorted(f"{a} {s}" for (a, s), until in held.items()
+                   if (a, s) in wanted and abs(until - wanted[(a, s)]) > EXPIRY_SLACK)
+    if moved:
+        return (f"{len(moved)} grant(s) in table {FAMILY} {TABLE} have another timeout than "
+                f"their lease ({', '.join(moved[:3])})")
+    return None
+
+
+def render_repair(listing: Document | None, services: Mapping[str, Service], wanted: Held,
+                  now: float) -> Document:
+    """The one transaction that restores the table with exactly `wanted`."""
+    where = {"family": FAMILY, "table": TABLE}
+    commands: list[dict[str, Any]] = []
+    present = _ours(listing) if listing is not None and has_table(listing) else []
+    expected = _expected_sets(services)
+    kept_drops = True
+    for item in present:
+        if "chain" in item:
+            name = item["chain"]["name"]
+            commands += [{"flush": {"chain": {**where, "name": name}}},
+                         {"delete": {"chain": {**where, "name": name}}}]
+    for item in present:
+        for kind in ("set", "map", "flowtable", "counter", "quota"):
+            spec = item.get(kind)
+            if spec is None or (kind == "set" and _same_set(spec, expected)):
+                continue
+            kept_drops &= spec.get("name") not in DROP_SETS
+            commands.append({"delete": {kind: {**where, "name": spec["name"]}}})
+    names = {item["set"]["name"] for item in present if "set" in item}
+    drops_present = kept_drops and all(name in names for name in DROP_SETS)
+    commands += render_start(services, drop_sets=not drops_present)["nftables"]
+    for service in services.values():
+        for version in (4, 6):
+            commands.append({"flush": {"set": {**where, "name": set_name(service.name,
+                                                                         version)}}})
+    for (address, name), until in sorted(wanted.items(), key=str):
+        if name in services and until > now:
+            commands.append({"add": {"element": {
+                **where, "name": set_name(name, address.version),
+                "elem": [{"elem": {"val": str(address), "timeout": timeout_seconds(until, now)}}],
+            }}})
+    return {"nftables": commands}
+
+
+SetKind = str | list[str]  # a set's type as nftables' JSON writes it
+
+
+def _expected_sets(services: Mapping[str, Service]) -> dict[str, SetKind]:
+    """set name -> type, for the sets we install (all with flags timeout)."""
+    found: dict[str, SetKind] = {}
+    for service in services.values():
+        found[set_name(service.name, 4)] = "ipv4_addr"
+        found[set_name(service.name, 6)] = "ipv6_addr"
+    found["drops_v4"] = ["ipv4_addr", "inet_service"]
+    found["drops_v6"] = ["ipv6_addr", "inet_service"]
+    return found
+
+
+def _same_set(spec: dict[str, Any], expected: dict[str, SetKind]) -> bool:
+    """Whether an existing set is one we install, with its type and flags
+    (a set the kernel made dynamic, as the drop rules do, still counts)."""
+    kind = expected.get(spec.get("name", ""))
+    flags = set(spec.get("flags", [])) - {"dynamic"}
+    return kind is not None and spec.get("type") == kind and flags == {"timeout"}
