@@ -5,7 +5,8 @@ holding one live lease, then ROUNDS times another program removes the gate
 and we time until it is back, from a measuring process in the same
 namespace:
 
-- nftables: `nft flush ruleset` (libnftables, as `nft -f` does it), timed
+- nftables: a flush of the ruleset (by libnftables in a process, or by the
+  `nft` program as `systemctl restart nftables` runs it), timed
   from the flush's commit to the daemon's commit that brings `inet spa`
   back (the kernel names the committing thread), both seen on the kernel's
   notification socket.  Also checked at
@@ -44,22 +45,29 @@ MEASURE = r"""
 import json, os, subprocess, sys, time
 rounds, backend, pid = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 out = []
-if backend == "nftables":
+if backend.startswith("nftables"):
     from spa.backends.libnft import LibNft
     from spa.backends.nftwatch import NftWatch
     nft, watch = LibNft(), NftWatch()
     for _ in range(rounds):
-        nft.run({"nftables": [{"flush": {"ruleset": None}}]})
+        flusher = None
+        if backend == "nftables-program":  # what `nft -f /etc/nftables.conf` does
+            flusher = subprocess.Popen(["nft", "flush", "ruleset"])
+        else:
+            nft.run({"nftables": [{"flush": {"ruleset": None}}]})
         flushed = restored = None
         while restored is None:
             for commit in watch.wait(5) or []:
                 now = time.perf_counter()
-                if commit.pid == os.getpid() and flushed is None:
+                if flushed is None and any(c.what == "table" and c.deleted and
+                                           c.table == "spa" for c in commit.changes):
                     flushed = now
                 elif os.path.isdir(f"/proc/{pid}/task/{commit.pid}") and any(
                         c.what == "table" and not c.deleted and c.table == "spa"
                         for c in commit.changes):
                     restored = now
+        if flusher is not None:
+            flusher.wait()
         tables = nft.run({"nftables": [{"list": {"tables": None}}]})["nftables"]
         names = {t["table"]["name"] for t in tables if "table" in t}
         out.append({"ms": (restored - flushed) * 1000, "hold": "spa_hold" in names})
@@ -87,7 +95,7 @@ def run_backend(backend: str, rounds: int, root: Path) -> list[dict[str, object]
         srv, cli = topo.ns("srv"), topo.ns("cli")
         topo.link(srv, [f"{SERVER}/24"], cli, [f"{CLIENT}/24"])
         config = root / f"{backend}.toml"
-        admin.init(config, listen_port=KNOCK_PORT, backend=backend,
+        admin.init(config, listen_port=KNOCK_PORT, backend=backend.partition("-")[0],
                    state_dir=root / f"state-{backend}", force=True)
         config.write_text(config.read_text().replace('mode = "capture"', 'mode = "udp"'))
         uri = admin.enroll(config, "bench", ["ssh"], SERVER)
@@ -136,7 +144,9 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=100)
-    parser.add_argument("--only", default="nftables,iptables")
+    parser.add_argument("--only", default="nftables,nftables-program,iptables",
+                        help="nftables: flushed by libnftables in a process; nftables-program: "
+                        "by the nft program; iptables: iptables-legacy -F")
     args = parser.parse_args()
     reason = can_make_namespaces()
     if reason is not None:
@@ -150,7 +160,7 @@ def main() -> None:
                   f"{percentile(ms, 0.5):.1f} ms, p90 {percentile(ms, 0.9):.1f}, p99 "
                   f"{percentile(ms, 0.99):.1f}, max {max(ms):.1f}"
                   + (f"; hold table present after {held}/{len(ms)} flushes"
-                     if backend == "nftables" else ""))
+                     if backend.startswith("nftables") else ""))
 
 
 if __name__ == "__main__":

@@ -69,15 +69,22 @@ def init(
                                             "events live.")] = DEFAULT_STATE_DIR,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing config "
                                         "(forgets every client).")] = False,
+    service: Annotated[list[str] | None, typer.Option(
+        "--service", "-s", metavar="SERVICE", help="A service to hide behind the gate "
+        "(repeat): ssh, https, or NAME=tcp/PORT (e.g. imaps=tcp/993).  Default: ssh only. "
+        "From the first run its port is closed to everyone but knocking clients.")] = None,
 ) -> None:
-    """Create the config file with a new random server id."""
+    """Create the config file with a new random server id and the services to hide."""
     with local_errors():
-        admin.init(_ctx.config, listen_port=listen_port, backend=backend, state_dir=state_dir,
-                   force=force)
+        chosen = admin.init(_ctx.config, listen_port=listen_port, backend=backend,
+                            state_dir=state_dir, force=force, services=service or ["ssh"])
     typer.echo(f"wrote {_ctx.config} (0600): server id created, port {listen_port}/udp, "
                f"backend {backend}, state in {state_dir}")
-    typer.echo(f"next: spa-server --config {_ctx.config} enroll NAME --service ssh "
-               "--endpoint HOST")
+    from spa.server.coexist import closed_ports
+
+    typer.echo(closed_ports(chosen).capitalize() + " (more: [services] in the config)")
+    typer.echo(f"next: spa-server --config {_ctx.config} enroll NAME --service "
+               f"{chosen[0].name} --endpoint HOST")
 
 
 @app.command()
@@ -332,6 +339,34 @@ def run(
             server.shutdown()
 
 
+@app.command()
+def check() -> None:
+    """Does the host's firewall let through what spa lets in?  Exit 1 if not.
+
+    Reads the live ruleset and, per protected service (and the knock port in
+    udp mode), names every other firewall chain that would drop it, with the
+    exact line to add.  The daemon runs the same check at start, after each
+    reload and after another program changes the ruleset."""
+    from spa.server import config as config_mod
+    from spa.server.coexist import closed_ports, report
+
+    with local_errors():
+        config = config_mod.load(_ctx.config)
+        if config.backend != "nftables":
+            raise LocalError(f"check reads nftables rulesets; this config's backend is "
+                             f"{config.backend} (the iptables backend's chain runs first in "
+                             "INPUT, so the filter table's other rules cannot undo a grant)")
+        from spa.backends.libnft import default_runner
+
+        found = report(default_runner(), config)
+    typer.echo(f"spa: {closed_ports(config.services)}")
+    for line in found.lines:
+        typer.echo(line)
+    typer.echo(found.summary)
+    if found.problems:
+        raise typer.Exit(1)
+
+
 def _format_left(seconds: float) -> str:
     seconds = max(0, int(seconds + 0.999))
     minutes, secs = divmod(seconds, 60)
@@ -358,6 +393,9 @@ def status(json_out: Annotated[bool, typer.Option("--json", help="Machine-readab
     typer.echo(f"server: {who}")
     if running:
         typer.echo(f"gate: {describe_gate(running.get('gate'))}")
+        checked = running.get("check")
+        if isinstance(checked, dict):
+            typer.echo(f"check: {checked.get('summary')}")
     if not running and rows and info.get("expires_by_itself") is False:
         typer.echo(f"warning: backend {info.get('backend')} cannot expire grants while the "
                    "server is down; they end when it starts again")

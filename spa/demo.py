@@ -51,7 +51,7 @@ class Demo:
         self.ok = True
         port = _free_udp_port()
         admin.init(self.config, listen_port=port, backend="memory", state_dir=root / "state",
-                   force=False)
+                   force=False, services=("ssh", "https"))
         text = self.config.read_text().replace('listen_address = "::"',
                                                'listen_address = "127.0.0.1"')
         text = text.replace('mode = "capture"', 'mode = "udp"')

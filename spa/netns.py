@@ -96,12 +96,21 @@ class Topology:
 
     def cleanup(self) -> None:
         for namespace in reversed(self.namespaces):
-            # kill whatever still runs inside, then remove the namespace
-            pids = sh("ip", "netns", "pids", namespace.name, check=False).stdout.split()
-            for pid in pids:
-                sh("kill", "-9", pid, check=False)
-            sh("ip", "netns", "del", namespace.name, check=False)
+            self._delete(namespace)
         self.namespaces.clear()
+
+    def remove(self, namespace: Namespace) -> None:
+        """Delete one namespace of this topology (and what runs inside)."""
+        self.namespaces.remove(namespace)
+        self._delete(namespace)
+
+    @staticmethod
+    def _delete(namespace: Namespace) -> None:
+        # kill whatever still runs inside, then remove the namespace
+        pids = sh("ip", "netns", "pids", namespace.name, check=False).stdout.split()
+        for pid in pids:
+            sh("kill", "-9", pid, check=False)
+        sh("ip", "netns", "del", namespace.name, check=False)
 
 
 @dataclass

@@ -45,7 +45,7 @@ class World:
 
     def init(self) -> None:
         admin.init(self.config_path, listen_port=62201, backend="memory",
-                   state_dir=self.root / "state", force=False)
+                   state_dir=self.root / "state", force=False, services=("ssh", "https"))
 
     def enroll(self, name: str, *services: str, expires: float | None = None,
                otp: bool = False) -> None:

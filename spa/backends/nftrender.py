@@ -22,6 +22,7 @@ FAMILY = "inet"
 TABLE = "spa"
 HOLD = "spa_hold"  # the same gate in a table the daemon owns (see the backend)
 CHAIN = "input"
+FORWARD = "forward"  # gates connections DNATed from a protected port (Docker's -p PORT:...)
 PRIORITY = -10  # before the conventional filter chains at priority 0
 HOLD_PRIORITY = -9  # right after ours: spa counts the drops, the hold only backs it up
 GATE_MARK = 0x10000000  # set on what our table accepts: a host table can accept on it
@@ -89,7 +90,34 @@ def render_start(services: Mapping[str, Service], *, drop_sets: bool = True) -> 
                 {"drop": None},
             ])}})
         commands.append({"add": {"rule": _where(chain=CHAIN, expr=[port, {"drop": None}])}})
+    commands += _forward_commands(services, TABLE, PRIORITY, mark=True)
     return {"nftables": commands}
+
+
+def _forward_commands(services: Mapping[str, Service], table: str, priority: int, *,
+                      mark: bool) -> list[dict[str, Any]]:
+    """Hook forward: a connection DNATed from a protected port of this host
+    (a port a container publishes) is a connection to that port: let in only
+    its grants, as on hook input."""
+    commands: list[dict[str, Any]] = [
+        {"add": {"chain": _where(table, name=FORWARD, type="filter", hook="forward",
+                                 prio=priority, policy="accept")}},
+        {"flush": {"chain": _where(table, name=FORWARD)}},
+        {"add": {"rule": _where(table, chain=FORWARD, expr=[
+            _match({"ct": {"key": "state"}}, ["established", "related"], "in"),
+            {"accept": None}])}}]
+    for service in services.values():
+        published = [_match({"meta": {"key": "l4proto"}}, service.protocol),
+                     _match({"ct": {"key": "status"}}, "dnat", "in"),
+                     _match({"ct": {"key": "proto-dst", "dir": "original"}}, service.port)]
+        for version, proto in ((4, "ip"), (6, "ip6")):
+            commands.append({"add": {"rule": _where(table, chain=FORWARD, expr=[
+                *published, _match({"payload": {"protocol": proto, "field": "saddr"}},
+                                   f"@{set_name(service.name, version)}"),
+                *([_SET_MARK] if mark else []), {"accept": None}])}})
+        commands.append({"add": {"rule": _where(table, chain=FORWARD,
+                                                expr=[*published, {"drop": None}])}})
+    return commands
 
 
 _SET_MARK = {"mangle": {"key": {"meta": {"key": "mark"}},
@@ -122,6 +150,7 @@ def render_hold(services: Mapping[str, Service], held: Held, now: float) -> Docu
                              f"@{set_name(service.name, version)}"), {"accept": None}])}})
         commands.append({"add": {"rule": _where(HOLD, chain=CHAIN, expr=[port,
                                                                          {"drop": None}])}})
+    commands += _forward_commands(services, HOLD, HOLD_PRIORITY, mark=False)
     for (address, name), until in sorted(held.items(), key=str):
         if name in services and until > now:
             commands.append({"add": {"element": {

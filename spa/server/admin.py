@@ -11,7 +11,7 @@ import base64
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -19,6 +19,7 @@ from typing import cast
 from spa.core.errors import FormatError
 from spa.core.keys import MASTER_SECRET_SIZE, SERVER_ID_SIZE
 from spa.core.otp import SECRET_BYTES, provisioning_uri
+from spa.core.policy import DEFAULT_SERVICES, Service
 from spa.core.uri import Enrollment, ServiceRef, check_host, is_valid_client_name, render
 from spa.server import config as config_mod
 from spa.server.config import ClientEntry, ServerConfig
@@ -27,18 +28,41 @@ from spa.server.events import EVENTS_DB, Event, read_events
 from spa.server.geoip import Countries
 from spa.server.state import PairStatus, StateDir
 
+SERVICE_SPEC = re.compile(r"([A-Za-z][A-Za-z0-9_-]{0,31})=(tcp|udp)/(\d{1,5})\Z")
 
-def init(path: Path, *, listen_port: int, backend: str, state_dir: Path, force: bool) -> bytes:
-    """Write a fresh config with a new random server id; return the id."""
+
+def service_of(spec: str) -> Service:
+    """`ssh`, `https`, or NAME=tcp/PORT (NAME=udp/PORT) for another service
+    (its leases last 30 min by default, 4 h at most, as https's).
+    Raises ConfigError."""
+    if spec in DEFAULT_SERVICES:
+        return DEFAULT_SERVICES[spec]
+    found = SERVICE_SPEC.match(spec)
+    if found is None or not 1 <= int(found.group(3)) <= 65535:
+        raise ConfigError(f"--service {spec!r}: give ssh, https, or NAME=tcp/PORT "
+                          "(e.g. imaps=tcp/993)")
+    https = DEFAULT_SERVICES["https"]
+    return Service(found.group(1), found.group(2), int(found.group(3)),
+                   https.default_duration, https.max_duration)
+
+
+def init(path: Path, *, listen_port: int, backend: str, state_dir: Path, force: bool,
+         services: Sequence[str] = ("ssh",)) -> list[Service]:
+    """Write a fresh config with a new random server id, protecting
+    `services` (see `service_of`); return them.  Raises ConfigError."""
     if not 1 <= listen_port <= 65535:
         raise ConfigError(f"--listen-port {listen_port} is out of range 1-65535")
     if backend not in config_mod.BACKENDS:
         raise ConfigError(f"--backend {backend!r}: choose one of {', '.join(config_mod.BACKENDS)}")
+    chosen = list({s.name: s for s in map(service_of, services or ("ssh",))}.values())
+    ports = [(s.protocol, s.port) for s in chosen]
+    if len(set(ports)) != len(ports):
+        raise ConfigError("two --service options name the same port; give each port once")
     server_id = os.urandom(SERVER_ID_SIZE)
     text = config_mod.render_new(server_id=server_id, listen_port=listen_port, backend=backend,
-                                 state_dir=state_dir.absolute())
+                                 state_dir=state_dir.absolute(), protect=chosen)
     config_mod.write_new(path, text, force=force)
-    return server_id
+    return chosen
 
 
 def parse_endpoint(endpoint: str, default_port: int) -> tuple[str, int]:

@@ -20,7 +20,7 @@ import fcntl
 import os
 import time
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -363,8 +363,8 @@ A running server picks up changes within a second."""
 
 
 def render_new(*, server_id: bytes, listen_port: int, backend: str, state_dir: Path,
-               mode: str = DEFAULT_MODE) -> str:
-    """The text of a fresh config file."""
+               mode: str = DEFAULT_MODE, protect: Iterable[Service] | None = None) -> str:
+    """The text of a fresh config file; `protect`: its services (default: ssh, https)."""
     doc = tomlkit.document()
     for line in HEADER.splitlines():
         doc.add(tomlkit.comment(line))
@@ -387,7 +387,7 @@ def render_new(*, server_id: bytes, listen_port: int, backend: str, state_dir: P
                tomlkit.item(False).comment("nftables: end live grants at stop (rules stay)"))
     doc.add("server", server)
     services = tomlkit.table(is_super_table=True)
-    for service in DEFAULT_SERVICES.values():
+    for service in DEFAULT_SERVICES.values() if protect is None else protect:
         entry = tomlkit.table()
         entry.add("protocol", service.protocol)
         entry.add("port", service.port)

@@ -41,6 +41,7 @@ from spa.core.policy import Policy
 from spa.core.verify import Accepted, Refused, Verifier
 from spa.core.wire import NONCE_OFFSET, Action
 from spa.server import config as config_mod
+from spa.server.coexist import Report, closed_ports
 from spa.server.config import ServerConfig
 from spa.server.errors import LocalError
 from spa.server.events import EVENTS_DB, Event, EventSink
@@ -55,6 +56,7 @@ TICK = 0.2  # seconds between housekeeping rounds (revoke lands within ~0.5 s)
 RECEIVE_TIMEOUT = 0.25  # the receive thread wakes at least this often
 COMPACT_EVERY = 10.0  # seconds between replay-cache dumps (a journal covers between)
 PRUNE_EVERY = 3600.0  # seconds between event-retention prunes
+HOST_CHECK_EVERY = 1.0  # seconds between checks of the host's firewall after it changed
 STAGE_AHEAD = 3.0  # seconds before a step boundary to prepare its tags
 REPLAYS_TO_BLOCK = 20  # copies of one packet in one second that put its nonce in the kernel filter
 MAX_BLOCKED_NONCES = 64  # nonces the kernel filter drops at most (5 BPF instructions each)
@@ -128,6 +130,9 @@ class Server:
         self._last_drops = 0.0
         self.metrics: Metrics | None = None
         self._facts: dict[str, object] = {}  # what the lock file tells `status`
+        self._host_changed = threading.Event()  # another program changed the ruleset
+        self._last_host_check = 0.0
+        self._host_report: Report | None = None
         self.guard: Guard
         self.verifier: Verifier
         self.leases: LeaseTable
@@ -162,7 +167,7 @@ class Server:
         self._reconcile(now)
         self.guard = Guard(self.backend, lock=self._lock, wanted=lambda: self.leases.allowed(),
                            clock=self.clock, log=self.log, record=self.events.record,
-                           on_change=self._gate_changed)
+                           on_change=self._gate_changed, on_foreign=self._host_changed.set)
         self._tag_keys = self._derive_tag_keys(self.config, now)
         self._update_kernel_filter(now, force=True)
         self._facts = {
@@ -170,6 +175,8 @@ class Server:
             "backend": self.backend.name, "mode": self.config.mode,
             "gate": self.guard.state.as_dict(),
         }
+        self.log(f"gate {closed_ports(self.config.services)}")
+        self._check_host(now, force=True)
         self.state.write_server(self._facts)
         if self.config.metrics_listen:
             self.metrics = Metrics()
@@ -178,6 +185,36 @@ class Server:
         self.log(f"started port={self.config.listen_port} backend={self.backend.name} "
                  f"mode={self.config.mode} clients={len(self.config.clients)} "
                  f"leases={len(self.leases)}")
+
+    def _check_host(self, now: float, *, force: bool = False) -> None:
+        """Does the host's firewall let through what the gate lets in?  At
+        start, after a reload, and (at most once a second) after another
+        program changed the ruleset; said in the log when the answer
+        changes, and in `status`."""
+        runner = getattr(self.backend, "runner", None)
+        if runner is None or not (force or self._host_changed.is_set()):
+            return
+        if not force and now - self._last_host_check < HOST_CHECK_EVERY:
+            return
+        self._host_changed.clear()
+        self._last_host_check = now
+        from spa.server.coexist import report
+
+        try:
+            with self._lock:
+                found = report(runner, self.config)
+        except LocalError as exc:
+            self.log(f"error check: {exc}")
+            return
+        if force or found != self._host_report:
+            self.log(f"check: {found.summary}")
+            for line in found.lines if found.problems else ():
+                if " ok, " not in line:
+                    self.log(f"warning check: {line}")
+        self._host_report = found
+        self._facts = {**self._facts, "check": {"problems": found.problems, "at": now,
+                                                 "summary": found.summary}}
+        self.state.write_server(self._facts)
 
     def _gate_changed(self, gate: GateState) -> None:
         """The guard repaired the gate, or failed to: `status` shows it."""
@@ -379,6 +416,7 @@ class Server:
         if self._retry_reconcile:  # a firewall call failed: was the gate taken away?
             self.guard.check(time.monotonic())
         self.guard.poll(now)
+        self._check_host(now)
         with self._lock:
             expired = self.leases.expire(now)
             self._dirty |= bool(expired)
@@ -620,6 +658,9 @@ class Server:
         self._update_kernel_filter(self.clock(), force=True)
         self.log(f"reloaded clients={len(new.clients)} added={len(changed)} "
                  f"removed={len(gone)}")
+        if services != dict(old.services):
+            self.log(f"gate {closed_ports(services)}")
+            self._check_host(self.clock(), force=True)
 
 
 def _fixed_settings(config: ServerConfig) -> tuple[object, ...]:

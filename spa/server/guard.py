@@ -65,12 +65,16 @@ class Guard:
     def __init__(self, backend: object, *, lock: threading.Lock, wanted: Callable[[], Held],
                  clock: Callable[[], float], log: Callable[[str], None],
                  record: Callable[[Event], None],
-                 on_change: Callable[[GateState], None] = lambda state: None) -> None:
+                 on_change: Callable[[GateState], None] = lambda state: None,
+                 on_foreign: Callable[[], None] = lambda: None) -> None:
+        """`on_foreign`: another program committed a change to the ruleset
+        (any table: the host's firewall may have changed)."""
         self._repair: Callable[..., str | None] | None = getattr(backend, "repair", None)
         self._watch_of: Callable[[], Watch | None] | None = getattr(backend, "watch", None)
         self._name = getattr(backend, "name", "firewall")
         self._lock, self._wanted, self._clock = lock, wanted, clock
         self._log, self._record, self._on_change = log, record, on_change
+        self._on_foreign = on_foreign
         self.state = GateState()
         self._every = BACKSTOP if self._watch_of is not None else POLL_SECONDS
         self._last_check = 0.0
@@ -96,6 +100,8 @@ class Guard:
                 commits = watch.wait(WAIT)
                 if commits is None or any(self._foreign_to_us(c) for c in commits):
                     self.check(time.monotonic())
+                if commits is None or any(not _our_thread(c.pid) for c in commits):
+                    self._on_foreign()
         except Exception as exc:  # keep the daemon; the polls still guard
             self._log(f"error firewall watch stopped ({type(exc).__name__}: {exc}); "
                       f"checking every {POLL_SECONDS} s instead")

@@ -29,7 +29,7 @@ def assert_one_line_error(done: subprocess.CompletedProcess[str], *fragments: st
 def config(tmp_path: Path) -> Path:
     path = tmp_path / "server.toml"
     done = run_cli("spa-server", "--config", str(path), "init", "--state-dir",
-                   str(tmp_path / "state"))
+                   str(tmp_path / "state"), "--service", "ssh", "--service", "https")
     assert done.returncode == 0, done.stderr
     return path
 
@@ -332,3 +332,24 @@ def test_dashboard_password_and_dashboard_errors(config: Path, tmp_path: Path) -
                               f"cannot listen on 127.0.0.1:{port}", "--listen")
     config.write_text(config.read_text() + '\n[dashboard]\nlisten = "127.0.0.1:99999"\n')
     assert_one_line_error(server(config, "dashboard"), "[dashboard] listen", "HOST:PORT")
+
+
+def test_init_protects_what_the_admin_names_and_says_what_it_closes(tmp_path: Path) -> None:
+    """Issue 12: `init` once closed tcp/443 for everyone from the first run
+    without a word.  Now it protects ssh only unless told, and says what is
+    closed; a bad --service is one line, exit 2, nothing written."""
+    config = tmp_path / "c.toml"
+    done = server(config, "init", "--state-dir", str(tmp_path / "s"))
+    assert done.returncode == 0, done.stderr
+    assert "except to clients whose knock opens them: ssh (tcp/22)" in done.stdout
+    assert "443" not in done.stdout and "[services.https]" not in config.read_text()
+    again = tmp_path / "d.toml"
+    done = server(again, "init", "--state-dir", str(tmp_path / "s"), "--service", "ssh",
+                  "--service", "imaps=tcp/993")
+    assert done.returncode == 0, done.stderr
+    assert "ssh (tcp/22), imaps (tcp/993)" in done.stdout
+    assert "[services.imaps]" in again.read_text()
+    for bad in ("telnet", "web=tcp/99999", "x=icmp/1"):
+        assert_one_line_error(server(tmp_path / "e.toml", "init", "--service", bad),
+                              f"--service {bad!r}", "NAME=tcp/PORT")
+        assert not (tmp_path / "e.toml").exists()

@@ -62,7 +62,8 @@ def make_site(root: Path, host: str, *, extra_config: str = "") -> Generator[Sit
     state = root / "state"
     port = free_port(socket.SOCK_DGRAM, host)
     done = run_cli("spa-server", "--config", str(config), "init", "--listen-port", str(port),
-                   "--state-dir", str(state), "--backend", "memory")
+                   "--state-dir", str(state), "--backend", "memory", "--service", "ssh",
+                   "--service", "https")
     assert done.returncode == 0, done.stderr
     with PortGate(state, "ssh", host) as ssh, PortGate(state, "https", host) as https:
         text = config.read_text()

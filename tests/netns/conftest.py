@@ -228,7 +228,8 @@ def open_site(world: World, root: Path) -> Iterator[Spa]:
     killed and its table removed afterwards."""
     root.mkdir(parents=True, exist_ok=True)
     site = Spa(world, root)
-    site.admin("init", "--listen-port", str(KNOCK_PORT), "--state-dir", str(root / "state"))
+    site.admin("init", "--listen-port", str(KNOCK_PORT), "--state-dir", str(root / "state"),
+               "--service", "ssh", "--service", "https")
     try:
         yield site
     finally:

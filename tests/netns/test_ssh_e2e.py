@@ -161,7 +161,8 @@ def test_runs_unprivileged_with_only_the_units_two_capabilities(world: World) ->
     os.chmod(root, 0o755)
     spa = Spa(world, root)
     try:
-        spa.admin("init", "--listen-port", "62201", "--state-dir", str(root / "state"))
+        spa.admin("init", "--listen-port", "62201", "--state-dir", str(root / "state"),
+                  "--service", "ssh", "--service", "https")
         enroll_alice(spa)
         (root / "state").mkdir(mode=0o700)
         for path in (spa.config, root / "state"):

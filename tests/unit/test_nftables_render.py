@@ -260,6 +260,6 @@ def test_our_accept_rules_mark_what_they_let_in() -> None:
     accepts = [c["add"]["rule"]["expr"] for c in doc["nftables"]
                if "rule" in c.get("add", {}) and {"accept": None} in c["add"]["rule"]["expr"]
                and len(c["add"]["rule"]["expr"]) > 2]
-    assert len(accepts) == 2 * len(SERVICES)
+    assert len(accepts) == 4 * len(SERVICES)  # hook input and hook forward (DNAT)
     assert all({"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"|": [
         {"meta": {"key": "mark"}}, 0x10000000]}}} in expr for expr in accepts)

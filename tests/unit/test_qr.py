@@ -59,7 +59,7 @@ def test_terminal_code_fits_80_columns_and_decodes_to_the_same_uri(ansi: bool) -
 def test_png_is_private_and_round_trips_through_a_real_decoder(tmp_path: Path) -> None:
     config = tmp_path / "server.toml"
     admin.init(config, listen_port=62201, backend="memory", state_dir=tmp_path / "state",
-               force=False)
+               force=False, services=("ssh", "https"))
     uri = admin.enroll(config, "alice-phone", ["ssh", "https"], "203.0.113.10")
     png = tmp_path / "alice.png"
     write_png(uri, png)
