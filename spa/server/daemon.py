@@ -48,7 +48,7 @@ from spa.server.events import EVENTS_DB, Event, EventSink
 from spa.server.guard import GateState, Guard
 from spa.server.metrics import Metrics
 from spa.server.notify import Notifier
-from spa.server.scans import SCAN_WINDOW, ScanDetector
+from spa.server.scans import SCAN_WINDOW, Knock, ScanDetector
 from spa.server.sources import NONCE_PREFIX, Datagram, PacketSource
 from spa.server.state import StateDir
 
@@ -126,7 +126,8 @@ class Server:
         self._activated_dirty = False
         self._otp_dirty = False
         self._scans = ScanDetector()
-        self._knocked: dict[str, float] = {}  # source -> its last authenticated knock
+        self._knocked: dict[str, Knock] = {}  # source -> its last authenticated knock
+        self._client_ports = self._ports_of(config)
         self._last_drops = 0.0
         self.metrics: Metrics | None = None
         self._facts: dict[str, object] = {}  # what the lock file tells `status`
@@ -151,6 +152,7 @@ class Server:
         self.state.compact_now(replay)
         self.state.journal(replay)
         self._activated = self.state.load_activated()
+        self._scans = ScanDetector(self.state.load_drop_counters())
         otp = OtpChecker(self.config.otp_secrets(), self.state.load_otp_steps(),
                          on_use=self._otp_used)
         self._grace = self._grace_of(self.config, now)
@@ -309,10 +311,10 @@ class Server:
                 events.refuse(now, result.reason.value, result.client, source)
                 if result.reason is Reason.REPLAY:
                     self._count_replay(data, now)
-                elif result.reason in AFTER_AUTHENTICATION:
-                    self._knocked_from(source, now)
+                elif result.reason in AFTER_AUTHENTICATION and result.client is not None:
+                    self._knocked_from(source, now, self._client_ports.get(result.client))
             else:
-                self._knocked_from(source, now)
+                self._knocked_from(source, now, self._client_ports.get(result.client))
                 accepted.append(result)
                 if result.client in self._pending:
                     self._activate(result.client)
@@ -342,12 +344,19 @@ class Server:
         self.verifier.policy = self._policy_of(self.config)
         self.log(f"activated client={client} (its pending enrollment was used in time)")
 
-    def _knocked_from(self, source: str, now: float) -> None:
+    def _knocked_from(self, source: str, now: float, ports: frozenset[int] | None) -> None:
         """A client's key knocked from `source` (scan detection spares its
-        probes of the port it asked for); bounded, pruned with the drops."""
+        probes of its client's ports); bounded, pruned with the drops."""
         knocked = self._knocked
         if source in knocked or len(knocked) < MAX_KNOCKED_SOURCES:
-            knocked[source] = now
+            knocked[source] = Knock(now, ports or frozenset())
+
+    @staticmethod
+    def _ports_of(config: ServerConfig) -> dict[str, frozenset[int]]:
+        """client -> the ports of the services it may open."""
+        return {name: frozenset(config.services[s].port for s in entry.services
+                                if s in config.services)
+                for name, entry in config.clients.items()}
 
     def _count_replay(self, data: bytes, now: float) -> None:
         second = int(now)
@@ -495,10 +504,12 @@ class Server:
         with self._lock:
             counters = read()
         cutoff = now - SCAN_WINDOW
-        for source, when in list(self._knocked.items()):  # in place: the receive thread adds
-            if when <= cutoff:
+        for source, knock in list(self._knocked.items()):  # in place: the receive thread adds
+            if knock.when <= cutoff:
                 self._knocked.pop(source, None)
         dropped, scans = self._scans.observe(counters, now, self._knocked)
+        if dropped:
+            self.state.save_drop_counters(self._scans.last)
         by_port = {s.port: s.name for s in self.config.services.values()}
         dropped.sort(key=lambda item: -item.attempts)
         for item in dropped[:MAX_DROP_ROWS]:
@@ -617,6 +628,7 @@ class Server:
         changed = {n: k for n, k in new_keys.items() if old_keys.get(n) != k}
         gone = [n for n in old_keys if n not in new_keys]
         self._grace = self._grace_of(new, now)
+        self._client_ports = self._ports_of(new)
         for name, entry in new.clients.items():
             was = old.clients.get(name)
             if entry.close_leases and not (was is not None and was.close_leases):

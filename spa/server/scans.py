@@ -8,13 +8,16 @@ Invariants (issue 8; sans-IO: counters and `now` in, findings out):
 - A source is a scan when, within SCAN_WINDOW seconds, it tried SCAN_PORTS
   or more protected ports, or SCAN_ATTEMPTS or more attempts in all.  A scan
   is reported once per source per SCAN_WINDOW, however long it goes on.
-- The attempts rule spares a source that sent an authenticated knock within
-  the window (`knocked`): a client whose knock was refused (clock skew,
-  revoked, a wrong code) keeps probing its one port while it waits, and that
-  is not a brute-force run (a refused `spa-client open --timeout 4` made 23
-  to 43 attempts, enough to be called a scan before this rule; the check is
-  tests/netns/test_dashboard_browser.py).  Its drops
-  are still counted, and trying a second port is still a scan.
+- A source that sent an authenticated knock within the window (`knocked`,
+  even one refused afterwards: clock skew, revoked, a wrong code) is spared
+  on the ports its client may open: its client keeps probing its port while
+  it waits (a refused `spa-client open --timeout 4` made 23 to 43 attempts),
+  and that proves nothing.  Those drops are still counted; attempts on any
+  other port count as anyone's (tests/netns/test_dashboard_browser.py,
+  tests/netns/test_counts.py).
+- Counters are deltas against the last reading, which the daemon keeps in
+  the state directory (`last`, `ScanDetector(last=...)`), so a restart
+  records nothing the kernel counted before it.
 - Memory is bounded: the last counters mirror the kernel's sets (bounded by
   their size); per-source history keeps only the window.
 """
@@ -44,15 +47,28 @@ class Scan(NamedTuple):
     attempts: int  # within the window
 
 
+class Knock(NamedTuple):
+    """An authenticated knock from a source: when, and the ports its client
+    may open (the ones it will probe)."""
+
+    when: float
+    ports: frozenset[int]
+
+
 class ScanDetector:
-    def __init__(self) -> None:
-        self._last: Counters = {}
+    def __init__(self, last: Counters | None = None) -> None:
+        self._last: Counters = dict(last or {})
         self._history: dict[str, deque[tuple[float, int, int]]] = {}  # (time, port, n)
         self._reported: dict[str, float] = {}
 
-    def observe(self, counters: Counters, now: float, knocked: Mapping[str, float] | None = None
+    @property
+    def last(self) -> Counters:
+        """The last reading (the daemon saves it: deltas survive a restart)."""
+        return self._last
+
+    def observe(self, counters: Counters, now: float, knocked: Mapping[str, Knock] | None = None
                 ) -> tuple[list[Dropped], list[Scan]]:
-        """`knocked`: source -> when it last sent an authenticated knock."""
+        """`knocked`: source -> its last authenticated knock."""
         knocked = knocked or {}
         dropped = []
         for key, total in counters.items():
@@ -62,6 +78,9 @@ class ScanDetector:
                 dropped.append(Dropped(key[0], key[1], delta))
         self._last = dict(counters)
         for item in dropped:
+            knock = knocked.get(item.source)
+            if knock is not None and knock.when > now - SCAN_WINDOW and item.port in knock.ports:
+                continue  # its client probing its own port: counted, but no evidence
             self._history.setdefault(item.source, deque()).append(
                 (now, item.port, item.attempts))
         scans = []
@@ -76,8 +95,7 @@ class ScanDetector:
             ports = tuple(sorted({port for _, port, _ in history}))
             attempts = sum(n for _, _, n in history)
             last = self._reported.get(source)
-            client = knocked.get(source, -SCAN_WINDOW) > now - SCAN_WINDOW
-            if (len(ports) >= SCAN_PORTS or (attempts >= SCAN_ATTEMPTS and not client)) and (
+            if (len(ports) >= SCAN_PORTS or attempts >= SCAN_ATTEMPTS) and (
                     last is None or now - last >= SCAN_WINDOW):
                 self._reported[source] = now
                 scans.append(Scan(source, ports, attempts))

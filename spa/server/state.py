@@ -44,6 +44,7 @@ JOURNAL = "replay.journal"
 JOURNAL_OLD = "replay.journal.old"  # being compacted: covered by no dump yet
 LOCK = "server.lock"  # held by the running daemon; holds its pid, start, port, backend
 OTP_STEPS = "otp.json"  # the last authenticator-code time step each client used
+DROPS = "drops.json"  # the drop counters' last reading: (source, port) -> packets
 ACTIVATED = "activated.json"  # pending enrollments used in time: name -> the enroll_by it met
 T = TypeVar("T")
 
@@ -185,6 +186,21 @@ class StateDir:
         """name -> the enroll_by its first knock met.  Raises LocalError if damaged."""
         return self._load_map(ACTIVATED, "activated", str,
                               "pending clients that knocked must be enrolled again")
+
+    def save_drop_counters(self, counters: dict[tuple[str, int], int]) -> None:
+        rows = [[source, port, count] for (source, port), count in counters.items()]
+        write_private(self.path / DROPS, json.dumps({"version": 1, "last": rows}).encode())
+
+    def load_drop_counters(self) -> dict[tuple[str, int], int]:
+        """The last reading, so a restart counts only what is new.  A damaged
+        file is forgotten (the next reading then counts from the kernel's
+        totals once), never fatal."""
+        try:
+            data = self._read_json(DROPS)
+            rows = data["last"] if isinstance(data, dict) else []
+            return {(str(source), int(port)): int(count) for source, port, count in rows}
+        except (LocalError, KeyError, TypeError, ValueError):
+            return {}
 
     def save_otp_steps(self, steps: dict[str, int]) -> None:
         write_private(self.path / OTP_STEPS, json.dumps({"version": 1, "last": steps}).encode())

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
-FILTER = Path(__file__).resolve().parents[2] / "contrib/fail2ban/filter.d/spa-server.conf"
+FILTERS = Path(__file__).resolve().parents[2] / "contrib/fail2ban/filter.d"
+FILTER = FILTERS / "spa-server.conf"  # the default jail's
+SCANS = FILTERS / "spa-server-scans.conf"  # the opt-in scans jail's
 
 
-def matched_lines(lines: list[str]) -> list[str]:
+def matched_lines(lines: list[str], filter_file: Path = FILTER) -> list[str]:
     """The lines our fail2ban filter matches, as fail2ban-regex reports them."""
     program = shutil.which("fail2ban-regex")
     if program is None:
@@ -21,7 +23,7 @@ def matched_lines(lines: list[str]) -> list[str]:
     with tempfile.NamedTemporaryFile("w", suffix=".log", delete=False) as log:
         log.write("\n".join(lines) + "\n")
     try:
-        done = subprocess.run([program, "--print-all-matched", log.name, str(FILTER)],
+        done = subprocess.run([program, "--print-all-matched", log.name, str(filter_file)],
                               capture_output=True, text=True, timeout=60, check=True)
     finally:
         Path(log.name).unlink()

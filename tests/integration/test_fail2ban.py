@@ -14,7 +14,7 @@ import pytest
 from spa.core.uri import parse
 from spa.core.wire import NONCE_SIZE, Action
 from spa_client import knock
-from tests.integration.f2b import matched_lines
+from tests.integration.f2b import SCANS, matched_lines
 from tests.integration.harness import wait_until
 from tests.integration.test_loopback import Site, make_site
 
@@ -58,4 +58,5 @@ def test_the_filter_matches_the_lines_we_document() -> None:
              "refused reason=replay client=alice src=203.0.113.9 count=2",
              "refused reason=unknown_tag src=198.51.100.7 count=300",
              "dropped src=198.51.100.8 service=ssh count=3"]
-    assert matched_lines(lines) == lines[:3]
+    assert matched_lines(lines) == lines[:2], "the default jail never bans on a scan"
+    assert matched_lines(lines, SCANS) == [lines[2]], "the opt-in scans jail"

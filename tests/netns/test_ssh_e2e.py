@@ -127,11 +127,13 @@ def test_scans_find_nothing_and_hydra_never_reaches_sshd(spa: Spa) -> None:
     assert not any(e["outcome"] == "dropped" and e["source"] == CLI4 for e in events), (
         "the knocking user's traffic was let in, not counted")
     assert any(line.startswith(f"scan src={ATT4} service=ssh,https") for line in spa.lines)
-    from tests.integration.f2b import matched_lines
+    from tests.integration.f2b import SCANS, matched_lines
 
     scan_lines = [line for line in spa.lines if line.startswith("scan ")]
-    assert [m for m in matched_lines(spa.lines) if m.startswith("scan ")] == scan_lines, (
-        "contrib/fail2ban matches the daemon's real scan line")
+    assert [m for m in matched_lines(spa.lines, SCANS) if m.startswith("scan ")] == (
+        scan_lines), "the opt-in scans jail matches the daemon's real scan line"
+    assert not any(m.startswith("scan ") for m in matched_lines(spa.lines)), (
+        "the default jail never bans on a scan (its source is not proven)")
 
 
 def test_client_exit_1_when_the_port_stays_shut(spa: Spa) -> None:

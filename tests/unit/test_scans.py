@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from spa.server.scans import SCAN_ATTEMPTS, SCAN_WINDOW, Dropped, Scan, ScanDetector
+from spa.server.scans import SCAN_ATTEMPTS, SCAN_WINDOW, Dropped, Knock, Scan, ScanDetector
 
 NOW = 1_800_000_000.0
 
@@ -52,11 +52,25 @@ def test_a_client_that_knocked_may_probe_its_port_but_not_a_second_one() -> None
     client, stranger = "192.0.2.10", "203.0.113.5"
     detector = ScanDetector()
     many = 5 * SCAN_ATTEMPTS
-    knocked = {client: NOW - 10}
-    _, scans = detector.observe({(client, 22): many, (stranger, 22): many}, NOW, knocked)
+    knocked = {client: Knock(NOW - 10, frozenset({22}))}
+    dropped, scans = detector.observe({(client, 22): many, (stranger, 22): many}, NOW,
+                                      knocked)
     assert scans == [Scan(stranger, (22,), many)]
-    _, scans = detector.observe({(client, 22): many, (client, 443): 1}, NOW + 5, knocked)
-    assert scans == [Scan(client, (22, 443), many + 1)], "a second port is still a scan"
+    assert Dropped(client, 22, many) in dropped, "its drops are still counted"
+    _, scans = detector.observe({(client, 22): many, (client, 443): SCAN_ATTEMPTS}, NOW + 5,
+                                knocked)
+    assert scans == [Scan(client, (443,), SCAN_ATTEMPTS)], "another port counts as anyone's"
     later = ScanDetector()
     _, scans = later.observe({(client, 22): many}, NOW + SCAN_WINDOW, knocked)
     assert scans == [Scan(client, (22,), many)], "a knock a window ago spares nothing"
+
+
+def test_the_last_reading_carries_over_so_a_restart_records_nothing_old() -> None:
+    """Issue 12: each start once took the kernel's counters of the last
+    minutes for new drops (249 of one user's SYNs, at every restart)."""
+    first = ScanDetector()
+    first.observe({("198.51.100.7", 22): 249}, NOW)
+    again = ScanDetector(first.last)
+    assert again.observe({("198.51.100.7", 22): 249}, NOW + 60) == ([], [])
+    assert again.observe({("198.51.100.7", 22): 251}, NOW + 65)[0] == [
+        Dropped("198.51.100.7", 22, 2)]

@@ -1,0 +1,69 @@
+"""Issue 12: counts that don't lie, and no ban on a word nobody proved.
+
+Real spa-server, nftables drop counters, spa-client, nmap and the real
+fail2ban-regex: forged SYNs in a victim's name, a refused client probing
+its port, and three restarts give the shipped jail nothing on either; a
+real scanner is called a scan and matches the opt-in scans filter only.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+
+from tests.integration.f2b import SCANS, matched_lines
+from tests.netns.conftest import ATT4, CLI4, SRV_ATT4, Spa
+from tests.netns.test_ssh_e2e import enroll_alice
+
+VICTIM = "10.199.1.77"  # an innocent address on the client's link, never used by anyone
+DROPS_EVERY = 5.0  # the daemon reads the drop counters this often
+
+
+def dropped_from(spa: Spa, source: str) -> int:
+    return sum(int(str(e["count"])) for e in spa.events()
+               if e["outcome"] == "dropped" and e["source"] == source)
+
+
+def forge_syns(spa: Spa, source: str) -> None:
+    """SYNs to both protected ports in `source`'s name, from the attacker."""
+    code = ("from scapy.all import IP, TCP, send\nimport sys\n"
+            "send(IP(src=sys.argv[1], dst=sys.argv[2]) / TCP(sport=40000, dport=[22, 443], "
+            "flags='S'), count=3, verbose=0)\n")
+    spa.world.att.run(sys.executable, "-c", code, source, SRV_ATT4, timeout=60)
+
+
+def test_forged_syns_restarts_and_a_refused_client_ban_nobody(spa: Spa) -> None:
+    world = spa.world
+    lines: list[str] = []
+    spa.start()
+    enroll_alice(spa)
+    forge_syns(spa, VICTIM)
+    assert spa.wait_for(f"scan src={VICTIM} service=ssh,https", timeout=3 * DROPS_EVERY), (
+        spa.lines[-5:])
+    # a refused client keeps probing its own port while it waits
+    spa.admin("revoke", "alice")
+    assert spa.wait_for("revoked client=alice")
+    assert spa.client(world.cli, "alice", "open", "ssh", "srv", "--timeout", "4"
+                      ).returncode == 1
+    time.sleep(DROPS_EVERY + 1)
+    assert dropped_from(spa, CLI4) > 0, "its drops are counted"
+    assert not any(line.startswith(f"scan src={CLI4}") for line in spa.lines), spa.lines
+    before = (dropped_from(spa, VICTIM), dropped_from(spa, CLI4))
+    for _ in range(3):  # each start once re-recorded the kernel's counters of minutes past
+        lines += spa.lines
+        spa.stop(signal.SIGTERM)
+        spa.start()
+        time.sleep(DROPS_EVERY + 1)
+    assert (dropped_from(spa, VICTIM), dropped_from(spa, CLI4)) == before
+    # a real scanner, from its own address
+    world.att.run("nmap", "-sS", "-Pn", "-n", "-p", "22,443", "--max-retries", "1",
+                  SRV_ATT4, timeout=120)
+    assert spa.wait_for(f"scan src={ATT4}", timeout=3 * DROPS_EVERY), spa.lines[-5:]
+    lines += spa.lines
+    banned = matched_lines(lines)
+    assert not [line for line in banned if VICTIM in line or CLI4 in line], banned
+    assert not any(line.startswith("scan ") for line in banned), "no ban on an unproven scan"
+    opted = matched_lines(lines, SCANS)
+    assert any(f"src={ATT4}" in line for line in opted), "the opt-in jail sees the scanner"
+    assert not any(CLI4 in line for line in opted), "never the refused client"
