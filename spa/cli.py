@@ -340,6 +340,26 @@ def run(
 
 
 @app.command()
+def gate(
+    backend: Annotated[str | None, typer.Option(help="Override the config's backend.")] = None,
+) -> None:
+    """Close the protected ports now, without serving (at boot, before the network).
+
+    Installs the firewall table from the config, with the leases the daemon
+    saved still open, and exits; contrib/systemd/spa-gate.service runs it
+    before the network comes up.  Atomic: nothing is deleted first."""
+    from spa.server import config as config_mod
+    from spa.server import runner
+    from spa.server.coexist import closed_ports
+
+    with local_errors():
+        line = runner.install_gate(_ctx.config, backend=backend)
+        services = config_mod.load(_ctx.config).services
+    typer.echo(line)
+    typer.echo(f"spa: {closed_ports(services)}")
+
+
+@app.command()
 def check() -> None:
     """Does the host's firewall let through what spa lets in?  Exit 1 if not.
 

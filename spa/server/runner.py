@@ -62,3 +62,39 @@ def build(path: Path, *, backend: str | None, mode: str | None,
                          config.interface)
     return Server(config, backend=chosen_backend, source=source, clock=time.time,
                   log=log_to_stderr, notifier=Notifier.from_environment(), state=state)
+
+
+def install_gate(path: Path, *, backend: str | None = None) -> str:
+    """Install the firewall gate from the config and the saved leases, and
+    leave (for boot, before the network: contrib/systemd/spa-gate.service).
+    Atomic and idempotent: nothing is deleted first; the ports are closed
+    from the moment it returns, with the live leases open.  When the daemon
+    runs it keeps the gate itself, and nothing is done.  Returns a line for
+    the admin.  Raises LocalError."""
+    config = config_mod.load(path)
+    chosen = backend or config.backend
+    if chosen == "memory":
+        raise LocalError("the memory backend gates nothing; gate is for nftables or iptables")
+    state = StateDir(config.state_dir)
+    state.ensure()
+    running = state.running_server()
+    if running is not None:
+        return (f"spa-server runs (pid {running.get('pid')}) and keeps the gate itself; "
+                "nothing done")
+    now = time.time()
+    state.acquire(now)  # no daemon starts while the gate goes in
+    try:
+        gate = make_backend(chosen)
+        gate.start(config.services, now=now)
+        wanted = {(lease.address, lease.service): lease.expires for lease in state.load_leases()
+                  if lease.expires > now and lease.service in config.services}
+        held = gate.held(now=now)
+        for (address, name), until in wanted.items():
+            if held.get((address, name)) != until:
+                gate.allow(address, config.services[name], until, now=now)
+        for address, name in held.keys() - wanted.keys():
+            if name in config.services:
+                gate.remove(address, config.services[name])
+    finally:
+        state.release()
+    return f"gate installed ({chosen}), {len(wanted)} saved lease(s) kept open"

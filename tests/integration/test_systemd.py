@@ -125,3 +125,30 @@ def test_server_sends_ready_then_watchdog_pings(tmp_path: Path) -> None:
     assert messages[0].startswith("READY=1\nSTATUS=serving port"), messages
     assert sum("WATCHDOG=1" in m for m in messages) >= 3
     assert messages[-1] == "STOPPING=1"
+
+
+GATE_UNIT = ROOT / "contrib/systemd/spa-gate.service"
+
+
+def test_the_boot_gate_unit_verifies_and_runs_before_the_network(tmp_path: Path) -> None:
+    """Issue 12: the ports are closed before the network comes up: a oneshot
+    ordered before network-pre.target (after nftables.service, whose flush
+    would remove a table made earlier), and spa-server waits for it."""
+    need_systemd_analyze()
+    path = unit_for_this_machine(tmp_path, GATE_UNIT)
+    done = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    text = GATE_UNIT.read_text()
+    assert re.search(r"^Before=.*network-pre\.target", text, re.M)
+    assert re.search(r"^After=.*nftables\.service", text, re.M)
+    assert "DefaultDependencies=no" in text and "Type=oneshot" in text
+    assert re.search(r"ExecStart=\S+ --config /etc/spa/server.toml gate$", text, re.M)
+    server = UNIT.read_text()
+    assert re.search(r"^After=.*spa-gate\.service", server, re.M)
+    assert re.search(r"^Wants=.*spa-gate\.service", server, re.M)
+    exposure = subprocess.run(["systemd-analyze", "security", "--offline=true", str(path)],
+                              capture_output=True, text=True, timeout=60, check=False)
+    match = re.search(r"Overall exposure level for spa-gate.service: ([0-9.]+)",
+                      exposure.stdout)
+    assert match is not None and float(match.group(1)) < 2.5, exposure.stdout[-500:]

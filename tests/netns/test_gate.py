@@ -144,3 +144,32 @@ def test_no_other_program_can_touch_the_hold_table(spa: Spa) -> None:
     finally:
         spa.proc.send_signal(signal.SIGCONT)
     assert spa.wait_for("warning firewall: table inet spa was removed"), spa.lines[-5:]
+
+
+def test_the_boot_gate_closes_the_ports_without_a_daemon_and_keeps_saved_leases(
+        spa: Spa) -> None:
+    """Issue 12: `spa-server gate` (spa-gate.service, before the network)
+    installs the gate from the config and the saved leases and exits; a
+    stopped daemon leaves the gate in place."""
+    world = spa.world
+    enroll_alice(spa)
+    assert tcp_open(world, "att", SRV_ATT4, 22), "no gate yet: sshd answers everyone"
+    done = spa.admin("gate")
+    assert "gate installed (nftables), 0 saved lease(s)" in done.stdout
+    assert "closed to everyone" in done.stdout
+    assert not tcp_open(world, "att", SRV_ATT4, 22)
+    assert world.srv.run("nft", "list", "tables").stdout.splitlines() == ["table inet spa"]
+    spa.start()
+    assert "keeps the gate itself" in spa.admin("gate").stdout, "never under a running daemon"
+    assert spa.client(world.cli, "alice", "open", "ssh", "srv", "--duration", "120"
+                      ).returncode == 0
+    time.sleep(0.5)  # leases.json within a housekeeping round
+    spa.stop(signal.SIGTERM)
+    assert not tcp_open(world, "att", SRV_ATT4, 22), "stopping keeps the gate"
+    assert tcp_open(world, "cli", SRV4, 22), "and the lease, until it ends"
+    world.srv.run("nft", "delete", "table", "inet", "spa")  # as after a reboot
+    assert tcp_open(world, "att", SRV_ATT4, 22)
+    assert "1 saved lease(s) kept open" in spa.admin("gate").stdout
+    assert not tcp_open(world, "att", SRV_ATT4, 22)
+    assert tcp_open(world, "cli", SRV4, 22), "the saved lease is open again"
+    assert spa.elements() == [f"svc_ssh_v4 {CLI4}"]
