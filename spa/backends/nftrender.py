@@ -61,13 +61,7 @@ def render_start(services: Mapping[str, Service], *, drop_sets: bool = True) -> 
         commands.append({"add": {"set": _where(
             name=f"drops_v{version}", type=[kind, "inet_service"], flags=["timeout"],
             timeout=DROPS_TIMEOUT, size=DROPS_SIZE)}})
-    commands.append({"add": {"chain": _where(name=CHAIN, type="filter", hook="input",
-                                             prio=PRIORITY, policy="accept")}})
-    commands.append({"flush": {"chain": _where(name=CHAIN)}})
-    commands.append({"add": {"rule": _where(chain=CHAIN, expr=[
-        _match({"ct": {"key": "state"}}, ["established", "related"], "in"),
-        {"accept": None},
-    ])}})
+    commands += _fresh_chain(TABLE, CHAIN, "input", PRIORITY)
     for service in services.values():
         port = _match({"payload": {"protocol": service.protocol, "field": "dport"}},
                       service.port)
@@ -94,18 +88,23 @@ def render_start(services: Mapping[str, Service], *, drop_sets: bool = True) -> 
     return {"nftables": commands}
 
 
+def _fresh_chain(table: str, name: str, hook: str, priority: int) -> list[dict[str, Any]]:
+    """A base chain, emptied, whose first rule accepts established and
+    related traffic (a session survives its lease)."""
+    return [{"add": {"chain": _where(table, name=name, type="filter", hook=hook,
+                                     prio=priority, policy="accept")}},
+            {"flush": {"chain": _where(table, name=name)}},
+            {"add": {"rule": _where(table, chain=name, expr=[
+                _match({"ct": {"key": "state"}}, ["established", "related"], "in"),
+                {"accept": None}])}}]
+
+
 def _forward_commands(services: Mapping[str, Service], table: str, priority: int, *,
                       mark: bool) -> list[dict[str, Any]]:
     """Hook forward: a connection DNATed from a protected port of this host
     (a port a container publishes) is a connection to that port: let in only
     its grants, as on hook input."""
-    commands: list[dict[str, Any]] = [
-        {"add": {"chain": _where(table, name=FORWARD, type="filter", hook="forward",
-                                 prio=priority, policy="accept")}},
-        {"flush": {"chain": _where(table, name=FORWARD)}},
-        {"add": {"rule": _where(table, chain=FORWARD, expr=[
-            _match({"ct": {"key": "state"}}, ["established", "related"], "in"),
-            {"accept": None}])}}]
+    commands = _fresh_chain(table, FORWARD, "forward", priority)
     for service in services.values():
         published = [_match({"meta": {"key": "l4proto"}}, service.protocol),
                      _match({"ct": {"key": "status"}}, "dnat", "in"),
@@ -135,12 +134,7 @@ def render_hold(services: Mapping[str, Service], held: Held, now: float) -> Docu
             name = set_name(service.name, version)
             commands += [{"add": {"set": _where(HOLD, name=name, type=kind, flags=["timeout"])}},
                          {"flush": {"set": _where(HOLD, name=name)}}]
-    commands += [{"add": {"chain": _where(HOLD, name=CHAIN, type="filter", hook="input",
-                                          prio=HOLD_PRIORITY, policy="accept")}},
-                 {"flush": {"chain": _where(HOLD, name=CHAIN)}},
-                 {"add": {"rule": _where(HOLD, chain=CHAIN, expr=[
-                     _match({"ct": {"key": "state"}}, ["established", "related"], "in"),
-                     {"accept": None}])}}]
+    commands += _fresh_chain(HOLD, CHAIN, "input", HOLD_PRIORITY)
     for service in services.values():
         port = _match({"payload": {"protocol": service.protocol, "field": "dport"}},
                       service.port)
@@ -210,14 +204,11 @@ def _create_command(address: IPAddress, service: str, timeout: int) -> dict[str,
 
 def _allow_commands(address: IPAddress, service: str, timeout: int,
                     table: str = TABLE) -> list[dict[str, Any]]:
+    """Remove (whether or not it exists), then add with the new timeout."""
     where = _where(table, name=set_name(service, address.version))
-    value = str(address)
-    return [
-        {"add": {"element": {**where, "elem": [{"elem": {"val": value, "timeout": 1}}]}}},
-        {"delete": {"element": {**where, "elem": [value]}}},
-        {"add": {"element": {**where, "elem": [{"elem": {"val": value,
-                                                          "timeout": timeout}}]}}},
-    ]
+    return [*_remove_commands(address, service, table),
+            {"add": {"element": {**where, "elem": [{"elem": {"val": str(address),
+                                                              "timeout": timeout}}]}}}]
 
 
 def _remove_commands(address: IPAddress, service: str,
