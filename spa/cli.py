@@ -412,7 +412,7 @@ def status(json_out: Annotated[bool, typer.Option("--json", help="Machine-readab
            f"backend {running.get('backend')})" if running else "not running")
     typer.echo(f"server: {who}")
     if running:
-        typer.echo(f"gate: {describe_gate(running.get('gate'))}")
+        typer.echo(f"gate: {describe_gate(running.get('gate'), hold=running.get('hold'))}")
         checked = running.get("check")
         if isinstance(checked, dict):
             typer.echo(f"check: {checked.get('summary')}")

@@ -36,6 +36,9 @@ class NftRunner(Protocol):
     def run_text(self, command: str) -> None:
         """Run one command in nft's own syntax (for what the JSON cannot say)."""
 
+    def list_text(self, command: str) -> str:
+        """Run a `list` command; return nft's text output (not JSON)."""
+
 
 def _error(text: str) -> LocalError:
     lines = [line for line in text.strip().splitlines() if line.strip()]
@@ -117,6 +120,17 @@ class LibNft:
         if rc != 0:
             raise _error((self._lib.nft_ctx_get_error_buffer(self._ctx) or b"").decode())
 
+    def list_text(self, command: str) -> str:
+        self._lib.nft_ctx_output_set_flags(self._ctx, 0)
+        try:
+            rc = self._lib.nft_run_cmd_from_buffer(self._ctx, command.encode())
+            output = (self._lib.nft_ctx_get_output_buffer(self._ctx) or b"").decode()
+            if rc != 0:
+                raise _error((self._lib.nft_ctx_get_error_buffer(self._ctx) or b"").decode())
+            return output
+        finally:
+            self._lib.nft_ctx_output_set_flags(self._ctx, NFT_CTX_OUTPUT_JSON)
+
     def close(self) -> None:
         if self._ctx:
             self._lib.nft_ctx_free(self._ctx)
@@ -144,10 +158,14 @@ class NftProgram:
         return _parse(done.stdout)
 
     def run_text(self, command: str) -> None:
+        self.list_text(command)
+
+    def list_text(self, command: str) -> str:
         done = subprocess.run([self._argv[0], command], capture_output=True, text=True,  # noqa: S603
                               timeout=30, check=False)
         if done.returncode != 0:
             raise _error(done.stderr or done.stdout)
+        return done.stdout
 
 
 def default_runner() -> NftRunner:
@@ -166,6 +184,7 @@ class FakeNft:
     def __init__(self, *, owns_tables: bool = False) -> None:
         self.owns_tables = owns_tables
         self.texts: list[str] = []
+        self.tables_text = ""  # what `list tables` prints
         self.documents: list[Document] = []
         self.listing: Document = {"nftables": []}
         self.refuse_next: list[str] = []  # errors to raise, one per coming run
@@ -180,3 +199,9 @@ class FakeNft:
 
     def run_text(self, command: str) -> None:
         self.texts.append(command)
+
+    def list_text(self, command: str) -> str:
+        self.texts.append(command)
+        return self.tables_text
+
+

@@ -12,9 +12,12 @@ Invariants (docs/threat-model.md, "Firewall"; STYLE principle 6):
   table this process owns (`flags owner`): no other program may change or
   delete it, `nft flush ruleset` passes it by, and the kernel removes it when
   the daemon ends.  So while the daemon runs, a reload of the host's
-  ruleset opens nothing even before `repair` puts `inet spa` back (measured:
-  the kernel holds back our repair 1-28 ms behind the flush's own commit).
-  Every grant and removal goes to both tables in the same transaction.
+  ruleset opens nothing even before `repair` puts `inet spa` back.  Every
+  grant and removal goes to both tables in the same transaction.  Made by
+  default only with libnftables 1.0.9 or newer: older ones free a table's
+  single flag while printing it in JSON (garbage for every program that
+  lists the ruleset, heap corruption in ours), and this module never lists
+  the hold table in JSON (`safe_ruleset`).
 - Accepted new connections carry GATE_MARK in the packet mark, so a host
   table that drops by default can accept exactly what spa let in.
 - Per protected service, an IPv4 and an IPv6 set with `flags timeout`.  A
@@ -103,7 +106,8 @@ class NftablesBackend:
         runner can own tables, i.e. libnftables)."""
         self.runner = runner
         self.flush_on_stop = flush_on_stop
-        self._hold_wanted = runner.owns_tables if hold is None else hold
+        self._hold_asked = hold
+        self._hold_wanted = runner.owns_tables and hold is not False
         self._hold = False  # the hold table is installed
         self.hold_note = ""  # why there is no hold table, for the log
         self._services: dict[str, Service] = {}
@@ -120,6 +124,12 @@ class NftablesBackend:
         self.runner.run(render_start(services,
                                      drop_sets=not {"drops_v4", "drops_v6"} <= present))
         installed = self._remember_shape()
+        if self._hold_wanted and self._hold_asked is None and not _flags_print_safely(installed):
+            self._hold_wanted = False
+            self.hold_note = (f"no hold table: libnftables {_version(installed)} mishandles "
+                              "table flags in JSON listings (fixed in 1.0.9), which would "
+                              "hurt other programs that list the ruleset; hold_table = \"on\" "
+                              "forces it")
         if self._hold_wanted:
             self._install_hold(parse_held(installed, self._services, now), now)
 
@@ -171,6 +181,17 @@ class NftablesBackend:
         self._present = set(wanted)
         self._remember_shape()
         return problem
+
+    @property
+    def holds(self) -> bool:
+        """Whether the owned hold table backs the gate."""
+        return self._hold
+
+    def ruleset(self) -> Document:
+        """The whole ruleset, as `list ruleset` gives it, but never listing
+        the hold table in JSON (libnftables before 1.0.9 frees a table's one
+        flag while printing it: garbage, then heap corruption; seen)."""
+        return safe_ruleset(self.runner)
 
     def watch(self) -> NftWatch | None:
         """A listener for nftables' change notifications, or None (no
@@ -225,3 +246,42 @@ class NftablesBackend:
     def stop(self) -> None:
         if self.flush_on_stop and self._services:
             self.runner.run(render_flush(self._services, hold=self._hold))
+
+
+def safe_ruleset(runner: NftRunner) -> Document:
+    """Every table but the hold table, each listed in JSON, in one document
+    (a table that goes between the two steps is left out).  Raises LocalError."""
+    tables = [line.split()[1:3] for line in runner.list_text("list tables").splitlines()
+              if line.startswith("table ") and len(line.split()) >= 3]
+    items: list[object] = []
+    for family, name in tables:
+        if (family, name) == (FAMILY, HOLD):
+            items.append({"table": {"family": family, "name": name}})
+            continue
+        try:
+            listing = runner.run({"nftables": [{"list": {"table": {"family": family,
+                                                                    "name": name}}}]})
+        except LocalError:
+            continue
+        items += [item for item in listing.get("nftables", [])
+                  if not (isinstance(item, dict) and "metainfo" in item)]
+    return {"nftables": items}
+
+
+SAFE_FLAGS_VERSION = (1, 0, 9)  # nftables' "json: fix use after free in table_flags_json()"
+
+
+def _version(listing: Document) -> str:
+    for item in listing.get("nftables", []):
+        if isinstance(item, dict) and isinstance(item.get("metainfo"), dict):
+            return str(item["metainfo"].get("version", "unknown"))
+    return "unknown"
+
+
+def _flags_print_safely(listing: Document) -> bool:
+    """Whether this libnftables prints a table with one flag without harm."""
+    try:
+        found = tuple(int(part) for part in _version(listing).split(".")[:3])
+    except ValueError:
+        return False
+    return found >= SAFE_FLAGS_VERSION

@@ -46,7 +46,9 @@ def targets_of(config: ServerConfig) -> list[Target]:
 
 def report(runner: NftRunner, config: ServerConfig) -> Report:
     """Raises LocalError when the ruleset cannot be read."""
-    listing = runner.run({"nftables": [{"list": {"ruleset": None}}]})
+    from spa.backends.nftables import safe_ruleset
+
+    listing = safe_ruleset(runner)
     try:
         findings = check(listing, targets_of(config))
     except ValueError as exc:

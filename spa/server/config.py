@@ -38,6 +38,7 @@ DEFAULT_STATE_DIR = Path("/var/lib/spa")
 DEFAULT_PORT = 62201
 BACKENDS = ("nftables", "iptables", "memory")
 MODES = ("capture", "udp")
+HOLD_CHOICES = ("auto", "on", "off")  # the owned hold table (spa/backends/nftables.py)
 DEFAULT_BACKEND = "nftables"  # grants expire in the kernel even if the daemon dies
 DEFAULT_MODE = "capture"  # nothing bound to the knock port
 DEFAULT_RETENTION_DAYS = 90
@@ -45,7 +46,7 @@ DEFAULT_DASHBOARD_LISTEN = "127.0.0.1:9713"  # loopback: reach it through an ssh
 
 _SERVER_KEYS = {
     "server_id", "listen_port", "listen_address", "backend", "mode", "interface",
-    "state_dir", "window", "event_retention_days", "flush_on_stop",
+    "state_dir", "window", "event_retention_days", "flush_on_stop", "hold_table",
 }
 _SERVICE_KEYS = {"protocol", "port", "default_duration", "max_duration"}
 _CLIENT_KEYS = {"secret", "services", "allow_other_address", "revoked", "enrolled",
@@ -87,6 +88,7 @@ class ServerConfig:
     window: float = 30.0
     event_retention_days: int = DEFAULT_RETENTION_DAYS
     flush_on_stop: bool = False
+    hold_table: str = "auto"
     metrics_listen: str = ""  # [metrics] listen = "127.0.0.1:9712" (empty: no endpoint)
     geoip_database: Path | None = None  # [geoip] database = "/path/Country.mmdb"
     dashboard_listen: str = DEFAULT_DASHBOARD_LISTEN  # [dashboard] listen
@@ -170,6 +172,8 @@ def load(path: Path) -> ServerConfig:
         event_retention_days=_get(where, server, "event_retention_days", int,
                                   DEFAULT_RETENTION_DAYS),
         flush_on_stop=_get(where, server, "flush_on_stop", bool, False),
+        hold_table=_choice(where, "hold_table", _get(where, server, "hold_table", str, "auto"),
+                           HOLD_CHOICES),
         metrics_listen=_listen(path, data, "metrics", ""),
         geoip_database=_geoip(path, data),
         dashboard_listen=_listen(path, data, "dashboard", DEFAULT_DASHBOARD_LISTEN),

@@ -176,8 +176,12 @@ class Server:
             "pid": os.getpid(), "started": self._started_at(now), "port": self.config.listen_port,
             "backend": self.backend.name, "mode": self.config.mode,
             "gate": self.guard.state.as_dict(),
+            "hold": bool(getattr(self.backend, "holds", False)),
         }
         self.log(f"gate {closed_ports(self.config.services)}")
+        note = getattr(self.backend, "hold_note", "")
+        if note:
+            self.log(f"warning firewall: {note}")
         self._check_host(now, force=True)
         self.state.write_server(self._facts)
         if self.config.metrics_listen:
@@ -194,7 +198,8 @@ class Server:
         program changed the ruleset; said in the log when the answer
         changes, and in `status`."""
         runner = getattr(self.backend, "runner", None)
-        if runner is None or not (force or self._host_changed.is_set()):
+        if runner is None or not hasattr(runner, "list_text") or not (
+                force or self._host_changed.is_set()):
             return
         if not force and now - self._last_host_check < HOST_CHECK_EVERY:
             return

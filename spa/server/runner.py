@@ -23,14 +23,15 @@ def log_to_stderr(line: str) -> None:
     sys.stderr.flush()
 
 
-def make_backend(name: str, *, flush_on_stop: bool = False) -> Backend:
+def make_backend(name: str, *, flush_on_stop: bool = False, hold: str = "auto") -> Backend:
     if name == "memory":
         return MemoryBackend()
     if name == "nftables":
         from spa.backends.libnft import default_runner
         from spa.backends.nftables import NftablesBackend
 
-        return NftablesBackend(default_runner(), flush_on_stop=flush_on_stop)
+        return NftablesBackend(default_runner(), flush_on_stop=flush_on_stop,
+                               hold=None if hold == "auto" else hold == "on")
     if name == "iptables":
         from spa.backends.iptables import IptablesBackend
 
@@ -57,7 +58,8 @@ def build(path: Path, *, backend: str | None, mode: str | None,
     state = StateDir(config.state_dir)
     state.ensure()
     state.acquire(time.time())  # a second daemon stops here, before socket or firewall
-    chosen_backend = make_backend(config.backend, flush_on_stop=config.flush_on_stop)
+    chosen_backend = make_backend(config.backend, flush_on_stop=config.flush_on_stop,
+                                  hold=config.hold_table)
     source = make_source(config.mode, config.listen_address, config.listen_port,
                          config.interface)
     return Server(config, backend=chosen_backend, source=source, clock=time.time,

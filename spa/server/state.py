@@ -352,12 +352,14 @@ def format_span(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def describe_gate(gate: object) -> str:
+def describe_gate(gate: object, *, hold: object = False) -> str:
     """`status`'s line on the firewall gate, from the daemon's facts."""
     if not isinstance(gate, dict):
         return "unknown (a daemon from before this version)"
     how = ("watched: put back within milliseconds of a change by another program"
-           if gate.get("watched") else "checked every half second by the daemon")
+           if gate.get("watched") else "checked every 0.4 s by the daemon")
+    if hold:
+        how += ", and held meanwhile by the daemon's own table inet spa_hold"
     at = gate.get("at")
     when = (_clock_time(at) if isinstance(at, int | float) and at else "")
     state, last, repairs = gate.get("state"), gate.get("last"), gate.get("repairs", 0)

@@ -60,10 +60,19 @@ class Prober:
         return found
 
 
+def hold_on(spa: Spa) -> None:
+    """hold_table = "on": the owned hold table even on a libnftables that
+    prints table flags badly in JSON (Debian 12's 1.0.6; nothing here lists
+    the whole ruleset in JSON while it is up)."""
+    spa.config.write_text(spa.config.read_text().replace(
+        "flush_on_stop = false", 'hold_table = "on"\nflush_on_stop = false'))
+
+
+@pytest.mark.parametrize("hold", ["auto", "on"])
 @pytest.mark.parametrize("command", [("flush", "ruleset"), ("delete", "table", "inet", "spa")],
                          ids=["flush-ruleset", "delete-table"])
-def test_the_gate_is_put_back_at_once_with_the_users_lease(spa: Spa,
-                                                          command: tuple[str, ...]) -> None:
+def test_the_gate_is_put_back_at_once_with_the_users_lease(spa: Spa, command: tuple[str, ...],
+                                                          hold: str) -> None:
     """Issue 12: `nft flush ruleset` (what `systemctl restart nftables` does
     with Debian's default file) or `nft delete table inet spa` once left ssh
     open to everyone until a restart.  Now the daemon hears the kernel's
@@ -71,9 +80,14 @@ def test_the_gate_is_put_back_at_once_with_the_users_lease(spa: Spa,
     the meantime its owned hold table (which neither command can touch)
     keeps the gate: an attacker probing every 10 ms gets nothing through
     (the issue allows 2), the user's live lease is back, and the log and
-    `status` say what happened."""
+    `status` say what happened.  Without the hold table (a libnftables
+    before 1.0.9, unless hold_table = "on") the window is the repair's:
+    at most 2 probes, as the issue asks."""
     world = spa.world
+    if hold == "on":
+        hold_on(spa)
     spa.start()
+    holds = not any("no hold table" in line for line in spa.lines)
     enroll_alice(spa)
     assert spa.client(world.cli, "alice", "open", "ssh", "srv", "--duration", "120"
                       ).returncode == 0
@@ -82,8 +96,11 @@ def test_the_gate_is_put_back_at_once_with_the_users_lease(spa: Spa,
     world.srv.run("nft", *command)
     probes = prober.result()
     assert probes["sent"] > 200, probes
-    assert probes["opened"] == [], probes
-    assert "table inet spa_hold" in world.srv.run("nft", "list", "tables").stdout
+    if holds:
+        assert probes["opened"] == [], probes
+        assert "table inet spa_hold" in world.srv.run("nft", "list", "tables").stdout
+    else:
+        assert len(probes["opened"]) <= 2, probes
     assert spa.wait_for("warning firewall: table inet spa was removed by another program; "
                         "restored with 1 lease in "), spa.lines[-5:]
     assert spa.elements() == [f"svc_ssh_v4 {CLI4}"], "the user's lease is back"
@@ -91,6 +108,7 @@ def test_the_gate_is_put_back_at_once_with_the_users_lease(spa: Spa,
     assert not tcp_open(world, "att", SRV_ATT4, 22)
     status = spa.admin("status").stdout
     assert "gate: ok, watched" in status and "restored 1 time, last at" in status, status
+    assert ("held meanwhile by the daemon's own table" in status) is holds
     assert not any("nftables refused" in line for line in spa.lines), spa.lines
 
 
@@ -122,6 +140,7 @@ def test_no_other_program_can_touch_the_hold_table(spa: Spa) -> None:
     process (root included) can neither delete nor change it, and a flush of
     the whole ruleset passes it by."""
     world = spa.world
+    hold_on(spa)
     spa.start()
     enroll_alice(spa)
     assert spa.client(world.cli, "alice", "open", "ssh", "srv", "--duration", "60"

@@ -236,7 +236,7 @@ def test_the_hold_table_is_owned_and_every_grant_reaches_both_tables_at_once() -
     fake.listing = {"nftables": [{"set": {"family": "inet", "table": "spa",
                                           "name": "svc_ssh_v4",
                                           "elem": [{"elem": {"val": str(A4), "expires": 20}}]}}]}
-    backend = NftablesBackend(fake)
+    backend = NftablesBackend(fake, hold=True)
     backend.start(SERVICES, now=100)
     assert fake.texts == ["add table inet spa_hold { flags owner; }"]
     hold = fake.documents[-1]["nftables"]
@@ -279,3 +279,32 @@ def test_a_listing_read_while_the_ruleset_changed_gives_its_last_whole_document(
     for bad in ("nope", whole + '{"nftables": [tru'):
         with pytest.raises(LocalError, match="not JSON"):
             _parse(bad)
+
+
+@pytest.mark.parametrize(("version", "held"), [("1.0.6", False), ("1.0.9", True),
+                                               ("1.1.1", True), ("odd", False)])
+def test_the_hold_table_is_made_only_where_json_listings_print_it_safely(
+        version: str, held: bool) -> None:
+    """libnftables before 1.0.9 frees a table's single flag while printing it
+    in JSON (garbage in `nft -j list ruleset`, and a daemon died of heap
+    corruption): by default the hold table waits for a fixed library."""
+    fake = FakeNft(owns_tables=True)
+    fake.listing = {"nftables": [{"metainfo": {"version": version}}]}
+    backend = NftablesBackend(fake)
+    backend.start(SERVICES, now=0)
+    assert backend.holds is held
+    assert ("1.0.9" in backend.hold_note) is (not held)
+    forced = NftablesBackend(FakeNft(owns_tables=True), hold=True)
+    forced.start(SERVICES, now=0)
+    assert forced.holds
+
+
+def test_the_host_check_never_lists_the_hold_table_in_json() -> None:
+    from spa.backends.nftables import safe_ruleset
+
+    fake = FakeNft()
+    fake.tables_text = "table inet filter\ntable inet spa_hold\ntable ip nat\n"
+    listing = safe_ruleset(fake)
+    listed = [c["list"]["table"] for d in fake.documents for c in d["nftables"]]
+    assert listed == [{"family": "inet", "name": "filter"}, {"family": "ip", "name": "nat"}]
+    assert {"table": {"family": "inet", "name": "spa_hold"}} in listing["nftables"]
