@@ -68,8 +68,9 @@ if backend.startswith("nftables"):
                     restored = now
         if flusher is not None:
             flusher.wait()
-        tables = nft.run({"nftables": [{"list": {"tables": None}}]})["nftables"]
-        names = {t["table"]["name"] for t in tables if "table" in t}
+        # text, not JSON: nft before 1.0.9 prints an owned table's flags from freed memory
+        names = {line.split()[2] for line in nft.list_text("list tables").splitlines()
+                 if line.startswith("table ")}
         out.append({"ms": (restored - flushed) * 1000, "hold": "spa_hold" in names})
         time.sleep(0.05)
 else:

@@ -12,12 +12,13 @@ Invariants (docs/threat-model.md, "Firewall"; STYLE principle 6):
   table this process owns (`flags owner`): no other program may change or
   delete it, `nft flush ruleset` passes it by, and the kernel removes it when
   the daemon ends.  So while the daemon runs, a reload of the host's
-  ruleset opens nothing even before `repair` puts `inet spa` back.  Every
-  grant and removal goes to both tables in the same transaction.  Made by
-  default only with libnftables 1.0.9 or newer: older ones free a table's
-  single flag while printing it in JSON (garbage for every program that
-  lists the ruleset, heap corruption in ours), and this module never lists
-  the hold table in JSON (`safe_ruleset`).
+  ruleset opens nothing even before `repair` puts `inet spa` back (the
+  kernel lets our repair commit only 2-35 ms after the flush).  Every grant
+  and removal goes to both tables in the same transaction.  libnftables
+  before 1.0.9 frees a table's single flag while printing it in JSON
+  (garbage in `nft -j list ruleset` for every program, heap corruption in
+  ours, seen): this module never lists the hold table in JSON
+  (`safe_ruleset`), and the daemon says so at start.
 - Accepted new connections carry GATE_MARK in the packet mark, so a host
   table that drops by default can accept exactly what spa let in.
 - Per protected service, an IPv4 and an IPv6 set with `flags timeout`.  A
@@ -106,10 +107,10 @@ class NftablesBackend:
         runner can own tables, i.e. libnftables)."""
         self.runner = runner
         self.flush_on_stop = flush_on_stop
-        self._hold_asked = hold
         self._hold_wanted = runner.owns_tables and hold is not False
         self._hold = False  # the hold table is installed
         self.hold_note = ""  # why there is no hold table, for the log
+        self.flags_note = ""  # what the hold table costs other programs here, for the log
         self._services: dict[str, Service] = {}
         # Elements we believe the kernel holds (a hint for `create`: grants
         # that expired in the kernel linger here until their Remove).
@@ -124,12 +125,11 @@ class NftablesBackend:
         self.runner.run(render_start(services,
                                      drop_sets=not {"drops_v4", "drops_v6"} <= present))
         installed = self._remember_shape()
-        if self._hold_wanted and self._hold_asked is None and not _flags_print_safely(installed):
-            self._hold_wanted = False
-            self.hold_note = (f"no hold table: libnftables {_version(installed)} mishandles "
-                              "table flags in JSON listings (fixed in 1.0.9), which would "
-                              "hurt other programs that list the ruleset; hold_table = \"on\" "
-                              "forces it")
+        if self._hold_wanted and not _flags_print_safely(installed):
+            self.flags_note = (f"libnftables {_version(installed)} prints garbage for the "
+                               f"owned table {FAMILY} {HOLD} in JSON listings (nft -j list "
+                               "ruleset; fixed in 1.0.9); spa never lists it so: if a tool of "
+                               "yours does, set hold_table = \"off\"")
         if self._hold_wanted:
             self._install_hold(parse_held(installed, self._services, now), now)
 

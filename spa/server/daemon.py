@@ -179,9 +179,10 @@ class Server:
             "hold": bool(getattr(self.backend, "holds", False)),
         }
         self.log(f"gate {closed_ports(self.config.services)}")
-        note = getattr(self.backend, "hold_note", "")
-        if note:
-            self.log(f"warning firewall: {note}")
+        for note in (getattr(self.backend, "hold_note", ""),
+                     getattr(self.backend, "flags_note", "")):
+            if note:
+                self.log(f"warning firewall: {note}")
         self._check_host(now, force=True)
         self.state.write_server(self._facts)
         if self.config.metrics_listen:
