@@ -50,32 +50,14 @@ def _error(text: str) -> LocalError:
 
 
 def _parse(text: str) -> Document:
-    """The JSON nftables printed.  When the ruleset changes while a listing
-    is read, libnftables starts over and its buffer can hold the abandoned
-    (even half-written) document before the good one (seen with `nft flush
-    ruleset` at the same moment): the last whole document is the answer."""
     text = text.strip()
     if not text:
         return {}
     try:
         parsed: Document = json.loads(text)
-        return parsed
     except json.JSONDecodeError:
-        pass
-    decoder = json.JSONDecoder()
-    start = text.rfind(_DOCUMENT_START)
-    while start > 0:
-        try:
-            value, end = decoder.raw_decode(text, start)
-        except json.JSONDecodeError:
-            value, end = None, 0
-        if isinstance(value, dict) and not text[end:].strip():
-            return value
-        start = text.rfind(_DOCUMENT_START, 0, start)
-    raise LocalError(f"nftables printed something that is not JSON: {text[:80]}")
-
-
-_DOCUMENT_START = '{"nftables"'
+        raise LocalError(f"nftables printed something that is not JSON: {text[:80]}") from None
+    return parsed
 
 
 class LibNft:

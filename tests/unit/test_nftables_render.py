@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 from typing import Any
 
 import pytest
@@ -264,21 +263,6 @@ def test_our_accept_rules_mark_what_they_let_in() -> None:
     assert len(accepts) == 4 * len(SERVICES)  # hook input and hook forward (DNAT)
     assert all({"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"|": [
         {"meta": {"key": "mark"}}, 0x10000000]}}} in expr for expr in accepts)
-
-
-def test_a_listing_read_while_the_ruleset_changed_gives_its_last_whole_document() -> None:
-    """Seen under `nft flush ruleset` at the same moment as a listing:
-    libnftables starts over and its buffer holds the abandoned document
-    first (the daemon logged 'not JSON' and a benchmark died of it)."""
-    from spa.backends.libnft import _parse
-
-    half = '{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"table": {"fam'
-    whole = '{"nftables": [{"table": {"family": "inet", "name": "spa"}}]}'
-    assert _parse(half + "\n" + whole) == json.loads(whole)
-    assert _parse(whole + whole) == json.loads(whole)
-    for bad in ("nope", whole + '{"nftables": [tru'):
-        with pytest.raises(LocalError, match="not JSON"):
-            _parse(bad)
 
 
 @pytest.mark.parametrize(("version", "warned"), [("1.0.6", True), ("1.0.9", False),
