@@ -189,3 +189,64 @@ def test_the_boot_gate_closes_the_ports_without_a_daemon_and_keeps_saved_leases(
     assert not tcp_open(world, "att", SRV_ATT4, 22)
     assert tcp_open(world, "cli", SRV4, 22), "the saved lease is open again"
     assert spa.elements() == [f"svc_ssh_v4 {CLI4}"]
+
+
+def test_every_alteration_of_our_table_is_found_and_put_back(tmp_path: Path) -> None:
+    """The backend's repair against the real kernel, in a namespace of its
+    own: each change another program can make to `inet spa` is named, put
+    back in one transaction, and then found intact (no repair loop)."""
+    from spa.netns import Topology
+
+    code = r'''
+import ipaddress, json, subprocess, sys, time
+from spa.backends.libnft import LibNft
+from spa.backends.nftables import NftablesBackend
+from spa.core.leases import Allow
+from spa.core.policy import DEFAULT_SERVICES
+backend = NftablesBackend(LibNft(), hold=False)
+now = time.time()
+backend.start(DEFAULT_SERVICES, now=now)
+user = ipaddress.ip_address("10.0.0.7")
+backend.apply([(Allow(user, "ssh", now + 600), DEFAULT_SERVICES["ssh"])], now=now)
+wanted = {(user, "ssh"): now + 600}
+def nft(*args):
+    subprocess.run(["nft", *args], check=True)
+def a_rule():
+    listing = json.loads(subprocess.run(["nft", "-j", "list", "chain", "inet", "spa", "input"],
+                                        capture_output=True, text=True).stdout)
+    return str([i["rule"]["handle"] for i in listing["nftables"] if "rule" in i][2])
+found = {"intact": backend.repair(wanted, now=time.time())}
+for name, change in [
+        ("flush", ["flush", "ruleset"]), ("delete", ["delete", "table", "inet", "spa"]),
+        ("chain", ["flush", "chain", "inet", "spa", "input"]), ("rule", None),
+        ("grants", ["flush", "set", "inet", "spa", "svc_ssh_v4"]),
+        ("stranger", ["add", "element", "inet", "spa", "svc_ssh_v4", "{ 10.9.9.9 timeout 1h }"]),
+        ("timeout", ["add", "element", "inet", "spa", "svc_ssh_v4", "{ 10.0.0.7 timeout 2h }"]),
+        ("extra", ["add", "chain", "inet", "spa", "evil",
+                   "{ type filter hook input priority -20; policy drop; }"]),
+        ("set", ["add", "set", "inet", "spa", "foo", "{ type ipv4_addr; }"])]:
+    if name == "timeout":
+        nft("delete", "element", "inet", "spa", "svc_ssh_v4", "{ 10.0.0.7 }")
+    nft(*(change or ["delete", "rule", "inet", "spa", "input", "handle", a_rule()]))
+    found[name] = [backend.repair(wanted, now=time.time()), backend.repair(wanted, now=time.time())]
+out = subprocess.run(["nft", "list", "set", "inet", "spa", "svc_ssh_v4"], capture_output=True,
+                     text=True).stdout
+found["elements"] = [word for word in out.split() if word.startswith("10.")]
+print(json.dumps(found))
+'''
+    topo = Topology()
+    try:
+        ns = topo.ns("alter")
+        found = json.loads(ns.run(sys.executable, "-c", code, timeout=60).stdout)
+    finally:
+        topo.cleanup()
+    assert found.pop("intact") is None
+    assert found.pop("elements") == ["10.0.0.7"], "exactly the lease, nothing else"
+    expect = {"flush": "table inet spa was removed", "delete": "table inet spa was removed",
+              "chain": "were altered", "rule": "were altered", "extra": "were altered",
+              "set": "were altered", "grants": "1 grant(s) were removed",
+              "stranger": "holds 1 grant(s) spa did not make (10.9.9.9 ssh)",
+              "timeout": "have another timeout than their lease"}
+    for name, (first, again) in found.items():
+        assert first is not None and expect[name] in first, (name, first)
+        assert again is None, (name, "a repaired table is found intact")
