@@ -111,6 +111,7 @@ class NftablesBackend:
         self._hold = False  # the hold table is installed
         self.hold_note = ""  # why there is no hold table, for the log
         self.flags_note = ""  # what the hold table costs other programs here, for the log
+        self.start_error = ""  # nftables refused our table at start (the hold still went in)
         self._services: dict[str, Service] = {}
         # Elements we believe the kernel holds (a hint for `create`: grants
         # that expired in the kernel linger here until their Remove).
@@ -118,13 +119,27 @@ class NftablesBackend:
         self._shape = ""  # our table as nftables listed it right after we installed it
 
     def start(self, services: Mapping[str, Service], *, now: float) -> None:
+        """Install (or take back) our table in one transaction: what another
+        program left in it goes, grants that outlived a crash stay.  When
+        nftables refuses (another process owns a table of that name), the
+        hold table still goes in and `repair` reports the failure."""
+        from spa.backends.nftrepair import render_repair, render_replace
+
         self._services = dict(services)
-        listing = self._listing() or {}
-        present = {item["set"].get("name") for item in listing.get("nftables", [])
-                   if isinstance(item, dict) and isinstance(item.get("set"), dict)}
-        self.runner.run(render_start(services,
-                                     drop_sets=not {"drops_v4", "drops_v6"} <= present))
-        installed = self._remember_shape()
+        try:
+            flags = self._flags()
+            if flags:  # not safe to list in JSON (see _flags): start afresh
+                self.runner.run(render_replace(self._services, {}, now))
+            else:
+                listing = self._listing() or {}
+                self.runner.run(render_repair(listing, self._services,
+                                              parse_held(listing, self._services, now), now))
+            installed = self._remember_shape()
+        except LocalError as exc:
+            self.start_error = str(exc)
+            installed = {}
+        else:
+            self.start_error = ""
         if self._hold_wanted and not _flags_print_safely(installed):
             self.flags_note = (f"libnftables {_version(installed)} prints garbage for the "
                                f"owned table {FAMILY} {HOLD} in JSON listings (nft -j list "
@@ -132,6 +147,25 @@ class NftablesBackend:
                                "yours does, set hold_table = \"off\"")
         if self._hold_wanted:
             self._install_hold(parse_held(installed, self._services, now), now)
+
+    def _flags(self) -> frozenset[str] | None:
+        """Our table's flags, from nft's terse text listing; None: no table.
+        Read before any JSON listing of it: libnftables before 1.0.9 prints a
+        table with one flag from freed memory (an attacker's `flags dormant`
+        or `flags owner` would have our own listings corrupt our heap)."""
+        try:
+            text = self.runner.list_text(f"list table {FAMILY} {TABLE}")
+        except LocalError as exc:
+            if "No such file or directory" in str(exc):
+                return None
+            raise
+        for line in text.splitlines()[1:]:
+            word = line.strip()
+            if word.startswith("flags "):
+                return frozenset(flag.strip() for flag in word[6:].split(","))
+            if word and not word.startswith("comment "):
+                break  # past the table's own lines: sets, chains
+        return frozenset()
 
     def _install_hold(self, held: Held, now: float) -> None:
         """The hold table: made `flags owner` by this process, so no other
@@ -151,7 +185,14 @@ class NftablesBackend:
 
     def _listing(self) -> Document | None:
         """`list table inet spa`, or None when the table does not exist.
-        Raises LocalError for any other failure."""
+        Raises LocalError for any other failure, and when another program
+        gave the table flags (it is then not safe to list in JSON)."""
+        flags = self._flags()
+        if flags is None:
+            return None
+        if flags:
+            raise LocalError(f"table {FAMILY} {TABLE} was given flags {', '.join(sorted(flags))} "
+                             "by another program")
         try:
             return self.runner.run({"nftables": [{"list": {"table": {"family": FAMILY,
                                                                       "name": TABLE}}}]})
@@ -168,16 +209,27 @@ class NftablesBackend:
         return listing
 
     def repair(self, wanted: Held, *, now: float) -> str | None:
-        """If another program removed or altered our table, put it back in one
-        transaction with exactly `wanted` and say what was wrong; else None.
-        Raises LocalError when nftables refuses."""
-        from spa.backends.nftrepair import diagnose, render_repair
+        """If another program removed or altered our table (its flags
+        included), put it back in one transaction with exactly `wanted` and
+        say what was wrong; else None.  Raises LocalError when nftables
+        refuses even the whole replacement (another process owns the name)."""
+        from spa.backends.nftrepair import diagnose, render_repair, render_replace
 
-        listing = self._listing()
-        problem = diagnose(listing, self._shape, self._services, wanted, now)
-        if problem is None:
+        flags = self._flags()
+        listing = None if flags is None or flags else self._listing()
+        if flags:
+            problem: str | None = (f"table {FAMILY} {TABLE} was given flags "
+                                   f"{', '.join(sorted(flags))} by another program")
+        else:
+            problem = diagnose(listing, self._shape, self._services, wanted, now)
+        if not problem:
             return None
-        self.runner.run(render_repair(listing, self._services, wanted, now))
+        try:
+            if flags:
+                raise LocalError("flags")
+            self.runner.run(render_repair(listing, self._services, wanted, now))
+        except LocalError:  # something in the way (a jump into a chain, flags): start afresh
+            self.runner.run(render_replace(self._services, wanted, now))
         self._present = set(wanted)
         self._remember_shape()
         return problem
@@ -232,14 +284,10 @@ class NftablesBackend:
 
     def drops(self) -> dict[tuple[str, int], int]:
         """Dropped attempts on protected ports: (source, port) -> packets so far."""
-        listing = self.runner.run({"nftables": [{"list": {"table": {"family": FAMILY,
-                                                                     "name": TABLE}}}]})
-        return parse_drops(listing)
+        return parse_drops(self._listing() or {})
 
     def held(self, *, now: float) -> Held:
-        listing = self.runner.run({"nftables": [{"list": {"table": {"family": FAMILY,
-                                                                     "name": TABLE}}}]})
-        held = parse_held(listing, self._services, now)
+        held = parse_held(self._listing() or {}, self._services, now)
         self._present = set(held)
         return held
 

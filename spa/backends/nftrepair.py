@@ -26,6 +26,8 @@ from spa.backends.base import Held
 from spa.backends.libnft import Document
 from spa.backends.nftables import (
     CHAIN,
+    DROPS_SIZE,
+    DROPS_TIMEOUT,
     FAMILY,
     TABLE,
     parse_held,
@@ -125,11 +127,11 @@ def render_repair(listing: Document | None, services: Mapping[str, Service], wan
     present = _ours(listing) if listing is not None and has_table(listing) else []
     expected = _expected_sets(services)
     kept_drops = True
-    for item in present:
-        if "chain" in item:
-            name = item["chain"]["name"]
-            commands += [{"flush": {"chain": {**where, "name": name}}},
-                         {"delete": {"chain": {**where, "name": name}}}]
+    chains = [item["chain"]["name"] for item in present if "chain" in item]
+    # every chain emptied before any goes: a jump from one to another would
+    # make the delete fail (EBUSY) and keep the gate from coming back
+    commands += [{"flush": {"chain": {**where, "name": name}}} for name in chains]
+    commands += [{"delete": {"chain": {**where, "name": name}}} for name in chains]
     for item in present:
         for kind in ("set", "map", "flowtable", "counter", "quota"):
             spec = item.get(kind)
@@ -156,6 +158,22 @@ def render_repair(listing: Document | None, services: Mapping[str, Service], wan
 SetKind = str | list[str]  # a set's type as nftables' JSON writes it
 
 
+def render_replace(services: Mapping[str, Service], wanted: Held, now: float) -> Document:
+    """Our table deleted and made again in one transaction, with exactly
+    `wanted`: for what `render_repair` cannot take apart (flags, a knot of
+    jumps).  The drop counters start again from zero."""
+    table = {"family": FAMILY, "name": TABLE}
+    commands: list[dict[str, Any]] = [{"add": {"table": table}}, {"delete": {"table": table}}]
+    commands += render_start(services, drop_sets=True)["nftables"]
+    for (address, name), until in sorted(wanted.items(), key=str):
+        if name in services and until > now:
+            commands.append({"add": {"element": {
+                "family": FAMILY, "table": TABLE, "name": set_name(name, address.version),
+                "elem": [{"elem": {"val": str(address), "timeout": timeout_seconds(until, now)}}],
+            }}})
+    return {"nftables": commands}
+
+
 def _expected_sets(services: Mapping[str, Service]) -> dict[str, SetKind]:
     """set name -> type, for the sets we install (all with flags timeout)."""
     found: dict[str, SetKind] = {}
@@ -167,9 +185,19 @@ def _expected_sets(services: Mapping[str, Service]) -> dict[str, SetKind]:
     return found
 
 
+_SET_KEYS = {"family", "table", "name", "handle", "type", "flags", "elem"}
+_DROP_EXTRA = {"timeout": DROPS_TIMEOUT, "size": DROPS_SIZE}
+
+
 def _same_set(spec: dict[str, Any], expected: dict[str, SetKind]) -> bool:
-    """Whether an existing set is one we install, with its type and flags
-    (a set the kernel made dynamic, as the drop rules do, still counts)."""
-    kind = expected.get(spec.get("name", ""))
+    """Whether an existing set is exactly one we install: its type, its flags
+    (a set the kernel made dynamic, as the drop rules do, still counts) and
+    nothing else (a size, policy or statement of someone else's would stay
+    otherwise: a grant set of size 1 locked every second user out)."""
+    name = spec.get("name", "")
+    kind = expected.get(name)
     flags = set(spec.get("flags", [])) - {"dynamic"}
-    return kind is not None and spec.get("type") == kind and flags == {"timeout"}
+    extra = _DROP_EXTRA if name in DROP_SETS else {}
+    return (kind is not None and spec.get("type") == kind and flags == {"timeout"}
+            and set(spec) <= _SET_KEYS | set(extra)
+            and all(spec.get(key) == value for key, value in extra.items()))

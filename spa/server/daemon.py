@@ -99,6 +99,7 @@ class Server:
         self._lock = threading.Lock()
         self._commands: deque[Callable[[], None]] = deque()
         self._reload_requested = threading.Event()
+        self.stop_requested = threading.Event()  # the daemon decided to stop itself
         self._dirty = True
         self._open_pairs: set[tuple[object, str]] = set()
         self._stamp = FileStamp.of(config.path)
@@ -166,7 +167,11 @@ class Server:
         self.events = EventSink(self.state.path / EVENTS_DB, self.log,
                                 retention_days=self.config.event_retention_days)
         self.backend.start(self.config.services, now=now)
-        self._reconcile(now)
+        try:
+            self._reconcile(now)
+        except LocalError as exc:  # the gate is not ours to write (the guard says so): serve
+            self.log(f"error firewall: {exc}")
+            self._retry_reconcile = True
         self.guard = Guard(self.backend, lock=self._lock, wanted=lambda: self.leases.allowed(),
                            clock=self.clock, log=self.log, record=self.events.record,
                            on_change=self._gate_changed, on_foreign=self._host_changed.set)
@@ -224,6 +229,20 @@ class Server:
                                                  "summary": found.summary}}
         self.state.write_server(self._facts)
 
+    def _keep_lock(self) -> None:
+        """One daemon per state directory, even if someone removes the lock
+        file: take it again at once; if a second daemon got it first, this
+        one stops (the newer one serves the same config)."""
+        try:
+            note = self.state.keep_lock()
+        except LocalError as exc:
+            self.log(f"error {exc}; stopping this one (pid {os.getpid()})")
+            self.stop_requested.set()
+            return
+        if note is not None:
+            self.log(f"warning {note}")
+            self.state.write_server(self._facts)
+
     def _gate_changed(self, gate: GateState) -> None:
         """The guard repaired the gate, or failed to: `status` shows it."""
         self._facts = {**self._facts, "gate": gate.as_dict()}
@@ -256,7 +275,7 @@ class Server:
         self.notifier.ready(f"serving port {self.config.listen_port}/udp, "
                             f"backend {self.backend.name}, mode {self.config.mode}")
         try:
-            while not stop.is_set():
+            while not stop.is_set() and not self.stop_requested.is_set():
                 self._heartbeat = time.monotonic()
                 self.run_commands()
                 batch = self.source.receive(RECEIVE_TIMEOUT)
@@ -431,6 +450,7 @@ class Server:
         if self._retry_reconcile:  # a firewall call failed: was the gate taken away?
             self.guard.check(time.monotonic())
         self.guard.poll(now)
+        self._keep_lock()
         self._check_host(now)
         with self._lock:
             expired = self.leases.expire(now)
@@ -507,8 +527,11 @@ class Server:
         if read is None or now - self._last_drops < DROPS_EVERY:
             return
         self._last_drops = now
-        with self._lock:
-            counters = read()
+        try:
+            with self._lock:
+                counters = read()
+        except LocalError:
+            return  # the gate is away or not ours: the guard repairs it and says so
         cutoff = now - SCAN_WINDOW
         for source, knock in list(self._knocked.items()):  # in place: the receive thread adds
             if knock.when <= cutoff:

@@ -16,6 +16,7 @@ Invariants (docs/threat-model.md, "Flood"; STYLE principle 4):
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -74,6 +75,20 @@ class Event:
         return asdict(self)
 
 
+def _make_private(path: Path) -> None:
+    """The store and its WAL files 0600 (SQLite gives the -wal and -shm files
+    the database's mode; a store made by an older version may be 0644)."""
+    for name, flags in ((str(path), os.O_CREAT), (f"{path}-wal", 0), (f"{path}-shm", 0)):
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | flags, 0o600)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+
+
 class EventSink:
     """Buffers events from the receive path; `flush` writes them out."""
 
@@ -84,6 +99,7 @@ class EventSink:
         self._lock = threading.Lock()
         self._rows: list[Event] = []
         self._refusals: dict[RefusalKey, tuple[float, int]] = {}
+        _make_private(path)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")

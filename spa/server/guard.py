@@ -15,7 +15,9 @@ Invariants (docs/threat-model.md, "The host firewall is reloaded"):
   in one transaction (nftables) or rule by rule (iptables).
 - A repair says so: one warning line (`firewall: table inet spa was removed
   by another program; restored with N leases in X ms`), an event (outcome
-  `firewall`, counted in the metrics) and the gate's state in `status`.  A
+  `firewall`, counted in the metrics) and the gate's state in `status`; a
+  program that alters the gate over and over gets one line and one event a
+  second at most, counting the repairs between (every one is still made).  A
   repair that fails is an error line at most once per ERROR_EVERY, and the
   gate is `failing` in `status` until a check passes.
 """
@@ -36,6 +38,7 @@ from spa.server.events import Event
 BACKSTOP = 5.0  # seconds between checks of a backend that sends notifications
 POLL_SECONDS = 0.4  # seconds between checks of one that does not (iptables): 2 ticks
 ERROR_EVERY = 60.0  # seconds between repeats of the same failing-repair line
+SAY_EVERY = 1.0  # seconds: one repair line and event at most, counting those between
 SLACK = 0.05  # seconds: a poll due within this is done now (housekeeping ticks every 0.2 s)
 WAIT = 1.0  # seconds the watcher waits on the kernel before it looks at `stop`
 
@@ -79,7 +82,8 @@ class Guard:
         self._every = BACKSTOP if self._watch_of is not None else POLL_SECONDS
         self._last_check = 0.0
         self._last_error = -ERROR_EVERY
-
+        self._last_said = -SAY_EVERY  # the last repair line (one a second at most)
+        self._quiet = 0  # repairs since it
     # ---- triggers ------------------------------------------------------------
 
     def start_watching(self, stop: threading.Event) -> threading.Thread | None:
@@ -143,9 +147,14 @@ class Guard:
             return None
         live = sum(1 for until in wanted.values() if until > now)
         self.state.repairs += 1
-        self._log(f"warning firewall: {problem}; restored with {live} "
-                  f"lease{'' if live == 1 else 's'} in {took:.1f} ms")
-        self._record(Event(now, "firewall", "restore", _kind(problem), count=live))
+        self._quiet += 1
+        if now - self._last_said >= SAY_EVERY or now < self._last_said:
+            more = (f" (and {self._quiet - 1} more repairs in the last {SAY_EVERY:.0f} s)"
+                    if self._quiet > 1 else "")
+            self._log(f"warning firewall: {problem}; restored with {live} "
+                      f"lease{'' if live == 1 else 's'} in {took:.1f} ms{more}")
+            self._record(Event(now, "firewall", "restore", _kind(problem), count=self._quiet))
+            self._last_said, self._quiet = now, 0
         self._set("restored", problem, now, repaired=True)
         return problem
 

@@ -60,7 +60,7 @@ class Metrics:
             elif event.outcome == "scan":
                 self.scans.inc()
             elif event.outcome == "firewall":
-                self.restores.labels(event.reason or "").inc()
+                self.restores.labels(event.reason or "").inc(event.count)
 
     def set_state(self, leases: Mapping[str, int], services: Iterable[str],
                   receive_drops: int | None) -> None:

@@ -240,21 +240,55 @@ class StateDir:
         process (idempotent).  Raises LocalError naming the running one."""
         if self._lock_fd is not None:
             return
-        fd = self._open_lock(os.O_RDWR | os.O_CREAT)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            held = exc.errno in (errno.EAGAIN, errno.EACCES)
-            holder = _read_lock(fd) if held else None
-            os.close(fd)
-            if not held:
-                raise LocalError(f"cannot lock {self.path / LOCK}: {exc.strerror}") from None
-            who = describe_holder(holder or {}, now)
-            raise LocalError(f"spa-server is already running on {self.path} ({who}); stop it "
-                             "first (systemctl stop spa-server), or give this one its own "
-                             "state_dir") from None
+        fd = self._locked_fd(now)
         self._lock_fd = fd
         self.write_server({"pid": os.getpid(), "started": now})
+
+    def _locked_fd(self, now: float) -> int:
+        """The lock file, opened and locked, and still the file at its name
+        (one removed or replaced between our open and our lock would let a
+        second daemon lock another file).  Raises LocalError."""
+        for _ in range(5):
+            fd = self._open_lock(os.O_RDWR | os.O_CREAT)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                held = exc.errno in (errno.EAGAIN, errno.EACCES)
+                holder = _read_lock(fd) if held else None
+                os.close(fd)
+                if not held:
+                    raise LocalError(f"cannot lock {self.path / LOCK}: {exc.strerror}") from None
+                who = describe_holder(holder or {}, now)
+                raise LocalError(f"spa-server is already running on {self.path} ({who}); stop "
+                                 "it first (systemctl stop spa-server), or give this one its "
+                                 "own state_dir") from None
+            if self._is_at_its_name(fd):
+                return fd
+            os.close(fd)
+        raise LocalError(f"{self.path / LOCK} keeps being replaced by another program; stop it")
+
+    def _is_at_its_name(self, fd: int) -> bool:
+        try:
+            named = os.stat(self.path / LOCK, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (named.st_dev, named.st_ino) == (mine.st_dev, mine.st_ino)
+
+    def keep_lock(self) -> str | None:
+        """Housekeeping: if another program removed or replaced our lock
+        file (so that a second daemon could start), take the file at the
+        name again and say so; None when all is well.  Raises LocalError
+        when a second daemon holds the new file."""
+        fd = self._lock_fd
+        if fd is None or self._is_at_its_name(fd):
+            return None
+        facts = _read_lock(fd) or {}
+        new = self._locked_fd(time.time())  # raises: a second daemon took it meanwhile
+        os.close(fd)
+        self._lock_fd = new
+        self.write_server(facts)
+        return f"{self.path / LOCK} was removed or replaced by another program; locked again"
 
     def _open_lock(self, flags: int) -> int:
         """Raises FileNotFoundError (no O_CREAT, no file), LocalError."""

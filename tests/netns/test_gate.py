@@ -194,7 +194,10 @@ def test_the_boot_gate_closes_the_ports_without_a_daemon_and_keeps_saved_leases(
 def test_every_alteration_of_our_table_is_found_and_put_back(tmp_path: Path) -> None:
     """The backend's repair against the real kernel, in a namespace of its
     own: each change another program can make to `inet spa` is named, put
-    back in one transaction, and then found intact (no repair loop)."""
+    back in one transaction, and then found intact (no repair loop).  The
+    last three came from an adversarial review: `flags dormant` unhooked
+    every chain unnoticed; a jump between two added chains made the repair
+    fail for good (EBUSY); a grant set made again with `size 1` was kept."""
     from spa.netns import Topology
 
     code = r'''
@@ -211,23 +214,30 @@ backend.apply([(Allow(user, "ssh", now + 600), DEFAULT_SERVICES["ssh"])], now=no
 wanted = {(user, "ssh"): now + 600}
 def nft(*args):
     subprocess.run(["nft", *args], check=True)
+def script(text):
+    subprocess.run(["nft", "-f", "-"], input=text, text=True, check=True)
 def a_rule():
-    listing = json.loads(subprocess.run(["nft", "-j", "list", "chain", "inet", "spa", "input"],
-                                        capture_output=True, text=True).stdout)
-    return str([i["rule"]["handle"] for i in listing["nftables"] if "rule" in i][2])
+    out = subprocess.run(["nft", "-a", "list", "chain", "inet", "spa", "input"],
+                         capture_output=True, text=True).stdout
+    return [line.split("# handle ")[1] for line in out.splitlines() if "# handle" in line][2]
 found = {"intact": backend.repair(wanted, now=time.time())}
 for name, change in [
-        ("flush", ["flush", "ruleset"]), ("delete", ["delete", "table", "inet", "spa"]),
-        ("chain", ["flush", "chain", "inet", "spa", "input"]), ("rule", None),
-        ("grants", ["flush", "set", "inet", "spa", "svc_ssh_v4"]),
-        ("stranger", ["add", "element", "inet", "spa", "svc_ssh_v4", "{ 10.9.9.9 timeout 1h }"]),
-        ("timeout", ["add", "element", "inet", "spa", "svc_ssh_v4", "{ 10.0.0.7 timeout 2h }"]),
-        ("extra", ["add", "chain", "inet", "spa", "evil",
-                   "{ type filter hook input priority -20; policy drop; }"]),
-        ("set", ["add", "set", "inet", "spa", "foo", "{ type ipv4_addr; }"])]:
-    if name == "timeout":
-        nft("delete", "element", "inet", "spa", "svc_ssh_v4", "{ 10.0.0.7 }")
-    nft(*(change or ["delete", "rule", "inet", "spa", "input", "handle", a_rule()]))
+        ("flush", "flush ruleset"), ("delete", "delete table inet spa"),
+        ("chain", "flush chain inet spa input"), ("rule", None),
+        ("grants", "flush set inet spa svc_ssh_v4"),
+        ("stranger", "add element inet spa svc_ssh_v4 { 10.9.9.9 timeout 1h }"),
+        ("timeout", "delete element inet spa svc_ssh_v4 { 10.0.0.7 }\n"
+                    "add element inet spa svc_ssh_v4 { 10.0.0.7 timeout 2h }"),
+        ("extra", "add chain inet spa evil { type filter hook input priority -20; "
+                  "policy drop; }"),
+        ("set", "add set inet spa foo { type ipv4_addr; }"),
+        ("dormant", "add table inet spa { flags dormant; }"),
+        ("knot", "add chain inet spa a\nadd chain inet spa b\nadd rule inet spa b jump a\n"
+                 "flush chain inet spa input\nflush chain inet spa forward"),
+        ("size", "flush chain inet spa input\nflush chain inet spa forward\n"
+                 "delete set inet spa svc_ssh_v4\n"
+                 "add set inet spa svc_ssh_v4 { type ipv4_addr; flags timeout; size 1; }")]:
+    script(change or f"delete rule inet spa input handle {a_rule()}")
     found[name] = [backend.repair(wanted, now=time.time()), backend.repair(wanted, now=time.time())]
 out = subprocess.run(["nft", "list", "set", "inet", "spa", "svc_ssh_v4"], capture_output=True,
                      text=True).stdout
@@ -246,7 +256,52 @@ print(json.dumps(found))
               "chain": "were altered", "rule": "were altered", "extra": "were altered",
               "set": "were altered", "grants": "1 grant(s) were removed",
               "stranger": "holds 1 grant(s) spa did not make (10.9.9.9 ssh)",
-              "timeout": "have another timeout than their lease"}
+              "timeout": "have another timeout than their lease",
+              "dormant": "was given flags dormant", "knot": "were altered",
+              "size": "were altered"}
     for name, (first, again) in found.items():
         assert first is not None and expect[name] in first, (name, first)
         assert again is None, (name, "a repaired table is found intact")
+
+
+def test_a_table_another_process_owns_in_our_name_never_opens_the_gate(spa: Spa) -> None:
+    """From the adversarial review: another process deletes `inet spa` and
+    makes it again `flags owner` (so nobody else may change it).  The daemon
+    cannot repair it: `status` says FAILING while the hold table keeps the
+    ports closed; a restart meanwhile starts anyway (with the hold table)
+    instead of refusing to run; when the squatter exits, the gate is back."""
+    world = spa.world
+    spa.start()
+    enroll_alice(spa)
+    squatter = world.srv.popen(["nft", "-i"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    assert squatter.stdin is not None
+    try:
+        squatter.stdin.write("delete table inet spa; add table inet spa { flags owner; }\n")
+        squatter.stdin.flush()
+        assert spa.wait_for("error firewall: cannot check or restore the gate"), spa.lines[-5:]
+        assert "gate: FAILING since" in spa.admin("status").stdout
+        assert not tcp_open(world, "att", SRV_ATT4, 22), "the hold table keeps strangers out"
+        spa.stop(signal.SIGTERM)
+        spa.start()  # once refused to start here, leaving no gate at all
+        assert not tcp_open(world, "att", SRV_ATT4, 22)
+    finally:
+        squatter.stdin.close()
+        squatter.wait(timeout=10)
+    assert spa.wait_for("warning firewall: table inet spa was removed"), spa.lines[-5:]
+    assert "gate: ok" in spa.admin("status").stdout
+    assert not tcp_open(world, "att", SRV_ATT4, 22)
+    assert spa.client(world.cli, "alice", "open", "ssh", "srv").returncode == 0
+
+
+def test_a_removed_lock_file_is_taken_again_so_no_second_daemon_starts(spa: Spa) -> None:
+    """From the adversarial review: removing state/server.lock let a second
+    daemon start beside the first.  The running daemon notices within a
+    housekeeping round and locks the file at the name again."""
+    spa.start()
+    lock = spa.root / "state" / "server.lock"
+    lock.unlink()
+    assert spa.wait_for(f"warning {lock} was removed or replaced by another program; "
+                        "locked again", timeout=5), spa.lines[-5:]
+    second = spa.admin("run", check=False)
+    assert second.returncode == 2 and "already running" in second.stderr, second.stderr

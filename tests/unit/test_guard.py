@@ -131,3 +131,22 @@ def test_without_notifications_the_poll_comes_every_two_ticks() -> None:
         clock[0] = 1000.0 + tick * 0.2
         keeper.poll(clock[0])
     assert backend.checks == round(10 / POLL_SECONDS)
+
+
+def test_a_program_that_fights_the_gate_gets_one_line_a_second() -> None:
+    """From the adversarial review: 1,000 foreign commits in 10 s gave 1,000
+    warning lines and events.  Every repair is still made; the log and the
+    event store get one a second, counting the ones between."""
+    backend = FakeBackend()
+    logs: list[str] = []
+    events: list[Event] = []
+    clock = [1000.0]
+    keeper = guard(backend, logs, events, clock)
+    for step in range(100):  # 100 alterations in 2 s
+        clock[0] = 1000.0 + step * 0.02
+        backend.broken = "the chains, rules or sets of table inet spa were altered"
+        keeper.check(time.monotonic())
+    assert backend.checks == 100 and keeper.state.repairs == 100
+    assert len(logs) == 2, logs
+    assert logs[1].endswith("(and 49 more repairs in the last 1 s)"), logs[1]
+    assert [e.count for e in events] == [1, 50]

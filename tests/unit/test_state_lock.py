@@ -42,3 +42,20 @@ def test_the_lock_file_is_never_followed_through_a_link(tmp_path: Path) -> None:
 def test_describe_holder() -> None:
     assert describe_holder({"pid": 7, "started": 0.0}, 7384.0) == "pid 7, up 2h03m04s"
     assert describe_holder({}, 0.0) == "pid unknown"
+
+
+def test_the_event_store_and_its_wal_files_are_private(tmp_path: Path) -> None:
+    """From the adversarial review: events.sqlite3 and its -wal and -shm
+    files were 0644 (the 0700 directory kept others out; the files say so
+    themselves now), and a store an older version left 0644 is made 0600."""
+    from spa.server.events import Event, EventSink
+
+    path = tmp_path / "events.sqlite3"
+    path.touch(mode=0o644)
+    os.chmod(path, 0o644)
+    sink = EventSink(path, lambda line: None, retention_days=1)
+    sink.record(Event(1.0, "accepted"))
+    sink.flush()
+    for name in ("events.sqlite3", "events.sqlite3-wal", "events.sqlite3-shm"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
+    sink.close()
