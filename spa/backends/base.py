@@ -61,6 +61,19 @@ def apply(backend: Backend, actions: Iterable[FirewallAction],
                       now=now)
 
 
+def reconcile(backend: Backend, wanted: Held, services: Mapping[str, Service], *,
+              now: float) -> None:
+    """Make the backend hold exactly `wanted` (after a restart, a repair, at
+    boot), changing only the pairs that differ.  Raises LocalError."""
+    held = backend.held(now=now)
+    for (address, name), until in wanted.items():
+        if name in services and held.get((address, name)) != until:
+            backend.allow(address, services[name], until, now=now)
+    for address, name in held.keys() - wanted.keys():
+        if name in services:
+            backend.remove(address, services[name])
+
+
 def apply_each(backend: Backend, changes: Sequence[Change], *, now: float) -> None:
     """`Backend.apply` for backends without batches: one change at a time."""
     for action, service in changes:

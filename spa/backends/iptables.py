@@ -34,7 +34,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from spa.backends.base import Backend, Change, Held, apply_each
+from spa.backends.base import Backend, Change, Held, apply_each, reconcile
 from spa.core.policy import Service
 from spa.core.wire import IPAddress
 from spa.server.errors import LocalError
@@ -353,13 +353,8 @@ class IptablesBackend:
         if problem is None:
             return None
         self.start(self._services, now=now)
-        held = self.held(now=now)
-        for (address, name), until in wanted.items():
-            if until > now and held.get((address, name)) != until and name in self._services:
-                self.allow(address, self._services[name], until, now=now)
-        for address, name in held.keys() - wanted.keys():
-            if name in self._services:
-                self.remove(address, self._services[name])
+        reconcile(self, {key: until for key, until in wanted.items() if until > now},
+                  self._services, now=now)
         self._installed = self._shape()
         return problem
 

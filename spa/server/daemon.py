@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from spa.backends.base import Backend, apply
+from spa.backends.base import Backend, apply, reconcile
 from spa.core.errors import AFTER_AUTHENTICATION, Reason
 from spa.core.keys import derive_keys
 from spa.core.knock import STEP_SECONDS, knock_tag, step_of, step_start, steps_for_window
@@ -256,13 +256,7 @@ class Server:
     def _reconcile(self, now: float) -> None:
         """Make the backend hold exactly the live leases (after a restart)."""
         wanted = self.leases.allowed()
-        held = self.backend.held(now=now)
-        for (address, name), until in wanted.items():
-            if held.get((address, name)) != until:
-                self.backend.allow(address, self.config.services[name], until, now=now)
-        for address, name in held.keys() - wanted.keys():
-            if name in self.config.services:
-                self.backend.remove(address, self.config.services[name])
+        reconcile(self.backend, wanted, self.config.services, now=now)
         self._open_pairs = set(wanted)
 
     def serve(self, stop: threading.Event) -> None:

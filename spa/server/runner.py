@@ -7,7 +7,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from spa.backends.base import Backend
+from spa.backends.base import Backend, reconcile
 from spa.backends.memory import MemoryBackend
 from spa.server import config as config_mod
 from spa.server.daemon import Server
@@ -90,13 +90,7 @@ def install_gate(path: Path, *, backend: str | None = None) -> str:
         gate.start(config.services, now=now)
         wanted = {(lease.address, lease.service): lease.expires for lease in state.load_leases()
                   if lease.expires > now and lease.service in config.services}
-        held = gate.held(now=now)
-        for (address, name), until in wanted.items():
-            if held.get((address, name)) != until:
-                gate.allow(address, config.services[name], until, now=now)
-        for address, name in held.keys() - wanted.keys():
-            if name in config.services:
-                gate.remove(address, config.services[name])
+        reconcile(gate, wanted, config.services, now=now)
     finally:
         state.release()
     return f"gate installed ({chosen}), {len(wanted)} saved lease(s) kept open"
