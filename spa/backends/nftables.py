@@ -111,7 +111,6 @@ class NftablesBackend:
         self._hold = False  # the hold table is installed
         self.hold_note = ""  # why there is no hold table, for the log
         self.flags_note = ""  # what the hold table costs other programs here, for the log
-        self.start_error = ""  # nftables refused our table at start (the hold still went in)
         self._services: dict[str, Service] = {}
         # Elements we believe the kernel holds (a hint for `create`: grants
         # that expired in the kernel linger here until their Remove).
@@ -135,11 +134,8 @@ class NftablesBackend:
                 self.runner.run(render_repair(listing, self._services,
                                               parse_held(listing, self._services, now), now))
             installed = self._remember_shape()
-        except LocalError as exc:
-            self.start_error = str(exc)
+        except LocalError:  # the guard's first check reports it, and keeps reporting
             installed = {}
-        else:
-            self.start_error = ""
         if self._hold_wanted and not _flags_print_safely(installed):
             self.flags_note = (f"libnftables {_version(installed)} prints garbage for the "
                                f"owned table {FAMILY} {HOLD} in JSON listings (nft -j list "
@@ -238,12 +234,6 @@ class NftablesBackend:
     def holds(self) -> bool:
         """Whether the owned hold table backs the gate."""
         return self._hold
-
-    def ruleset(self) -> Document:
-        """The whole ruleset, as `list ruleset` gives it, but never listing
-        the hold table in JSON (libnftables before 1.0.9 frees a table's one
-        flag while printing it: garbage, then heap corruption; seen)."""
-        return safe_ruleset(self.runner)
 
     def watch(self) -> NftWatch | None:
         """A listener for nftables' change notifications, or None (no

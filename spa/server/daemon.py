@@ -41,7 +41,7 @@ from spa.core.policy import Policy
 from spa.core.verify import Accepted, Refused, Verifier
 from spa.core.wire import NONCE_OFFSET, Action
 from spa.server import config as config_mod
-from spa.server.coexist import Report, closed_ports
+from spa.server.coexist import Report, closed_ports, report
 from spa.server.config import ServerConfig
 from spa.server.errors import LocalError
 from spa.server.events import EVENTS_DB, Event, EventSink
@@ -204,15 +204,12 @@ class Server:
         program changed the ruleset; said in the log when the answer
         changes, and in `status`."""
         runner = getattr(self.backend, "runner", None)
-        if runner is None or not hasattr(runner, "list_text") or not (
-                force or self._host_changed.is_set()):
+        if runner is None or not (force or self._host_changed.is_set()):
             return
         if not force and now - self._last_host_check < HOST_CHECK_EVERY:
             return
         self._host_changed.clear()
         self._last_host_check = now
-        from spa.server.coexist import report
-
         try:
             with self._lock:
                 found = report(runner, self.config)

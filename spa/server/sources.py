@@ -164,12 +164,10 @@ class FakeFilteredSource(FakeSource):
         super().__init__()
         self.tags: frozenset[bytes] | None = None  # None: no filter (everything passes)
         self.nonces: tuple[bytes, ...] = ()
-        self.builds = 0
 
     def set_tags(self, tags: list[bytes] | None, nonces: Sequence[bytes] = ()) -> str:
         self.tags = None if tags is None else frozenset(tags)
         self.nonces = tuple(nonces)
-        self.builds += 1
         return filter_note(tags or [], nonces)
 
     def passes(self, data: bytes) -> bool:
