@@ -69,6 +69,7 @@ from spa.backends.nftrender import (
     set_name,
     timeout_seconds,
 )
+from spa.backends.nftrepair import diagnose, render_repair, render_replace, shape
 from spa.backends.nftwatch import NftWatch
 from spa.core.leases import Allow
 from spa.core.policy import Service
@@ -122,15 +123,13 @@ class NftablesBackend:
         program left in it goes, grants that outlived a crash stay.  When
         nftables refuses (another process owns a table of that name), the
         hold table still goes in and `repair` reports the failure."""
-        from spa.backends.nftrepair import render_repair, render_replace
-
         self._services = dict(services)
         try:
             flags = self._flags()
             if flags:  # not safe to list in JSON (see _flags): start afresh
                 self.runner.run(render_replace(self._services, {}, now))
             else:
-                listing = self._listing() or {}
+                listing = (self._json_listing() if flags is not None else None) or {}
                 self.runner.run(render_repair(listing, self._services,
                                               parse_held(listing, self._services, now), now))
             installed = self._remember_shape()
@@ -189,6 +188,10 @@ class NftablesBackend:
         if flags:
             raise LocalError(f"table {FAMILY} {TABLE} was given flags {', '.join(sorted(flags))} "
                              "by another program")
+        return self._json_listing()
+
+    def _json_listing(self) -> Document | None:
+        """`_listing` once its flags are known to be none."""
         try:
             return self.runner.run({"nftables": [{"list": {"table": {"family": FAMILY,
                                                                       "name": TABLE}}}]})
@@ -198,8 +201,6 @@ class NftablesBackend:
             raise
 
     def _remember_shape(self) -> Document:
-        from spa.backends.nftrepair import shape
-
         listing = self._listing() or {}
         self._shape = shape(listing)
         return listing
@@ -209,10 +210,8 @@ class NftablesBackend:
         included), put it back in one transaction with exactly `wanted` and
         say what was wrong; else None.  Raises LocalError when nftables
         refuses even the whole replacement (another process owns the name)."""
-        from spa.backends.nftrepair import diagnose, render_repair, render_replace
-
         flags = self._flags()
-        listing = None if flags is None or flags else self._listing()
+        listing = None if flags is None or flags else self._json_listing()
         if flags:
             problem: str | None = (f"table {FAMILY} {TABLE} was given flags "
                                    f"{', '.join(sorted(flags))} by another program")
@@ -220,12 +219,14 @@ class NftablesBackend:
             problem = diagnose(listing, self._shape, self._services, wanted, now)
         if not problem:
             return None
-        try:
-            if flags:
-                raise LocalError("flags")
-            self.runner.run(render_repair(listing, self._services, wanted, now))
-        except LocalError:  # something in the way (a jump into a chain, flags): start afresh
-            self.runner.run(render_replace(self._services, wanted, now))
+        replace = render_replace(self._services, wanted, now)
+        if flags:  # not safe to list, nor to take apart: start afresh
+            self.runner.run(replace)
+        else:
+            try:
+                self.runner.run(render_repair(listing, self._services, wanted, now))
+            except LocalError:  # something in the way (a jump into a chain): start afresh
+                self.runner.run(replace)
         self._present = set(wanted)
         self._remember_shape()
         return problem
@@ -238,8 +239,6 @@ class NftablesBackend:
     def watch(self) -> NftWatch | None:
         """A listener for nftables' change notifications, or None (no
         permission: then only the polls see a change)."""
-        from spa.backends.nftwatch import NftWatch
-
         try:
             return NftWatch()
         except OSError:

@@ -24,7 +24,7 @@ from typing import Any
 
 from spa.backends.base import Held
 from spa.backends.libnft import Document
-from spa.backends.nftables import (
+from spa.backends.nftrender import (
     CHAIN,
     DROPS_SIZE,
     DROPS_TIMEOUT,
