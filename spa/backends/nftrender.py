@@ -61,20 +61,30 @@ def render_start(services: Mapping[str, Service], *, drop_sets: bool = True) -> 
         commands.append({"add": {"set": _where(
             name=f"drops_v{version}", type=[kind, "inet_service"], flags=["timeout"],
             timeout=DROPS_TIMEOUT, size=DROPS_SIZE)}})
-    commands += _fresh_chain(TABLE, CHAIN, "input", PRIORITY)
+    commands += _input_commands(services, TABLE, PRIORITY, mark=True, count=True)
+    commands += _forward_commands(services, TABLE, PRIORITY, mark=True)
+    return {"nftables": commands}
+
+
+def _input_commands(services: Mapping[str, Service], table: str, priority: int, *,
+                    mark: bool, count: bool) -> list[dict[str, Any]]:
+    """Hook input: per protected port, new connections from the service's
+    sets accepted (marked, in our table), the rest dropped (counted per
+    source and port, in our table)."""
+    commands = _fresh_chain(table, CHAIN, "input", priority)
     for service in services.values():
         port = _match({"payload": {"protocol": service.protocol, "field": "dport"}},
                       service.port)
         for version, proto in ((4, "ip"), (6, "ip6")):
-            commands.append({"add": {"rule": _where(chain=CHAIN, expr=[
+            commands.append({"add": {"rule": _where(table, chain=CHAIN, expr=[
                 port,
                 _match({"payload": {"protocol": proto, "field": "saddr"}},
                        f"@{set_name(service.name, version)}"),
-                _SET_MARK,
+                *([_SET_MARK] if mark else []),
                 {"accept": None},
             ])}})
-        for version, proto, family in ((4, "ip", "ipv4"), (6, "ip6", "ipv6")):
-            commands.append({"add": {"rule": _where(chain=CHAIN, expr=[
+        for version, proto, family in ((4, "ip", "ipv4"), (6, "ip6", "ipv6")) if count else ():
+            commands.append({"add": {"rule": _where(table, chain=CHAIN, expr=[
                 port,
                 _match({"meta": {"key": "nfproto"}}, family),
                 {"set": {"op": "update", "set": f"@drops_v{version}", "stmt": [{"counter": None}],
@@ -83,9 +93,9 @@ def render_start(services: Mapping[str, Service], *, drop_sets: bool = True) -> 
                              {"payload": {"protocol": service.protocol, "field": "dport"}}]}}},
                 {"drop": None},
             ])}})
-        commands.append({"add": {"rule": _where(chain=CHAIN, expr=[port, {"drop": None}])}})
-    commands += _forward_commands(services, TABLE, PRIORITY, mark=True)
-    return {"nftables": commands}
+        commands.append({"add": {"rule": _where(table, chain=CHAIN, expr=[port,
+                                                                          {"drop": None}])}})
+    return commands
 
 
 def _fresh_chain(table: str, name: str, hook: str, priority: int) -> list[dict[str, Any]]:
@@ -134,24 +144,19 @@ def render_hold(services: Mapping[str, Service], held: Held, now: float) -> Docu
             name = set_name(service.name, version)
             commands += [{"add": {"set": _where(HOLD, name=name, type=kind, flags=["timeout"])}},
                          {"flush": {"set": _where(HOLD, name=name)}}]
-    commands += _fresh_chain(HOLD, CHAIN, "input", HOLD_PRIORITY)
-    for service in services.values():
-        port = _match({"payload": {"protocol": service.protocol, "field": "dport"}},
-                      service.port)
-        for version, proto in ((4, "ip"), (6, "ip6")):
-            commands.append({"add": {"rule": _where(HOLD, chain=CHAIN, expr=[
-                port, _match({"payload": {"protocol": proto, "field": "saddr"}},
-                             f"@{set_name(service.name, version)}"), {"accept": None}])}})
-        commands.append({"add": {"rule": _where(HOLD, chain=CHAIN, expr=[port,
-                                                                         {"drop": None}])}})
+    commands += _input_commands(services, HOLD, HOLD_PRIORITY, mark=False, count=False)
     commands += _forward_commands(services, HOLD, HOLD_PRIORITY, mark=False)
-    for (address, name), until in sorted(held.items(), key=str):
-        if name in services and until > now:
-            commands.append({"add": {"element": {
-                **_where(HOLD, name=set_name(name, address.version)),
-                "elem": [{"elem": {"val": str(address), "timeout": timeout_seconds(until, now)}}],
-            }}})
-    return {"nftables": commands}
+    return {"nftables": commands + render_elements(held, services, now, HOLD)}
+
+
+def render_elements(wanted: Held, services: Mapping[str, Service], now: float,
+                    table: str = TABLE) -> list[dict[str, Any]]:
+    """The commands that add every live grant of `wanted` at its remaining time."""
+    return [{"add": {"element": {
+        **_where(table, name=set_name(name, address.version)),
+        "elem": [{"elem": {"val": str(address), "timeout": timeout_seconds(until, now)}}],
+    }}} for (address, name), until in sorted(wanted.items(), key=str)
+        if name in services and until > now]
 
 
 def render_allow(address: IPAddress, service: str, timeout: int, *,

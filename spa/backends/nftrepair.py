@@ -31,9 +31,9 @@ from spa.backends.nftrender import (
     FAMILY,
     TABLE,
     parse_held,
+    render_elements,
     render_start,
     set_name,
-    timeout_seconds,
 )
 from spa.core.policy import Service
 
@@ -146,12 +146,7 @@ def render_repair(listing: Document | None, services: Mapping[str, Service], wan
         for version in (4, 6):
             commands.append({"flush": {"set": {**where, "name": set_name(service.name,
                                                                          version)}}})
-    for (address, name), until in sorted(wanted.items(), key=str):
-        if name in services and until > now:
-            commands.append({"add": {"element": {
-                **where, "name": set_name(name, address.version),
-                "elem": [{"elem": {"val": str(address), "timeout": timeout_seconds(until, now)}}],
-            }}})
+    commands += render_elements(wanted, services, now)
     return {"nftables": commands}
 
 
@@ -165,12 +160,7 @@ def render_replace(services: Mapping[str, Service], wanted: Held, now: float) ->
     table = {"family": FAMILY, "name": TABLE}
     commands: list[dict[str, Any]] = [{"add": {"table": table}}, {"delete": {"table": table}}]
     commands += render_start(services, drop_sets=True)["nftables"]
-    for (address, name), until in sorted(wanted.items(), key=str):
-        if name in services and until > now:
-            commands.append({"add": {"element": {
-                "family": FAMILY, "table": TABLE, "name": set_name(name, address.version),
-                "elem": [{"elem": {"val": str(address), "timeout": timeout_seconds(until, now)}}],
-            }}})
+    commands += render_elements(wanted, services, now)
     return {"nftables": commands}
 
 
