@@ -8,7 +8,8 @@ the firewall), which other base chain would drop it, and the exact line to
 add (docs/install.md, "Your firewall and spa").
 
 Invariants:
-- Read only: nothing here changes a rule; the listing is one `list ruleset`.
+- Read only: nothing here changes a rule; the ruleset is read table by table,
+  never the hold table in JSON (`safe_ruleset`).
 - The same targets and the same words for the command, the log and `status`.
 """
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 from spa.backends.hostcheck import Outcome, Target, check, render
 from spa.backends.libnft import NftRunner
+from spa.backends.nftables import safe_ruleset
 from spa.core.policy import Service
 from spa.server.config import ServerConfig
 from spa.server.errors import LocalError
@@ -46,8 +48,6 @@ def targets_of(config: ServerConfig) -> list[Target]:
 
 def report(runner: NftRunner, config: ServerConfig) -> Report:
     """Raises LocalError when the ruleset cannot be read."""
-    from spa.backends.nftables import safe_ruleset
-
     listing = safe_ruleset(runner)
     try:
         findings = check(listing, targets_of(config))

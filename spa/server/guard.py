@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from spa.backends.base import Held
+from spa.backends.nftrender import FAMILY, TABLE
 from spa.server.errors import LocalError
 from spa.server.events import Event
 
@@ -74,7 +75,6 @@ class Guard:
         (any table: the host's firewall may have changed)."""
         self._repair: Callable[..., str | None] | None = getattr(backend, "repair", None)
         self._watch_of: Callable[[], Watch | None] | None = getattr(backend, "watch", None)
-        self._name = getattr(backend, "name", "firewall")
         self._lock, self._wanted, self._clock = lock, wanted, clock
         self._log, self._record, self._on_change = log, record, on_change
         self._on_foreign = on_foreign
@@ -102,9 +102,10 @@ class Guard:
         try:
             while not stop.is_set():
                 commits = watch.wait(WAIT)
-                if commits is None or any(self._foreign_to_us(c) for c in commits):
+                foreign = [c for c in commits or () if not _our_thread(c.pid)]
+                if commits is None or any(c.touches(FAMILY, TABLE) for c in foreign):
                     self.check(time.monotonic())
-                if commits is None or any(not _our_thread(c.pid) for c in commits):
+                if commits is None or foreign:
                     self._on_foreign()
         except Exception as exc:  # keep the daemon; the polls still guard
             self._log(f"error firewall watch stopped ({type(exc).__name__}: {exc}); "
@@ -113,11 +114,6 @@ class Guard:
             self.state.watched = False
         finally:
             watch.close()
-
-    def _foreign_to_us(self, commit: Any) -> bool:
-        from spa.backends.nftables import FAMILY, TABLE
-
-        return bool(commit.touches(FAMILY, TABLE) and not _our_thread(commit.pid))
 
     def poll(self, now: float) -> None:
         """Housekeeping: check when the poll is due."""
