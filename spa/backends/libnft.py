@@ -21,6 +21,7 @@ from spa.server.errors import LocalError
 
 NFT_CTX_DEFAULT = 0
 NFT_CTX_OUTPUT_JSON = 1 << 4
+NFT_CTX_OUTPUT_TERSE = 1 << 11  # text listings without set elements
 LIBRARY = "libnftables.so.1"
 
 Document = dict[str, Any]
@@ -98,12 +99,10 @@ class LibNft:
         return _parse(output)
 
     def run_text(self, command: str) -> None:
-        rc = self._lib.nft_run_cmd_from_buffer(self._ctx, command.encode())
-        if rc != 0:
-            raise _error((self._lib.nft_ctx_get_error_buffer(self._ctx) or b"").decode())
+        self.list_text(command)
 
     def list_text(self, command: str) -> str:
-        self._lib.nft_ctx_output_set_flags(self._ctx, 0)
+        self._lib.nft_ctx_output_set_flags(self._ctx, NFT_CTX_OUTPUT_TERSE)
         try:
             rc = self._lib.nft_run_cmd_from_buffer(self._ctx, command.encode())
             output = (self._lib.nft_ctx_get_output_buffer(self._ctx) or b"").decode()
@@ -143,7 +142,7 @@ class NftProgram:
         self.list_text(command)
 
     def list_text(self, command: str) -> str:
-        done = subprocess.run([self._argv[0], command], capture_output=True, text=True,  # noqa: S603
+        done = subprocess.run([self._argv[0], "-t", command], capture_output=True, text=True,  # noqa: S603
                               timeout=30, check=False)
         if done.returncode != 0:
             raise _error(done.stderr or done.stdout)
