@@ -183,26 +183,28 @@ def render_changes(changes: Sequence[Change], now: float,
                    *, hold: bool = False) -> Document:
     """Several grants and removals as one transaction (all or nothing), in
     our table and, with `hold`, the hold table.  Grants for which
-    `absent(address, service)` holds are a single `create` in our table."""
+    `absent(address, service)` holds are a single `create` in each (the two
+    hold the same elements: every change reaches both in one transaction)."""
     commands: list[dict[str, Any]] = []
+    tables = _tables(hold)
     for action, service in changes:
         if isinstance(action, Allow):
             timeout = timeout_seconds(action.until, now)
-            if absent(action.address, service.name):
-                commands.append(_create_command(action.address, service.name, timeout))
-            else:
-                commands += _allow_commands(action.address, service.name, timeout)
-            if hold:
-                commands += _allow_commands(action.address, service.name, timeout, HOLD)
+            for table in tables:  # the hold table holds what ours holds
+                if absent(action.address, service.name):
+                    commands.append(_create_command(action.address, service.name, timeout,
+                                                    table))
+                else:
+                    commands += _allow_commands(action.address, service.name, timeout, table)
         else:
-            commands += _remove_commands(action.address, service.name)
-            if hold:
-                commands += _remove_commands(action.address, service.name, HOLD)
+            for table in tables:
+                commands += _remove_commands(action.address, service.name, table)
     return {"nftables": commands}
 
 
-def _create_command(address: IPAddress, service: str, timeout: int) -> dict[str, Any]:
-    where = _where(name=set_name(service, address.version))
+def _create_command(address: IPAddress, service: str, timeout: int,
+                    table: str = TABLE) -> dict[str, Any]:
+    where = _where(table, name=set_name(service, address.version))
     return {"create": {"element": {**where, "elem": [{"elem": {"val": str(address),
                                                                 "timeout": timeout}}]}}}
 
