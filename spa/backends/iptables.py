@@ -343,9 +343,11 @@ class IptablesBackend:
             found.append((version, jumps, tuple(rules)))
         return tuple(found)
 
-    def repair(self, wanted: Held, *, now: float) -> str | None:
+    def repair(self, wanted: Held, *, now: float, grants: bool = True) -> str | None:
         """If another program removed or altered our chains or grants, put
-        them back with exactly `wanted` and say what was wrong; else None.
+        them back with exactly `wanted` and say what was wrong; else None
+        (`grants` is not used: every check reads everything, there being no
+        notification to report element changes).
         iptables sends no notification: the daemon polls (spa.server.guard).
         Raises LocalError."""
         problem: str | None = self._run("read the SPA chain",

@@ -31,8 +31,9 @@ class NftRunner(Protocol):
     name: str
     owns_tables: bool  # its tables can be `flags owner`: one socket for its whole life
 
-    def run(self, document: Document) -> Document:
-        """Run one JSON document (one atomic transaction); return the output."""
+    def run(self, document: Document, *, terse: bool = False) -> Document:
+        """Run one JSON document (one atomic transaction); return the output
+        (`terse`: listings without set elements)."""
 
     def run_text(self, command: str) -> None:
         """Run one command in nft's own syntax (for what the JSON cannot say)."""
@@ -90,9 +91,16 @@ class LibNft:
         self._lib = lib
         self._ctx = ctx
 
-    def run(self, document: Document) -> Document:
-        rc = self._lib.nft_run_cmd_from_buffer(self._ctx, json.dumps(document).encode())
-        output = (self._lib.nft_ctx_get_output_buffer(self._ctx) or b"").decode()
+    def run(self, document: Document, *, terse: bool = False) -> Document:
+        if terse:
+            self._lib.nft_ctx_output_set_flags(self._ctx,
+                                               NFT_CTX_OUTPUT_JSON | NFT_CTX_OUTPUT_TERSE)
+        try:
+            rc = self._lib.nft_run_cmd_from_buffer(self._ctx, json.dumps(document).encode())
+            output = (self._lib.nft_ctx_get_output_buffer(self._ctx) or b"").decode()
+        finally:
+            if terse:
+                self._lib.nft_ctx_output_set_flags(self._ctx, NFT_CTX_OUTPUT_JSON)
         if rc != 0:
             errors = (self._lib.nft_ctx_get_error_buffer(self._ctx) or b"").decode()
             raise _error(errors or output)
@@ -131,8 +139,9 @@ class NftProgram:
                              "install the nftables package (apt-get install nftables)")
         self._argv = [path, "-j", "-f", "-"]
 
-    def run(self, document: Document) -> Document:
-        done = subprocess.run(self._argv, input=json.dumps(document), capture_output=True,  # noqa: S603 (argv list, no shell)
+    def run(self, document: Document, *, terse: bool = False) -> Document:
+        argv = [*self._argv[:1], "-t", *self._argv[1:]] if terse else self._argv
+        done = subprocess.run(argv, input=json.dumps(document), capture_output=True,  # noqa: S603 (argv list, no shell)
                               text=True, timeout=30, check=False)
         if done.returncode != 0:
             raise _error(done.stderr or done.stdout)
@@ -170,7 +179,7 @@ class FakeNft:
         self.listing: Document = {"nftables": []}
         self.refuse_next: list[str] = []  # errors to raise, one per coming run
 
-    def run(self, document: Document) -> Document:
+    def run(self, document: Document, *, terse: bool = False) -> Document:
         self.documents.append(document)
         if self.refuse_next:
             raise _error(self.refuse_next.pop(0))

@@ -49,8 +49,9 @@ class MemoryBackend:
         self.grants.clear()
         self.removed = True
 
-    def repair(self, wanted: Held, *, now: float) -> str | None:
-        """Put back exactly `wanted` if the gate was wiped or its grants changed."""
+    def repair(self, wanted: Held, *, now: float, grants: bool = True) -> str | None:
+        """Put back exactly `wanted` if the gate was wiped or its grants changed
+        (every check is whole: `grants` is not used)."""
         if not self.removed and self.grants == dict(wanted):
             return None
         problem = ("the memory gate was removed by another program" if self.removed

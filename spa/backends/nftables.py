@@ -190,11 +190,13 @@ class NftablesBackend:
                              "by another program")
         return self._json_listing()
 
-    def _json_listing(self) -> Document | None:
-        """`_listing` once its flags are known to be none."""
+    def _json_listing(self, *, terse: bool = False) -> Document | None:
+        """`_listing` once its flags are known to be none (`terse`: without
+        set elements)."""
         try:
             return self.runner.run({"nftables": [{"list": {"table": {"family": FAMILY,
-                                                                      "name": TABLE}}}]})
+                                                                      "name": TABLE}}}]},
+                                   terse=terse)
         except LocalError as exc:
             if "No such file or directory" in str(exc):
                 return None
@@ -205,18 +207,22 @@ class NftablesBackend:
         self._shape = shape(listing)
         return listing
 
-    def repair(self, wanted: Held, *, now: float) -> str | None:
+    def repair(self, wanted: Held, *, now: float, grants: bool = True) -> str | None:
         """If another program removed or altered our table (its flags
         included), put it back in one transaction with exactly `wanted` and
-        say what was wrong; else None.  Raises LocalError when nftables
-        refuses even the whole replacement (another process owns the name)."""
+        say what was wrong; else None.  `grants` False: the structure only,
+        from a listing without the set elements (cheap whatever the number of
+        grants: the guard's backstop, when notifications already report every
+        change of an element).  Raises LocalError when nftables refuses even
+        the whole replacement (another process owns the name)."""
         flags = self._flags()
-        listing = None if flags is None or flags else self._json_listing()
+        listing = None if flags is None or flags else self._json_listing(terse=not grants)
         if flags:
             problem: str | None = (f"table {FAMILY} {TABLE} was given flags "
                                    f"{', '.join(sorted(flags))} by another program")
         else:
-            problem = diagnose(listing, self._shape, self._services, wanted, now)
+            problem = diagnose(listing, self._shape, self._services,
+                               wanted if grants else None, now)
         if not problem:
             return None
         replace = render_replace(self._services, wanted, now)

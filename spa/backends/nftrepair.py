@@ -91,9 +91,10 @@ def _chains(listing: Document) -> set[str]:
 
 
 def diagnose(listing: Document | None, installed: Shape, services: Mapping[str, Service],
-             wanted: Held, now: float) -> str | None:
+             wanted: Held | None, now: float) -> str | None:
     """What another program changed, or None if the table is as we left it.
-    `listing` None: the table does not exist."""
+    `listing` None: the table does not exist.  `wanted` None: the structure
+    only (a terse listing, which has no set elements)."""
     if listing is None or not has_table(listing):
         return f"table {FAMILY} {TABLE} was removed by another program"
     if CHAIN not in _chains(listing):
@@ -101,6 +102,8 @@ def diagnose(listing: Document | None, installed: Shape, services: Mapping[str, 
     if shape(listing) != installed:
         return (f"the chains, rules or sets of table {FAMILY} {TABLE} were altered by another "
                 "program")
+    if wanted is None:
+        return None
     held = parse_held(listing, services, now)
     missing = sorted(f"{a} {s}" for (a, s), until in wanted.items()
                      if until - now > ENDING and (a, s) not in held)

@@ -9,7 +9,8 @@ Invariants (docs/threat-model.md, "The host firewall is reloaded"):
   kernel names the thread) never trigger a check.
 - Every backend is also checked by `poll` from housekeeping: iptables every
   POLL_SECONDS (it sends no notification: that is its window), nftables every
-  BACKSTOP seconds in case a notification was missed.
+  BACKSTOP seconds in case a notification was missed (its structure only:
+  the notifications report every change of a grant).
 - A check and a repair run under the daemon's lease lock, so no grant is in
   flight; the repair installs exactly the live leases at their remaining time
   in one transaction (nftables) or rule by rule (iptables).
@@ -116,15 +117,18 @@ class Guard:
             watch.close()
 
     def poll(self, now: float) -> None:
-        """Housekeeping: check when the poll is due."""
+        """Housekeeping: check when the poll is due.  While notifications
+        come, they report every change of a grant: the backstop checks the
+        table's structure only (cheap with tens of thousands of grants)."""
         if now - self._last_check >= self._every - SLACK or now < self._last_check:
-            self.check(time.monotonic())
+            self.check(time.monotonic(), grants=not self.state.watched)
 
     # ---- the check -------------------------------------------------------------
 
-    def check(self, woke: float) -> str | None:
+    def check(self, woke: float, *, grants: bool = True) -> str | None:
         """Repair if needed; returns what was wrong.  `woke`: monotonic time
-        the trigger arrived (the repair's reported time counts from it)."""
+        the trigger arrived (the repair's reported time counts from it);
+        `grants` False: the structure only (see `poll`)."""
         if self._repair is None:
             return None
         with self._lock:
@@ -132,7 +136,7 @@ class Guard:
             self._last_check = now
             wanted = self._wanted()
             try:
-                problem = self._repair(wanted, now=now)
+                problem = self._repair(wanted, now=now, grants=grants)
             except LocalError as exc:
                 self._failing(str(exc), now)
                 return None

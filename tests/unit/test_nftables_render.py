@@ -255,8 +255,8 @@ def test_the_hold_table_is_owned_and_every_grant_reaches_both_tables_at_once() -
                    (Remove(A4, "ssh"), SERVICES["ssh"])], now=100)
     batch = fake.documents[-1]["nftables"]
     tables = [next(iter(next(iter(c.values())).values()))["table"] for c in batch]
-    assert tables == ["spa", "spa_hold"] + ["spa", "spa", "spa_hold", "spa_hold"]
-    assert commands(fake.documents[-1])[:2] == [("create", "element")] * 2, "new: one create each"
+    assert tables == ["spa", "spa_hold", "spa", "spa", "spa_hold", "spa_hold"]
+    assert commands(batch)[:2] == [("create", "element")] * 2, "a new grant: one create each"
     backend.start(SERVICES, now=100)  # a reload: the owned table is not made twice
     assert [t for t in fake.texts if t.startswith("add")] == [
         "add table inet spa_hold { flags owner; }"]
@@ -302,3 +302,17 @@ def test_the_host_check_never_lists_the_hold_table_in_json() -> None:
     listed = [c["list"]["table"] for d in fake.documents for c in d["nftables"]]
     assert listed == [{"family": "inet", "name": "filter"}, {"family": "ip", "name": "nat"}]
     assert {"table": {"family": "inet", "name": "spa_hold"}} in listing["nftables"]
+
+
+def test_a_structure_only_diagnosis_ignores_the_grants() -> None:
+    from spa.backends.nftrepair import diagnose, shape
+
+    listing = {"nftables": [{"table": {"family": "inet", "name": "spa"}},
+                            {"chain": {"family": "inet", "table": "spa", "name": "input"}}]}
+    wanted = {(A4, "ssh"): 100.0}
+    assert diagnose(listing, shape(listing), SERVICES, None, 0.0) is None
+    assert "grant(s) were removed" in str(diagnose(listing, shape(listing), SERVICES, wanted,
+                                                   0.0))
+    altered = {"nftables": [*listing["nftables"], {"chain": {
+        "family": "inet", "table": "spa", "name": "evil"}}]}
+    assert "altered" in str(diagnose(altered, shape(listing), SERVICES, None, 0.0))
