@@ -256,7 +256,7 @@ def test_the_hold_table_is_owned_and_every_grant_reaches_both_tables_at_once() -
     batch = fake.documents[-1]["nftables"]
     tables = [next(iter(next(iter(c.values())).values()))["table"] for c in batch]
     assert tables == ["spa", "spa_hold", "spa", "spa", "spa_hold", "spa_hold"]
-    assert commands(batch)[:2] == [("create", "element")] * 2, "a new grant: one create each"
+    assert commands({"nftables": batch})[:2] == [("create", "element")] * 2, "new: a create each"
     backend.start(SERVICES, now=100)  # a reload: the owned table is not made twice
     assert [t for t in fake.texts if t.startswith("add")] == [
         "add table inet spa_hold { flags owner; }"]
