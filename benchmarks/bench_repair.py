@@ -131,9 +131,10 @@ def run_backend(backend: str, rounds: int, root: Path) -> list[dict[str, object]
         lines = (root / f"{backend}.log").read_text().splitlines()
         said = [line for line in lines if line.startswith("warning firewall:") and
                 "restored with" in line]
-        # one line a second at most: "(and N more repairs in the last 1 s)" counts the rest
-        restored = len(said) + sum(int(m.group(1)) for line in said
-                                   if (m := re.search(r"\(and (\d+) more repairs", line)))
+        # one line a second at most: "(and N more repairs ...)" and "N more repair(s)
+        # in the last 1 s" count the rest
+        restored = len(said) + sum(int(m.group(1)) for line in lines
+                                   if (m := re.search(r"(\d+) more repair", line)))
         if restored != rounds:
             print(f"  note: the daemon reported {restored} repairs for {rounds} flushes")
         results: list[dict[str, object]] = json.loads(done.stdout)

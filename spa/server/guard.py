@@ -18,7 +18,9 @@ Invariants (docs/threat-model.md, "The host firewall is reloaded"):
   by another program; restored with N leases in X ms`), an event (outcome
   `firewall`, counted in the metrics) and the gate's state in `status`; a
   program that alters the gate over and over gets one line and one event a
-  second at most, counting the repairs between (every one is still made).  A
+  second at most, counting the repairs between (every one is still made, and
+  every one is counted: the last folded ones at the next housekeeping round
+  after the second).  A
   repair that fails is an error line at most once per ERROR_EVERY, and the
   gate is `failing` in `status` until a check passes.
 """
@@ -122,6 +124,8 @@ class Guard:
         table's structure only (cheap with tens of thousands of grants)."""
         if now - self._last_check >= self._every - SLACK or now < self._last_check:
             self.check(time.monotonic(), grants=not self.state.watched)
+        if self._quiet and (now - self._last_said >= SAY_EVERY or now < self._last_said):
+            self._say_folded(now)
 
     # ---- the check -------------------------------------------------------------
 
@@ -157,6 +161,14 @@ class Guard:
             self._last_said, self._quiet = now, 0
         self._set("restored", problem, now, repaired=True)
         return problem
+
+    def _say_folded(self, now: float) -> None:
+        """The repairs folded since the last line, once the second is over
+        and no further repair came to say them."""
+        self._log(f"warning firewall: {self._quiet} more repair(s) in the last "
+                  f"{SAY_EVERY:.0f} s: {self.state.last}")
+        self._record(Event(now, "firewall", "restore", _kind(self.state.last), count=self._quiet))
+        self._last_said, self._quiet = now, 0
 
     def _failing(self, error: str, now: float) -> None:
         if self.state.state != "failing" or now - self._last_error >= ERROR_EVERY:

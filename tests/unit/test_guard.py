@@ -152,6 +152,10 @@ def test_a_program_that_fights_the_gate_gets_one_line_a_second() -> None:
     assert len(logs) == 2, logs
     assert logs[1].endswith("(and 49 more repairs in the last 1 s)"), logs[1]
     assert [e.count for e in events] == [1, 50]
+    clock[0] = 1003.0  # the storm is over: the 49 folded since are said at the next round
+    keeper.poll(clock[0])
+    assert logs[2].startswith("warning firewall: 49 more repair(s) in the last 1 s: ")
+    assert sum(e.count for e in events) == 100, "every repair counted once"
 
 
 def test_the_backstop_reads_the_structure_only_while_notifications_come() -> None:
