@@ -286,6 +286,7 @@ class Server:
         self.run_commands()
         with self._lock:
             self._apply(self.leases.expire(now), now)
+        self.guard.say_folded(now)  # no repair goes uncounted
         self._save(now)
         self.state.compact_now(self.verifier.replay)
         self.state.close()

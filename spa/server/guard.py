@@ -125,7 +125,7 @@ class Guard:
         if now - self._last_check >= self._every - SLACK or now < self._last_check:
             self.check(time.monotonic(), grants=not self.state.watched)
         if self._quiet and (now - self._last_said >= SAY_EVERY or now < self._last_said):
-            self._say_folded(now)
+            self.say_folded(now)
 
     # ---- the check -------------------------------------------------------------
 
@@ -162,9 +162,11 @@ class Guard:
         self._set("restored", problem, now, repaired=True)
         return problem
 
-    def _say_folded(self, now: float) -> None:
+    def say_folded(self, now: float) -> None:
         """The repairs folded since the last line, once the second is over
-        and no further repair came to say them."""
+        and no further repair came to say them (or at shutdown)."""
+        if not self._quiet:
+            return
         self._log(f"warning firewall: {self._quiet} more repair(s) in the last "
                   f"{SAY_EVERY:.0f} s: {self.state.last}")
         self._record(Event(now, "firewall", "restore", _kind(self.state.last), count=self._quiet))
