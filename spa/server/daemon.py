@@ -45,7 +45,7 @@ from spa.server.coexist import Report, closed_ports, report
 from spa.server.config import ServerConfig
 from spa.server.errors import LocalError
 from spa.server.events import EVENTS_DB, Event, EventSink
-from spa.server.guard import GateState, Guard
+from spa.server.guard import GateGuard, GateState, Guard
 from spa.server.metrics import Metrics
 from spa.server.notify import Notifier
 from spa.server.scans import SCAN_WINDOW, Knock, ScanDetector
@@ -86,10 +86,12 @@ class FileStamp:
 class Server:
     def __init__(self, config: ServerConfig, *, backend: Backend, source: PacketSource,
                  clock: Clock, log: Log, notifier: Notifier | None = None,
-                 state: StateDir | None = None) -> None:
+                 state: StateDir | None = None,
+                 guard: Callable[..., GateGuard] = Guard) -> None:
         """`state`: the state directory, already locked by the caller (so a
         second daemon is refused before it binds a socket); else `start`
-        locks it."""
+        locks it.  `guard`: makes the gate's guard (spa.server.remote's when
+        a privileged gate keeper holds the firewall)."""
         self.config = config
         self.backend = backend
         self.source = source
@@ -135,7 +137,8 @@ class Server:
         self._host_changed = threading.Event()  # another program changed the ruleset
         self._last_host_check = 0.0
         self._host_report: Report | None = None
-        self.guard: Guard
+        self._make_guard = guard
+        self.guard: GateGuard
         self.verifier: Verifier
         self.leases: LeaseTable
         self.events: EventSink
@@ -172,9 +175,10 @@ class Server:
         except LocalError as exc:  # the gate is not ours to write (the guard says so): serve
             self.log(f"error firewall: {exc}")
             self._retry_reconcile = True
-        self.guard = Guard(self.backend, lock=self._lock, wanted=lambda: self.leases.allowed(),
-                           clock=self.clock, log=self.log, record=self.events.record,
-                           on_change=self._gate_changed, on_foreign=self._host_changed.set)
+        self.guard = self._make_guard(
+            self.backend, lock=self._lock, wanted=lambda: self.leases.allowed(),
+            clock=self.clock, log=self.log, record=self.events.record,
+            on_change=self._gate_changed, on_foreign=self._host_changed.set)
         self._tag_keys = self._derive_tag_keys(self.config, now)
         self._update_kernel_filter(now, force=True)
         self._facts = {
@@ -203,18 +207,18 @@ class Server:
         start, after a reload, and (at most once a second) after another
         program changed the ruleset; said in the log when the answer
         changes, and in `status`."""
-        runner = getattr(self.backend, "runner", None)
-        if runner is None or not (force or self._host_changed.is_set()):
+        if not (force or self._host_changed.is_set()):
             return
         if not force and now - self._last_host_check < HOST_CHECK_EVERY:
             return
         self._host_changed.clear()
         self._last_host_check = now
         try:
-            with self._lock:
-                found = report(runner, self.config)
+            found = self._read_host()
         except LocalError as exc:
             self.log(f"error check: {exc}")
+            return
+        if found is None:
             return
         if force or found != self._host_report:
             self.log(f"check: {found.summary}")
@@ -225,6 +229,19 @@ class Server:
         self._facts = {**self._facts, "check": {"problems": found.problems, "at": now,
                                                  "summary": found.summary}}
         self.state.write_server(self._facts)
+
+    def _read_host(self) -> Report | None:
+        """The finding, from the gate keeper when it holds the firewall, else
+        from the backend's ruleset (None: nothing to read)."""
+        remote = getattr(self.backend, "host_report", None)
+        if remote is not None:
+            found: Report | None = remote()
+            return found
+        runner = getattr(self.backend, "runner", None)
+        if runner is None:
+            return None
+        with self._lock:
+            return report(runner, self.config)
 
     def _keep_lock(self) -> None:
         """One daemon per state directory, even if someone removes the lock
@@ -284,14 +301,21 @@ class Server:
         now = self.clock()
         self.notifier.stopping()
         self.run_commands()
-        with self._lock:
-            self._apply(self.leases.expire(now), now)
-        self.guard.say_folded(now)  # no repair goes uncounted
+        try:
+            with self._lock:
+                self._apply(self.leases.expire(now), now)
+            self.guard.say_folded(now)  # no repair goes uncounted
+        except LocalError as exc:  # the gate keeper is gone: save what we know all the same
+            self.log(f"error firewall: {exc}")
         self._save(now)
         self.state.compact_now(self.verifier.replay)
         self.state.close()
         self.source.close()
-        self.backend.stop()
+        with contextlib.suppress(LocalError):
+            self.backend.stop()
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()  # the gate keeper's end: it stops, and is waited for
         self.events.close()
         if self.metrics is not None:
             self.metrics.close()

@@ -53,6 +53,21 @@ class Watch(Protocol):
     def close(self) -> None: ...
 
 
+class GateGuard(Protocol):
+    """What the daemon asks of a guard (this module's, or the gate keeper's
+    through spa.server.remote)."""
+
+    state: GateState
+
+    def start_watching(self, stop: threading.Event) -> object: ...
+
+    def poll(self, now: float) -> None: ...
+
+    def check(self, woke: float, *, grants: bool = True) -> object: ...
+
+    def say_folded(self, now: float) -> None: ...
+
+
 @dataclass
 class GateState:
     """What `status` shows of the gate."""

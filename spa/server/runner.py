@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn
 
 from spa.backends.base import Backend, reconcile
 from spa.backends.memory import MemoryBackend
 from spa.server import config as config_mod
+from spa.server import monitor, privsep
+from spa.server.config import ServerConfig
 from spa.server.daemon import Server
 from spa.server.errors import LocalError
+from spa.server.monitor import GateKeeper
 from spa.server.notify import Notifier
+from spa.server.remote import RemoteGate, RemoteGuard
 from spa.server.sources import PacketSource, UdpSource
 from spa.server.state import StateDir
 
@@ -51,19 +60,80 @@ def make_source(mode: str, address: str, port: int, interface: str) -> PacketSou
 
 def build(path: Path, *, backend: str | None, mode: str | None,
           interface: str | None) -> Server:
-    """Raises LocalError for any problem with the config or the machine."""
+    """The daemon, split in two (spa.server.privsep): this process parses
+    and verifies with no capability; a child holds CAP_NET_ADMIN and is the
+    only code that touches the firewall.  Raises LocalError for any problem
+    with the config or the machine."""
     config = config_mod.load(path)
     config = replace(config, backend=backend or config.backend, mode=mode or config.mode,
                      interface=interface if interface is not None else config.interface)
     state = StateDir(config.state_dir)
     state.ensure()
     state.acquire(time.time())  # a second daemon stops here, before socket or firewall
-    chosen_backend = make_backend(config.backend, flush_on_stop=config.flush_on_stop,
-                                  hold=config.hold_table)
+    if config.backend not in BACKENDS:
+        raise LocalError(f"unknown backend {config.backend!r}; choose nftables, iptables or "
+                         "memory")
     source = make_source(config.mode, config.listen_address, config.listen_port,
                          config.interface)
-    return Server(config, backend=chosen_backend, source=source, clock=time.time,
-                  log=log_to_stderr, notifier=Notifier.from_environment(), state=state)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:  # the gate keeper: never returns
+        ours.close()
+        source.close()
+        _gate_keeper(config, theirs)
+    theirs.close()
+    gate = RemoteGate(ours, pid)
+    try:
+        privsep.hand_over(state.path)
+        user = privsep.drop_to_daemon(state.path)
+        _can_read(config.path, user)
+    except LocalError:
+        gate.close()
+        raise
+    server = Server(config, backend=gate, source=source, clock=time.time,
+                    log=log_to_stderr, notifier=Notifier.from_environment(), state=state,
+                    guard=RemoteGuard)
+    gate.on_lost = server.stop_requested.set
+    log_to_stderr(f"privileges: daemon pid {os.getpid()} as {user} with no capability; "
+                  f"gate keeper pid {pid} with CAP_NET_ADMIN only")
+    return server
+
+
+BACKENDS = ("nftables", "iptables", "memory")
+
+
+def _gate_keeper(config: ServerConfig, sock: socket.socket) -> NoReturn:
+    """The child's life: drop to CAP_NET_ADMIN, make the backend, answer
+    the daemon until it goes away.  Signals are the daemon's to act on (a
+    SIGTERM to the group reaches both; this one stops when the daemon has)."""
+    status = 1
+    try:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
+        privsep.drop_to_gate_keeper()
+        backend = make_backend(config.backend, flush_on_stop=config.flush_on_stop,
+                               hold=config.hold_table)
+        keeper = GateKeeper(backend, config_path=config.path, services=config.services,
+                            clock=time.time, log=log_to_stderr)
+        monitor.serve(keeper, sock, threading.Event())
+        status = 0
+    except LocalError as exc:
+        log_to_stderr(f"error gate keeper: {exc}")
+        status = 2
+    except BaseException as exc:  # never a traceback from the privileged part
+        log_to_stderr(f"error gate keeper failed: {type(exc).__name__}: {exc}")
+    finally:
+        os._exit(status)
+
+
+def _can_read(path: Path, user: str) -> None:
+    """The daemon reloads the config as `user`: say so now if it cannot."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+    except PermissionError:
+        raise LocalError(f"{path} is not readable by {user}, the owner of the state directory "
+                         f"that the daemon runs as: chgrp {user} {path} && chmod 0640 {path}"
+                         ) from None
 
 
 def install_gate(path: Path, *, backend: str | None = None) -> str:

@@ -1,0 +1,180 @@
+"""The typed messages between the unprivileged daemon and the privileged gate
+keeper (docs/threat-model.md, "Privilege separation").
+
+The daemon that parses packets holds no capability; everything it wants of
+the firewall it asks of the gate keeper in these messages, one request and
+one reply at a time, over a socketpair.
+
+Invariants:
+- A frame is a 4-byte big-endian length and that many bytes of UTF-8 JSON
+  (an object); nothing else is ever decoded (no pickle).  A frame longer than
+  MAX_FRAME is refused before it is read.
+- `parse_request` turns a frame into one of the request types below or raises
+  RefusedError: an unknown kind, a missing or extra field, a wrong type, a
+  malformed address (a network, a zone, an unspecified or multicast address)
+  or a service name that is not a plain name.  Whether the service exists and
+  the time is allowed is the gate keeper's check against its own config
+  (spa.server.monitor), not this module's.
+- Pure: no sockets here, only bytes in and values out (the edges frame them).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from spa.core.wire import IPAddress
+
+MAX_FRAME = 64 * 1024 * 1024  # bytes: a `reconcile` of 1,000,000 grants fits, nothing silly
+HEADER = 4  # bytes of length before each frame
+MAX_CHANGES = 1_000_000  # changes in one request
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}\Z")  # a service name (spa.server.config)
+
+
+class RefusedError(Exception):
+    """A request the gate keeper will not carry out (says why)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    address: IPAddress
+    service: str
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
+class Revoke:
+    address: IPAddress
+    service: str
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """Install the gate for these services (the gate keeper's definitions)."""
+
+    services: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Apply:
+    changes: tuple[Grant | Revoke, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Simple:
+    """A request without arguments: held, drops, gate, check, fold, host, stop."""
+
+    kind: str
+
+
+Request = Start | Apply | Simple
+SIMPLE = frozenset({"held", "drops", "gate", "check", "fold", "host", "stop"})
+
+
+def frame(message: dict[str, Any]) -> bytes:
+    """A message as one frame.  Raises RefusedError if it is too long."""
+    body = json.dumps(message, separators=(",", ":")).encode()
+    if len(body) > MAX_FRAME:
+        raise RefusedError(f"message of {len(body)} bytes is over the {MAX_FRAME}-byte limit")
+    return len(body).to_bytes(HEADER, "big") + body
+
+
+def frame_length(header: bytes) -> int:
+    """The body length a header announces.  Raises RefusedError over MAX_FRAME."""
+    length = int.from_bytes(header, "big")
+    if length > MAX_FRAME:
+        raise RefusedError(f"frame of {length} bytes is over the {MAX_FRAME}-byte limit")
+    return length
+
+
+def decode(body: bytes) -> dict[str, Any]:
+    """A frame's body as a JSON object.  Raises RefusedError."""
+    try:
+        message = json.loads(body.decode())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise RefusedError(f"not a JSON message: {exc}") from None
+    if not isinstance(message, dict):
+        raise RefusedError("a message is a JSON object")
+    return message
+
+
+def encode_request(request: Request) -> dict[str, Any]:
+    if isinstance(request, Start):
+        return {"kind": "start", "services": list(request.services)}
+    if isinstance(request, Apply):
+        return {"kind": "apply", "changes": [_change_out(c) for c in request.changes]}
+    return {"kind": request.kind}
+
+
+def parse_request(message: dict[str, Any]) -> Request:
+    """Raises RefusedError for anything that is not exactly one known request."""
+    kind = message.get("kind")
+    if kind in SIMPLE:
+        _fields(message, {"kind"})
+        return Simple(str(kind))
+    if kind == "start":
+        _fields(message, {"kind", "services"})
+        names = message["services"]
+        if not isinstance(names, list) or len(names) > 1024:
+            raise RefusedError("start: services is a list of names")
+        return Start(tuple(_service(name) for name in names))
+    if kind == "apply":
+        _fields(message, {"kind", "changes"})
+        changes = message["changes"]
+        if not isinstance(changes, list) or len(changes) > MAX_CHANGES:
+            raise RefusedError(f"apply: changes is a list of at most {MAX_CHANGES}")
+        return Apply(tuple(_change_in(item) for item in changes))
+    raise RefusedError(f"unknown request {str(kind)[:40]!r}")
+
+
+def _fields(message: dict[str, Any], wanted: set[str]) -> None:
+    if set(message) != wanted:
+        raise RefusedError(f"{message.get('kind')}: fields must be {sorted(wanted)}")
+
+
+def _change_out(change: Grant | Revoke) -> list[Any]:
+    if isinstance(change, Grant):
+        return ["allow", str(change.address), change.service, change.until]
+    return ["remove", str(change.address), change.service]
+
+
+def _change_in(item: object) -> Grant | Revoke:
+    if not isinstance(item, list) or not item:
+        raise RefusedError("a change is a list")
+    if item[0] == "allow" and len(item) == 4:
+        until = item[3]
+        if not isinstance(until, int | float) or isinstance(until, bool) or until != until:
+            raise RefusedError("allow: until is a number of seconds")
+        return Grant(parse_address(item[1]), _service(item[2]), float(until))
+    if item[0] == "remove" and len(item) == 3:
+        return Revoke(parse_address(item[1]), _service(item[2]))
+    raise RefusedError(f"unknown change {str(item[0])[:20]!r}")
+
+
+def _service(name: object) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise RefusedError(f"not a service name: {str(name)[:40]!r}")
+    return name
+
+
+def parse_address(text: object) -> IPAddress:
+    """One host address, IPv4 or IPv6, as text.  Raises RefusedError for anything
+    else: a network, a zone, unspecified, multicast, or a mapped address."""
+    if not isinstance(text, str) or len(text) > 45:
+        raise RefusedError("an address is a string")
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise RefusedError(f"not an address: {text[:45]!r}") from None
+    if address.is_unspecified or address.is_multicast:
+        raise RefusedError(f"not a host address: {text}")
+    if isinstance(address, ipaddress.IPv6Address) and (
+            address.scope_id is not None or address.ipv4_mapped is not None):
+        raise RefusedError(f"not a plain address: {text}")
+    if isinstance(address, ipaddress.IPv4Address) and address == ipaddress.IPv4Address(
+            "255.255.255.255"):
+        raise RefusedError(f"not a host address: {text}")
+    return address

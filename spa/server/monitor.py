@@ -1,0 +1,280 @@
+"""The gate keeper: the privileged part of the daemon (docs/threat-model.md,
+"Privilege separation").
+
+It is the only code that touches the firewall.  It holds CAP_NET_ADMIN and
+nothing else, parses no packet, serves nothing, writes no event store; it
+carries out the typed requests of spa.server.gatemsg that the unprivileged
+daemon sends over a socketpair, after checking each against its own reading
+of the config.
+
+Invariants:
+- A grant names a service of the gate keeper's config (its port and protocol,
+  never the daemon's), one host address, and an end no later than the
+  service's max_duration (plus SLACK) from the gate keeper's own clock; a
+  request that breaks any of this is refused whole and nothing is changed.
+- It keeps its own record of what it granted and ends each grant on time by
+  itself, whatever the daemon says or fails to say; the guard (spa.server.
+  guard) repairs the gate from that record, never from the daemon's word.
+- At most MAX_GRANTS grants are held: one more is refused.
+- When the daemon goes away (its end of the socket closes), the gate keeper
+  stops the backend the way the daemon would and exits: the ports stay
+  closed, the grants end on time (nftables) or are removed (the others).
+- The clock is an argument (`clock`); `handle` is unit-tested with the memory
+  backend, `serve` with a real socketpair.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from spa.backends.base import Backend, Held
+from spa.core.leases import Allow, Remove
+from spa.core.policy import Service
+from spa.server import config as config_mod
+from spa.server import gatemsg
+from spa.server.errors import LocalError
+from spa.server.events import Event
+from spa.server.gatemsg import Apply, Grant, RefusedError, Revoke, Simple, Start
+from spa.server.guard import Guard
+
+SLACK = 2.0  # seconds a grant may end after now + max_duration (the two clocks' read order)
+MAX_GRANTS = 1_000_000  # grants held at once (issue 14's 100,000 clients, with room)
+STALL = 10.0  # seconds a begun frame may take to arrive
+TURN = 0.5  # seconds between the gate keeper's own rounds (expiry, guard) when idle
+
+Clock = Callable[[], float]
+Log = Callable[[str], None]
+
+
+class GateKeeper:
+    """Carries out checked requests on the real backend."""
+
+    def __init__(self, backend: Backend, *, config_path: Path,
+                 services: Mapping[str, Service], clock: Clock, log: Log,
+                 read_services: Callable[[Path], Mapping[str, Service]] | None = None) -> None:
+        self.backend = backend
+        self.config_path = config_path
+        self.clock, self.log = clock, log
+        self.lock = threading.Lock()
+        self._read_services = read_services or _services_of
+        self.allowed: dict[str, Service] = dict(services)  # what the config names
+        self.installed: dict[str, Service] = {}  # what the backend was started with
+        self.granted: Held = {}
+        self.events: list[Event] = []
+        self.foreign = False
+        self.guard = Guard(backend, lock=self.lock, wanted=lambda: dict(self.granted),
+                           clock=clock, log=log, record=self.events.append,
+                           on_foreign=self._foreign)
+
+    def _foreign(self) -> None:
+        self.foreign = True
+
+    # ---- requests --------------------------------------------------------------
+
+    def handle(self, message: dict[str, Any]) -> dict[str, Any]:
+        """One request's reply: {"ok": ...}, {"error": line} for a firewall
+        failure, {"refused": why} for a request it will not carry out."""
+        try:
+            request = gatemsg.parse_request(message)
+            return {"ok": self._carry_out(request)}
+        except RefusedError as exc:
+            self.log(f"error gate keeper refused a request: {exc}")
+            return {"refused": str(exc)}
+        except LocalError as exc:
+            return {"error": str(exc)}
+
+    def _carry_out(self, request: gatemsg.Request) -> Any:
+        if isinstance(request, Start):
+            return self._start(request.services)
+        if isinstance(request, Apply):
+            return self._apply(request.changes)
+        assert isinstance(request, Simple)
+        kind = request.kind
+        if kind == "held":
+            with self.lock:
+                held = self.backend.held(now=self.clock())
+            return [[str(address), name, until] for (address, name), until in held.items()]
+        if kind == "drops":
+            return self._drops()
+        if kind == "gate":
+            return self._gate()
+        if kind == "check":
+            self.guard.check(time.monotonic())
+            return self._gate()
+        if kind == "fold":
+            self.guard.say_folded(self.clock())
+            return self._gate()
+        if kind == "host":
+            return self.host_report()
+        if kind == "stop":
+            with self.lock:
+                self.backend.stop()
+            return None
+        raise RefusedError(f"unknown request {kind!r}")  # pragma: no cover (parse_request)
+
+    def _start(self, names: tuple[str, ...]) -> dict[str, Any]:
+        """(Re)install for these services: the config's definitions, read
+        again now; a name the config no longer has is kept only while it was
+        installed (so its grants can still be removed)."""
+        try:
+            self.allowed = dict(self._read_services(self.config_path))
+        except LocalError as exc:
+            self.log(f"error gate keeper keeps the services it has: {exc}")
+        chosen: dict[str, Service] = {}
+        for name in names:
+            service = self.allowed.get(name) or self.installed.get(name)
+            if service is None:
+                raise RefusedError(f"start: no service {name!r} in {self.config_path}")
+            chosen[name] = service
+        with self.lock:
+            self.backend.start(chosen, now=self.clock())
+            self.installed = chosen
+        backend = self.backend
+        return {"name": backend.name, "expires_by_itself": backend.expires_by_itself,
+                "holds": bool(getattr(backend, "holds", False)),
+                "hold_note": str(getattr(backend, "hold_note", "")),
+                "flags_note": str(getattr(backend, "flags_note", "")),
+                "host_check": getattr(backend, "runner", None) is not None}
+
+    def _apply(self, changes: tuple[Grant | Revoke, ...]) -> None:
+        now = self.clock()
+        actions: list[tuple[Allow | Remove, Service]] = []
+        adding = 0
+        for change in changes:  # every change is checked before any is made
+            service = self.installed.get(change.service)
+            if service is None:
+                raise RefusedError(f"no service {change.service!r} in the gate")
+            if isinstance(change, Grant):
+                if not now < change.until <= now + service.max_duration + SLACK:
+                    raise RefusedError(f"{change.service}: a grant ends within "
+                                  f"{service.max_duration} s of now")
+                adding += (change.address, change.service) not in self.granted
+                actions.append((Allow(change.address, change.service, change.until), service))
+            else:
+                actions.append((Remove(change.address, change.service), service))
+        if len(self.granted) + adding > MAX_GRANTS:
+            raise RefusedError(f"over {MAX_GRANTS} grants")
+        with self.lock:
+            self.backend.apply(actions, now=now)
+            for action, _ in actions:
+                key = (action.address, action.service)
+                if isinstance(action, Allow):
+                    self.granted[key] = action.until
+                else:
+                    self.granted.pop(key, None)
+
+    def _drops(self) -> list[list[Any]]:
+        read = getattr(self.backend, "drops", None)
+        if read is None:
+            return []
+        with self.lock:
+            counters = read()
+        return [[source, port, count] for (source, port), count in counters.items()]
+
+    def _gate(self) -> dict[str, Any]:
+        events, self.events = self.events, []
+        foreign, self.foreign = self.foreign, False
+        return {"state": self.guard.state.as_dict(), "foreign": foreign,
+                "events": [event.as_dict() for event in events]}
+
+    # ---- its own rounds -----------------------------------------------------------
+
+    def expire(self) -> None:
+        """End every grant whose time is over, whatever the daemon said."""
+        now = self.clock()
+        ended = [key for key, until in self.granted.items() if until <= now]
+        if not ended:
+            return
+        with self.lock:
+            for key in ended:
+                self.granted.pop(key, None)
+            if not self.backend.expires_by_itself:
+                self.backend.apply([(Remove(address, name), self.installed[name])
+                                    for address, name in ended if name in self.installed],
+                                   now=now)
+
+    def host_report(self) -> dict[str, Any]:
+        """`spa-server check`'s finding against the gate keeper's config."""
+        from spa.server.coexist import report
+
+        runner = getattr(self.backend, "runner", None)
+        if runner is None:
+            raise RefusedError("this backend has no ruleset to check")
+        config = config_mod.load(self.config_path)
+        with self.lock:
+            found = report(runner, config)
+        return {"lines": list(found.lines), "problems": found.problems}
+
+
+def _services_of(path: Path) -> Mapping[str, Service]:
+    return config_mod.load(path).services
+
+
+def serve(keeper: GateKeeper, sock: socket.socket, stop: threading.Event) -> None:
+    """Answer the daemon's requests until it closes its end (or asks `stop`
+    and closes), with the keeper's own rounds between."""
+    keeper.guard.start_watching(stop)
+    sock.settimeout(TURN)
+    try:
+        while not stop.is_set():
+            try:
+                message = _receive(sock)
+            except TimeoutError:
+                message = {}
+            except (RefusedError, ConnectionError, OSError):
+                break  # a broken frame or a closed socket: the daemon is gone
+            if message is None:
+                break
+            if message:
+                reply = keeper.handle(message)
+                try:
+                    sock.sendall(gatemsg.frame(reply))
+                except (OSError, RefusedError):
+                    break
+            try:
+                keeper.expire()
+                keeper.guard.poll(keeper.clock())
+            except LocalError as exc:
+                keeper.log(f"error gate keeper: {exc}")
+    finally:
+        stop.set()
+
+
+def _receive(sock: socket.socket) -> dict[str, Any] | None:
+    """One message, or None when the other end closed.  Raises TimeoutError
+    when nothing starts within the socket's timeout, RefusedError for a bad frame."""
+    header = _exactly(sock, gatemsg.HEADER, first=True)
+    if header is None:
+        return None
+    body = _exactly(sock, gatemsg.frame_length(header))
+    if body is None:
+        return None
+    return gatemsg.decode(body)
+
+
+def _exactly(sock: socket.socket, size: int, *, first: bool = False) -> bytes | None:
+    chunks: list[bytes] = []
+    left, stalls = size, 0
+    while left:
+        try:
+            chunk = sock.recv(min(left, 1 << 20))
+        except TimeoutError:
+            if first and not chunks:
+                raise
+            stalls += 1
+            if stalls * TURN > STALL:
+                return None  # a frame begun and never finished: treat the daemon as gone
+            continue
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+receive = _receive  # the daemon's end reads replies the same way

@@ -1,0 +1,169 @@
+"""Privilege separation: one process that touches the firewall, one that
+does everything else (docs/threat-model.md, "Privilege separation").
+
+`spa-server run` starts as root, or (systemd) as the service user with
+CAP_NET_ADMIN and CAP_NET_RAW.  It opens the packet socket, then forks:
+- the child is the gate keeper (spa.server.monitor): CAP_NET_ADMIN only,
+  nothing else in any set, the bounding set cut to it where it can be,
+  never dumpable (so no ptrace or /proc/PID/mem from the daemon), no new
+  privileges;
+- the parent is the daemon: no capability at all (root's too: the bounding
+  set emptied and SECBIT_NOROOT set when it starts as root, so no exec can
+  give them back), running as the owner of the state directory, no new
+  privileges.  It parses packets, verifies, writes events, serves metrics,
+  and asks the gate keeper for every firewall change.
+Both keep the state directory's lock (the same open file).
+
+Invariants:
+- What each part holds is read back from the kernel after the drop
+  (`capabilities`); a drop that did not take is a LocalError, never a
+  daemon that runs with more than it should.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import pwd
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from spa.server.errors import LocalError
+
+CAP_SETGID, CAP_SETUID, CAP_SETPCAP = 6, 7, 8  # linux/capability.h
+CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
+PR_SET_KEEPCAPS, PR_SET_DUMPABLE, PR_CAPBSET_DROP = 8, 4, 24  # linux/prctl.h
+PR_SET_SECUREBITS, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 28, 38, 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+SECBIT_NOROOT, SECBIT_NOROOT_LOCKED = 1 << 0, 1 << 1  # linux/securebits.h
+_VERSION_3 = 0x20080522  # _LINUX_CAPABILITY_VERSION_3: two 32-bit words per set
+
+
+class _Header(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _Data(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    effective: int
+    permitted: int
+    inheritable: int
+    bounding: int
+    ambient: int
+
+
+def capabilities(pid: int | str = "self") -> Capabilities:
+    """What the kernel says a process holds (/proc/PID/status)."""
+    found: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb"):
+            found[key] = int(value.strip(), 16)
+    return Capabilities(found["CapEff"], found["CapPrm"], found["CapInh"], found["CapBnd"],
+                        found["CapAmb"])
+
+
+def _prctl(option: int, arg: int = 0) -> int:
+    return int(_libc.prctl(option, ctypes.c_ulong(arg), ctypes.c_ulong(0),
+                           ctypes.c_ulong(0), ctypes.c_ulong(0)))
+
+
+def _capset(keep: int) -> None:
+    """Effective and permitted = `keep`, inheritable empty.  Raises LocalError."""
+    header = _Header(_VERSION_3, 0)
+    data = (_Data * 2)(_Data(keep & 0xFFFFFFFF, keep & 0xFFFFFFFF, 0),
+                       _Data(keep >> 32, keep >> 32, 0))
+    if _libc.capset(ctypes.byref(header), data) != 0:
+        error = ctypes.get_errno()
+        raise LocalError(f"cannot drop capabilities: {os.strerror(error)}")
+
+
+def _last_cap() -> int:
+    try:
+        return int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    except (OSError, ValueError):
+        return 40
+
+
+def drop(keep: frozenset[int], *, uid: int | None = None, gid: int | None = None) -> None:
+    """Keep only `keep` (capability numbers), as `uid`/`gid` if given (and
+    different).  Raises LocalError if the kernel does not end up there."""
+    mask = sum(1 << cap for cap in keep)
+    have = capabilities()
+    if have.effective >> CAP_SETPCAP & 1:
+        for cap in range(_last_cap() + 1):  # the bounding set: what exec could ever give
+            if cap not in keep:
+                _prctl(PR_CAPBSET_DROP, cap)
+        _prctl(PR_SET_SECUREBITS, SECBIT_NOROOT | SECBIT_NOROOT_LOCKED)  # uid 0 gives nothing
+    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    if uid is not None and gid is not None and (uid, gid) != (os.getuid(), os.getgid()):
+        try:
+            os.setgroups([gid])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+        except OSError as exc:
+            raise LocalError(f"cannot become uid {uid}: {exc.strerror}") from None
+    _capset(mask)
+    if _prctl(PR_SET_NO_NEW_PRIVS, 1) != 0:
+        raise LocalError("cannot set no_new_privs")
+    now = capabilities()
+    if now.effective != mask or now.permitted != mask or now.ambient or now.inheritable:
+        raise LocalError(f"capabilities did not drop (effective {now.effective:#x}, "
+                         f"permitted {now.permitted:#x}); not serving")
+
+
+def drop_to_gate_keeper() -> None:
+    """The child: CAP_NET_ADMIN and nothing else, never dumpable."""
+    _prctl(PR_SET_DUMPABLE, 0)
+    drop(frozenset({CAP_NET_ADMIN}))
+
+
+def drop_to_daemon(state_dir: Path) -> str:
+    """The parent: nothing, as the state directory's owner.  Returns who that is."""
+    st = os.stat(state_dir)
+    drop(frozenset(), uid=st.st_uid, gid=st.st_gid)
+    try:
+        return pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        return f"uid {st.st_uid}"
+
+
+def hand_over(state_dir: Path) -> None:
+    """Started as root on a state directory another user owns (the daemon
+    will run as that user): give it the files root left there (an earlier
+    run as root), by descriptor, never following a link, only regular files
+    root owns, so nothing outside the directory can be reached."""
+    if os.geteuid() != 0:
+        return
+    try:
+        dfd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise LocalError(f"cannot open {state_dir}: {exc.strerror}") from None
+    try:
+        owner = os.fstat(dfd)
+        if owner.st_uid == 0:
+            return
+        for name in os.listdir(dfd):
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                             | os.O_CLOEXEC, dir_fd=dfd)
+            except OSError:
+                continue  # a link, a socket, gone: not ours to hand over
+            try:
+                st = os.fstat(fd)
+                if stat.S_ISREG(st.st_mode) and st.st_uid == 0:
+                    os.fchown(fd, owner.st_uid, owner.st_gid)
+            finally:
+                os.close(fd)
+    finally:
+        os.close(dfd)
