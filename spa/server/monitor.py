@@ -67,6 +67,7 @@ class GateKeeper:
         self.granted: Held = {}
         self.events: list[Event] = []
         self.foreign = False
+        self.stopped = False
         self.guard = Guard(backend, lock=self.lock, wanted=lambda: dict(self.granted),
                            clock=clock, log=log, record=self.events.append,
                            on_foreign=self._foreign)
@@ -112,10 +113,17 @@ class GateKeeper:
         if kind == "host":
             return self.host_report()
         if kind == "stop":
-            with self.lock:
-                self.backend.stop()
+            self.stop()
             return None
         raise RefusedError(f"unknown request {kind!r}")  # pragma: no cover (parse_request)
+
+    def stop(self) -> None:
+        """Stop the backend (once: at the daemon's request, or when it is gone)."""
+        if self.stopped:
+            return
+        self.stopped = True
+        with self.lock:
+            self.backend.stop()
 
     def _start(self, names: tuple[str, ...]) -> dict[str, Any]:
         """(Re)install for these services: the config's definitions, read
@@ -243,6 +251,10 @@ def serve(keeper: GateKeeper, sock: socket.socket, stop: threading.Event) -> Non
                 keeper.log(f"error gate keeper: {exc}")
     finally:
         stop.set()
+        try:
+            keeper.stop()  # the daemon went away without asking: stop as it would have
+        except LocalError as exc:
+            keeper.log(f"error gate keeper: {exc}")
 
 
 def _receive(sock: socket.socket) -> dict[str, Any] | None:

@@ -1,0 +1,108 @@
+"""Privilege separation on the real kernel: the process that parses packets
+holds no capability, the gate keeper holds CAP_NET_ADMIN only, and what the
+daemon can do cannot change another program's firewall."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from spa.server.privsep import CAP_NET_ADMIN, capabilities
+from tests.netns.conftest import SRV4, Spa
+from tests.netns.test_ssh_e2e import enroll_alice
+
+# In the server namespace, as the daemon is after its drop (the same function
+# the daemon calls), try to change a table that is not ours.
+TRY_NFT = """
+import sys
+from pathlib import Path
+if sys.argv[2] == "drop":
+    from spa.server.privsep import drop_to_daemon
+    drop_to_daemon(Path(sys.argv[1]))
+from spa.backends.libnft import default_runner
+from spa.server.errors import LocalError
+try:
+    default_runner().run_text("add table inet not_spa")
+except LocalError as exc:
+    print("refused", exc)
+else:
+    print("changed")
+"""
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(p) for p in (task / "children").read_text().split()]
+    return found
+
+
+def packet_sockets(pid: int) -> set[str]:
+    """The AF_PACKET socket inodes a process holds (/proc/net/packet)."""
+    table = Path(f"/proc/{pid}/net/packet").read_text().splitlines()[1:]
+    packet = {line.split()[-1] for line in table}
+    held = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            held.add(target[8:-1])
+    return held & packet
+
+
+def test_the_packet_parser_holds_no_capability_and_the_gate_keeper_only_net_admin(
+        spa: Spa) -> None:
+    world = spa.world
+    spa.start()  # capture mode, nftables: the default
+    assert spa.proc is not None
+    daemon = spa.proc.pid
+    mine = capabilities(daemon)
+    assert (mine.effective, mine.permitted, mine.ambient, mine.bounding) == (0, 0, 0, 0), mine
+    assert "NoNewPrivs:\t1" in Path(f"/proc/{daemon}/status").read_text()
+    assert packet_sockets(daemon), "the daemon holds the capture socket, opened before the drop"
+    (keeper,) = children(daemon)
+    theirs = capabilities(keeper)
+    assert theirs.effective == theirs.permitted == theirs.bounding == 1 << CAP_NET_ADMIN
+    assert not packet_sockets(keeper), "the gate keeper reads no packet"
+    # it still works: a knock opens ssh through the gate keeper
+    enroll_alice(spa)
+    assert spa.client(world.cli, "alice", "open", "ssh", "srv").returncode == 0
+    assert world.ssh(world.cli, SRV4, "true").returncode == 0
+
+
+def test_as_the_daemon_runs_another_table_cannot_be_changed(spa: Spa) -> None:
+    world = spa.world
+    state = spa.root / "state"
+    state.mkdir(mode=0o700, exist_ok=True)
+    try:
+        dropped = world.srv.run(sys.executable, "-c", TRY_NFT, str(state), "drop").stdout
+        assert dropped.startswith("refused"), dropped
+        assert "not_spa" not in world.srv.run("nft", "list", "tables").stdout
+        # the same without the drop does change it: the check above can fail
+        kept = world.srv.run(sys.executable, "-c", TRY_NFT, str(state), "keep").stdout
+        assert kept.startswith("changed"), kept
+    finally:
+        world.srv.run("nft", "delete", "table", "inet", "not_spa", check=False)
+
+
+def test_when_the_daemon_dies_the_gate_keeper_leaves_the_gate_closed(spa: Spa) -> None:
+    """kill -9 of the daemon: the gate keeper sees its end close, stops the
+    backend as the daemon would have, exits; the table stays, ssh closed."""
+    world = spa.world
+    spa.start()
+    assert spa.proc is not None
+    (keeper,) = children(spa.proc.pid)
+    os.kill(spa.proc.pid, 9)
+    spa.proc.wait(timeout=10)
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{keeper}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{keeper}").exists() or "Z" in Path(
+        f"/proc/{keeper}/stat").read_text().split()[2]
+    listing = json.loads(world.srv.run("nft", "-j", "list", "tables").stdout)
+    assert any(item.get("table", {}).get("name") == "spa" for item in listing["nftables"])
