@@ -20,7 +20,9 @@ Defences, each tested in tests/unit/test_dashboard.py:
   styles and images: no inline script, no CDN (the server may have no
   internet), and the pages cannot be framed;
 - templates autoescape, the live table is filled with textContent; secrets
-  (client keys, OTP secrets, the hash) never reach a page.
+  (client keys, OTP secrets, the hash) never reach a page;
+- connections are bounded and timed (spa.server.webserver: half-open requests
+  cannot starve others; tests/integration/test_dashboard_process.py).
 """
 
 from __future__ import annotations
