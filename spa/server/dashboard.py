@@ -20,7 +20,9 @@ Defences, each tested in tests/unit/test_dashboard.py:
   styles and images: no inline script, no CDN (the server may have no
   internet), and the pages cannot be framed;
 - templates autoescape, the live table is filled with textContent; secrets
-  (client keys, OTP secrets, the hash) never reach a page.
+  (client keys, OTP secrets, the hash) never reach a page;
+- connections are bounded and timed (spa.server.webserver: half-open requests
+  cannot starve others; tests/integration/test_dashboard_process.py).
 """
 
 from __future__ import annotations
@@ -507,28 +509,28 @@ def _utc(when: float) -> str:
 def serve(dash: Dashboard, listen: str, *, on_ready: Callable[[str], None],
           secure_cookie: bool = False) -> None:
     """Bind, then serve until SIGINT/SIGTERM.  Raises LocalError."""
-    import socket
-
     import uvicorn
 
+    from spa.server import webserver
+    from spa.server.surfaces import Admitter, listen_socket
+
     app = make_app(dash, listen=listen, secure_cookie=secure_cookie)
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, int(port)))
+        sock = listen_socket(listen, webserver.BACKLOG)
     except OSError as exc:
-        sock.close()
         raise LocalError(f"cannot listen on {listen}: {exc.strerror}; pick another with "
                          "--listen HOST:PORT or [dashboard] listen") from None
-    sock.listen(64)
     # proxy_headers off: every tunnelled request comes from loopback, which
     # uvicorn would otherwise trust to set X-Forwarded-For (a forged source in
-    # the login log).  A bounded number of connections at once.
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                           server_header=False, date_header=False,
-                                           proxy_headers=False, limit_concurrency=64))
+    # the login log).  Connections are bounded by spa.server.webserver, not by
+    # limit_concurrency (which would answer 503 to all once 64 are half-open);
+    # no WebSocket (no route needs one).
+    protocol = webserver.bounded_h11(Admitter(webserver.MAX_CONNECTIONS,
+                                              webserver.REQUEST_SECONDS))
+    server = uvicorn.Server(uvicorn.Config(
+        app, http=protocol, ws="none", log_level="warning", access_log=False,
+        server_header=False, date_header=False, proxy_headers=False,
+        backlog=webserver.BACKLOG, timeout_keep_alive=webserver.IDLE_SECONDS,
+        h11_max_incomplete_event_size=webserver.MAX_HEADER_BYTES))
     on_ready(f"http://{listen}/")
     server.run(sockets=[sock])

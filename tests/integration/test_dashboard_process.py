@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.harness import free_port
+from tests.integration.held import established, hold, slowloris, wait_closed
 from tests.integration.procs import command, run_cli
 
 pytestmark = pytest.mark.integration
@@ -84,3 +85,41 @@ def test_a_large_body_is_refused_by_the_real_server(dashboard: tuple[str, Path])
                      b"Content-Length: 5000000\r\n\r\npassword=xxxx")
         answer = sock.recv(4096)
     assert answer.startswith(b"HTTP/1.1 413 "), answer
+
+
+def test_half_open_requests_do_not_starve_a_real_client(dashboard: tuple[str, Path]) -> None:
+    """Issue 13, finding 5: 64 (then 300) connections whose request headers
+    never end, 20 that trickle a header line every 0.2 s, and one that sits
+    idle after a whole request: the login page still answers 200 to a normal
+    client, and once REQUEST_SECONDS pass the server has closed every one of
+    them and holds no connection."""
+    from spa.server import webserver as web
+
+    url, _ = dashboard
+    port = int(url.rpartition(":")[2])
+    partial = b"GET /login HTTP/1.1\r\nHost: 127.0.0.1\r\n"  # the blank line never comes
+
+    def login_page() -> int:
+        try:
+            with urllib.request.urlopen(url + "/login", timeout=30) as answer:
+                return int(answer.status)
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    assert login_page() == 200
+    kept_alive = socket.create_connection(("127.0.0.1", port), timeout=10)
+    kept_alive.sendall(partial + b"\r\n")
+    assert kept_alive.recv(4096).startswith(b"HTTP/1.1 200 ")
+    kept_alive.sendall(b"G")  # one byte of a next request, then nothing
+    held = hold(port, 64, partial)
+    assert login_page() == 200
+    held += hold(port, 300 - 64, partial)
+    with slowloris(port, 20, b"/login") as trickling:
+        assert login_page() == 200
+        assert established(port) <= web.MAX_CONNECTIONS
+        everyone = [kept_alive, *held, *trickling]
+        assert wait_closed(everyone, web.REQUEST_SECONDS + 3) == 0
+        assert established(port) == 0
+    assert login_page() == 200
+    for sock in [kept_alive, *held]:
+        sock.close()
