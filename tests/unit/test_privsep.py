@@ -32,7 +32,7 @@ class Clock:
 
 
 def keeper(clock: Clock | None = None) -> tuple[GateKeeper, MemoryBackend, list[str]]:
-    backend, lines = MemoryBackend(), []
+    backend, lines = MemoryBackend(), list[str]()
     gate = GateKeeper(backend, config_path=Path("/nonexistent/server.toml"),
                       services={"ssh": SSH}, clock=clock or Clock(), log=lines.append,
                       read_services=lambda path: {"ssh": SSH})
@@ -188,7 +188,7 @@ def test_a_refusal_is_a_local_error_that_says_so(
 
 def test_the_guards_events_and_state_reach_the_daemon(
         pair: tuple[RemoteGate, GateKeeper, MemoryBackend, threading.Thread]) -> None:
-    remote, gate, backend, _ = pair
+    remote, _, backend, _ = pair
     remote.start({"ssh": SSH}, now=NOW)
     remote.allow(ipaddress.ip_address("192.0.2.7"), SSH, NOW + 30, now=NOW)
     recorded: list[object] = []
