@@ -64,7 +64,12 @@ def apply(backend: Backend, actions: Iterable[FirewallAction],
 def reconcile(backend: Backend, wanted: Held, services: Mapping[str, Service], *,
               now: float) -> None:
     """Make the backend hold exactly `wanted` (after a restart, a repair, at
-    boot), changing only the pairs that differ.  Raises LocalError."""
+    boot), changing only the pairs that differ.  A backend that reconciles
+    itself (the gate keeper's end: one request) is asked to.  Raises LocalError."""
+    own = getattr(backend, "reconcile", None)
+    if own is not None:
+        own({key: until for key, until in wanted.items() if key[1] in services}, now=now)
+        return
     held = backend.held(now=now)
     for (address, name), until in wanted.items():
         if name in services and held.get((address, name)) != until:

@@ -70,7 +70,14 @@ class Simple:
     kind: str
 
 
-Request = Start | Apply | Simple
+@dataclass(frozen=True, slots=True)
+class Reconcile:
+    """Hold exactly these grants (at start, and after a failed change)."""
+
+    grants: tuple[Grant, ...]
+
+
+Request = Start | Apply | Reconcile | Simple
 SIMPLE = frozenset({"held", "drops", "gate", "check", "fold", "host", "stop"})
 
 
@@ -106,6 +113,8 @@ def encode_request(request: Request) -> dict[str, Any]:
         return {"kind": "start", "services": list(request.services)}
     if isinstance(request, Apply):
         return {"kind": "apply", "changes": [_change_out(c) for c in request.changes]}
+    if isinstance(request, Reconcile):
+        return {"kind": "reconcile", "grants": [_change_out(g) for g in request.grants]}
     return {"kind": request.kind}
 
 
@@ -127,6 +136,15 @@ def parse_request(message: dict[str, Any]) -> Request:
         if not isinstance(changes, list) or len(changes) > MAX_CHANGES:
             raise RefusedError(f"apply: changes is a list of at most {MAX_CHANGES}")
         return Apply(tuple(_change_in(item) for item in changes))
+    if kind == "reconcile":
+        _fields(message, {"kind", "grants"})
+        grants = message["grants"]
+        if not isinstance(grants, list) or len(grants) > MAX_CHANGES:
+            raise RefusedError(f"reconcile: grants is a list of at most {MAX_CHANGES}")
+        found = tuple(_change_in(item) for item in grants)
+        if not all(isinstance(grant, Grant) for grant in found):
+            raise RefusedError("reconcile: every item is an allow")
+        return Reconcile(tuple(g for g in found if isinstance(g, Grant)))
     raise RefusedError(f"unknown request {str(kind)[:40]!r}")
 
 

@@ -32,14 +32,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from spa.backends.base import Backend, Held
+from spa.backends.base import Backend, Held, reconcile
 from spa.core.leases import Allow, Remove
 from spa.core.policy import Service
 from spa.server import config as config_mod
 from spa.server import gatemsg
 from spa.server.errors import LocalError
 from spa.server.events import Event
-from spa.server.gatemsg import Apply, Grant, RefusedError, Revoke, Simple, Start
+from spa.server.gatemsg import Apply, Grant, Reconcile, RefusedError, Revoke, Simple, Start
 from spa.server.guard import Guard
 
 SLACK = 2.0  # seconds a grant may end after now + max_duration (the two clocks' read order)
@@ -94,6 +94,8 @@ class GateKeeper:
             return self._start(request.services)
         if isinstance(request, Apply):
             return self._apply(request.changes)
+        if isinstance(request, Reconcile):
+            return self._reconcile(request.grants)
         assert isinstance(request, Simple)
         kind = request.kind
         if kind == "held":
@@ -149,18 +151,38 @@ class GateKeeper:
                 "flags_note": str(getattr(backend, "flags_note", "")),
                 "host_check": getattr(backend, "runner", None) is not None}
 
+    def _checked(self, change: Grant | Revoke, now: float) -> Service:
+        """The installed service a change names.  Raises RefusedError."""
+        service = self.installed.get(change.service)
+        if service is None:
+            raise RefusedError(f"no service {change.service!r} in the gate")
+        if isinstance(change, Grant) and not (
+                now < change.until <= now + service.max_duration + SLACK):
+            raise RefusedError(f"{change.service}: a grant ends within "
+                               f"{service.max_duration} s of now")
+        return service
+
+    def _reconcile(self, grants: tuple[Grant, ...]) -> None:
+        """Hold exactly `grants`; the record becomes them (a restart finds
+        grants in the kernel that this process never made)."""
+        now = self.clock()
+        wanted: Held = {}
+        for grant in grants:
+            self._checked(grant, now)
+            wanted[(grant.address, grant.service)] = grant.until
+        if len(wanted) > MAX_GRANTS:
+            raise RefusedError(f"over {MAX_GRANTS} grants")
+        with self.lock:
+            reconcile(self.backend, wanted, self.installed, now=now)
+            self.granted = wanted
+
     def _apply(self, changes: tuple[Grant | Revoke, ...]) -> None:
         now = self.clock()
         actions: list[tuple[Allow | Remove, Service]] = []
         adding = 0
         for change in changes:  # every change is checked before any is made
-            service = self.installed.get(change.service)
-            if service is None:
-                raise RefusedError(f"no service {change.service!r} in the gate")
+            service = self._checked(change, now)
             if isinstance(change, Grant):
-                if not now < change.until <= now + service.max_duration + SLACK:
-                    raise RefusedError(f"{change.service}: a grant ends within "
-                                  f"{service.max_duration} s of now")
                 adding += (change.address, change.service) not in self.granted
                 actions.append((Allow(change.address, change.service, change.until), service))
             else:

@@ -6,7 +6,7 @@ CAP_NET_ADMIN and CAP_NET_RAW.  It opens the packet socket, then forks:
 - the child is the gate keeper (spa.server.monitor): CAP_NET_ADMIN only,
   nothing else in any set, the bounding set cut to it where it can be,
   never dumpable (so no ptrace or /proc/PID/mem from the daemon), no new
-  privileges;
+  privileges, as the config file's owner;
 - the parent is the daemon: no capability at all (root's too: the bounding
   set emptied and SECBIT_NOROOT set when it starts as root, so no exec can
   give them back), running as the owner of the state directory, no new
@@ -107,6 +107,7 @@ def drop(keep: frozenset[int], *, uid: int | None = None, gid: int | None = None
         _prctl(PR_SET_SECUREBITS, SECBIT_NOROOT | SECBIT_NOROOT_LOCKED)  # uid 0 gives nothing
     _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     if uid is not None and gid is not None and (uid, gid) != (os.getuid(), os.getgid()):
+        _prctl(PR_SET_KEEPCAPS, 1 if keep else 0)  # permitted survives the change of uid
         try:
             os.setgroups([gid])
             os.setresgid(gid, gid, gid)
@@ -122,10 +123,17 @@ def drop(keep: frozenset[int], *, uid: int | None = None, gid: int | None = None
                          f"permitted {now.permitted:#x}); not serving")
 
 
-def drop_to_gate_keeper() -> None:
-    """The child: CAP_NET_ADMIN and nothing else, never dumpable."""
+def drop_to_gate_keeper(config: Path) -> None:
+    """The child: CAP_NET_ADMIN and nothing else, never dumpable; started as
+    root, it runs as the config file's owner (so it can read the config again
+    at a reload without any capability to read others' files)."""
     _prctl(PR_SET_DUMPABLE, 0)
-    drop(frozenset({CAP_NET_ADMIN}))
+    if os.geteuid() == 0:
+        st = os.stat(config)
+        drop(frozenset({CAP_NET_ADMIN}), uid=st.st_uid, gid=st.st_gid)
+    else:
+        drop(frozenset({CAP_NET_ADMIN}))
+    _prctl(PR_SET_DUMPABLE, 0)  # a change of uid resets it
 
 
 def drop_to_daemon(state_dir: Path) -> str:

@@ -30,7 +30,7 @@ from spa.server import gatemsg
 from spa.server.coexist import Report
 from spa.server.errors import LocalError
 from spa.server.events import Event
-from spa.server.gatemsg import Apply, Grant, Revoke, Simple, Start
+from spa.server.gatemsg import Apply, Grant, Reconcile, Revoke, Simple, Start
 from spa.server.guard import GateState
 from spa.server.monitor import receive
 
@@ -96,6 +96,11 @@ class RemoteGate:
         self.ask(Apply(tuple(
             Grant(action.address, service.name, action.until) if isinstance(action, Allow)
             else Revoke(action.address, service.name) for action, service in changes)))
+
+    def reconcile(self, wanted: Held, *, now: float) -> None:
+        """Hold exactly `wanted` (the gate keeper records it as its own)."""
+        self.ask(Reconcile(tuple(Grant(address, name, until)
+                                 for (address, name), until in wanted.items())))
 
     def held(self, *, now: float) -> Held:
         return {(gatemsg.parse_address(address), name): float(until)

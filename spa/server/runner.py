@@ -110,7 +110,7 @@ def _gate_keeper(config: ServerConfig, sock: socket.socket) -> NoReturn:
     try:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, signal.SIG_IGN)
-        privsep.drop_to_gate_keeper()
+        privsep.drop_to_gate_keeper(config.path)
         backend = make_backend(config.backend, flush_on_stop=config.flush_on_stop,
                                hold=config.hold_table)
         keeper = GateKeeper(backend, config_path=config.path, services=config.services,
@@ -132,8 +132,8 @@ def _can_read(path: Path, user: str) -> None:
         os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
     except PermissionError:
         raise LocalError(f"{path} is not readable by {user}, the owner of the state directory "
-                         f"that the daemon runs as: chgrp {user} {path} && chmod 0640 {path}"
-                         ) from None
+                         f"that the daemon runs as (it reads the config again at each reload): "
+                         f"chown {user} {path}") from None
 
 
 def install_gate(path: Path, *, backend: str | None = None) -> str:

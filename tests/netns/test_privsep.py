@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 from spa.server.privsep import CAP_NET_ADMIN, capabilities
-from tests.netns.conftest import SRV4, Spa
+from spa.server.state import StateDir
+from tests.netns.conftest import SRV4, Spa, World
 from tests.netns.test_ssh_e2e import enroll_alice
 
 # In the server namespace, as the daemon is after its drop (the same function
@@ -106,3 +111,59 @@ def test_when_the_daemon_dies_the_gate_keeper_leaves_the_gate_closed(spa: Spa) -
         f"/proc/{keeper}/stat").read_text().split()[2]
     listing = json.loads(world.srv.run("nft", "-j", "list", "tables").stdout)
     assert any(item.get("table", {}).get("name") == "spa" for item in listing["nftables"])
+
+
+def uid_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError("no Uid line")
+
+
+@pytest.mark.usefixtures("checkout_reachable_by_others")
+def test_started_as_root_it_runs_as_the_owners_and_hands_over_roots_files(
+        world: World) -> None:
+    """By hand as root, with the state directory and config owned by
+    another user (nobody here, `spa` on a real host): the daemon runs as
+    the state directory's owner, the gate keeper as the config's with
+    CAP_NET_ADMIN; a file an earlier run as root left is handed over, a link
+    planted there is not followed; a reload that adds a service reaches the
+    firewall (the gate keeper reads the config again)."""
+    root = Path(tempfile.mkdtemp(prefix="spa-owners-"))
+    os.chmod(root, 0o755)
+    secret = root / "root-only"
+    secret.write_text("root's\n")
+    secret.chmod(0o600)
+    spa = Spa(world, root)
+    try:
+        spa.admin("init", "--listen-port", "62201", "--state-dir", str(root / "state"),
+                  "--service", "ssh", "--service", "https")
+        enroll_alice(spa)
+        state = root / "state"
+        state.mkdir(mode=0o700)
+        StateDir(state).save_activated({})  # a file an earlier run as root left
+        (state / "planted").symlink_to(secret)
+        for path in (spa.config, state):
+            os.chown(path, 65534, 65534)
+        spa.start()
+        assert spa.proc is not None
+        (keeper,) = children(spa.proc.pid)
+        assert uid_of(spa.proc.pid) == 65534 and capabilities(spa.proc.pid).effective == 0
+        assert uid_of(keeper) == 65534
+        assert capabilities(keeper).effective == 1 << CAP_NET_ADMIN
+        assert (state / "activated.json").stat().st_uid == 65534
+        assert secret.stat().st_uid == 0, "the link was not followed"
+        assert spa.client(world.cli, "alice", "open", "ssh", "srv").returncode == 0
+        text = spa.config.read_text().replace(
+            "[services.ssh]", "[services.web]\nprotocol = \"tcp\"\nport = 8443\n"
+            "default_duration = 30\nmax_duration = 300\n\n[services.ssh]")
+        spa.config.write_text(text)
+        assert spa.wait_for("firewall rules updated for services: https, ssh, web"), spa.lines
+        assert not any("gate keeper" in line and "error" in line for line in spa.lines), (
+            spa.lines)
+        rules = world.srv.run("nft", "list", "table", "inet", "spa").stdout
+        assert "8443" in rules
+    finally:
+        spa.stop()
+        world.srv.run("nft", "delete", "table", "inet", "spa", check=False)
+        shutil.rmtree(root, ignore_errors=True)

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from spa.backends.base import reconcile
 from spa.backends.memory import MemoryBackend
 from spa.core.policy import Service
 from spa.server import gatemsg, monitor
@@ -228,3 +229,22 @@ def test_when_the_daemon_is_gone_the_gate_keeper_stops_the_backend() -> None:
     assert not thread.is_alive()
     assert backend.log[-1] == ("stop",)
     theirs.close()
+
+
+def test_a_restart_finds_grants_the_gate_keeper_never_made_and_keeps_them(
+        pair: tuple[RemoteGate, GateKeeper, MemoryBackend, threading.Thread]) -> None:
+    """The kernel still holds a lease from before the restart: reconcile makes
+    it the gate keeper's own, so its guard puts it back after a flush."""
+    remote, gate, backend, _ = pair
+    kept = (ipaddress.ip_address("192.0.2.7"), "ssh")
+    stale = (ipaddress.ip_address("192.0.2.8"), "ssh")
+    backend.grants = {kept: NOW + 30, stale: NOW + 30}
+    remote.start({"ssh": SSH}, now=NOW)
+    reconcile(remote, {kept: NOW + 30}, {"ssh": SSH}, now=NOW)
+    assert backend.grants == {kept: NOW + 30} and gate.granted == {kept: NOW + 30}
+    backend.wipe()
+    RemoteGuard(remote, record=lambda event: None).check(0.0)
+    assert backend.grants == {kept: NOW + 30}
+    with pytest.raises(LocalError, match="within 300 s"):
+        remote.reconcile({kept: NOW + 3600}, now=NOW)
+    assert gate.granted == {kept: NOW + 30}, "a refused reconcile changes nothing"
