@@ -13,6 +13,7 @@ from spa.server import config as config_mod
 from spa.server.daemon import Server
 from spa.server.errors import LocalError
 from spa.server.notify import Notifier
+from spa.server.routes import kernel_routes
 from spa.server.sources import PacketSource, UdpSource
 from spa.server.state import StateDir
 
@@ -63,7 +64,8 @@ def build(path: Path, *, backend: str | None, mode: str | None,
     source = make_source(config.mode, config.listen_address, config.listen_port,
                          config.interface)
     return Server(config, backend=chosen_backend, source=source, clock=time.time,
-                  log=log_to_stderr, notifier=Notifier.from_environment(), state=state)
+                  log=log_to_stderr, notifier=Notifier.from_environment(), state=state,
+                  routes=kernel_routes())
 
 
 def install_gate(path: Path, *, backend: str | None = None) -> str:
