@@ -21,6 +21,7 @@ from spa.server.capture import (
     SKF_AD_OFF,
     SKF_AD_PKTTYPE,
     SKF_AD_PROTOCOL,
+    SKF_AD_VLAN_TAG_PRESENT,
     Insn,
 )
 
@@ -55,7 +56,8 @@ def check_like_the_kernel(program: list[Insn]) -> None:
             valid = 0xFFFF
 
 
-def run_filter(program: list[Insn], frame: bytes, *, protocol: int, pkttype: int) -> int:
+def run_filter(program: list[Insn], frame: bytes, *, protocol: int, pkttype: int,
+               vlan: bool = False) -> int:
     a = x = 0
     memory = [0] * 16
     pc = 0
@@ -85,6 +87,9 @@ def run_filter(program: list[Insn], frame: bytes, *, protocol: int, pkttype: int
                     continue
                 if offset == SKF_AD_OFF + SKF_AD_PKTTYPE:
                     a = pkttype
+                    continue
+                if offset == SKF_AD_OFF + SKF_AD_VLAN_TAG_PRESENT:
+                    a = int(vlan)
                     continue
             elif insn.code & 0xE0 == BPF_IND:
                 offset = x + insn.k

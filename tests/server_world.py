@@ -14,6 +14,7 @@ from spa.server import admin
 from spa.server import config as config_mod
 from spa.server.daemon import Server
 from spa.server.events import Event, read_events
+from spa.server.routes import RouteCheck
 from spa.server.sources import FakeSource
 
 START = 1_800_000_000.0
@@ -52,7 +53,8 @@ class World:
         admin.enroll(self.config_path, name, list(services) or ["ssh", "https"], "127.0.0.1",
                      expires=expires, now=self.clock.now, otp=otp)
 
-    def start(self, source: FakeSource | None = None) -> Server:
+    def start(self, source: FakeSource | None = None, routes: RouteCheck | None = None
+              ) -> Server:
         """A new server on the same state; one started before and never shut
         down is taken for crashed (a dead process's lock goes with it)."""
         if self.server is not None:
@@ -60,7 +62,8 @@ class World:
         self.backend = MemoryBackend()
         self.source = source if source is not None else FakeSource()
         self.server = Server(config_mod.load(self.config_path), backend=self.backend,
-                             source=self.source, clock=self.clock, log=self.logs.append)
+                             source=self.source, clock=self.clock, log=self.logs.append,
+                             routes=routes)
         self.server.start()
         return self.server
 

@@ -33,6 +33,9 @@ class Reason(enum.Enum):
     ADDRESS_NOT_ALLOWED = "address_not_allowed"
     OTP_INVALID = "otp_invalid"  # a client enrolled with --otp sent no code or a wrong one
     OTP_REUSED = "otp_reused"  # that code (or a later one) was used before
+    # the route back to the source does not leave by the arrival interface
+    # (checked by the daemon after the verifier accepted; docs/threat-model.md)
+    SPOOFED_SOURCE = "spoofed_source"
 
     def __str__(self) -> str:
         return self.value
@@ -40,6 +43,8 @@ class Reason(enum.Enum):
 
 # Refusals that come after the packet's MAC and ciphertext checked out: its
 # sender held a client's key (or replays a packet too old for the replay set).
+# (Not SPOOFED_SOURCE: its source is the one thing not proven, and the daemon
+# spares the sources listed here from scan detection.)
 AFTER_AUTHENTICATION = frozenset({
     Reason.STALE, Reason.FUTURE, Reason.STEP_MISMATCH, Reason.REPLAY_CACHE_FULL,
     Reason.REVOKED, Reason.ENROLLMENT_EXPIRED, Reason.SERVICE_NOT_ALLOWED,

@@ -13,12 +13,19 @@ Invariants:
   that do not add up are dropped.
 - Only frames for this host are accepted (pkttype HOST): a copy of our own
   outgoing traffic, or frames for others on a promiscuous link, never count.
+- Each knock carries the interface where the IP stack takes it (for the
+  reverse-path check, spa.server.routes): a frame seen on a bridge or bond
+  port counts as its master's, and a frame still carrying a VLAN tag is
+  dropped by the filter (it comes up again, untagged, on the VLAN's device),
+  so the first copy of a frame is judged where its route lives.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import os
 import select
 import socket
 import struct
@@ -48,6 +55,7 @@ BPF_K = 0x00
 SKF_AD_OFF = -0x1000
 SKF_AD_PROTOCOL = 0
 SKF_AD_PKTTYPE = 4
+SKF_AD_VLAN_TAG_PRESENT = 48
 
 
 class Insn(NamedTuple):
@@ -160,6 +168,8 @@ def knock_filter(port: int, tags: list[bytes] | None = None,
     program: list[tuple[int, Label, Label, int] | str] = [
         (ld_b, 0, 0, _k(SKF_AD_OFF + SKF_AD_PKTTYPE)),
         (jeq, 0, "drop", PACKET_HOST),
+        (ld_b, 0, 0, _k(SKF_AD_OFF + SKF_AD_VLAN_TAG_PRESENT)),
+        (jeq, 0, "drop", 0),                            # tagged: seen again on the VLAN
         (ld_h, 0, 0, _k(SKF_AD_OFF + SKF_AD_PROTOCOL)),
         (jeq, 0, "ipv6", ETH_P_IP),
         (ld_b, 0, 0, 9),                                # IPv4 protocol
@@ -300,6 +310,18 @@ def parse_datagram(frame: bytes, port: int) -> tuple[bytes, str] | None:
     return udp[8:length], source
 
 
+def arrival_index(name: str) -> int:
+    """The index of the interface where the IP stack takes a frame seen on
+    `name`: its master's for a bridge or bond port (the frame comes up
+    again there), else its own; 0 if it is gone."""
+    with contextlib.suppress(OSError):
+        name = os.path.basename(os.readlink(f"/sys/class/net/{name}/master"))
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return 0
+
+
 class CaptureSource:
     """Knocks from an AF_PACKET socket; the knock port stays unbound."""
 
@@ -386,13 +408,18 @@ class CaptureSource:
     def _drain(self) -> list[Datagram]:
         items: list[Datagram] = []
         recvfrom, port = self._sock.recvfrom, self.port
+        arrivals: dict[str, int] = {}  # per batch: an interface made again keeps its name
         try:
             for _ in range(BATCH):
                 frame, address = recvfrom(RECV_SIZE)
                 if address[2] == PACKET_HOST:
                     item = parse_datagram(frame, port)
                     if item is not None:
-                        items.append(item)
+                        name = address[0]
+                        ifindex = arrivals.get(name)
+                        if ifindex is None:
+                            ifindex = arrivals[name] = arrival_index(name)
+                        items.append((item[0], item[1], ifindex))
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as exc:

@@ -17,6 +17,9 @@ Invariants (docs/threat-model.md; issue 4's server design):
   to the kernel filter (at most MAX_BLOCKED_NONCES, for as long as its tag can
   be live), so a replay flood stops waking Python; a client's new knock has a
   new random nonce and is never caught by it.
+- A knock accepted for a client without `allow_other_address` whose source's
+  route back does not leave by the interface it came in on is refused
+  `spoofed_source` (spa.server.routes; asked only after verify accepted).
 - The server never answers a packet.
 """
 
@@ -48,6 +51,7 @@ from spa.server.events import EVENTS_DB, Event, EventSink
 from spa.server.guard import GateGuard, GateState, Guard
 from spa.server.metrics import Metrics
 from spa.server.notify import Notifier
+from spa.server.routes import RouteCheck
 from spa.server.scans import SCAN_WINDOW, Knock, ScanDetector
 from spa.server.sources import NONCE_PREFIX, Datagram, PacketSource
 from spa.server.state import StateDir
@@ -86,17 +90,20 @@ class FileStamp:
 class Server:
     def __init__(self, config: ServerConfig, *, backend: Backend, source: PacketSource,
                  clock: Clock, log: Log, notifier: Notifier | None = None,
-                 state: StateDir | None = None,
+                 state: StateDir | None = None, routes: RouteCheck | None = None,
                  guard: Callable[..., GateGuard] = Guard) -> None:
         """`state`: the state directory, already locked by the caller (so a
         second daemon is refused before it binds a socket); else `start`
-        locks it.  `guard`: makes the gate's guard (spa.server.remote's when
-        a privileged gate keeper holds the firewall)."""
+        locks it.  `routes`: the reverse-path check of knocks' sources (the
+        daemon's is the kernel's, spa.server.routes); None checks nothing.
+        `guard`: makes the gate's guard (spa.server.remote's when a
+        privileged gate keeper holds the firewall)."""
         self.config = config
         self.backend = backend
         self.source = source
         self.clock = clock
         self.log = log
+        self.routes = routes
         self.state = state if state is not None else StateDir(config.state_dir)
         self._lock = threading.Lock()
         self._commands: deque[Callable[[], None]] = deque()
@@ -334,9 +341,9 @@ class Server:
         while commands:
             commands.popleft()()
 
-    def handle(self, data: bytes, source: str) -> Accepted | Refused:
+    def handle(self, data: bytes, source: str, ifindex: int = 0) -> Accepted | Refused:
         """Verify one datagram and act on it (see handle_batch)."""
-        return self.handle_batch([(data, source)])[0]
+        return self.handle_batch([(data, source, ifindex)])[0]
 
     def handle_batch(self, batch: list[Datagram]) -> list[Accepted | Refused]:
         """Verify datagrams and act on them; the batch's firewall changes go
@@ -345,8 +352,10 @@ class Server:
         verify, events = self.verifier.verify, self.events
         results: list[Accepted | Refused] = []
         accepted: list[Accepted] = []
-        for data, source in batch:
+        for data, source, ifindex in batch:
             result = verify(data, source, now)
+            if type(result) is Accepted and not self._route_back(result, source, ifindex, now):
+                result = Refused(Reason.SPOOFED_SOURCE, result.client)  # its nonce is burned
             results.append(result)
             if isinstance(result, Refused):
                 events.refuse(now, result.reason.value, result.client, source)
@@ -362,6 +371,18 @@ class Server:
         if accepted:
             self._grant(accepted, now)
         return results
+
+    def _route_back(self, result: Accepted, source: str, ifindex: int, now: float) -> bool:
+        """Does the route back to `source` leave by the interface the knock
+        came in on?  Asked only of clients without `allow_other_address`
+        (one that has it may name any address anyway)."""
+        routes = self.routes
+        if routes is None:
+            return True
+        rules = self.verifier.policy.clients.get(result.client)
+        if rules is not None and rules.allow_other_address:
+            return True
+        return routes.leaves_by(source, ifindex, now)
 
     def _otp_used(self, client: str, step: int) -> None:
         self._otp_dirty = True  # saved by the next housekeeping round

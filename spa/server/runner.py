@@ -22,6 +22,7 @@ from spa.server.errors import LocalError
 from spa.server.monitor import GateKeeper
 from spa.server.notify import Notifier
 from spa.server.remote import RemoteGate, RemoteGuard
+from spa.server.routes import kernel_routes
 from spa.server.sources import PacketSource, UdpSource
 from spa.server.state import StateDir
 
@@ -92,7 +93,7 @@ def build(path: Path, *, backend: str | None, mode: str | None,
         raise
     server = Server(config, backend=gate, source=source, clock=time.time,
                     log=log_to_stderr, notifier=Notifier.from_environment(), state=state,
-                    guard=RemoteGuard)
+                    routes=kernel_routes(), guard=RemoteGuard)
     gate.on_lost = server.stop_requested.set
     log_to_stderr(f"privileges: daemon pid {os.getpid()} as {user} with no capability; "
                   f"gate keeper pid {pid} with CAP_NET_ADMIN only")

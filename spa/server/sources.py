@@ -1,9 +1,11 @@
 """Packet sources: where the receive loop gets datagrams from.
 
-Every source has `receive(timeout) -> [(bytes, source address), ...]` and
-`close()`.  `receive` returns what is queued (at most BATCH datagrams) at
-once, waits up to `timeout` only when nothing is, and returns [] if nothing
-came: under load one wake-up serves a batch.  `UdpSource` binds a UDP socket
+Every source has `receive(timeout) -> [(bytes, source address, interface
+index), ...]` and `close()`; the index is the interface the datagram came in
+on (0: unknown), which the reverse-path check of spa.server.routes needs.
+`receive` returns what is queued (at most BATCH datagrams) at once, waits up
+to `timeout` only when nothing is, and returns [] if nothing came: under load
+one wake-up serves a batch.  `UdpSource` binds a UDP socket
 (udp mode); `spa.server.capture.CaptureSource` reads an AF_PACKET socket
 (capture mode).  `FakeSource` feeds unit tests.
 """
@@ -15,6 +17,7 @@ import errno
 import os
 import select
 import socket
+import struct
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,8 +32,12 @@ RECV_BUFFER = 4 * 1024 * 1024  # kernel socket buffer: absorbs bursts
 SO_DETACH_FILTER = 27
 BATCH = 64  # datagrams taken per wake-up at most (the receive thread's turn)
 NONCE_PREFIX = 8  # bytes of the nonce the kernel filter compares (replays being flooded)
+IP_PKTINFO = 8  # linux/in.h (the socket module lacks it): struct in_pktinfo, ifindex first
+IN6_PKTINFO_IFINDEX = 16  # struct in6_pktinfo: the address, then the interface index
+PKTINFO_SPACE = socket.CMSG_SPACE(20)  # room for either struct
 
-Datagram = tuple[bytes, str]  # (payload, source address)
+Datagram = tuple[bytes, str, int]  # (payload, source address, arrival interface index)
+_INT = struct.Struct("=i")
 
 
 class PacketSource(Protocol):
@@ -49,6 +56,12 @@ class UdpSource:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
+            # the arrival interface of each datagram (IPv4 through the
+            # dual-stack socket gets an in6_pktinfo too)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
             sock.bind((address, port))
         except OSError as exc:
             sock.close()
@@ -64,6 +77,7 @@ class UdpSource:
             raise LocalError(f"cannot listen on {address} port {port}: {exc.strerror}") from None
         sock.setblocking(False)
         self._sock = sock
+        self._ifindex_at = IN6_PKTINFO_IFINDEX if family == socket.AF_INET6 else 0
         self._poll = select.poll()
         self._poll.register(sock, select.POLLIN)
         self.port = sock.getsockname()[1]
@@ -115,14 +129,16 @@ class UdpSource:
 
     def _drain(self) -> list[Datagram]:
         items: list[Datagram] = []
-        recvfrom = self._sock.recvfrom
+        recvmsg, at, unpack = self._sock.recvmsg, self._ifindex_at, _INT.unpack_from
         try:
             for _ in range(BATCH):
-                data, peer = recvfrom(RECV_SIZE)
+                data, ancillary, _, peer = recvmsg(RECV_SIZE, PKTINFO_SPACE)
                 host = peer[0]
                 if host.startswith("::ffff:") and "." in host:
                     host = host[7:]  # IPv4 through the dual-stack socket: say it as IPv4
-                items.append((data, host))
+                # the one control message asked for: the pktinfo (none: 0, unknown)
+                ifindex = unpack(ancillary[0][2], at)[0] if ancillary else 0
+                items.append((data, host, ifindex))
         except (BlockingIOError, InterruptedError):
             pass
         return items
@@ -143,8 +159,8 @@ class FakeSource:
         self.queue: deque[Datagram] = deque()
         self.closed = False
 
-    def push(self, data: bytes, source: str) -> None:
-        self.queue.append((data, source))
+    def push(self, data: bytes, source: str, ifindex: int = 0) -> None:
+        self.queue.append((data, source, ifindex))
 
     def receive(self, timeout: float) -> list[Datagram]:
         queue = self.queue

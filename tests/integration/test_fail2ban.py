@@ -57,6 +57,8 @@ def test_the_filter_matches_the_lines_we_document() -> None:
              "accepted action=open client=alice src=192.0.2.1 service=ssh duration=30",
              "refused reason=replay client=alice src=203.0.113.9 count=2",
              "refused reason=unknown_tag src=198.51.100.7 count=300",
-             "dropped src=198.51.100.8 service=ssh count=3"]
+             "dropped src=198.51.100.8 service=ssh count=3",
+             # a forged source (issue 13): banning it would ban the innocent
+             "refused reason=spoofed_source client=alice src=198.51.100.9"]
     assert matched_lines(lines) == lines[:2], "the default jail never bans on a scan"
     assert matched_lines(lines, SCANS) == [lines[2]], "the opt-in scans jail"

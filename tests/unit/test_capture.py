@@ -8,6 +8,7 @@ from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 from scapy.packet import Raw
 
 from spa.server.capture import ETH_P_IP, ETH_P_IPV6, PACKET_HOST, knock_filter, parse_datagram
+from spa.server.routes import LOOPBACK_IFINDEX
 from tests.bpf import run_filter
 
 PORT = 62201
@@ -35,6 +36,18 @@ def test_knocks_pass_and_parse() -> None:
     assert parse_datagram(v4(), PORT) == (PAYLOAD, "192.0.2.7")
     assert accepts(v6(), ETH_P_IPV6)
     assert parse_datagram(v6(), PORT) == (PAYLOAD, "2001:db8::7")
+
+
+def test_a_frame_still_tagged_with_a_vlan_is_left_for_the_vlans_device() -> None:
+    """Seen first on the VLAN's parent with its tag, then untagged on the
+    VLAN's own device, where its route lives: only that copy is taken (the
+    reverse-path check judges the first copy of a knock)."""
+    tags = [PAYLOAD[1:9]]
+    for program in (PROGRAM, knock_filter(PORT, tags)):
+        for frame, protocol in ((v4(), ETH_P_IP), (v6(), ETH_P_IPV6)):
+            assert run_filter(program, frame, protocol=protocol, pkttype=PACKET_HOST)
+            assert not run_filter(program, frame, protocol=protocol, pkttype=PACKET_HOST,
+                                  vlan=True)
 
 
 def test_ip_options_are_skipped_by_both() -> None:
@@ -215,9 +228,11 @@ def test_udp_source_takes_what_is_queued_in_batches() -> None:
                 sender.sendto(i.to_bytes(2, "big") * 80, ("127.0.0.1", src.port))
         first, second = src.receive(1.0), src.receive(1.0)
         assert [len(first), len(second)] == [BATCH, 10]
-        got = [int.from_bytes(data[:2], "big") for data, _ in first + second]
+        got = [int.from_bytes(data[:2], "big") for data, _, _ in first + second]
         assert got == list(range(BATCH + 10))
-        assert {source for _, source in first + second} == {"127.0.0.1"}
+        # each with its source and the interface it came in on (loopback)
+        assert {(source, ifindex) for _, source, ifindex in first + second} == {
+            ("127.0.0.1", LOOPBACK_IFINDEX)}
         started = time.monotonic()
         assert src.receive(0.2) == []
         assert time.monotonic() - started >= 0.15
@@ -298,6 +313,7 @@ def test_dual_stack_udp_source_gives_ipv4_senders_as_ipv4() -> None:
         got = src.receive(1.0)
         if len(got) < 2:
             got += src.receive(1.0)
-        assert sorted(got) == [(b"x", "127.0.0.1"), (b"y", "::1")]
+        assert sorted(got) == [(b"x", "127.0.0.1", LOOPBACK_IFINDEX),
+                               (b"y", "::1", LOOPBACK_IFINDEX)]
     finally:
         src.close()

@@ -53,8 +53,8 @@ def test_a_batch_of_grants_reaches_the_firewall_in_one_call(world: World) -> Non
     go to the backend together (one nftables transaction), junk refused."""
     assert world.server is not None
     sources = [f"192.0.2.{i}" for i in range(30, 40)]
-    batch = [(world.packet("alice", duration=60), s) for s in sources]
-    batch.insert(4, (b"\x01" + os.urandom(160), "203.0.113.9"))
+    batch = [(world.packet("alice", duration=60), s, 0) for s in sources]
+    batch.insert(4, (b"\x01" + os.urandom(160), "203.0.113.9", 0))
     world.backend.log.clear()
     results = world.server.handle_batch(batch)
     assert [type(r) for r in results] == [Accepted] * 4 + [Refused] + [Accepted] * 6
@@ -371,10 +371,10 @@ def test_a_replay_flood_puts_the_nonce_in_the_kernel_filter_until_its_tag_is_gon
     source = world.server.source = FilteringSource()
     packet = world.packet("alice", duration=60)
     assert isinstance(world.server.handle(packet, A), Accepted)
-    world.server.handle_batch([(packet, B)] * (REPLAYS_TO_BLOCK - 2))
+    world.server.handle_batch([(packet, B, 0)] * (REPLAYS_TO_BLOCK - 2))
     world.server.housekeeping()
     assert all(nonces == [] for _, nonces in source.filters), "not yet a flood"
-    world.server.handle_batch([(packet, B)] * 5)
+    world.server.handle_batch([(packet, B, 0)] * 5)
     world.server.housekeeping()
     nonce = packet[NONCE_OFFSET:NONCE_OFFSET + 8]
     assert source.filters[-1][1] == [nonce]
@@ -395,7 +395,7 @@ def test_replays_spread_over_seconds_are_not_a_flood(world: World) -> None:
     packet = world.packet("alice", duration=60)
     world.server.handle(packet, A)
     for _ in range(3):
-        world.server.handle_batch([(packet, B)] * (REPLAYS_TO_BLOCK // 2))
+        world.server.handle_batch([(packet, B, 0)] * (REPLAYS_TO_BLOCK // 2))
         world.clock.advance(1)
         world.server.housekeeping()
     assert all(nonces == [] for _, nonces in source.filters)
@@ -588,7 +588,7 @@ def test_an_idle_server_keeps_every_live_tag_in_the_kernel_filter(tmp_path: Path
     packet = world.packet("alice")
     source.push(packet, A)
     batch = source.receive(0)
-    assert batch == [(packet, A)], "the kernel filter let the knock through"
+    assert batch == [(packet, A, 0)], "the kernel filter let the knock through"
     assert isinstance(server.handle_batch(batch)[0], Accepted)
 
 
