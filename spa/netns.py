@@ -70,6 +70,7 @@ class Namespace:
 class Topology:
     tag: str = field(default_factory=lambda: secrets.token_hex(3))
     namespaces: list[Namespace] = field(default_factory=list)
+    links: int = 0  # veth pairs made: each gets its own number (a random one once collided)
 
     def ns(self, role: str) -> Namespace:
         namespace = Namespace(f"spa-{self.tag}-{role}")
@@ -82,7 +83,8 @@ class Topology:
     def link(self, a: Namespace, a_addrs: Sequence[str], b: Namespace,
              b_addrs: Sequence[str]) -> tuple[str, str]:
         """A veth pair between two namespaces, with addresses (CIDR) on each end."""
-        index = sum(1 for _ in self.namespaces) * 10 + len(a_addrs) + secrets.randbelow(1000)
+        self.links += 1
+        index = self.links
         a_if, b_if = f"v{self.tag}a{index}", f"v{self.tag}b{index}"
         sh("ip", "link", "add", a_if[:15], "type", "veth", "peer", "name", b_if[:15])
         a_if, b_if = a_if[:15], b_if[:15]

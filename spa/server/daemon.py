@@ -145,6 +145,7 @@ class Server:
         self._last_host_check = 0.0
         self._host_report: Report | None = None
         self._make_guard = guard
+        self.start_notes: list[str] = []  # lines for the log once started (the privileges)
         self.guard: GateGuard
         self.verifier: Verifier
         self.leases: LeaseTable
@@ -205,6 +206,8 @@ class Server:
             self.metrics = Metrics()
             self.metrics.serve(self.config.metrics_listen)
         self._save(now)
+        for note in self.start_notes:
+            self.log(note)
         self.log(f"started port={self.config.listen_port} backend={self.backend.name} "
                  f"mode={self.config.mode} clients={len(self.config.clients)} "
                  f"leases={len(self.leases)}")

@@ -25,6 +25,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -277,6 +278,16 @@ def serve(keeper: GateKeeper, sock: socket.socket, stop: threading.Event) -> Non
             keeper.stop()  # the daemon went away without asking: stop as it would have
         except LocalError as exc:
             keeper.log(f"error gate keeper: {exc}")
+
+
+def serve_failure(sock: socket.socket, error: str) -> None:
+    """The gate keeper could not start (no backend here, a drop that did not
+    take): answer every request with the error until the daemon goes away,
+    so the daemon says it in its one line and stops."""
+    sock.settimeout(None)
+    with contextlib.suppress(OSError, RefusedError):
+        while _receive(sock) is not None:
+            sock.sendall(gatemsg.frame({"error": error}))
 
 
 def _receive(sock: socket.socket) -> dict[str, Any] | None:

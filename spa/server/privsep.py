@@ -34,9 +34,10 @@ from spa.server.errors import LocalError
 
 CAP_SETGID, CAP_SETUID, CAP_SETPCAP = 6, 7, 8  # linux/capability.h
 CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
+NAMES = {CAP_NET_ADMIN: "CAP_NET_ADMIN", CAP_NET_RAW: "CAP_NET_RAW"}
 PR_SET_KEEPCAPS, PR_SET_DUMPABLE, PR_CAPBSET_DROP = 8, 4, 24  # linux/prctl.h
 PR_SET_SECUREBITS, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 28, 38, 47
-PR_CAP_AMBIENT_CLEAR_ALL = 4
+PR_CAP_AMBIENT_RAISE, PR_CAP_AMBIENT_CLEAR_ALL = 2, 4
 SECBIT_NOROOT, SECBIT_NOROOT_LOCKED = 1 << 0, 1 << 1  # linux/securebits.h
 _VERSION_3 = 0x20080522  # _LINUX_CAPABILITY_VERSION_3: two 32-bit words per set
 
@@ -73,16 +74,16 @@ def capabilities(pid: int | str = "self") -> Capabilities:
                         found["CapAmb"])
 
 
-def _prctl(option: int, arg: int = 0) -> int:
-    return int(_libc.prctl(option, ctypes.c_ulong(arg), ctypes.c_ulong(0),
+def _prctl(option: int, arg: int = 0, arg3: int = 0) -> int:
+    return int(_libc.prctl(option, ctypes.c_ulong(arg), ctypes.c_ulong(arg3),
                            ctypes.c_ulong(0), ctypes.c_ulong(0)))
 
 
 def _capset(keep: int) -> None:
-    """Effective and permitted = `keep`, inheritable empty.  Raises LocalError."""
+    """Effective, permitted and inheritable = `keep`.  Raises LocalError."""
     header = _Header(_VERSION_3, 0)
-    data = (_Data * 2)(_Data(keep & 0xFFFFFFFF, keep & 0xFFFFFFFF, 0),
-                       _Data(keep >> 32, keep >> 32, 0))
+    low, high = keep & 0xFFFFFFFF, keep >> 32
+    data = (_Data * 2)(_Data(low, low, low), _Data(high, high, high))
     if _libc.capset(ctypes.byref(header), data) != 0:
         error = ctypes.get_errno()
         raise LocalError(f"cannot drop capabilities: {os.strerror(error)}")
@@ -115,24 +116,33 @@ def drop(keep: frozenset[int], *, uid: int | None = None, gid: int | None = None
         except OSError as exc:
             raise LocalError(f"cannot become uid {uid}: {exc.strerror}") from None
     _capset(mask)
+    for cap in keep:  # what it keeps, the programs it runs keep too (ipset, nft), no more
+        _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap)
     if _prctl(PR_SET_NO_NEW_PRIVS, 1) != 0:
         raise LocalError("cannot set no_new_privs")
     now = capabilities()
-    if now.effective != mask or now.permitted != mask or now.ambient or now.inheritable:
+    if not now.effective == now.permitted == now.inheritable == now.ambient == mask:
         raise LocalError(f"capabilities did not drop (effective {now.effective:#x}, "
                          f"permitted {now.permitted:#x}); not serving")
 
 
-def drop_to_gate_keeper(config: Path) -> None:
-    """The child: CAP_NET_ADMIN and nothing else, never dumpable; started as
-    root, it runs as the config file's owner (so it can read the config again
-    at a reload without any capability to read others' files)."""
+def gate_keeper_capabilities(backend: str) -> frozenset[int]:
+    """CAP_NET_ADMIN; the iptables backend also CAP_NET_RAW (libiptc talks
+    to the kernel through a raw socket)."""
+    return frozenset({CAP_NET_ADMIN, CAP_NET_RAW} if backend == "iptables" else {CAP_NET_ADMIN})
+
+
+def drop_to_gate_keeper(config: Path, backend: str) -> None:
+    """The child: what its backend needs and nothing else, never dumpable;
+    started as root, it runs as the config file's owner (so it can read the
+    config again at a reload without any capability to read others' files)."""
     _prctl(PR_SET_DUMPABLE, 0)
+    keep = gate_keeper_capabilities(backend)
     if os.geteuid() == 0:
         st = os.stat(config)
-        drop(frozenset({CAP_NET_ADMIN}), uid=st.st_uid, gid=st.st_gid)
+        drop(keep, uid=st.st_uid, gid=st.st_gid)
     else:
-        drop(frozenset({CAP_NET_ADMIN}))
+        drop(keep)
     _prctl(PR_SET_DUMPABLE, 0)  # a change of uid resets it
 
 

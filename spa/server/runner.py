@@ -95,8 +95,10 @@ def build(path: Path, *, backend: str | None, mode: str | None,
                     log=log_to_stderr, notifier=Notifier.from_environment(), state=state,
                     routes=kernel_routes(), guard=RemoteGuard)
     gate.on_lost = server.stop_requested.set
-    log_to_stderr(f"privileges: daemon pid {os.getpid()} as {user} with no capability; "
-                  f"gate keeper pid {pid} with CAP_NET_ADMIN only")
+    kept = " and ".join(privsep.NAMES[cap] for cap in
+                        sorted(privsep.gate_keeper_capabilities(config.backend)))
+    server.start_notes.append(f"privileges: daemon pid {os.getpid()} as {user} with no "
+                              f"capability; gate keeper pid {pid} with {kept} only")
     return server
 
 
@@ -111,16 +113,18 @@ def _gate_keeper(config: ServerConfig, sock: socket.socket) -> NoReturn:
     try:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, signal.SIG_IGN)
-        privsep.drop_to_gate_keeper(config.path)
-        backend = make_backend(config.backend, flush_on_stop=config.flush_on_stop,
-                               hold=config.hold_table)
-        keeper = GateKeeper(backend, config_path=config.path, services=config.services,
-                            clock=time.time, log=log_to_stderr)
-        monitor.serve(keeper, sock, threading.Event())
-        status = 0
-    except LocalError as exc:
-        log_to_stderr(f"error gate keeper: {exc}")
-        status = 2
+        try:
+            privsep.drop_to_gate_keeper(config.path, config.backend)
+            backend = make_backend(config.backend, flush_on_stop=config.flush_on_stop,
+                                   hold=config.hold_table)
+        except LocalError as exc:  # the daemon's first request says it, in one line
+            monitor.serve_failure(sock, str(exc))
+            status = 2
+        else:
+            keeper = GateKeeper(backend, config_path=config.path, services=config.services,
+                                clock=time.time, log=log_to_stderr)
+            monitor.serve(keeper, sock, threading.Event())
+            status = 0
     except BaseException as exc:  # never a traceback from the privileged part
         log_to_stderr(f"error gate keeper failed: {type(exc).__name__}: {exc}")
     finally:

@@ -248,3 +248,20 @@ def test_a_restart_finds_grants_the_gate_keeper_never_made_and_keeps_them(
     with pytest.raises(LocalError, match="within 300 s"):
         remote.reconcile({kept: NOW + 3600}, now=NOW)
     assert gate.granted == {kept: NOW + 30}, "a refused reconcile changes nothing"
+
+
+def test_a_gate_keeper_that_could_not_start_answers_with_its_one_line() -> None:
+    """No backend here (iptables-nft, say): the daemon's first request gets
+    the reason, so the operator reads one line, not a dead child."""
+    ours, theirs = socket.socketpair()
+    thread = threading.Thread(target=monitor.serve_failure,
+                              args=(theirs, "iptables is the nf_tables variant here"),
+                              daemon=True)
+    thread.start()
+    remote = RemoteGate(ours)
+    with pytest.raises(LocalError, match=r"^iptables is the nf_tables variant here$"):
+        remote.start({"ssh": SSH}, now=NOW)
+    ours.close()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+    theirs.close()
