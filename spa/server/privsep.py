@@ -137,7 +137,8 @@ def drop_to_gate_keeper(config: Path, backend: str) -> None:
     started as root, it runs as the config file's owner (so it can read the
     config again at a reload without any capability to read others' files)."""
     _prctl(PR_SET_DUMPABLE, 0)
-    keep = gate_keeper_capabilities(backend)
+    held = capabilities().permitted  # started without them (a user's demo): keep what it has
+    keep = frozenset(cap for cap in gate_keeper_capabilities(backend) if held >> cap & 1)
     if os.geteuid() == 0:
         st = os.stat(config)
         drop(keep, uid=st.st_uid, gid=st.st_gid)

@@ -194,6 +194,16 @@ class Spa:
                 time.sleep(0.05)
         return uri
 
+    def status_once_it_shows(self, text: str, timeout: float = 3) -> str:
+        """`status`, once it shows `text` (the gate's state reaches the daemon
+        from the gate keeper at its next housekeeping round, 0.2 s)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.admin("status").stdout
+            if text in status or time.monotonic() > deadline:
+                return status
+            time.sleep(0.1)
+
     def _count(self, prefix: str) -> int:
         return sum(1 for line in list(self.lines) if line.startswith(prefix))
 

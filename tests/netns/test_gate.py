@@ -104,7 +104,7 @@ def test_the_gate_is_put_back_at_once_with_the_users_lease(spa: Spa, command: tu
     assert spa.elements() == [f"svc_ssh_v4 {CLI4}"], "the user's lease is back"
     assert world.ssh(world.cli, SRV4, "echo still-in").stdout.strip() == "still-in"
     assert not tcp_open(world, "att", SRV_ATT4, 22)
-    status = spa.admin("status").stdout
+    status = spa.status_once_it_shows("restored 1 time, last at")
     assert "gate: ok, watched" in status and "restored 1 time, last at" in status, status
     assert ("held meanwhile by the daemon's own table" in status) is holds
     assert not any("nftables refused" in line for line in spa.lines), spa.lines
@@ -280,7 +280,7 @@ def test_a_table_another_process_owns_in_our_name_never_opens_the_gate(spa: Spa)
         squatter.stdin.write("delete table inet spa; add table inet spa { flags owner; }\n")
         squatter.stdin.flush()
         assert spa.wait_for("error firewall: cannot check or restore the gate"), spa.lines[-5:]
-        assert "gate: FAILING since" in spa.admin("status").stdout
+        assert "gate: FAILING since" in spa.status_once_it_shows("gate: FAILING since")
         assert not tcp_open(world, "att", SRV_ATT4, 22), "the hold table keeps strangers out"
         spa.stop(signal.SIGTERM)
         spa.start()  # once refused to start here, leaving no gate at all
@@ -289,7 +289,7 @@ def test_a_table_another_process_owns_in_our_name_never_opens_the_gate(spa: Spa)
         squatter.stdin.close()
         squatter.wait(timeout=10)
     assert spa.wait_for("warning firewall: table inet spa was removed"), spa.lines[-5:]
-    assert "gate: ok" in spa.admin("status").stdout
+    assert "gate: ok" in spa.status_once_it_shows("gate: ok")
     assert not tcp_open(world, "att", SRV_ATT4, 22)
     assert spa.client(world.cli, "alice", "open", "ssh", "srv").returncode == 0
 
