@@ -153,15 +153,8 @@ def b64decode(text: str, size: int, what: str) -> bytes:
 
 def load(path: Path) -> ServerConfig:
     """Read and validate the config.  Raises ConfigError."""
-    try:
-        with open_dir(path.parent) as directory:
-            raw, _ = _read(directory, path)
-    except FileNotFoundError:
-        raise _missing(path) from None
-    except PermissionError:
-        raise ConfigError(f"cannot read {path}: permission denied (run as root?)") from None
-    except LocalError as exc:
-        raise ConfigError(str(exc)) from None
+    with _reading(path), open_dir(path.parent) as directory:
+        raw, _ = _read(directory, path)
     return parse(path, raw)
 
 
@@ -241,17 +234,26 @@ def _missing(path: Path) -> ConfigError:
         f"config file {path} does not exist; create it with: spa-server --config {path} init")
 
 
-def _read(directory: Directory, path: Path) -> tuple[bytes, Stamp]:
-    """The config's bytes, and which version of the file they are.
-    Raises ConfigError, FileNotFoundError, PermissionError."""
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """What reading the config raises, as one ConfigError line."""
     try:
-        raw, found = read_secret(directory, path.name)
+        yield
     except FileNotFoundError:
         raise _missing(path) from None
     except PermissionError:
         raise ConfigError(f"cannot read {path}: permission denied (run as root?)") from None
-    except LocalError as exc:
+    except ConfigError:
+        raise
+    except LocalError as exc:  # a link, a FIFO, a hard link: safefs says which
         raise ConfigError(str(exc)) from None
+
+
+def _read(directory: Directory, path: Path) -> tuple[bytes, Stamp]:
+    """The config's bytes, and which version of the file they are.
+    Raises ConfigError."""
+    with _reading(path):
+        raw, found = read_secret(directory, path.name)
     return raw, Stamp.of(found)
 
 
