@@ -316,5 +316,7 @@ def events(path: Path, *, since: float | None, now: float) -> list[Event]:
         return read_events(db, since=None if since is None else now - since)
     except FileNotFoundError:
         return []
+    except LocalError:
+        raise
     except Exception as exc:  # sqlite3 errors: a damaged or foreign file
         raise LocalError(f"cannot read events from {db}: {exc}") from None

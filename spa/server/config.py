@@ -2,8 +2,15 @@
 
 Invariants:
 - The file holds client secrets: it is written 0600 (atomically, through
-  `secretfile.write_private`) and refused on load when group or others may
+  `safefs.Directory.replace`) and refused on load when group or others may
   read it.
+- No link is followed (docs/threat-model.md, "Links the service user
+  plants"): the file and the edit lock beside it are opened relative to the
+  config directory's descriptor with O_NOFOLLOW and checked by fstat; root
+  writes in the config directory only when root owns it.
+- An edit reads the file once (what it validates is what it edits), and
+  writes only if the file at the name is still that one: an edit another
+  program saved meanwhile stops ours with one line, and is kept.
 - Loading is strict: an unknown section or key, a wrong type or an invalid
   value raises ConfigError with one line naming the file, the key and the fix.
 - Edits (`init`, `enroll`, `revoke`) go through tomlkit, so an admin's
@@ -30,8 +37,9 @@ import tomlkit
 from spa.core.keys import MASTER_SECRET_SIZE, SERVER_ID_SIZE
 from spa.core.policy import DEFAULT_SERVICES, ClientPolicy, Policy, Service
 from spa.core.uri import is_valid_client_name
-from spa.server.errors import ConfigError
-from spa.server.secretfile import read_secret_file, write_private
+from spa.server.errors import ConfigError, LocalError
+from spa.server.safefs import Directory, Stamp, open_dir, refuse_foreign_dir
+from spa.server.secretfile import read_secret
 
 DEFAULT_CONFIG = Path("/etc/spa/server.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/spa")
@@ -145,7 +153,14 @@ def b64decode(text: str, size: int, what: str) -> bytes:
 
 def load(path: Path) -> ServerConfig:
     """Read and validate the config.  Raises ConfigError."""
-    data = _read_toml(path)
+    with _reading(path), open_dir(path.parent) as directory:
+        raw, _ = _read(directory, path)
+    return parse(path, raw)
+
+
+def parse(path: Path, raw: bytes) -> ServerConfig:
+    """Validate the config file's bytes.  Raises ConfigError."""
+    data = _parse_toml(path, raw)
     unknown = set(data) - {"server", "services", "clients", "metrics", "geoip", "dashboard"}
     if unknown:
         raise ConfigError(f"{path}: unknown section [{sorted(unknown)[0]}]")
@@ -214,17 +229,35 @@ def _geoip(path: Path, data: Mapping[str, Any]) -> Path | None:
     return Path(database) if database else None
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _missing(path: Path) -> ConfigError:
+    return ConfigError(
+        f"config file {path} does not exist; create it with: spa-server --config {path} init")
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """What reading the config raises, as one ConfigError line."""
     try:
-        raw = read_secret_file(path)
+        yield
     except FileNotFoundError:
-        raise ConfigError(
-            f"config file {path} does not exist; create it with: spa-server --config {path} init"
-        ) from None
+        raise _missing(path) from None
     except PermissionError:
         raise ConfigError(f"cannot read {path}: permission denied (run as root?)") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path} is a directory, not a config file") from None
+    except ConfigError:
+        raise
+    except LocalError as exc:  # a link, a FIFO, a hard link: safefs says which
+        raise ConfigError(str(exc)) from None
+
+
+def _read(directory: Directory, path: Path) -> tuple[bytes, Stamp]:
+    """The config's bytes, and which version of the file they are.
+    Raises ConfigError."""
+    with _reading(path):
+        raw, found = read_secret(directory, path.name)
+    return raw, Stamp.of(found)
+
+
+def _parse_toml(path: Path, raw: bytes) -> dict[str, Any]:
     try:
         return tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -405,50 +438,93 @@ def render_new(*, server_id: bytes, listen_port: int, backend: str, state_dir: P
 
 def write_new(path: Path, text: str, *, force: bool) -> None:
     """Write a fresh config.  Raises ConfigError if it exists and not `force`."""
-    if path.exists() and not force:
-        raise ConfigError(f"{path} already exists; pass --force to overwrite it "
-                          "(this forgets every enrolled client)")
-    _write(path, text)
+    with _config_dir(path, create=True) as directory:
+        if directory.lstat(path.name) is not None and not force:
+            raise ConfigError(f"{path} already exists; pass --force to overwrite it "
+                              "(this forgets every enrolled client)")
+        _write(directory, path, text)
 
 
-def _write(path: Path, text: str) -> None:
+@contextlib.contextmanager
+def _config_dir(path: Path, *, create: bool = False) -> Iterator[Directory]:
+    """The config's directory, open to write in.  Raises ConfigError,
+    LocalError (root, and another user owns it)."""
     try:
-        write_private(path, text.encode("utf-8"))
+        directory = open_dir(path.parent, create=create)
+    except FileNotFoundError:
+        raise _missing(path) from None
+    except PermissionError:
+        raise ConfigError(f"cannot write {path}: permission denied (run as root?)") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
+    with directory:
+        refuse_foreign_dir(directory)
+        yield directory
+
+
+def _write(directory: Directory, path: Path, text: str, *, over: Stamp | None = None) -> None:
+    """Put `text` at the config's name; with `over`, only if the file there
+    is still that version.  Raises ConfigError."""
+    if over is not None:
+        found = directory.lstat(path.name)
+        if found is None or Stamp.of(found) != over:
+            raise ConfigError(f"{path} changed while this edit was being made (another "
+                              "program wrote it); nothing was written: run the command again")
+    try:
+        directory.replace(path.name, text.encode("utf-8"))
     except PermissionError:
         raise ConfigError(f"cannot write {path}: permission denied (run as root?)") from None
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
 
 
+@dataclass(slots=True)
+class _Edit:
+    """One read of the config: what it says, its document, which version."""
+    directory: Directory
+    path: Path
+    config: ServerConfig
+    doc: tomlkit.TOMLDocument
+    stamp: Stamp
+
+    def write(self) -> None:
+        _write(self.directory, self.path, tomlkit.dumps(self.doc), over=self.stamp)
+
+
 @contextlib.contextmanager
-def _editing(path: Path) -> Iterator[None]:
+def _editing(path: Path) -> Iterator[_Edit]:
     """Hold an exclusive lock for one read-modify-write of the config, so two
     edits at once (two dashboard revokes, the dashboard and the command line)
     cannot undo each other.  The lock file holds nothing (0644, beside the
     config; flock works on a read-only descriptor).  Raises ConfigError."""
-    lock = path.parent / f".{path.name}.lock"
-    try:
-        fd = os.open(lock, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except PermissionError:
-        raise ConfigError(f"cannot write {path}: permission denied (run as root?)") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot lock {path}: {exc.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+    lock = f".{path.name}.lock"
+    with _config_dir(path) as directory:
+        try:
+            fd = directory.open(lock, os.O_RDONLY | os.O_CREAT, 0o644)
+        except PermissionError:
+            raise ConfigError(f"cannot write {path}: permission denied (run as root?)") from None
+        except LocalError as exc:
+            raise ConfigError(str(exc)) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot lock {path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield _edit_document(directory, path)
+        finally:
+            os.close(fd)  # releases the lock
 
 
-def _edit_document(path: Path) -> tomlkit.TOMLDocument:
-    load(path)  # validates and checks permissions first
-    return tomlkit.parse(path.read_text(encoding="utf-8"))
+def _edit_document(directory: Directory, path: Path) -> _Edit:
+    """Read the config once: validate those bytes, edit those bytes."""
+    raw, stamp = _read(directory, path)
+    config = parse(path, raw)
+    return _Edit(directory, path, config, tomlkit.parse(raw.decode("utf-8")), stamp)
 
 
 def add_client(path: Path, entry: ClientEntry) -> None:
     """Add a client to the file.  Raises ConfigError if the name is taken."""
-    with _editing(path):
-        doc = _edit_document(path)
+    with _editing(path) as edit:
+        doc = edit.doc
         if "clients" not in doc:
             doc.add("clients", tomlkit.table(is_super_table=True))
         clients = doc["clients"]
@@ -469,7 +545,7 @@ def add_client(path: Path, entry: ClientEntry) -> None:
         if entry.endpoint:
             table.add("endpoint", entry.endpoint)
         clients.add(entry.name, table)
-        _write(path, tomlkit.dumps(doc))
+        edit.write()
 
 
 def set_revoked(path: Path, name: str, *, close: bool = False) -> bool:
@@ -478,9 +554,8 @@ def set_revoked(path: Path, name: str, *, close: bool = False) -> bool:
 
     Raises ConfigError if there is no such client.
     """
-    with _editing(path):
-        doc = _edit_document(path)
-        clients = doc.get("clients", {})
+    with _editing(path) as edit:
+        clients = edit.doc.get("clients", {})
         if name not in clients:
             raise ConfigError(f"no client named {name!r}; see the list with: spa-server clients")
         entry = clients[name]
@@ -489,7 +564,7 @@ def set_revoked(path: Path, name: str, *, close: bool = False) -> bool:
         entry["revoked"] = True
         if close:
             entry["close_leases"] = True
-        _write(path, tomlkit.dumps(doc))
+        edit.write()
         return True
 
 
@@ -497,10 +572,9 @@ def set_secret(path: Path, name: str, secret: bytes, *, old_until: str) -> Clien
     """Give a client a new secret; the old one stays as old_secret until
     `old_until` (empty: dropped now).  Returns the entry as it was.
     Raises ConfigError if there is no such client."""
-    with _editing(path):
-        before = load(path).clients.get(name)
-        doc = _edit_document(path)
-        clients = doc.get("clients", {})
+    with _editing(path) as edit:
+        before = edit.config.clients.get(name)
+        clients = edit.doc.get("clients", {})
         if name not in clients or before is None:
             raise ConfigError(f"no client named {name!r}; see the list with: spa-server clients")
         entry = clients[name]
@@ -511,5 +585,5 @@ def set_secret(path: Path, name: str, secret: bytes, *, old_until: str) -> Clien
             entry["old_secret"] = b64encode(before.secret)
             entry["old_until"] = old_until
         entry["secret"] = b64encode(secret)
-        _write(path, tomlkit.dumps(doc))
+        edit.write()
         return before

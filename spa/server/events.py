@@ -12,17 +12,37 @@ Invariants (docs/threat-model.md, "Flood"; STYLE principle 4):
 - Never a secret, never packet bytes: events carry names, addresses, reasons.
 - Readers in other processes open the database read-only (WAL lets them read
   while the server writes).
+- No link is followed (docs/threat-model.md, "Links the service user
+  plants").  SQLite opens its files by name: it opens each with O_NOFOLLOW,
+  but resolves a symbolic link at the database's own name and keeps its
+  -journal, -wal and -shm beside the target.  So before it opens anything,
+  the database and those three names are checked with lstat through the
+  directory's descriptor (absent, or a regular file with one link; the
+  writer's: owned by us), and after it opened, the database it names must be
+  the file at our name.  The writer also needs the directory to be ours
+  (owned by our user, not writable by group or others; root writes only in
+  root's).  What is left is the moment between the check and SQLite's open:
+  only a process that may write in the directory can swap a name in it,
+  which for the writer is its own user (or root).  A root reader in the
+  service user's directory (`spa-server events`) still has that moment
+  against that user; the check after the open then refuses what it found,
+  and at worst SQLite made an empty -wal or -shm (O_NOFOLLOW) beside a
+  WAL database of that user's choosing.
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from spa.server.errors import LocalError
+from spa.server.safefs import Directory, UnsafeFileError, check_file, open_dir, refuse_foreign_dir
 
 MAX_KEYS_PER_FLUSH = 500  # distinct refusal keys written per flush interval
 MAX_KEYS_BUFFERED = 10_000  # distinct keys held between flushes (spoofed-source floods)
@@ -75,18 +95,73 @@ class Event:
         return asdict(self)
 
 
-def _make_private(path: Path) -> None:
-    """The store and its WAL files 0600 (SQLite gives the -wal and -shm files
-    the database's mode; a store made by an older version may be 0644)."""
-    for name, flags in ((str(path), os.O_CREAT), (f"{path}-wal", 0), (f"{path}-shm", 0)):
+SIDE_FILES = ("-journal", "-wal", "-shm")  # what SQLite keeps beside a database
+
+
+def _check_names(directory: Directory, name: str, *, owner: int | None) -> None:
+    """The database and its side files: absent, or regular files with one
+    link (owned by `owner`).  Raises UnsafeFileError."""
+    for each in (name, *(name + side for side in SIDE_FILES)):
+        found = directory.lstat(each)
+        if found is not None:
+            check_file(directory.path / each, found, owner=owner)
+
+
+def _check_opened(db: sqlite3.Connection, directory: Directory, name: str,
+                  expected: os.stat_result) -> None:
+    """After the open: SQLite's file is the one at our name.  Raises
+    UnsafeFileError (and closes `db`)."""
+    opened = str(db.execute("PRAGMA database_list").fetchone()[2])
+    found = directory.lstat(name)
+    ours = os.path.join(os.path.realpath(directory.path), name)
+    if (opened != ours or found is None
+            or (found.st_dev, found.st_ino) != (expected.st_dev, expected.st_ino)):
+        db.close()
+        raise UnsafeFileError(f"{directory.path / name} was replaced while it was being "
+                              "opened (spa never follows links in its config or state "
+                              "directory); stop whatever writes there")
+
+
+def _connect_writer(path: Path) -> sqlite3.Connection:
+    """The daemon's connection, checked as the invariants say; the store and
+    its WAL files 0600 (SQLite gives the -wal and -shm files the database's
+    mode; a store made by an older version may be 0644).  Raises LocalError."""
+    try:
+        directory = open_dir(path.parent)
+    except OSError as exc:
+        raise LocalError(f"cannot open the event store {path}: {exc.strerror}") from None
+    with directory:
+        refuse_foreign_dir(directory)
+        euid = os.geteuid()
+        if directory.stat.st_uid != euid or directory.stat.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise UnsafeFileError(f"{directory.path} holds the event store but group or others "
+                                  "may write in it, or it is not ours; fix it with: chmod 700 "
+                                  f"{directory.path}")
+        mine = None if euid == 0 else euid  # root writes only in root's directory
+        _check_names(directory, path.name, owner=mine)
+        fd = directory.open(path.name, os.O_RDWR | os.O_CREAT, 0o600, mine=True)
         try:
-            fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | flags, 0o600)
-        except FileNotFoundError:
-            continue
-        try:
-            os.fchmod(fd, 0o600)
+            opened = os.fstat(fd)
+            for side in ("", "-wal", "-shm"):
+                _private(directory, path.name + side)
+            db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            _check_opened(db, directory, path.name, opened)
+            db.execute("PRAGMA journal_mode=WAL")
+            _check_names(directory, path.name, owner=mine)
         finally:
             os.close(fd)
+    return db
+
+
+def _private(directory: Directory, name: str) -> None:
+    try:
+        fd = directory.open(name, os.O_RDWR, mine=True)
+    except FileNotFoundError:
+        return
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 class EventSink:
@@ -99,9 +174,7 @@ class EventSink:
         self._lock = threading.Lock()
         self._rows: list[Event] = []
         self._refusals: dict[RefusalKey, tuple[float, int]] = {}
-        _make_private(path)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = _connect_writer(path)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
 
@@ -171,11 +244,18 @@ def _aggregate(refusals: dict[RefusalKey, tuple[float, int]]) -> list[Event]:
 
 
 def _read_only(path: Path) -> sqlite3.Connection:
-    """Raises FileNotFoundError if there is no database yet."""
-    if not path.exists():
-        raise FileNotFoundError(path)
-    # as_uri escapes '?' and '#' in the path (else they would end the file name)
-    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    """A reader's connection, checked as the invariants say.
+    Raises FileNotFoundError if there is no database yet, LocalError."""
+    with open_dir(path.parent) as directory:
+        _check_names(directory, path.name, owner=None)
+        found = directory.lstat(path.name)
+        if found is None:
+            raise FileNotFoundError(path)
+        # as_uri escapes '?' and '#' in the path (else they would end the file name)
+        where = Path(os.path.realpath(path.parent)) / path.name
+        db = sqlite3.connect(f"{where.as_uri()}?mode=ro", uri=True)
+        _check_opened(db, directory, path.name, found)
+    return db
 
 
 def _fetch(path: Path, sql: str, params: tuple[object, ...]) -> list[Any]:

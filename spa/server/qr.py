@@ -44,4 +44,5 @@ def write_png(uri: str, path: Path) -> None:
     """Write the QR code of `uri` to `path` as a PNG, 0600.  Raises OSError."""
     out = io.BytesIO()
     _code(uri).save(out, kind="png", scale=PNG_SCALE, border=4)
-    write_private(path, out.getvalue())
+    # the admin's own path: a link among its directories is theirs to follow
+    write_private(path.parent.resolve() / path.name, out.getvalue())

@@ -12,6 +12,11 @@ Invariants:
 - `leases.json` is replaced atomically, so `spa-server status` in another
   process always reads a whole file.
 - Files are 0600 and the directory 0700.
+- No link is followed (docs/threat-model.md, "Links the service user
+  plants"): every file is opened relative to the directory's descriptor with
+  O_NOFOLLOW and checked by fstat (spa.server.safefs); a root process writes
+  here only if root owns the directory (`ensure` and every write refuse
+  otherwise, in one line), reading stays allowed.
 - One daemon per state directory: it holds an exclusive flock on
   `server.lock` for its whole life (the kernel drops it when the process
   ends, even by kill -9), and keeps its pid, start time, port and backend in
@@ -28,6 +33,7 @@ import ipaddress
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,7 +42,7 @@ from spa.core.errors import FormatError
 from spa.core.leases import Lease, LeaseTable
 from spa.core.replay import ReplayCache, entry_bytes
 from spa.server.errors import LocalError
-from spa.server.secretfile import write_private
+from spa.server.safefs import Directory, open_dir, refuse_foreign_dir
 
 LEASES = "leases.json"
 REPLAY = "replay.bin"
@@ -65,28 +71,52 @@ class StateDir:
         self.journal_error: str | None = None
 
     def ensure(self) -> None:
-        """Create the directory (0700).  Raises LocalError."""
+        """Create the directory (0700), or check it is one this process may
+        write in (see `refuse_foreign_dir`).  Raises LocalError."""
+        with self._writing() as directory:
+            os.fchmod(directory.fd, 0o700)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Directory]:
+        """The directory, open to write in (made if missing).  Raises LocalError."""
         try:
-            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.chmod(self.path, 0o700)
+            directory = open_dir(self.path, create=True)
         except PermissionError:
             raise LocalError(f"cannot create state directory {self.path}: permission denied "
                              "(run as root, or set state_dir in the config)") from None
         except OSError as exc:
             raise LocalError(f"cannot create state directory {self.path}: {exc.strerror}") from None
+        with directory:
+            refuse_foreign_dir(directory)
+            yield directory
+
+    def _read(self, name: str) -> bytes | None:
+        """A file's bytes (None: no such file, or no directory yet).  Raises LocalError."""
+        try:
+            with open_dir(self.path) as directory:
+                return directory.read(name)[0]
+        except FileNotFoundError:
+            return None
+        except PermissionError:
+            raise LocalError(f"cannot read {self.path / name}: permission denied "
+                             "(run as root?)") from None
+        except OSError as exc:
+            raise LocalError(f"cannot read {self.path / name}: {exc.strerror}") from None
+
+    def _save(self, name: str, data: bytes) -> None:
+        """Replace a file atomically (0600).  Raises LocalError, OSError."""
+        with self._writing() as directory:
+            directory.replace(name, data)
 
     # ---- replay cache ------------------------------------------------------
 
     def load_replay(self, window: float, now: float) -> ReplayCache:
         """The saved cache, or an empty one.  Raises LocalError if damaged."""
-        try:
-            dump = (self.path / REPLAY).read_bytes()
-        except FileNotFoundError:
+        dump = self._read(REPLAY)
+        if dump is None:
             dump = ReplayCache(window).dump()
-        journal = b""
-        for name in (JOURNAL_OLD, JOURNAL):  # older records first
-            with contextlib.suppress(FileNotFoundError):
-                journal += (self.path / name).read_bytes()
+        journal = b"".join(self._read(name) or b""
+                           for name in (JOURNAL_OLD, JOURNAL))  # older records first
         try:
             cache = ReplayCache.load(dump, now, journal=journal, window=window)
         except FormatError as exc:
@@ -112,36 +142,43 @@ class StateDir:
 
         cache.on_add = append
 
-    def _open_journal(self) -> None:
-        self._journal_fd = os.open(self.path / JOURNAL,
-                                   os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    def _open_journal(self, directory: Directory | None = None) -> None:
+        if directory is None:
+            with self._writing() as directory:
+                self._open_journal(directory)
+            return
+        self._journal_fd = directory.open(JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                                          0o600, mine=True)
 
     def compact_now(self, cache: ReplayCache) -> None:
         """Dump and empty the journals (only while nothing else adds entries:
         at start, at shutdown)."""
-        write_private(self.path / REPLAY, cache.dump())
-        for name in (JOURNAL_OLD, JOURNAL):
-            if (self.path / name).exists():
-                os.truncate(self.path / name, 0)
+        with self._writing() as directory:
+            directory.replace(REPLAY, cache.dump())
+            for name in (JOURNAL_OLD, JOURNAL):
+                directory.truncate(name)
 
     def rotate_journal(self, cache: ReplayCache) -> bytes | None:
         """Receive thread: snapshot the cache and start a new journal, so that
         every entry is in the snapshot or in a journal at every moment.  The
         snapshot is written by `finish_compaction` (another thread).  None if
         the previous compaction has not finished."""
-        if (self.path / JOURNAL_OLD).exists():
-            return None
-        snapshot = cache.dump()
-        if self._journal_fd is not None:
-            os.close(self._journal_fd)
-        os.replace(self.path / JOURNAL, self.path / JOURNAL_OLD)
-        self._open_journal()
+        with self._writing() as directory:
+            if directory.lstat(JOURNAL_OLD) is not None:
+                return None
+            snapshot = cache.dump()
+            if self._journal_fd is not None:
+                os.close(self._journal_fd)
+                self._journal_fd = None
+            directory.rename(JOURNAL, JOURNAL_OLD)
+            self._open_journal(directory)
         return snapshot
 
     def finish_compaction(self, snapshot: bytes) -> None:
         """Write the snapshot, then drop the journal it covers."""
-        write_private(self.path / REPLAY, snapshot)
-        (self.path / JOURNAL_OLD).unlink(missing_ok=True)
+        with self._writing() as directory:
+            directory.replace(REPLAY, snapshot)
+            directory.unlink(JOURNAL_OLD)
 
     def close(self) -> None:
         if self._journal_fd is not None:
@@ -163,7 +200,7 @@ class StateDir:
                 for lease in table.leases()
             ],
         }
-        write_private(self.path / LEASES, json.dumps(data, indent=1).encode())
+        self._save(LEASES, json.dumps(data, indent=1).encode())
 
     def load_leases(self) -> list[Lease]:
         """Saved leases (expired ones included).  Raises LocalError if damaged."""
@@ -179,8 +216,7 @@ class StateDir:
                              "remove it (live grants are then forgotten)") from None
 
     def save_activated(self, activated: dict[str, str]) -> None:
-        write_private(self.path / ACTIVATED,
-                      json.dumps({"version": 1, "activated": activated}).encode())
+        self._save(ACTIVATED, json.dumps({"version": 1, "activated": activated}).encode())
 
     def load_activated(self) -> dict[str, str]:
         """name -> the enroll_by its first knock met.  Raises LocalError if damaged."""
@@ -189,7 +225,7 @@ class StateDir:
 
     def save_drop_counters(self, counters: dict[tuple[str, int], int]) -> None:
         rows = [[source, port, count] for (source, port), count in counters.items()]
-        write_private(self.path / DROPS, json.dumps({"version": 1, "last": rows}).encode())
+        self._save(DROPS, json.dumps({"version": 1, "last": rows}).encode())
 
     def load_drop_counters(self) -> dict[tuple[str, int], int]:
         """The last reading, so a restart counts only what is new.  A damaged
@@ -203,7 +239,7 @@ class StateDir:
             return {}
 
     def save_otp_steps(self, steps: dict[str, int]) -> None:
-        write_private(self.path / OTP_STEPS, json.dumps({"version": 1, "last": steps}).encode())
+        self._save(OTP_STEPS, json.dumps({"version": 1, "last": steps}).encode())
 
     def load_otp_steps(self) -> dict[str, int]:
         """client -> last used code step.  Raises LocalError if damaged."""
@@ -292,17 +328,21 @@ class StateDir:
 
     def _open_lock(self, flags: int) -> int:
         """Raises FileNotFoundError (no O_CREAT, no file), LocalError."""
+        if flags & os.O_CREAT:
+            with self._writing() as directory:
+                return self._open_lock_in(directory, flags)
+        with open_dir(self.path) as directory:
+            return self._open_lock_in(directory, flags)
+
+    def _open_lock_in(self, directory: Directory, flags: int) -> int:
         path = self.path / LOCK
         try:
-            return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            return directory.open(LOCK, flags, 0o600, mine=bool(flags & os.O_CREAT))
         except FileNotFoundError:
             raise
         except PermissionError:
             raise LocalError(f"cannot open {path}: permission denied (run as root?)") from None
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise LocalError(f"cannot open {path}: it is a symbolic link (spa never "
-                                 "follows links in its state directory); remove it") from None
             raise LocalError(f"cannot open {path}: {exc.strerror}") from None
 
     def write_server(self, info: dict[str, Any]) -> None:
@@ -347,13 +387,11 @@ class StateDir:
         return {"backend": data.get("backend"), "expires_by_itself": data.get("expires_by_itself")}
 
     def _read_json(self, name: str) -> Any:
-        try:
-            return json.loads((self.path / name).read_text())
-        except FileNotFoundError:
+        raw = self._read(name)
+        if raw is None:
             return None
-        except PermissionError:
-            raise LocalError(f"cannot read {self.path / name}: permission denied "
-                             "(run as root?)") from None
+        try:
+            return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise LocalError(f"{self.path / name} is damaged (not JSON)") from None
 

@@ -3,7 +3,10 @@ the password file's read and write; time is an argument).
 
 - The password is stored as an Argon2id hash (libsodium's crypto_pwhash_str
   through PyNaCl; the string carries its own salt and cost), in the state
-  directory, 0600, checked on load like every secret file.
+  directory, 0600, checked on load like every secret file, and never reached
+  through a link (spa.server.safefs).  Root sets it only in a state
+  directory root owns; where the service user owns it, that user sets it
+  (sudo -u spa spa-server dashboard-password).
 - Sessions are cookies signed with a random key kept beside the hash; setting
   a new password makes a new key, so every open session ends.
 - Lock-out: after MAX_FAILURES wrong passwords in a row, logins are refused
@@ -25,7 +28,8 @@ import nacl.exceptions
 import nacl.pwhash
 
 from spa.server.errors import LocalError
-from spa.server.secretfile import read_secret_file, write_private
+from spa.server.safefs import open_dir, refuse_foreign_dir
+from spa.server.secretfile import read_secret_file
 
 PASSWORD_FILE = "dashboard.password"  # noqa: S105 (a file name) Argon2id hash string, then the cookie key (hex)
 MIN_PASSWORD = 12
@@ -74,17 +78,16 @@ def make_credentials(password: str, *, opslimit: int = OPSLIMIT,
 
 
 def save(state_dir: Path, credentials: Credentials) -> Path:
-    """Write the hash and the cookie key, 0600, owned like the state directory
-    (root sets the password; the dashboard runs as the daemon's user).
+    """Write the hash and the cookie key, 0600, as the state directory's
+    owner (root in a directory another user owns is refused: that user runs
+    it, and the dashboard, running as that user, can read the file).
     Raises LocalError."""
     path = state_dir / PASSWORD_FILE
     try:
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        found = state_dir.stat()
-        owner = ((found.st_uid, found.st_gid)
-                 if os.geteuid() == 0 and (found.st_uid, found.st_gid) != (0, 0) else None)
-        write_private(path, credentials.hash + b"\n" + credentials.key.hex().encode() + b"\n",
-                      owner=owner)
+        with open_dir(state_dir, create=True) as directory:
+            refuse_foreign_dir(directory)
+            directory.replace(PASSWORD_FILE, credentials.hash + b"\n"
+                              + credentials.key.hex().encode() + b"\n")
     except PermissionError:
         raise LocalError(f"cannot write {path}: permission denied (run as root?)") from None
     except OSError as exc:

@@ -353,3 +353,44 @@ def test_init_protects_what_the_admin_names_and_says_what_it_closes(tmp_path: Pa
         assert_one_line_error(server(tmp_path / "e.toml", "init", "--service", bad),
                               f"--service {bad!r}", "NAME=tcp/PORT")
         assert not (tmp_path / "e.toml").exists()
+
+
+def test_root_refuses_a_config_or_state_directory_another_user_owns(tmp_path: Path) -> None:
+    """Issue 13, finding 4: with /etc/spa owned by the service user (as the
+    dashboard's docs asked), root's enroll, revoke, rotate and init created
+    any file through a link planted at .server.toml.lock; a daemon run as
+    root truncated through links in its state directory.  Root now writes in
+    neither when another user owns it: one line, exit 2, nothing changed."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the directories to another user")
+    etc, state, nologin = tmp_path / "etc", tmp_path / "state", tmp_path / "nologin"
+    etc.mkdir()
+    config = etc / "server.toml"
+    assert server(config, "init", "--state-dir", str(state)).returncode == 0
+    assert server(config, "enroll", "alice", "--service", "ssh", "--endpoint", "h"
+                  ).returncode == 0
+    os.chown(etc, 65534, 65534)
+    os.chown(config, 65534, 65534)
+    lock = etc / ".server.toml.lock"
+    lock.unlink()
+    lock.symlink_to(nologin)
+    before = config.read_bytes()
+    for args in (("enroll", "bob", "--service", "ssh", "--endpoint", "h"),
+                 ("revoke", "alice"), ("rotate", "alice"), ("init", "--force")):
+        assert_one_line_error(server(config, *args), f"{etc} is owned by nobody (uid 65534)",
+                              "root will not write in a directory another user controls",
+                              "sudo -u nobody spa-server", f"chown root: {etc}")
+        assert not nologin.exists(), args
+    assert config.read_bytes() == before
+    assert server(config, "clients").returncode == 0, "reading stays allowed"
+    os.chown(etc, 0, 0)
+    state.mkdir(mode=0o700)
+    os.chown(state, 65534, 65534)
+    writes: list[tuple[list[str], str | None]] = [
+        (["run", "--backend", "memory", "--mode", "udp"], None),
+        (["dashboard-password", "--stdin"], "correct horse battery\n")]
+    for argv, given in writes:
+        done = run_cli("spa-server", "--config", str(config), *argv, input=given)
+        assert_one_line_error(done, f"{state} is owned by nobody (uid 65534)",
+                              f"chown root: {state}")
+    assert os.listdir(state) == []

@@ -16,6 +16,7 @@ from starlette.testclient import TestClient
 from spa.server import config as config_mod
 from spa.server import webauth
 from spa.server.dashboard import Dashboard, allowed_hosts, make_app, render_graph
+from spa.server.errors import LocalError
 from spa.server.events import Event
 from tests.server_world import START, World
 
@@ -298,15 +299,36 @@ def test_no_password_set_is_one_clear_error(tmp_path: Path) -> None:
         webauth.load(tmp_path / "state")
 
 
-def test_the_password_file_belongs_to_the_state_directorys_owner(tmp_path: Path) -> None:
-    """Root sets the password; the dashboard runs as the daemon's user, who
-    owns the state directory and must be able to read the file."""
+def test_the_password_is_set_by_the_state_directorys_owner_never_by_root_there(
+        tmp_path: Path) -> None:
+    """The dashboard runs as the daemon's user, who owns the state directory.
+    Root does not write in another user's directory (issue 13, finding 4): it
+    is refused in one line naming the user to run it as; run as that user,
+    the file is theirs, 0600."""
     state = tmp_path / "state"
     state.mkdir()
     if os.geteuid() != 0:
-        pytest.skip("needs root to hand a file to another user")
+        pytest.skip("needs root to hand a directory to another user")
     os.chown(state, 65534, 65534)
-    path = webauth.save(state, webauth.make_credentials(PASSWORD, **CHEAP))
+    credentials = webauth.make_credentials(PASSWORD, **CHEAP)
+    with pytest.raises(LocalError, match=r"is owned by nobody \(uid 65534\); root will not "
+                       r"write .*sudo -u nobody spa-server"):
+        webauth.save(state, credentials)
+    assert os.listdir(state) == []
+    pid = os.fork()
+    if pid == 0:  # the child becomes nobody, in the directory (its parents are root's 0700)
+        status = 1
+        try:
+            os.chdir(state)
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            webauth.save(Path("."), credentials)
+            status = 0
+        finally:
+            os._exit(status)
+    assert os.waitpid(pid, 0)[1] == 0
+    path = state / webauth.PASSWORD_FILE
     assert (path.stat().st_uid, path.stat().st_gid) == (65534, 65534)
     assert path.stat().st_mode & 0o777 == 0o600
 
@@ -415,20 +437,24 @@ def test_a_session_ends_eight_hours_after_login_however_often_it_is_renewed(
 
 def test_a_symlink_at_the_password_files_place_is_replaced_not_followed(
         tmp_path: Path) -> None:
-    """The file gets its owner (fchown) before it takes its name; nothing is
-    chowned by name afterwards, so a link swapped in cannot aim that at
-    another file.  (This checks the outcome with a link placed beforehand;
-    the race itself is closed by construction.)"""
+    """A link at the password file's name is replaced (a new file renamed
+    over it), never written through; in a state directory the service user
+    owns, root does not write at all (so it cannot be raced there)."""
     if os.geteuid() != 0:
-        pytest.skip("needs root to hand a file to another user")
+        pytest.skip("needs root to hand a directory to another user")
     state = tmp_path / "state"
     state.mkdir()
-    os.chown(state, 65534, 65534)
     victim = tmp_path / "victim"
     victim.write_text("root's")
     (state / webauth.PASSWORD_FILE).symlink_to(victim)
     path = webauth.save(state, webauth.make_credentials(PASSWORD, **CHEAP))
-    assert not path.is_symlink() and path.stat().st_uid == 65534
+    assert not path.is_symlink() and path.stat().st_uid == 0
+    assert victim.read_text() == "root's"
+    path.unlink()
+    (state / webauth.PASSWORD_FILE).symlink_to(victim)
+    os.chown(state, 65534, 65534)
+    with pytest.raises(LocalError, match="root will not write in a directory another user"):
+        webauth.save(state, webauth.make_credentials(PASSWORD, **CHEAP))
     assert victim.read_text() == "root's" and victim.stat().st_uid == 0
 
 
