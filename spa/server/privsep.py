@@ -157,6 +157,16 @@ def drop_to_daemon(state_dir: Path) -> str:
         return f"uid {st.st_uid}"
 
 
+def owned_by_another(directory: Path) -> bool:
+    """Whether this process is root and another user owns `directory` (a
+    missing one is not: root makes it, its own)."""
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        return False
+    return os.geteuid() == 0 and st.st_uid != 0
+
+
 def hand_over(state_dir: Path) -> None:
     """Started as root on a state directory another user owns (the daemon
     will run as that user): give it the files root left there (an earlier
@@ -180,7 +190,7 @@ def hand_over(state_dir: Path) -> None:
                 continue  # a link, a socket, gone: not ours to hand over
             try:
                 st = os.fstat(fd)
-                if stat.S_ISREG(st.st_mode) and st.st_uid == 0:
+                if stat.S_ISREG(st.st_mode) and st.st_uid == 0 and st.st_nlink == 1:
                     os.fchown(fd, owner.st_uid, owner.st_gid)
             finally:
                 os.close(fd)

@@ -69,7 +69,8 @@ def build(path: Path, *, backend: str | None, mode: str | None,
     config = replace(config, backend=backend or config.backend, mode=mode or config.mode,
                      interface=interface if interface is not None else config.interface)
     state = StateDir(config.state_dir)
-    state.ensure()
+    if not privsep.owned_by_another(state.path):
+        state.ensure()  # (one another user owns is made ready by the daemon, as that user)
     state.acquire(time.time())  # a second daemon stops here, before socket or firewall
     if config.backend not in BACKENDS:
         raise LocalError(f"unknown backend {config.backend!r}; choose nftables, iptables or "
@@ -87,6 +88,7 @@ def build(path: Path, *, backend: str | None, mode: str | None,
     try:
         privsep.hand_over(state.path)
         user = privsep.drop_to_daemon(state.path)
+        state.ensure()
         _can_read(config.path, user)
     except LocalError:
         gate.close()
@@ -153,7 +155,8 @@ def install_gate(path: Path, *, backend: str | None = None) -> str:
     if chosen == "memory":
         raise LocalError("the memory backend gates nothing; gate is for nftables or iptables")
     state = StateDir(config.state_dir)
-    state.ensure()
+    if not privsep.owned_by_another(state.path):
+        state.ensure()  # root only reads the leases of a state directory another user owns
     running = state.running_server()
     if running is not None:
         return (f"spa-server runs (pid {running.get('pid')}) and keeps the gate itself; "

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import ipaddress
 import json
 import os
@@ -49,6 +50,7 @@ REPLAY = "replay.bin"
 JOURNAL = "replay.journal"
 JOURNAL_OLD = "replay.journal.old"  # being compacted: covered by no dump yet
 LOCK = "server.lock"  # held by the running daemon; holds its pid, start, port, backend
+RUN_DIR = Path("/run/spa")  # root's daemons lock here (root-owned), never in the state dir
 OTP_STEPS = "otp.json"  # the last authenticator-code time step each client used
 DROPS = "drops.json"  # the drop counters' last reading: (source, port) -> packets
 ACTIVATED = "activated.json"  # pending enrollments used in time: name -> the enroll_by it met
@@ -68,6 +70,7 @@ class StateDir:
         self.path = path
         self._journal_fd: int | None = None
         self._lock_fd: int | None = None
+        self._lock_place: _Place | None = None
         self.journal_error: str | None = None
 
     def ensure(self) -> None:
@@ -273,19 +276,46 @@ class StateDir:
 
     def acquire(self, now: float) -> None:
         """Become the one daemon of this state directory, for the life of the
-        process (idempotent).  Raises LocalError naming the running one."""
+        process (idempotent).  Raises LocalError naming the running one.
+
+        Root locks in RUN_DIR, a directory root owns (never a file in a
+        directory the service user could plant a link in); anyone else in
+        the state directory itself.  Each also looks at the other place, so
+        a daemon run by hand as root and one run by systemd as `spa` refuse
+        each other."""
         if self._lock_fd is not None:
             return
-        fd = self._locked_fd(now)
-        self._lock_fd = fd
+        mine, other = self._lock_places()
+        fd = self._locked_fd(mine, now)
+        try:
+            holder = _held(other)  # cannot tell: refused, never a second daemon
+        except LocalError:
+            os.close(fd)
+            raise
+        if holder is not None:
+            os.close(fd)
+            raise self._running_error(holder, now)
+        self._lock_fd, self._lock_place = fd, mine
         self.write_server({"pid": os.getpid(), "started": now})
 
-    def _locked_fd(self, now: float) -> int:
+    def _lock_places(self) -> tuple[_Place, _Place]:
+        """(where this process locks, where the other kind of daemon does)."""
+        run = _Place(RUN_DIR, lock_name(self.path), run_dir=True)
+        here = _Place(self.path, LOCK)
+        return (run, here) if os.geteuid() == 0 else (here, run)
+
+    def _running_error(self, holder: dict[str, Any], now: float) -> LocalError:
+        who = describe_holder(holder, now)
+        return LocalError(f"spa-server is already running on {self.path} ({who}); stop "
+                          "it first (systemctl stop spa-server), or give this one its "
+                          "own state_dir")
+
+    def _locked_fd(self, place: _Place, now: float) -> int:
         """The lock file, opened and locked, and still the file at its name
         (one removed or replaced between our open and our lock would let a
         second daemon lock another file).  Raises LocalError."""
         for _ in range(5):
-            fd = self._open_lock(os.O_RDWR | os.O_CREAT)
+            fd = self._open_lock(place, os.O_RDWR | os.O_CREAT)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -293,57 +323,44 @@ class StateDir:
                 holder = _read_lock(fd) if held else None
                 os.close(fd)
                 if not held:
-                    raise LocalError(f"cannot lock {self.path / LOCK}: {exc.strerror}") from None
-                who = describe_holder(holder or {}, now)
-                raise LocalError(f"spa-server is already running on {self.path} ({who}); stop "
-                                 "it first (systemctl stop spa-server), or give this one its "
-                                 "own state_dir") from None
-            if self._is_at_its_name(fd):
+                    raise LocalError(f"cannot lock {place.file}: {exc.strerror}") from None
+                raise self._running_error(holder or {}, now) from None
+            if place.holds(fd):
                 return fd
             os.close(fd)
-        raise LocalError(f"{self.path / LOCK} keeps being replaced by another program; stop it")
-
-    def _is_at_its_name(self, fd: int) -> bool:
-        try:
-            named = os.stat(self.path / LOCK, follow_symlinks=False)
-        except FileNotFoundError:
-            return False
-        mine = os.fstat(fd)
-        return (named.st_dev, named.st_ino) == (mine.st_dev, mine.st_ino)
+        raise LocalError(f"{place.file} keeps being replaced by another program; stop it")
 
     def keep_lock(self) -> str | None:
         """Housekeeping: if another program removed or replaced our lock
         file (so that a second daemon could start), take the file at the
         name again and say so; None when all is well.  Raises LocalError
         when a second daemon holds the new file."""
-        fd = self._lock_fd
-        if fd is None or self._is_at_its_name(fd):
+        fd, place = self._lock_fd, self._lock_place
+        if fd is None or place is None or place.holds(fd):
             return None
+        if place.run_dir and os.geteuid() != 0:
+            # started as root, now the state directory's owner: it cannot make
+            # the file again in root's directory; only root could remove it
+            self._lock_place = None
+            return (f"{place.file} was removed (by root: nobody else can); this daemon "
+                    "cannot lock it again, so a second one could start")
         facts = _read_lock(fd) or {}
-        new = self._locked_fd(time.time())  # raises: a second daemon took it meanwhile
+        new = self._locked_fd(place, time.time())  # raises: a second daemon took it meanwhile
         os.close(fd)
         self._lock_fd = new
         self.write_server(facts)
-        return f"{self.path / LOCK} was removed or replaced by another program; locked again"
+        return f"{place.file} was removed or replaced by another program; locked again"
 
-    def _open_lock(self, flags: int) -> int:
+    def _open_lock(self, place: _Place, flags: int) -> int:
         """Raises FileNotFoundError (no O_CREAT, no file), LocalError."""
-        if flags & os.O_CREAT:
-            with self._writing() as directory:
-                return self._open_lock_in(directory, flags)
-        with open_dir(self.path) as directory:
-            return self._open_lock_in(directory, flags)
-
-    def _open_lock_in(self, directory: Directory, flags: int) -> int:
-        path = self.path / LOCK
-        try:
-            return directory.open(LOCK, flags, 0o600, mine=bool(flags & os.O_CREAT))
-        except FileNotFoundError:
-            raise
-        except PermissionError:
-            raise LocalError(f"cannot open {path}: permission denied (run as root?)") from None
-        except OSError as exc:
-            raise LocalError(f"cannot open {path}: {exc.strerror}") from None
+        if not flags & os.O_CREAT:
+            with open_dir(place.directory) as directory:
+                return _open_lock_in(place, directory, flags)
+        if place.run_dir:
+            with _run_dir() as directory:
+                return _open_lock_in(place, directory, flags)
+        with self._writing() as directory:
+            return _open_lock_in(place, directory, flags)
 
     def write_server(self, info: dict[str, Any]) -> None:
         """Record the running daemon's facts in its lock file (holder only)."""
@@ -355,32 +372,35 @@ class StateDir:
         os.pwrite(fd, data, 0)
 
     def release(self) -> None:
-        """Give up the lock (at shutdown: the last thing the daemon does)."""
+        """Give up the lock (at shutdown: the last thing the daemon does).
+        In RUN_DIR the file goes too (while still locked: whoever opened it
+        meanwhile finds it is no longer at its name, and takes a new one)."""
         fd, self._lock_fd = self._lock_fd, None
+        place, self._lock_place = self._lock_place, None
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
+                if place is not None and place.run_dir and place.holds(fd):
+                    os.unlink(place.file)
             os.close(fd)
+
+    @property
+    def lock_file(self) -> Path:
+        """Where this process locks (see `acquire`)."""
+        return self._lock_places()[0].file
 
     def running_server(self) -> dict[str, Any] | None:
         """The running daemon's facts (pid, started, port, backend, mode), or
-        None when no process holds the lock.  Raises LocalError if unreadable."""
+        None when no process holds the lock (in either place).  Raises
+        LocalError if unreadable."""
         if self._lock_fd is not None:
             return _read_lock(self._lock_fd)
-        try:
-            fd = self._open_lock(os.O_RDONLY)
-        except FileNotFoundError:
-            return None  # never started here
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise LocalError(f"cannot read {self.path / LOCK}: {exc.strerror}") from None
-            return _read_lock(fd) or {"pid": None}
-        else:
-            return None  # nobody holds it: not running
-        finally:
-            os.close(fd)
+        found = None
+        for place in self._lock_places():
+            found = _held(place)
+            if found is not None:
+                return found
+        return found
 
     def backend_info(self) -> dict[str, Any]:
         data = self._read_json(LEASES) or {}
@@ -394,6 +414,88 @@ class StateDir:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise LocalError(f"{self.path / name} is damaged (not JSON)") from None
+
+
+def lock_name(state_dir: Path) -> str:
+    """The lock's name in RUN_DIR for a state directory (one per directory)."""
+    digest = hashlib.sha256(os.path.realpath(state_dir).encode()).hexdigest()[:16]
+    return f"{digest}.lock"
+
+
+@dataclass(frozen=True, slots=True)
+class _Place:
+    """Where a daemon's lock file lives."""
+
+    directory: Path
+    name: str
+    run_dir: bool = False
+
+    @property
+    def file(self) -> Path:
+        return self.directory / self.name
+
+    def holds(self, fd: int) -> bool:
+        """Whether `fd` is still the file at the name."""
+        try:
+            named = os.stat(self.file, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (named.st_dev, named.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+@contextlib.contextmanager
+def _run_dir() -> Iterator[Directory]:
+    """RUN_DIR, made if missing (0755, root's), refused unless root owns it
+    and nobody else may write in it.  Raises LocalError."""
+    try:
+        directory = open_dir(RUN_DIR, create=True)
+    except OSError as exc:
+        raise LocalError(f"cannot make {RUN_DIR}: {exc.strerror}") from None
+    with directory:
+        st = directory.stat
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            raise LocalError(f"{RUN_DIR} must be root's and writable by root alone "
+                             f"(chown root: {RUN_DIR}; chmod 0755 {RUN_DIR})")
+        os.fchmod(directory.fd, 0o755)
+        yield directory
+
+
+def _open_lock_in(place: _Place, directory: Directory, flags: int) -> int:
+    """Root's lock in RUN_DIR is 0644 (a pid and times, no secret), so a
+    daemon run as the service user can see that root's holds it."""
+    mode = 0o644 if place.run_dir else 0o600
+    try:
+        fd = directory.open(place.name, flags, mode, mine=bool(flags & os.O_CREAT))
+        if place.run_dir and flags & os.O_CREAT:
+            os.fchmod(fd, mode)  # whatever the umask (the unit's is 0077)
+        return fd
+    except FileNotFoundError:
+        raise
+    except PermissionError:
+        raise LocalError(f"cannot open {place.file}: permission denied (run as root?)") from None
+    except OSError as exc:
+        raise LocalError(f"cannot open {place.file}: {exc.strerror}") from None
+
+
+def _held(place: _Place) -> dict[str, Any] | None:
+    """The facts of the daemon holding the lock at `place`, or None when
+    nobody does.  Raises LocalError if unreadable."""
+    try:
+        with open_dir(place.directory) as directory:
+            fd = _open_lock_in(place, directory, os.O_RDONLY)
+    except FileNotFoundError:
+        return None  # never started there
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+            raise LocalError(f"cannot read {place.file}: {exc.strerror}") from None
+        return _read_lock(fd) or {"pid": None}
+    else:
+        return None  # nobody holds it: not running
+    finally:
+        os.close(fd)
 
 
 def _read_lock(fd: int) -> dict[str, Any] | None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from spa.server.state import StateDir
 from tests.netns.conftest import ATT4, CLI4, SRV4, SRV_ATT4, Spa, World, open_site, open_world
 from tests.netns.test_ssh_e2e import enroll_alice, tcp_open
 
@@ -299,7 +300,7 @@ def test_a_removed_lock_file_is_taken_again_so_no_second_daemon_starts(spa: Spa)
     daemon start beside the first.  The running daemon notices within a
     housekeeping round and locks the file at the name again."""
     spa.start()
-    lock = spa.root / "state" / "server.lock"
+    lock = StateDir(spa.root / "state").lock_file  # root's daemon: in /run/spa
     lock.unlink()
     assert spa.wait_for(f"warning {lock} was removed or replaced by another program; "
                         "locked again", timeout=5), spa.lines[-5:]

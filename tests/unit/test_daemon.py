@@ -270,8 +270,9 @@ def test_state_files_are_private(world: World) -> None:
     server.housekeeping()
     state = world.root / "state"
     assert state.stat().st_mode & 0o777 == 0o700
-    for name in ("leases.json", "replay.bin", "replay.journal", "server.lock"):
+    for name in ("leases.json", "replay.bin", "replay.journal"):
         assert (state / name).stat().st_mode & 0o077 == 0, name
+    assert server.state.lock_file.stat().st_mode & 0o022 == 0  # root's: 0644, no secret
     assert world.config_path.stat().st_mode & 0o777 == 0o600
 
 

@@ -274,8 +274,10 @@ def test_a_fifo_at_a_state_file_is_refused_without_blocking(tmp_path: Path) -> N
 
 def test_root_refuses_a_state_directory_another_user_owns(tmp_path: Path,
                                                           victim: Path) -> None:
-    """A daemon (or `gate`, `dashboard-password`) run as root on a state
-    directory the service user owns: refused in one line before any write."""
+    """Root (`dashboard-password`, the state's writes) on a state directory
+    the service user owns: refused in one line before any write.  (`run`
+    started as root takes its lock in root's own directory and becomes the
+    directory's owner before it writes there: test_privsep.)"""
     needs_root()
     path = state_dir(tmp_path)
     os.chown(path, NOBODY, NOBODY)
@@ -283,13 +285,14 @@ def test_root_refuses_a_state_directory_another_user_owns(tmp_path: Path,
     state = StateDir(path)
     line = (rf"{path} is owned by nobody \(uid {NOBODY}\); root will not write in a "
             r"directory another user controls: run this as nobody")
-    for step in (state.ensure, lambda: state.acquire(now=0.0),
-                 lambda: state.compact_now(ReplayCache(30.0)),
+    for step in (state.ensure, lambda: state.compact_now(ReplayCache(30.0)),
                  lambda: webauth.save(path, webauth.make_credentials("x" * 12, **CHEAP))):
         with pytest.raises(LocalError, match=line):
             step()
     with pytest.raises(LocalError, match=line):
         EventSink(path / EVENTS_DB, lambda line: None, retention_days=1)
+    state.acquire(now=0.0)  # root's lock is in root's own directory, not in this one
+    state.release()
     assert victim.read_bytes() == ROOT_ONLY
     assert sorted(os.listdir(path)) == [JOURNAL]
     assert state.load_leases() == [], "reading it as root still works"
