@@ -29,8 +29,8 @@ STYLE principle 4):
 
 from __future__ import annotations
 
-import ipaddress
 import os
+import socket
 import sqlite3
 import threading
 from collections.abc import Callable, Container
@@ -337,20 +337,27 @@ def _coarsest(key: Key) -> Key:
 
 def prefix(source: str | None) -> str | None:
     """`198.51.100.0/24` for 198.51.100.7, `2001:db8::/64` for 2001:db8::7
-    (a fold is never a line fail2ban bans on: <HOST> matches no prefix)."""
+    (a fold is never a line fail2ban bans on: <HOST> matches no prefix).
+    inet_pton, not ipaddress: a fold parses up to MAX_KEYS_BUFFERED sources
+    (ipaddress took 80 ms a second for 2,500 IPv6 sources)."""
     if source is None or "/" in source:
         return source
-    head, dot, last = source.rpartition(".")
-    if (dot and head.count(".") == 2 and head.replace(".", "").isdigit() and last.isdigit()
-            and int(last) < 256):
-        return f"{head}.0/24"  # the common case, without ipaddress (about 10 times faster)
     try:
-        address = ipaddress.ip_address(source)
-    except ValueError:
+        if ":" not in source:
+            return _prefix4(socket.inet_pton(socket.AF_INET, source))
+        packed = socket.inet_pton(socket.AF_INET6, source)
+    except OSError:
         return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # a dual-stack socket's IPv4 source
-    return str(ipaddress.ip_network((address, PREFIX_BITS[address.version]), strict=False))
+    if packed[:12] == _MAPPED:  # a dual-stack socket's IPv4 source
+        return _prefix4(packed[12:])
+    return f"{socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8))}/{PREFIX_BITS[6]}"
+
+
+_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def _prefix4(packed: bytes) -> str:
+    return f"{socket.inet_ntop(socket.AF_INET, packed[:3] + bytes(1))}/{PREFIX_BITS[4]}"
 
 
 def _read_only(path: Path) -> sqlite3.Connection:
