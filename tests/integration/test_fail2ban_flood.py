@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.f2b import matched_lines
-from tests.server_world import World
-from tests.unit.test_event_budget import ATTACKER, BUDGET, SLOW_ATTACKER, flood
+from tests.unit.test_event_budget import ATTACKER, BUDGET, SLOW_ATTACKER, flood, started
 
 pytestmark = pytest.mark.integration
 
@@ -23,12 +22,7 @@ def test_a_spoofed_flood_within_the_budget_still_bans_the_real_sources(tmp_path:
     6 s of the daemon's housekeeping: the log keeps to the budget, and the
     real fail2ban-regex still finds both real sources often enough to ban
     them; no folded line (a /24 or /64) is ever matched."""
-    world = World(tmp_path)
-    world.init()
-    world.enroll("alice")
-    world.enroll("bob", "https")
-    world.start()
-    found = flood(world, 6, drops=False)
+    found = flood(started(tmp_path), 6, drops=False)
     assert max(found.budgeted().values()) <= BUDGET
     lines = [line for second in sorted(found.lines) for line in found.lines[second]]
     matched = matched_lines(lines)

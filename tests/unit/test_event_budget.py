@@ -102,14 +102,19 @@ def flood(world: World, seconds: int, *, rate: int = 2500, drops: bool = True) -
     return result
 
 
+def started(root: Path) -> World:
+    """A server with two clients: alice (ssh, https) and bob (https)."""
+    world = World(root)
+    world.init()
+    for name, services in (("alice", ()), ("bob", ("https",))):
+        world.enroll(name, *services)
+    world.start()
+    return world
+
+
 @pytest.fixture
 def world(tmp_path: Path) -> World:
-    w = World(tmp_path)
-    w.init()
-    w.enroll("alice")
-    w.enroll("bob", "https")
-    w.start()
-    return w
+    return started(tmp_path)
 
 
 def test_a_flood_from_many_sources_never_writes_more_than_the_budget(world: World) -> None:
