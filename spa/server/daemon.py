@@ -66,7 +66,6 @@ REPLAYS_TO_BLOCK = 20  # copies of one packet in one second that put its nonce i
 MAX_BLOCKED_NONCES = 64  # nonces the kernel filter drops at most (5 BPF instructions each)
 DROPS_EVERY = 5.0  # seconds between readings of the firewall's drop counters
 MAX_KNOCKED_SOURCES = 10_000  # sources remembered as clients' (scan detection)
-MAX_DROP_ROWS = 500  # 'dropped'/'scan' rows per reading; the rest fold into one row
 
 Clock = Callable[[], float]
 Log = Callable[[str], None]
@@ -507,7 +506,7 @@ class Server:
         self._maybe_reload()
         self._save(now)
         self._compact_replay(now)
-        written = self.events.flush()
+        written = self.events.flush(now)  # within the event budget of now's second
         if self.metrics is not None:
             self._update_metrics(written)
         alive = time.monotonic() - self._heartbeat < 5 * RECEIVE_TIMEOUT
@@ -580,18 +579,14 @@ class Server:
         if dropped:
             self.state.save_drop_counters(self._scans.last)
         by_port = {s.port: s.name for s in self.config.services.values()}
-        dropped.sort(key=lambda item: -item.attempts)
-        for item in dropped[:MAX_DROP_ROWS]:
-            self.events.record(Event(now, "dropped", None, None, None, item.source,
-                                     by_port.get(item.port, str(item.port)), None,
-                                     item.attempts))
-        rest = sum(item.attempts for item in dropped[MAX_DROP_ROWS:])
-        if rest:  # a spoofed flood: many sources, one row for the tail
-            self.events.record(Event(now, "dropped", count=rest))
-        for scan in scans[:MAX_DROP_ROWS]:
+        for item in dropped:  # counted within the event budget (a spoofed flood folds)
+            self.events.tally(Event(now, "dropped", None, None, None, item.source,
+                                    by_port.get(item.port, str(item.port)), None,
+                                    item.attempts))
+        for scan in scans:
             names = ",".join(by_port.get(port, str(port)) for port in scan.ports)
-            self.events.record(Event(now, "scan", None, None, None, scan.source, names, None,
-                                     scan.attempts))
+            self.events.tally(Event(now, "scan", None, None, None, scan.source, names, None,
+                                    scan.attempts))
 
     def _end_grace(self, now: float) -> None:
         """Housekeeping: a rotated-out secret whose grace is over stops at once."""
