@@ -19,7 +19,7 @@ from spa.core.verify import Accepted, Refused
 from spa.core.wire import NONCE_OFFSET, Action
 from spa.server import admin
 from spa.server import config as config_mod
-from spa.server.daemon import STAGE_AHEAD, TICK
+from spa.server.daemon import STAGE_AHEAD, TICK, Server
 from spa.server.sources import FakeFilteredSource, FakeSource, filter_note
 from tests.server_world import START, World
 
@@ -622,15 +622,13 @@ def test_a_gate_taken_away_is_put_back_with_its_leases_and_said_so(world: World)
     assert len([line for line in world.logs if line.startswith("warning firewall:")]) == 1
 
 
-def _flood(world: World, server_: object, client: str, sources: Sequence[str]) -> None:
+def _flood(world: World, server: Server, client: str, sources: Sequence[str]) -> None:
     """Forgeries behind `client`'s live tag, one from each source."""
-    from spa.server.daemon import Server
-    assert isinstance(server_, Server)
     config = config_mod.load(world.config_path)
     tag_key = derive_keys(config.clients[client].secret, config.server_id).tag_key
     tag = knock_tag(tag_key, step_of(world.clock.now))
     for source in sources:
-        server_.handle(b"\x01" + tag + os.urandom(152), source)
+        server.handle(b"\x01" + tag + os.urandom(152), source)
 
 
 def test_a_client_known_from_an_address_passes_a_flood_of_its_own_tag_after_a_restart(
