@@ -3,7 +3,10 @@
 Invariants (docs/protocol.md, "Verification order"; STYLE principle 3):
 - Checks run cheapest first and stop at the first failure: exact length,
   version, knock-tag lookup (one dict lookup), the forged-packet limits
-  (spa.core.limits), a replay-cache membership test (a set lookup: a
+  (spa.core.limits: per tag and per (tag, source), never per source alone;
+  a refusal there that any source could meet seals the tag for sources its
+  client is not trusted from, so a refused knock is never handed over to
+  another address), a replay-cache membership test (a set lookup: a
   replayed packet costs no cryptography), HMAC (constant time), AEAD
   decryption, strict body parse, time window and step consistency, the
   replay cache's record, policy.  No cryptography runs for a packet with an
@@ -203,7 +206,10 @@ class Verifier:
         # a rotated-out secret in its grace period is keyed NAME~old
         client = key_name.partition("~")[0] if "~" in key_name else key_name
         limiter = self.limiter
-        if limiter.blocked(tag, source, client, now):
+        # no packet with this tag passes the time window after this (its timestamp is in the
+        # tag's step): how long a seal must last (spa.core.limits)
+        live_until = step_start(tag_step + 1) + self.window
+        if limiter.blocked(tag, source, client, now, live_until):
             return Refused(Reason.RATE_LIMITED, client)
         nonce = packet[NONCE_OFFSET : NONCE_OFFSET + NONCE_SIZE]
         if self.replay.seen(client, nonce):
@@ -213,7 +219,7 @@ class Verifier:
                                   self._macs[key_name])
         except PacketError as exc:
             if exc.reason in _AUTHENTICATION:
-                limiter.failed(tag, source, now)
+                limiter.failed(tag, source, client, now, live_until)
             return Refused(exc.reason, client)
         sent = request.timestamp_ms / 1000
         if now - sent > self.window:

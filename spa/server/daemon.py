@@ -39,6 +39,7 @@ from spa.core.errors import AFTER_AUTHENTICATION, Reason
 from spa.core.keys import derive_keys
 from spa.core.knock import STEP_SECONDS, knock_tag, step_of, step_start, steps_for_window
 from spa.core.leases import Allow, FirewallAction, LeaseTable
+from spa.core.limits import FailureLimiter, TrustEntry
 from spa.core.otp import OtpChecker
 from spa.core.policy import Policy
 from spa.core.verify import Accepted, Refused, Verifier
@@ -66,6 +67,7 @@ REPLAYS_TO_BLOCK = 20  # copies of one packet in one second that put its nonce i
 MAX_BLOCKED_NONCES = 64  # nonces the kernel filter drops at most (5 BPF instructions each)
 DROPS_EVERY = 5.0  # seconds between readings of the firewall's drop counters
 MAX_KNOCKED_SOURCES = 10_000  # sources remembered as clients' (scan detection)
+TRUST_SAVE_EVERY = 10.0  # seconds between saves of the limiter's trusted sources, if changed
 
 Clock = Callable[[], float]
 Log = Callable[[str], None]
@@ -134,6 +136,9 @@ class Server:
         self._pending: frozenset[str] = frozenset()
         self._activated_dirty = False
         self._otp_dirty = False
+        self._trust_saved = 0  # the limiter's trust_revision last saved
+        self._last_trust_save = 0.0
+        self._pending_trust: list[TrustEntry] | None = None  # snapshot to write
         self._scans = ScanDetector()
         self._knocked: dict[str, Knock] = {}  # source -> its last authenticated knock
         self._client_ports = self._ports_of(config)
@@ -167,9 +172,13 @@ class Server:
         otp = OtpChecker(self.config.otp_secrets(), self.state.load_otp_steps(),
                          on_use=self._otp_used)
         self._grace = self._grace_of(self.config, now)
+        limiter = FailureLimiter()
+        limiter.restore_trust(self._load_trust(), now)
+        self._trust_saved = limiter.trust_revision
         self.verifier = Verifier(self.config.server_id, self.config.secrets(now),
                                  self._policy_of(self.config), now=now,
-                                 window=self.config.window, replay=replay, otp=otp)
+                                 window=self.config.window, replay=replay, otp=otp,
+                                 limiter=limiter)
         closed = {n for n, c in self.config.clients.items() if c.close_leases}
         saved = [lease for lease in self.state.load_leases() if lease.service in
                  self.config.services and lease.client not in closed]
@@ -317,6 +326,7 @@ class Server:
         except LocalError as exc:  # the gate keeper is gone: save what we know all the same
             self.log(f"error firewall: {exc}")
         self._save(now)
+        self.state.save_trust(self.verifier.limiter.dump_trust(now))  # nothing receives now
         self.state.compact_now(self.verifier.replay)
         self.state.close()
         self.source.close()
@@ -505,6 +515,7 @@ class Server:
         self._update_kernel_filter(now)
         self._maybe_reload()
         self._save(now)
+        self._save_trust(now)
         self._compact_replay(now)
         written = self.events.flush(now)  # within the event budget of now's second
         if self.metrics is not None:
@@ -651,6 +662,37 @@ class Server:
                 self._pending_snapshot = self.state.rotate_journal(self.verifier.replay)
 
             self._commands.append(snapshot)
+
+    def _load_trust(self) -> list[TrustEntry]:
+        """The sources clients authenticated from before the restart (a
+        damaged file costs that shield, never the start)."""
+        try:
+            rows = self.state.load_trust()
+        except LocalError as exc:
+            self.log(f"warning {exc}; no source is trusted until its client knocks again")
+            return []
+        return [row for row in rows if row[0] in self.config.clients]
+
+    def _save_trust(self, now: float) -> None:
+        """At most every TRUST_SAVE_EVERY seconds, when trust changed: the
+        receive thread snapshots the limiter (it owns it), the next round
+        writes the snapshot."""
+        pending = self._pending_trust
+        if pending is not None:  # the snapshot ran: nothing else sets it now
+            self._pending_trust = None
+            self.state.save_trust(pending)
+            return
+        limiter = self.verifier.limiter
+        if (limiter.trust_revision == self._trust_saved
+                or now - self._last_trust_save < TRUST_SAVE_EVERY):
+            return
+        self._last_trust_save = now
+
+        def snapshot() -> None:
+            self._trust_saved = limiter.trust_revision
+            self._pending_trust = limiter.dump_trust(self.clock())
+
+        self._commands.append(snapshot)
 
     def _save(self, now: float) -> None:
         if self._otp_dirty:

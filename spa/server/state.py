@@ -11,6 +11,9 @@ Invariants:
   each entry is in a dump or a journal that `load_replay` reads.
 - `leases.json` is replaced atomically, so `spa-server status` in another
   process always reads a whole file.
+- `trust.json` keeps the sources each client authenticated from (bounded,
+  with their expiry), so a restart does not leave known clients open to a
+  flood of their own tag; a damaged one is said and forgotten, never fatal.
 - Files are 0600 and the directory 0700.
 - No link is followed (docs/threat-model.md, "Links the service user
   plants"): every file is opened relative to the directory's descriptor with
@@ -54,6 +57,8 @@ RUN_DIR = Path("/run/spa")  # root's daemons lock here (root-owned), never in th
 OTP_STEPS = "otp.json"  # the last authenticator-code time step each client used
 DROPS = "drops.json"  # the drop counters' last reading: (source, port) -> packets
 ACTIVATED = "activated.json"  # pending enrollments used in time: name -> the enroll_by it met
+TRUST = "trust.json"  # (client, source, until) the forged-packet limiter trusts (spa.core.limits)
+MAX_TRUST_ROWS = 65_536  # rows read from it at most (16 per client are kept)
 T = TypeVar("T")
 
 
@@ -240,6 +245,23 @@ class StateDir:
             return {(str(source), int(port)): int(count) for source, port, count in rows}
         except (LocalError, KeyError, TypeError, ValueError):
             return {}
+
+    def save_trust(self, entries: list[tuple[str, str, float]]) -> None:
+        rows = [[client, source, until] for client, source, until in entries[-MAX_TRUST_ROWS:]]
+        self._save(TRUST, json.dumps({"version": 1, "trusted": rows}).encode())
+
+    def load_trust(self) -> list[tuple[str, str, float]]:
+        """Saved (client, source, until) rows, at most MAX_TRUST_ROWS (the
+        latest).  Raises LocalError if damaged."""
+        data = self._read_json(TRUST)
+        if data is None:
+            return []
+        rows = data.get("trusted") if isinstance(data, dict) else None
+        if not isinstance(rows, list) or not all(
+                isinstance(row, list) and len(row) == 3 and isinstance(row[0], str)
+                and isinstance(row[1], str) and type(row[2]) in (int, float) for row in rows):
+            raise LocalError(f"{self.path / TRUST} is damaged")
+        return [(client, source, float(until)) for client, source, until in rows[-MAX_TRUST_ROWS:]]
 
     def save_otp_steps(self, steps: dict[str, int]) -> None:
         self._save(OTP_STEPS, json.dumps({"version": 1, "last": steps}).encode())

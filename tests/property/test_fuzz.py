@@ -28,8 +28,8 @@ from tests.world import NOW, SERVER_ID, SRC, Knocker, keys, verifier
 
 VERIFIER = verifier()  # shared: nothing below is ever accepted by it
 # Each check's own reason, without the forged-packet limits (tested in
-# tests/unit/test_limits.py) cutting in after PER_SOURCE failures.
-UNLIMITED = verifier(limiter=FailureLimiter(per_tag=10**9, per_source=10**9))
+# tests/unit/test_limits.py) cutting in after PER_PAIR failures.
+UNLIMITED = verifier(limiter=FailureLimiter(per_tag=10**9, per_pair=10**9, per_trusted_pair=10**9))
 
 
 def live_tag(client: str = "alice") -> bytes:
@@ -95,7 +95,7 @@ def expected_reason_for_flip(position: int) -> Reason:
 @pytest.mark.parametrize("client", ["alice", "carol"])
 def test_every_single_bit_flip_is_refused_for_the_right_reason(client: str) -> None:
     packet = Knocker(client).packet("ssh", duration=60)
-    fresh = verifier(limiter=FailureLimiter(per_tag=10**9, per_source=10**9))
+    fresh = verifier(limiter=FailureLimiter(per_tag=10**9, per_pair=10**9, per_trusted_pair=10**9))
     for position in range(PACKET_SIZE):
         for bit in range(8):
             mutated = bytearray(packet)

@@ -19,7 +19,7 @@ from spa.core.verify import Accepted, Refused
 from spa.core.wire import NONCE_OFFSET, Action
 from spa.server import admin
 from spa.server import config as config_mod
-from spa.server.daemon import STAGE_AHEAD, TICK
+from spa.server.daemon import STAGE_AHEAD, TICK, Server
 from spa.server.sources import FakeFilteredSource, FakeSource, filter_note
 from tests.server_world import START, World
 
@@ -621,3 +621,91 @@ def test_a_gate_taken_away_is_put_back_with_its_leases_and_said_so(world: World)
     assert "removed by another program" in facts["gate"]["last"]
     server.housekeeping()
     assert len([line for line in world.logs if line.startswith("warning firewall:")]) == 1
+
+
+def _flood(world: World, server: Server, client: str, sources: Sequence[str]) -> None:
+    """Forgeries behind `client`'s live tag, one from each source."""
+    config = config_mod.load(world.config_path)
+    tag_key = derive_keys(config.clients[client].secret, config.server_id).tag_key
+    tag = knock_tag(tag_key, step_of(world.clock.now))
+    for source in sources:
+        server.handle(b"\x01" + tag + os.urandom(152), source)
+
+
+def test_a_client_known_from_an_address_passes_a_flood_of_its_own_tag_after_a_restart(
+        tmp_path: Path) -> None:
+    """Trust survives a restart (a crash, even): a client that authenticated
+    from an address before still gets in from there through a flood of its own
+    tag, from that very address (60 a second) and from 300 spoofed ones."""
+    world = World(tmp_path)
+    world.init()
+    world.enroll("alice")
+    server = world.start()
+    assert isinstance(server.handle(world.packet("alice", duration=60), A), Accepted)
+    for _ in range(3):  # housekeeping saves it (the receive thread takes the snapshot)
+        world.clock.advance(TICK)
+        server.housekeeping()
+        server.run_commands()
+    server.state.close()  # kill -9: no shutdown
+    world.clock.advance(5)
+    server = world.start()
+    spoofed = [f"198.51.100.{i % 250 + 1}" for i in range(300)]
+    for second in range(20):
+        _flood(world, server, "alice", [A] * 60 + spoofed)
+        result = server.handle(world.packet("alice", duration=60), A)
+        assert isinstance(result, Accepted), (second, result)
+        world.clock.advance(1)
+
+
+def test_trust_is_saved_when_it_changes_and_expired_rows_are_dropped_at_start(
+        tmp_path: Path) -> None:
+    world = World(tmp_path)
+    world.init()
+    world.enroll("alice")
+    world.enroll("bob", "https")
+    server = world.start()
+    trust = tmp_path / "state" / "trust.json"
+    assert isinstance(server.handle(world.packet("alice", duration=60), A), Accepted)
+    assert isinstance(server.handle(world.packet("bob", "https", duration=60), B), Accepted)
+    for _ in range(2):
+        server.housekeeping()
+        server.run_commands()
+    saved = trust.stat().st_mtime_ns
+    assert (trust.stat().st_mode & 0o777) == 0o600
+    for _ in range(100):  # nothing new: never written again
+        world.clock.advance(TICK)
+        server.housekeeping()
+        server.run_commands()
+    assert trust.stat().st_mtime_ns == saved
+    assert server.state.load_trust() == [("alice", A, START + 3600), ("bob", B, START + 3600)]
+    server.shutdown()
+    server.state.save_trust([*server.state.load_trust(), ("zed", A, START + 3600)])
+    world.clock.advance(3500)
+    server = world.start()
+    limiter = server.verifier.limiter
+    assert limiter.trusted_sources("alice", world.clock.now) == [A]
+    assert limiter.trusted_sources("bob", world.clock.now) == [B]
+    assert limiter.trusted_sources("zed", world.clock.now) == []  # not a client here
+    server.shutdown()
+    world.clock.advance(200)  # past the hour
+    server = world.start()
+    assert server.verifier.limiter.trusted_sources("alice", world.clock.now) == []
+
+
+def test_a_damaged_trust_file_is_one_line_and_no_trust_never_a_crash(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    world.init()
+    world.enroll("alice")
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    for damage in (b"{not json", b'{"version": 1, "trusted": [["alice", 3, "x"]]}', b"[]"):
+        (state / "trust.json").write_bytes(damage)
+        world.logs.clear()
+        server = world.start()
+        assert [line for line in world.logs if "trust.json" in line] == [
+            f"warning {state / 'trust.json'} is damaged"
+            + (" (not JSON)" if damage.startswith(b"{not") else "")
+            + "; no source is trusted until its client knocks again"]
+        assert isinstance(server.handle(world.packet("alice", duration=60), A), Accepted)
+        server.shutdown()
+        assert server.state.load_trust() == [("alice", A, world.clock.now + 3600)]

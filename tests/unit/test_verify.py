@@ -322,3 +322,26 @@ def test_a_pending_enrollment_is_judged_by_the_packets_own_time() -> None:
     assert isinstance(v.verify(alice.packet(at=NOW + 9), SRC, NOW + 20), Accepted)
     v.policy = replace(pending, activated=frozenset({"alice"}))
     assert isinstance(v.verify(alice.packet(at=NOW + 20), SRC, NOW + 20), Accepted)
+
+
+# ---- issue 13, finding 1: a rate-limited knock is not handed over ----------
+
+
+def test_a_rate_limited_packet_resent_from_another_address_is_not_accepted() -> None:
+    """A spoofed flood of alice's captured tag gets her knock from an address
+    she never used refused `rate_limited`; the attacker, who saw the knock,
+    resends it from its own address once the flood has stopped, every second
+    while the packet could pass the time window: never accepted."""
+    v = verifier()
+    tag = knock_tag(keys("alice").tag_key, step_of(NOW))
+    for i in range(1000):
+        forged = b"\x01" + tag + bytes([i % 256, i // 256]) * 76
+        v.verify(forged, ipaddress.ip_address(f"198.51.{i // 250}.{i % 250 + 1}"), NOW)
+    knock = Knocker("alice").packet(at=NOW + 0.5)
+    assert reason(v.verify(knock, SRC, NOW + 0.5)) is Reason.RATE_LIMITED
+    attacker = ipaddress.ip_address("203.0.113.66")
+    for second in range(1, 61):
+        result = v.verify(knock, attacker, NOW + 0.5 + second)
+        assert not isinstance(result, Accepted), second
+        again = v.verify(knock, SRC, NOW + 0.5 + second)  # nor from where it came
+        assert not isinstance(again, Accepted), second
