@@ -35,8 +35,8 @@ MAX_TRUSTED = 65_536  # trusted pairs kept (only authenticated packets add one)
 
 
 class FailureLimiter:
-    __slots__ = ("_second", "_sources", "_tags", "_trusted", "max_sources", "max_trusted",
-                 "per_source", "per_tag", "trust_seconds")
+    __slots__ = ("_second", "_sources", "_tag_clients", "_tags", "_trusted", "max_sources",
+                 "max_trusted", "per_source", "per_tag", "trust_seconds")
 
     def __init__(self, *, per_tag: int = PER_TAG, per_source: int = PER_SOURCE,
                  trust_seconds: float = TRUST_SECONDS, max_sources: int = MAX_SOURCES,
@@ -53,6 +53,7 @@ class FailureLimiter:
         self._tags: dict[bytes, int] = {}
         self._sources: dict[Hashable, int] = {}
         self._trusted: dict[tuple[str, Hashable], float] = {}
+        self._tag_clients: dict[bytes, str] = {}  # stand-in: tags over a limit this second
 
     def blocked(self, tag: bytes, source: Hashable, client: str, now: float) -> bool:
         """Whether to refuse this packet before any cryptography."""
@@ -61,10 +62,12 @@ class FailureLimiter:
             self._second = second
             self._tags.clear()
             self._sources.clear()
+            self._tag_clients.clear()
             return False
         if (self._tags.get(tag, 0) < self.per_tag
                 and self._sources.get(source, 0) < self.per_source):
             return False
+        self._tag_clients[tag] = client  # stand-in (shut_tags), off the common path
         until = self._trusted.get((client, source))
         return until is None or until <= now
 
@@ -75,6 +78,7 @@ class FailureLimiter:
             self._second = second
             self._tags.clear()
             self._sources.clear()
+            self._tag_clients.clear()
         tags = self._tags
         tags[tag] = tags.get(tag, 0) + 1
         sources = self._sources
@@ -95,3 +99,22 @@ class FailureLimiter:
         """A revoked client's sources are trusted no more."""
         for key in [key for key in self._trusted if key[0] == client]:
             del self._trusted[key]
+
+    # stand-in, replaced by the per-pair limiter (issue 13): the two methods the
+    # daemon's kernel filter reads, built on what this class holds today
+    def shut_tags(self, now: float) -> dict[bytes, str]:
+        """The knock tags over their per-tag limit in the current second,
+        mapped to their client's name (stand-in: those seen refused since)."""
+        if int(now) != self._second:
+            return {}
+        clients, per_tag = self._tag_clients, self.per_tag
+        return {tag: clients[tag] for tag, count in self._tags.items()
+                if count >= per_tag and tag in clients}
+
+    def trusted_sources(self, client: str, now: float) -> list[str]:
+        """The source addresses (text, as passed to verify) from which
+        `client` authenticated within trust_seconds, most recent first, at
+        most 16 (stand-in)."""
+        found = sorted(((until, source) for (name, source), until in self._trusted.items()
+                        if name == client and until > now), key=lambda item: -item[0])
+        return [str(source) for _, source in found[:16]]

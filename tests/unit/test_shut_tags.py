@@ -1,0 +1,51 @@
+"""The shut tags' hold (spa.server.shut_tags), with a controlled clock."""
+
+from __future__ import annotations
+
+from spa.core.limits import FailureLimiter
+from spa.server.shut_tags import HOLD_SECONDS, ShutTags, read_shut
+
+T0 = 1_800_000_000.0
+TAG, OTHER = b"T" * 8, b"O" * 8
+
+
+def test_a_tag_seen_shut_once_a_second_stays_shut_and_lifts_after_the_hold() -> None:
+    """Seen in any one reading of every second (the sampled copies of a
+    steady flood cross the limit at some point in each second): shut at
+    every 0.2 s round for 60 s, the same value each time (no rebuilt
+    program); after the last sighting, lifted within HOLD_SECONDS + 1 s."""
+    shut, held = ShutTags(), []
+    for tick in range(300):
+        now = T0 + tick * 0.2
+        if tick % 5 == 4:  # late in each second: the worst case
+            shut.observe({TAG: ("198.51.100.7",)}, now)
+        if tick >= 4:
+            held.append(shut.current(now))
+    assert all(value == {TAG: ("198.51.100.7",)} for value in held)
+    last = T0 + 299 * 0.2  # the last round saw it
+    lifted = next(t for t in range(1, 100) if shut.current(last + t * 0.2) == {})
+    assert 0 < lifted * 0.2 <= HOLD_SECONDS + 1 + 1e-9
+
+
+def test_sources_follow_the_latest_reading_and_tags_lift_apart() -> None:
+    shut = ShutTags()
+    shut.observe({TAG: ("a",), OTHER: ()}, T0)
+    shut.observe({TAG: ("b", "a")}, T0 + 1.5)
+    shut.observe({TAG: ("b", "a")}, T0 + 1.5)  # the same reading again: no change
+    assert shut.current(T0 + 1.9) == {OTHER: (), TAG: ("b", "a")}
+    assert shut.current(T0 + 1 + HOLD_SECONDS) == {TAG: ("b", "a")}
+    assert shut.current(T0 + 2 + HOLD_SECONDS) == {}
+
+
+def test_read_shut_gives_each_tag_its_clients_known_sources() -> None:
+    """From the limiter's two methods alone: over the limit in this second,
+    and the sources its client authenticated from, most recent first."""
+    limiter = FailureLimiter(per_tag=3, per_source=1000)
+    limiter.trust("alice", "198.51.100.7", T0 - 100)
+    limiter.trust("alice", "2001:db8::7", T0 - 10)
+    for i in range(5):
+        if not limiter.blocked(TAG, f"203.0.113.{i}", "alice", T0):
+            limiter.failed(TAG, f"203.0.113.{i}", T0)
+    limiter.failed(OTHER, "203.0.113.9", T0)  # under its limit
+    assert read_shut(limiter, T0 + 0.5) == {TAG: ("2001:db8::7", "198.51.100.7")}
+    assert read_shut(limiter, T0 + 1.0) == {}, "the next second"
