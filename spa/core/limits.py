@@ -35,8 +35,8 @@ MAX_TRUSTED = 65_536  # trusted pairs kept (only authenticated packets add one)
 
 
 class FailureLimiter:
-    __slots__ = ("_second", "_sources", "_tag_clients", "_tags", "_trusted", "max_sources",
-                 "max_trusted", "per_source", "per_tag", "trust_seconds")
+    __slots__ = ("_refused", "_second", "_sources", "_tag_clients", "_tags", "_trusted",
+                 "max_sources", "max_trusted", "per_source", "per_tag", "trust_seconds")
 
     def __init__(self, *, per_tag: int = PER_TAG, per_source: int = PER_SOURCE,
                  trust_seconds: float = TRUST_SECONDS, max_sources: int = MAX_SOURCES,
@@ -54,6 +54,7 @@ class FailureLimiter:
         self._sources: dict[Hashable, int] = {}
         self._trusted: dict[tuple[str, Hashable], float] = {}
         self._tag_clients: dict[bytes, str] = {}  # stand-in: tags over a limit this second
+        self._refused: dict[bytes, int] = {}  # stand-in: their packets refused this second
 
     def blocked(self, tag: bytes, source: Hashable, client: str, now: float) -> bool:
         """Whether to refuse this packet before any cryptography."""
@@ -63,13 +64,17 @@ class FailureLimiter:
             self._tags.clear()
             self._sources.clear()
             self._tag_clients.clear()
+            self._refused.clear()
             return False
         if (self._tags.get(tag, 0) < self.per_tag
                 and self._sources.get(source, 0) < self.per_source):
             return False
         self._tag_clients[tag] = client  # stand-in (shut_tags), off the common path
         until = self._trusted.get((client, source))
-        return until is None or until <= now
+        if until is None or until <= now:
+            self._refused[tag] = self._refused.get(tag, 0) + 1
+            return True
+        return False
 
     def failed(self, tag: bytes, source: Hashable, now: float) -> None:
         """Count one authentication failure."""
@@ -79,6 +84,7 @@ class FailureLimiter:
             self._tags.clear()
             self._sources.clear()
             self._tag_clients.clear()
+            self._refused.clear()
         tags = self._tags
         tags[tag] = tags.get(tag, 0) + 1
         sources = self._sources
@@ -104,12 +110,14 @@ class FailureLimiter:
     # daemon's kernel filter reads, built on what this class holds today
     def shut_tags(self, now: float) -> dict[bytes, str]:
         """The knock tags over their per-tag limit in the current second,
-        mapped to their client's name (stand-in: those seen refused since)."""
+        mapped to their client's name (stand-in: failures and refusals
+        together, so that a flood from one source, which its source's limit
+        stops at per_source failures, counts too)."""
         if int(now) != self._second:
             return {}
-        clients, per_tag = self._tag_clients, self.per_tag
-        return {tag: clients[tag] for tag, count in self._tags.items()
-                if count >= per_tag and tag in clients}
+        failed, refused, per_tag = self._tags, self._refused, self.per_tag
+        return {tag: client for tag, client in self._tag_clients.items()
+                if failed.get(tag, 0) + refused.get(tag, 0) >= per_tag}
 
     def trusted_sources(self, client: str, now: float) -> list[str]:
         """The source addresses (text, as passed to verify) from which

@@ -49,3 +49,13 @@ def test_read_shut_gives_each_tag_its_clients_known_sources() -> None:
     limiter.failed(OTHER, "203.0.113.9", T0)  # under its limit
     assert read_shut(limiter, T0 + 0.5) == {TAG: ("2001:db8::7", "198.51.100.7")}
     assert read_shut(limiter, T0 + 1.0) == {}, "the next second"
+
+
+def test_a_flood_from_one_source_shuts_its_tag_too() -> None:
+    """One source stops at its own limit (per_source failures a second); the
+    copies refused after it count toward the tag's limit all the same."""
+    limiter = FailureLimiter(per_tag=200, per_source=50)
+    for _ in range(300):
+        if not limiter.blocked(TAG, "203.0.113.1", "alice", T0):
+            limiter.failed(TAG, "203.0.113.1", T0)
+    assert read_shut(limiter, T0) == {TAG: ()}
