@@ -39,8 +39,9 @@ with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
 
 
 def counted(spa: Spa, outcome: str, source: str, since: float) -> int:
-    return sum(int(e["count"] or 1) for e in spa.events()  # type: ignore[call-overload]
-               if e["outcome"] == outcome and e["source"] == source and e["time"] >= since)
+    return sum(int(str(e["count"])) for e in spa.events()
+               if e["outcome"] == outcome and e["source"] == source
+               and float(str(e["time"])) >= since)
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc for benchmarks/flood.c")
