@@ -10,6 +10,14 @@ address.  What the attacker sends (--kind):
           flood, captured and replayed as it is (benchmark 4)
   forged  that knock's live tag with random bytes behind it: what someone
           who saw one knock can make the server check (spa-server only)
+The client (--client): `new`, each knock from a new address of its
+namespace (an address it never knocked from); `known`, 16 addresses it
+authenticated from before the flood (one knock each, a 1 s lease), knocked
+from in turn, each knock asking for a 1 s lease and an address knocking again
+only 1.5 s after its last knock (so each knock needs a grant of its own).
+For --kind forged the flood starts early enough in a 30 s tag step to end
+inside it: the client's knocks carry the flooded tag throughout.  Several
+kinds (--kind forged,junk) run one after the other and print one table.
 Reported: packets offered per second and in all, knocks granted during the
 flood and their knock-to-open latency, the server's CPU idle and flooded,
 its refusals per second (spa-server: from its event store; fwknopd: the
@@ -17,7 +25,8 @@ its refusals per second (spa-server: from its event store; fwknopd: the
 modes), and the server's resident memory before, at most during, and after
 the flood (benchmark 6).  Needs root and gcc.
 
-    .venv/bin/python benchmarks/bench_flood.py [--kind junk] [--seconds 10] [--only spa-capture,...]
+    .venv/bin/python benchmarks/bench_flood.py [--kind junk[,forged]] [--seconds 10]
+        [--client new|known] [--only spa-capture,...]
 """
 
 from __future__ import annotations
@@ -46,11 +55,18 @@ from bench_latency import (
     start_spa,
 )
 
+from spa.core.knock import STEP_SECONDS
+from spa.core.uri import parse
+from spa.core.wire import NONCE_SIZE, Action
 from spa.netns import Namespace, can_make_namespaces
+from spa_client import knock
 
 INTERVAL = 0.1  # seconds between legitimate knocks
 CLIENT_PREFIX = "10.201."  # the client namespace's knock addresses (bench_latency.sources)
 TICKS = os.sysconf("SC_CLK_TCK")
+KNOWN_SOURCES = 16  # --client known: addresses (the limiter trusts a client's 16 most recent)
+LEASE = 1  # seconds each knock asks for with --client known
+REUSE = 1.5  # seconds before a known address knocks again (its last lease has ended)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -174,19 +190,42 @@ def attack_argv(flood: Path, kind: str, seconds: float,
     return [*argv, ATTACKER_SERVER, str(KNOCK_PORT), str(seconds)]
 
 
-def run_one(name: str, kind: str, seconds: float, flood: Path) -> Row:
+def align_to_step(seconds: float) -> None:
+    """Wait, if need be, for a tag step with room for the idle reading (3 s),
+    the flood's ramp (1 s) and the flood."""
+    left = STEP_SECONDS - time.time() % STEP_SECONDS
+    if left < seconds + 6:
+        time.sleep(left + 0.2)
+
+
+def run_one(name: str, kind: str, seconds: float, flood: Path, client: str) -> Row:
     knocks_wanted = int((seconds - 2) / INTERVAL)
+    known = client == "known"
+    count = KNOWN_SOURCES if known else knocks_wanted + 1
     root = Path(tempfile.mkdtemp(prefix="spa-flood-"))
-    site = Site(root, knocks_wanted + 1, attacker=True)
+    site = Site(root, count, attacker=True)
     try:
         mode, start = starter(name)
-        server, knocks = start(site, knocks_wanted + 1, mode)
+        server, knocks = start(site, count, mode)
         captured = None
-        if kind != "junk":  # the client's knock, granted, then captured
-            assert site.probe(knocks[-1:], timeout=5.0)[0] is not None, "the knock did not open"
-            captured = root / "captured"
-            captured.write_bytes(knocks[-1][1])
-        knocks = knocks[:-1]
+        if known:  # every address authenticates first (its 1 s lease ends before the flood)
+            primed = site.probe(knocks, fresh=True, duration=LEASE, timeout=5.0)
+            assert all(r is not None for r in primed), "a priming knock did not open"
+            plan = [knocks[i % count] for i in range(knocks_wanted)]
+            if kind == "forged":  # the client's packet of the step the flood runs in
+                align_to_step(seconds)
+                assert site.spa_uri is not None
+                captured = root / "captured"
+                captured.write_bytes(knock.make_packet(
+                    parse(site.spa_uri), Action.OPEN, "ssh", duration=LEASE, address=None,
+                    now=time.time(), nonce=os.urandom(NONCE_SIZE)))
+        else:
+            if kind != "junk":  # the client's knock, granted, then captured
+                assert site.probe(knocks[-1:], timeout=5.0)[0] is not None, \
+                    "the knock did not open"
+                captured = root / "captured"
+                captured.write_bytes(knocks[-1][1])
+            plan = knocks[:-1]
         idle_before = cpu_seconds(server.pid)
         time.sleep(3)
         idle = (cpu_seconds(server.pid) - idle_before) / 3
@@ -200,8 +239,10 @@ def run_one(name: str, kind: str, seconds: float, flood: Path) -> Row:
         time.sleep(1)  # let the flood reach full rate
         # only knocks sent while the flood lasts count (one that times out
         # delays the next by up to a second)
-        results = site.probe(knocks, interval=INTERVAL, timeout=1.0,
-                             fresh=name.startswith("spa"), until=flood_started + seconds - 1)
+        results = site.probe(plan, interval=INTERVAL, timeout=1.0,
+                             fresh=name.startswith("spa"), until=flood_started + seconds - 1,
+                             duration=LEASE if known else 60,
+                             reuse_after=REUSE if known else 0.0)
         out, _ = sender.communicate(timeout=seconds + 30)
         busy = (cpu_seconds(server.pid) - busy_before) / (time.monotonic() - t0)
         rss_peak = sampler.stop()
@@ -236,25 +277,34 @@ def starter(name: str) -> tuple[str, Starter]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kind", default="junk", choices=["junk", "replay", "forged"])
+    parser.add_argument("--kind", default="junk",
+                        help="junk, replay, forged, or several: forged,junk")
+    parser.add_argument("--client", default="new", choices=["new", "known"])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--only", default="spa-capture,spa-udp,fwknopd-udp,fwknopd-pcap")
     args = parser.parse_args()
+    kinds = args.kind.split(",")
+    if not set(kinds) <= {"junk", "replay", "forged"} or (
+            args.client == "known" and "replay" in kinds):
+        parser.error("--kind: junk, replay or forged, comma-separated (--client known: "
+                     "junk and forged)")
     chosen = servers_to_run("bench_flood", args.only,
-                            spa_only=args.kind == "forged")  # fwknopd has no tag: junk
+                            spa_only=kinds == ["forged"])  # fwknopd has no tag: junk
     if chosen is None:
         return 2
     build = Path(tempfile.mkdtemp(prefix="spa-flood-bin-"))
     try:
         flood = compile_flood(build)
-        rows = [run_one(name, args.kind, args.seconds, flood) for name in chosen]
+        rows = [run_one(name, kind, args.seconds, flood, args.client)
+                for kind in kinds for name in chosen
+                if not (kind == "forged" and name.startswith("fwknopd"))]
     finally:
         shutil.rmtree(build, ignore_errors=True)
     print(f"{args.kind} flood for {args.seconds:g} s, a legitimate knock every "
-          f"{INTERVAL * 1000:.0f} ms")
-    print(f"{'server':<13} {'sent':>10} {'offered/s':>10} {'granted':>11} {'p50 ms':>7} "
-          f"{'p99 ms':>7} {'cpu idle':>8} {'cpu flood':>9} {'refused/s':>9} {'drops':>9} "
-          f"{'RSS MB before/peak/after':>24}")
+          f"{INTERVAL * 1000:.0f} ms, client from {args.client} addresses")
+    print(f"{'kind':<7} {'server':<13} {'sent':>10} {'offered/s':>10} {'granted':>11} "
+          f"{'p50 ms':>7} {'p99 ms':>7} {'cpu idle':>8} {'cpu flood':>9} {'refused/s':>9} "
+          f"{'drops':>9} {'RSS MB before/peak/after':>24}")
 
     def ms(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}"
@@ -262,7 +312,7 @@ def main() -> int:
     for row in rows:
         refused = "-" if row.refused_per_s is None else f"{row.refused_per_s:,.0f}"
         rss = f"{row.rss_before:.1f}/{row.rss_peak:.1f}/{row.rss_after:.1f}"
-        print(f"{row.server:<13} {row.sent:>10,} {row.offered_pps:>10,.0f} "
+        print(f"{row.kind:<7} {row.server:<13} {row.sent:>10,} {row.offered_pps:>10,.0f} "
               f"{row.granted:>5}/{row.knocks:<5} {ms(row.p50):>7} {ms(row.p99):>7} "
               f"{row.cpu_idle:>8.1%} {row.cpu_flood:>9.1%} {refused:>9} "
               f"{'-' if row.drops is None else f'{row.drops:,}':>9} {rss:>24}")

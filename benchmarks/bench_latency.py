@@ -70,16 +70,20 @@ class Site:
 
     def probe(self, knocks: list[tuple[str, bytes]], *, interval: float = 0.0,
               timeout: float = 2.0, fresh: bool = False,
-              until: float | None = None) -> list[float | None]:
+              until: float | None = None, duration: int = 60,
+              reuse_after: float = 0.0) -> list[float | None]:
         """Send the knocks from the client namespace, timing each to the first
         connect.  fresh=True: spa-server knocks are made just before sending
         (for runs longer than the 30 s window); `until` (Unix time): send
-        nothing after it (a knock that timed out delays the next ones)."""
+        nothing after it (a knock that timed out delays the next ones);
+        `duration`: the lease fresh knocks ask for; `reuse_after`: a source
+        knocks again only this long after its last knock."""
         spec = self.root / "spec.json"
         spec.write_text(json.dumps({"server": SERVER, "knock_port": KNOCK_PORT,
                                     "service_port": 22, "timeout": timeout,
                                     "interval": interval,
                                     "uri": self.spa_uri if fresh else None, "until": until,
+                                    "duration": duration, "reuse_after": reuse_after,
                                     "knocks": [[s, p.hex()] for s, p in knocks]}))
         done = self.cli.run(sys.executable, str(HERE / "latency_probe.py"), str(spec),
                             timeout=600)

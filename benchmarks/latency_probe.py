@@ -8,6 +8,9 @@ SPEC: {"server": ip, "knock_port": n, "service_port": n, "timeout": s,
        "uri": spa1://... (optional: each knock is made just before it is sent,
               so that runs longer than the 30 s window stay fresh; the
               payloads given are then ignored),
+       "duration": s (optional, with uri: the lease each knock asks for; 60),
+       "reuse_after": s (optional: a source knocks again only this long after
+                      its last knock, so its last lease has ended; 0),
        "knocks": [[source_ip, payload_hex], ...]}
 For each knock: send the payload from its source address, then try TCP
 connects to the service from that same address (non-blocking, 0.2 ms
@@ -37,14 +40,14 @@ def opened(source: str, server: str, port: int) -> bool:
         sock.close()
 
 
-def fresh_knock(uri: str) -> bytes:
+def fresh_knock(uri: str, duration: int) -> bytes:
     import os
 
     from spa.core.uri import parse
     from spa.core.wire import NONCE_SIZE, Action
     from spa_client.knock import make_packet
 
-    return make_packet(parse(uri), Action.OPEN, "ssh", duration=60, address=None,
+    return make_packet(parse(uri), Action.OPEN, "ssh", duration=duration, address=None,
                        now=time.time(), nonce=os.urandom(NONCE_SIZE))
 
 
@@ -54,14 +57,18 @@ def main() -> None:
     interval = float(spec.get("interval", 0))
     uri = spec.get("uri")
     until = spec.get("until")
+    duration, reuse_after = int(spec.get("duration", 60)), float(spec.get("reuse_after", 0))
+    last: dict[str, float] = {}
     begin = time.perf_counter()
     for index, (source, payload) in enumerate(spec["knocks"]):
-        pause = begin + index * interval - time.perf_counter()
+        pause = max(begin + index * interval, last.get(source, 0) + reuse_after
+                    ) - time.perf_counter()
         if pause > 0:
             time.sleep(pause)
         if until is not None and time.time() >= until:
             break
-        data = fresh_knock(uri) if uri else bytes.fromhex(payload)
+        last[source] = time.perf_counter()
+        data = fresh_knock(uri, duration) if uri else bytes.fromhex(payload)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.bind((source, 0))
             started = time.perf_counter()

@@ -4,6 +4,8 @@ tests/netns)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from spa.server.capture import (
     BPF_ABS,
     BPF_B,
@@ -21,7 +23,9 @@ from spa.server.capture import (
     SKF_AD_OFF,
     SKF_AD_PKTTYPE,
     SKF_AD_PROTOCOL,
+    SKF_AD_RANDOM,
     SKF_AD_VLAN_TAG_PRESENT,
+    SKF_NET_OFF,
     Insn,
 )
 
@@ -56,8 +60,17 @@ def check_like_the_kernel(program: list[Insn]) -> None:
             valid = 0xFFFF
 
 
+def never_sampled() -> int:
+    return 1  # the kernel's random number: nonzero modulo any sample size
+
+
 def run_filter(program: list[Insn], frame: bytes, *, protocol: int, pkttype: int,
-               vlan: bool = False) -> int:
+               vlan: bool = False, network: bytes | None = None,
+               random: Callable[[], int] = never_sampled) -> int:
+    """Run `program` on `frame` (what the socket sees: for capture mode the
+    IP header on, for udp mode the UDP header on).  `network`: the packet
+    from its IP header (loads at SKF_NET_OFF), by default the frame itself;
+    `random`: the kernel's random numbers (SKF_AD_RANDOM)."""
     a = x = 0
     memory = [0] * 16
     pc = 0
@@ -91,6 +104,17 @@ def run_filter(program: list[Insn], frame: bytes, *, protocol: int, pkttype: int
                 if offset == SKF_AD_OFF + SKF_AD_VLAN_TAG_PRESENT:
                     a = int(vlan)
                     continue
+                if offset == SKF_AD_OFF + SKF_AD_RANDOM:
+                    a = random() & 0xFFFFFFFF
+                    continue
+                if SKF_NET_OFF <= offset < SKF_AD_OFF:
+                    data = frame if network is None else network
+                    start = offset - SKF_NET_OFF
+                    if start + width > len(data):
+                        return 0
+                    a = int.from_bytes(data[start:start + width], "big")
+                    continue
+                assert offset >= 0, f"an ancillary load we do not model: {insn}"
             elif insn.code & 0xE0 == BPF_IND:
                 offset = x + insn.k
             else:

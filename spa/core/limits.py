@@ -71,7 +71,8 @@ TrustEntry = tuple[str, str, float]  # client, source (as text), trusted until
 class FailureLimiter:
     """Owned by the receive thread (the verifier's); not thread-safe."""
 
-    __slots__ = ("_last_pairs", "_pairs", "_sealed", "_second", "_tags", "_trusted",
+    __slots__ = ("_last_pairs", "_last_refused", "_pairs", "_refused", "_sealed", "_second",
+                 "_tags", "_trusted",
                  "max_pairs", "new_reserve", "per_pair", "per_tag", "per_trusted_pair",
                  "trust_revision", "trust_seconds")
 
@@ -94,6 +95,9 @@ class FailureLimiter:
         self._pairs: dict[Pair, int] = {}  # failures this second
         self._last_pairs: dict[Pair, int] = {}  # the last second's
         self._sealed: dict[bytes, tuple[float, str]] = {}  # tag -> (until, client)
+        # tag -> (refusals before any cryptography, client): this second, the last
+        self._refused: dict[bytes, tuple[int, str]] = {}
+        self._last_refused: dict[bytes, tuple[int, str]] = {}
         # client -> {source: until}, in the order of the last authentication
         self._trusted: dict[str, dict[Hashable, float]] = {}
 
@@ -111,16 +115,18 @@ class FailureLimiter:
             if count < self.per_trusted_pair:
                 return False
             self._seal(tag, client, live_until)
-            return True
+            return self._refuse(tag, client)
         sealed = self._sealed.get(tag)
         if sealed is not None:
             if sealed[0] > now:
-                return True
+                return self._refuse(tag, client)
             del self._sealed[tag]
         used = self._tags.get(tag, 0)
         if count == 0 and pair not in self._last_pairs:
-            return used >= self.per_tag  # a pair not seen failing: the tag's whole budget
-        return count >= self.per_pair or used >= self.per_tag - self.new_reserve
+            # a pair not seen failing: the tag's whole budget
+            return used >= self.per_tag and self._refuse(tag, client)
+        return ((count >= self.per_pair or used >= self.per_tag - self.new_reserve)
+                and self._refuse(tag, client))
 
     def failed(self, tag: bytes, source: Hashable, client: str, now: float,
                live_until: float) -> None:
@@ -170,6 +176,20 @@ class FailureLimiter:
         until no packet carrying them can pass the time window."""
         return {tag: client for tag, (until, client) in self._sealed.items() if until > now}
 
+    def refusals(self, now: float) -> dict[bytes, tuple[int, str]]:
+        """Per tag, the packets refused before any cryptography in the last
+        whole second or this one (the larger), with their client: a flood
+        from one source spends only its pair's allowance and seals nothing,
+        yet every copy wakes the receive path (the kernel side shuts a tag
+        refused at a high rate, spa.server.shut_tags)."""
+        if int(now) > self._second + 1:
+            return {}
+        found = dict(self._last_refused) if int(now) == self._second else {}
+        for tag, (count, client) in self._refused.items():
+            if count > found.get(tag, (0, ""))[0]:
+                found[tag] = (count, client)
+        return found
+
     def trusted_sources(self, client: str, now: float) -> list[str]:
         """The sources (as the text passed to verify) `client` authenticated
         from within trust_seconds, most recent first, at most
@@ -201,6 +221,12 @@ class FailureLimiter:
         until = sources.get(source)
         return until is not None and until > now
 
+    def _refuse(self, tag: bytes, client: str) -> bool:
+        """Count a refusal before the cryptography (for `shut_tags`)."""
+        count = self._refused.get(tag)
+        self._refused[tag] = (1 if count is None else count[0] + 1, client)
+        return True
+
     def _seal(self, tag: bytes, client: str, until: float) -> None:
         self._sealed[tag] = (until, client)
 
@@ -209,7 +235,9 @@ class FailureLimiter:
         more second (they are not new), seals that ended are dropped."""
         second = int(now)
         self._last_pairs = self._pairs if second == self._second + 1 else {}
+        self._last_refused = self._refused if second == self._second + 1 else {}
         self._pairs = {}
+        self._refused = {}
         self._tags = {}
         self._second = second
         sealed = self._sealed

@@ -18,6 +18,12 @@ Invariants:
   port counts as its master's, and a frame still carrying a VLAN tag is
   dropped by the filter (it comes up again, untagged, on the VLAN's device),
   so the first copy of a frame is judged where its route lives.
+- A shut tag (a captured tag being flooded, over its failure limit) passes
+  only from the sources its client authenticated from, and one copy in
+  SHUT_SAMPLE from anywhere else (so the limiter goes on seeing the flood);
+  a tag that is not shut passes exactly as without the list.  Shut tags that
+  do not fit in the program pass as if not shut (docs/threat-model.md,
+  "Floods").
 """
 
 from __future__ import annotations
@@ -25,16 +31,24 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import ipaddress
 import os
 import select
 import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 from spa.server.errors import LocalError
-from spa.server.sources import BATCH, Datagram, filter_note
+from spa.server.sources import (
+    BATCH,
+    MAX_SHUT_SOURCES,
+    SHUT_SAMPLE,
+    Datagram,
+    Shut,
+    filter_note,
+)
 
 ETH_P_ALL = 0x0003
 ETH_P_IP = 0x0800
@@ -56,6 +70,8 @@ SKF_AD_OFF = -0x1000
 SKF_AD_PROTOCOL = 0
 SKF_AD_PKTTYPE = 4
 SKF_AD_VLAN_TAG_PRESENT = 48
+SKF_AD_RANDOM = 56  # a fresh 32-bit random number (prandom_u32)
+SKF_NET_OFF = -0x100000  # loads relative to the network header (udp mode sees UDP on)
 
 
 class Insn(NamedTuple):
@@ -117,37 +133,104 @@ Code = list[tuple[int, Label, Label, int] | str]
 
 
 def _word_blocks(values: Sequence[bytes], cells: tuple[int, int],
-                 hit: tuple[int, Label, Label, int]) -> Code:
+                 hit: tuple[int, Label, Label, int],
+                 jumps: Mapping[bytes, Label] | None = None) -> Code:
     """With A = M[cells[0]] = bytes 0-3 and M[cells[1]] = bytes 4-7 of a field:
     one five-instruction block per 8-byte value (a miss skips to the next
-    block, a hit runs `hit`, so no conditional jump leaves its block)."""
+    block, a hit runs `hit`, or jumps to `jumps[value]` where given, so no
+    conditional jump leaves its block)."""
     jeq = BPF_JMP | BPF_JEQ | BPF_K
     code: Code = []
     for value in values:
+        if jumps and value in jumps:
+            hit_here: tuple[int, Label, Label, int] = (BPF_JA, jumps[value], 0, 0)
+        else:
+            hit_here = hit
         high, low = int.from_bytes(value[:4], "big"), int.from_bytes(value[4:8], "big")
         code += [
             (jeq, 0, 4, high),                          # miss: to the next block
             (BPF_LD | BPF_MEM, 0, 0, cells[1]),
             (jeq, 0, 1, low),                           # miss: restore A, go on
-            hit,
+            hit_here,
             (BPF_LD | BPF_MEM, 0, 0, cells[0]),
         ]
     return code
 
 
-def _tag_blocks(tags: Sequence[bytes], nonces: Sequence[bytes] = ()) -> Code:
+def _tag_blocks(tags: Sequence[bytes], nonces: Sequence[bytes] = (),
+                shut: Shut | None = None, base: int = 0) -> Code:
     """The tag list (tag in M[0], M[1]): no tag matched drops.  With
     `nonces` (the first 8 bytes of replayed packets' nonces, in M[2], M[3]),
-    a tag hit goes on to the nonce list, where a hit drops and the end accepts."""
-    if not nonces:
-        return [*_word_blocks(tags, (0, 1), _ACCEPT), _DROP]
-    return [*_word_blocks(tags, (0, 1), (BPF_JA, "nonces", 0, 0)), _DROP,
-            "nonces", (BPF_LD | BPF_MEM, 0, 0, 2),
-            *_word_blocks(nonces, (2, 3), _DROP), _ACCEPT]
+    a tag hit goes on to the nonce list, where a hit drops and the end accepts.
+    With `shut`, a hit on a shut tag goes first through its sources (the
+    network header at `base`), see _shut_code."""
+    passed = _ACCEPT if not nonces else (BPF_JA, "nonces", 0, 0)
+    jumps, checks = _shut_code(shut or {}, base, passed)
+    code: Code = [*_word_blocks(tags, (0, 1), passed, jumps), _DROP, *checks]
+    if nonces:
+        code += ["nonces", (BPF_LD | BPF_MEM, 0, 0, 2), *_word_blocks(nonces, (2, 3), _DROP),
+                 _ACCEPT]
+    return code
+
+
+def _addresses(sources: Sequence[str]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    found = []
+    for text in sources[:MAX_SHUT_SOURCES]:
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            continue  # not an address (a name in a test): it matches no packet
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # a dual-stack socket's way of saying IPv4
+        found.append(address)
+    return found
+
+
+def _source_check(label: str, sources: Sequence[str], base: int,
+                  passed: tuple[int, Label, Label, int]) -> Code:
+    """From `label`: the IPv4 source is one word compared per source, the
+    IPv6 source four (an eight-instruction block per source whose misses
+    stay inside it); a known source runs `passed`, any other source does too
+    when the kernel's random number is 0 modulo SHUT_SAMPLE, else drops.
+    At most MAX_SHUT_SOURCES sources: every jump stays within 255."""
+    jeq, ld_w = BPF_JMP | BPF_JEQ | BPF_K, BPF_LD | BPF_W | BPF_ABS
+    addresses = _addresses(sources)
+    code: Code = [label, (BPF_LD | BPF_H | BPF_ABS, 0, 0, _k(SKF_AD_OFF + SKF_AD_PROTOCOL)),
+                  (jeq, 0, f"{label}_v6", ETH_P_IP),
+                  (ld_w, 0, 0, _k(base + 12))]                    # IPv4 source
+    code += [(jeq, f"{label}_pass", 0, int(a)) for a in addresses if a.version == 4]
+    code += [(BPF_JA, f"{label}_sample", 0, 0), f"{label}_v6"]
+    for address in addresses:
+        if address.version == 6:
+            words = [int.from_bytes(address.packed[i:i + 4], "big") for i in range(0, 16, 4)]
+            code += [(ld_w, 0, 0, _k(base + 8)), (jeq, 0, 6, words[0]),   # IPv6 source
+                     (ld_w, 0, 0, _k(base + 12)), (jeq, 0, 4, words[1]),
+                     (ld_w, 0, 0, _k(base + 16)), (jeq, 0, 2, words[2]),
+                     (ld_w, 0, 0, _k(base + 20)), (jeq, f"{label}_pass", 0, words[3])]
+    return [*code, f"{label}_sample",
+            (ld_w, 0, 0, _k(SKF_AD_OFF + SKF_AD_RANDOM)),
+            (BPF_JMP | BPF_JSET | BPF_K, 0, f"{label}_pass", SHUT_SAMPLE - 1),
+            _DROP, f"{label}_pass", passed]
+
+
+def _shut_code(shut: Shut, base: int, passed: tuple[int, Label, Label, int]
+               ) -> tuple[dict[bytes, Label], Code]:
+    """Where each shut tag's hit jumps, and the source checks there (one per
+    distinct list of sources: a client's shut tags share one)."""
+    groups: dict[tuple[str, ...], list[bytes]] = {}
+    for tag, sources in shut.items():
+        groups.setdefault(tuple(sources[:MAX_SHUT_SOURCES]), []).append(tag)
+    jumps: dict[bytes, Label] = {}
+    code: Code = []
+    for index, (sources, tags) in enumerate(groups.items()):
+        label = f"shut{index}"
+        jumps.update((tag, label) for tag in tags)
+        code += _source_check(label, sources, base, passed)
+    return jumps, code
 
 
 def knock_filter(port: int, tags: list[bytes] | None = None,
-                 nonces: Sequence[bytes] = ()) -> list[Insn]:
+                 nonces: Sequence[bytes] = (), shut: Shut | None = None) -> list[Insn]:
     """Accept unfragmented UDP to `port` for this host, IPv4 or IPv6.
 
     With `tags` (issue 6: drop junk before Python wakes), also require a UDP
@@ -160,6 +243,10 @@ def knock_filter(port: int, tags: list[bytes] | None = None,
     With `nonces` (a replay flood: the first 8 bytes of the nonces of packets
     being replayed), a knock carrying a live tag and one of those nonces is
     dropped too: its copies no longer wake Python.
+
+    With `shut` (a captured tag flooded: over its failure limit), a knock
+    carrying a shut tag passes only from the sources given for it, and one
+    copy in SHUT_SAMPLE from elsewhere (the frame starts at its IP header).
     """
     ld_h, ld_b = BPF_LD | BPF_H | BPF_ABS, BPF_LD | BPF_B | BPF_ABS
     jeq = BPF_JMP | BPF_JEQ | BPF_K
@@ -221,16 +308,17 @@ def knock_filter(port: int, tags: list[bytes] | None = None,
         "tags",
         (ld_mem, 0, 0, 0),
     ]
-    program += _tag_blocks(tags, nonces)
+    program += _tag_blocks(tags, nonces, shut, 0)
     return assemble(program)
 
 
-def udp_payload_filter(tags: list[bytes],
-                       nonces: Sequence[bytes] = ()) -> list[Insn]:
+def udp_payload_filter(tags: list[bytes], nonces: Sequence[bytes] = (),
+                       shut: Shut | None = None) -> list[Insn]:
     """For a bound UDP socket (udp mode), where a socket filter sees the
     datagram from its UDP header on: exactly one knock's length and one of
     the live tags at payload bytes 1-8, in the same 5-instruction blocks;
-    with `nonces`, the same replay drop as knock_filter."""
+    with `nonces`, the same replay drop as knock_filter; with `shut`, the
+    same source check (the source address read through SKF_NET_OFF)."""
     ld_h, ld_w = BPF_LD | BPF_H | BPF_ABS, BPF_LD | BPF_W | BPF_ABS
     jeq = BPF_JMP | BPF_JEQ | BPF_K
     program: Code = [(BPF_LD | BPF_IMM, 0, 0, 0), (BPF_ST, 0, 0, 0), (BPF_ST, 0, 0, 1)]
@@ -248,7 +336,7 @@ def udp_payload_filter(tags: list[bytes],
         (BPF_RET | BPF_K, 0, 0, 0),
         "tags",
     ]
-    program += _tag_blocks(tags, nonces)
+    program += _tag_blocks(tags, nonces, shut, SKF_NET_OFF)
     return assemble(program)
 
 
@@ -259,6 +347,31 @@ def fit(tags: Sequence[bytes], nonces: Sequence[bytes]) -> Sequence[bytes] | Non
     if len(tags) <= max_tags(len(nonces)):
         return nonces
     return () if len(tags) <= max_tags() else None
+
+
+def fit_shut(tags: Sequence[bytes], nonces: Sequence[bytes], shut: Shut) -> dict[bytes,
+                                                                               Sequence[str]]:
+    """The shut tags (of `tags`: a tag no longer live needs no check) whose
+    source checks fit in the program beside the tags and nonces, whole
+    clients at a time in the order given; the rest pass as if not shut."""
+    live = set(tags)
+    wanted = {tag: sources for tag, sources in shut.items() if tag in live}
+    if not wanted:
+        return {}
+    room = MAX_INSNS - len(knock_filter(1, list(tags), nonces))  # udp mode's is shorter
+    fitted: dict[bytes, Sequence[str]] = {}
+    checked: set[tuple[str, ...]] = set()
+    for tag, sources in wanted.items():
+        key = tuple(sources[:MAX_SHUT_SOURCES])
+        if key not in checked:
+            size = sum(1 for item in _source_check("x", key, 0, _ACCEPT)
+                       if not isinstance(item, str))
+            if size > room:
+                continue
+            room -= size
+            checked.add(key)
+        fitted[tag] = sources
+    return fitted
 
 
 def max_tags(nonces: int = 0) -> int:
@@ -276,6 +389,20 @@ def attach_filter(sock: socket.socket, program: list[Insn]) -> None:
     buffer = ctypes.create_string_buffer(raw)
     fprog = _SockFprog(len(program), ctypes.addressof(buffer))
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(fprog))
+
+
+def attach_tags(sock: socket.socket, build: Callable[[Shut], list[Insn]], shut: Shut) -> Shut:
+    """Attach build(shut); if it cannot be attached, build({}): the shut
+    tags' checks are a saving, the tag list is the filter.  Returns the shut
+    tags attached.  Raises OSError, ValueError or struct.error if neither is."""
+    try:
+        attach_filter(sock, build(shut))
+    except (OSError, ValueError, struct.error):
+        if not shut:
+            raise
+        attach_filter(sock, build({}))
+        return {}
+    return shut
 
 
 def parse_datagram(frame: bytes, port: int) -> tuple[bytes, str] | None:
@@ -357,23 +484,29 @@ class CaptureSource:
         self._queue_drops = 0
         self.port = port
 
-    def set_tags(self, tags: list[bytes] | None, nonces: Sequence[bytes] = ()) -> str:
-        """Filter on these knock tags in the kernel (None: port only), and
-        drop knocks carrying one of `nonces` (replays being flooded).
+    def set_tags(self, tags: list[bytes] | None, nonces: Sequence[bytes] = (),
+                 shut: Shut | None = None) -> str:
+        """Filter on these knock tags in the kernel (None: port only), drop
+        knocks carrying one of `nonces` (replays being flooded), and knocks
+        carrying a `shut` tag from a source not listed for it (but one in
+        SHUT_SAMPLE).
 
         Re-attaching replaces the program atomically.  Too many tags for one
         program, or a kernel that refuses its size (net.core.optmem_max), falls
-        back to the port-only filter.  Returns a line for the log.
+        back to the port-only filter (first, to the program without the shut
+        tags' checks).  Returns a line for the log.
         """
         fitted = None if tags is None else fit(tags, nonces)
         if tags is not None and fitted is None:
             tags, fitted = None, ()
             note = f"too many tags for one BPF program (max {max_tags()}); port-only filter"
         else:
-            note = ("port-only filter" if tags is None
-                    else filter_note(tags, fitted or ()))
+            note = "port-only filter" if tags is None else ""
+        wanted = fit_shut(tags, fitted or (), shut or {}) if tags is not None else {}
         try:
-            attach_filter(self._sock, knock_filter(self.port, tags, fitted or ()))
+            gated = attach_tags(self._sock, lambda gate: knock_filter(self.port, tags,
+                                                                      fitted or (), gate), wanted)
+            note = note or filter_note(tags or [], fitted or (), gated)
         except (OSError, ValueError, struct.error) as exc:
             attach_filter(self._sock, knock_filter(self.port))
             size = len(knock_filter(self.port, tags or [], fitted or ()))

@@ -20,6 +20,10 @@ Invariants (docs/threat-model.md; issue 4's server design):
 - A knock accepted for a client without `allow_other_address` whose source's
   route back does not leave by the interface it came in on is refused
   `spoofed_source` (spa.server.routes; asked only after verify accepted).
+- A knock tag over its failure limit (a captured tag flooded) is shut in the
+  kernel filter but from the sources its client authenticated from, held a
+  second past the last one it was seen in (spa.server.shut_tags); the
+  receive thread reads the limiter for housekeeping, which builds the filter.
 - The server never answers a packet.
 """
 
@@ -54,6 +58,7 @@ from spa.server.metrics import Metrics
 from spa.server.notify import Notifier
 from spa.server.routes import RouteCheck
 from spa.server.scans import SCAN_WINDOW, Knock, ScanDetector
+from spa.server.shut_tags import Seen, ShutTags, read_shut
 from spa.server.sources import NONCE_PREFIX, Datagram, PacketSource
 from spa.server.state import StateDir
 
@@ -131,6 +136,10 @@ class Server:
         # nonce prefix -> until: written by the receive thread, read by housekeeping
         self._blocked_nonces: dict[bytes, float] = {}
         self._filter_nonces: list[bytes] = []  # what the kernel filter drops now
+        self._shut = ShutTags()  # flooded tags the kernel filter shuts (housekeeping's)
+        self._shut_seen: tuple[float, Seen] = (0.0, {})  # the receive thread's last reading
+        self._shut_queued = False
+        self._filter_shut: Seen = {}
         # pending enrollments (enroll_by): those used in time, and those not yet
         self._activated: dict[str, str] = {}  # name -> the enroll_by it met
         self._pending: frozenset[str] = frozenset()
@@ -633,16 +642,37 @@ class Server:
             if until <= now:
                 del blocked[nonce]
         nonces = sorted(blocked)
-        if step == self._filter_step and not force and nonces == self._filter_nonces:
+        seen_at, seen = self._shut_seen
+        self._shut.observe(seen, seen_at)
+        self._read_shut_tags()
+        shut = self._shut.current(now)
+        if (step == self._filter_step and not force and nonces == self._filter_nonces
+                and shut == self._filter_shut):
             return
         skew = steps_for_window(self.config.window)
         steps = range(step - 1 - skew, step + skew + 1)
         tags = [knock_tag(key, s) for key in self._tag_keys.values() for s in steps]
-        note = set_tags(tags, nonces)
-        if self._filter_step is None or force or nonces != self._filter_nonces:
+        note = set_tags(tags, nonces, shut) if shut else set_tags(tags, nonces)
+        if (self._filter_step is None or force or nonces != self._filter_nonces
+                or shut != self._filter_shut):
             self.log(f"{self.config.mode} {note}")
         self._filter_step = step
         self._filter_nonces = nonces
+        self._filter_shut = shut
+
+    def _read_shut_tags(self) -> None:
+        """Have the receive thread (it owns the limiter) read the shut tags
+        for the next round."""
+        if self._shut_queued:
+            return
+        self._shut_queued = True
+
+        def read() -> None:
+            self._shut_queued = False
+            now = self.clock()
+            self._shut_seen = (now, read_shut(self.verifier.limiter, now, self._filter_shut))
+
+        self._commands.append(read)
 
     def _compact_replay(self, now: float) -> None:
         """Every COMPACT_EVERY seconds: the receive thread snapshots and rotates

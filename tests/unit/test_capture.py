@@ -7,8 +7,16 @@ from scapy.layers.inet import IP, TCP, UDP, fragment
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 from scapy.packet import Raw
 
-from spa.server.capture import ETH_P_IP, ETH_P_IPV6, PACKET_HOST, knock_filter, parse_datagram
+from spa.server.capture import (
+    ETH_P_IP,
+    ETH_P_IPV6,
+    PACKET_HOST,
+    Insn,
+    knock_filter,
+    parse_datagram,
+)
 from spa.server.routes import LOOPBACK_IFINDEX
+from spa.server.sources import Shut
 from tests.bpf import run_filter
 
 PORT = 62201
@@ -197,7 +205,8 @@ def test_udp_filter_failure_removes_the_old_tag_list() -> None:
     try:
         assert src.set_tags([b"AAAAAAAA"]) == "kernel filter on 1 tags"
         real = capture.udp_payload_filter
-        def refuse(tags: object, nonces: object = ()) -> list[capture.Insn]:
+        def refuse(tags: object, nonces: object = (), shut: object = None
+                   ) -> list[capture.Insn]:
             raise ValueError("too far")
 
         capture.udp_payload_filter = refuse
@@ -317,3 +326,126 @@ def test_dual_stack_udp_source_gives_ipv4_senders_as_ipv4() -> None:
                                (b"y", "::1", LOOPBACK_IFINDEX)]
     finally:
         src.close()
+
+
+# ---- issue 13, finding 7: a captured tag flooded from elsewhere stays in the kernel ----
+
+KNOWN4, KNOWN6 = "198.51.100.7", "2001:db8:7::7"  # where the tag's client authenticated from
+SHUT = {TAGS[5]: [KNOWN4, KNOWN6]}
+
+
+def knock_from(tag: bytes, source: str) -> tuple[bytes, int]:
+    """A knock-shaped frame with `tag` from `source` (IP header on), and its protocol."""
+    payload = b"\x01" + tag + bytes(152)
+    if ":" in source:
+        return (bytes(IPv6(src=source, dst="2001:db8::1") / UDP(sport=5555, dport=PORT)
+                      / Raw(payload)), ETH_P_IPV6)
+    return (bytes(IP(src=source, dst="192.0.2.1") / UDP(sport=5555, dport=PORT)
+                  / Raw(payload)), ETH_P_IP)
+
+
+def capture_passes(program: list[Insn], tag: bytes, source: str,
+                   draw: int = 1) -> bool:
+    frame, proto = knock_from(tag, source)
+    return run_filter(program, frame, protocol=proto, pkttype=PACKET_HOST,
+                      random=lambda: draw) > 0
+
+
+def udp_passes(program: list[Insn], tag: bytes, source: str, draw: int = 1) -> bool:
+    """udp mode: the filter sees the datagram from its UDP header on, and the
+    IP header through SKF_NET_OFF."""
+    frame, proto = knock_from(tag, source)
+    header = 40 if proto == ETH_P_IPV6 else 20
+    return run_filter(program, frame[header:], protocol=proto, pkttype=PACKET_HOST,
+                      network=frame, random=lambda: draw) > 0
+
+
+MODES = [("capture", capture_passes), ("udp", udp_passes)]
+
+
+def build(mode: str, tags: list[bytes], nonces: list[bytes], shut: Shut | None) -> list[Insn]:
+    from spa.server.capture import udp_payload_filter
+
+    if mode == "capture":
+        return knock_filter(PORT, tags, nonces, shut)
+    return udp_payload_filter(tags, nonces, shut)
+
+
+@pytest.mark.parametrize("mode", ["capture", "udp"])
+def test_a_shut_tag_passes_only_from_its_known_sources_both_families(mode: str) -> None:
+    """A flooded tag over its limit: from the addresses its client
+    authenticated from it passes, from any other address it is dropped in
+    the kernel; every tag that is not shut passes from anywhere, as before."""
+    from tests.bpf import check_like_the_kernel
+
+    passes = dict(MODES)[mode]
+    program = build(mode, TAGS, [], SHUT)
+    check_like_the_kernel(program)
+    assert passes(program, TAGS[5], KNOWN4) and passes(program, TAGS[5], KNOWN6)
+    for stranger in ("198.51.100.8", "203.0.113.7", "2001:db8:7::8", "2001:db8:6::7",
+                     "::ffff:198.51.100.7", "c633:6407::"):  # last: KNOWN4's word first
+        assert not passes(program, TAGS[5], stranger), stranger
+    for tag in (TAGS[0], TAGS[4], TAGS[6], TAGS[-1]):
+        for source in (KNOWN4, "203.0.113.7", "2001:db8:6::7"):
+            assert passes(program, tag, source), (tag, source)
+    assert not passes(program, bytes(8), KNOWN4), "junk is still junk"
+    assert build(mode, TAGS, [], {}) == build(mode, TAGS, [], None), "nothing shut: as before"
+
+
+@pytest.mark.parametrize("mode", ["capture", "udp"])
+def test_a_shut_tag_still_reaches_python_one_copy_in_shut_sample(mode: str) -> None:
+    """The kernel's random number decides: 0 modulo SHUT_SAMPLE passes (so the
+    limiter keeps counting the flood and the tag stays shut while it lasts)."""
+    from spa.server.sources import SHUT_SAMPLE
+
+    passes = dict(MODES)[mode]
+    program = build(mode, TAGS, [], SHUT)
+    draws = range(0, 4 * SHUT_SAMPLE * 7919, 7919)
+    passed = [d for d in draws if passes(program, TAGS[5], "203.0.113.7", draw=d)]
+    assert passed == [d for d in draws if d % SHUT_SAMPLE == 0] and len(passed) == 4
+
+
+@pytest.mark.parametrize("mode", ["capture", "udp"])
+def test_shut_tags_beside_replayed_nonces(mode: str) -> None:
+    """A known source still meets the nonce list; several clients' shut
+    tags with their own sources, and one with none (never authenticated)."""
+    from tests.bpf import check_like_the_kernel
+
+    passes = dict(MODES)[mode]
+    nonce = bytes(8)  # the frames' nonce bytes are zero: a blocked nonce drops them
+    shut = {TAGS[5]: [KNOWN4], TAGS[6]: [KNOWN4], TAGS[7]: ["2001:db8:9::9"], TAGS[8]: []}
+    program = build(mode, TAGS, [bytes.fromhex("0123456789abcdef")], shut)
+    check_like_the_kernel(program)
+    assert passes(program, TAGS[5], KNOWN4) and passes(program, TAGS[6], KNOWN4)
+    assert not passes(program, TAGS[7], KNOWN4) and passes(program, TAGS[7], "2001:db8:9::9")
+    assert not passes(program, TAGS[8], KNOWN4) and not passes(program, TAGS[8], KNOWN6)
+    assert passes(program, TAGS[9], "203.0.113.7")
+    blocked = build(mode, TAGS, [nonce], shut)
+    assert not passes(blocked, TAGS[5], KNOWN4), "a replayed nonce from a known source"
+
+
+def test_shut_tags_that_do_not_fit_pass_as_if_not_shut() -> None:
+    """Bounded: at most MAX_SHUT_SOURCES sources per tag, and only the shut
+    tags whose checks fit in MAX_INSNS beside the tag list; a tag left out
+    passes from anywhere (never a live tag dropped for want of room)."""
+    from spa.server.capture import MAX_INSNS, fit_shut, max_tags
+    from spa.server.sources import MAX_SHUT_SOURCES
+    from tests.bpf import check_like_the_kernel
+
+    many = [f"2001:db8:{i:x}::1" for i in range(40)]
+    assert fit_shut(TAGS, [], {b"gone....": [KNOWN4]}) == {}, "a tag no longer live"
+    full = [i.to_bytes(8, "big") for i in range(1, max_tags() - 60)]  # room for two
+    shut = {full[i]: [f"2001:db8:{i:x}::{j}" for j in range(1, 17)] for i in range(10)}
+    fitted = fit_shut(full, [], shut)
+    assert 0 < len(fitted) < 10 and list(fitted) == list(shut)[:len(fitted)]
+    program = knock_filter(PORT, full, [], fitted)
+    assert len(program) <= MAX_INSNS
+    check_like_the_kernel(program)
+    left_out = list(shut)[len(fitted)]
+    assert capture_passes(program, left_out, "203.0.113.7"), "not fitted: as if not shut"
+    assert not capture_passes(program, full[0], "203.0.113.7")
+    assert capture_passes(program, full[0], "2001:db8:0::16")
+    program = knock_filter(PORT, TAGS, [], {TAGS[5]: many})
+    check_like_the_kernel(program)
+    assert capture_passes(program, TAGS[5], many[MAX_SHUT_SOURCES - 1])
+    assert not capture_passes(program, TAGS[5], many[MAX_SHUT_SOURCES])

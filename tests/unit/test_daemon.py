@@ -709,3 +709,82 @@ def test_a_damaged_trust_file_is_one_line_and_no_trust_never_a_crash(tmp_path: P
         assert isinstance(server.handle(world.packet("alice", duration=60), A), Accepted)
         server.shutdown()
         assert server.state.load_trust() == [("alice", A, world.clock.now + 3600)]
+def test_a_captured_tag_flooded_is_shut_in_the_kernel_but_for_its_clients_sources(
+        tmp_path: Path) -> None:
+    """Issue 13, finding 7: forgeries behind a captured tag once all woke
+    Python, and at 90-420 kpps they filled the socket queue the client's
+    knocks needed.  Now a tag over its failure limit is shut in the kernel
+    filter except from the addresses its client authenticated from: 18 s of
+    a flood of alice's captured tag from spoofed IPv4 and IPv6 sources, at 5
+    times the rate whose sampled copies keep the tag over its limit (the
+    limit a 40th of the default, so the test floods a 40th as much), with a
+    controlled clock and housekeeping every TICK.  Every
+    knock alice sends from her known addresses (both families) is granted;
+    once the tag is shut, about one forgery in SHUT_SAMPLE reaches Python
+    and the filter is not rebuilt round after round; a knock from a new
+    address waits for the next tag step; the tag is open to every source
+    again once it cannot pass the time window any more (the limiter sealed
+    it: no copy of a refused knock may ever be let in elsewhere) and the
+    hold is over."""
+    from spa.core.limits import FailureLimiter
+    from spa.server.shut_tags import HOLD_SECONDS
+    from spa.server.sources import SHUT_SAMPLE
+
+    world = World(tmp_path)
+    world.init()
+    world.enroll("alice")
+    source = FakeFilteredSource()
+    server = world.start(source)
+    per_tag = 5
+    server.verifier.limiter = FailureLimiter(per_tag=per_tag, new_reserve=2)
+    assert step_of(START) * STEP_SECONDS == START, "the test's steps start at START"
+    known4, known6, new = "198.51.100.7", "2001:db8:7::7", "198.51.100.99"
+    captured = world.packet("alice", duration=60)
+    for address in (known4, known6):
+        assert isinstance(server.handle(world.packet("alice", duration=60), address), Accepted)
+    tag = captured[1:9]
+    forgeries = [b"\x01" + tag + os.urandom(152) for _ in range(64)]
+    spoofed = [f"203.0.113.{i}" for i in range(1, 200)] + [f"2001:db8:bad::{i:x}"
+                                                           for i in range(1, 200)]
+    per_tick = round(5 * per_tag * SHUT_SAMPLE * TICK)  # 6,400 a second
+    flood = range(round(18 / TICK), round(36 / TICK))  # 18-36 s
+    pushed = reached = reached_shut = 0
+    granted: list[str] = []
+    shut_at: list[int] = []
+    log_lines = len(world.logs)
+    live_end = STEP_SECONDS + server.config.window  # the captured tag's last live second
+    for tick in range(round((live_end + 6) / TICK)):
+        if tick in flood:
+            for i in range(per_tick):
+                source.push(forgeries[i % 64], spoofed[(tick * per_tick + i) % len(spoofed)])
+            pushed += per_tick
+        if tick % round(1 / TICK) == 0 and tick in flood:  # alice, once a second, both families
+            for address in (known4, known6):
+                source.push(world.packet("alice", duration=60), address)
+        if tick in (round(25 / TICK), round(31 / TICK)):  # from a new address: old tag, new tag
+            source.push(world.packet("alice", duration=60), new)
+        while source.queue:
+            batch = source.receive(0)
+            forged = sum(1 for _, address, _ in batch if address in spoofed)
+            reached += forged
+            reached_shut += forged if source.shut else 0
+            for result, (_, address, _) in zip(server.handle_batch(batch), batch, strict=True):
+                if isinstance(result, Accepted):
+                    granted.append(f"{tick * TICK:.0f} {address}")
+        world.clock.advance(TICK)
+        server.housekeeping()
+        server.run_commands()  # the receive thread's turn
+        if source.shut:
+            shut_at.append(tick)
+    seconds = [f"{s} {a}" for s in range(18, 36) for a in (known4, known6)]
+    assert [g for g in granted if not g.endswith(new)] == seconds, "every knock from known"
+    assert [g for g in granted if g.endswith(new)] == [f"31 {new}"], "a new address: next step"
+    assert reached < pushed / 10, f"{reached:,} of {pushed:,} forgeries reached Python"
+    assert shut_at[0] <= flood[0] + 2, "shut within two rounds of the flood"
+    assert shut_at == list(range(shut_at[0], shut_at[-1] + 1)), "shut the whole flood through"
+    assert (round(live_end / TICK) - 1 <= shut_at[-1]
+            <= round((live_end + HOLD_SECONDS + 1) / TICK) + 2), (shut_at[-1], live_end)
+    assert reached_shut < 2 * pushed / SHUT_SAMPLE, (reached_shut, pushed)
+    changes = [line for line in world.logs[log_lines:] if line.startswith("capture kernel")]
+    assert len(changes) <= 4, changes  # shut; its sources grew (new, at 31 s); lifted
+    assert source.shut == {} and source.passes(forgeries[0], spoofed[0]), "open to all again"
