@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from spa.core.leases import Allow, Remove
 from spa.core.wire import IPAddress
 
 MAX_FRAME = 64 * 1024 * 1024  # bytes: a `reconcile` of 1,000,000 grants fits, nothing silly
@@ -39,19 +40,6 @@ class RefusedError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class Grant:
-    address: IPAddress
-    service: str
-    until: float
-
-
-@dataclass(frozen=True, slots=True)
-class Revoke:
-    address: IPAddress
-    service: str
-
-
-@dataclass(frozen=True, slots=True)
 class Start:
     """Install the gate for these services (the gate keeper's definitions)."""
 
@@ -60,7 +48,7 @@ class Start:
 
 @dataclass(frozen=True, slots=True)
 class Apply:
-    changes: tuple[Grant | Revoke, ...]
+    changes: tuple[Allow | Remove, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +62,7 @@ class Simple:
 class Reconcile:
     """Hold exactly these grants (at start, and after a failed change)."""
 
-    grants: tuple[Grant, ...]
+    grants: tuple[Allow, ...]
 
 
 Request = Start | Apply | Reconcile | Simple
@@ -131,21 +119,23 @@ def parse_request(message: dict[str, Any]) -> Request:
             raise RefusedError("start: services is a list of names")
         return Start(tuple(_service(name) for name in names))
     if kind == "apply":
-        _fields(message, {"kind", "changes"})
-        changes = message["changes"]
-        if not isinstance(changes, list) or len(changes) > MAX_CHANGES:
-            raise RefusedError(f"apply: changes is a list of at most {MAX_CHANGES}")
-        return Apply(tuple(_change_in(item) for item in changes))
+        return Apply(_changes(message, "changes"))
     if kind == "reconcile":
-        _fields(message, {"kind", "grants"})
-        grants = message["grants"]
-        if not isinstance(grants, list) or len(grants) > MAX_CHANGES:
-            raise RefusedError(f"reconcile: grants is a list of at most {MAX_CHANGES}")
-        found = tuple(_change_in(item) for item in grants)
-        if not all(isinstance(grant, Grant) for grant in found):
+        found = _changes(message, "grants")
+        grants = tuple(grant for grant in found if isinstance(grant, Allow))
+        if len(grants) != len(found):
             raise RefusedError("reconcile: every item is an allow")
-        return Reconcile(tuple(g for g in found if isinstance(g, Grant)))
+        return Reconcile(grants)
     raise RefusedError(f"unknown request {str(kind)[:40]!r}")
+
+
+def _changes(message: dict[str, Any], field: str) -> tuple[Allow | Remove, ...]:
+    kind = message["kind"]
+    _fields(message, {"kind", field})
+    items = message[field]
+    if not isinstance(items, list) or len(items) > MAX_CHANGES:
+        raise RefusedError(f"{kind}: {field} is a list of at most {MAX_CHANGES}")
+    return tuple(_change_in(item) for item in items)
 
 
 def _fields(message: dict[str, Any], wanted: set[str]) -> None:
@@ -153,22 +143,22 @@ def _fields(message: dict[str, Any], wanted: set[str]) -> None:
         raise RefusedError(f"{message.get('kind')}: fields must be {sorted(wanted)}")
 
 
-def _change_out(change: Grant | Revoke) -> list[Any]:
-    if isinstance(change, Grant):
+def _change_out(change: Allow | Remove) -> list[Any]:
+    if isinstance(change, Allow):
         return ["allow", str(change.address), change.service, change.until]
     return ["remove", str(change.address), change.service]
 
 
-def _change_in(item: object) -> Grant | Revoke:
+def _change_in(item: object) -> Allow | Remove:
     if not isinstance(item, list) or not item:
         raise RefusedError("a change is a list")
     if item[0] == "allow" and len(item) == 4:
         until = item[3]
         if not isinstance(until, int | float) or isinstance(until, bool) or until != until:
             raise RefusedError("allow: until is a number of seconds")
-        return Grant(parse_address(item[1]), _service(item[2]), float(until))
+        return Allow(parse_address(item[1]), _service(item[2]), float(until))
     if item[0] == "remove" and len(item) == 3:
-        return Revoke(parse_address(item[1]), _service(item[2]))
+        return Remove(parse_address(item[1]), _service(item[2]))
     raise RefusedError(f"unknown change {str(item[0])[:20]!r}")
 
 

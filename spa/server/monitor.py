@@ -40,7 +40,7 @@ from spa.server import config as config_mod
 from spa.server import gatemsg
 from spa.server.errors import LocalError
 from spa.server.events import Event
-from spa.server.gatemsg import Apply, Grant, Reconcile, RefusedError, Revoke, Simple, Start
+from spa.server.gatemsg import Apply, Reconcile, RefusedError, Simple, Start
 from spa.server.guard import Guard
 
 SLACK = 2.0  # seconds a grant may end after now + max_duration (the two clocks' read order)
@@ -152,18 +152,18 @@ class GateKeeper:
                 "flags_note": str(getattr(backend, "flags_note", "")),
                 "host_check": getattr(backend, "runner", None) is not None}
 
-    def _checked(self, change: Grant | Revoke, now: float) -> Service:
+    def _checked(self, change: Allow | Remove, now: float) -> Service:
         """The installed service a change names.  Raises RefusedError."""
         service = self.installed.get(change.service)
         if service is None:
             raise RefusedError(f"no service {change.service!r} in the gate")
-        if isinstance(change, Grant) and not (
+        if isinstance(change, Allow) and not (
                 now < change.until <= now + service.max_duration + SLACK):
             raise RefusedError(f"{change.service}: a grant ends within "
                                f"{service.max_duration} s of now")
         return service
 
-    def _reconcile(self, grants: tuple[Grant, ...]) -> None:
+    def _reconcile(self, grants: tuple[Allow, ...]) -> None:
         """Hold exactly `grants`; the record becomes them (a restart finds
         grants in the kernel that this process never made)."""
         now = self.clock()
@@ -177,17 +177,14 @@ class GateKeeper:
             reconcile(self.backend, wanted, self.installed, now=now)
             self.granted = wanted
 
-    def _apply(self, changes: tuple[Grant | Revoke, ...]) -> None:
+    def _apply(self, changes: tuple[Allow | Remove, ...]) -> None:
         now = self.clock()
         actions: list[tuple[Allow | Remove, Service]] = []
         adding = 0
         for change in changes:  # every change is checked before any is made
-            service = self._checked(change, now)
-            if isinstance(change, Grant):
+            actions.append((change, self._checked(change, now)))
+            if isinstance(change, Allow):
                 adding += (change.address, change.service) not in self.granted
-                actions.append((Allow(change.address, change.service, change.until), service))
-            else:
-                actions.append((Remove(change.address, change.service), service))
         if len(self.granted) + adding > MAX_GRANTS:
             raise RefusedError(f"over {MAX_GRANTS} grants")
         with self.lock:

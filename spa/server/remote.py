@@ -24,13 +24,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from spa.backends.base import Change, Held
-from spa.core.leases import Allow
+from spa.core.leases import Allow, Remove
 from spa.core.policy import Service
 from spa.server import gatemsg
 from spa.server.coexist import Report
 from spa.server.errors import LocalError
 from spa.server.events import Event
-from spa.server.gatemsg import Apply, Grant, Reconcile, Revoke, Simple, Start
+from spa.server.gatemsg import Apply, Reconcile, Simple, Start
 from spa.server.guard import GateState
 from spa.server.monitor import receive
 
@@ -87,19 +87,17 @@ class RemoteGate:
         self._host_check = bool(info["host_check"])
 
     def allow(self, address: Any, service: Service, until: float, *, now: float) -> None:
-        self.ask(Apply((Grant(address, service.name, until),)))
+        self.ask(Apply((Allow(address, service.name, until),)))
 
     def remove(self, address: Any, service: Service) -> None:
-        self.ask(Apply((Revoke(address, service.name),)))
+        self.ask(Apply((Remove(address, service.name),)))
 
     def apply(self, changes: Sequence[Change], *, now: float) -> None:
-        self.ask(Apply(tuple(
-            Grant(action.address, service.name, action.until) if isinstance(action, Allow)
-            else Revoke(action.address, service.name) for action, service in changes)))
+        self.ask(Apply(tuple(action for action, _ in changes)))
 
     def reconcile(self, wanted: Held, *, now: float) -> None:
         """Hold exactly `wanted` (the gate keeper records it as its own)."""
-        self.ask(Reconcile(tuple(Grant(address, name, until)
+        self.ask(Reconcile(tuple(Allow(address, name, until)
                                  for (address, name), until in wanted.items())))
 
     def held(self, *, now: float) -> Held:
