@@ -46,8 +46,9 @@ Invariants:
   of a step is never refused by this, as nobody knew that tag before).  No
   fresh packet from a trusted source is refused by a seal.
 - Memory is bounded and each packet costs O(1): the per-second counters are
-  replaced every second and hold at most `max_pairs` pairs (beyond, a pair
-  counts as new: the tag's budget still bounds it); tag counters and seals
+  replaced every second and hold at most `max_pairs` untrusted pairs
+  (beyond, a pair counts as new: the tag's budget still bounds it) besides
+  the trusted ones (always counted); tag counters and seals
   exist only for tags in the verifier's table; trust is per enrolled client.
 - Time is an argument (`now`, Unix seconds).
 """
@@ -137,11 +138,15 @@ class FailureLimiter:
         pairs = self._pairs
         pair = (tag, source)
         count = pairs.get(pair)
+        trusted = self._is_trusted(client, source, now)
         if count is not None:
             pairs[pair] = count + 1
-        elif len(pairs) < self.max_pairs:
+        elif trusted or len(pairs) < self.max_pairs:
+            # a trusted pair is always counted (there are at most
+            # MAX_TRUSTED_PER_CLIENT per client): a table filled by spoofed
+            # pairs once left it without any limit
             pairs[pair] = 1
-        if self._is_trusted(client, source, now):
+        if trusted:
             return  # spends its pair's own allowance only
         used = self._tags.get(tag, 0) + 1
         self._tags[tag] = used
@@ -159,6 +164,13 @@ class FailureLimiter:
         if len(sources) > MAX_TRUSTED_PER_CLIENT:
             del sources[next(iter(sources))]
         self.trust_revision += 1
+
+    def distrust(self, client: str, source: Hashable) -> None:
+        """A knock from `source` was refused after all (its route back says
+        the source is forged): not a source the client authenticated from."""
+        sources = self._trusted.get(client)
+        if sources is not None and sources.pop(source, None) is not None:
+            self.trust_revision += 1
 
     def forget(self, client: str) -> None:
         """A revoked or removed client's sources are trusted no more."""

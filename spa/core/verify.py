@@ -228,7 +228,6 @@ class Verifier:
             return Refused(Reason.FUTURE, client)
         if step_of_ms(request.timestamp_ms) != tag_step:
             return Refused(Reason.STEP_MISMATCH, client)
-        limiter.trust(client, source, now)
         check = self.replay.check_and_add(client, nonce, now)
         if check is Check.REPLAY:
             return Refused(Reason.REPLAY, client)
@@ -242,4 +241,5 @@ class Verifier:
             refusal = self.otp.check(client, request.otp, now)
             if refusal is not None:
                 return Refused(refusal, client)
+        limiter.trust(client, source, now)  # only a knock that passed everything
         return Accepted(client, request, decision, address)

@@ -376,6 +376,7 @@ class Server:
         for data, source, ifindex in batch:
             result = verify(data, source, now)
             if type(result) is Accepted and not self._route_back(result, source, ifindex, now):
+                self.verifier.limiter.distrust(result.client, source)
                 result = Refused(Reason.SPOOFED_SOURCE, result.client)  # its nonce is burned
             results.append(result)
             if isinstance(result, Refused):

@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import spa.core.verify as verify_mod
@@ -272,6 +272,7 @@ def test_trust_is_dumped_and_restored_bounded_and_without_the_expired() -> None:
                           st.integers(0, 10**6),  # source
                           st.integers(1, 400)),  # packets
                 min_size=1, max_size=40))
+@example([(0, 0, 8, 49), (0, 1, 0, 14), (0, 0, 97, 72)])  # a full pair table: trusted unlimited
 @settings(max_examples=100)
 def test_memory_and_work_stay_bounded_under_any_flood(
         bursts: list[tuple[int, int, int, int]]) -> None:
@@ -301,7 +302,27 @@ def test_memory_and_work_stay_bounded_under_any_flood(
             limiter.failed(tag, source, client, now, now + 60)
             key = (int(now), tag, trusted)
             spent[key] = spent.get(key, 0) + 1
-            assert len(limiter._pairs) <= 64 and len(limiter._last_pairs) <= 64
+            # at most 64 untrusted pairs, and the trusted ones (one per client, any tag)
+            assert len(limiter._pairs) <= 64 + 3 * 6 and len(limiter._last_pairs) <= 64 + 3 * 6
             assert len(limiter._tags) <= 6 and len(limiter._sealed) <= 6
     for (_, _, trusted), count in spent.items():
         assert count <= (10 if trusted else 50)  # one trusted source per client here
+
+
+def test_only_a_knock_that_passed_every_check_makes_its_source_trusted() -> None:
+    """From the live fuzz (issue 13): trust came with authentication alone,
+    so a key holder's knocks refused by policy (a service it may not open, an
+    address it may not name; a revoked client's key still authenticates) made
+    any source trusted, and a flood of the tag from there passed the limits.
+    Now only an accepted knock trusts its source, and one refused later for
+    its forged source is taken back (spa.server.daemon)."""
+    v = verifier()
+    alice = Knocker("alice")
+    elsewhere = ipaddress.ip_address("203.0.113.9")
+    refused = v.verify(alice.packet("ssh", address=elsewhere), A, NOW)
+    assert reason(refused) is Reason.ADDRESS_NOT_ALLOWED
+    assert v.limiter.trusted_sources("alice", NOW) == []
+    assert isinstance(v.verify(alice.packet(), A, NOW), Accepted)
+    assert v.limiter.trusted_sources("alice", NOW) == [str(A)]
+    v.limiter.distrust("alice", A)
+    assert v.limiter.trusted_sources("alice", NOW) == []
