@@ -31,9 +31,11 @@ keeper) before the fuzz, at most during it (sampled every 0.1 s) and after it.
 Exit 0 only if, in every mode, nothing was wrongly accepted, the log has no
 error, the server kept running and stopped cleanly, every knock of the
 warm-up was accepted (a server that refuses everything proves nothing), and
-memory stayed flat, for each process: the second half of the fuzz added at
-most 1 MB (--rss-plateau: bounded tables fill early, a leak grows with the
-traffic) and after <= before + 10 MB (--rss-margin).
+memory stayed flat: after <= before + 10 MB for each process (--rss-margin;
+the daemon's bounded tables fill under this mix, about 5.5 MB at 10^6
+datagrams: a leak of 5 bytes per datagram on top would pass it at 10^6).  "mid" is the
+highest RSS in the fuzz's first half: after - mid is how much the second half
+added.
 Needs root and gcc.
 
     .venv/bin/python benchmarks/fuzz_live.py [--mode both] [--count 1000000] [--seconds 300]
@@ -78,9 +80,9 @@ CHUNK_SECONDS = 1.0  # a chunk is what --rate sends in this time
 UNPACED_CHUNK = 50_000  # datagrams per chunk with --rate 0
 REPLAYABLE = 64  # the most recent accepted ledger knocks kept for replays
 SETTLE = 3.0  # seconds after the fuzz before reading memory and events
-RSS_PLATEAU_MB = 1.0  # flat: the fuzz's second half adds at most this, for each process,
-RSS_MARGIN_MB = 10.0  # and after <= before + this (the daemon's bounded tables: the
-# limiter's trusted pairs, up to 65,536, alone can hold about 10 MB)
+RSS_MARGIN_MB = 10.0  # flat: after <= before + this, for each process (the daemon's
+# tables are bounded, not small: the limiter's trusted pairs, up to 65,536, alone can
+# hold about 10 MB; docs/benchmarks.md, "Live fuzz")
 SERVICES = ("ssh", "https")  # the server's; clients may open ssh only
 
 
@@ -528,8 +530,7 @@ def run_mode(mode: str, args: argparse.Namespace, sender: Path) -> dict[str, Any
                                                             if t <= flood.wall_seconds / 2]), 1),
                          "peak": round(peak[name], 1), "after": round(after[name], 1),
                          "series": sampler.series[name][::10]} for name in pids}
-        flat = all(m["after"] <= m["before"] + args.rss_margin
-                   and m["after"] <= m["mid"] + args.rss_plateau for m in memory.values())
+        flat = all(m["after"] <= m["before"] + args.rss_margin for m in memory.values())
         return {
             "mode": mode, "sent": flood.sent, "stopped_by": flood.stopped_by,
             "count": args.count, "seconds": args.seconds,
@@ -561,7 +562,7 @@ def passed(result: dict[str, Any]) -> bool:
 # ---- the report -------------------------------------------------------------------------
 
 
-def report(results: list[dict[str, Any]], margin: float, plateau: float) -> None:
+def report(results: list[dict[str, Any]], margin: float) -> None:
     print("| mode | sent | stopped by | sender /s | overall /s | judged in the process | "
           "accepted / ledger | wrongly accepted | error lines | RSS MB daemon "
           "before / mid / peak / after | gate keeper | flat |")
@@ -574,8 +575,8 @@ def report(results: list[dict[str, Any]], margin: float, plateau: float) -> None
               f"{r['rate']:,.0f} | {judged:,} | {r['accepted']} / {r['expected']} | "
               f"{len(r['wrongly_accepted']) + len(r['leases_not_in_ledger'])} | "
               f"{len(r['errors'])} | {' | '.join(mem)} | {'yes' if r['flat'] else 'NO'} |")
-    print(f"\nmid: the highest RSS in the fuzz's first half; flat: after <= mid + {plateau:g} "
-          f"MB and after <= before + {margin:g} MB, for each process")
+    print(f"\nmid: the highest RSS in the fuzz's first half; flat: after <= before + "
+          f"{margin:g} MB, for each process")
     reasons = sorted({k for r in results for k in r["refused"]},
                      key=lambda k: -max(r["refused"].get(k, 0) for r in results))
     print("\n| refused by the process, by reason | " + " | ".join(r["mode"] for r in results)
@@ -617,7 +618,6 @@ def main() -> int:
                         help="datagrams per second (0: as fast as one core sends)")
     parser.add_argument("--seed", default="0")
     parser.add_argument("--rss-margin", type=float, default=RSS_MARGIN_MB)
-    parser.add_argument("--rss-plateau", type=float, default=RSS_PLATEAU_MB)
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--keep", action="store_true", help="keep the config and the log")
     args = parser.parse_args()
@@ -634,7 +634,7 @@ def main() -> int:
         shutil.rmtree(build, ignore_errors=True)
     if args.json is not None:
         args.json.write_text(json.dumps({r["mode"]: r for r in results}, indent=1))
-    report(results, args.rss_margin, args.rss_plateau)
+    report(results, args.rss_margin)
     return 0 if all(passed(r) for r in results) else 1
 
 
