@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+from bench_flood import udp_drops
 from fuzz_packets import Cast, Client, Datagram, Fuzzer, Grant, Knock, client
 
 from spa.core.uri import parse
@@ -446,17 +447,6 @@ def warm_up(site: Site, server: Server, fuzzer: Fuzzer, sender: Path, work: Path
 # ---- judging ----------------------------------------------------------------------------
 
 
-def udp_drops(ns: Namespace) -> int | None:
-    """The kernel's drop counter of the knock socket (udp mode)."""
-    hex_port = f":{KNOCK_PORT:04X}"
-    for name in ("/proc/net/udp", "/proc/net/udp6"):
-        for line in ns.run("cat", name, check=False).stdout.splitlines()[1:]:
-            parts = line.split()
-            if parts and parts[1].endswith(hex_port):
-                return int(parts[-1])
-    return None
-
-
 def unledgered(accepted: Counter[Grant], ledger: Counter[Grant]) -> list[dict[str, object]]:
     """Acceptances beyond the ledger's: each a failure."""
     return [{"client": g.client, "address": g.address, "service": g.service,
@@ -511,13 +501,13 @@ def run_mode(mode: str, args: argparse.Namespace, sender: Path) -> dict[str, Any
         warm_expected = len(fuzzer.sent_ledger)
         time.sleep(1.0)
         before = {name: rss_mb(pid) for name, pid in pids.items()}
-        drops_before = udp_drops(site.srv)
+        drops_before = udp_drops(site.srv, KNOCK_PORT)
         sampler = RssSampler(pids)
         flood = fuzz(site, server, fuzzer, sender, root, args)
         time.sleep(SETTLE)  # the last refusals flushed, the receive queue empty
         peak = sampler.stop()
         after = {name: rss_mb(pid) for name, pid in pids.items()}
-        drops_after = udp_drops(site.srv)
+        drops_after = udp_drops(site.srv, KNOCK_PORT)
         running = server.proc.poll() is None
         verdict = judge(setup, server, fuzzer)
         code = server.stop()
