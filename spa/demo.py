@@ -60,7 +60,10 @@ class Demo:
         self.enrollment = parse(self.uri)
         self.target = knock.resolve("127.0.0.1", port)
         self.logs: list[str] = []
-        self.server = runner.build(self.config, backend=None, mode=None, interface=None)
+        # one process: the memory backend gates nothing, and the story reads
+        # the state as this process, which the split would make a service user
+        self.server = runner.build(self.config, backend=None, mode=None, interface=None,
+                                   separate=False)
         self.server.log = self.logs.append
         self.stop = threading.Event()
 
@@ -135,6 +138,7 @@ class Demo:
 
 def run(say: Callable[[str], None] = print) -> int:
     root = Path(tempfile.mkdtemp(prefix="spa-demo-"))
+    root.chmod(0o711)  # the daemon runs as a service user: it must get through (files stay 0600)
     try:
         demo = Demo(root, say)
         demo.run()

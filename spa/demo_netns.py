@@ -171,6 +171,7 @@ class NetnsDemo:
 
 def run(say: Callable[[str], None] = print) -> int:
     root = Path(tempfile.mkdtemp(prefix="spa-demo-"))
+    root.chmod(0o711)  # the daemon runs as a service user: it must get through (files stay 0600)
     demo = NetnsDemo(root, say)
     try:
         demo.setup()

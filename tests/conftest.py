@@ -10,7 +10,11 @@ Profiles (choose with --hypothesis-profile NAME or HYPOTHESIS_PROFILE):
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile("dev", max_examples=200, deadline=None)
@@ -23,3 +27,38 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_searchable_by_the_daemon(tmp_path_factory: pytest.TempPathFactory
+                                      ) -> Iterator[None]:
+    """As root, `spa-server run` forks its gate keeper and then runs as a
+    service user (nobody here, spa on a real host), which imports what it
+    still needs from this checkout's .venv.  A clone in a private directory
+    (mktemp -d is 0700) is out of its reach: give its ancestors the search
+    (x, not read) permission for the session, and put the modes back.  So
+    with the temporary directories the tests put state directories in (SQLite
+    opens the event store by its full path)."""
+    changed: list[tuple[Path, int]] = []
+    if os.geteuid() == 0:
+        for directory in reversed(Path(sys.executable).absolute().parents):
+            mode = directory.stat().st_mode
+            if not mode & 0o001:
+                changed.append((directory, mode))
+                directory.chmod((mode & 0o7777) | 0o001)
+        for directory in (tmp_path_factory.getbasetemp().parent,
+                          tmp_path_factory.getbasetemp()):
+            directory.chmod(directory.stat().st_mode & 0o7777 | 0o001)  # ours, made 0700
+    try:
+        yield
+    finally:
+        for directory, mode in reversed(changed):
+            directory.chmod(mode & 0o7777)
+
+
+@pytest.fixture
+def tmp_path(tmp_path: Path) -> Path:
+    """pytest's, searchable by the daemon's service user (see above)."""
+    if os.geteuid() == 0:
+        tmp_path.chmod(tmp_path.stat().st_mode & 0o7777 | 0o001)
+    return tmp_path

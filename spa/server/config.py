@@ -153,9 +153,14 @@ def b64decode(text: str, size: int, what: str) -> bytes:
 
 def load(path: Path) -> ServerConfig:
     """Read and validate the config.  Raises ConfigError."""
+    return parse(path, read_raw(path))
+
+
+def read_raw(path: Path) -> bytes:
+    """The config file's bytes (never through a link).  Raises ConfigError."""
     with _reading(path), open_dir(path.parent) as directory:
         raw, _ = _read(directory, path)
-    return parse(path, raw)
+    return raw
 
 
 def parse(path: Path, raw: bytes) -> ServerConfig:

@@ -117,12 +117,13 @@ class Server:
         self.stop_requested = threading.Event()  # the daemon decided to stop itself
         self._dirty = True
         self._open_pairs: set[tuple[object, str]] = set()
-        self._stamp = FileStamp.of(config.path)
+        self._config_stamp, self._read_config = _config_reader(config.path, backend)
+        self._stamp = self._config_stamp()
         # what the file said of the settings a reload cannot change (run's
         # --backend/--mode may override the file: compare file with file)
         self._file_fixed = _fixed_settings(config)
         with contextlib.suppress(LocalError):
-            self._file_fixed = _fixed_settings(config_mod.load(config.path))
+            self._file_fixed = _fixed_settings(self._read_config())
         self._last_compact = self._last_prune = 0.0
         self.notifier = notifier or Notifier(None, None)
         self._heartbeat = 0.0  # monotonic time of the receive loop's last turn
@@ -192,7 +193,7 @@ class Server:
         saved = [lease for lease in self.state.load_leases() if lease.service in
                  self.config.services and lease.client not in closed]
         self.leases = LeaseTable.from_leases(saved, now=now)
-        self.events = EventSink(self.state.path / EVENTS_DB, self.log,
+        self.events = EventSink(self.state.files / EVENTS_DB, self.log,
                                 retention_days=self.config.event_retention_days)
         self.backend.start(self.config.services, now=now)
         try:
@@ -741,13 +742,13 @@ class Server:
                                    expires_by_itself=self.backend.expires_by_itself)
 
     def _maybe_reload(self) -> None:
-        stamp = FileStamp.of(self.config.path)
+        stamp = self._config_stamp()
         if stamp == self._stamp and not self._reload_requested.is_set():
             return
         self._reload_requested.clear()
         self._stamp = stamp
         try:
-            new = config_mod.load(self.config.path)
+            new = self._read_config()
         except LocalError as exc:
             self.log(f"error reload failed, keeping the running config: {exc}")
             return
@@ -810,6 +811,18 @@ class Server:
         if services != dict(old.services):
             self.log(f"gate {closed_ports(services)}")
             self._check_host(self.clock(), force=True)
+
+
+def _config_reader(path: Path, backend: object
+                   ) -> tuple[Callable[[], object], Callable[[], ServerConfig]]:
+    """(the config file's version, a fresh reading): through the gate keeper
+    when it holds the firewall (it reads the config; the daemon, running as
+    the state directory's user, may not), else from the file."""
+    stamp = getattr(backend, "config_stamp", None)
+    text = getattr(backend, "config_text", None)
+    if stamp is not None and text is not None:
+        return stamp, lambda: config_mod.parse(path, text().encode())
+    return lambda: FileStamp.of(path), lambda: config_mod.load(path)
 
 
 def _fixed_settings(config: ServerConfig) -> tuple[object, ...]:

@@ -165,8 +165,11 @@ def _connect_writer(path: Path) -> sqlite3.Connection:
             opened = os.fstat(fd)
             for side in ("", "-wal", "-shm"):
                 _private(directory, path.name + side)
-            db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            _check_opened(db, directory, path.name, opened)
+            try:
+                db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+                _check_opened(db, directory, path.name, opened)
+            except sqlite3.Error as exc:
+                raise LocalError(f"cannot open the event store {path}: {exc}") from None
             db.execute("PRAGMA journal_mode=WAL")
             _check_names(directory, path.name, owner=mine)
         finally:

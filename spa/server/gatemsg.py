@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -29,9 +30,11 @@ from typing import Any
 from spa.core.leases import Allow, Remove
 from spa.core.wire import IPAddress
 
-MAX_FRAME = 64 * 1024 * 1024  # bytes: a `reconcile` of 1,000,000 grants fits, nothing silly
+MAX_FRAME = 16 * 1024 * 1024  # bytes: a `reconcile` of MAX_CHANGES grants fits (about 50 each)
 HEADER = 4  # bytes of length before each frame
-MAX_CHANGES = 1_000_000  # changes in one request
+# changes in one request: a frame of nothing but empty lists costs the decoder
+# about 60 bytes each, so this bounds the gate keeper's memory per request too
+MAX_CHANGES = 250_000
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}\Z")  # a service name (spa.server.config)
 
 
@@ -53,7 +56,9 @@ class Apply:
 
 @dataclass(frozen=True, slots=True)
 class Simple:
-    """A request without arguments: held, drops, gate, check, fold, host, stop."""
+    """A request without arguments: held, drops, gate, check, fold, host,
+    stamp and config (the config file's version and text, for the daemon,
+    which may not read it itself), stop."""
 
     kind: str
 
@@ -66,7 +71,8 @@ class Reconcile:
 
 
 Request = Start | Apply | Reconcile | Simple
-SIMPLE = frozenset({"held", "drops", "gate", "check", "fold", "host", "stop"})
+SIMPLE = frozenset({"held", "drops", "gate", "check", "fold", "host", "stamp", "config",
+                    "stop"})
 
 
 def frame(message: dict[str, Any]) -> bytes:
@@ -85,15 +91,24 @@ def frame_length(header: bytes) -> int:
     return length
 
 
-def decode(body: bytes) -> dict[str, Any]:
-    """A frame's body as a JSON object.  Raises RefusedError."""
+def decode(body: bytes, *, request: bool = True) -> dict[str, Any]:
+    """A frame's body as a JSON object.  Raises RefusedError (for anything:
+    deep nesting, numbers too large; and for a request, a body of more lists
+    than a request holds, which would cost the decoder far more memory than
+    its bytes: a request is one object of flat lists)."""
+    if request and (body.count(b"[") > MAX_CHANGES + 2 or body.count(b"{") > 1):
+        raise RefusedError("too many lists or objects for one request")
     try:
-        message = json.loads(body.decode())
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise RefusedError(f"not a JSON message: {exc}") from None
+        message = json.loads(body.decode(), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise RefusedError(f"not a JSON message: {str(exc)[:80]}") from None
     if not isinstance(message, dict):
         raise RefusedError("a message is a JSON object")
     return message
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a number here")
 
 
 def encode_request(request: Request) -> dict[str, Any]:
@@ -109,6 +124,8 @@ def encode_request(request: Request) -> dict[str, Any]:
 def parse_request(message: dict[str, Any]) -> Request:
     """Raises RefusedError for anything that is not exactly one known request."""
     kind = message.get("kind")
+    if not isinstance(kind, str):
+        raise RefusedError("a request's kind is a string")
     if kind in SIMPLE:
         _fields(message, {"kind"})
         return Simple(str(kind))
@@ -154,9 +171,15 @@ def _change_in(item: object) -> Allow | Remove:
         raise RefusedError("a change is a list")
     if item[0] == "allow" and len(item) == 4:
         until = item[3]
-        if not isinstance(until, int | float) or isinstance(until, bool) or until != until:
+        if not isinstance(until, int | float) or isinstance(until, bool):
             raise RefusedError("allow: until is a number of seconds")
-        return Allow(parse_address(item[1]), _service(item[2]), float(until))
+        try:
+            seconds = float(until)
+        except OverflowError:
+            raise RefusedError("allow: until is out of range") from None
+        if not math.isfinite(seconds):
+            raise RefusedError("allow: until is a number of seconds")
+        return Allow(parse_address(item[1]), _service(item[2]), seconds)
     if item[0] == "remove" and len(item) == 3:
         return Remove(parse_address(item[1]), _service(item[2]))
     raise RefusedError(f"unknown change {str(item[0])[:20]!r}")

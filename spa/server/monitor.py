@@ -16,9 +16,12 @@ Invariants:
   itself, whatever the daemon says or fails to say; the guard (spa.server.
   guard) repairs the gate from that record, never from the daemon's word.
 - At most MAX_GRANTS grants are held: one more is refused.
-- When the daemon goes away (its end of the socket closes), the gate keeper
-  stops the backend the way the daemon would and exits: the ports stay
-  closed, the grants end on time (nftables) or are removed (the others).
+- When the daemon goes away without asking `stop` (a crash, or a daemon not
+  to be trusted), the gate keeper ends the grants that need it on time
+  (iptables: no kernel timeout), then stops the backend the way the daemon
+  would and exits: the ports stay closed.  It holds no lock meanwhile, so a
+  new daemon may start.  After `stop` (a clean shutdown) it stops at once:
+  an iptables grant then lasts until the next start, as it always did.
 - The clock is an argument (`clock`); `handle` is unit-tested with the memory
   backend, `serve` with a real socketpair.
 """
@@ -26,6 +29,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -69,6 +73,7 @@ class GateKeeper:
         self.events: list[Event] = []
         self.foreign = False
         self.stopped = False
+        self.outliving = False  # the daemon is gone; only ending grants on time
         self.guard = Guard(backend, lock=self.lock, wanted=lambda: dict(self.granted),
                            clock=clock, log=log, record=self.events.append,
                            on_foreign=self._foreign)
@@ -89,6 +94,9 @@ class GateKeeper:
             return {"refused": str(exc)}
         except LocalError as exc:
             return {"error": str(exc)}
+        except Exception as exc:  # a bug: said, never the gate keeper's end
+            self.log(f"error gate keeper failed a request: {type(exc).__name__}: {exc}")
+            return {"error": f"the gate keeper failed: {type(exc).__name__}"}
 
     def _carry_out(self, request: gatemsg.Request) -> Any:
         if isinstance(request, Start):
@@ -115,6 +123,14 @@ class GateKeeper:
             return self._gate()
         if kind == "host":
             return self.host_report()
+        if kind == "stamp":
+            try:
+                st = os.lstat(self.config_path)
+            except OSError:
+                return None
+            return [st.st_mtime_ns, st.st_size, st.st_ino]
+        if kind == "config":
+            return config_mod.read_raw(self.config_path).decode("utf-8", "replace")
         if kind == "stop":
             self.stop()
             return None
@@ -129,19 +145,22 @@ class GateKeeper:
             self.backend.stop()
 
     def _start(self, names: tuple[str, ...]) -> dict[str, Any]:
-        """(Re)install for these services: the config's definitions, read
-        again now; a name the config no longer has is kept only while it was
-        installed (so its grants can still be removed)."""
+        """(Re)install the gate for every service of the config, read again
+        now: the daemon cannot leave one out (an empty list once left every
+        port ungated).  A name the config no longer has is kept only while it
+        was installed and the daemon still names it (its grants can then
+        still be removed); any other name is refused."""
         try:
             self.allowed = dict(self._read_services(self.config_path))
         except LocalError as exc:
             self.log(f"error gate keeper keeps the services it has: {exc}")
-        chosen: dict[str, Service] = {}
+        chosen: dict[str, Service] = dict(self.allowed)
         for name in names:
-            service = self.allowed.get(name) or self.installed.get(name)
-            if service is None:
-                raise RefusedError(f"start: no service {name!r} in {self.config_path}")
-            chosen[name] = service
+            if name not in chosen:
+                service = self.installed.get(name)
+                if service is None:
+                    raise RefusedError(f"start: no service {name!r} in {self.config_path}")
+                chosen[name] = service
         with self.lock:
             self.backend.start(chosen, now=self.clock())
             self.installed = chosen
@@ -171,7 +190,7 @@ class GateKeeper:
         for grant in grants:
             self._checked(grant, now)
             wanted[(grant.address, grant.service)] = grant.until
-        if len(wanted) > MAX_GRANTS:
+        if len(wanted) > MAX_GRANTS:  # (a request holds fewer: gatemsg.MAX_CHANGES)
             raise RefusedError(f"over {MAX_GRANTS} grants")
         with self.lock:
             reconcile(self.backend, wanted, self.installed, now=now)
@@ -214,11 +233,11 @@ class GateKeeper:
 
     def expire(self) -> None:
         """End every grant whose time is over, whatever the daemon said."""
-        now = self.clock()
-        ended = [key for key, until in self.granted.items() if until <= now]
-        if not ended:
-            return
         with self.lock:
+            now = self.clock()
+            ended = [key for key, until in self.granted.items() if until <= now]
+            if not ended:
+                return
             for key in ended:
                 self.granted.pop(key, None)
             if not self.backend.expires_by_itself:
@@ -245,36 +264,69 @@ def _services_of(path: Path) -> Mapping[str, Service]:
 
 def serve(keeper: GateKeeper, sock: socket.socket, stop: threading.Event) -> None:
     """Answer the daemon's requests until it closes its end (or asks `stop`
-    and closes), with the keeper's own rounds between."""
+    and closes).  The keeper's own rounds (expiry, the guard's polls) run in
+    a thread of their own, so no request, begun or not, ever holds them up.
+    When the daemon is gone, a backend whose grants do not end by themselves
+    (iptables) is kept until the last grant has ended, then stopped."""
     keeper.guard.start_watching(stop)
+    rounds_stop = threading.Event()
+    rounds = threading.Thread(target=_rounds, args=(keeper, rounds_stop),
+                              name="spa-gate-rounds", daemon=True)
+    rounds.start()
     sock.settimeout(TURN)
     try:
         while not stop.is_set():
             try:
                 message = _receive(sock)
             except TimeoutError:
-                message = {}
-            except (RefusedError, ConnectionError, OSError):
-                break  # a broken frame or a closed socket: the daemon is gone
-            if message is None:
-                break
-            if message:
-                reply = keeper.handle(message)
-                try:
-                    sock.sendall(gatemsg.frame(reply))
-                except (OSError, RefusedError):
+                continue
+            except RefusedError as exc:  # a whole frame that is no message: say so, go on
+                keeper.log(f"error gate keeper refused a request: {exc}")
+                reply: dict[str, Any] = {"refused": str(exc)}
+            except OSError:
+                break  # the socket failed: the daemon is gone
+            else:
+                if message is None:
                     break
+                reply = keeper.handle(message)
             try:
-                keeper.expire()
-                keeper.guard.poll(keeper.clock())
-            except LocalError as exc:
-                keeper.log(f"error gate keeper: {exc}")
+                sock.sendall(gatemsg.frame(reply))
+            except (OSError, RefusedError):
+                break
     finally:
+        if not keeper.stopped:  # gone without asking: a crash, or a daemon not to trust
+            _outlive(keeper)
         stop.set()
+        rounds_stop.set()
+        rounds.join(timeout=5)
         try:
             keeper.stop()  # the daemon went away without asking: stop as it would have
         except LocalError as exc:
             keeper.log(f"error gate keeper: {exc}")
+
+
+def _rounds(keeper: GateKeeper, stop: threading.Event) -> None:
+    while not stop.wait(TURN):
+        try:
+            keeper.expire()
+            if not keeper.outliving:  # a new daemon may have its own gate keeper by now
+                keeper.guard.poll(keeper.clock())
+        except LocalError as exc:
+            keeper.log(f"error gate keeper: {exc}")
+        except Exception as exc:  # never stop ending grants on time
+            keeper.log(f"error gate keeper round failed: {type(exc).__name__}: {exc}")
+
+
+def _outlive(keeper: GateKeeper) -> None:
+    """The daemon is gone: grants that need removing are removed at their
+    time (the rounds go on), then the keeper may stop."""
+    if keeper.backend.expires_by_itself or not keeper.granted:
+        return
+    keeper.outliving = True
+    keeper.log(f"warning gate keeper: the daemon is gone; ending its {len(keeper.granted)} "
+               "grant(s) on time before stopping")
+    while keeper.granted:
+        time.sleep(TURN)
 
 
 def serve_failure(sock: socket.socket, error: str) -> None:
@@ -287,36 +339,50 @@ def serve_failure(sock: socket.socket, error: str) -> None:
             sock.sendall(gatemsg.frame({"error": error}))
 
 
-def _receive(sock: socket.socket) -> dict[str, Any] | None:
-    """One message, or None when the other end closed.  Raises TimeoutError
-    when nothing starts within the socket's timeout, RefusedError for a bad frame."""
+def _receive(sock: socket.socket, *, request: bool = True) -> dict[str, Any] | None:
+    """One message, or None when the other end closed (or a frame stalled).
+    Raises TimeoutError when nothing starts within the socket's timeout,
+    RefusedError for a frame read whole that is not a message (an oversized
+    one is read and dropped in pieces: the next frame starts where it ends)."""
     header = _exactly(sock, gatemsg.HEADER, first=True)
     if header is None:
         return None
-    body = _exactly(sock, gatemsg.frame_length(header))
+    length = int.from_bytes(header, "big")
+    if length > gatemsg.MAX_FRAME:
+        while length:
+            piece = _exactly(sock, min(length, 1 << 20))
+            if piece is None:
+                return None
+            length -= len(piece)
+        gatemsg.frame_length(header)  # raises, now that the frame is behind us
+    body = _exactly(sock, length)
     if body is None:
         return None
-    return gatemsg.decode(body)
+    return gatemsg.decode(body, request=request)
 
 
 def _exactly(sock: socket.socket, size: int, *, first: bool = False) -> bytes | None:
+    """`size` bytes, or None when the other end closed or took longer than
+    STALL from the first byte (one byte at a time once never timed out)."""
     chunks: list[bytes] = []
-    left, stalls = size, 0
+    left, deadline = size, time.monotonic() + STALL
     while left:
         try:
             chunk = sock.recv(min(left, 1 << 20))
         except TimeoutError:
             if first and not chunks:
                 raise
-            stalls += 1
-            if stalls * TURN > STALL:
-                return None  # a frame begun and never finished: treat the daemon as gone
-            continue
-        if not chunk:
+            chunk = None
+        if chunk == b"":
             return None
-        chunks.append(chunk)
-        left -= len(chunk)
+        if chunk:
+            chunks.append(chunk)
+            left -= len(chunk)
+        if left and time.monotonic() > deadline:
+            return None  # a frame begun and never finished: treat the daemon as gone
     return b"".join(chunks)
 
 
-receive = _receive  # the daemon's end reads replies the same way
+def receive(sock: socket.socket) -> dict[str, Any] | None:
+    """The daemon's end reads replies the same way (they hold objects)."""
+    return _receive(sock, request=False)

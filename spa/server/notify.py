@@ -18,6 +18,21 @@ class Notifier:
         self.address = address
         self.interval = (watchdog_usec / 2e6) if watchdog_usec else None
         self._last_ping = 0.0
+        self._sock: socket.socket | None = None
+
+    def connect(self) -> None:
+        """Connect now (before the daemon drops its privileges: the socket's
+        permissions are checked when it connects, not at each message)."""
+        if not self.address or self._sock is not None:
+            return
+        target = "\0" + self.address[1:] if self.address.startswith("@") else self.address
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(target)
+        except OSError:
+            sock.close()
+            return
+        self._sock = sock
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str] = os.environ) -> Notifier:
@@ -32,6 +47,12 @@ class Notifier:
     def send(self, message: str) -> bool:
         if not self.address:
             return False
+        if self._sock is not None:
+            try:
+                self._sock.send(message.encode())
+            except OSError:
+                return False
+            return True
         target = "\0" + self.address[1:] if self.address.startswith("@") else self.address
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             try:

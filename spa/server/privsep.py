@@ -147,14 +147,34 @@ def drop_to_gate_keeper(config: Path, backend: str) -> None:
     _prctl(PR_SET_DUMPABLE, 0)  # a change of uid resets it
 
 
-def drop_to_daemon(state_dir: Path) -> str:
-    """The parent: nothing, as the state directory's owner.  Returns who that is."""
+SERVICE_USERS = ("spa", "nobody")  # who the daemon runs as when root owns the state dir
+
+
+def daemon_user(state_dir: Path) -> pwd.struct_passwd:
+    """Who the daemon runs as: the state directory's owner; never root (uid 0
+    without a capability still owns root's files: /etc/cron.d, the config):
+    for a directory root owns, the first of SERVICE_USERS that exists.
+    Raises LocalError."""
     st = os.stat(state_dir)
-    drop(frozenset(), uid=st.st_uid, gid=st.st_gid)
-    try:
-        return pwd.getpwuid(st.st_uid).pw_name
-    except KeyError:
-        return f"uid {st.st_uid}"
+    if st.st_uid != 0:
+        try:
+            return pwd.getpwuid(st.st_uid)
+        except KeyError:
+            return pwd.struct_passwd((f"uid {st.st_uid}", "x", st.st_uid, st.st_gid, "", "/",
+                                      "/usr/sbin/nologin"))
+    for name in SERVICE_USERS:
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    raise LocalError(f"no user to run the daemon as (root owns {state_dir}): create the "
+                     "system user spa (systemd-sysusers contrib/systemd/spa.sysusers.conf), "
+                     f"or chown {state_dir} to the user it should run as")
+
+
+def drop_to_daemon(user: pwd.struct_passwd) -> None:
+    """The parent: no capability, as `user` (daemon_user)."""
+    drop(frozenset(), uid=user.pw_uid, gid=user.pw_gid)
 
 
 def owned_by_another(directory: Path) -> bool:
@@ -167,20 +187,20 @@ def owned_by_another(directory: Path) -> bool:
     return os.geteuid() == 0 and st.st_uid != 0
 
 
-def hand_over(state_dir: Path) -> None:
-    """Started as root on a state directory another user owns (the daemon
-    will run as that user): give it the files root left there (an earlier
-    run as root), by descriptor, never following a link, only regular files
-    root owns, so nothing outside the directory can be reached."""
-    if os.geteuid() != 0:
+def hand_over(state_dir: Path, user: pwd.struct_passwd) -> None:
+    """Started as root on a state directory root owns, the daemon runs as
+    `user`: give it the directory and the regular files in it, by
+    descriptor, never following a link.  Only then: in a directory another
+    user owns, that user could have moved any root file in (from anywhere it
+    may write, on the same filesystem), so nothing there is ever chowned."""
+    if os.geteuid() != 0 or user.pw_uid == 0:
         return
     try:
         dfd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise LocalError(f"cannot open {state_dir}: {exc.strerror}") from None
     try:
-        owner = os.fstat(dfd)
-        if owner.st_uid == 0:
+        if os.fstat(dfd).st_uid != 0:
             return
         for name in os.listdir(dfd):
             try:
@@ -191,8 +211,9 @@ def hand_over(state_dir: Path) -> None:
             try:
                 st = os.fstat(fd)
                 if stat.S_ISREG(st.st_mode) and st.st_uid == 0 and st.st_nlink == 1:
-                    os.fchown(fd, owner.st_uid, owner.st_gid)
+                    os.fchown(fd, user.pw_uid, user.pw_gid)
             finally:
                 os.close(fd)
+        os.fchown(dfd, user.pw_uid, user.pw_gid)  # last: until here only root could add
     finally:
         os.close(dfd)

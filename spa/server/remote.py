@@ -45,6 +45,7 @@ class RemoteGate:
     def __init__(self, sock: socket.socket, pid: int | None = None) -> None:
         """`pid`: the gate keeper's process, waited for by `close`."""
         self._sock, self._pid = sock, pid
+        self.pid = pid
         sock.settimeout(TIMEOUT)
         self._lock = threading.Lock()
         self._gone = False
@@ -128,6 +129,16 @@ class RemoteGate:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+
+    def config_stamp(self) -> tuple[int, ...] | None:
+        """Which version of the config file is there (the gate keeper looks)."""
+        found = self.ask(Simple("stamp"))
+        return None if found is None else tuple(int(part) for part in found)
+
+    def config_text(self) -> str:
+        """The config file's text, read by the gate keeper (the daemon runs
+        as a user that may not read a root-owned config)."""
+        return str(self.ask(Simple("config")))
 
     def host_report(self) -> Report | None:
         """`spa-server check`'s finding, made by the gate keeper (None: this

@@ -60,11 +60,12 @@ def make_source(mode: str, address: str, port: int, interface: str) -> PacketSou
 
 
 def build(path: Path, *, backend: str | None, mode: str | None,
-          interface: str | None) -> Server:
+          interface: str | None, separate: bool = True) -> Server:
     """The daemon, split in two (spa.server.privsep): this process parses
     and verifies with no capability; a child holds CAP_NET_ADMIN and is the
-    only code that touches the firewall.  Raises LocalError for any problem
-    with the config or the machine."""
+    only code that touches the firewall.  `separate` False (the loopback
+    demo, memory backend only: it gates nothing) keeps one process.  Raises
+    LocalError for any problem with the config or the machine."""
     config = config_mod.load(path)
     config = replace(config, backend=backend or config.backend, mode=mode or config.mode,
                      interface=interface if interface is not None else config.interface)
@@ -77,34 +78,55 @@ def build(path: Path, *, backend: str | None, mode: str | None,
                          "memory")
     source = make_source(config.mode, config.listen_address, config.listen_port,
                          config.interface)
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    pid = os.fork()
-    if pid == 0:  # the gate keeper: never returns
-        ours.close()
-        source.close()
-        _gate_keeper(config, theirs)
-    theirs.close()
-    gate = RemoteGate(ours, pid)
-    try:
-        privsep.hand_over(state.path)
-        user = privsep.drop_to_daemon(state.path)
-        state.ensure()
-        _can_read(config.path, user)
-    except LocalError:
-        gate.close()
-        raise
+    notifier = Notifier.from_environment()
+    if not separate:
+        if config.backend != "memory":
+            raise LocalError("only the memory backend runs in one process")
+        return Server(config, backend=MemoryBackend(), source=source, clock=time.time,
+                      log=log_to_stderr, notifier=notifier, state=state)
+    notifier.connect()  # while it may: the daemon's user may not reach the socket
+    gate, user = split(config, state, source)
     server = Server(config, backend=gate, source=source, clock=time.time,
-                    log=log_to_stderr, notifier=Notifier.from_environment(), state=state,
+                    log=log_to_stderr, notifier=notifier, state=state,
                     routes=kernel_routes(), guard=RemoteGuard)
     gate.on_lost = server.stop_requested.set
     kept = " and ".join(privsep.NAMES[cap] for cap in
                         sorted(privsep.gate_keeper_capabilities(config.backend)))
     server.start_notes.append(f"privileges: daemon pid {os.getpid()} as {user} with no "
-                              f"capability; gate keeper pid {pid} with {kept} only")
+                              f"capability; gate keeper pid {gate.pid} with {kept} only")
     return server
 
 
 BACKENDS = ("nftables", "iptables", "memory")
+
+
+def split(config: ServerConfig, state: StateDir, source: PacketSource) -> tuple[RemoteGate, str]:
+    """Fork the gate keeper (it never returns), then drop this process to
+    the daemon: no capability, never root.  Returns the daemon's end of the
+    gate keeper and the user it now runs as.  Raises LocalError."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:  # the gate keeper: never returns
+        ours.close()
+        source.close()
+        state.release_copy()  # the lock is the daemon's (a gate keeper may outlive it)
+        _gate_keeper(config, theirs)
+    theirs.close()
+    gate = RemoteGate(ours, pid)
+    try:
+        who = privsep.daemon_user(state.path)
+        privsep.hand_over(state.path, who)
+        state.pin()  # before the drop: it may not search the directories above
+        privsep.drop_to_daemon(who)
+        if not os.access(state.path, os.W_OK | os.X_OK):  # SQLite opens by the full path
+            raise LocalError(f"the daemon runs as {who.pw_name} and cannot reach {state.path}: "
+                             "let it through the directories above (chmod o+x on each), or "
+                             "set state_dir to a directory it can reach (/var/lib/spa)")
+        state.ensure()
+    except LocalError:
+        gate.close()
+        raise
+    return gate, who.pw_name
 
 
 def _gate_keeper(config: ServerConfig, sock: socket.socket) -> NoReturn:
@@ -131,16 +153,6 @@ def _gate_keeper(config: ServerConfig, sock: socket.socket) -> NoReturn:
         log_to_stderr(f"error gate keeper failed: {type(exc).__name__}: {exc}")
     finally:
         os._exit(status)
-
-
-def _can_read(path: Path, user: str) -> None:
-    """The daemon reloads the config as `user`: say so now if it cannot."""
-    try:
-        os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
-    except PermissionError:
-        raise LocalError(f"{path} is not readable by {user}, the owner of the state directory "
-                         f"that the daemon runs as (it reads the config again at each reload): "
-                         f"chown {user} {path}") from None
 
 
 def install_gate(path: Path, *, backend: str | None = None) -> str:

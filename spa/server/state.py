@@ -72,11 +72,26 @@ class PairStatus:
 
 class StateDir:
     def __init__(self, path: Path) -> None:
-        self.path = path
+        self.path = path  # what messages name, and what the lock's name comes from
+        self.files = path  # where its files are opened: "." once pinned
         self._journal_fd: int | None = None
         self._lock_fd: int | None = None
         self._lock_place: _Place | None = None
         self.journal_error: str | None = None
+
+    def pin(self) -> None:
+        """Make the directory this process's working directory, and open
+        every file relative to it from now on: the daemon, once it runs as a
+        service user, need not search the directories above it (a private
+        one, like a test's temporary directory, is root's 0700).  Raises
+        LocalError."""
+        try:
+            with open_dir(self.path) as directory:
+                os.fchdir(directory.fd)
+        except OSError as exc:
+            raise LocalError(f"cannot enter state directory {self.path}: {exc.strerror}"
+                             ) from None
+        self.files = Path(".")
 
     def ensure(self) -> None:
         """Create the directory (0700), or check it is one this process may
@@ -88,7 +103,7 @@ class StateDir:
     def _writing(self) -> Iterator[Directory]:
         """The directory, open to write in (made if missing).  Raises LocalError."""
         try:
-            directory = open_dir(self.path, create=True)
+            directory = open_dir(self.files, create=True)
         except PermissionError:
             raise LocalError(f"cannot create state directory {self.path}: permission denied "
                              "(run as root, or set state_dir in the config)") from None
@@ -101,7 +116,7 @@ class StateDir:
     def _read(self, name: str) -> bytes | None:
         """A file's bytes (None: no such file, or no directory yet).  Raises LocalError."""
         try:
-            with open_dir(self.path) as directory:
+            with open_dir(self.files) as directory:
                 return directory.read(name)[0]
         except FileNotFoundError:
             return None
@@ -323,7 +338,7 @@ class StateDir:
     def _lock_places(self) -> tuple[_Place, _Place]:
         """(where this process locks, where the other kind of daemon does)."""
         run = _Place(RUN_DIR, lock_name(self.path), run_dir=True)
-        here = _Place(self.path, LOCK)
+        here = _Place(self.files, LOCK)
         return (run, here) if os.geteuid() == 0 else (here, run)
 
     def _running_error(self, holder: dict[str, Any], now: float) -> LocalError:
@@ -404,6 +419,14 @@ class StateDir:
                 os.ftruncate(fd, 0)
                 if place is not None and place.run_dir and place.holds(fd):
                     os.unlink(place.file)
+            os.close(fd)
+
+    def release_copy(self) -> None:
+        """In a forked child: close its copy of the lock's descriptor without
+        unlocking it (the parent keeps the lock; flock is per open file)."""
+        fd, self._lock_fd = self._lock_fd, None
+        self._lock_place = None
+        if fd is not None:
             os.close(fd)
 
     @property

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import pytest
-
-from spa.server.privsep import CAP_NET_ADMIN, capabilities
+from spa.server.privsep import CAP_NET_ADMIN, SERVICE_USERS, capabilities
 from spa.server.state import StateDir
 from tests.netns.conftest import SRV4, Spa, World
 from tests.netns.test_ssh_e2e import enroll_alice
@@ -25,8 +24,8 @@ TRY_NFT = """
 import sys
 from pathlib import Path
 if sys.argv[2] == "drop":
-    from spa.server.privsep import drop_to_daemon
-    drop_to_daemon(Path(sys.argv[1]))
+    from spa.server.privsep import daemon_user, drop_to_daemon
+    drop_to_daemon(daemon_user(Path(sys.argv[1])))
 from spa.backends.libnft import default_runner
 from spa.server.errors import LocalError
 try:
@@ -113,6 +112,14 @@ def test_when_the_daemon_dies_the_gate_keeper_leaves_the_gate_closed(spa: Spa) -
     assert any(item.get("table", {}).get("name") == "spa" for item in listing["nftables"])
 
 
+def _user(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
 def uid_of(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("Uid:"):
@@ -120,21 +127,21 @@ def uid_of(pid: int) -> int:
     raise AssertionError("no Uid line")
 
 
-@pytest.mark.usefixtures("checkout_reachable_by_others")
-def test_started_as_root_it_runs_as_the_owners_and_hands_over_roots_files(
-        world: World) -> None:
-    """By hand as root, with the state directory and config owned by
-    another user (nobody here, `spa` on a real host): the daemon runs as
-    the state directory's owner, the gate keeper as the config's with
-    CAP_NET_ADMIN; a file an earlier run as root left is handed over, a link
-    planted there is not followed; a reload that adds a service reaches the
-    firewall (the gate keeper reads the config again)."""
+def test_started_as_root_it_never_runs_the_daemon_as_root(world: World) -> None:
+    """By hand as root, everything root's (the default by hand): the daemon
+    runs as a service user (uid 0 without a capability still owned root's
+    files: /etc/cron.d, the config; adversarial review of the split), the
+    state directory and what root left in it are handed to that user, a link
+    planted there is not followed; the gate keeper stays root's, with
+    CAP_NET_ADMIN only, and reads the config the daemon cannot read (0600,
+    root's) again at a reload: an added service reaches the firewall."""
     root = Path(tempfile.mkdtemp(prefix="spa-owners-"))
     os.chmod(root, 0o755)
     secret = root / "root-only"
     secret.write_text("root's\n")
     secret.chmod(0o600)
     spa = Spa(world, root)
+    service_user = next(pwd.getpwnam(name) for name in SERVICE_USERS if _user(name))
     try:
         spa.admin("init", "--listen-port", "62201", "--state-dir", str(root / "state"),
                   "--service", "ssh", "--service", "https")
@@ -143,16 +150,16 @@ def test_started_as_root_it_runs_as_the_owners_and_hands_over_roots_files(
         state.mkdir(mode=0o700)
         StateDir(state).save_activated({})  # a file an earlier run as root left
         (state / "planted").symlink_to(secret)
-        for path in (spa.config, state):
-            os.chown(path, 65534, 65534)
         spa.start()
         assert spa.proc is not None
         (keeper,) = children(spa.proc.pid)
-        assert uid_of(spa.proc.pid) == 65534 and capabilities(spa.proc.pid).effective == 0
-        assert uid_of(keeper) == 65534
-        assert capabilities(keeper).effective == 1 << CAP_NET_ADMIN
-        assert (state / "activated.json").stat().st_uid == 65534
+        assert uid_of(spa.proc.pid) == service_user.pw_uid != 0
+        assert capabilities(spa.proc.pid).effective == 0
+        assert uid_of(keeper) == 0 and capabilities(keeper).effective == 1 << CAP_NET_ADMIN
+        assert state.stat().st_uid == service_user.pw_uid
+        assert (state / "activated.json").stat().st_uid == service_user.pw_uid
         assert secret.stat().st_uid == 0, "the link was not followed"
+        assert spa.config.stat().st_uid == 0 and spa.config.stat().st_mode & 0o077 == 0
         assert spa.client(world.cli, "alice", "open", "ssh", "srv").returncode == 0
         text = spa.config.read_text().replace(
             "[services.ssh]", "[services.web]\nprotocol = \"tcp\"\nport = 8443\n"

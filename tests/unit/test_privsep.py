@@ -151,15 +151,18 @@ def test_an_oversized_frame_is_refused_before_it_is_read() -> None:
 @pytest.fixture
 def pair() -> Iterator[tuple[RemoteGate, GateKeeper, MemoryBackend, threading.Thread]]:
     ours, theirs = socket.socketpair()
-    gate, backend, _ = keeper()
+    clock = Clock()
+    gate, backend, _ = keeper(clock)
     stop = threading.Event()
     thread = threading.Thread(target=monitor.serve, args=(gate, theirs, stop), daemon=True)
     thread.start()
     remote = RemoteGate(ours)
     yield remote, gate, backend, thread
+    clock.now += 10_000  # every grant over: the gate keeper need not outlive the daemon
     stop.set()
     ours.close()
     thread.join(timeout=5)
+    assert not thread.is_alive()
     theirs.close()
 
 
