@@ -16,22 +16,30 @@ authenticated from before the flood (one knock each, a 1 s lease), knocked
 from in turn, each knock asking for a 1 s lease and an address knocking again
 only 1.5 s after its last knock (so each knock needs a grant of its own).
 For --kind forged the flood starts early enough in a 30 s tag step to end
-inside it: the client's knocks carry the flooded tag throughout.  Several
-kinds (--kind forged,junk) run one after the other and print one table.
+inside it: the client's knocks carry the flooded tag throughout.  With
+--recapture (--kind forged, --client known) the attacker captures every
+step's tag instead: the flood runs for as long as --seconds asks, across tag
+steps, and at each step boundary a new flood process (started ahead, waiting
+for the boundary: flood -w) takes over with the new step's tag, made from the
+client's enrollment, as an attacker who sees the client's first knock of each
+step at once would have it.  Several kinds (--kind forged,junk) run one after
+the other and print one table.
 Reported: packets offered per second and in all, knocks granted during the
-flood and their knock-to-open latency, the server's CPU idle and flooded,
+flood and their knock-to-open latency, the server's CPU idle and flooded
+(the daemon's; with privilege separation the gate keeper's beside it),
 its refusals per second (spa-server: from its event store; fwknopd: the
 "Replay detected" lines it logs), the kernel's drops on the knock socket (udp
 modes), and the server's resident memory before, at most during, and after
 the flood (benchmark 6).  Needs root and gcc.
 
     .venv/bin/python benchmarks/bench_flood.py [--kind junk[,forged]] [--seconds 10]
-        [--client new|known] [--only spa-capture,...]
+        [--client new|known] [--recapture] [--only spa-capture,...]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -55,7 +63,7 @@ from bench_latency import (
     start_spa,
 )
 
-from spa.core.knock import STEP_SECONDS
+from spa.core.knock import STEP_SECONDS, step_of, step_start
 from spa.core.uri import parse
 from spa.core.wire import NONCE_SIZE, Action
 from spa.netns import Namespace, can_make_namespaces
@@ -72,6 +80,22 @@ REUSE = 1.5  # seconds before a known address knocks again (its last lease has e
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of `pid` (spa-server's gate keeper)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def group_cpu(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(pid)
+    return total
 
 
 def udp_drops(ns: Namespace, port: int) -> int | None:
@@ -146,12 +170,16 @@ class Row:
     p99: float | None
     cpu_idle: float
     cpu_flood: float
+    gate_idle: float | None  # the gate keeper's (spa-server), beside the daemon's
+    gate_flood: float | None
     refused_per_s: float | None
     drops: int | None
     rss_before: float
     rss_peak: float
     rss_after: float
     knocks_refused: dict[str, int]  # spa-server: its refusals of the client's knocks, by reason
+    lost_at: list[float]  # each lost knock: seconds into its tag step when it was sent
+    gate_rss: float | None
 
 
 def refusals(site: Site, name: str, kind: str, since: float) -> int | None:
@@ -190,6 +218,62 @@ def attack_argv(flood: Path, kind: str, seconds: float,
     return [*argv, ATTACKER_SERVER, str(KNOCK_PORT), str(seconds)]
 
 
+class StepFlood:
+    """--recapture: the forged flood at the current tag step's tag for
+    `seconds`, one flood process per step, each started ahead of its step and
+    waiting for the boundary (flood -w), so that the next takes over there
+    within a few microseconds."""
+
+    def __init__(self, site: Site, flood: Path, uri: str, seconds: float) -> None:
+        self.site, self.flood, self.uri = site, flood, uri
+        self.start = time.time() + 0.2
+        self.end = self.start + seconds
+        self.sent, self.steps = 0, 0
+        self.outputs: list[str] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _template(self, step: int) -> Path:
+        path = self.site.root / f"captured-{step}"
+        path.write_bytes(knock.make_packet(
+            parse(self.uri), Action.OPEN, "ssh", duration=LEASE, address=None,
+            now=step_start(step) + 1, nonce=os.urandom(NONCE_SIZE)))
+        return path
+
+    def _launch(self, begin: float) -> subprocess.Popen[str]:
+        step = step_of(begin)
+        until = min(self.end, step_start(step + 1))
+        self.steps += 1
+        return self.site.att.popen(
+            [str(self.flood), "-p", str(self._template(step)), "-x", "9",
+             "-w", f"{begin:.6f}", ATTACKER_SERVER, str(KNOCK_PORT), f"{until - begin:.6f}"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def _run(self) -> None:
+        begin = self.start
+        current = self._launch(begin)
+        while True:
+            begin = step_start(step_of(begin) + 1)
+            if begin >= self.end:
+                break
+            time.sleep(max(0.0, begin - 1.0 - time.time()))  # launch the next 1 s ahead
+            following = self._launch(begin)
+            self._collect(current)
+            current = following
+        self._collect(current)
+
+    def _collect(self, process: subprocess.Popen[str]) -> None:
+        out, _ = process.communicate(timeout=STEP_SECONDS + 30)
+        self.outputs.append(out)
+        match = re.search(r"sent (\d+) packets", out)
+        self.sent += int(match.group(1)) if match else 0
+
+    def wait(self) -> str:
+        """The flood's last line, "sent N packets in S s", over all its steps."""
+        self._thread.join(timeout=self.end - time.time() + STEP_SECONDS + 30)
+        return f"sent {self.sent} packets in {self.end - self.start:.2f} s"
+
+
 def align_to_step(seconds: float) -> None:
     """Wait, if need be, for a tag step with room for the idle reading (3 s),
     the flood's ramp (1 s) and the flood."""
@@ -198,9 +282,11 @@ def align_to_step(seconds: float) -> None:
         time.sleep(left + 0.2)
 
 
-def run_one(name: str, kind: str, seconds: float, flood: Path, client: str) -> Row:
+def run_one(name: str, kind: str, seconds: float, flood: Path, client: str,
+            recapture: bool = False) -> Row:
     knocks_wanted = int((seconds - 2) / INTERVAL)
     known = client == "known"
+    recapture = recapture and kind == "forged"
     count = KNOWN_SOURCES if known else knocks_wanted + 1
     root = Path(tempfile.mkdtemp(prefix="spa-flood-"))
     site = Site(root, count, attacker=True)
@@ -212,7 +298,7 @@ def run_one(name: str, kind: str, seconds: float, flood: Path, client: str) -> R
             primed = site.probe(knocks, fresh=True, duration=LEASE, timeout=5.0)
             assert all(r is not None for r in primed), "a priming knock did not open"
             plan = [knocks[i % count] for i in range(knocks_wanted)]
-            if kind == "forged":  # the client's packet of the step the flood runs in
+            if kind == "forged" and not recapture:  # the packet of the step the flood runs in
                 align_to_step(seconds)
                 assert site.spa_uri is not None
                 captured = root / "captured"
@@ -226,26 +312,43 @@ def run_one(name: str, kind: str, seconds: float, flood: Path, client: str) -> R
                 captured = root / "captured"
                 captured.write_bytes(knocks[-1][1])
             plan = knocks[:-1]
-        idle_before = cpu_seconds(server.pid)
+        gate = children(server.pid) if name.startswith("spa") else []
+        idle_before, gate_before = cpu_seconds(server.pid), group_cpu(gate)
         time.sleep(3)
         idle = (cpu_seconds(server.pid) - idle_before) / 3
+        gate_idle = (group_cpu(gate) - gate_before) / 3
         rss_before = rss_mb(server.pid)
         drops_before = udp_drops(site.srv, KNOCK_PORT)
         sampler = RssSampler(server.pid)
-        flood_started = time.time()
-        sender = site.att.popen(attack_argv(flood, kind, seconds, captured),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        stepped: StepFlood | None = None
+        if recapture:
+            assert site.spa_uri is not None
+            stepped = StepFlood(site, flood, site.spa_uri, seconds)
+            flood_started = stepped.start
+            time.sleep(max(0.0, flood_started - time.time()))
+        else:
+            flood_started = time.time()
+            sender = site.att.popen(attack_argv(flood, kind, seconds, captured),
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         busy_before, t0 = cpu_seconds(server.pid), time.monotonic()
+        gate_busy_before = group_cpu(gate)
         time.sleep(1)  # let the flood reach full rate
         # only knocks sent while the flood lasts count (one that times out
         # delays the next by up to a second)
+        sent_at: list[float] = []
         results = site.probe(plan, interval=INTERVAL, timeout=1.0,
                              fresh=name.startswith("spa"), until=flood_started + seconds - 1,
                              duration=LEASE if known else 60,
-                             reuse_after=REUSE if known else 0.0)
-        out, _ = sender.communicate(timeout=seconds + 30)
-        busy = (cpu_seconds(server.pid) - busy_before) / (time.monotonic() - t0)
+                             reuse_after=REUSE if known else 0.0, sent_at=sent_at)
+        if stepped is not None:
+            out = stepped.wait()
+        else:
+            out, _ = sender.communicate(timeout=seconds + 30)
+        took_cpu = time.monotonic() - t0
+        busy = (cpu_seconds(server.pid) - busy_before) / took_cpu
+        gate_busy = (group_cpu(gate) - gate_busy_before) / took_cpu
         rss_peak = sampler.stop()
+        gate_rss = max((rss_mb(pid) for pid in gate), default=None)
         drops_after = udp_drops(site.srv, KNOCK_PORT)
         time.sleep(2)  # let the server write its events
         rss_after = rss_mb(server.pid)
@@ -256,11 +359,15 @@ def run_one(name: str, kind: str, seconds: float, flood: Path, client: str) -> R
         return Row(name, kind, sent, sent / took, len(results), len(ok),
                    statistics.median(ok) if ok else None,
                    percentile(ok, 0.99) if ok else None, idle, busy,
+                   gate_idle if gate else None, gate_busy if gate else None,
                    None if refused is None else refused / took,
                    None if drops_before is None or drops_after is None
                    else drops_after - drops_before,
                    rss_before, max(rss_peak, rss_before), rss_after,
-                   knocks_refused(site, name, flood_started))
+                   knocks_refused(site, name, flood_started),
+                   [at % STEP_SECONDS for at, r in zip(sent_at, results, strict=True)
+                    if r is None],
+                   gate_rss)
     finally:
         site.close()
         shutil.rmtree(root, ignore_errors=True)
@@ -281,6 +388,9 @@ def main() -> int:
                         help="junk, replay, forged, or several: forged,junk")
     parser.add_argument("--client", default="new", choices=["new", "known"])
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--recapture", action="store_true",
+                        help="--kind forged: flood each tag step's tag in turn, for the "
+                             "whole of --seconds (needs --client known)")
     parser.add_argument("--only", default="spa-capture,spa-udp,fwknopd-udp,fwknopd-pcap")
     args = parser.parse_args()
     kinds = args.kind.split(",")
@@ -288,6 +398,8 @@ def main() -> int:
             args.client == "known" and "replay" in kinds):
         parser.error("--kind: junk, replay or forged, comma-separated (--client known: "
                      "junk and forged)")
+    if args.recapture and (args.client != "known" or "forged" not in kinds):
+        parser.error("--recapture: with --kind forged and --client known")
     chosen = servers_to_run("bench_flood", args.only,
                             spa_only=kinds == ["forged"])  # fwknopd has no tag: junk
     if chosen is None:
@@ -295,13 +407,14 @@ def main() -> int:
     build = Path(tempfile.mkdtemp(prefix="spa-flood-bin-"))
     try:
         flood = compile_flood(build)
-        rows = [run_one(name, kind, args.seconds, flood, args.client)
+        rows = [run_one(name, kind, args.seconds, flood, args.client, args.recapture)
                 for kind in kinds for name in chosen
                 if not (kind == "forged" and name.startswith("fwknopd"))]
     finally:
         shutil.rmtree(build, ignore_errors=True)
     print(f"{args.kind} flood for {args.seconds:g} s, a legitimate knock every "
-          f"{INTERVAL * 1000:.0f} ms, client from {args.client} addresses")
+          f"{INTERVAL * 1000:.0f} ms, client from {args.client} addresses"
+          + (", forged tag recaptured every step" if args.recapture else ""))
     print(f"{'kind':<7} {'server':<13} {'sent':>10} {'offered/s':>10} {'granted':>11} "
           f"{'p50 ms':>7} {'p99 ms':>7} {'cpu idle':>8} {'cpu flood':>9} {'refused/s':>9} "
           f"{'drops':>9} {'RSS MB before/peak/after':>24}")
@@ -316,8 +429,14 @@ def main() -> int:
               f"{row.granted:>5}/{row.knocks:<5} {ms(row.p50):>7} {ms(row.p99):>7} "
               f"{row.cpu_idle:>8.1%} {row.cpu_flood:>9.1%} {refused:>9} "
               f"{'-' if row.drops is None else f'{row.drops:,}':>9} {rss:>24}")
+        if row.gate_idle is not None and row.gate_flood is not None:
+            print(f"  {row.kind} {row.server}: gate keeper cpu idle {row.gate_idle:.1%}, "
+                  f"flooded {row.gate_flood:.1%}, RSS {row.gate_rss or 0:.1f} MB")
         if row.knocks_refused:
             print(f"  {row.server}: the client's knocks refused: {row.knocks_refused}")
+        if row.lost_at:
+            print(f"  {row.kind} {row.server}: knocks lost, sent this many seconds into "
+                  f"their tag step: {', '.join(f'{t:.2f}' for t in sorted(row.lost_at))}")
     return 0
 
 

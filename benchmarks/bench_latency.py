@@ -71,24 +71,32 @@ class Site:
     def probe(self, knocks: list[tuple[str, bytes]], *, interval: float = 0.0,
               timeout: float = 2.0, fresh: bool = False,
               until: float | None = None, duration: int = 60,
-              reuse_after: float = 0.0) -> list[float | None]:
+              reuse_after: float = 0.0, sent_at: list[float] | None = None
+              ) -> list[float | None]:
         """Send the knocks from the client namespace, timing each to the first
         connect.  fresh=True: spa-server knocks are made just before sending
         (for runs longer than the 30 s window); `until` (Unix time): send
         nothing after it (a knock that timed out delays the next ones);
         `duration`: the lease fresh knocks ask for; `reuse_after`: a source
-        knocks again only this long after its last knock."""
+        knocks again only this long after its last knock; `sent_at`: if
+        given, filled with the Unix time each knock was sent."""
         spec = self.root / "spec.json"
         spec.write_text(json.dumps({"server": SERVER, "knock_port": KNOCK_PORT,
                                     "service_port": 22, "timeout": timeout,
                                     "interval": interval,
                                     "uri": self.spa_uri if fresh else None, "until": until,
                                     "duration": duration, "reuse_after": reuse_after,
+                                    "times": sent_at is not None,
                                     "knocks": [[s, p.hex()] for s, p in knocks]}))
         done = self.cli.run(sys.executable, str(HERE / "latency_probe.py"), str(spec),
                             timeout=600)
-        results: list[float | None] = json.loads(done.stdout)
-        return results
+        output = json.loads(done.stdout)
+        if sent_at is None:
+            results: list[float | None] = output
+            return results
+        sent_at[:] = output["sent"]
+        timed: list[float | None] = output["results"]
+        return timed
 
     def close(self) -> None:
         for proc in self.procs:

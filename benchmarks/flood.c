@@ -1,6 +1,6 @@
 /* flood.c: a small traffic generator for the benchmarks (sendmmsg, one core).
  *
- *   flood [-f FILE | -p PAYLOAD [-x OFFSET]] [-r RATE] [-1] DST_IPV4 PORT SECONDS
+ *   flood [-f FILE | -p PAYLOAD [-x OFFSET]] [-r RATE] [-w START] [-1] DST_IPV4 PORT SECONDS
  *
  * Without -f or -p: knock-shaped junk (161 random bytes, first byte 0x01, the
  * version) from the sender's own address.
@@ -13,7 +13,10 @@
  * every record leaves from its own source address; the file is cycled unless
  * -1 is given (each record once).
  * -r RATE paces the sending at RATE packets per second (default: as fast as
- * one core can).  Stops after SECONDS (or, with -1, at the end of the file).
+ * one core can).  -w START waits until the Unix time START (the wall clock)
+ * before it sends (so that one flood can take over from another at a given
+ * moment: bench_flood --recapture).  Stops SECONDS after it started sending
+ * (or, with -1, at the end of the file).
  *
  * Prints "sent N packets in S s".  Run only by the scripts in benchmarks/,
  * which compile it into a temporary directory and run it only inside network
@@ -82,19 +85,20 @@ static unsigned char *load(const char *path, struct in_addr dst, int port, size_
 
 int main(int argc, char **argv) {
     const char *path = NULL, *payload = NULL;
-    double rate = 0;
+    double rate = 0, start_at = 0;
     int once = 0, offset = -1, opt;
-    while ((opt = getopt(argc, argv, "f:p:x:r:1")) != -1) {
+    while ((opt = getopt(argc, argv, "f:p:x:r:w:1")) != -1) {
         if (opt == 'f') path = optarg;
         else if (opt == 'p') payload = optarg;
         else if (opt == 'x') offset = atoi(optarg);
         else if (opt == 'r') rate = atof(optarg);
+        else if (opt == 'w') start_at = atof(optarg);
         else if (opt == '1') once = 1;
         else return 2;
     }
     if (argc - optind != 3) {
-        fprintf(stderr, "usage: flood [-f FILE | -p PAYLOAD [-x OFFSET]] [-r RATE] [-1] "
-                        "DST_IPV4 PORT SECONDS\n");
+        fprintf(stderr, "usage: flood [-f FILE | -p PAYLOAD [-x OFFSET]] [-r RATE] [-w START] "
+                        "[-1] DST_IPV4 PORT SECONDS\n");
         return 2;
     }
     struct sockaddr_in dst = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[optind + 1]))};
@@ -153,6 +157,15 @@ int main(int argc, char **argv) {
     struct mmsghdr msgs[BATCH];
     struct iovec iov[BATCH];
     memset(msgs, 0, sizeof msgs);
+    if (start_at > 0) {  /* wait for the wall clock to reach START */
+        struct timespec wall;
+        clock_gettime(CLOCK_REALTIME, &wall);
+        double left = start_at - (wall.tv_sec + wall.tv_nsec / 1e9);
+        if (left > 0) {
+            struct timespec pause = {(time_t)left, (long)((left - (time_t)left) * 1e9)};
+            nanosleep(&pause, NULL);
+        }
+    }
     double start = now(), deadline = start + atof(argv[optind + 2]);
     unsigned long sent = 0;
     for (;;) {

@@ -32,10 +32,10 @@ Exit 0 only if, in every mode, nothing was wrongly accepted, the log has no
 error, the server kept running and stopped cleanly, every knock of the
 warm-up was accepted (a server that refuses everything proves nothing), and
 memory stayed flat: after <= before + 10 MB for each process (--rss-margin;
-the daemon's bounded tables fill under this mix, about 5.5 MB at 10^6
-datagrams: a leak of 5 bytes per datagram on top would pass it at 10^6).  "mid" is the
-highest RSS in the fuzz's first half: after - mid is how much the second half
-added.
+the daemon's bounded tables fill under this mix, about 4 MB at 10^6
+datagrams: a leak of 6 bytes per datagram on top would still pass it at
+10^6, 7 would not).  "mid" is the highest RSS in the fuzz's first half:
+after - mid is how much the second half added.
 Needs root and gcc.
 
     .venv/bin/python benchmarks/fuzz_live.py [--mode both] [--count 1000000] [--seconds 300]

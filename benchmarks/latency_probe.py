@@ -11,6 +11,8 @@ SPEC: {"server": ip, "knock_port": n, "service_port": n, "timeout": s,
        "duration": s (optional, with uri: the lease each knock asks for; 60),
        "reuse_after": s (optional: a source knocks again only this long after
                       its last knock, so its last lease has ended; 0),
+       "times": true (optional: print {"results": [...], "sent": [Unix time
+                      each knock was sent, ...]} instead of the list),
        "knocks": [[source_ip, payload_hex], ...]}
 For each knock: send the payload from its source address, then try TCP
 connects to the service from that same address (non-blocking, 0.2 ms
@@ -54,6 +56,7 @@ def fresh_knock(uri: str, duration: int) -> bytes:
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     results: list[float | None] = []
+    sent: list[float] = []
     interval = float(spec.get("interval", 0))
     uri = spec.get("uri")
     until = spec.get("until")
@@ -73,6 +76,7 @@ def main() -> None:
             udp.bind((source, 0))
             started = time.perf_counter()
             udp.sendto(data, (spec["server"], spec["knock_port"]))
+            sent.append(time.time())
         deadline = started + spec["timeout"]
         took = None
         while time.perf_counter() < deadline:
@@ -80,7 +84,7 @@ def main() -> None:
                 took = (time.perf_counter() - started) * 1000
                 break
         results.append(took)
-    print(json.dumps(results))
+    print(json.dumps({"results": results, "sent": sent} if spec.get("times") else results))
 
 
 if __name__ == "__main__":
