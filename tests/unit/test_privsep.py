@@ -268,3 +268,29 @@ def test_a_gate_keeper_that_could_not_start_answers_with_its_one_line() -> None:
     thread.join(timeout=5)
     assert not thread.is_alive()
     theirs.close()
+
+
+def test_a_start_that_leaves_a_service_out_still_gates_it() -> None:
+    """From the adversarial review: `start` with an empty list installed the
+    gate for no service, so every port was open to all."""
+    gate, backend, _ = keeper()
+    assert "ok" in gate.handle({"kind": "start", "services": []})
+    assert set(backend.services) == {"ssh"}
+
+
+@pytest.mark.parametrize("message", [
+    {"kind": []}, {"kind": {}}, allow("192.0.2.7", until=10 ** 400),
+    {"kind": "apply", "changes": [["allow", "192.0.2.7", "ssh", float("inf")]]},
+])
+def test_whatever_a_request_holds_it_is_a_refusal_never_a_dead_gate_keeper(
+        message: dict[str, Any]) -> None:
+    gate, backend, _ = keeper()
+    assert "refused" in gate.handle(message)
+    assert backend.grants == {}
+
+
+def test_deep_nesting_and_many_lists_are_refused_before_decoding() -> None:
+    for body in (b"[" * 100_000 + b"]" * 100_000, b'{"kind":"apply","changes":['
+                 + b"[]," * (gatemsg.MAX_CHANGES + 5) + b"[]]}", b'{"a":{"b":{}}}'):
+        with pytest.raises(gatemsg.RefusedError):
+            gatemsg.decode(body)
