@@ -95,6 +95,7 @@ def main() -> int:
         return 2
     client = Path(sys.executable).parent / "spa-client"
     root = Path(tempfile.mkdtemp(prefix="spa-bench-client-"))
+    root.chmod(0o711)  # the daemon runs as a service user: it must get through
     site = Site(root, 0)
     try:
         start_spa(site, 0, "capture")

@@ -289,6 +289,7 @@ def run_one(name: str, kind: str, seconds: float, flood: Path, client: str,
     recapture = recapture and kind == "forged"
     count = KNOWN_SOURCES if known else knocks_wanted + 1
     root = Path(tempfile.mkdtemp(prefix="spa-flood-"))
+    root.chmod(0o711)  # the daemon runs as a service user: it must get through
     site = Site(root, count, attacker=True)
     try:
         mode, start = starter(name)

@@ -217,6 +217,7 @@ def main() -> int:
     rows = {}
     for name in chosen:
         root = Path(tempfile.mkdtemp(prefix="spa-bench-"))
+        root.chmod(0o711)  # the daemon runs as a service user: it must get through
         site = Site(root, args.knocks)
         try:
             rows[name] = SERVERS[name](site, args.knocks)

@@ -250,6 +250,7 @@ def main() -> int:
             rates = args.rates if kind == "spa" else args.fwknop_rates
             for rate in (int(r) for r in rates.split(",") if r):
                 root = Path(tempfile.mkdtemp(prefix="spa-bench-"))
+                root.chmod(0o711)  # the daemon runs as a service user: it must get through
                 try:
                     if kind == "spa":
                         rows.append(spa_point(root, flood, mode, args.clients, rate,

@@ -487,6 +487,7 @@ def judge(setup: Setup, server: Server, fuzzer: Fuzzer) -> dict[str, Any]:
 
 def run_mode(mode: str, args: argparse.Namespace, sender: Path) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix=f"spa-fuzz-{mode}-"))
+    root.chmod(0o711)  # the daemon runs as a service user: it must get through
     setup = configure(root, mode)
     fuzzer = Fuzzer(setup.cast, random.Random(f"{args.seed}-{mode}"))
     site = Site([a for c in setup.cast.live for a in c.addresses])
