@@ -300,7 +300,8 @@ def serve(keeper: GateKeeper, sock: socket.socket, stop: threading.Event) -> Non
         rounds_stop.set()
         rounds.join(timeout=5)
         try:
-            keeper.stop()  # the daemon went away without asking: stop as it would have
+            if not keeper.outliving:  # (after outliving, a new daemon may own the gate)
+                keeper.stop()  # the daemon went away without asking: stop as it would have
         except LocalError as exc:
             keeper.log(f"error gate keeper: {exc}")
 

@@ -123,6 +123,7 @@ def split(config: ServerConfig, state: StateDir, source: PacketSource) -> tuple[
                              "let it through the directories above (chmod o+x on each), or "
                              "set state_dir to a directory it can reach (/var/lib/spa)")
         state.ensure()
+        state.lock_here_too(time.time())
     except LocalError:
         gate.close()
         raise

@@ -77,6 +77,7 @@ class StateDir:
         self._journal_fd: int | None = None
         self._lock_fd: int | None = None
         self._lock_place: _Place | None = None
+        self._here_fd: int | None = None  # root's daemon, once it runs as the directory's owner
         self.journal_error: str | None = None
 
     def pin(self) -> None:
@@ -367,6 +368,18 @@ class StateDir:
             os.close(fd)
         raise LocalError(f"{place.file} keeps being replaced by another program; stop it")
 
+    def lock_here_too(self, now: float) -> None:
+        """After the daemon dropped from root to the state directory's owner:
+        lock the state directory's own place as well (as its owner, no link
+        of another user's can be there), so that a second daemon is refused
+        even if root's lock in RUN_DIR is removed.  Raises LocalError."""
+        place = _Place(self.files, LOCK)
+        if self._lock_place is None or not self._lock_place.run_dir or self._here_fd is not None:
+            return
+        self._here_fd = self._locked_fd(place, now)
+        os.ftruncate(self._here_fd, 0)
+        os.pwrite(self._here_fd, json.dumps({"pid": os.getpid(), "started": now}).encode(), 0)
+
     def keep_lock(self) -> str | None:
         """Housekeeping: if another program removed or replaced our lock
         file (so that a second daemon could start), take the file at the
@@ -377,10 +390,12 @@ class StateDir:
             return None
         if place.run_dir and os.geteuid() != 0:
             # started as root, now the state directory's owner: it cannot make
-            # the file again in root's directory; only root could remove it
+            # the file again in root's directory; only root could remove it,
+            # and the state directory's lock still keeps a second daemon out
             self._lock_place = None
-            return (f"{place.file} was removed (by root: nobody else can); this daemon "
-                    "cannot lock it again, so a second one could start")
+            kept = ("the state directory's lock still keeps a second daemon out"
+                    if self._here_fd is not None else "a second daemon could start")
+            return f"{place.file} was removed (by root: nobody else can); {kept}"
         facts = _read_lock(fd) or {}
         new = self._locked_fd(place, time.time())  # raises: a second daemon took it meanwhile
         os.close(fd)
@@ -414,6 +429,11 @@ class StateDir:
         meanwhile finds it is no longer at its name, and takes a new one)."""
         fd, self._lock_fd = self._lock_fd, None
         place, self._lock_place = self._lock_place, None
+        here, self._here_fd = self._here_fd, None
+        if here is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(here, 0)
+            os.close(here)
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)

@@ -297,12 +297,16 @@ def test_a_table_another_process_owns_in_our_name_never_opens_the_gate(spa: Spa)
 
 def test_a_removed_lock_file_is_taken_again_so_no_second_daemon_starts(spa: Spa) -> None:
     """From the adversarial review: removing state/server.lock let a second
-    daemon start beside the first.  The running daemon notices within a
-    housekeeping round and locks the file at the name again."""
+    daemon start beside the first.  Root's daemon locks in /run/spa (root's)
+    and, once it runs as the state directory's owner, in the state directory
+    too: root removing the first is said within a housekeeping round, and
+    the second still refuses a second daemon; removing the second (as its
+    owner could) is taken again at once."""
     spa.start()
     lock = StateDir(spa.root / "state").lock_file  # root's daemon: in /run/spa
     lock.unlink()
-    assert spa.wait_for(f"warning {lock} was removed or replaced by another program; "
-                        "locked again", timeout=5), spa.lines[-5:]
+    assert spa.wait_for(f"warning {lock} was removed (by root: nobody else can); the state "
+                        "directory's lock still keeps a second daemon out", timeout=5), (
+        spa.lines[-5:])
     second = spa.admin("run", check=False)
     assert second.returncode == 2 and "already running" in second.stderr, second.stderr
