@@ -17,6 +17,7 @@ APT_PACKAGES=(
     ipset                              # the iptables backend counts dropped attempts in ipsets
     systemd                            # systemd-analyze verify for the unit file
     chromium chromium-driver           # a real browser for the dashboard tests (selenium)
+    gcc libc6-dev                      # the live fuzz test builds benchmarks/fuzz_send.c
 )
 
 if command -v apt-get >/dev/null 2>&1; then
