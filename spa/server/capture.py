@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
+from spa.kernel.mapsource import MapFiltered
 from spa.server.errors import LocalError
 from spa.server.sources import (
     BATCH,
@@ -449,8 +450,10 @@ def arrival_index(name: str) -> int:
         return 0
 
 
-class CaptureSource:
-    """Knocks from an AF_PACKET socket; the knock port stays unbound."""
+class CaptureSource(MapFiltered):
+    """Knocks from an AF_PACKET socket; the knock port stays unbound.
+    `replace_tags`/`update_tags` (spa.kernel.mapsource) run the eBPF map
+    filter, `set_tags` the classic one."""
 
     def __init__(self, port: int, interface: str = "") -> None:
         try:
@@ -482,7 +485,7 @@ class CaptureSource:
         self._poll = select.poll()
         self._poll.register(sock, select.POLLIN)
         self._queue_drops = 0
-        self.port = port
+        self.port = self._map_port = port
 
     def set_tags(self, tags: list[bytes] | None, nonces: Sequence[bytes] = (),
                  shut: Shut | None = None) -> str:
@@ -496,6 +499,7 @@ class CaptureSource:
         back to the port-only filter (first, to the program without the shut
         tags' checks).  Returns a line for the log.
         """
+        self._drop_map()
         fitted = None if tags is None else fit(tags, nonces)
         if tags is not None and fitted is None:
             tags, fitted = None, ()
@@ -513,7 +517,7 @@ class CaptureSource:
             reason = exc.strerror if isinstance(exc, OSError) else str(exc)
             note = (f"kernel filter of {size} instructions not attached ({reason}; "
                     "raise net.core.optmem_max?); port-only filter")
-        return note
+        return self._classic(note)
 
     def queue_drops(self) -> int | None:
         """Frames the kernel dropped because this socket's queue was full

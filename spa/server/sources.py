@@ -28,6 +28,7 @@ from typing import Protocol
 
 from spa.core.knock import TAG_SIZE
 from spa.core.wire import NONCE_OFFSET, PACKET_SIZE
+from spa.kernel.mapsource import MapFiltered
 from spa.server.errors import LocalError
 
 RECV_SIZE = 2048  # larger than any packet we accept, so oversize is visible
@@ -54,8 +55,10 @@ class PacketSource(Protocol):
     def close(self) -> None: ...
 
 
-class UdpSource:
-    """A bound UDP socket; `::` listens on IPv6 and IPv4 (dual stack)."""
+class UdpSource(MapFiltered):
+    """A bound UDP socket; `::` listens on IPv6 and IPv4 (dual stack).
+    `replace_tags`/`update_tags` (spa.kernel.mapsource) run the eBPF map
+    filter, `set_tags` the classic one."""
 
     def __init__(self, address: str, port: int) -> None:
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -89,6 +92,7 @@ class UdpSource:
         self._poll = select.poll()
         self._poll.register(sock, select.POLLIN)
         self.port = sock.getsockname()[1]
+        self._map_port = None  # the eBPF map filter: udp mode's program
 
     def set_tags(self, tags: list[bytes] | None, nonces: Sequence[bytes] = (),
                  shut: Shut | None = None) -> str:
@@ -98,20 +102,21 @@ class UdpSource:
         in SHUT_SAMPLE); None removes the filter.  Returns a line for the log."""
         from spa.server.capture import attach_tags, fit, fit_shut, udp_payload_filter
 
+        self._drop_map()
         if tags is None:
             self._detach()
-            return "no kernel filter"
+            return self._classic("no kernel filter")
         fitted = fit(tags, nonces)
         if fitted is None:
             self._detach()
-            return "no kernel filter (too many tags)"
+            return self._classic("no kernel filter (too many tags)")
         try:
             gated = attach_tags(self._sock, lambda gate: udp_payload_filter(tags, fitted, gate),
                                 fit_shut(tags, fitted, shut or {}))
         except (OSError, ValueError) as exc:
             self._detach()  # never leave an older tag list in place: it would drop knocks
-            return f"kernel filter not attached ({exc}); no kernel filter"
-        return filter_note(tags, fitted, gated)
+            return self._classic(f"kernel filter not attached ({exc}); no kernel filter")
+        return self._classic(filter_note(tags, fitted, gated))
 
     def queue_drops(self) -> int | None:
         """Datagrams the kernel dropped on this socket (a full queue, or the

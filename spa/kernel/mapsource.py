@@ -1,0 +1,125 @@
+"""The sources' side of the eBPF tag map: `replace_tags`, `update_tags`,
+`kernel_map` and `filter_kind` for CaptureSource and UdpSource.
+
+Invariants:
+- `replace_tags` runs the eBPF map filter where it can; where eBPF is not
+  there (EPERM without CAP_BPF, ENOSYS, a verifier refusal, SPA_NO_EBPF=1)
+  it falls back to the classic `set_tags` (which itself falls back to the
+  port-only filter past its capacity), and `kernel_map` is False.
+- `update_tags` needs the map filter (LocalError otherwise); a change it
+  cannot make in the maps (a growth without CAP_BPF, kernel memory) falls
+  back to the classic filter on the whole resulting set, never leaving a
+  filter that drops a live tag.
+- Each returns one line for the log saying which filter runs, on how many
+  tags.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from spa.server.errors import LocalError
+
+if TYPE_CHECKING:  # (spa.server.sources imports this module)
+    from spa.server.sources import Shut
+
+NO_EBPF = "SPA_NO_EBPF"  # =1: never try eBPF (tests of the classic fallback)
+
+
+class MapFiltered:
+    """Mixed into a source that has `_sock`, `set_tags` and `_map_port`
+    (None: udp mode's program, else capture mode's on that port)."""
+
+    _sock: socket.socket
+    _map_port: int | None
+    _classic_kind: str = "port-only"
+    _tagmap: object | None = None  # a spa.kernel.tagmap.TagMapFilter while it runs
+
+    def set_tags(self, tags: list[bytes] | None, nonces: Sequence[bytes] = (),
+                 shut: Shut | None = None) -> str:
+        raise NotImplementedError
+
+    @property
+    def kernel_map(self) -> bool:
+        """Whether the eBPF map filter runs."""
+        return self._tagmap is not None
+
+    def filter_kind(self) -> str:
+        """"ebpf map", "classic" or "port-only": what runs now."""
+        return "ebpf map" if self._tagmap is not None else self._classic_kind
+
+    def _classic(self, note: str) -> str:
+        self._classic_kind = "port-only" if ("port-only" in note
+                                             or "no kernel filter" in note) else "classic"
+        return note
+
+    def _drop_map(self) -> None:
+        from spa.kernel.tagmap import TagMapFilter
+
+        if isinstance(self._tagmap, TagMapFilter):
+            self._tagmap.close()
+        self._tagmap = None
+
+    def replace_tags(self, tags: Sequence[bytes], nonces: Sequence[bytes] = (),
+                     shut: Shut | None = None) -> str:
+        """The whole set of live tags (a start, a reload, a clock jump).
+        Returns a line for the log."""
+        from spa.kernel.tagmap import TagMapFilter
+
+        if os.environ.get(NO_EBPF) == "1":
+            return self._fallback(tags, nonces, shut, f"eBPF off ({NO_EBPF}=1)")
+        tagmap = self._tagmap if isinstance(self._tagmap, TagMapFilter) else None
+        fresh = tagmap is None
+        if tagmap is None:
+            tagmap = TagMapFilter(self._sock, self._map_port)
+        try:
+            tagmap.replace(tags, nonces, shut)
+        except OSError as exc:
+            if fresh:
+                tagmap.close()
+            return self._fallback(tags, nonces, shut, f"eBPF map filter not loaded ({exc})")
+        self._tagmap = tagmap
+        return map_note(tagmap)
+
+    def update_tags(self, added: Sequence[bytes], removed: Sequence[bytes],
+                    nonces: Sequence[bytes] = (), shut: Shut | None = None) -> str:
+        """Add and remove live tags; `nonces` and `shut` are the whole
+        current lists.  Returns a line for the log.  Raises LocalError when
+        the map filter does not run (call replace_tags first)."""
+        from spa.kernel.tagmap import TagMapFilter
+
+        tagmap = self._tagmap
+        if not isinstance(tagmap, TagMapFilter):
+            raise LocalError("update_tags without the eBPF map filter; call replace_tags "
+                             "(and check kernel_map) first")
+        try:
+            tagmap.update(added, removed, nonces, shut)
+        except OSError as exc:
+            gone = set(removed)
+            tags = [t for t in tagmap.tags if t not in gone]
+            tags += [t for t in added if t not in tagmap.tags]
+            return self._fallback(tags, nonces, shut,
+                                  f"eBPF map filter cannot take the change ({exc})")
+        return map_note(tagmap)
+
+    def _fallback(self, tags: Sequence[bytes], nonces: Sequence[bytes], shut: Shut | None,
+                  reason: str) -> str:
+        note = self.set_tags(list(tags), nonces, shut)  # set_tags drops the map
+        return f"{reason}; classic {note}" if self._classic_kind == "classic" else (
+            f"{reason}; {note}")
+
+
+def map_note(tagmap: object) -> str:
+    from spa.kernel.tagmap import TagMapFilter
+    from spa.server.sources import filter_note
+
+    assert isinstance(tagmap, TagMapFilter)
+    shut: dict[bytes, list[str]] = {}
+    for key in tagmap.pairs:
+        shut.setdefault(key[:8], []).append(key[8:].hex())
+    note = filter_note(list(tagmap.tags), sorted(tagmap.nonces), shut)
+    return note.replace("kernel filter", "eBPF map filter", 1) + (
+        f" (room for {tagmap.capacity})")
