@@ -194,27 +194,66 @@ class FakeSource:
 
 
 class FakeFilteredSource(FakeSource):
-    """A FakeSource with a kernel filter: `set_tags` records what the kernel
-    would let through, and `receive` hands out only datagrams it would pass
-    (those with a live tag and no blocked nonce, and a shut tag only from
-    its sources or when `draw()` is 0 modulo SHUT_SAMPLE, the kernel's
-    random number), as the capture and udp sources' filters do."""
+    """A FakeSource with a kernel filter: `set_tags` (the classic program)
+    and `replace_tags`/`update_tags` (the eBPF map filter) record what the
+    kernel would let through, and `receive` hands out only datagrams it
+    would pass (those with a live tag and no blocked nonce, and a shut tag
+    only from its sources or when `draw()` is 0 modulo SHUT_SAMPLE, the
+    kernel's random number), as the capture and udp sources' filters do.
+    With `ebpf=False` (no CAP_BPF, an old kernel) `replace_tags` falls back
+    to `set_tags`, which past `classic_limit` tags is port-only."""
 
-    def __init__(self, draw: Callable[[], int] | None = None) -> None:
+    def __init__(self, draw: Callable[[], int] | None = None, *, ebpf: bool = True,
+                 classic_limit: int = 811) -> None:
         super().__init__()
         self.tags: frozenset[bytes] | None = None  # None: no filter (everything passes)
         self.nonces: tuple[bytes, ...] = ()
         self.shut: dict[bytes, frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]] = {}
         self.draw = draw if draw is not None else _seeded_draw()
+        self.ebpf, self.classic_limit = ebpf, classic_limit
+        self.kernel_map = False
+        self.calls: list[str] = []  # "set", "replace", "update": the daemon's use of it
+
+    def filter_kind(self) -> str:
+        if self.kernel_map:
+            return "ebpf map"
+        return "port-only" if self.tags is None else "classic"
 
     def set_tags(self, tags: list[bytes] | None, nonces: Sequence[bytes] = (),
                  shut: Shut | None = None) -> str:
+        self.calls.append("set")
+        self.kernel_map = False
+        if tags is not None and len(tags) > self.classic_limit:
+            tags = None  # too many for one classic program: port only
+        return self._record(tags, nonces, shut)
+
+    def replace_tags(self, tags: Sequence[bytes], nonces: Sequence[bytes] = (),
+                     shut: Shut | None = None) -> str:
+        if not self.ebpf:
+            return "eBPF map filter not loaded (fake); " + self.set_tags(list(tags), nonces, shut)
+        self.calls.append("replace")
+        self.kernel_map = True
+        return self._record(list(tags), nonces, shut).replace("kernel", "eBPF map", 1)
+
+    def update_tags(self, added: Sequence[bytes], removed: Sequence[bytes],
+                    nonces: Sequence[bytes] = (), shut: Shut | None = None) -> str:
+        """Raises LocalError without the map filter (as the real sources)."""
+        if not self.kernel_map or self.tags is None:
+            raise LocalError("update_tags without the eBPF map filter")
+        self.calls.append("update")
+        tags = (self.tags - frozenset(removed)) | frozenset(added)
+        return self._record(list(tags), nonces, shut).replace("kernel", "eBPF map", 1)
+
+    def _record(self, tags: list[bytes] | None, nonces: Sequence[bytes],
+                shut: Shut | None) -> str:
         self.tags = None if tags is None else frozenset(tags)
         self.nonces = tuple(nonces)
         live = self.tags or frozenset()
         self.shut = {tag: frozenset(ipaddress.ip_address(s) for s in sources)
                      for tag, sources in (shut or {}).items() if tag in live}
-        return filter_note(tags or [], nonces,
+        if tags is None:
+            return "port-only filter"
+        return filter_note(tags, nonces,
                            {tag: [str(a) for a in known] for tag, known in self.shut.items()})
 
     def passes(self, data: bytes, source: str = "") -> bool:
