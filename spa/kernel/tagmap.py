@@ -24,7 +24,7 @@ import errno
 import ipaddress
 import os
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Sequence
 
 from spa.kernel.bpf import BpfError, HashMap, attach, load_program
 from spa.kernel.ebpf import (
@@ -63,11 +63,22 @@ def source_key(tag: bytes, source: str) -> bytes | None:
     return tag + address.packed
 
 
-def shut_pairs(tags: Iterable[bytes], shut: Shut | None) -> set[bytes]:
-    """The shut map's keys for the live tags among `shut`'s, whole tags at
-    a time in the order given while they fit in SHUT_LIMIT (the rest pass
-    as if not shut)."""
-    live = set(tags)
+class _Live(Container[bytes]):
+    """Whether a tag is live after a change (without copying the set)."""
+
+    def __init__(self, tags: Container[bytes], gone: Container[bytes],
+                 coming: Container[bytes]) -> None:
+        self.tags, self.gone, self.coming = tags, gone, coming
+
+    def __contains__(self, tag: object) -> bool:
+        return tag in self.coming or (tag in self.tags and tag not in self.gone)
+
+
+def shut_pairs(tags: Container[bytes], shut: Shut | None) -> set[bytes]:
+    """The shut map's keys for the live tags (`tags`) among `shut`'s, whole
+    tags at a time in the order given while they fit in SHUT_LIMIT (the
+    rest pass as if not shut)."""
+    live = tags
     pairs: set[bytes] = set()
     for tag, sources in (shut or {}).items():
         if tag in live:
@@ -94,6 +105,7 @@ class TagMapFilter:
         self.tags: dict[bytes, bool] = {}  # live tag -> shut
         self.nonces: set[bytes] = set()
         self.pairs: set[bytes] = set()  # the shut map's keys
+        self.shut_tags: set[bytes] = set()  # the tags flagged FLAG_SHUT
         self.grown = 0  # times the tag map was grown
 
     @property
@@ -117,31 +129,26 @@ class TagMapFilter:
             self._rebuild(max(MIN_ENTRIES, GROWTH * len(wanted)), wanted, fit_nonces(nonces),
                           pairs)
         except BpfError as exc:
-            if exc.errno not in _DENIED or self._peak(wanted) > self.capacity:
+            new = [t for t in wanted if t not in self.tags]
+            if exc.errno not in _DENIED or len(self.tags) + len(new) > self.capacity:
                 raise
-            self._change(wanted, fit_nonces(nonces), pairs)
+            self._change(new, {t for t in self.tags if t not in wanted}, fit_nonces(nonces),
+                         pairs)
 
     def update(self, added: Sequence[bytes], removed: Sequence[bytes],
                nonces: Sequence[bytes] = (), shut: Shut | None = None) -> None:
-        """Add and remove tags (batches); `nonces` and `shut` are the whole
-        current lists.  Grows the tag map when it would overflow.  Raises
-        BpfError (EPERM: a growth without CAP_BPF)."""
-        wanted = dict(self.tags)
-        for tag in removed:
-            wanted.pop(tag, None)
-        wanted.update(dict.fromkeys(added, False))
-        for tag in wanted:
-            wanted[tag] = False
-        pairs = shut_pairs(wanted, shut)
-        for key in pairs:
-            wanted[key[:TAG_SIZE]] = True
-        if self._peak(wanted) > self.capacity:
-            self._grow(self._peak(wanted))
-        self._change(wanted, fit_nonces(nonces), pairs)
-
-    def _peak(self, wanted: dict[bytes, bool]) -> int:
-        """Entries the tag map holds at most while it changes to `wanted`."""
-        return len(self.tags.keys() | wanted.keys())
+        """Add and remove tags (batches; the cost is the change's, not the
+        set's); `nonces` and `shut` are the whole current lists.  Grows the
+        tag map when it would overflow.  Raises BpfError (EPERM: a growth
+        without CAP_BPF)."""
+        coming = dict.fromkeys(added)
+        gone = {t for t in removed if t in self.tags and t not in coming}
+        new = [t for t in coming if t not in self.tags]
+        peak = len(self.tags) + len(new)  # additions go in before removals
+        if peak > self.capacity:
+            self._grow(peak)
+        self._change(new, gone, fit_nonces(nonces), shut_pairs(_Live(self.tags, gone, coming),
+                                                               shut))
 
     def _grow(self, peak: int) -> None:
         assert self._maps is not None
@@ -168,9 +175,8 @@ class TagMapFilter:
             made.append(HashMap(TAG_SIZE, VALUE_SIZE, size, "spa_tags"))
             made.append(HashMap(NONCE_PREFIX, VALUE_SIZE, NONCE_ENTRIES, "spa_nonces"))
             made.append(HashMap(SHUT_KEY, VALUE_SIZE, SHUT_ENTRIES, "spa_shut"))
-            kept_nonces, kept_pairs = sorted(nonces), sorted(pairs)
-            made[1].update_batch(kept_nonces, [_PLAIN] * len(kept_nonces))
-            made[2].update_batch(kept_pairs, [_PLAIN] * len(kept_pairs))
+            made[1].update_batch(sorted(nonces), [_PLAIN] * len(nonces))
+            made[2].update_batch(sorted(pairs), [_PLAIN] * len(pairs))
             _fill(made[0], wanted)
             prog = self._load(Maps(made[0].fd, made[1].fd, made[2].fd))
         except BaseException:
@@ -182,22 +188,27 @@ class TagMapFilter:
         self._swap(prog)
         for m in old or ():
             m.close()
-        self.tags, self.nonces, self.pairs = wanted, set(kept_nonces), set(kept_pairs)
+        self.tags, self.nonces, self.pairs = wanted, set(nonces), set(pairs)
+        self.shut_tags = {p[:TAG_SIZE] for p in pairs}
 
-    def _change(self, wanted: dict[bytes, bool], nonces: set[bytes], pairs: set[bytes]) -> None:
-        """In place, in an order that never drops a live tag."""
+    def _change(self, new: list[bytes], gone: set[bytes], nonces: set[bytes],
+                pairs: set[bytes]) -> None:
+        """In place, in an order that never drops a live tag: `new` tags in,
+        the shut ones' sources before their flag, then `gone` out."""
         assert self._maps is not None
         tag_map, nonce_map, shut_map = self._maps
-        new_pairs = sorted(pairs - self.pairs)
-        shut_map.update_batch(new_pairs, [_PLAIN] * len(new_pairs))   # sources first
-        changed = [t for t, s in wanted.items() if self.tags.get(t) != s]
-        tag_map.update_batch(changed, [_SHUT if wanted[t] else _PLAIN for t in changed])
-        gone = [t for t in self.tags if t not in wanted]
-        tag_map.delete_batch(gone)
+        flagged = {p[:TAG_SIZE] for p in pairs}
+        shut_map.update_batch(sorted(pairs - self.pairs), [_PLAIN] * len(pairs - self.pairs))
+        flips = [t for t in flagged ^ self.shut_tags if t not in gone]
+        writes = list(dict.fromkeys(new + flips))
+        tag_map.update_batch(writes, [_SHUT if t in flagged else _PLAIN for t in writes])
+        tag_map.delete_batch(sorted(gone))
         shut_map.delete_batch(sorted(self.pairs - pairs))
-        self.tags, self.pairs = wanted, pairs
-        new_nonces = sorted(nonces - self.nonces)
-        nonce_map.update_batch(new_nonces, [_PLAIN] * len(new_nonces))
+        for t in gone:
+            del self.tags[t]
+        self.tags.update((t, t in flagged) for t in writes)
+        self.pairs, self.shut_tags = pairs, flagged
+        nonce_map.update_batch(sorted(nonces - self.nonces), [_PLAIN] * len(nonces - self.nonces))
         nonce_map.delete_batch(sorted(self.nonces - nonces))
         self.nonces = nonces
 
