@@ -79,7 +79,8 @@ def test_unit_asks_for_what_issue_5_names() -> None:
     for line in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "StateDirectory=spa",
                  "ConfigurationDirectory=spa", "NoNewPrivileges=yes", "ProtectSystem=strict",
                  "ProtectHome=yes", "PrivateTmp=yes",
-                 "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW",
+                 "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW CAP_BPF",
+                 "SystemCallFilter=capset bpf",
                  "After=network-online.target nftables.service",
                  "RestrictAddressFamilies=AF_UNIX AF_NETLINK AF_INET AF_INET6 AF_PACKET"):
         assert line in text, line

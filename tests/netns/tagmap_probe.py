@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import random
 import socket
 import subprocess
@@ -15,7 +16,7 @@ import time
 
 from spa.core.wire import NONCE_OFFSET, PACKET_SIZE
 from spa.server.capture import CaptureSource
-from spa.server.privsep import drop
+from spa.server.privsep import drop_to_daemon
 from spa.server.sources import UdpSource
 
 PORT = 62210
@@ -83,7 +84,7 @@ def main(mode: str, scenario: str) -> dict[str, object]:
     if scenario == "all":
         out["every_live"] = probe.sent([knock(t) for t in tags])
     if scenario == "dropped":
-        drop(frozenset())  # as the daemon after the start: no capability at all
+        drop_to_daemon(pwd.getpwnam("nobody"))  # as the daemon after its start: no capability
         out["caps_dropped"] = True
     if not src.kernel_map:
         return out
