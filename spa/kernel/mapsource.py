@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from spa.server.errors import LocalError
 
 if TYPE_CHECKING:  # (spa.server.sources imports this module)
+    from spa.kernel.tagmap import TagMapFilter
     from spa.server.sources import Shut
 
 NO_EBPF = "SPA_NO_EBPF"  # =1: never try eBPF (tests of the classic fallback)
@@ -36,7 +37,7 @@ class MapFiltered:
     _sock: socket.socket
     _map_port: int | None
     _classic_kind: str = "port-only"
-    _tagmap: object | None = None  # a spa.kernel.tagmap.TagMapFilter while it runs
+    _tagmap: TagMapFilter | None = None  # while the map filter runs
 
     def set_tags(self, tags: list[bytes] | None, nonces: Sequence[bytes] = (),
                  shut: Shut | None = None) -> str:
@@ -57,9 +58,7 @@ class MapFiltered:
         return note
 
     def _drop_map(self) -> None:
-        from spa.kernel.tagmap import TagMapFilter
-
-        if isinstance(self._tagmap, TagMapFilter):
+        if self._tagmap is not None:
             self._tagmap.close()
         self._tagmap = None
 
@@ -71,7 +70,7 @@ class MapFiltered:
 
         if os.environ.get(NO_EBPF) == "1":
             return self._fallback(tags, nonces, shut, f"eBPF off ({NO_EBPF}=1)")
-        tagmap = self._tagmap if isinstance(self._tagmap, TagMapFilter) else None
+        tagmap = self._tagmap
         fresh = tagmap is None
         if tagmap is None:
             tagmap = TagMapFilter(self._sock, self._map_port)
@@ -89,10 +88,8 @@ class MapFiltered:
         """Add and remove live tags; `nonces` and `shut` are the whole
         current lists.  Returns a line for the log.  Raises LocalError when
         the map filter does not run (call replace_tags first)."""
-        from spa.kernel.tagmap import TagMapFilter
-
         tagmap = self._tagmap
-        if not isinstance(tagmap, TagMapFilter):
+        if tagmap is None:
             raise LocalError("update_tags without the eBPF map filter; call replace_tags "
                              "(and check kernel_map) first")
         try:
@@ -112,11 +109,9 @@ class MapFiltered:
             f"{reason}; {note}")
 
 
-def map_note(tagmap: object) -> str:
-    from spa.kernel.tagmap import TagMapFilter
+def map_note(tagmap: TagMapFilter) -> str:
     from spa.server.sources import filter_note
 
-    assert isinstance(tagmap, TagMapFilter)
     shut: dict[bytes, list[str]] = {}
     for key in tagmap.pairs:
         shut.setdefault(key[:8], []).append(key[8:].hex())

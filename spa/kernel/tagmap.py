@@ -130,7 +130,8 @@ class TagMapFilter:
                           pairs)
         except BpfError as exc:
             new = [t for t in wanted if t not in self.tags]
-            if exc.errno not in _DENIED or len(self.tags) + len(new) > self.capacity:
+            if (exc.errno not in _DENIED or self._maps is None
+                    or len(self.tags) + len(new) > self.capacity):
                 raise
             self._change(new, {t for t in self.tags if t not in wanted}, fit_nonces(nonces),
                          pairs)

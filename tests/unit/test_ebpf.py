@@ -254,3 +254,36 @@ def test_batches_fall_back_to_one_call_per_key(monkeypatch: pytest.MonkeyPatch) 
         assert set(m.all_keys()) == set(keys[4:])
     finally:
         m.close()
+
+
+def test_without_ebpf_a_source_runs_the_classic_filter_and_refuses_updates(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from spa.server.sources import UdpSource
+
+    monkeypatch.setenv("SPA_NO_EBPF", "1")
+    source = UdpSource("127.0.0.1", 0)
+    try:
+        note = source.replace_tags(TAGS)
+        assert note.startswith("eBPF off (SPA_NO_EBPF=1); classic kernel filter on 11 tags")
+        assert not source.kernel_map and source.filter_kind() == "classic"
+        with pytest.raises(LocalError, match="replace_tags"):
+            source.update_tags([TAGS[0]], [])
+        assert "no kernel filter" in source.replace_tags([i.to_bytes(8, "big") for i in range(900)])
+        assert source.filter_kind() == "port-only"
+    finally:
+        source.close()
+
+
+@ROOT
+def test_a_map_filter_then_set_tags_is_classic_again() -> None:
+    from spa.server.sources import UdpSource
+
+    source = UdpSource("127.0.0.1", 0)
+    try:
+        assert source.replace_tags(TAGS).startswith("eBPF map filter on 11 tags")
+        assert source.kernel_map and source.filter_kind() == "ebpf map"
+        assert "on 12 tags" in source.update_tags([b"twelfth!"], [])
+        source.set_tags(TAGS)
+        assert not source.kernel_map and source.filter_kind() == "classic"
+    finally:
+        source.close()
