@@ -287,3 +287,38 @@ def test_a_map_filter_then_set_tags_is_classic_again() -> None:
         assert not source.kernel_map and source.filter_kind() == "classic"
     finally:
         source.close()
+
+
+@ROOT
+def test_the_kernel_runs_the_capture_program_as_the_interpreter_does() -> None:
+    """BPF_PROG_TEST_RUN on the crafted IPv4 and IPv6 frames: the kernel's
+    verdict is the interpreter's (pkt_type HOST: the test device's address)."""
+    from scapy.layers.l2 import Ether
+
+    from spa.kernel.bpf import HashMap, load_program, test_run
+
+    maps = [HashMap(8, 4, 64), HashMap(8, 4, 64), HashMap(24, 4, 64)]
+    try:
+        fds = e.Maps(*(m.fd for m in maps))
+        content, key_sizes = maps_for(TAGS, [NONCE], {TAGS[5]: [KNOWN4, KNOWN6]})
+        for m, fd in zip(maps, FDS, strict=True):
+            keys = list(content[fd])
+            m.update_batch(keys, [content[fd][k] for k in keys])
+        program = e.capture_program(PORT, FDS)  # the interpreter's, on the dicts
+        prog = load_program(e.encode(e.capture_program(PORT, fds)))
+        passed = 0
+        for name, packet, proto in frames():
+            if proto not in (ETH_P_IP, ETH_P_IPV6) or name == "truncated":
+                continue
+            frame = bytes(Ether(dst="00:00:00:00:00:00", type=proto)) + packet
+            kernel = test_run(prog, frame, 1)[0]
+            if "shut-other" in name:
+                continue  # the kernel's own random number decides
+            assert (kernel > 0) == (run(program, Skb(packet, packet, proto), content,
+                                        key_sizes) > 0), name
+            passed += kernel > 0
+        os.close(prog)
+        assert passed == 5, "live, live6, shut-known, shut-known6, options"
+    finally:
+        for m in maps:
+            m.close()
