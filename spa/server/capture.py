@@ -565,4 +565,5 @@ class CaptureSource(MapFiltered):
         return items
 
     def close(self) -> None:
+        self._drop_map()
         self._sock.close()

@@ -160,6 +160,7 @@ class UdpSource(MapFiltered):
         return items
 
     def close(self) -> None:
+        self._drop_map()
         self._sock.close()
 
 
