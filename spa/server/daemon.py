@@ -134,7 +134,8 @@ class Server:
         self._heartbeat = 0.0  # monotonic time of the receive loop's last turn
         self._retry_reconcile = False  # a firewall call failed: reconcile next round
         self._filter_generation: int | None = None  # the tag table's, when the kernel got all
-        self._replace_filter = False  # give the kernel the whole set once queued changes ran
+        # set by the receive thread once the changes queued before it ran: the whole set then
+        self._replace_filter = threading.Event()
         self._tags_lock = threading.Lock()  # the tag table's mutations (spa.core.knock)
         self._filter_kind = "port-only"  # which kernel filter runs (`status`)
         self._refresh_queued = False  # the receive thread will move the tag table
@@ -670,10 +671,11 @@ class Server:
         self._read_shut_tags()
         shut = self._shut.current(now)
         table = self.verifier.tags
-        self._replace_filter |= force or table.generation != self._filter_generation
+        if force and self._filter_generation is not None:
+            self._commands.append(self._replace_filter.set)  # after the changes queued before
         extras = nonces != self._filter_nonces or shut != self._filter_shut
-        if self._filter_generation is None or (self._replace_filter and not self._commands):
-            self._replace_filter = False
+        if (self._filter_generation != table.generation or self._replace_filter.is_set()):
+            self._replace_filter.clear()
             self._filter_generation = table.generation
             tags = table.start_journal()
             whole = getattr(source, "replace_tags", None) or source.set_tags
