@@ -70,6 +70,7 @@ RECEIVE_TIMEOUT = 0.25  # the receive thread wakes at least this often
 COMPACT_EVERY = 10.0  # seconds between replay-cache dumps (a journal covers between)
 PRUNE_EVERY = 3600.0  # seconds between event-retention prunes
 HOST_CHECK_EVERY = 1.0  # seconds between checks of the host's firewall after it changed
+PAUSE_LOG_VARIABLE = "SPA_LOG_RECEIVE_PAUSE"  # set: log the receive thread's pauses each step
 ROTATE_BY = STEP_SECONDS / 2  # seconds into a step by which its rotation's slices are done
 REPLAYS_TO_BLOCK = 20  # copies of one packet in one second that put its nonce in the kernel filter
 MAX_BLOCKED_NONCES = 64  # nonces the kernel filter drops at most (5 BPF instructions each)
@@ -138,6 +139,12 @@ class Server:
         self._replace_filter = threading.Event()
         self._tags_lock = threading.Lock()  # the tag table's mutations (spa.core.knock)
         self._filter_kind = "port-only"  # which kernel filter runs (`status`)
+        # the receive thread's longest batch (seconds) and largest backlog,
+        # said once a step when SPA_LOG_RECEIVE_PAUSE is set (benchmarks/bench_scale.py)
+        self.receive_pause = 0.0
+        self.receive_backlog = 0  # the largest batch since (datagrams waiting at once)
+        self._say_pause = bool(os.environ.get(PAUSE_LOG_VARIABLE))
+        self._pause_step = 0
         self._refresh_queued = False  # the receive thread will move the tag table
         self._pending_snapshot: bytes | None = None  # replay snapshot to write
         self._replays: dict[bytes, int] = {}  # nonce prefix -> copies this second
@@ -321,16 +328,25 @@ class Server:
         self._gate_changed(self.guard.state)
         self.notifier.ready(f"serving port {self.config.listen_port}/udp, "
                             f"backend {self.backend.name}, mode {self.config.mode}")
+        clock = time.perf_counter
         try:
             while not stop.is_set() and not self.stop_requested.is_set():
                 self._heartbeat = time.monotonic()
                 self.run_commands()
                 batch = self.source.receive(RECEIVE_TIMEOUT)
                 if batch:
+                    began = clock()
                     try:
                         self.handle_batch(batch)
                     except Exception as exc:  # never let one batch end the server
                         self.log(f"error receive path: {type(exc).__name__}: {exc}")
+                    # a benchmark's gauges: the longest batch, and the most datagrams
+                    # waiting at once (at a known rate, how long they waited)
+                    pause = clock() - began
+                    if pause > self.receive_pause:
+                        self.receive_pause = pause
+                    if len(batch) > self.receive_backlog:
+                        self.receive_backlog = len(batch)
         finally:
             stop.set()
             keeper.join(timeout=5)
@@ -565,6 +581,11 @@ class Server:
         passed, the receive thread moves the table (O(1) then).
         """
         table, step = self.verifier.tags, step_of(now)
+        if self._say_pause and step != self._pause_step:
+            self.log(f"receive pause max {self.receive_pause * 1000:.2f} ms, backlog max "
+                     f"{self.receive_backlog} in step {self._pause_step} "
+                     f"(clients={len(table.clients)})")
+            self.receive_pause, self.receive_backlog, self._pause_step = 0.0, 0, step
         pending = table.pending()
         if pending:
             rounds = max(1, int((step_start(table.step) + ROTATE_BY - now) / TICK))
