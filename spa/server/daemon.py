@@ -707,6 +707,8 @@ class Server:
                 return
             if getattr(source, "kernel_map", False):
                 note = source.update_tags(added, removed, nonces, shut)
+            elif self._filter_kind == "port-only" and not extras and len(table) > _classic_max():
+                return  # too many tags for a classic filter, as last time: nothing to do
             else:
                 tags = table.all_tags()
                 note = (source.set_tags(tags, nonces, shut) if shut
@@ -893,6 +895,13 @@ class Server:
         if services != dict(old.services):
             self.log(f"gate {closed_ports(services)}")
             self._check_host(self.clock(), force=True)
+
+
+def _classic_max() -> int:
+    """How many tags a classic socket filter holds (spa.server.capture)."""
+    from spa.server.capture import max_tags
+
+    return max_tags()
 
 
 def _config_reader(path: Path, backend: object

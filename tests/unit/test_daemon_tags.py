@@ -17,6 +17,7 @@ from spa.core.verify import Accepted
 from spa.server import config as config_mod
 from spa.server.daemon import ROTATE_BY, TICK, Server
 from spa.server.sources import FakeFilteredSource, Shut, filter_note
+from spa.server.state import describe_filter
 from tests.server_world import World
 
 A = "192.0.2.10"
@@ -144,3 +145,10 @@ def test_a_classic_filter_gets_the_whole_list_when_it_changes(tmp_path: Path) ->
     for _ in range(5 * STEP_SECONDS):
         rounds(world, server, 1)
         assert source.tags == frozenset(server.verifier.tags.all_tags())
+
+
+def test_status_says_which_filter_runs() -> None:
+    assert describe_filter("ebpf map").startswith("eBPF map")
+    assert describe_filter("classic").startswith("classic")
+    assert "every datagram" in describe_filter("port-only")
+    assert "before this version" in describe_filter(None)
