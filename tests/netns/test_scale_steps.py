@@ -26,9 +26,7 @@ def populate(config: Path, count: int) -> None:
     blocks = []
     for i in range(count):
         secret = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode()
-        blocks.append(f'\n[clients.c{i}]\nsecret = "{secret}"\nservices = ["ssh"]\n'
-                      'allow_other_address = false\nrevoked = false\n'
-                      'enrolled = "2026-12-02T00:00:00Z"\n')
+        blocks.append(f'\n[clients.c{i}]\nsecret = "{secret}"\nservices = ["ssh"]\n')
     with config.open("a") as out:
         out.write("".join(blocks))
 
