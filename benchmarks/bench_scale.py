@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -125,6 +126,21 @@ def populate(config: Path, count: int) -> None:
         out.write("".join(lines))
 
 
+def watch_log(path: Path, launched: float, seen: dict[str, float]) -> None:
+    """Seconds from launch to the daemon's `started` line and to its first
+    judged knock of the bench client (its event line, written within a
+    housekeeping round, 0.2 s, of the judgement)."""
+    wanted = {"started": "started port=", "judged": " client=bench "}
+    deadline = time.time() + 300
+    while wanted and time.time() < deadline:
+        text = path.read_text()
+        for key, mark in list(wanted.items()):
+            if mark in text:
+                seen[key] = time.time() - launched
+                del wanted[key]
+        time.sleep(0.005)
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -154,6 +170,10 @@ def measure(count: int, steps: int, mode: str, server_path: str = "") -> dict[st
             server = site.srv.popen([str(program), "--config", str(config), "run"],
                                     stdout=log, stderr=subprocess.STDOUT, env=env)
         site.procs.append(server)
+        seen: dict[str, float] = {}
+        watcher = threading.Thread(target=watch_log, args=(log_path, launched, seen),
+                                   daemon=True)
+        watcher.start()
         first = site.cli.run(sys.executable, "-c", FIRST_OPEN, uri, SERVER, str(KNOCK_PORT),
                              str(launched), timeout=200).stdout.strip()
         started = float(first) if first != "none" else None
@@ -181,7 +201,8 @@ def measure(count: int, steps: int, mode: str, server_path: str = "") -> dict[st
                   for s in sources(PROBES)]
         opened = [r for r in site.probe(knocks) if r is not None]
         filters = re.findall(r"(kernel filter[^\n]*|no kernel filter[^\n]*)", text)
-        return {"clients": count, "start_s": started, "rss_start": rss_start,
+        return {"clients": count, "start_s": started, "started_s": seen.get("started"),
+                "judged_s": seen.get("judged"), "rss_start": rss_start,
                 "rss_after": rss_after, "pauses_ms": pauses[-(steps + 1):],
                 "probes_sent": int(out.strip() or 0), "open_p50_ms":
                 statistics.median(opened) if opened else None, "opened": len(opened),
@@ -214,9 +235,12 @@ def main() -> int:
         pauses = " ".join(f"{ms:.1f}/{backlog}"
                           for ms, backlog in row["pauses_ms"])  # type: ignore[attr-defined]
         p50 = row["open_p50_ms"]
+        marks = " ".join(f"{key} {row[key]:.2f} s" for key in ("started_s", "judged_s")
+                         if isinstance(row[key], float))
         print(f"{count:>8,} {'-' if start is None else f'{start:.2f}':>8} "
               f"{row['rss_start']:>9.1f}/{row['rss_after']:<9.1f} {pauses:>28} "
-              f"{'-' if p50 is None else f'{p50:.2f}':>12}  {row['filter']}", flush=True)
+              f"{'-' if p50 is None else f'{p50:.2f}':>12}  {row['filter']}; {marks}",
+              flush=True)
     return 0
 
 
