@@ -23,7 +23,7 @@ from spa.core.errors import FormatError
 from spa.server import admin
 from spa.server.config import DEFAULT_CONFIG, DEFAULT_PORT, DEFAULT_STATE_DIR
 from spa.server.errors import LocalError
-from spa.server.state import describe_gate, describe_holder
+from spa.server.state import StateDir, describe_filter, describe_gate, describe_holder
 
 app = typer.Typer(
     help="Single-packet authorization server: keeps services closed until a client "
@@ -379,9 +379,12 @@ def check() -> None:
         from spa.backends.libnft import default_runner
 
         found = report(default_runner(), config)
+        running = StateDir(config.state_dir).running_server()
     typer.echo(f"spa: {closed_ports(config.services)}")
     for line in found.lines:
         typer.echo(line)
+    if running:
+        typer.echo(f"kernel filter: {describe_filter(running.get('filter'))}")
     typer.echo(found.summary)
     if found.problems:
         raise typer.Exit(1)
@@ -413,6 +416,7 @@ def status(json_out: Annotated[bool, typer.Option("--json", help="Machine-readab
     typer.echo(f"server: {who}")
     if running:
         typer.echo(f"gate: {describe_gate(running.get('gate'), hold=running.get('hold'))}")
+        typer.echo(f"kernel filter: {describe_filter(running.get('filter'))}")
         checked = running.get("check")
         if isinstance(checked, dict):
             typer.echo(f"check: {checked.get('summary')}")

@@ -101,6 +101,18 @@ def check_server_id(server_id: bytes) -> None:
         raise ValueError(f"server id must be {SERVER_ID_SIZE} bytes, got {len(server_id)}")
 
 
+def derive_tag_key(master_secret: bytes, server_id: bytes) -> bytes:
+    """`derive_keys(master_secret, server_id).tag_key`, without the other two
+    (what a server needs of every client before its first matching tag).
+
+    Raises ValueError if the secret or the server id has the wrong size.
+    """
+    if len(master_secret) != MASTER_SECRET_SIZE:
+        raise ValueError(f"master secret must be {MASTER_SECRET_SIZE} bytes")
+    check_server_id(server_id)
+    return hkdf_expand(hkdf_extract(server_id, master_secret), LABEL_TAG + server_id, KEY_SIZE)
+
+
 def derive_keys(master_secret: bytes, server_id: bytes) -> ClientKeys:
     """Derive a client's keys for one server.
 

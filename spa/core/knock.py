@@ -7,18 +7,33 @@ Invariants (docs/protocol.md, "Knock tag"):
   matches a live tag with probability about n_tags / 2**64.
 - `TagTable` maps every live tag of every enrolled client to (client, step)
   for the steps around the current one, so the verifier refuses an unknown tag
-  with one dictionary lookup and no cryptography.
+  with one dictionary lookup and no cryptography.  At every moment it holds
+  every tag of steps current-skew..current+skew; the next step's tags enter
+  in slices during the current step and the expired step's leave in slices
+  after the boundary (a tag a step early or late is harmless: the verifier
+  checks the timestamp window and that the timestamp's step is the tag's).
+- Every tag that enters or leaves the table is journaled once journaling is
+  on: applying `drain_changes` to the set `start_journal` returned gives
+  exactly the live tags.
+- The core reads no clock: `advance` takes the step, `slice` a work budget.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 
 STEP_SECONDS = 30  # RFC 6238 default time step
 TAG_SIZE = 8  # bytes of knock tag on the wire
+# Dicts the live tags are spread over by their first byte.  A dict grows (and,
+# after deletions, rehashes) in one C call that holds the GIL: 20-100 ms for
+# one dict of 4 x 10^5 tags, measured on this project's 2-core machine, a
+# stall of every thread; a shard of 1/256 of it rehashes in ~0.1 ms.  The
+# lookup stays one index and one dict `get`.
+SHARDS = 256
+SLICE = 1000  # clients per slice of a step's rotation (~1.5 ms of HMAC and dict work)
 
 
 def step_of(unix_seconds: float) -> int:
@@ -51,25 +66,26 @@ def steps_for_window(window_seconds: float) -> int:
     return max(1, math.ceil(window_seconds / STEP_SECONDS))
 
 
-@dataclass(frozen=True, slots=True)
-class Prepared:
-    """Tags computed ahead of a step boundary (see `TagTable.prepare`)."""
-
-    step: int
-    clients: frozenset[tuple[str, bytes]]  # (name, tag key): a re-key changes it
-    entries: list[tuple[bytes, str]]
-
-
 class TagTable:
     """tag -> (client, step) for steps [current - skew, current + skew].
 
-    Refreshed by the caller at each step boundary (`advance`), and updated on
-    enroll and revoke (`add`, `remove`).  Collisions between two clients' tags
-    (probability about n**2 / 2**65) keep the first; the loser's packet in that
-    one step is refused `unknown_tag` and its next step is unaffected.
+    Moved by the caller at each step boundary (`advance`, O(1) when the
+    slices are done), and by `slice` between boundaries: first the expired
+    step's tags leave, then the next step's (current + skew + 1) enter, so
+    at the boundary they are already live.  Updated on enroll and revoke
+    (`add`, `remove`: O(tags of that client)).  Collisions between two tags
+    (probability about n**2 / 2**65) keep the first; the loser's packet in
+    that one step is refused `unknown_tag` and its next step is unaffected.
+
+    Threads: `lookup` takes no lock (it only reads one shard).  Every
+    mutation (`advance`, `slice`, `add`, `remove`, the journal) runs under
+    the lock given to `use_lock`, so a slicing thread and the thread that
+    adds and removes clients never interleave.
     """
 
-    __slots__ = ("_by_step", "_keys", "_skew", "_step", "_tags", "lookup")
+    __slots__ = ("_added", "_build", "_build_at", "_built", "_drop", "_drop_at",
+                 "_generation", "_journaling", "_keys", "_lock", "_removed", "_shards",
+                 "_skew", "_step", "_steps", "lookup")
 
     def __init__(self, keys: Mapping[str, bytes], step: int, skew: int = 1) -> None:
         if skew < 1:
@@ -77,94 +93,201 @@ class TagTable:
         self._keys: dict[str, bytes] = dict(keys)
         self._skew = skew
         self._step = step
-        self._tags: dict[bytes, tuple[str, int]] = {}
-        self._by_step: dict[int, list[tuple[bytes, str]]] = {}
-        # tag -> (client, step) or None: the dict's own bound `get`, so the
-        # receive path pays one C call (the dict object is never replaced).
-        self.lookup: Callable[[bytes], tuple[str, int] | None] = self._tags.get
+        self._shards: list[dict[bytes, tuple[str, int]]] = [{} for _ in range(SHARDS)]
+        self._steps: dict[int, list[bytes]] = {}  # step -> the tags inserted for it
+        self._build: list[str] | None = None  # clients to insert for the next step
+        self._build_at = 0
+        self._built = False  # the next step (current + skew + 1) is complete
+        self._drop: int | None = None  # the expired step whose tags are leaving
+        self._drop_at = 0
+        self._journaling = False
+        self._added: set[bytes] = set()
+        self._removed: set[bytes] = set()
+        self._generation = 0  # +1 at each rebuild (a clock jump)
+        self._lock: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+        shards = self._shards
+
+        def lookup(tag: bytes, shards: list[dict[bytes, tuple[str, int]]] = shards
+                   ) -> tuple[str, int] | None:
+            """tag (TAG_SIZE bytes) -> (client, step), or None."""
+            return shards[tag[0]].get(tag)
+
+        self.lookup: Callable[[bytes], tuple[str, int] | None] = lookup
         self._rebuild()
+
+    def use_lock(self, lock: contextlib.AbstractContextManager[object]) -> None:
+        """Guard every mutation with `lock` (the caller's threading.Lock)."""
+        self._lock = lock
 
     @property
     def step(self) -> int:
         return self._step
 
     @property
+    def skew(self) -> int:
+        return self._skew
+
+    @property
+    def generation(self) -> int:
+        """How many times the table was rebuilt (a clock jump): the journal
+        then holds every tag, and a whole replacement is cheaper."""
+        return self._generation
+
+    @property
     def clients(self) -> frozenset[str]:
         return frozenset(self._keys)
 
     def __len__(self) -> int:
-        return len(self._tags)
+        return sum(len(shard) for shard in self._shards)
 
-    def prepare(self, step: int) -> Prepared:
-        """Compute, ahead of time, the tags that `advance(step)` will add.
+    def all_tags(self) -> list[bytes]:
+        """Every tag in the table now."""
+        with self._lock:
+            return [tag for shard in self._shards for tag in shard]
 
-        Safe to call from another thread than the one that looks tags up: it
-        only reads a snapshot of the keys.  The result is used by `advance`
-        only if no client was added, removed or re-keyed meanwhile.
-        """
-        keys = list(self._keys.items())
-        far = step + self._skew
-        return Prepared(step, frozenset(keys), [(knock_tag(key, far), name) for name, key in keys])
+    def start_journal(self) -> list[bytes]:
+        """Every tag in the table now; from here on every change is journaled."""
+        with self._lock:
+            self._journaling = True
+            self._added.clear()
+            self._removed.clear()
+            return [tag for shard in self._shards for tag in shard]
 
-    def advance(self, step: int, prepared: Prepared | None = None) -> None:
-        """Move the table to a new current step (normally `old + 1`)."""
-        if step == self._step:
-            return
-        if step == self._step + 1:
-            self._drop_step(self._step - self._skew)
-            self._step = step
-            far = step + self._skew
-            if prepared is not None and prepared.step == step and (
-                    prepared.clients == frozenset(self._keys.items())):
-                entries = self._by_step.setdefault(far, [])
-                for tag, name in prepared.entries:
-                    entries.append((tag, name))
-                    self._tags.setdefault(tag, (name, far))
+    def drain_changes(self) -> tuple[list[bytes], list[bytes]]:
+        """(added, removed) since the last drain or `start_journal`: net
+        changes, each tag in at most one of them."""
+        with self._lock:
+            added, removed = list(self._added), list(self._removed)
+            self._added.clear()
+            self._removed.clear()
+            return added, removed
+
+    def pending(self) -> int:
+        """Clients' worth of slicing left before the next boundary."""
+        left = 0
+        if self._drop is not None:
+            left += len(self._steps.get(self._drop, ())) - self._drop_at
+        if not self._built:
+            left += len(self._keys) - (self._build_at if self._build is not None else 0)
+        return max(0, left)
+
+    def slice(self, limit: int = SLICE) -> int:
+        """Do up to `limit` items of the rotation (expired tags out first,
+        then the next step's in); returns how many were done (0: none left)."""
+        with self._lock:
+            return self._slice(limit)
+
+    def advance(self, step: int) -> None:
+        """Move the table to a new current step: `old + 1` finishes what the
+        slices left (normally nothing) and starts the next rotation; any
+        other step (a clock jump either way) rebuilds."""
+        with self._lock:
+            if step == self._step:
+                return
+            if step == self._step + 1:
+                while self._slice(1 << 30):
+                    pass
+                self._step = step
+                self._drop = step - self._skew - 1
+                self._drop_at = 0
+                self._build, self._build_at, self._built = None, 0, False
             else:
-                self._add_step(far, self._keys.items())
-        else:
-            self._step = step
-            self._rebuild()
+                self._step = step
+                self._rebuild()
 
     def add(self, client: str, tag_key: bytes) -> None:
-        """Enroll (or re-key) a client."""
-        if client in self._keys:
-            self.remove(client)
-        self._keys[client] = tag_key
-        for step in self._live_steps():
-            self._add_step(step, [(client, tag_key)])
+        """Enroll (or re-key) a client: its tags are live at once."""
+        with self._lock:
+            self._remove(client)
+            self._keys[client] = tag_key
+            for step in self._steps_of_new_client():
+                self._insert(knock_tag(tag_key, step), client, step)
 
     def remove(self, client: str) -> None:
-        """Forget a client's tags at once."""
-        if self._keys.pop(client, None) is None:
-            return
-        for step, entries in self._by_step.items():
-            kept = []
-            for tag, owner in entries:
-                if owner == client:
-                    if self._tags.get(tag, ("", 0))[0] == client:
-                        del self._tags[tag]
-                else:
-                    kept.append((tag, owner))
-            self._by_step[step] = kept
+        """Forget a client's tags at once (later slices never bring them back)."""
+        with self._lock:
+            self._remove(client)
 
-    def _live_steps(self) -> range:
-        return range(self._step - self._skew, self._step + self._skew + 1)
+    # ---- under the lock ------------------------------------------------------
+
+    def _steps_of_new_client(self) -> range:
+        """The live steps, and the next one once its slicing has begun."""
+        far = self._step + self._skew + 1 if (self._build is not None or self._built) else (
+            self._step + self._skew)
+        return range(self._step - self._skew, far + 1)
+
+    def _remove(self, client: str) -> None:
+        key = self._keys.pop(client, None)
+        if key is None:
+            return
+        for step in range(self._step - self._skew - 1, self._step + self._skew + 2):
+            tag = knock_tag(key, step)
+            if self._shards[tag[0]].get(tag) == (client, step):
+                self._delete(tag, step)
+
+    def _slice(self, limit: int) -> int:
+        done = 0
+        drop = self._drop
+        if drop is not None:
+            tags = self._steps.get(drop, [])
+            end = min(len(tags), self._drop_at + limit)
+            for tag in tags[self._drop_at:end]:
+                self._delete(tag, drop)
+            done = end - self._drop_at
+            self._drop_at = end
+            if end >= len(tags):
+                self._steps.pop(drop, None)
+                self._drop = None
+        if done < limit and not self._built:
+            if self._build is None:
+                self._build, self._build_at = list(self._keys), 0
+            names, keys, far = self._build, self._keys, self._step + self._skew + 1
+            end = min(len(names), self._build_at + limit - done)
+            for name in names[self._build_at:end]:
+                key = keys.get(name)
+                if key is not None:  # else removed meanwhile
+                    self._insert(knock_tag(key, far), name, far)
+            done += end - self._build_at
+            self._build_at = end
+            if end >= len(names):
+                self._build, self._built = None, True
+        return done
+
+    def _insert(self, tag: bytes, client: str, step: int) -> None:
+        shard = self._shards[tag[0]]
+        if tag in shard:
+            return  # a collision (or this client's tag again): the first stays
+        shard[tag] = (client, step)
+        self._steps.setdefault(step, []).append(tag)
+        if self._journaling:
+            if tag in self._removed:
+                self._removed.discard(tag)
+            else:
+                self._added.add(tag)
+
+    def _delete(self, tag: bytes, step: int) -> None:
+        shard = self._shards[tag[0]]
+        found = shard.get(tag)
+        if found is None or found[1] != step:
+            return  # gone already (its client removed), or another step's
+        del shard[tag]
+        if self._journaling:
+            if tag in self._added:
+                self._added.discard(tag)
+            else:
+                self._removed.add(tag)
 
     def _rebuild(self) -> None:
-        self._tags.clear()
-        self._by_step.clear()
-        for step in self._live_steps():
+        self._generation += 1
+        for shard in self._shards:
+            for tag in list(shard):
+                self._delete(tag, shard[tag][1])
+        self._steps.clear()
+        self._build, self._build_at, self._built = None, 0, False
+        self._drop, self._drop_at = None, 0
+        for step in range(self._step - self._skew, self._step + self._skew + 1):
             self._add_step(step, self._keys.items())
 
     def _add_step(self, step: int, clients: Iterable[tuple[str, bytes]]) -> None:
-        entries = self._by_step.setdefault(step, [])
         for client, key in clients:
-            tag = knock_tag(key, step)
-            entries.append((tag, client))
-            self._tags.setdefault(tag, (client, step))
-
-    def _drop_step(self, step: int) -> None:
-        for tag, client in self._by_step.pop(step, []):
-            if self._tags.get(tag) == (client, step):
-                del self._tags[tag]
+            self._insert(knock_tag(key, step), client, step)

@@ -15,6 +15,10 @@ Invariants (docs/protocol.md, "Verification order"; STYLE principle 3):
   `Reason`.  It never accepts a packet whose bytes differ from what an
   enrolled client sealed.
 - Time is an argument: `now` is Unix seconds from the caller's clock.
+- Per client the verifier keeps the master secret and its tag key; the MAC
+  and cipher keys are derived when a packet's tag first matches that client
+  (only enrolled clients' tags match), and at most HOT_CLIENTS clients' are
+  kept, so memory follows the clients that knock, not those enrolled.
 """
 
 from __future__ import annotations
@@ -25,10 +29,9 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 from spa.core.errors import PacketError, Reason
-from spa.core.keys import ClientKeys, HmacSha256, check_server_id, derive_keys
+from spa.core.keys import ClientKeys, HmacSha256, check_server_id, derive_keys, derive_tag_key
 from spa.core.knock import (
     STEP_SECONDS,
-    Prepared,
     TagTable,
     step_of,
     step_of_ms,
@@ -52,6 +55,9 @@ from spa.core.wire import (
 )
 
 DEFAULT_WINDOW = 30.0  # seconds either side of the server's clock
+# clients whose MAC and cipher keys stay derived (about 1 KB each); past it the
+# oldest is derived again at its next knock (4 HMACs, after the tag matched)
+HOT_CLIENTS = 16384
 
 
 class Accepted(NamedTuple):
@@ -131,18 +137,16 @@ class Verifier:
         self.otp = otp if otp is not None else OtpChecker({})
         if self.replay.window < window:
             self.replay.set_window(window)  # never forget an entry before it is stale
-        self._keys: dict[str, ClientKeys] = {
-            name: derive_keys(secret, server_id) for name, secret in secrets.items()
-        }
-        self._macs = {name: HmacSha256(keys.mac_key) for name, keys in self._keys.items()}
+        self._secrets: dict[str, bytes] = dict(secrets)
+        # name -> (keys, MAC): derived at the first packet whose tag matched
+        self._hot: dict[str, tuple[ClientKeys, HmacSha256]] = {}
         step = step_of(now)
         self._tags = TagTable(
-            {name: keys.tag_key for name, keys in self._keys.items()},
+            {name: derive_tag_key(secret, server_id) for name, secret in secrets.items()},
             step,
             skew=steps_for_window(window),
         )
         self._refresh_at = step_start(step + 1)
-        self._staged: Prepared | None = None
 
     @property
     def tags(self) -> TagTable:
@@ -150,32 +154,34 @@ class Verifier:
 
     def add_client(self, name: str, secret: bytes) -> None:
         """Enroll or re-key a client (takes effect for the next packet)."""
-        keys = derive_keys(secret, self.server_id)
-        self._keys[name] = keys
-        self._macs[name] = HmacSha256(keys.mac_key)
-        self._tags.add(name, keys.tag_key)
+        tag_key = derive_tag_key(secret, self.server_id)  # raises before anything changes
+        self._secrets[name] = secret
+        self._hot.pop(name, None)
+        self._tags.add(name, tag_key)
 
     def remove_client(self, name: str) -> None:
         """Forget a client's keys and tags at once."""
-        self._keys.pop(name, None)
-        self._macs.pop(name, None)
+        self._secrets.pop(name, None)
+        self._hot.pop(name, None)
         self._tags.remove(name)
         self.limiter.forget(name)
+
+    def _keys_of(self, name: str) -> tuple[ClientKeys, HmacSha256]:
+        """The client's MAC and cipher keys, derived now if not kept."""
+        hot = self._hot
+        found = hot.get(name)
+        if found is None:
+            keys = derive_keys(self._secrets[name], self.server_id)
+            found = (keys, HmacSha256(keys.mac_key))
+            if len(hot) >= HOT_CLIENTS:
+                del hot[next(iter(hot))]  # the oldest derived
+            hot[name] = found
+        return found
 
     @property
     def next_step_at(self) -> float:
         """When the tag table next moves (the next step boundary)."""
         return self._refresh_at
-
-    @property
-    def staged_step(self) -> int | None:
-        """The step whose tags are staged, if any."""
-        staged = self._staged
-        return None if staged is None else staged.step
-
-    def stage(self, prepared: Prepared) -> None:
-        """Hand in tags computed ahead of the next boundary (any thread)."""
-        self._staged = prepared
 
     def refresh(self, now: float) -> None:
         """Move the tag table to the step of `now` (forwards, or backwards after
@@ -183,8 +189,7 @@ class Verifier:
         if self._refresh_at - STEP_SECONDS <= now < self._refresh_at:
             return
         step = step_of(now)
-        self._tags.advance(step, self._staged)
-        self._staged = None
+        self._tags.advance(step)
         self._refresh_at = step_start(step + 1)
 
     def verify(self, packet: bytes | bytearray | memoryview, source: str | IPAddress,
@@ -214,9 +219,9 @@ class Verifier:
         nonce = packet[NONCE_OFFSET : NONCE_OFFSET + NONCE_SIZE]
         if self.replay.seen(client, nonce):
             return Refused(Reason.REPLAY, client)
+        keys, mac = self._keys_of(key_name)
         try:
-            request = open_packet(packet, self._keys[key_name], self.server_id,
-                                  self._macs[key_name])
+            request = open_packet(packet, keys, self.server_id, mac)
         except PacketError as exc:
             if exc.reason in _AUTHENTICATION:
                 limiter.failed(tag, source, client, now, live_until)

@@ -4,9 +4,12 @@ Invariants (docs/threat-model.md; issue 4's server design):
 - One thread receives and verifies.  It owns the verifier: every change to
   keys, tags or policy is queued as a command and run by that thread between
   packets, so nothing else ever mutates what it reads.
-- A housekeeping thread expires leases, builds the kernel tag filter from the
-  clock (never from the last packet: an idle server keeps every live tag),
-  prepares the next step's knock tags ahead of the boundary, reloads the
+- A housekeeping thread expires leases, moves the tag table with the clock
+  in slices (never from the last packet: an idle server keeps every live
+  tag; spa.core.knock: the next step's tags are in before its boundary, the
+  receive thread's part at the boundary is O(1)), gives the kernel filter the
+  table's changes (`update_tags` with the deltas when an eBPF map filter
+  runs; the whole set at start, reload and clock jumps), reloads the
   config when it changes (or on SIGHUP), saves state and flushes events;
   none of it blocks the receive path for longer than a lock around the
   lease table.
@@ -37,11 +40,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from spa.backends.base import Backend, apply, reconcile
 from spa.core.errors import AFTER_AUTHENTICATION, Reason
-from spa.core.keys import derive_keys
-from spa.core.knock import STEP_SECONDS, knock_tag, step_of, step_start, steps_for_window
+from spa.core.knock import SLICE, STEP_SECONDS, step_of, step_start
 from spa.core.leases import Allow, FirewallAction, LeaseTable
 from spa.core.limits import FailureLimiter, TrustEntry
 from spa.core.otp import OtpChecker
@@ -67,7 +70,8 @@ RECEIVE_TIMEOUT = 0.25  # the receive thread wakes at least this often
 COMPACT_EVERY = 10.0  # seconds between replay-cache dumps (a journal covers between)
 PRUNE_EVERY = 3600.0  # seconds between event-retention prunes
 HOST_CHECK_EVERY = 1.0  # seconds between checks of the host's firewall after it changed
-STAGE_AHEAD = 3.0  # seconds before a step boundary to prepare its tags
+PAUSE_LOG_VARIABLE = "SPA_LOG_RECEIVE_PAUSE"  # set: log the receive thread's pauses each step
+ROTATE_BY = STEP_SECONDS / 2  # seconds into a step by which its rotation's slices are done
 REPLAYS_TO_BLOCK = 20  # copies of one packet in one second that put its nonce in the kernel filter
 MAX_BLOCKED_NONCES = 64  # nonces the kernel filter drops at most (5 BPF instructions each)
 DROPS_EVERY = 5.0  # seconds between readings of the firewall's drop counters
@@ -130,10 +134,19 @@ class Server:
         self.notifier = notifier or Notifier(None, None)
         self._heartbeat = 0.0  # monotonic time of the receive loop's last turn
         self._retry_reconcile = False  # a firewall call failed: reconcile next round
-        self._filter_step: int | None = None  # the step the kernel tag filter was built for
+        self._filter_generation: int | None = None  # the tag table's, when the kernel got all
+        # set by the receive thread once the changes queued before it ran: the whole set then
+        self._replace_filter = threading.Event()
+        self._tags_lock = threading.Lock()  # the tag table's mutations (spa.core.knock)
+        self._filter_kind = "port-only"  # which kernel filter runs (`status`)
+        # the receive thread's longest batch (seconds) and largest backlog,
+        # said once a step when SPA_LOG_RECEIVE_PAUSE is set (benchmarks/bench_scale.py)
+        self.receive_pause = 0.0
+        self.receive_backlog = 0  # the largest batch since (datagrams waiting at once)
+        self._say_pause = bool(os.environ.get(PAUSE_LOG_VARIABLE))
+        self._pause_step = 0
         self._refresh_queued = False  # the receive thread will move the tag table
         self._pending_snapshot: bytes | None = None  # replay snapshot to write
-        self._tag_keys: dict[str, bytes] = {}
         self._replays: dict[bytes, int] = {}  # nonce prefix -> copies this second
         self._replay_second = -1
         # nonce prefix -> until: written by the receive thread, read by housekeeping
@@ -209,13 +222,14 @@ class Server:
             self.backend, lock=self._lock, wanted=lambda: self.leases.allowed(),
             clock=self.clock, log=self.log, record=self.events.record,
             on_change=self._gate_changed, on_foreign=self._host_changed.set)
-        self._tag_keys = self._derive_tag_keys(self.config, now)
+        self.verifier.tags.use_lock(self._tags_lock)
         self._update_kernel_filter(now, force=True)
         self._facts = {
             "pid": os.getpid(), "started": self._started_at(now), "port": self.config.listen_port,
             "backend": self.backend.name, "mode": self.config.mode,
             "gate": self.guard.state.as_dict(),
             "hold": bool(getattr(self.backend, "holds", False)),
+            "filter": self._filter_kind,
         }
         self.log(f"gate {closed_ports(self.config.services)}")
         for note in (getattr(self.backend, "hold_note", ""),
@@ -314,16 +328,25 @@ class Server:
         self._gate_changed(self.guard.state)
         self.notifier.ready(f"serving port {self.config.listen_port}/udp, "
                             f"backend {self.backend.name}, mode {self.config.mode}")
+        clock = time.perf_counter
         try:
             while not stop.is_set() and not self.stop_requested.is_set():
                 self._heartbeat = time.monotonic()
                 self.run_commands()
                 batch = self.source.receive(RECEIVE_TIMEOUT)
                 if batch:
+                    began = clock()
                     try:
                         self.handle_batch(batch)
                     except Exception as exc:  # never let one batch end the server
                         self.log(f"error receive path: {type(exc).__name__}: {exc}")
+                    # a benchmark's gauges: the longest batch, and the most datagrams
+                    # waiting at once (at a known rate, how long they waited)
+                    pause = clock() - began
+                    if pause > self.receive_pause:
+                        self.receive_pause = pause
+                    if len(batch) > self.receive_backlog:
+                        self.receive_backlog = len(batch)
         finally:
             stop.set()
             keeper.join(timeout=5)
@@ -548,18 +571,31 @@ class Server:
     def _follow_the_clock(self, now: float) -> None:
         """Move the tag table with the clock, whether or not packets arrive.
 
-        The verifier moves its table when a packet reaches it; the kernel
-        filter is built from the clock alone (`_update_kernel_filter`), so a
-        server that receives nothing for hours still holds the live tags (an
-        idle server once kept the tags of its last packet's step, and every
-        later knock died in the kernel).  Here: stage the next step's tags
-        ahead of the boundary, and once it has passed, have the receive
-        thread move the table (it owns the verifier).
+        The kernel filter follows the table (`_update_kernel_filter`), and
+        the table follows the clock here, so a server that receives nothing
+        for hours still holds the live tags (an idle server once kept the
+        tags of its last packet's step, and every later knock died in the
+        kernel).  Each round does its share of the rotation's slices, so
+        they are done ROTATE_BY seconds into the step (the next step's tags
+        reach the kernel long before its boundary); once a boundary has
+        passed, the receive thread moves the table (O(1) then).
         """
-        verifier, step = self.verifier, step_of(now)
-        if step_start(step + 1) - now <= STAGE_AHEAD and verifier.staged_step != step + 1:
-            verifier.stage(verifier.tags.prepare(step + 1))
-        if verifier.tags.step != step and not self._refresh_queued:
+        table, step = self.verifier.tags, step_of(now)
+        if self._say_pause and step != self._pause_step:
+            self.log(f"receive pause max {self.receive_pause * 1000:.2f} ms, backlog max "
+                     f"{self.receive_backlog} in step {self._pause_step} "
+                     f"(clients={len(table.clients)})")
+            self.receive_pause, self.receive_backlog, self._pause_step = 0.0, 0, step
+        pending = table.pending()
+        if pending:
+            rounds = max(1, int((step_start(table.step) + ROTATE_BY - now) / TICK))
+            budget = -(-pending // rounds)
+            while budget > 0:
+                done = table.slice(min(SLICE, budget))
+                if not done:
+                    break
+                budget -= done
+        if table.step != step and not self._refresh_queued:
             self._refresh_queued = True
 
             def refresh() -> None:
@@ -567,11 +603,6 @@ class Server:
                 self.verifier.refresh(self.clock())
 
             self._commands.append(refresh)
-
-    @staticmethod
-    def _derive_tag_keys(config: ServerConfig, now: float) -> dict[str, bytes]:
-        return {name: derive_keys(secret, config.server_id).tag_key
-                for name, secret in config.secrets(now).items()}
 
     @staticmethod
     def _grace_of(config: ServerConfig, now: float) -> dict[str, float]:
@@ -631,7 +662,6 @@ class Server:
                 self.verifier.remove_client(key)
 
         self._commands.append(forget)
-        self._tag_keys = self._derive_tag_keys(self.config, now)
         self._update_kernel_filter(now, force=True)
         self.log(f"grace over: the old secret of {', '.join(k.split('~')[0] for k in ended)} "
                  "no longer works")
@@ -639,19 +669,19 @@ class Server:
     def _update_kernel_filter(self, now: float, *, force: bool = False) -> None:
         """Give a capture source the live tags, so junk never wakes Python.
 
-        Built shortly before each step boundary for the current window and
-        the next one together, so no live tag is ever missing; rebuilt at
-        once when clients change.
+        The tags are the table's (the next step's are in it well before its
+        boundary): at start, reload and clock jumps the whole set
+        (`replace_tags`, once the receive thread ran the queued changes),
+        else the journal's changes (`update_tags` when an eBPF map filter
+        runs; a classic filter gets the whole list again, ~811 tags at most).
         """
-        set_tags = getattr(self.source, "set_tags", None)
-        if set_tags is None:
+        if getattr(self.source, "set_tags", None) is None:
             return
         with self._filter_lock:  # housekeeping's rounds, and the receive thread's shut
-            self._build_kernel_filter(set_tags, now, force)
+            self._build_kernel_filter(now, force)
 
-    def _build_kernel_filter(self, set_tags: Callable[..., str], now: float,
-                             force: bool) -> None:
-        step = step_of(now + STAGE_AHEAD)  # from the clock alone, never from packets
+    def _build_kernel_filter(self, now: float, force: bool) -> None:
+        source: Any = self.source
         blocked = self._blocked_nonces
         for nonce, until in list(blocked.items()):
             if until <= now:
@@ -661,19 +691,47 @@ class Server:
         self._shut.observe(seen, seen_at)
         self._read_shut_tags()
         shut = self._shut.current(now)
-        if (step == self._filter_step and not force and nonces == self._filter_nonces
-                and shut == self._filter_shut):
-            return
-        skew = steps_for_window(self.config.window)
-        steps = range(step - 1 - skew, step + skew + 1)
-        tags = [knock_tag(key, s) for key in self._tag_keys.values() for s in steps]
-        note = set_tags(tags, nonces, shut) if shut else set_tags(tags, nonces)
-        if (self._filter_step is None or force or nonces != self._filter_nonces
-                or shut != self._filter_shut):
-            self.log(f"{self.config.mode} {note}")
-        self._filter_step = step
+        table = self.verifier.tags
+        if force and self._filter_generation is not None:
+            self._commands.append(self._replace_filter.set)  # after the changes queued before
+        extras = nonces != self._filter_nonces or shut != self._filter_shut
+        if (self._filter_generation != table.generation or self._replace_filter.is_set()):
+            self._replace_filter.clear()
+            self._filter_generation = table.generation
+            tags = table.start_journal()
+            whole = getattr(source, "replace_tags", None) or source.set_tags
+            note: str = whole(tags, nonces, shut) if shut else whole(tags, nonces)
+        else:
+            added, removed = table.drain_changes()
+            if not (added or removed or extras):
+                return
+            if getattr(source, "kernel_map", False):
+                note = source.update_tags(added, removed, nonces, shut)
+            elif self._filter_kind == "port-only" and not extras and len(table) > _classic_max():
+                return  # too many tags for a classic filter, as last time: nothing to do
+            else:
+                tags = table.all_tags()
+                note = (source.set_tags(tags, nonces, shut) if shut
+                        else source.set_tags(tags, nonces))
+            if not extras:
+                self._note_filter(note)
+                return
+        self.log(f"{self.config.mode} {note}")
         self._filter_nonces = nonces
         self._filter_shut = shut
+        self._note_filter(note)
+
+    def _note_filter(self, note: str) -> None:
+        """Which kernel filter runs now, for `status` (written when it changes)."""
+        kind = getattr(self.source, "filter_kind", None)
+        running = (str(kind()) if kind is not None
+                   else "classic" if note.startswith("kernel filter on") else "port-only")
+        if running == self._filter_kind:
+            return
+        self._filter_kind = running
+        if self._facts:
+            self._facts = {**self._facts, "filter": running}
+            self.state.write_server(self._facts)
 
     def _shut_now(self, now: float) -> None:
         """Receive thread, in a flood (a batch mostly refused before any
@@ -831,13 +889,19 @@ class Server:
                               listen_port=old.listen_port, backend=old.backend,
                               mode=old.mode, state_dir=old.state_dir, window=old.window)
         self._commands.append(switch)
-        self._tag_keys = self._derive_tag_keys(new, now)
         self._update_kernel_filter(self.clock(), force=True)
         self.log(f"reloaded clients={len(new.clients)} added={len(changed)} "
                  f"removed={len(gone)}")
         if services != dict(old.services):
             self.log(f"gate {closed_ports(services)}")
             self._check_host(self.clock(), force=True)
+
+
+def _classic_max() -> int:
+    """How many tags a classic socket filter holds (spa.server.capture)."""
+    from spa.server.capture import max_tags
+
+    return max_tags()
 
 
 def _config_reader(path: Path, backend: object

@@ -591,6 +591,21 @@ def format_span(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+FILTERS = {  # a daemon's "filter" fact -> what `status` and `check` say of it
+    "ebpf map": "eBPF map of every live knock tag (junk never wakes the daemon)",
+    "classic": "classic socket filter on every live knock tag (up to ~200 clients)",
+    "port-only": "none on tags (too many clients for a classic filter): every datagram "
+                 "to the knock port reaches the daemon",
+}
+
+
+def describe_filter(kind: object) -> str:
+    """`status`'s line on the kernel's knock filter, from the daemon's facts."""
+    if not isinstance(kind, str):
+        return "unknown (a daemon from before this version)"
+    return FILTERS.get(kind, kind)
+
+
 def describe_gate(gate: object, *, hold: object = False) -> str:
     """`status`'s line on the firewall gate, from the daemon's facts."""
     if not isinstance(gate, dict):

@@ -1,0 +1,154 @@
+"""The daemon's kernel tag filter follows the tag table (issue 14).
+
+With an eBPF map filter the kernel gets the whole tag set once (start,
+reload, clock jump) and deltas after that; with a classic filter the whole
+list each time it changes.  A fake map source applies what it is given, so
+the tests compare the kernel's set with the table's at every round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from spa.core.keys import derive_keys
+from spa.core.knock import STEP_SECONDS, knock_tag, step_of, step_start
+from spa.core.verify import Accepted
+from spa.server import config as config_mod
+from spa.server.daemon import ROTATE_BY, TICK, Server
+from spa.server.sources import FakeFilteredSource, Shut, filter_note
+from spa.server.state import describe_filter
+from tests.server_world import World
+
+A = "192.0.2.10"
+
+
+class FakeMapSource(FakeFilteredSource):
+    """Task A's eBPF map source, faked: `replace_tags` loads a map (and
+    `kernel_map` turns on), `update_tags` changes it in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernel_map = False
+        self.calls: list[tuple[str, int, int]] = []  # (method, added or all, removed)
+        self.map: set[bytes] = set()
+
+    def filter_kind(self) -> str:
+        return "ebpf map" if self.kernel_map else "port-only"
+
+    def replace_tags(self, tags: list[bytes], nonces: Sequence[bytes] = (),
+                     shut: Shut | None = None) -> str:
+        self.kernel_map = True
+        self.map = set(tags)
+        self.calls.append(("replace", len(tags), 0))
+        self.set_tags(sorted(self.map), nonces, shut)
+        return f"eBPF map filter on {len(tags)} tags"
+
+    def update_tags(self, added: list[bytes], removed: list[bytes],
+                    nonces: Sequence[bytes] = (), shut: Shut | None = None) -> str:
+        assert self.kernel_map, "update_tags only once the map runs"
+        assert not set(removed) - self.map, "removed a tag the map lacks"
+        assert not set(added) & self.map, "added a tag the map has"
+        self.map = (self.map - set(removed)) | set(added)
+        self.calls.append(("update", len(added), len(removed)))
+        self.set_tags(sorted(self.map), nonces, shut)
+        return filter_note(sorted(self.map), nonces)
+
+
+def started(tmp_path: Path, clients: int) -> tuple[World, Server, FakeMapSource]:
+    world = World(tmp_path)
+    world.init()
+    for i in range(clients):
+        world.enroll(f"c{i}")
+    source = FakeMapSource()
+    server = world.start(source)
+    return world, server, source
+
+
+def rounds(world: World, server: Server, seconds: float) -> None:
+    """Housekeeping every TICK and the receive thread's turn, as the threads run."""
+    for _ in range(round(seconds / TICK)):
+        world.clock.advance(TICK)
+        server.housekeeping()
+        server.run_commands()
+
+
+def test_after_start_the_map_gets_deltas_only_and_always_equals_the_table(
+        tmp_path: Path) -> None:
+    world, server, source = started(tmp_path, 12)
+    assert source.calls[0][0] == "replace" and source.calls[0][1] == 3 * 12
+    assert server._facts["filter"] == "ebpf map"
+    config = config_mod.load(world.config_path)
+    keys = {name: derive_keys(c.secret, config.server_id).tag_key
+            for name, c in config.clients.items()}
+    for second in range(10 * STEP_SECONDS):  # ten steps
+        rounds(world, server, 1)
+        assert source.map == set(server.verifier.tags.all_tags()), f"at {second} s"
+        now = world.clock.now
+        for key in keys.values():
+            for offset in (-server.config.window, 0.0, server.config.window):
+                assert knock_tag(key, step_of(now + offset)) in source.map
+    replaced = [c for c in source.calls if c[0] == "replace"]
+    assert replaced == source.calls[:1], "the whole set once, at start"
+    updates = [c for c in source.calls if c[0] == "update"]
+    assert len(updates) >= 2 * 10 - 2, "every step's tags in and out"
+    assert max(added + removed for _, added, removed in updates) <= 2 * 12, (
+        "a delta is at most one step in and one out, never the whole set")
+    source.push(world.packet("c3"), A)
+    assert [type(server.handle_batch(source.receive(0))[0])] == [Accepted]
+
+
+def test_a_step_boundary_costs_the_receive_thread_nothing_once_sliced(
+        tmp_path: Path) -> None:
+    world, server, source = started(tmp_path, 40)
+    table = server.verifier.tags
+    boundary = step_start(table.step + 1)
+    world.clock.now = boundary - STEP_SECONDS + ROTATE_BY - TICK
+    rounds(world, server, TICK)
+    assert table.pending() == 0, "sliced by half way into the step"
+    held = len(table)
+    assert held == 4 * 40 and len(source.map) == held
+    world.clock.now = boundary
+    server.verifier.refresh(boundary)  # the receive thread at the boundary
+    assert table.step == step_of(boundary) and len(table) == held, "no tag work at it"
+    assert table.pending() == 2 * 40, "the expired step out, the next in: housekeeping's"
+    rounds(world, server, 2 * TICK)
+    assert 0 < table.pending() < 2 * 40, "spread over the rounds, not all at once"
+    rounds(world, server, ROTATE_BY)
+    assert table.pending() == 0 and source.map == set(table.all_tags())
+
+
+def test_a_reload_and_a_clock_jump_replace_the_whole_set(tmp_path: Path) -> None:
+    world, server, source = started(tmp_path, 3)
+    rounds(world, server, 1)
+    world.enroll("late")
+    server.request_reload()
+    rounds(world, server, 1)
+    assert [c[0] for c in source.calls].count("replace") == 2, source.calls
+    config = config_mod.load(world.config_path)
+    late = derive_keys(config.clients["late"].secret, config.server_id).tag_key
+    assert knock_tag(late, step_of(world.clock.now)) in source.map
+    world.clock.advance(3600)  # the clock set forwards an hour
+    rounds(world, server, 1)
+    assert [c[0] for c in source.calls].count("replace") == 3, source.calls
+    assert source.map == set(server.verifier.tags.all_tags())
+    assert knock_tag(late, step_of(world.clock.now)) in source.map
+
+
+def test_a_classic_filter_gets_the_whole_list_when_it_changes(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    world.init()
+    world.enroll("alice")
+    source = FakeFilteredSource()
+    server = world.start(source)
+    assert server._facts["filter"] == "classic"
+    for _ in range(5 * STEP_SECONDS):
+        rounds(world, server, 1)
+        assert source.tags == frozenset(server.verifier.tags.all_tags())
+
+
+def test_status_says_which_filter_runs() -> None:
+    assert describe_filter("ebpf map").startswith("eBPF map")
+    assert describe_filter("classic").startswith("classic")
+    assert "every datagram" in describe_filter("port-only")
+    assert "before this version" in describe_filter(None)
