@@ -205,6 +205,43 @@ def clients(path: Path) -> list[ClientEntry]:
     return list(load(path).clients.values())  # by name: the store's order
 
 
+@dataclass(frozen=True, slots=True)
+class ClientPage:
+    count: int  # clients in the store
+    entries: list[ClientEntry]  # this page, by name
+    states: dict[str, str]  # name -> state (see client_states)
+
+
+def client_page(path: Path, *, now: float, after: str = "", limit: int = 100, match: str = "",
+                state: str = "") -> ClientPage:
+    """One page of the store's clients (keyset paging by name, see
+    ClientStore.page).  Raises LocalError."""
+    config = config_mod.load(path)
+    with open_store(config, now=now) as store:
+        count = store.count()
+        entries = store.page(after=after, limit=limit, match=match, state=state)
+    shown = replace(config, clients={entry.name: entry for entry in entries})
+    return ClientPage(count, entries, states_of(shown, now=now))
+
+
+def export_clients(path: Path, fmt: str, *, now: float) -> str:
+    """Every client, secrets included, as JSON or TOML (spa/store/transfer.py).
+    Raises LocalError."""
+    config = config_mod.load(path)
+    with open_store(config, now=now) as store:
+        return transfer.render(store.all(), fmt)
+
+
+def import_clients(path: Path, source: Path, text: str, *, prune: bool,
+                   now: float) -> transfer.ImportResult:
+    """Make the store hold the file's clients (updated where they differ;
+    with `prune`, only them).  Raises LocalError."""
+    config = config_mod.load(path)
+    entries = transfer.parse(source, text, config)
+    with open_store(config, now=now) as store:
+        return transfer.import_entries(store, entries, prune=prune, at=now)
+
+
 def client_states(path: Path, *, now: float) -> dict[str, str]:
     """name -> revoked | active | pending until <UTC> | expired (pending, never used)."""
     return states_of(load(path, now=now), now=now)

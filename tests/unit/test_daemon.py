@@ -810,3 +810,33 @@ def test_the_receive_thread_shuts_a_flooded_tag_without_waiting_for_housekeeping
     server.handle_batch(batch)
     assert set(source.shut) == {tag}, "shut by the receive thread, before any housekeeping"
     assert source.passes(world.packet("alice"), known), "its client's known source passes"
+
+
+def test_a_running_server_applies_store_changes_one_client_at_a_time(world: World) -> None:
+    """enroll, revoke and rotate reach a running server within one
+    housekeeping round, and it reads only the clients that changed (its
+    count of client rows read), never the whole store again."""
+    server = world.server
+    assert server is not None
+    assert server.clients_read == 2  # alice and bob, at start
+    server.housekeeping()
+    assert server.clients_read == 2  # nothing changed: one version() query, no row
+    world.enroll("carol", "ssh")
+    server.housekeeping()
+    server.run_commands()  # what the receive thread does between batches
+    assert server.clients_read == 3
+    assert isinstance(server.handle(world.packet("carol", duration=60), A), Accepted)
+    admin.revoke(world.config_path, "alice", now=world.clock.now)
+    server.housekeeping()
+    server.run_commands()
+    assert server.clients_read == 4
+    refused = server.handle(world.packet("alice", duration=60), B)
+    assert isinstance(refused, Refused) and refused.reason is Reason.REVOKED
+    old = world.packet("bob", "https")
+    admin.rotate(world.config_path, "bob", grace=0, now=world.clock.now)
+    server.housekeeping()
+    server.run_commands()
+    assert server.clients_read == 5
+    assert isinstance(server.handle(old, B), Refused)  # the old secret stopped at once
+    assert isinstance(server.handle(world.packet("bob", "https"), B), Accepted)
+    assert any("clients changed=1" in line for line in world.logs)
