@@ -11,6 +11,8 @@ import argparse
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -60,10 +62,50 @@ def bench_size(size: int) -> str:
             for _ in range(100):
                 store.version()
             version = (time.perf_counter() - began) / 100
+        calls = _admin_calls(top, size)
+        process = _one_process(top, size)
         return (f"{size:>7} {populate:8.2f} {_ms(timings['enroll'])} {_ms(timings['revoke'])} "
-                f"{_ms(timings['rotate'])} {version * 1e6:8.1f}")
+                f"{_ms(timings['rotate'])} {version * 1e6:8.1f} {_ms(calls):>15} "
+                f"{process * 1e3:9.0f}")
     finally:
         shutil.rmtree(top)
+
+
+ADMIN_OPS = 50  # admin.enroll + revoke + rotate rounds timed per size
+
+
+def _admin_calls(state: Path, size: int) -> list[float]:
+    """Seconds per admin.enroll / revoke / rotate (config read, store opened
+    as the owner, one statement, closed), all three kinds together."""
+    config = state.parent / f"{state.name}-admin.toml"
+    admin.init(config, listen_port=62201, backend="memory", state_dir=state, force=False)
+    samples = []
+    for k in range(ADMIN_OPS):
+        name = f"admin-{k}"
+        for call in (lambda: admin.enroll(config, name, ["ssh"], "knock.example.org",  # noqa: B023
+                                          now=1.0),
+                     lambda: admin.rotate(config, name, grace=60, now=2.0),  # noqa: B023
+                     lambda: admin.revoke(config, name, now=3.0)):  # noqa: B023 (called now)
+            began = time.perf_counter()
+            call()
+            samples.append(time.perf_counter() - began)
+    config.unlink()
+    return samples
+
+
+def _one_process(state: Path, size: int) -> float:
+    """Seconds for one real `spa-server enroll` process on that store (its
+    Python start-up included)."""
+    config = state.parent / f"{state.name}.toml"
+    admin.init(config, listen_port=62201, backend="memory", state_dir=state, force=False)
+    spa_server = Path(sys.executable).with_name("spa-server")
+    began = time.perf_counter()
+    subprocess.run([str(spa_server), "--config", str(config), "enroll", f"proc-{size}",
+                    "--service", "ssh", "--endpoint", "knock.example.org"], check=True,
+                   stdout=subprocess.DEVNULL)
+    took = time.perf_counter() - began
+    config.unlink()
+    return took
 
 
 def bench_migration(clients: int) -> str:
@@ -90,9 +132,10 @@ def main() -> None:
     parser.add_argument("--sizes", default="100,1000,10000,100000")
     args = parser.parse_args()
     print(f"per operation, ms (median p99) over {OPS} ops; populate: one bulk transaction, s;"
-          " version(): us")
+          " version(): us; admin.*: admin.enroll/revoke/rotate, ms (median p99);"
+          " process: one real `spa-server enroll`, ms")
     print(f"{'clients':>7} {'populate':>8} {'enroll':>15} {'revoke':>15} {'rotate':>15} "
-          f"{'version':>8}")
+          f"{'version':>8} {'admin.*':>15} {'process':>9}")
     for size in (int(s) for s in args.sizes.split(",")):
         print(bench_size(size), flush=True)
     print(bench_migration(MIGRATE_CLIENTS))

@@ -864,8 +864,8 @@ class Server:
 
         self._commands.append(switch)
         self._update_kernel_filter(self.clock(), force=True)
-        self.log(f"clients changed={len(before)} keys added={len(changed)} "
-                 f"removed={len(gone)} total={len(clients)}")
+        self.log(f"reloaded clients={len(clients)} changed={len(before)} (from the store) "
+                 f"keys added={len(changed)} removed={len(gone)}")
 
     def _note_revoked(self, name: str, entry: ClientEntry, was: ClientEntry | None) -> None:
         """A revoke --close ends the client's leases now; a revoke says so."""

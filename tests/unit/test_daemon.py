@@ -839,4 +839,4 @@ def test_a_running_server_applies_store_changes_one_client_at_a_time(world: Worl
     assert server.clients_read == 5
     assert isinstance(server.handle(old, B), Refused)  # the old secret stopped at once
     assert isinstance(server.handle(world.packet("bob", "https"), B), Accepted)
-    assert any("clients changed=1" in line for line in world.logs)
+    assert any("reloaded clients=3 changed=1" in line for line in world.logs)
