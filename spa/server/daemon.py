@@ -851,16 +851,34 @@ class Server:
             self._tag_keys.pop(key, None)
         for key, secret in changed.items():
             self._tag_keys[key] = derive_keys(secret, server_id).tag_key
-        policy = self._policy_of(self.config)
-        otp = self.config.otp_secrets()
+        rules = {name: config_mod.client_policy(clients[name]) if name in clients else None
+                 for name in before}
+        otp = {name: clients[name].otp_secret if name in clients else "" for name in before}
+        met = {name for name in before if name in clients and clients[name].enroll_by
+               and self._activated.get(name) == clients[name].enroll_by}
+        self._pending = (self._pending - before.keys()) | {
+            name for name in before if name in clients and clients[name].enroll_by
+            and name not in met}
 
         def switch() -> None:
+            """On the receive thread: single entries swapped in the rules it
+            reads (Policy stays a value; its clients mapping is the daemon's)."""
             for key in gone:
                 self.verifier.remove_client(key)
             for key, secret in changed.items():
                 self.verifier.add_client(key, secret)
-            self.verifier.policy = policy
-            self.verifier.otp.set_secrets(otp)
+            policy = self.verifier.policy
+            held = policy.clients
+            assert isinstance(held, dict)
+            for name, rule in rules.items():
+                if rule is None:
+                    held.pop(name, None)
+                else:
+                    held[name] = rule
+                self.verifier.otp.set_secret(name, otp[name])
+            activated = (policy.activated - before.keys()) | met
+            if activated != policy.activated:
+                self.verifier.policy = replace(policy, activated=frozenset(activated))
 
         self._commands.append(switch)
         self._update_kernel_filter(self.clock(), force=True)

@@ -819,12 +819,14 @@ def test_a_running_server_applies_store_changes_one_client_at_a_time(world: Worl
     server = world.server
     assert server is not None
     assert server.clients_read == 2  # alice and bob, at start
+    rules = server.verifier.policy.clients
     server.housekeeping()
     assert server.clients_read == 2  # nothing changed: one version() query, no row
     world.enroll("carol", "ssh")
     server.housekeeping()
     server.run_commands()  # what the receive thread does between batches
     assert server.clients_read == 3
+    assert server.verifier.policy.clients is rules and "carol" in rules  # one entry swapped in
     assert isinstance(server.handle(world.packet("carol", duration=60), A), Accepted)
     admin.revoke(world.config_path, "alice", now=world.clock.now)
     server.housekeeping()
@@ -840,3 +842,21 @@ def test_a_running_server_applies_store_changes_one_client_at_a_time(world: Worl
     assert isinstance(server.handle(old, B), Refused)  # the old secret stopped at once
     assert isinstance(server.handle(world.packet("bob", "https"), B), Accepted)
     assert any("reloaded clients=3 changed=1" in line for line in world.logs)
+
+
+def test_a_pending_or_otp_client_enrolled_while_running_is_applied_alone(world: World) -> None:
+    """A client enrolled with --expires and --otp reaches the running server
+    by itself: its deadline and its authenticator code apply at once."""
+    import pyotp
+
+    server = world.server
+    assert server is not None
+    world.enroll("dave", "ssh", expires=600, otp=True)
+    server.housekeeping()
+    server.run_commands()
+    no_code = server.handle(world.packet("dave", duration=60), A)
+    assert isinstance(no_code, Refused) and no_code.reason is Reason.OTP_INVALID
+    secret = admin.load(world.config_path).clients["dave"].otp_secret
+    code = pyotp.TOTP(secret).at(world.clock.now)
+    assert isinstance(server.handle(world.packet("dave", duration=60, otp=code), A), Accepted)
+    assert any("activated client=dave" in line for line in world.logs)
