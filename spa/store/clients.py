@@ -104,9 +104,15 @@ def _no_such(name: str) -> LocalError:
 class ClientStore:
     """The clients, on SQLite; one process's connection (see the invariants)."""
 
-    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+    def __init__(self, db: sqlite3.Connection, path: Path, fd: int) -> None:
+        """`fd`: our own descriptor of the database, kept open as long as the
+        connection: closing any descriptor of a file drops every POSIX lock
+        this process holds on it, SQLite's too; a writer in another process
+        would then take us for gone, checkpoint and delete the -wal and -shm
+        under us, and this connection would never see a change again."""
         self._db = db
         self.path = path
+        self._fd = fd
 
     # ---- opening -------------------------------------------------------
 
@@ -145,9 +151,10 @@ class ClientStore:
                 _check_names(directory, CLIENTS_DB, owner=mine)
                 for side in ("-wal", "-shm"):
                     _private(directory, CLIENTS_DB + side)
-            finally:
+            except BaseException:
                 os.close(fd)
-        return cls(db, path)
+                raise
+        return cls(db, path, fd)
 
     @classmethod
     @contextlib.contextmanager
@@ -165,6 +172,9 @@ class ClientStore:
 
     def close(self) -> None:
         self._db.close()
+        if self._fd >= 0:
+            os.close(self._fd)  # after the connection: its locks are gone with it
+            self._fd = -1
 
     def __enter__(self) -> ClientStore:
         return self
@@ -176,11 +186,11 @@ class ClientStore:
     # ---- reading -------------------------------------------------------
 
     def get(self, name: str) -> ClientEntry | None:
-        row = self._db.execute(_SELECT + " WHERE name = ?", (name,)).fetchone()
-        return None if row is None else _entry(row)
+        rows = self._db.execute(_SELECT + " WHERE name = ?", (name,)).fetchall()
+        return _entry(rows[0]) if rows else None
 
     def count(self) -> int:
-        return int(self._db.execute("SELECT count(*) FROM clients").fetchone()[0])
+        return int(self._db.execute("SELECT count(*) FROM clients").fetchall()[0][0])
 
     def page(self, *, after: str = "", limit: int = 100, match: str = "",
              state: str = "") -> list[ClientEntry]:
@@ -217,7 +227,9 @@ class ClientStore:
 
     def version(self) -> int:
         """The last change's seq (0: none yet); one lookup at the end of the index."""
-        found = self._db.execute("SELECT max(seq) FROM changes").fetchone()[0]
+        # fetchall: a statement left unfinished would keep this connection's
+        # read snapshot (WAL), and later polls would never see a new change
+        found = self._db.execute("SELECT max(seq) FROM changes").fetchall()[0][0]
         return int(found or 0)
 
     def changed_since(self, seq: int) -> tuple[int, list[str]]:

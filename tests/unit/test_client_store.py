@@ -280,3 +280,22 @@ def test_an_import_file_is_checked_as_the_config_is(toml_with_clients: Path) -> 
                           ("[clients.a\n", "neither JSON nor TOML")):
         with pytest.raises(LocalError, match=message):
             transfer.parse(Path("f"), text, config)
+
+
+def test_a_long_lived_reader_sees_every_change_another_process_makes(state: Path) -> None:
+    """The daemon's connection stays open while admin commands (other
+    processes) open, change and close the store: each change is seen (the
+    reader's locks survive the open's own descriptor; without that, the
+    second writer's close deleted the -wal and -shm under the reader)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from spa.store.clients import ClientStore;"
+            "from spa.server.config import ClientEntry\n"
+            "with ClientStore.open(Path(sys.argv[1]), create=True) as s:\n"
+            "    s.add(ClientEntry(sys.argv[2], bytes(32), ('ssh',)), at=1.0)\n")
+    with ClientStore.open(state, create=True) as reader:
+        for n, name in enumerate(("alice", "bob", "carol"), start=1):
+            subprocess.run([sys.executable, "-c", code, str(state), name], check=True)
+            assert reader.version() == n
+            assert reader.changed_since(n - 1) == (n, [name])
