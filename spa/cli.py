@@ -7,7 +7,9 @@ ends as one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import json
+import os
 import signal
+import sys
 import threading
 import time
 from contextlib import AbstractContextManager
@@ -206,21 +208,96 @@ def rotate(
         typer.echo(qr_mod.terminal_text(uri, ansi=sys.stdout.isatty()))
 
 
-@app.command()
-def clients() -> None:
-    """List enrolled clients."""
-    with local_errors():
-        entries = admin.clients(_ctx.config)
-        states = admin.client_states(_ctx.config, now=time.time())
-    if not entries:
-        typer.echo("no clients enrolled; add one with: spa-server enroll NAME --service ssh "
-                   "--endpoint HOST")
+clients_app = typer.Typer(help="List, export and import clients.", no_args_is_help=False)
+app.add_typer(clients_app, name="clients")
+EXPORT_FORMAT = Annotated[str, typer.Option("--format", help="json or toml.")]
+
+
+@clients_app.callback(invoke_without_command=True)
+def clients(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option(help="Clients on this page (1-10000).")] = 100,
+    after: Annotated[str, typer.Option(help="Start after this name (the page before's "
+                                       "last).")] = "",
+    match: Annotated[str, typer.Option(help="Only names containing this.")] = "",
+    state: Annotated[str, typer.Option(help="revoked, active or pending.")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document (no "
+                                          "secrets).")] = False,
+) -> None:
+    """List enrolled clients, a page at a time, by name."""
+    if ctx.invoked_subcommand is not None:
         return
-    width = max(8, *(len(v) for v in states.values()))
+    with local_errors():
+        page = admin.client_page(_ctx.config, now=time.time(), after=after, limit=limit,
+                                 match=match, state=state)
+    if as_json:
+        typer.echo(json.dumps({"count": page.count, "clients": [
+            {"name": e.name, "state": page.states[e.name], "services": list(e.services),
+             "enrolled": e.enrolled, "endpoint": e.endpoint, "otp": bool(e.otp_secret)}
+            for e in page.entries]}))
+        return
+    if not page.entries:
+        typer.echo("no clients enrolled; add one with: spa-server enroll NAME --service ssh "
+                   "--endpoint HOST" if not page.count else f"no client matches ({page.count} "
+                   "enrolled)")
+        return
+    width = max(8, *(len(v) for v in page.states.values()))
     typer.echo(f"{'NAME':<24} {'STATE':<{width}} {'SERVICES':<24} ENROLLED")
-    for entry in entries:
-        typer.echo(f"{entry.name:<24} {states[entry.name]:<{width}} "
+    for entry in page.entries:
+        typer.echo(f"{entry.name:<24} {page.states[entry.name]:<{width}} "
                    f"{','.join(entry.services):<24} {entry.enrolled or '-'}")
+    more = f"; next page: --after {page.entries[-1].name}" if len(page.entries) == limit else ""
+    typer.echo(f"{len(page.entries)} shown of {page.count} client(s){more}", err=True)
+
+
+@clients_app.command("export")
+def clients_export(
+    file: Annotated[Path | None, typer.Argument(help="Write here (0600, must not exist); "
+                                                "without: stdout.")] = None,
+    fmt: EXPORT_FORMAT = "json",
+) -> None:
+    """Every client with its secrets, for configuration management or a backup."""
+    with local_errors():
+        text = admin.export_clients(_ctx.config, fmt, now=time.time())
+        if file is None:
+            typer.echo("warning: this holds every client's secret; keep it as you keep "
+                       "server.toml", err=True)
+            sys.stdout.write(text)
+            return
+        write_private(file, text)
+    typer.echo(f"exported to {file} (0600)")
+
+
+@clients_app.command("import")
+def clients_import(
+    file: Annotated[Path, typer.Argument(help="A file `clients export` wrote (JSON or "
+                                         "TOML).")],
+    prune: Annotated[bool, typer.Option("--prune", help="Also remove clients the file does "
+                                        "not hold.")] = False,
+) -> None:
+    """Make the store hold the file's clients (the same file twice changes nothing)."""
+    with local_errors():
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LocalError(f"cannot read {file}: {getattr(exc, 'strerror', None) or exc}"
+                             ) from None
+        result = admin.import_clients(_ctx.config, file, text, prune=prune, now=time.time())
+    for what, names in (("added", result.added), ("updated", result.updated),
+                        ("removed", result.removed)):
+        typer.echo(f"{what} {len(names)}: {', '.join(names) or '-'}")
+
+
+def write_private(file: Path, text: str) -> None:
+    """A new file, 0600, never through a link.  Raises LocalError."""
+    try:
+        fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise LocalError(f"{file} exists; remove it or name another file") from None
+    except OSError as exc:
+        raise LocalError(f"cannot write {file}: {exc.strerror}") from None
+    with open(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
 
 
 @app.command()

@@ -70,7 +70,7 @@ class World:
     def packet(self, client: str, service: str = "ssh", *, action: Action = Action.OPEN,
                duration: int = 0, at: float | None = None, address: str | None = None,
                otp: str = "") -> bytes:
-        config = config_mod.load(self.config_path)
+        config = admin.load(self.config_path)
         keys = derive_keys(config.clients[client].secret, config.server_id)
         when = self.clock.now if at is None else at
         request = Request(int(when * 1000), action, service, duration,

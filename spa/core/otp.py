@@ -49,6 +49,13 @@ class OtpChecker:
         """After a reload: who needs a code now (used steps are kept)."""
         self._secrets = {name: pyotp.TOTP(secret) for name, secret in secrets.items()}
 
+    def set_secret(self, client: str, secret: str) -> None:
+        """One client's secret changed (empty: it needs no code any more)."""
+        if secret:
+            self._secrets[client] = pyotp.TOTP(secret)
+        else:
+            self._secrets.pop(client, None)
+
     def required(self, client: str) -> bool:
         return client in self._secrets
 

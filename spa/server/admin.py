@@ -3,16 +3,23 @@
 The CLI (spa/cli.py) parses and prints; these functions do the work and are
 what the tests call.  This is an edge: it reads the clock and the CSPRNG and
 hands them to the core.
+
+Clients live in the client store (spa/store/clients.py) in the state
+directory; the first command to open it moves any [clients] left in
+server.toml there (spa/store/transfer.py `migrate`).  enroll, revoke and
+rotate are one indexed statement each; nothing reads every client but
+`load` (listing, export, the dashboard's overview).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import cast
 
@@ -27,8 +34,31 @@ from spa.server.errors import ConfigError, LocalError
 from spa.server.events import EVENTS_DB, Event, read_events
 from spa.server.geoip import Countries
 from spa.server.state import PairStatus, StateDir
+from spa.store import transfer
+from spa.store.clients import ClientStore
 
 SERVICE_SPEC = re.compile(r"([A-Za-z][A-Za-z0-9_-]{0,31})=(tcp|udp)/(\d{1,5})\Z")
+
+
+@contextlib.contextmanager
+def open_store(config: ServerConfig, *, now: float) -> Iterator[ClientStore]:
+    """The client store in the config's state directory (made if missing),
+    after the one-time migration of server.toml's [clients]; root uses it
+    as the directory's owner.  Raises LocalError."""
+    if not os.path.lexists(config.state_dir):
+        StateDir(config.state_dir).ensure()
+    if config.clients:
+        transfer.migrate(config.path, config.state_dir, at=now)
+    with ClientStore.open_as_owner(config.state_dir, create=True) as store:
+        yield store
+
+
+def load(path: Path, *, now: float | None = None) -> ServerConfig:
+    """The config with every client from the store (reads them all: for
+    listings, not for single-client commands).  Raises LocalError."""
+    config = config_mod.load(path)
+    with open_store(config, now=time.time() if now is None else now) as store:
+        return replace(config, clients={entry.name: entry for entry in store.all()})
 
 
 def service_of(spec: str) -> Service:
@@ -115,10 +145,10 @@ def enroll(path: Path, name: str, services: list[str], endpoint: str, *,
         raise LocalError("--expires must be a positive duration, e.g. 15m")
     enroll_by = config_mod.format_utc(when + expires) if expires is not None else ""
     otp_secret = base64.b32encode(os.urandom(SECRET_BYTES)).decode() if otp else ""
-    config_mod.add_client(path, ClientEntry(name, secret, tuple(unique),
-                                            enrolled=config_mod.format_utc(when),
-                                            enroll_by=enroll_by, otp_secret=otp_secret,
-                                            endpoint=endpoint.strip()))
+    with open_store(config, now=when) as store:
+        store.add(ClientEntry(name, secret, tuple(unique), enrolled=config_mod.format_utc(when),
+                              enroll_by=enroll_by, otp_secret=otp_secret,
+                              endpoint=endpoint.strip()), at=when)
     refs = tuple(ServiceRef(s, config.services[s].protocol, config.services[s].port)
                  for s in unique)
     return render(Enrollment(host, port, config.server_id, name, secret, refs, otp=otp,
@@ -131,7 +161,13 @@ def rotate(path: Path, name: str, *, grace: float, now: float,
     seconds (0: stops at once).  Returns the new enrollment URI.
     Raises LocalError (no such client, revoked, no endpoint known)."""
     config = config_mod.load(path)
-    entry = config.clients.get(name)
+    with open_store(config, now=now) as store:
+        return _rotate(store, config, name, grace=grace, now=now, endpoint=endpoint)
+
+
+def _rotate(store: ClientStore, config: ServerConfig, name: str, *, grace: float, now: float,
+            endpoint: str | None) -> str:
+    entry = store.get(name)
     if entry is None:
         raise LocalError(f"no client named {name!r}; see the list with: spa-server clients")
     if entry.revoked:
@@ -144,8 +180,8 @@ def rotate(path: Path, name: str, *, grace: float, now: float,
     if grace < 0:
         raise LocalError("--grace must be 0 or a positive duration, e.g. 10m")
     secret = os.urandom(MASTER_SECRET_SIZE)
-    config_mod.set_secret(path, name, secret,
-                          old_until=config_mod.format_utc(now + grace) if grace else "")
+    store.set_secret(name, secret, old_until=config_mod.format_utc(now + grace) if grace else "",
+                     at=now)
     refs = tuple(ServiceRef(s, config.services[s].protocol, config.services[s].port)
                  for s in entry.services)
     return render(Enrollment(host, port, config.server_id, name, secret, refs,
@@ -154,7 +190,8 @@ def rotate(path: Path, name: str, *, grace: float, now: float,
 
 def otp_uri(path: Path, name: str) -> str | None:
     """The otpauth:// URI for a client's authenticator app (None: it has none)."""
-    entry = config_mod.load(path).clients.get(name)
+    with open_store(config_mod.load(path), now=time.time()) as store:
+        entry = store.get(name)
     if entry is None or not entry.otp_secret:
         return None
     return provisioning_uri(entry.otp_secret, name)
@@ -165,12 +202,49 @@ def _known(config: ServerConfig) -> str:
 
 
 def clients(path: Path) -> list[ClientEntry]:
-    return sorted(config_mod.load(path).clients.values(), key=lambda c: c.name)
+    return list(load(path).clients.values())  # by name: the store's order
+
+
+@dataclass(frozen=True, slots=True)
+class ClientPage:
+    count: int  # clients in the store
+    entries: list[ClientEntry]  # this page, by name
+    states: dict[str, str]  # name -> state (see client_states)
+
+
+def client_page(path: Path, *, now: float, after: str = "", limit: int = 100, match: str = "",
+                state: str = "") -> ClientPage:
+    """One page of the store's clients (keyset paging by name, see
+    ClientStore.page).  Raises LocalError."""
+    config = config_mod.load(path)
+    with open_store(config, now=now) as store:
+        count = store.count()
+        entries = store.page(after=after, limit=limit, match=match, state=state)
+    shown = replace(config, clients={entry.name: entry for entry in entries})
+    return ClientPage(count, entries, states_of(shown, now=now))
+
+
+def export_clients(path: Path, fmt: str, *, now: float) -> str:
+    """Every client, secrets included, as JSON or TOML (spa/store/transfer.py).
+    Raises LocalError."""
+    config = config_mod.load(path)
+    with open_store(config, now=now) as store:
+        return transfer.render(store.all(), fmt)
+
+
+def import_clients(path: Path, source: Path, text: str, *, prune: bool,
+                   now: float) -> transfer.ImportResult:
+    """Make the store hold the file's clients (updated where they differ;
+    with `prune`, only them).  Raises LocalError."""
+    config = config_mod.load(path)
+    entries = transfer.parse(source, text, config)
+    with open_store(config, now=now) as store:
+        return transfer.import_entries(store, entries, prune=prune, at=now)
 
 
 def client_states(path: Path, *, now: float) -> dict[str, str]:
     """name -> revoked | active | pending until <UTC> | expired (pending, never used)."""
-    return states_of(config_mod.load(path), now=now)
+    return states_of(load(path, now=now), now=now)
 
 
 def states_of(config: ServerConfig, *, now: float) -> dict[str, str]:
@@ -202,8 +276,9 @@ class RevokeResult:
 
 def revoke(path: Path, name: str, *, now: float, close: bool = False) -> RevokeResult:
     """Mark a client revoked; say what happens to its active leases."""
-    changed = config_mod.set_revoked(path, name, close=close)
     config = config_mod.load(path)
+    with open_store(config, now=now) as store:
+        changed = store.set_revoked(name, close=close, at=now)
     held = [row for row in StateDir(config.state_dir).status(now) if name in row.clients]
     if not changed:
         return RevokeResult(name, False, held, f"{name} was already revoked")

@@ -105,15 +105,8 @@ class ServerConfig:
 
     def policy(self, activated: frozenset[str] = frozenset()) -> Policy:
         """The rules; `activated`: pending clients known to have knocked in time."""
-        return Policy(
-            dict(self.services),
-            {
-                c.name: ClientPolicy(c.name, frozenset(c.services), c.allow_other_address,
-                                     c.revoked, parse_utc(c.enroll_by) if c.enroll_by else None)
-                for c in self.clients.values()
-            },
-            activated,
-        )
+        return Policy(dict(self.services),
+                      {c.name: client_policy(c) for c in self.clients.values()}, activated)
 
     def otp_secrets(self) -> dict[str, str]:
         """name -> TOTP secret, for the clients that must send an authenticator code."""
@@ -134,6 +127,12 @@ class ServerConfig:
         """key name (NAME~old) -> when its grace period ends."""
         return {c.name + OLD_KEY: parse_utc(c.old_until) for c in self.clients.values()
                 if c.old_secret and c.old_until}
+
+
+def client_policy(entry: ClientEntry) -> ClientPolicy:
+    """One client's rules, as the core's Policy holds them."""
+    return ClientPolicy(entry.name, frozenset(entry.services), entry.allow_other_address,
+                        entry.revoked, parse_utc(entry.enroll_by) if entry.enroll_by else None)
 
 
 def b64encode(raw: bytes) -> str:

@@ -53,7 +53,7 @@ from spa.core.verify import Accepted, Refused, Verifier
 from spa.core.wire import NONCE_OFFSET, Action
 from spa.server import config as config_mod
 from spa.server.coexist import Report, closed_ports, report
-from spa.server.config import ServerConfig
+from spa.server.config import OLD_KEY, ClientEntry, ServerConfig, parse_utc
 from spa.server.errors import LocalError
 from spa.server.events import EVENTS_DB, Event, EventSink
 from spa.server.guard import GateGuard, GateState, Guard
@@ -64,6 +64,7 @@ from spa.server.scans import SCAN_WINDOW, Knock, ScanDetector
 from spa.server.shut_tags import Seen, ShutTags, read_shut
 from spa.server.sources import NONCE_PREFIX, Datagram, PacketSource
 from spa.server.state import StateDir
+from spa.store.clients import ClientStore
 
 TICK = 0.2  # seconds between housekeeping rounds (revoke lands within ~0.5 s)
 RECEIVE_TIMEOUT = 0.25  # the receive thread wakes at least this often
@@ -177,6 +178,9 @@ class Server:
         self._host_report: Report | None = None
         self._make_guard = guard
         self.start_notes: list[str] = []  # lines for the log once started (the privileges)
+        self._store: ClientStore | None = None  # the client store (opened at start)
+        self._store_seq = 0  # the store's version the running clients reflect
+        self.clients_read = 0  # client rows read from the store (all at start, then changes)
         self.guard: GateGuard
         self.verifier: Verifier
         self.leases: LeaseTable
@@ -195,6 +199,7 @@ class Server:
         self.state.compact_now(replay)
         self.state.journal(replay)
         self._activated = self.state.load_activated()
+        self._load_clients()
         self._scans = ScanDetector(self.state.load_drop_counters())
         otp = OtpChecker(self.config.otp_secrets(), self.state.load_otp_steps(),
                          on_use=self._otp_used)
@@ -373,6 +378,8 @@ class Server:
         if close is not None:
             close()  # the gate keeper's end: it stops, and is waited for
         self.events.close()
+        if self._store is not None:
+            self._store.close()
         if self.metrics is not None:
             self.metrics.close()
         self.log(f"stopped leases={len(self.leases)}")
@@ -556,6 +563,7 @@ class Server:
         self._read_drops(now)
         self._update_kernel_filter(now)
         self._maybe_reload()
+        self._poll_store()
         self._save(now)
         self._save_trust(now)
         self._compact_replay(now)
@@ -839,7 +847,120 @@ class Server:
             return
         self._switch_to(new)
 
+    def _load_clients(self) -> None:
+        """At start: every client from the store (a server.toml not yet
+        migrated adds its own, the store's entry winning), and the store's
+        version they reflect.  Raises LocalError."""
+        self._store = ClientStore.open(self.state.files, create=True)
+        self._store_seq = self._store.version()  # before reading: a change meanwhile is re-read
+        clients = dict(self.config.clients)
+        for entry in self._store.all():
+            clients[entry.name] = entry
+            self.clients_read += 1
+        self.config = replace(self.config, clients=clients)
+        self._client_ports = self._ports_of(self.config)
+
+    def _poll_store(self) -> None:
+        """Housekeeping: one cheap query; when the store changed, read and
+        apply only the clients that changed."""
+        store = self._store
+        if store is None or store.version() == self._store_seq:
+            return
+        self._store_seq, names = store.changed_since(self._store_seq)
+        clients = self.config.clients
+        assert isinstance(clients, dict)
+        now = self.clock()
+        before = {name: clients.get(name) for name in names}
+        for name in names:
+            entry = store.get(name)
+            self.clients_read += 1
+            if entry is None:
+                clients.pop(name, None)
+            else:
+                clients[name] = entry
+        self._apply_clients(before, now)
+
+    def _apply_clients(self, before: dict[str, ClientEntry | None], now: float) -> None:
+        """Re-key, re-rule and close for the clients in `before` (name -> the
+        entry the server ran with), from what self.config.clients holds now."""
+        clients = self.config.clients
+        changed: dict[str, bytes] = {}
+        gone: list[str] = []
+        for name, was in before.items():
+            entry = clients.get(name)
+            old_keys, new_keys = _keys_of(was, now), _keys_of(entry, now)
+            gone += [key for key in old_keys if key not in new_keys]
+            changed.update({k: v for k, v in new_keys.items() if old_keys.get(k) != v})
+            self._grace.pop(name + OLD_KEY, None)
+            if entry is not None and entry.old_secret and entry.old_until:
+                until = parse_utc(entry.old_until)
+                if until > now:
+                    self._grace[name + OLD_KEY] = until
+            if entry is None:
+                self._client_ports.pop(name, None)
+            else:
+                self._client_ports[name] = frozenset(
+                    self.config.services[s].port for s in entry.services
+                    if s in self.config.services)
+            if entry is not None:
+                self._note_revoked(name, entry, was)
+        rules = {name: config_mod.client_policy(clients[name]) if name in clients else None
+                 for name in before}
+        otp = {name: clients[name].otp_secret if name in clients else "" for name in before}
+        met = {name for name in before if name in clients and clients[name].enroll_by
+               and self._activated.get(name) == clients[name].enroll_by}
+        self._pending = (self._pending - before.keys()) | {
+            name for name in before if name in clients and clients[name].enroll_by
+            and name not in met}
+
+        def switch() -> None:
+            """On the receive thread: single entries swapped in the rules it
+            reads (Policy stays a value; its clients mapping is the daemon's)."""
+            for key in gone:
+                self.verifier.remove_client(key)
+            for key, secret in changed.items():
+                self.verifier.add_client(key, secret)
+            policy = self.verifier.policy
+            held = policy.clients
+            assert isinstance(held, dict)
+            for name, rule in rules.items():
+                if rule is None:
+                    held.pop(name, None)
+                else:
+                    held[name] = rule
+                self.verifier.otp.set_secret(name, otp[name])
+            activated = (policy.activated - before.keys()) | met
+            if activated != policy.activated:
+                self.verifier.policy = replace(policy, activated=frozenset(activated))
+
+        self._commands.append(switch)
+        self._update_kernel_filter(self.clock(), force=True)
+        self.log(f"reloaded clients={len(clients)} changed={len(before)} (from the store) "
+                 f"keys added={len(changed)} removed={len(gone)}")
+
+    def _note_revoked(self, name: str, entry: ClientEntry, was: ClientEntry | None) -> None:
+        """A revoke --close ends the client's leases now; a revoke says so."""
+        if entry.close_leases and not (was is not None and was.close_leases):
+            now = self.clock()
+            with self._lock:
+                closing = self.leases.close_client(name, now=now)
+                self._dirty = True
+                try:
+                    self._apply(closing, now)
+                except LocalError as exc:  # the next housekeeping reconciles
+                    self.log(f"error firewall: {exc}")
+                    self._retry_reconcile = True
+            self.log(f"revoked client={name} leases closed (knocks refused from now on)")
+        elif entry.revoked and not (was is not None and was.revoked):
+            held = [lease for lease in self.leases.leases() if lease.client == name]
+            self.log(f"revoked client={name} leases={len(held)} "
+                     "(knocks refused from now on; its leases run out by themselves)")
+
     def _switch_to(self, new: ServerConfig) -> None:
+        """A new reading of the config file: settings and services (the
+        clients come from the store, `_poll_store`; those the file still
+        lists before its migration are kept as they run)."""
+        new = replace(new, clients=self.config.clients)
         old = self.config
         fixed = _fixed_settings(new)
         if fixed != self._file_fixed:
@@ -852,24 +973,6 @@ class Server:
         gone = [n for n in old_keys if n not in new_keys]
         self._grace = self._grace_of(new, now)
         self._client_ports = self._ports_of(new)
-        for name, entry in new.clients.items():
-            was = old.clients.get(name)
-            if entry.close_leases and not (was is not None and was.close_leases):
-                now = self.clock()
-                with self._lock:
-                    closing = self.leases.close_client(name, now=now)
-                    self._dirty = True
-                    try:
-                        self._apply(closing, now)
-                    except LocalError as exc:  # the next housekeeping reconciles
-                        self.log(f"error firewall: {exc}")
-                        self._retry_reconcile = True
-                self.log(f"revoked client={name} leases closed (knocks refused from now on)")
-            elif entry.revoked and not (was is not None and was.revoked):
-                held = [lease for lease in self.leases.leases() if lease.client == name]
-                self.log(f"revoked client={name} leases={len(held)} "
-                         "(knocks refused from now on; its leases run out by themselves)")
-
         def switch() -> None:
             for name in gone:
                 self.verifier.remove_client(name)
@@ -902,6 +1005,16 @@ def _classic_max() -> int:
     from spa.server.capture import max_tags
 
     return max_tags()
+
+
+def _keys_of(entry: ClientEntry | None, now: float) -> dict[str, bytes]:
+    """key name -> secret for one client (NAME, and NAME~old in its grace)."""
+    if entry is None:
+        return {}
+    keys = {entry.name: entry.secret}
+    if entry.old_secret and entry.old_until and parse_utc(entry.old_until) > now:
+        keys[entry.name + OLD_KEY] = entry.old_secret
+    return keys
 
 
 def _config_reader(path: Path, backend: object

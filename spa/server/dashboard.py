@@ -31,7 +31,7 @@ import ipaddress
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +153,7 @@ class Dashboard:
     limiter: webauth.LoginLimiter = field(default_factory=webauth.LoginLimiter)
     checking: threading.Lock = field(default_factory=threading.Lock)
     _loaded: tuple[FileStamp, config_mod.ServerConfig] | None = None
+    _clients: tuple[int, dict[str, config_mod.ClientEntry]] | None = None  # store version
     _countries: tuple[Path | None, Countries] | None = None
     # sessions signed out (session id -> when): a copy of the cookie is no
     # session after sign-out (in memory: a restart forgets them; sessions still
@@ -160,16 +161,21 @@ class Dashboard:
     ended: dict[str, float] = field(default_factory=dict)
 
     def config(self) -> config_mod.ServerConfig:
-        """The config, parsed again only when the file changed (a TOML parse
-        of 300 clients takes 20 ms; every request needs the state dir)."""
+        """The config, parsed again only when the file changed, with the
+        clients from the store, read again only when its version moved."""
         stamp = FileStamp.of(self.config_path)
         loaded = self._loaded
         if stamp is not None and loaded is not None and loaded[0] == stamp:
-            return loaded[1]
-        config = config_mod.load(self.config_path)
-        if stamp is not None:
-            self._loaded = (stamp, config)
-        return config
+            config = loaded[1]
+        else:
+            config = config_mod.load(self.config_path)
+            if stamp is not None:
+                self._loaded = (stamp, config)
+        with admin.open_store(config, now=self.clock()) as store:
+            version, cached = store.version(), self._clients
+            if cached is None or cached[0] != version or config.clients:
+                cached = self._clients = (version, {e.name: e for e in store.all()})
+        return replace(config, clients=cached[1])
 
     def countries(self) -> Countries:
         """The configured GeoIP lookup, opened once per database path (its

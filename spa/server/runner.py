@@ -25,6 +25,7 @@ from spa.server.remote import RemoteGate, RemoteGuard
 from spa.server.routes import kernel_routes
 from spa.server.sources import PacketSource, UdpSource
 from spa.server.state import StateDir
+from spa.store import transfer
 
 
 def log_to_stderr(line: str) -> None:
@@ -73,6 +74,7 @@ def build(path: Path, *, backend: str | None, mode: str | None,
     if not privsep.owned_by_another(state.path):
         state.ensure()  # (one another user owns is made ready by the daemon, as that user)
     state.acquire(time.time())  # a second daemon stops here, before socket or firewall
+    config = _migrate_clients(config)
     if config.backend not in BACKENDS:
         raise LocalError(f"unknown backend {config.backend!r}; choose nftables, iptables or "
                          "memory")
@@ -98,6 +100,25 @@ def build(path: Path, *, backend: str | None, mode: str | None,
 
 
 BACKENDS = ("nftables", "iptables", "memory")
+
+
+def _migrate_clients(config: ServerConfig) -> ServerConfig:
+    """Before the drop (root may write server.toml): [clients] left in the
+    file move into the client store, once (spa/store/transfer.py); the
+    daemon then reads them from the store.  Where this process may not
+    write the file, they stay and the daemon runs with them, said in one
+    line."""
+    if not config.clients:
+        return config
+    try:
+        moved = transfer.migrate(config.path, config.state_dir, at=time.time())
+    except LocalError as exc:
+        log_to_stderr(f"warning clients stay in {config.path} until `spa-server clients` "
+                      f"runs as root (it moves them into the client store): {exc}")
+        return config
+    log_to_stderr(f"migrated clients={moved} from {config.path} into the client store "
+                  f"(the file as it was: {config.path}{transfer.BACKUP_SUFFIX})")
+    return replace(config, clients={})
 
 
 def split(config: ServerConfig, state: StateDir, source: PacketSource) -> tuple[RemoteGate, str]:

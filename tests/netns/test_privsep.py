@@ -147,7 +147,7 @@ def test_started_as_root_it_never_runs_the_daemon_as_root(world: World) -> None:
                   "--service", "ssh", "--service", "https")
         enroll_alice(spa)
         state = root / "state"
-        state.mkdir(mode=0o700)
+        state.mkdir(mode=0o700, exist_ok=True)  # (enroll made it, root's, for the store)
         StateDir(state).save_activated({})  # a file an earlier run as root left
         (state / "planted").symlink_to(secret)
         spa.start()
@@ -158,6 +158,7 @@ def test_started_as_root_it_never_runs_the_daemon_as_root(world: World) -> None:
         assert uid_of(keeper) == 0 and capabilities(keeper).effective == 1 << CAP_NET_ADMIN
         assert state.stat().st_uid == service_user.pw_uid
         assert (state / "activated.json").stat().st_uid == service_user.pw_uid
+        assert (state / "clients.db").stat().st_uid == service_user.pw_uid
         assert secret.stat().st_uid == 0, "the link was not followed"
         assert spa.config.stat().st_uid == 0 and spa.config.stat().st_mode & 0o077 == 0
         assert spa.client(world.cli, "alice", "open", "ssh", "srv").returncode == 0

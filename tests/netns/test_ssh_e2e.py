@@ -170,8 +170,9 @@ def test_runs_unprivileged_with_only_the_units_two_capabilities(world: World) ->
         spa.admin("init", "--listen-port", "62201", "--state-dir", str(root / "state"),
                   "--service", "ssh", "--service", "https")
         enroll_alice(spa)
-        (root / "state").mkdir(mode=0o700)
-        for path in (spa.config, root / "state"):
+        (root / "state").mkdir(mode=0o700, exist_ok=True)  # (enroll made it, for the store)
+        # what an admin does to give the service the state directory: chown -R
+        for path in (spa.config, root / "state", *(root / "state").iterdir()):
             os.chown(path, 65534, 65534)
         caps = "+net_admin,+net_raw"
         spa.start(prefix=("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",

@@ -234,7 +234,6 @@ def test_allow_ip_grant_goes_to_the_named_address(world: World) -> None:
 
 def test_secrets_never_reach_logs_or_the_event_store(world: World) -> None:
     """Drive every kind of event, then look for any secret in any output."""
-    from spa.server import config as config_mod
     from spa.server.config import b64encode
 
     server = world.server
@@ -249,11 +248,12 @@ def test_secrets_never_reach_logs_or_the_event_store(world: World) -> None:
     world.clock.advance(6)
     server.housekeeping()
     server.shutdown()
-    config = config_mod.load(world.config_path)
+    config = admin.load(world.config_path)
     secrets = [c.secret for c in config.clients.values()] + [config.server_id]
     texts = [s.hex() for s in secrets] + [b64encode(s) for s in secrets]
     state_bytes = b"".join(p.read_bytes() for p in (world.root / "state").iterdir()
-                           if p.is_file())
+                           if p.is_file() and not p.name.startswith("clients.db"))
+    # (the client store holds them: it is the secrets file, 0600, tests/unit/test_client_store.py)
     logs = "\n".join(world.logs)
     assert len(world.logs) >= 5
     for text in texts:
@@ -475,7 +475,6 @@ def test_revoke_close_ends_that_clients_leases_only(world: World) -> None:
 
 def test_rotate_with_grace_keeps_the_old_secret_until_it_ends(tmp_path: Path) -> None:
     from spa.core.uri import parse as parse_uri
-    from spa.server import config as config_mod
     from spa.server.errors import LocalError
 
     w = World(tmp_path)
@@ -489,13 +488,13 @@ def test_rotate_with_grace_keeps_the_old_secret_until_it_ends(tmp_path: Path) ->
     server.run_commands()
     assert isinstance(server.handle(old_packet, A), Accepted), "old secret in its grace"
     new_packet = w.packet("alice", duration=60)  # World reads the new secret from the config
-    assert parse_uri(new_uri).secret == config_mod.load(w.config_path).clients["alice"].secret
+    assert parse_uri(new_uri).secret == admin.load(w.config_path).clients["alice"].secret
     assert isinstance(server.handle(new_packet, B), Accepted)
     w.clock.advance(121)
     server.housekeeping()
     server.run_commands()
     assert any(line.startswith("grace over: the old secret of alice") for line in w.logs)
-    keys = config_mod.load(w.config_path).clients["alice"]
+    keys = admin.load(w.config_path).clients["alice"]
     stale = build_with(w, keys.old_secret)
     assert server.handle(stale, A) == Refused(Reason.UNKNOWN_TAG)
     assert isinstance(server.handle(w.packet("alice", duration=60), A), Accepted)
@@ -515,7 +514,6 @@ def build_with(w: World, secret: bytes) -> bytes:
     """A packet for alice made with a given master secret."""
     from spa.core.keys import derive_keys
     from spa.core.wire import Request, build_packet
-    from spa.server import config as config_mod
 
     server_id = config_mod.load(w.config_path).server_id
     request = Request(int(w.clock.now * 1000), Action.OPEN, "ssh", 60, None)
@@ -529,13 +527,12 @@ def test_restart_only_settings_warn_once_per_change_not_for_runs_overrides(
     warns of nothing; changing the window in the file warns once."""
     from dataclasses import replace
 
-    from spa.server import config as config_mod
     from spa.server.daemon import Server
     from spa.server.sources import FakeSource
 
     world = World(tmp_path)
     world.init()
-    config = config_mod.load(world.config_path)
+    config = admin.load(world.config_path)
     assert config.mode == "capture"
     server = Server(replace(config, mode="udp"), backend=world.backend, source=FakeSource(),
                     clock=world.clock, log=world.logs.append)
@@ -571,7 +568,7 @@ def test_an_idle_server_keeps_every_live_tag_in_the_kernel_filter(tmp_path: Path
     world.enroll("alice")
     source = FakeFilteredSource()
     server = world.start(source)
-    config = config_mod.load(world.config_path)
+    config = admin.load(world.config_path)
     tag_key = derive_keys(config.clients["alice"].secret, config.server_id).tag_key
     window = config.window
     ticks_per_second = round(1 / TICK)
@@ -625,7 +622,7 @@ def test_a_gate_taken_away_is_put_back_with_its_leases_and_said_so(world: World)
 
 def _flood(world: World, server: Server, client: str, sources: Sequence[str]) -> None:
     """Forgeries behind `client`'s live tag, one from each source."""
-    config = config_mod.load(world.config_path)
+    config = admin.load(world.config_path)
     tag_key = derive_keys(config.clients[client].secret, config.server_id).tag_key
     tag = knock_tag(tag_key, step_of(world.clock.now))
     for source in sources:
@@ -697,7 +694,7 @@ def test_a_damaged_trust_file_is_one_line_and_no_trust_never_a_crash(tmp_path: P
     world.init()
     world.enroll("alice")
     state = tmp_path / "state"
-    state.mkdir(mode=0o700)
+    state.mkdir(mode=0o700, exist_ok=True)
     for damage in (b"{not json", b'{"version": 1, "trusted": [["alice", 3, "x"]]}', b"[]"):
         (state / "trust.json").write_bytes(damage)
         world.logs.clear()
@@ -815,3 +812,53 @@ def test_the_receive_thread_shuts_a_flooded_tag_without_waiting_for_housekeeping
     server.handle_batch(batch)
     assert set(source.shut) == {tag}, "shut by the receive thread, before any housekeeping"
     assert source.passes(world.packet("alice"), known), "its client's known source passes"
+
+
+def test_a_running_server_applies_store_changes_one_client_at_a_time(world: World) -> None:
+    """enroll, revoke and rotate reach a running server within one
+    housekeeping round, and it reads only the clients that changed (its
+    count of client rows read), never the whole store again."""
+    server = world.server
+    assert server is not None
+    assert server.clients_read == 2  # alice and bob, at start
+    rules = server.verifier.policy.clients
+    server.housekeeping()
+    assert server.clients_read == 2  # nothing changed: one version() query, no row
+    world.enroll("carol", "ssh")
+    server.housekeeping()
+    server.run_commands()  # what the receive thread does between batches
+    assert server.clients_read == 3
+    assert server.verifier.policy.clients is rules and "carol" in rules  # one entry swapped in
+    assert isinstance(server.handle(world.packet("carol", duration=60), A), Accepted)
+    admin.revoke(world.config_path, "alice", now=world.clock.now)
+    server.housekeeping()
+    server.run_commands()
+    assert server.clients_read == 4
+    refused = server.handle(world.packet("alice", duration=60), B)
+    assert isinstance(refused, Refused) and refused.reason is Reason.REVOKED
+    old = world.packet("bob", "https")
+    admin.rotate(world.config_path, "bob", grace=0, now=world.clock.now)
+    server.housekeeping()
+    server.run_commands()
+    assert server.clients_read == 5
+    assert isinstance(server.handle(old, B), Refused)  # the old secret stopped at once
+    assert isinstance(server.handle(world.packet("bob", "https"), B), Accepted)
+    assert any("reloaded clients=3 changed=1" in line for line in world.logs)
+
+
+def test_a_pending_or_otp_client_enrolled_while_running_is_applied_alone(world: World) -> None:
+    """A client enrolled with --expires and --otp reaches the running server
+    by itself: its deadline and its authenticator code apply at once."""
+    import pyotp
+
+    server = world.server
+    assert server is not None
+    world.enroll("dave", "ssh", expires=600, otp=True)
+    server.housekeeping()
+    server.run_commands()
+    no_code = server.handle(world.packet("dave", duration=60), A)
+    assert isinstance(no_code, Refused) and no_code.reason is Reason.OTP_INVALID
+    secret = admin.load(world.config_path).clients["dave"].otp_secret
+    code = pyotp.TOTP(secret).at(world.clock.now)
+    assert isinstance(server.handle(world.packet("dave", duration=60, otp=code), A), Accepted)
+    assert any("activated client=dave" in line for line in world.logs)

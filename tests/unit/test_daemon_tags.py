@@ -30,27 +30,27 @@ class FakeMapSource(FakeFilteredSource):
     def __init__(self) -> None:
         super().__init__()
         self.kernel_map = False
-        self.calls: list[tuple[str, int, int]] = []  # (method, added or all, removed)
+        self.map_calls: list[tuple[str, int, int]] = []  # (method, added or all, removed)
         self.map: set[bytes] = set()
 
     def filter_kind(self) -> str:
         return "ebpf map" if self.kernel_map else "port-only"
 
-    def replace_tags(self, tags: list[bytes], nonces: Sequence[bytes] = (),
+    def replace_tags(self, tags: Sequence[bytes], nonces: Sequence[bytes] = (),
                      shut: Shut | None = None) -> str:
         self.kernel_map = True
         self.map = set(tags)
-        self.calls.append(("replace", len(tags), 0))
+        self.map_calls.append(("replace", len(tags), 0))
         self.set_tags(sorted(self.map), nonces, shut)
         return f"eBPF map filter on {len(tags)} tags"
 
-    def update_tags(self, added: list[bytes], removed: list[bytes],
+    def update_tags(self, added: Sequence[bytes], removed: Sequence[bytes],
                     nonces: Sequence[bytes] = (), shut: Shut | None = None) -> str:
         assert self.kernel_map, "update_tags only once the map runs"
         assert not set(removed) - self.map, "removed a tag the map lacks"
         assert not set(added) & self.map, "added a tag the map has"
         self.map = (self.map - set(removed)) | set(added)
-        self.calls.append(("update", len(added), len(removed)))
+        self.map_calls.append(("update", len(added), len(removed)))
         self.set_tags(sorted(self.map), nonces, shut)
         return filter_note(sorted(self.map), nonces)
 
@@ -76,7 +76,7 @@ def rounds(world: World, server: Server, seconds: float) -> None:
 def test_after_start_the_map_gets_deltas_only_and_always_equals_the_table(
         tmp_path: Path) -> None:
     world, server, source = started(tmp_path, 12)
-    assert source.calls[0][0] == "replace" and source.calls[0][1] == 3 * 12
+    assert source.map_calls[0][0] == "replace" and source.map_calls[0][1] == 3 * 12
     assert server._facts["filter"] == "ebpf map"
     config = config_mod.load(world.config_path)
     keys = {name: derive_keys(c.secret, config.server_id).tag_key
@@ -88,9 +88,9 @@ def test_after_start_the_map_gets_deltas_only_and_always_equals_the_table(
         for key in keys.values():
             for offset in (-server.config.window, 0.0, server.config.window):
                 assert knock_tag(key, step_of(now + offset)) in source.map
-    replaced = [c for c in source.calls if c[0] == "replace"]
-    assert replaced == source.calls[:1], "the whole set once, at start"
-    updates = [c for c in source.calls if c[0] == "update"]
+    replaced = [c for c in source.map_calls if c[0] == "replace"]
+    assert replaced == source.map_calls[:1], "the whole set once, at start"
+    updates = [c for c in source.map_calls if c[0] == "update"]
     assert len(updates) >= 2 * 10 - 2, "every step's tags in and out"
     assert max(added + removed for _, added, removed in updates) <= 2 * 12, (
         "a delta is at most one step in and one out, never the whole set")
@@ -124,13 +124,13 @@ def test_a_reload_and_a_clock_jump_replace_the_whole_set(tmp_path: Path) -> None
     world.enroll("late")
     server.request_reload()
     rounds(world, server, 1)
-    assert [c[0] for c in source.calls].count("replace") == 2, source.calls
+    assert [c[0] for c in source.map_calls].count("replace") == 2, source.map_calls
     config = config_mod.load(world.config_path)
     late = derive_keys(config.clients["late"].secret, config.server_id).tag_key
     assert knock_tag(late, step_of(world.clock.now)) in source.map
     world.clock.advance(3600)  # the clock set forwards an hour
     rounds(world, server, 1)
-    assert [c[0] for c in source.calls].count("replace") == 3, source.calls
+    assert [c[0] for c in source.map_calls].count("replace") == 3, source.map_calls
     assert source.map == set(server.verifier.tags.all_tags())
     assert knock_tag(late, step_of(world.clock.now)) in source.map
 

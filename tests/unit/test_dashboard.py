@@ -13,8 +13,8 @@ import nacl.pwhash
 import pytest
 from starlette.testclient import TestClient
 
+from spa.server import admin, webauth
 from spa.server import config as config_mod
-from spa.server import webauth
 from spa.server.dashboard import Dashboard, allowed_hosts, make_app, render_graph
 from spa.server.errors import LocalError
 from spa.server.events import Event
@@ -65,7 +65,7 @@ def test_every_page_but_login_needs_a_session(site: Site) -> None:
     answer = site.http.post("/clients/alice/revoke", data={"csrf": "x"},
                             follow_redirects=False)
     assert answer.status_code == 303 and answer.headers["location"] == "/login"
-    assert not config_mod.load(site.world.config_path).clients["alice"].revoked
+    assert not admin.load(site.world.config_path).clients["alice"].revoked
     assert site.http.get("/static/app.js").status_code == 200  # assets need no login
 
 
@@ -90,7 +90,7 @@ def test_a_form_without_its_csrf_token_is_refused(site: Site) -> None:
     for data in ({}, {"csrf": ""}, {"csrf": wrong}):
         answer = site.http.post("/clients/alice/revoke", data=data, follow_redirects=False)
         assert answer.status_code == 403
-    assert not config_mod.load(site.world.config_path).clients["alice"].revoked
+    assert not admin.load(site.world.config_path).clients["alice"].revoked
 
 
 def test_login_gives_a_new_session_and_csrf_token(site: Site) -> None:
@@ -182,11 +182,11 @@ def test_revoke_buttons_revoke_and_close(site: Site) -> None:
     answer = site.http.post("/clients/alice/revoke", data={"csrf": site.csrf("/"),
                                                            "close": "0"})
     assert answer.status_code == 200 and "alice is revoked" in answer.text
-    entry = config_mod.load(site.world.config_path).clients["alice"]
+    entry = admin.load(site.world.config_path).clients["alice"]
     assert entry.revoked and not entry.close_leases
     assert site.logs[-1] == "dashboard revoke client=alice close=0"
     answer = site.http.post("/clients/bob/revoke", data={"csrf": site.csrf("/"), "close": "1"})
-    assert config_mod.load(site.world.config_path).clients["bob"].close_leases
+    assert admin.load(site.world.config_path).clients["bob"].close_leases
     answer = site.http.post("/clients/nobody/revoke", data={"csrf": site.csrf("/")})
     assert answer.status_code == 200 and "nobody" in answer.text  # a one-line error, shown
     assert answer.text.count('<td class="state">revoked</td>') == 2
@@ -231,7 +231,7 @@ def test_activity_filters_and_what_never_reaches_a_page(site: Site) -> None:
     assert injected.status_code == 200 and injected.text.count("<tr class=") == 0
     later = site.http.get("/activity", params={"since": "soon"})
     assert "duration &#39;soon&#39;" in later.text  # one clear line, escaped, 24h shown
-    config = config_mod.load(site.world.config_path)
+    config = admin.load(site.world.config_path)
     pages = [everything, site.http.get("/").text, site.http.get("/graph.svg").text,
              site.http.get("/api/leases").text]
     secrets = [config_mod.b64encode(c.secret) for c in config.clients.values()]
@@ -377,7 +377,7 @@ def test_concurrent_revokes_are_all_kept(site: Site) -> None:
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda name: admin.revoke(site.world.config_path, name,
                                                 now=site.world.clock.now), names))
-    clients = config_mod.load(site.world.config_path).clients
+    clients = admin.load(site.world.config_path).clients
     assert [name for name in names if not clients[name].revoked] == []
     assert site.login() == 303
     token = site.csrf("/")
@@ -390,7 +390,7 @@ def test_concurrent_revokes_are_all_kept(site: Site) -> None:
 
     with ThreadPoolExecutor(2) as pool:
         assert list(pool.map(revoke, ["late", "later"])) == [303, 303]
-    clients = config_mod.load(site.world.config_path).clients
+    clients = admin.load(site.world.config_path).clients
     assert clients["late"].revoked and clients["later"].revoked
 
 

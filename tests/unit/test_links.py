@@ -60,13 +60,17 @@ def victim(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
-    """A config in its own directory, with alice enrolled."""
+    """A config in its own directory, of the version before the client
+    store: alice is enrolled in it, so every admin command first moves her
+    into the store (spa/store/transfer.py `migrate`), an edit of the file."""
     etc = tmp_path / "etc"
     etc.mkdir()
     path = etc / "server.toml"
     admin.init(path, listen_port=62201, backend="memory", state_dir=tmp_path / "state",
                force=False)
-    admin.enroll(path, "alice", ["ssh"], "knock.example.org")
+    config_mod.add_client(path, config_mod.ClientEntry(
+        "alice", os.urandom(32), ("ssh",), enrolled="2026-01-01T00:00:00Z",
+        endpoint="knock.example.org"))
     return path
 
 

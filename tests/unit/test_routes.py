@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import itertools
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from spa.core.errors import Reason
 from spa.core.verify import Accepted, Refused
+from spa.server import admin
+from spa.server import config as config_mod
 from spa.server.routes import (
     _NLMSGHDR,
     _RTMSG,
@@ -88,10 +91,10 @@ def world(tmp_path: Path) -> World:
     w.init()
     w.enroll("alice")
     w.enroll("carol")
-    text = w.config_path.read_text()
-    head, _, tail = text.partition("[clients.carol]")
-    w.config_path.write_text(head + "[clients.carol]" + tail.replace(
-        "allow_other_address = false", "allow_other_address = true", 1))
+    with admin.open_store(config_mod.load(w.config_path), now=0.0) as store:
+        carol = store.get("carol")
+        assert carol is not None
+        store.put(replace(carol, allow_other_address=True), at=0.0)
     return w
 
 

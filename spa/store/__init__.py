@@ -1,0 +1,1 @@
+"""What lives on disk (STYLE.md's layout): the client store first."""
