@@ -62,6 +62,24 @@ class MapFiltered:
             self._tagmap.close()
         self._tagmap = None
 
+    def reserve_map(self, tags: int) -> str:
+        """Load the map filter with room for `tags` tags now, while this
+        process holds CAP_BPF (spa.server.runner, before the drop): the
+        daemon's `replace_tags` and `update_tags` then need no capability
+        while the tags fit (GROWTH x room).  Returns a line for the log."""
+        from spa.kernel.tagmap import TagMapFilter
+
+        if os.environ.get(NO_EBPF) == "1" or self._tagmap is not None:
+            return ""
+        tagmap = TagMapFilter(self._sock, self._map_port)
+        try:
+            tagmap.reserve(tags)
+        except OSError as exc:
+            tagmap.close()
+            return f"eBPF map filter not loaded before the drop ({exc})"
+        self._tagmap = tagmap
+        return f"eBPF tag map reserved for {tagmap.capacity} tags"
+
     def replace_tags(self, tags: Sequence[bytes], nonces: Sequence[bytes] = (),
                      shut: Shut | None = None) -> str:
         """The whole set of live tags (a start, a reload, a clock jump).

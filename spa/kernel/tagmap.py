@@ -116,6 +116,14 @@ class TagMapFilter:
     def capacity(self) -> int:
         return self._maps[0].max_entries if self._maps else 0
 
+    def reserve(self, tags: int) -> None:
+        """Maps with room for `tags` tags (GROWTH x, MIN_ENTRIES at least)
+        and their program, attached, while this process may still create
+        them (before the privilege drop: afterwards `replace` and `update`
+        change them in place).  The program drops every knock until the
+        first `replace`.  Raises BpfError (or OSError from the attach)."""
+        self._rebuild(max(MIN_ENTRIES, GROWTH * tags), {}, set(), set())
+
     def replace(self, tags: Sequence[bytes], nonces: Sequence[bytes] = (),
                 shut: Shut | None = None) -> None:
         """The whole set: new maps and program, attached atomically; without

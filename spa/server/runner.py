@@ -14,6 +14,7 @@ from typing import NoReturn
 
 from spa.backends.base import Backend, reconcile
 from spa.backends.memory import MemoryBackend
+from spa.core.knock import steps_for_window
 from spa.server import config as config_mod
 from spa.server import monitor, privsep
 from spa.server.config import ServerConfig
@@ -26,6 +27,7 @@ from spa.server.routes import kernel_routes
 from spa.server.sources import PacketSource, UdpSource
 from spa.server.state import StateDir
 from spa.store import transfer
+from spa.store.clients import ClientStore
 
 
 def log_to_stderr(line: str) -> None:
@@ -87,6 +89,7 @@ def build(path: Path, *, backend: str | None, mode: str | None,
         return Server(config, backend=MemoryBackend(), source=source, clock=time.time,
                       log=log_to_stderr, notifier=notifier, state=state)
     notifier.connect()  # while it may: the daemon's user may not reach the socket
+    reserved = _reserve_kernel_map(config, source)  # while it may: CAP_BPF goes at the drop
     gate, user = split(config, state, source)
     server = Server(config, backend=gate, source=source, clock=time.time,
                     log=log_to_stderr, notifier=notifier, state=state,
@@ -94,6 +97,8 @@ def build(path: Path, *, backend: str | None, mode: str | None,
     gate.on_lost = server.stop_requested.set
     kept = " and ".join(privsep.NAMES[cap] for cap in
                         sorted(privsep.gate_keeper_capabilities(config.backend)))
+    if reserved:
+        server.start_notes.append(reserved)
     server.start_notes.append(f"privileges: daemon pid {os.getpid()} as {user} with no "
                               f"capability; gate keeper pid {gate.pid} with {kept} only")
     return server
@@ -119,6 +124,29 @@ def _migrate_clients(config: ServerConfig) -> ServerConfig:
     log_to_stderr(f"migrated clients={moved} from {config.path} into the client store "
                   f"(the file as it was: {config.path}{transfer.BACKUP_SUFFIX})")
     return replace(config, clients={})
+
+
+RESERVE_ROOM = 2  # the tag map is made for this many times today's clients' tags
+
+
+def _reserve_kernel_map(config: ServerConfig, source: PacketSource) -> str:
+    """Make the eBPF tag map before the drop, with room for RESERVE_ROOM x
+    the tags of the clients in the store (every live step, plus the step
+    sliced in ahead and the one sliced out behind): after the drop the
+    daemon changes the map in place, and only a growth past that room (more
+    than twice the clients enrolled without a restart) falls back to the
+    classic filter, said in the log.  Returns the log line ("" if none)."""
+    reserve = getattr(source, "reserve_map", None)
+    if reserve is None:
+        return ""
+    try:
+        with ClientStore.open_as_owner(config.state_dir, create=False) as store:
+            clients = store.count()
+    except LocalError:
+        clients = 0  # no store yet: the least map
+    per_client = 2 * steps_for_window(config.window) + 3
+    note: str = reserve(RESERVE_ROOM * clients * per_client)
+    return note
 
 
 def split(config: ServerConfig, state: StateDir, source: PacketSource) -> tuple[RemoteGate, str]:

@@ -175,3 +175,24 @@ def test_started_as_root_it_never_runs_the_daemon_as_root(world: World) -> None:
         spa.stop()
         world.srv.run("nft", "delete", "table", "inet", "spa", check=False)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_dropped_daemon_runs_the_ebpf_map_filter_and_follows_an_enroll(spa: Spa) -> None:
+    """The tag map is made before the drop (spa.server.runner
+    `_reserve_kernel_map`, while the process holds CAP_BPF); the daemon,
+    with no capability, fills it and changes it in place: `status` says
+    the eBPF map runs, and a client enrolled while it runs opens ssh.
+    Without the reserve the daemon's first replace would fall back to the
+    classic filter (EPERM), and the status line would say so."""
+    world = spa.world
+    spa.start()
+    assert spa.proc is not None
+    mine = capabilities(spa.proc.pid)
+    assert mine.effective == mine.permitted == 0, mine
+    assert any("eBPF tag map reserved for" in line for line in spa.lines), spa.lines
+    status = spa.status_once_it_shows("eBPF map")
+    assert "eBPF map of every live knock tag" in status, status
+    enroll_alice(spa)
+    assert spa.client(world.cli, "alice", "open", "ssh", "srv").returncode == 0
+    assert world.ssh(world.cli, SRV4, "true").returncode == 0
+    assert "eBPF map of every live knock tag" in spa.admin("status").stdout

@@ -14,7 +14,7 @@ from pathlib import Path
 from spa.core.keys import derive_keys
 from spa.core.knock import STEP_SECONDS, knock_tag, step_of, step_start
 from spa.core.verify import Accepted
-from spa.server import config as config_mod
+from spa.server import admin
 from spa.server.daemon import ROTATE_BY, TICK, Server
 from spa.server.sources import FakeFilteredSource, Shut, filter_note
 from spa.server.state import describe_filter
@@ -41,7 +41,7 @@ class FakeMapSource(FakeFilteredSource):
         self.kernel_map = True
         self.map = set(tags)
         self.map_calls.append(("replace", len(tags), 0))
-        self.set_tags(sorted(self.map), nonces, shut)
+        self._record(sorted(self.map), nonces, shut)
         return f"eBPF map filter on {len(tags)} tags"
 
     def update_tags(self, added: Sequence[bytes], removed: Sequence[bytes],
@@ -51,7 +51,7 @@ class FakeMapSource(FakeFilteredSource):
         assert not set(added) & self.map, "added a tag the map has"
         self.map = (self.map - set(removed)) | set(added)
         self.map_calls.append(("update", len(added), len(removed)))
-        self.set_tags(sorted(self.map), nonces, shut)
+        self._record(sorted(self.map), nonces, shut)
         return filter_note(sorted(self.map), nonces)
 
 
@@ -78,7 +78,7 @@ def test_after_start_the_map_gets_deltas_only_and_always_equals_the_table(
     world, server, source = started(tmp_path, 12)
     assert source.map_calls[0][0] == "replace" and source.map_calls[0][1] == 3 * 12
     assert server._facts["filter"] == "ebpf map"
-    config = config_mod.load(world.config_path)
+    config = admin.load(world.config_path)
     keys = {name: derive_keys(c.secret, config.server_id).tag_key
             for name, c in config.clients.items()}
     for second in range(10 * STEP_SECONDS):  # ten steps
@@ -125,7 +125,7 @@ def test_a_reload_and_a_clock_jump_replace_the_whole_set(tmp_path: Path) -> None
     server.request_reload()
     rounds(world, server, 1)
     assert [c[0] for c in source.map_calls].count("replace") == 2, source.map_calls
-    config = config_mod.load(world.config_path)
+    config = admin.load(world.config_path)
     late = derive_keys(config.clients["late"].secret, config.server_id).tag_key
     assert knock_tag(late, step_of(world.clock.now)) in source.map
     world.clock.advance(3600)  # the clock set forwards an hour
@@ -139,7 +139,7 @@ def test_a_classic_filter_gets_the_whole_list_when_it_changes(tmp_path: Path) ->
     world = World(tmp_path)
     world.init()
     world.enroll("alice")
-    source = FakeFilteredSource()
+    source = FakeFilteredSource(ebpf=False)  # no eBPF here: the classic program
     server = world.start(source)
     assert server._facts["filter"] == "classic"
     for _ in range(5 * STEP_SECONDS):
