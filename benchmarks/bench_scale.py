@@ -29,7 +29,6 @@ Needs root.
 from __future__ import annotations
 
 import argparse
-import base64
 import os
 import re
 import shutil
@@ -50,7 +49,10 @@ from spa.core.uri import parse
 from spa.core.wire import NONCE_SIZE, Action
 from spa.netns import can_make_namespaces
 from spa.server import admin
+from spa.server import config as config_mod
+from spa.server.config import ClientEntry
 from spa.server.daemon import PAUSE_LOG_VARIABLE
+from spa.store.clients import ClientStore
 from spa_client import knock
 
 PROBES = 50  # knock-to-open samples per client count
@@ -113,17 +115,13 @@ print(sent)
 
 
 def populate(config: Path, count: int) -> None:
-    """`count` clients more in the config (written into the TOML directly:
-    slow to parse but one function, so switching to a client store is one
-    change).  The fewest lines a client needs: the gate keeper hands the
-    daemon the config in one frame of at most 16 MiB (spa.server.privsep),
-    and 10^5 clients as `enroll` writes them (~200 bytes each) exceed it."""
-    lines = []
-    for i in range(count):
-        secret = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode()
-        lines.append(f'\n[clients.c{i}]\nsecret = "{secret}"\nservices = ["ssh"]\n')
-    with config.open("a") as out:
-        out.write("".join(lines))
+    """`count` clients more, written into the client store in one
+    transaction (spa.store.clients; as `enroll` would make them, but
+    without a process per client)."""
+    state = config_mod.load(config).state_dir
+    entries = (ClientEntry(f"c{i}", os.urandom(32), ("ssh",)) for i in range(count))
+    with ClientStore.open(state, create=True) as store:
+        store.add_many(entries, at=time.time())
 
 
 def watch_log(path: Path, launched: float, seen: dict[str, float]) -> None:

@@ -3,7 +3,7 @@
 
 For each mode (capture, then udp; or --mode): fresh namespaces (server,
 client, attacker), a config made with the CLI (init, enroll, rotate, revoke;
-allow_other_address set in the config file), six clients: `plain`, `coded`
+allow_other_address set through clients export/import), six clients: `plain`, `coded`
 (--otp), `anywhere` (allow_other_address), `rotated` (its old secret kept by
 the attacker), `revoked`, `expired` (--expires 1s, never used).  The client
 namespace sends the ledger's knocks (benchmarks/fuzz_packets.py: fresh,
@@ -204,16 +204,22 @@ def first_uri(output: str) -> str:
 
 
 def allow_other(config: Path, name: str) -> None:
-    """allow_other_address = true for one client (a config edit, as an
-    operator makes it: the CLI has no flag for it)."""
-    head, marker, rest = config.read_text().partition(f"[clients.{name}]\n")
+    """allow_other_address = true for one client, as an operator sets it
+    (the CLI has no flag for it): `clients export` to a file, the entry
+    edited there, `clients import` of the file."""
+    exported = config.with_name("clients.toml")
+    exported.unlink(missing_ok=True)
+    cli(config, "clients", "export", "--format", "toml", str(exported))
+    head, marker, rest = exported.read_text().partition(f"[clients.{name}]\n")
     section, nxt, tail = rest.partition("\n[")
     if "allow_other_address" in section:
         section = re.sub(r"(?m)^allow_other_address = \w+", "allow_other_address = true",
                          section)
     else:
         section = "allow_other_address = true\n" + section
-    config.write_text(head + marker + section + nxt + tail)
+    exported.write_text(head + marker + section + nxt + tail)
+    cli(config, "clients", "import", str(exported))
+    exported.unlink()
 
 
 class Server:
