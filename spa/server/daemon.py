@@ -932,11 +932,14 @@ class Server:
             activated = (policy.activated - before.keys()) | met
             if activated != policy.activated:
                 self.verifier.policy = replace(policy, activated=frozenset(activated))
+            # the changed clients' tags into the kernel filter now (the table's
+            # journal: a delta, never the whole map), then the line that says
+            # the server knows them: a knock after it is not dropped in the kernel
+            self._update_kernel_filter(self.clock())
+            self.log(f"reloaded clients={len(clients)} changed={len(before)} (from the "
+                     f"store) keys added={len(changed)} removed={len(gone)}")
 
         self._commands.append(switch)
-        self._update_kernel_filter(self.clock(), force=True)
-        self.log(f"reloaded clients={len(clients)} changed={len(before)} (from the store) "
-                 f"keys added={len(changed)} removed={len(gone)}")
 
     def _note_revoked(self, name: str, entry: ClientEntry, was: ClientEntry | None) -> None:
         """A revoke --close ends the client's leases now; a revoke says so."""

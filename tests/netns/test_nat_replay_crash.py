@@ -169,7 +169,7 @@ def test_a_replay_flood_is_dropped_in_the_kernel_and_the_client_still_gets_in(
              f"for _ in range(int(sys.argv[2])): s.sendto(p,({SRV_ATT4!r},{KNOCK_PORT}))\n")
     world.att.run(sys.executable, "-c", flood, payload.hex(), "2000")
     deadline = time.monotonic() + 5
-    while not any(line.endswith("dropping 1 replayed nonces") for line in spa.lines):
+    while not any("dropping 1 replayed nonces" in line for line in spa.lines):
         assert time.monotonic() < deadline, spa.lines
         time.sleep(0.05)
     time.sleep(0.6)  # an events flush
