@@ -13,7 +13,12 @@ import hashlib
 
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
 
 from spa.core.knock import TagTable, knock_tag
 
@@ -87,6 +92,7 @@ class TagMachine(RuleBasedStateMachine):
         assert table.clients == frozenset(self.model)
 
 
-TagMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
-                                        deadline=None)
-test_tag_table = TagMachine.TestCase
+def test_tag_table() -> None:
+    """The machine's rules and invariants, run against the model."""
+    run_state_machine_as_test(TagMachine, settings=settings(
+        max_examples=150, stateful_step_count=40, deadline=None))
