@@ -130,10 +130,17 @@ class NftablesBackend:
                 self.runner.run(render_replace(self._services, {}, now))
             else:
                 listing = (self._json_listing() if flags is not None else None) or {}
-                self.runner.run(render_repair(listing, self._services,
-                                              parse_held(listing, self._services, now), now))
+                held = parse_held(listing, self._services, now)
+                try:
+                    self.runner.run(render_repair(listing, self._services, held, now))
+                except LocalError:  # something in the way: start afresh, the grants kept
+                    self.runner.run(render_replace(self._services, held, now))
             installed = self._remember_shape()
         except LocalError:  # the guard's first check reports it, and keeps reporting
+            # nothing is known to be installed: whatever the table holds now
+            # differs from "", so the guard's first check repairs it (a shape
+            # kept from before would have passed a gate without these services)
+            self._shape = ""
             installed = {}
         if self._hold_wanted and not _flags_print_safely(installed):
             self.flags_note = (f"libnftables {_version(installed)} prints garbage for the "

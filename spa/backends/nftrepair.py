@@ -129,6 +129,13 @@ def render_repair(listing: Document | None, services: Mapping[str, Service], wan
     commands: list[dict[str, Any]] = []
     present = _ours(listing) if listing is not None and has_table(listing) else []
     expected = _expected_sets(services)
+    # a drop set is kept (its counters with it) only while a rule of ours
+    # updates it: only then is it known to be dynamic, which the update
+    # rules need (nftables refuses them on a plain set, EINVAL, and its JSON
+    # listing does not show the flag).  One our table got while it gated no
+    # service, or that another program made, goes and is made again.
+    updated = {name for item in present if "rule" in item
+               for name in _updated_sets(item["rule"].get("expr"))}
     kept_drops = True
     chains = [item["chain"]["name"] for item in present if "chain" in item]
     # every chain emptied before any goes: a jump from one to another would
@@ -138,7 +145,8 @@ def render_repair(listing: Document | None, services: Mapping[str, Service], wan
     for item in present:
         for kind in ("set", "map", "flowtable", "counter", "quota"):
             spec = item.get(kind)
-            if spec is None or (kind == "set" and _same_set(spec, expected)):
+            if spec is None or (kind == "set" and _same_set(spec, expected) and (
+                    spec.get("name") not in DROP_SETS or spec.get("name") in updated)):
                 continue
             kept_drops &= spec.get("name") not in DROP_SETS
             commands.append({"delete": {kind: {**where, "name": spec["name"]}}})
@@ -154,6 +162,17 @@ def render_repair(listing: Document | None, services: Mapping[str, Service], wan
 
 
 SetKind = str | list[str]  # a set's type as nftables' JSON writes it
+
+
+def _updated_sets(expr: object) -> set[str]:
+    """The sets a rule's statements update or add to (`set update @name`)."""
+    found: set[str] = set()
+    for statement in expr if isinstance(expr, list) else []:
+        spec = statement.get("set") if isinstance(statement, dict) else None
+        if (isinstance(spec, dict) and spec.get("op") in ("add", "update")
+                and isinstance(spec.get("set"), str)):
+            found.add(spec["set"].lstrip("@"))
+    return found
 
 
 def render_replace(services: Mapping[str, Service], wanted: Held, now: float) -> Document:

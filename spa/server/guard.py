@@ -88,9 +88,13 @@ class Guard:
                  clock: Callable[[], float], log: Callable[[str], None],
                  record: Callable[[Event], None],
                  on_change: Callable[[GateState], None] = lambda state: None,
-                 on_foreign: Callable[[], None] = lambda: None) -> None:
+                 on_foreign: Callable[[], None] = lambda: None, armed: bool = True) -> None:
         """`on_foreign`: another program committed a change to the ruleset
-        (any table: the host's firewall may have changed)."""
+        (any table: the host's firewall may have changed).  `armed` False:
+        no check repairs anything until `armed` is set, once the backend was
+        started (the gate keeper's guard runs before the daemon's first
+        request: a repair then installed our table without any service)."""
+        self.armed = armed
         self._repair: Callable[..., str | None] | None = getattr(backend, "repair", None)
         self._watch_of: Callable[[], Watch | None] | None = getattr(backend, "watch", None)
         self._lock, self._wanted, self._clock = lock, wanted, clock
@@ -148,7 +152,7 @@ class Guard:
         """Repair if needed; returns what was wrong.  `woke`: monotonic time
         the trigger arrived (the repair's reported time counts from it);
         `grants` False: the structure only (see `poll`)."""
-        if self._repair is None:
+        if self._repair is None or not self.armed:
             return None
         with self._lock:
             now = self._clock()

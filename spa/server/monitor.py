@@ -16,6 +16,9 @@ Invariants:
   itself, whatever the daemon says or fails to say; the guard (spa.server.
   guard) repairs the gate from that record, never from the daemon's word.
 - At most MAX_GRANTS grants are held: one more is refused.
+- Its guard repairs nothing before the daemon's first `start`: until then
+  there is no gate of ours to keep (a repair then installed a table for no
+  service, and the start that followed failed on it).
 - When the daemon goes away without asking `stop` (a crash, or a daemon not
   to be trusted), the gate keeper ends the grants that need it on time
   (iptables: no kernel timeout), then stops the backend the way the daemon
@@ -76,7 +79,7 @@ class GateKeeper:
         self.outliving = False  # the daemon is gone; only ending grants on time
         self.guard = Guard(backend, lock=self.lock, wanted=lambda: dict(self.granted),
                            clock=clock, log=log, record=self.events.append,
-                           on_foreign=self._foreign)
+                           on_foreign=self._foreign, armed=False)  # armed by the first start
 
     def _foreign(self) -> None:
         self.foreign = True
@@ -164,6 +167,7 @@ class GateKeeper:
         with self.lock:
             self.backend.start(chosen, now=self.clock())
             self.installed = chosen
+            self.guard.armed = True  # from now on the gate is ours to keep
         backend = self.backend
         return {"name": backend.name, "expires_by_itself": backend.expires_by_itself,
                 "holds": bool(getattr(backend, "holds", False)),

@@ -149,13 +149,13 @@ class Spa:
             assert done.returncode == 0, done.stderr
         return done
 
-    def start(self, *args: str, prefix: tuple[str, ...] = ()) -> Spa:
+    def start(self, *args: str, prefix: tuple[str, ...] = (), timeout: float = 10) -> Spa:
         self.lines = []
         self.proc = self.world.srv.popen(
             [*prefix, *command("spa-server"), "--config", str(self.config), "run", *args],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
-        assert self.wait_for("started "), self.lines
+        assert self.wait_for("started ", timeout), self.lines
         return self
 
     def _read(self, proc: subprocess.Popen[str]) -> None:

@@ -265,6 +265,49 @@ print(json.dumps(found))
         assert again is None, (name, "a repaired table is found intact")
 
 
+def test_a_start_over_our_table_with_plain_drop_sets_installs_the_whole_gate() -> None:
+    """From the 10^5-client start: our table held the drop sets and no rule
+    (started once for no service, or made so by another program).  The
+    drop rules need dynamic sets; kept, the plain ones made nftables refuse
+    the start (EINVAL) and the table stayed without a drop rule.  Against
+    the real kernel: each start after such a table installs every rule."""
+    from spa.netns import Topology
+
+    code = r'''
+import json, subprocess, time
+from spa.backends.libnft import LibNft
+from spa.backends.nftables import NftablesBackend
+from spa.core.policy import DEFAULT_SERVICES
+found = {}
+for how in ("no service first", "another program"):
+    subprocess.run(["nft", "flush", "ruleset"], check=True)
+    if how == "no service first":
+        NftablesBackend(LibNft(), hold=False).start({}, now=time.time())
+    else:
+        subprocess.run(["nft", "-f", "-"], check=True, text=True, input=(
+            "add table inet spa\n"
+            "add set inet spa drops_v4 { type ipv4_addr . inet_service; size 65536; "
+            "flags timeout; timeout 10m; }\n"
+            "add set inet spa drops_v6 { type ipv6_addr . inet_service; size 65536; "
+            "flags timeout; timeout 10m; }\n"))
+    backend = NftablesBackend(LibNft(), hold=False)
+    backend.start(DEFAULT_SERVICES, now=time.time())
+    found[how] = [subprocess.run(["nft", "list", "chain", "inet", "spa", "input"],
+                                 capture_output=True, text=True).stdout,
+                  backend.repair({}, now=time.time())]
+print(json.dumps(found))
+'''
+    topo = Topology()
+    try:
+        ns = topo.ns("plain")
+        found = json.loads(ns.run(sys.executable, "-c", code, timeout=60).stdout)
+    finally:
+        topo.cleanup()
+    for how, (rules, problem) in found.items():
+        assert "tcp dport 22 drop" in rules and "update @drops_v4" in rules, (how, rules)
+        assert problem is None, (how, "the started gate is found intact")
+
+
 def test_a_table_another_process_owns_in_our_name_never_opens_the_gate(spa: Spa) -> None:
     """From the adversarial review: another process deletes `inet spa` and
     makes it again `flags owner` (so nobody else may change it).  The daemon

@@ -6,11 +6,18 @@ A server with more clients than the classic kernel filter holds (2,001: up to
 silent for longer than a step, then knocked on 0.3 s after a step boundary:
 the new step's tag is already in the kernel's map and in the daemon's table,
 and the knock opens ssh; junk sent meanwhile never reaches the daemon.
+
+A server with 100,000 clients starts with its whole gate: the daemon takes
+seconds to ask for it, and the gate keeper's guard, polling meanwhile, once
+put our table back for no service and made the start fail (no drop rule in
+`inet spa`: only the hold table kept the ports closed, and it goes with the
+daemon).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -18,7 +25,7 @@ from pathlib import Path
 from spa.core.knock import STEP_SECONDS
 from spa.server.config import ClientEntry
 from spa.store.clients import ClientStore
-from tests.netns.conftest import SRV4, Spa
+from tests.netns.conftest import SRV4, SRV_ATT4, Spa
 from tests.netns.test_ssh_e2e import enroll_alice, tcp_open
 
 OTHERS = 2000  # clients beside alice: past the classic filter's ~200
@@ -53,3 +60,24 @@ def test_after_a_silent_step_a_knock_just_past_the_boundary_opens(spa: Spa) -> N
     time.sleep(1.5)  # one events flush
     refused = [e for e in spa.events() if e["outcome"] == "refused"]
     assert refused == [], "2,000 junk packets, and not one reached the daemon"
+
+
+MANY = 100_000  # clients in all: the issue's goal
+
+
+def test_a_server_with_100000_clients_starts_with_its_whole_gate(spa: Spa) -> None:
+    enroll_alice(spa)
+    populate(spa.root / "state", MANY - 1)
+    spa.start(timeout=60)
+    assert f"clients={MANY} " in spa.lines[-1], spa.lines
+    assert not any(line.startswith("error") or "by another program" in line
+                   for line in spa.lines), spa.lines
+    rules = spa.world.srv.run("nft", "list", "chain", "inet", "spa", "input").stdout
+    assert "tcp dport 22 drop" in rules and "@drops_v4" in rules, rules
+    done = spa.client(spa.world.cli, "alice", "open", "ssh", "srv")
+    assert done.returncode == 0, done.stdout + done.stderr + "\n".join(spa.lines[-20:])
+    login = spa.world.ssh(spa.world.cli, SRV4, "echo at-100000")
+    assert login.stdout.strip() == "at-100000", login.stderr
+    assert not tcp_open(spa.world, "att", SRV_ATT4, 22), "open to alice only"
+    spa.stop(signal.SIGKILL)  # the hold table goes with the daemon: our table alone gates
+    assert not tcp_open(spa.world, "att", SRV_ATT4, 22), "closed without the daemon"

@@ -207,13 +207,44 @@ def test_drop_sets_are_added_only_when_missing_and_their_counters_parse() -> Non
                  "timeout": 600, "size": 65536, "elem": [
             {"elem": {"val": {"concat": ["2001:db8::7", 22]}, "counter": {"packets": 2}}}]}},
         {"set": {"family": "inet", "table": "other", "name": "drops_v4", "elem": [
-            {"elem": {"val": {"concat": ["192.0.2.1", 22]}, "counter": {"packets": 9}}}]}}]}
+            {"elem": {"val": {"concat": ["192.0.2.1", 22]}, "counter": {"packets": 9}}}]}},
+        *UPDATE_RULES]}
     backend.start(SERVICES, now=0)
     assert commands(fake.documents[-2])[0] == ("add", "table")
     assert not any("add" in c and "set" in c["add"] and c["add"]["set"]["name"].startswith(
         "drops") for c in fake.documents[-2]["nftables"])
     assert backend.drops() == {("198.51.100.7", 22): 3, ("198.51.100.7", 443): 1,
                                ("2001:db8::7", 22): 2}
+
+
+UPDATE_RULES = [  # our drop rules, as a listing shows them: they make the drop sets dynamic
+    {"rule": {"family": "inet", "table": "spa", "chain": "input", "expr": [
+        {"set": {"op": "update", "set": f"@drops_v{version}", "stmt": [{"counter": None}],
+                 "elem": {"concat": []}}}, {"drop": None}]}} for version in (4, 6)]
+
+
+def test_drop_sets_no_rule_updates_are_made_again_with_the_rules() -> None:
+    """From the 10^5-client start: our table held the drop sets but no rule
+    (the gate keeper's guard had put it back before any service was
+    started).  Kept, they are plain sets, and nftables refuses the update
+    rules on them (EINVAL): the start failed and left no drop rule.  A drop
+    set no rule of ours updates goes, and comes back with the rules."""
+    fake = FakeNft()
+    backend = NftablesBackend(fake)
+    plain = [{"set": {"family": "inet", "table": "spa", "name": f"drops_v{version}",
+                      "type": [kind, "inet_service"], "flags": ["timeout"],
+                      "timeout": 600, "size": 65536}}
+             for version, kind in ((4, "ipv4_addr"), (6, "ipv6_addr"))]
+    fake.listing = {"nftables": [{"table": {"family": "inet", "name": "spa"}}, *plain]}
+    backend.start(SERVICES, now=0)
+    sent = fake.documents[-2]["nftables"]
+    deleted = [c["delete"]["set"]["name"] for c in sent if "set" in c.get("delete", {})]
+    added = [c["add"]["set"]["name"] for c in sent if "set" in c.get("add", {})]
+    assert sorted(deleted) == ["drops_v4", "drops_v6"]
+    assert {"drops_v4", "drops_v6"} <= set(added)
+    assert sent.index({"delete": {"set": {"family": "inet", "table": "spa",
+                                          "name": "drops_v4"}}}) < min(
+        i for i, c in enumerate(sent) if "rule" in c.get("add", {}))
 
 
 def test_parse_held_reads_our_sets_only() -> None:

@@ -278,6 +278,27 @@ def test_a_start_that_leaves_a_service_out_still_gates_it() -> None:
     assert set(backend.services) == {"ssh"}
 
 
+def test_the_gate_keepers_guard_repairs_nothing_before_the_first_start() -> None:
+    """From the 10^5-client start: the daemon took 2.4 s to ask `start`,
+    and the gate keeper's guard, polling meanwhile, found no table and put
+    one back for no service; the start that came then failed on it, and the
+    gate stayed without its drop rules.  Before the first start there is no
+    gate of ours to keep: the guard checks nothing; after it, it repairs."""
+    backend, lines = MemoryBackend(), list[str]()
+    gate = GateKeeper(backend, config_path=Path("/nonexistent/server.toml"),
+                      services={"ssh": SSH}, clock=Clock(), log=lines.append,
+                      read_services=lambda path: {"ssh": SSH})
+    backend.wipe()  # what a poll finds before the start: no gate at all
+    for woke in (0.0, 1.0):
+        assert gate.guard.check(woke) is None
+        gate.guard.poll(NOW + woke)
+    assert ("repair",) not in backend.log and not backend.started
+    assert "ok" in gate.handle({"kind": "start", "services": ["ssh"]})
+    backend.wipe()
+    assert gate.guard.check(2.0) == "the memory gate was removed by another program"
+    assert backend.log[-1] == ("repair",)
+
+
 @pytest.mark.parametrize("message", [
     {"kind": []}, {"kind": {}}, allow("192.0.2.7", until=10 ** 400),
     {"kind": "apply", "changes": [["allow", "192.0.2.7", "ssh", float("inf")]]},
