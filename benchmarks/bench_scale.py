@@ -198,7 +198,7 @@ def measure(count: int, steps: int, mode: str, server_path: str = "") -> dict[st
                                         nonce=os.urandom(NONCE_SIZE)))
                   for s in sources(PROBES)]
         opened = [r for r in site.probe(knocks) if r is not None]
-        filters = re.findall(r"(kernel filter[^\n]*|no kernel filter[^\n]*)", text)
+        filters = re.findall(r"^(?:udp|capture) ([^\n]*)$", text, re.M)
         return {"clients": count, "start_s": started, "started_s": seen.get("started"),
                 "judged_s": seen.get("judged"), "rss_start": rss_start,
                 "rss_after": rss_after, "pauses_ms": pauses[-(steps + 1):],

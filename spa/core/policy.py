@@ -15,6 +15,7 @@ Invariants (docs/protocol.md, "Policy"; docs/threat-model.md, "insider"):
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -79,7 +80,9 @@ class Decision(NamedTuple):
 class Policy:
     services: Mapping[str, Service] = field(default_factory=lambda: dict(DEFAULT_SERVICES))
     clients: Mapping[str, ClientPolicy] = field(default_factory=dict)
-    activated: frozenset[str] = frozenset()  # pending clients that have knocked in time
+    # pending clients that have knocked in time (the server's own set: it adds
+    # to it in place on its receive thread, the thread that reads it)
+    activated: AbstractSet[str] = frozenset()
 
     @classmethod
     def build(cls, services: Iterable[Service], clients: Iterable[ClientPolicy]) -> Policy:

@@ -33,6 +33,7 @@ Invariants (docs/threat-model.md; issue 4's server design):
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import threading
 import time
@@ -161,7 +162,10 @@ class Server:
         self._filter_shut: Seen = {}
         # pending enrollments (enroll_by): those used in time, and those not yet
         self._activated: dict[str, str] = {}  # name -> the enroll_by it met
-        self._pending: frozenset[str] = frozenset()
+        # the policy's `activated` (pending clients that met their enroll_by)
+        # and those still pending: the receive thread's sets, changed in place
+        self._met: set[str] = set()
+        self._pending: set[str] = set()
         self._activated_dirty = False
         self._otp_dirty = False
         self._trust_saved = 0  # the limiter's trust_revision last saved
@@ -169,7 +173,8 @@ class Server:
         self._pending_trust: list[TrustEntry] | None = None  # snapshot to write
         self._scans = ScanDetector()
         self._knocked: dict[str, Knock] = {}  # source -> its last authenticated knock
-        self._client_ports = self._ports_of(config)
+        # a services tuple -> its ports (clients share a few combinations)
+        self._ports: dict[tuple[str, ...], frozenset[int]] = {}
         self._last_drops = 0.0
         self.metrics: Metrics | None = None
         self._facts: dict[str, object] = {}  # what the lock file tells `status`
@@ -334,6 +339,7 @@ class Server:
         self.notifier.ready(f"serving port {self.config.listen_port}/udp, "
                             f"backend {self.backend.name}, mode {self.config.mode}")
         clock = time.perf_counter
+        _settle()
         try:
             while not stop.is_set() and not self.stop_requested.is_set():
                 self._heartbeat = time.monotonic()
@@ -419,9 +425,9 @@ class Server:
                 if result.reason is Reason.REPLAY:
                     self._count_replay(data, now)
                 elif result.reason in AFTER_AUTHENTICATION and result.client is not None:
-                    self._knocked_from(source, now, self._client_ports.get(result.client))
+                    self._knocked_from(source, now, self._ports_of(result.client))
             else:
-                self._knocked_from(source, now, self._client_ports.get(result.client))
+                self._knocked_from(source, now, self._ports_of(result.client))
                 accepted.append(result)
                 if result.client in self._pending:
                     self._activate(result.client)
@@ -450,21 +456,23 @@ class Server:
 
     def _policy_of(self, config: ServerConfig) -> Policy:
         """The config's rules with what this server knows of pending clients
-        (receive thread, or before it starts)."""
-        met = frozenset(name for name, entry in config.clients.items()
-                        if entry.enroll_by and self._activated.get(name) == entry.enroll_by)
-        self._pending = frozenset(name for name, entry in config.clients.items()
-                                  if entry.enroll_by and name not in met)
-        return config.policy(met)
+        (before the receive thread starts: one pass over every client)."""
+        self._met = {name for name, entry in config.clients.items()
+                     if entry.enroll_by and self._activated.get(name) == entry.enroll_by}
+        self._pending = {name for name, entry in config.clients.items()
+                         if entry.enroll_by and name not in self._met}
+        return config.policy(self._met)
 
     def _activate(self, client: str) -> None:
-        """A pending client's knock was accepted in time: it is enrolled for good."""
+        """A pending client's knock was accepted in time: it is enrolled for
+        good (receive thread; O(1): the policy's set is changed in place)."""
         entry = self.config.clients.get(client)
         if entry is None or not entry.enroll_by:
             return
         self._activated[client] = entry.enroll_by
         self._activated_dirty = True
-        self.verifier.policy = self._policy_of(self.config)
+        self._met.add(client)
+        self._pending.discard(client)
         self.log(f"activated client={client} (its pending enrollment was used in time)")
 
     def _knocked_from(self, source: str, now: float, ports: frozenset[int] | None) -> None:
@@ -474,12 +482,18 @@ class Server:
         if source in knocked or len(knocked) < MAX_KNOCKED_SOURCES:
             knocked[source] = Knock(now, ports or frozenset())
 
-    @staticmethod
-    def _ports_of(config: ServerConfig) -> dict[str, frozenset[int]]:
-        """client -> the ports of the services it may open."""
-        return {name: frozenset(config.services[s].port for s in entry.services
-                                if s in config.services)
-                for name, entry in config.clients.items()}
+    def _ports_of(self, client: str | None) -> frozenset[int] | None:
+        """The ports of the services a client may open (None: no such client);
+        one set per combination of services, made again after a reload."""
+        entry = self.config.clients.get(client) if client is not None else None
+        if entry is None:
+            return None
+        ports = self._ports.get(entry.services)
+        if ports is None:
+            services = self.config.services
+            ports = frozenset(services[s].port for s in entry.services if s in services)
+            self._ports[entry.services] = ports
+        return ports
 
     def _count_replay(self, data: bytes, now: float) -> None:
         second = int(now)
@@ -858,7 +872,6 @@ class Server:
             clients[entry.name] = entry
             self.clients_read += 1
         self.config = replace(self.config, clients=clients)
-        self._client_ports = self._ports_of(self.config)
 
     def _poll_store(self) -> None:
         """Housekeeping: one cheap query; when the store changed, read and
@@ -896,12 +909,6 @@ class Server:
                 until = parse_utc(entry.old_until)
                 if until > now:
                     self._grace[name + OLD_KEY] = until
-            if entry is None:
-                self._client_ports.pop(name, None)
-            else:
-                self._client_ports[name] = frozenset(
-                    self.config.services[s].port for s in entry.services
-                    if s in self.config.services)
             if entry is not None:
                 self._note_revoked(name, entry, was)
         rules = {name: config_mod.client_policy(clients[name]) if name in clients else None
@@ -909,9 +916,8 @@ class Server:
         otp = {name: clients[name].otp_secret if name in clients else "" for name in before}
         met = {name for name in before if name in clients and clients[name].enroll_by
                and self._activated.get(name) == clients[name].enroll_by}
-        self._pending = (self._pending - before.keys()) | {
-            name for name in before if name in clients and clients[name].enroll_by
-            and name not in met}
+        pending = {name for name in before if name in clients and clients[name].enroll_by
+                   and name not in met}
 
         def switch() -> None:
             """On the receive thread: single entries swapped in the rules it
@@ -929,13 +935,14 @@ class Server:
                 else:
                     held[name] = rule
                 self.verifier.otp.set_secret(name, otp[name])
-            activated = (policy.activated - before.keys()) | met
-            if activated != policy.activated:
-                self.verifier.policy = replace(policy, activated=frozenset(activated))
+            for names, now_in in ((self._met, met), (self._pending, pending)):
+                names.difference_update(before)
+                names.update(now_in)
             # the changed clients' tags into the kernel filter now (the table's
             # journal: a delta, never the whole map), then the line that says
             # the server knows them: a knock after it is not dropped in the kernel
             self._update_kernel_filter(self.clock())
+            _settle()
             self.log(f"reloaded clients={len(clients)} changed={len(before)} (from the "
                      f"store) keys added={len(changed)} removed={len(gone)}")
 
@@ -960,9 +967,11 @@ class Server:
                      "(knocks refused from now on; its leases run out by themselves)")
 
     def _switch_to(self, new: ServerConfig) -> None:
-        """A new reading of the config file: settings and services (the
-        clients come from the store, `_poll_store`; those the file still
-        lists before its migration are kept as they run)."""
+        """A new reading of the config file: settings and services.  The
+        clients come from the store (`_poll_store`; those the file still
+        lists before its migration are kept as they run), so their keys,
+        codes and grace are as they were: no pass over every client here,
+        and the receive thread's switch swaps the services alone."""
         new = replace(new, clients=self.config.clients)
         old = self.config
         fixed = _fixed_settings(new)
@@ -970,19 +979,10 @@ class Server:
             self.log("warning server_id, listen_port, backend, mode and window changes take "
                      "effect at the next restart")
             self._file_fixed = fixed  # said once per change, not at every reload
-        now = self.clock()
-        old_keys, new_keys = old.secrets(now), new.secrets(now)
-        changed = {n: k for n, k in new_keys.items() if old_keys.get(n) != k}
-        gone = [n for n in old_keys if n not in new_keys]
-        self._grace = self._grace_of(new, now)
-        self._client_ports = self._ports_of(new)
+        rules = dict(new.services)
+
         def switch() -> None:
-            for name in gone:
-                self.verifier.remove_client(name)
-            for name, secret in changed.items():
-                self.verifier.add_client(name, secret)
-            self.verifier.policy = self._policy_of(new)
-            self.verifier.otp.set_secrets(new.otp_secrets())
+            self.verifier.policy = replace(self.verifier.policy, services=rules)
 
         services = dict(new.services)
         for name in old.services.keys() - services.keys():
@@ -994,13 +994,22 @@ class Server:
         self.config = replace(new, services=services, server_id=old.server_id,
                               listen_port=old.listen_port, backend=old.backend,
                               mode=old.mode, state_dir=old.state_dir, window=old.window)
+        self._ports = {}  # a service's port may have changed
         self._commands.append(switch)
         self._update_kernel_filter(self.clock(), force=True)
-        self.log(f"reloaded clients={len(new.clients)} added={len(changed)} "
-                 f"removed={len(gone)}")
+        self.log(f"reloaded clients={len(new.clients)} (settings and services)")
         if services != dict(old.services):
             self.log(f"gate {closed_ports(services)}")
             self._check_host(self.clock(), force=True)
+
+
+def _settle() -> None:
+    """The objects made so far (every client's entry, rules and keys: 10^5
+    clients are ~400,000 objects the cyclic GC tracks) move out of its
+    reach: a full collection over them held the GIL 114 ms, a pause of the
+    receive thread at any step.  They are still freed when unreferenced;
+    only a cycle among them would stay."""
+    gc.freeze()
 
 
 def _classic_max() -> int:
