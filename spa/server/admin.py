@@ -37,7 +37,7 @@ from spa.server.geoip import Countries
 from spa.server.state import PairStatus, StateDir
 from spa.store import transfer
 from spa.store.clients import ClientStore
-from spa.store.states import Activation
+from spa.store.states import Activation, StateCounts
 
 SERVICE_SPEC = re.compile(r"([A-Za-z][A-Za-z0-9_-]{0,31})=(tcp|udp)/(\d{1,5})\Z")
 
@@ -221,6 +221,18 @@ def client_page(path: Path, *, now: float, after: str = "", limit: int = 100, ma
         entries = store.page(after=after, limit=limit, match=match, state=state,
                              activation=met)
     return ClientPage(count, entries, {e.name: state_text(e, met) for e in entries})
+
+
+def client_counts(path: Path, *, now: float) -> StateCounts:
+    """Clients by state, counted in SQL (one statement, no client row read).
+    Only reads: no store yet (or server.toml's clients not moved yet) is a
+    LocalError saying so, never a new store.  Raises LocalError."""
+    config = config_mod.load(path)
+    if config.clients:
+        raise LocalError(f"{len(config.clients)} in {path}, not moved to the client store "
+                         "yet (any admin command as root moves them)")
+    with ClientStore.open_as_owner(config.state_dir, create=False) as store:
+        return store.count_by_state(activation(config, now=now))
 
 
 def export_clients(path: Path, fmt: str, *, now: float) -> str:
