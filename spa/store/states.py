@@ -23,28 +23,23 @@ from spa.server.config import ClientEntry
 
 STATES = ("revoked", "active", "pending", "expired")
 
-# (name, enroll_by) is one activated.json holds (passed as a JSON object; an
-# uncorrelated IN is materialized once per statement, then looked up per row)
-_MET = "(name, enroll_by) IN (SELECT key, value FROM json_each(:met))"
+# the client's name and enroll_by, as activated.json's entries are passed in
+# (a JSON array of "name enroll_by": neither a name nor a UTC time holds a
+# space).  An uncorrelated IN is materialized once per statement, then looked
+# up per row (a row value, (name, enroll_by) IN, was 100 times slower here).
+_MET = "name || ' ' || enroll_by IN (SELECT value FROM json_each(:met))"
 _WHERE = {
     "revoked": "revoked = 1",
-    "active": f"revoked = 0 AND (enroll_by = '' OR {_MET})",
-    "pending": f"revoked = 0 AND enroll_by > :now AND NOT {_MET}",
-    "expired": f"revoked = 0 AND enroll_by > '' AND enroll_by <= :now AND NOT {_MET}",
+    "active": "revoked = 0 AND (enroll_by = '' OR " + _MET + ")",
+    "pending": "revoked = 0 AND enroll_by > :now AND NOT (" + _MET + ")",
+    "expired": "revoked = 0 AND enroll_by > '' AND enroll_by <= :now AND NOT (" + _MET + ")",
 }
-# every part an index range on clients_state (revoked, enroll_by); the used
-# pending enrollments are looked up by name, one each (json_each drives the join)
-COUNT_BY_STATE = (
-    "SELECT (SELECT count(*) FROM clients), "
-    "(SELECT count(*) FROM clients WHERE revoked = 1), "
-    "(SELECT count(*) FROM clients WHERE revoked = 0 AND enroll_by > :now), "
-    "(SELECT count(*) FROM clients WHERE revoked = 0 AND enroll_by > '' "
-    "AND enroll_by <= :now), "
-    "(SELECT count(*) FROM json_each(:met) AS m CROSS JOIN clients AS c ON c.name = m.key "
-    "AND c.enroll_by = m.value WHERE c.revoked = 0 AND c.enroll_by > :now), "
-    "(SELECT count(*) FROM json_each(:met) AS m CROSS JOIN clients AS c ON c.name = m.key "
-    "AND c.enroll_by = m.value WHERE c.revoked = 0 AND c.enroll_by > '' "
-    "AND c.enroll_by <= :now)")
+# one statement: the total and three states' counts, each a range of the
+# covering index clients_state (revoked, enroll_by, name); active is the rest
+_COUNT = "(SELECT count(*) FROM clients WHERE {})"
+COUNT_BY_STATE = "SELECT " + ", ".join(
+    _COUNT.format(_WHERE[state] if state else "1") for state in ("", "revoked", "pending",
+                                                                  "expired"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +65,8 @@ class Activation:
         return _WHERE[state], self.params()
 
     def params(self) -> dict[str, str]:
-        return {"now": self.now, "met": json.dumps(dict(self.met))}
+        return {"now": self.now,
+                "met": json.dumps([f"{name} {when}" for name, when in self.met.items()])}
 
 
 NO_TIME = Activation()  # every enroll_by pending, none expired, none used (no state dir read)
@@ -86,10 +82,9 @@ class StateCounts:
     expired: int
 
     @classmethod
-    def of_row(cls, row: tuple[int, int, int, int, int, int]) -> StateCounts:
+    def of_row(cls, row: tuple[int, int, int, int]) -> StateCounts:
         """From COUNT_BY_STATE's one row."""
-        total, revoked, with_time, past, met_pending, met_expired = (int(n) for n in row)
-        pending, expired = with_time - met_pending, past - met_expired
+        total, revoked, pending, expired = (int(n) for n in row)
         return cls(total, revoked, total - revoked - pending - expired, pending, expired)
 
     def items(self) -> list[tuple[str, int]]:
