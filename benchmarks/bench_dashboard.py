@@ -2,7 +2,8 @@
 TestClient, no network): the overview, the overview right after an enroll
 (the store's version moved; the enroll itself is not timed), the clients
 page (first page, a name filter, a state filter from the middle), a
-client's page and the activity page.  A view the code under test does not
+client's page and the activity page; and the memory one overview after an
+enroll takes.  A view the code under test does not
 have shows `-`.  The store is filled by one bulk transaction; one client in
 ten is revoked, one in ten pending, one in twenty expired.
 
@@ -18,6 +19,7 @@ import shutil
 import statistics
 import tempfile
 import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,6 +54,19 @@ def _median_ms(view: Callable[[], object], repeats: int,
         view()
         samples.append(time.perf_counter() - began)
     return statistics.median(samples) * 1e3
+
+
+def _peak_mb(view: Callable[[], object], before: Callable[[], object]) -> float:
+    """The most memory Python held during one `view` (after an untimed
+    `before`) beyond what it held when the view began, MB (tracemalloc)."""
+    before()
+    tracemalloc.start()
+    try:
+        view()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return peak / 1e6
 
 
 def bench_size(size: int, repeats: int) -> str:
@@ -97,6 +112,7 @@ def bench_size(size: int, repeats: int) -> str:
                 timed = _median_ms(get(path or "/"), repeats,
                                    before=(lambda: None) if path else enroll)
                 cells.append(f"{timed:9.1f}")
+            cells.append(f"{_peak_mb(get('/'), enroll):9.1f}")
         return f"{size:>7} " + " ".join(cells)
     finally:
         shutil.rmtree(top)
@@ -108,9 +124,10 @@ def main() -> None:
     parser.add_argument("--sizes", default="100,1000,10000,100000")
     parser.add_argument("--repeats", type=int, default=REPEATS)
     args = parser.parse_args()
-    print("ms per view (median of", args.repeats, "); in process, TestClient")
+    print(f"ms per view (median of {args.repeats}), in process (TestClient); MB: Python's "
+          "peak memory during one overview after an enroll (tracemalloc)")
     print(f"{'clients':>7} {'overview':>9} {'+enroll':>9} {'clients':>9} {'match':>9} "
-          f"{'pending':>9} {'client':>9} {'activity':>9}")
+          f"{'pending':>9} {'client':>9} {'activity':>9} {'MB':>9}")
     for size in (int(s) for s in args.sizes.split(",")):
         print(bench_size(size, args.repeats), flush=True)
 
