@@ -21,9 +21,10 @@ Invariants (docs/threat-model.md, "The client store"):
   paging on the primary key, filters in SQL), `count` and `count_by_state`
   count in SQL (index ranges on clients_state) and return no client row.
   A page with a state filter walks the names from `after` (a frequent
-  state: ~BY_NAME_SHARE rows scanned a row shown at most), or that state's
-  range of clients_state, sorted (a rare state: under 1/BY_NAME_SHARE of
-  the clients); either way SQLite looks at a bounded share of the table.
+  state: about BY_NAME_SHARE rows looked at a row shown, more where its
+  clients cluster in one stretch of names), or that state's range of
+  clients_state, sorted (a rare state: under 1/BY_NAME_SHARE of the
+  clients), never the whole table sorted.
   `rows_read` counts the client rows this connection turned into entries.
 - Secrets are BLOBs; they never reach a log line or an error message
   (ClientEntry's repr hides them).
