@@ -220,7 +220,7 @@ def clients(
     after: Annotated[str, typer.Option(help="Start after this name (the page before's "
                                        "last).")] = "",
     match: Annotated[str, typer.Option(help="Only names containing this.")] = "",
-    state: Annotated[str, typer.Option(help="revoked, active or pending.")] = "",
+    state: Annotated[str, typer.Option(help="revoked, active, pending or expired.")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document (no "
                                           "secrets).")] = False,
 ) -> None:
@@ -488,9 +488,16 @@ def status(json_out: Annotated[bool, typer.Option("--json", help="Machine-readab
                                 "clients": r.clients, "seconds_left": round(r.seconds_left, 1)}
                                for r in rows]))
         return
+    try:  # counted in SQL: no client row is read
+        counts = admin.client_counts(_ctx.config, now=now)
+        enrolled = (f"{counts.total} (" + ", ".join(f"{n} {name}" for name, n in counts.items())
+                    + ")")
+    except LocalError as exc:
+        enrolled = str(exc)
     who = (f"running ({describe_holder(running, now)}, port {running.get('port')}/udp, "
            f"backend {running.get('backend')})" if running else "not running")
     typer.echo(f"server: {who}")
+    typer.echo(f"clients: {enrolled}")
     if running:
         typer.echo(f"gate: {describe_gate(running.get('gate'), hold=running.get('hold'))}")
         typer.echo(f"kernel filter: {describe_filter(running.get('filter'))}")

@@ -7,8 +7,9 @@ hands them to the core.
 Clients live in the client store (spa/store/clients.py) in the state
 directory; the first command to open it moves any [clients] left in
 server.toml there (spa/store/transfer.py `migrate`).  enroll, revoke and
-rotate are one indexed statement each; nothing reads every client but
-`load` (listing, export, the dashboard's overview).
+rotate are one indexed statement each; listings read one page and count in
+SQL (`client_page`, `client_counts`); nothing reads every client but export
+and `load`/`client_states` (for tests and small setups, never a view).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from spa.server.geoip import Countries
 from spa.server.state import PairStatus, StateDir
 from spa.store import transfer
 from spa.store.clients import ClientStore
+from spa.store.states import Activation, StateCounts
 
 SERVICE_SPEC = re.compile(r"([A-Za-z][A-Za-z0-9_-]{0,31})=(tcp|udp)/(\d{1,5})\Z")
 
@@ -55,7 +57,7 @@ def open_store(config: ServerConfig, *, now: float) -> Iterator[ClientStore]:
 
 def load(path: Path, *, now: float | None = None) -> ServerConfig:
     """The config with every client from the store (reads them all: for
-    listings, not for single-client commands).  Raises LocalError."""
+    tests and small setups; no command or page uses it).  Raises LocalError."""
     config = config_mod.load(path)
     with open_store(config, now=time.time() if now is None else now) as store:
         return replace(config, clients={entry.name: entry for entry in store.all()})
@@ -201,27 +203,36 @@ def _known(config: ServerConfig) -> str:
     return ", ".join(sorted(config.services))
 
 
-def clients(path: Path) -> list[ClientEntry]:
-    return list(load(path).clients.values())  # by name: the store's order
-
-
 @dataclass(frozen=True, slots=True)
 class ClientPage:
     count: int  # clients in the store
     entries: list[ClientEntry]  # this page, by name
-    states: dict[str, str]  # name -> state (see client_states)
+    states: dict[str, str]  # name -> state (see state_text)
 
 
 def client_page(path: Path, *, now: float, after: str = "", limit: int = 100, match: str = "",
                 state: str = "") -> ClientPage:
-    """One page of the store's clients (keyset paging by name, see
-    ClientStore.page).  Raises LocalError."""
+    """One page of the store's clients (keyset paging by name, filters in
+    SQL, see ClientStore.page).  Raises LocalError."""
     config = config_mod.load(path)
+    met = activation(config, now=now)
     with open_store(config, now=now) as store:
         count = store.count()
-        entries = store.page(after=after, limit=limit, match=match, state=state)
-    shown = replace(config, clients={entry.name: entry for entry in entries})
-    return ClientPage(count, entries, states_of(shown, now=now))
+        entries = store.page(after=after, limit=limit, match=match, state=state,
+                             activation=met)
+    return ClientPage(count, entries, {e.name: state_text(e, met) for e in entries})
+
+
+def client_counts(path: Path, *, now: float) -> StateCounts:
+    """Clients by state, counted in SQL (one statement, no client row read).
+    Only reads: no store yet (or server.toml's clients not moved yet) is a
+    LocalError saying so, never a new store.  Raises LocalError."""
+    config = config_mod.load(path)
+    if config.clients:
+        raise LocalError(f"{len(config.clients)} in {path}, not moved to the client store "
+                         "yet (any admin command as root moves them)")
+    with ClientStore.open_as_owner(config.state_dir, create=False) as store:
+        return store.count_by_state(activation(config, now=now))
 
 
 def export_clients(path: Path, fmt: str, *, now: float) -> str:
@@ -243,27 +254,27 @@ def import_clients(path: Path, source: Path, text: str, *, prune: bool,
 
 
 def client_states(path: Path, *, now: float) -> dict[str, str]:
-    """name -> revoked | active | pending until <UTC> | expired (pending, never used)."""
-    return states_of(load(path, now=now), now=now)
+    """name -> state_text for every client (reads them all: tests and small setups)."""
+    config = load(path, now=now)
+    met = activation(config, now=now)
+    return {name: state_text(entry, met) for name, entry in config.clients.items()}
 
 
-def states_of(config: ServerConfig, *, now: float) -> dict[str, str]:
-    """client_states for a config already loaded."""
+def activation(config: ServerConfig, *, now: float) -> Activation:
+    """What decides pending clients' states beside the store: the time and
+    the state directory's activated.json (unreadable here, not root?
+    pending clients show as pending or expired by their time alone)."""
     try:
-        activated = StateDir(config.state_dir).load_activated()
+        met = StateDir(config.state_dir).load_activated()
     except LocalError:
-        activated = {}  # unreadable here (not root?): pending clients show as pending
-    states = {}
-    for name, entry in config.clients.items():
-        if entry.revoked:
-            states[name] = "revoked"
-        elif not entry.enroll_by or activated.get(name) == entry.enroll_by:
-            states[name] = "active"
-        elif config_mod.parse_utc(entry.enroll_by) > now:
-            states[name] = f"pending until {entry.enroll_by}"
-        else:
-            states[name] = "expired"
-    return states
+        met = {}
+    return Activation(config_mod.format_utc(now), met)
+
+
+def state_text(entry: ClientEntry, met: Activation) -> str:
+    """revoked | active | pending until <UTC> | expired (pending, never used)."""
+    state = met.state(entry)
+    return f"pending until {entry.enroll_by}" if state == "pending" else state
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,9 @@
 """The dashboard: a small web application over the daemon's own files.
 
 It reads what the daemon writes (the event store, read-only; leases.json; the
-config) and changes one thing, through the same code as the command line:
-`revoke` (the running daemon picks the change up within a second).  It needs
+config; the client store, a page at a time: spa.server.dashboard_clients) and
+changes one thing, through the same code as the command line: `revoke` (the
+running daemon picks the change up within a second).  It needs
 no capability and no network access of its own, and runs as its own process
 (`spa-server dashboard`), on loopback by default: reach it through an ssh
 tunnel after knocking.
@@ -27,11 +28,12 @@ Defences, each tested in tests/unit/test_dashboard.py:
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,18 +50,20 @@ from starlette.templating import Jinja2Templates
 
 from spa.server import admin, webauth
 from spa.server import config as config_mod
+from spa.server import dashboard_clients as views
 from spa.server.daemon import FileStamp
 from spa.server.errors import LocalError
 from spa.server.events import (
     EVENTS_DB,
     Filter,
     histogram,
-    last_seen,
     query_events,
     read_summary,
 )
 from spa.server.geoip import Countries
 from spa.server.state import StateDir
+from spa.store.clients import ClientStore
+from spa.store.states import STATES, Activation
 
 HERE = Path(__file__).parent / "web"
 SESSION_SECONDS = 8 * 3600
@@ -153,29 +157,38 @@ class Dashboard:
     limiter: webauth.LoginLimiter = field(default_factory=webauth.LoginLimiter)
     checking: threading.Lock = field(default_factory=threading.Lock)
     _loaded: tuple[FileStamp, config_mod.ServerConfig] | None = None
-    _clients: tuple[int, dict[str, config_mod.ClientEntry]] | None = None  # store version
     _countries: tuple[Path | None, Countries] | None = None
     # sessions signed out (session id -> when): a copy of the cookie is no
     # session after sign-out (in memory: a restart forgets them; sessions still
     # end SESSION_SECONDS after login, and a new password ends them all)
     ended: dict[str, float] = field(default_factory=dict)
+    rows_read: int = 0  # client rows the views read from the store (tests count them)
+    _counting: threading.Lock = field(default_factory=threading.Lock)
 
     def config(self) -> config_mod.ServerConfig:
-        """The config, parsed again only when the file changed, with the
-        clients from the store, read again only when its version moved."""
+        """The config, parsed again only when the file changed (its clients
+        live in the store: see `store`)."""
         stamp = FileStamp.of(self.config_path)
         loaded = self._loaded
         if stamp is not None and loaded is not None and loaded[0] == stamp:
-            config = loaded[1]
-        else:
-            config = config_mod.load(self.config_path)
-            if stamp is not None:
-                self._loaded = (stamp, config)
-        with admin.open_store(config, now=self.clock()) as store:
-            version, cached = store.version(), self._clients
-            if cached is None or cached[0] != version or config.clients:
-                cached = self._clients = (version, {e.name: e for e in store.all()})
-        return replace(config, clients=cached[1])
+            return loaded[1]
+        config = config_mod.load(self.config_path)
+        if stamp is not None:
+            self._loaded = (stamp, config)
+        return config
+
+    @contextlib.contextmanager
+    def store(self) -> Iterator[ClientStore]:
+        """The client store for one view (the rows it reads are counted)."""
+        with admin.open_store(self.config(), now=self.clock()) as store:
+            try:
+                yield store
+            finally:
+                with self._counting:
+                    self.rows_read += store.rows_read
+
+    def activation(self) -> Activation:
+        return admin.activation(self.config(), now=self.clock())
 
     def countries(self) -> Countries:
         """The configured GeoIP lookup, opened once per database path (its
@@ -327,7 +340,7 @@ def make_app(dash: Dashboard, *, listen: str = config_mod.DEFAULT_DASHBOARD_LIST
                        client=params.get("client", ""), reason=params.get("reason", ""),
                        source=params.get("source", ""))
         rows = await run_in_threadpool(_query, dash, where)
-        clients = sorted(dash.config().clients)
+        clients = await run_in_threadpool(_menu, dash)
         return page(request, "activity.html", rows=rows, where=where, since=since_text,
                     error=error, outcomes=OUTCOMES, clients=clients,
                     reasons=sorted(_reasons()), now=dash.clock())
@@ -355,7 +368,25 @@ def make_app(dash: Dashboard, *, listen: str = config_mod.DEFAULT_DASHBOARD_LIST
         except LocalError as exc:
             message = str(exc)
         request.session["flash"] = message
-        return RedirectResponse("/#clients", status_code=303)
+        return RedirectResponse(views.back_to(fields.get("next", "")), status_code=303)
+
+    async def clients_page(request: Request) -> Response:
+        query, error = views.ClientQuery.parse(request.query_params)
+        listing = await run_in_threadpool(_listing, dash, query)
+        return page(request, "clients.html", listing=listing, error=error, now=dash.clock(),
+                    states=STATES, here=str(request.url.path) + (
+                        "?" + request.url.query if request.url.query else ""))
+
+    async def client_page(request: Request) -> Response:
+        name = request.path_params["name"]
+        row = await run_in_threadpool(_one_client, dash, name)
+        if row is None:
+            return page(request, "client.html", status=404, row=None, client=name,
+                        now=dash.clock(), leases=[])
+        leases = [lease for lease in (await run_in_threadpool(_leases, dash))["leases"]
+                  if name in lease["clients"]]
+        return page(request, "client.html", row=row, client=name, now=dash.clock(),
+                    leases=leases, here=f"/clients/{name}")
 
     routes = [
         Route("/login", login_page, methods=["GET"]),
@@ -365,6 +396,8 @@ def make_app(dash: Dashboard, *, listen: str = config_mod.DEFAULT_DASHBOARD_LIST
         Route("/activity", guard(activity), methods=["GET"]),
         Route("/graph.svg", guard(graph), methods=["GET"]),
         Route("/api/leases", guard(leases_api), methods=["GET"]),
+        Route("/clients", guard(clients_page), methods=["GET"]),
+        Route("/clients/{name}", guard(client_page), methods=["GET"]),
         Route("/clients/{name}/revoke", guard(revoke), methods=["POST"]),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
@@ -409,24 +442,35 @@ def _leases(dash: Dashboard) -> dict[str, Any]:
          "expires": now + row.seconds_left} for row in rows]}
 
 
+def _listing(dash: Dashboard, query: views.ClientQuery) -> views.ClientListing:
+    met = dash.activation()
+    with dash.store() as store:
+        return views.list_clients(store, query, met, dash.events_db())
+
+
+def _one_client(dash: Dashboard, name: str) -> views.ClientRow | None:
+    met = dash.activation()
+    with dash.store() as store:
+        return views.one_client(store, name, met, dash.events_db())
+
+
+def _menu(dash: Dashboard) -> list[str] | None:
+    with dash.store() as store:
+        return views.menu_names(store)
+
+
 def _overview(dash: Dashboard, span: str) -> dict[str, Any]:
     now = dash.clock()
-    config = dash.config()
-    states = admin.states_of(config, now=now)
-    db = config.state_dir / EVENTS_DB
+    db = dash.events_db()
     try:
-        seen = last_seen(db)
         recent = admin.stats(read_summary(db, since=now - RANGES[span][0]))
         year = admin.stats(read_summary(db, since=now - 366 * 86400),
                            countries=dash.countries())
     except FileNotFoundError:
-        seen, recent = {}, admin.stats([])
+        recent = admin.stats([])
         year = admin.stats([], countries=dash.countries())  # no events yet
-    clients = [{"name": name, "state": states.get(name, "?"),
-                "services": ", ".join(entry.services), "otp": bool(entry.otp_secret),
-                "seen": seen.get(name)}
-               for name, entry in sorted(config.clients.items())]
-    return {"now": now, "leases": _leases(dash)["leases"], "clients": clients,
+    listing = _listing(dash, views.ClientQuery(limit=views.OVERVIEW_ROWS))
+    return {"now": now, "leases": _leases(dash)["leases"], "listing": listing,
             "recent": recent, "year": year}
 
 

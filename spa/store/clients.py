@@ -17,6 +17,15 @@ Invariants (docs/threat-model.md, "The client store"):
   `changes`; `version()` is max(seq), `changed_since(seq)` reads only the
   rows after seq.  Each single-client operation is one indexed statement
   on the primary key (O(log n)).
+- A view reads only what it shows: `page` reads its page's rows (keyset
+  paging on the primary key, filters in SQL), `count` and `count_by_state`
+  count in SQL (index ranges on clients_state) and return no client row.
+  A page with a state filter walks the names from `after` (a frequent
+  state: about BY_NAME_SHARE rows looked at a row shown, more where its
+  clients cluster in one stretch of names), or that state's range of
+  clients_state, sorted (a rare state: under 1/BY_NAME_SHARE of the
+  clients), never the whole table sorted.
+  `rows_read` counts the client rows this connection turned into entries.
 - Secrets are BLOBs; they never reach a log line or an error message
   (ClientEntry's repr hides them).
 """
@@ -37,10 +46,12 @@ from spa.server.config import ClientEntry
 from spa.server.errors import LocalError
 from spa.server.events import _check_names, _check_opened, _private
 from spa.server.safefs import Directory, UnsafeFileError, open_dir, user_name
+from spa.store.states import COUNT_BY_STATE, NO_TIME, STATES, Activation, StateCounts
 
 CLIENTS_DB = "clients.db"
 PAGE_LIMIT_MAX = 10_000  # rows one page may ask for (the dashboard and CLI ask for 100)
-STATES = ("", "revoked", "active", "pending")  # page filters: all, revoked, live, with enroll_by
+FILTERS = ("", *STATES)  # page filters: all, or one state (spa.store.states)
+BY_NAME_SHARE = 16  # a state filter pages by name unless under 1/16 of the clients are in it
 _STREAM_BATCH = 1_000  # rows `all()` fetches at a time (bounded memory at 10^5 clients)
 _PRIVATE_BITS = stat.S_IRWXG | stat.S_IRWXO  # what a secrets file must not grant
 
@@ -64,6 +75,7 @@ CREATE TABLE IF NOT EXISTS changes (
     name TEXT NOT NULL,
     at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS clients_state ON clients(revoked, enroll_by, name);
 """
 _SELECT = ("SELECT name, secret, services, allow_other_address, revoked, enrolled, "
            "enroll_by, otp_secret, close_leases, endpoint, old_secret, old_until FROM clients")
@@ -76,9 +88,6 @@ _UPSERT = (_INSERT + " ON CONFLICT(name) DO UPDATE SET secret = excluded.secret,
            "enroll_by = excluded.enroll_by, otp_secret = excluded.otp_secret, "
            "close_leases = excluded.close_leases, endpoint = excluded.endpoint, "
            "old_secret = excluded.old_secret, old_until = excluded.old_until")
-_STATE_WHERE = {"": "1", "revoked": "revoked = 1",
-                "active": "revoked = 0 AND enroll_by = ''",
-                "pending": "revoked = 0 AND enroll_by != ''"}
 
 
 def _row(entry: ClientEntry) -> tuple[object, ...]:
@@ -128,6 +137,7 @@ class ClientStore:
         self._db = db
         self.path = path
         self._fd = fd
+        self.rows_read = 0  # client rows turned into entries (get, page, all)
 
     # ---- opening -------------------------------------------------------
 
@@ -202,30 +212,39 @@ class ClientStore:
 
     def get(self, name: str) -> ClientEntry | None:
         rows = self._db.execute(_SELECT + " WHERE name = ?", (name,)).fetchall()
+        self.rows_read += len(rows)
         return _entry(rows[0]) if rows else None
 
-    def count(self) -> int:
-        return int(self._db.execute("SELECT count(*) FROM clients").fetchall()[0][0])
+    def count(self, *, match: str = "", state: str = "",
+              activation: Activation = NO_TIME) -> int:
+        """How many clients `page` would go through with these filters (all,
+        without); counted in SQL.  Raises LocalError (a bad state)."""
+        where, params = _filters(match, state, activation)
+        query = "SELECT count(*) FROM clients WHERE " + where  # noqa: S608 (our own text)
+        return int(self._db.execute(query, params).fetchall()[0][0])
 
-    def page(self, *, after: str = "", limit: int = 100, match: str = "",
-             state: str = "") -> list[ClientEntry]:
+    def count_by_state(self, activation: Activation) -> StateCounts:
+        """Clients in each state, in one statement of index range counts."""
+        row = self._db.execute(COUNT_BY_STATE, activation.params()).fetchall()[0]
+        return StateCounts.of_row(row)
+
+    def page(self, *, after: str = "", limit: int = 100, match: str = "", state: str = "",
+             activation: Activation = NO_TIME) -> list[ClientEntry]:
         """Up to `limit` clients by name after `after` (keyset paging);
-        `match`: a substring of the name; `state`: revoked, active (not
-        revoked, no enroll-by time) or pending (not revoked, with one: it
-        may have knocked in time since, the state directory says).
+        `match`: a substring of the name; `state`: one of STATES as
+        `activation` decides it (spa.store.states; without one, every client
+        with an enroll-by time counts as pending).
         Raises LocalError (a bad state or limit)."""
-        if state not in STATES:
-            raise LocalError(f"--state {state!r}: choose one of revoked, active, pending")
         if not 1 <= limit <= PAGE_LIMIT_MAX:
             raise LocalError(f"--limit {limit}: give 1 to {PAGE_LIMIT_MAX}")
-        where, args = ["name > ?"], [after]
-        if match:
-            escaped = match.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            where.append("name LIKE ? ESCAPE '\\'")
-            args.append(f"%{escaped}%")
-        where.append(_STATE_WHERE[state])
-        query = _SELECT + " WHERE " + " AND ".join(where) + " ORDER BY name LIMIT ?"
-        rows = self._db.execute(query, (*args, limit)).fetchall()
+        where, params = _filters(match, state, activation)
+        rare = bool(state) and state != "active" and BY_NAME_SHARE * self.count(
+            state=state, activation=activation) < self.count()
+        index = "clients_state" if rare else "sqlite_autoindex_clients_1"  # the names
+        query = (_SELECT + " INDEXED BY " + index + " WHERE name > :after AND " + where
+                 + " ORDER BY name LIMIT :limit")
+        rows = self._db.execute(query, {**params, "after": after, "limit": limit}).fetchall()
+        self.rows_read += len(rows)
         return [_entry(row) for row in rows]
 
     def all(self) -> Iterator[ClientEntry]:
@@ -234,6 +253,7 @@ class ClientStore:
         while True:
             rows = self._db.execute(_SELECT + " WHERE name > ? ORDER BY name LIMIT ?",
                                     (after, _STREAM_BATCH)).fetchall()
+            self.rows_read += len(rows)
             for row in rows:
                 yield _entry(row)
             if len(rows) < _STREAM_BATCH:
@@ -357,6 +377,23 @@ class ClientStore:
                 self._db.execute("INSERT INTO changes (name, at) VALUES (?, ?)", (name, at))
         except _UnchangedError:
             pass
+
+
+def _filters(match: str, state: str, activation: Activation) -> tuple[str, dict[str, str]]:
+    """The WHERE condition (and its named parameters) of `match` (a substring
+    of the name, LIKE's wildcards escaped) and `state`.  Raises LocalError."""
+    if state not in FILTERS:
+        raise LocalError(f"--state {state!r}: choose one of {', '.join(STATES)}")
+    where, params = ["1"], {}
+    if match:
+        escaped = match.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        where.append("name LIKE :match ESCAPE '\\'")
+        params["match"] = f"%{escaped}%"
+    if state:
+        condition, state_params = activation.where(state)
+        where.append(condition)
+        params.update(state_params)
+    return " AND ".join(where), params
 
 
 class _UnchangedError(Exception):

@@ -89,3 +89,23 @@ def test_an_old_config_is_migrated_by_the_first_command(tmp_path: Path) -> None:
     assert (tmp_path / "server.toml.pre-store").read_bytes() == original
     assert config_mod.load(path).clients == {}
     assert "old" in server(path, "clients").stdout
+
+
+def test_status_counts_clients_by_state_without_a_store_of_its_own(config: Path,
+                                                                   tmp_path: Path) -> None:
+    """`status` counts in SQL; it never makes a store (nor moves clients) itself."""
+    assert server(config, "revoke", "bob").returncode == 0
+    done = server(config, "enroll", "dave", "--service", "ssh", "--endpoint", "203.0.113.10",
+                  "--expires", "1h")
+    assert done.returncode == 0, done.stderr
+    status = server(config, "status")
+    assert status.returncode == 0, status.stderr
+    assert "clients: 4 (1 revoked, 2 active, 1 pending, 0 expired)" in status.stdout
+    fresh = tmp_path / "fresh.toml"
+    assert run_cli("spa-server", "--config", str(fresh), "init", "--state-dir",
+                   str(tmp_path / "fresh")).returncode == 0
+    assert "clients: state directory" in server(fresh, "status").stdout
+    (tmp_path / "fresh").mkdir(mode=0o700)
+    status = server(fresh, "status")
+    assert status.returncode == 0 and "clients: no client store at" in status.stdout
+    assert not (tmp_path / "fresh" / "clients.db").exists()

@@ -170,6 +170,20 @@ def test_login_see_a_real_knock_appear_count_down_and_revoke(
                 for tr in driver.find_elements(By.CSS_SELECTOR, "#activity tbody tr")]
     assert outcomes == ["accepted"]  # lease rows belong to an address, not a client
 
+    # 4b. The clients page, filtered by state in the browser's own form, and
+    #     a client's page through its details link.
+    driver.get(dashboard + "/clients")
+    Select(driver.find_element(By.ID, "filter-state")).select_by_visible_text("revoked")
+    driver.find_element(By.CSS_SELECTOR, "#client-filters button").click()
+    wait.until(ec.url_contains("state=revoked"))
+    rows = driver.find_elements(By.CSS_SELECTOR, "table.clients tbody tr")
+    assert [row.get_attribute("id") for row in rows] == ["client-bob"]
+    assert driver.find_element(By.ID, "matching").text == "1 client match"
+    driver.get(dashboard + "/clients?match=ali")
+    driver.find_element(By.CSS_SELECTOR, "#client-alice a.details").click()
+    wait.until(ec.url_to_be(dashboard + "/clients/alice"))
+    assert driver.find_element(By.CSS_SELECTOR, "#client-alice .state").text == "active"
+
     # 5. Revoke with close: the server refuses alice and closes her lease.
     driver.get(dashboard + "/")
     driver.find_element(

@@ -19,6 +19,7 @@ from spa.server.config import ClientEntry
 from spa.server.errors import LocalError
 from spa.store import transfer
 from spa.store.clients import CLIENTS_DB, ClientStore, as_owner
+from spa.store.states import STATES, Activation, StateCounts
 
 NOBODY = 65534
 NOGROUP = 65534
@@ -114,6 +115,51 @@ def test_pages_by_name_with_a_filter_and_streams_all(store: ClientStore) -> None
     assert [e.name for e in store.all()] == sorted(f"c{i:03d}" for i in range(250))
     with pytest.raises(LocalError, match="--state 'gone'"):
         store.page(state="gone")
+
+
+PAST, NOW, LATER = "2026-01-01T00:00:00Z", "2026-06-01T12:00:00Z", "2027-01-01T00:00:00Z"
+
+
+@pytest.mark.parametrize("plain", [0, 400])
+def test_a_state_is_one_rule_in_python_and_in_sql(store: ClientStore, plain: int) -> None:
+    """Every combination of revoked, enroll_by (none, past, the second of
+    now, later) and activated.json (not there, the same enroll_by, another):
+    page, count and count_by_state put each client where Activation.state
+    does, and count without reading a row.  With 400 plain clients beside
+    them every state but active is rare, and pages walk its index range
+    instead of the names (BY_NAME_SHARE): the same pages."""
+    entries, met = [entry(f"a-{i:03d}") for i in range(plain)], {}
+    for revoked in (False, True):
+        for when in ("", PAST, NOW, LATER):
+            for used in ("", "same", "other"):
+                name = f"c-{int(revoked)}-{when[:4] or 'none'}{when[5:7]}-{used or 'no'}"
+                entries.append(entry(name, revoked=revoked, enroll_by=when))
+                if used:
+                    met[name] = when if used == "same" else "2025-05-05T05:05:05Z"
+    store.add_many(entries, at=1.0)
+    activation = Activation(NOW, met)
+    expected = {state: sorted(e.name for e in entries if activation.state(e) == state)
+                for state in STATES}
+    assert {state: len(names) for state, names in expected.items()} == {
+        "revoked": 12, "active": 6 + plain, "pending": 2, "expired": 4}
+    before = store.rows_read
+    assert store.count_by_state(activation) == StateCounts(24 + plain, 12, 6 + plain, 2, 4)
+    for state, names in expected.items():
+        assert store.count(state=state, activation=activation) == len(names)
+    assert store.rows_read == before  # counting reads no row
+    for state, names in expected.items():
+        assert [e.name for e in store.page(state=state, limit=1000,
+                                           activation=activation)] == names
+        assert [e.name for e in store.page(state=state, limit=1000, match="-other",
+                                           activation=activation)] == [
+            name for name in names if name.endswith("-other")]
+        if len(names) > 1:  # keyset paging from the middle
+            assert [e.name for e in store.page(state=state, after=names[0], limit=1,
+                                               activation=activation)] == [names[1]]
+    assert store.rows_read == before + 24 + plain + 8 + 4
+    no_time = store.count_by_state(Activation())  # every enroll_by pending, none used
+    assert no_time == StateCounts(24 + plain, 12, 3 + plain, 9, 0)
+    assert store.count(match="2026") == 12 and store.count() == 24 + plain
 
 
 def test_the_files_are_0600_and_a_readable_store_is_refused(state: Path) -> None:

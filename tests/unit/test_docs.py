@@ -27,7 +27,8 @@ def defined_names() -> Counter[str]:
 
 @pytest.mark.parametrize(("doc", "at_least"), [("docs/threat-model.md", 60),
                                                ("docs/phones.md", 8),
-                                               ("docs/operations.md", 4)])
+                                               ("docs/operations.md", 4),
+                                               ("docs/benchmarks.md", 3)])
 def test_threat_model_names_only_real_tests(doc: str, at_least: int) -> None:
     text = (ROOT / doc).read_text()
     references = set(REFERENCE.findall(text))
