@@ -12,6 +12,10 @@ Invariants (docs/protocol.md, "Knock tag"):
   in slices during the current step and the expired step's leave in slices
   after the boundary (a tag a step early or late is harmless: the verifier
   checks the timestamp window and that the timestamp's step is the tag's).
+  One exception, asked for by `warm_later` (a daemon's start at 10^5
+  clients): the table is made with the current step's tags alone, and the
+  other live steps' are the first slices (`warming` says how many clients'
+  worth are left); a knock of those steps meanwhile is an unknown tag.
 - Every tag that enters or leaves the table is journaled once journaling is
   on: applying `drain_changes` to the set `start_journal` returned gives
   exactly the live tags.
@@ -85,9 +89,12 @@ class TagTable:
 
     __slots__ = ("_added", "_build", "_build_at", "_built", "_drop", "_drop_at",
                  "_generation", "_journaling", "_keys", "_lock", "_removed", "_shards",
-                 "_skew", "_step", "_steps", "lookup")
+                 "_skew", "_step", "_steps", "_warm", "_warm_at", "_warm_names", "lookup")
 
-    def __init__(self, keys: Mapping[str, bytes], step: int, skew: int = 1) -> None:
+    def __init__(self, keys: Mapping[str, bytes], step: int, skew: int = 1, *,
+                 warm_later: bool = False) -> None:
+        """`warm_later`: only the current step's tags now; the other live
+        steps' are the first slices (the table is warm when `warming` is 0)."""
         if skew < 1:
             raise ValueError("skew must be at least one step")
         self._keys: dict[str, bytes] = dict(keys)
@@ -100,6 +107,9 @@ class TagTable:
         self._built = False  # the next step (current + skew + 1) is complete
         self._drop: int | None = None  # the expired step whose tags are leaving
         self._drop_at = 0
+        self._warm: list[int] = []  # live steps still to insert (warm_later), in order
+        self._warm_names: list[str] = []  # the clients to insert them for
+        self._warm_at = 0
         self._journaling = False
         self._added: set[bytes] = set()
         self._removed: set[bytes] = set()
@@ -113,7 +123,7 @@ class TagTable:
             return shards[tag[0]].get(tag)
 
         self.lookup: Callable[[bytes], tuple[str, int] | None] = lookup
-        self._rebuild()
+        self._rebuild(warm_later=warm_later)
 
     def use_lock(self, lock: contextlib.AbstractContextManager[object]) -> None:
         """Guard every mutation with `lock` (the caller's threading.Lock)."""
@@ -162,9 +172,15 @@ class TagTable:
             self._removed.clear()
             return added, removed
 
+    def warming(self) -> int:
+        """Clients' worth of live steps' tags still to insert (warm_later)."""
+        if not self._warm:
+            return 0
+        return len(self._warm_names) * len(self._warm) - self._warm_at
+
     def pending(self) -> int:
         """Clients' worth of slicing left before the next boundary."""
-        left = 0
+        left = self.warming()
         if self._drop is not None:
             left += len(self._steps.get(self._drop, ())) - self._drop_at
         if not self._built:
@@ -226,14 +242,14 @@ class TagTable:
                 self._delete(tag, step)
 
     def _slice(self, limit: int) -> int:
-        done = 0
+        done = self._warm_up(limit)
         drop = self._drop
-        if drop is not None:
+        if drop is not None and done < limit:
             tags = self._steps.get(drop, [])
-            end = min(len(tags), self._drop_at + limit)
+            end = min(len(tags), self._drop_at + limit - done)
             for tag in tags[self._drop_at:end]:
                 self._delete(tag, drop)
-            done = end - self._drop_at
+            done += end - self._drop_at
             self._drop_at = end
             if end >= len(tags):
                 self._steps.pop(drop, None)
@@ -251,6 +267,26 @@ class TagTable:
             self._build_at = end
             if end >= len(names):
                 self._build, self._built = None, True
+        return done
+
+    def _warm_up(self, limit: int) -> int:
+        """The live steps left by `warm_later`, first (up to `limit` clients)."""
+        done = 0
+        names, keys = self._warm_names, self._keys
+        while self._warm and done < limit:
+            step = self._warm[0]
+            end = min(len(names), self._warm_at + limit - done)
+            for name in names[self._warm_at:end]:
+                key = keys.get(name)
+                if key is not None:  # else removed meanwhile (a re-key inserted its own)
+                    self._insert(knock_tag(key, step), name, step)
+            done += end - self._warm_at
+            self._warm_at = end
+            if end >= len(names):
+                self._warm.pop(0)
+                self._warm_at = 0
+        if not self._warm:
+            self._warm_names = []
         return done
 
     def _insert(self, tag: bytes, client: str, step: int) -> None:
@@ -277,7 +313,7 @@ class TagTable:
             else:
                 self._removed.add(tag)
 
-    def _rebuild(self) -> None:
+    def _rebuild(self, *, warm_later: bool = False) -> None:
         self._generation += 1
         for shard in self._shards:
             for tag in list(shard):
@@ -285,7 +321,13 @@ class TagTable:
         self._steps.clear()
         self._build, self._build_at, self._built = None, 0, False
         self._drop, self._drop_at = None, 0
-        for step in range(self._step - self._skew, self._step + self._skew + 1):
+        live = range(self._step - self._skew, self._step + self._skew + 1)
+        now = [self._step] if warm_later else list(live)
+        # the others nearest first: a client's clock a step behind, then ahead
+        self._warm = sorted((s for s in live if s not in now),
+                            key=lambda s: (abs(s - self._step), -s))
+        self._warm_names, self._warm_at = (list(self._keys) if self._warm else []), 0
+        for step in now:
             self._add_step(step, self._keys.items())
 
     def _add_step(self, step: int, clients: Iterable[tuple[str, bytes]]) -> None:

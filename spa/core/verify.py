@@ -119,10 +119,12 @@ class Verifier:
         replay: ReplayCache | None = None,
         limiter: FailureLimiter | None = None,
         otp: OtpChecker | None = None,
+        warm_later: bool = False,
     ) -> None:
         """`secrets` maps client name -> 32-byte master secret (and NAME~old
         -> the secret a rotate replaced, while its grace lasts: its packets
-        count as NAME's).
+        count as NAME's).  `warm_later`: the tag table starts with the
+        current step's tags alone (spa.core.knock.TagTable).
 
         Raises ValueError for a bad server id, secret or window.
         """
@@ -145,6 +147,7 @@ class Verifier:
             {name: derive_tag_key(secret, server_id) for name, secret in secrets.items()},
             step,
             skew=steps_for_window(window),
+            warm_later=warm_later,
         )
         self._refresh_at = step_start(step + 1)
 

@@ -74,6 +74,7 @@ PRUNE_EVERY = 3600.0  # seconds between event-retention prunes
 HOST_CHECK_EVERY = 1.0  # seconds between checks of the host's firewall after it changed
 PAUSE_LOG_VARIABLE = "SPA_LOG_RECEIVE_PAUSE"  # set: log the receive thread's pauses each step
 ROTATE_BY = STEP_SECONDS / 2  # seconds into a step by which its rotation's slices are done
+WARM_ROUNDS = 5  # housekeeping rounds (1 s) in which a start's other live steps go in
 REPLAYS_TO_BLOCK = 20  # copies of one packet in one second that put its nonce in the kernel filter
 MAX_BLOCKED_NONCES = 64  # nonces the kernel filter drops at most (5 BPF instructions each)
 DROPS_EVERY = 5.0  # seconds between readings of the firewall's drop counters
@@ -148,6 +149,7 @@ class Server:
         self._say_pause = bool(os.environ.get(PAUSE_LOG_VARIABLE))
         self._pause_step = 0
         self._refresh_queued = False  # the receive thread will move the tag table
+        self._warm_slice = 0  # clients a round of the live steps a start left out
         self._pending_snapshot: bytes | None = None  # replay snapshot to write
         self._replays: dict[bytes, int] = {}  # nonce prefix -> copies this second
         self._replay_second = -1
@@ -215,7 +217,7 @@ class Server:
         self.verifier = Verifier(self.config.server_id, self.config.secrets(now),
                                  self._policy_of(self.config), now=now,
                                  window=self.config.window, replay=replay, otp=otp,
-                                 limiter=limiter)
+                                 limiter=limiter, warm_later=True)
         closed = {n for n, c in self.config.clients.items() if c.close_leases}
         saved = [lease for lease in self.state.load_leases() if lease.service in
                  self.config.services and lease.client not in closed]
@@ -233,6 +235,7 @@ class Server:
             clock=self.clock, log=self.log, record=self.events.record,
             on_change=self._gate_changed, on_foreign=self._host_changed.set)
         self.verifier.tags.use_lock(self._tags_lock)
+        self._warm_slice = -(-self.verifier.tags.warming() // WARM_ROUNDS)
         self._update_kernel_filter(now, force=True)
         self._facts = {
             "pid": os.getpid(), "started": self._started_at(now), "port": self.config.listen_port,
@@ -611,7 +614,8 @@ class Server:
         pending = table.pending()
         if pending:
             rounds = max(1, int((step_start(table.step) + ROTATE_BY - now) / TICK))
-            budget = -(-pending // rounds)
+            # the live steps a start left out go in within WARM_ROUNDS rounds
+            budget = max(-(-pending // rounds), min(self._warm_slice, table.warming()))
             while budget > 0:
                 done = table.slice(min(SLICE, budget))
                 if not done:
