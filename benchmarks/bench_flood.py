@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -283,7 +284,7 @@ def align_to_step(seconds: float) -> None:
 
 
 def run_one(name: str, kind: str, seconds: float, flood: Path, client: str,
-            recapture: bool = False) -> Row:
+            recapture: bool = False, clients: int = 1) -> Row:
     knocks_wanted = int((seconds - 2) / INTERVAL)
     known = client == "known"
     recapture = recapture and kind == "forged"
@@ -292,7 +293,7 @@ def run_one(name: str, kind: str, seconds: float, flood: Path, client: str,
     root.chmod(0o711)  # the daemon runs as a service user: it must get through
     site = Site(root, count, attacker=True)
     try:
-        mode, start = starter(name)
+        mode, start = starter(name, clients)
         server, knocks = start(site, count, mode)
         captured = None
         if known:  # every address authenticates first (its 1 s lease ends before the flood)
@@ -377,9 +378,13 @@ def run_one(name: str, kind: str, seconds: float, flood: Path, client: str,
 Starter = Callable[[Site, int, str], tuple[subprocess.Popen[str], list[tuple[str, bytes]]]]
 
 
-def starter(name: str) -> tuple[str, Starter]:
+def starter(name: str, clients: int = 1) -> tuple[str, Starter]:
+    """The server's mode and its start; spa-server with `clients` enrolled
+    in all (the bench client and clients - 1 others in its store)."""
     kind, mode = name.split("-", 1)
-    return mode, start_spa if kind == "spa" else start_fwknopd
+    if kind != "spa":
+        return mode, start_fwknopd
+    return mode, functools.partial(start_spa, others=clients - 1)
 
 
 def main() -> int:
@@ -393,6 +398,9 @@ def main() -> int:
                         help="--kind forged: flood each tag step's tag in turn, for the "
                              "whole of --seconds (needs --client known)")
     parser.add_argument("--only", default="spa-capture,spa-udp,fwknopd-udp,fwknopd-pcap")
+    parser.add_argument("--clients", type=int, default=1,
+                        help="clients enrolled on spa-server in all (issue 14: 100000); "
+                             "the others go into its store before it starts")
     args = parser.parse_args()
     kinds = args.kind.split(",")
     if not set(kinds) <= {"junk", "replay", "forged"} or (
@@ -408,13 +416,15 @@ def main() -> int:
     build = Path(tempfile.mkdtemp(prefix="spa-flood-bin-"))
     try:
         flood = compile_flood(build)
-        rows = [run_one(name, kind, args.seconds, flood, args.client, args.recapture)
+        rows = [run_one(name, kind, args.seconds, flood, args.client, args.recapture,
+                        args.clients)
                 for kind in kinds for name in chosen
                 if not (kind == "forged" and name.startswith("fwknopd"))]
     finally:
         shutil.rmtree(build, ignore_errors=True)
     print(f"{args.kind} flood for {args.seconds:g} s, a legitimate knock every "
-          f"{INTERVAL * 1000:.0f} ms, client from {args.client} addresses"
+          f"{INTERVAL * 1000:.0f} ms, client from {args.client} addresses, "
+          f"{args.clients:,} client(s) enrolled on spa-server"
           + (", forged tag recaptured every step" if args.recapture else ""))
     print(f"{'kind':<7} {'server':<13} {'sent':>10} {'offered/s':>10} {'granted':>11} "
           f"{'p50 ms':>7} {'p99 ms':>7} {'cpu idle':>8} {'cpu flood':>9} {'refused/s':>9} "

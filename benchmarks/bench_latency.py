@@ -30,6 +30,9 @@ from spa.core.uri import parse
 from spa.core.wire import NONCE_SIZE, Action
 from spa.netns import Topology, can_make_namespaces
 from spa.server import admin
+from spa.server import config as config_mod
+from spa.server.config import ClientEntry
+from spa.store.clients import ClientStore
 from spa_client import knock
 
 HERE = Path(__file__).resolve().parent
@@ -111,19 +114,43 @@ def spa_run(site: Site, count: int, mode: str) -> list[float | None]:
     return site.probe(start_spa(site, count, mode)[1])
 
 
-def start_spa(site: Site, count: int, mode: str) -> Started:
-    """spa-server running in the server namespace, and `count` fresh knocks."""
+def populate(config: Path, count: int) -> None:
+    """`count` clients more, written into the client store in one
+    transaction (spa.store.clients; as `enroll` would make them, but
+    without a process per client)."""
+    state = config_mod.load(config).state_dir
+    entries = (ClientEntry(f"c{i}", os.urandom(32), ("ssh",)) for i in range(count))
+    with ClientStore.open(state, create=True) as store:
+        store.add_many(entries, at=time.time())
+
+
+def wait_for_line(path: Path, mark: str, timeout: float = 120) -> None:
+    """Until the daemon's log holds `mark`."""
+    deadline = time.time() + timeout
+    while mark not in path.read_text():
+        if time.time() > deadline:
+            raise RuntimeError(f"no {mark!r} in {path} after {timeout:g} s")
+        time.sleep(0.05)
+
+
+def start_spa(site: Site, count: int, mode: str, others: int = 0) -> Started:
+    """spa-server running in the server namespace (with `others` clients in
+    its store beside the bench client), and `count` fresh knocks."""
     config = site.root / "server.toml"
     admin.init(config, listen_port=KNOCK_PORT, backend="nftables",
                state_dir=site.root / "state", force=True)
     config.write_text(config.read_text().replace('mode = "capture"', f'mode = "{mode}"'))
     uri = site.spa_uri = admin.enroll(config, "bench", ["ssh"], SERVER)
+    if others:
+        populate(config, others)
     program = Path(sys.executable).parent / "spa-server"
-    with (site.root / "spa-server.log").open("w") as log:
+    log_path = site.root / "spa-server.log"
+    with log_path.open("w") as log:
         server = site.srv.popen([str(program), "--config", str(config), "run"],
                                 stdout=log, stderr=subprocess.STDOUT)
     site.procs.append(server)
-    time.sleep(2.0)
+    wait_for_line(log_path, "started port=")
+    time.sleep(2.0)  # the other live steps' tags (a second), then a quiet daemon
     enrollment = parse(uri)
     knocks = [(source, knock.make_packet(enrollment, Action.OPEN, "ssh", duration=60,
                                          address=None, now=time.time(),

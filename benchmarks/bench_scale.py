@@ -42,17 +42,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_latency import KNOCK_PORT, SERVER, Site, sources
+from bench_latency import KNOCK_PORT, SERVER, Site, populate, sources
 
 from spa.core.knock import STEP_SECONDS
 from spa.core.uri import parse
 from spa.core.wire import NONCE_SIZE, Action
 from spa.netns import can_make_namespaces
 from spa.server import admin
-from spa.server import config as config_mod
-from spa.server.config import ClientEntry
 from spa.server.daemon import PAUSE_LOG_VARIABLE
-from spa.store.clients import ClientStore
 from spa_client import knock
 
 PROBES = 50  # knock-to-open samples per client count
@@ -112,16 +109,6 @@ while time.time() - start < seconds:
     time.sleep(max(0.0, 1 / rate - (time.time() - now)))  # never a burst to catch up
 print(sent)
 """
-
-
-def populate(config: Path, count: int) -> None:
-    """`count` clients more, written into the client store in one
-    transaction (spa.store.clients; as `enroll` would make them, but
-    without a process per client)."""
-    state = config_mod.load(config).state_dir
-    entries = (ClientEntry(f"c{i}", os.urandom(32), ("ssh",)) for i in range(count))
-    with ClientStore.open(state, create=True) as store:
-        store.add_many(entries, at=time.time())
 
 
 def watch_log(path: Path, launched: float, seen: dict[str, float]) -> None:
