@@ -44,15 +44,15 @@ from spa.backends.base import Backend, Held, reconcile
 from spa.core.leases import Allow, Remove
 from spa.core.policy import Service
 from spa.server import config as config_mod
-from spa.server import gatemsg
+from spa.server import frames, gatemsg
 from spa.server.errors import LocalError
 from spa.server.events import Event
+from spa.server.frames import receive_message
 from spa.server.gatemsg import Apply, Reconcile, RefusedError, Simple, Start
 from spa.server.guard import Guard
 
 SLACK = 2.0  # seconds a grant may end after now + max_duration (the two clocks' read order)
 MAX_GRANTS = 1_000_000  # grants held at once (issue 14's 100,000 clients, with room)
-STALL = 10.0  # seconds a begun frame may take to arrive
 TURN = 0.5  # seconds between the gate keeper's own rounds (expiry, guard) when idle
 
 Clock = Callable[[], float]
@@ -281,7 +281,7 @@ def serve(keeper: GateKeeper, sock: socket.socket, stop: threading.Event) -> Non
     try:
         while not stop.is_set():
             try:
-                message = _receive(sock)
+                message = receive_message(sock)
             except TimeoutError:
                 continue
             except RefusedError as exc:  # a whole frame that is no message: say so, go on
@@ -294,7 +294,7 @@ def serve(keeper: GateKeeper, sock: socket.socket, stop: threading.Event) -> Non
                     break
                 reply = keeper.handle(message)
             try:
-                sock.sendall(gatemsg.frame(reply))
+                frames.send(sock, reply)
             except (OSError, RefusedError):
                 break
     finally:
@@ -340,54 +340,5 @@ def serve_failure(sock: socket.socket, error: str) -> None:
     so the daemon says it in its one line and stops."""
     sock.settimeout(None)
     with contextlib.suppress(OSError, RefusedError):
-        while _receive(sock) is not None:
-            sock.sendall(gatemsg.frame({"error": error}))
-
-
-def _receive(sock: socket.socket, *, request: bool = True) -> dict[str, Any] | None:
-    """One message, or None when the other end closed (or a frame stalled).
-    Raises TimeoutError when nothing starts within the socket's timeout,
-    RefusedError for a frame read whole that is not a message (an oversized
-    one is read and dropped in pieces: the next frame starts where it ends)."""
-    header = _exactly(sock, gatemsg.HEADER, first=True)
-    if header is None:
-        return None
-    length = int.from_bytes(header, "big")
-    if length > gatemsg.MAX_FRAME:
-        while length:
-            piece = _exactly(sock, min(length, 1 << 20))
-            if piece is None:
-                return None
-            length -= len(piece)
-        gatemsg.frame_length(header)  # raises, now that the frame is behind us
-    body = _exactly(sock, length)
-    if body is None:
-        return None
-    return gatemsg.decode(body, request=request)
-
-
-def _exactly(sock: socket.socket, size: int, *, first: bool = False) -> bytes | None:
-    """`size` bytes, or None when the other end closed or took longer than
-    STALL from the first byte (one byte at a time once never timed out)."""
-    chunks: list[bytes] = []
-    left, deadline = size, time.monotonic() + STALL
-    while left:
-        try:
-            chunk = sock.recv(min(left, 1 << 20))
-        except TimeoutError:
-            if first and not chunks:
-                raise
-            chunk = None
-        if chunk == b"":
-            return None
-        if chunk:
-            chunks.append(chunk)
-            left -= len(chunk)
-        if left and time.monotonic() > deadline:
-            return None  # a frame begun and never finished: treat the daemon as gone
-    return b"".join(chunks)
-
-
-def receive(sock: socket.socket) -> dict[str, Any] | None:
-    """The daemon's end reads replies the same way (they hold objects)."""
-    return _receive(sock, request=False)
+        while receive_message(sock) is not None:
+            frames.send(sock, {"error": error})

@@ -30,9 +30,9 @@ from spa.server import gatemsg
 from spa.server.coexist import Report
 from spa.server.errors import LocalError
 from spa.server.events import Event
+from spa.server.frames import receive
 from spa.server.gatemsg import Apply, Reconcile, Simple, Start
 from spa.server.guard import GateState
-from spa.server.monitor import receive
 
 TIMEOUT = 60.0  # seconds a reply may take (an iptables restore of many grants)
 CLOSE_WAIT = 10.0  # seconds the gate keeper may take to stop after our end closes

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from spa.server import config as config_mod
-from spa.server import gatemsg, monitor, privsep, runner
+from spa.server import frames, gatemsg, privsep, runner
 from spa.server.capture import CaptureSource
 from spa.server.state import StateDir
 
@@ -44,7 +44,7 @@ def say(*parts: object) -> None:
 def ask(sock: socket.socket, message: dict[str, Any] | bytes) -> Any:
     data = message if isinstance(message, bytes) else gatemsg.frame(message)
     sock.sendall(data)
-    reply = monitor.receive(sock)
+    reply = frames.receive(sock)
     say("reply", json.dumps(reply))
     return reply
 
@@ -97,7 +97,7 @@ def main() -> None:
         }[scenario]
         ours.sendall(len(body).to_bytes(4, "big") + body)
         try:
-            say("reply", json.dumps(monitor.receive(ours)))
+            say("reply", json.dumps(frames.receive(ours)))
         except OSError as exc:
             say("reply", "error", exc)
     elif scenario == "slowloris":  # a grant, then a frame that never quite ends
@@ -107,7 +107,7 @@ def main() -> None:
         def dribble() -> None:
             for _ in range(999):
                 ours.sendall(b" ")
-                time.sleep(0.3)  # < monitor.TURN: the stall counter never moves
+                time.sleep(0.3)  # < spa.server.monitor.TURN: the stall counter never moves
 
         thread = threading.Thread(target=dribble, daemon=True)
         thread.start()
