@@ -7,22 +7,36 @@ Invariants:
   than STALL from a frame's first byte, reads as gone (None); a frame over
   MAX_FRAME is drained in pieces and refused, so the next frame starts where
   it ends.
+- File descriptors travel only from the gate keeper to the daemon, with the
+  first bytes of a reply (SCM_RIGHTS), and are received close-on-exec.  The
+  gate keeper reads requests with plain `recv`: whatever descriptors a daemon
+  might attach, the kernel closes them unread.
 """
 
 from __future__ import annotations
 
+import array
+import os
 import socket
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from spa.server import gatemsg
 
 STALL = 10.0  # seconds a begun frame may take to arrive
+_INT = array.array("i").itemsize  # bytes of one descriptor in SCM_RIGHTS
 
 
-def send(sock: socket.socket, message: dict[str, Any]) -> None:
-    """One frame.  Raises OSError, RefusedError (too long)."""
-    sock.sendall(gatemsg.frame(message))
+def send(sock: socket.socket, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    """One frame; `fds` go with its first bytes.  Raises OSError, RefusedError
+    (too long)."""
+    data = gatemsg.frame(message)
+    if fds:
+        sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                      array.array("i", fds))])
+        data = data[sent:]
+    sock.sendall(data)
 
 
 def receive_message(sock: socket.socket, *, request: bool = True,
@@ -53,6 +67,40 @@ def receive_message(sock: socket.socket, *, request: bool = True,
 def receive(sock: socket.socket) -> dict[str, Any] | None:
     """The daemon's end reads replies the same way (they hold objects)."""
     return receive_message(sock, request=False)
+
+
+def receive_with_fds(sock: socket.socket, most: int) -> tuple[dict[str, Any] | None, list[int]]:
+    """A reply and the descriptors that came with it (at most `most`; more,
+    and none are kept: the kernel closed those beyond, and a reply that
+    carried them is not what was asked).  Raises as `receive_message`; on any
+    failure the descriptors received are closed."""
+    # (socket.recv_fds would drop the flags: descriptors inheritable until closed)
+    first, ancillary, flags, _ = sock.recvmsg(gatemsg.HEADER, socket.CMSG_SPACE(most * _INT),
+                                              socket.MSG_CMSG_CLOEXEC)
+    fds = array.array("i")
+    for level, kind, data in ancillary:
+        if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+            fds.frombytes(data[:len(data) - len(data) % _INT])
+    if flags & socket.MSG_CTRUNC:
+        close_all(fds)
+        fds = array.array("i")
+    if not first:
+        close_all(fds)
+        return None, []
+    try:
+        reply = receive_message(sock, request=False, start=first)
+    except BaseException:
+        close_all(fds)
+        raise
+    if reply is None:
+        close_all(fds)
+        return None, []
+    return reply, list(fds)
+
+
+def close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _exactly(sock: socket.socket, size: int, *, first: bool = False) -> bytes | None:

@@ -2,10 +2,11 @@
 "Privilege separation").
 
 It is the only code that touches the firewall.  It holds CAP_NET_ADMIN and
-nothing else, parses no packet, serves nothing, writes no event store; it
-carries out the typed requests of spa.server.gatemsg that the unprivileged
-daemon sends over a socketpair, after checking each against its own reading
-of the config.
+nothing else (and CAP_BPF while the eBPF map filter runs, to make the maps
+of its growth: spa.server.mapgrant), parses no packet, serves nothing,
+writes no event store; it carries out the typed requests of
+spa.server.gatemsg that the unprivileged daemon sends over a socketpair,
+after checking each against its own reading of the config.
 
 Invariants:
 - A grant names a service of the gate keeper's config (its port and protocol,
@@ -38,7 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spa.backends.base import Backend, Held, reconcile
 from spa.core.leases import Allow, Remove
@@ -48,8 +49,12 @@ from spa.server import frames, gatemsg
 from spa.server.errors import LocalError
 from spa.server.events import Event
 from spa.server.frames import receive_message
-from spa.server.gatemsg import Apply, Reconcile, RefusedError, Simple, Start
+from spa.server.gatemsg import Apply, Reconcile, RefusedError, Simple, Start, TagMap
 from spa.server.guard import Guard
+from spa.server.mapgrant import MapGrants
+
+if TYPE_CHECKING:
+    from spa.kernel.tagkit import Kit
 
 SLACK = 2.0  # seconds a grant may end after now + max_duration (the two clocks' read order)
 MAX_GRANTS = 1_000_000  # grants held at once (issue 14's 100,000 clients, with room)
@@ -64,8 +69,11 @@ class GateKeeper:
 
     def __init__(self, backend: Backend, *, config_path: Path,
                  services: Mapping[str, Service], clock: Clock, log: Log,
-                 read_services: Callable[[Path], Mapping[str, Service]] | None = None) -> None:
+                 read_services: Callable[[Path], Mapping[str, Service]] | None = None,
+                 maps: MapGrants | None = None) -> None:
+        """`maps`: the tag maps it makes (None: none, no eBPF map filter runs)."""
         self.backend = backend
+        self.maps = maps
         self.config_path = config_path
         self.clock, self.log = clock, log
         self.lock = threading.Lock()
@@ -88,18 +96,38 @@ class GateKeeper:
 
     def handle(self, message: dict[str, Any]) -> dict[str, Any]:
         """One request's reply: {"ok": ...}, {"error": line} for a firewall
-        failure, {"refused": why} for a request it will not carry out."""
+        failure, {"refused": why} for a request it will not carry out.  (A
+        tag map's descriptors go only with `answer`'s; here they are closed.)"""
+        reply, kit = self.answer(message)
+        if kit is not None:
+            kit.close()
+        return reply
+
+    def answer(self, message: dict[str, Any]) -> tuple[dict[str, Any], Kit | None]:
+        """`handle`'s reply and, for a tag map, the kit whose descriptors go
+        with it (the caller closes it once sent)."""
         try:
             request = gatemsg.parse_request(message)
-            return {"ok": self._carry_out(request)}
+            if isinstance(request, TagMap):
+                kit = self._tag_map(request)
+                return {"ok": {"entries": request.entries}}, kit
+            return {"ok": self._carry_out(request)}, None
         except RefusedError as exc:
             self.log(f"error gate keeper refused a request: {exc}")
-            return {"refused": str(exc)}
+            return {"refused": str(exc)}, None
         except LocalError as exc:
-            return {"error": str(exc)}
+            return {"error": str(exc)}, None
         except Exception as exc:  # a bug: said, never the gate keeper's end
             self.log(f"error gate keeper failed a request: {type(exc).__name__}: {exc}")
-            return {"error": f"the gate keeper failed: {type(exc).__name__}"}
+            return {"error": f"the gate keeper failed: {type(exc).__name__}"}, None
+
+    def _tag_map(self, request: TagMap) -> Kit:
+        if self.maps is None:
+            raise RefusedError("tagmap: no eBPF map filter runs here, so no maps are made")
+        kit = self.maps.grant(request)
+        self.log(f"gate keeper made a tag map of {request.entries} entries and its program "
+                 f"for the daemon ({request.mode} on port {request.port})")
+        return kit
 
     def _carry_out(self, request: gatemsg.Request) -> Any:
         if isinstance(request, Start):
@@ -287,16 +315,20 @@ def serve(keeper: GateKeeper, sock: socket.socket, stop: threading.Event) -> Non
             except RefusedError as exc:  # a whole frame that is no message: say so, go on
                 keeper.log(f"error gate keeper refused a request: {exc}")
                 reply: dict[str, Any] = {"refused": str(exc)}
+                kit = None
             except OSError:
                 break  # the socket failed: the daemon is gone
             else:
                 if message is None:
                     break
-                reply = keeper.handle(message)
+                reply, kit = keeper.answer(message)
             try:
-                frames.send(sock, reply)
+                frames.send(sock, reply, kit.fds if kit is not None else ())
             except (OSError, RefusedError):
                 break
+            finally:
+                if kit is not None:
+                    kit.close()  # the daemon holds its own copies now
     finally:
         if not keeper.stopped:  # gone without asking: a crash, or a daemon not to trust
             _outlive(keeper)
