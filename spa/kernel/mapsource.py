@@ -96,6 +96,26 @@ class MapFiltered:
         self._tagmap = tagmap
         return f"eBPF tag map reserved for {tagmap.capacity} tags"
 
+    def make_room(self, coming: int) -> str:
+        """Room in the map filter for `coming` more tags now, growing it if
+        they would not fit (spa.server.daemon, outside the receive thread,
+        before a change it hands that thread; its delta then needs no
+        growth).  Returns a line for the log, "" when nothing was needed.  A
+        growth that cannot be made leaves the map as it is (every live tag
+        in it): the change that does not fit then falls back to the classic
+        filter, without asking the gate keeper again."""
+        tagmap = self._tagmap
+        if tagmap is None or coming <= 0:
+            return ""
+        grown = (tagmap.grown, tagmap.handed)
+        try:
+            if not tagmap.make_room(coming):
+                return ""
+        except OSError as exc:
+            return (f"eBPF map filter cannot make room for {coming} more tags ({exc}); the "
+                    "classic filter takes over at the change")
+        return map_note(tagmap, grown)
+
     def replace_tags(self, tags: Sequence[bytes], nonces: Sequence[bytes] = (),
                      shut: Shut | None = None) -> str:
         """The whole set of live tags (a start, a reload, a clock jump).

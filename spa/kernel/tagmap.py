@@ -16,7 +16,8 @@ Invariants:
   changes the maps in place when the set fits.  A growth without it asks
   `hand` (the gate keeper, spa.server.mapgrant) for the kit, never for less
   than twice the room; without `hand`, or when it refuses or fails, it
-  raises OSError (the source falls back to the classic filter).
+  raises OSError (the source falls back to the classic filter), and after
+  one refusal it never asks again.
 Nonces and shut pairs that do not fit their maps are left out (they pass
 as if not blocked or not shut), as in the classic program.
 """
@@ -101,6 +102,7 @@ class TagMapFilter:
         self._sock, self._port = sock, port
         self._kit: Kit | None = None
         self.hand: Hand | None = None
+        self.refused: NotHandedError | None = None  # what `hand` said, once
         self.tags: dict[bytes, bool] = {}  # live tag -> shut
         self.nonces: set[bytes] = set()
         self.pairs: set[bytes] = set()  # the shut map's keys
@@ -182,17 +184,31 @@ class TagMapFilter:
         self._rebuild(kit, self.tags, self.nonces, self.pairs)
         self.grown += 1
 
+    def make_room(self, coming: int) -> bool:
+        """Room for `coming` more tags than it holds: a growth now if they
+        would not fit (for a caller that must not grow later: the receive
+        thread).  True if it grew.  Raises as `update`."""
+        peak = len(self.tags) + coming
+        if peak <= self.capacity:
+            return False
+        self._grow(peak)
+        return True
+
     def _handed(self, peak: int, denied: BpfError) -> Kit:
         """A kit for `peak` (more than the room) from `hand`.  Raises
-        `denied` without one, NotHandedError when it refuses or fails."""
+        `denied` without one, NotHandedError when it refuses or fails, and
+        then again at once for every later growth (`hand` is asked once)."""
         if self.hand is None:
             raise denied
+        if self.refused is not None:
+            raise self.refused
         size = self.grown_size(peak)
         try:
             kit = self.hand(size)
         except (OSError, LocalError) as exc:
-            raise NotHandedError(f"no tag map of {size} entries from the gate keeper: {exc}"
-                            ) from None
+            self.refused = NotHandedError(f"no tag map of {size} entries from the gate "
+                                          f"keeper: {exc}")
+            raise self.refused from None
         self.handed += 1
         return kit
 

@@ -183,3 +183,32 @@ def test_over_the_socketpair_a_growth_gets_the_gate_keepers_kit(
         ours.close()
         thread.join(timeout=5)
         theirs.close()
+
+
+@pytest.mark.parametrize("refuse", ["", "tagmap: over the most"], ids=["made", "refused"])
+def test_room_made_ahead_leaves_the_change_nothing_to_grow(drop: Callable[[], None],
+                                                          refuse: str) -> None:
+    """The daemon makes room outside the receive thread (housekeeping, before
+    a store change's delta): the delta then fits; a refusal there leaves the
+    map whole, and the delta that does not fit falls back without asking."""
+    keeper = FakeKeeper(refuse)
+    source = UdpSource("127.0.0.1", 0)
+    try:
+        source.replace_tags(tags(20))
+        drop()
+        source.hand_maps(keeper)
+        assert source.make_room(10) == "", "it fits: nothing to do"
+        note = source.make_room(100)
+        assert keeper.asked == [256]
+        if not refuse:
+            assert note.endswith("(room for 256; grown, its maps made by the gate keeper)")
+            source.update_tags(tags(100), [])
+            assert keeper.asked == [256] and source.filter_kind() == "ebpf map"
+            return
+        assert note.startswith("eBPF map filter cannot make room for 100 more tags (no tag "
+                               "map of 256 entries from the gate keeper: "), note
+        assert source.kernel_map and source.map_room == ROOM, "the map as it was"
+        note = source.update_tags(tags(100), [])
+        assert "classic kernel filter on 120 tags" in note and keeper.asked == [256]
+    finally:
+        source.close()
