@@ -14,11 +14,18 @@ filter (port-only past its ~811 tags) and serves on.
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-from spa.server.privsep import capabilities
-from tests.netns.conftest import SRV4, Spa
+import pytest
+
+from spa.server.privsep import CAP_BPF, CAP_NET_ADMIN, capabilities
+from tests.netns.conftest import SRV4, Spa, World
+from tests.netns.test_privsep import children
 from tests.netns.test_scale_steps import populate
 from tests.netns.test_ssh_e2e import enroll_alice
 
@@ -81,3 +88,43 @@ def test_a_growth_the_gate_keeper_refuses_falls_back_to_the_classic_filter(spa: 
     knock_as_a_new_client(spa)
     assert [line for line in spa.lines if line.startswith("error gate keeper refused")
             ] == refusals, "the gate keeper was asked once"
+
+
+@pytest.mark.usefixtures("checkout_reachable_by_others")
+def test_as_the_unit_runs_it_the_gate_keeper_keeps_cap_bpf_and_grows_the_map(
+        world: World) -> None:
+    """As contrib/systemd/spa-server.service runs it: not root, CAP_NET_ADMIN,
+    CAP_NET_RAW and CAP_BPF ambient.  The daemon drops them all; the gate
+    keeper keeps CAP_NET_ADMIN and CAP_BPF (not ambient: nft never gets it)
+    and makes the grown map's kit."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux)")
+    root = Path(tempfile.mkdtemp(prefix="spa-unit-"))
+    os.chmod(root, 0o755)
+    spa = Spa(world, root)
+    try:
+        spa.admin("init", "--listen-port", "62201", "--state-dir", str(root / "state"),
+                  "--service", "ssh", "--service", "https")
+        enroll_alice(spa)
+        (root / "state").mkdir(mode=0o700, exist_ok=True)
+        for path in (spa.config, root / "state", *(root / "state").iterdir()):
+            os.chown(path, 65534, 65534)
+        caps = "+net_admin,+net_raw,+bpf"
+        spa.start(prefix=("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                          f"--inh-caps=-all,{caps}", f"--ambient-caps=-all,{caps}",
+                          f"--bounding-set=-all,{caps}", "--"))
+        assert spa.proc is not None
+        assert capabilities(spa.proc.pid).effective == 0
+        (keeper,) = children(spa.proc.pid)
+        held = capabilities(keeper)
+        assert held.effective == held.permitted == 1 << CAP_NET_ADMIN | 1 << CAP_BPF, held
+        assert held.ambient == 1 << CAP_NET_ADMIN
+        enroll_many_while_it_runs(spa)
+        assert any("grown, its maps made by the gate keeper" in line for line in spa.lines), (
+            spa.lines[-10:])
+        assert "eBPF map of every live knock tag" in spa.admin("status").stdout
+        knock_as_a_new_client(spa)
+    finally:
+        spa.stop()
+        world.srv.run("nft", "delete", "table", "inet", "spa", check=False)
+        shutil.rmtree(root, ignore_errors=True)
