@@ -14,12 +14,8 @@ filter (port-only past its ~811 tags) and serves on.
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
@@ -27,7 +23,7 @@ from spa.server.privsep import CAP_BPF, CAP_NET_ADMIN, capabilities
 from tests.netns.conftest import SRV4, Spa, World
 from tests.netns.test_privsep import children
 from tests.netns.test_scale_steps import populate
-from tests.netns.test_ssh_e2e import enroll_alice
+from tests.netns.test_ssh_e2e import as_the_service_user, enroll_alice
 
 MORE = 25_000  # clients enrolled while it runs: 75,000 tags or more, past the 65,536 room
 JUNK = ("import os,socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
@@ -97,22 +93,7 @@ def test_as_the_unit_runs_it_the_gate_keeper_keeps_cap_bpf_and_grows_the_map(
     CAP_NET_RAW and CAP_BPF ambient.  The daemon drops them all; the gate
     keeper keeps CAP_NET_ADMIN and CAP_BPF (not ambient: nft never gets it)
     and makes the grown map's kit."""
-    if shutil.which("setpriv") is None:
-        pytest.skip("needs setpriv (util-linux)")
-    root = Path(tempfile.mkdtemp(prefix="spa-unit-"))
-    os.chmod(root, 0o755)
-    spa = Spa(world, root)
-    try:
-        spa.admin("init", "--listen-port", "62201", "--state-dir", str(root / "state"),
-                  "--service", "ssh", "--service", "https")
-        enroll_alice(spa)
-        (root / "state").mkdir(mode=0o700, exist_ok=True)
-        for path in (spa.config, root / "state", *(root / "state").iterdir()):
-            os.chown(path, 65534, 65534)
-        caps = "+net_admin,+net_raw,+bpf"
-        spa.start(prefix=("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                          f"--inh-caps=-all,{caps}", f"--ambient-caps=-all,{caps}",
-                          f"--bounding-set=-all,{caps}", "--"))
+    with as_the_service_user(world, "+net_admin,+net_raw,+bpf") as spa:
         assert spa.proc is not None
         assert capabilities(spa.proc.pid).effective == 0
         (keeper,) = children(spa.proc.pid)
@@ -124,7 +105,3 @@ def test_as_the_unit_runs_it_the_gate_keeper_keeps_cap_bpf_and_grows_the_map(
             spa.lines[-10:])
         assert "eBPF map of every live knock tag" in spa.admin("status").stdout
         knock_as_a_new_client(spa)
-    finally:
-        spa.stop()
-        world.srv.run("nft", "delete", "table", "inet", "spa", check=False)
-        shutil.rmtree(root, ignore_errors=True)
