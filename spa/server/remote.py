@@ -22,7 +22,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from spa.backends.base import Change, Held
@@ -38,6 +38,7 @@ from spa.server.events import Event
 from spa.server.frames import close_all, receive, receive_with_fds
 from spa.server.gatemsg import Apply, Reconcile, Simple, Start, TagMap
 from spa.server.guard import GateState
+from spa.server.monitor import GateKeeper, serve
 
 TIMEOUT = 60.0  # seconds a reply may take (an iptables restore of many grants)
 CLOSE_WAIT = 10.0  # seconds the gate keeper may take to stop after our end closes
@@ -211,3 +212,21 @@ class RemoteGuard:
             self._on_change(state)
         if reply["foreign"]:
             self._on_foreign()
+
+
+@contextlib.contextmanager
+def serving_here(keeper: GateKeeper) -> Iterator[RemoteGate]:
+    """A gate keeper answering in a thread of this process over a real
+    socketpair, and the daemon's end of it: the split without the fork, for
+    tests and benchmarks.  On leaving, both ends close and the thread ends."""
+    ours, theirs = socket.socketpair()
+    stop = threading.Event()
+    thread = threading.Thread(target=serve, args=(keeper, theirs, stop), daemon=True)
+    thread.start()
+    try:
+        yield RemoteGate(ours)
+    finally:
+        stop.set()
+        ours.close()
+        thread.join(timeout=5)
+        theirs.close()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,11 +21,10 @@ from spa.kernel import tagkit, tagmap
 from spa.kernel.bpf import BpfError
 from spa.kernel.tagkit import Kit
 from spa.kernel.tagmap import NotHandedError, TagMapFilter
-from spa.server import monitor
 from spa.server.errors import LocalError
 from spa.server.mapgrant import MapGrants
 from spa.server.monitor import GateKeeper
-from spa.server.remote import RemoteGate
+from spa.server.remote import serving_here
 from spa.server.sources import UdpSource
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="real maps need root (CAP_BPF)")
@@ -158,31 +156,23 @@ def test_over_the_socketpair_a_growth_gets_the_gate_keepers_kit(
         drop: Callable[[], None]) -> None:
     """The real gate keeper's side (MapGrants making real maps, serve) and
     the daemon's (RemoteGate.tag_map as the source's hand)."""
-    ours, theirs = socket.socketpair()
     source = UdpSource("127.0.0.1", 0)
     keeper = GateKeeper(MemoryBackend(), config_path=Path("/nonexistent"), services={},
                         clock=lambda: 0.0, log=lambda line: None,
                         maps=MapGrants("udp", source.port, ROOM))
-    stop = threading.Event()
-    thread = threading.Thread(target=monitor.serve, args=(keeper, theirs, stop), daemon=True)
-    thread.start()
-    gate = RemoteGate(ours)
-    try:
-        source.replace_tags(tags(20))
-        drop()
-        assert source.hand_maps(lambda entries: gate.tag_map("udp", source.port, entries))
-        note = source.update_tags(tags(100), [])
-        assert note.endswith("(room for 256; grown, its maps made by the gate keeper)"), note
-        assert source.kernel_map and source.map_room == 256
-        assert keeper.maps is not None and keeper.maps.room == 256
-        with pytest.raises(LocalError, match="do not double the room made"):
-            gate.tag_map("udp", source.port, 256)
-    finally:
-        source.close()
-        stop.set()
-        ours.close()
-        thread.join(timeout=5)
-        theirs.close()
+    with serving_here(keeper) as gate:
+        try:
+            source.replace_tags(tags(20))
+            drop()
+            assert source.hand_maps(lambda entries: gate.tag_map("udp", source.port, entries))
+            note = source.update_tags(tags(100), [])
+            assert note.endswith("(room for 256; grown, its maps made by the gate keeper)"), note
+            assert source.kernel_map and source.map_room == 256
+            assert keeper.maps is not None and keeper.maps.room == 256
+            with pytest.raises(LocalError, match="do not double the room made"):
+                gate.tag_map("udp", source.port, 256)
+        finally:
+            source.close()
 
 
 @pytest.mark.parametrize("refuse", ["", "tagmap: over the most"], ids=["made", "refused"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import socket
 import stat
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -20,12 +19,12 @@ from hypothesis import strategies as st
 
 from spa.backends.memory import MemoryBackend
 from spa.kernel.tagkit import Kit
-from spa.server import frames, gatemsg, monitor
+from spa.server import frames, gatemsg
 from spa.server.errors import LocalError
 from spa.server.gatemsg import MAX_TAG_MAP, RefusedError, TagMap
 from spa.server.mapgrant import CAP_VARIABLE, MapGrants, most_from
 from spa.server.monitor import GateKeeper
-from spa.server.remote import RemoteGate
+from spa.server.remote import RemoteGate, serving_here
 from tests.unit.test_privsep import SSH, Clock
 
 PORT = 62201
@@ -183,17 +182,9 @@ def test_a_tag_map_is_answered_with_its_kit_and_handle_closes_it() -> None:
 
 @pytest.fixture
 def remote() -> Iterator[tuple[RemoteGate, FakeMaker]]:
-    ours, theirs = socket.socketpair()
     maps, maker = grants()
-    gate, _ = keeper(maps)
-    stop = threading.Event()
-    thread = threading.Thread(target=monitor.serve, args=(gate, theirs, stop), daemon=True)
-    thread.start()
-    yield RemoteGate(ours), maker
-    stop.set()
-    ours.close()
-    thread.join(timeout=5)
-    theirs.close()
+    with serving_here(keeper(maps)[0]) as gate:
+        yield gate, maker
 
 
 def test_the_descriptors_cross_the_socketpair_and_the_gate_keeper_keeps_none(
