@@ -226,3 +226,17 @@ def test_more_descriptors_than_asked_are_none_kept() -> None:
         frames.close_all([fd for pair in ends for fd in pair])
         ours.close()
         theirs.close()
+
+
+def test_descriptors_a_daemon_attaches_to_a_request_are_never_installed(
+        remote: tuple[RemoteGate, FakeMaker]) -> None:
+    """The gate keeper reads requests with plain recv: a descriptor sent with
+    one (SCM_RIGHTS) is closed by the kernel, never in its table (the keeper
+    serves in this process here, so its table is this one's)."""
+    gate, _ = remote
+    read, write = os.pipe()
+    before = len(os.listdir("/proc/self/fd"))
+    frames.send(gate._sock, {"kind": "held"}, [read, write])
+    assert frames.receive(gate._sock) == {"ok": []}
+    assert len(os.listdir("/proc/self/fd")) == before
+    frames.close_all([read, write])
