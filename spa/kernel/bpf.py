@@ -5,9 +5,10 @@ Invariants:
   verifier refused, the first lines of its log); nothing here logs.
 - Batch updates and deletes fall back to one call per element where the
   kernel lacks them (EINVAL, ENOTSUPP, EOPNOTSUPP: before 5.6).
-- Map updates, deletes and lookups go through a file descriptor and need no
-  capability (kernel 6.x); creating a map and loading a program need CAP_BPF
-  (or CAP_SYS_ADMIN) where kernel.unprivileged_bpf_disabled is set.
+- Map updates, deletes and lookups, and what a map or program is, go
+  through a file descriptor and need no capability (kernel 6.x); creating a
+  map and loading a program need CAP_BPF (or CAP_SYS_ADMIN) where
+  kernel.unprivileged_bpf_disabled is set.
 - The ctypes `syscall` releases the GIL, and a batch goes in chunks of at
   most BATCH keys: no C call here holds the GIL long (joining 10^5 keys in
   one piece held it 9.5 ms, a stall of the receive thread at every step).
@@ -22,12 +23,14 @@ import platform
 import socket
 import struct
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 SYSCALL_BPF = {"x86_64": 321, "aarch64": 280}  # __NR_bpf per architecture
 # commands (linux/bpf.h, enum bpf_cmd)
 MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = 0, 1, 2, 3, 4
 PROG_LOAD = 5
 PROG_TEST_RUN = 10  # run a loaded program on given bytes (benchmarks, tests)
+OBJ_GET_INFO_BY_FD = 15  # what a map or program fd is (no capability needed)
 MAP_UPDATE_BATCH, MAP_DELETE_BATCH = 26, 27
 MAP_TYPE_HASH = 1  # BPF_MAP_TYPE_HASH
 PROG_TYPE_SOCKET_FILTER = 1  # BPF_PROG_TYPE_SOCKET_FILTER
@@ -80,6 +83,34 @@ def _address(buffer: ctypes.Array[ctypes.c_char] | None) -> int:
     return 0 if buffer is None else ctypes.addressof(buffer)
 
 
+class MapInfo(NamedTuple):
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+
+
+def _info(fd: int, size: int, what: str) -> bytes:
+    """The first `size` bytes of a map's or program's info."""
+    info = ctypes.create_string_buffer(size)
+    _call(OBJ_GET_INFO_BY_FD, _attr("=IIQ", fd, size, ctypes.addressof(info)), what)
+    return info.raw
+
+
+def map_info(fd: int) -> MapInfo:
+    """What the map behind `fd` is (struct bpf_map_info: type, id, key_size,
+    value_size, max_entries).  Raises BpfError (EINVAL: not a map)."""
+    kind, _, key_size, value_size, entries = struct.unpack("=5I", _info(fd, 20, "bpf map info"))
+    return MapInfo(kind, key_size, value_size, entries)
+
+
+def program_type(fd: int) -> int:
+    """The type of the program behind `fd` (struct bpf_prog_info's first
+    field).  Raises BpfError (EINVAL: not a program)."""
+    kind: int = struct.unpack("=I", _info(fd, 4, "bpf program info"))[0]
+    return kind
+
+
 class HashMap:
     """A BPF_MAP_TYPE_HASH of fixed-size keys and values, owned by its fd."""
 
@@ -89,6 +120,20 @@ class HashMap:
         struct.pack_into("16s", attr, 28, name.encode()[:15])  # map_name, after numa_node
         self.fd = _call(MAP_CREATE, attr, "bpf map create")
         self.key_size, self.value_size, self.max_entries = key_size, value_size, max_entries
+
+    @classmethod
+    def adopt(cls, fd: int, key_size: int, value_size: int) -> HashMap:
+        """The hash map behind `fd` (made by another process, handed over),
+        owned from now on.  Raises BpfError (EINVAL) if it is not a hash map
+        of these sizes; `fd` is then still the caller's."""
+        info = map_info(fd)
+        if (info.type, info.key_size, info.value_size) != (MAP_TYPE_HASH, key_size, value_size):
+            raise BpfError(errno.EINVAL, f"handed map {info} is not a hash of {key_size}-byte "
+                                         f"keys and {value_size}-byte values")
+        found = cls.__new__(cls)
+        found.fd, found.key_size, found.value_size = fd, key_size, value_size
+        found.max_entries = info.max_entries
+        return found
 
     def _elem(self, cmd: int, key: bytes, value: ctypes.Array[ctypes.c_char] | None,
               what: str) -> None:

@@ -7,9 +7,10 @@ Invariants:
   it falls back to the classic `set_tags` (which itself falls back to the
   port-only filter past its capacity), and `kernel_map` is False.
 - `update_tags` needs the map filter (LocalError otherwise); a change it
-  cannot make in the maps (a growth without CAP_BPF, kernel memory) falls
-  back to the classic filter on the whole resulting set, never leaving a
-  filter that drops a live tag.
+  cannot make in the maps (a growth without CAP_BPF that the gate keeper
+  did not hand over, `hand_maps`; kernel memory) falls back to the classic
+  filter on the whole resulting set, never leaving a filter that drops a
+  live tag, until the next start.
 - Each returns one line for the log saying which filter runs, on how many
   tags.
 """
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 from spa.server.errors import LocalError
 
 if TYPE_CHECKING:  # (spa.server.sources imports this module)
-    from spa.kernel.tagmap import TagMapFilter
+    from spa.kernel.tagmap import Hand, TagMapFilter
     from spa.server.sources import Shut
 
 NO_EBPF = "SPA_NO_EBPF"  # =1: never try eBPF (tests of the classic fallback)
@@ -51,6 +52,21 @@ class MapFiltered:
     def filter_kind(self) -> str:
         """"ebpf map", "classic" or "port-only": what runs now."""
         return "ebpf map" if self._tagmap is not None else self._classic_kind
+
+    @property
+    def map_room(self) -> int:
+        """Tags the eBPF tag map has room for (0: it does not run)."""
+        return self._tagmap.capacity if self._tagmap is not None else 0
+
+    def hand_maps(self, hand: Hand) -> bool:
+        """From now on a growth of the running map filter that this process
+        cannot make (no CAP_BPF) asks `hand` for the kit (spa.server.runner:
+        the gate keeper).  False, and nothing asked ever, when no map filter
+        runs (after a fallback it stays classic until the next start)."""
+        if self._tagmap is None:
+            return False
+        self._tagmap.hand = hand
+        return True
 
     def _classic(self, note: str) -> str:
         self._classic_kind = "port-only" if ("port-only" in note
@@ -80,6 +96,26 @@ class MapFiltered:
         self._tagmap = tagmap
         return f"eBPF tag map reserved for {tagmap.capacity} tags"
 
+    def make_room(self, coming: int) -> str:
+        """Room in the map filter for `coming` more tags now, growing it if
+        they would not fit (spa.server.daemon, outside the receive thread,
+        before a change it hands that thread; its delta then needs no
+        growth).  Returns a line for the log, "" when nothing was needed.  A
+        growth that cannot be made leaves the map as it is (every live tag
+        in it): the change that does not fit then falls back to the classic
+        filter, without asking the gate keeper again."""
+        tagmap = self._tagmap
+        if tagmap is None or coming <= 0:
+            return ""
+        grown = (tagmap.grown, tagmap.handed)
+        try:
+            if not tagmap.make_room(coming):
+                return ""
+        except OSError as exc:
+            return (f"eBPF map filter cannot make room for {coming} more tags ({exc}); the "
+                    "classic filter takes over at the change")
+        return map_note(tagmap, grown)
+
     def replace_tags(self, tags: Sequence[bytes], nonces: Sequence[bytes] = (),
                      shut: Shut | None = None) -> str:
         """The whole set of live tags (a start, a reload, a clock jump).
@@ -92,6 +128,7 @@ class MapFiltered:
         fresh = tagmap is None
         if tagmap is None:
             tagmap = TagMapFilter(self._sock, self._map_port)
+        grown = (tagmap.grown, tagmap.handed)
         try:
             tagmap.replace(tags, nonces, shut)
         except OSError as exc:
@@ -99,7 +136,7 @@ class MapFiltered:
                 tagmap.close()
             return self._fallback(tags, nonces, shut, f"eBPF map filter not loaded ({exc})")
         self._tagmap = tagmap
-        return map_note(tagmap)
+        return map_note(tagmap, grown)
 
     def update_tags(self, added: Sequence[bytes], removed: Sequence[bytes],
                     nonces: Sequence[bytes] = (), shut: Shut | None = None) -> str:
@@ -110,6 +147,7 @@ class MapFiltered:
         if tagmap is None:
             raise LocalError("update_tags without the eBPF map filter; call replace_tags "
                              "(and check kernel_map) first")
+        grown = (tagmap.grown, tagmap.handed)
         try:
             tagmap.update(added, removed, nonces, shut)
         except OSError as exc:
@@ -118,7 +156,7 @@ class MapFiltered:
             tags += [t for t in added if t not in tagmap.tags]
             return self._fallback(tags, nonces, shut,
                                   f"eBPF map filter cannot take the change ({exc})")
-        return map_note(tagmap)
+        return map_note(tagmap, grown)
 
     def _fallback(self, tags: Sequence[bytes], nonces: Sequence[bytes], shut: Shut | None,
                   reason: str) -> str:
@@ -127,12 +165,18 @@ class MapFiltered:
             f"{reason}; {note}")
 
 
-def map_note(tagmap: TagMapFilter) -> str:
+def map_note(tagmap: TagMapFilter, before: tuple[int, int] = (0, 0)) -> str:
+    """The log line; `before`: (grown, handed) before the change, to say a
+    growth and who made its map."""
     from spa.server.sources import filter_note
 
     shut: dict[bytes, list[str]] = {}
     for key in tagmap.pairs:
         shut.setdefault(key[:8], []).append(key[8:].hex())
     note = filter_note(list(tagmap.tags), sorted(tagmap.nonces), shut)
+    grew = ""
+    if tagmap.grown > before[0]:
+        grew = "; grown, its maps made by the gate keeper" if tagmap.handed > before[1] else (
+            "; grown")
     return note.replace("kernel filter", "eBPF map filter", 1) + (
-        f" (room for {tagmap.capacity})")
+        f" (room for {tagmap.capacity}{grew})")

@@ -9,11 +9,15 @@ Invariants:
   tag's sources before its flag, and a new program replaces the old on the
   socket atomically (SO_ATTACH_BPF), the old closed only after.
 - The tag map has room for at least twice the tags (MIN_ENTRIES at least);
-  an update that would not fit grows it: a new map of twice the size,
-  filled from Python's copy, a new program, attached, then the old closed.
+  an update that would not fit grows it: a new kit (spa.kernel.tagkit: the
+  three maps, the tag map twice the size or more, and their program),
+  filled from Python's copy, attached, then the old kit closed.
 - Creating maps or loading a program needs CAP_BPF: `replace` without it
-  changes the maps in place when the set fits, and a growth without it
-  raises BpfError (the source falls back to the classic filter).
+  changes the maps in place when the set fits.  A growth without it asks
+  `hand` (the gate keeper, spa.server.mapgrant) for the kit, never for less
+  than twice the room; without `hand`, or when it refuses or fails, it
+  raises OSError (the source falls back to the classic filter), and after
+  one refusal it never asks again.
 Nonces and shut pairs that do not fit their maps are left out (they pass
 as if not blocked or not shut), as in the classic program.
 """
@@ -22,32 +26,21 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import os
 import socket
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Sequence
 
-from spa.kernel.bpf import BpfError, HashMap, attach, load_program
-from spa.kernel.ebpf import (
-    ADDRESS_SIZE,
-    FLAG_SHUT,
-    NONCE_PREFIX,
-    SHUT_KEY,
-    TAG_SIZE,
-    VALUE_SIZE,
-    Maps,
-    capture_program,
-    encode,
-    udp_program,
-)
+from spa.kernel import tagkit
+from spa.kernel.bpf import BpfError, HashMap, attach
+from spa.kernel.ebpf import ADDRESS_SIZE, FLAG_SHUT, NONCE_PREFIX, SHUT_KEY, TAG_SIZE, VALUE_SIZE
+from spa.kernel.tagkit import NONCE_LIMIT, SHUT_LIMIT, Kit
+from spa.server.errors import LocalError
 from spa.server.sources import MAX_SHUT_SOURCES, Shut
 
 MIN_ENTRIES = 65536  # the tag map's least capacity: 1 MiB of buckets empty, 72 B per entry added
-NONCE_LIMIT = 4096  # replayed nonces blocked at most (the classic program: ~800)
-SHUT_LIMIT = 65536  # (shut tag, source) pairs at most: 4,096 tags x MAX_SHUT_SOURCES
-# the small maps hold twice their limit: an in-place change adds before it removes
-NONCE_ENTRIES, SHUT_ENTRIES = 2 * NONCE_LIMIT, 2 * SHUT_LIMIT
 GROWTH = 2  # capacity = GROWTH x the tags when created or grown
 _PLAIN, _SHUT = bytes(VALUE_SIZE), FLAG_SHUT.to_bytes(VALUE_SIZE, "little")
+# how this process makes a kit itself (a test or benchmark puts the dropped daemon's EPERM here)
+make_kit: Callable[[int | None, int], Kit] = tagkit.make
 _DENIED = (errno.EPERM, errno.EACCES)
 
 
@@ -94,19 +87,30 @@ def fit_nonces(nonces: Sequence[bytes]) -> set[bytes]:
     return {n[:NONCE_PREFIX] for n in nonces[:NONCE_LIMIT] if len(n) >= NONCE_PREFIX}
 
 
+Hand = Callable[[int], Kit]  # a kit whose tag map has this many entries, made elsewhere
+
+
+class NotHandedError(OSError):
+    """A growth without CAP_BPF that the process which may make maps (the
+    gate keeper) refused or failed (says why)."""
+
+
 class TagMapFilter:
     """The maps and the program for one socket.  `port` None: udp mode
-    (the program for a bound UDP socket), else capture mode on `port`."""
+    (the program for a bound UDP socket), else capture mode on `port`.
+    `hand`: where a growth without CAP_BPF gets its kit (None: nowhere)."""
 
     def __init__(self, sock: socket.socket, port: int | None) -> None:
         self._sock, self._port = sock, port
-        self._maps: tuple[HashMap, HashMap, HashMap] | None = None
-        self._prog = -1
+        self._kit: Kit | None = None
+        self.hand: Hand | None = None
+        self.refused: NotHandedError | None = None  # what `hand` said, once
         self.tags: dict[bytes, bool] = {}  # live tag -> shut
         self.nonces: set[bytes] = set()
         self.pairs: set[bytes] = set()  # the shut map's keys
         self.shut_tags: set[bytes] = set()  # the tags flagged FLAG_SHUT
         self.grown = 0  # times the tag map was grown
+        self.handed = 0  # of them, with a kit made elsewhere (`hand`)
 
     @property
     def kind(self) -> str:
@@ -114,7 +118,7 @@ class TagMapFilter:
 
     @property
     def capacity(self) -> int:
-        return self._maps[0].max_entries if self._maps else 0
+        return self._kit.tags.max_entries if self._kit else 0
 
     def reserve(self, tags: int) -> None:
         """Maps with room for `tags` tags (GROWTH x, MIN_ENTRIES at least)
@@ -122,34 +126,38 @@ class TagMapFilter:
         them (before the privilege drop: afterwards `replace` and `update`
         change them in place).  The program drops every knock until the
         first `replace`.  Raises BpfError (or OSError from the attach)."""
-        self._rebuild(max(MIN_ENTRIES, GROWTH * tags), {}, set(), set())
+        self._rebuild(make_kit(self._port, max(MIN_ENTRIES, GROWTH * tags)), {}, set(), set())
 
     def replace(self, tags: Sequence[bytes], nonces: Sequence[bytes] = (),
                 shut: Shut | None = None) -> None:
-        """The whole set: new maps and program, attached atomically; without
-        CAP_BPF (EPERM) and maps with room, the maps changed in place.
-        Raises BpfError (or OSError from the attach)."""
+        """The whole set: a new kit, attached atomically; without CAP_BPF
+        (EPERM) the maps changed in place when the set fits, else a kit from
+        `hand` (a growth).  Raises OSError (BpfError, NotHandedError, the attach)."""
         wanted = dict.fromkeys(tags, False)
         pairs = shut_pairs(wanted, shut)
         for key in pairs:
             wanted[key[:TAG_SIZE]] = True
+        fitted, grows = fit_nonces(nonces), False
         try:
-            self._rebuild(max(MIN_ENTRIES, GROWTH * len(wanted)), wanted, fit_nonces(nonces),
-                          pairs)
+            kit = make_kit(self._port, max(MIN_ENTRIES, GROWTH * len(wanted)))
         except BpfError as exc:
-            new = [t for t in wanted if t not in self.tags]
-            if (exc.errno not in _DENIED or self._maps is None
-                    or len(self.tags) + len(new) > self.capacity):
+            if exc.errno not in _DENIED or self._kit is None:
                 raise
-            self._change(new, {t for t in self.tags if t not in wanted}, fit_nonces(nonces),
-                         pairs)
+            new = [t for t in wanted if t not in self.tags]
+            peak = len(self.tags) + len(new)  # in place, additions go in before removals
+            if peak <= self.capacity:
+                self._change(new, {t for t in self.tags if t not in wanted}, fitted, pairs)
+                return
+            kit, grows = self._handed(peak, exc), True
+        self._rebuild(kit, wanted, fitted, pairs)
+        self.grown += grows
 
     def update(self, added: Sequence[bytes], removed: Sequence[bytes],
                nonces: Sequence[bytes] = (), shut: Shut | None = None) -> None:
         """Add and remove tags (batches; the cost is the change's, not the
         set's); `nonces` and `shut` are the whole current lists.  Grows the
-        tag map when it would overflow.  Raises BpfError (EPERM: a growth
-        without CAP_BPF)."""
+        tag map when it would overflow.  Raises OSError (a growth without
+        CAP_BPF that `hand` did not make: NotHandedError, or EPERM without it)."""
         coming = set(added)  # (a dict of 10^5 held the GIL 8 ms; a set, 3)
         gone = {t for t in removed if t in self.tags and t not in coming}
         new = [t for t in coming if t not in self.tags]
@@ -159,44 +167,68 @@ class TagMapFilter:
         self._change(new, gone, fit_nonces(nonces), shut_pairs(_Live(self.tags, gone, coming),
                                                                shut))
 
-    def _grow(self, peak: int) -> None:
-        assert self._maps is not None
-        size = self.capacity
+    def grown_size(self, peak: int) -> int:
+        """The tag map's entries for `peak` tags: the room doubled (GROWTH)
+        until it holds GROWTH x `peak`; from MIN_ENTRIES if none."""
+        size = max(self.capacity, MIN_ENTRIES)
         while size < GROWTH * peak:
             size *= GROWTH
-        fresh = HashMap(TAG_SIZE, VALUE_SIZE, size, "spa_tags")
+        return size
+
+    def _grow(self, peak: int) -> None:
+        assert self._kit is not None
         try:
-            _fill(fresh, self.tags)
-            prog = self._load(Maps(fresh.fd, self._maps[1].fd, self._maps[2].fd))
-        except BaseException:
-            fresh.close()
-            raise
-        old = self._maps[0]
-        self._maps = (fresh, self._maps[1], self._maps[2])
-        self._swap(prog)
-        old.close()
+            kit = make_kit(self._port, self.grown_size(peak))
+        except BpfError as exc:
+            if exc.errno not in _DENIED:
+                raise
+            kit = self._handed(peak, exc)
+        self._rebuild(kit, self.tags, self.nonces, self.pairs)
         self.grown += 1
 
-    def _rebuild(self, size: int, wanted: dict[bytes, bool], nonces: set[bytes],
-                 pairs: set[bytes]) -> None:
-        made: list[HashMap] = []
+    def make_room(self, coming: int) -> bool:
+        """Room for `coming` more tags than it holds: a growth now if they
+        would not fit (for a caller that must not grow later: the receive
+        thread).  True if it grew.  Raises as `update`."""
+        peak = len(self.tags) + coming
+        if peak <= self.capacity:
+            return False
+        self._grow(peak)
+        return True
+
+    def _handed(self, peak: int, denied: BpfError) -> Kit:
+        """A kit for `peak` (more than the room) from `hand`.  Raises
+        `denied` without one, NotHandedError when it refuses or fails, and
+        then again at once for every later growth (`hand` is asked once)."""
+        if self.hand is None:
+            raise denied
+        if self.refused is not None:
+            raise self.refused
+        size = self.grown_size(peak)
         try:
-            made.append(HashMap(TAG_SIZE, VALUE_SIZE, size, "spa_tags"))
-            made.append(HashMap(NONCE_PREFIX, VALUE_SIZE, NONCE_ENTRIES, "spa_nonces"))
-            made.append(HashMap(SHUT_KEY, VALUE_SIZE, SHUT_ENTRIES, "spa_shut"))
-            made[1].update_batch(list(nonces), [_PLAIN] * len(nonces))
-            made[2].update_batch(list(pairs), [_PLAIN] * len(pairs))
-            _fill(made[0], wanted)
-            prog = self._load(Maps(made[0].fd, made[1].fd, made[2].fd))
+            kit = self.hand(size)
+        except (OSError, LocalError) as exc:
+            self.refused = NotHandedError(f"no tag map of {size} entries from the gate "
+                                          f"keeper: {exc}")
+            raise self.refused from None
+        self.handed += 1
+        return kit
+
+    def _rebuild(self, kit: Kit, wanted: dict[bytes, bool], nonces: set[bytes],
+                 pairs: set[bytes]) -> None:
+        """Fill `kit` with the whole set, attach its program, close the old
+        kit (the old program runs until the new one does)."""
+        try:
+            kit.nonces.update_batch(list(nonces), [_PLAIN] * len(nonces))
+            kit.shut.update_batch(list(pairs), [_PLAIN] * len(pairs))
+            _fill(kit.tags, wanted)
+            attach(self._sock, kit.prog)
         except BaseException:
-            for m in made:
-                m.close()
+            kit.close()
             raise
-        old = self._maps
-        self._maps = (made[0], made[1], made[2])
-        self._swap(prog)
-        for m in old or ():
-            m.close()
+        old, self._kit = self._kit, kit
+        if old is not None:
+            old.close()
         self.tags, self.nonces, self.pairs = wanted, set(nonces), set(pairs)
         self.shut_tags = {p[:TAG_SIZE] for p in pairs}
 
@@ -204,8 +236,8 @@ class TagMapFilter:
                 pairs: set[bytes]) -> None:
         """In place, in an order that never drops a live tag: `new` tags in,
         the shut ones' sources before their flag, then `gone` out."""
-        assert self._maps is not None
-        tag_map, nonce_map, shut_map = self._maps
+        assert self._kit is not None
+        tag_map, nonce_map, shut_map = self._kit.tags, self._kit.nonces, self._kit.shut
         flagged = {p[:TAG_SIZE] for p in pairs}
         # (no sort, no one-piece copy of a step's tags: each such C call held
         # the GIL 8-31 ms at 10^5 tags, a stall of the receive thread)
@@ -224,50 +256,33 @@ class TagMapFilter:
         nonce_map.delete_batch(list(self.nonces - nonces))
         self.nonces = nonces
 
-    def _load(self, maps: Maps) -> int:
-        program = udp_program(maps) if self._port is None else capture_program(self._port, maps)
-        return load_program(encode(program), "spa_knock")
-
-    def _swap(self, prog: int) -> None:
-        try:
-            attach(self._sock, prog)
-        except OSError:
-            _close_fd(prog)
-            raise
-        _close_fd(self._prog)
-        self._prog = prog
+    def _maps(self) -> tuple[HashMap, HashMap, HashMap]:
+        assert self._kit is not None
+        return self._kit.tags, self._kit.nonces, self._kit.shut
 
     def map_keys(self) -> tuple[set[bytes], set[bytes], set[bytes]]:
         """What the kernel's maps hold (tags, nonces, shut pairs)."""
-        assert self._maps is not None
-        return tuple(set(m.all_keys()) for m in self._maps)  # type: ignore[return-value]
+        return tuple(set(m.all_keys()) for m in self._maps())  # type: ignore[return-value]
 
     def shut_flags(self) -> dict[bytes, bool]:
-        assert self._maps is not None
-        return {t: self._maps[0].lookup(t) == _SHUT for t in self._maps[0].all_keys()}
+        tag_map = self._maps()[0]
+        return {t: tag_map.lookup(t) == _SHUT for t in tag_map.all_keys()}
 
     def memlock(self) -> int:
         """Kernel memory charged for the three maps (bytes)."""
-        return sum(m.memlock() for m in self._maps or ())
+        return sum(m.memlock() for m in self._maps()) if self._kit else 0
 
     def close(self) -> None:
         """Close the maps and program fds (an attached program stays on the
         socket until replaced or the socket closes)."""
-        for m in self._maps or ():
-            m.close()
-        self._maps = None
-        _close_fd(self._prog)
-        self._prog = -1
+        if self._kit is not None:
+            self._kit.close()
+        self._kit = None
 
 
 def _fill(tag_map: HashMap, tags: dict[bytes, bool]) -> None:
     keys = list(tags)
     tag_map.update_batch(keys, [_SHUT if tags[t] else _PLAIN for t in keys])
-
-
-def _close_fd(fd: int) -> None:
-    if fd >= 0:
-        os.close(fd)
 
 
 assert ADDRESS_SIZE + TAG_SIZE == SHUT_KEY

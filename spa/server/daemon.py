@@ -142,6 +142,7 @@ class Server:
         self._replace_filter = threading.Event()
         self._tags_lock = threading.Lock()  # the tag table's mutations (spa.core.knock)
         self._filter_kind = "port-only"  # which kernel filter runs (`status`)
+        self._filter_room = 0  # and the eBPF tag map's room (a change is logged)
         # the receive thread's longest batch (seconds) and largest backlog,
         # said once a step when SPA_LOG_RECEIVE_PAUSE is set (benchmarks/bench_scale.py)
         self.receive_pause = 0.0
@@ -740,24 +741,29 @@ class Server:
                 note = (source.set_tags(tags, nonces, shut) if shut
                         else source.set_tags(tags, nonces))
             if not extras:
-                self._note_filter(note)
+                if self._note_filter(note):  # a growth, or a fallback: said once
+                    self.log(f"{self.config.mode} {note}")
                 return
         self.log(f"{self.config.mode} {note}")
         self._filter_nonces = nonces
         self._filter_shut = shut
         self._note_filter(note)
 
-    def _note_filter(self, note: str) -> None:
-        """Which kernel filter runs now, for `status` (written when it changes)."""
+    def _note_filter(self, note: str) -> bool:
+        """Which kernel filter runs now, for `status` (written when it
+        changes).  Whether it changed: its kind, or the eBPF map's room."""
         kind = getattr(self.source, "filter_kind", None)
         running = (str(kind()) if kind is not None
                    else "classic" if note.startswith("kernel filter on") else "port-only")
+        room = int(getattr(self.source, "map_room", 0))
+        grew, self._filter_room = room != self._filter_room, room
         if running == self._filter_kind:
-            return
+            return grew
         self._filter_kind = running
         if self._facts:
             self._facts = {**self._facts, "filter": running}
             self.state.write_server(self._facts)
+        return True
 
     def _shut_now(self, now: float) -> None:
         """Receive thread, in a flood (a batch mostly refused before any
@@ -950,7 +956,21 @@ class Server:
             self.log(f"reloaded clients={len(clients)} changed={len(before)} (from the "
                      f"store) keys added={len(changed)} removed={len(gone)}")
 
+        self._make_filter_room(len(changed))
         self._commands.append(switch)
+
+    def _make_filter_room(self, keys: int) -> None:
+        """Before new keys' tags go to the receive thread: an eBPF tag map
+        without room for them grows here, outside it (after the drop, with
+        the gate keeper's maps), so the delta it gives the kernel fits."""
+        make_room = getattr(self.source, "make_room", None)
+        if make_room is None or not keys:
+            return
+        with self._filter_lock:
+            note: str = make_room(keys * (2 * self.verifier.tags.skew + 3))  # tags a key may have
+            if note:
+                self.log(f"{self.config.mode} {note}")
+                self._note_filter(note)
 
     def _note_revoked(self, name: str, entry: ClientEntry, was: ClientEntry | None) -> None:
         """A revoke --close ends the client's leases now; a revoke says so."""

@@ -11,10 +11,12 @@ Invariants:
   MAX_FRAME is refused before it is read.
 - `parse_request` turns a frame into one of the request types below or raises
   RefusedError: an unknown kind, a missing or extra field, a wrong type, a
-  malformed address (a network, a zone, an unspecified or multicast address)
-  or a service name that is not a plain name.  Whether the service exists and
-  the time is allowed is the gate keeper's check against its own config
-  (spa.server.monitor), not this module's.
+  malformed address (a network, a zone, an unspecified or multicast address),
+  a service name that is not a plain name, or a tag map of a mode, port or
+  size out of range.  Whether the service exists and the time is allowed is
+  the gate keeper's check against its own config (spa.server.monitor), and
+  whether it makes that tag map is its own (spa.server.mapgrant), not this
+  module's.
 - Pure: no sockets here, only bytes in and values out (the edges frame them).
 """
 
@@ -36,6 +38,11 @@ HEADER = 4  # bytes of length before each frame
 # about 60 bytes each, so this bounds the gate keeper's memory per request too
 MAX_CHANGES = 250_000
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}\Z")  # a service name (spa.server.config)
+# The most entries a tag map request may name: 16,777,216 tags' room, 256 MiB of the
+# kernel's buckets empty (16 B each; 72 B more per entry filled).  The gate keeper may make
+# fewer (spa.server.mapgrant).
+MAX_TAG_MAP = 1 << 24
+MODES = ("capture", "udp")  # the packet sources a tag map's program is for
 
 
 class RefusedError(Exception):
@@ -70,7 +77,18 @@ class Reconcile:
     grants: tuple[Allow, ...]
 
 
-Request = Start | Apply | Reconcile | Simple
+@dataclass(frozen=True, slots=True)
+class TagMap:
+    """A new kit for the eBPF tag map filter (spa.kernel.tagkit): three maps,
+    the tag map of `entries`, and the gate keeper's own program for `mode`
+    on `port`, handed back as file descriptors (spa.server.mapgrant)."""
+
+    mode: str
+    port: int
+    entries: int
+
+
+Request = Start | Apply | Reconcile | Simple | TagMap
 SIMPLE = frozenset({"held", "drops", "gate", "check", "fold", "host", "stamp", "config",
                     "stop"})
 
@@ -118,6 +136,9 @@ def encode_request(request: Request) -> dict[str, Any]:
         return {"kind": "apply", "changes": [_change_out(c) for c in request.changes]}
     if isinstance(request, Reconcile):
         return {"kind": "reconcile", "grants": [_change_out(g) for g in request.grants]}
+    if isinstance(request, TagMap):
+        return {"kind": "tagmap", "mode": request.mode, "port": request.port,
+                "entries": request.entries}
     return {"kind": request.kind}
 
 
@@ -143,7 +164,24 @@ def parse_request(message: dict[str, Any]) -> Request:
         if len(grants) != len(found):
             raise RefusedError("reconcile: every item is an allow")
         return Reconcile(grants)
+    if kind == "tagmap":
+        return _tag_map(message)
     raise RefusedError(f"unknown request {str(kind)[:40]!r}")
+
+
+def _tag_map(message: dict[str, Any]) -> TagMap:
+    _fields(message, {"kind", "mode", "port", "entries"})
+    mode = message["mode"]
+    if not isinstance(mode, str) or mode not in MODES:
+        raise RefusedError(f"tagmap: mode is one of {', '.join(MODES)}")
+    return TagMap(mode, _integer(message["port"], 1, 65535, "tagmap: port"),
+                  _integer(message["entries"], 1, MAX_TAG_MAP, "tagmap: entries"))
+
+
+def _integer(value: object, least: int, most: int, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not least <= value <= most:
+        raise RefusedError(f"{what} is a whole number from {least} to {most}")
+    return value
 
 
 def _changes(message: dict[str, Any], field: str) -> tuple[Allow | Remove, ...]:

@@ -2,10 +2,11 @@
 "Privilege separation").
 
 It is the only code that touches the firewall.  It holds CAP_NET_ADMIN and
-nothing else, parses no packet, serves nothing, writes no event store; it
-carries out the typed requests of spa.server.gatemsg that the unprivileged
-daemon sends over a socketpair, after checking each against its own reading
-of the config.
+nothing else (and CAP_BPF while the eBPF map filter runs, to make the maps
+of its growth: spa.server.mapgrant), parses no packet, serves nothing,
+writes no event store; it carries out the typed requests of
+spa.server.gatemsg that the unprivileged daemon sends over a socketpair,
+after checking each against its own reading of the config.
 
 Invariants:
 - A grant names a service of the gate keeper's config (its port and protocol,
@@ -38,21 +39,25 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spa.backends.base import Backend, Held, reconcile
 from spa.core.leases import Allow, Remove
 from spa.core.policy import Service
 from spa.server import config as config_mod
-from spa.server import gatemsg
+from spa.server import frames, gatemsg
 from spa.server.errors import LocalError
 from spa.server.events import Event
-from spa.server.gatemsg import Apply, Reconcile, RefusedError, Simple, Start
+from spa.server.frames import receive_message
+from spa.server.gatemsg import Apply, Reconcile, RefusedError, Simple, Start, TagMap
 from spa.server.guard import Guard
+from spa.server.mapgrant import MapGrants
+
+if TYPE_CHECKING:
+    from spa.kernel.tagkit import Kit
 
 SLACK = 2.0  # seconds a grant may end after now + max_duration (the two clocks' read order)
 MAX_GRANTS = 1_000_000  # grants held at once (issue 14's 100,000 clients, with room)
-STALL = 10.0  # seconds a begun frame may take to arrive
 TURN = 0.5  # seconds between the gate keeper's own rounds (expiry, guard) when idle
 
 Clock = Callable[[], float]
@@ -64,8 +69,11 @@ class GateKeeper:
 
     def __init__(self, backend: Backend, *, config_path: Path,
                  services: Mapping[str, Service], clock: Clock, log: Log,
-                 read_services: Callable[[Path], Mapping[str, Service]] | None = None) -> None:
+                 read_services: Callable[[Path], Mapping[str, Service]] | None = None,
+                 maps: MapGrants | None = None) -> None:
+        """`maps`: the tag maps it makes (None: none, no eBPF map filter runs)."""
         self.backend = backend
+        self.maps = maps
         self.config_path = config_path
         self.clock, self.log = clock, log
         self.lock = threading.Lock()
@@ -88,18 +96,38 @@ class GateKeeper:
 
     def handle(self, message: dict[str, Any]) -> dict[str, Any]:
         """One request's reply: {"ok": ...}, {"error": line} for a firewall
-        failure, {"refused": why} for a request it will not carry out."""
+        failure, {"refused": why} for a request it will not carry out.  (A
+        tag map's descriptors go only with `answer`'s; here they are closed.)"""
+        reply, kit = self.answer(message)
+        if kit is not None:
+            kit.close()
+        return reply
+
+    def answer(self, message: dict[str, Any]) -> tuple[dict[str, Any], Kit | None]:
+        """`handle`'s reply and, for a tag map, the kit whose descriptors go
+        with it (the caller closes it once sent)."""
         try:
             request = gatemsg.parse_request(message)
-            return {"ok": self._carry_out(request)}
+            if isinstance(request, TagMap):
+                kit = self._tag_map(request)
+                return {"ok": {"entries": request.entries}}, kit
+            return {"ok": self._carry_out(request)}, None
         except RefusedError as exc:
             self.log(f"error gate keeper refused a request: {exc}")
-            return {"refused": str(exc)}
+            return {"refused": str(exc)}, None
         except LocalError as exc:
-            return {"error": str(exc)}
+            return {"error": str(exc)}, None
         except Exception as exc:  # a bug: said, never the gate keeper's end
             self.log(f"error gate keeper failed a request: {type(exc).__name__}: {exc}")
-            return {"error": f"the gate keeper failed: {type(exc).__name__}"}
+            return {"error": f"the gate keeper failed: {type(exc).__name__}"}, None
+
+    def _tag_map(self, request: TagMap) -> Kit:
+        if self.maps is None:
+            raise RefusedError("tagmap: no eBPF map filter runs here, so no maps are made")
+        kit = self.maps.grant(request)
+        self.log(f"gate keeper made a tag map of {request.entries} entries and its program "
+                 f"for the daemon ({request.mode} on port {request.port})")
+        return kit
 
     def _carry_out(self, request: gatemsg.Request) -> Any:
         if isinstance(request, Start):
@@ -281,22 +309,26 @@ def serve(keeper: GateKeeper, sock: socket.socket, stop: threading.Event) -> Non
     try:
         while not stop.is_set():
             try:
-                message = _receive(sock)
+                message = receive_message(sock)
             except TimeoutError:
                 continue
             except RefusedError as exc:  # a whole frame that is no message: say so, go on
                 keeper.log(f"error gate keeper refused a request: {exc}")
                 reply: dict[str, Any] = {"refused": str(exc)}
+                kit = None
             except OSError:
                 break  # the socket failed: the daemon is gone
             else:
                 if message is None:
                     break
-                reply = keeper.handle(message)
+                reply, kit = keeper.answer(message)
             try:
-                sock.sendall(gatemsg.frame(reply))
+                frames.send(sock, reply, kit.fds if kit is not None else ())
             except (OSError, RefusedError):
                 break
+            finally:
+                if kit is not None:
+                    kit.close()  # the daemon holds its own copies now
     finally:
         if not keeper.stopped:  # gone without asking: a crash, or a daemon not to trust
             _outlive(keeper)
@@ -340,54 +372,5 @@ def serve_failure(sock: socket.socket, error: str) -> None:
     so the daemon says it in its one line and stops."""
     sock.settimeout(None)
     with contextlib.suppress(OSError, RefusedError):
-        while _receive(sock) is not None:
-            sock.sendall(gatemsg.frame({"error": error}))
-
-
-def _receive(sock: socket.socket, *, request: bool = True) -> dict[str, Any] | None:
-    """One message, or None when the other end closed (or a frame stalled).
-    Raises TimeoutError when nothing starts within the socket's timeout,
-    RefusedError for a frame read whole that is not a message (an oversized
-    one is read and dropped in pieces: the next frame starts where it ends)."""
-    header = _exactly(sock, gatemsg.HEADER, first=True)
-    if header is None:
-        return None
-    length = int.from_bytes(header, "big")
-    if length > gatemsg.MAX_FRAME:
-        while length:
-            piece = _exactly(sock, min(length, 1 << 20))
-            if piece is None:
-                return None
-            length -= len(piece)
-        gatemsg.frame_length(header)  # raises, now that the frame is behind us
-    body = _exactly(sock, length)
-    if body is None:
-        return None
-    return gatemsg.decode(body, request=request)
-
-
-def _exactly(sock: socket.socket, size: int, *, first: bool = False) -> bytes | None:
-    """`size` bytes, or None when the other end closed or took longer than
-    STALL from the first byte (one byte at a time once never timed out)."""
-    chunks: list[bytes] = []
-    left, deadline = size, time.monotonic() + STALL
-    while left:
-        try:
-            chunk = sock.recv(min(left, 1 << 20))
-        except TimeoutError:
-            if first and not chunks:
-                raise
-            chunk = None
-        if chunk == b"":
-            return None
-        if chunk:
-            chunks.append(chunk)
-            left -= len(chunk)
-        if left and time.monotonic() > deadline:
-            return None  # a frame begun and never finished: treat the daemon as gone
-    return b"".join(chunks)
-
-
-def receive(sock: socket.socket) -> dict[str, Any] | None:
-    """The daemon's end reads replies the same way (they hold objects)."""
-    return _receive(sock, request=False)
+        while receive_message(sock) is not None:
+            frames.send(sock, {"error": error})

@@ -3,7 +3,9 @@ does everything else (docs/threat-model.md, "Privilege separation").
 
 `spa-server run` starts as root, or (systemd) as the service user with
 CAP_NET_ADMIN and CAP_NET_RAW.  It opens the packet socket, then forks:
-- the child is the gate keeper (spa.server.monitor): CAP_NET_ADMIN only,
+- the child is the gate keeper (spa.server.monitor): CAP_NET_ADMIN only
+  (and CAP_BPF while the eBPF map filter runs, to make the maps of its
+  growth: spa.server.mapgrant; the programs it runs never get CAP_BPF),
   nothing else in any set, the bounding set cut to it where it can be,
   never dumpable (so no ptrace or /proc/PID/mem from the daemon), no new
   privileges, as the config file's owner;
@@ -33,8 +35,8 @@ from pathlib import Path
 from spa.server.errors import LocalError
 
 CAP_SETGID, CAP_SETUID, CAP_SETPCAP = 6, 7, 8  # linux/capability.h
-CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
-NAMES = {CAP_NET_ADMIN: "CAP_NET_ADMIN", CAP_NET_RAW: "CAP_NET_RAW"}
+CAP_NET_ADMIN, CAP_NET_RAW, CAP_BPF = 12, 13, 39
+NAMES = {CAP_NET_ADMIN: "CAP_NET_ADMIN", CAP_NET_RAW: "CAP_NET_RAW", CAP_BPF: "CAP_BPF"}
 PR_SET_KEEPCAPS, PR_SET_DUMPABLE, PR_CAPBSET_DROP = 8, 4, 24  # linux/prctl.h
 PR_SET_SECUREBITS, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 28, 38, 47
 PR_CAP_AMBIENT_RAISE, PR_CAP_AMBIENT_CLEAR_ALL = 2, 4
@@ -96,10 +98,14 @@ def _last_cap() -> int:
         return 40
 
 
-def drop(keep: frozenset[int], *, uid: int | None = None, gid: int | None = None) -> None:
+def drop(keep: frozenset[int], *, uid: int | None = None, gid: int | None = None,
+         ambient: frozenset[int] | None = None) -> None:
     """Keep only `keep` (capability numbers), as `uid`/`gid` if given (and
-    different).  Raises LocalError if the kernel does not end up there."""
+    different); the programs it runs get `ambient` of them (all by default).
+    Raises LocalError if the kernel does not end up there."""
     mask = sum(1 << cap for cap in keep)
+    passed = keep if ambient is None else keep & ambient
+    passed_mask = sum(1 << cap for cap in passed)
     have = capabilities()
     if have.effective >> CAP_SETPCAP & 1:
         for cap in range(_last_cap() + 1):  # the bounding set: what exec could ever give
@@ -116,34 +122,40 @@ def drop(keep: frozenset[int], *, uid: int | None = None, gid: int | None = None
         except OSError as exc:
             raise LocalError(f"cannot become uid {uid}: {exc.strerror}") from None
     _capset(mask)
-    for cap in keep:  # what it keeps, the programs it runs keep too (ipset, nft), no more
+    for cap in passed:  # what the programs it runs need (ipset, nft), no more
         _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap)
     if _prctl(PR_SET_NO_NEW_PRIVS, 1) != 0:
         raise LocalError("cannot set no_new_privs")
     now = capabilities()
-    if not now.effective == now.permitted == now.inheritable == now.ambient == mask:
+    if not (now.effective == now.permitted == now.inheritable == mask
+            and now.ambient == passed_mask):
         raise LocalError(f"capabilities did not drop (effective {now.effective:#x}, "
                          f"permitted {now.permitted:#x}); not serving")
 
 
-def gate_keeper_capabilities(backend: str) -> frozenset[int]:
+def gate_keeper_capabilities(backend: str, *, bpf: bool = False) -> frozenset[int]:
     """CAP_NET_ADMIN; the iptables backend also CAP_NET_RAW (libiptc talks
-    to the kernel through a raw socket)."""
-    return frozenset({CAP_NET_ADMIN, CAP_NET_RAW} if backend == "iptables" else {CAP_NET_ADMIN})
+    to the kernel through a raw socket); with `bpf` (the eBPF map filter
+    runs) CAP_BPF, for the maps of its growth (spa.server.mapgrant)."""
+    caps = {CAP_NET_ADMIN, CAP_NET_RAW} if backend == "iptables" else {CAP_NET_ADMIN}
+    return frozenset(caps | ({CAP_BPF} if bpf else set()))
 
 
-def drop_to_gate_keeper(config: Path, backend: str) -> None:
-    """The child: what its backend needs and nothing else, never dumpable;
-    started as root, it runs as the config file's owner (so it can read the
-    config again at a reload without any capability to read others' files)."""
+def drop_to_gate_keeper(config: Path, backend: str, *, bpf: bool = False) -> None:
+    """The child: what its backend needs and nothing else (CAP_BPF too with
+    `bpf`, never passed to the programs it runs), never dumpable; started as
+    root, it runs as the config file's owner (so it can read the config
+    again at a reload without any capability to read others' files)."""
     _prctl(PR_SET_DUMPABLE, 0)
     held = capabilities().permitted  # started without them (a user's demo): keep what it has
-    keep = frozenset(cap for cap in gate_keeper_capabilities(backend) if held >> cap & 1)
+    keep = frozenset(cap for cap in gate_keeper_capabilities(backend, bpf=bpf)
+                     if held >> cap & 1)
+    ambient = gate_keeper_capabilities(backend)
     if os.geteuid() == 0:
         st = os.stat(config)
-        drop(keep, uid=st.st_uid, gid=st.st_gid)
+        drop(keep, uid=st.st_uid, gid=st.st_gid, ambient=ambient)
     else:
-        drop(keep)
+        drop(keep, ambient=ambient)
     _prctl(PR_SET_DUMPABLE, 0)  # a change of uid resets it
 
 

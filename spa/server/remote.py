@@ -10,6 +10,8 @@ Invariants:
 - A firewall failure in the gate keeper is a LocalError here with its line;
   a refusal (a request the gate keeper would not carry out: a bug, or a
   compromised daemon) is a LocalError that says so.
+- Descriptors come back only for `tag_map`, and are kept only as a kit
+  (spa.kernel.tagkit.adopt); anything else that came with a reply is closed.
 """
 
 from __future__ import annotations
@@ -20,19 +22,23 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from spa.backends.base import Change, Held
 from spa.core.leases import Allow, Remove
 from spa.core.policy import Service
+from spa.kernel import tagkit
+from spa.kernel.bpf import BpfError
+from spa.kernel.tagkit import Kit
 from spa.server import gatemsg
 from spa.server.coexist import Report
 from spa.server.errors import LocalError
 from spa.server.events import Event
-from spa.server.gatemsg import Apply, Reconcile, Simple, Start
+from spa.server.frames import close_all, receive, receive_with_fds
+from spa.server.gatemsg import Apply, Reconcile, Simple, Start, TagMap
 from spa.server.guard import GateState
-from spa.server.monitor import receive
+from spa.server.monitor import GateKeeper, serve
 
 TIMEOUT = 60.0  # seconds a reply may take (an iptables restore of many grants)
 CLOSE_WAIT = 10.0  # seconds the gate keeper may take to stop after our end closes
@@ -58,13 +64,36 @@ class RemoteGate:
 
     def ask(self, request: gatemsg.Request) -> Any:
         """The reply's value.  Raises LocalError."""
+        return self._exchange(request, 0)[0]
+
+    def tag_map(self, mode: str, port: int, entries: int) -> Kit:
+        """A kit for the eBPF map filter's growth with a tag map of `entries`,
+        made by the gate keeper (spa.server.mapgrant).  Raises LocalError
+        (refused, failed, not what was asked, the gate keeper gone)."""
+        value, fds = self._exchange(TagMap(mode, port, entries), tagkit.FDS)
+        if not isinstance(value, dict) or value.get("entries") != entries:
+            close_all(fds)
+            raise LocalError(f"the gate keeper's tag map reply is not what was asked: "
+                             f"{str(value)[:60]}")
+        try:
+            return tagkit.adopt(fds, entries)
+        except BpfError as exc:
+            raise LocalError(f"the gate keeper's tag map is not usable: {exc}") from None
+
+    def _exchange(self, request: gatemsg.Request, most: int) -> tuple[Any, list[int]]:
+        """The reply's value and the descriptors that came with it (at most
+        `most`; none for a refusal or an error).  Raises LocalError."""
         message = gatemsg.encode_request(request)
+        fds: list[int] = []
         with self._lock:
             if self._gone:
                 raise LocalError(GONE)
             try:
                 self._sock.sendall(gatemsg.frame(message))
-                reply = receive(self._sock)
+                if most:
+                    reply, fds = receive_with_fds(self._sock, most)
+                else:
+                    reply = receive(self._sock)
             except (OSError, gatemsg.RefusedError):
                 reply = None
             if reply is None:
@@ -72,7 +101,8 @@ class RemoteGate:
                 self.on_lost()
                 raise LocalError(GONE)
         if "ok" in reply:
-            return reply["ok"]
+            return reply["ok"], fds
+        close_all(fds)
         if "error" in reply:
             raise LocalError(str(reply["error"]))
         raise LocalError(f"the gate keeper refused a request: {reply.get('refused')}")
@@ -182,3 +212,21 @@ class RemoteGuard:
             self._on_change(state)
         if reply["foreign"]:
             self._on_foreign()
+
+
+@contextlib.contextmanager
+def serving_here(keeper: GateKeeper) -> Iterator[RemoteGate]:
+    """A gate keeper answering in a thread of this process over a real
+    socketpair, and the daemon's end of it: the split without the fork, for
+    tests and benchmarks.  On leaving, both ends close and the thread ends."""
+    ours, theirs = socket.socketpair()
+    stop = threading.Event()
+    thread = threading.Thread(target=serve, args=(keeper, theirs, stop), daemon=True)
+    thread.start()
+    try:
+        yield RemoteGate(ours)
+    finally:
+        stop.set()
+        ours.close()
+        thread.join(timeout=5)
+        theirs.close()

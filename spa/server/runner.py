@@ -9,17 +9,20 @@ import sys
 import threading
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import NoReturn
 
 from spa.backends.base import Backend, reconcile
 from spa.backends.memory import MemoryBackend
 from spa.core.knock import steps_for_window
+from spa.kernel.mapsource import MapFiltered
 from spa.server import config as config_mod
 from spa.server import monitor, privsep
 from spa.server.config import ServerConfig
 from spa.server.daemon import Server
 from spa.server.errors import LocalError
+from spa.server.mapgrant import MapGrants, most_from
 from spa.server.monitor import GateKeeper
 from spa.server.notify import Notifier
 from spa.server.remote import RemoteGate, RemoteGuard
@@ -90,13 +93,16 @@ def build(path: Path, *, backend: str | None, mode: str | None,
                       log=log_to_stderr, notifier=notifier, state=state)
     notifier.connect()  # while it may: the daemon's user may not reach the socket
     reserved = _reserve_kernel_map(config, source)  # while it may: CAP_BPF goes at the drop
-    gate, user = split(config, state, source)
+    room = source.map_room if isinstance(source, MapFiltered) else 0
+    gate, user = split(config, state, source, room=room)
+    if isinstance(source, MapFiltered) and room:  # a growth: the gate keeper makes its maps
+        source.hand_maps(partial(gate.tag_map, config.mode, config.listen_port))
     server = Server(config, backend=gate, source=source, clock=time.time,
                     log=log_to_stderr, notifier=notifier, state=state,
                     routes=kernel_routes(), guard=RemoteGuard)
     gate.on_lost = server.stop_requested.set
     kept = " and ".join(privsep.NAMES[cap] for cap in
-                        sorted(privsep.gate_keeper_capabilities(config.backend)))
+                        sorted(privsep.gate_keeper_capabilities(config.backend, bpf=room > 0)))
     if reserved:
         server.start_notes.append(reserved)
     server.start_notes.append(f"privileges: daemon pid {os.getpid()} as {user} with no "
@@ -149,17 +155,20 @@ def _reserve_kernel_map(config: ServerConfig, source: PacketSource) -> str:
     return note
 
 
-def split(config: ServerConfig, state: StateDir, source: PacketSource) -> tuple[RemoteGate, str]:
+def split(config: ServerConfig, state: StateDir, source: PacketSource, *,
+          room: int = 0) -> tuple[RemoteGate, str]:
     """Fork the gate keeper (it never returns), then drop this process to
-    the daemon: no capability, never root.  Returns the daemon's end of the
-    gate keeper and the user it now runs as.  Raises LocalError."""
+    the daemon: no capability, never root.  `room`: the eBPF tag map's,
+    made before (0: no map filter runs; else the gate keeper keeps CAP_BPF
+    to make the maps of its growth).  Returns the daemon's end of the gate
+    keeper and the user it now runs as.  Raises LocalError."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
     if pid == 0:  # the gate keeper: never returns
         ours.close()
         source.close()
         state.release_copy()  # the lock is the daemon's (a gate keeper may outlive it)
-        _gate_keeper(config, theirs)
+        _gate_keeper(config, theirs, room)
     theirs.close()
     gate = RemoteGate(ours, pid)
     try:
@@ -179,24 +188,27 @@ def split(config: ServerConfig, state: StateDir, source: PacketSource) -> tuple[
     return gate, who.pw_name
 
 
-def _gate_keeper(config: ServerConfig, sock: socket.socket) -> NoReturn:
-    """The child's life: drop to CAP_NET_ADMIN, make the backend, answer
-    the daemon until it goes away.  Signals are the daemon's to act on (a
-    SIGTERM to the group reaches both; this one stops when the daemon has)."""
+def _gate_keeper(config: ServerConfig, sock: socket.socket, room: int = 0) -> NoReturn:
+    """The child's life: drop to CAP_NET_ADMIN (and CAP_BPF with a `room`:
+    the eBPF tag map's), make the backend, answer the daemon until it goes
+    away.  Signals are the daemon's to act on (a SIGTERM to the group
+    reaches both; this one stops when the daemon has)."""
     status = 1
     try:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, signal.SIG_IGN)
         try:
-            privsep.drop_to_gate_keeper(config.path, config.backend)
+            privsep.drop_to_gate_keeper(config.path, config.backend, bpf=room > 0)
             backend = make_backend(config.backend, flush_on_stop=config.flush_on_stop,
                                    hold=config.hold_table)
+            maps = MapGrants(config.mode, config.listen_port, room,
+                             most=most_from(os.environ)) if room else None
         except LocalError as exc:  # the daemon's first request says it, in one line
             monitor.serve_failure(sock, str(exc))
             status = 2
         else:
             keeper = GateKeeper(backend, config_path=config.path, services=config.services,
-                                clock=time.time, log=log_to_stderr)
+                                clock=time.time, log=log_to_stderr, maps=maps)
             monitor.serve(keeper, sock, threading.Event())
             status = 0
     except BaseException as exc:  # never a traceback from the privileged part

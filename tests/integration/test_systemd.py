@@ -80,6 +80,8 @@ def test_unit_asks_for_what_issue_5_names() -> None:
                  "ConfigurationDirectory=spa", "NoNewPrivileges=yes", "ProtectSystem=strict",
                  "ProtectHome=yes", "PrivateTmp=yes",
                  "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW CAP_BPF",
+                 # CAP_BPF and bpf(2): the map at the start, and the gate keeper's growth
+                 "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW CAP_BPF",
                  "SystemCallFilter=capset bpf",
                  "After=network-online.target nftables.service",
                  "RestrictAddressFamilies=AF_UNIX AF_NETLINK AF_INET AF_INET6 AF_PACKET"):

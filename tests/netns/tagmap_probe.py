@@ -12,11 +12,21 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from functools import partial
+from pathlib import Path
 
+from spa.backends.memory import MemoryBackend
 from spa.core.wire import NONCE_OFFSET, PACKET_SIZE
+from spa.kernel.tagmap import Hand
+from spa.server import monitor
 from spa.server.capture import CaptureSource
-from spa.server.privsep import drop_to_daemon
+from spa.server.mapgrant import MapGrants
+from spa.server.monitor import GateKeeper
+from spa.server.privsep import drop_to_daemon, drop_to_gate_keeper
+from spa.server.remote import RemoteGate
 from spa.server.sources import UdpSource
 
 PORT = 62210
@@ -68,6 +78,26 @@ class Probe:
             seen += sum(1 for data, _, _ in items if data in wanted)
 
 
+def gate_keeper(src: CaptureSource | UdpSource, mode: str) -> Hand:
+    """Fork a gate keeper as spa.server.runner does (its drop, its MapGrants
+    for this mode, port and the map's room; a memory backend: no firewall
+    here); the hand that asks it for tag maps."""
+    ours, theirs = socket.socketpair()
+    config = Path(tempfile.mkdtemp()) / "server.toml"
+    config.write_text("")
+    if os.fork() == 0:
+        ours.close()
+        src.close()
+        drop_to_gate_keeper(config, "memory", bpf=True)
+        keeper = GateKeeper(MemoryBackend(), config_path=config, services={},
+                            clock=time.time, log=lambda line: None,
+                            maps=MapGrants(mode, PORT, src.map_room))
+        monitor.serve(keeper, theirs, threading.Event())
+        os._exit(0)
+    theirs.close()
+    return partial(RemoteGate(ours).tag_map, mode, PORT)
+
+
 def main(mode: str, scenario: str) -> dict[str, object]:
     probe, out = Probe(mode), dict[str, object]()
     src = probe.source
@@ -83,7 +113,9 @@ def main(mode: str, scenario: str) -> dict[str, object]:
     out["short"] = probe.sent([knock(t, size=PACKET_SIZE - 1) for t in sample])
     if scenario == "all":
         out["every_live"] = probe.sent([knock(t) for t in tags])
-    if scenario == "dropped":
+    if scenario == "handed":  # a real gate keeper (CAP_NET_ADMIN and CAP_BPF) makes the maps
+        src.hand_maps(gate_keeper(src, mode))
+    if scenario in ("dropped", "handed"):
         drop_to_daemon(pwd.getpwnam("nobody"))  # as the daemon after its start: no capability
         out["caps_dropped"] = True
     if not src.kernel_map:

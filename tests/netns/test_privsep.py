@@ -1,6 +1,7 @@
 """Privilege separation on the real kernel: the process that parses packets
-holds no capability, the gate keeper holds CAP_NET_ADMIN only, and what the
-daemon can do cannot change another program's firewall."""
+holds no capability, the gate keeper holds CAP_NET_ADMIN (and CAP_BPF while
+the eBPF map filter runs) only, and what the daemon can do cannot change
+another program's firewall."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from spa.server.privsep import CAP_NET_ADMIN, SERVICE_USERS, capabilities
+from spa.server.privsep import CAP_BPF, CAP_NET_ADMIN, SERVICE_USERS, capabilities
 from spa.server.state import StateDir
 from tests.netns.conftest import SRV4, Spa, World
 from tests.netns.test_ssh_e2e import enroll_alice
+
+KEEPER = 1 << CAP_NET_ADMIN | 1 << CAP_BPF  # the gate keeper's, with the eBPF map filter
 
 # In the server namespace, as the daemon is after its drop (the same function
 # the daemon calls), try to change a table that is not ours.
@@ -59,7 +62,7 @@ def packet_sockets(pid: int) -> set[str]:
     return held & packet
 
 
-def test_the_packet_parser_holds_no_capability_and_the_gate_keeper_only_net_admin(
+def test_the_packet_parser_holds_no_capability_and_the_gate_keeper_only_what_it_needs(
         spa: Spa) -> None:
     world = spa.world
     spa.start()  # capture mode, nftables: the default
@@ -71,7 +74,9 @@ def test_the_packet_parser_holds_no_capability_and_the_gate_keeper_only_net_admi
     assert packet_sockets(daemon), "the daemon holds the capture socket, opened before the drop"
     (keeper,) = children(daemon)
     theirs = capabilities(keeper)
-    assert theirs.effective == theirs.permitted == theirs.bounding == 1 << CAP_NET_ADMIN
+    # CAP_BPF: the eBPF map filter runs (the default as root), for the maps of its growth
+    assert theirs.effective == theirs.permitted == theirs.bounding == KEEPER
+    assert theirs.ambient == 1 << CAP_NET_ADMIN, "nft and ipset never get CAP_BPF"
     assert not packet_sockets(keeper), "the gate keeper reads no packet"
     # it still works: a knock opens ssh through the gate keeper
     enroll_alice(spa)
@@ -133,7 +138,7 @@ def test_started_as_root_it_never_runs_the_daemon_as_root(world: World) -> None:
     files: /etc/cron.d, the config; adversarial review of the split), the
     state directory and what root left in it are handed to that user, a link
     planted there is not followed; the gate keeper stays root's, with
-    CAP_NET_ADMIN only, and reads the config the daemon cannot read (0600,
+    CAP_NET_ADMIN (and CAP_BPF) only, and reads the config the daemon cannot read (0600,
     root's) again at a reload: an added service reaches the firewall."""
     root = Path(tempfile.mkdtemp(prefix="spa-owners-"))
     os.chmod(root, 0o755)
@@ -155,7 +160,7 @@ def test_started_as_root_it_never_runs_the_daemon_as_root(world: World) -> None:
         (keeper,) = children(spa.proc.pid)
         assert uid_of(spa.proc.pid) == service_user.pw_uid != 0
         assert capabilities(spa.proc.pid).effective == 0
-        assert uid_of(keeper) == 0 and capabilities(keeper).effective == 1 << CAP_NET_ADMIN
+        assert uid_of(keeper) == 0 and capabilities(keeper).effective == KEEPER
         assert state.stat().st_uid == service_user.pw_uid
         assert (state / "activated.json").stat().st_uid == service_user.pw_uid
         assert (state / "clients.db").stat().st_uid == service_user.pw_uid

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -153,14 +158,11 @@ def test_client_exit_1_when_the_port_stays_shut(spa: Spa) -> None:
     assert any(e["reason"] == "revoked" for e in spa.events())
 
 
-@pytest.mark.usefixtures("checkout_reachable_by_others")
-def test_runs_unprivileged_with_only_the_units_two_capabilities(world: World) -> None:
-    """As the systemd unit runs it: not root, CAP_NET_ADMIN and CAP_NET_RAW only."""
-    import os
-    import shutil
-    import tempfile
-    from pathlib import Path
-
+@contextlib.contextmanager
+def as_the_service_user(world: World, caps: str) -> Iterator[Spa]:
+    """As the systemd unit runs it: a site with alice enrolled, given to uid
+    65534 as an admin would (chown -R), started by setpriv as that user with
+    `caps` (inheritable, ambient and bounding) only; removed afterwards."""
     if shutil.which("setpriv") is None:
         pytest.skip("needs setpriv (util-linux)")
     root = Path(tempfile.mkdtemp(prefix="spa-unpriv-"))
@@ -171,13 +173,22 @@ def test_runs_unprivileged_with_only_the_units_two_capabilities(world: World) ->
                   "--service", "ssh", "--service", "https")
         enroll_alice(spa)
         (root / "state").mkdir(mode=0o700, exist_ok=True)  # (enroll made it, for the store)
-        # what an admin does to give the service the state directory: chown -R
         for path in (spa.config, root / "state", *(root / "state").iterdir()):
             os.chown(path, 65534, 65534)
-        caps = "+net_admin,+net_raw"
         spa.start(prefix=("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                           f"--inh-caps=-all,{caps}", f"--ambient-caps=-all,{caps}",
                           f"--bounding-set=-all,{caps}", "--"))
+        yield spa
+    finally:
+        spa.stop()
+        world.srv.run("nft", "delete", "table", "inet", "spa", check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.usefixtures("checkout_reachable_by_others")
+def test_runs_unprivileged_with_only_the_units_two_capabilities(world: World) -> None:
+    """As the systemd unit runs it: not root, CAP_NET_ADMIN and CAP_NET_RAW only."""
+    with as_the_service_user(world, "+net_admin,+net_raw") as spa:
         assert not tcp_open(world, "cli", SRV4, 22)
         assert spa.client(world.cli, "alice", "open", "ssh", "srv").returncode == 0
         assert world.ssh(world.cli, SRV4, "true").returncode == 0
@@ -185,10 +196,6 @@ def test_runs_unprivileged_with_only_the_units_two_capabilities(world: World) ->
         spa.enroll("carol", SRV4, "ssh")
         assert spa.config.stat().st_uid == 65534
         assert spa.wait_for("reloaded clients=2")
-    finally:
-        spa.stop()
-        world.srv.run("nft", "delete", "table", "inet", "spa", check=False)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_renewal_replaces_the_elements_timeout(spa: Spa) -> None:

@@ -68,13 +68,28 @@ def test_map_filter_holds_5000_clients(alone: Namespace, mode: str) -> None:
 def test_map_filter_after_the_capability_drop(alone: Namespace, mode: str) -> None:
     """The daemon holds no capability after its start: updates within the
     map's room and an in-place replace still work; a growth (a new map
-    needs CAP_BPF) falls back to the classic filter, never dropping a
-    live tag."""
+    needs CAP_BPF) without a gate keeper to make its maps falls back to the
+    classic filter, never dropping a live tag."""
     out = probe(alone, mode, "dropped")
     assert out["caps_dropped"] is True
     assert_map_filter(out)
     assert "Operation not permitted" in str(out["grow_note"]), out["grow_note"]
     assert out["grow_kind"] == "port-only" and out["grown_live"] == 600
+
+
+@pytest.mark.parametrize("mode", ["capture", "udp"])
+def test_map_filter_grows_after_the_drop_with_a_gate_keepers_maps(alone: Namespace,
+                                                                 mode: str) -> None:
+    """The same dropped process, with a real gate keeper forked before the
+    drop (CAP_BPF kept): the growth's maps and program come from it, and the
+    grown filter is the same filter (live tags pass, junk drops)."""
+    out = probe(alone, mode, "handed")
+    assert out["caps_dropped"] is True
+    assert_map_filter(out)
+    assert out["grow_kind"] == "ebpf map", out["grow_note"]
+    assert str(out["grow_note"]).endswith(
+        "(room for 262144; grown, its maps made by the gate keeper)"), out["grow_note"]
+    assert (out["grown_live"], out["grown_junk"]) == (600, 0), "grown: the same filter"
 
 
 @pytest.mark.parametrize("mode", ["capture", "udp"])

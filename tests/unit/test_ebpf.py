@@ -16,14 +16,8 @@ from scapy.packet import Raw
 
 from spa.kernel import ebpf as e
 from spa.kernel.ebpf import FLAG_SHUT
-from spa.kernel.tagmap import (
-    NONCE_LIMIT,
-    SHUT_LIMIT,
-    TagMapFilter,
-    fit_nonces,
-    shut_pairs,
-    source_key,
-)
+from spa.kernel.tagkit import NONCE_LIMIT, SHUT_LIMIT
+from spa.kernel.tagmap import TagMapFilter, fit_nonces, shut_pairs, source_key
 from spa.server.capture import ETH_P_IP, ETH_P_IPV6, knock_filter, udp_payload_filter
 from spa.server.errors import LocalError
 from spa.server.sources import MAX_SHUT_SOURCES, SHUT_SAMPLE, FakeFilteredSource, Shut

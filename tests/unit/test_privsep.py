@@ -4,6 +4,7 @@ speaks to it over a real socketpair (spa.server.gatemsg, monitor, remote)."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import pytest
 from spa.backends.base import reconcile
 from spa.backends.memory import MemoryBackend
 from spa.core.policy import Service
-from spa.server import gatemsg, monitor
+from spa.server import gatemsg, monitor, privsep
 from spa.server.errors import LocalError
 from spa.server.monitor import MAX_GRANTS, SLACK, GateKeeper
 from spa.server.remote import RemoteGate, RemoteGuard
@@ -315,3 +316,35 @@ def test_deep_nesting_and_many_lists_are_refused_before_decoding() -> None:
                  + b"[]," * (gatemsg.MAX_CHANGES + 5) + b"[]]}", b'{"a":{"b":{}}}'):
         with pytest.raises(gatemsg.RefusedError):
             gatemsg.decode(body)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a real drop needs root")
+@pytest.mark.parametrize("bpf", [False, True], ids=["classic", "ebpf-map"])
+def test_the_gate_keeper_keeps_cap_bpf_only_with_the_map_filter_and_passes_it_to_no_program(
+        bpf: bool, tmp_path: Path) -> None:
+    """A real drop, in a child: CAP_BPF stays only where the eBPF map filter
+    runs (to make the maps of its growth), and is not among the ambient
+    capabilities that nft or iptables would inherit."""
+    config = tmp_path / "server.toml"
+    config.write_text("")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        status = 1
+        try:
+            privsep.drop_to_gate_keeper(config, "nftables", bpf=bpf)
+            held = privsep.capabilities()
+            os.write(write, f"{held.effective} {held.ambient} {held.bounding}".encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write)
+    found = os.read(read, 200).split()
+    os.close(read)
+    assert os.waitpid(pid, 0)[1] == 0
+    effective, ambient, bounding = map(int, found)
+    wanted = 1 << privsep.CAP_NET_ADMIN | (1 << privsep.CAP_BPF if bpf else 0)
+    assert effective == bounding == wanted
+    assert ambient == 1 << privsep.CAP_NET_ADMIN
+    assert privsep.gate_keeper_capabilities("iptables", bpf=True) == {
+        privsep.CAP_NET_ADMIN, privsep.CAP_NET_RAW, privsep.CAP_BPF}

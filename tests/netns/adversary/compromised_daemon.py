@@ -3,7 +3,8 @@
 
 It does exactly what spa.server.runner.build does up to the point where the
 real daemon would start serving: the state directory's lock, the capture
-socket (opened as root, before the fork), a socketpair, a fork whose child
+socket (opened as root, before the fork) and its eBPF tag map (so the gate
+keeper keeps CAP_BPF and makes tag maps), a socketpair, a fork whose child
 runs the real gate keeper (runner._gate_keeper: the real drop, the real
 backend), then the real drop to the daemon (privsep.drop_to_daemon).  From
 there on it is the attacker: a process with the daemon's credentials, its
@@ -31,8 +32,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from spa.kernel.tagmap import MIN_ENTRIES
 from spa.server import config as config_mod
-from spa.server import gatemsg, monitor, privsep, runner
+from spa.server import frames, gatemsg, mapgrant, privsep, runner
 from spa.server.capture import CaptureSource
 from spa.server.state import StateDir
 
@@ -44,13 +46,17 @@ def say(*parts: object) -> None:
 def ask(sock: socket.socket, message: dict[str, Any] | bytes) -> Any:
     data = message if isinstance(message, bytes) else gatemsg.frame(message)
     sock.sendall(data)
-    reply = monitor.receive(sock)
+    reply = frames.receive(sock)
     say("reply", json.dumps(reply))
     return reply
 
 
 def allow(address: str, service: str, until: float) -> dict[str, Any]:
     return {"kind": "apply", "changes": [["allow", address, service, until]]}
+
+
+def tag_map(mode: str, port: int, entries: int) -> dict[str, Any]:
+    return {"kind": "tagmap", "mode": mode, "port": port, "entries": entries}
 
 
 def main() -> None:
@@ -62,7 +68,10 @@ def main() -> None:
         state.ensure()
     state.acquire(time.time())
     source = CaptureSource(config.listen_port, config.interface)  # as runner.make_source
-    gate, _ = runner.split(config, state, source)  # the real fork, gate keeper and drop
+    if scenario == "tag_maps":  # whoever starts the server may lower the most (mapgrant)
+        os.environ[mapgrant.CAP_VARIABLE] = str(16 * MIN_ENTRIES)
+    runner._reserve_kernel_map(config, source)  # as runner.build: the eBPF map, then the fork
+    gate, _ = runner.split(config, state, source, room=source.map_room)  # the real fork, drop
     ours, pid = gate._sock, gate.pid
     assert pid is not None
     caps = privsep.capabilities()
@@ -79,6 +88,22 @@ def main() -> None:
         pass
     elif scenario == "honest":  # the control: a grant within the rules, then silence
         ask(ours, allow(target, "ssh", now + ssh.max_duration))
+    elif scenario == "tag_maps":  # tag maps for another port or mode, absurd, then doubling
+        room, port = source.map_room, config.listen_port
+        for mode, asked, entries in (("capture", 22, 2 * room), ("udp", port, 2 * room),
+                                     ("capture", port, 1 << 30), ("capture", port, room)):
+            ask(ours, tag_map(mode, asked, entries))
+        entries = 2 * room
+        while True:  # every kit it gets, it keeps (the kernel memory it may hold)
+            ours.sendall(gatemsg.frame(tag_map("capture", port, entries)))
+            reply, fds = frames.receive_with_fds(ours, 8)
+            keep.append(fds)
+            say("reply", json.dumps(reply), "fds",
+                *sorted(os.readlink(f"/proc/self/fd/{fd}") for fd in fds))
+            if "ok" not in (reply or {}):
+                break
+            entries *= 2
+        ask(ours, allow(target, "ssh", now + ssh.max_duration))  # it serves on
     elif scenario == "start_empty":  # install the gate for no service at all
         ask(ours, {"kind": "start", "services": []})
     elif scenario == "start_subset":  # keep https gated, drop ssh from the gate
@@ -97,7 +122,7 @@ def main() -> None:
         }[scenario]
         ours.sendall(len(body).to_bytes(4, "big") + body)
         try:
-            say("reply", json.dumps(monitor.receive(ours)))
+            say("reply", json.dumps(frames.receive(ours)))
         except OSError as exc:
             say("reply", "error", exc)
     elif scenario == "slowloris":  # a grant, then a frame that never quite ends
@@ -107,7 +132,7 @@ def main() -> None:
         def dribble() -> None:
             for _ in range(999):
                 ours.sendall(b" ")
-                time.sleep(0.3)  # < monitor.TURN: the stall counter never moves
+                time.sleep(0.3)  # < spa.server.monitor.TURN: the stall counter never moves
 
         thread = threading.Thread(target=dribble, daemon=True)
         thread.start()

@@ -351,3 +351,34 @@ def test_a_daemon_as_root_without_capabilities_cannot_touch_roots_files(
     one = launch(attack, net, config, "root_files", str(place))
     did = [line for line in one.lines if line.startswith("did ")]
     assert not did, (did, [line for line in one.lines if line.startswith("refused ")])
+
+
+# ---- the eBPF tag map's growth: what CAP_BPF in the gate keeper gives a daemon ----
+
+
+def test_a_compromised_daemon_gets_tag_maps_only_for_its_port_each_doubling_to_the_most(
+        net: Net, attack: list[Attack]) -> None:
+    """Claim: the gate keeper makes tag maps from its own code, for its own
+    mode and knock port only, each at least twice the last and at most the
+    most (here SPA_MAX_TAG_MAP = 16 x the room: four maps in its life), and
+    refuses anything else, serving on.  The compromised daemon asks for
+    another port, another mode, 2^30 entries, the same room again, then
+    doubles until refused, keeping every kit it gets."""
+    config = make_config(net)
+    one = launch(attack, net, config, "tag_maps")
+    replies = [line for line in one.lines if line.startswith("reply ")][1:]  # (after start)
+    for line, why in zip(replies, ("only for capture on port 62201", "only for capture",
+                                   "entries is a whole number from 1 to 16777216",
+                                   "65536 entries do not double the room made (65536)"),
+                         strict=False):
+        assert '"refused"' in line and why in line, (line, why)
+    kits = [line for line in replies[4:] if '"ok"' in line and " fds " in line]
+    assert [line.split('"entries": ')[1].split("}")[0] for line in kits] == [
+        "131072", "262144", "524288", "1048576"], replies
+    for line in kits:  # three maps and a socket filter, nothing else
+        assert line.split(" fds ")[1].split() == ["anon_inode:bpf-map"] * 3 + [
+            "anon_inode:bpf-prog"], line
+    assert "2097152 entries are over the most (1048576)" in replies[8], replies
+    assert replies[9] == 'reply {"ok": null}', "the gate keeper serves on"
+    assert one.keeper_alive()
+    assert tcp_open(net, 22), "the grant after it reached the firewall"
