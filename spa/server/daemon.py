@@ -350,6 +350,9 @@ class Server:
                 self.run_commands()
                 batch = self.source.receive(RECEIVE_TIMEOUT)
                 if batch:
+                    # what was queued while this thread waited (a revoke) judges
+                    # the batch that woke it
+                    self.run_commands()
                     began = clock()
                     try:
                         self.handle_batch(batch)
@@ -919,8 +922,6 @@ class Server:
                 until = parse_utc(entry.old_until)
                 if until > now:
                     self._grace[name + OLD_KEY] = until
-            if entry is not None:
-                self._note_revoked(name, entry, was)
         rules = {name: config_mod.client_policy(clients[name]) if name in clients else None
                  for name in before}
         otp = {name: clients[name].otp_secret if name in clients else "" for name in before}
@@ -948,6 +949,10 @@ class Server:
             for names, now_in in ((self._met, met), (self._pending, pending)):
                 names.difference_update(before)
                 names.update(now_in)
+            for name, was in before.items():  # said once the rules refuse its knocks
+                entry = clients.get(name)
+                if entry is not None:
+                    self._note_revoked(name, entry, was)
             # the changed clients' tags into the kernel filter now (the table's
             # journal: a delta, never the whole map), then the line that says
             # the server knows them: a knock after it is not dropped in the kernel

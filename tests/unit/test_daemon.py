@@ -7,7 +7,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -145,6 +145,50 @@ def test_revoke_while_running_takes_effect_without_restart(world: World) -> None
     assert refused.reason is Reason.REVOKED
     assert held(world) == {(A, "ssh"): world.clock.now + 100}, "its lease runs out by itself"
     assert any(line.startswith("revoked client=alice leases=1") for line in world.logs)
+
+
+class ArrivesWhileWaiting(FakeSource):
+    """The receive thread waits in `receive`; meanwhile `meanwhile` runs
+    (housekeeping applying a revoke), then the knock arrives and wakes it."""
+
+    def __init__(self, meanwhile: Callable[[], None], stop: threading.Event) -> None:
+        super().__init__()
+        self.meanwhile, self.stop, self.calls = meanwhile, stop, 0
+
+    def receive(self, timeout: float) -> list[Datagram]:
+        self.calls += 1
+        if self.calls == 1:
+            self.meanwhile()
+        else:
+            self.stop.set()
+        return super().receive(timeout)
+
+
+def test_a_knock_that_wakes_the_receive_thread_after_a_revoke_is_refused(
+        tmp_path: Path) -> None:
+    """From a netns test: `revoked client=alice` was logged by housekeeping
+    while the receive thread waited in `receive`, and alice's knock that woke
+    it was judged with the rules of before (and opened ssh).  Now the queued
+    change runs before the batch that woke the thread, and the line comes
+    once the rules refuse her."""
+    world = World(tmp_path)
+    world.init()
+    world.enroll("alice", "ssh")
+    stop = threading.Event()
+
+    def revoke_then_knock() -> None:
+        admin.revoke(world.config_path, "alice", now=world.clock.now)
+        server.housekeeping()  # queues the change for the receive thread
+        assert not any("revoked client=alice" in line for line in world.logs), (
+            "said before the rules refuse her")
+        source.push(world.packet("alice"), A)
+
+    source = ArrivesWhileWaiting(revoke_then_knock, stop)
+    server = world.start(source)
+    server.serve(stop)
+    assert held(world) == {}, "the revoked client's knock opened nothing"
+    assert [e.reason for e in world.events() if e.outcome == "refused"] == ["revoked"]
+    assert any(line.startswith("revoked client=alice") for line in world.logs)
 
 
 def test_enroll_while_running_takes_effect(world: World) -> None:
@@ -462,6 +506,7 @@ def test_revoke_close_ends_that_clients_leases_only(world: World) -> None:
     assert result.changed and "end within a second" in result.message
     server.request_reload()
     server.housekeeping()
+    server.run_commands()  # the receive thread: her knocks refused, then her leases end
     assert set(held(world)) == {(A, "https")}
     assert server.leases.holders(ipaddress.ip_address(A), "https").keys() == {"bob"}
     assert any(line.startswith("revoked client=alice leases closed") for line in world.logs)
