@@ -22,7 +22,7 @@ import select
 import socket
 import struct
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Protocol
 
@@ -167,7 +167,8 @@ class UdpSource(MapFiltered):
 Shut = Mapping[bytes, Sequence[str]]  # a shut tag -> the sources it still passes from
 
 
-def filter_note(tags: Sequence[bytes], nonces: Sequence[bytes], shut: Shut | None = None) -> str:
+def filter_note(tags: Sized, nonces: Sized, shut: Shut | None = None) -> str:
+    """The log line for a filter of `tags` and `nonces` (counted, never copied)."""
     note = f"kernel filter on {len(tags)} tags"
     note += f", dropping {len(nonces)} replayed nonces" if nonces else ""
     if shut:
