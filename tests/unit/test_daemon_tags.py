@@ -11,11 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+
 from spa.core.keys import derive_keys
 from spa.core.knock import STEP_SECONDS, knock_tag, step_of, step_start
 from spa.core.verify import Accepted
 from spa.server import admin
-from spa.server.daemon import ROTATE_BY, TICK, WARM_ROUNDS, Server
+from spa.server.daemon import PAUSE_LOG_VARIABLE, ROTATE_BY, TICK, WARM_ROUNDS, Server
 from spa.server.sources import FakeFilteredSource, Shut, filter_note
 from spa.server.state import describe_filter
 from tests.server_world import World
@@ -174,3 +176,17 @@ def test_status_says_which_filter_runs() -> None:
     assert describe_filter("classic").startswith("classic")
     assert "every datagram" in describe_filter("port-only")
     assert "before this version" in describe_filter(None)
+
+
+def test_the_pause_gauge_says_each_steps_max_and_percentiles(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmark's gauge (SPA_LOG_RECEIVE_PAUSE): once a step, the
+    longest batch and backlog, and their 99th and 99.9th percentiles."""
+    monkeypatch.setenv(PAUSE_LOG_VARIABLE, "1")
+    world, server, _ = started(tmp_path, 3)
+    server._pause_samples += [(0.001, 1)] * 999 + [(0.009, 7)]
+    server.receive_pause, server.receive_backlog = 0.009, 7
+    rounds(world, server, STEP_SECONDS)
+    said = [line for line in world.logs if line.startswith("receive pause max")]
+    assert said and said[0].startswith("receive pause max 9.00 ms, backlog max 7 in step"), said
+    assert "batches=1000 p99 1.00 ms backlog 1, p99.9 9.00 ms backlog 7" in said[0], said
