@@ -183,30 +183,32 @@ class HashMap:
         Raises BpfError (E2BIG: the map is full; some may be in)."""
         if len(keys) != len(values):
             raise ValueError("as many values as keys")
-        for at in range(0, len(keys), BATCH):
-            chunk, vchunk = keys[at:at + BATCH], values[at:at + BATCH]
-            kbuf = ctypes.create_string_buffer(b"".join(chunk), len(chunk) * self.key_size)
-            vbuf = ctypes.create_string_buffer(b"".join(vchunk), len(chunk) * self.value_size)
-            try:
-                self._batch(MAP_UPDATE_BATCH, kbuf, vbuf, len(chunk), "bpf map update batch")
-            except BpfError as exc:
-                if exc.errno not in _NO_BATCH:
-                    raise
-                for key, value in zip(chunk, vchunk, strict=True):
-                    self.update(key, value)
+        self._in_chunks(MAP_UPDATE_BATCH, keys, values, "bpf map update batch")
 
     def delete_batch(self, keys: Sequence[bytes]) -> None:
         """Delete all; every key must be there.  Raises BpfError (ENOENT)."""
+        self._in_chunks(MAP_DELETE_BATCH, keys, None, "bpf map delete batch")
+
+    def _in_chunks(self, cmd: int, keys: Sequence[bytes], values: Sequence[bytes] | None,
+                   what: str) -> None:
+        """`cmd` over BATCH keys at a time; one call per key where the kernel
+        has no batches."""
         for at in range(0, len(keys), BATCH):
             chunk = keys[at:at + BATCH]
+            vchunk = values[at:at + BATCH] if values is not None else None
             kbuf = ctypes.create_string_buffer(b"".join(chunk), len(chunk) * self.key_size)
+            vbuf = (ctypes.create_string_buffer(b"".join(vchunk), len(chunk) * self.value_size)
+                    if vchunk is not None else None)
             try:
-                self._batch(MAP_DELETE_BATCH, kbuf, None, len(chunk), "bpf map delete batch")
+                self._batch(cmd, kbuf, vbuf, len(chunk), what)
             except BpfError as exc:
                 if exc.errno not in _NO_BATCH:
                     raise
-                for key in chunk:
-                    self.delete(key)
+                for index, key in enumerate(chunk):
+                    if vchunk is None:
+                        self.delete(key)
+                    else:
+                        self.update(key, vchunk[index])
 
     def _batch(self, cmd: int, keys: ctypes.Array[ctypes.c_char],
                values: ctypes.Array[ctypes.c_char] | None, count: int, what: str) -> None:

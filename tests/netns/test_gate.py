@@ -192,6 +192,17 @@ def test_the_boot_gate_closes_the_ports_without_a_daemon_and_keeps_saved_leases(
     assert spa.elements() == [f"svc_ssh_v4 {CLI4}"]
 
 
+def run_in_a_namespace(role: str, code: str) -> Any:
+    """What `code` prints as JSON, run by Python in a namespace of its own."""
+    from spa.netns import Topology
+
+    topo = Topology()
+    try:
+        return json.loads(topo.ns(role).run(sys.executable, "-c", code, timeout=60).stdout)
+    finally:
+        topo.cleanup()
+
+
 def test_every_alteration_of_our_table_is_found_and_put_back(tmp_path: Path) -> None:
     """The backend's repair against the real kernel, in a namespace of its
     own: each change another program can make to `inet spa` is named, put
@@ -199,8 +210,6 @@ def test_every_alteration_of_our_table_is_found_and_put_back(tmp_path: Path) -> 
     last three came from an adversarial review: `flags dormant` unhooked
     every chain unnoticed; a jump between two added chains made the repair
     fail for good (EBUSY); a grant set made again with `size 1` was kept."""
-    from spa.netns import Topology
-
     code = r'''
 import ipaddress, json, subprocess, sys, time
 from spa.backends.libnft import LibNft
@@ -245,12 +254,7 @@ out = subprocess.run(["nft", "list", "set", "inet", "spa", "svc_ssh_v4"], captur
 found["elements"] = [word for word in out.split() if word.startswith("10.")]
 print(json.dumps(found))
 '''
-    topo = Topology()
-    try:
-        ns = topo.ns("alter")
-        found = json.loads(ns.run(sys.executable, "-c", code, timeout=60).stdout)
-    finally:
-        topo.cleanup()
+    found = run_in_a_namespace("alter", code)
     assert found.pop("intact") is None
     assert found.pop("elements") == ["10.0.0.7"], "exactly the lease, nothing else"
     expect = {"flush": "table inet spa was removed", "delete": "table inet spa was removed",
@@ -271,8 +275,6 @@ def test_a_start_over_our_table_with_plain_drop_sets_installs_the_whole_gate() -
     drop rules need dynamic sets; kept, the plain ones made nftables refuse
     the start (EINVAL) and the table stayed without a drop rule.  Against
     the real kernel: each start after such a table installs every rule."""
-    from spa.netns import Topology
-
     code = r'''
 import json, subprocess, time
 from spa.backends.libnft import LibNft
@@ -297,12 +299,7 @@ for how in ("no service first", "another program"):
                   backend.repair({}, now=time.time())]
 print(json.dumps(found))
 '''
-    topo = Topology()
-    try:
-        ns = topo.ns("plain")
-        found = json.loads(ns.run(sys.executable, "-c", code, timeout=60).stdout)
-    finally:
-        topo.cleanup()
+    found = run_in_a_namespace("plain", code)
     for how, (rules, problem) in found.items():
         assert "tcp dport 22 drop" in rules and "update @drops_v4" in rules, (how, rules)
         assert problem is None, (how, "the started gate is found intact")
