@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -95,6 +96,58 @@ def test_revoke_rotate_remove_and_the_changes_since(store: ClientStore) -> None:
                  lambda: store.set_secret("carol", SECRET, old_until="", at=7.0)):
         with pytest.raises(LocalError, match="no client named 'carol'"):
             call()
+
+
+def test_set_sources_writes_one_change_and_only_when_they_differ(store: ClientStore) -> None:
+    store.add(entry("alice"), at=1.0)
+    seen = store.version()
+    nets = ("203.0.113.0/24", "2001:db8::/48")
+    assert store.set_sources("alice", nets, at=2.0)
+    assert store.get("alice") == entry("alice", sources=nets)
+    assert not store.set_sources("alice", nets, at=3.0)  # already: no change row
+    assert store.set_sources("alice", (), at=4.0)
+    assert store.get("alice") == entry("alice")
+    assert store.changed_since(seen) == (seen + 2, ["alice"])
+    with pytest.raises(LocalError, match="no client named 'carol'"):
+        store.set_sources("carol", nets, at=5.0)
+
+
+OLD_STORE = Path(__file__).resolve().parents[1] / "vectors" / "clients_db_before_sources.sql"
+
+
+def test_a_store_made_before_sources_gets_the_column_and_keeps_everything(state: Path) -> None:
+    """A database today's main made (tests/vectors/clients_db_before_sources.sql)
+    opens with every client as it was, each allowed from anywhere; the
+    column is added once, and the store works as a new one does."""
+    old = sqlite3.connect(state / CLIENTS_DB)
+    old.executescript(OLD_STORE.read_text())
+    assert "sources" not in [row[1] for row in old.execute("PRAGMA table_info(clients)")]
+    old.close()
+    (state / CLIENTS_DB).chmod(0o600)
+    with ClientStore.open(state, create=False) as store:
+        assert store.version() == 5
+        assert {e.name: e for e in store.all()} == {
+            "alice": ClientEntry("alice", bytes(range(3, 35)), ("ssh", "https"),
+                                 enrolled="2026-01-01T00:00:00Z", endpoint="203.0.113.1",
+                                 old_secret=bytes(range(32)),
+                                 old_until="2026-02-01T00:00:00Z"),
+            "bob": ClientEntry("bob", bytes(range(1, 33)), ("ssh",),
+                               enrolled="2026-01-02T00:00:00Z",
+                               enroll_by="2026-01-03T00:00:00Z",
+                               otp_secret="JBSWY3DPEHPK3PXP"),
+            "carol": ClientEntry("carol", bytes(range(2, 34)), ("https",),
+                                 allow_other_address=True, revoked=True, close_leases=True,
+                                 enrolled="2026-01-02T00:00:00Z")}
+        assert store.set_sources("bob", ("192.0.2.0/24",), at=6.0)
+        store.add(entry("dave", sources=("2001:db8::/48",)), at=7.0)
+    with ClientStore.open(state, create=False) as again:  # a second open adds nothing
+        bob = again.get("bob")
+        assert bob is not None and bob.sources == ("192.0.2.0/24",)
+        assert again.get("dave") == entry("dave", sources=("2001:db8::/48",))
+        assert again.changed_since(5) == (7, ["bob", "dave"])
+    columns = [row[1] for row in sqlite3.connect(state / CLIENTS_DB).execute(
+        "PRAGMA table_info(clients)")]
+    assert columns.count("sources") == 1
 
 
 def test_pages_by_name_with_a_filter_and_streams_all(store: ClientStore) -> None:
