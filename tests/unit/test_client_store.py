@@ -4,6 +4,7 @@ out of server.toml and export / import (spa/store/transfer.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sqlite3
@@ -298,7 +299,8 @@ def toml_with_clients(tmp_path: Path) -> Path:
     admin.init(path, listen_port=62201, backend="memory", state_dir=tmp_path / "state",
                force=False)
     (tmp_path / "state").mkdir(mode=0o700)
-    for name, client in (("alice", entry("alice", enrolled="2026-01-01T00:00:00Z")),
+    for name, client in (("alice", entry("alice", enrolled="2026-01-01T00:00:00Z",
+                                         sources=("192.0.2.0/24", "2001:db8::/48"))),
                          ("bob", entry("bob", secret=OTHER, revoked=True))):
         assert name == client.name
         config_mod.add_client(path, client)
@@ -317,6 +319,8 @@ def test_migration_moves_the_clients_and_keeps_a_backup(toml_with_clients: Path)
     with ClientStore.open(state, create=False) as store:
         assert [e.name for e in store.all()] == ["alice", "bob"]
         assert store.get("bob") == entry("bob", secret=OTHER)  # add_client writes revoked=False
+        assert store.get("alice") == entry("alice", enrolled="2026-01-01T00:00:00Z",
+                                           sources=("192.0.2.0/24", "2001:db8::/48"))
         version = store.version()
     assert transfer.migrate(path, state, at=2.0) == 0  # idempotent: nothing left to move
     with ClientStore.open(state, create=False) as store:
@@ -353,7 +357,8 @@ def test_export_then_import_is_idempotent_updates_and_prunes(
         toml_with_clients: Path, fmt: str) -> None:
     config = config_mod.load(toml_with_clients)
     state = toml_with_clients.parent.parent / "state"
-    entries = [entry("alice", otp_secret="JBSWY3DPEHPK3PXP", endpoint="k.example:1"),
+    entries = [entry("alice", otp_secret="JBSWY3DPEHPK3PXP", endpoint="k.example:1",
+                     sources=("192.0.2.0/24", "2001:db8::/48")),
                entry("bob", old_secret=OTHER, old_until="2030-01-01T00:00:00Z",
                      revoked=True, close_leases=True, enroll_by="2029-01-01T00:00:00Z")]
     text = transfer.render(entries, fmt)
@@ -374,7 +379,15 @@ def test_export_then_import_is_idempotent_updates_and_prunes(
 
 def test_an_import_file_is_checked_as_the_config_is(toml_with_clients: Path) -> None:
     config = config_mod.load(toml_with_clients)
+    def sources(value: object) -> str:
+        return json.dumps({"clients": {"a": {"secret": config_mod.b64encode(SECRET),
+                                             "services": ["ssh"], "sources": value}}})
+
     for text, message in (('{"clients": {"a": {"services": ["ssh"]}}}', "needs secret"),
+                          (sources(["192.0.2.7/24"]),
+                           r"\[clients.a\] sources: '192.0.2.7/24' has host bits set past /24"),
+                          (sources([24]), "sources: give a list of networks as strings"),
+                          (sources("192.0.2.0/24"), "sources has the wrong type"),
                           ('{"people": {}}', "as `spa-server clients export` writes"),
                           ("[clients.a\n", "neither JSON nor TOML")):
         with pytest.raises(LocalError, match=message):
