@@ -9,8 +9,10 @@ from pathlib import Path
 from prometheus_client import generate_latest
 
 from spa.core.errors import Reason
+from spa.core.sources import NOWHERE
 from spa.core.verify import Accepted, Refused
 from spa.server import admin
+from spa.server.config import ClientEntry, client_policy
 from spa.server.metrics import Metrics
 from tests.server_world import World
 
@@ -46,3 +48,15 @@ def test_a_running_server_applies_a_clients_networks_at_once(tmp_path: Path) -> 
     server.housekeeping()
     server.run_commands()
     assert isinstance(server.handle(world.packet("alice", duration=60), OUTSIDE), Accepted)
+
+
+def test_clients_with_the_same_networks_share_one_tuple_and_a_bad_list_allows_none() -> None:
+    """network_set interns per distinct list, as service_set does (10^5 clients
+    of one office: one tuple); a list no command would have written (a store
+    edited by hand) allows no source rather than any."""
+    def rules(name: str, sources: tuple[str, ...]) -> object:
+        return client_policy(ClientEntry(name, bytes(32), ("ssh",), sources=sources)).sources
+
+    assert rules("a", (HOME,)) is rules("b", tuple([HOME]))
+    assert rules("c", ()) == ()
+    assert rules("d", ("192.0.2.7/24",)) is NOWHERE
