@@ -89,6 +89,12 @@ def init(
                f"{chosen[0].name} --endpoint HOST")
 
 
+_FROM_HELP = ("Accept its knocks only from this network (repeat), e.g. 203.0.113.0/24 or "
+              "2001:db8::/48; a knock from elsewhere is refused (source_not_allowed).")
+FromOption = Annotated[list[str] | None, typer.Option(
+    "--from", metavar="NET", help=_FROM_HELP + "  Default: from anywhere.")]
+
+
 @app.command()
 def enroll(
     name: Annotated[str, typer.Argument(metavar="NAME", help="Client name, e.g. alice-laptop.")],
@@ -110,13 +116,15 @@ def enroll(
         "--expires", metavar="DURATION", help="The enrollment must be used within this time "
         "(e.g. 15m, 2h, 1d): a first knock after it is refused (enrollment_expired).")
     ] = None,
+    sources: FromOption = None,
 ) -> None:
     """Enroll a client: create its secret and print its enrollment URI."""
     with local_errors():
         if png is not None and (png.is_dir() or not png.parent.is_dir()):
             raise LocalError(f"--png {png}: not a file in an existing directory")
         seconds = None if expires is None else parse_duration(expires, "--expires")
-        uri = admin.enroll(_ctx.config, name, service, endpoint, expires=seconds, otp=otp)
+        uri = admin.enroll(_ctx.config, name, service, endpoint, expires=seconds, otp=otp,
+                           sources=sources or ())
         otp_uri = admin.otp_uri(_ctx.config, name) if otp else None
         if png is not None:
             from spa.server import qr as qr_mod
@@ -134,6 +142,10 @@ def enroll(
     typer.echo(f"enrolled {name} for {', '.join(dict.fromkeys(service))}. Give this URI to "
                "the user over a private channel (it holds the client's secret):\n")
     typer.echo(f"  {uri}\n")
+    if sources:
+        typer.echo(f"knocks accepted {admin.describe_sources(admin.parse_sources(sources))}: "
+                   "a knock from elsewhere is refused (source_not_allowed); change it with: "
+                   f"spa-server clients set {name} --from NET or --no-from\n")
     if seconds is not None:
         typer.echo(f"it must be used within {expires}: a first knock after that is refused "
                    "(enrollment_expired); spa-server clients shows whether it was\n")
@@ -208,7 +220,8 @@ def rotate(
         typer.echo(qr_mod.terminal_text(uri, ansi=sys.stdout.isatty()))
 
 
-clients_app = typer.Typer(help="List, export and import clients.", no_args_is_help=False)
+clients_app = typer.Typer(help="List, change, export and import clients.",
+                          no_args_is_help=False)
 app.add_typer(clients_app, name="clients")
 EXPORT_FORMAT = Annotated[str, typer.Option("--format", help="json or toml.")]
 
@@ -233,7 +246,8 @@ def clients(
     if as_json:
         typer.echo(json.dumps({"count": page.count, "clients": [
             {"name": e.name, "state": page.states[e.name], "services": list(e.services),
-             "enrolled": e.enrolled, "endpoint": e.endpoint, "otp": bool(e.otp_secret)}
+             "enrolled": e.enrolled, "endpoint": e.endpoint, "otp": bool(e.otp_secret),
+             "sources": list(e.sources)}
             for e in page.entries]}))
         return
     if not page.entries:
@@ -242,10 +256,11 @@ def clients(
                    "enrolled)")
         return
     width = max(8, *(len(v) for v in page.states.values()))
-    typer.echo(f"{'NAME':<24} {'STATE':<{width}} {'SERVICES':<24} ENROLLED")
+    typer.echo(f"{'NAME':<24} {'STATE':<{width}} {'SERVICES':<24} {'ENROLLED':<20} FROM")
     for entry in page.entries:
         typer.echo(f"{entry.name:<24} {page.states[entry.name]:<{width}} "
-                   f"{','.join(entry.services):<24} {entry.enrolled or '-'}")
+                   f"{','.join(entry.services):<24} {entry.enrolled or '-':<20} "
+                   f"{','.join(entry.sources) or 'anywhere'}")
     more = f"; next page: --after {page.entries[-1].name}" if len(page.entries) == limit else ""
     typer.echo(f"{len(page.entries)} shown of {page.count} client(s){more}", err=True)
 
@@ -286,6 +301,25 @@ def clients_import(
     for what, names in (("added", result.added), ("updated", result.updated),
                         ("removed", result.removed)):
         typer.echo(f"{what} {len(names)}: {', '.join(names) or '-'}")
+
+
+@clients_app.command("set")
+def clients_set(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The client to change.")],
+    sources: Annotated[list[str] | None, typer.Option(
+        "--from", metavar="NET", help=_FROM_HELP + "  Replaces the list it had.")] = None,
+    no_from: Annotated[bool, typer.Option("--no-from", help="Accept its knocks from "
+                                          "anywhere again.")] = False,
+) -> None:
+    """Change where a client may knock from; a running server applies it within a second.
+
+    --from replaces the whole list (repeat it for several networks)."""
+    with local_errors():
+        if bool(sources) == no_from:
+            raise LocalError("give --from NET (repeat for several networks) or --no-from, "
+                             "one of the two")
+        line = admin.set_sources(_ctx.config, name, sources or (), now=time.time())
+    typer.echo(line)
 
 
 def write_private(file: Path, text: str) -> None:

@@ -31,6 +31,8 @@ class Reason(enum.Enum):
     ENROLLMENT_EXPIRED = "enrollment_expired"  # a pending client's first knock came too late
     SERVICE_NOT_ALLOWED = "service_not_allowed"
     ADDRESS_NOT_ALLOWED = "address_not_allowed"
+    # the packet's source is outside the client's source networks (enroll --from)
+    SOURCE_NOT_ALLOWED = "source_not_allowed"
     OTP_INVALID = "otp_invalid"  # a client enrolled with --otp sent no code or a wrong one
     OTP_REUSED = "otp_reused"  # that code (or a later one) was used before
     # the route back to the source does not leave by the arrival interface
@@ -48,7 +50,8 @@ class Reason(enum.Enum):
 AFTER_AUTHENTICATION = frozenset({
     Reason.STALE, Reason.FUTURE, Reason.STEP_MISMATCH, Reason.REPLAY_CACHE_FULL,
     Reason.REVOKED, Reason.ENROLLMENT_EXPIRED, Reason.SERVICE_NOT_ALLOWED,
-    Reason.ADDRESS_NOT_ALLOWED, Reason.OTP_INVALID, Reason.OTP_REUSED,
+    Reason.ADDRESS_NOT_ALLOWED, Reason.SOURCE_NOT_ALLOWED, Reason.OTP_INVALID,
+    Reason.OTP_REUSED,
 })
 
 

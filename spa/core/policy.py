@@ -7,6 +7,12 @@ Invariants (docs/protocol.md, "Policy"; docs/threat-model.md, "insider"):
   refused); 0 asks for the service's default.
 - An address other than the packet's source is allowed only for a client
   with `allow_other_address`.
+- A client with source networks (`enroll --from`) is refused
+  `source_not_allowed` for a packet whose *source* lies outside them, whatever
+  address it asks for (spa/core/sources.py); none means anywhere.  The check
+  runs after authentication, like every rule here, so a stranger learns
+  nothing from it; and before the authenticator code is checked, so a knock
+  from elsewhere cannot spend one.
 - A pending enrollment (`enroll_by`) is refused `enrollment_expired` when the
   packet's own authenticated timestamp is past it, unless the client has
   knocked in time before (`activated`); the server keeps that record.
@@ -20,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from spa.core.errors import Reason
+from spa.core.sources import SourceNetwork, allows
 from spa.core.wire import PROTOCOLS, Action, IPAddress, Request, is_valid_service_name
 
 
@@ -65,6 +72,9 @@ class ClientPolicy:
     # Unix time by which a pending enrollment must be used (None: no limit).
     # Once the client has knocked (it is in Policy.activated) it no longer applies.
     enroll_by: float | None = None
+    # where its knocks may come from (empty: anywhere); one tuple per distinct
+    # list, shared (spa.server.config.network_set)
+    sources: tuple[SourceNetwork, ...] = ()
 
 
 class Decision(NamedTuple):
@@ -102,5 +112,7 @@ class Policy:
         address = source if request.address is None else request.address
         if address != source and not rules.allow_other_address:
             return Reason.ADDRESS_NOT_ALLOWED
+        if rules.sources and not allows(rules.sources, source):  # the only O(networks) rule
+            return Reason.SOURCE_NOT_ALLOWED
         duration = service.cap(request.duration) if request.action is Action.OPEN else 0
         return Decision(address, service, duration)

@@ -28,6 +28,7 @@ from spa.core.errors import FormatError
 from spa.core.keys import MASTER_SECRET_SIZE, SERVER_ID_SIZE
 from spa.core.otp import SECRET_BYTES, provisioning_uri
 from spa.core.policy import DEFAULT_SERVICES, Service
+from spa.core.sources import canonical_sources
 from spa.core.uri import Enrollment, ServiceRef, check_host, is_valid_client_name, render
 from spa.server import config as config_mod
 from spa.server.config import ClientEntry, ServerConfig
@@ -125,11 +126,15 @@ def parse_endpoint(endpoint: str, default_port: int) -> tuple[str, int]:
 
 
 def enroll(path: Path, name: str, services: list[str], endpoint: str, *,
-           expires: float | None = None, now: float | None = None, otp: bool = False) -> str:
+           expires: float | None = None, now: float | None = None, otp: bool = False,
+           sources: Sequence[str] = ()) -> str:
     """Create a client with a new secret, store it, return its enrollment URI.
     With `expires` (seconds) the client is pending: its first knock must come
-    within that time of `now`, or it is refused `enrollment_expired`."""
+    within that time of `now`, or it is refused `enrollment_expired`.  With
+    `sources` (networks), a knock from outside them is refused
+    `source_not_allowed`.  Raises LocalError."""
     config = config_mod.load(path)
+    networks = parse_sources(sources)
     if not is_valid_client_name(name):
         raise LocalError(f"client name {name!r}: use letters, digits, '.', '_', '@', '-' "
                          "(at most 64, starting with a letter or digit)")
@@ -150,11 +155,40 @@ def enroll(path: Path, name: str, services: list[str], endpoint: str, *,
     with open_store(config, now=when) as store:
         store.add(ClientEntry(name, secret, tuple(unique), enrolled=config_mod.format_utc(when),
                               enroll_by=enroll_by, otp_secret=otp_secret,
-                              endpoint=endpoint.strip()), at=when)
+                              endpoint=endpoint.strip(), sources=networks), at=when)
     refs = tuple(ServiceRef(s, config.services[s].protocol, config.services[s].port)
                  for s in unique)
     return render(Enrollment(host, port, config.server_id, name, secret, refs, otp=otp,
                              expires=None if expires is None else int(when + expires)))
+
+
+def parse_sources(texts: Sequence[str]) -> tuple[str, ...]:
+    """--from NET (repeated) as canonical networks.  Raises LocalError."""
+    try:
+        return canonical_sources(texts)
+    except FormatError as exc:
+        raise LocalError(f"--from {exc}") from None
+
+
+def describe_sources(sources: Sequence[str]) -> str:
+    """Where a client may knock from, for a person."""
+    return "only from " + ", ".join(sources) if sources else "from anywhere"
+
+
+def set_sources(path: Path, name: str, sources: Sequence[str], *, now: float) -> str:
+    """Set the networks a client's knocks may come from (empty: anywhere);
+    returns the line to print.  Raises LocalError (no such client, a bad
+    network)."""
+    networks = parse_sources(sources)
+    config = config_mod.load(path)
+    with open_store(config, now=now) as store:
+        changed = store.set_sources(name, networks, at=now)
+    where = describe_sources(networks)
+    if not changed:
+        return f"{name}: knocks accepted {where} already; nothing changed"
+    refused = "; a knock from elsewhere is refused source_not_allowed" if networks else ""
+    return (f"{name}: knocks accepted {where} now{refused} (a running server applies it "
+            "within a second)")
 
 
 def rotate(path: Path, name: str, *, grace: float, now: float,

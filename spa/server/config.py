@@ -36,8 +36,10 @@ from typing import Any
 
 import tomlkit
 
+from spa.core.errors import FormatError
 from spa.core.keys import MASTER_SECRET_SIZE, SERVER_ID_SIZE
 from spa.core.policy import DEFAULT_SERVICES, ClientPolicy, Policy, Service
+from spa.core.sources import NOWHERE, SourceNetwork, canonical_sources, source_networks
 from spa.core.uri import is_valid_client_name
 from spa.server.errors import ConfigError, LocalError
 from spa.server.safefs import Directory, Stamp, open_dir, refuse_foreign_dir
@@ -61,7 +63,7 @@ _SERVER_KEYS = {
 _SERVICE_KEYS = {"protocol", "port", "default_duration", "max_duration"}
 _CLIENT_KEYS = {"secret", "services", "allow_other_address", "revoked", "enrolled",
                 "enroll_by", "otp_secret", "close_leases", "endpoint", "old_secret",
-                "old_until"}
+                "old_until", "sources"}
 OLD_KEY = "~old"  # key name suffix of a rotated-out secret in its grace period ('~' is
 # never in a client name, so it cannot collide)
 
@@ -80,6 +82,8 @@ class ClientEntry:
     endpoint: str = ""  # HOST[:PORT] its URI names (for rotate)
     old_secret: bytes = field(default=b"", repr=False)  # the secret before a rotate ...
     old_until: str = ""  # ... which keeps working until this UTC time (grace)
+    # networks its knocks may come from, canonical (spa.core.sources); empty: anywhere
+    sources: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"ClientEntry({self.name!r}, services={self.services}, revoked={self.revoked})"
@@ -134,7 +138,8 @@ class ServerConfig:
 def client_policy(entry: ClientEntry) -> ClientPolicy:
     """One client's rules, as the core's Policy holds them."""
     return ClientPolicy(entry.name, service_set(entry.services), entry.allow_other_address,
-                        entry.revoked, parse_utc(entry.enroll_by) if entry.enroll_by else None)
+                        entry.revoked, parse_utc(entry.enroll_by) if entry.enroll_by else None,
+                        network_set(entry.sources))
 
 
 @functools.lru_cache(maxsize=256)
@@ -142,6 +147,18 @@ def service_set(services: tuple[str, ...]) -> frozenset[str]:
     """One frozenset per combination of services: 10^5 clients share a few
     (a set each was 24 MB, and 10^5 more objects for every full GC pass)."""
     return frozenset(services)
+
+
+@functools.lru_cache(maxsize=256)
+def network_set(sources: tuple[str, ...]) -> tuple[SourceNetwork, ...]:
+    """One tuple of networks per distinct list, as `service_set` (10^5 clients
+    of one office share one).  A list that does not parse (written into the
+    store by hand: every command checks it) allows no source: it was meant
+    to narrow access, so it never widens it."""
+    try:
+        return source_networks(sources)
+    except FormatError:
+        return NOWHERE
 
 
 def b64encode(raw: bytes) -> str:
@@ -368,6 +385,7 @@ def _clients(path: Path, data: Mapping[str, Any], services: Mapping[str, Service
             old_secret=b64decode(_get(where, spec, "old_secret", str, ""), MASTER_SECRET_SIZE,
                                  f"{where} old_secret") if "old_secret" in spec else b"",
             old_until=_get(where, spec, "old_until", str, ""),
+            sources=_sources(where, _get(where, spec, "sources", list, [])),
         )
         _check_utc(where, "old_until", clients[name].old_until)
         _check_utc(where, "enroll_by", clients[name].enroll_by)
@@ -379,6 +397,17 @@ def _clients(path: Path, data: Mapping[str, Any], services: Mapping[str, Service
                 raise ConfigError(f"{where} otp_secret: not a base32 secret of 80 bits or "
                                   "more (enroll the client again with --otp)") from None
     return clients
+
+
+def _sources(where: str, texts: list[Any]) -> tuple[str, ...]:
+    """A client's `sources`, canonical.  Raises ConfigError."""
+    if not all(isinstance(text, str) for text in texts):
+        raise ConfigError(f"{where} sources: give a list of networks as strings, "
+                          'e.g. ["203.0.113.0/24", "2001:db8::/48"]')
+    try:
+        return canonical_sources(texts)
+    except FormatError as exc:
+        raise ConfigError(f"{where} sources: {exc}") from None
 
 
 def _check_utc(where: str, key: str, value: str) -> None:
@@ -557,6 +586,8 @@ def add_client(path: Path, entry: ClientEntry) -> None:
             table.add("otp_secret", entry.otp_secret)
         if entry.endpoint:
             table.add("endpoint", entry.endpoint)
+        if entry.sources:
+            table.add("sources", list(entry.sources))
         clients.add(entry.name, table)
         edit.write()
 

@@ -10,7 +10,7 @@ Invariants (issue 14, 100,000 clients on one server; docs/benchmarks.md,
 - Filters reach SQL only as bound parameters; a bad one is one line on the
   page, and the page shows everything instead.
 - What a row carries is listed in ClientRow: names, states, services, times,
-  the endpoint; never a secret (key or OTP secret).
+  the endpoint, the source networks; never a secret (key or OTP secret).
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ class ClientRow:
     enroll_by: str
     old_until: str  # the old secret still works until then (a rotation's grace)
     seen: tuple[float, str] | None  # the last accepted knock: time, source
+    sources: tuple[str, ...]  # the networks its knocks may come from (none: anywhere)
 
     @classmethod
     def of(cls, entry: ClientEntry, met: Activation,
@@ -86,7 +87,7 @@ class ClientRow:
         return cls(entry.name, admin.state_text(entry, met), ", ".join(entry.services),
                    bool(entry.otp_secret),
                    entry.enrolled, entry.endpoint, entry.enroll_by, entry.old_until,
-                   seen.get(entry.name))
+                   seen.get(entry.name), entry.sources)
 
 
 @dataclass(frozen=True, slots=True)

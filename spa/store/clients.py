@@ -26,6 +26,9 @@ Invariants (docs/threat-model.md, "The client store"):
   clients_state, sorted (a rare state: under 1/BY_NAME_SHARE of the
   clients), never the whole table sorted.
   `rows_read` counts the client rows this connection turned into entries.
+- A database an earlier version made gets the columns added since
+  (_ADDED_COLUMNS) when it is opened, each with its default for every row
+  (`sources`: '[]', anywhere), so every client keeps what it could do.
 - Secrets are BLOBs; they never reach a log line or an error message
   (ClientEntry's repr hides them).
 """
@@ -68,7 +71,8 @@ CREATE TABLE IF NOT EXISTS clients (
     close_leases INTEGER NOT NULL DEFAULT 0,
     endpoint TEXT NOT NULL DEFAULT '',
     old_secret BLOB NOT NULL DEFAULT x'',
-    old_until TEXT NOT NULL DEFAULT ''
+    old_until TEXT NOT NULL DEFAULT '',
+    sources TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -77,24 +81,28 @@ CREATE TABLE IF NOT EXISTS changes (
 );
 CREATE INDEX IF NOT EXISTS clients_state ON clients(revoked, enroll_by, name);
 """
+# columns later versions added, as a database made before them gets them on open
+_ADDED_COLUMNS = (("sources", "TEXT NOT NULL DEFAULT '[]'"),)  # JSON list of networks
 _SELECT = ("SELECT name, secret, services, allow_other_address, revoked, enrolled, "
-           "enroll_by, otp_secret, close_leases, endpoint, old_secret, old_until FROM clients")
+           "enroll_by, otp_secret, close_leases, endpoint, old_secret, old_until, sources "
+           "FROM clients")
 _INSERT = ("INSERT INTO clients (name, secret, services, allow_other_address, revoked, "
-           "enrolled, enroll_by, otp_secret, close_leases, endpoint, old_secret, old_until) "
-           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+           "enrolled, enroll_by, otp_secret, close_leases, endpoint, old_secret, old_until, "
+           "sources) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _UPSERT = (_INSERT + " ON CONFLICT(name) DO UPDATE SET secret = excluded.secret, "
            "services = excluded.services, allow_other_address = excluded.allow_other_address, "
            "revoked = excluded.revoked, enrolled = excluded.enrolled, "
            "enroll_by = excluded.enroll_by, otp_secret = excluded.otp_secret, "
            "close_leases = excluded.close_leases, endpoint = excluded.endpoint, "
-           "old_secret = excluded.old_secret, old_until = excluded.old_until")
+           "old_secret = excluded.old_secret, old_until = excluded.old_until, "
+           "sources = excluded.sources")
 
 
 def _row(entry: ClientEntry) -> tuple[object, ...]:
     return (entry.name, entry.secret, json.dumps(list(entry.services)),
             int(entry.allow_other_address), int(entry.revoked), entry.enrolled,
             entry.enroll_by, entry.otp_secret, int(entry.close_leases), entry.endpoint,
-            entry.old_secret, entry.old_until)
+            entry.old_secret, entry.old_until, json.dumps(list(entry.sources)))
 
 
 _SERVICES: dict[str, tuple[str, ...]] = {}  # a services column -> its tuple, shared
@@ -102,8 +110,8 @@ _SERVICES_KEPT = 1024  # distinct combinations kept (a few in practice)
 
 
 def _services(column: str) -> tuple[str, ...]:
-    """The services tuple of a row, one object per distinct value: 10^5
-    clients share a few, and each JSON parse cost 3 us at the start."""
+    """The services (or sources) tuple of a row, one object per distinct
+    value: 10^5 clients share a few, and each JSON parse cost 3 us at the start."""
     found = _SERVICES.get(column)
     if found is None:
         found = tuple(json.loads(column))
@@ -114,11 +122,11 @@ def _services(column: str) -> tuple[str, ...]:
 
 def _entry(row: tuple[Any, ...]) -> ClientEntry:
     (name, secret, services, other, revoked, enrolled, enroll_by, otp, close, endpoint,
-     old_secret, old_until) = row
+     old_secret, old_until, sources) = row
     return ClientEntry(str(name), bytes(secret), _services(str(services)),
                        bool(other), bool(revoked), str(enrolled), str(enroll_by), str(otp),
                        bool(close), str(endpoint), bytes(old_secret),
-                       str(old_until))
+                       str(old_until), _services(str(sources)))
 
 
 def _no_such(name: str) -> LocalError:
@@ -348,6 +356,22 @@ class ClientStore:
                 (secret, before.secret if old_until else b"", old_until, name))
         return before
 
+    def set_sources(self, name: str, sources: tuple[str, ...], *, at: float) -> bool:
+        """The networks its knocks may come from (canonical, spa.core.sources;
+        empty: anywhere); False: they were already these.
+        Raises LocalError if there is no such client."""
+        column = json.dumps(list(sources))
+        changed = 0
+        with self._change(name, at):
+            changed = self._db.execute(
+                "UPDATE clients SET sources = ? WHERE name = ? AND sources != ?",
+                (column, name, column)).rowcount
+            if not changed:
+                if self.get(name) is None:
+                    raise _no_such(name)
+                raise _UnchangedError
+        return bool(changed)
+
     def remove(self, name: str, *, at: float) -> bool:
         """Forget a client (import --prune); False: there was none."""
         removed = 0
@@ -421,11 +445,32 @@ def _connect(path: Path, directory: Directory, opened: os.stat_result) -> sqlite
         db.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash loses no committed change
         # but the last ones before a power cut; a checkpoint makes them durable
         db.executescript(_SCHEMA)
+        _add_columns(db)
     except UnsafeFileError:
         raise
     except sqlite3.Error as exc:
         raise LocalError(f"cannot open the client store {path}: {exc}") from None
     return db
+
+
+def _add_columns(db: sqlite3.Connection) -> None:
+    """A database made before a column of _ADDED_COLUMNS existed gets it,
+    with its default for every row (one transaction; another process that
+    got there first leaves nothing to do)."""
+    def missing() -> list[tuple[str, str]]:
+        have = {str(row[1]) for row in db.execute("PRAGMA table_info(clients)").fetchall()}
+        return [(name, spec) for name, spec in _ADDED_COLUMNS if name not in have]
+
+    if not missing():
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for name, spec in missing():
+            db.execute(f"ALTER TABLE clients ADD COLUMN {name} {spec}")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 @contextlib.contextmanager

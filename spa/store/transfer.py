@@ -77,6 +77,8 @@ def entry_table(entry: ClientEntry) -> dict[str, Any]:
         table["close_leases"] = True
     if entry.old_secret:
         table["old_secret"] = config_mod.b64encode(entry.old_secret)
+    if entry.sources:
+        table["sources"] = list(entry.sources)
     return table
 
 

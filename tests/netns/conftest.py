@@ -180,13 +180,15 @@ class Spa:
         self.proc = None
         return code
 
-    def enroll(self, name: str, endpoint: str, *services: str) -> str:
-        """Enroll NAME; with the server running, wait until it has loaded the
-        client, so a test's first knock is the one the server judges."""
+    def enroll(self, name: str, endpoint: str, *services: str,
+               options: tuple[str, ...] = ()) -> str:
+        """Enroll NAME (with more `options` for enroll); with the server
+        running, wait until it has loaded the client, so a test's first knock
+        is the one the server judges."""
         args = [a for s in services for a in ("--service", s)]
         reloads = self._count("reloaded ")
-        uri = self.admin("enroll", name, *args, "--endpoint", endpoint, "--uri-only"
-                         ).stdout.strip()
+        uri = self.admin("enroll", name, *args, "--endpoint", endpoint, "--uri-only",
+                         *options).stdout.strip()
         if self.proc is not None and self.proc.poll() is None:
             deadline = time.monotonic() + 10
             while self._count("reloaded ") == reloads:

@@ -72,6 +72,15 @@ class StoreMachine(RuleBasedStateMachine):
         self.model[name] = replace(
             was, secret=secret, old_secret=was.secret if grace else b"", old_until=until)
 
+    @rule(name=names, sources=st.sampled_from(
+        [(), ("192.0.2.0/24",), ("192.0.2.0/24", "2001:db8::/48"), ("0.0.0.0/0",)]))
+    def set_sources(self, name: str, sources: tuple[str, ...]) -> None:
+        if name not in self.model:
+            return
+        changed = self.store.set_sources(name, sources, at=self.now)
+        assert changed == (self.model[name].sources != sources)
+        self.model[name] = replace(self.model[name], sources=sources)
+
     @rule(seconds=st.sampled_from([1, 59, 61, 601, 3600]))
     def time_passes(self, seconds: int) -> None:
         """Grace ends with time alone: the live secrets say so (no write)."""

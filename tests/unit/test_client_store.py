@@ -4,8 +4,10 @@ out of server.toml and export / import (spa/store/transfer.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sqlite3
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -95,6 +97,58 @@ def test_revoke_rotate_remove_and_the_changes_since(store: ClientStore) -> None:
                  lambda: store.set_secret("carol", SECRET, old_until="", at=7.0)):
         with pytest.raises(LocalError, match="no client named 'carol'"):
             call()
+
+
+def test_set_sources_writes_one_change_and_only_when_they_differ(store: ClientStore) -> None:
+    store.add(entry("alice"), at=1.0)
+    seen = store.version()
+    nets = ("203.0.113.0/24", "2001:db8::/48")
+    assert store.set_sources("alice", nets, at=2.0)
+    assert store.get("alice") == entry("alice", sources=nets)
+    assert not store.set_sources("alice", nets, at=3.0)  # already: no change row
+    assert store.set_sources("alice", (), at=4.0)
+    assert store.get("alice") == entry("alice")
+    assert store.changed_since(seen) == (seen + 2, ["alice"])
+    with pytest.raises(LocalError, match="no client named 'carol'"):
+        store.set_sources("carol", nets, at=5.0)
+
+
+OLD_STORE = Path(__file__).resolve().parents[1] / "vectors" / "clients_db_before_sources.sql"
+
+
+def test_a_store_made_before_sources_gets_the_column_and_keeps_everything(state: Path) -> None:
+    """A database today's main made (tests/vectors/clients_db_before_sources.sql)
+    opens with every client as it was, each allowed from anywhere; the
+    column is added once, and the store works as a new one does."""
+    old = sqlite3.connect(state / CLIENTS_DB)
+    old.executescript(OLD_STORE.read_text())
+    assert "sources" not in [row[1] for row in old.execute("PRAGMA table_info(clients)")]
+    old.close()
+    (state / CLIENTS_DB).chmod(0o600)
+    with ClientStore.open(state, create=False) as store:
+        assert store.version() == 5
+        assert {e.name: e for e in store.all()} == {
+            "alice": ClientEntry("alice", bytes(range(3, 35)), ("ssh", "https"),
+                                 enrolled="2026-01-01T00:00:00Z", endpoint="203.0.113.1",
+                                 old_secret=bytes(range(32)),
+                                 old_until="2026-02-01T00:00:00Z"),
+            "bob": ClientEntry("bob", bytes(range(1, 33)), ("ssh",),
+                               enrolled="2026-01-02T00:00:00Z",
+                               enroll_by="2026-01-03T00:00:00Z",
+                               otp_secret="JBSWY3DPEHPK3PXP"),
+            "carol": ClientEntry("carol", bytes(range(2, 34)), ("https",),
+                                 allow_other_address=True, revoked=True, close_leases=True,
+                                 enrolled="2026-01-02T00:00:00Z")}
+        assert store.set_sources("bob", ("192.0.2.0/24",), at=6.0)
+        store.add(entry("dave", sources=("2001:db8::/48",)), at=7.0)
+    with ClientStore.open(state, create=False) as again:  # a second open adds nothing
+        bob = again.get("bob")
+        assert bob is not None and bob.sources == ("192.0.2.0/24",)
+        assert again.get("dave") == entry("dave", sources=("2001:db8::/48",))
+        assert again.changed_since(5) == (7, ["bob", "dave"])
+    columns = [row[1] for row in sqlite3.connect(state / CLIENTS_DB).execute(
+        "PRAGMA table_info(clients)")]
+    assert columns.count("sources") == 1
 
 
 def test_pages_by_name_with_a_filter_and_streams_all(store: ClientStore) -> None:
@@ -245,7 +299,8 @@ def toml_with_clients(tmp_path: Path) -> Path:
     admin.init(path, listen_port=62201, backend="memory", state_dir=tmp_path / "state",
                force=False)
     (tmp_path / "state").mkdir(mode=0o700)
-    for name, client in (("alice", entry("alice", enrolled="2026-01-01T00:00:00Z")),
+    for name, client in (("alice", entry("alice", enrolled="2026-01-01T00:00:00Z",
+                                         sources=("192.0.2.0/24", "2001:db8::/48"))),
                          ("bob", entry("bob", secret=OTHER, revoked=True))):
         assert name == client.name
         config_mod.add_client(path, client)
@@ -264,6 +319,8 @@ def test_migration_moves_the_clients_and_keeps_a_backup(toml_with_clients: Path)
     with ClientStore.open(state, create=False) as store:
         assert [e.name for e in store.all()] == ["alice", "bob"]
         assert store.get("bob") == entry("bob", secret=OTHER)  # add_client writes revoked=False
+        assert store.get("alice") == entry("alice", enrolled="2026-01-01T00:00:00Z",
+                                           sources=("192.0.2.0/24", "2001:db8::/48"))
         version = store.version()
     assert transfer.migrate(path, state, at=2.0) == 0  # idempotent: nothing left to move
     with ClientStore.open(state, create=False) as store:
@@ -300,7 +357,8 @@ def test_export_then_import_is_idempotent_updates_and_prunes(
         toml_with_clients: Path, fmt: str) -> None:
     config = config_mod.load(toml_with_clients)
     state = toml_with_clients.parent.parent / "state"
-    entries = [entry("alice", otp_secret="JBSWY3DPEHPK3PXP", endpoint="k.example:1"),
+    entries = [entry("alice", otp_secret="JBSWY3DPEHPK3PXP", endpoint="k.example:1",
+                     sources=("192.0.2.0/24", "2001:db8::/48")),
                entry("bob", old_secret=OTHER, old_until="2030-01-01T00:00:00Z",
                      revoked=True, close_leases=True, enroll_by="2029-01-01T00:00:00Z")]
     text = transfer.render(entries, fmt)
@@ -321,7 +379,15 @@ def test_export_then_import_is_idempotent_updates_and_prunes(
 
 def test_an_import_file_is_checked_as_the_config_is(toml_with_clients: Path) -> None:
     config = config_mod.load(toml_with_clients)
+    def sources(value: object) -> str:
+        return json.dumps({"clients": {"a": {"secret": config_mod.b64encode(SECRET),
+                                             "services": ["ssh"], "sources": value}}})
+
     for text, message in (('{"clients": {"a": {"services": ["ssh"]}}}', "needs secret"),
+                          (sources(["192.0.2.7/24"]),
+                           r"\[clients.a\] sources: '192.0.2.7/24' has host bits set past /24"),
+                          (sources([24]), "sources: give a list of networks as strings"),
+                          (sources("192.0.2.0/24"), "sources has the wrong type"),
                           ('{"people": {}}', "as `spa-server clients export` writes"),
                           ("[clients.a\n", "neither JSON nor TOML")):
         with pytest.raises(LocalError, match=message):

@@ -125,6 +125,16 @@ def test_a_clients_page_and_its_revoke_read_that_client_alone(site: Site) -> Non
     assert "user00043 is revoked" in page
 
 
+def test_a_clients_page_shows_where_it_may_knock_from(site: Site) -> None:
+    page, rows = read(site, "/clients/user00042")
+    assert rows == 1 and '<td class="sources">anywhere</td>' in page
+    admin.set_sources(site.world.config_path, "user00042", ["192.0.2.0/24", "2001:db8::/48"],
+                      now=site.world.clock.now)
+    page, rows = read(site, "/clients/user00042")
+    assert rows == 1 and '<td class="sources">192.0.2.0/24, 2001:db8::/48</td>' in page
+    assert "spa-server clients set user00042 --from NET" in page
+
+
 def test_a_revoke_comes_back_only_to_this_sites_client_views() -> None:
     for ours in ("/", "/clients", "/clients?state=revoked&after=user02000",
                  "/clients/user00043"):
