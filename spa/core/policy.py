@@ -112,7 +112,12 @@ class Policy:
         address = source if request.address is None else request.address
         if address != source and not rules.allow_other_address:
             return Reason.ADDRESS_NOT_ALLOWED
-        if rules.sources and not allows(rules.sources, source):  # the only O(networks) rule
-            return Reason.SOURCE_NOT_ALLOWED
+        if rules.sources:  # the only O(networks) rule
+            if not allows(rules.sources, source):
+                return Reason.SOURCE_NOT_ALLOWED
+            if address != source and not allows(rules.sources, address):
+                # a grant goes inside the networks too, whoever may name one: a
+                # thief forging an inside source opens nothing for his own
+                return Reason.ADDRESS_NOT_ALLOWED
         duration = service.cap(request.duration) if request.action is Action.OPEN else 0
         return Decision(address, service, duration)

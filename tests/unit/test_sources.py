@@ -126,20 +126,23 @@ def test_policy_never_grants_a_source_outside_the_clients_networks(
         request: Request, nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
         source: IPAddress, other: bool) -> None:
     """Whatever the request (another address too), a client with networks is
-    granted only from a source inside them; with none, nothing changes."""
+    granted only from a source inside them, and only for an address inside
+    them; with none, nothing changes."""
     rules = replace(POLICY.clients["carol"], sources=source_networks([str(n) for n in nets]),
                     allow_other_address=other)
     policy = replace(POLICY, clients={"carol": rules})
     before = replace(POLICY, clients={"carol": replace(rules, sources=())})
     request = request._replace(service="ssh")
     decided = policy.decide("carol", request, source)
+    asked = source if request.address is None else request.address
     inside = any(source in n for n in nets)
-    if nets and not inside:
+    asked_inside = any(asked in n for n in nets)
+    if nets and not (inside and asked_inside):
         assert decided in (Reason.SOURCE_NOT_ALLOWED, Reason.ADDRESS_NOT_ALLOWED)
     else:
         assert decided == before.decide("carol", request, source)
     if isinstance(decided, Decision):
-        assert not nets or inside
+        assert not nets or (inside and any(decided.address in n for n in nets))
 
 
 # ---- the rule among the others --------------------------------------------
@@ -157,10 +160,14 @@ def test_a_knock_from_outside_is_refused_source_not_allowed_after_authentication
 
 
 def test_another_address_is_still_judged_by_the_source() -> None:
-    """carol may name any address; her knock's source must still be inside."""
+    """carol may name another address; her knock's source must still be
+    inside, and so must the address she names (from the review of this
+    feature: a thief forging an inside source opened for his own address)."""
     policy = policy_with("carol", (HOME,))
-    from_home = policy.decide("carol", ask(address=ELSEWHERE), SRC)
-    assert isinstance(from_home, Decision) and from_home.address == ELSEWHERE
+    inside = ipaddress.ip_address(str(SRC).rsplit(".", 1)[0] + ".99")
+    from_home = policy.decide("carol", ask(address=inside), SRC)
+    assert isinstance(from_home, Decision) and from_home.address == inside
+    assert policy.decide("carol", ask(address=ELSEWHERE), SRC) is Reason.ADDRESS_NOT_ALLOWED
     assert policy.decide("carol", ask(address=SRC), ELSEWHERE) is Reason.SOURCE_NOT_ALLOWED
 
 
