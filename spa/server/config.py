@@ -61,7 +61,8 @@ _SERVER_KEYS = {
 _SERVICE_KEYS = {"protocol", "port", "default_duration", "max_duration"}
 _CLIENT_KEYS = {"secret", "services", "allow_other_address", "revoked", "enrolled",
                 "enroll_by", "otp_secret", "close_leases", "endpoint", "old_secret",
-                "old_until"}
+                "old_until", "kind", "fwknop_key", "fwknop_hmac_key"}
+KIND_SPA, KIND_FWKNOP = "spa", "fwknop"  # a client's protocol (ClientEntry.kind)
 OLD_KEY = "~old"  # key name suffix of a rotated-out secret in its grace period ('~' is
 # never in a client name, so it cannot collide)
 
@@ -80,6 +81,11 @@ class ClientEntry:
     endpoint: str = ""  # HOST[:PORT] its URI names (for rotate)
     old_secret: bytes = field(default=b"", repr=False)  # the secret before a rotate ...
     old_until: str = ""  # ... which keeps working until this UTC time (grace)
+    # "spa" (our protocol) or "fwknop" (fwknop's packets on the compat port: the keys
+    # below, as fwknop's KEY_BASE64 and HMAC_KEY_BASE64 decode; `secret` is empty)
+    kind: str = "spa"
+    fwknop_key: bytes = field(default=b"", repr=False)
+    fwknop_hmac_key: bytes = field(default=b"", repr=False)
 
     def __repr__(self) -> str:
         return f"ClientEntry({self.name!r}, services={self.services}, revoked={self.revoked})"
@@ -118,10 +124,11 @@ class ServerConfig:
         """key name -> master secret, revoked clients included (they get
         `revoked`); with `now`, also NAME~old for a rotated-out secret still
         in its grace period."""
-        found = {c.name: c.secret for c in self.clients.values()}
+        found = {c.name: c.secret for c in self.clients.values() if c.kind == KIND_SPA}
         if now is not None:
             for c in self.clients.values():
-                if c.old_secret and c.old_until and parse_utc(c.old_until) > now:
+                if (c.kind == KIND_SPA and c.old_secret and c.old_until
+                        and parse_utc(c.old_until) > now):
                     found[c.name + OLD_KEY] = c.old_secret
         return found
 
@@ -353,10 +360,13 @@ def _clients(path: Path, data: Mapping[str, Any], services: Mapping[str, Service
         for service in allowed:
             if service not in services:
                 raise ConfigError(f"{where} names unknown service {service!r}")
+        kind = _choice(where, "kind", _get(where, spec, "kind", str, KIND_SPA),
+                       (KIND_SPA, KIND_FWKNOP))
+        fwknop = kind == KIND_FWKNOP
         clients[name] = ClientEntry(
             name=name,
-            secret=b64decode(_get(where, spec, "secret", str), MASTER_SECRET_SIZE,
-                             f"{where} secret"),
+            secret=b"" if fwknop else b64decode(_get(where, spec, "secret", str),
+                                                MASTER_SECRET_SIZE, f"{where} secret"),
             services=tuple(allowed),
             allow_other_address=_get(where, spec, "allow_other_address", bool, False),
             revoked=_get(where, spec, "revoked", bool, False),
@@ -368,6 +378,9 @@ def _clients(path: Path, data: Mapping[str, Any], services: Mapping[str, Service
             old_secret=b64decode(_get(where, spec, "old_secret", str, ""), MASTER_SECRET_SIZE,
                                  f"{where} old_secret") if "old_secret" in spec else b"",
             old_until=_get(where, spec, "old_until", str, ""),
+            kind=kind,
+            fwknop_key=_key(where, spec, "fwknop_key", 32) if fwknop else b"",
+            fwknop_hmac_key=_key(where, spec, "fwknop_hmac_key", 128) if fwknop else b"",
         )
         _check_utc(where, "old_until", clients[name].old_until)
         _check_utc(where, "enroll_by", clients[name].enroll_by)
@@ -379,6 +392,18 @@ def _clients(path: Path, data: Mapping[str, Any], services: Mapping[str, Service
                 raise ConfigError(f"{where} otp_secret: not a base32 secret of 80 bits or "
                                   "more (enroll the client again with --otp)") from None
     return clients
+
+
+def _key(where: str, spec: Mapping[str, Any], key: str, most: int) -> bytes:
+    """An fwknop key (1 to `most` bytes, base64url).  Raises ConfigError."""
+    text: str = _get(where, spec, key, str)
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raw = b""
+    if not 1 <= len(raw) <= most:
+        raise ConfigError(f"{where} {key} must be 1 to {most} bytes of base64url")
+    return raw
 
 
 def _check_utc(where: str, key: str, value: str) -> None:

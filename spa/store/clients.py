@@ -68,7 +68,10 @@ CREATE TABLE IF NOT EXISTS clients (
     close_leases INTEGER NOT NULL DEFAULT 0,
     endpoint TEXT NOT NULL DEFAULT '',
     old_secret BLOB NOT NULL DEFAULT x'',
-    old_until TEXT NOT NULL DEFAULT ''
+    old_until TEXT NOT NULL DEFAULT '',
+    kind TEXT NOT NULL DEFAULT 'spa',
+    fwknop_key BLOB NOT NULL DEFAULT x'',
+    fwknop_hmac_key BLOB NOT NULL DEFAULT x''
 );
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -77,24 +80,36 @@ CREATE TABLE IF NOT EXISTS changes (
 );
 CREATE INDEX IF NOT EXISTS clients_state ON clients(revoked, enroll_by, name);
 """
+# Columns added after the first release, and their definitions: a database an
+# older version made gets them on open (`_migrate`), each an ALTER TABLE ADD COLUMN.
+_ADDED_COLUMNS = {
+    "kind": "TEXT NOT NULL DEFAULT 'spa'",  # fwknop compatibility (issue 15)
+    "fwknop_key": "BLOB NOT NULL DEFAULT x''",
+    "fwknop_hmac_key": "BLOB NOT NULL DEFAULT x''",
+}
 _SELECT = ("SELECT name, secret, services, allow_other_address, revoked, enrolled, "
-           "enroll_by, otp_secret, close_leases, endpoint, old_secret, old_until FROM clients")
+           "enroll_by, otp_secret, close_leases, endpoint, old_secret, old_until, kind, "
+           "fwknop_key, fwknop_hmac_key FROM clients")
 _INSERT = ("INSERT INTO clients (name, secret, services, allow_other_address, revoked, "
-           "enrolled, enroll_by, otp_secret, close_leases, endpoint, old_secret, old_until) "
-           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+           "enrolled, enroll_by, otp_secret, close_leases, endpoint, old_secret, old_until, "
+           "kind, fwknop_key, fwknop_hmac_key) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _UPSERT = (_INSERT + " ON CONFLICT(name) DO UPDATE SET secret = excluded.secret, "
            "services = excluded.services, allow_other_address = excluded.allow_other_address, "
            "revoked = excluded.revoked, enrolled = excluded.enrolled, "
            "enroll_by = excluded.enroll_by, otp_secret = excluded.otp_secret, "
            "close_leases = excluded.close_leases, endpoint = excluded.endpoint, "
-           "old_secret = excluded.old_secret, old_until = excluded.old_until")
+           "old_secret = excluded.old_secret, old_until = excluded.old_until, "
+           "kind = excluded.kind, fwknop_key = excluded.fwknop_key, "
+           "fwknop_hmac_key = excluded.fwknop_hmac_key")
 
 
 def _row(entry: ClientEntry) -> tuple[object, ...]:
     return (entry.name, entry.secret, json.dumps(list(entry.services)),
             int(entry.allow_other_address), int(entry.revoked), entry.enrolled,
             entry.enroll_by, entry.otp_secret, int(entry.close_leases), entry.endpoint,
-            entry.old_secret, entry.old_until)
+            entry.old_secret, entry.old_until, entry.kind, entry.fwknop_key,
+            entry.fwknop_hmac_key)
 
 
 _SERVICES: dict[str, tuple[str, ...]] = {}  # a services column -> its tuple, shared
@@ -114,11 +129,11 @@ def _services(column: str) -> tuple[str, ...]:
 
 def _entry(row: tuple[Any, ...]) -> ClientEntry:
     (name, secret, services, other, revoked, enrolled, enroll_by, otp, close, endpoint,
-     old_secret, old_until) = row
+     old_secret, old_until, kind, fwknop_key, fwknop_hmac_key) = row
     return ClientEntry(str(name), bytes(secret), _services(str(services)),
                        bool(other), bool(revoked), str(enrolled), str(enroll_by), str(otp),
                        bool(close), str(endpoint), bytes(old_secret),
-                       str(old_until))
+                       str(old_until), str(kind), bytes(fwknop_key), bytes(fwknop_hmac_key))
 
 
 def _no_such(name: str) -> LocalError:
@@ -421,11 +436,29 @@ def _connect(path: Path, directory: Directory, opened: os.stat_result) -> sqlite
         db.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash loses no committed change
         # but the last ones before a power cut; a checkpoint makes them durable
         db.executescript(_SCHEMA)
+        _migrate(db)
     except UnsafeFileError:
         raise
     except sqlite3.Error as exc:
         raise LocalError(f"cannot open the client store {path}: {exc}") from None
     return db
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Add the columns a database made by an older version lacks (one
+    transaction; a column is only ever added, with its default)."""
+    have = {str(row[1]) for row in db.execute("PRAGMA table_info(clients)").fetchall()}
+    missing = [(name, spec) for name, spec in _ADDED_COLUMNS.items() if name not in have]
+    if not missing:
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for name, spec in missing:
+            db.execute(f"ALTER TABLE clients ADD COLUMN {name} {spec}")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 @contextlib.contextmanager
