@@ -65,6 +65,15 @@ AFTER_AUTHENTICATION = frozenset({
 })
 
 
+# Reasons only the compat listener gives (fwknop's packets): a flood there folds
+# into the same event budget as ours (rows may wait a second; no count is lost).
+FWKNOP_ONLY = frozenset({
+    Reason.UNKNOWN_SENDER, Reason.HMAC_BUDGET, Reason.GPG_MODE, Reason.NO_HMAC,
+    Reason.WEAK_HMAC, Reason.OTHER_HMAC, Reason.WEAK_DIGEST, Reason.LEGACY_IV,
+    Reason.COMMAND_MESSAGE, Reason.NAT_MESSAGE,
+})
+
+
 class PacketError(Exception):
     """A packet (or a field of one) is not acceptable.  Remote input only."""
 
