@@ -46,6 +46,7 @@ from spa.server.secretfile import read_secret
 DEFAULT_CONFIG = Path("/etc/spa/server.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/spa")
 DEFAULT_PORT = 62201
+FWKNOP_PORT = 62201  # fwknop's default port (the compat listener's, when ours is elsewhere)
 BACKENDS = ("nftables", "iptables", "memory")
 MODES = ("capture", "udp")
 HOLD_CHOICES = ("auto", "on", "off")  # the owned hold table (spa/backends/nftables.py)
@@ -56,7 +57,7 @@ DEFAULT_DASHBOARD_LISTEN = "127.0.0.1:9713"  # loopback: reach it through an ssh
 
 _SERVER_KEYS = {
     "server_id", "listen_port", "listen_address", "backend", "mode", "interface",
-    "state_dir", "window", "event_retention_days", "flush_on_stop", "hold_table",
+    "state_dir", "window", "event_retention_days", "flush_on_stop", "hold_table", "fwknop_port",
 }
 _SERVICE_KEYS = {"protocol", "port", "default_duration", "max_duration"}
 _CLIENT_KEYS = {"secret", "services", "allow_other_address", "revoked", "enrolled",
@@ -105,6 +106,7 @@ class ServerConfig:
     event_retention_days: int = DEFAULT_RETENTION_DAYS
     flush_on_stop: bool = False
     hold_table: str = "auto"
+    fwknop_port: int = 0  # the compat listener's UDP port for fwknop's packets (0: off)
     metrics_listen: str = ""  # [metrics] listen = "127.0.0.1:9712" (empty: no endpoint)
     geoip_database: Path | None = None  # [geoip] database = "/path/Country.mmdb"
     dashboard_listen: str = DEFAULT_DASHBOARD_LISTEN  # [dashboard] listen
@@ -209,17 +211,29 @@ def parse(path: Path, raw: bytes) -> ServerConfig:
         flush_on_stop=_get(where, server, "flush_on_stop", bool, False),
         hold_table=_choice(where, "hold_table", _get(where, server, "hold_table", str, "auto"),
                            HOLD_CHOICES),
+        fwknop_port=_fwknop_port(where, server),
         metrics_listen=_listen(path, data, "metrics", ""),
         geoip_database=_geoip(path, data),
         dashboard_listen=_listen(path, data, "dashboard", DEFAULT_DASHBOARD_LISTEN),
         services=services,
         clients=clients,
     )
+    if config.fwknop_port and config.fwknop_port == config.listen_port:
+        raise ConfigError(f"{where} fwknop_port = {config.fwknop_port} is listen_port too; "
+                          "fwknop's packets need a port of their own: keep fwknop_port = "
+                          f"{FWKNOP_PORT} (what fwknop clients send to) and set listen_port "
+                          "to another, e.g. 62202")
     if not 1 <= config.window <= 300:
         raise ConfigError(f"{where} window must be between 1 and 300 seconds")
     if config.event_retention_days < 1:
         raise ConfigError(f"{where} event_retention_days must be at least 1")
     return config
+
+
+def _fwknop_port(where: str, server: Mapping[str, Any]) -> int:
+    """[server] fwknop_port: 0 (the default) keeps the compat listener off."""
+    port: int = _get(where, server, "fwknop_port", int, 0)
+    return 0 if port == 0 else _port(where, port)
 
 
 def _listen(path: Path, data: Mapping[str, Any], section: str, default: str) -> str:
