@@ -23,7 +23,7 @@ B64 = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123
 
 
 @given(st.binary(max_size=1600) | B64)
-def test_any_bytes_are_refused_with_a_reason(data: bytes) -> None:
+def test_any_bytes_on_the_compat_port_are_refused_with_a_reason(data: bytes) -> None:
     result = VERIFIER.verify(data, SOURCE, NOW)
     assert isinstance(result, Refused)
     assert isinstance(result.reason, Reason)
