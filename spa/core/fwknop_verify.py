@@ -52,7 +52,7 @@ from spa.core.fwknop import (
 from spa.core.keys import HmacSha256
 from spa.core.policy import Decision, Policy
 from spa.core.replay import Check, ReplayCache
-from spa.core.verify import DEFAULT_WINDOW, Refused, parse_source
+from spa.core.verify import DEFAULT_WINDOW, REPLAY_REASONS, Refused, parse_source
 from spa.core.wire import Action, IPAddress, Request
 
 REPLAY_KEY = 24  # bytes of SHA-256(packet) the replay cache keeps (its nonce size)
@@ -195,10 +195,8 @@ class CompatVerifier:
         if data.timestamp - now > self.window:
             return Refused(Reason.FUTURE, client)
         check = self.replay.check_and_add(client, key, now)
-        if check is Check.REPLAY:
-            return Refused(Reason.REPLAY, client)
-        if check is Check.FULL:
-            return Refused(Reason.REPLAY_CACHE_FULL, client)
+        if check is not Check.FRESH:
+            return Refused(REPLAY_REASONS[check], client)
         self._remember(key, client)
         address = parse_source(source)
         decisions = self._decide(client, data, address)

@@ -26,11 +26,12 @@ from tests.server_world import World
 SOURCE = "198.51.100.7"
 
 
-def compat_world(tmp_path: Path) -> World:
+def compat_world(tmp_path: Path, listen_port: int = 62202) -> World:
+    """A world whose config has fwknop_port = 62201 (and listen_port as given)."""
     world = World(tmp_path)
     world.init()
-    text = world.config_path.read_text().replace("listen_port = 62201",
-                                                  "listen_port = 62202\nfwknop_port = 62201")
+    text = world.config_path.read_text().replace(
+        "listen_port = 62201", f"listen_port = {listen_port}\nfwknop_port = 62201")
     world.config_path.write_text(text)
     return world
 
@@ -48,11 +49,7 @@ def keys_of(made: admin_fwknop.FwknopEnrollment) -> FwknopKeys:
 
 
 def test_the_compat_port_may_not_be_ours(tmp_path: Path) -> None:
-    world = World(tmp_path)
-    world.init()
-    text = world.config_path.read_text().replace("listen_port = 62201",
-                                                  "listen_port = 62201\nfwknop_port = 62201")
-    world.config_path.write_text(text)
+    world = compat_world(tmp_path, listen_port=62201)
     with pytest.raises(ConfigError, match="fwknop_port = 62201 is listen_port too") as caught:
         config_mod.load(world.config_path)
     assert "\n" not in str(caught.value)
@@ -76,12 +73,17 @@ def test_enroll_fwknop_needs_the_listener_and_prints_what_clients_read(tmp_path:
     assert base64.b64encode(made.rijndael).decode() not in repr(made)
 
 
-def test_a_compat_knock_opens_and_everything_it_does_is_legacy(tmp_path: Path) -> None:
+def knocked_once(tmp_path: Path) -> tuple[World, CompatListener, bytes]:
+    """A started world with one fwknop client, and a knock of it (not yet sent)."""
     world = compat_world(tmp_path)
     made = admin_fwknop.enroll(world.config_path, "oldphone", ["ssh"], "192.0.2.1",
                                now=world.clock.now)
     listener, _ = start(world)
-    knock = packet(keys_of(made), now=int(world.clock.now))
+    return world, listener, packet(keys_of(made), now=int(world.clock.now))
+
+
+def test_a_compat_knock_opens_and_everything_it_does_is_legacy(tmp_path: Path) -> None:
+    world, listener, knock = knocked_once(tmp_path)
     result = listener.handle([(knock, SOURCE, 0)])[0]
     assert isinstance(result, CompatAccepted)
     assert set(world.backend.grants) == {(result.source, "ssh")}
@@ -95,11 +97,7 @@ def test_a_compat_knock_opens_and_everything_it_does_is_legacy(tmp_path: Path) -
 
 
 def test_a_restart_within_the_window_still_refuses_the_replay(tmp_path: Path) -> None:
-    world = compat_world(tmp_path)
-    made = admin_fwknop.enroll(world.config_path, "oldphone", ["ssh"], "192.0.2.1",
-                               now=world.clock.now)
-    listener, _ = start(world)
-    knock = packet(keys_of(made), now=int(world.clock.now))
+    world, listener, knock = knocked_once(tmp_path)
     assert isinstance(listener.handle([(knock, SOURCE, 0)])[0], CompatAccepted)
     listener.close()
     world.clock.advance(5)
