@@ -18,6 +18,8 @@ APT_PACKAGES=(
     systemd                            # systemd-analyze verify for the unit file
     chromium chromium-driver           # a real browser for the dashboard tests (selenium)
     gcc libc6-dev                      # the live fuzz test builds benchmarks/fuzz_send.c
+    fwknop-client                      # the real fwknop client knocks the compat listener
+    fwknop-server                      # import-fwknop reads the access.conf Debian ships
 )
 
 if command -v apt-get >/dev/null 2>&1; then

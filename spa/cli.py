@@ -117,8 +117,16 @@ def enroll(
         "(e.g. 15m, 2h, 1d): a first knock after it is refused (enrollment_expired).")
     ] = None,
     sources: FromOption = None,
+    fwknop: Annotated[bool, typer.Option("--fwknop", help="A client that sends fwknop's "
+                                         "packets (the fwknop CLI, Fwknop2, fwknop-gui) to "
+                                         "the compat port: prints its .fwknoprc stanza, and "
+                                         "with --qr the code Fwknop2 scans.")] = False,
 ) -> None:
     """Enroll a client: create its secret and print its enrollment URI."""
+    if fwknop:
+        enroll_fwknop(name, service, endpoint, qr=qr, stanza_only=uri_only,
+                      other=otp or expires is not None or png is not None)
+        return
     with local_errors():
         if png is not None and (png.is_dir() or not png.parent.is_dir()):
             raise LocalError(f"--png {png}: not a file in an existing directory")
@@ -171,6 +179,36 @@ def enroll(
             typer.echo(f"authenticator QR code written to {otp_png(png)} (0600)")
     typer.echo(f"on the client: spa-client enroll '<URI>' (or --qr-image FILE)   then: "
                f"spa-client open {service[0]} HOST")
+
+
+def enroll_fwknop(name: str, services: list[str], endpoint: str, *, qr: bool,
+                  stanza_only: bool, other: bool) -> None:
+    """enroll --fwknop: keys as fwknop --key-gen makes them, the stanza, the QR code."""
+    from spa.server import admin_fwknop
+
+    with local_errors():
+        if other:
+            raise LocalError("--fwknop takes --service, --endpoint, --qr and --uri-only "
+                             "(fwknop's packets carry no authenticator code or deadline)")
+        made = admin_fwknop.enroll(_ctx.config, name, services, endpoint)
+    if stanza_only:
+        typer.echo(made.fwknoprc(), nl=False)
+        return
+    typer.echo(f"enrolled {name} for {', '.join(dict.fromkeys(services))} as an fwknop client "
+               f"(legacy: fwknop's packets on port {made.port}/udp). Give the user its keys "
+               "over a private channel.\n\nFor the fwknop CLI, add to ~/.fwknoprc, then "
+               f"knock with: fwknop -n {name}\n")
+    typer.echo(made.fwknoprc())
+    if qr:
+        import sys
+
+        from spa.server import qr as qr_mod
+
+        typer.echo("For Fwknop2 (Android) or fwknop-gui: scan this code (it holds the keys), "
+                   f"then set the server to {made.host}, port {made.port}, access "
+                   f"{','.join(made.access)}, HMAC SHA256:\n")
+        typer.echo(qr_mod.terminal_text(made.qr_text(), ansi=sys.stdout.isatty()))
+    typer.echo(f"to move it to spa1:// later: {admin_fwknop.move_command(name, endpoint)}")
 
 
 def otp_png(png: Path) -> Path:
@@ -247,8 +285,7 @@ def clients(
         typer.echo(json.dumps({"count": page.count, "clients": [
             {"name": e.name, "state": page.states[e.name], "services": list(e.services),
              "enrolled": e.enrolled, "endpoint": e.endpoint, "otp": bool(e.otp_secret),
-             "sources": list(e.sources)}
-            for e in page.entries]}))
+             "sources": list(e.sources), "kind": e.kind} for e in page.entries]}))
         return
     if not page.entries:
         typer.echo("no clients enrolled; add one with: spa-server enroll NAME --service ssh "
@@ -257,10 +294,21 @@ def clients(
         return
     width = max(8, *(len(v) for v in page.states.values()))
     typer.echo(f"{'NAME':<24} {'STATE':<{width}} {'SERVICES':<24} {'ENROLLED':<20} FROM")
+    legacy = []
     for entry in page.entries:
+        kind = " (fwknop, legacy)" if entry.kind == "fwknop" else ""
         typer.echo(f"{entry.name:<24} {page.states[entry.name]:<{width}} "
                    f"{','.join(entry.services):<24} {entry.enrolled or '-':<20} "
-                   f"{','.join(entry.sources) or 'anywhere'}")
+                   f"{','.join(entry.sources) or 'anywhere'}{kind}")
+        if kind and not entry.revoked:
+            legacy.append(entry)
+    if legacy:
+        from spa.server.admin_fwknop import move_command
+
+        typer.echo("\nstill on fwknop's packets; each moves to spa1:// (a new URI and QR "
+                   "code, its fwknop keys stop) with:")
+        for entry in legacy:
+            typer.echo(f"  {move_command(entry.name, entry.endpoint)}")
     more = f"; next page: --after {page.entries[-1].name}" if len(page.entries) == limit else ""
     typer.echo(f"{len(page.entries)} shown of {page.count} client(s){more}", err=True)
 
@@ -535,6 +583,11 @@ def status(json_out: Annotated[bool, typer.Option("--json", help="Machine-readab
     if running:
         typer.echo(f"gate: {describe_gate(running.get('gate'), hold=running.get('hold'))}")
         typer.echo(f"kernel filter: {describe_filter(running.get('filter'))}")
+        compat = running.get("fwknop")
+        if isinstance(compat, dict):
+            typer.echo(f"fwknop compat: port {compat.get('port')}/udp, {compat.get('clients')} "
+                       "client(s) on fwknop's packets (legacy; spa-server clients says how "
+                       "to move each)")
         checked = running.get("check")
         if isinstance(checked, dict):
             typer.echo(f"check: {checked.get('summary')}")

@@ -38,6 +38,18 @@ class Reason(enum.Enum):
     # the route back to the source does not leave by the arrival interface
     # (checked by the daemon after the verifier accepted; docs/threat-model.md)
     SPOOFED_SOURCE = "spoofed_source"
+    # fwknop's packets (spa.core.fwknop, spa.core.fwknop_verify; docs/protocol.md,
+    # "fwknop compatibility"): what the compat listener refuses, each its own
+    UNKNOWN_SENDER = "unknown_sender"  # no compat client's HMAC key matches (fwknop's junk)
+    HMAC_BUDGET = "hmac_budget"  # the compat port's HMAC work for a source, or in all, is spent
+    GPG_MODE = "gpg_mode"  # GnuPG encryption (fwknopd's length rule, or its HMAC prefix)
+    NO_HMAC = "no_hmac"  # a packet with no HMAC (decrypts under a client's key: diagnosed)
+    WEAK_HMAC = "weak_hmac"  # an HMAC-MD5 or HMAC-SHA1 (fits a client's key: diagnosed)
+    OTHER_HMAC = "other_hmac"  # an HMAC-SHA384 or -SHA512 (only HMAC-SHA256 is taken)
+    WEAK_DIGEST = "weak_digest"  # fwknop -m md5 / sha1: the inner digest MD5 or SHA-1
+    LEGACY_IV = "legacy_iv"  # fwknop's legacy IV mode (a short key padded with '0's)
+    COMMAND_MESSAGE = "command_message"  # remote execution: never
+    NAT_MESSAGE = "nat_message"  # fwknop's NAT access (no gateway mode)
 
     def __str__(self) -> str:
         return self.value
@@ -52,6 +64,16 @@ AFTER_AUTHENTICATION = frozenset({
     Reason.REVOKED, Reason.ENROLLMENT_EXPIRED, Reason.SERVICE_NOT_ALLOWED,
     Reason.ADDRESS_NOT_ALLOWED, Reason.SOURCE_NOT_ALLOWED, Reason.OTP_INVALID,
     Reason.OTP_REUSED,
+    Reason.LEGACY_IV, Reason.COMMAND_MESSAGE, Reason.NAT_MESSAGE, Reason.WEAK_DIGEST,
+})
+
+
+# Reasons only the compat listener gives (fwknop's packets): a flood there folds
+# into the same event budget as ours (rows may wait a second; no count is lost).
+FWKNOP_ONLY = frozenset({
+    Reason.UNKNOWN_SENDER, Reason.HMAC_BUDGET, Reason.GPG_MODE, Reason.NO_HMAC,
+    Reason.WEAK_HMAC, Reason.OTHER_HMAC, Reason.WEAK_DIGEST, Reason.LEGACY_IV,
+    Reason.COMMAND_MESSAGE, Reason.NAT_MESSAGE,
 })
 
 

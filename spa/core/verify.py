@@ -81,6 +81,8 @@ _BAD_LENGTH = Refused(Reason.BAD_LENGTH)
 _BAD_VERSION = Refused(Reason.BAD_VERSION)
 _UNKNOWN_TAG = Refused(Reason.UNKNOWN_TAG)
 _AUTHENTICATION = frozenset({Reason.BAD_MAC, Reason.BAD_CIPHERTEXT, Reason.MALFORMED})
+# what the replay cache's answer refuses a packet for (both listeners')
+REPLAY_REASONS = {Check.REPLAY: Reason.REPLAY, Check.FULL: Reason.REPLAY_CACHE_FULL}
 
 
 def parse_source(source: str | IPAddress) -> IPAddress:
@@ -237,10 +239,8 @@ class Verifier:
         if step_of_ms(request.timestamp_ms) != tag_step:
             return Refused(Reason.STEP_MISMATCH, client)
         check = self.replay.check_and_add(client, nonce, now)
-        if check is Check.REPLAY:
-            return Refused(Reason.REPLAY, client)
-        if check is Check.FULL:
-            return Refused(Reason.REPLAY_CACHE_FULL, client)
+        if check is not Check.FRESH:
+            return Refused(REPLAY_REASONS[check], client)
         address = parse_source(source)
         decision = self.policy.decide(client, request, address)
         if isinstance(decision, Reason):

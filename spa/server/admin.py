@@ -208,6 +208,10 @@ def _rotate(store: ClientStore, config: ServerConfig, name: str, *, grace: float
         raise LocalError(f"no client named {name!r}; see the list with: spa-server clients")
     if entry.revoked:
         raise LocalError(f"{name} is revoked; enroll a new client instead")
+    if entry.kind == config_mod.KIND_FWKNOP:  # off fwknop: a spa1:// enrollment
+        from spa.server.admin_fwknop import move
+
+        return move(store, config, entry, endpoint=endpoint, now=now)
     where = endpoint or entry.endpoint
     if not where:
         raise LocalError(f"{name} was enrolled before endpoints were recorded: give "

@@ -48,6 +48,7 @@ from spa.server.secretfile import read_secret
 DEFAULT_CONFIG = Path("/etc/spa/server.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/spa")
 DEFAULT_PORT = 62201
+FWKNOP_PORT = 62201  # fwknop's default port (the compat listener's, when ours is elsewhere)
 BACKENDS = ("nftables", "iptables", "memory")
 MODES = ("capture", "udp")
 HOLD_CHOICES = ("auto", "on", "off")  # the owned hold table (spa/backends/nftables.py)
@@ -58,12 +59,13 @@ DEFAULT_DASHBOARD_LISTEN = "127.0.0.1:9713"  # loopback: reach it through an ssh
 
 _SERVER_KEYS = {
     "server_id", "listen_port", "listen_address", "backend", "mode", "interface",
-    "state_dir", "window", "event_retention_days", "flush_on_stop", "hold_table",
+    "state_dir", "window", "event_retention_days", "flush_on_stop", "hold_table", "fwknop_port",
 }
 _SERVICE_KEYS = {"protocol", "port", "default_duration", "max_duration"}
 _CLIENT_KEYS = {"secret", "services", "allow_other_address", "revoked", "enrolled",
                 "enroll_by", "otp_secret", "close_leases", "endpoint", "old_secret",
-                "old_until", "sources"}
+                "old_until", "sources", "kind", "fwknop_key", "fwknop_hmac_key"}
+KIND_SPA, KIND_FWKNOP = "spa", "fwknop"  # a client's protocol (ClientEntry.kind)
 OLD_KEY = "~old"  # key name suffix of a rotated-out secret in its grace period ('~' is
 # never in a client name, so it cannot collide)
 
@@ -84,6 +86,11 @@ class ClientEntry:
     old_until: str = ""  # ... which keeps working until this UTC time (grace)
     # networks its knocks may come from, canonical (spa.core.sources); empty: anywhere
     sources: tuple[str, ...] = ()
+    # "spa" (our protocol) or "fwknop" (fwknop's packets on the compat port: the keys
+    # below, as fwknop's KEY_BASE64 and HMAC_KEY_BASE64 decode; `secret` is empty)
+    kind: str = "spa"
+    fwknop_key: bytes = field(default=b"", repr=False)
+    fwknop_hmac_key: bytes = field(default=b"", repr=False)
 
     def __repr__(self) -> str:
         return f"ClientEntry({self.name!r}, services={self.services}, revoked={self.revoked})"
@@ -103,6 +110,7 @@ class ServerConfig:
     event_retention_days: int = DEFAULT_RETENTION_DAYS
     flush_on_stop: bool = False
     hold_table: str = "auto"
+    fwknop_port: int = 0  # the compat listener's UDP port for fwknop's packets (0: off)
     metrics_listen: str = ""  # [metrics] listen = "127.0.0.1:9712" (empty: no endpoint)
     geoip_database: Path | None = None  # [geoip] database = "/path/Country.mmdb"
     dashboard_listen: str = DEFAULT_DASHBOARD_LISTEN  # [dashboard] listen
@@ -122,10 +130,11 @@ class ServerConfig:
         """key name -> master secret, revoked clients included (they get
         `revoked`); with `now`, also NAME~old for a rotated-out secret still
         in its grace period."""
-        found = {c.name: c.secret for c in self.clients.values()}
+        found = {c.name: c.secret for c in self.clients.values() if c.kind == KIND_SPA}
         if now is not None:
             for c in self.clients.values():
-                if c.old_secret and c.old_until and parse_utc(c.old_until) > now:
+                if (c.kind == KIND_SPA and c.old_secret and c.old_until
+                        and parse_utc(c.old_until) > now):
                     found[c.name + OLD_KEY] = c.old_secret
         return found
 
@@ -219,17 +228,29 @@ def parse(path: Path, raw: bytes) -> ServerConfig:
         flush_on_stop=_get(where, server, "flush_on_stop", bool, False),
         hold_table=_choice(where, "hold_table", _get(where, server, "hold_table", str, "auto"),
                            HOLD_CHOICES),
+        fwknop_port=_fwknop_port(where, server),
         metrics_listen=_listen(path, data, "metrics", ""),
         geoip_database=_geoip(path, data),
         dashboard_listen=_listen(path, data, "dashboard", DEFAULT_DASHBOARD_LISTEN),
         services=services,
         clients=clients,
     )
+    if config.fwknop_port and config.fwknop_port == config.listen_port:
+        raise ConfigError(f"{where} fwknop_port = {config.fwknop_port} is listen_port too; "
+                          "fwknop's packets need a port of their own: keep fwknop_port = "
+                          f"{FWKNOP_PORT} (what fwknop clients send to) and set listen_port "
+                          "to another, e.g. 62202")
     if not 1 <= config.window <= 300:
         raise ConfigError(f"{where} window must be between 1 and 300 seconds")
     if config.event_retention_days < 1:
         raise ConfigError(f"{where} event_retention_days must be at least 1")
     return config
+
+
+def _fwknop_port(where: str, server: Mapping[str, Any]) -> int:
+    """[server] fwknop_port: 0 (the default) keeps the compat listener off."""
+    port: int = _get(where, server, "fwknop_port", int, 0)
+    return 0 if port == 0 else _port(where, port)
 
 
 def _listen(path: Path, data: Mapping[str, Any], section: str, default: str) -> str:
@@ -370,10 +391,13 @@ def _clients(path: Path, data: Mapping[str, Any], services: Mapping[str, Service
         for service in allowed:
             if service not in services:
                 raise ConfigError(f"{where} names unknown service {service!r}")
+        kind = _choice(where, "kind", _get(where, spec, "kind", str, KIND_SPA),
+                       (KIND_SPA, KIND_FWKNOP))
+        fwknop = kind == KIND_FWKNOP
         clients[name] = ClientEntry(
             name=name,
-            secret=b64decode(_get(where, spec, "secret", str), MASTER_SECRET_SIZE,
-                             f"{where} secret"),
+            secret=b"" if fwknop else b64decode(_get(where, spec, "secret", str),
+                                                MASTER_SECRET_SIZE, f"{where} secret"),
             services=tuple(allowed),
             allow_other_address=_get(where, spec, "allow_other_address", bool, False),
             revoked=_get(where, spec, "revoked", bool, False),
@@ -386,6 +410,9 @@ def _clients(path: Path, data: Mapping[str, Any], services: Mapping[str, Service
                                  f"{where} old_secret") if "old_secret" in spec else b"",
             old_until=_get(where, spec, "old_until", str, ""),
             sources=_sources(where, _get(where, spec, "sources", list, [])),
+            kind=kind,
+            fwknop_key=_key(where, spec, "fwknop_key", 32) if fwknop else b"",
+            fwknop_hmac_key=_key(where, spec, "fwknop_hmac_key", 128) if fwknop else b"",
         )
         _check_utc(where, "old_until", clients[name].old_until)
         _check_utc(where, "enroll_by", clients[name].enroll_by)
@@ -408,6 +435,16 @@ def _sources(where: str, texts: list[Any]) -> tuple[str, ...]:
         return canonical_sources(texts)
     except FormatError as exc:
         raise ConfigError(f"{where} sources: {exc}") from None
+def _key(where: str, spec: Mapping[str, Any], key: str, most: int) -> bytes:
+    """An fwknop key (1 to `most` bytes, base64url).  Raises ConfigError."""
+    text: str = _get(where, spec, key, str)
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raw = b""
+    if not 1 <= len(raw) <= most:
+        raise ConfigError(f"{where} {key} must be 1 to {most} bytes of base64url")
+    return raw
 
 
 def _check_utc(where: str, key: str, value: str) -> None:

@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from spa.backends.base import Backend, apply, reconcile
 from spa.core.errors import AFTER_AUTHENTICATION, Reason
@@ -49,12 +49,12 @@ from spa.core.knock import SLICE, STEP_SECONDS, step_of, step_start
 from spa.core.leases import Allow, FirewallAction, LeaseTable
 from spa.core.limits import FailureLimiter, TrustEntry
 from spa.core.otp import OtpChecker
-from spa.core.policy import Policy
+from spa.core.policy import Decision, Policy
 from spa.core.verify import Accepted, Refused, Verifier
 from spa.core.wire import NONCE_OFFSET, Action
 from spa.server import config as config_mod
 from spa.server.coexist import Report, closed_ports, report
-from spa.server.config import OLD_KEY, ClientEntry, ServerConfig, parse_utc
+from spa.server.config import KIND_SPA, OLD_KEY, ClientEntry, ServerConfig, parse_utc
 from spa.server.errors import LocalError
 from spa.server.events import EVENTS_DB, Event, EventSink
 from spa.server.guard import GateGuard, GateState, Guard
@@ -85,6 +85,18 @@ TRUST_SAVE_EVERY = 10.0  # seconds between saves of the limiter's trusted source
 
 Clock = Callable[[], float]
 Log = Callable[[str], None]
+
+
+class Companion(Protocol):
+    """A listener beside ours (spa.server.compat): `start` after the daemon's
+    start, `serve` starts its thread (it stops when `stop` is set), `close`
+    at shutdown, before the state is saved."""
+
+    def start(self) -> None: ...
+
+    def serve(self, stop: threading.Event) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +199,9 @@ class Server:
         self._host_report: Report | None = None
         self._make_guard = guard
         self.start_notes: list[str] = []  # lines for the log once started (the privileges)
+        # listeners beside ours that share the gate (the fwknop compat listener,
+        # spa.server.compat): started, served and closed with the daemon
+        self.companions: list[Companion] = []
         self._store: ClientStore | None = None  # the client store (opened at start)
         self._store_seq = 0  # the store's version the running clients reflect
         self.clients_read = 0  # client rows read from the store (all at start, then changes)
@@ -259,9 +274,16 @@ class Server:
         self._save(now)
         for note in self.start_notes:
             self.log(note)
+        for companion in self.companions:
+            companion.start()
         self.log(f"started port={self.config.listen_port} backend={self.backend.name} "
                  f"mode={self.config.mode} clients={len(self.config.clients)} "
                  f"leases={len(self.leases)}")
+
+    def set_fact(self, key: str, value: object) -> None:
+        """A fact `status` shows (a companion's: the compat listener's port)."""
+        self._facts = {**self._facts, key: value}
+        self.state.write_server(self._facts)
 
     def _check_host(self, now: float, *, force: bool = False) -> None:
         """Does the host's firewall let through what the gate lets in?  At
@@ -339,6 +361,8 @@ class Server:
         keeper = threading.Thread(target=self._housekeeping_loop, args=(stop,),
                                   name="spa-housekeeping", daemon=True)
         keeper.start()
+        for companion in self.companions:
+            companion.serve(stop)
         self.guard.start_watching(stop)
         self._gate_changed(self.guard.state)
         self.notifier.ready(f"serving port {self.config.listen_port}/udp, "
@@ -376,6 +400,8 @@ class Server:
         """Stop cleanly: flush events, save state, stop the backend."""
         now = self.clock()
         self.notifier.stopping()
+        for companion in self.companions:
+            companion.close()
         self.run_commands()
         try:
             with self._lock:
@@ -539,7 +565,26 @@ class Server:
                 self.log(f"error firewall: {exc}")
                 self._retry_reconcile = True
 
-    def _apply(self, actions: list[FirewallAction], now: float) -> None:
+    def grant_legacy(self, client: str, decisions: tuple[Decision, ...], now: float) -> None:
+        """A compat knock accepted (spa.server.compat): its grants, from its
+        listener's thread, every event it causes marked legacy."""
+        actions: list[FirewallAction] = []
+        with self._lock:
+            for decision in decisions:
+                name = decision.service.name
+                self.events.record(Event(now, "accepted", "open", None, client,
+                                         str(decision.address), name, decision.duration,
+                                         legacy=True))
+                actions += self.leases.grant(client, decision.address, name, now=now,
+                                             duration=decision.duration)
+            self._dirty = True
+            try:
+                self._apply(actions, now, legacy=True)
+            except LocalError as exc:  # keep serving; the next housekeeping retries
+                self.log(f"error firewall: {exc}")
+                self._retry_reconcile = True
+
+    def _apply(self, actions: list[FirewallAction], now: float, *, legacy: bool = False) -> None:
         """Carry out actions on the backend (caller holds the lock)."""
         apply(self.backend, actions, self.config.services, now=now)
         for action in actions:
@@ -549,7 +594,7 @@ class Server:
                     self._open_pairs.add(pair)
                     self.events.record(Event(now, "lease_start", None, None, None,
                                              str(action.address), action.service,
-                                             round(action.until - now)))
+                                             round(action.until - now), legacy=legacy))
             else:
                 self._open_pairs.discard(pair)
                 self.events.record(Event(now, "lease_end", None, None, None,
@@ -1065,8 +1110,9 @@ def _classic_max() -> int:
 
 
 def _keys_of(entry: ClientEntry | None, now: float) -> dict[str, bytes]:
-    """key name -> secret for one client (NAME, and NAME~old in its grace)."""
-    if entry is None:
+    """key name -> secret for one client (NAME, and NAME~old in its grace);
+    none for a compat client (its keys are the compat listener's)."""
+    if entry is None or entry.kind != KIND_SPA:
         return {}
     keys = {entry.name: entry.secret}
     if entry.old_secret and entry.old_until and parse_utc(entry.old_until) > now:

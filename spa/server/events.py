@@ -23,6 +23,10 @@ STYLE principle 4):
   (bounded by the replay cache's per-client cap), the guard says at most one
   line a second.
 - Never a secret, never packet bytes: events carry names, addresses, reasons.
+- What a compat knock causes (fwknop's packets, spa.server.compat) is marked
+  `legacy` (a column, `legacy` at the end of its log line), counted apart
+  from ours; a database an older version made gets the column when the
+  daemon opens it, and readers of one it has not opened yet read 0.
 - Readers in other processes open the database read-only (WAL lets them read
   while the server writes).
 - No link is followed (docs/threat-model.md, "Links the service user
@@ -79,13 +83,14 @@ CREATE TABLE IF NOT EXISTS events (
     source TEXT,
     service TEXT,
     duration INTEGER,
-    count INTEGER NOT NULL DEFAULT 1
+    count INTEGER NOT NULL DEFAULT 1,
+    legacy INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS events_time ON events(time);
 """
 
-# outcome, reason, client, source, service
-Key = tuple[str, str | None, str | None, str | None, str | None]
+# outcome, reason, client, source, service, legacy
+Key = tuple[str, str | None, str | None, str | None, str | None, bool]
 Tally = dict[Key, tuple[float, int]]  # key -> (first time, count)
 
 
@@ -100,6 +105,7 @@ class Event:
     service: str | None = None
     duration: int | None = None
     count: int = 1
+    legacy: bool = False  # caused by a compat knock (fwknop's packets)
 
     def log_line(self) -> str:
         """key=value, one line, fail2ban-friendly: `refused reason=replay ... src=IP`."""
@@ -111,6 +117,8 @@ class Event:
                 parts.append(f"{key}={value}")
         if self.count != 1:
             parts.append(f"count={self.count}")
+        if self.legacy:
+            parts.append("legacy")
         return " ".join(parts)
 
     def as_dict(self) -> dict[str, object]:
@@ -207,6 +215,8 @@ class EventSink:
         self._db = _connect_writer(path)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        if "legacy" not in _columns(self._db):  # a database an older version made
+            self._db.execute("ALTER TABLE events ADD COLUMN legacy INTEGER NOT NULL DEFAULT 0")
 
     def record(self, event: Event) -> None:
         """A row of its own (accepted, lease start/end, the guard's repairs)."""
@@ -214,15 +224,16 @@ class EventSink:
             self._rows.append(event)
 
     def refuse(self, now: float, reason: str, client: str | None = None,
-               source: str | None = None, service: str | None = None) -> None:
+               source: str | None = None, service: str | None = None, *,
+               legacy: bool = False) -> None:
         """Count a refusal; rows are written per key, within the budget."""
-        self._count(now, ("refused", reason, client, source, service), 1)
+        self._count(now, ("refused", reason, client, source, service, legacy), 1)
 
     def tally(self, event: Event) -> None:
         """Count `event` (dropped attempts, scans) like a refusal: by key,
         within the budget, its count added to the key's."""
         self._count(event.time, (event.outcome, event.reason, event.client, event.source,
-                                 event.service), event.count)
+                                 event.service, event.legacy), event.count)
 
     def _count(self, now: float, key: Key, count: int) -> None:
         with self._lock:
@@ -252,9 +263,9 @@ class EventSink:
             try:
                 self._db.executemany(
                     "INSERT INTO events (time, outcome, action, reason, client, source, "
-                    "service, duration, count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "service, duration, count, legacy) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [(e.time, e.outcome, e.action, e.reason, e.client, e.source, e.service,
-                      e.duration, e.count) for e in events],
+                      e.duration, e.count, int(e.legacy)) for e in events],
                 )
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -376,7 +387,8 @@ def _group(items: list[Item], coarser: Callable[[Key], Key]) -> list[Item]:
 
 
 def _events(items: list[Item]) -> list[Event]:
-    return [Event(first, key[0], None, *key[1:], count=count) for key, (first, count) in items]
+    return [Event(first, key[0], None, *key[1:5], count=count, legacy=key[5])
+            for key, (first, count) in items]
 
 
 def _priority(recent: Container[str], previous: Container[str]
@@ -388,7 +400,7 @@ def _priority(recent: Container[str], previous: Container[str]
     batch that folded (a spoofed source is seldom the same twice), then the
     earliest (the sort is stable: then the first counted)."""
     def order(item: Item) -> tuple[int, int, int, float]:
-        (outcome, reason, client, source, _), (first, count) = item
+        (outcome, reason, client, source, _, _), (first, count) = item
         if source is not None and outcome == "refused" and reason in BAN_REASONS:
             tier = 0
         elif source is not None and outcome == "scan":
@@ -404,12 +416,12 @@ def _priority(recent: Container[str], previous: Container[str]
 
 def _prefixed(key: Key) -> Key:
     """The key with its source folded into its /24 (IPv4) or /64 (IPv6)."""
-    outcome, reason, client, source, service = key
-    return (outcome, reason, client, prefix(source), service)
+    outcome, reason, client, source, service, legacy = key
+    return (outcome, reason, client, prefix(source), service, legacy)
 
 
 def _coarsest(key: Key) -> Key:
-    return (key[0], key[1], None, None, None)
+    return (key[0], key[1], None, None, None, key[5])
 
 
 def prefix(source: str | None) -> str | None:
@@ -452,16 +464,29 @@ def _read_only(path: Path) -> sqlite3.Connection:
     return db
 
 
+def _columns(db: sqlite3.Connection) -> set[str]:
+    return {str(row[1]) for row in db.execute("PRAGMA table_info(events)").fetchall()}
+
+
 def _fetch(path: Path, sql: str, params: tuple[object, ...]) -> list[Any]:
-    """The rows of one read-only query.  Raises FileNotFoundError."""
+    """The rows of one read-only query (a database no daemon of this version
+    opened yet has no `legacy` column: it reads 0).  Raises FileNotFoundError."""
     db = _read_only(path)
     try:
+        if "legacy" not in _columns(db):
+            sql = sql.replace("legacy", "0")
         return db.execute(sql, params).fetchall()
     finally:
         db.close()
 
 
-_COLUMNS = "time, outcome, action, reason, client, source, service, duration, count"
+_COLUMNS = "time, outcome, action, reason, client, source, service, duration, count, legacy"
+
+
+def _event(row: Any) -> Event:
+    time_, outcome, action, reason, client, source, service, duration, count, legacy = row
+    return Event(time_, outcome, action, reason, client, source, service, duration, count,
+                 bool(legacy))
 
 
 def read_events(path: Path, *, since: float | None = None) -> list[Event]:
@@ -471,7 +496,7 @@ def read_events(path: Path, *, since: float | None = None) -> list[Event]:
     """
     rows = _fetch(path, f"SELECT {_COLUMNS} FROM events WHERE time >= ? "  # noqa: S608
                   "ORDER BY time, id", (since if since is not None else 0.0,))
-    return [Event(*row) for row in rows]
+    return [_event(row) for row in rows]
 
 
 def read_summary(path: Path, *, since: float = 0.0) -> list[Event]:
@@ -483,12 +508,12 @@ def read_summary(path: Path, *, since: float = 0.0) -> list[Event]:
     rows = _fetch(
         path,
         "SELECT MIN(time), outcome, action, reason, client, source, service, NULL, "  # noqa: S608
-        "SUM(count) FROM events WHERE time >= ? AND outcome != 'scan' "
+        "SUM(count), legacy FROM events WHERE time >= ? AND outcome != 'scan' "
         "GROUP BY strftime('%Y-%m', time, 'unixepoch'), outcome, action, reason, client, "
-        "source, service "
+        "source, service, legacy "
         f"UNION ALL SELECT {_COLUMNS} FROM events WHERE time >= ? AND outcome = 'scan'",
         (since, since))
-    return [Event(*row) for row in rows]
+    return [_event(row) for row in rows]
 
 
 @dataclass(frozen=True, slots=True)
@@ -512,7 +537,7 @@ def query_events(path: Path, where: Filter, *, limit: int = 500) -> list[Event]:
             params.append(value)
     rows = _fetch(path, f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(clauses)} "  # noqa: S608
                   "ORDER BY time DESC, id DESC LIMIT ?", (*params, limit))
-    return [Event(*row) for row in rows]
+    return [_event(row) for row in rows]
 
 
 def last_seen(path: Path, names: Collection[str]) -> dict[str, tuple[float, str]]:

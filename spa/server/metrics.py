@@ -5,6 +5,8 @@ Invariants:
   store writes (once per housekeeping round, aggregated refusals weighted by
   their count), so a flood costs the metrics nothing per packet.
 - Replays have their own counter: a replay means someone captured a knock.
+- Compat knocks (fwknop's packets) count in `spa_legacy_knocks`, never in
+  `spa_knocks` (replays in both listeners count in `spa_replays`).
 - Gauges (active leases per service, the kernel's receive-queue drops) are set
   each round from the daemon's own state.
 - Off by default; the endpoint binds where the admin says (loopback in the
@@ -53,6 +55,9 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.knocks = Counter("spa_knocks", "Knocks by outcome (accepted, refused) and reason",
                               ["outcome", "reason"], registry=self.registry)
+        self.legacy_knocks = Counter("spa_legacy_knocks", "Compat knocks (fwknop's packets) by "
+                                     "outcome and reason: clients still to move to spa1://",
+                                     ["outcome", "reason"], registry=self.registry)
         self.replays = Counter("spa_replays", "Replayed knocks refused (someone captured a "
                                "packet: alert on any increase)", registry=self.registry)
         self.leases_started = Counter("spa_leases_started", "Grants that opened a service",
@@ -76,7 +81,11 @@ class Metrics:
     def observe(self, events: Iterable[Event]) -> None:
         """Advance the counters by rows the event store just wrote."""
         for event in events:
-            if event.outcome in ("accepted", "refused"):
+            if event.legacy and event.outcome in ("accepted", "refused"):
+                self.legacy_knocks.labels(event.outcome, event.reason or "").inc(event.count)
+                if event.reason == "replay":
+                    self.replays.inc(event.count)
+            elif event.outcome in ("accepted", "refused"):
                 self.knocks.labels(event.outcome, event.reason or "").inc(event.count)
                 if event.reason == "replay":
                     self.replays.inc(event.count)

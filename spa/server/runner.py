@@ -85,12 +85,15 @@ def build(path: Path, *, backend: str | None, mode: str | None,
                          "memory")
     source = make_source(config.mode, config.listen_address, config.listen_port,
                          config.interface)
+    compat = (make_source(config.mode, config.listen_address, config.fwknop_port,
+                          config.interface) if config.fwknop_port else None)
     notifier = Notifier.from_environment()
     if not separate:
         if config.backend != "memory":
             raise LocalError("only the memory backend runs in one process")
-        return Server(config, backend=MemoryBackend(), source=source, clock=time.time,
-                      log=log_to_stderr, notifier=notifier, state=state)
+        return _with_compat(Server(config, backend=MemoryBackend(), source=source,
+                                   clock=time.time, log=log_to_stderr, notifier=notifier,
+                                   state=state), compat)
     notifier.connect()  # while it may: the daemon's user may not reach the socket
     reserved = _reserve_kernel_map(config, source)  # while it may: CAP_BPF goes at the drop
     room = source.map_room if isinstance(source, MapFiltered) else 0
@@ -107,6 +110,15 @@ def build(path: Path, *, backend: str | None, mode: str | None,
         server.start_notes.append(reserved)
     server.start_notes.append(f"privileges: daemon pid {os.getpid()} as {user} with no "
                               f"capability; gate keeper pid {gate.pid} with {kept} only")
+    return _with_compat(server, compat)
+
+
+def _with_compat(server: Server, source: PacketSource | None) -> Server:
+    """The fwknop compat listener beside ours, when [server] fwknop_port is set."""
+    if source is not None:
+        from spa.server.compat import CompatListener
+
+        server.companions.append(CompatListener(server, source))
     return server
 
 

@@ -71,7 +71,11 @@ class PairStatus:
 
 
 class StateDir:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, replay: str = "replay") -> None:
+        """`replay`: the replay cache's file names' stem (the compat
+        listener keeps its own cache beside ours: spa.server.compat)."""
+        self._replay, self._journal_name = f"{replay}.bin", f"{replay}.journal"
+        self._journal_old = f"{replay}.journal.old"
         self.path = path  # what messages name, and what the lock's name comes from
         self.files = path  # where its files are opened: "." once pinned
         self._journal_fd: int | None = None
@@ -136,15 +140,15 @@ class StateDir:
 
     def load_replay(self, window: float, now: float) -> ReplayCache:
         """The saved cache, or an empty one.  Raises LocalError if damaged."""
-        dump = self._read(REPLAY)
+        dump = self._read(self._replay)
         if dump is None:
             dump = ReplayCache(window).dump()
-        journal = b"".join(self._read(name) or b""
-                           for name in (JOURNAL_OLD, JOURNAL))  # older records first
+        journal = b"".join(self._read(name) or b""  # older records first
+                           for name in (self._journal_old, self._journal_name))
         try:
             cache = ReplayCache.load(dump, now, journal=journal, window=window)
         except FormatError as exc:
-            raise LocalError(f"{self.path / REPLAY}: {exc}; remove it only if the server has "
+            raise LocalError(f"{self.path / self._replay}: {exc}; remove it only if the server has "
                              "been stopped for longer than the time window") from None
         return cache
 
@@ -171,15 +175,16 @@ class StateDir:
             with self._writing() as directory:
                 self._open_journal(directory)
             return
-        self._journal_fd = directory.open(JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
-                                          0o600, mine=True)
+        self._journal_fd = directory.open(self._journal_name,
+                                          os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600,
+                                          mine=True)
 
     def compact_now(self, cache: ReplayCache) -> None:
         """Dump and empty the journals (only while nothing else adds entries:
         at start, at shutdown)."""
         with self._writing() as directory:
-            directory.replace(REPLAY, cache.dump())
-            for name in (JOURNAL_OLD, JOURNAL):
+            directory.replace(self._replay, cache.dump())
+            for name in (self._journal_old, self._journal_name):
                 directory.truncate(name)
 
     def rotate_journal(self, cache: ReplayCache) -> bytes | None:
@@ -188,21 +193,21 @@ class StateDir:
         snapshot is written by `finish_compaction` (another thread).  None if
         the previous compaction has not finished."""
         with self._writing() as directory:
-            if directory.lstat(JOURNAL_OLD) is not None:
+            if directory.lstat(self._journal_old) is not None:
                 return None
             snapshot = cache.dump()
             if self._journal_fd is not None:
                 os.close(self._journal_fd)
                 self._journal_fd = None
-            directory.rename(JOURNAL, JOURNAL_OLD)
+            directory.rename(self._journal_name, self._journal_old)
             self._open_journal(directory)
         return snapshot
 
     def finish_compaction(self, snapshot: bytes) -> None:
         """Write the snapshot, then drop the journal it covers."""
         with self._writing() as directory:
-            directory.replace(REPLAY, snapshot)
-            directory.unlink(JOURNAL_OLD)
+            directory.replace(self._replay, snapshot)
+            directory.unlink(self._journal_old)
 
     def close(self) -> None:
         if self._journal_fd is not None:

@@ -72,7 +72,10 @@ CREATE TABLE IF NOT EXISTS clients (
     endpoint TEXT NOT NULL DEFAULT '',
     old_secret BLOB NOT NULL DEFAULT x'',
     old_until TEXT NOT NULL DEFAULT '',
-    sources TEXT NOT NULL DEFAULT '[]'
+    sources TEXT NOT NULL DEFAULT '[]',
+    kind TEXT NOT NULL DEFAULT 'spa',
+    fwknop_key BLOB NOT NULL DEFAULT x'',
+    fwknop_hmac_key BLOB NOT NULL DEFAULT x''
 );
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -82,27 +85,36 @@ CREATE TABLE IF NOT EXISTS changes (
 CREATE INDEX IF NOT EXISTS clients_state ON clients(revoked, enroll_by, name);
 """
 # columns later versions added, as a database made before them gets them on open
-_ADDED_COLUMNS = (("sources", "TEXT NOT NULL DEFAULT '[]'"),)  # JSON list of networks
+_ADDED_COLUMNS = (
+    ("sources", "TEXT NOT NULL DEFAULT '[]'"),  # JSON list of networks (issue 15)
+    ("kind", "TEXT NOT NULL DEFAULT 'spa'"),  # fwknop compatibility (issue 15)
+    ("fwknop_key", "BLOB NOT NULL DEFAULT x''"),
+    ("fwknop_hmac_key", "BLOB NOT NULL DEFAULT x''"),
+)
 _SELECT = ("SELECT name, secret, services, allow_other_address, revoked, enrolled, "
-           "enroll_by, otp_secret, close_leases, endpoint, old_secret, old_until, sources "
-           "FROM clients")
+           "enroll_by, otp_secret, close_leases, endpoint, old_secret, old_until, sources, "
+           "kind, fwknop_key, fwknop_hmac_key FROM clients")
 _INSERT = ("INSERT INTO clients (name, secret, services, allow_other_address, revoked, "
            "enrolled, enroll_by, otp_secret, close_leases, endpoint, old_secret, old_until, "
-           "sources) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+           "sources, kind, fwknop_key, fwknop_hmac_key) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _UPSERT = (_INSERT + " ON CONFLICT(name) DO UPDATE SET secret = excluded.secret, "
            "services = excluded.services, allow_other_address = excluded.allow_other_address, "
            "revoked = excluded.revoked, enrolled = excluded.enrolled, "
            "enroll_by = excluded.enroll_by, otp_secret = excluded.otp_secret, "
            "close_leases = excluded.close_leases, endpoint = excluded.endpoint, "
            "old_secret = excluded.old_secret, old_until = excluded.old_until, "
-           "sources = excluded.sources")
+           "sources = excluded.sources, "
+           "kind = excluded.kind, fwknop_key = excluded.fwknop_key, "
+           "fwknop_hmac_key = excluded.fwknop_hmac_key")
 
 
 def _row(entry: ClientEntry) -> tuple[object, ...]:
     return (entry.name, entry.secret, json.dumps(list(entry.services)),
             int(entry.allow_other_address), int(entry.revoked), entry.enrolled,
             entry.enroll_by, entry.otp_secret, int(entry.close_leases), entry.endpoint,
-            entry.old_secret, entry.old_until, json.dumps(list(entry.sources)))
+            entry.old_secret, entry.old_until, json.dumps(list(entry.sources)), entry.kind,
+            entry.fwknop_key, entry.fwknop_hmac_key)
 
 
 _SERVICES: dict[str, tuple[str, ...]] = {}  # a services column -> its tuple, shared
@@ -122,11 +134,12 @@ def _services(column: str) -> tuple[str, ...]:
 
 def _entry(row: tuple[Any, ...]) -> ClientEntry:
     (name, secret, services, other, revoked, enrolled, enroll_by, otp, close, endpoint,
-     old_secret, old_until, sources) = row
+     old_secret, old_until, sources, kind, fwknop_key, fwknop_hmac_key) = row
     return ClientEntry(str(name), bytes(secret), _services(str(services)),
                        bool(other), bool(revoked), str(enrolled), str(enroll_by), str(otp),
                        bool(close), str(endpoint), bytes(old_secret),
-                       str(old_until), _services(str(sources)))
+                       str(old_until), _services(str(sources)), str(kind), bytes(fwknop_key),
+                       bytes(fwknop_hmac_key))
 
 
 def _no_such(name: str) -> LocalError:

@@ -79,6 +79,11 @@ def entry_table(entry: ClientEntry) -> dict[str, Any]:
         table["old_secret"] = config_mod.b64encode(entry.old_secret)
     if entry.sources:
         table["sources"] = list(entry.sources)
+    if entry.kind != config_mod.KIND_SPA:
+        del table["secret"]
+        table["kind"] = entry.kind
+        table["fwknop_key"] = config_mod.b64encode(entry.fwknop_key)
+        table["fwknop_hmac_key"] = config_mod.b64encode(entry.fwknop_hmac_key)
     return table
 
 

@@ -1,0 +1,118 @@
+"""Admin commands for fwknop clients: enroll one, show the way off fwknop.
+
+- `enroll` makes a compat client with fresh keys as `fwknop --key-gen` does
+  (a 32-byte Rijndael key, a 64-byte HMAC key) and returns what its user
+  needs: the `.fwknoprc` stanza for the fwknop CLI and the text Fwknop2 and
+  fwknop-gui scan (`KEY_BASE64:... HMAC_KEY_BASE64:...`).  Keys are printed
+  for the admin to hand over (as our URIs are), never logged.
+- `move` turns a compat client into one of ours: a new spa1:// enrollment
+  (same name, services, rights), its fwknop keys dropped at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from spa.core.keys import MASTER_SECRET_SIZE
+from spa.core.uri import Enrollment, ServiceRef, is_valid_client_name, render
+from spa.server import config as config_mod
+from spa.server.admin import open_store, parse_endpoint
+from spa.server.config import KIND_FWKNOP, KIND_SPA, ClientEntry, ServerConfig
+from spa.server.errors import LocalError
+from spa.store.clients import ClientStore
+
+RIJNDAEL_KEY_SIZE = 32  # what fwknop --key-gen makes
+HMAC_KEY_SIZE = 64
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class FwknopEnrollment:
+    name: str
+    host: str
+    port: int
+    access: tuple[str, ...]  # "tcp/22", ...
+    rijndael: bytes
+    hmac: bytes
+
+    def qr_text(self) -> str:
+        """What Fwknop2 (Android) and fwknop-gui read from a QR code."""
+        return f"KEY_BASE64:{_b64(self.rijndael)} HMAC_KEY_BASE64:{_b64(self.hmac)}"
+
+    def fwknoprc(self) -> str:
+        """The stanza for ~/.fwknoprc: then `fwknop -n NAME` knocks."""
+        return "\n".join([
+            f"[{self.name}]",
+            f"SPA_SERVER          {self.host}",
+            f"SPA_SERVER_PORT     {self.port}",
+            f"ACCESS              {','.join(self.access)}",
+            "ALLOW_IP            source",
+            f"KEY_BASE64          {_b64(self.rijndael)}",
+            f"HMAC_KEY_BASE64     {_b64(self.hmac)}",
+            "USE_HMAC            Y",
+            "HMAC_DIGEST_TYPE    sha256",
+            "",
+        ])
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def access_of(config: ServerConfig, services: list[str]) -> tuple[str, ...]:
+    return tuple(f"{config.services[s].protocol}/{config.services[s].port}" for s in services)
+
+
+def enroll(path: Path, name: str, services: list[str], endpoint: str, *,
+           now: float | None = None) -> FwknopEnrollment:
+    """A compat client with new keys.  Raises LocalError (a bad name, an
+    unknown service, the compat listener off)."""
+    config = config_mod.load(path)
+    if not config.fwknop_port:
+        raise LocalError(f"the fwknop compat listener is off; set fwknop_port = "
+                         f"{config_mod.FWKNOP_PORT} under [server] in {path} (and listen_port "
+                         "to another port), then enroll again")
+    if not is_valid_client_name(name):
+        raise LocalError(f"client name {name!r}: use letters, digits, '.', '_', '@', '-' "
+                         "(at most 64, starting with a letter or digit)")
+    unique = list(dict.fromkeys(services))
+    unknown = [s for s in unique if s not in config.services]
+    if not unique or unknown:
+        raise LocalError(f"name services it may open with --service (known: "
+                         f"{', '.join(sorted(config.services))})")
+    host, _ = parse_endpoint(endpoint, config.fwknop_port)
+    when = time.time() if now is None else now
+    keys = os.urandom(RIJNDAEL_KEY_SIZE), os.urandom(HMAC_KEY_SIZE)
+    with open_store(config, now=when) as store:
+        store.add(ClientEntry(name, b"", tuple(unique), enrolled=config_mod.format_utc(when),
+                              endpoint=endpoint.strip(), kind=KIND_FWKNOP,
+                              fwknop_key=keys[0], fwknop_hmac_key=keys[1]), at=when)
+    return FwknopEnrollment(name, host, config.fwknop_port, access_of(config, unique), *keys)
+
+
+def move_command(name: str, endpoint: str) -> str:
+    """The one command that moves a compat client to our protocol."""
+    where = f" --endpoint {endpoint}" if endpoint else " --endpoint HOST"
+    return f"spa-server rotate {name} --grace 0{where} --qr"
+
+
+def move(store: ClientStore, config: ServerConfig, entry: ClientEntry, *,
+         endpoint: str | None, now: float) -> str:
+    """A compat client becomes one of ours (`spa-server rotate` of an fwknop
+    client): a new secret, its fwknop keys dropped at once, its new URI
+    returned.  Raises LocalError."""
+    if endpoint:
+        host, port = parse_endpoint(endpoint, config.listen_port)
+    elif entry.endpoint:
+        host, port = parse_endpoint(entry.endpoint, config.listen_port)[0], config.listen_port
+    else:
+        raise LocalError(f"give --endpoint HOST[:PORT] for {entry.name}'s new URI")
+    secret = os.urandom(MASTER_SECRET_SIZE)
+    store.put(replace(entry, kind=KIND_SPA, secret=secret, fwknop_key=b"",
+                      fwknop_hmac_key=b"", endpoint=endpoint or entry.endpoint), at=now)
+    refs = tuple(ServiceRef(s, config.services[s].protocol, config.services[s].port)
+                 for s in entry.services if s in config.services)
+    return render(Enrollment(host, port, config.server_id, entry.name, secret, refs))
