@@ -45,7 +45,8 @@ def test_pages_filters_and_json_without_secrets(config: Path) -> None:
     data = json.loads(server(config, "clients", "--json", "--state", "revoked").stdout)
     assert data == {"count": 3, "clients": [
         {"name": "bob", "state": "revoked", "services": ["ssh"], "enrolled": data["clients"][0]
-         ["enrolled"], "endpoint": "203.0.113.10", "otp": False, "sources": []}]}
+         ["enrolled"], "endpoint": "203.0.113.10", "otp": False, "sources": [],
+         "kind": "spa"}]}
     assert "secret" not in json.dumps(data)
     assert "carol" in server(config, "clients", "--match", "aro").stdout
     assert_one_line_error(server(config, "clients", "--state", "gone"), "--state 'gone'")
