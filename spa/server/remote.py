@@ -48,6 +48,8 @@ GONE = "the privileged gate keeper is gone; stopping (systemd restarts both)"
 class RemoteGate:
     """A Backend whose every call is a request to the gate keeper."""
 
+    serialized = True  # one request at a time (its own lock): callers need no other
+
     def __init__(self, sock: socket.socket, pid: int | None = None) -> None:
         """`pid`: the gate keeper's process, waited for by `close`."""
         self._sock, self._pid = sock, pid

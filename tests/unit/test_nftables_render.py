@@ -10,6 +10,7 @@ import pytest
 from spa.backends.base import Change, apply
 from spa.backends.libnft import FakeNft
 from spa.backends.nftables import (
+    DROPS_SIZE,
     NftablesBackend,
     parse_held,
     render_allow,
@@ -199,12 +200,12 @@ def test_drop_sets_are_added_only_when_missing_and_their_counters_parse() -> Non
         {"table": {"family": "inet", "name": "spa"}},
         {"set": {"family": "inet", "table": "spa", "name": "drops_v4",
                  "type": ["ipv4_addr", "inet_service"], "flags": ["dynamic", "timeout"],
-                 "timeout": 600, "size": 65536, "elem": [
+                 "timeout": 600, "size": DROPS_SIZE, "elem": [
             {"elem": {"val": {"concat": ["198.51.100.7", 22]}, "counter": {"packets": 3}}},
             {"elem": {"val": {"concat": ["198.51.100.7", 443]}, "counter": {"packets": 1}}}]}},
         {"set": {"family": "inet", "table": "spa", "name": "drops_v6",
                  "type": ["ipv6_addr", "inet_service"], "flags": ["dynamic", "timeout"],
-                 "timeout": 600, "size": 65536, "elem": [
+                 "timeout": 600, "size": DROPS_SIZE, "elem": [
             {"elem": {"val": {"concat": ["2001:db8::7", 22]}, "counter": {"packets": 2}}}]}},
         {"set": {"family": "inet", "table": "other", "name": "drops_v4", "elem": [
             {"elem": {"val": {"concat": ["192.0.2.1", 22]}, "counter": {"packets": 9}}}]}},
@@ -233,7 +234,7 @@ def test_drop_sets_no_rule_updates_are_made_again_with_the_rules() -> None:
     backend = NftablesBackend(fake)
     plain = [{"set": {"family": "inet", "table": "spa", "name": f"drops_v{version}",
                       "type": [kind, "inet_service"], "flags": ["timeout"],
-                      "timeout": 600, "size": 65536}}
+                      "timeout": 600, "size": DROPS_SIZE}}
              for version, kind in ((4, "ipv4_addr"), (6, "ipv6_addr"))]
     fake.listing = {"nftables": [{"table": {"family": "inet", "name": "spa"}}, *plain]}
     backend.start(SERVICES, now=0)
