@@ -1,0 +1,105 @@
+"""The specification's vectors beyond packet_v1.json (issue 15, part 4): the
+addresses a knock may name, and packets that must be refused (with the reason).
+Each file is frozen; its maker (tests/vectors/make_*.py) only says how it
+was built."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spa.core import addresses
+from spa.core.addresses import Rule, refusal
+from spa.core.errors import PacketError, Reason
+from spa.core.keys import derive_keys
+from spa.core.policy import ClientPolicy, Policy
+from spa.core.verify import Accepted, Verifier
+from spa.core.wire import Action, Request, decode_body, encode_body, open_packet
+
+ROOT = Path(__file__).resolve().parents[2]
+VECTORS = ROOT / "tests" / "vectors"
+
+
+def load(name: str) -> Any:
+    return json.loads((VECTORS / name).read_text())
+
+
+ADDRESSES = load("address_v1.json")
+REFUSED = load("refused_v1.json")
+
+
+# -- addresses a knock may name -----------------------------------------------------
+
+def test_the_address_vectors_state_the_tables_of_the_code() -> None:
+    assert ADDRESSES["refused_v4"] == [[str(n), r.name.lower()] for n, r in addresses.REFUSED_V4]
+    assert ADDRESSES["refused_v6"] == [[str(n), r.name.lower()] for n, r in addresses.REFUSED_V6]
+    assert ADDRESSES["allowed_v6"] == [str(n) for n in addresses.ALLOWED_V6]
+    rules = {case["rule"] for case in ADDRESSES["cases"]} - {None}
+    assert rules == {rule.name.lower() for rule in Rule}, "every rule has a case"
+
+
+def test_the_protocol_doc_lists_every_prefix_of_the_tables() -> None:
+    doc = (ROOT / "docs/protocol.md").read_text()
+    section = doc[doc.index("## Addresses a knock may name"):]
+    section = section[:section.index("\n## ", 1)]
+    prefixes = [n for n, _ in ADDRESSES["refused_v4"] + ADDRESSES["refused_v6"]]
+    for prefix in prefixes + ADDRESSES["allowed_v6"]:
+        assert f"`{prefix}`" in section, prefix
+
+
+@pytest.mark.parametrize("case", ADDRESSES["cases"], ids=lambda c: c["address"])
+def test_address_vector(case: dict[str, Any]) -> None:
+    address = ipaddress.ip_address(case["address"])
+    found = refusal(address)
+    assert (found is None) == case["allowed"]
+    assert (None if found is None else found.name.lower()) == case["rule"]
+    request = Request(1, Action.OPEN, "ssh", 0, address)
+    if case["allowed"]:
+        assert decode_body(encode_body(request)) == request
+        return
+    with pytest.raises(ValueError, match="cannot be named in a knock"):
+        encode_body(request)
+    body = bytearray(encode_body(Request(1, Action.OPEN, "ssh", 0,
+                                         ipaddress.ip_address("192.0.2.1" if address.version == 4
+                                                              else "2001:db8::1"))))
+    body[14:14 + len(address.packed)] = address.packed
+    with pytest.raises(PacketError) as info:
+        decode_body(bytes(body))
+    assert info.value.reason is Reason.MALFORMED
+
+
+# -- packets that must be refused ---------------------------------------------------
+
+@pytest.mark.parametrize("case", REFUSED["cases"], ids=lambda c: c["name"])
+def test_refused_packet_vector(case: dict[str, Any]) -> None:
+    secret, server_id = bytes.fromhex(REFUSED["master_secret"]), bytes.fromhex(REFUSED["server_id"])
+    policy = Policy(clients={REFUSED["client"]: ClientPolicy(REFUSED["client"],
+                                                             frozenset(REFUSED["services"]))})
+    verifier = Verifier(server_id, {REFUSED["client"]: secret}, policy, now=case["now"],
+                        window=REFUSED["window"])
+    packet = bytes.fromhex(case["packet"])
+    verdict = verifier.verify(packet, case["source"], case["now"])
+    if case["reason"] is None:
+        assert isinstance(verdict, Accepted), verdict
+        return
+    assert not isinstance(verdict, Accepted)
+    assert verdict.reason.value == case["reason"]
+    if case["body"] is not None:
+        body = bytes.fromhex(case["body"])
+        with pytest.raises(PacketError) as info:
+            decode_body(body)
+        assert info.value.reason is Reason.MALFORMED
+        with pytest.raises(PacketError) as opened:
+            open_packet(packet, derive_keys(secret, server_id), server_id)
+        assert opened.value.reason is Reason.MALFORMED, "it authenticates and decrypts"
+
+
+def test_the_refused_vectors_cover_every_reason_before_policy_and_two_of_it() -> None:
+    reasons = {case["reason"] for case in REFUSED["cases"]}
+    assert {"bad_length", "bad_version", "unknown_tag", "bad_mac", "bad_ciphertext",
+            "malformed", "stale", "future", "step_mismatch", "service_not_allowed",
+            "address_not_allowed", None} <= reasons
