@@ -1,5 +1,6 @@
 """The specification's vectors beyond packet_v1.json (issue 15, part 4): the
-addresses a knock may name, and packets that must be refused (with the reason).
+addresses a knock may name, packets that must be refused (with the reason),
+and authenticator codes and the verdicts on them.
 Each file is frozen; its maker (tests/vectors/make_*.py) only says how it
 was built."""
 
@@ -10,12 +11,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pyotp
 import pytest
 
 from spa.core import addresses
 from spa.core.addresses import Rule, refusal
 from spa.core.errors import PacketError, Reason
 from spa.core.keys import derive_keys
+from spa.core.otp import OtpChecker, provisioning_uri
 from spa.core.policy import ClientPolicy, Policy
 from spa.core.verify import Accepted, Verifier
 from spa.core.wire import Action, Request, decode_body, encode_body, open_packet
@@ -30,6 +33,7 @@ def load(name: str) -> Any:
 
 ADDRESSES = load("address_v1.json")
 REFUSED = load("refused_v1.json")
+OTP = load("otp_v1.json")
 
 
 # -- addresses a knock may name -----------------------------------------------------
@@ -103,3 +107,21 @@ def test_the_refused_vectors_cover_every_reason_before_policy_and_two_of_it() ->
     assert {"bad_length", "bad_version", "unknown_tag", "bad_mac", "bad_ciphertext",
             "malformed", "stale", "future", "step_mismatch", "service_not_allowed",
             "address_not_allowed", None} <= reasons
+
+
+# -- authenticator codes ------------------------------------------------------------
+
+def test_authenticator_code_vectors_are_rfc_6238_with_six_digits() -> None:
+    totp = pyotp.TOTP(OTP["secret_base32"])
+    assert (totp.digits, totp.interval, totp.digest().name) == (6, 30, "sha1")
+    for row in OTP["codes"]:
+        assert row["step"] == row["time"] // 30
+        assert totp.at(row["time"]) == row["code"]
+    assert provisioning_uri(OTP["secret_base32"], "alice") == OTP["provisioning_uri"]
+
+
+def test_authenticator_verdicts_in_order() -> None:
+    checker = OtpChecker({"t": OTP["secret_base32"]})
+    for row in OTP["sequence"]:
+        refused = checker.check("t", row["code"], row["now"])
+        assert ("accepted" if refused is None else refused.value) == row["verdict"], row["why"]
