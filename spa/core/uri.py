@@ -3,14 +3,19 @@
     spa1://HOST[:PORT]/CLIENT?sid=SERVER_ID&key=SECRET&svc=NAME:PROTO:PORT[&svc=...][&otp=1]
         [&exp=UNIX_TIME]
 
-Invariants (docs/protocol.md, "Enrollment URI"):
+Invariants (docs/protocol.md, "Enrollment URI": its ABNF, the rules beside it
+and the odd cases decided; vectors in tests/vectors/uri_v1.json):
 - `parse(render(e)) == e` for every valid enrollment, and `render` is canonical.
 - Parsing is strict: a wrong scheme or version, a bad host or port, a bad
   client name, a missing, repeated or unknown parameter, a value of the wrong
   size or alphabet, each raise `FormatError` with one line saying which part
   is wrong.  No error message ever contains the secret.
-- IPv6 hosts are written in brackets.  SERVER_ID (16 bytes) and SECRET
-  (32 bytes) are unpadded base64url.
+- One spelling per value: no percent-encoding, no leading zeros (ports,
+  `exp`, IPv4 octets), no empty values, `otp=1` only.  Reading normalizes the
+  scheme and names to lower case and IPv6 to RFC 5952; parameters may come in
+  any order.
+- IPv6 hosts are written in brackets, without a zone, never IPv4-mapped.
+  SERVER_ID (16 bytes) and SECRET (32 bytes) are unpadded base64url.
 """
 
 from __future__ import annotations
@@ -226,8 +231,9 @@ def _service(value: str) -> ServiceRef:
         raise FormatError(f"service name {name!r}: use a-z, 0-9, '-', '_' (max 32)")
     if protocol not in PROTOCOLS:
         raise FormatError(f"service {name}: protocol {protocol!r} must be tcp or udp")
-    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
-        raise FormatError(f"service {name}: port {port!r} must be 1-65535")
+    if not (port.isascii() and port.isdigit() and not port.startswith("0")
+            and int(port) <= 65535):
+        raise FormatError(f"service {name}: port {port!r} must be 1-65535, without a leading 0")
     return ServiceRef(name, protocol, int(port))
 
 

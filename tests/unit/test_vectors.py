@@ -1,6 +1,6 @@
 """The specification's vectors beyond packet_v1.json (issue 15, part 4): the
 addresses a knock may name, packets that must be refused (with the reason),
-and authenticator codes and the verdicts on them.
+authenticator codes and verdicts, and enrollment URIs valid and refused.
 Each file is frozen; its maker (tests/vectors/make_*.py) only says how it
 was built."""
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,11 @@ import pytest
 
 from spa.core import addresses
 from spa.core.addresses import Rule, refusal
-from spa.core.errors import PacketError, Reason
+from spa.core.errors import FormatError, PacketError, Reason
 from spa.core.keys import derive_keys
 from spa.core.otp import OtpChecker, provisioning_uri
 from spa.core.policy import ClientPolicy, Policy
+from spa.core.uri import parse, render
 from spa.core.verify import Accepted, Verifier
 from spa.core.wire import Action, Request, decode_body, encode_body, open_packet
 
@@ -34,6 +36,7 @@ def load(name: str) -> Any:
 ADDRESSES = load("address_v1.json")
 REFUSED = load("refused_v1.json")
 OTP = load("otp_v1.json")
+URIS = load("uri_v1.json")
 
 
 # -- addresses a knock may name -----------------------------------------------------
@@ -125,3 +128,33 @@ def test_authenticator_verdicts_in_order() -> None:
     for row in OTP["sequence"]:
         refused = checker.check("t", row["code"], row["now"])
         assert ("accepted" if refused is None else refused.value) == row["verdict"], row["why"]
+
+
+# -- enrollment URIs ----------------------------------------------------------------
+
+@pytest.mark.parametrize("case", URIS["valid"], ids=lambda c: c["why"])
+def test_valid_uri_vector(case: dict[str, Any]) -> None:
+    e = parse(case["uri"])
+    assert (e.host, e.port, e.client, e.otp, e.expires) == (
+        case["host"], case["port"], case["client"], case["otp"], case["expires"])
+    assert (e.server_id.hex(), e.secret.hex()) == (case["server_id"], case["secret"])
+    assert [[s.name, s.protocol, s.port] for s in e.services] == case["services"]
+    assert render(e) == case["canonical"]
+    assert parse(case["canonical"]) == e
+
+
+@pytest.mark.parametrize("case", URIS["refused"], ids=lambda c: c["uri"][:70])
+def test_refused_uri_vector(case: dict[str, Any]) -> None:
+    with pytest.raises(FormatError) as info:
+        parse(case["uri"])
+    assert case["message"] in str(info.value)
+    assert "\n" not in str(info.value)
+    key = re.search(r"key=([^&#]+)", case["uri"])
+    if key is not None and len(key.group(1)) > 8:
+        assert key.group(1)[:12] not in str(info.value), "the secret stays out of the error"
+
+
+def test_every_refused_uri_part_is_one_the_grammar_names() -> None:
+    parts = {case["part"] for case in URIS["refused"]}
+    assert parts == {"scheme", "host", "port", "client", "fragment", "parameter", "sid",
+                     "key", "svc", "otp", "exp"}
