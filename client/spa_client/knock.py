@@ -205,10 +205,15 @@ def check_otp(code: str) -> str:
 def parse_allow_ip(text: str | None) -> IPAddress | None:
     if text is None:
         return None
+    bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
     try:
-        return ipaddress.ip_address(text.strip("[]"))
+        address = ipaddress.ip_address(bare)
     except ValueError:
         raise KnockError(f"--allow-ip {text!r} is not an IP address") from None
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+        raise KnockError(f"--allow-ip {text!r}: a zone (%...) is not sent; give the address "
+                         "alone")
+    return address
 
 
 @dataclass(frozen=True, slots=True)

@@ -203,6 +203,11 @@ def test_one_knock_only_when_the_request_names_an_address_or_carries_a_code() ->
         both[0],), "no IPv4 address: the one there is"
     assert targets_for(both, address=None, otp="123456") == both[:1], (
         "a code opens once: the family ssh tries first")
+    assert knock.parse_allow_ip("[2001:db8::1]") == ipaddress.ip_address("2001:db8::1")
+    with pytest.raises(KnockError, match="not an IP address"):
+        knock.parse_allow_ip("2001:db8::1]")
+    with pytest.raises(KnockError, match="a zone"):
+        knock.parse_allow_ip("fe80::1%eth0")
 
 
 # -- knocking both families ---------------------------------------------------------
