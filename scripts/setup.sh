@@ -10,6 +10,7 @@ APT_PACKAGES=(
     nftables libnftables1              # the default firewall backend (in process)
     iptables                           # the iptables backend
     iproute2 procps                    # ip netns and sysctl, for the namespace tests
+    util-linux mount                   # unshare and mount --bind: a hosts file for one process
     openssh-server openssh-client      # a real sshd and ssh login in the tests
     openssl                            # a certificate for the TLS service in the tests
     nmap hydra tcpdump                 # the attacker's tools in the tests

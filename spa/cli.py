@@ -101,7 +101,8 @@ def enroll(
     service: Annotated[list[str], typer.Option("--service", "-s",
                                                help="A service it may open (repeat).")],
     endpoint: Annotated[str, typer.Option(help="HOST[:PORT] clients send to (this server "
-                                          "as they reach it).")],
+                                          "as they reach it); an IPv6 address bare or in "
+                                          "brackets, [V6]:PORT with a port.")],
     uri_only: Annotated[bool, typer.Option("--uri-only", help="Print only the URI.")] = False,
     qr: Annotated[bool, typer.Option("--qr", help="Also print the URI as a QR code (fits 80 "
                                      "columns) for a phone or laptop camera.")] = False,

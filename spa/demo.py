@@ -58,7 +58,7 @@ class Demo:
         self.config.write_text(text)
         self.uri = admin.enroll(self.config, "alice", ["ssh", "https"], f"127.0.0.1:{port}")
         self.enrollment = parse(self.uri)
-        self.target = knock.resolve("127.0.0.1", port)
+        self.target = knock.resolve_all("127.0.0.1", port)[0]
         self.logs: list[str] = []
         # one process: the memory backend gates nothing, and the story reads
         # the state as this process, which the split would make a service user

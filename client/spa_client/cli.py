@@ -22,7 +22,14 @@ from spa.core.errors import FormatError
 from spa.core.uri import Enrollment, ServiceRef, parse
 from spa.core.wire import NONCE_SIZE, Action
 from spa_client import knock
-from spa_client.profile import ENV_DIR, Profile, ProfileError, ProfileStore, default_dir
+from spa_client.profile import (
+    ENV_DIR,
+    Profile,
+    ProfileError,
+    ProfileStore,
+    default_dir,
+    default_name,
+)
 
 if TYPE_CHECKING:
     from spa_client.doctor import Knocked  # doctor's module loads only when it runs
@@ -107,7 +114,8 @@ def enroll(
         metavar="[URI]", help="The spa1:// URI from your admin ('-' reads it from standard "
         "input).")] = None,
     name: Annotated[str | None, typer.Option(help="Profile name (default: the server's "
-                                             "host).")] = None,
+                                             "host; an IPv6 address with '-' for ':').")
+                    ] = None,
     qr_image: Annotated[Path | None, typer.Option(
         "--qr-image", metavar="FILE", help="Read the URI from a picture of its QR code "
         "(a screenshot, a photo, the PNG from spa-server enroll --png).")] = None,
@@ -126,7 +134,7 @@ def enroll(
         else:
             text = sys.stdin.readline() if uri == "-" else str(uri)
         enrollment = parse(text)
-        profile = name or enrollment.host
+        profile = name or default_name(enrollment.host)
         path = _ctx.store().save(profile, enrollment)
     services = ", ".join(f"{s.name} ({s.protocol}/{s.port})" for s in enrollment.services)
     typer.echo(f"enrolled as {enrollment.client} at {enrollment.host}:{enrollment.port}; "
@@ -175,7 +183,7 @@ def open_(
         ref = knock.service_of(enrollment, service)
         address = knock.parse_allow_ip(allow_ip)
         code = _otp_code(otp, enrollment.otp, profile_name=host)
-        target = knock.resolve(enrollment.host, enrollment.port)
+        targets = knock.resolve_all(enrollment.host, enrollment.port)
         if keep and enrollment.otp:
             raise knock.KnockError("--keep cannot renew for a profile that needs an "
                                    "authenticator code (each knock needs a new one); open "
@@ -183,26 +191,34 @@ def open_(
         if keep and not asked:
             asked = knock.KEEP_DEFAULT
         if no_wait or ref.protocol != "tcp":
-            packet = knock.make_packet(enrollment, Action.OPEN, service, duration=asked,
-                                       address=address, now=_now(),
-                                       nonce=os.urandom(NONCE_SIZE), otp=code)
-            knock.send(target, packet)
-            typer.echo(f"knock sent: open {service} at {target.address}")
+            sent = knock.knock_each(
+                knock.targets_for(targets, address=address, otp=code),
+                lambda: knock.make_packet(enrollment, Action.OPEN, service, duration=asked,
+                                          address=address, now=_now(),
+                                          nonce=os.urandom(NONCE_SIZE), otp=code))
+            typer.echo(f"knock sent: open {service} at {knock.shown(sent)}")
             return
-        took = knock.open_and_wait(enrollment, ref, target, duration=asked,
-                                   address=address, timeout=timeout,
-                                   progress=_progress(sys.stderr.isatty()), otp=code)
+        opened = knock.open_and_wait(enrollment, ref, targets, duration=asked,
+                                     address=address, timeout=timeout,
+                                     progress=_progress(sys.stderr.isatty()), otp=code,
+                                     others_within=knock.OTHERS_WITHIN)
     if sys.stderr.isatty():
         sys.stderr.write("\r\033[K")
-    if took is None:
-        typer.echo(f"spa-client: {service} ({ref.protocol}/{ref.port}) on {target.address} "
-                   f"did not open within {timeout:g} s", err=True)
+    if opened is None:
+        typer.echo(f"spa-client: {service} ({ref.protocol}/{ref.port}) on "
+                   f"{knock.shown(targets)} did not open within {timeout:g} s", err=True)
         raise typer.Exit(1)
-    typer.echo(f"{service} is open: {target.address} port {ref.port} accepts connections "
-               f"({took * 1000:.0f} ms)")
+    verb = "accepts" if len(opened.targets) == 1 else "accept"
+    typer.echo(f"{service} is open: {knock.shown(opened.targets)} port {ref.port} {verb} "
+               f"connections ({opened.took * 1000:.0f} ms)")
+    if opened.shut:
+        first = " (ssh tries it first)" if opened.shut[0] == targets[0] else ""
+        typer.echo(f"spa-client: {knock.shown(opened.shut)}{first} did not open; "
+                   f"`spa-client ssh-config {host}` makes ssh connect to the address that "
+                   "opened", err=True)
     store.record_opened(profile.name, _now())  # for doctor; best effort, one small file
     if keep:
-        _keep(enrollment, ref, target, asked or knock.KEEP_DEFAULT)
+        _keep(enrollment, ref, targets, asked or knock.KEEP_DEFAULT)
 
 
 @_command("close")
@@ -216,11 +232,18 @@ def close(
         profile = _ctx.store().find(host)
         enrollment = profile.enrollment
         knock.service_of(enrollment, service)
-        target = knock.resolve(enrollment.host, enrollment.port)
-        knock.send(target, knock.make_packet(enrollment, Action.CLOSE, service, duration=0,
-                                             address=None, now=_now(),
-                                             nonce=os.urandom(NONCE_SIZE)))
-    typer.echo(f"close sent: {service} at {target.address}")
+        sent = _close_each(enrollment, service,
+                           knock.resolve_all(enrollment.host, enrollment.port))
+    typer.echo(f"close sent: {service} at {knock.shown(sent)}")
+
+
+def _close_each(enrollment: Enrollment, service: str, targets: tuple[knock.Target, ...]
+                ) -> tuple[knock.Target, ...]:
+    """A close to each family's address: each ends the lease of the address
+    it leaves from (a close needs no authenticator code)."""
+    return knock.knock_each(targets, lambda: knock.make_packet(
+        enrollment, Action.CLOSE, service, duration=0, address=None, now=_now(),
+        nonce=os.urandom(NONCE_SIZE)))
 
 
 def _otp_code(given: str | None, needed: bool, *, profile_name: str, tty: bool = False) -> str:
@@ -244,7 +267,7 @@ def _otp_code(given: str | None, needed: bool, *, profile_name: str, tty: bool =
                            "authenticator app: pass --otp CODE")
 
 
-def _keep(enrollment: Enrollment, ref: ServiceRef, target: knock.Target,
+def _keep(enrollment: Enrollment, ref: ServiceRef, targets: tuple[knock.Target, ...],
           duration: int) -> None:
     """--keep: renew until Ctrl-C, then close.  A live countdown on a terminal,
     one line per renewal otherwise."""
@@ -274,15 +297,13 @@ def _keep(enrollment: Enrollment, ref: ServiceRef, target: knock.Target,
         sys.stderr.write(("\r\033[K" if live else "") + line + "\n")
         sys.stderr.flush()
 
-    knock.keep_open(enrollment, ref, target, duration=duration, show=show,
+    knock.keep_open(enrollment, ref, targets, duration=duration, show=show,
                     stop=lambda: interrupted)
     with local_errors():
-        knock.send(target, knock.make_packet(enrollment, Action.CLOSE, ref.name, duration=0,
-                                             address=None, now=_now(),
-                                             nonce=os.urandom(NONCE_SIZE)))
+        sent = _close_each(enrollment, ref.name, targets)
     if live:
         sys.stderr.write("\r\033[K")
-    typer.echo(f"closed {ref.name} at {target.address}")
+    typer.echo(f"closed {ref.name} at {knock.shown(sent)}")
 
 
 @_command("connect")
@@ -312,13 +333,16 @@ def connect(
             raise knock.KnockError(f"profile {profile.name!r} has no TCP service on port {port} "
                                    f"(it has: {offered})")
         code = _otp_code(otp, enrollment.otp, profile_name=profile.name, tty=True)
-        target = knock.resolve(enrollment.host, enrollment.port)
-        took = knock.open_and_wait(enrollment, ref, target, duration=0, address=None,
-                                   timeout=timeout, progress=lambda left, sends: None, otp=code)
-        if took is None:
-            raise knock.KnockError(f"{ref.name} (tcp/{port}) on {target.address} did not open "
-                                   f"within {timeout:g} s (spa-client doctor {host} says why)")
+        targets = knock.resolve_all(enrollment.host, enrollment.port)
+        opened = knock.open_and_wait(enrollment, ref, targets, duration=0, address=None,
+                                     timeout=timeout, progress=lambda left, sends: None,
+                                     otp=code)
+        if opened is None:
+            raise knock.KnockError(f"{ref.name} (tcp/{port}) on {knock.shown(targets)} did not "
+                                   f"open within {timeout:g} s (spa-client doctor {host} says "
+                                   "why)")
         store.record_opened(profile.name, _now())  # for doctor, as open does
+        target = opened.targets[0]  # the address that opened (first)
         try:
             sock = socket.create_connection((target.address, port), timeout=timeout)
         except OSError as exc:
@@ -374,7 +398,7 @@ def doctor(
     server = None if time_server.lower() == "none" else time_server
     with local_errors():
         findings = doc.diagnose(
-            _ctx.store(), host, resolve=lambda h, p: knock.resolve(h, p).address,
+            _ctx.store(), host, resolve=lambda h, p: knock.shown(knock.resolve_all(h, p)),
             clock=doc.kernel_clock, time_server=server,
             time_offset=lambda: None if server is None else sntp.query_offset(server),
             knock=lambda profile: _doctor_knock(profile, service, otp), now=_now())
@@ -393,28 +417,33 @@ def _doctor_knock(profile: Profile, service: str | None, otp: str | None) -> Kno
 
     e = profile.enrollment
     ref = e.services[0] if service is None else knock.service_of(e, service)
-    target = knock.resolve(e.host, e.port)
-    if ref.protocol == "tcp" and _open_already(target, ref):
+    targets = knock.resolve_all(e.host, e.port)
+    if ref.protocol == "tcp" and _open_already(targets, ref):
         return doc.Knocked(doc.Fact.OPEN_ALREADY, ref)
     if e.otp and otp is None and not sys.stdin.isatty():
         return doc.Knocked(doc.Fact.NOT_SENT, ref)
     code = _otp_code(otp, e.otp, profile_name=profile.name)
     if ref.protocol != "tcp":
-        knock.send(target, knock.make_packet(e, Action.OPEN, ref.name, duration=0,
-                                             address=None, now=_now(),
-                                             nonce=os.urandom(NONCE_SIZE), otp=code))
+        knock.knock_each(knock.targets_for(targets, address=None, otp=code),
+                         lambda: knock.make_packet(e, Action.OPEN, ref.name, duration=0,
+                                                   address=None, now=_now(),
+                                                   nonce=os.urandom(NONCE_SIZE), otp=code))
         return doc.Knocked(doc.Fact.UNPROBED, ref)
-    took = knock.open_and_wait(e, ref, target, duration=0, address=None,
-                               timeout=doc.KNOCK_TIMEOUT, progress=lambda left, sends: None,
-                               otp=code)
-    return doc.Knocked(doc.Fact.SHUT if took is None else doc.Fact.OPENED, ref, took)
+    opened = knock.open_and_wait(e, ref, targets, duration=0, address=None,
+                                 timeout=doc.KNOCK_TIMEOUT, progress=lambda left, sends: None,
+                                 otp=code, others_within=knock.OTHERS_WITHIN)
+    if opened is None:
+        return doc.Knocked(doc.Fact.SHUT, ref)
+    return doc.Knocked(doc.Fact.OPENED, ref, opened.took,
+                       opened=tuple(t.address for t in opened.targets),
+                       shut=tuple(t.address for t in opened.shut))
 
 
-def _open_already(target: knock.Target, ref: ServiceRef) -> bool:
-    probe = knock.PortProbe(target.address, target.family, ref.port)
+def _open_already(targets: tuple[knock.Target, ...], ref: ServiceRef) -> bool:
+    probe = knock.PortProbe(targets, ref.port)
     try:
         probe.start()
-        return probe.wait(0.5)
+        return probe.wait(0.5) is not None
     finally:
         probe.close()
 

@@ -56,6 +56,7 @@ class Fact(Enum):
     CLOCK_OFF = "clock off"
     CLOCK_UNCHECKED = "clock unchecked"
     OPENED = "opened"
+    PARTLY_OPENED = "opened at some addresses"
     OPEN_ALREADY = "open already"
     UNPROBED = "sent, cannot probe"
     SHUT = "did not open"
@@ -66,6 +67,7 @@ OK_OF: dict[Fact, bool | None] = {
     Fact.PROFILE_OK: True, Fact.PROFILE_BAD: False, Fact.IN_USE: True, Fact.PENDING: True,
     Fact.EXPIRED: None, Fact.NAME_OK: True, Fact.NAME_BAD: False, Fact.CLOCK_OK: True,
     Fact.CLOCK_OFF: False, Fact.CLOCK_UNCHECKED: None, Fact.OPENED: True,
+    Fact.PARTLY_OPENED: None,
     Fact.OPEN_ALREADY: True, Fact.UNPROBED: None, Fact.SHUT: False, Fact.NOT_SENT: None,
 }
 
@@ -89,6 +91,8 @@ class Knocked:
     fact: Fact
     service: ServiceRef
     took: float | None = None  # seconds from the knock to the open port (OPENED)
+    opened: tuple[str, ...] = ()  # the server's addresses that opened (OPENED)
+    shut: tuple[str, ...] = ()  # those knocked that did not (a family that is not through)
 
 
 class _Timex(ctypes.Structure):
@@ -189,7 +193,15 @@ def check_knock(result: Knocked, profile: Profile) -> Finding:
     ref = result.service
     what = f"knock: {ref.name} ({ref.protocol}/{ref.port})"
     if result.fact is Fact.OPENED:
-        return Finding(Fact.OPENED, f"{what} opened in {(result.took or 0) * 1000:.0f} ms")
+        where = f" at {' and '.join(result.opened)}" if result.opened else ""
+        line = f"{what} opened in {(result.took or 0) * 1000:.0f} ms{where}"
+        if not result.shut:
+            return Finding(Fact.OPENED, line)
+        shut = " and ".join(result.shut)
+        return Finding(Fact.PARTLY_OPENED, f"{line}; {shut} did not open",
+                       f"ssh may try {shut} first and wait: check this machine's route to "
+                       f"it, or let ssh connect through spa-client (spa-client ssh-config "
+                       f"{profile.name}), which connects to the address that opened")
     if result.fact is Fact.OPEN_ALREADY:
         return Finding(Fact.OPEN_ALREADY, f"{what} is open already, before any knock (a lease "
                        "this address holds, or no firewall): no knock was needed, so none "
@@ -261,7 +273,7 @@ def diagnose(store: ProfileStore, host: str, *,
         return [f for f in (first, enrollment, name) if f is not None]
     clocked = check_clock(clock(), time_offset(), time_server)
     result = knock(profile)
-    if result.fact is Fact.OPENED:
+    if result.fact is Fact.OPENED:  # (at one address at least)
         store.record_opened(profile.name, now)
         enrollment = check_enrollment(profile, now, now)
     knocked = check_knock(result, profile)
@@ -270,8 +282,10 @@ def diagnose(store: ProfileStore, host: str, *,
     return [f for f in (first, enrollment, name, clocked, knocked) if f is not None]
 
 
-KNOCK_FACTS = (Fact.OPENED, Fact.OPEN_ALREADY, Fact.UNPROBED, Fact.SHUT, Fact.NOT_SENT)
+KNOCK_FACTS = (Fact.OPENED, Fact.PARTLY_OPENED, Fact.OPEN_ALREADY, Fact.UNPROBED, Fact.SHUT,
+               Fact.NOT_SENT)
 _LEAD = {
+    Fact.PARTLY_OPENED: "the knock opened the port at some of the server's addresses only: ",
     Fact.OPEN_ALREADY: "the port is open already, so this run tested no knock: ",
     Fact.UNPROBED: "the knock was sent, but a UDP port cannot be probed: ",
     Fact.NOT_SENT: "no knock sent: ",

@@ -4,6 +4,10 @@ Invariants:
 - A profile file holds a secret: written 0600 atomically in a 0700 directory,
   and refused on load when group or others may read it.
 - Errors are one line (ProfileError) that never quotes the secret.
+- A profile's default name is its server's host; an IPv6 literal, which no
+  profile name can spell, is written with '-' for ':' and a leading '::' as
+  '0::' (fd10:210::1 -> fd10-210--1, ::1 -> 0--1): one name per address,
+  read back by turning '-' into ':'.
 - Beside each profile, `NAME.opened` records when a knock of this profile last
   opened its port (no secret; also 0600; best effort: a failure to record never
   fails the knock).  Saving a different enrollment under the name, or
@@ -13,6 +17,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import re
 import stat
@@ -35,6 +40,24 @@ class ProfileError(Exception):
 class Profile:
     name: str
     enrollment: Enrollment
+
+
+def default_name(host: str) -> str:
+    """The profile name `enroll` picks for a server host (normalized, as an
+    Enrollment holds it): the host itself, an IPv6 literal made safe."""
+    if ":" not in host:
+        return host
+    return ("0" + host if host.startswith(":") else host).replace(":", "-")
+
+
+def same_host(host: str, wanted: str) -> bool:
+    """Whether an enrollment's host is `wanted` as a user typed it: any case,
+    an IPv6 address in brackets or in any of its spellings."""
+    text = wanted.strip().removeprefix("[").removesuffix("]")
+    try:
+        return host == str(ipaddress.ip_address(text))
+    except ValueError:
+        return host == text.lower()
 
 
 def default_dir() -> Path:
@@ -159,7 +182,7 @@ class ProfileStore:
         if host in self.names():
             return self.load(host)
         matches = [p for p in (self.load(n) for n in self.names())
-                   if p.enrollment.host == host.lower().strip("[]")]
+                   if same_host(p.enrollment.host, host)]
         if len(matches) == 1:
             return matches[0]
         if matches:

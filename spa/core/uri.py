@@ -3,14 +3,19 @@
     spa1://HOST[:PORT]/CLIENT?sid=SERVER_ID&key=SECRET&svc=NAME:PROTO:PORT[&svc=...][&otp=1]
         [&exp=UNIX_TIME]
 
-Invariants (docs/protocol.md, "Enrollment URI"):
+Invariants (docs/protocol.md, "Enrollment URI": its ABNF, the rules beside it
+and the odd cases decided; vectors in tests/vectors/uri_v1.json):
 - `parse(render(e)) == e` for every valid enrollment, and `render` is canonical.
 - Parsing is strict: a wrong scheme or version, a bad host or port, a bad
   client name, a missing, repeated or unknown parameter, a value of the wrong
   size or alphabet, each raise `FormatError` with one line saying which part
   is wrong.  No error message ever contains the secret.
-- IPv6 hosts are written in brackets.  SERVER_ID (16 bytes) and SECRET
-  (32 bytes) are unpadded base64url.
+- One spelling per value: no percent-encoding, no leading zeros (ports,
+  `exp`, IPv4 octets), no empty values, `otp=1` only.  Reading normalizes the
+  scheme and names to lower case and IPv6 to RFC 5952; parameters may come in
+  any order.
+- IPv6 hosts are written in brackets, without a zone, never IPv4-mapped.
+  SERVER_ID (16 bytes) and SECRET (32 bytes) are unpadded base64url.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ SCHEME = "spa1"
 DEFAULT_PORT = 62201  # UDP knock port
 _CLIENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
 _LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"  # 0-255, no leading zero
+_IPV4_RE = re.compile(rf"(?:{_OCTET}\.){{3}}{_OCTET}\Z")  # RFC 3986 IPv4address
 _B64_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
 
 
@@ -65,14 +72,18 @@ def is_valid_client_name(name: str) -> bool:
 
 
 def check_host(host: str) -> str:
-    """Validate a host (IP address or DNS name); return it normalized.
+    """Validate a host (IP address or DNS name); return it normalized: an
+    IPv6 address in RFC 5952's form, a name in lower case.  The grammar is
+    docs/protocol.md's `host`: an IPv4 address in dotted decimal without
+    leading zeros, an IPv6 address without a zone and not IPv4-mapped, or a
+    DNS name of letters, digits and '-' whose last label is not numeric.
 
     Raises FormatError.
     """
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        pass
+    if ":" in host:
+        return _ipv6_host(host)
+    if _IPV4_RE.match(host):
+        return host
     name = host
     if not name or len(name) > 253 or not all(_LABEL_RE.match(p) for p in name.split(".")):
         raise FormatError(f"host {host!r} is neither an IP address nor a DNS name")
@@ -82,6 +93,20 @@ def check_host(host: str) -> str:
         # them as (other) addresses; a DNS top-level label is never numeric
         raise FormatError(f"host {host!r} looks like a malformed IP address")
     return name.lower()
+
+
+def _ipv6_host(text: str) -> str:
+    if "%" in text:
+        raise FormatError(f"host {text!r}: a zone (%...) names an interface of one machine; "
+                          "give the address without it")
+    try:
+        address = ipaddress.IPv6Address(text)
+    except ValueError:
+        raise FormatError(f"{text!r} is not an IPv6 address") from None
+    if address.ipv4_mapped is not None:
+        raise FormatError(f"host {text!r} is an IPv4-mapped address: write the IPv4 address "
+                          f"{address.ipv4_mapped}")
+    return str(address)
 
 
 def render(enrollment: Enrollment) -> str:
@@ -143,10 +168,9 @@ def _host_port(netloc: str) -> tuple[str, int]:
         inside, sep, rest = netloc[1:].partition("]")
         if not sep:
             raise FormatError("IPv6 host is missing its closing ']'")
-        try:
-            host = str(ipaddress.IPv6Address(inside))
-        except ValueError:
-            raise FormatError(f"{inside!r} in brackets is not an IPv6 address") from None
+        if ":" not in inside:
+            raise FormatError(f"{inside!r} in brackets is not an IPv6 address")
+        host = _ipv6_host(inside)
     else:
         host, _, rest = netloc.partition(":")
         rest = ":" + rest if _ else ""
@@ -207,8 +231,9 @@ def _service(value: str) -> ServiceRef:
         raise FormatError(f"service name {name!r}: use a-z, 0-9, '-', '_' (max 32)")
     if protocol not in PROTOCOLS:
         raise FormatError(f"service {name}: protocol {protocol!r} must be tcp or udp")
-    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
-        raise FormatError(f"service {name}: port {port!r} must be 1-65535")
+    if not (port.isascii() and port.isdigit() and not port.startswith("0")
+            and int(port) <= 65535):
+        raise FormatError(f"service {name}: port {port!r} must be 1-65535, without a leading 0")
     return ServiceRef(name, protocol, int(port))
 
 

@@ -22,6 +22,8 @@ import struct
 from typing import NamedTuple
 
 from spa.core import aead
+from spa.core.addresses import IPAddress as IPAddress  # re-exported: its users import it here
+from spa.core.addresses import refusal
 from spa.core.errors import PacketError, Reason
 from spa.core.keys import SERVER_ID_SIZE, ClientKeys, HmacSha256
 from spa.core.knock import TAG_SIZE, knock_tag, step_of_ms
@@ -52,8 +54,6 @@ _OTP_RE = re.compile(r"[0-9]{6,10}\Z")
 _FIXED = struct.Struct(">QBIB")  # timestamp_ms, action, duration, address family
 FAMILY_NONE, FAMILY_V4, FAMILY_V6 = 0, 4, 6
 _ADDRESS_SIZE = {FAMILY_NONE: 0, FAMILY_V4: 4, FAMILY_V6: 16}
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class Action(enum.IntEnum):
@@ -89,21 +89,12 @@ def is_valid_service_name(name: str) -> bool:
 
 
 def check_address(address: IPAddress) -> None:
-    """Raise ValueError for an address that can never be a client's: the
-    unspecified, multicast, loopback, reserved (which covers the IPv4
-    broadcast) and "this network" (0/8) addresses; and the two IPv6 spellings
-    of an IPv4 address (mapped, compatible), so each host has one encoding."""
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            raise ValueError(f"{address} is IPv4-mapped; send the IPv4 address itself")
-        if int(address) >> 32 == 0 and int(address) > 1:
-            raise ValueError(f"{address} is IPv4-compatible (deprecated); send the IPv4 "
-                             "address")
-    elif address.packed[0] == 0 and not address.is_unspecified:
-        raise ValueError(f"{address} is in 0.0.0.0/8 ('this network')")
-    if (address.is_unspecified or address.is_multicast or address.is_loopback
-            or address.is_reserved):
-        raise ValueError(f"{address} cannot be allowed through a firewall")
+    """Raise ValueError for an address a knock may not name: the prefix
+    tables of spa.core.addresses (docs/protocol.md, "Addresses a knock may
+    name"), which also give each IPv4 host one encoding."""
+    rule = refusal(address)
+    if rule is not None:
+        raise ValueError(f"{address} cannot be named in a knock: {rule}")
 
 
 def encode_body(request: Request) -> bytes:
@@ -221,10 +212,19 @@ def seal(
 
     Raises ValueError for a request that cannot be encoded or wrong sizes.
     """
-    if len(tag) != TAG_SIZE or len(nonce) != NONCE_SIZE or len(server_id) != SERVER_ID_SIZE:
-        raise ValueError("tag, nonce or server id has the wrong size")
+    return seal_body(encode_body(request), keys, server_id, tag=tag, nonce=nonce)
+
+
+def seal_body(body: bytes, keys: ClientKeys, server_id: bytes, *, tag: bytes, nonce: bytes
+              ) -> bytes:
+    """Build the packet for a BODY_SIZE-byte plaintext, whatever it holds (what
+    `seal` does after encoding; the negative vectors seal bodies no request
+    encodes to).  Raises ValueError for wrong sizes."""
+    if (len(body) != BODY_SIZE or len(tag) != TAG_SIZE or len(nonce) != NONCE_SIZE
+            or len(server_id) != SERVER_ID_SIZE):
+        raise ValueError("body, tag, nonce or server id has the wrong size")
     header = VERSION_BYTE + tag
-    ciphertext = aead.encrypt(encode_body(request), header + server_id, nonce, keys.cipher_key)
+    ciphertext = aead.encrypt(body, header + server_id, nonce, keys.cipher_key)
     signed = header + nonce + ciphertext
     return signed + hmac.digest(keys.mac_key, signed, "sha256")
 

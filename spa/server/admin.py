@@ -99,20 +99,24 @@ def init(path: Path, *, listen_port: int, backend: str, state_dir: Path, force: 
 
 
 def parse_endpoint(endpoint: str, default_port: int) -> tuple[str, int]:
-    """HOST, HOST:PORT, [V6] or [V6]:PORT.  Raises LocalError."""
+    """HOST, HOST:PORT, V6, [V6] or [V6]:PORT (a bare IPv6 address takes no
+    port: 2001:db8::1:99 is one address).  Raises LocalError."""
     text = endpoint.strip()
     port = default_port
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
         if not sep:
             raise LocalError(f"--endpoint {endpoint!r}: IPv6 address is missing its ']'")
+        if ":" not in host:
+            raise LocalError(f"--endpoint {endpoint!r}: brackets are for an IPv6 address; "
+                             "write a name or an IPv4 address without them")
         if rest:
-            if not rest.startswith(":") or not rest[1:].isdigit():
+            if not rest.startswith(":") or not (rest[1:].isascii() and rest[1:].isdigit()):
                 raise LocalError(f"--endpoint {endpoint!r}: expected [IPv6]:PORT")
             port = int(rest[1:])
     elif text.count(":") == 1:
         host, _, port_text = text.partition(":")
-        if not port_text.isdigit():
+        if not (port_text.isascii() and port_text.isdigit()):
             raise LocalError(f"--endpoint {endpoint!r}: the port must be a number")
         port = int(port_text)
     else:

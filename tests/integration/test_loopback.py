@@ -138,7 +138,7 @@ def test_no_wait_sends_and_returns(site: Site) -> None:
 
 def test_replayed_packet_is_refused_and_visible_in_events(site: Site) -> None:
     enrollment = parse(site.uris["alice"])
-    target = knock.resolve(enrollment.host, enrollment.port)
+    target = knock.resolve_all(enrollment.host, enrollment.port)[0]
     packet = knock.make_packet(enrollment, Action.OPEN, "ssh", duration=30, address=None,
                                now=time.time(), nonce=os.urandom(NONCE_SIZE))
     knock.send(target, packet)
@@ -202,7 +202,7 @@ def test_sigterm_stops_cleanly(site: Site) -> None:
 
 def test_restart_refuses_replay_and_keeps_leases(site: Site) -> None:
     enrollment = parse(site.uris["alice"])
-    target = knock.resolve(enrollment.host, enrollment.port)
+    target = knock.resolve_all(enrollment.host, enrollment.port)[0]
     packet = knock.make_packet(enrollment, Action.OPEN, "ssh", duration=100, address=None,
                                now=time.time(), nonce=os.urandom(NONCE_SIZE))
     knock.send(target, packet)

@@ -6,7 +6,9 @@ import socket
 import threading
 import time
 
-from spa_client.knock import MAX_PROBES, PortProbe
+from spa_client.knock import MAX_PROBES, PortProbe, Target
+
+LOCAL = Target("127.0.0.1", socket.AF_INET, 62201)
 
 
 def free_port() -> int:
@@ -17,16 +19,16 @@ def free_port() -> int:
 
 def test_a_probe_connects_once_the_port_listens() -> None:
     port = free_port()
-    probe = PortProbe("127.0.0.1", socket.AF_INET, port)
+    probe = PortProbe([LOCAL], port)
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         probe.start()
-        assert not probe.wait(0.1), "nothing listens yet: refused, not open"
+        assert probe.wait(0.1) is None, "nothing listens yet: refused, not open"
         listener.bind(("127.0.0.1", port))
         listener.listen(8)
         probe.start()
-        assert probe.wait(1.0)
+        assert probe.wait(1.0) == LOCAL
     finally:
         probe.close()
         listener.close()
@@ -39,16 +41,16 @@ def test_probes_stay_bounded_and_close() -> None:
     listener.bind(("127.0.0.1", 0))
     listener.listen(0)
     port = listener.getsockname()[1]
-    probe = PortProbe("127.0.0.1", socket.AF_INET, port)
+    probe = PortProbe([LOCAL], port)
     try:
         for _ in range(3 * MAX_PROBES):
             probe.start()
             probe.wait(0)
-        assert len(probe._pending) <= MAX_PROBES
+        assert probe.attempts() <= MAX_PROBES
     finally:
         probe.close()
         listener.close()
-    assert probe._pending == []
+    assert probe.attempts() == 0
 
 
 def test_the_first_attempt_to_complete_wins_without_waiting_for_older_ones() -> None:
@@ -57,7 +59,7 @@ def test_the_first_attempt_to_complete_wins_without_waiting_for_older_ones() -> 
     port = free_port()
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    probe = PortProbe("127.0.0.1", socket.AF_INET, port)
+    probe = PortProbe([LOCAL], port)
     opened = threading.Event()
 
     def open_later() -> None:
@@ -73,7 +75,7 @@ def test_the_first_attempt_to_complete_wins_without_waiting_for_older_ones() -> 
         connected = False
         while not connected and time.monotonic() - started < 2:
             probe.start()
-            connected = probe.wait(0.01)
+            connected = probe.wait(0.01) is not None
         assert connected and opened.is_set()
         assert time.monotonic() - started < 0.5
     finally:
@@ -146,7 +148,7 @@ def test_keep_renews_every_third_of_the_lease_and_at_once_on_a_new_address() -> 
     def where(_: Target) -> str:
         return "192.0.2.1" if now[0] < 50 else "198.51.100.7"  # the laptop moved at 50 s
 
-    sent = keep_open(enrollment, ServiceRef("ssh", "tcp", 22), target, duration=60,
+    sent = keep_open(enrollment, ServiceRef("ssh", "tcp", 22), [target], duration=60,
                      show=lambda event, left, address: events.append((event, now[0])),
                      stop=lambda: now[0] >= 100, clock=lambda: now[0], sleep=sleep,
                      where=where)

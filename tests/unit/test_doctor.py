@@ -348,6 +348,11 @@ def every_run(tmp_path: Path) -> Iterator[list[Finding]]:
     bad = store_with_profile(tmp_path / "bad")
     (tmp_path / "bad" / "profiles" / "srv.toml").chmod(0o644)
     yield run(bad)
+    yield diagnose(store_with_profile(tmp_path / "partly"), "srv", resolve=resolve,
+                   clock=lambda: None, time_offset=lambda: None, time_server=None,
+                   knock=lambda profile: Knocked(Fact.OPENED, SSH, 0.003,
+                                                 opened=("203.0.113.10",),
+                                                 shut=("2001:db8::10",)), now=NOW)
 
     def unresolvable(host: str, port: int) -> str:
         raise OSError("cannot resolve knock.example.org")

@@ -161,3 +161,19 @@ def test_the_expiry_round_trips_and_is_strict() -> None:
     for bad in ("&exp=", "&exp=soon", "&exp=012", "&exp=1&exp=2", "&exp=-5"):
         with pytest.raises(FormatError):
             parse(render(enrollment()) + bad)
+
+
+@pytest.mark.parametrize(("host", "match"), [
+    ("[fe80::1%25eth0]", "zone"), ("[fe80::1%eth0]", "zone"),
+    ("[::ffff:192.0.2.1]", "write the IPv4 address 192.0.2.1"),
+    ("[example.org]", "not an IPv6 address"), ("[192.0.2.1]", "not an IPv6 address"),
+    ("[]", "not an IPv6 address"), ("[2001:db8::1]:", "must be a number")])
+def test_ipv6_hosts_take_no_zone_and_no_mapped_address(host: str, match: str) -> None:
+    with pytest.raises(FormatError, match=match):
+        parse(uri(host=host))
+
+
+def test_an_ipv6_host_in_any_spelling_is_read_as_its_rfc_5952_form() -> None:
+    for spelled in ("[2001:DB8:0:0::1]", "[2001:db8::0:1]", "[2001:0db8::1]"):
+        assert parse(uri(host=spelled)).host == "2001:db8::1"
+    assert render(enrollment("2001:0DB8:0::1")).startswith("spa1://[2001:db8::1]:62201/")

@@ -181,11 +181,3 @@ def test_decode_refuses_otp_with_letters() -> None:
     with pytest.raises(PacketError) as info:
         decode_body(bytes(body))
     assert info.value.reason is Reason.MALFORMED
-
-
-@pytest.mark.parametrize("address", ["127.0.0.1", "::1", "255.255.255.255", "240.0.0.1",
-                                     "0.1.2.3", "::192.0.2.1"])
-def test_addresses_no_client_can_have_are_refused(address: str) -> None:
-    """Review finding: loopback, reserved and IPv4-compatible addresses."""
-    with pytest.raises(ValueError, match=r"mapped|firewall|network|compatible"):
-        encode_body(Request(0, Action.OPEN, "ssh", address=ipaddress.ip_address(address)))
