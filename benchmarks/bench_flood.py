@@ -30,7 +30,9 @@ flood and their knock-to-open latency, the server's CPU idle and flooded
 its refusals per second (spa-server: from its event store; fwknopd: the
 "Replay detected" lines it logs), the kernel's drops on the knock socket (udp
 modes), and the server's resident memory before, at most during, and after
-the flood (benchmark 6).  Needs root and gcc.
+the flood (benchmark 6).  `spa-fwknop-udp` (and `-capture`) is spa-server's
+compat listener for fwknop's packets (issue 15) on the knock port, knocked by
+the real fwknop client, beside fwknopd.  Needs root and gcc.
 
     .venv/bin/python benchmarks/bench_flood.py [--kind junk[,forged]] [--seconds 10]
         [--client new|known] [--recapture] [--only spa-capture,...]
@@ -62,6 +64,7 @@ from bench_latency import (
     percentile,
     start_fwknopd,
     start_spa,
+    start_spa_fwknop,
 )
 
 from spa.core.knock import STEP_SECONDS, step_of, step_start
@@ -188,8 +191,9 @@ def refusals(site: Site, name: str, kind: str, since: float) -> int | None:
     if name.startswith("spa"):
         from spa.server.events import EVENTS_DB, read_events
 
-        reasons = {"junk": {"unknown_tag", "bad_version"}, "replay": {"replay"},
-                   "forged": {"bad_mac", "rate_limited"}}[kind]
+        reasons = {"junk": {"unknown_tag", "bad_version", "bad_length", "malformed",
+                            "unknown_sender", "hmac_budget", "gpg_mode"},
+                   "replay": {"replay"}, "forged": {"bad_mac", "rate_limited"}}[kind]
         return sum(e.count for e in read_events(site.root / "state" / EVENTS_DB, since=since)
                    if e.outcome == "refused" and e.reason in reasons)
     if kind == "replay":
@@ -339,7 +343,8 @@ def run_one(name: str, kind: str, seconds: float, flood: Path, client: str,
         # delays the next by up to a second)
         sent_at: list[float] = []
         results = site.probe(plan, interval=INTERVAL, timeout=1.0,
-                             fresh=name.startswith("spa"), until=flood_started + seconds - 1,
+                             fresh=name.startswith("spa") and "fwknop" not in name,
+                             until=flood_started + seconds - 1,
                              duration=LEASE if known else 60,
                              reuse_after=REUSE if known else 0.0, sent_at=sent_at)
         if stepped is not None:
@@ -384,6 +389,8 @@ def starter(name: str, clients: int = 1) -> tuple[str, Starter]:
     kind, mode = name.split("-", 1)
     if kind != "spa":
         return mode, start_fwknopd
+    if mode.startswith("fwknop-"):  # our compat listener for fwknop's packets (issue 15)
+        return mode.removeprefix("fwknop-"), start_spa_fwknop
     return mode, functools.partial(start_spa, others=clients - 1)
 
 

@@ -6,7 +6,9 @@ pair of network namespaces, puts a TCP service on port 22 behind the
 server's firewall (closed to all until a knock), and from the client
 namespace sends N knocks, each from its own source address (so no knock
 waits for the previous grant to end), timing from the knock leaving the
-client to the first TCP connect that completes.  Needs root.
+client to the first TCP connect that completes; `spa-fwknop-udp` is
+spa-server's compat listener for fwknop's packets (issue 15), knocked by the
+real fwknop client like fwknopd.  Needs root.
 
     .venv/bin/python benchmarks/bench_latency.py [--knocks 200] [--only spa-capture,...]
 """
@@ -29,7 +31,7 @@ from pathlib import Path
 from spa.core.uri import parse
 from spa.core.wire import NONCE_SIZE, Action
 from spa.netns import Topology, can_make_namespaces
-from spa.server import admin
+from spa.server import admin, admin_fwknop
 from spa.server import config as config_mod
 from spa.server.config import ClientEntry
 from spa.store.clients import ClientStore
@@ -133,16 +135,21 @@ def wait_for_line(path: Path, mark: str, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-def start_spa(site: Site, count: int, mode: str, others: int = 0) -> Started:
-    """spa-server running in the server namespace (with `others` clients in
-    its store beside the bench client), and `count` fresh knocks."""
+def spa_config(site: Site, mode: str, *, fwknop: bool = False) -> Path:
+    """A server.toml for the bench: nftables, `mode`; with `fwknop` the compat
+    listener on KNOCK_PORT (our own port one above)."""
     config = site.root / "server.toml"
-    admin.init(config, listen_port=KNOCK_PORT, backend="nftables",
-               state_dir=site.root / "state", force=True)
-    config.write_text(config.read_text().replace('mode = "capture"', f'mode = "{mode}"'))
-    uri = site.spa_uri = admin.enroll(config, "bench", ["ssh"], SERVER)
-    if others:
-        populate(config, others)
+    admin.init(config, listen_port=KNOCK_PORT + 1 if fwknop else KNOCK_PORT,
+               backend="nftables", state_dir=site.root / "state", force=True)
+    text = config.read_text().replace('mode = "capture"', f'mode = "{mode}"')
+    if fwknop:
+        text = text.replace("[server]\n", f"[server]\nfwknop_port = {KNOCK_PORT}\n", 1)
+    config.write_text(text)
+    return config
+
+
+def launch_spa(site: Site, config: Path) -> subprocess.Popen[str]:
+    """spa-server run in the server namespace, once it says `started`."""
     program = Path(sys.executable).parent / "spa-server"
     log_path = site.root / "spa-server.log"
     with log_path.open("w") as log:
@@ -151,12 +158,35 @@ def start_spa(site: Site, count: int, mode: str, others: int = 0) -> Started:
     site.procs.append(server)
     wait_for_line(log_path, "started port=")
     time.sleep(2.0)  # the other live steps' tags (a second), then a quiet daemon
+    return server
+
+
+def start_spa(site: Site, count: int, mode: str, others: int = 0) -> Started:
+    """spa-server running in the server namespace (with `others` clients in
+    its store beside the bench client), and `count` fresh knocks."""
+    config = spa_config(site, mode)
+    uri = site.spa_uri = admin.enroll(config, "bench", ["ssh"], SERVER)
+    if others:
+        populate(config, others)
+    server = launch_spa(site, config)
     enrollment = parse(uri)
     knocks = [(source, knock.make_packet(enrollment, Action.OPEN, "ssh", duration=60,
                                          address=None, now=time.time(),
                                          nonce=os.urandom(NONCE_SIZE)))
               for source in sources(count)]
     return server, knocks
+
+
+def start_spa_fwknop(site: Site, count: int, mode: str) -> Started:
+    """spa-server's fwknop compat listener (issue 15) on the knock port, one
+    compat client, and `count` knocks made by the real fwknop client."""
+    config = spa_config(site, mode, fwknop=True)
+    enrolled = admin_fwknop.enroll(config, "bench", ["ssh"], SERVER)
+    keys = (base64.b64encode(enrolled.rijndael).decode(),
+            base64.b64encode(enrolled.hmac).decode())
+    server = launch_spa(site, config)
+    addresses = sources(count)
+    return server, list(zip(addresses, fwknop_packets(site, keys, addresses), strict=True))
 
 
 def fwknopd_run(site: Site, count: int, mode: str) -> list[float | None]:
@@ -215,6 +245,7 @@ def fwknop_packets(site: Site, keys: FwknopKeys, addresses: list[str]) -> list[b
 SERVERS: dict[str, Callable[[Site, int], list[float | None]]] = {
     "spa-capture": lambda site, n: spa_run(site, n, "capture"),
     "spa-udp": lambda site, n: spa_run(site, n, "udp"),
+    "spa-fwknop-udp": lambda site, n: site.probe(start_spa_fwknop(site, n, "udp")[1]),
     "fwknopd-udp": lambda site, n: fwknopd_run(site, n, "udp"),
     "fwknopd-pcap": lambda site, n: fwknopd_run(site, n, "pcap"),
 }
@@ -236,7 +267,7 @@ def main() -> int:
         print(f"bench_latency: {reason}", file=sys.stderr)
         return 2
     chosen = [name for name in args.only.split(",") if name]
-    missing = [n for n in chosen if n.startswith("fwknopd") and shutil.which("fwknopd") is None]
+    missing = [n for n in chosen if "fwknop" in n and shutil.which("fwknop") is None]
     if missing:
         print("bench_latency: fwknopd is not installed (apt-get install fwknop-server "
               "fwknop-client); skipping " + ", ".join(missing), file=sys.stderr)
