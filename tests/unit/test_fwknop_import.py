@@ -337,3 +337,33 @@ def test_an_imported_client_is_served_by_the_compat_verifier() -> None:
     assert isinstance(outside, Refused) and outside.reason.value == "source_not_allowed"
     https = verifier.verify(knock((("tcp", 443),), 3), "203.0.113.9", NOW)
     assert isinstance(https, Refused) and https.reason.value == "service_not_allowed"
+
+
+def test_adding_services_keeps_the_builtin_ones_and_the_admins_comments(
+        tmp_path: Path) -> None:
+    path = tmp_path / "server.toml"
+    path.write_text(f'# mine, keep me\n[server]\nserver_id = "{"A" * 22}"\nlisten_port = 62202\n'
+                    "fwknop_port = 0 # off for now\nstate_dir = \"/x\"\n\n[services]\n")
+    path.chmod(0o600)
+    assert set(config_mod.load(path).services) == {"ssh", "https"}  # built in
+    made = Service("tcp-2222", "tcp", 2222, 60, 300)
+    config_mod.add_services(path, [made], fwknop_port=62201)
+    config = config_mod.load(path)
+    assert dict(config.services) == {**DEFAULT_SERVICES, "tcp-2222": made}
+    assert config.fwknop_port == 62201
+    text = path.read_text()
+    assert text.startswith("# mine, keep me\n")
+    before = path.read_bytes()
+    config_mod.add_services(path, [made], fwknop_port=62201)  # as it is: kept
+    assert path.read_bytes() == before
+    with pytest.raises(LocalError, match=r"\[services.tcp-2222\] exists with other settings"):
+        config_mod.add_services(path, [replace(made, port=2223)])
+    with pytest.raises(LocalError, match="fwknop_port is 62201 now"):
+        config_mod.add_services(path, [], fwknop_port=40000)
+    fresh = tmp_path / "fresh" / "server.toml"
+    fresh.parent.mkdir()
+    fresh.write_text(f'[server]\nserver_id = "{"A" * 22}"\nlisten_port = 62202\n')
+    fresh.chmod(0o600)
+    with pytest.raises(LocalError, match="is listen_port too"):  # checked before written
+        config_mod.add_services(fresh, [], fwknop_port=62202)
+    assert config_mod.load(fresh).fwknop_port == 0
