@@ -139,9 +139,13 @@ def import_fwknopd(path: Path, access: Path, conf: Path, *, conf_given: bool, dr
     with open_store(config, now=now) as store:
         known = Known(tuple(store.of_kind(KIND_FWKNOP)),
                       {name: entry for name in names if (entry := store.get(name)) is not None})
-        made = plan(stanzas, fwknopd, config, known, now=now)
-        if made.services or made.fwknop_port:
-            config_mod.add_services(path, made.services, fwknop_port=made.fwknop_port)
+    made = plan(stanzas, fwknopd, config, known, now=now)
+    # outside the store's block: root writes the store as its owner, the config as root
+    if made.services or made.fwknop_port:
+        config_mod.add_services(path, made.services, fwknop_port=made.fwknop_port)
+    if not made.entries:
+        return made
+    with open_store(config, now=now) as store:
         added = store.add_missing(made.entries, at=now)
     if added != len(made.entries):
         raise LocalError(f"{len(made.entries) - added} of the names were enrolled by another "

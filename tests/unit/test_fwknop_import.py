@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import os
+import shutil
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +19,9 @@ from spa.core.fwknop import FwknopKeys, Message, SpaData, plaintext, seal
 from spa.core.fwknop_verify import MAX_CLIENTS, CompatAccepted, CompatVerifier, HmacBudget
 from spa.core.policy import DEFAULT_SERVICES, Policy, Service
 from spa.core.verify import Refused
+from spa.server import admin
 from spa.server import config as config_mod
+from spa.server.admin_fwknop import import_fwknopd
 from spa.server.config import KIND_FWKNOP, ClientEntry, ServerConfig
 from spa.server.errors import LocalError
 from spa.server.fwknop_import import (
@@ -30,6 +35,7 @@ from spa.server.fwknop_import import (
 )
 from spa.server.fwknop_stanza import judge
 from spa.server.fwknopd_files import FwknopdConf, Stanza, read_access
+from spa.store.clients import CLIENTS_DB, ClientStore
 from tests.fwknop_world import FakeFiles
 
 NOW = 1_800_000_000
@@ -42,6 +48,7 @@ SECRETS = (KEY_B64, HMAC_B64, KEY_B64[:16], HMAC_B64[:16], "correct horse")
 CONFIG = ServerConfig(Path("/etc/spa/server.toml"), server_id=bytes(16), listen_port=62202)
 NO_CONF = FwknopdConf(Path("/etc/fwknop/fwknopd.conf"), {}, found=True)
 EMPTY = Known((), {})
+NOBODY = 65534
 
 
 def stanzas(text: str, **files: str) -> list[Stanza]:
@@ -367,3 +374,32 @@ def test_adding_services_keeps_the_builtin_ones_and_the_admins_comments(
     with pytest.raises(LocalError, match="is listen_port too"):  # checked before written
         config_mod.add_services(fresh, [], fwknop_port=62202)
     assert config_mod.load(fresh).fwknop_port == 0
+
+
+def test_root_edits_the_config_as_root_and_the_store_as_its_owner() -> None:
+    """The config is root's and the store the daemon user's: the import writes
+    each as its owner (the store's uid switch must not cover the config edit)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the state directory belongs to nobody")
+    top = Path(tempfile.mkdtemp(prefix="spa-import-", dir="/tmp"))
+    try:
+        top.chmod(0o711)
+        etc, state = top / "etc", top / "state"
+        etc.mkdir(mode=0o700)
+        state.mkdir(mode=0o700)
+        os.chown(state, NOBODY, NOBODY)
+        config = etc / "server.toml"
+        admin.init(config, listen_port=62202, backend="memory", state_dir=state, force=False)
+        access = etc / "access.conf"
+        access.write_text(f"SOURCE ANY\nOPEN_PORTS tcp/2222\n{KEYS}")
+        made = import_fwknopd(config, access, etc / "fwknopd.conf", conf_given=False,
+                              dry_run=False, now=NOW)
+        assert [e.name for e in made.entries] == ["fwknop-any"]
+        assert os.geteuid() == 0
+        loaded = config_mod.load(config)
+        assert loaded.fwknop_port == 62201 and "tcp-2222" in loaded.services
+        assert config.stat().st_uid == 0 and (state / CLIENTS_DB).stat().st_uid == NOBODY
+        with ClientStore.open_as_owner(state, create=False) as store:
+            assert [e.name for e in store.of_kind(KIND_FWKNOP)] == ["fwknop-any"]
+    finally:
+        shutil.rmtree(top)
