@@ -16,8 +16,8 @@ Invariants (docs/operations.md, "Moving off fwknopd"):
 - A stanza's ports map onto the service with that protocol and port, as the
   compat listener maps packets (the last by name wins); a port no service
   has gets a new one, `tcp-2222`, with the stanza's timeouts.
-- fwknop_port is set only when unset and not listen_port; at most
-  MAX_CLIENTS fwknop clients in all (LocalError past it).
+- fwknop_port is set only when unset, not listen_port, and some stanza is
+  served; at most MAX_CLIENTS fwknop clients in all (LocalError past it).
 - Nothing here quotes a key.
 """
 
@@ -155,7 +155,9 @@ def plan(stanzas: Sequence[Stanza], conf: FwknopdConf, config: ServerConfig, kno
                          f"the compat listener serves at most {MAX_CLIENTS} (each junk packet "
                          "costs an HMAC per client): move some to spa1:// first (spa-server "
                          "clients shows how); nothing was changed")
-    port, line = _port(conf, config)
+    served = any(p.outcome is not Outcome.SKIPPED for p in plans)
+    port, line = _port(conf, config) if served or config.fwknop_port else (
+        0, "fwknop_port not set: no stanza to serve")
     return ImportPlan(tuple(plans), tuple(services.added), port, line,
                       conf_notes(conf, config.window))
 

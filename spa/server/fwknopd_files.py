@@ -12,7 +12,9 @@ server/config_init.c parse_config_file, common/common.h, server/access.h):
   `%include FILE` reads FILE's stanzas there (at most MAX_DEPTH files deep),
   `%include_folder DIR` every `*.conf` in DIR, `%include_keys FILE` (inside a
   stanza) only the key settings of FILE.  After an %include the including
-  file's stanza goes on taking its own lines, as in fwknopd.
+  file's stanza goes on taking its own lines, as in fwknopd.  (A relative
+  path is taken from the including file's directory here; fwknopd takes it
+  from the directory it was started in.)
 - fwknopd.conf: the same lines, NAME one of fwknopd's settings.
 
 Invariants:
@@ -29,6 +31,7 @@ Invariants:
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,8 +98,6 @@ class DiskFiles:
             return handle.read(MAX_FILE + 1)
 
     def list_dir(self, path: Path) -> list[str]:
-        import os
-
         return os.listdir(path)
 
 
@@ -176,8 +177,9 @@ def split_line(raw: str) -> tuple[str, str] | None:
 def _failed(exc: OSError, path: Path, what: str) -> LocalError:
     """One line for a file that could not be read."""
     if isinstance(exc, FileNotFoundError):
-        return LocalError(f"{what} {path} does not exist; give the right path (--access or "
-                          "--conf)")
+        option = {"access file": "--access", "config file": "--conf"}.get(what)
+        fix = f"give the right one with {option}" if option else "fix the line that names it"
+        return LocalError(f"{what} {path} does not exist; {fix}")
     if isinstance(exc, PermissionError):
         return LocalError(f"cannot read {what} {path}: permission denied (fwknopd keeps it "
                           "0600 root: run as root)")

@@ -289,6 +289,9 @@ def test_fwknop_port_is_set_only_when_unset_and_never_on_listen_port() -> None:
     unknown = plan(body, FwknopdConf(NO_CONF.path, {"PCAP_FILTER": "udp"}, True), CONFIG,
                    EMPTY, now=NOW)
     assert unknown.fwknop_port == 0 and "names no one UDP port" in unknown.port_line
+    debian = plan(stanzas("SOURCE ANY\nKEY_BASE64 __CHANGEME__\nHMAC_KEY_BASE64 __CHANGEME__\n"),
+                  NO_CONF, CONFIG, EMPTY, now=NOW)
+    assert not debian.changes and debian.port_line == "fwknop_port not set: no stanza to serve"
 
 
 def test_fwknopd_conf_settings_we_do_not_carry_are_said() -> None:
