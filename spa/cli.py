@@ -25,6 +25,7 @@ from spa.core.errors import FormatError
 from spa.server import admin
 from spa.server.config import DEFAULT_CONFIG, DEFAULT_PORT, DEFAULT_STATE_DIR
 from spa.server.errors import LocalError
+from spa.server.fwknopd_files import DEFAULT_ACCESS, DEFAULT_CONF
 from spa.server.state import StateDir, describe_filter, describe_gate, describe_holder
 
 app = typer.Typer(
@@ -210,6 +211,34 @@ def enroll_fwknop(name: str, services: list[str], endpoint: str, *, qr: bool,
                    f"{','.join(made.access)}, HMAC SHA256:\n")
         typer.echo(qr_mod.terminal_text(made.qr_text(), ansi=sys.stdout.isatty()))
     typer.echo(f"to move it to spa1:// later: {admin_fwknop.move_command(name, endpoint)}")
+
+
+@app.command("import-fwknop")
+def import_fwknop(
+    access: Annotated[Path, typer.Option(help="fwknopd's access.conf (its %include files "
+                                         "are read too).")] = DEFAULT_ACCESS,
+    conf: Annotated[Path | None, typer.Option(help="fwknopd.conf, for its port and packet "
+                                              "age.  Default: /etc/fwknop/fwknopd.conf, or "
+                                              "fwknopd's defaults where there is none.")
+                    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Change nothing; print the "
+                                          "same plan.")] = False,
+) -> None:
+    """Import fwknopd's clients: each stanza becomes an fwknop client, keys kept.
+
+    Its SOURCE becomes the client's networks, its OPEN_PORTS services (a new
+    one for a port none has), fwknopd's port fwknop_port.  Prints, per
+    stanza, what it could not carry over and why; never a key.  A second run
+    changes nothing (a stanza is matched to a client by its HMAC key)."""
+    from spa.server import admin_fwknop
+    from spa.server.fwknop_import import render
+
+    with local_errors():
+        made = admin_fwknop.import_fwknopd(_ctx.config, access, conf or DEFAULT_CONF,
+                                           conf_given=conf is not None, dry_run=dry_run,
+                                           now=time.time())
+    for line in render(made, dry_run=dry_run):
+        typer.echo(line)
 
 
 def otp_png(png: Path) -> Path:

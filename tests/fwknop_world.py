@@ -1,5 +1,6 @@
 """A fixed little world for fwknop compatibility tests: the vectors' keys,
-compat clients, a policy, and a packet maker (spa.core.fwknop.seal)."""
+compat clients, a policy, a packet maker (spa.core.fwknop.seal), and files
+in memory for reading fwknopd's (spa.server.fwknopd_files.Files)."""
 
 from __future__ import annotations
 
@@ -51,3 +52,25 @@ def packet(keys: FwknopKeys = KEYS, *, now: int = NOW, ports: tuple[tuple[str, i
     data = SpaData(f"{next(_SALTS):016d}", "tester", now, "3.0.0", kind,
                    ipaddress.IPv4Address(allow), ports, timeout)
     return seal(plaintext(data, digest=digest), keys, salt=salt, hmac_name=hmac_name)
+
+
+class FakeFiles:
+    """Files in memory: path -> bytes, and directories' listings."""
+
+    def __init__(self, files: dict[str, str | bytes | OSError],
+                 dirs: dict[str, list[str]] | None = None) -> None:
+        self.files = files
+        self.dirs = dirs or {}
+
+    def read(self, path: Path) -> bytes:
+        found = self.files.get(str(path))
+        if found is None:
+            raise FileNotFoundError(2, "No such file or directory")
+        if isinstance(found, OSError):
+            raise found
+        return found.encode("latin-1") if isinstance(found, str) else found
+
+    def list_dir(self, path: Path) -> list[str]:
+        if str(path) not in self.dirs:
+            raise FileNotFoundError(2, "No such file or directory")
+        return self.dirs[str(path)]

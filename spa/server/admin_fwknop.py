@@ -7,6 +7,9 @@
   for the admin to hand over (as our URIs are), never logged.
 - `move` turns a compat client into one of ours: a new spa1:// enrollment
   (same name, services, rights), its fwknop keys dropped at once.
+- `import_fwknopd` makes compat clients of fwknopd's access.conf stanzas
+  (the plan: spa.server.fwknop_import); a dry run reads the store without
+  making or moving anything.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from spa.server import config as config_mod
 from spa.server.admin import open_store, parse_endpoint
 from spa.server.config import KIND_FWKNOP, KIND_SPA, ClientEntry, ServerConfig
 from spa.server.errors import LocalError
-from spa.store.clients import ClientStore
+from spa.server.fwknop_import import ImportPlan, Known, client_names, plan
+from spa.server.fwknopd_files import DiskFiles, Files, read_access, read_conf
+from spa.store.clients import CLIENTS_DB, ClientStore
 
 RIJNDAEL_KEY_SIZE = 32  # what fwknop --key-gen makes
 HMAC_KEY_SIZE = 64
@@ -116,3 +121,44 @@ def move(store: ClientStore, config: ServerConfig, entry: ClientEntry, *,
     refs = tuple(ServiceRef(s, config.services[s].protocol, config.services[s].port)
                  for s in entry.services if s in config.services)
     return render(Enrollment(host, port, config.server_id, entry.name, secret, refs))
+
+
+def import_fwknopd(path: Path, access: Path, conf: Path, *, conf_given: bool, dry_run: bool,
+                   now: float, files: Files | None = None) -> ImportPlan:
+    """Import fwknopd's stanzas as compat clients (spa.server.fwknop_import);
+    with `dry_run` only plan.  Writes the services and fwknop_port first,
+    then the clients in one transaction, so a failure between leaves
+    nothing a second run does not finish.  Raises LocalError."""
+    reader = DiskFiles() if files is None else files
+    config = config_mod.load(path)
+    stanzas = read_access(access, reader)
+    fwknopd = read_conf(conf, reader, required=conf_given)
+    names = client_names(stanzas)
+    if dry_run:
+        return plan(stanzas, fwknopd, config, _known_now(config, names), now=now)
+    with open_store(config, now=now) as store:
+        known = Known(tuple(store.of_kind(KIND_FWKNOP)),
+                      {name: entry for name in names if (entry := store.get(name)) is not None})
+    made = plan(stanzas, fwknopd, config, known, now=now)
+    # outside the store's block: root writes the store as its owner, the config as root
+    if made.services or made.fwknop_port:
+        config_mod.add_services(path, made.services, fwknop_port=made.fwknop_port)
+    if not made.entries:
+        return made
+    with open_store(config, now=now) as store:
+        added = store.add_missing(made.entries, at=now)
+    if added != len(made.entries):
+        raise LocalError(f"{len(made.entries) - added} of the names were enrolled by another "
+                         "command meanwhile; run import-fwknop again")
+    return made
+
+
+def _known_now(config: ServerConfig, names: list[str]) -> Known:
+    """What the store holds, read without making or moving anything (a dry run)."""
+    entries = dict(config.clients)  # not moved into the store yet
+    if (config.state_dir / CLIENTS_DB).exists():
+        with ClientStore.open_as_owner(config.state_dir, create=False) as store:
+            entries.update({e.name: e for e in store.of_kind(KIND_FWKNOP)})
+            entries.update({name: e for name in names if (e := store.get(name)) is not None})
+    return Known(tuple(e for e in entries.values() if e.kind == KIND_FWKNOP),
+                 {name: entries[name] for name in names if name in entries})

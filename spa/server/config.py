@@ -504,15 +504,20 @@ def render_new(*, server_id: bytes, listen_port: int, backend: str, state_dir: P
     doc.add("server", server)
     services = tomlkit.table(is_super_table=True)
     for service in DEFAULT_SERVICES.values() if protect is None else protect:
-        entry = tomlkit.table()
-        entry.add("protocol", service.protocol)
-        entry.add("port", service.port)
-        entry.add("default_duration", service.default_duration)
-        entry.add("max_duration", service.max_duration)
-        services.add(service.name, entry)
+        services.add(service.name, _service_table(service))
     doc.add("services", services)
     doc.add("clients", tomlkit.table(is_super_table=True))
     return tomlkit.dumps(doc)
+
+
+def _service_table(service: Service) -> tomlkit.items.Table:
+    """A [services.NAME] table."""
+    entry = tomlkit.table()
+    entry.add("protocol", service.protocol)
+    entry.add("port", service.port)
+    entry.add("default_duration", service.default_duration)
+    entry.add("max_duration", service.max_duration)
+    return entry
 
 
 def write_new(path: Path, text: str, *, force: bool) -> None:
@@ -600,14 +605,19 @@ def _edit_document(directory: Directory, path: Path) -> _Edit:
     return _Edit(directory, path, config, tomlkit.parse(raw.decode("utf-8")), stamp)
 
 
+def _super_table(doc: tomlkit.TOMLDocument, name: str) -> tomlkit.items.Table:
+    """The document's [NAME] table of tables, added if missing."""
+    if name not in doc:
+        doc.add(name, tomlkit.table(is_super_table=True))
+    table = doc[name]
+    assert isinstance(table, tomlkit.items.Table)
+    return table
+
+
 def add_client(path: Path, entry: ClientEntry) -> None:
     """Add a client to the file.  Raises ConfigError if the name is taken."""
     with _editing(path) as edit:
-        doc = edit.doc
-        if "clients" not in doc:
-            doc.add("clients", tomlkit.table(is_super_table=True))
-        clients = doc["clients"]
-        assert isinstance(clients, tomlkit.items.Table)
+        clients = _super_table(edit.doc, "clients")
         if entry.name in clients:
             raise ConfigError(f"client {entry.name!r} is already enrolled; pick another name "
                               f"or revoke it first")
@@ -668,3 +678,41 @@ def set_secret(path: Path, name: str, secret: bytes, *, old_until: str) -> Clien
         entry["secret"] = b64encode(secret)
         edit.write()
         return before
+
+
+def add_services(path: Path, services: Iterable[Service], *, fwknop_port: int = 0) -> None:
+    """Add [services.NAME] tables (one already there as given is kept) and,
+    with `fwknop_port`, set [server] fwknop_port where it is unset.  A file
+    whose [services] is empty (meaning the built-in ssh and https) gets those
+    written out first, so an added service never takes them away.  The new
+    text is checked as `load` checks it before it is written.
+    Raises ConfigError (a name another service has, a port set meanwhile, a
+    result `load` would refuse)."""
+    with _editing(path) as edit:
+        doc = edit.doc
+        table = _super_table(doc, "services")
+        if not table:
+            for builtin in edit.config.services.values():
+                table.add(builtin.name, _service_table(builtin))
+        for service in services:
+            have = edit.config.services.get(service.name)
+            if have == service:
+                continue
+            if have is not None or service.name in table:
+                raise ConfigError(f"{path}: [services.{service.name}] exists with other "
+                                  "settings (another edit made it meanwhile?); run again")
+            table.add(service.name, _service_table(service))
+        if fwknop_port and edit.config.fwknop_port != fwknop_port:
+            if edit.config.fwknop_port:
+                raise ConfigError(f"{path}: [server] fwknop_port is {edit.config.fwknop_port}"
+                                  " now (set meanwhile?); run again")
+            server = doc["server"]
+            assert isinstance(server, tomlkit.items.Table)
+            port = tomlkit.item(fwknop_port).comment("fwknop's packets, for clients of kind "
+                                                     "fwknop (0: off)")
+            if "fwknop_port" in server:  # written as 0
+                server["fwknop_port"] = port
+            else:
+                server.add("fwknop_port", port)
+        parse(path, tomlkit.dumps(doc).encode("utf-8"))
+        edit.write()

@@ -2,10 +2,13 @@
 compat listener, in namespaces: a knock opens ssh; a replay, a packet with no
 HMAC, with an MD5 HMAC, with `-m md5`, in GnuPG mode (crafted: the client
 needs a key ring for one) and for a command are each refused with their reason,
-every event marked legacy."""
+every event marked legacy.  And fwknopd's access.conf imported
+(`import-fwknop`): the stanza's keys open ssh, another stanza's SOURCE holds."""
 
 from __future__ import annotations
 
+import base64
+import os
 import re
 import shutil
 import sys
@@ -15,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from spa.netns import Namespace
+from spa.server.admin_fwknop import FwknopEnrollment
 from tests.netns.conftest import CLI4, SRV4, Spa
 from tests.netns.test_ssh_e2e import tcp_open
 
@@ -96,3 +100,50 @@ def test_the_real_fwknop_client_opens_ssh_and_its_bad_packets_are_refused(
     listing = spa.admin("clients").stdout
     assert "oldphone" in listing and "(fwknop, legacy)" in listing
     assert f"spa-server rotate oldphone --grace 0 --endpoint {SRV4} --qr" in listing
+
+
+def test_an_imported_stanzas_keys_open_ssh_for_the_real_fwknop_client(
+        spa: Spa, tmp_path: Path) -> None:
+    """fwknopd's access.conf, imported: the real client, with the stanza's keys
+    in its .fwknoprc, opens ssh; another stanza's keys from outside its SOURCE
+    are refused source_not_allowed; importing again while it runs changes
+    nothing."""
+    world = spa.world
+    text = spa.config.read_text().replace("listen_port = 62201", "listen_port = 62202")
+    spa.config.write_text(text)
+    spa.config.chmod(0o600)
+    laptop = FwknopEnrollment("oldlaptop", SRV4, FWKNOP_PORT, ("tcp/22",), os.urandom(32),
+                              os.urandom(64))
+    away = (base64.b64encode(os.urandom(32)).decode(), base64.b64encode(os.urandom(64)).decode())
+    access, conf = tmp_path / "access.conf", tmp_path / "fwknopd.conf"
+    stanza = dict(re.findall(r"^(KEY_BASE64|HMAC_KEY_BASE64)\s+(\S+)$", laptop.fwknoprc(), re.M))
+    access.write_text(f"SOURCE {CLI4}/24\nOPEN_PORTS tcp/22\nREQUIRE_USERNAME oldlaptop\n"
+                      f"KEY_BASE64 {stanza['KEY_BASE64']}\n"
+                      f"HMAC_KEY_BASE64 {stanza['HMAC_KEY_BASE64']}\n\n"
+                      f"SOURCE 192.0.2.0/24\nOPEN_PORTS tcp/22\nREQUIRE_USERNAME away\n"
+                      f"KEY_BASE64 {away[0]}\nHMAC_KEY_BASE64 {away[1]}\n")
+    access.chmod(0o600)
+    conf.write_text(f"PCAP_FILTER udp port {FWKNOP_PORT};\n")
+    command = ("import-fwknop", "--access", str(access), "--conf", str(conf))
+    done = spa.admin(*command)
+    assert "imported as oldlaptop: opens tcp/22 as ssh" in done.stdout, done.stdout
+    assert f"set fwknop_port = {FWKNOP_PORT} under [server]" in done.stdout
+    for secret in (*stanza.values(), *away):
+        assert secret not in done.stdout + done.stderr
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".fwknoprc").write_text(laptop.fwknoprc())
+    (home / ".fwknoprc").chmod(0o600)
+    spa.start()
+    assert spa.wait_for(f"fwknop compat listener port={FWKNOP_PORT} clients=2"), spa.lines
+    assert not tcp_open(world, "cli", SRV4, 22), "ssh hidden before the knock"
+    fwknop(spa, home, "-n", "oldlaptop")
+    assert spa.wait_for("accepted action=open client=oldlaptop", timeout=5), spa.lines
+    login = world.ssh(world.cli, SRV4, "echo imported")
+    assert login.stdout.strip() == "imported", login.stderr
+    fwknop(spa, home, "-A", "tcp/22", "-a", CLI4, "-D", SRV4, "-p", str(FWKNOP_PORT),
+           "--key-base64-rijndael", away[0], "--key-base64-hmac", away[1], "--use-hmac")
+    assert refusals(spa, "source_not_allowed")[0]["client"] == "away"
+    again = spa.admin(*command)
+    assert again.stdout.splitlines()[-1] == ("nothing to change: every stanza that can be is "
+                                             "imported"), again.stdout
