@@ -40,7 +40,9 @@ def test_packet_round_trip(request: Request, secret: bytes, server_id: bytes, ta
 
 
 hosts = st.one_of(
-    st.ip_addresses().map(str),
+    # (an IPv4-mapped IPv6 host is refused: the URI names the IPv4 address,
+    # `test_ipv6_hosts_take_no_zone_and_no_mapped_address`)
+    st.ip_addresses().filter(lambda a: a.version == 4 or a.ipv4_mapped is None).map(str),
     st.from_regex(r"[a-z][a-z0-9]{0,10}(\.[a-z][a-z0-9]{0,10}){0,3}", fullmatch=True),
 )
 clients = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}", fullmatch=True)
