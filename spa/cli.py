@@ -19,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from spa import clitools
+from spa import about, clitools
 from spa.clitools import run_app
 from spa.core.errors import FormatError
 from spa.server import admin
@@ -58,7 +58,8 @@ def local_errors() -> AbstractContextManager[None]:
 
 
 @app.callback()
-def _root(config: ConfigOption = DEFAULT_CONFIG) -> None:
+def _root(config: ConfigOption = DEFAULT_CONFIG,
+          version: Annotated[bool, about.version_option("spa-server")] = False) -> None:
     _ctx.config = config
 
 

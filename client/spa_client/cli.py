@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from spa import clitools
+from spa import about, clitools
 from spa.clitools import run_app
 from spa.core.errors import FormatError
 from spa.core.uri import Enrollment, ServiceRef, parse
@@ -104,6 +104,7 @@ def _root(
     config_dir: Annotated[Path | None, typer.Option(
         "--config-dir", help=f"Where profiles live (default: ${ENV_DIR} or your user "
         "config dir).")] = None,
+    version: Annotated[bool, about.version_option("spa-client")] = False,
 ) -> None:
     _ctx.directory = config_dir
 
