@@ -19,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from spa import about, clitools
+from spa import about, clitools, completion
 from spa.clitools import run_app
 from spa.core.errors import FormatError
 from spa.server import admin
@@ -738,6 +738,9 @@ def demo(
             typer.echo(f"(network namespaces unavailable: {reason}; running the loopback "
                        "demo instead)")
         raise typer.Exit(run_loopback())
+
+
+app.command("completion")(completion.command("spa-server"))
 
 
 def main() -> None:

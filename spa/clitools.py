@@ -16,6 +16,8 @@ from typing import NoReturn
 
 import typer
 
+from spa import completion
+
 
 def _click_exceptions() -> ModuleType:
     """Click's exception classes: typer >= 0.2x vendors click as typer._click."""
@@ -33,6 +35,7 @@ _ABORT: tuple[type[BaseException], ...] = tuple({typer.Abort, getattr(click, "Ab
 
 def run_app(app: typer.Typer, program: str) -> None:
     """Run `app`; exit with its status.  Usage errors: one line, status 2."""
+    completion.register_if_asked(program)  # a TAB in bash or zsh (spa.completion)
     try:
         code = app(standalone_mode=False, prog_name=program)
     except click.UsageError as exc:

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from spa import about, clitools
+from spa import about, clitools, completion
 from spa.clitools import run_app
 from spa.core.errors import FormatError
 from spa.core.uri import Enrollment, ServiceRef, parse
 from spa.core.wire import NONCE_SIZE, Action
-from spa_client import knock
+from spa_client import completers, knock
 from spa_client.profile import (
     ENV_DIR,
     Profile,
@@ -92,10 +92,12 @@ def _invoked(argv: list[str]) -> str | None:
 
 
 def register_commands(argv: list[str]) -> None:
-    """Register the invoked command with typer (all of them when unsure)."""
+    """Register the invoked command with typer (all of them when unsure); a
+    second call adds only those not registered yet."""
     wanted = _invoked(argv)
+    done = {info.name for info in app.registered_commands}
     for name, function in _COMMANDS.items():
-        if wanted is None or name == wanted:
+        if (wanted is None or name == wanted) and name not in done:
             app.command(name=name)(function)
 
 
@@ -155,8 +157,10 @@ def _progress(enabled: bool) -> Callable[[float, int], None]:
 
 @_command("open")
 def open_(
-    service: Annotated[str, typer.Argument(metavar="SERVICE", help="Service to open, e.g. ssh.")],
-    host: Annotated[str, typer.Argument(metavar="HOST", help="Profile name or server host.")],
+    service: Annotated[str, typer.Argument(metavar="SERVICE", help="Service to open, e.g. ssh.",
+                                           autocompletion=completers.services)],
+    host: Annotated[str, typer.Argument(metavar="HOST", help="Profile name or server host.",
+                                        autocompletion=completers.hosts)],
     duration: Annotated[int | None, typer.Option(min=1, help="Seconds to ask for (the "
                                                  "server caps it; default: the service's "
                                                  "default).")] = None,
@@ -225,8 +229,10 @@ def open_(
 @_command("close")
 def close(
     service: Annotated[str, typer.Argument(metavar="SERVICE",
-                                           help="Service to close, e.g. ssh.")],
-    host: Annotated[str, typer.Argument(metavar="HOST", help="Profile name or server host.")],
+                                           help="Service to close, e.g. ssh.",
+                                           autocompletion=completers.services)],
+    host: Annotated[str, typer.Argument(metavar="HOST", help="Profile name or server host.",
+                                        autocompletion=completers.hosts)],
 ) -> None:
     """End your own lease on SERVICE (others behind your address keep theirs)."""
     with local_errors():
@@ -309,7 +315,8 @@ def _keep(enrollment: Enrollment, ref: ServiceRef, targets: tuple[knock.Target, 
 
 @_command("connect")
 def connect(
-    host: Annotated[str, typer.Argument(metavar="HOST", help="The server (ssh's %h).")],
+    host: Annotated[str, typer.Argument(metavar="HOST", help="The server (ssh's %h).",
+                                        autocompletion=completers.hosts)],
     port: Annotated[int, typer.Argument(metavar="PORT", min=1, max=65535,
                                         help="The TCP port (ssh's %p).")],
     otp: Annotated[str | None, typer.Option("--otp", metavar="CODE", help="Authenticator "
@@ -356,7 +363,8 @@ def connect(
 
 @_command("ssh-config")
 def ssh_config(
-    host: Annotated[str, typer.Argument(metavar="HOST", help="Profile name or server host.")],
+    host: Annotated[str, typer.Argument(metavar="HOST", help="Profile name or server host.",
+                                        autocompletion=completers.hosts)],
 ) -> None:
     """Print the ~/.ssh/config lines that make `ssh HOST` knock first."""
     with local_errors():
@@ -381,7 +389,8 @@ def _program_path() -> str:
 
 @_command("doctor")
 def doctor(
-    host: Annotated[str, typer.Argument(metavar="HOST", help="Profile name or server host.")],
+    host: Annotated[str, typer.Argument(metavar="HOST", help="Profile name or server host.",
+                                        autocompletion=completers.hosts)],
     service: Annotated[str | None, typer.Option(help="Service to knock for (default: the "
                                                 "profile's first).")] = None,
     otp: Annotated[str | None, typer.Option("--otp", metavar="CODE", help="The current code "
@@ -469,7 +478,8 @@ def profiles() -> None:
 
 @_command("forget")
 def forget(
-    host: Annotated[str, typer.Argument(metavar="HOST", help="Profile name or server host.")],
+    host: Annotated[str, typer.Argument(metavar="HOST", help="Profile name or server host.",
+                                        autocompletion=completers.hosts)],
 ) -> None:
     """Delete a profile (its secret goes with it; ask your admin to revoke the client)."""
     with local_errors():
@@ -482,6 +492,9 @@ def _now() -> float:
     import time
 
     return time.time()
+
+
+_command("completion")(completion.command("spa-client"))
 
 
 def main() -> None:

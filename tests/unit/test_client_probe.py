@@ -177,4 +177,4 @@ def test_only_the_invoked_command_is_built_unless_unsure() -> None:
     for unsure in ([], ["--help"], ["-h", "open"], ["opne", "ssh"], ["--config-dir=/x"]):
         assert _invoked(unsure) is None, unsure
     assert {"enroll", "open", "close", "connect", "ssh-config", "doctor", "profiles",
-            "forget"} == set(_COMMANDS)
+            "forget", "completion"} == set(_COMMANDS)
