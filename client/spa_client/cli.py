@@ -103,10 +103,10 @@ def register_commands(argv: list[str]) -> None:
 
 @app.callback()
 def _root(
+    version: Annotated[bool, about.version_option("spa-client")] = False,
     config_dir: Annotated[Path | None, typer.Option(
         "--config-dir", help=f"Where profiles live (default: ${ENV_DIR} or your user "
         "config dir).")] = None,
-    version: Annotated[bool, about.version_option("spa-client")] = False,
 ) -> None:
     _ctx.directory = config_dir
 
