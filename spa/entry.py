@@ -31,14 +31,22 @@ SERVER_MODULES: dict[str, str] = {
     "cryptography": "cryptography",
 }
 
+# Checked only where spa-server would fail without it in a traceback: the
+# iptables backend says itself, in one line, that it needs python-iptables
+# (spa/backends/iptables.py), and the Debian package only recommends it.
+OPTIONAL = frozenset({"iptc"})
+
 INSTALL_HINT = ("spa-server needs the server's libraries: pip install 'spa[server]' "
                 "(or install the Debian package: docs/install.md)")
 
 
 def missing_modules(modules: dict[str, str] = SERVER_MODULES) -> list[str]:
-    """The top-level modules of `modules` that cannot be found, in order."""
+    """The top-level modules of `modules` (but OPTIONAL ones) that cannot be
+    found, in order."""
     missing = []
     for module in modules.values():
+        if module in OPTIONAL:
+            continue
         try:
             found = importlib.util.find_spec(module) is not None
         except (ImportError, ValueError):

@@ -24,7 +24,7 @@ import pytest
 
 from spa.core.keys import MASTER_SECRET_SIZE, SERVER_ID_SIZE
 from spa.core.uri import Enrollment, ServiceRef, render
-from spa.entry import INSTALL_HINT, SERVER_MODULES, missing_line, missing_modules
+from spa.entry import INSTALL_HINT, OPTIONAL, SERVER_MODULES, missing_line, missing_modules
 
 REPO = Path(__file__).resolve().parents[2]
 ROOTS = {"spa": REPO / "spa", "spa_client": REPO / "client" / "spa_client"}
@@ -221,10 +221,20 @@ def test_spa_server_names_the_first_missing_module_and_counts_the_rest() -> None
     done = run_blocked(SERVER_MODULES.values(), SERVER_RUN, "--help")
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
-        f"spa-server: error: no module tomlkit (and {len(SERVER_MODULES) - 1} more); "
+        f"spa-server: error: no module tomlkit (and {len(SERVER_MODULES) - 2} more); "
         f"{INSTALL_HINT}"]
     assert INSTALL_HINT == ("spa-server needs the server's libraries: pip install "
                             "'spa[server]' (or install the Debian package: docs/install.md)")
+
+
+def test_an_optional_library_missing_leaves_spa_server_running() -> None:
+    """Without python-iptables (the Debian package only recommends it) spa-server
+    runs; the iptables backend says itself what it needs."""
+    assert {"iptc"} == OPTIONAL
+    assert "iptc" in SERVER_MODULES.values()
+    done = run_blocked(OPTIONAL, SERVER_RUN, "--help")
+    assert done.returncode == 0, done.stderr
+    assert "Usage: spa-server" in done.stdout
 
 
 def test_the_check_finds_nothing_missing_where_the_server_extra_is_installed() -> None:
