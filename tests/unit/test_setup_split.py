@@ -44,6 +44,9 @@ ESSENTIAL = {"libc6"}  # on every Debian system: nothing to install
 # Modules the demo never runs, with the programs they would add.
 NOT_THE_DEMO = {
     "spa.backends.iptables": "the iptables backend (the demo uses nftables)",
+    # `gate --remove` (the Debian package's removal, branch deb): ipsets and
+    # iptables-legacy only where the kernel has them
+    "spa.backends.teardown": "spa-server gate --remove",
 }
 EXEC = {"sh", "run", "popen", "Popen", "which", "check_output", "check_call", "call",
         "execv", "execvp"}
