@@ -1,17 +1,37 @@
 #!/usr/bin/env bash
-# Set up everything the project needs on a Debian/Ubuntu machine, as root:
-# system packages, then a virtualenv in .venv with the project and its test
-# tools.  Safe to run again; it only adds what is missing.
+# Set up this checkout on a Debian/Ubuntu machine, as root: system packages,
+# then a virtualenv in .venv with the project.  Safe to run again; it only adds
+# what is missing.
+#
+#   bash scripts/setup.sh          what `spa-server demo` needs, and no more:
+#                                  the server's libraries (.[server]), nftables,
+#                                  ip netns, a real sshd and ssh
+#   bash scripts/setup.sh --test   that, and the test suite's programs and tools
+#                                  (.[server,test]): what scripts/test.sh needs
+#
+# tests/unit/test_setup_split.py checks that every program the demo runs comes
+# from a package in DEMO_PACKAGES.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(
-    python3 python3-venv python3-pip   # the interpreter and venv
-    nftables libnftables1              # the default firewall backend (in process)
+TEST=0
+case "${1:-}" in
+    "") ;;
+    --test) TEST=1 ;;
+    *) echo "setup: error: unknown argument ${1} (use: bash scripts/setup.sh [--test])" >&2
+       exit 2 ;;
+esac
+
+DEMO_PACKAGES=(
+    python3 python3-venv               # the interpreter and venv
+    nftables libnftables1              # the default firewall backend (in process; nft)
+    iproute2 procps                    # ip netns, sysctl and kill: the demo's namespaces
+    openssh-server openssh-client      # the demo's real sshd, ssh and ssh-keygen
+)
+TEST_PACKAGES=(
+    python3-pip                        # pip for Debian's interpreter
     iptables                           # the iptables backend
-    iproute2 procps                    # ip netns and sysctl, for the namespace tests
     util-linux mount                   # unshare and mount --bind: a hosts file for one process
-    openssh-server openssh-client      # a real sshd and ssh login in the tests
     openssl                            # a certificate for the TLS service in the tests
     nmap hydra tcpdump                 # the attacker's tools in the tests
     fail2ban                           # fail2ban-regex checks contrib/fail2ban in the tests
@@ -21,7 +41,14 @@ APT_PACKAGES=(
     gcc libc6-dev                      # the live fuzz test builds benchmarks/fuzz_send.c
     fwknop-client                      # the real fwknop client knocks the compat listener
     fwknop-server                      # import-fwknop reads the access.conf Debian ships
+    pipx                               # the client alone, installed as a user would
 )
+APT_PACKAGES=("${DEMO_PACKAGES[@]}")
+EXTRAS=server
+if [ "$TEST" = 1 ]; then
+    APT_PACKAGES+=("${TEST_PACKAGES[@]}")
+    EXTRAS=server,test
+fi
 
 if command -v apt-get >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ]; then
@@ -48,5 +75,9 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[server,test]'
-echo "setup: ready (.venv/bin/spa-server, .venv/bin/spa-client)"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$EXTRAS]"
+if [ "$TEST" = 1 ]; then
+    echo "setup: ready for the tests (bash scripts/test.sh) and the demo (.venv/bin/spa-server demo)"
+else
+    echo "setup: ready for the demo (.venv/bin/spa-server demo; the tests: bash scripts/setup.sh --test)"
+fi

@@ -6,6 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
 
+if [ ! -x .venv/bin/ruff ] || [ ! -x .venv/bin/pytest ]; then
+    echo "test: error: the test tools are not installed: run bash scripts/setup.sh --test" >&2
+    exit 2
+fi
+
 echo "== ruff"
 .venv/bin/ruff check .
 echo "== mypy --strict"

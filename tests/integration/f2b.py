@@ -19,7 +19,7 @@ def matched_lines(lines: list[str], filter_file: Path = FILTER) -> list[str]:
     """The lines our fail2ban filter matches, as fail2ban-regex reports them."""
     program = shutil.which("fail2ban-regex")
     if program is None:
-        pytest.fail("fail2ban-regex is missing: bash scripts/setup.sh installs fail2ban")
+        pytest.fail("fail2ban-regex is missing: bash scripts/setup.sh --test installs fail2ban")
     with tempfile.NamedTemporaryFile("w", suffix=".log", delete=False) as log:
         log.write("\n".join(lines) + "\n")
     try:

@@ -36,7 +36,7 @@ def browser() -> Iterator[object]:
     from selenium.webdriver.chrome.service import Service
 
     assert os.path.exists(CHROMIUM) and os.path.exists(DRIVER), (
-        "install Debian's chromium and chromium-driver (scripts/setup.sh does)")
+        "install Debian's chromium and chromium-driver (scripts/setup.sh --test does)")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",

@@ -24,7 +24,7 @@ from tests.netns.test_ssh_e2e import tcp_open
 
 FWKNOP_PORT = 62201  # fwknop's default: ours moves to 62202
 pytestmark = pytest.mark.skipif(shutil.which("fwknop") is None,
-                                reason="needs fwknop-client (scripts/setup.sh installs it)")
+                                reason="needs fwknop-client (scripts/setup.sh --test installs it)")
 
 
 def compat_site(spa: Spa) -> str:
