@@ -532,21 +532,46 @@ def run(
 @app.command()
 def gate(
     backend: Annotated[str | None, typer.Option(help="Override the config's backend.")] = None,
+    remove: Annotated[bool, typer.Option(
+        "--remove", help="Remove every table, chain and ipset spa made (any config's) "
+        "instead: the protected ports open again.  Stop spa-server first.")] = False,
 ) -> None:
     """Close the protected ports now, without serving (at boot, before the network).
 
     Installs the firewall table from the config, with the leases the daemon
     saved still open, and exits; contrib/systemd/spa-gate.service runs it
-    before the network comes up.  Atomic: nothing is deleted first."""
+    before the network comes up.  Atomic: nothing is deleted first.
+    With --remove, takes spa out of the firewall (the package's removal runs it)."""
     from spa.server import config as config_mod
     from spa.server import runner
     from spa.server.coexist import closed_ports
 
+    if remove:
+        _remove_gate()
+        return
     with local_errors():
         line = runner.install_gate(_ctx.config, backend=backend)
         services = config_mod.load(_ctx.config).services
     typer.echo(line)
     typer.echo(f"spa: {closed_ports(services)}")
+
+
+def _remove_gate() -> None:
+    from spa.backends.libnft import default_runner
+    from spa.backends.teardown import remove_all
+
+    with local_errors():
+        try:
+            nft = default_runner()
+        except LocalError:
+            nft = None  # no nftables at all: no table of ours either
+        removal = remove_all(nft)
+        for line in removal.removed:
+            typer.echo(f"removed {line}")
+        if not removal.removed and not removal.failed:
+            typer.echo("spa has nothing in the firewall")
+        if removal.failed:
+            raise LocalError("could not remove " + "; ".join(removal.failed))
 
 
 @app.command()
