@@ -167,11 +167,9 @@ def test_both_programs_work_from_usr_bin_and_installing_starts_nothing(
     for program in ("spa-server", "spa-client"):
         done = run(f"/usr/bin/{program}", "--help")
         assert f"Usage: {program}" in done.stdout
-    # TODO(lead, after merging B's --version): assert `/usr/bin/spa-server --version`
-    # prints VERSION; until then the metadata it reads is checked directly.
-    done = run("/usr/bin/python3", "-I", "-c", "import sys; sys.path.insert(0, '/usr/lib/spa');"
-               " import importlib.metadata as m; print(m.version('spa'))")
-    assert done.stdout.strip() == VERSION
+    for program in ("spa-server", "spa-client"):
+        done = run(f"/usr/bin/{program}", "--version")
+        assert done.stdout.startswith(f"{program} {VERSION} (protocol spa1"), done.stdout
     assert user_exists("spa"), "the sysusers entry made the user"
     assert not Path("/etc/spa/server.toml").exists()
     enabled = [link for link in Path("/etc/systemd/system").rglob("spa-*")]
@@ -187,10 +185,12 @@ def test_the_installed_units_verify_and_their_documentation_is_shipped(
     if shutil.which("systemd-analyze") is None:
         pytest.skip("needs systemd-analyze (apt-get install systemd)")
     units = [UNIT_DIR / unit for unit in UNITS]
-    man = Path("/usr/share/man/man8/spa-server.8.gz").exists() and shutil.which("man")
-    # TODO(lead, after merging B's man pages): always --man=yes
-    done = run("systemd-analyze", "verify", f"--man={'yes' if man else 'no'}",
-               *map(str, units), check=False)
+    assert Path("/usr/share/man/man8/spa-server.8.gz").is_file()
+    assert Path("/usr/share/man/man1/spa-client.1.gz").is_file()
+    assert Path("/usr/share/bash-completion/completions/spa-server").is_file()
+    assert Path("/usr/share/zsh/vendor-completions/_spa-client").is_file()
+    # --man=yes: each Documentation=man:... names a page the package installs
+    done = run("systemd-analyze", "verify", "--man=yes", *map(str, units), check=False)
     assert done.returncode == 0, done.stderr
     for unit in units:
         text = unit.read_text()
