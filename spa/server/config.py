@@ -36,6 +36,7 @@ from typing import Any
 
 import tomlkit
 
+from spa.backends.names import MAX_INSTANCE, Names, instance_problem
 from spa.core.errors import FormatError
 from spa.core.keys import MASTER_SECRET_SIZE, SERVER_ID_SIZE
 from spa.core.policy import DEFAULT_SERVICES, ClientPolicy, Policy, Service
@@ -60,6 +61,7 @@ DEFAULT_DASHBOARD_LISTEN = "127.0.0.1:9713"  # loopback: reach it through an ssh
 _SERVER_KEYS = {
     "server_id", "listen_port", "listen_address", "backend", "mode", "interface",
     "state_dir", "window", "event_retention_days", "flush_on_stop", "hold_table", "fwknop_port",
+    "instance",
 }
 _SERVICE_KEYS = {"protocol", "port", "default_duration", "max_duration"}
 _CLIENT_KEYS = {"secret", "services", "allow_other_address", "revoked", "enrolled",
@@ -111,11 +113,19 @@ class ServerConfig:
     flush_on_stop: bool = False
     hold_table: str = "auto"
     fwknop_port: int = 0  # the compat listener's UDP port for fwknop's packets (0: off)
+    # several servers on one host: each its own tables and chain (spa/backends/names.py);
+    # "" (the default): the names of every install before, `inet spa`
+    instance: str = ""
     metrics_listen: str = ""  # [metrics] listen = "127.0.0.1:9712" (empty: no endpoint)
     geoip_database: Path | None = None  # [geoip] database = "/path/Country.mmdb"
     dashboard_listen: str = DEFAULT_DASHBOARD_LISTEN  # [dashboard] listen
     services: Mapping[str, Service] = field(default_factory=lambda: dict(DEFAULT_SERVICES))
     clients: Mapping[str, ClientEntry] = field(default_factory=dict)
+
+    @property
+    def names(self) -> Names:
+        """This instance's tables, chain and ipsets in the kernel."""
+        return Names(self.instance)
 
     def policy(self, activated: AbstractSet[str] = frozenset()) -> Policy:
         """The rules; `activated`: pending clients known to have knocked in time."""
@@ -229,6 +239,7 @@ def parse(path: Path, raw: bytes) -> ServerConfig:
         hold_table=_choice(where, "hold_table", _get(where, server, "hold_table", str, "auto"),
                            HOLD_CHOICES),
         fwknop_port=_fwknop_port(where, server),
+        instance=_instance(where, server),
         metrics_listen=_listen(path, data, "metrics", ""),
         geoip_database=_geoip(path, data),
         dashboard_listen=_listen(path, data, "dashboard", DEFAULT_DASHBOARD_LISTEN),
@@ -245,6 +256,16 @@ def parse(path: Path, raw: bytes) -> ServerConfig:
     if config.event_retention_days < 1:
         raise ConfigError(f"{where} event_retention_days must be at least 1")
     return config
+
+
+def _instance(where: str, server: Mapping[str, Any]) -> str:
+    """[server] instance: "" (the default) or a short name of [a-z0-9_-]."""
+    instance: str = _get(where, server, "instance", str, "")
+    problem = instance_problem(instance)
+    if problem is not None:
+        raise ConfigError(f"{where} instance = {instance!r} {problem}; e.g. instance = "
+                          f"\"site1\" (at most {MAX_INSTANCE} characters)")
+    return instance
 
 
 def _fwknop_port(where: str, server: Mapping[str, Any]) -> int:

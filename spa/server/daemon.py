@@ -1074,8 +1074,8 @@ class Server:
         old = self.config
         fixed = _fixed_settings(new)
         if fixed != self._file_fixed:
-            self.log("warning server_id, listen_port, backend, mode and window changes take "
-                     "effect at the next restart")
+            self.log("warning server_id, listen_port, backend, mode, window and instance "
+                     "changes take effect at the next restart")
             self._file_fixed = fixed  # said once per change, not at every reload
         rules = dict(new.services)
 
@@ -1091,7 +1091,8 @@ class Server:
             self.log(f"firewall rules updated for services: {', '.join(sorted(services))}")
         self.config = replace(new, services=services, server_id=old.server_id,
                               listen_port=old.listen_port, backend=old.backend,
-                              mode=old.mode, state_dir=old.state_dir, window=old.window)
+                              mode=old.mode, state_dir=old.state_dir, window=old.window,
+                              instance=old.instance)
         self._ports = {}  # a service's port may have changed
         self._commands.append(switch)
         self._update_kernel_filter(self.clock(), force=True)
@@ -1154,4 +1155,5 @@ def _config_reader(path: Path, backend: object
 
 def _fixed_settings(config: ServerConfig) -> tuple[object, ...]:
     """The settings a reload cannot change (they need a restart)."""
-    return (config.server_id, config.listen_port, config.backend, config.mode, config.window)
+    return (config.server_id, config.listen_port, config.backend, config.mode, config.window,
+            config.instance)

@@ -15,6 +15,7 @@ from typing import NoReturn
 
 from spa.backends.base import Backend, reconcile
 from spa.backends.memory import MemoryBackend
+from spa.backends.names import DEFAULT_NAMES, Names
 from spa.core.knock import steps_for_window
 from spa.kernel.mapsource import MapFiltered
 from spa.server import config as config_mod
@@ -39,7 +40,9 @@ def log_to_stderr(line: str) -> None:
     sys.stderr.flush()
 
 
-def make_backend(name: str, *, flush_on_stop: bool = False, hold: str = "auto") -> Backend:
+def make_backend(name: str, *, flush_on_stop: bool = False, hold: str = "auto",
+                 names: Names = DEFAULT_NAMES) -> Backend:
+    """`names`: the instance's tables or chain (config.names)."""
     if name == "memory":
         return MemoryBackend()
     if name == "nftables":
@@ -47,11 +50,12 @@ def make_backend(name: str, *, flush_on_stop: bool = False, hold: str = "auto") 
         from spa.backends.nftables import NftablesBackend
 
         return NftablesBackend(default_runner(), flush_on_stop=flush_on_stop,
-                               hold=None if hold == "auto" else hold == "on")
+                               hold=None if hold == "auto" else hold == "on", names=names)
     if name == "iptables":
         from spa.backends.iptables import IptablesBackend
 
-        return IptablesBackend.create(flush_on_stop=flush_on_stop, log=log_to_stderr)
+        return IptablesBackend.create(flush_on_stop=flush_on_stop, log=log_to_stderr,
+                                      names=names)
     raise LocalError(f"unknown backend {name!r}; choose nftables, iptables or memory")
 
 
@@ -212,7 +216,7 @@ def _gate_keeper(config: ServerConfig, sock: socket.socket, room: int = 0) -> No
         try:
             privsep.drop_to_gate_keeper(config.path, config.backend, bpf=room > 0)
             backend = make_backend(config.backend, flush_on_stop=config.flush_on_stop,
-                                   hold=config.hold_table)
+                                   hold=config.hold_table, names=config.names)
             maps = MapGrants(config.mode, config.listen_port, room,
                              most=most_from(os.environ)) if room else None
         except LocalError as exc:  # the daemon's first request says it, in one line
@@ -250,7 +254,7 @@ def install_gate(path: Path, *, backend: str | None = None) -> str:
     now = time.time()
     state.acquire(now)  # no daemon starts while the gate goes in
     try:
-        gate = make_backend(chosen)
+        gate = make_backend(chosen, names=config.names)
         gate.start(config.services, now=now)
         wanted = {(lease.address, lease.service): lease.expires for lease in state.load_leases()
                   if lease.expires > now and lease.service in config.services}
