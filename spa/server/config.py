@@ -231,7 +231,7 @@ def parse(path: Path, raw: bytes) -> ServerConfig:
                         BACKENDS),
         mode=_choice(where, "mode", _get(where, server, "mode", str, DEFAULT_MODE), MODES),
         interface=_get(where, server, "interface", str, ""),
-        state_dir=Path(_get(where, server, "state_dir", str, str(DEFAULT_STATE_DIR))),
+        state_dir=_state_dir(path, _get(where, server, "state_dir", str, str(DEFAULT_STATE_DIR))),
         window=float(_get(where, server, "window", (int, float), 30)),
         event_retention_days=_get(where, server, "event_retention_days", int,
                                   DEFAULT_RETENTION_DAYS),
@@ -256,6 +256,13 @@ def parse(path: Path, raw: bytes) -> ServerConfig:
     if config.event_retention_days < 1:
         raise ConfigError(f"{where} event_retention_days must be at least 1")
     return config
+
+
+def _state_dir(path: Path, value: str) -> Path:
+    """[server] state_dir; a relative one is beside the config file (not
+    wherever the command runs), so every command finds the same state."""
+    state_dir = Path(value)
+    return state_dir if state_dir.is_absolute() else path.absolute().parent / state_dir
 
 
 def _instance(where: str, server: Mapping[str, Any]) -> str:
@@ -499,14 +506,29 @@ Edit services here; use `spa-server enroll` and `spa-server revoke` for clients.
 A running server picks up changes within a second."""
 
 
+def default_state_dir(path: Path, instance: str = "") -> Path:
+    """Where `init` puts the state when not told: beside the system's config
+    (/etc/spa/*.toml) the system's place, /var/lib/spa (an instance's: its
+    directory /var/lib/spa/NAME, as spa-server@NAME.service makes it);
+    beside any other config file (a try-out without /etc) a directory next to
+    it, NAME-state for NAME.toml, so nothing needs root.  Absolute."""
+    if path.absolute().parent == DEFAULT_CONFIG.parent:
+        return DEFAULT_STATE_DIR / instance if instance else DEFAULT_STATE_DIR
+    return path.absolute().parent / f"{path.stem}-state"
+
+
 def render_new(*, server_id: bytes, listen_port: int, backend: str, state_dir: Path,
-               mode: str = DEFAULT_MODE, protect: Iterable[Service] | None = None) -> str:
+               mode: str = DEFAULT_MODE, protect: Iterable[Service] | None = None,
+               instance: str = "") -> str:
     """The text of a fresh config file; `protect`: its services (default: ssh, https)."""
     doc = tomlkit.document()
     for line in HEADER.splitlines():
         doc.add(tomlkit.comment(line))
     server = tomlkit.table()
     server.add("server_id", b64encode(server_id))
+    if instance:
+        server.add("instance", instance)
+        server["instance"].comment("its own tables: inet spa_NAME (docs/install.md)")
     server.add("listen_port", listen_port)
     server["listen_port"].comment("UDP port clients knock on")
     server.add("listen_address", "::")

@@ -8,6 +8,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -79,6 +80,7 @@ def build(path: Path, *, backend: str | None, mode: str | None,
     config = config_mod.load(path)
     config = replace(config, backend=backend or config.backend, mode=mode or config.mode,
                      interface=interface if interface is not None else config.interface)
+    check_unit_instance(config, os.environ)
     state = StateDir(config.state_dir)
     if not privsep.owned_by_another(state.path):
         state.ensure()  # (one another user owns is made ready by the daemon, as that user)
@@ -115,6 +117,19 @@ def build(path: Path, *, backend: str | None, mode: str | None,
     server.start_notes.append(f"privileges: daemon pid {os.getpid()} as {user} with no "
                               f"capability; gate keeper pid {gate.pid} with {kept} only")
     return _with_compat(server, compat)
+
+
+UNIT_INSTANCE = "SPA_INSTANCE"  # set by spa-server@NAME.service to its NAME
+
+
+def check_unit_instance(config: ServerConfig, environ: Mapping[str, str]) -> None:
+    """spa-server@NAME.service runs a config whose [server] instance is NAME:
+    else two units would share (and fight over) one table.  Raises LocalError."""
+    unit = environ.get(UNIT_INSTANCE)
+    if unit is not None and unit != config.instance:
+        raise LocalError(f"{config.path}: spa-server@{unit}.service runs it, but its "
+                         f"[server] instance is {config.instance!r}: set instance = "
+                         f"\"{unit}\" (each instance its own tables)")
 
 
 def _with_compat(server: Server, source: PacketSource | None) -> Server:
@@ -241,6 +256,7 @@ def install_gate(path: Path, *, backend: str | None = None) -> str:
     runs it keeps the gate itself, and nothing is done.  Returns a line for
     the admin.  Raises LocalError."""
     config = config_mod.load(path)
+    check_unit_instance(config, os.environ)
     chosen = backend or config.backend
     if chosen == "memory":
         raise LocalError("the memory backend gates nothing; gate is for nftables or iptables")
