@@ -79,6 +79,8 @@ def test_two_instances_on_one_host_each_gate_and_open_only_their_own_port(
         two.start()
         assert {"spa_site1", "spa_hold_site1", "spa_site2", "spa_hold_site2"} <= tables(world)
         assert "spa" not in tables(world)
+        assert two.wait_for("check: ok: no other firewall drops what spa lets in"), \
+            two.lines  # site1's table, which site2 reads as any other, drops none of its port
         assert not tcp_open(world, "att", SRV_ATT4, 22)
         assert not tcp_open(world, "att", SRV_ATT4, 443)
         for spa, service in ((one, "ssh"), (two, "https")):
