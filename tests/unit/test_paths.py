@@ -85,3 +85,20 @@ def test_help_names_the_environment_variable_of_every_path() -> None:
 
     done = CliRunner().invoke(client_app, ["--help"], env={"COLUMNS": "200"})
     assert "SPA_CLIENT_DIR" in done.output
+
+
+def test_the_paths_table_names_every_default_path_and_its_override() -> None:
+    """docs/install.md, "Paths", is the one place: each default the code has
+    is in it, with the option or variable that moves it."""
+    from spa.server.config import DEFAULT_CONFIG
+    from spa.server.fwknopd_files import DEFAULT_ACCESS, DEFAULT_CONF
+    from spa.server.state import RUN_DIR
+    from spa_client.profile import ENV_DIR
+
+    docs = Path(__file__).resolve().parents[2] / "docs" / "install.md"
+    table = docs.read_text().split("## 9. Paths", 1)[1]
+    for needed in (str(DEFAULT_CONFIG), "SPA_SERVER_CONFIG", "--config FILE",
+                   str(DEFAULT_STATE_DIR), "[server] state_dir", "--state-dir", str(RUN_DIR),
+                   str(DEFAULT_ACCESS), str(DEFAULT_CONF), "--access FILE", "--conf FILE", ENV_DIR,
+                   "--config-dir DIR", "~/.config/spa-client", "NAME-state"):
+        assert f"{needed}" in table, needed
