@@ -40,6 +40,12 @@ Invariants (docs/threat-model.md, "Firewall"; STYLE principle 6):
   the daemon, which reads the counters now and then (`drops`).
 - `stop` leaves live grants to expire by themselves, or with flush=True
   empties the sets; the rules stay, so protected ports stay closed.
+- One daemon per instance, one instance per port (docs/install.md, "Several
+  instances on one host"): the first start refuses, in one line, when our
+  hold table is already there (another live daemon of this instance owns
+  it; one on its way out is given HOLD_GONE seconds), and every start
+  refuses a port that another instance's gate table drops (each would drop
+  the other's grants).  Nothing is installed then.
 - `repair` compares `inet spa` with what nftables listed right after we
   installed it (spa/backends/nftrepair.py) and puts it back in one
   transaction; `watch` hears every commit (spa/backends/nftwatch.py).
@@ -47,6 +53,7 @@ Invariants (docs/threat-model.md, "Firewall"; STYLE principle 6):
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 
 from spa.backends.base import Change, Held
@@ -117,13 +124,17 @@ class NftablesBackend:
         # that expired in the kernel linger here until their Remove).
         self._present: set[tuple[IPAddress, str]] = set()
         self._shape = ""  # our table as nftables listed it right after we installed it
+        self._started = False  # a start ran (a reload's start is not the first)
 
     def start(self, services: Mapping[str, Service], *, now: float) -> None:
         """Install (or take back) our table in one transaction: what another
         program left in it goes, grants that outlived a crash stay.  When
         nftables refuses (another process owns a table of that name), the
         hold table still goes in and `repair` reports the failure."""
-        self._refuse_shared_ports(services)
+        tables = self._inet_tables()
+        if self._hold_wanted and not self._started and self.names.hold in tables:
+            tables = self._wait_for_hold_to_go()
+        self._refuse_shared_ports(services, tables)
         self._services = dict(services)
         names = self.names
         try:
@@ -152,15 +163,46 @@ class NftablesBackend:
                                "yours does, set hold_table = \"off\"")
         if self._hold_wanted:
             self._install_hold(parse_held(installed, self._services, now, names=names), now)
+        self._started = True
 
-    def _refuse_shared_ports(self, services: Mapping[str, Service]) -> None:
+    def _inet_tables(self) -> list[str]:
+        """The names of the inet tables now ([] when they cannot be listed:
+        the start then says why, and the guard reports it)."""
+        try:
+            text = self.runner.list_text("list tables")
+        except LocalError:
+            return []
+        return [words[2] for words in map(str.split, text.splitlines())
+                if len(words) >= 3 and words[0] == "table" and words[1] == FAMILY]
+
+    def _wait_for_hold_to_go(self) -> list[str]:
+        """Our hold table exists before we made it: another live process
+        owns it (the kernel removes an owned table with its owner), i.e.
+        another spa-server of this instance, or the gate keeper of the one
+        this start replaces, on its way out (given HOLD_GONE seconds).
+        Returns the tables then.  Raises LocalError: two daemons on one table
+        would each undo the other's gate."""
+        deadline = time.monotonic() + HOLD_GONE
+        while True:
+            tables = self._inet_tables()
+            if self.names.hold not in tables:
+                return tables
+            if time.monotonic() >= deadline:
+                instance = self.names.instance
+                raise LocalError(
+                    f"another spa-server of instance {instance!r} runs (it owns table "
+                    f"{FAMILY} {self.names.hold}): give this one its own [server] instance "
+                    "(docs/install.md, \"Several instances on one host\")")
+            time.sleep(0.1)
+
+    def _refuse_shared_ports(self, services: Mapping[str, Service], tables: list[str]) -> None:
         """Another spa instance's table on this host that gates a port ours
         would gate: refused in one line, nothing installed.  A packet must
         pass both tables, and each drops what it did not grant, so each
         instance would drop the other's grants.  Raises LocalError (also
         when the ruleset cannot be read: then nothing could be installed)."""
         ours = {(s.protocol, s.port): s.name for s in services.values()}
-        for name in self._other_gates():
+        for name in self._other_gates(tables):
             try:
                 listing = self.runner.run({"nftables": [{"list": {"table": {
                     "family": FAMILY, "name": name}}}]}, terse=True)
@@ -175,21 +217,18 @@ class NftablesBackend:
                     f"grants; give each instance its own ports, or if that instance is gone "
                     f"for good: nft delete table {FAMILY} {name}")
 
-    def _other_gates(self) -> list[str]:
-        """The gate tables of the other spa instances on this host (never a
-        hold table, nor one with flags: neither is safe to list in JSON)."""
+    def _other_gates(self, tables: list[str]) -> list[str]:
+        """The gate tables of the other spa instances among `tables` (never
+        a hold table, nor one with flags: neither is safe to list in JSON)."""
         found = []
-        try:
-            for line in self.runner.list_text("list tables").splitlines():
-                words = line.split()
-                if (len(words) >= 3 and words[0] == "table" and words[1] == FAMILY
-                        and words[2] != self.names.table
-                        and instance_of_table(words[2]) is not None
-                        and not is_hold_table(words[2])
-                        and self._flags(words[2]) == frozenset()):
-                    found.append(words[2])
-        except LocalError:  # no ruleset to read: the start says why (the guard reports)
-            return []
+        for name in tables:
+            if (name != self.names.table and instance_of_table(name) is not None
+                    and not is_hold_table(name)):
+                try:
+                    if self._flags(name) == frozenset():
+                        found.append(name)
+                except LocalError:
+                    continue  # not ours to read: no instance of ours made it so
         return found
 
     def _flags(self, table: str | None = None) -> frozenset[str] | None:
@@ -373,6 +412,7 @@ def safe_ruleset(runner: NftRunner) -> Document:
     return {"nftables": items}
 
 
+HOLD_GONE = 3.0  # seconds a start waits for the hold table of the daemon it replaces to go
 SAFE_FLAGS_VERSION = (1, 0, 9)  # nftables' "json: fix use after free in table_flags_json()"
 
 

@@ -132,6 +132,15 @@ def test_a_port_another_instance_gates_is_refused_at_start_in_one_line(
             "spa_site1)" in lines[-1], done.stderr
         assert "spa_site3" not in tables(world)
         assert one.proc is not None and one.proc.poll() is None
+        # another config that forgot its own instance name: one table, two daemons
+        twin = site(world, tmp_path / "twin", "site1", 62204, "https")
+        done = world.srv.run("timeout", "20", *third_run(twin), check=False)
+        assert done.returncode == 2, (done.stdout, done.stderr)
+        assert "another spa-server of instance 'site1' runs (it owns table inet " \
+            "spa_hold_site1)" in done.stderr, done.stderr
+        assert grants(world, "spa_site1") == [] and one.proc.poll() is None
+        assert "svc_https_v4" not in world.srv.run("nft", "list", "table", "inet",
+                                                   "spa_site1").stdout
 
 def third_run(spa: Spa) -> list[str]:
     from tests.integration.procs import command

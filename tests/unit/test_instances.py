@@ -174,6 +174,44 @@ def test_another_instances_other_port_is_no_clash_and_its_hold_table_is_never_li
     assert [tables_named(doc) for doc in ruleset_fake.documents] == [{"spa_site1"}]
 
 
+class GoingNft(FakeNft):
+    """`list tables` shows a hold table for the first `lasting` listings."""
+
+    def __init__(self, hold: str, lasting: int) -> None:
+        super().__init__(owns_tables=True)
+        self.hold, self.lasting = hold, lasting
+
+    def list_text(self, command: str) -> str:
+        self.texts.append(command)
+        if command == "list tables":
+            self.lasting -= 1
+            return f"table inet {self.hold}\n" if self.lasting >= 0 else ""
+        return ""
+
+
+def test_a_second_daemon_of_one_instance_is_refused_and_a_predecessor_waited_for(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our hold table before we made it: another live daemon owns it."""
+    from spa.backends import nftables
+
+    monkeypatch.setattr(nftables, "HOLD_GONE", 0.3)
+    fake = GoingNft("spa_hold_site1", lasting=1000)
+    with pytest.raises(LocalError) as info:
+        NftablesBackend(fake, names=Names("site1")).start(SERVICES, now=100.0)
+    assert str(info.value).startswith("another spa-server of instance 'site1' runs (it owns "
+                                      "table inet spa_hold_site1): give this one its own "
+                                      "[server] instance")
+    assert not fake.documents and not [t for t in fake.texts if t.startswith("add")]
+    going = GoingNft("spa_hold", lasting=2)  # the gate keeper of a restart, on its way out
+    backend = NftablesBackend(going)
+    backend.start(SERVICES, now=100.0)
+    assert backend.holds
+    going.lasting = 1000  # a reload's start: ours, made by this process
+    backend.start(SERVICES, now=101.0)
+    other = GoingNft("spa_hold_other", lasting=1000)  # another instance's: no matter
+    NftablesBackend(other, names=Names("site1")).start(SERVICES, now=100.0)
+
+
 # ---- the guard -----------------------------------------------------------------------------
 
 
