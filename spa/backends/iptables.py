@@ -11,6 +11,9 @@ Invariants (STYLE principle 6; docs/install.md):
 - iptables rules cannot expire by themselves: the daemon removes them at
   expiry, and `start` removes at once those whose time passed while it was
   down.  `status` and the docs say so (nftables is the default for this).
+- A start refuses, in one line and before any change, a port that another
+  spa instance's chain (`SPA`, `SPA_NAME`) drops (docs/install.md, "Several
+  instances on one host").
 - python-iptables writes the legacy tables.  If the host's active `iptables`
   is the nf_tables variant, our rules would be invisible to the admin's tools,
   so `create` refuses to start, with one line that says so.
@@ -36,7 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from spa.backends.base import Backend, Change, Held, apply_each, reconcile
-from spa.backends.names import DEFAULT_NAMES, Names
+from spa.backends.names import DEFAULT_NAMES, Names, instance_of_chain
 from spa.core.policy import Service
 from spa.core.wire import IPAddress
 from spa.server.errors import LocalError
@@ -100,6 +103,24 @@ def _signature(rule: Any) -> tuple[object, ...]:
             target.name if target is not None else None,
             tuple(sorted((k, tuple(v)) for k, v in target.get_all_parameters().items()))
             if target is not None else ())
+
+
+def shared_port(services: Mapping[str, Service], chains: Mapping[str, Sequence[Any]]
+                ) -> tuple[tuple[str, int, str], str] | None:
+    """((protocol, port, service), chain) for the first port of `services`
+    that a DROP rule of one of `chains` (name -> its rules, as
+    python-iptables reads them) names, or None."""
+    ours = {(s.protocol, s.port): s.name for s in services.values()}
+    for name, rules in sorted(chains.items()):
+        for rule in rules:
+            if rule.target is None or rule.target.name != "DROP":
+                continue
+            for match in rule.matches:
+                for port in match.get_all_parameters().get("dport", []):
+                    key = (str(match.name), int(port)) if str(port).isdigit() else None
+                    if key in ours:
+                        return (key[0], key[1], ours[key]), name
+    return None
 
 
 def active_variant(program: str = "iptables") -> str | None:
@@ -203,11 +224,31 @@ class IptablesBackend:
     # ---- lifecycle ---------------------------------------------------------
 
     def start(self, services: Mapping[str, Service], *, now: float) -> None:
+        """Raises LocalError, also (before anything changes) when another
+        spa instance's chain drops a port of `services`."""
+        for version in (4, 6):
+            self._run(f"read the chains of the other spa instances (IPv{version})",
+                      lambda v=version: self._refuse_shared_ports(services, v))
         self._services = dict(services)
         self._counting = self._make_drop_sets()
         for version in (4, 6):
             self._run(f"install the {self._chain} chain", lambda v=version: self._install(v, now))
         self._installed = self._run(f"read the {self._chain} chain", self._shape)
+
+    def _refuse_shared_ports(self, services: Mapping[str, Service], version: int) -> None:
+        """As the nftables backend: a packet passes every chain jumped to from
+        INPUT, so two instances gating one port drop each other's grants."""
+        chains = {chain.name: chain for chain in self._table(version).chains
+                  if chain.name != self._chain and instance_of_chain(chain.name) is not None}
+        shared = shared_port(services, {name: chain.rules for name, chain in chains.items()})
+        if shared is not None:
+            (protocol, port, service), chain_name = shared
+            raise LocalError(
+                f"port {protocol}/{port} ({service}) is gated by another spa instance too "
+                f"(iptables chain {chain_name}): each would drop the other's grants; give each "
+                f"instance its own ports, or if that instance is gone for good: iptables -D "
+                f"INPUT -j {chain_name}; iptables -F {chain_name}; iptables -X {chain_name} "
+                "(and ip6tables)")
 
     def _make_drop_sets(self) -> bool:
         """The two counting ipsets (kept if they exist).  False, with a log

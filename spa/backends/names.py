@@ -88,6 +88,17 @@ def instance_of_table(name: str) -> str | None:
     return None
 
 
+def instance_of_chain(name: str) -> str | None:
+    """The instance whose iptables chain `name` is, or None."""
+    if name == BASE_CHAIN:
+        return ""
+    if name.startswith(BASE_CHAIN + "_"):
+        instance = name[len(BASE_CHAIN) + 1:]
+        if instance and instance_problem(instance) is None:
+            return instance
+    return None
+
+
 def is_hold_table(name: str) -> bool:
     """Whether `name` is some instance's hold table (an owned table: never
     listed in JSON, see spa/backends/nftables.py)."""

@@ -146,3 +146,45 @@ def third_run(spa: Spa) -> list[str]:
     from tests.integration.procs import command
 
     return [*command("spa-server"), "--config", str(spa.config), "run"]
+
+
+def test_two_iptables_instances_keep_their_own_chains_and_refuse_a_shared_port(
+        world: World, tmp_path: Path) -> None:
+    """The same with the iptables backend (legacy tables): chains SPA_site1
+    and SPA_site2, each jumped to from INPUT; a third on site1's port is
+    refused before it changes anything."""
+    from tests.netns.test_iptables_e2e import legacy_path
+
+    prefix = legacy_path(tmp_path)
+    one = site(world, tmp_path / "site1", "site1", 62201, "ssh")
+    two = site(world, tmp_path / "site2", "site2", 62202, "https")
+    try:
+        one.start("--backend", "iptables", prefix=prefix)
+        two.start("--backend", "iptables", prefix=prefix)
+        rules = world.srv.run("iptables-legacy", "-S").stdout
+        assert "-A INPUT -j SPA_site1" in rules and "-A INPUT -j SPA_site2" in rules
+        assert "-N SPA\n" not in rules
+        assert not tcp_open(world, "att", SRV_ATT4, 22)
+        assert not tcp_open(world, "att", SRV_ATT4, 443)
+        uri = two.enroll("alice", SRV4, "https")
+        assert two.client(world.cli, "alice", "enroll", uri, "--name", "srv").returncode == 0
+        assert two.client(world.cli, "alice", "open", "https", "srv").returncode == 0
+        assert tcp_open(world, "cli", SRV4, 443) and not tcp_open(world, "cli", SRV4, 22)
+        third = site(world, tmp_path / "site3", "site3", 62203, "ssh")
+        done = world.srv.run("timeout", "20", *prefix, *third_run(third), "--backend",
+                             "iptables", check=False)
+        assert done.returncode == 2, (done.stdout, done.stderr)
+        assert "port tcp/22 (ssh) is gated by another spa instance too (iptables chain " \
+            "SPA_site1)" in done.stderr, done.stderr
+        assert "SPA_site3" not in world.srv.run("iptables-legacy", "-S").stdout
+    finally:
+        for spa in (one, two):
+            spa.stop(signal.SIGKILL)
+        for tool in ("iptables-legacy", "ip6tables-legacy"):
+            for chain in ("SPA_site1", "SPA_site2", "SPA_site3"):
+                world.srv.run(tool, "-D", "INPUT", "-j", chain, check=False)
+                world.srv.run(tool, "-F", chain, check=False)
+                world.srv.run(tool, "-X", chain, check=False)
+        for name in ("site1", "site2", "site3"):
+            for version in (4, 6):
+                world.srv.run("ipset", "destroy", f"spa_drops_v{version}_{name}", check=False)

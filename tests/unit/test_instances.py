@@ -292,3 +292,33 @@ def test_the_iptables_backend_counts_drops_in_the_instances_own_ipsets() -> None
     backend.drops()
     assert [args[1] for args in calls] == ["spa_drops_v4_site1", "spa_drops_v6_site1"] * 2
     assert backend._chain == "SPA_site1"
+
+
+class Match:
+    def __init__(self, name: str, **parameters: list[str]) -> None:
+        self.name, self._parameters = name, parameters
+
+    def get_all_parameters(self) -> dict[str, list[str]]:
+        return self._parameters
+
+
+class Target:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class Rule:
+    def __init__(self, target: str, *matches: Match) -> None:
+        self.target, self.matches = Target(target), list(matches)
+
+
+def test_an_iptables_port_another_instances_chain_drops_is_found() -> None:
+    from spa.backends.iptables import shared_port
+
+    other = [Rule("ACCEPT", Match("conntrack", ctstate=["ESTABLISHED,RELATED"])),
+             Rule("ACCEPT", Match("tcp", dport=["22"]), Match("comment", comment=["spa:x:1"])),
+             Rule("DROP", Match("tcp", dport=["2222"])),
+             Rule("DROP", Match("udp", dport=["53"]))]
+    assert shared_port(SERVICES, {"SPA_site2": other}) == (("udp", 53, "dns"), "SPA_site2")
+    assert shared_port(SERVICES, {"SPA_site2": other[:3]}) is None  # an accept is no gate
+    assert shared_port({"ssh": SERVICES["ssh"]}, {"SPA": other}) is None
