@@ -1086,8 +1086,12 @@ class Server:
         for name in old.services.keys() - services.keys():
             services[name] = old.services[name]  # keep removing what is open
         if services != dict(old.services):
-            with self._lock:  # the backend keeps its grants; the rules follow
-                self.backend.start(services, now=self.clock())
+            try:
+                with self._lock:  # the backend keeps its grants; the rules follow
+                    self.backend.start(services, now=self.clock())
+            except LocalError as exc:  # e.g. a port another instance gates: nothing changed
+                self.log(f"error reload refused, keeping the running services: {exc}")
+                return
             self.log(f"firewall rules updated for services: {', '.join(sorted(services))}")
         self.config = replace(new, services=services, server_id=old.server_id,
                               listen_port=old.listen_port, backend=old.backend,

@@ -322,3 +322,36 @@ def test_an_iptables_port_another_instances_chain_drops_is_found() -> None:
     assert shared_port(SERVICES, {"SPA_site2": other}) == (("udp", 53, "dns"), "SPA_site2")
     assert shared_port(SERVICES, {"SPA_site2": other[:3]}) is None  # an accept is no gate
     assert shared_port({"ssh": SERVICES["ssh"]}, {"SPA": other}) is None
+
+
+def test_a_reload_the_gate_refuses_keeps_the_running_services(tmp_path: Path) -> None:
+    """A service added to the file on a port another instance gates: the
+    backend refuses, the daemon says so in one line and keeps what runs."""
+    from spa.backends.memory import MemoryBackend
+    from spa.server.daemon import Server
+    from spa.server.sources import FakeSource
+    from tests.server_world import FakeClock
+
+    class Refusing(MemoryBackend):
+        def start(self, services: Any, *, now: float) -> None:
+            if "imaps" in services:
+                raise LocalError("port tcp/993 (imaps) is gated by another spa instance too")
+            super().start(services, now=now)
+
+    path = write_config(tmp_path, "site1")
+    logs: list[str] = []
+    server = Server(load(path), backend=Refusing(), source=FakeSource(), clock=FakeClock(),
+                    log=logs.append)
+    server.start()
+    try:
+        text = path.read_text() + ("\n[services.imaps]\nprotocol = \"tcp\"\nport = 993\n"
+                                   "default_duration = 60\nmax_duration = 600\n")
+        path.write_text(text)
+        server.request_reload()
+        server.housekeeping()
+        assert "error reload refused, keeping the running services: port tcp/993 (imaps) is " \
+            "gated by another spa instance too" in logs
+        assert set(server.config.services) == {"ssh"}
+        assert set(server.verifier.policy.services) == {"ssh"}
+    finally:
+        server.shutdown()
