@@ -259,7 +259,8 @@ class Server:
             "pid": os.getpid(), "started": self._started_at(now), "port": self.config.listen_port,
             "backend": self.backend.name, "mode": self.config.mode,
             "gate": self.guard.state.as_dict(),
-            "hold": bool(getattr(self.backend, "holds", False)),
+            # the hold table's name (False: none); `status` names it
+            "hold": self.config.names.hold if getattr(self.backend, "holds", False) else False,
             "filter": self._filter_kind,
         }
         self.log(f"gate {closed_ports(self.config.services)}")

@@ -87,6 +87,8 @@ def test_two_instances_on_one_host_each_gate_and_open_only_their_own_port(
             uri = spa.enroll("alice", SRV4, service)
             assert spa.client(world.cli, "alice", "enroll", uri, "--name", "srv").returncode == 0
         quiet_one = settled(one)
+        assert "held meanwhile by the daemon's own table inet spa_hold_site1" in \
+            one.admin("status").stdout
 
         assert two.client(world.cli, "alice", "open", "https", "srv").returncode == 0
         assert tcp_open(world, "cli", SRV4, 443)
