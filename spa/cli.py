@@ -23,7 +23,7 @@ from spa import about, clitools, completion
 from spa.clitools import run_app
 from spa.core.errors import FormatError
 from spa.server import admin
-from spa.server.config import DEFAULT_CONFIG, DEFAULT_PORT, DEFAULT_STATE_DIR
+from spa.server.config import DEFAULT_CONFIG, DEFAULT_PORT, DEFAULT_STATE_DIR, default_state_dir
 from spa.server.errors import LocalError
 from spa.server.fwknopd_files import DEFAULT_ACCESS, DEFAULT_CONF
 from spa.server.state import StateDir, describe_filter, describe_gate, describe_holder
@@ -69,8 +69,15 @@ def init(
     backend: Annotated[str, typer.Option(help="Firewall: nftables, iptables or memory "
                                          "(memory blocks nothing: tests and demos).")
                        ] = "nftables",
-    state_dir: Annotated[Path, typer.Option(help="Where leases, the replay cache and "
-                                            "events live.")] = DEFAULT_STATE_DIR,
+    state_dir: Annotated[Path | None, typer.Option(
+        help="Where leases, the replay cache and events live.  Default: "
+        f"{DEFAULT_STATE_DIR} (/var/lib/spa/NAME with --instance) for a config in "
+        f"{DEFAULT_CONFIG.parent}, else NAME-state beside a config NAME.toml.",
+        show_default=False)] = None,
+    instance: Annotated[str, typer.Option(
+        help="Instance name, for several servers on one host (spa-server@NAME.service): "
+        "its own tables inet spa_NAME and spa_hold_NAME, iptables chain SPA_NAME.  "
+        "[a-z0-9_-], at most 16.")] = "",
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing config "
                                         "(forgets every client).")] = False,
     service: Annotated[list[str] | None, typer.Option(
@@ -81,9 +88,12 @@ def init(
     """Create the config file with a new random server id and the services to hide."""
     with local_errors():
         chosen = admin.init(_ctx.config, listen_port=listen_port, backend=backend,
-                            state_dir=state_dir, force=force, services=service or ["ssh"])
+                            state_dir=state_dir, force=force, services=service or ["ssh"],
+                            instance=instance)
+        state = state_dir.absolute() if state_dir else default_state_dir(_ctx.config, instance)
     typer.echo(f"wrote {_ctx.config} (0600): server id created, port {listen_port}/udp, "
-               f"backend {backend}, state in {state_dir}")
+               f"backend {backend}, state in {state} ([server] state_dir)"
+               + (f", instance {instance}" if instance else ""))
     from spa.server.coexist import closed_ports
 
     typer.echo(closed_ports(chosen).capitalize() + " (more: [services] in the config)")

@@ -105,8 +105,9 @@ def register_commands(argv: list[str]) -> None:
 def _root(
     version: Annotated[bool, about.version_option("spa-client")] = False,
     config_dir: Annotated[Path | None, typer.Option(
-        "--config-dir", help=f"Where profiles live (default: ${ENV_DIR} or your user "
-        "config dir).")] = None,
+        "--config-dir", envvar=ENV_DIR, show_default=False,
+        help="Where profiles live (default: your user config dir, "
+        "~/.config/spa-client on Linux).")] = None,
 ) -> None:
     _ctx.directory = config_dir
 
@@ -367,23 +368,33 @@ def ssh_config(
                                         autocompletion=completers.hosts)],
 ) -> None:
     """Print the ~/.ssh/config lines that make `ssh HOST` knock first."""
+    from spa_client import sshconfig
+    from spa_client.profile import user_dir
+
     with local_errors():
-        profile = _ctx.store().find(host)
-    program = _program_path()
-    where = f" --config-dir {_ctx.directory}" if _ctx.directory is not None else ""
-    typer.echo(f"# add to ~/.ssh/config: ssh {profile.enrollment.host} then knocks first")
-    typer.echo(f"Host {profile.enrollment.host}")
-    typer.echo(f"    ProxyCommand {program}{where} connect %h %p")
+        store = _ctx.store()
+        profile = store.find(host)
+        directory = store.directory.absolute()
+        try:  # a new shell has neither --config-dir nor $SPA_CLIENT_DIR: say where
+            found = sshconfig.lines(profile.enrollment.host, _program_path(),
+                                    None if directory == user_dir().absolute() else directory)
+        except sshconfig.SshConfigError as exc:
+            raise ProfileError(f"cannot write the ProxyCommand: {exc}") from None
+    for line in found:
+        typer.echo(line)
 
 
 def _program_path() -> str:
+    """`spa-client` when that is the program on PATH, else this program's
+    absolute path (a virtualenv's, a checkout's)."""
     import shutil
     from pathlib import Path as _Path
 
     found = shutil.which("spa-client")
     argv0 = _Path(sys.argv[0])
     if argv0.name == "spa-client" and argv0.exists():
-        return str(argv0.resolve())
+        running = argv0.resolve()
+        return "spa-client" if found and _Path(found).resolve() == running else str(running)
     return found or "spa-client"
 
 

@@ -61,9 +61,16 @@ def same_host(host: str, wanted: str) -> bool:
 
 
 def default_dir() -> Path:
+    """$SPA_CLIENT_DIR, else the user's config directory (`user_dir`)."""
     env = os.environ.get(ENV_DIR)
     if env:
         return Path(env)
+    return user_dir()
+
+
+def user_dir() -> Path:
+    """Where profiles live when nothing says otherwise (platformdirs: e.g.
+    ~/.config/spa-client on Linux)."""
     import platformdirs
 
     return Path(platformdirs.user_config_dir("spa-client"))

@@ -1,28 +1,32 @@
 """The iptables backend, through python-iptables (legacy tables).
 
 Invariants (STYLE principle 6; docs/install.md):
-- Everything lives in our own chain `SPA` in the filter table (IPv4 and
-  IPv6), jumped to from INPUT by one rule we insert once; no other rule is
-  touched.  `start` is idempotent.
+- Everything lives in our own chain `SPA` (an instance's: `SPA_NAME`,
+  spa/backends/names.py) in the filter table (IPv4 and IPv6), jumped to from
+  INPUT by one rule we insert once; no other rule is touched.  `start` is
+  idempotent.
 - The chain: established/related accepted; one ACCEPT rule per grant, its
   expiry in a comment (`spa:SERVICE:UNIX_TIME`); a DROP per protected port at
   the end.  A renewal inserts the new rule before deleting the old one.
 - iptables rules cannot expire by themselves: the daemon removes them at
   expiry, and `start` removes at once those whose time passed while it was
   down.  `status` and the docs say so (nftables is the default for this).
+- A start refuses, in one line and before any change, a port that another
+  spa instance's chain (`SPA`, `SPA_NAME`) drops (docs/install.md, "Several
+  instances on one host").
 - python-iptables writes the legacy tables.  If the host's active `iptables`
   is the nf_tables variant, our rules would be invisible to the admin's tools,
   so `create` refuses to start, with one line that says so.
 - Dropped attempts are counted per (source, port) as nftables does it, in two
-  ipsets with counters (spa_drops_v4/v6, hash:ip,port, entries time out
-  DROPS_TIMEOUT after they were made): per port, a DROP with a set match
-  (the match counts), then a SET that adds a source not yet in the set (its
-  counter starts at 1), then a plain DROP, so a full set (or a missing ipset)
-  never lets a packet through.  Not `--add-set --exist` first: re-adding
-  resets an element's counters (measured: five SYNs counted as 2).  The sets are
-  made with the `ipset` program at start and read with it every few seconds
-  (never per packet).  Without ipset, drops are not counted and the log says
-  how to fix it.
+  ipsets with counters (spa_drops_v4/v6, an instance's spa_drops_v4_NAME;
+  hash:ip,port, entries time out DROPS_TIMEOUT after they were made): per
+  port, a DROP with a set match (the match counts), then a SET that adds a
+  source not yet in the set (its counter starts at 1), then a plain DROP, so a
+  full set (or a missing ipset) never lets a packet through.  Not `--add-set
+  --exist` first: re-adding resets an element's counters (measured: five SYNs
+  counted as 2).  The sets are made with the `ipset` program at start and read
+  with it every few seconds (never per packet).  Without ipset, drops are not
+  counted and the log says how to fix it.
 """
 
 from __future__ import annotations
@@ -35,16 +39,15 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from spa.backends.base import Backend, Change, Held, apply_each, reconcile
+from spa.backends.names import DEFAULT_NAMES, Names, instance_of_chain
 from spa.core.policy import Service
 from spa.core.wire import IPAddress
 from spa.server.errors import LocalError
 
-CHAIN = "SPA"
 COMMENT_PREFIX = "spa:"
 DROPS_TIMEOUT = 600  # seconds an idle (source, port) drop counter is kept (as nftables)
 DROPS_SIZE = 8192  # drop counters per address family at most (each reading lists them
 # all: 65,536 took the gate keeper 1.1 s, a stall of every grant behind it)
-DROP_SETS = {4: "spa_drops_v4", 6: "spa_drops_v6"}
 GRANT_ENDING = 1.5  # seconds: a grant this close to its end may be on its way out
 
 
@@ -102,6 +105,24 @@ def _signature(rule: Any) -> tuple[object, ...]:
             if target is not None else ())
 
 
+def shared_port(services: Mapping[str, Service], chains: Mapping[str, Sequence[Any]]
+                ) -> tuple[tuple[str, int, str], str] | None:
+    """((protocol, port, service), chain) for the first port of `services`
+    that a DROP rule of one of `chains` (name -> its rules, as
+    python-iptables reads them) names, or None."""
+    ours = {(s.protocol, s.port): s.name for s in services.values()}
+    for name, rules in sorted(chains.items()):
+        for rule in rules:
+            if rule.target is None or rule.target.name != "DROP":
+                continue
+            for match in rule.matches:
+                for port in match.get_all_parameters().get("dport", []):
+                    key = (str(match.name), int(port)) if str(port).isdigit() else None
+                    if key in ours:
+                        return (key[0], key[1], ours[key]), name
+    return None
+
+
 def active_variant(program: str = "iptables") -> str | None:
     """'legacy', 'nf_tables', or None when no iptables program is installed."""
     path = shutil.which(program)
@@ -118,8 +139,12 @@ class IptablesBackend:
 
     def __init__(self, iptc: Any, *, flush_on_stop: bool = False,
                  ipset: Callable[..., subprocess.CompletedProcess[str]] | None = run_ipset,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, names: Names = DEFAULT_NAMES) -> None:
+        """`names`: the instance's chain and ipsets."""
         self._iptc = iptc
+        self.names = names
+        self._chain = names.chain
+        self._drop_sets = {version: names.drop_set(version) for version in (4, 6)}
         self.flush_on_stop = flush_on_stop
         self._services: dict[str, Service] = {}
         self._ipset = ipset
@@ -128,8 +153,8 @@ class IptablesBackend:
         self._installed: tuple[tuple[object, ...], ...] = ()  # `_shape` right after start
 
     @classmethod
-    def create(cls, *, flush_on_stop: bool = False,
-               log: Callable[[str], None] = print) -> Backend:
+    def create(cls, *, flush_on_stop: bool = False, log: Callable[[str], None] = print,
+               names: Names = DEFAULT_NAMES) -> Backend:
         """Raises LocalError if python-iptables is missing or the host's
         iptables is the nf_tables variant."""
         if active_variant() == "nf_tables":
@@ -143,7 +168,7 @@ class IptablesBackend:
                              "pip install python-iptables") from None
         except Exception as exc:  # iptc raises XTablesError when libxtables is missing
             raise LocalError(f"python-iptables cannot load libxtables: {exc}") from None
-        return cls(iptc, flush_on_stop=flush_on_stop, log=log)
+        return cls(iptc, flush_on_stop=flush_on_stop, log=log, names=names)
 
     # ---- tables and rules --------------------------------------------------
 
@@ -168,7 +193,7 @@ class IptablesBackend:
     def _count_rule(self, version: int, service: Service) -> Any:
         """-j SET --add-set spa_drops_vN src,dst --timeout DROPS_TIMEOUT"""
         rule = self._port_rule(version, service, "SET")
-        rule.target.add_set = [DROP_SETS[version], "src,dst"]
+        rule.target.add_set = [self._drop_sets[version], "src,dst"]
         rule.target.timeout = str(DROPS_TIMEOUT)
         return rule
 
@@ -176,7 +201,7 @@ class IptablesBackend:
         """-m set --match-set spa_drops_vN src,dst -j DROP (the match counts)"""
         rule = self._port_rule(version, service, "DROP")
         match = rule.create_match("set")
-        match.match_set = [DROP_SETS[version], "src,dst"]
+        match.match_set = [self._drop_sets[version], "src,dst"]
         return rule
 
     def _grant_rule(self, address: IPAddress, service: Service, until: float) -> Any:
@@ -199,18 +224,38 @@ class IptablesBackend:
     # ---- lifecycle ---------------------------------------------------------
 
     def start(self, services: Mapping[str, Service], *, now: float) -> None:
+        """Raises LocalError, also (before anything changes) when another
+        spa instance's chain drops a port of `services`."""
+        for version in (4, 6):
+            self._run(f"read the chains of the other spa instances (IPv{version})",
+                      lambda v=version: self._refuse_shared_ports(services, v))
         self._services = dict(services)
         self._counting = self._make_drop_sets()
         for version in (4, 6):
-            self._run("install the SPA chain", lambda v=version: self._install(v, now))
-        self._installed = self._run("read the SPA chain", self._shape)
+            self._run(f"install the {self._chain} chain", lambda v=version: self._install(v, now))
+        self._installed = self._run(f"read the {self._chain} chain", self._shape)
+
+    def _refuse_shared_ports(self, services: Mapping[str, Service], version: int) -> None:
+        """As the nftables backend: a packet passes every chain jumped to from
+        INPUT, so two instances gating one port drop each other's grants."""
+        chains = {chain.name: chain for chain in self._table(version).chains
+                  if chain.name != self._chain and instance_of_chain(chain.name) is not None}
+        shared = shared_port(services, {name: chain.rules for name, chain in chains.items()})
+        if shared is not None:
+            (protocol, port, service), chain_name = shared
+            raise LocalError(
+                f"port {protocol}/{port} ({service}) is gated by another spa instance too "
+                f"(iptables chain {chain_name}): each would drop the other's grants; give each "
+                f"instance its own ports, or if that instance is gone for good: iptables -D "
+                f"INPUT -j {chain_name}; iptables -F {chain_name}; iptables -X {chain_name} "
+                "(and ip6tables)")
 
     def _make_drop_sets(self) -> bool:
         """The two counting ipsets (kept if they exist).  False, with a log
         line, when they cannot be made: drops are then not counted."""
         if self._ipset is None:
             return False
-        for version, name in DROP_SETS.items():
+        for version, name in self._drop_sets.items():
             try:
                 done = self._ipset("create", name, "hash:ip,port", "family",
                                    "inet" if version == 4 else "inet6", "timeout",
@@ -231,7 +276,7 @@ class IptablesBackend:
         if not self._counting or self._ipset is None:
             return {}
         found: dict[tuple[str, int], int] = {}
-        for name in DROP_SETS.values():
+        for name in self._drop_sets.values():
             try:
                 done = self._ipset("list", name, "-o", "xml")
                 if done.returncode != 0:
@@ -245,9 +290,9 @@ class IptablesBackend:
         iptc = self._iptc
         table = self._table(version)
         table.autocommit = False
-        if not table.is_chain(CHAIN):
-            table.create_chain(CHAIN)
-        chain = iptc.Chain(table, CHAIN)
+        if not table.is_chain(self._chain):
+            table.create_chain(self._chain)
+        chain = iptc.Chain(table, self._chain)
         keep = []  # the live grants, made anew: rule objects read before a flush are
         for rule in chain.rules:  # not valid after it (a commit with 12 of them failed)
             found = self._comment_of(rule)
@@ -268,9 +313,9 @@ class IptablesBackend:
                 chain.append_rule(self._count_rule(version, service))
             chain.append_rule(self._port_rule(version, service, "DROP"))
         inbound = iptc.Chain(table, "INPUT")
-        if not any(rule.target.name == CHAIN for rule in inbound.rules):
+        if not any(rule.target.name == self._chain for rule in inbound.rules):
             jump = self._rule(version)
-            jump.create_target(CHAIN)
+            jump.create_target(self._chain)
             inbound.insert_rule(jump)
         table.commit()
         table.autocommit = True
@@ -283,7 +328,7 @@ class IptablesBackend:
         return None
 
     def _grant_rules(self, table: Any, address: IPAddress, service: str) -> list[Any]:
-        chain = self._iptc.Chain(table, CHAIN)
+        chain = self._iptc.Chain(table, self._chain)
         found = []
         for rule in chain.rules:
             owner = self._comment_of(rule)
@@ -296,7 +341,7 @@ class IptablesBackend:
         def act() -> None:
             table = self._table(address.version)
             old = self._grant_rules(table, address, service.name)
-            chain = self._iptc.Chain(table, CHAIN)
+            chain = self._iptc.Chain(table, self._chain)
             chain.insert_rule(self._grant_rule(address, service, until), position=1)
             for rule in old:
                 chain.delete_rule(rule)
@@ -305,7 +350,7 @@ class IptablesBackend:
     def remove(self, address: IPAddress, service: Service) -> None:
         def act() -> None:
             table = self._table(address.version)
-            chain = self._iptc.Chain(table, CHAIN)
+            chain = self._iptc.Chain(table, self._chain)
             for rule in self._grant_rules(table, address, service.name):
                 chain.delete_rule(rule)
         self._run("remove a grant", act)
@@ -317,9 +362,9 @@ class IptablesBackend:
         held: Held = {}
         for version in (4, 6):
             table = self._table(version)
-            if not table.is_chain(CHAIN):
+            if not table.is_chain(self._chain):
                 continue
-            for rule in self._iptc.Chain(table, CHAIN).rules:
+            for rule in self._iptc.Chain(table, self._chain).rules:
                 owner = self._comment_of(rule)
                 if owner is not None and owner[0] in self._services:
                     address = ipaddress.ip_address(rule.src.split("/")[0])
@@ -334,12 +379,12 @@ class IptablesBackend:
         found: list[tuple[object, ...]] = []
         for version in (4, 6):
             table = self._table(version)
-            if not table.is_chain(CHAIN):
+            if not table.is_chain(self._chain):
                 found.append((version, "no chain"))
                 continue
             jumps = sum(1 for rule in self._iptc.Chain(table, "INPUT").rules
-                        if rule.target.name == CHAIN)
-            rules = [_signature(rule) for rule in self._iptc.Chain(table, CHAIN).rules
+                        if rule.target.name == self._chain)
+            rules = [_signature(rule) for rule in self._iptc.Chain(table, self._chain).rules
                      if self._comment_of(rule) is None]
             found.append((version, jumps, tuple(rules)))
         return tuple(found)
@@ -351,7 +396,7 @@ class IptablesBackend:
         notification to report element changes).
         iptables sends no notification: the daemon polls (spa.server.guard).
         Raises LocalError."""
-        problem: str | None = self._run("read the SPA chain",
+        problem: str | None = self._run(f"read the {self._chain} chain",
                                         lambda: self._diagnose(wanted, now))
         if problem is None:
             return None
@@ -367,16 +412,16 @@ class IptablesBackend:
             for version, item in zip((4, 6), shape, strict=True):
                 name = "IPv4" if version == 4 else "IPv6"
                 if item[1] == "no chain":
-                    return f"chain {CHAIN} ({name}) was removed by another program"
+                    return f"chain {self._chain} ({name}) was removed by another program"
                 if item[1] == 0:
-                    return (f"the jump from INPUT to chain {CHAIN} ({name}) was removed by "
+                    return (f"the jump from INPUT to chain {self._chain} ({name}) was removed by "
                             "another program")
-            return f"the rules of chain {CHAIN} were altered by another program"
+            return f"the rules of chain {self._chain} were altered by another program"
         held = self.held(now=now)
         live = {key for key, until in wanted.items() if until - now > GRANT_ENDING}
         if (live - held.keys() or held.keys() - wanted.keys()
                 or any(abs(held[key] - wanted[key]) > 0.01 for key in live & held.keys())):
-            return f"the grants in chain {CHAIN} were changed by another program"
+            return f"the grants in chain {self._chain} were changed by another program"
         return None
 
     def stop(self) -> None:

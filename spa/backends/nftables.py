@@ -1,8 +1,9 @@
 """The nftables backend (the default): sets with timeouts in our own table.
 
 Invariants (docs/threat-model.md, "Firewall"; STYLE principle 6):
-- Everything lives in our tables `inet spa` and `inet spa_hold`; no other
-  table, chain or rule is touched.  `start` is idempotent and atomic (one
+- Everything lives in our tables `inet spa` and `inet spa_hold` (an
+  instance's: `inet spa_NAME`, `inet spa_hold_NAME`, spa/backends/names.py);
+  no other table, chain or rule is touched.  `start` is idempotent and atomic (one
   transaction: a restart never deletes the table first): it creates what is
   missing, rewrites our one chain, and keeps the sets' elements (grants that
   outlived a crash).
@@ -39,6 +40,12 @@ Invariants (docs/threat-model.md, "Firewall"; STYLE principle 6):
   the daemon, which reads the counters now and then (`drops`).
 - `stop` leaves live grants to expire by themselves, or with flush=True
   empties the sets; the rules stay, so protected ports stay closed.
+- One daemon per instance, one instance per port (docs/install.md, "Several
+  instances on one host"): the first start refuses, in one line, when our
+  hold table is already there (another live daemon of this instance owns
+  it; one on its way out is given HOLD_GONE seconds), and every start
+  refuses a port that another instance's gate table drops (each would drop
+  the other's grants).  Nothing is installed then.
 - `repair` compares `inet spa` with what nftables listed right after we
   installed it (spa/backends/nftrepair.py) and puts it back in one
   transaction; `watch` hears every commit (spa/backends/nftwatch.py).
@@ -46,19 +53,19 @@ Invariants (docs/threat-model.md, "Firewall"; STYLE principle 6):
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 
 from spa.backends.base import Change, Held
 from spa.backends.libnft import Document, NftRunner
+from spa.backends.names import DEFAULT_NAMES, FAMILY, Names, instance_of_table, is_hold_table
 from spa.backends.nftrender import (
     CHAIN,
     DROPS_SIZE,
     DROPS_TIMEOUT,
-    FAMILY,
-    HOLD,
     PRIORITY,
-    TABLE,
     parse_drops,
+    parse_gated_ports,
     parse_held,
     render_allow,
     render_changes,
@@ -81,9 +88,7 @@ __all__ = [
     "DROPS_SIZE",
     "DROPS_TIMEOUT",
     "FAMILY",
-    "HOLD",
     "PRIORITY",
-    "TABLE",
     "NftablesBackend",
     "parse_drops",
     "parse_held",
@@ -103,10 +108,12 @@ class NftablesBackend:
     expires_by_itself = True
 
     def __init__(self, runner: NftRunner, *, flush_on_stop: bool = False,
-                 hold: bool | None = None) -> None:
+                 hold: bool | None = None, names: Names = DEFAULT_NAMES) -> None:
         """`hold`: keep the gate in an owned table too (default: where the
-        runner can own tables, i.e. libnftables)."""
+        runner can own tables, i.e. libnftables).  `names`: the instance's
+        tables."""
         self.runner = runner
+        self.names = names
         self.flush_on_stop = flush_on_stop
         self._hold_wanted = runner.owns_tables and hold is not False
         self._hold = False  # the hold table is installed
@@ -117,24 +124,31 @@ class NftablesBackend:
         # that expired in the kernel linger here until their Remove).
         self._present: set[tuple[IPAddress, str]] = set()
         self._shape = ""  # our table as nftables listed it right after we installed it
+        self._started = False  # a start ran (a reload's start is not the first)
 
     def start(self, services: Mapping[str, Service], *, now: float) -> None:
         """Install (or take back) our table in one transaction: what another
         program left in it goes, grants that outlived a crash stay.  When
         nftables refuses (another process owns a table of that name), the
         hold table still goes in and `repair` reports the failure."""
+        tables = self._inet_tables()
+        if self._hold_wanted and not self._started and self.names.hold in tables:
+            tables = self._wait_for_hold_to_go()
+        self._refuse_shared_ports(services, tables)
         self._services = dict(services)
+        names = self.names
         try:
             flags = self._flags()
             if flags:  # not safe to list in JSON (see _flags): start afresh
-                self.runner.run(render_replace(self._services, {}, now))
+                self.runner.run(render_replace(self._services, {}, now, names=names))
             else:
                 listing = (self._json_listing() if flags is not None else None) or {}
-                held = parse_held(listing, self._services, now)
+                held = parse_held(listing, self._services, now, names=names)
                 try:
-                    self.runner.run(render_repair(listing, self._services, held, now))
+                    self.runner.run(render_repair(listing, self._services, held, now,
+                                                  names=names))
                 except LocalError:  # something in the way: start afresh, the grants kept
-                    self.runner.run(render_replace(self._services, held, now))
+                    self.runner.run(render_replace(self._services, held, now, names=names))
             installed = self._remember_shape()
         except LocalError:  # the guard's first check reports it, and keeps reporting
             # nothing is known to be installed: whatever the table holds now
@@ -144,19 +158,86 @@ class NftablesBackend:
             installed = {}
         if self._hold_wanted and not _flags_print_safely(installed):
             self.flags_note = (f"libnftables {_version(installed)} prints garbage for the "
-                               f"owned table {FAMILY} {HOLD} in JSON listings (nft -j list "
+                               f"owned table {FAMILY} {names.hold} in JSON listings (nft -j list "
                                "ruleset; fixed in 1.0.9); spa never lists it so: if a tool of "
                                "yours does, set hold_table = \"off\"")
         if self._hold_wanted:
-            self._install_hold(parse_held(installed, self._services, now), now)
+            self._install_hold(parse_held(installed, self._services, now, names=names), now)
+        self._started = True
 
-    def _flags(self) -> frozenset[str] | None:
+    def _inet_tables(self) -> list[str]:
+        """The names of the inet tables now ([] when they cannot be listed:
+        the start then says why, and the guard reports it)."""
+        try:
+            text = self.runner.list_text("list tables")
+        except LocalError:
+            return []
+        return [words[2] for words in map(str.split, text.splitlines())
+                if len(words) >= 3 and words[0] == "table" and words[1] == FAMILY]
+
+    def _wait_for_hold_to_go(self) -> list[str]:
+        """Our hold table exists before we made it: another live process
+        owns it (the kernel removes an owned table with its owner), i.e.
+        another spa-server of this instance, or the gate keeper of the one
+        this start replaces, on its way out (given HOLD_GONE seconds).
+        Returns the tables then.  Raises LocalError: two daemons on one table
+        would each undo the other's gate."""
+        deadline = time.monotonic() + HOLD_GONE
+        while True:
+            tables = self._inet_tables()
+            if self.names.hold not in tables:
+                return tables
+            if time.monotonic() >= deadline:
+                instance = self.names.instance
+                raise LocalError(
+                    f"another spa-server of instance {instance!r} runs (it owns table "
+                    f"{FAMILY} {self.names.hold}): give this one its own [server] instance "
+                    "(docs/install.md, \"Several instances on one host\")")
+            time.sleep(0.1)
+
+    def _refuse_shared_ports(self, services: Mapping[str, Service], tables: list[str]) -> None:
+        """Another spa instance's table on this host that gates a port ours
+        would gate: refused in one line, nothing installed.  A packet must
+        pass both tables, and each drops what it did not grant, so each
+        instance would drop the other's grants.  Raises LocalError (also
+        when the ruleset cannot be read: then nothing could be installed)."""
+        ours = {(s.protocol, s.port): s.name for s in services.values()}
+        for name in self._other_gates(tables):
+            try:
+                listing = self.runner.run({"nftables": [{"list": {"table": {
+                    "family": FAMILY, "name": name}}}]}, terse=True)
+            except LocalError:
+                continue  # gone meanwhile
+            shared = sorted(parse_gated_ports(listing, name) & ours.keys())
+            if shared:
+                protocol, port = shared[0]
+                raise LocalError(
+                    f"port {protocol}/{port} ({ours[(protocol, port)]}) is gated by another "
+                    f"spa instance too (table {FAMILY} {name}): each would drop the other's "
+                    f"grants; give each instance its own ports, or if that instance is gone "
+                    f"for good: nft delete table {FAMILY} {name}")
+
+    def _other_gates(self, tables: list[str]) -> list[str]:
+        """The gate tables of the other spa instances among `tables` (never
+        a hold table, nor one with flags: neither is safe to list in JSON)."""
+        found = []
+        for name in tables:
+            if (name != self.names.table and instance_of_table(name) is not None
+                    and not is_hold_table(name)):
+                try:
+                    if self._flags(name) == frozenset():
+                        found.append(name)
+                except LocalError:
+                    continue  # not ours to read: no instance of ours made it so
+        return found
+
+    def _flags(self, table: str | None = None) -> frozenset[str] | None:
         """Our table's flags, from nft's terse text listing; None: no table.
         Read before any JSON listing of it: libnftables before 1.0.9 prints a
         table with one flag from freed memory (an attacker's `flags dormant`
         or `flags owner` would have our own listings corrupt our heap)."""
         try:
-            text = self.runner.list_text(f"list table {FAMILY} {TABLE}")
+            text = self.runner.list_text(f"list table {FAMILY} {table or self.names.table}")
         except LocalError as exc:
             if "No such file or directory" in str(exc):
                 return None
@@ -175,8 +256,8 @@ class NftablesBackend:
         the kernel removes it when this process ends (our table stays)."""
         try:
             if not self._hold:
-                self.runner.run_text(f"add table {FAMILY} {HOLD} {{ flags owner; }}")
-            self.runner.run(render_hold(self._services, held, now))
+                self.runner.run_text(f"add table {FAMILY} {self.names.hold} {{ flags owner; }}")
+            self.runner.run(render_hold(self._services, held, now, names=self.names))
         except LocalError as exc:
             self._hold = False
             self.hold_note = (f"no hold table ({exc}); a flush of the ruleset opens the "
@@ -193,7 +274,8 @@ class NftablesBackend:
         if flags is None:
             return None
         if flags:
-            raise LocalError(f"table {FAMILY} {TABLE} was given flags {', '.join(sorted(flags))} "
+            raise LocalError(f"table {FAMILY} {self.names.table} was given flags "
+                             f"{', '.join(sorted(flags))} "
                              "by another program")
         return self._json_listing()
 
@@ -201,8 +283,8 @@ class NftablesBackend:
         """`_listing` once its flags are known to be none (`terse`: without
         set elements)."""
         try:
-            return self.runner.run({"nftables": [{"list": {"table": {"family": FAMILY,
-                                                                      "name": TABLE}}}]},
+            return self.runner.run({"nftables": [{"list": {"table": {
+                "family": FAMILY, "name": self.names.table}}}]},
                                    terse=terse)
         except LocalError as exc:
             if "No such file or directory" in str(exc):
@@ -211,7 +293,7 @@ class NftablesBackend:
 
     def _remember_shape(self) -> Document:
         listing = self._listing() or {}
-        self._shape = shape(listing)
+        self._shape = shape(listing, names=self.names)
         return listing
 
     def repair(self, wanted: Held, *, now: float, grants: bool = True) -> str | None:
@@ -222,22 +304,24 @@ class NftablesBackend:
         grants: the guard's backstop, when notifications already report every
         change of an element).  Raises LocalError when nftables refuses even
         the whole replacement (another process owns the name)."""
+        names = self.names
         flags = self._flags()
         listing = None if flags is None or flags else self._json_listing(terse=not grants)
         if flags:
-            problem: str | None = (f"table {FAMILY} {TABLE} was given flags "
+            problem: str | None = (f"table {FAMILY} {names.table} was given flags "
                                    f"{', '.join(sorted(flags))} by another program")
         else:
             problem = diagnose(listing, self._shape, self._services,
-                               wanted if grants else None, now)
+                               wanted if grants else None, now, names=names)
         if not problem:
             return None
-        replace = render_replace(self._services, wanted, now)
+        replace = render_replace(self._services, wanted, now, names=names)
         if flags:  # not safe to list, nor to take apart: start afresh
             self.runner.run(replace)
         else:
             try:
-                self.runner.run(render_repair(listing, self._services, wanted, now))
+                self.runner.run(render_repair(listing, self._services, wanted, now,
+                                              names=names))
             except LocalError:  # something in the way (a jump into a chain): start afresh
                 self.runner.run(replace)
         self._present = set(wanted)
@@ -259,11 +343,12 @@ class NftablesBackend:
 
     def allow(self, address: IPAddress, service: Service, until: float, *, now: float) -> None:
         self.runner.run(render_allow(address, service.name, timeout_seconds(until, now),
-                                     hold=self._hold))
+                                     hold=self._hold, names=self.names))
         self._present.add((address, service.name))
 
     def remove(self, address: IPAddress, service: Service) -> None:
-        self.runner.run(render_remove(address, service.name, hold=self._hold))
+        self.runner.run(render_remove(address, service.name, hold=self._hold,
+                                      names=self.names))
         self._present.discard((address, service.name))
 
     def apply(self, changes: Sequence[Change], *, now: float) -> None:
@@ -273,11 +358,11 @@ class NftablesBackend:
         try:
             self.runner.run(render_changes(
                 changes, now, lambda address, name: (address, name) not in present,
-                hold=self._hold))
+                hold=self._hold, names=self.names))
         except LocalError:
             # An element we thought absent exists (or something else broke):
             # the form that works either way; its error is the one to report.
-            self.runner.run(render_changes(changes, now, hold=self._hold))
+            self.runner.run(render_changes(changes, now, hold=self._hold, names=self.names))
         for action, service in changes:
             if isinstance(action, Allow):
                 present.add((action.address, service.name))
@@ -292,27 +377,29 @@ class NftablesBackend:
         found: dict[tuple[str, int], int] = {}
         for version in (4, 6):
             found.update(parse_drops(self.runner.run({"nftables": [{"list": {"set": {
-                "family": FAMILY, "table": TABLE, "name": f"drops_v{version}"}}}]})))
+                "family": FAMILY, "table": self.names.table, "name": f"drops_v{version}"}}}]}),
+                names=self.names))
         return found
 
     def held(self, *, now: float) -> Held:
-        held = parse_held(self._listing() or {}, self._services, now)
+        held = parse_held(self._listing() or {}, self._services, now, names=self.names)
         self._present = set(held)
         return held
 
     def stop(self) -> None:
         if self.flush_on_stop and self._services:
-            self.runner.run(render_flush(self._services, hold=self._hold))
+            self.runner.run(render_flush(self._services, hold=self._hold, names=self.names))
 
 
 def safe_ruleset(runner: NftRunner) -> Document:
-    """Every table but the hold table, each listed in JSON, in one document
-    (a table that goes between the two steps is left out).  Raises LocalError."""
+    """Every table but the hold tables (every instance's), each listed in
+    JSON, in one document (a table that goes between the two steps is left
+    out).  Raises LocalError."""
     tables = [line.split()[1:3] for line in runner.list_text("list tables").splitlines()
               if line.startswith("table ") and len(line.split()) >= 3]
     items: list[object] = []
     for family, name in tables:
-        if (family, name) == (FAMILY, HOLD):
+        if family == FAMILY and is_hold_table(name):
             items.append({"table": {"family": family, "name": name}})
             continue
         try:
@@ -325,6 +412,7 @@ def safe_ruleset(runner: NftRunner) -> Document:
     return {"nftables": items}
 
 
+HOLD_GONE = 3.0  # seconds a start waits for the hold table of the daemon it replaces to go
 SAFE_FLAGS_VERSION = (1, 0, 9)  # nftables' "json: fix use after free in table_flags_json()"
 
 

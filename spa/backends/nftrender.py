@@ -14,13 +14,13 @@ from typing import Any
 
 from spa.backends.base import Change, Held
 from spa.backends.libnft import Document
+from spa.backends.names import DEFAULT_NAMES, FAMILY, Names
 from spa.core.leases import Allow
 from spa.core.policy import Service
 from spa.core.wire import IPAddress
 
-FAMILY = "inet"
-TABLE = "spa"
-HOLD = "spa_hold"  # the same gate in a table the daemon owns (see the backend)
+# The tables are an instance's (spa/backends/names.py): `inet spa` and the
+# same gate in a table the daemon owns, `inet spa_hold` (see the backend).
 CHAIN = "input"
 FORWARD = "forward"  # gates connections DNATed from a protected port (Docker's -p PORT:...)
 PRIORITY = -10  # before the conventional filter chains at priority 0
@@ -36,7 +36,7 @@ def set_name(service: str, version: int) -> str:
     return f"svc_{service}_v{version}"
 
 
-def _where(table: str = TABLE, **fields: Any) -> dict[str, Any]:
+def _where(table: str, **fields: Any) -> dict[str, Any]:
     return {"family": FAMILY, "table": table, **fields}
 
 
@@ -49,22 +49,24 @@ def timeout_seconds(until: float, now: float) -> int:
     return max(1, math.ceil(until - now - 1e-6))
 
 
-def render_start(services: Mapping[str, Service], *, drop_sets: bool = True) -> Document:
-    """The transaction that installs (or updates) our table.  drop_sets=False
+def render_start(services: Mapping[str, Service], *, drop_sets: bool = True,
+                 names: Names = DEFAULT_NAMES) -> Document:
+    """The transaction that installs (or updates) our table (`names.table`).  drop_sets=False
     when they exist already: the kernel marks a set that rules update as
     dynamic, and adding it again without that flag (which nft's JSON does not
     take) is refused."""
-    commands: list[dict[str, Any]] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}]
+    table = names.table
+    commands: list[dict[str, Any]] = [{"add": {"table": {"family": FAMILY, "name": table}}}]
     for service in services.values():
         for version, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")):
-            commands.append({"add": {"set": _where(name=set_name(service.name, version),
+            commands.append({"add": {"set": _where(table, name=set_name(service.name, version),
                                                    type=kind, flags=["timeout"])}})
     for version, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")) if drop_sets else ():
         commands.append({"add": {"set": _where(
-            name=f"drops_v{version}", type=[kind, "inet_service"], flags=["timeout"],
+            table, name=f"drops_v{version}", type=[kind, "inet_service"], flags=["timeout"],
             timeout=DROPS_TIMEOUT, size=DROPS_SIZE)}})
-    commands += _input_commands(services, TABLE, PRIORITY, mark=True, count=True)
-    commands += _forward_commands(services, TABLE, PRIORITY, mark=True)
+    commands += _input_commands(services, table, PRIORITY, mark=True, count=True)
+    commands += _forward_commands(services, table, PRIORITY, mark=True)
     return {"nftables": commands}
 
 
@@ -135,24 +137,26 @@ _SET_MARK = {"mangle": {"key": {"meta": {"key": "mark"}},
                         "value": {"|": [{"meta": {"key": "mark"}}, GATE_MARK]}}}
 
 
-def render_hold(services: Mapping[str, Service], held: Held, now: float) -> Document:
+def render_hold(services: Mapping[str, Service], held: Held, now: float, *,
+                names: Names = DEFAULT_NAMES) -> Document:
     """The hold table's content (the table itself is made `flags owner` by a
     text command: nft's JSON drops table flags): per service the grant sets,
     set to exactly `held`, and one chain that drops a protected port unless
     the source is in its set.  No counting: our table counts."""
+    hold = names.hold
     commands: list[dict[str, Any]] = []
     for service in services.values():
         for version, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")):
             name = set_name(service.name, version)
-            commands += [{"add": {"set": _where(HOLD, name=name, type=kind, flags=["timeout"])}},
-                         {"flush": {"set": _where(HOLD, name=name)}}]
-    commands += _input_commands(services, HOLD, HOLD_PRIORITY, mark=False, count=False)
-    commands += _forward_commands(services, HOLD, HOLD_PRIORITY, mark=False)
-    return {"nftables": commands + render_elements(held, services, now, HOLD)}
+            commands += [{"add": {"set": _where(hold, name=name, type=kind, flags=["timeout"])}},
+                         {"flush": {"set": _where(hold, name=name)}}]
+    commands += _input_commands(services, hold, HOLD_PRIORITY, mark=False, count=False)
+    commands += _forward_commands(services, hold, HOLD_PRIORITY, mark=False)
+    return {"nftables": commands + render_elements(held, services, now, hold)}
 
 
 def render_elements(wanted: Held, services: Mapping[str, Service], now: float,
-                    table: str = TABLE) -> list[dict[str, Any]]:
+                    table: str) -> list[dict[str, Any]]:
     """The commands that add every live grant of `wanted` at its remaining time."""
     return [{"add": {"element": {
         **_where(table, name=set_name(name, address.version)),
@@ -162,33 +166,34 @@ def render_elements(wanted: Held, services: Mapping[str, Service], now: float,
 
 
 def render_allow(address: IPAddress, service: str, timeout: int, *,
-                 hold: bool = False) -> Document:
+                 hold: bool = False, names: Names = DEFAULT_NAMES) -> Document:
     """Add or replace one element's timeout, atomically: add (no-op if it
     exists), delete, add with the new timeout (in the hold table too)."""
-    return {"nftables": [command for table in _tables(hold)
+    return {"nftables": [command for table in _tables(hold, names)
                          for command in _allow_commands(address, service, timeout, table)]}
 
 
-def render_remove(address: IPAddress, service: str, *, hold: bool = False) -> Document:
+def render_remove(address: IPAddress, service: str, *, hold: bool = False,
+                  names: Names = DEFAULT_NAMES) -> Document:
     """Remove one element; the leading add makes the delete safe when the
     kernel already expired it."""
-    return {"nftables": [command for table in _tables(hold)
+    return {"nftables": [command for table in _tables(hold, names)
                          for command in _remove_commands(address, service, table)]}
 
 
-def _tables(hold: bool) -> tuple[str, ...]:
-    return (TABLE, HOLD) if hold else (TABLE,)
+def _tables(hold: bool, names: Names) -> tuple[str, ...]:
+    return (names.table, names.hold) if hold else (names.table,)
 
 
 def render_changes(changes: Sequence[Change], now: float,
                    absent: Callable[[IPAddress, str], bool] = lambda address, service: False,
-                   *, hold: bool = False) -> Document:
+                   *, hold: bool = False, names: Names = DEFAULT_NAMES) -> Document:
     """Several grants and removals as one transaction (all or nothing), in
     our table and, with `hold`, the hold table.  Grants for which
     `absent(address, service)` holds are a single `create` in each (the two
     hold the same elements: every change reaches both in one transaction)."""
     commands: list[dict[str, Any]] = []
-    tables = _tables(hold)
+    tables = _tables(hold, names)
     for action, service in changes:
         if isinstance(action, Allow):
             timeout = timeout_seconds(action.until, now)
@@ -205,14 +210,14 @@ def render_changes(changes: Sequence[Change], now: float,
 
 
 def _create_command(address: IPAddress, service: str, timeout: int,
-                    table: str = TABLE) -> dict[str, Any]:
+                    table: str) -> dict[str, Any]:
     where = _where(table, name=set_name(service, address.version))
     return {"create": {"element": {**where, "elem": [{"elem": {"val": str(address),
                                                                 "timeout": timeout}}]}}}
 
 
 def _allow_commands(address: IPAddress, service: str, timeout: int,
-                    table: str = TABLE) -> list[dict[str, Any]]:
+                    table: str) -> list[dict[str, Any]]:
     """Remove (whether or not it exists), then add with the new timeout."""
     where = _where(table, name=set_name(service, address.version))
     return [*_remove_commands(address, service, table),
@@ -221,7 +226,7 @@ def _allow_commands(address: IPAddress, service: str, timeout: int,
 
 
 def _remove_commands(address: IPAddress, service: str,
-                     table: str = TABLE) -> list[dict[str, Any]]:
+                     table: str) -> list[dict[str, Any]]:
     where = _where(table, name=set_name(service, address.version))
     value = str(address)
     return [
@@ -230,20 +235,22 @@ def _remove_commands(address: IPAddress, service: str,
     ]
 
 
-def render_flush(services: Mapping[str, Service], *, hold: bool = False) -> Document:
+def render_flush(services: Mapping[str, Service], *, hold: bool = False,
+                 names: Names = DEFAULT_NAMES) -> Document:
     return {"nftables": [
         {"flush": {"set": _where(table, name=set_name(service.name, version))}}
-        for table in _tables(hold) for service in services.values() for version in (4, 6)
+        for table in _tables(hold, names) for service in services.values() for version in (4, 6)
     ]}
 
 
-def parse_held(listing: Document, services: Mapping[str, Service], now: float) -> Held:
+def parse_held(listing: Document, services: Mapping[str, Service], now: float, *,
+               names: Names = DEFAULT_NAMES) -> Held:
     """(address, service) -> until, from `list table inet spa` output."""
     by_set = {set_name(s.name, v): s.name for s in services.values() for v in (4, 6)}
     held: Held = {}
     for item in listing.get("nftables", []):
         spec = item.get("set") if isinstance(item, dict) else None
-        if not spec or spec.get("table") != TABLE or spec.get("name") not in by_set:
+        if not spec or spec.get("table") != names.table or spec.get("name") not in by_set:
             continue
         for elem in spec.get("elem", []):
             if isinstance(elem, dict) and "elem" in elem:
@@ -254,12 +261,13 @@ def parse_held(listing: Document, services: Mapping[str, Service], now: float) -
     return held
 
 
-def parse_drops(listing: Document) -> dict[tuple[str, int], int]:
+def parse_drops(listing: Document, *, names: Names = DEFAULT_NAMES
+                ) -> dict[tuple[str, int], int]:
     """(source, port) -> dropped packets, from `list set` output of drops_v4/v6."""
     found: dict[tuple[str, int], int] = {}
     for item in listing.get("nftables", []):
         spec = item.get("set") if isinstance(item, dict) else None
-        if not spec or spec.get("table") != TABLE or not str(spec.get("name")).startswith(
+        if not spec or spec.get("table") != names.table or not str(spec.get("name")).startswith(
                 "drops_v"):
             continue
         for elem in spec.get("elem", []):
@@ -269,4 +277,27 @@ def parse_drops(listing: Document) -> dict[tuple[str, int], int]:
             counter = inner.get("counter", {})
             if isinstance(value, list) and len(value) == 2 and isinstance(counter, dict):
                 found[(str(value[0]), int(value[1]))] = int(counter.get("packets", 0))
+    return found
+
+
+def parse_gated_ports(listing: Document, table: str) -> set[tuple[str, int]]:
+    """(protocol, port) pairs the input chain of `table` drops (a gate's
+    protected ports), from `list table` output of another instance's table."""
+    found: set[tuple[str, int]] = set()
+    for item in listing.get("nftables", []):
+        rule = item.get("rule") if isinstance(item, dict) else None
+        if not isinstance(rule, dict) or rule.get("table") != table or rule.get("chain") != CHAIN:
+            continue
+        expr = rule.get("expr")
+        if not isinstance(expr, list) or not expr or expr[-1] != {"drop": None}:
+            continue
+        for statement in expr:
+            match = statement.get("match") if isinstance(statement, dict) else None
+            if not isinstance(match, dict):
+                continue
+            left, right = match.get("left"), match.get("right")
+            payload = left.get("payload") if isinstance(left, dict) else None
+            if (isinstance(payload, dict) and payload.get("field") == "dport"
+                    and match.get("op") == "==" and isinstance(right, int)):
+                found.add((str(payload.get("protocol")), right))
     return found

@@ -24,12 +24,11 @@ from typing import Any
 
 from spa.backends.base import Held
 from spa.backends.libnft import Document
+from spa.backends.names import DEFAULT_NAMES, FAMILY, Names
 from spa.backends.nftrender import (
     CHAIN,
     DROPS_SIZE,
     DROPS_TIMEOUT,
-    FAMILY,
-    TABLE,
     parse_held,
     render_elements,
     render_start,
@@ -62,7 +61,7 @@ def _zero_counters(value: Any) -> Any:
     return value
 
 
-def _ours(listing: Document) -> list[dict[str, Any]]:
+def _ours(listing: Document, table: str) -> list[dict[str, Any]]:
     """The items of our table in a listing (sets, chains, rules)."""
     found = []
     for item in listing.get("nftables", []):
@@ -70,64 +69,67 @@ def _ours(listing: Document) -> list[dict[str, Any]]:
             continue
         for kind, spec in item.items():
             if (kind in ("set", "map", "chain", "rule", "flowtable", "counter", "quota")
-                    and isinstance(spec, dict) and spec.get("table") == TABLE
+                    and isinstance(spec, dict) and spec.get("table") == table
                     and spec.get("family") == FAMILY):
                 found.append({kind: spec})
     return found
 
 
-def has_table(listing: Document) -> bool:
+def has_table(listing: Document, *, names: Names = DEFAULT_NAMES) -> bool:
     return any(isinstance(item, dict) and isinstance(item.get("table"), dict)
-               and item["table"].get("name") == TABLE and item["table"].get("family") == FAMILY
+               and item["table"].get("name") == names.table
+               and item["table"].get("family") == FAMILY
                for item in listing.get("nftables", []))
 
 
-def shape(listing: Document) -> Shape:
-    return json.dumps([_still(item) for item in _ours(listing)], sort_keys=True)
+def shape(listing: Document, *, names: Names = DEFAULT_NAMES) -> Shape:
+    return json.dumps([_still(item) for item in _ours(listing, names.table)], sort_keys=True)
 
 
-def _chains(listing: Document) -> set[str]:
-    return {item["chain"]["name"] for item in _ours(listing) if "chain" in item}
+def _chains(listing: Document, table: str) -> set[str]:
+    return {item["chain"]["name"] for item in _ours(listing, table) if "chain" in item}
 
 
 def diagnose(listing: Document | None, installed: Shape, services: Mapping[str, Service],
-             wanted: Held | None, now: float) -> str | None:
+             wanted: Held | None, now: float, *, names: Names = DEFAULT_NAMES) -> str | None:
     """What another program changed, or None if the table is as we left it.
     `listing` None: the table does not exist.  `wanted` None: the structure
     only (a terse listing, which has no set elements)."""
-    if listing is None or not has_table(listing):
-        return f"table {FAMILY} {TABLE} was removed by another program"
-    if CHAIN not in _chains(listing):
-        return f"chain {CHAIN} of table {FAMILY} {TABLE} was removed by another program"
-    if shape(listing) != installed:
-        return (f"the chains, rules or sets of table {FAMILY} {TABLE} were altered by another "
+    table = names.table
+    if listing is None or not has_table(listing, names=names):
+        return f"table {FAMILY} {table} was removed by another program"
+    if CHAIN not in _chains(listing, table):
+        return f"chain {CHAIN} of table {FAMILY} {table} was removed by another program"
+    if shape(listing, names=names) != installed:
+        return (f"the chains, rules or sets of table {FAMILY} {table} were altered by another "
                 "program")
     if wanted is None:
         return None
-    held = parse_held(listing, services, now)
+    held = parse_held(listing, services, now, names=names)
     missing = sorted(f"{a} {s}" for (a, s), until in wanted.items()
                      if until - now > ENDING and (a, s) not in held)
     if missing:
-        return (f"{len(missing)} grant(s) were removed from table {FAMILY} {TABLE} by another "
+        return (f"{len(missing)} grant(s) were removed from table {FAMILY} {table} by another "
                 f"program ({', '.join(missing[:3])})")
     extra = sorted(f"{a} {s}" for (a, s) in held if (a, s) not in wanted)
     if extra:
-        return (f"table {FAMILY} {TABLE} holds {len(extra)} grant(s) spa did not make "
+        return (f"table {FAMILY} {table} holds {len(extra)} grant(s) spa did not make "
                 f"({', '.join(extra[:3])})")
     moved = sorted(f"{a} {s}" for (a, s), until in held.items()
                    if (a, s) in wanted and abs(until - wanted[(a, s)]) > EXPIRY_SLACK)
     if moved:
-        return (f"{len(moved)} grant(s) in table {FAMILY} {TABLE} have another timeout than "
+        return (f"{len(moved)} grant(s) in table {FAMILY} {table} have another timeout than "
                 f"their lease ({', '.join(moved[:3])})")
     return None
 
 
 def render_repair(listing: Document | None, services: Mapping[str, Service], wanted: Held,
-                  now: float) -> Document:
+                  now: float, *, names: Names = DEFAULT_NAMES) -> Document:
     """The one transaction that restores the table with exactly `wanted`."""
-    where = {"family": FAMILY, "table": TABLE}
+    where = {"family": FAMILY, "table": names.table}
     commands: list[dict[str, Any]] = []
-    present = _ours(listing) if listing is not None and has_table(listing) else []
+    present = (_ours(listing, names.table)
+               if listing is not None and has_table(listing, names=names) else [])
     expected = _expected_sets(services)
     # a drop set is kept (its counters with it) only while a rule of ours
     # updates it: only then is it known to be dynamic, which the update
@@ -150,14 +152,14 @@ def render_repair(listing: Document | None, services: Mapping[str, Service], wan
                 continue
             kept_drops &= spec.get("name") not in DROP_SETS
             commands.append({"delete": {kind: {**where, "name": spec["name"]}}})
-    names = {item["set"]["name"] for item in present if "set" in item}
-    drops_present = kept_drops and all(name in names for name in DROP_SETS)
-    commands += render_start(services, drop_sets=not drops_present)["nftables"]
+    set_names = {item["set"]["name"] for item in present if "set" in item}
+    drops_present = kept_drops and all(name in set_names for name in DROP_SETS)
+    commands += render_start(services, drop_sets=not drops_present, names=names)["nftables"]
     for service in services.values():
         for version in (4, 6):
             commands.append({"flush": {"set": {**where, "name": set_name(service.name,
                                                                          version)}}})
-    commands += render_elements(wanted, services, now)
+    commands += render_elements(wanted, services, now, names.table)
     return {"nftables": commands}
 
 
@@ -175,14 +177,15 @@ def _updated_sets(expr: object) -> set[str]:
     return found
 
 
-def render_replace(services: Mapping[str, Service], wanted: Held, now: float) -> Document:
+def render_replace(services: Mapping[str, Service], wanted: Held, now: float, *,
+                   names: Names = DEFAULT_NAMES) -> Document:
     """Our table deleted and made again in one transaction, with exactly
     `wanted`: for what `render_repair` cannot take apart (flags, a knot of
     jumps).  The drop counters start again from zero."""
-    table = {"family": FAMILY, "name": TABLE}
+    table = {"family": FAMILY, "name": names.table}
     commands: list[dict[str, Any]] = [{"add": {"table": table}}, {"delete": {"table": table}}]
-    commands += render_start(services, drop_sets=True)["nftables"]
-    commands += render_elements(wanted, services, now)
+    commands += render_start(services, drop_sets=True, names=names)["nftables"]
+    commands += render_elements(wanted, services, now, names.table)
     return {"nftables": commands}
 
 

@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spa.backends.libnft import Document, NftRunner
+from spa.backends.names import BASE_CHAIN as IPT_CHAIN
+from spa.backends.names import BASE_TABLE as TABLE
+from spa.backends.names import FAMILY
 from spa.backends.nftrender import CHAIN as NFT_CHAIN
-from spa.backends.nftrender import FAMILY, TABLE
 from spa.server.errors import LocalError
 
-IPT_CHAIN = "SPA"  # spa/backends/iptables.py's chain
-IPSET_PREFIX = "spa_"  # spa_drops_v4, spa_drops_v6 (spa/backends/iptables.py)
+IPSET_PREFIX = "spa_"  # spa_drops_v4, spa_drops_v6, spa_drops_v4_NAME (spa/backends/names.py)
 PROC = Path("/proc/net")
 IP_SET_MODULE = Path("/sys/module/ip_set")
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import cast
 
+from spa.backends.names import instance_problem
 from spa.core.errors import FormatError
 from spa.core.keys import MASTER_SECRET_SIZE, SERVER_ID_SIZE
 from spa.core.otp import SECRET_BYTES, provisioning_uri
@@ -79,10 +80,17 @@ def service_of(spec: str) -> Service:
                    https.default_duration, https.max_duration)
 
 
-def init(path: Path, *, listen_port: int, backend: str, state_dir: Path, force: bool,
-         services: Sequence[str] = ("ssh",)) -> list[Service]:
+def init(path: Path, *, listen_port: int, backend: str, state_dir: Path | None, force: bool,
+         services: Sequence[str] = ("ssh",), instance: str = "") -> list[Service]:
     """Write a fresh config with a new random server id, protecting
-    `services` (see `service_of`); return them.  Raises ConfigError."""
+    `services` (see `service_of`); return them.  `state_dir` None: the
+    default for this config file (`config.default_state_dir`); `instance`:
+    [server] instance.  Raises ConfigError."""
+    problem = instance_problem(instance)
+    if problem is not None:
+        raise ConfigError(f"--instance {instance!r} {problem}")
+    if state_dir is None:
+        state_dir = config_mod.default_state_dir(path, instance)
     if not 1 <= listen_port <= 65535:
         raise ConfigError(f"--listen-port {listen_port} is out of range 1-65535")
     if backend not in config_mod.BACKENDS:
@@ -93,7 +101,8 @@ def init(path: Path, *, listen_port: int, backend: str, state_dir: Path, force: 
         raise ConfigError("two --service options name the same port; give each port once")
     server_id = os.urandom(SERVER_ID_SIZE)
     text = config_mod.render_new(server_id=server_id, listen_port=listen_port, backend=backend,
-                                 state_dir=state_dir.absolute(), protect=chosen)
+                                 state_dir=state_dir.absolute(), protect=chosen,
+                                 instance=instance)
     config_mod.write_new(path, text, force=force)
     return chosen
 

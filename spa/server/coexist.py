@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from spa.backends.hostcheck import Outcome, Target, check, render
 from spa.backends.libnft import NftRunner
+from spa.backends.names import FAMILY
 from spa.backends.nftables import safe_ruleset
 from spa.core.policy import Service
 from spa.server.config import ServerConfig
@@ -50,7 +51,9 @@ def report(runner: NftRunner, config: ServerConfig) -> Report:
     """Raises LocalError when the ruleset cannot be read."""
     listing = safe_ruleset(runner)
     try:
-        findings = check(listing, targets_of(config))
+        names = config.names
+        findings = check(listing, targets_of(config),
+                         own_tables=((FAMILY, names.table), (FAMILY, names.hold)))
     except ValueError as exc:
         raise LocalError(f"cannot read the ruleset: {exc}") from None
     problems = sum(1 for f in findings if f.outcome in (Outcome.DROPS, Outcome.MAY_DROP)

@@ -36,6 +36,7 @@ from typing import Any
 
 import tomlkit
 
+from spa.backends.names import MAX_INSTANCE, Names, instance_problem
 from spa.core.errors import FormatError
 from spa.core.keys import MASTER_SECRET_SIZE, SERVER_ID_SIZE
 from spa.core.policy import DEFAULT_SERVICES, ClientPolicy, Policy, Service
@@ -60,6 +61,7 @@ DEFAULT_DASHBOARD_LISTEN = "127.0.0.1:9713"  # loopback: reach it through an ssh
 _SERVER_KEYS = {
     "server_id", "listen_port", "listen_address", "backend", "mode", "interface",
     "state_dir", "window", "event_retention_days", "flush_on_stop", "hold_table", "fwknop_port",
+    "instance",
 }
 _SERVICE_KEYS = {"protocol", "port", "default_duration", "max_duration"}
 _CLIENT_KEYS = {"secret", "services", "allow_other_address", "revoked", "enrolled",
@@ -111,11 +113,19 @@ class ServerConfig:
     flush_on_stop: bool = False
     hold_table: str = "auto"
     fwknop_port: int = 0  # the compat listener's UDP port for fwknop's packets (0: off)
+    # several servers on one host: each its own tables and chain (spa/backends/names.py);
+    # "" (the default): the names of every install before, `inet spa`
+    instance: str = ""
     metrics_listen: str = ""  # [metrics] listen = "127.0.0.1:9712" (empty: no endpoint)
     geoip_database: Path | None = None  # [geoip] database = "/path/Country.mmdb"
     dashboard_listen: str = DEFAULT_DASHBOARD_LISTEN  # [dashboard] listen
     services: Mapping[str, Service] = field(default_factory=lambda: dict(DEFAULT_SERVICES))
     clients: Mapping[str, ClientEntry] = field(default_factory=dict)
+
+    @property
+    def names(self) -> Names:
+        """This instance's tables, chain and ipsets in the kernel."""
+        return Names(self.instance)
 
     def policy(self, activated: AbstractSet[str] = frozenset()) -> Policy:
         """The rules; `activated`: pending clients known to have knocked in time."""
@@ -221,7 +231,7 @@ def parse(path: Path, raw: bytes) -> ServerConfig:
                         BACKENDS),
         mode=_choice(where, "mode", _get(where, server, "mode", str, DEFAULT_MODE), MODES),
         interface=_get(where, server, "interface", str, ""),
-        state_dir=Path(_get(where, server, "state_dir", str, str(DEFAULT_STATE_DIR))),
+        state_dir=_state_dir(path, _get(where, server, "state_dir", str, str(DEFAULT_STATE_DIR))),
         window=float(_get(where, server, "window", (int, float), 30)),
         event_retention_days=_get(where, server, "event_retention_days", int,
                                   DEFAULT_RETENTION_DAYS),
@@ -229,6 +239,7 @@ def parse(path: Path, raw: bytes) -> ServerConfig:
         hold_table=_choice(where, "hold_table", _get(where, server, "hold_table", str, "auto"),
                            HOLD_CHOICES),
         fwknop_port=_fwknop_port(where, server),
+        instance=_instance(where, server),
         metrics_listen=_listen(path, data, "metrics", ""),
         geoip_database=_geoip(path, data),
         dashboard_listen=_listen(path, data, "dashboard", DEFAULT_DASHBOARD_LISTEN),
@@ -245,6 +256,23 @@ def parse(path: Path, raw: bytes) -> ServerConfig:
     if config.event_retention_days < 1:
         raise ConfigError(f"{where} event_retention_days must be at least 1")
     return config
+
+
+def _state_dir(path: Path, value: str) -> Path:
+    """[server] state_dir; a relative one is beside the config file (not
+    wherever the command runs), so every command finds the same state."""
+    state_dir = Path(value)
+    return state_dir if state_dir.is_absolute() else path.absolute().parent / state_dir
+
+
+def _instance(where: str, server: Mapping[str, Any]) -> str:
+    """[server] instance: "" (the default) or a short name of [a-z0-9_-]."""
+    instance: str = _get(where, server, "instance", str, "")
+    problem = instance_problem(instance)
+    if problem is not None:
+        raise ConfigError(f"{where} instance = {instance!r} {problem}; e.g. instance = "
+                          f"\"site1\" (at most {MAX_INSTANCE} characters)")
+    return instance
 
 
 def _fwknop_port(where: str, server: Mapping[str, Any]) -> int:
@@ -478,14 +506,29 @@ Edit services here; use `spa-server enroll` and `spa-server revoke` for clients.
 A running server picks up changes within a second."""
 
 
+def default_state_dir(path: Path, instance: str = "") -> Path:
+    """Where `init` puts the state when not told: beside the system's config
+    (/etc/spa/*.toml) the system's place, /var/lib/spa (an instance's: its
+    directory /var/lib/spa/NAME, as spa-server@NAME.service makes it);
+    beside any other config file (a try-out without /etc) a directory next to
+    it, NAME-state for NAME.toml, so nothing needs root.  Absolute."""
+    if path.absolute().parent == DEFAULT_CONFIG.parent:
+        return DEFAULT_STATE_DIR / instance if instance else DEFAULT_STATE_DIR
+    return path.absolute().parent / f"{path.stem}-state"
+
+
 def render_new(*, server_id: bytes, listen_port: int, backend: str, state_dir: Path,
-               mode: str = DEFAULT_MODE, protect: Iterable[Service] | None = None) -> str:
+               mode: str = DEFAULT_MODE, protect: Iterable[Service] | None = None,
+               instance: str = "") -> str:
     """The text of a fresh config file; `protect`: its services (default: ssh, https)."""
     doc = tomlkit.document()
     for line in HEADER.splitlines():
         doc.add(tomlkit.comment(line))
     server = tomlkit.table()
     server.add("server_id", b64encode(server_id))
+    if instance:
+        server.add("instance", instance)
+        server["instance"].comment("its own tables: inet spa_NAME (docs/install.md)")
     server.add("listen_port", listen_port)
     server["listen_port"].comment("UDP port clients knock on")
     server.add("listen_address", "::")

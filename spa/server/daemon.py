@@ -259,7 +259,8 @@ class Server:
             "pid": os.getpid(), "started": self._started_at(now), "port": self.config.listen_port,
             "backend": self.backend.name, "mode": self.config.mode,
             "gate": self.guard.state.as_dict(),
-            "hold": bool(getattr(self.backend, "holds", False)),
+            # the hold table's name (False: none); `status` names it
+            "hold": self.config.names.hold if getattr(self.backend, "holds", False) else False,
             "filter": self._filter_kind,
         }
         self.log(f"gate {closed_ports(self.config.services)}")
@@ -1074,8 +1075,8 @@ class Server:
         old = self.config
         fixed = _fixed_settings(new)
         if fixed != self._file_fixed:
-            self.log("warning server_id, listen_port, backend, mode and window changes take "
-                     "effect at the next restart")
+            self.log("warning server_id, listen_port, backend, mode, window and instance "
+                     "changes take effect at the next restart")
             self._file_fixed = fixed  # said once per change, not at every reload
         rules = dict(new.services)
 
@@ -1086,12 +1087,17 @@ class Server:
         for name in old.services.keys() - services.keys():
             services[name] = old.services[name]  # keep removing what is open
         if services != dict(old.services):
-            with self._lock:  # the backend keeps its grants; the rules follow
-                self.backend.start(services, now=self.clock())
+            try:
+                with self._lock:  # the backend keeps its grants; the rules follow
+                    self.backend.start(services, now=self.clock())
+            except LocalError as exc:  # e.g. a port another instance gates: nothing changed
+                self.log(f"error reload refused, keeping the running services: {exc}")
+                return
             self.log(f"firewall rules updated for services: {', '.join(sorted(services))}")
         self.config = replace(new, services=services, server_id=old.server_id,
                               listen_port=old.listen_port, backend=old.backend,
-                              mode=old.mode, state_dir=old.state_dir, window=old.window)
+                              mode=old.mode, state_dir=old.state_dir, window=old.window,
+                              instance=old.instance)
         self._ports = {}  # a service's port may have changed
         self._commands.append(switch)
         self._update_kernel_filter(self.clock(), force=True)
@@ -1154,4 +1160,5 @@ def _config_reader(path: Path, backend: object
 
 def _fixed_settings(config: ServerConfig) -> tuple[object, ...]:
     """The settings a reload cannot change (they need a restart)."""
-    return (config.server_id, config.listen_port, config.backend, config.mode, config.window)
+    return (config.server_id, config.listen_port, config.backend, config.mode, config.window,
+            config.instance)

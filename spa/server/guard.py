@@ -3,10 +3,12 @@ alters it (`nft flush ruleset`, `systemctl restart nftables`, `iptables -F`).
 
 Invariants (docs/threat-model.md, "The host firewall is reloaded"):
 - nftables: a thread waits on the kernel's change notifications; a commit by
-  another process that touches our table, or lost notifications, is checked
-  at once (the measured window from flush to restored table is in
-  docs/benchmarks.md).  Our own commits (from any of our threads: the
-  kernel names the thread) never trigger a check.
+  another process that touches our table (this instance's: another spa
+  instance's commits to its own tables neither check nor count as a change
+  of the host's firewall), or lost notifications, is checked at once (the
+  measured window from flush to restored table is in docs/benchmarks.md).
+  Our own commits (from any of our threads: the kernel names the thread)
+  never trigger a check.
 - Every backend is also checked by `poll` from housekeeping: iptables every
   POLL_SECONDS (it sends no notification: that is its window), nftables every
   BACKSTOP seconds in case a notification was missed (its structure only:
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from spa.backends.base import Held
-from spa.backends.nftrender import FAMILY, TABLE
+from spa.backends.names import DEFAULT_NAMES, FAMILY, Names, instance_of_table, is_hold_table
 from spa.server.errors import LocalError
 from spa.server.events import Event
 
@@ -100,6 +102,10 @@ class Guard:
         self._lock, self._wanted, self._clock = lock, wanted, clock
         self._log, self._record, self._on_change = log, record, on_change
         self._on_foreign = on_foreign
+        names = getattr(backend, "names", DEFAULT_NAMES)
+        # the table whose foreign commits are checked at once: this instance's
+        # (another instance's commits to its own table are none of ours)
+        self._table = names.table if isinstance(names, Names) else DEFAULT_NAMES.table
         self.state = GateState()
         self._every = BACKSTOP if self._watch_of is not None else POLL_SECONDS
         self._last_check = 0.0
@@ -125,9 +131,9 @@ class Guard:
             while not stop.is_set():
                 commits = watch.wait(WAIT)
                 foreign = [c for c in commits or () if not _our_thread(c.pid)]
-                if commits is None or any(c.touches(FAMILY, TABLE) for c in foreign):
+                if commits is None or any(c.touches(FAMILY, self._table) for c in foreign):
                     self.check(time.monotonic())
-                if commits is None or foreign:
+                if commits is None or any(_host_firewall(c) for c in foreign):
                     self._on_foreign()
         except Exception as exc:  # keep the daemon; the polls still guard
             self._log(f"error firewall watch stopped ({type(exc).__name__}: {exc}); "
@@ -209,6 +215,17 @@ def _our_thread(pid: int | None) -> bool:
     (its id, not the process's), so ask /proc for our threads.  Unknown
     (None, or another pid namespace): not ours, so it is checked."""
     return pid is not None and (pid == os.getpid() or os.path.isdir(f"/proc/self/task/{pid}"))
+
+
+def _host_firewall(commit: Any) -> bool:
+    """Whether a foreign commit may have changed the host's firewall: one
+    that only touched spa instances' tables (another instance's grants, a
+    knock a second) did not."""
+    changes = getattr(commit, "changes", None)
+    if not changes:
+        return True
+    return any(c.family != FAMILY or (instance_of_table(c.table) is None
+                                      and not is_hold_table(c.table)) for c in changes)
 
 
 def _kind(problem: str) -> str:

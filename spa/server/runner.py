@@ -8,6 +8,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import NoReturn
 
 from spa.backends.base import Backend, reconcile
 from spa.backends.memory import MemoryBackend
+from spa.backends.names import DEFAULT_NAMES, Names
 from spa.core.knock import steps_for_window
 from spa.kernel.mapsource import MapFiltered
 from spa.server import config as config_mod
@@ -39,7 +41,9 @@ def log_to_stderr(line: str) -> None:
     sys.stderr.flush()
 
 
-def make_backend(name: str, *, flush_on_stop: bool = False, hold: str = "auto") -> Backend:
+def make_backend(name: str, *, flush_on_stop: bool = False, hold: str = "auto",
+                 names: Names = DEFAULT_NAMES) -> Backend:
+    """`names`: the instance's tables or chain (config.names)."""
     if name == "memory":
         return MemoryBackend()
     if name == "nftables":
@@ -47,11 +51,12 @@ def make_backend(name: str, *, flush_on_stop: bool = False, hold: str = "auto") 
         from spa.backends.nftables import NftablesBackend
 
         return NftablesBackend(default_runner(), flush_on_stop=flush_on_stop,
-                               hold=None if hold == "auto" else hold == "on")
+                               hold=None if hold == "auto" else hold == "on", names=names)
     if name == "iptables":
         from spa.backends.iptables import IptablesBackend
 
-        return IptablesBackend.create(flush_on_stop=flush_on_stop, log=log_to_stderr)
+        return IptablesBackend.create(flush_on_stop=flush_on_stop, log=log_to_stderr,
+                                      names=names)
     raise LocalError(f"unknown backend {name!r}; choose nftables, iptables or memory")
 
 
@@ -75,6 +80,7 @@ def build(path: Path, *, backend: str | None, mode: str | None,
     config = config_mod.load(path)
     config = replace(config, backend=backend or config.backend, mode=mode or config.mode,
                      interface=interface if interface is not None else config.interface)
+    check_unit_instance(config, os.environ)
     state = StateDir(config.state_dir)
     if not privsep.owned_by_another(state.path):
         state.ensure()  # (one another user owns is made ready by the daemon, as that user)
@@ -111,6 +117,19 @@ def build(path: Path, *, backend: str | None, mode: str | None,
     server.start_notes.append(f"privileges: daemon pid {os.getpid()} as {user} with no "
                               f"capability; gate keeper pid {gate.pid} with {kept} only")
     return _with_compat(server, compat)
+
+
+UNIT_INSTANCE = "SPA_INSTANCE"  # set by spa-server@NAME.service to its NAME
+
+
+def check_unit_instance(config: ServerConfig, environ: Mapping[str, str]) -> None:
+    """spa-server@NAME.service runs a config whose [server] instance is NAME:
+    else two units would share (and fight over) one table.  Raises LocalError."""
+    unit = environ.get(UNIT_INSTANCE)
+    if unit is not None and unit != config.instance:
+        raise LocalError(f"{config.path}: spa-server@{unit}.service runs it, but its "
+                         f"[server] instance is {config.instance!r}: set instance = "
+                         f"\"{unit}\" (each instance its own tables)")
 
 
 def _with_compat(server: Server, source: PacketSource | None) -> Server:
@@ -212,7 +231,7 @@ def _gate_keeper(config: ServerConfig, sock: socket.socket, room: int = 0) -> No
         try:
             privsep.drop_to_gate_keeper(config.path, config.backend, bpf=room > 0)
             backend = make_backend(config.backend, flush_on_stop=config.flush_on_stop,
-                                   hold=config.hold_table)
+                                   hold=config.hold_table, names=config.names)
             maps = MapGrants(config.mode, config.listen_port, room,
                              most=most_from(os.environ)) if room else None
         except LocalError as exc:  # the daemon's first request says it, in one line
@@ -237,6 +256,7 @@ def install_gate(path: Path, *, backend: str | None = None) -> str:
     runs it keeps the gate itself, and nothing is done.  Returns a line for
     the admin.  Raises LocalError."""
     config = config_mod.load(path)
+    check_unit_instance(config, os.environ)
     chosen = backend or config.backend
     if chosen == "memory":
         raise LocalError("the memory backend gates nothing; gate is for nftables or iptables")
@@ -250,7 +270,7 @@ def install_gate(path: Path, *, backend: str | None = None) -> str:
     now = time.time()
     state.acquire(now)  # no daemon starts while the gate goes in
     try:
-        gate = make_backend(chosen)
+        gate = make_backend(chosen, names=config.names)
         gate.start(config.services, now=now)
         wanted = {(lease.address, lease.service): lease.expires for lease in state.load_leases()
                   if lease.expires > now and lease.service in config.services}

@@ -617,8 +617,9 @@ def describe_gate(gate: object, *, hold: object = False) -> str:
         return "unknown (a daemon from before this version)"
     how = ("watched: put back within milliseconds of a change by another program"
            if gate.get("watched") else "checked every 0.4 s by the daemon")
-    if hold:
-        how += ", and held meanwhile by the daemon's own table inet spa_hold"
+    if hold:  # its name (True from a daemon before instances: the default's)
+        how += (f", and held meanwhile by the daemon's own table inet "
+                f"{hold if isinstance(hold, str) else 'spa_hold'}")
     at = gate.get("at")
     when = (_clock_time(at) if isinstance(at, int | float) and at else "")
     state, last, repairs = gate.get("state"), gate.get("last"), gate.get("repairs", 0)

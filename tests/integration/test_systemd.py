@@ -26,12 +26,13 @@ UNIT = ROOT / "contrib/systemd/spa-server.service"
 DASHBOARD_UNIT = ROOT / "contrib/systemd/spa-dashboard.service"
 
 
-def unit_for_this_machine(tmp_path: Path, unit: Path = UNIT) -> Path:
-    """The unit with ExecStart pointing at this checkout's spa-server.  Verified
-    with --man=no: its man:spa-server(8) is installed by the Debian package
+def unit_for_this_machine(tmp_path: Path, unit: Path = UNIT, name: str | None = None) -> Path:
+    """The unit with ExecStart pointing at this checkout's spa-server (`name`:
+    the file's name, e.g. a template's instance).  Verified with --man=no: its
+    man:spa-server(8) is installed by the Debian package
     (tests/package/test_deb.py verifies the installed units with it)."""
-    text = unit.read_text().replace("/usr/bin/spa-server", command("spa-server")[0])
-    path = tmp_path / unit.name
+    text = re.sub(r"/usr(/local)?/bin/spa-server", command("spa-server")[0], unit.read_text())
+    path = tmp_path / (name or unit.name)
     path.write_text(text)
     return path
 
@@ -158,3 +159,51 @@ def test_the_boot_gate_unit_verifies_and_runs_before_the_network(tmp_path: Path)
     match = re.search(r"Overall exposure level for spa-gate.service: ([0-9.]+)",
                       exposure.stdout)
     assert match is not None and float(match.group(1)) < 2.5, exposure.stdout[-500:]
+
+
+TEMPLATE = ROOT / "contrib/systemd/spa-server@.service"
+GATE_TEMPLATE = ROOT / "contrib/systemd/spa-gate@.service"
+
+
+def test_the_templated_units_verify_as_an_instance_with_the_same_sandbox(
+        tmp_path: Path) -> None:
+    """Issue 16: spa-server@site1 runs with /etc/spa/site1.toml and its state
+    in /var/lib/spa/site1, as tightly sandboxed as the single unit."""
+    need_systemd_analyze()
+    for template, unit in ((TEMPLATE, "spa-server@site1.service"),
+                           (GATE_TEMPLATE, "spa-gate@site1.service")):
+        unit_for_this_machine(tmp_path, template)  # the template beside its instance
+        path = unit_for_this_machine(tmp_path, template, unit)
+        done = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True,
+                              text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        assert unit not in done.stderr, done.stderr
+        exposure = subprocess.run(["systemd-analyze", "security", "--offline=true", str(path)],
+                                  capture_output=True, text=True, timeout=60, check=False)
+        match = re.search(rf"Overall exposure level for {re.escape(unit)}: ([0-9.]+)",
+                          exposure.stdout)
+        assert match is not None and float(match.group(1)) < (
+            2.0 if unit.startswith("spa-server") else 2.5), exposure.stdout[-500:]
+    text = TEMPLATE.read_text()
+    assert re.search(r"^ExecStart=/usr/bin/spa-server --config /etc/spa/%i\.toml run$", text,
+                     re.M)
+    assert "\nStateDirectory=spa/%i\n" in text
+    assert re.search(r"^Wants=.*spa-gate@%i\.service", text, re.M)
+    assert re.search(r"^ExecStart=/usr/bin/spa-server --config /etc/spa/%i\.toml gate$",
+                     GATE_TEMPLATE.read_text(), re.M)
+    assert "\nStateDirectory=spa/%i\n" in GATE_TEMPLATE.read_text()
+
+
+def _service_lines(path: Path, start: str) -> list[str]:
+    """The unit's settings from the line `start` on (comments left out)."""
+    text = path.read_text()
+    return [line for line in text[text.index(start):].splitlines()
+            if line and not line.startswith("#")]
+
+
+def test_the_templated_unit_keeps_every_sandbox_line_of_the_single_unit() -> None:
+    for single, template in ((UNIT, TEMPLATE), (GATE_UNIT, GATE_TEMPLATE)):
+        ours = _service_lines(template, "User=")
+        missing = [line for line in _service_lines(single, "User=")
+                   if not line.startswith("StateDirectory=") and line not in ours]
+        assert not missing, (template.name, missing)

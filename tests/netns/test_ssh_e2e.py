@@ -228,14 +228,25 @@ def test_capture_on_one_interface_sees_only_that_link(spa: Spa) -> None:
 
 def test_ssh_with_spa_client_as_proxycommand_just_works(spa: Spa, tmp_path: Path) -> None:
     """`spa-client ssh-config` writes the ProxyCommand; a real ssh with that
-    config knocks, waits for the grant and logs in, with nothing opened first."""
+    config knocks, waits for the grant and logs in, with nothing opened first.
+    The profile lives in a directory of its own, named only by SPA_CLIENT_DIR
+    in the shell that ran ssh-config (issue 16), with a quote, a space and a
+    % in its path: ssh, in a shell without it, still finds it."""
+    import shutil
+
+    from tests.integration.procs import command
+
     world = spa.world
     spa.start()
     enroll_alice(spa)
     assert not tcp_open(world, "cli", SRV4, 22)
-    done = spa.client(world.cli, "alice", "ssh-config", "srv")
+    elsewhere = tmp_path / "it's 100% mine"
+    shutil.copytree(spa.root / "c-alice", elsewhere)
+    done = world.cli.run("env", f"SPA_CLIENT_DIR={elsewhere}", *command("spa-client"),
+                         "ssh-config", "srv", check=False)
     assert done.returncode == 0, done.stderr
     assert f"Host {SRV4}" in done.stdout and "connect %h %p" in done.stdout
+    assert "100%% mine" in done.stdout
     assert world.sshd is not None
     config = tmp_path / "ssh_config"
     config.write_text(done.stdout + f"    IdentityFile {world.sshd.client_key}\n"

@@ -38,6 +38,7 @@ pytestmark = [pytest.mark.netns, pytest.mark.package]
 ROOT = Path(__file__).resolve().parents[2]
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 UNITS = ("spa-server.service", "spa-gate.service", "spa-dashboard.service")
+TEMPLATES = ("spa-server@.service", "spa-gate@.service")  # verified as instances
 UNIT_DIR = Path("/lib/systemd/system")
 APT_ENV = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
 APT = ["apt-get", "-y", "-q", "-o", "DPkg::Lock::Timeout=300"]
@@ -181,7 +182,7 @@ def test_both_programs_work_from_usr_bin_and_installing_starts_nothing(
 
 
 def test_the_installed_units_verify_and_their_documentation_is_shipped(
-        installed: Installed) -> None:
+        installed: Installed, tmp_path: Path) -> None:
     if shutil.which("systemd-analyze") is None:
         pytest.skip("needs systemd-analyze (apt-get install systemd)")
     units = [UNIT_DIR / unit for unit in UNITS]
@@ -192,7 +193,12 @@ def test_the_installed_units_verify_and_their_documentation_is_shipped(
     # --man=yes: each Documentation=man:... names a page the package installs
     done = run("systemd-analyze", "verify", "--man=yes", *map(str, units), check=False)
     assert done.returncode == 0, done.stderr
-    for unit in units:
+    # a template verifies as an instance of it: spa-server@site1.service
+    instances = [Path(shutil.copy(UNIT_DIR / t, tmp_path / t.replace("@", "@site1")))
+                 for t in TEMPLATES]
+    done = run("systemd-analyze", "verify", "--man=yes", *map(str, instances), check=False)
+    assert done.returncode == 0, done.stderr
+    for unit in units + [UNIT_DIR / t for t in TEMPLATES]:
         text = unit.read_text()
         assert "ExecStart=/usr/bin/spa-server " in text
         for word in text.split("Documentation=", 1)[1].splitlines()[0].split():

@@ -582,7 +582,7 @@ def test_restart_only_settings_warn_once_per_change_not_for_runs_overrides(
     server = Server(replace(config, mode="udp"), backend=world.backend, source=FakeSource(),
                     clock=world.clock, log=world.logs.append)
     server.start()
-    warning = "warning server_id, listen_port, backend, mode and window changes"
+    warning = "warning server_id, listen_port, backend, mode, window and instance changes"
     for name in ("alice", "bob"):
         world.enroll(name)
         server.request_reload()
