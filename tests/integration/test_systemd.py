@@ -174,7 +174,7 @@ def test_the_templated_units_verify_as_an_instance_with_the_same_sandbox(
                            (GATE_TEMPLATE, "spa-gate@site1.service")):
         unit_for_this_machine(tmp_path, template)  # the template beside its instance
         path = unit_for_this_machine(tmp_path, template, unit)
-        done = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True,
+        done = subprocess.run(["systemd-analyze", "verify", "--man=no", str(path)], capture_output=True,
                               text=True, timeout=60, check=False)
         assert done.returncode == 0, done.stderr
         assert unit not in done.stderr, done.stderr
@@ -207,3 +207,19 @@ def test_the_templated_unit_keeps_every_sandbox_line_of_the_single_unit() -> Non
         missing = [line for line in _service_lines(single, "User=")
                    if not line.startswith("StateDirectory=") and line not in ours]
         assert not missing, (template.name, missing)
+
+
+def test_every_unit_runs_the_installed_program_and_documents_what_ships() -> None:
+    """ExecStart is the path the Debian package installs, and Documentation=
+    names only man pages and the docs the package ships (no web address)."""
+    units = sorted((ROOT / "contrib/systemd").glob("*.service"))
+    assert len(units) == 5
+    for unit in units:
+        text = unit.read_text()
+        assert re.search(r"^ExecStart=/usr/bin/spa-server ", text, re.M), unit.name
+        docs = re.findall(r"^Documentation=(.*)$", text, re.M)
+        assert docs, unit.name
+        for word in " ".join(docs).split():
+            assert word.startswith(("man:", "file:///usr/share/doc/spa/")), (unit.name, word)
+            if word.startswith("file://"):
+                assert (ROOT / "docs" / Path(word).name).is_file(), (unit.name, word)
