@@ -174,8 +174,8 @@ def test_the_templated_units_verify_as_an_instance_with_the_same_sandbox(
                            (GATE_TEMPLATE, "spa-gate@site1.service")):
         unit_for_this_machine(tmp_path, template)  # the template beside its instance
         path = unit_for_this_machine(tmp_path, template, unit)
-        done = subprocess.run(["systemd-analyze", "verify", "--man=no", str(path)], capture_output=True,
-                              text=True, timeout=60, check=False)
+        done = subprocess.run(["systemd-analyze", "verify", "--man=no", str(path)],
+                              capture_output=True, text=True, timeout=60, check=False)
         assert done.returncode == 0, done.stderr
         assert unit not in done.stderr, done.stderr
         exposure = subprocess.run(["systemd-analyze", "security", "--offline=true", str(path)],
