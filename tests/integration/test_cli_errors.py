@@ -400,3 +400,45 @@ def test_root_refuses_a_config_or_state_directory_another_user_owns(tmp_path: Pa
         assert_one_line_error(done, f"{state} is owned by nobody (uid 65534)",
                               f"chown root: {state}")
     assert os.listdir(state) == []
+
+
+@pytest.mark.parametrize(("old", "new", "message"), [
+    ("port = 22", 'port = "22"',
+     '[services.ssh] port must be an integer (got a string "22"): write port = 22'),
+    ("window = 30", 'window = "thirty"',
+     '[server] window must be a number (got a string "thirty"): write window = 30'),
+    ("flush_on_stop = false", 'flush_on_stop = "no"',
+     '[server] flush_on_stop must be true or false (got a string "no"): '
+     "write flush_on_stop = false"),
+    ('interface = ""', "interface = 0",
+     '[server] interface must be a string (got an integer 0): write interface = "0"'),
+    ("listen_port = 62201", "listen_port = 62201.0",
+     "[server] listen_port must be an integer (got a number 62201.0): "
+     "write listen_port = 62201"),
+    ("max_duration = 300", "max_duration = [300]",
+     "[services.ssh] max_duration must be an integer (got a list): write max_duration = 300"),
+    ("[services.ssh]", "[services]\nssh = 22\n[services.x]",
+     "[services.ssh] must be a table (got an integer 22): write [services.ssh] on a line "
+     "of its own"),
+])
+def test_a_wrong_type_in_the_config_names_the_type_wanted_and_the_fix(
+        config: Path, old: str, new: str, message: str) -> None:
+    text = config.read_text()
+    assert old in text
+    config.write_text(text.replace(old, new, 1))
+    assert_one_line_error(server(config, "clients"), message)
+
+
+def test_a_secret_of_the_wrong_type_is_named_never_quoted(config: Path) -> None:
+    """A wrong type's value is quoted to show the fix, a secret's never."""
+    text = config.read_text()
+    config.write_text(text + '\n[clients.alice]\nsecret = 918273645546372819\n'
+                      'services = ["ssh"]\n')
+    done = server(config, "clients")
+    assert_one_line_error(done, "[clients.alice] secret must be a string (got an integer): "
+                          'write secret = "..."')
+    assert "918273645546372819" not in done.stderr
+    config.write_text(text.replace("server_id = ", "server_id = 4242 #"))
+    done = server(config, "clients")
+    assert_one_line_error(done, "[server] server_id must be a string (got an integer)")
+    assert "4242" not in done.stderr
