@@ -162,6 +162,31 @@ def test_bad_uri(tmp_path: Path, uri: str, fragment: str) -> None:
     assert_one_line_error(client(tmp_path, "enroll", uri), fragment)
 
 
+def test_a_uri_the_shell_cut_at_ampersand_says_to_quote_it(tmp_path: Path,
+                                                          config: Path) -> None:
+    """Typed without quotes, the URI reaches the client cut at its first '&'
+    (the shell runs the command in the background with the text before it)."""
+    uri = server(config, "enroll", "alice", "--service", "ssh", "--endpoint", "127.0.0.1",
+                 "--uri-only").stdout.strip()
+    head = uri.split("?")[0]
+    quote = ("the URI was cut at '&' by the shell: put it in single quotes: "
+             f"spa-client enroll '{head}?sid=...&key=...&svc=...'")
+    cut = uri.split("&")[0]
+    done = client(tmp_path, "enroll", cut)
+    assert_one_line_error(done, quote)
+    assert cut.split("sid=")[1] not in done.stderr
+    shell = " ".join([*command("spa-client"), "--config-dir", str(tmp_path / "client"),
+                      "enroll", uri])  # unquoted, as a user would type it
+    typed = subprocess.run(["sh", "-c", shell + "; wait"], capture_output=True, text=True,
+                           timeout=30, check=False)
+    assert typed.stderr.strip() == "spa-client: error: " + quote
+    for whole in ("spa1://h/alice", "spa1://h/alice?"):  # not cut: as before
+        assert "cut at '&'" not in client(tmp_path, "enroll", whole).stderr
+    assert "cut at '&'" not in run_cli(
+        "spa-client", "--config-dir", str(tmp_path / "client"), "enroll", "-",
+        input=cut + "\n").stderr
+
+
 def test_open_without_profile(tmp_path: Path) -> None:
     assert_one_line_error(client(tmp_path, "open", "ssh", "example.org"), "enroll first")
 
