@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -147,6 +148,48 @@ def test_no_permission(tmp_path: Path) -> None:
          *command("spa-server"), "--config", str(config), "clients"],
         capture_output=True, text=True, timeout=30, check=False)
     assert_one_line_error(done, "permission denied")
+
+
+def as_nobody(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """spa-server run as uid 65534, with no capability; a run that does not
+    end in `timeout` is killed with its group and reported as status -9."""
+    with subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           "--", *command("spa-server"), *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            return subprocess.CompletedProcess(proc.args, -9, out, err)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("args", [("run", "--mode", "udp"), ("run", "--mode", "udp",
+                                                             "--backend", "iptables"),
+                                  ("gate",), ("check",)])
+def test_a_firewall_command_without_root_says_so_in_one_line(tmp_path: Path,
+                                                             args: tuple[str, ...]) -> None:
+    """libnftables (before 1.1) prints "Operation not permitted (you must be
+    root)" on stderr by itself; the daemon without the kernel's permission
+    could never install the gate.  One line of ours, exit 2, nothing else."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run as nobody")
+    home = tmp_path / "nobody"
+    config, state = home / "server.toml", home / "state"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert server(config, "init", "--state-dir", str(state),
+                  "--listen-port", str(port)).returncode == 0
+    config.write_text(config.read_text().replace('listen_address = "::"',
+                                                 'listen_address = "127.0.0.1"'))
+    state.mkdir()
+    for path in (home, config, state):
+        os.chown(path, 65534, 65534)
+    done = as_nobody("--config", str(config), *args)
+    assert_one_line_error(done, "operation not permitted", "run spa-server as root")
+    assert "you must be root)\n" not in done.stderr  # libnftables' own line
 
 
 def client(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
