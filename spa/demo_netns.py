@@ -26,6 +26,7 @@ from spa.core.wire import NONCE_OFFSET, NONCE_SIZE, Action
 from spa.demo import until
 from spa.netns import Namespace, Sshd, Topology, can_make_namespaces, start_sshd
 from spa.server import admin
+from spa.server.logline import event_of
 from spa_client import knock
 
 SERVER, CLIENT = "10.200.0.1", "10.200.0.2"
@@ -86,8 +87,8 @@ class NetnsDemo:
     def _read(self) -> None:
         assert self.server is not None
         assert self.server.stdout is not None
-        for line in self.server.stdout:
-            self.lines.append(line.rstrip("\n"))
+        for line in self.server.stdout:  # the event alone: the story shows no times
+            self.lines.append(event_of(line.rstrip("\n")))
 
     def client(self, *args: str) -> subprocess.CompletedProcess[str]:
         return self.cli.run(*_program("spa-client"), "--config-dir", str(self.root / "client"),

@@ -305,7 +305,7 @@ def _keep(enrollment: Enrollment, ref: ServiceRef, targets: tuple[knock.Target, 
                 sys.stderr.flush()
             return
         why = "your address changed" if event == "moved" else "renewed"
-        line = (f"{time.strftime('%H:%M:%S')} {ref.name}: {why} (from {address or '?'}); "
+        line = (f"{clitools.format_utc(time.time())} {ref.name}: {why} (from {address or '?'}); "
                 f"next in {left:.0f} s")
         sys.stderr.write(("\r\033[K" if live else "") + line + "\n")
         sys.stderr.flush()

@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import calendar
 import contextlib
 import fcntl
 import functools
 import os
-import time
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
@@ -36,6 +34,9 @@ from typing import Any
 
 import tomlkit
 
+from spa.clitools import UTC_FORMAT as UTC_FORMAT  # (re-exported: callers of config_mod)
+from spa.clitools import format_utc as format_utc
+from spa.clitools import parse_utc as parse_utc
 from spa.core.errors import FormatError
 from spa.core.keys import MASTER_SECRET_SIZE, SERVER_ID_SIZE
 from spa.core.policy import DEFAULT_SERVICES, ClientPolicy, Policy, Service
@@ -457,18 +458,6 @@ def _check_utc(where: str, key: str, value: str) -> None:
     except ValueError:
         raise ConfigError(f"{where} {key} = {value!r}: not a UTC time like "
                           f"{format_utc(0)}") from None
-
-
-UTC_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
-
-
-def format_utc(when: float) -> str:
-    return time.strftime(UTC_FORMAT, time.gmtime(when))
-
-
-def parse_utc(text: str) -> float:
-    """Unix time of a UTC_FORMAT string.  Raises ValueError."""
-    return calendar.timegm(time.strptime(text, UTC_FORMAT))
 
 
 # ---- edits -----------------------------------------------------------------
