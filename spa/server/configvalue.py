@@ -24,6 +24,7 @@ SECRET_KEYS = frozenset({"server_id", "secret", "old_secret", "otp_secret",
 _SHOWN = 40  # at most this many characters of a wrong value are quoted
 _EXAMPLES: dict[str, Any] = {  # a value to show for a required key, when none can be derived
     "port": 22, "default_duration": 30, "max_duration": 300, "services": ["ssh"],
+    "listen": "127.0.0.1:9712",
 }
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
@@ -36,9 +37,12 @@ def expect(where: str, key: str, value: Any, kind: Any, default: Any = None) -> 
         return value
     secret = key in SECRET_KEYS
     got = describe(value, quote=not secret)
-    fixed = _converted(value, kinds, secret)
-    if fixed is None:
-        fixed = default if default not in (None, "", []) else _EXAMPLES.get(key)
+    known = default if default not in (None, "", []) else _EXAMPLES.get(key)
+    if str in kinds and known is not None:  # a text's meaning is not its number's
+        fixed = known
+    else:
+        fixed = _converted(value, kinds, secret)
+        fixed = known if fixed is None else fixed
     if secret:
         line = f'write {key} = "..." (its base64url text, in quotes)'
     elif fixed is None:

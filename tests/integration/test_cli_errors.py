@@ -485,6 +485,9 @@ def test_root_refuses_a_config_or_state_directory_another_user_owns(tmp_path: Pa
      "write listen_port = 62201"),
     ("max_duration = 300", "max_duration = [300]",
      "[services.ssh] max_duration must be an integer (got a list): write max_duration = 300"),
+    ("[services.ssh]", "[dashboard]\nlisten = 9713\n[services.ssh]",
+     '[dashboard] listen must be a string (got an integer 9713): '
+     'write listen = "127.0.0.1:9713"'),
     ("[services.ssh]", "[services]\nssh = 22\n[services.x]",
      "[services.ssh] must be a table (got an integer 22): write [services.ssh] on a line "
      "of its own"),
