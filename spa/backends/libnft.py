@@ -20,6 +20,7 @@ import ctypes.util
 import json
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -68,12 +69,16 @@ def _parse(text: str) -> Document:
     return parsed
 
 
+_SWAP = threading.Lock()  # one swap of C's stderr at a time, process-wide
+
+
 class CStderr:
     """C's `stderr` (the libc variable the library's fprintf reads) pointed
     at a memory stream of ours for the length of a `with self.caught()`.
     Python's own stderr (a file descriptor) is not touched: only C code that
-    prints with stdio in that time writes here (the caller serializes calls;
-    another thread's C prints in that time would be caught too)."""
+    prints with stdio in that time writes here (another thread's C prints in
+    that time would be caught too).  Catches never overlap (_SWAP), so the
+    real stream is always the one put back."""
 
     def __init__(self) -> None:
         libc = ctypes.CDLL(None)
@@ -95,18 +100,19 @@ class CStderr:
     @contextlib.contextmanager
     def caught(self) -> Iterator[None]:
         """Catch what C code prints to stderr meanwhile, into `text`."""
-        real = self._stderr.value
-        self._stderr.value = self._stream
-        try:
-            yield
-        finally:
-            self._stderr.value = real
-            self._libc.fflush(self._stream)
-            size = self._size.value
-            self.text = (ctypes.string_at(self._buffer.value, size).decode(errors="replace")
-                         if size and self._buffer.value else "")
-            if size:
-                self._libc.fseek(self._stream, 0, 0)  # SEEK_SET: empty again at the next flush
+        with _SWAP:
+            real = self._stderr.value
+            self._stderr.value = self._stream
+            try:
+                yield
+            finally:
+                self._stderr.value = real
+                self._libc.fflush(self._stream)
+                size = self._size.value
+                self.text = (ctypes.string_at(self._buffer.value, size).decode(errors="replace")
+                             if size and self._buffer.value else "")
+                if size:
+                    self._libc.fseek(self._stream, 0, 0)  # SEEK_SET: empty at the next flush
 
     def close(self) -> None:
         if self._stream:
