@@ -37,6 +37,7 @@ from spa.core.uri import parse
 from spa.core.wire import NONCE_SIZE, Action
 from spa.netns import Topology, can_make_namespaces
 from spa.server import admin
+from spa.server.logline import event_of
 from spa_client import knock
 
 SERVER, CLIENT = "10.203.0.1", "10.203.0.2"
@@ -128,7 +129,7 @@ def run_backend(backend: str, rounds: int, root: Path) -> list[dict[str, object]
             raise
         server.terminate()
         server.wait(timeout=15)
-        lines = (root / f"{backend}.log").read_text().splitlines()
+        lines = [event_of(line) for line in (root / f"{backend}.log").read_text().splitlines()]
         said = [line for line in lines if line.startswith("warning firewall:") and
                 "restored with" in line]
         # one line a second at most: "(and N more repairs ...)" and "N more repair(s)

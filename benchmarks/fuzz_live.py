@@ -68,6 +68,7 @@ from fuzz_packets import Cast, Client, Datagram, Fuzzer, Grant, Knock, client
 
 from spa.core.uri import parse
 from spa.netns import Namespace, Topology, can_make_namespaces
+from spa.server.logline import event_of
 
 HERE = Path(__file__).resolve().parent
 KNOCK_PORT = 62201
@@ -239,7 +240,7 @@ class Server:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for raw in self.proc.stdout:
-            line = raw.rstrip("\n")
+            line = event_of(raw.rstrip("\n"))  # the time in front goes
             self._log.write(raw)
             grant = accepted_grant(line)
             with self._lock:

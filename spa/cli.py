@@ -481,13 +481,9 @@ def dashboard(
     Open leases with live countdowns, the activity table, knocks and scans
     over time, clients with revoke buttons.  Set a password first with
     spa-server dashboard-password."""
-    import sys
-
     from spa.server import config as config_mod
     from spa.server import dashboard as web
-
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
+    from spa.server.logline import log_to_stderr as log
 
     def ready(url: str) -> None:
         port = url.rstrip("/").rpartition(":")[2]
@@ -686,12 +682,11 @@ def events(
     if not rows:
         typer.echo("no events" + (f" in the last {since}" if since else ""))
         return
-    typer.echo(f"{'TIME':<19} {'OUTCOME':<11} {'ACTION':<6} {'REASON':<20} {'CLIENT':<14} "
+    typer.echo(f"{'TIME':<20} {'OUTCOME':<11} {'ACTION':<6} {'REASON':<20} {'CLIENT':<14} "
                f"{'SOURCE':<28} {'SERVICE':<8} {'DUR':>5} {'COUNT':>6}")
     for e in rows:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time))
-        typer.echo(f"{stamp:<19} {e.outcome:<11} {e.action or '-':<6} {e.reason or '-':<20} "
-                   f"{e.client or '-':<14} "
+        typer.echo(f"{clitools.format_utc(e.time):<20} {e.outcome:<11} {e.action or '-':<6} "
+                   f"{e.reason or '-':<20} {e.client or '-':<14} "
                    f"{e.source or '-':<28} {e.service or '-':<8} "
                    f"{'-' if e.duration is None else e.duration:>5} {e.count:>6}")
 

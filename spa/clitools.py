@@ -1,14 +1,22 @@
-"""What both command lines share: one-line usage errors with exit status 2.
+"""What both command lines share: one-line usage errors with exit status 2,
+and the one way a time is written.
 
 Click (under typer) prints usage errors as a framed block; a mature tool says
 what is wrong in one line and where to read more.  `run_app` runs a typer app
 with click's standalone mode off and turns its exceptions into that line.
+
+Every wall-clock time either program prints or stores as text (events,
+clients, status, doctor, log lines, the dashboard, the config's enroll_by)
+is `format_utc`'s: ISO 8601 in UTC with a Z, e.g. 2026-12-06T00:14:18Z.
+Durations are written as they are (4m09s, 30 s).
 """
 
 from __future__ import annotations
 
+import calendar
 import importlib
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
@@ -17,6 +25,18 @@ from typing import NoReturn
 import typer
 
 from spa import completion
+
+UTC_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # ISO 8601, UTC, whole seconds: fixed width (20)
+
+
+def format_utc(when: float) -> str:
+    """A Unix time as every program writes it: 2026-12-06T00:14:18Z."""
+    return time.strftime(UTC_FORMAT, time.gmtime(when))
+
+
+def parse_utc(text: str) -> float:
+    """Unix time of a `format_utc` string.  Raises ValueError."""
+    return calendar.timegm(time.strptime(text, UTC_FORMAT))
 
 
 def _click_exceptions() -> ModuleType:

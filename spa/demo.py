@@ -130,10 +130,41 @@ class Demo:
         self.say("4. alice is done: close ssh")
         knock.send(self.target, self.packet(Action.CLOSE, "ssh"))
         self.check(until(lambda: not self.leases()), "lease gone: ssh is closed again")
-        self.say("5. the server's log lines (fail2ban-readable):")
-        for line in self.logs:
-            if line.startswith(("accepted", "refused", "lease_")):
-                self.say(f"     {line}")
+        self.say("5. the server's log lines (fail2ban-readable), each after the packet "
+                 "behind it:")
+        for line in narrated(self.logs):
+            self.say(f"     {line}")
+
+
+# who sent the packet behind each kind of log line the story shows, in story order:
+# the first `accepted action=open` is alice's knock, any later one her knock again
+# (the original of the copies that follow); each refusal is the eavesdropper's
+_SENDERS = (
+    ("refused reason=replay", "the eavesdropper's copy"),
+    ("refused reason=bad_mac", "its copy, one bit flipped"),
+    ("accepted action=close", "alice's close"),
+    ("lease_start", "(the gate opens)"),
+    ("lease_end", "(the gate closes)"),
+)
+
+
+def narrated(lines: list[str]) -> list[str]:
+    """The story's log lines (accepted, refused, lease_*), each after the
+    name of whose packet it was, so that no `accepted` reads as the
+    eavesdropper's: only alice's own packets are ever accepted."""
+    shown: list[tuple[str, str]] = []
+    for line in lines:
+        if line.startswith("accepted action=open"):
+            seen = any(label.startswith("alice's knock") for label, _ in shown)
+            shown.append(("alice's knock again" if seen else "alice's knock", line))
+            continue
+        label = next((who for start, who in _SENDERS if line.startswith(start)), None)
+        if label is not None:
+            shown.append((label, line))
+        elif line.startswith(("accepted", "refused", "lease_")):
+            shown.append(("", line))
+    width = max((len(label) + 2 for label, _ in shown if label), default=0)
+    return [f"{label + ':' if label else '':<{width}}{line}" for label, line in shown]
 
 
 def run(say: Callable[[str], None] = print) -> int:

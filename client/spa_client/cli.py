@@ -19,7 +19,7 @@ import typer
 from spa import about, clitools, completion
 from spa.clitools import run_app
 from spa.core.errors import FormatError
-from spa.core.uri import Enrollment, ServiceRef, parse
+from spa.core.uri import Enrollment, ServiceRef, parse, shell_cut
 from spa.core.wire import NONCE_SIZE, Action
 from spa_client import completers, knock
 from spa_client.profile import (
@@ -137,7 +137,7 @@ def enroll(
                 raise ProfileError(str(exc)) from None
         else:
             text = sys.stdin.readline() if uri == "-" else str(uri)
-        enrollment = parse(text)
+        enrollment = _parse_argument(text, uri not in (None, "-"))
         profile = name or default_name(enrollment.host)
         path = _ctx.store().save(profile, enrollment)
     services = ", ".join(f"{s.name} ({s.protocol}/{s.port})" for s in enrollment.services)
@@ -145,6 +145,19 @@ def enroll(
                f"profile {profile!r} saved in {path} (0600)")
     typer.echo(f"services: {services}")
     typer.echo(f"next: spa-client open {enrollment.services[0].name} {profile}")
+
+
+def _parse_argument(text: str, typed: bool) -> Enrollment:
+    """The enrollment a URI names.  A URI typed on the command line without
+    quotes reaches us cut at its first '&': say so.  Raises FormatError."""
+    try:
+        return parse(text)
+    except FormatError:
+        head = shell_cut(text) if typed else None
+        if head is None:
+            raise
+        raise FormatError("the URI was cut at '&' by the shell: put it in single quotes: "
+                          f"spa-client enroll '{head}?sid=...&key=...&svc=...'") from None
 
 
 def _progress(enabled: bool) -> Callable[[float, int], None]:
@@ -300,7 +313,7 @@ def _keep(enrollment: Enrollment, ref: ServiceRef, targets: tuple[knock.Target, 
                 sys.stderr.flush()
             return
         why = "your address changed" if event == "moved" else "renewed"
-        line = (f"{time.strftime('%H:%M:%S')} {ref.name}: {why} (from {address or '?'}); "
+        line = (f"{clitools.format_utc(time.time())} {ref.name}: {why} (from {address or '?'}); "
                 f"next in {left:.0f} s")
         sys.stderr.write(("\r\033[K" if live else "") + line + "\n")
         sys.stderr.flush()

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
+from spa.clitools import format_utc
 from spa.core.uri import ServiceRef
 from spa.core.verify import DEFAULT_WINDOW
 from spa_client.profile import Profile, ProfileError, ProfileStore
@@ -119,8 +119,7 @@ def kernel_clock() -> tuple[bool, float] | None:
 
 # -- checks: pure ---------------------------------------------------------------
 
-def _utc(when: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when))
+
 
 
 def check_profile(store: ProfileStore, host: str) -> tuple[Finding, Profile | None]:
@@ -138,15 +137,16 @@ def check_enrollment(profile: Profile, opened: float | None, now: float) -> Find
     (exp= in its URI) whether its first knock is still due."""
     expires = profile.enrollment.expires
     if opened is not None:
-        return Finding(Fact.IN_USE, f"enrollment: in use: this profile last opened its port at "
-                       f"{_utc(opened)}" + (", so it is no longer pending" if expires else ""))
+        return Finding(Fact.IN_USE, "enrollment: in use: this profile last opened its port at "
+                       f"{format_utc(opened)}"
+                       + (", so it is no longer pending" if expires else ""))
     if expires is None:
         return None
     if now < expires:
-        return Finding(Fact.PENDING, f"enrollment: pending until {_utc(expires)}: its first "
+        return Finding(Fact.PENDING, f"enrollment: pending until {format_utc(expires)}: its first "
                        "knock must reach the server by then")
-    return Finding(Fact.EXPIRED, f"enrollment: expired at {_utc(expires)}, unless this device "
-                   "knocked before then (none recorded here)",
+    return Finding(Fact.EXPIRED, f"enrollment: expired at {format_utc(expires)}, unless this "
+                   "device knocked before then (none recorded here)",
                    "the enrollment may have expired: ask your admin for a new one "
                    f"(spa-server rotate {profile.enrollment.client})")
 
@@ -229,13 +229,13 @@ def why_shut(profile: Profile, enrollment: Finding | None, clock: Finding,
     if opened is not None:
         clock_ok = " and the clock checked fine" if clock.fact is Fact.CLOCK_OK else ""
         lead = (f"revoked or re-keyed on the server, most likely: this profile opened the port "
-                f"at {_utc(opened)}{clock_ok}, yet the server ignores it now; ask your admin "
+                f"at {format_utc(opened)}{clock_ok}, yet the server ignores it now; ask your admin "
                 f"(spa-server clients shows {e.client} as revoked; after spa-server rotate "
                 f"{e.client}, enroll its new URI); if it is active there, the server may be "
                 f"down or UDP port {e.port} blocked from your network")
     elif enrollment is not None and enrollment.fact is Fact.EXPIRED:
         lead = (f"expired, revoked or unreachable: the first knock was due by "
-                f"{_utc(e.expires or 0)} and none is recorded here; ask your admin for a new "
+                f"{format_utc(e.expires or 0)} and none is recorded here; ask your admin for a new "
                 f"enrollment (spa-server rotate {e.client}); if it has not expired, ask "
                 f"{questions}")
     elif enrollment is not None and enrollment.fact is Fact.PENDING:

@@ -6,15 +6,22 @@ Invariants (STYLE principle 6):
 - One library context per runner; the caller serializes calls (the daemon
   holds its lease lock around every backend call).
 - A failure raises LocalError with nftables' own first error line.
+- libnftables prints nothing on our stderr: before 1.1 it wrote "Operation
+  not permitted (you must be root)" to C's stderr by itself, outside its
+  error buffer; while a command runs, C's `stderr` is a memory stream of
+  ours (`CStderr`) and what it caught goes into the one error line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import json
 import shutil
 import subprocess
+import threading
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from spa.server.errors import LocalError
@@ -62,6 +69,65 @@ def _parse(text: str) -> Document:
     return parsed
 
 
+_SWAP = threading.Lock()  # one swap of C's stderr at a time, process-wide
+
+
+class CStderr:
+    """C's `stderr` (the libc variable the library's fprintf reads) pointed
+    at a memory stream of ours for the length of a `with self.caught()`.
+    Python's own stderr (a file descriptor) is not touched: only C code that
+    prints with stdio in that time writes here (another thread's C prints in
+    that time would be caught too).  Catches never overlap (_SWAP), so the
+    real stream is always the one put back."""
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(None)
+        libc.open_memstream.restype = ctypes.c_void_p
+        libc.open_memstream.argtypes = [ctypes.POINTER(ctypes.c_void_p),
+                                        ctypes.POINTER(ctypes.c_size_t)]
+        libc.fflush.argtypes = [ctypes.c_void_p]
+        libc.fseek.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
+        libc.fclose.argtypes = [ctypes.c_void_p]
+        self._libc = libc
+        self._stderr = ctypes.c_void_p.in_dll(libc, "stderr")
+        self._buffer = ctypes.c_void_p()
+        self._size = ctypes.c_size_t()
+        self._stream = libc.open_memstream(ctypes.byref(self._buffer), ctypes.byref(self._size))
+        if not self._stream:
+            raise OSError("open_memstream failed")
+        self.text = ""  # what the last `caught` caught
+
+    @contextlib.contextmanager
+    def caught(self) -> Iterator[None]:
+        """Catch what C code prints to stderr meanwhile, into `text`."""
+        with _SWAP:
+            real = self._stderr.value
+            self._stderr.value = self._stream
+            try:
+                yield
+            finally:
+                self._stderr.value = real
+                self._libc.fflush(self._stream)
+                size = self._size.value
+                self.text = (ctypes.string_at(self._buffer.value, size).decode(errors="replace")
+                             if size and self._buffer.value else "")
+                if size:
+                    self._libc.fseek(self._stream, 0, 0)  # SEEK_SET: empty at the next flush
+
+    def close(self) -> None:
+        if self._stream:
+            self._libc.fclose(self._stream)
+            self._stream = None
+
+
+def _c_stderr() -> CStderr | None:
+    """None where libc has no `stderr` variable or memory streams (not glibc)."""
+    try:
+        return CStderr()
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 class LibNft:
     """libnftables through ctypes (about 60 times faster per call than `nft`)."""
 
@@ -90,20 +156,33 @@ class LibNft:
         lib.nft_ctx_buffer_error(ctx)
         self._lib = lib
         self._ctx = ctx
+        self._stderr = _c_stderr()
+
+    def _run(self, command: bytes) -> tuple[int, str]:
+        """Run one command: its status, and what libnftables printed on
+        stderr by itself (caught, never shown)."""
+        if self._stderr is None:
+            return self._lib.nft_run_cmd_from_buffer(self._ctx, command), ""
+        with self._stderr.caught():
+            rc = self._lib.nft_run_cmd_from_buffer(self._ctx, command)
+        return rc, self._stderr.text
+
+    def _errors(self, printed: str) -> str:
+        buffered = (self._lib.nft_ctx_get_error_buffer(self._ctx) or b"").decode()
+        return "\n".join(text for text in (printed.strip(), buffered.strip()) if text)
 
     def run(self, document: Document, *, terse: bool = False) -> Document:
         if terse:
             self._lib.nft_ctx_output_set_flags(self._ctx,
                                                NFT_CTX_OUTPUT_JSON | NFT_CTX_OUTPUT_TERSE)
         try:
-            rc = self._lib.nft_run_cmd_from_buffer(self._ctx, json.dumps(document).encode())
+            rc, printed = self._run(json.dumps(document).encode())
             output = (self._lib.nft_ctx_get_output_buffer(self._ctx) or b"").decode()
         finally:
             if terse:
                 self._lib.nft_ctx_output_set_flags(self._ctx, NFT_CTX_OUTPUT_JSON)
         if rc != 0:
-            errors = (self._lib.nft_ctx_get_error_buffer(self._ctx) or b"").decode()
-            raise _error(errors or output)
+            raise _error(self._errors(printed) or output)
         return _parse(output)
 
     def run_text(self, command: str) -> None:
@@ -112,10 +191,10 @@ class LibNft:
     def list_text(self, command: str) -> str:
         self._lib.nft_ctx_output_set_flags(self._ctx, NFT_CTX_OUTPUT_TERSE)
         try:
-            rc = self._lib.nft_run_cmd_from_buffer(self._ctx, command.encode())
+            rc, printed = self._run(command.encode())
             output = (self._lib.nft_ctx_get_output_buffer(self._ctx) or b"").decode()
             if rc != 0:
-                raise _error((self._lib.nft_ctx_get_error_buffer(self._ctx) or b"").decode())
+                raise _error(self._errors(printed))
             return output
         finally:
             self._lib.nft_ctx_output_set_flags(self._ctx, NFT_CTX_OUTPUT_JSON)
@@ -124,6 +203,8 @@ class LibNft:
         if self._ctx:
             self._lib.nft_ctx_free(self._ctx)
             self._ctx = None
+        if self._stderr is not None:
+            self._stderr.close()
 
 
 class NftProgram:

@@ -163,6 +163,20 @@ def parse(uri: str) -> Enrollment:
     return enrollment
 
 
+def shell_cut(uri: str) -> str | None:
+    """When `uri` reads as a shell cut it at its first '&' (an unquoted
+    argument: the shell ran the command with the text before the '&' and
+    took the rest for other commands), its head `spa1://HOST:PORT/CLIENT`
+    to show in quotes; otherwise None.  Cut: a query of one parameter (no
+    '&') while sid=, key= and svc= are all required."""
+    head, sep, query = uri.strip().partition("?")
+    if not sep or not query or "&" in query or not head.lower().startswith(SCHEME + "://"):
+        return None
+    if "'" in head or any(ch.isspace() for ch in head):
+        head = f"{SCHEME}://HOST:PORT/NAME"
+    return head
+
+
 def _host_port(netloc: str) -> tuple[str, int]:
     if netloc.startswith("["):
         inside, sep, rest = netloc[1:].partition("]")

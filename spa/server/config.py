@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import calendar
 import contextlib
 import fcntl
 import functools
 import os
-import time
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
@@ -37,11 +35,15 @@ from typing import Any
 import tomlkit
 
 from spa.backends.names import MAX_INSTANCE, Names, instance_problem
+from spa.clitools import UTC_FORMAT as UTC_FORMAT  # (re-exported: callers of config_mod)
+from spa.clitools import format_utc as format_utc
+from spa.clitools import parse_utc as parse_utc
 from spa.core.errors import FormatError
 from spa.core.keys import MASTER_SECRET_SIZE, SERVER_ID_SIZE
 from spa.core.policy import DEFAULT_SERVICES, ClientPolicy, Policy, Service
 from spa.core.sources import NOWHERE, SourceNetwork, canonical_sources, source_networks
 from spa.core.uri import is_valid_client_name
+from spa.server.configvalue import describe, expect
 from spa.server.errors import ConfigError, LocalError
 from spa.server.safefs import Directory, Stamp, open_dir, refuse_foreign_dir
 from spa.server.secretfile import read_secret
@@ -346,7 +348,8 @@ def _parse_toml(path: Path, raw: bytes) -> dict[str, Any]:
 def _table(path: Path, data: Mapping[str, Any], name: str) -> dict[str, Any]:
     value = data.get(name, {})
     if not isinstance(value, dict):
-        raise ConfigError(f"{path}: {name} must be a table ([{name}])")
+        raise ConfigError(f"{path}: {name} must be a table (got {describe(value)}): write "
+                          f"[{name}] on a line of its own and its keys below it")
     return value
 
 
@@ -362,12 +365,7 @@ def _get(where: str, table: Mapping[str, Any], key: str, kind: Any, default: Any
         if default is None:
             raise ConfigError(f"{where} needs {key}")
         return default
-    value = table[key]
-    if isinstance(value, bool) and kind is not bool:
-        raise ConfigError(f"{where} {key} has the wrong type")
-    if not isinstance(value, kind):
-        raise ConfigError(f"{where} {key} has the wrong type")
-    return value
+    return expect(where, key, table[key], kind, default)
 
 
 def _port(where: str, port: int) -> int:
@@ -390,7 +388,9 @@ def _services(path: Path, data: Mapping[str, Any]) -> dict[str, Service]:
     for name, spec in table.items():
         where = f"{path}: [services.{name}]"
         if not isinstance(spec, dict):
-            raise ConfigError(f"{where} must be a table")
+            raise ConfigError(f"{where} must be a table (got {describe(spec)}): write "
+                              f"[services.{name}] on a line of its own and its keys below "
+                              "it, e.g. port = 22")
         _no_unknown_keys(path, f"services.{name}", spec, _SERVICE_KEYS)
         try:
             services[name] = Service(
@@ -413,7 +413,9 @@ def _clients(path: Path, data: Mapping[str, Any], services: Mapping[str, Service
         if not is_valid_client_name(name):
             raise ConfigError(f"{where}: bad client name")
         if not isinstance(spec, dict):
-            raise ConfigError(f"{where} must be a table")
+            raise ConfigError(f"{where} must be a table (got {describe(spec, quote=False)}): "
+                              f"write [clients.{name}] on a line of its own and its keys "
+                              "below it")
         _no_unknown_keys(path, f"clients.{name}", spec, _CLIENT_KEYS)
         allowed = _get(where, spec, "services", list)
         for service in allowed:
@@ -484,18 +486,6 @@ def _check_utc(where: str, key: str, value: str) -> None:
     except ValueError:
         raise ConfigError(f"{where} {key} = {value!r}: not a UTC time like "
                           f"{format_utc(0)}") from None
-
-
-UTC_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
-
-
-def format_utc(when: float) -> str:
-    return time.strftime(UTC_FORMAT, time.gmtime(when))
-
-
-def parse_utc(text: str) -> float:
-    """Unix time of a UTC_FORMAT string.  Raises ValueError."""
-    return calendar.timegm(time.strptime(text, UTC_FORMAT))
 
 
 # ---- edits -----------------------------------------------------------------

@@ -48,6 +48,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from spa.clitools import format_utc
 from spa.server import admin, webauth
 from spa.server import config as config_mod
 from spa.server import dashboard_clients as views
@@ -225,7 +226,7 @@ def make_app(dash: Dashboard, *, listen: str = config_mod.DEFAULT_DASHBOARD_LIST
     key = dash.credentials().key
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["ago"] = _ago
-    templates.env.filters["utc"] = _utc
+    templates.env.filters["utc"] = format_utc
 
     def page(request: Request, name: str, status: int = 200, **context: Any) -> Response:
         session = request.session
@@ -552,8 +553,7 @@ def _ago(when: float | None, now: float | None = None) -> str:
     return f"{seconds:.0f}s ago"
 
 
-def _utc(when: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(when))
+
 
 
 def serve(dash: Dashboard, listen: str, *, on_ready: Callable[[str], None],

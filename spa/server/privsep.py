@@ -133,6 +133,9 @@ def drop(keep: frozenset[int], *, uid: int | None = None, gid: int | None = None
                          f"permitted {now.permitted:#x}); not serving")
 
 
+FIREWALLS = ("nftables", "iptables")  # the backends that need the kernel's permission
+
+
 def gate_keeper_capabilities(backend: str, *, bpf: bool = False) -> frozenset[int]:
     """CAP_NET_ADMIN; the iptables backend also CAP_NET_RAW (libiptc talks
     to the kernel through a raw socket); with `bpf` (the eBPF map filter
@@ -150,6 +153,12 @@ def drop_to_gate_keeper(config: Path, backend: str, *, bpf: bool = False) -> Non
     held = capabilities().permitted  # started without them (a user's demo): keep what it has
     keep = frozenset(cap for cap in gate_keeper_capabilities(backend, bpf=bpf)
                      if held >> cap & 1)
+    missing = sorted(gate_keeper_capabilities(backend) - keep)
+    if backend in FIREWALLS and missing:  # it could never install the gate: say so, once
+        names = " and ".join(NAMES[cap] for cap in missing)
+        raise LocalError(f"{backend}: operation not permitted (you must be root): run "
+                         f"spa-server as root (or with {names}), or try it without a "
+                         "firewall: --backend memory")
     ambient = gate_keeper_capabilities(backend)
     if os.geteuid() == 0:
         st = os.stat(config)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -24,6 +23,7 @@ from spa.server import monitor, privsep
 from spa.server.config import ServerConfig
 from spa.server.daemon import Server
 from spa.server.errors import LocalError
+from spa.server.logline import log_to_stderr
 from spa.server.mapgrant import MapGrants, most_from
 from spa.server.monitor import GateKeeper
 from spa.server.notify import Notifier
@@ -33,12 +33,6 @@ from spa.server.sources import PacketSource, UdpSource
 from spa.server.state import StateDir
 from spa.store import transfer
 from spa.store.clients import ClientStore
-
-
-def log_to_stderr(line: str) -> None:
-    """One line per event, key=value; journald adds the time."""
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
 
 
 def make_backend(name: str, *, flush_on_stop: bool = False, hold: str = "auto",

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from spa.clitools import format_utc
 from spa.core.errors import FormatError
 from spa.core.leases import Lease, LeaseTable
 from spa.core.replay import ReplayCache, entry_bytes
@@ -621,7 +622,7 @@ def describe_gate(gate: object, *, hold: object = False) -> str:
         how += (f", and held meanwhile by the daemon's own table inet "
                 f"{hold if isinstance(hold, str) else 'spa_hold'}")
     at = gate.get("at")
-    when = (_clock_time(at) if isinstance(at, int | float) and at else "")
+    when = (format_utc(at) if isinstance(at, int | float) and at else "")
     state, last, repairs = gate.get("state"), gate.get("last"), gate.get("repairs", 0)
     if state == "failing":
         return f"FAILING since {when}: {last} (knocks may be accepted while nothing opens)"
@@ -631,5 +632,4 @@ def describe_gate(gate: object, *, hold: object = False) -> str:
     return f"ok, {how}"
 
 
-def _clock_time(unix: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix))
+

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from spa.server.logline import event_of
 from tests.integration.procs import command, run_cli
 
 
@@ -91,6 +92,7 @@ class ServerProcess:
         self.args = args
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[str] = []
+        self.raw: list[str] = []  # as written, the time in front
         self._reader: threading.Thread | None = None
 
     def start(self, timeout: float = 15) -> ServerProcess:
@@ -109,8 +111,9 @@ class ServerProcess:
     def _read(self) -> None:
         assert self.proc is not None
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
+        for line in self.proc.stdout:  # as the journal keeps them: the event, no time
+            self.raw.append(line.rstrip("\n"))
+            self.lines.append(event_of(line.rstrip("\n")))
 
     def wait_for_line(self, prefix: str, timeout: float = 5) -> bool:
         deadline = time.monotonic() + timeout

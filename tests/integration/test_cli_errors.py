@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -149,6 +150,48 @@ def test_no_permission(tmp_path: Path) -> None:
     assert_one_line_error(done, "permission denied")
 
 
+def as_nobody(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """spa-server run as uid 65534, with no capability; a run that does not
+    end in `timeout` is killed with its group and reported as status -9."""
+    with subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           "--", *command("spa-server"), *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            return subprocess.CompletedProcess(proc.args, -9, out, err)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("args", [("run", "--mode", "udp"), ("run", "--mode", "udp",
+                                                             "--backend", "iptables"),
+                                  ("gate",), ("check",)])
+def test_a_firewall_command_without_root_says_so_in_one_line(tmp_path: Path,
+                                                             args: tuple[str, ...]) -> None:
+    """libnftables (before 1.1) prints "Operation not permitted (you must be
+    root)" on stderr by itself; the daemon without the kernel's permission
+    could never install the gate.  One line of ours, exit 2, nothing else."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run as nobody")
+    home = tmp_path / "nobody"
+    config, state = home / "server.toml", home / "state"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert server(config, "init", "--state-dir", str(state),
+                  "--listen-port", str(port)).returncode == 0
+    config.write_text(config.read_text().replace('listen_address = "::"',
+                                                 'listen_address = "127.0.0.1"'))
+    state.mkdir()
+    for path in (home, config, state):
+        os.chown(path, 65534, 65534)
+    done = as_nobody("--config", str(config), *args)
+    assert_one_line_error(done, "operation not permitted", "run spa-server as root")
+    assert "you must be root)\n" not in done.stderr  # libnftables' own line
+
+
 def client(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return run_cli("spa-client", "--config-dir", str(tmp_path / "client"), *args)
 
@@ -160,6 +203,31 @@ def client(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 )
 def test_bad_uri(tmp_path: Path, uri: str, fragment: str) -> None:
     assert_one_line_error(client(tmp_path, "enroll", uri), fragment)
+
+
+def test_a_uri_the_shell_cut_at_ampersand_says_to_quote_it(tmp_path: Path,
+                                                          config: Path) -> None:
+    """Typed without quotes, the URI reaches the client cut at its first '&'
+    (the shell runs the command in the background with the text before it)."""
+    uri = server(config, "enroll", "alice", "--service", "ssh", "--endpoint", "127.0.0.1",
+                 "--uri-only").stdout.strip()
+    head = uri.split("?")[0]
+    quote = ("the URI was cut at '&' by the shell: put it in single quotes: "
+             f"spa-client enroll '{head}?sid=...&key=...&svc=...'")
+    cut = uri.split("&")[0]
+    done = client(tmp_path, "enroll", cut)
+    assert_one_line_error(done, quote)
+    assert cut.split("sid=")[1] not in done.stderr
+    shell = " ".join([*command("spa-client"), "--config-dir", str(tmp_path / "client"),
+                      "enroll", uri])  # unquoted, as a user would type it
+    typed = subprocess.run(["sh", "-c", shell + "; wait"], capture_output=True, text=True,
+                           timeout=30, check=False)
+    assert typed.stderr.strip() == "spa-client: error: " + quote
+    for whole in ("spa1://h/alice", "spa1://h/alice?"):  # not cut: as before
+        assert "cut at '&'" not in client(tmp_path, "enroll", whole).stderr
+    assert "cut at '&'" not in run_cli(
+        "spa-client", "--config-dir", str(tmp_path / "client"), "enroll", "-",
+        input=cut + "\n").stderr
 
 
 def test_open_without_profile(tmp_path: Path) -> None:
@@ -400,3 +468,48 @@ def test_root_refuses_a_config_or_state_directory_another_user_owns(tmp_path: Pa
         assert_one_line_error(done, f"{state} is owned by nobody (uid 65534)",
                               f"chown root: {state}")
     assert os.listdir(state) == []
+
+
+@pytest.mark.parametrize(("old", "new", "message"), [
+    ("port = 22", 'port = "22"',
+     '[services.ssh] port must be an integer (got a string "22"): write port = 22'),
+    ("window = 30", 'window = "thirty"',
+     '[server] window must be a number (got a string "thirty"): write window = 30'),
+    ("flush_on_stop = false", 'flush_on_stop = "no"',
+     '[server] flush_on_stop must be true or false (got a string "no"): '
+     "write flush_on_stop = false"),
+    ('interface = ""', "interface = 0",
+     '[server] interface must be a string (got an integer 0): write interface = "0"'),
+    ("listen_port = 62201", "listen_port = 62201.0",
+     "[server] listen_port must be an integer (got a number 62201.0): "
+     "write listen_port = 62201"),
+    ("max_duration = 300", "max_duration = [300]",
+     "[services.ssh] max_duration must be an integer (got a list): write max_duration = 300"),
+    ("[services.ssh]", "[dashboard]\nlisten = 9713\n[services.ssh]",
+     '[dashboard] listen must be a string (got an integer 9713): '
+     'write listen = "127.0.0.1:9713"'),
+    ("[services.ssh]", "[services]\nssh = 22\n[services.x]",
+     "[services.ssh] must be a table (got an integer 22): write [services.ssh] on a line "
+     "of its own"),
+])
+def test_a_wrong_type_in_the_config_names_the_type_wanted_and_the_fix(
+        config: Path, old: str, new: str, message: str) -> None:
+    text = config.read_text()
+    assert old in text
+    config.write_text(text.replace(old, new, 1))
+    assert_one_line_error(server(config, "clients"), message)
+
+
+def test_a_secret_of_the_wrong_type_is_named_never_quoted(config: Path) -> None:
+    """A wrong type's value is quoted to show the fix, a secret's never."""
+    text = config.read_text()
+    config.write_text(text + '\n[clients.alice]\nsecret = 918273645546372819\n'
+                      'services = ["ssh"]\n')
+    done = server(config, "clients")
+    assert_one_line_error(done, "[clients.alice] secret must be a string (got an integer): "
+                          'write secret = "..."')
+    assert "918273645546372819" not in done.stderr
+    config.write_text(text.replace("server_id = ", "server_id = 4242 #"))
+    done = server(config, "clients")
+    assert_one_line_error(done, "[server] server_id must be a string (got an integer)")
+    assert "4242" not in done.stderr

@@ -20,5 +20,10 @@ def test_demo_tells_the_story_and_exits_0() -> None:
                      "demo passed"):
         assert expected in out
     assert "key=<secret>" in out
+    logged = out.split("each after the packet behind it:")[1].splitlines()
+    assert [line.split(":")[0].strip() for line in logged if "accepted action=" in line] == \
+        ["alice's knock", "alice's close"]
+    assert any(line.strip().startswith("the eavesdropper's copy:") and
+               "refused reason=replay" in line for line in logged), out
     assert "FAILED" not in out
     assert "Traceback" not in done.stderr

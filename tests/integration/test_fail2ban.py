@@ -13,6 +13,7 @@ import pytest
 
 from spa.core.uri import parse
 from spa.core.wire import NONCE_SIZE, Action
+from spa.server.logline import stamped
 from spa_client import knock
 from tests.integration.f2b import SCANS, matched_lines
 from tests.integration.harness import wait_until
@@ -62,3 +63,13 @@ def test_the_filter_matches_the_lines_we_document() -> None:
              "refused reason=spoofed_source client=alice src=198.51.100.9"]
     assert matched_lines(lines) == lines[:2], "the default jail never bans on a scan"
     assert matched_lines(lines, SCANS) == [lines[2]], "the opt-in scans jail"
+
+
+def test_the_filter_matches_the_lines_written_outside_journald() -> None:
+    """Outside journald each line starts with its time (spa/server/logline.py)."""
+    lines = [stamped(line, journal=False, now=1_796_515_258) for line in (
+        "refused reason=bad_mac client=alice src=198.51.100.7 count=12",
+        "scan src=198.51.100.8 service=ssh,https count=40",
+        "refused reason=replay client=alice src=203.0.113.9 count=2")]
+    assert matched_lines(lines) == lines[:1]
+    assert matched_lines(lines, SCANS) == [lines[1]]

@@ -325,6 +325,9 @@ def test_keep_renews_the_lease_until_ctrl_c_then_closes(site: Site) -> None:
     assert proc.returncode == 0, err
     assert "closed ssh" in out
     assert err.count("renewed") >= 5, err  # plain lines without a terminal
+    renewed = [line for line in err.splitlines() if "renewed" in line]
+    assert all(re.match(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z ssh: renewed", line)
+               for line in renewed), renewed
     assert wait_until(lambda: site.leases() == [], timeout=2)
 
 
@@ -448,3 +451,36 @@ def test_a_second_daemon_on_the_same_state_is_refused_and_the_first_keeps_servin
     with ServerProcess(site.config) as again:
         assert again.proc is not None
         assert f"pid {again.proc.pid}" in site.admin("status").stdout
+
+
+# anything that looks like a wall-clock time: a date with a time after it, or a bare
+# hh:mm:ss (a duration like 4m09s or 29.8 s does not look like one)
+TIME_LIKE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2})?(?:\.\d+)?"
+                       r"(?:Z| ?UTC|[+-]\d{2}:?\d{2})?)?|\b\d{1,2}:\d{2}:\d{2}\b")
+ONE_FORMAT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")  # spa.clitools.format_utc
+
+
+def test_every_time_the_programs_print_is_iso_8601_utc_with_z(site: Site) -> None:
+    """events, clients, status, stats, enroll, doctor and the daemon's own
+    log lines: every wall-clock time in one format, 2026-12-06T00:14:18Z."""
+    assert site.client("alice", "open", "ssh", "srv", "--duration", "60").returncode == 0
+    assert wait_until(lambda: any(e["outcome"] == "accepted" for e in site.events()))
+    pending = site.admin("enroll", "carol", "--service", "ssh", "--endpoint",
+                         f"{site.host}:{parse(site.uris['alice']).port}", "--expires", "1h")
+    uri = next(word for word in pending.stdout.split() if word.startswith("spa1://"))
+    assert site.client("carol", "enroll", uri, "--name", "srv").returncode == 0
+    outputs = {
+        "events": site.admin("events"), "clients": site.admin("clients"),
+        "status": site.admin("status"), "stats": site.admin("stats"), "enroll": pending,
+        "doctor alice": site.client("alice", "doctor", "srv", "--time-server", "none"),
+        "doctor carol": site.client("carol", "doctor", "srv", "--time-server", "none"),
+    }
+    found: dict[str, list[str]] = {}
+    for name, done in outputs.items():
+        found[name] = TIME_LIKE.findall(done.stdout + done.stderr)
+    found["log"] = [t for line in site.server.raw for t in TIME_LIKE.findall(line)]
+    for name in ("events", "clients", "doctor alice", "log"):
+        assert found[name], f"{name} shows a time: {outputs.get(name)}"
+    wrong = {name: [t for t in times if not ONE_FORMAT.fullmatch(t)]
+             for name, times in found.items()}
+    assert not any(wrong.values()), wrong

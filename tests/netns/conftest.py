@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from spa.netns import Namespace, Sshd, Topology, can_make_namespaces, sh, start_sshd
+from spa.server.logline import event_of
 from tests.integration.procs import command
 
 HERE = Path(__file__).resolve().parent
@@ -160,8 +161,8 @@ class Spa:
 
     def _read(self, proc: subprocess.Popen[str]) -> None:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            self.lines.append(line.rstrip("\n"))
+        for line in proc.stdout:  # as the journal keeps them: the event, no time
+            self.lines.append(event_of(line.rstrip("\n")))
 
     def wait_for(self, prefix: str, timeout: float = 10) -> bool:
         deadline = time.monotonic() + timeout

@@ -18,11 +18,20 @@ def test_demo_in_namespaces_with_a_real_ssh_login() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     for expected in ("before the knock: ssh cannot connect", "logged in as root",
-                     "s left, held by alice", "replayed packet refused: reason=replay",
-                     "tampered packet (nonce bit flipped) refused: reason=bad_mac",
+                     "s left, held by alice",
+                     "alice's knock accepted (the original: it renews her lease)",
+                     "the eavesdropper's copy refused: reason=replay",
+                     "the copy with one bit flipped refused: reason=bad_mac",
+                     "no knock accepted but alice's two",
                      "after the close: ssh cannot connect again", "demo passed"):
         assert expected in out, out
     assert "FAILED" not in out
+    logged = out.split("each after the packet behind it:")[1].splitlines()
+    accepted = [line for line in logged if "accepted action=" in line]
+    assert len(accepted) == 3 and all(line.strip().startswith("alice's") for line in accepted), \
+        "every accepted line is named as alice's own packet"
+    assert any(line.strip().startswith("the eavesdropper's copy:") and
+               "refused reason=replay" in line for line in logged), out
     assert sh("ip", "netns", "list").stdout == before, "the demo removed its namespaces"
 
 

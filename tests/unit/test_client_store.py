@@ -387,7 +387,9 @@ def test_an_import_file_is_checked_as_the_config_is(toml_with_clients: Path) -> 
                           (sources(["192.0.2.7/24"]),
                            r"\[clients.a\] sources: '192.0.2.7/24' has host bits set past /24"),
                           (sources([24]), "sources: give a list of networks as strings"),
-                          (sources("192.0.2.0/24"), "sources has the wrong type"),
+                          (sources("192.0.2.0/24"),
+                           r"sources must be a list \(got a string \"192.0.2.0/24\"\): "
+                           r"write sources = \[\"192.0.2.0/24\"\]"),
                           ('{"people": {}}', "as `spa-server clients export` writes"),
                           ("[clients.a\n", "neither JSON nor TOML")):
         with pytest.raises(LocalError, match=message):

@@ -241,7 +241,7 @@ def test_a_profile_that_opened_before_and_now_fails_is_likely_revoked(tmp_path: 
         "no longer pending", "")
     line = verdict(findings)
     assert line.startswith("fix: revoked or re-keyed on the server, most likely: this "
-                           "profile opened the port at 2027-01-15 06:43:20 UTC and the clock "
+                           "profile opened the port at 2027-01-15T06:43:20Z and the clock "
                            "checked fine")
     assert "spa-server clients shows alice as revoked" in line
 
@@ -249,7 +249,7 @@ def test_a_profile_that_opened_before_and_now_fails_is_likely_revoked(tmp_path: 
 def test_a_pending_enrollment_is_pending_then_expired_until_it_opens(tmp_path: Path) -> None:
     store = store_with_profile(tmp_path, replace(ENROLLMENT, expires=EXPIRES))
     early = run(store, knock=Fact.SHUT)
-    assert early[1].fact is Fact.PENDING and "pending until 2027-01-15 08:00:00" in early[1].what
+    assert early[1].fact is Fact.PENDING and "pending until 2027-01-15T08:00:00Z" in early[1].what
     assert verdict(early).startswith("fix: revoked or unreachable: the server took no first "
                                      "knock of this pending enrollment")
     late = run(store, knock=Fact.SHUT, now=EXPIRES + 100)

@@ -7,7 +7,7 @@ import base64
 import pytest
 
 from spa.core.errors import FormatError
-from spa.core.uri import DEFAULT_PORT, Enrollment, ServiceRef, parse, render
+from spa.core.uri import DEFAULT_PORT, Enrollment, ServiceRef, parse, render, shell_cut
 
 SECRET = bytes(range(32))
 SID = bytes(range(100, 116))
@@ -177,3 +177,17 @@ def test_an_ipv6_host_in_any_spelling_is_read_as_its_rfc_5952_form() -> None:
     for spelled in ("[2001:DB8:0:0::1]", "[2001:db8::0:1]", "[2001:0db8::1]"):
         assert parse(uri(host=spelled)).host == "2001:db8::1"
     assert render(enrollment("2001:0DB8:0::1")).startswith("spa1://[2001:db8::1]:62201/")
+
+
+@pytest.mark.parametrize(("text", "head"), [
+    ("spa1://h:62201/alice?sid=AAAA", "spa1://h:62201/alice"),
+    ("  SPA1://[2001:db8::1]:9/bob?key=AAAA\n", "SPA1://[2001:db8::1]:9/bob"),
+    ("spa1://h/alice?svc=ssh:tcp:22", "spa1://h/alice"),
+    ("spa1://h/al'ice?sid=AAAA", "spa1://HOST:PORT/NAME"),
+    ("spa1://h/alice?sid=AAAA&key=BBBB", None),
+    ("spa1://h/alice", None),
+    ("spa1://h/alice?", None),
+    ("https://h/alice?sid=AAAA", None),
+])
+def test_shell_cut_names_a_uri_cut_at_its_first_ampersand(text: str, head: str | None) -> None:
+    assert shell_cut(text) == head
