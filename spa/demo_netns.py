@@ -186,6 +186,9 @@ def run(say: Callable[[str], None] = print) -> int:
     try:
         demo.setup()
         demo.story()
+    except RuntimeError as exc:  # a program of the stage failed (ip, sshd, spa-server)
+        say(f"demo FAILED: {exc}")
+        return 1
     finally:
         demo.teardown()
         shutil.rmtree(root, ignore_errors=True)

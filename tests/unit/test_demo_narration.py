@@ -3,6 +3,8 @@ no `accepted` line may read as the eavesdropper's."""
 
 from __future__ import annotations
 
+import pytest
+
 from spa.demo import narrated
 
 STORY = [  # the netns demo's lines: alice knocks twice, the second knock is copied
@@ -34,3 +36,22 @@ def test_lines_the_story_does_not_name_are_shown_unnamed_or_left_out() -> None:
     shown = narrated(["started port=1", "refused reason=expired client=bob src=192.0.2.1"])
     assert shown == ["refused reason=expired client=bob src=192.0.2.1"]
     assert narrated([]) == []
+
+
+def test_a_stage_that_fails_to_come_up_is_one_line_and_leaves_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """sshd or the server not starting ends the demo with one line, exit 1,
+    the namespaces torn down (was: a traceback)."""
+    from spa import demo_netns
+
+    torn_down = []
+
+    def fail(self: demo_netns.NetnsDemo) -> None:
+        raise RuntimeError("sshd did not start: no host key")
+
+    monkeypatch.setattr(demo_netns.NetnsDemo, "setup", fail)
+    monkeypatch.setattr(demo_netns.NetnsDemo, "teardown", lambda self: torn_down.append(1))
+    said: list[str] = []
+    assert demo_netns.run(said.append) == 1
+    assert said == ["demo FAILED: sshd did not start: no host key"]
+    assert torn_down == [1]
