@@ -38,7 +38,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -49,7 +49,7 @@ from spa.core.knock import SLICE, STEP_SECONDS, step_of, step_start
 from spa.core.leases import Allow, FirewallAction, LeaseTable
 from spa.core.limits import FailureLimiter, TrustEntry
 from spa.core.otp import OtpChecker
-from spa.core.policy import Decision, Policy
+from spa.core.policy import Decision, Policy, Service
 from spa.core.verify import Accepted, Refused, Verifier
 from spa.core.wire import NONCE_OFFSET, Action
 from spa.server import config as config_mod
@@ -263,7 +263,7 @@ class Server:
             "hold": self.config.names.hold if getattr(self.backend, "holds", False) else False,
             "filter": self._filter_kind,
         }
-        self.log(f"gate {closed_ports(self.config.services)}")
+        self.log(self._gate_line(self.config.services))
         for note in (getattr(self.backend, "hold_note", ""),
                      getattr(self.backend, "flags_note", "")):
             if note:
@@ -286,6 +286,13 @@ class Server:
         """A fact `status` shows (a companion's: the compat listener's port)."""
         self._facts = {**self._facts, key: value}
         self.state.write_server(self._facts)
+
+    def _gate_line(self, services: Mapping[str, Service]) -> str:
+        """What the gate closes; the memory backend (a try-out) closes nothing."""
+        if self.backend.name == "memory":
+            return ("gate none: the memory backend closes no port (a try-out; "
+                    "--backend nftables or iptables closes them)")
+        return f"gate {closed_ports(services)}"
 
     def _check_host(self, now: float, *, force: bool = False) -> None:
         """Does the host's firewall let through what the gate lets in?  At
@@ -1103,7 +1110,7 @@ class Server:
         self._update_kernel_filter(self.clock(), force=True)
         self.log(f"reloaded clients={len(new.clients)} (settings and services)")
         if services != dict(old.services):
-            self.log(f"gate {closed_ports(services)}")
+            self.log(self._gate_line(services))
             self._check_host(self.clock(), force=True)
 
 

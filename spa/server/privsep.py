@@ -139,8 +139,10 @@ FIREWALLS = ("nftables", "iptables")  # the backends that need the kernel's perm
 def gate_keeper_capabilities(backend: str, *, bpf: bool = False) -> frozenset[int]:
     """CAP_NET_ADMIN; the iptables backend also CAP_NET_RAW (libiptc talks
     to the kernel through a raw socket); with `bpf` (the eBPF map filter
-    runs) CAP_BPF, for the maps of its growth (spa.server.mapgrant)."""
-    caps = {CAP_NET_ADMIN, CAP_NET_RAW} if backend == "iptables" else {CAP_NET_ADMIN}
+    runs) CAP_BPF, for the maps of its growth (spa.server.mapgrant); the
+    memory backend touches no firewall: none for it."""
+    caps = ({CAP_NET_ADMIN, CAP_NET_RAW} if backend == "iptables"
+            else set() if backend == "memory" else {CAP_NET_ADMIN})
     return frozenset(caps | ({CAP_BPF} if bpf else set()))
 
 

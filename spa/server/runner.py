@@ -104,12 +104,14 @@ def build(path: Path, *, backend: str | None, mode: str | None,
                     log=log_to_stderr, notifier=notifier, state=state,
                     routes=kernel_routes(), guard=RemoteGuard)
     gate.on_lost = server.stop_requested.set
-    kept = " and ".join(privsep.NAMES[cap] for cap in
-                        sorted(privsep.gate_keeper_capabilities(config.backend, bpf=room > 0)))
+    held = privsep.capabilities().permitted  # started without them (a user's try-out)
+    kept = " and ".join(privsep.NAMES[cap] for cap in sorted(
+        privsep.gate_keeper_capabilities(config.backend, bpf=room > 0)) if held >> cap & 1)
     if reserved:
         server.start_notes.append(reserved)
+    kept = f"{kept} only" if kept else "no capability"
     server.start_notes.append(f"privileges: daemon pid {os.getpid()} as {user} with no "
-                              f"capability; gate keeper pid {gate.pid} with {kept} only")
+                              f"capability; gate keeper pid {gate.pid} with {kept}")
     return _with_compat(server, compat)
 
 

@@ -4,6 +4,7 @@ and nothing lost (a failed command leaves the config as it was)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -173,6 +174,13 @@ def test_a_firewall_command_without_root_says_so_in_one_line(tmp_path: Path,
     """libnftables (before 1.1) prints "Operation not permitted (you must be
     root)" on stderr by itself; the daemon without the kernel's permission
     could never install the gate.  One line of ours, exit 2, nothing else."""
+    done = as_nobody("--config", str(nobodys_config(tmp_path)), *args)
+    assert_one_line_error(done, "operation not permitted", "run spa-server as root")
+    assert "you must be root)\n" not in done.stderr  # libnftables' own line
+
+
+def nobodys_config(tmp_path: Path, *init: str) -> Path:
+    """A config and state dir owned by nobody, listening on a free loopback port."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root and setpriv to run as nobody")
     home = tmp_path / "nobody"
@@ -181,15 +189,25 @@ def test_a_firewall_command_without_root_says_so_in_one_line(tmp_path: Path,
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     assert server(config, "init", "--state-dir", str(state),
-                  "--listen-port", str(port)).returncode == 0
+                  "--listen-port", str(port), *init).returncode == 0
     config.write_text(config.read_text().replace('listen_address = "::"',
                                                  'listen_address = "127.0.0.1"'))
     state.mkdir()
     for path in (home, config, state):
         os.chown(path, 65534, 65534)
-    done = as_nobody("--config", str(config), *args)
-    assert_one_line_error(done, "operation not permitted", "run spa-server as root")
-    assert "you must be root)\n" not in done.stderr  # libnftables' own line
+    return config
+
+
+def test_a_try_out_without_root_says_it_closes_nothing(tmp_path: Path) -> None:
+    """The memory backend as nobody runs, and says no port is closed and the
+    gate keeper holds no capability (it said "gate closed to everyone" and
+    "gate keeper ... with CAP_NET_ADMIN only", neither true)."""
+    config = nobodys_config(tmp_path, "--backend", "memory")
+    done = as_nobody("--config", str(config), "run", "--mode", "udp", timeout=3)
+    assert done.returncode == -9, done.stderr  # it served until killed
+    assert "gate none: the memory backend closes no port" in done.stderr, done.stderr
+    assert "closed to everyone" not in done.stderr
+    assert re.search(r"gate keeper pid \d+ with no capability$", done.stderr, re.M), done.stderr
 
 
 def client(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
