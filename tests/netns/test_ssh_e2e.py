@@ -230,7 +230,7 @@ def test_ssh_with_spa_client_as_proxycommand_just_works(spa: Spa, tmp_path: Path
     """`spa-client ssh-config` writes the ProxyCommand; a real ssh with that
     config knocks, waits for the grant and logs in, with nothing opened first.
     The profile lives in a directory of its own, named only by SPA_CLIENT_DIR
-    in the shell that ran ssh-config (issue 16), with a quote, a space and a
+    in the shell that ran ssh-config (issue 16), with spaces, parentheses, backticks and a
     % in its path: ssh, in a shell without it, still finds it."""
     import shutil
 
@@ -240,13 +240,13 @@ def test_ssh_with_spa_client_as_proxycommand_just_works(spa: Spa, tmp_path: Path
     spa.start()
     enroll_alice(spa)
     assert not tcp_open(world, "cli", SRV4, 22)
-    elsewhere = tmp_path / "it's 100% mine"
+    elsewhere = tmp_path / "my 100% (own) `dir`"
     shutil.copytree(spa.root / "c-alice", elsewhere)
     done = world.cli.run("env", f"SPA_CLIENT_DIR={elsewhere}", *command("spa-client"),
                          "ssh-config", "srv", check=False)
     assert done.returncode == 0, done.stderr
     assert f"Host {SRV4}" in done.stdout and "connect %h %p" in done.stdout
-    assert "100%% mine" in done.stdout
+    assert "100%% (own)" in done.stdout
     assert world.sshd is not None
     config = tmp_path / "ssh_config"
     config.write_text(done.stdout + f"    IdentityFile {world.sshd.client_key}\n"

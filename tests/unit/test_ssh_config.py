@@ -21,7 +21,7 @@ from spa_client.sshconfig import SshConfigError, proxy_command, quote
 
 ENROLLMENT = Enrollment("srv.example", 62201, bytes(SERVER_ID_SIZE), "alice",
                         bytes(MASTER_SECRET_SIZE), (ServiceRef("ssh", "tcp", 22),))
-ODD = "it's a 100% \"odd\" dir $HOME `x` #1 ~"
+ODD = "a 100% odd dir `x` #1 ~ (a);b&c*?"
 
 
 def as_ssh_runs_it(line: str, host: str = "srv.example", port: str = "22") -> list[str]:
@@ -38,11 +38,26 @@ def as_ssh_runs_it(line: str, host: str = "srv.example", port: str = "22") -> li
     return found
 
 
-def test_a_path_with_quotes_spaces_percent_and_dollars_survives_ssh_and_the_shell() -> None:
+def test_a_path_with_spaces_percent_and_shell_words_survives_ssh_and_the_shell() -> None:
     line = proxy_command(f"/opt/{ODD}/spa-client", Path(f"/home/a/{ODD}"))
     assert as_ssh_runs_it(line) == [f"/opt/{ODD}/spa-client", "--config-dir", f"/home/a/{ODD}",
                                     "connect", "srv.example", "22"]
     assert proxy_command("spa-client", None) == "spa-client connect %h %p"
+
+
+@pytest.mark.parametrize("odd", ["it's", 'a "b"', "x\\'y", "end\\", "$HOME", "$(id)", "hi!"])
+def test_a_character_some_shell_reads_inside_single_quotes_is_refused(odd: str) -> None:
+    """fish reads \\' inside single quotes as a quote (a path ending
+    `\\'"(touch x) #` ran a command there), csh expands ! and $: the
+    words are single-quoted only when every shell takes them literally."""
+    with pytest.raises(SshConfigError, match="not every shell reads"):
+        quote(f"/home/a/{odd}")
+
+
+def test_the_quoting_is_single_quotes_alone() -> None:
+    quoted = quote(f"/home/a/{ODD}")
+    assert quoted.startswith("'") and quoted.endswith("'") and quoted.count("'") == 2
+    assert "\\" not in quoted
 
 
 def test_a_line_break_in_a_path_is_refused() -> None:
