@@ -73,3 +73,19 @@ def test_the_filter_matches_the_lines_written_outside_journald() -> None:
         "refused reason=replay client=alice src=203.0.113.9 count=2")]
     assert matched_lines(lines) == lines[:1]
     assert matched_lines(lines, SCANS) == [lines[1]]
+
+
+def test_the_filters_read_every_server_unit_and_not_the_dashboard() -> None:
+    """The filters match the journal's SYSLOG_IDENTIFIER the server units set,
+    spa-server.service and every spa-server@NAME.service alike (matching
+    _SYSTEMD_UNIT=spa-server.service left every instance unwatched)."""
+    root = Path(__file__).resolve().parents[2]
+    units = root / "contrib/systemd"
+    for name in ("spa-server.conf", "spa-server-scans.conf"):
+        text = (root / "contrib/fail2ban/filter.d" / name).read_text()
+        matches = re.findall(r"^journalmatch = (.*)$", text, re.M)
+        assert matches == ["SYSLOG_IDENTIFIER=spa-server"], (name, matches)
+    for unit in ("spa-server.service", "spa-server@.service"):
+        assert re.search(r"^SyslogIdentifier=spa-server$", (units / unit).read_text(), re.M), unit
+    dashboard = (units / "spa-dashboard.service").read_text()
+    assert re.search(r"^SyslogIdentifier=spa-dashboard$", dashboard, re.M)
