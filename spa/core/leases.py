@@ -17,6 +17,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 
 from spa.core.wire import IPAddress
@@ -176,3 +177,39 @@ class LeaseTable:
 
 def _pair_order(pair: Pair) -> tuple[int, bytes, str]:
     return (pair[0].version, pair[0].packed, pair[1])
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """Saved leases as a restart may trust them (`restore_saved`)."""
+
+    kept: list[Lease]
+    dropped: int  # of a client or a service the server does not know
+    capped: int  # ending later than now + their service's longest lease
+
+    def note(self) -> str:
+        """One log line on what was not kept as saved ("" if all was)."""
+        if not (self.dropped or self.capped):
+            return ""
+        return (f"saved leases: dropped {self.dropped} of an unknown client or service, "
+                f"cut {self.capped} to their service's max_duration from now")
+
+
+def restore_saved(saved: list[Lease], *, clients: Container[str],
+                  max_durations: Mapping[str, int], now: float) -> Restored:
+    """The saved leases (leases.json) a restart may open again: those of a
+    known client on a known service, each ending at most now + that
+    service's max_duration (a lease can never be longer: the file is not
+    trusted to say otherwise).  Expired ones are kept (the table drops them)."""
+    kept: list[Lease] = []
+    dropped = capped = 0
+    for lease in saved:
+        longest = max_durations.get(lease.service)
+        if longest is None or lease.client not in clients or math.isnan(lease.expires):
+            dropped += 1
+            continue
+        if not lease.expires <= now + longest:  # (NaN too)
+            lease = Lease(lease.client, lease.address, lease.service, now + longest)
+            capped += 1
+        kept.append(lease)
+    return Restored(kept, dropped, capped)

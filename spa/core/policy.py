@@ -57,6 +57,11 @@ class Service:
         return min(requested, self.max_duration)
 
 
+def max_durations(services: Mapping[str, Service]) -> dict[str, int]:
+    """Service name -> its longest lease in seconds."""
+    return {name: service.max_duration for name, service in services.items()}
+
+
 DEFAULT_SERVICES: Mapping[str, Service] = {
     "ssh": Service("ssh", "tcp", 22, default_duration=30, max_duration=300),
     "https": Service("https", "tcp", 443, default_duration=30 * 60, max_duration=4 * 3600),

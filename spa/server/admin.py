@@ -36,6 +36,7 @@ from spa.server.config import ClientEntry, ServerConfig
 from spa.server.errors import ConfigError, LocalError
 from spa.server.events import EVENTS_DB, Event, read_events
 from spa.server.geoip import Countries
+from spa.server.plant import refuse_planted_state_dir
 from spa.server.state import PairStatus, StateDir
 from spa.store import transfer
 from spa.store.clients import ClientStore
@@ -49,6 +50,7 @@ def open_store(config: ServerConfig, *, now: float) -> Iterator[ClientStore]:
     """The client store in the config's state directory (made if missing),
     after the one-time migration of server.toml's [clients]; root uses it
     as the directory's owner.  Raises LocalError."""
+    refuse_planted_state_dir(config.state_dir, config=config.path)
     if not os.path.lexists(config.state_dir):
         StateDir(config.state_dir).ensure()
     if config.clients:
@@ -99,6 +101,7 @@ def init(path: Path, *, listen_port: int, backend: str, state_dir: Path | None, 
     ports = [(s.protocol, s.port) for s in chosen]
     if len(set(ports)) != len(ports):
         raise ConfigError("two --service options name the same port; give each port once")
+    refuse_planted_state_dir(state_dir, config=path)  # before anything is written
     server_id = os.urandom(SERVER_ID_SIZE)
     text = config_mod.render_new(server_id=server_id, listen_port=listen_port, backend=backend,
                                  state_dir=state_dir.absolute(), protect=chosen,

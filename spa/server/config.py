@@ -222,6 +222,9 @@ def parse(path: Path, raw: bytes) -> ServerConfig:
         raise ConfigError(f"{where} has no server_id; create the file with: spa-server init")
     server_id = b64decode(_get(where, server, "server_id", str), SERVER_ID_SIZE,
                           f"{where} server_id")
+    _refuse_zero_key(where, "server_id", server_id, "put a random one there (head -c16 "
+                     "/dev/urandom | basenc --base64url), or create the file with spa-server "
+                     "init")
     services = _services(path, data)
     clients = _clients(path, data, services)
     config = ServerConfig(
@@ -453,6 +456,8 @@ def _clients(path: Path, data: Mapping[str, Any], services: Mapping[str, Service
             except (ValueError, binascii.Error):
                 raise ConfigError(f"{where} otp_secret: not a base32 secret of 80 bits or "
                                   "more (enroll the client again with --otp)") from None
+        for key in ("secret", "old_secret", "fwknop_key", "fwknop_hmac_key"):
+            _refuse_zero_key(where, key, getattr(clients[name], key), ZERO_KEY_FIX[key])
     return clients
 
 
@@ -475,6 +480,23 @@ def _key(where: str, spec: Mapping[str, Any], key: str, most: int) -> bytes:
     if not 1 <= len(raw) <= most:
         raise ConfigError(f"{where} {key} must be 1 to {most} bytes of base64url")
     return raw
+
+
+ZERO_KEY_FIX = {  # what to do instead of a key of zero bytes (_refuse_zero_key)
+    "secret": "enroll the client with spa-server enroll (it makes a random secret)",
+    "old_secret": "remove old_secret and old_until",
+    "fwknop_key": "give the client's own KEY_BASE64 (spa-server import-fwknop)",
+    "fwknop_hmac_key": "give the client's own HMAC_KEY_BASE64 (spa-server import-fwknop)",
+}
+
+
+def _refuse_zero_key(where: str, key: str, raw: bytes, fix: str) -> None:
+    """A key of zero bytes is the example's placeholder (contrib/server.toml.example:
+    "AAAA..."), known to everyone who read it: refused, whoever wrote it.
+    Raises ConfigError."""
+    if raw and not any(raw):
+        raise ConfigError(f"{where} {key} is all zero bytes (the example's placeholder, a key "
+                          f"anyone knows); {fix}")
 
 
 def _check_utc(where: str, key: str, value: str) -> None:

@@ -46,10 +46,10 @@ from typing import Any, Protocol
 from spa.backends.base import Backend, apply, reconcile
 from spa.core.errors import AFTER_AUTHENTICATION, Reason
 from spa.core.knock import SLICE, STEP_SECONDS, step_of, step_start
-from spa.core.leases import Allow, FirewallAction, LeaseTable
+from spa.core.leases import Allow, FirewallAction, LeaseTable, restore_saved
 from spa.core.limits import FailureLimiter, TrustEntry
 from spa.core.otp import OtpChecker
-from spa.core.policy import Decision, Policy, Service
+from spa.core.policy import Decision, Policy, Service, max_durations
 from spa.core.verify import Accepted, Refused, Verifier
 from spa.core.wire import NONCE_OFFSET, Action
 from spa.server import config as config_mod
@@ -237,8 +237,11 @@ class Server:
                                  window=self.config.window, replay=replay, otp=otp,
                                  limiter=limiter, warm_later=True)
         closed = {n for n, c in self.config.clients.items() if c.close_leases}
-        saved = [lease for lease in self.state.load_leases() if lease.service in
-                 self.config.services and lease.client not in closed]
+        restored = restore_saved(self.state.load_leases(), clients=self.config.clients,
+                                 max_durations=max_durations(self.config.services), now=now)
+        if restored.note():
+            self.log(f"warning {restored.note()}")
+        saved = [lease for lease in restored.kept if lease.client not in closed]
         self.leases = LeaseTable.from_leases(saved, now=now)
         self.events = EventSink(self.state.files / EVENTS_DB, self.log,
                                 retention_days=self.config.event_retention_days)

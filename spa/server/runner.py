@@ -17,6 +17,9 @@ from spa.backends.base import Backend, reconcile
 from spa.backends.memory import MemoryBackend
 from spa.backends.names import DEFAULT_NAMES, Names
 from spa.core.knock import steps_for_window
+from spa.core.leases import restore_saved
+from spa.core.policy import max_durations
+from spa.core.wire import IPAddress
 from spa.kernel.mapsource import MapFiltered
 from spa.server import config as config_mod
 from spa.server import monitor, privsep
@@ -27,12 +30,13 @@ from spa.server.logline import log_to_stderr
 from spa.server.mapgrant import MapGrants, most_from
 from spa.server.monitor import GateKeeper
 from spa.server.notify import Notifier
+from spa.server.plant import refuse_planted_state_dir
 from spa.server.remote import RemoteGate, RemoteGuard
 from spa.server.routes import kernel_routes
 from spa.server.sources import PacketSource, UdpSource
 from spa.server.state import StateDir
 from spa.store import transfer
-from spa.store.clients import ClientStore
+from spa.store.clients import CLIENTS_DB, ClientStore
 
 
 def make_backend(name: str, *, flush_on_stop: bool = False, hold: str = "auto",
@@ -75,6 +79,7 @@ def build(path: Path, *, backend: str | None, mode: str | None,
     config = replace(config, backend=backend or config.backend, mode=mode or config.mode,
                      interface=interface if interface is not None else config.interface)
     check_unit_instance(config, os.environ)
+    refuse_planted_state_dir(config.state_dir, config=config.path)
     state = StateDir(config.state_dir)
     if not privsep.owned_by_another(state.path):
         state.ensure()  # (one another user owns is made ready by the daemon, as that user)
@@ -256,6 +261,7 @@ def install_gate(path: Path, *, backend: str | None = None) -> str:
     chosen = backend or config.backend
     if chosen == "memory":
         raise LocalError("the memory backend gates nothing; gate is for nftables or iptables")
+    refuse_planted_state_dir(config.state_dir, config=config.path)
     state = StateDir(config.state_dir)
     if not privsep.owned_by_another(state.path):
         state.ensure()  # root only reads the leases of a state directory another user owns
@@ -268,9 +274,30 @@ def install_gate(path: Path, *, backend: str | None = None) -> str:
     try:
         gate = make_backend(chosen, names=config.names)
         gate.start(config.services, now=now)
-        wanted = {(lease.address, lease.service): lease.expires for lease in state.load_leases()
-                  if lease.expires > now and lease.service in config.services}
+        restored = restore_saved(state.load_leases(), clients=_known_clients(config),
+                                 max_durations=max_durations(config.services), now=now)
+        if restored.note():
+            log_to_stderr(f"warning {restored.note()}")
+        wanted: dict[tuple[IPAddress, str], float] = {}
+        for lease in restored.kept:
+            if lease.expires > now:
+                key = (lease.address, lease.service)
+                wanted[key] = max(lease.expires, wanted.get(key, 0.0))
         reconcile(gate, wanted, config.services, now=now)
     finally:
         state.release()
     return f"gate installed ({chosen}), {len(wanted)} saved lease(s) kept open"
+
+
+def _known_clients(config: ServerConfig) -> frozenset[str]:
+    """The clients of the config and of the client store (none yet, or one
+    that cannot be read: the config's alone, said in the log; the gate still
+    goes in, and a client whose lease is not kept knocks again)."""
+    names = set(config.clients)
+    if os.path.lexists(config.state_dir / CLIENTS_DB):
+        try:
+            with ClientStore.open_as_owner(config.state_dir, create=False) as store:
+                names.update(entry.name for entry in store.all())
+        except LocalError as exc:
+            log_to_stderr(f"warning saved leases: only the config's clients are known: {exc}")
+    return frozenset(names)

@@ -3,6 +3,7 @@ and nothing lost (a failed command leaves the config as it was)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -486,6 +488,58 @@ def test_root_refuses_a_config_or_state_directory_another_user_owns(tmp_path: Pa
         assert_one_line_error(done, f"{state} is owned by nobody (uid 65534)",
                               f"chown root: {state}")
     assert os.listdir(state) == []
+
+
+PLANTED: dict[str, Any] = {
+    "version": 1, "updated": 0, "backend": "nftables", "expires_by_itself": True,
+    "leases": [{"client": "mallory", "address": "10.9.9.9", "service": "ssh",
+                "expires": 4102444800}]}
+
+
+def plant_state_dir(shared: Path) -> Path:
+    """What a local user does first in a 1777 directory (issue 16's review,
+    F2): a state directory of theirs, with a 73-year ssh lease."""
+    shared.mkdir(mode=0o1777)
+    os.chmod(shared, 0o1777)
+    state = shared / "try-state"
+    state.mkdir(mode=0o700)
+    (state / "leases.json").write_text(json.dumps(PLANTED))
+    for path in (state, state / "leases.json"):
+        os.chown(path, 65534, 65534)  # nobody
+    return state
+
+
+def test_root_refuses_a_state_directory_another_user_could_have_planted(
+        tmp_path: Path) -> None:
+    """init in a 1777 directory is refused before it writes anything; a
+    config naming such a state directory is refused by `run` (which ran the
+    daemon as the planter, who could then enroll themselves) and by every
+    command that opens the client store."""
+    if os.geteuid() != 0:
+        pytest.skip("the check is root's")
+    shared = tmp_path / "advp"
+    state = plant_state_dir(shared)
+    done = server(shared / "try.toml", "init")
+    assert_one_line_error(done, f"state directory {state} would be in {shared}, which other "
+                          "users may write in (mode 1777)", "set state_dir")
+    assert sorted(os.listdir(shared)) == ["try-state"], "nothing written"
+    assert os.listdir(state) == ["leases.json"]
+    config = tmp_path / "server.toml"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert server(config, "init", "--state-dir", str(tmp_path / "state"),
+                  "--listen-port", str(port)).returncode == 0
+    config.write_text(config.read_text().replace(str(tmp_path / "state"), str(state))
+                      .replace('listen_address = "::"', 'listen_address = "127.0.0.1"'))
+    for args in (("run", "--backend", "memory", "--mode", "udp"),
+                 ("enroll", "eve", "--service", "ssh", "--endpoint", "h")):
+        try:
+            done = run_cli("spa-server", "--config", str(config), *args, timeout=5)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{args[0]} served from a planted state directory")
+        assert_one_line_error(done, "other users may write in (mode 1777)")
+    assert os.listdir(state) == ["leases.json"]
 
 
 @pytest.mark.parametrize(("old", "new", "message"), [

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from spa.server.state import StateDir
+from tests.integration import procs
 from tests.netns.conftest import ATT4, CLI4, SRV4, SRV_ATT4, Spa, World, open_site, open_world
 from tests.netns.test_ssh_e2e import enroll_alice, tcp_open
 
@@ -190,6 +191,44 @@ def test_the_boot_gate_closes_the_ports_without_a_daemon_and_keeps_saved_leases(
     assert not tcp_open(world, "att", SRV_ATT4, 22)
     assert tcp_open(world, "cli", SRV4, 22), "the saved lease is open again"
     assert spa.elements() == [f"svc_ssh_v4 {CLI4}"]
+
+
+def test_the_boot_gate_keeps_no_saved_lease_it_cannot_trust(spa: Spa, tmp_path: Path) -> None:
+    """Issue 16's review, F2.  A local user makes the state directory first
+    in a 1777 directory, with a 73-year ssh lease for 10.9.9.9: `gate` is
+    refused in one line and touches no table.  In the server's own state
+    directory, a saved lease of a client nobody enrolled is dropped, and a
+    known client's lease ending in 2100 is cut to ssh's max_duration."""
+    from tests.integration.test_cli_errors import PLANTED, assert_one_line_error, plant_state_dir
+
+    world = spa.world
+    enroll_alice(spa)
+    planted_dir = plant_state_dir(tmp_path / "advp")
+    planted = tmp_path / "planted.toml"
+    planted.write_text(spa.config.read_text().replace(str(tmp_path / "state"),
+                                                      str(planted_dir)))
+    planted.chmod(0o600)
+    done = world.srv.run(*procs.command("spa-server"), "--config", str(planted), "gate",
+                         check=False)
+    assert_one_line_error(done, f"state directory {planted_dir} would be in", "(mode 1777)")
+    assert world.srv.run("nft", "list", "tables").stdout.strip() == "", "no table installed"
+
+    leases = [*PLANTED["leases"], {"client": "alice", "address": CLI4, "service": "ssh",
+                                   "expires": 4102444800}]
+    (tmp_path / "state" / "leases.json").write_text(json.dumps({**PLANTED, "leases": leases}))
+    done = spa.admin("gate")
+    assert "1 saved lease(s) kept open" in done.stdout
+    assert ("warning saved leases: dropped 1 of an unknown client or service, cut 1 to their "
+            "service's max_duration from now") in done.stderr
+    assert spa.elements() == [f"svc_ssh_v4 {CLI4}"]
+    assert 0 < element_expires(world, "svc_ssh_v4") <= 300
+
+
+def element_expires(world: World, name: str) -> float:
+    """Seconds until the one element of our set `name` ends."""
+    found = json.loads(world.srv.run("nft", "-j", "list", "set", "inet", "spa", name).stdout)
+    (elem,) = next(item["set"] for item in found["nftables"] if "set" in item)["elem"]
+    return float(elem["elem"]["expires"])
 
 
 def run_in_a_namespace(role: str, code: str) -> Any:

@@ -5,6 +5,7 @@ from the loader: every option is in it, each with its default, and the file
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from pathlib import Path
 
@@ -44,12 +45,29 @@ def test_each_setting_has_a_comment_line_above_it() -> None:
             assert above.startswith("# "), f"line {number + 1}: {line!r} has no comment"
 
 
+PLACEHOLDER = re.compile(r'^((?:#~ )?([a-z_]+) = )"(A+)"$', re.MULTILINE)  # zero bytes
+KEYS = {"server_id", "secret", "old_secret", "fwknop_key", "fwknop_hmac_key"}
+
+
+def with_random_keys(text: str, *, keep: str = "") -> str:
+    """The example, each placeholder key (but those named `keep`) replaced
+    by random bytes of its size."""
+    def fresh(found: re.Match[str]) -> str:
+        if found.group(2) == keep:
+            return found.group(0)
+        size = len(config_mod.b64decode(found.group(3), len(found.group(3)) * 3 // 4, "key"))
+        return f'{found.group(1)}"{config_mod.b64encode(os.urandom(size))}"'
+
+    return PLACEHOLDER.sub(fresh, text)
+
+
 def test_the_example_loads_and_says_the_defaults(tmp_path: Path) -> None:
+    """With its settings put in and a random key for each placeholder."""
     path = tmp_path / "server.toml"
-    path.write_text(uncommented(EXAMPLE.read_text()))
+    path.write_text(with_random_keys(uncommented(EXAMPLE.read_text())))
     path.chmod(0o600)
     loaded = config_mod.load(path)
-    defaults = config_mod.ServerConfig(path=path, server_id=bytes(16))
+    defaults = config_mod.ServerConfig(path=path, server_id=loaded.server_id)
     for field in dataclasses.fields(config_mod.ServerConfig):
         if field.name != "clients":
             assert getattr(loaded, field.name) == getattr(defaults, field.name), field.name
@@ -65,3 +83,19 @@ def test_as_shipped_it_is_not_a_config_to_copy(tmp_path: Path) -> None:
     path.chmod(0o600)
     with pytest.raises(ConfigError, match="has no server_id; create the file with: spa-server"):
         config_mod.load(path)
+
+
+def test_every_key_it_shows_is_a_placeholder_no_server_loads(tmp_path: Path) -> None:
+    """Review of issue 16, F8: "remove the '#~ ' to use one" put a key of
+    zero bytes, known to everyone, into a working config.  Each one shown
+    is refused in one line naming it and what to do instead."""
+    text = uncommented(EXAMPLE.read_text())
+    shown = {found.group(2) for found in PLACEHOLDER.finditer(text)}
+    assert shown == KEYS
+    path = tmp_path / "server.toml"
+    for key in sorted(KEYS):
+        path.write_text(with_random_keys(text, keep=key))
+        path.chmod(0o600)
+        with pytest.raises(ConfigError, match=rf"] {key} is all zero bytes \(the example's "
+                           r"placeholder, a key anyone knows\); \w"):
+            config_mod.load(path)

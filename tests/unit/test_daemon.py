@@ -245,6 +245,29 @@ def test_restart_keeps_replay_protection_and_leases(tmp_path: Path) -> None:
     assert held(world) == {(A, "ssh"): world.clock.now - 1 + 200}, "restored and reconciled"
 
 
+def test_a_restart_caps_planted_saved_leases_and_drops_strangers(tmp_path: Path) -> None:
+    """Issue 16's review, F2: leases.json is not trusted to say more than
+    the config allows.  A known client's lease ending in 2100 opens for
+    ssh's max_duration (300 s) from now; a client nobody enrolled and a
+    service the config lacks open nothing; one line says so."""
+    import json
+
+    world = World(tmp_path)
+    world.init()
+    world.enroll("alice")
+    world.start().shutdown()
+    planted = [("alice", A, "ssh"), ("mallory", "10.9.9.9", "ssh"), ("alice", B, "telnet")]
+    (tmp_path / "state" / "leases.json").write_text(json.dumps({
+        "version": 1, "updated": 0, "backend": "memory", "expires_by_itself": False,
+        "leases": [{"client": client, "address": address, "service": service,
+                    "expires": 4102444800} for client, address, service in planted]}))
+    world.logs.clear()
+    world.start()
+    assert held(world) == {(A, "ssh"): world.clock.now + 300}
+    assert ("warning saved leases: dropped 2 of an unknown client or service, cut 1 to their "
+            "service's max_duration from now") in world.logs
+
+
 def test_restart_after_expiry_removes_stale_grants(tmp_path: Path) -> None:
     world = World(tmp_path)
     world.init()

@@ -352,7 +352,7 @@ def test_an_imported_client_is_served_by_the_compat_verifier() -> None:
 def test_adding_services_keeps_the_builtin_ones_and_the_admins_comments(
         tmp_path: Path) -> None:
     path = tmp_path / "server.toml"
-    path.write_text(f'# mine, keep me\n[server]\nserver_id = "{"A" * 22}"\nlisten_port = 62202\n'
+    path.write_text(f'# mine, keep me\n[server]\nserver_id = "{"B" * 22}"\nlisten_port = 62202\n'
                     "fwknop_port = 0 # off for now\nstate_dir = \"/x\"\n\n[services]\n")
     path.chmod(0o600)
     assert set(config_mod.load(path).services) == {"ssh", "https"}  # built in
@@ -372,7 +372,7 @@ def test_adding_services_keeps_the_builtin_ones_and_the_admins_comments(
         config_mod.add_services(path, [], fwknop_port=40000)
     fresh = tmp_path / "fresh" / "server.toml"
     fresh.parent.mkdir()
-    fresh.write_text(f'[server]\nserver_id = "{"A" * 22}"\nlisten_port = 62202\n')
+    fresh.write_text(f'[server]\nserver_id = "{"B" * 22}"\nlisten_port = 62202\n')
     fresh.chmod(0o600)
     with pytest.raises(LocalError, match="is listen_port too"):  # checked before written
         config_mod.add_services(fresh, [], fwknop_port=62202)
