@@ -22,6 +22,10 @@ Invariants (STYLE principle 6):
   was.
 - One object that cannot go (a table a running daemon owns) does not stop
   the others; each failure is one line in the result.
+- Gone means gone: after the removal, `nft list tables` is read again
+  (RECHECK_AFTER later) and a table of spa's still there (a spa-server whose
+  unit was not stopped, policy-rc.d refusing, put it back) is a failure too,
+  so the package's removal does not go ahead while spa still closes a port.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +52,7 @@ from spa.backends.nftrender import FORWARD, HOLD_PRIORITY, PRIORITY
 from spa.server.errors import LocalError
 
 PROC = Path("/proc/net")
+RECHECK_AFTER = 0.5  # seconds: a running daemon's gate keeper restores a removed table in ms
 IP_SET_MODULE = Path("/sys/module/ip_set")
 
 Run = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
@@ -174,17 +180,28 @@ def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
                           check=False)
 
 
+def our_nft_tables(runner: NftRunner) -> list[tuple[str, str]]:
+    """spa's tables, by name and shape, that the kernel has.  Raises LocalError."""
+    found = []
+    for family, name in nft_tables(runner.list_text("list tables")):
+        try:
+            listing = runner.list_text(f"list table {family} {name}")
+        except LocalError:
+            continue  # gone since `list tables`
+        if has_our_shape(name, listing):
+            found.append((family, name))
+    return found
+
+
 def remove_nftables(runner: NftRunner, into: Removal) -> None:
     """Delete spa's nftables tables."""
     try:
-        tables = nft_tables(runner.list_text("list tables"))
+        tables = our_nft_tables(runner)
     except LocalError as exc:
         into.failed.append(str(exc))
         return
     for family, name in tables:
         try:
-            if not has_our_shape(name, runner.list_text(f"list table {family} {name}")):
-                continue  # a table of that name that spa did not make
             runner.run(render_nft_delete(family, name))
         except LocalError as exc:
             into.failed.append(f"table {family} {name}: {exc} (does a spa-server still run? "
@@ -239,11 +256,29 @@ def remove_ipsets(into: Removal, *, run: Run = _run, module: Path = IP_SET_MODUL
             into.removed.append(f"ipset {name}")
 
 
-def remove_all(runner: NftRunner | None) -> Removal:
+def recheck_nftables(runner: NftRunner, into: Removal) -> None:
+    """A failure line for each table of spa's the kernel still has that no
+    failure line names yet (one a running daemon put back)."""
+    try:
+        left = our_nft_tables(runner)
+    except LocalError:
+        return  # said already, if it fails now it failed before
+    for family, name in left:
+        table = f"table {family} {name}"
+        if not any(line.startswith(table + ":") for line in into.failed):
+            into.failed.append(f"{table} is still there after its removal (a spa-server "
+                               "still runs and put it back: stop it first)")
+
+
+def remove_all(runner: NftRunner | None, *, recheck_after: float = RECHECK_AFTER,
+               sleep: Callable[[float], None] = time.sleep) -> Removal:
     """Every firewall object spa made, gone (those that could go)."""
     removal = Removal()
     if runner is not None:
         remove_nftables(runner, removal)
     remove_iptables(removal)
     remove_ipsets(removal)
+    if runner is not None and any(line.startswith("table ") for line in removal.removed):
+        sleep(recheck_after)
+        recheck_nftables(runner, removal)
     return removal

@@ -13,7 +13,7 @@ import pytest
 
 from spa.netns import Namespace, Topology
 from tests.integration.procs import command
-from tests.netns.conftest import KNOCK_PORT
+from tests.netns.conftest import KNOCK_PORT, Spa
 
 
 @pytest.fixture
@@ -100,3 +100,29 @@ def test_remove_takes_out_spas_tables_chains_and_sets_and_nothing_else(
 
     code, out = spa_server(ns, config, "gate", "--remove")
     assert (code, out) == (0, "spa has nothing in the firewall\n")
+
+
+def test_remove_fails_while_a_spa_server_still_runs(spa: Spa) -> None:
+    """A unit the package's removal could not stop (policy-rc.d refused):
+    its daemon owns the hold table, which cannot go, and without a hold
+    table its gate keeper puts inet spa back at once.  Either way the
+    removal fails and names the table (the package stays installed, its
+    ports as they were), never "removed" and done while spa closes a port."""
+    spa.start()
+    try:
+        done = spa.admin("gate", "--remove", check=False)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "table inet spa_hold: " in done.stderr, done.stderr
+    finally:
+        spa.stop()
+    text = spa.config.read_text()
+    spa.config.write_text(text.replace("[server]\n", '[server]\nhold_table = "off"\n', 1))
+    spa.start()
+    try:
+        done = spa.admin("gate", "--remove", check=False)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "table inet spa is still there after its removal (a spa-server still runs" \
+            in done.stderr, done.stderr
+        assert "table inet spa" in spa.world.srv.run("nft", "list", "tables").stdout
+    finally:
+        spa.stop()

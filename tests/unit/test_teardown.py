@@ -264,3 +264,14 @@ def test_no_nftables_at_all_is_nothing_to_remove() -> None:
     teardown.remove_nftables(Broken(), removal)
     assert removal.removed == []
     assert removal.failed == ["nftables: operation not permitted"]
+
+
+def test_a_table_a_running_daemon_put_back_is_a_failure_named_once() -> None:
+    """After the removal `list tables` is read again: spa's tables still
+    there fail the removal (the package then stays installed), each once."""
+    nft = Tables()
+    removal = teardown.Removal(failed=["table inet spa_hold: nftables: operation not permitted"])
+    teardown.recheck_nftables(nft, removal)
+    assert removal.failed[1:] == [
+        f"table inet {name} is still there after its removal (a spa-server still runs and "
+        "put it back: stop it first)" for name in ("spa", "spa_office", "spa_hold_office")]
