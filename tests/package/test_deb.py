@@ -73,6 +73,12 @@ def installed_packages() -> set[str]:
     return {line.split()[0] for line in done.stdout.splitlines() if line.endswith(" installed")}
 
 
+def left_configured(name: str) -> bool:
+    """Removed but not purged (dpkg status `deinstall ok config-files`)."""
+    done = run("dpkg-query", "-W", "-f", "${Status}", name, check=False)
+    return done.returncode == 0 and done.stdout.endswith(" config-files")
+
+
 def user_exists(name: str) -> bool:
     try:
         pwd.getpwnam(name)
@@ -128,8 +134,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
         info.timings = {"build": built - started, "install": time.monotonic() - built}
         yield info
     finally:
-        if "spa" in installed_packages():
-            purge()
+        if "spa" in installed_packages() or left_configured("spa"):
+            purge()  # also a package a failed test only removed (its conffiles stay)
         pulled_in = info.pulled_in if info is not None else set()
         if pulled_in:
             run(*APT, "purge", *sorted(pulled_in), check=False)
