@@ -79,27 +79,50 @@ DEFAULT_NAMES = Names()
 def instance_of_table(name: str) -> str | None:
     """The instance whose gate table (not its hold table) `name` is, or None
     for a table that is no spa instance's gate."""
-    if name == BASE_TABLE:
-        return ""
-    if name.startswith(BASE_TABLE + "_"):
-        instance = name[len(BASE_TABLE) + 1:]
-        if instance and instance_problem(instance) is None:
-            return instance
-    return None
+    return _suffix_instance(name, BASE_TABLE)
 
 
 def instance_of_chain(name: str) -> str | None:
     """The instance whose iptables chain `name` is, or None."""
-    if name == BASE_CHAIN:
-        return ""
-    if name.startswith(BASE_CHAIN + "_"):
-        instance = name[len(BASE_CHAIN) + 1:]
-        if instance and instance_problem(instance) is None:
+    return _suffix_instance(name, BASE_CHAIN)
+
+
+def is_hold_table(name: str) -> bool:
+    """Whether `name` may be some instance's hold table (an owned table:
+    never listed in JSON, see spa/backends/nftables.py).  Loose on purpose:
+    a table that only looks like one is not listed either.  What spa made,
+    exactly: `is_instance_table`."""
+    return name == BASE_HOLD or name.startswith(BASE_HOLD + "_")
+
+
+def instance_of_hold(name: str) -> str | None:
+    """The instance whose hold table `name` is, exactly, or None."""
+    return _suffix_instance(name, BASE_HOLD)
+
+
+def is_instance_table(name: str) -> bool:
+    """Whether `name` is exactly the name of some instance's gate or hold
+    table (`spa`, `spa_hold`, `spa_NAME`, `spa_hold_NAME`).  The one test by
+    name of "a table spa makes": the removal (spa/backends/teardown.py, which
+    also checks the table's shape) and the gate keeper (spa/server/guard.py)."""
+    return instance_of_table(name) is not None or instance_of_hold(name) is not None
+
+
+def instance_of_drop_set(name: str) -> str | None:
+    """The instance whose drop-counting ipset `name` is, exactly, or None."""
+    for version in (4, 6):
+        instance = _suffix_instance(name, f"{BASE_DROPS}_v{version}")
+        if instance is not None:
             return instance
     return None
 
 
-def is_hold_table(name: str) -> bool:
-    """Whether `name` is some instance's hold table (an owned table: never
-    listed in JSON, see spa/backends/nftables.py)."""
-    return name == BASE_HOLD or name.startswith(BASE_HOLD + "_")
+def _suffix_instance(name: str, base: str) -> str | None:
+    """"" for `base` itself, NAME for `base_NAME` with a valid NAME, else None."""
+    if name == base:
+        return ""
+    if name.startswith(base + "_"):
+        instance = name[len(base) + 1:]
+        if instance and instance_problem(instance) is None:
+            return instance
+    return None

@@ -4,8 +4,9 @@ alters it (`nft flush ruleset`, `systemctl restart nftables`, `iptables -F`).
 Invariants (docs/threat-model.md, "The host firewall is reloaded"):
 - nftables: a thread waits on the kernel's change notifications; a commit by
   another process that touches our table (this instance's: another spa
-  instance's commits to its own tables neither check nor count as a change
-  of the host's firewall), or lost notifications, is checked at once (the
+  instance's grants in its own tables neither check nor count as a change
+  of the host's firewall; any table, chain, rule or set changed does), or
+  lost notifications, is checked at once (the
   measured window from flush to restored table is in docs/benchmarks.md).
   Our own commits (from any of our threads: the kernel names the thread)
   never trigger a check.
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from spa.backends.base import Held
-from spa.backends.names import DEFAULT_NAMES, FAMILY, Names, instance_of_table, is_hold_table
+from spa.backends.names import DEFAULT_NAMES, FAMILY, Names, is_instance_table
 from spa.server.errors import LocalError
 from spa.server.events import Event
 
@@ -219,13 +220,16 @@ def _our_thread(pid: int | None) -> bool:
 
 def _host_firewall(commit: Any) -> bool:
     """Whether a foreign commit may have changed the host's firewall: one
-    that only touched spa instances' tables (another instance's grants, a
-    knock a second) did not."""
+    that only changed set elements (another instance's grants, a knock a
+    second) in tables named exactly as spa names an instance's tables
+    (names.is_instance_table, the predicate the removal uses) did not.  Any
+    table, chain, rule or set changed is looked at, so an admin's own table
+    that merely has such a name (`inet spa_web`) is checked like any other."""
     changes = getattr(commit, "changes", None)
     if not changes:
         return True
-    return any(c.family != FAMILY or (instance_of_table(c.table) is None
-                                      and not is_hold_table(c.table)) for c in changes)
+    return any(c.family != FAMILY or c.what != "element" or not is_instance_table(c.table)
+               for c in changes)
 
 
 def _kind(problem: str) -> str:

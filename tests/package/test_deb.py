@@ -6,7 +6,8 @@ installing starts and enables nothing, the installed units verify, a knock
 with the installed spa-client opens ssh on a server run by the installed
 spa-server (network namespaces), and purge leaves no file of the package, no
 /etc/spa or /var/lib/spa and no firewall state (the purge runs in a
-namespace whose firewall spa-server gate closed).  The machine is left as it
+namespace whose firewall spa-server gate closed); a removal while a
+spa-server still runs fails and leaves spa installed.  The machine is left as it
 was: the packages apt-get pulled in for it are purged again, and the user
 `spa` is removed if the test made it (the package itself keeps it on purge,
 as Debian does with system users).  Marked `netns` and `package`.
@@ -72,6 +73,12 @@ def installed_packages() -> set[str]:
     return {line.split()[0] for line in done.stdout.splitlines() if line.endswith(" installed")}
 
 
+def left_configured(name: str) -> bool:
+    """Removed but not purged (dpkg status `deinstall ok config-files`)."""
+    done = run("dpkg-query", "-W", "-f", "${Status}", name, check=False)
+    return done.returncode == 0 and done.stdout.endswith(" config-files")
+
+
 def user_exists(name: str) -> bool:
     try:
         pwd.getpwnam(name)
@@ -127,8 +134,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
         info.timings = {"build": built - started, "install": time.monotonic() - built}
         yield info
     finally:
-        if "spa" in installed_packages():
-            purge()
+        if "spa" in installed_packages() or left_configured("spa"):
+            purge()  # also a package a failed test only removed (its conffiles stay)
         pulled_in = info.pulled_in if info is not None else set()
         if pulled_in:
             run(*APT, "purge", *sorted(pulled_in), check=False)
@@ -219,6 +226,46 @@ def test_a_knock_with_the_installed_client_opens_ssh_on_the_installed_server(
         assert done.returncode == 0, done.stdout + done.stderr
         login = world.ssh(world.cli, SRV4, "echo knocked-with-the-deb")
         assert login.stdout.strip() == "knocked-with-the-deb", login.stderr
+
+
+def test_a_removal_while_spa_server_runs_fails_and_spa_stays_installed(
+        installed: Installed, tmp_path: Path) -> None:
+    """From the review: prerm warned and let the removal go on, deleting
+    spa-server while spa's tables still closed ports.  A daemon the removal
+    could not stop (policy-rc.d; here one started by hand, in a namespace)
+    owns its hold table: prerm fails in one line, dpkg runs postinst
+    abort-remove, and spa stays installed with its gate in place."""
+    topo = Topology()
+    proc: subprocess.Popen[str] | None = None
+    try:
+        ns = topo.ns("busy")
+        config = tmp_path / "server.toml"
+        ns.run("/usr/bin/spa-server", "--config", str(config), "init", "--service", "ssh",
+               "--state-dir", str(tmp_path / "state"))
+        proc = ns.popen(["/usr/bin/spa-server", "--config", str(config), "run"],
+                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while "table inet spa_hold" not in ns.run("nft", "list", "tables").stdout:
+            assert proc.poll() is None and time.monotonic() < deadline, "no hold table"
+            time.sleep(0.1)
+        done = run(*ns.argv(*APT, "remove", "spa"), check=False)
+        said = done.stdout + done.stderr
+        assert done.returncode != 0, said
+        assert "spa: not removed: spa's firewall rules are still there and close ports " \
+            "(could not remove table inet spa_hold: " in said, said
+        assert "spa stays installed: fix that, then run apt-get remove spa again" in said
+        assert "spa" in installed_packages()
+        assert run("dpkg-query", "-W", "-f", "${Status}", "spa").stdout.endswith(
+            " ok installed"), "postinst abort-remove put it back"
+        assert Path("/usr/bin/spa-server").exists()
+        tables = ns.run("nft", "list", "tables").stdout
+        assert "table inet spa_hold" in tables, tables
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=15)
+        topo.cleanup()
 
 
 def test_purge_leaves_no_file_no_state_and_no_firewall_rule(installed: Installed) -> None:

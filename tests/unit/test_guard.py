@@ -175,3 +175,27 @@ def test_the_backstop_reads_the_structure_only_while_notifications_come() -> Non
     clock[0] = 1020.0
     keeper.poll(clock[0])
     assert backend.whole == [False, True, True]
+
+
+def test_an_admins_table_with_an_instance_like_name_is_the_host_firewall() -> None:
+    """From the adversarial review: a commit that only touched a table named
+    `spa_*` was never checked, so an admin's own `inet spa_web` (a policy
+    drop in hook input) could close a granted port unseen.  Only grants (set
+    elements) in tables named exactly as spa names them are spa's own."""
+    def notices(commits: list[Commit]) -> int:
+        watch = FakeWatch([commits])
+        foreign: list[int] = []
+        backend = FakeBackend(watch)
+        keeper = Guard(backend, lock=threading.Lock(), wanted=dict,
+                       clock=lambda: 1000.0, log=lambda line: None,
+                       record=lambda event: None, on_foreign=lambda: foreign.append(1))
+        run_watch(backend, keeper, watch)
+        return len(foreign)
+
+    admin = tuple(Change(what, False, "inet", "spa_web") for what in ("table", "chain", "rule"))
+    assert notices([Commit(1, admin)]) == 1
+    assert notices([Commit(1, (Change("rule", False, "inet", "spa_site2"),))]) == 1
+    assert notices([Commit(1, (Change("element", False, "inet", "spa_Web"),))]) == 1
+    grants = tuple(Change("element", False, "inet", table)
+                   for table in ("spa_site2", "spa_hold_site2", "spa", "spa_hold"))
+    assert notices([Commit(1, grants)]) == 0
