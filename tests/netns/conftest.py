@@ -219,9 +219,10 @@ class Spa:
         rows: list[dict[str, object]] = json.loads(self.admin("events", "--json").stdout)
         return rows
 
-    def elements(self) -> list[str]:
-        """Every grant in our sets, as `set address` (not the drop counters)."""
-        done = self.world.srv.run("nft", "-j", "list", "table", "inet", "spa", check=False)
+    def elements(self, table: str = "spa") -> list[str]:
+        """Every grant in our sets (of `table`: an instance's), as `set address`
+        (not the drop counters)."""
+        done = self.world.srv.run("nft", "-j", "list", "table", "inet", table, check=False)
         if done.returncode != 0:
             return []
         found = []

@@ -24,6 +24,7 @@ from spa.server import admin
 from spa.server.config import load
 from spa.server.errors import ConfigError, LocalError
 from spa.server.guard import Guard
+from tests.unit.test_guard import FakeWatch, run_watch
 
 SERVICES = {"ssh": DEFAULT_SERVICES["ssh"], "dns": Service("dns", "udp", 53, 10, 60)}
 A4 = ipaddress.ip_address("192.0.2.5")
@@ -215,50 +216,27 @@ def test_a_second_daemon_of_one_instance_is_refused_and_a_predecessor_waited_for
 # ---- the guard -----------------------------------------------------------------------------
 
 
-class Watch:
-    def __init__(self, commits: list[Commit]) -> None:
-        self.batches = [commits]
-        self.closed = False
-
-    def wait(self, timeout: float) -> list[Commit] | None:
-        if self.batches:
-            return self.batches.pop()
-        time.sleep(0.01)
-        return []
-
-    def close(self) -> None:
-        self.closed = True
-
-
 class Backend:
-    def __init__(self, names: Names, watch: Watch) -> None:
+    def __init__(self, names: Names, watch: FakeWatch) -> None:
         self.names, self._watch, self.checks = names, watch, 0
 
     def repair(self, wanted: object, *, now: float, grants: bool = True) -> str | None:
         self.checks += 1
         return None
 
-    def watch(self) -> Watch:
+    def watch(self) -> FakeWatch:
         return self._watch
 
 
 def watched(names: Names, commits: list[Commit]) -> tuple[int, int]:
     """(checks, host-firewall notices) after the guard heard `commits`."""
-    watch = Watch(commits)
+    watch = FakeWatch([commits])
     backend = Backend(names, watch)
     foreign: list[int] = []
     guard = Guard(backend, lock=threading.Lock(), wanted=dict, clock=time.time,
                   log=lambda line: None, record=lambda event: None,
                   on_foreign=lambda: foreign.append(1))
-    stop = threading.Event()
-    thread = guard.start_watching(stop)
-    assert thread is not None
-    deadline = time.monotonic() + 5
-    while watch.batches and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.05)
-    stop.set()
-    thread.join(timeout=5)
+    run_watch(backend, guard, watch)  # type: ignore[arg-type]
     return backend.checks, len(foreign)
 
 
