@@ -15,6 +15,7 @@ from typing import Any
 from spa.backends.base import Change, Held
 from spa.backends.libnft import Document
 from spa.backends.names import DEFAULT_NAMES, FAMILY, Names
+from spa.backends.nftgateway import forward_rules, local_services, nat_commands
 from spa.core.leases import Allow
 from spa.core.policy import Service
 from spa.core.wire import IPAddress
@@ -67,6 +68,7 @@ def render_start(services: Mapping[str, Service], *, drop_sets: bool = True,
             timeout=DROPS_TIMEOUT, size=DROPS_SIZE)}})
     commands += _input_commands(services, table, PRIORITY, mark=True, count=True)
     commands += _forward_commands(services, table, PRIORITY, mark=True)
+    commands += nat_commands(services, table)
     return {"nftables": commands}
 
 
@@ -74,9 +76,10 @@ def _input_commands(services: Mapping[str, Service], table: str, priority: int, 
                     mark: bool, count: bool) -> list[dict[str, Any]]:
     """Hook input: per protected port, new connections from the service's
     sets accepted (marked, in our table), the rest dropped (counted per
-    source and port, in our table)."""
+    source and port, in our table).  Not a gateway service's port: that is
+    the internal host's, gated on hook forward."""
     commands = _fresh_chain(table, CHAIN, "input", priority)
-    for service in services.values():
+    for service in local_services(services).values():
         port = _match({"payload": {"protocol": service.protocol, "field": "dport"}},
                       service.port)
         for version, proto in ((4, "ip"), (6, "ip6")):
@@ -117,9 +120,10 @@ def _forward_commands(services: Mapping[str, Service], table: str, priority: int
                       mark: bool) -> list[dict[str, Any]]:
     """Hook forward: a connection DNATed from a protected port of this host
     (a port a container publishes) is a connection to that port: let in only
-    its grants, as on hook input."""
+    its grants, as on hook input.  And a gateway service's host:port
+    (spa/backends/nftgateway.py)."""
     commands = _fresh_chain(table, FORWARD, "forward", priority)
-    for service in services.values():
+    for service in local_services(services).values():
         published = [_match({"meta": {"key": "l4proto"}}, service.protocol),
                      _match({"ct": {"key": "status"}}, "dnat", "in"),
                      _match({"ct": {"key": "proto-dst", "dir": "original"}}, service.port)]
@@ -130,7 +134,8 @@ def _forward_commands(services: Mapping[str, Service], table: str, priority: int
                 *([_SET_MARK] if mark else []), {"accept": None}])}})
         commands.append({"add": {"rule": _where(table, chain=FORWARD,
                                                 expr=[*published, {"drop": None}])}})
-    return commands
+    return commands + forward_rules(services, table, FORWARD, set_name,
+                                    [_SET_MARK] if mark else [])
 
 
 _SET_MARK = {"mangle": {"key": {"meta": {"key": "mark"}},

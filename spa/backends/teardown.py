@@ -47,6 +47,7 @@ from spa.backends.names import (
     instance_of_table,
     is_instance_table,
 )
+from spa.backends.nftgateway import NAT_CHAIN
 from spa.backends.nftrender import CHAIN as NFT_CHAIN
 from spa.backends.nftrender import FORWARD, HOLD_PRIORITY, PRIORITY
 from spa.server.errors import LocalError
@@ -92,24 +93,31 @@ def _hook_line(hook: str, priority: int) -> str:
     return f"type filter hook {hook} priority filter - {-priority};"
 
 
+_NAT_HOOK = "type nat hook prerouting priority dstnat; policy accept;"  # nftgateway.NAT_CHAIN
+
+
 def has_our_shape(name: str, table_text: str) -> bool:
     """Does `nft -t list table inet NAME` show what spa installs there (see
     nftrender.render_start and render_hold)?  A gate table: chain input (and
     forward) at priority filter - 10, the sets svc_*_v4/v6 and both drop sets
-    drops_v4/v6, nothing else.  A hold table: the same chains at filter - 9,
-    only svc_* sets, `flags owner`.  A table an admin wrote that merely
-    shares a name has other chains, sets, priorities or no drop sets."""
+    drops_v4/v6, nothing else; with a gateway's published port, chain published
+    too (nat, prerouting at dstnat: nftgateway.py).  A hold table: input and
+    forward at filter - 9, only svc_* sets, `flags owner`.  A table an admin
+    wrote that merely shares a name has other chains, sets, priorities or no
+    drop sets."""
     objects = [match.groups() for match in map(_OBJECT.match, table_text.splitlines()) if match]
     chains = {object_name for kind, object_name in objects if kind == "chain"}
     sets = {object_name for kind, object_name in objects if kind == "set"}
-    if {kind for kind, _ in objects} - {"chain", "set"} or not (
-            {NFT_CHAIN} <= chains <= {NFT_CHAIN, FORWARD}):
-        return False
     gate = instance_of_table(name) is not None
+    if {kind for kind, _ in objects} - {"chain", "set"} or not (
+            {NFT_CHAIN} <= chains <= {NFT_CHAIN, FORWARD, *([NAT_CHAIN] if gate else [])}):
+        return False
     priority = PRIORITY if gate else HOLD_PRIORITY
     lines = {line.strip() for line in table_text.splitlines()}
     hooks = {f"{_hook_line(hook, priority)} policy accept;"
              for hook, chain in (("input", NFT_CHAIN), ("forward", FORWARD)) if chain in chains}
+    if NAT_CHAIN in chains:
+        hooks.add(_NAT_HOOK)
     if not hooks <= lines:
         return False
     services = {set_name for set_name in sets if _SERVICE_SET.fullmatch(set_name)}

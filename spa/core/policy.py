@@ -39,6 +39,13 @@ class Service:
     port: int
     default_duration: int  # seconds granted when the request asks for 0
     max_duration: int  # seconds; longer requests are capped to this
+    # A gateway service (docs/install.md, "Gateway"): a grant lets its client
+    # through this host to host:port (hook forward) instead of to this host's
+    # own port; None: a service of this host.  A literal address: a name is
+    # resolved by no one (spa/backends/nftgateway.py says why).
+    host: IPAddress | None = None
+    # a port of this host DNATed to host:port (0: none, reach host directly)
+    listen_port: int = 0
 
     def __post_init__(self) -> None:
         if not is_valid_service_name(self.name):
@@ -49,6 +56,19 @@ class Service:
             raise ValueError(f"service {self.name}: port must be 1-65535")
         if not 1 <= self.default_duration <= self.max_duration:
             raise ValueError(f"service {self.name}: need 1 <= default duration <= max duration")
+        if self.listen_port and (self.host is None or not 1 <= self.listen_port <= 65535):
+            raise ValueError(f"service {self.name}: listen_port must be 1-65535 and needs host")
+
+    @property
+    def client_port(self) -> int:
+        """The port a client tries after its knock (its enrollment URI names
+        it): a gateway's published port on this host, else the port."""
+        return self.listen_port or self.port
+
+    @property
+    def gateway(self) -> bool:
+        """Whether a grant opens a way through this host (host = ...)."""
+        return self.host is not None
 
     def cap(self, requested: int) -> int:
         """The duration actually granted for a request."""

@@ -172,7 +172,7 @@ def enroll(path: Path, name: str, services: list[str], endpoint: str, *,
         store.add(ClientEntry(name, secret, tuple(unique), enrolled=config_mod.format_utc(when),
                               enroll_by=enroll_by, otp_secret=otp_secret,
                               endpoint=endpoint.strip(), sources=networks), at=when)
-    refs = tuple(ServiceRef(s, config.services[s].protocol, config.services[s].port)
+    refs = tuple(ServiceRef(s, config.services[s].protocol, config.services[s].client_port)
                  for s in unique)
     return render(Enrollment(host, port, config.server_id, name, secret, refs, otp=otp,
                              expires=None if expires is None else int(when + expires)))
@@ -238,7 +238,7 @@ def _rotate(store: ClientStore, config: ServerConfig, name: str, *, grace: float
     secret = os.urandom(MASTER_SECRET_SIZE)
     store.set_secret(name, secret, old_until=config_mod.format_utc(now + grace) if grace else "",
                      at=now)
-    refs = tuple(ServiceRef(s, config.services[s].protocol, config.services[s].port)
+    refs = tuple(ServiceRef(s, config.services[s].protocol, config.services[s].client_port)
                  for s in entry.services)
     return render(Enrollment(host, port, config.server_id, name, secret, refs,
                              otp=bool(entry.otp_secret)))

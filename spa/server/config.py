@@ -24,6 +24,7 @@ import binascii
 import contextlib
 import fcntl
 import functools
+import ipaddress
 import os
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping
@@ -43,6 +44,7 @@ from spa.core.keys import MASTER_SECRET_SIZE, SERVER_ID_SIZE
 from spa.core.policy import DEFAULT_SERVICES, ClientPolicy, Policy, Service
 from spa.core.sources import NOWHERE, SourceNetwork, canonical_sources, source_networks
 from spa.core.uri import is_valid_client_name
+from spa.core.wire import IPAddress
 from spa.server.configvalue import describe, expect
 from spa.server.errors import ConfigError, LocalError
 from spa.server.safefs import Directory, Stamp, open_dir, refuse_foreign_dir
@@ -65,7 +67,7 @@ _SERVER_KEYS = {
     "state_dir", "window", "event_retention_days", "flush_on_stop", "hold_table", "fwknop_port",
     "instance",
 }
-_SERVICE_KEYS = {"protocol", "port", "default_duration", "max_duration"}
+_SERVICE_KEYS = {"protocol", "port", "default_duration", "max_duration", "host", "listen_port"}
 _CLIENT_KEYS = {"secret", "services", "allow_other_address", "revoked", "enrolled",
                 "enroll_by", "otp_secret", "close_leases", "endpoint", "old_secret",
                 "old_until", "sources", "kind", "fwknop_key", "fwknop_hmac_key"}
@@ -256,6 +258,10 @@ def parse(path: Path, raw: bytes) -> ServerConfig:
                           "fwknop's packets need a port of their own: keep fwknop_port = "
                           f"{FWKNOP_PORT} (what fwknop clients send to) and set listen_port "
                           "to another, e.g. 62202")
+    gateway = [name for name, service in services.items() if service.gateway]
+    if gateway and config.backend == "iptables":
+        raise ConfigError(f"{path}: [services.{gateway[0]}] gateway services need backend "
+                          "nftables")
     if not 1 <= config.window <= 300:
         raise ConfigError(f"{where} window must be between 1 and 300 seconds")
     if config.event_retention_days < 1:
@@ -383,6 +389,19 @@ def _choice(where: str, key: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _gateway_host(where: str, spec: Mapping[str, Any]) -> IPAddress | None:
+    """A gateway service's destination: a literal address (names are not
+    resolved: docs/install.md, "Gateway")."""
+    if "host" not in spec:
+        return None
+    host = _get(where, spec, "host", str)
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{where} host = {host!r} is not an IP address; write the internal "
+                          "host's address (names are not resolved)") from None
+
+
 def _services(path: Path, data: Mapping[str, Any]) -> dict[str, Service]:
     table = _table(path, data, "services")
     if not table:
@@ -402,6 +421,8 @@ def _services(path: Path, data: Mapping[str, Any]) -> dict[str, Service]:
                 _get(where, spec, "port", int),
                 _get(where, spec, "default_duration", int),
                 _get(where, spec, "max_duration", int),
+                _gateway_host(where, spec),
+                _get(where, spec, "listen_port", int, 0),
             )
         except ValueError as exc:
             raise ConfigError(f"{path}: {exc}") from None
@@ -572,6 +593,10 @@ def _service_table(service: Service) -> tomlkit.items.Table:
     entry.add("port", service.port)
     entry.add("default_duration", service.default_duration)
     entry.add("max_duration", service.max_duration)
+    if service.host is not None:
+        entry.add("host", str(service.host))
+    if service.listen_port:
+        entry.add("listen_port", service.listen_port)
     return entry
 
 

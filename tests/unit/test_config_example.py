@@ -69,8 +69,11 @@ def test_the_example_loads_and_says_the_defaults(tmp_path: Path) -> None:
     loaded = config_mod.load(path)
     defaults = config_mod.ServerConfig(path=path, server_id=loaded.server_id)
     for field in dataclasses.fields(config_mod.ServerConfig):
-        if field.name != "clients":
+        if field.name not in ("clients", "services"):
             assert getattr(loaded, field.name) == getattr(defaults, field.name), field.name
+    gateway = loaded.services["db-ssh"]  # the one service shown commented out
+    assert {**loaded.services, "db-ssh": None} == {**defaults.services, "db-ssh": None}
+    assert (str(gateway.host), gateway.port, gateway.listen_port) == ("10.20.0.5", 22, 2222)
     assert sorted(loaded.clients) == ["alice-laptop", "old-fwknop-user"]
     assert loaded.clients["alice-laptop"].sources == ("203.0.113.0/24", "2001:db8::/48")
 

@@ -275,3 +275,24 @@ def test_a_table_a_running_daemon_put_back_is_a_failure_named_once() -> None:
     assert removal.failed[1:] == [
         f"table inet {name} is still there after its removal (a spa-server still runs and "
         "put it back: stop it first)" for name in ("spa", "spa_office", "spa_hold_office")]
+
+
+# A gateway service with a published port adds chain published (nat, prerouting)
+# to the gate table (real nft 1.0.6 listing, spa/backends/nftgateway.py).
+GATEWAY_DNAT = """\tchain published {
+\t\ttype nat hook prerouting priority dstnat; policy accept;
+\t\tmeta nfproto ipv4 fib daddr type local tcp dport 2222 dnat ip to 10.20.0.5:22
+\t}
+"""
+
+
+def test_a_gateway_table_with_its_published_chain_is_spas_and_an_admins_nat_is_not() -> None:
+    gateway = GATE.rstrip().removesuffix("}") + "\n" + GATEWAY_DNAT + "}\n"
+    assert teardown.has_our_shape("spa", gateway)
+    assert not teardown.has_our_shape("spa_hold", HOLD.rstrip().removesuffix("}") + "\n"
+                                      + GATEWAY_DNAT + "}\n"), "the hold has no nat chain"
+    other_hook = gateway.replace("hook prerouting priority dstnat",
+                                 "hook postrouting priority srcnat")
+    assert not teardown.has_our_shape("spa", other_hook)
+    other_name = gateway.replace("\tchain published {", "\tchain mine {")
+    assert not teardown.has_our_shape("spa", other_name)

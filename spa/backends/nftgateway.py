@@ -1,0 +1,100 @@
+"""nftables rules for gateway services: a grant lets its client through this
+host to an internal host:port.  Pure: commands as data (STYLE principle 6).
+
+Invariants (docs/threat-model.md, "Gateway mode"):
+- A gateway service (`host = ADDRESS`, spa/core/policy.py) is gated in hook
+  forward only: for a new connection to exactly host:port, a source in the
+  service's grant set (svc_NAME_v4/v6, the same sets, timeouts and leases as
+  a local service) is accepted and marked, any other dropped.  Established
+  flows pass (the chain's first rule), so a session outlives its lease.
+- Our table forwards nothing else: the chain's policy is accept, so what
+  the host forwards otherwise stays the admin's (ip_forward, their own
+  forward chains); `spa-server check` says when those would drop a grant.
+- A published port (`listen_port`) is one DNAT rule in a nat chain of our
+  table (prerouting, dstnat): packets to this host's own address and that
+  port go to host:port, whoever sends them; the forward gate above then
+  decides, so a stranger's connection is DNATed and dropped.  The hold
+  table has the forward gate, not the DNAT: if our table goes, the
+  published port goes with it (closed, never open).
+- A destination is a literal address, read at config load.  A DNS name
+  resolved per lease would need a grant keyed by (source, destination), a
+  resolver on the grant path (a knock would trigger a lookup) and leases,
+  saved state and repair that carry the destination; v1 keeps the
+  per-service source sets, and so every guarantee local services have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from spa.backends.names import FAMILY
+from spa.core.policy import Service
+
+NAT_CHAIN = "published"  # our table's prerouting nat chain (only with a published port)
+NAT_PRIORITY = -100  # dstnat: where DNAT is done
+
+
+def local_services(services: Mapping[str, Service]) -> dict[str, Service]:
+    """The services of this host itself (gated on hook input)."""
+    return {name: service for name, service in services.items() if not service.gateway}
+
+
+def gateway_services(services: Mapping[str, Service]) -> list[Service]:
+    return [service for service in services.values() if service.gateway]
+
+
+def _where(table: str, **fields: Any) -> dict[str, Any]:
+    return {"family": FAMILY, "table": table, **fields}
+
+
+def _match(left: Any, right: Any) -> dict[str, Any]:
+    return {"match": {"op": "==", "left": left, "right": right}}
+
+
+def _ip(service: Service) -> tuple[int, str, str]:
+    """(version, nft protocol, nfproto) of the service's destination."""
+    assert service.host is not None
+    return (4, "ip", "ipv4") if service.host.version == 4 else (6, "ip6", "ipv6")
+
+
+def forward_rules(services: Mapping[str, Service], table: str, chain: str,
+                  set_name: Callable[[str, int], str], mark: list[dict[str, Any]]
+                  ) -> list[dict[str, Any]]:
+    """Per gateway service: (granted source -> host:port) accepted (with
+    `mark`), any other new connection to host:port dropped."""
+    commands: list[dict[str, Any]] = []
+    for service in gateway_services(services):
+        version, proto, _ = _ip(service)
+        target = [_match({"meta": {"key": "l4proto"}}, service.protocol),
+                  _match({"payload": {"protocol": proto, "field": "daddr"}}, str(service.host)),
+                  _match({"payload": {"protocol": service.protocol, "field": "dport"}},
+                         service.port)]
+        commands.append({"add": {"rule": _where(table, chain=chain, expr=[
+            *target, _match({"payload": {"protocol": proto, "field": "saddr"}},
+                            f"@{set_name(service.name, version)}"),
+            *mark, {"accept": None}])}})
+        commands.append({"add": {"rule": _where(table, chain=chain,
+                                                expr=[*target, {"drop": None}])}})
+    return commands
+
+
+def nat_commands(services: Mapping[str, Service], table: str) -> list[dict[str, Any]]:
+    """The nat chain and its DNAT rules, when a gateway service publishes a
+    port; nothing otherwise (a table without it has the shape it had)."""
+    published = [s for s in gateway_services(services) if s.listen_port]
+    if not published:
+        return []
+    commands: list[dict[str, Any]] = [
+        {"add": {"chain": _where(table, name=NAT_CHAIN, type="nat", hook="prerouting",
+                                 prio=NAT_PRIORITY, policy="accept")}},
+        {"flush": {"chain": _where(table, name=NAT_CHAIN)}}]
+    for service in published:
+        _, proto, nfproto = _ip(service)
+        commands.append({"add": {"rule": _where(table, chain=NAT_CHAIN, expr=[
+            _match({"meta": {"key": "nfproto"}}, nfproto),
+            _match({"fib": {"flags": ["daddr"], "result": "type"}}, "local"),
+            _match({"payload": {"protocol": service.protocol, "field": "dport"}},
+                   service.listen_port),
+            {"dnat": {"family": proto, "addr": str(service.host), "port": service.port}}])}})
+    return commands

@@ -1,0 +1,101 @@
+"""Gateway services (spa/backends/nftgateway.py): the config that names one,
+and the nftables rules rendered for it, without root (STYLE principle 6)."""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spa.backends.names import DEFAULT_NAMES
+from spa.backends.nftgateway import NAT_CHAIN
+from spa.backends.nftrender import CHAIN, FORWARD, render_hold, render_start
+from spa.core.policy import Service
+from spa.server import config as config_mod
+from spa.server.errors import ConfigError
+
+DB = Service("db", "tcp", 22, 30, 300, ipaddress.ip_address("10.20.0.5"), 2222)
+DB6 = Service("db6", "tcp", 22, 30, 300, ipaddress.ip_address("fd00:20::5"))
+SSH = Service("ssh", "tcp", 22, 30, 300)
+SERVICES = {"db": DB, "db6": DB6, "ssh": SSH}
+
+
+def load(tmp_path: Path, services: str, backend: str = "nftables") -> config_mod.ServerConfig:
+    server_id = base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
+    path = tmp_path / "server.toml"
+    path.write_text(f'[server]\nserver_id = "{server_id}"\nbackend = "{backend}"\n{services}')
+    return config_mod.parse(path, path.read_bytes())
+
+
+GATEWAY = ('[services.db]\nport = 22\ndefault_duration = 30\nmax_duration = 300\n'
+           'host = "{host}"\n')
+
+
+def test_a_service_names_its_internal_host_by_address(tmp_path: Path) -> None:
+    loaded = load(tmp_path, GATEWAY.format(host="10.20.0.5") + "listen_port = 2222\n")
+    assert loaded.services["db"] == DB
+    assert loaded.services["db"].gateway and loaded.services["db"].client_port == 2222
+    assert load(tmp_path, GATEWAY.format(host="fd00:20::5")).services["db"].host \
+        == ipaddress.ip_address("fd00:20::5")
+
+
+def test_a_name_for_host_is_refused_in_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"host = 'db.internal' is not an IP address; write "
+                       "the internal host's address \\(names are not resolved\\)"):
+        load(tmp_path, GATEWAY.format(host="db.internal"))
+
+
+def test_a_published_port_needs_a_host(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="listen_port must be 1-65535 and needs host"):
+        load(tmp_path, '[services.db]\nport = 22\ndefault_duration = 30\nmax_duration = 300\n'
+             'listen_port = 2222\n')
+
+
+def test_the_iptables_backend_refuses_a_gateway_service(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"\[services.db\] gateway services need backend "
+                       "nftables$"):
+        load(tmp_path, GATEWAY.format(host="10.20.0.5"), backend="iptables")
+
+
+def rules(document: dict[str, Any], table: str, chain: str) -> list[list[Any]]:
+    return [command["add"]["rule"]["expr"] for command in document["nftables"]
+            if "rule" in command.get("add", {}) and command["add"]["rule"]["table"] == table
+            and command["add"]["rule"]["chain"] == chain]
+
+
+def chains(document: dict[str, Any], table: str) -> dict[str, dict[str, Any]]:
+    return {command["add"]["chain"]["name"]: command["add"]["chain"]
+            for command in document["nftables"]
+            if "chain" in command.get("add", {}) and command["add"]["chain"]["table"] == table}
+
+
+def test_the_gateway_is_gated_on_forward_only_and_the_hosts_own_port_on_input() -> None:
+    document = render_start(SERVICES)
+    text = repr(rules(document, "spa", CHAIN))
+    assert "@svc_ssh_v4" in text and "@svc_db" not in text, "not the gateway's own port 22"
+    forward = rules(document, "spa", FORWARD)
+    daddr = {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                       "right": "10.20.0.5"}}
+    grant = {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+                       "right": "@svc_db_v4"}}
+    ours = [expr for expr in forward if daddr in expr]
+    assert [grant in expr for expr in ours] == [True, False]
+    assert ours[0][-1] == {"accept": None} and ours[1][-1] == {"drop": None}
+    assert any("@svc_db6_v6" in repr(expr) and "fd00:20::5" in repr(expr) for expr in forward)
+
+
+def test_a_published_port_is_one_dnat_rule_in_our_table_and_not_in_the_hold() -> None:
+    document = render_start(SERVICES)
+    nat = chains(document, "spa")[NAT_CHAIN]
+    assert (nat["type"], nat["hook"], nat["prio"]) == ("nat", "prerouting", -100)
+    [dnat] = rules(document, "spa", NAT_CHAIN)
+    assert dnat[-1] == {"dnat": {"family": "ip", "addr": "10.20.0.5", "port": 22}}
+    assert NAT_CHAIN not in chains(render_start({"ssh": SSH, "db6": DB6}), "spa")
+    hold = render_hold(SERVICES, {}, 0.0)
+    assert NAT_CHAIN not in chains(hold, DEFAULT_NAMES.hold)
+    assert any("@svc_db_v4" in repr(expr) and expr[-1] == {"accept": None}
+               for expr in rules(hold, DEFAULT_NAMES.hold, FORWARD))
