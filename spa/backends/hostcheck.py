@@ -20,6 +20,10 @@ Invariants:
 - For a service, a nat base chain on hook prerouting that DNATs its port gives a FORWARDED
   finding: such connections are forwarded, never delivered to hook input, so only a
   forward-hook chain in our table can gate them (`gated_in_forward`).
+- A gateway service's target (`host`: spa/backends/nftgateway.py) is walked through every
+  other base chain of type filter on hook forward instead, in its destination's IP version
+  only: the host's own forward chains decide what it forwards, and one that drops the grant
+  gets the same finding and fix as on hook input.
 """
 
 from __future__ import annotations
@@ -41,13 +45,25 @@ class Target:
     port: int
     label: str  # "ssh", "knock port"
     knock: bool = False  # the knock port: not gated by our table, so it carries no mark
+    host: str = ""  # a gateway service's internal host (walked on hook forward)
 
     @classmethod
     def knock_port(cls, port: int) -> Target:
         return cls("udp", port, "knock port", knock=True)
 
+    @property
+    def hook(self) -> str:
+        return "forward" if self.host else "input"
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        if not self.host:
+            return (4, 6)
+        return (6,) if ":" in self.host else (4,)
+
     def __str__(self) -> str:
-        return f"{self.label} ({self.protocol}/{self.port})"
+        to = f" to {self.host}" if self.host else ""
+        return f"{self.label} ({self.protocol}/{self.port}{to})"
 
 
 class Outcome(Enum):
@@ -87,9 +103,9 @@ def check(ruleset: Mapping[str, Any], targets: Sequence[Target], *,
     own_prio = ev.priority(index, own[0]) if own else -10
     findings: list[Finding] = []
     for target in targets:
-        for version in (4, 6):
+        for version in target.versions:
             findings += _input(index, target, version, own_tables, own_prio, mark)
-            if not target.knock:
+            if not target.knock and not target.host:
                 findings += _forwarded(index, target, version, own_tables)
     return findings
 
@@ -97,7 +113,7 @@ def check(ruleset: Mapping[str, Any], targets: Sequence[Target], *,
 def _input(index: ev.Ruleset, target: Target, version: int,
            own_tables: tuple[tuple[str, str], ...], own_prio: int, mark: int) -> list[Finding]:
     findings = []
-    for key in ev.base_chains(index, "input", "filter", version):
+    for key in ev.base_chains(index, target.hook, "filter", version):
         if key[:2] in own_tables:
             continue
         before_us = ev.priority(index, key) <= own_prio  # equal: the order is not defined
@@ -175,8 +191,8 @@ def _ufw_hint(index: ev.Ruleset, key: ev.ChainKey, target: Target, version: int,
         return None
     if target.knock:
         return f"with ufw, instead: `ufw allow {target.port}/{target.protocol}`"
-    chain, path = ("ufw-before-input", "before.rules") if version == 4 else (
-        "ufw6-before-input", "before6.rules")
+    chain, path = (f"ufw-before-{target.hook}", "before.rules") if version == 4 else (
+        f"ufw6-before-{target.hook}", "before6.rules")
     return (f"with ufw, instead add `-A {chain} -m mark --mark {mark:#x}/{mark:#x} -j ACCEPT` to "
             f"/etc/ufw/{path} (with the other {chain} rules), then `ufw reload`")
 
@@ -209,7 +225,7 @@ def render(findings: Sequence[Finding]) -> list[str]:
             if versions:
                 lines.append(_line(f, ", ".join(f"IPv{v}" for v in versions)))
         if not problems:
-            lines.append(f"{target}: ok, no other base chain on hook input drops it")
+            lines.append(f"{target}: ok, no other base chain on hook {target.hook} drops it")
     return lines
 
 

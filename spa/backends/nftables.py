@@ -59,6 +59,7 @@ from collections.abc import Mapping, Sequence
 from spa.backends.base import Change, Held
 from spa.backends.libnft import Document, NftRunner
 from spa.backends.names import DEFAULT_NAMES, FAMILY, Names, instance_of_table, is_hold_table
+from spa.backends.nftgateway import local_services
 from spa.backends.nftrender import (
     CHAIN,
     DROPS_SIZE,
@@ -201,7 +202,7 @@ class NftablesBackend:
         pass both tables, and each drops what it did not grant, so each
         instance would drop the other's grants.  Raises LocalError (also
         when the ruleset cannot be read: then nothing could be installed)."""
-        ours = {(s.protocol, s.port): s.name for s in services.values()}
+        ours = {(s.protocol, s.port): s.name for s in local_services(services).values()}
         for name in self._other_gates(tables):
             try:
                 listing = self.runner.run({"nftables": [{"list": {"table": {

@@ -11,12 +11,15 @@ Invariants:
 - Read only: nothing here changes a rule; the ruleset is read table by table,
   never the hold table in JSON (`safe_ruleset`).
 - The same targets and the same words for the command, the log and `status`.
+- With a gateway service, IP forwarding off in its destination's version is
+  one problem line (spa never changes the host's sysctl).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from spa.backends.hostcheck import Outcome, Target, check, render
 from spa.backends.libnft import NftRunner
@@ -41,13 +44,35 @@ class Report:
 
 
 def targets_of(config: ServerConfig) -> list[Target]:
-    found = [Target(s.protocol, s.port, s.name) for s in config.services.values()]
+    found = [Target(s.protocol, s.port, s.name, host=str(s.host or ""))
+             for s in config.services.values()]
     if config.mode == "udp":
         found.append(Target.knock_port(config.listen_port))
     return found
 
 
-def report(runner: NftRunner, config: ServerConfig) -> Report:
+FORWARDING = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
+
+
+def forwarding_on(version: int) -> bool:
+    """Whether this host forwards IPv4 or IPv6 (the sysctl, read from /proc/sys)."""
+    path = Path("/proc/sys", *FORWARDING[version].split("."))
+    try:
+        return path.read_text().strip() != "0"
+    except OSError:
+        return False
+
+
+def forwarding_lines(config: ServerConfig, on: Callable[[int], bool]) -> list[str]:
+    """One line per IP version a gateway service needs and the host does not forward."""
+    needed = sorted({s.host.version for s in config.services.values() if s.host is not None})
+    return [f"IPv{version} forwarding is off ({FORWARDING[version]} = 0): gateway services "
+            f"reach no internal host until it is on (sysctl -w {FORWARDING[version]}=1, and "
+            "a file in /etc/sysctl.d/ to keep it)" for version in needed if not on(version)]
+
+
+def report(runner: NftRunner, config: ServerConfig,
+           forwarding: Callable[[int], bool] = forwarding_on) -> Report:
     """Raises LocalError when the ruleset cannot be read."""
     listing = safe_ruleset(runner)
     try:
@@ -58,12 +83,21 @@ def report(runner: NftRunner, config: ServerConfig) -> Report:
         raise LocalError(f"cannot read the ruleset: {exc}") from None
     problems = sum(1 for f in findings if f.outcome in (Outcome.DROPS, Outcome.MAY_DROP)
                    or (f.outcome is Outcome.FORWARDED and not f.gated_in_forward))
-    return Report(tuple(render(findings)), problems)
+    off = forwarding_lines(config, forwarding)
+    return Report(tuple(off + render(findings)), problems + len(off))
+
+
+def _through(service: Service) -> str:
+    """A gateway service's destination, as `closed_ports` names it."""
+    if service.host is None:
+        return ""
+    published = f", published on {service.listen_port}" if service.listen_port else ""
+    return f" of {service.host}{published}"
 
 
 def closed_ports(services: Mapping[str, Service] | Sequence[Service]) -> str:
     """The line `init`, `run` and `check` print: what the gate closes."""
     listed = services.values() if isinstance(services, Mapping) else services
-    ports = ", ".join(f"{s.name} ({s.protocol}/{s.port})" for s in listed)
+    ports = ", ".join(f"{s.name} ({s.protocol}/{s.port}{_through(s)})" for s in listed)
     return (f"closed to everyone from the first run, IPv4 and IPv6, except to clients whose "
             f"knock opens them: {ports}")

@@ -175,3 +175,20 @@ def test_a_flushed_forward_chain_and_a_deleted_published_chain_are_put_back(
         time.sleep(0.1)
     knock(site, "ipv4")
     assert ssh(world, GW4, 2222) == f"in-{INT4}"
+
+
+def test_check_says_when_the_gateway_does_not_forward(site: Spa) -> None:
+    world = site.world
+    site.start()
+    done = site.admin("check", check=False)
+    assert f"db4 (tcp/22 of {INT4}, published on 2222)" in done.stdout, done.stdout
+    assert "ok: no other firewall drops what spa lets in" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 0
+    world.srv.run("sysctl", "-q", "-w", "net.ipv4.ip_forward=0")
+    try:
+        done = site.admin("check", check=False)
+    finally:
+        world.srv.run("sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+    assert "IPv4 forwarding is off (net.ipv4.ip_forward = 0)" in done.stdout, done.stdout
+    assert "IPv6 forwarding is off" not in done.stdout
+    assert done.returncode != 0

@@ -11,11 +11,13 @@ from typing import Any
 
 import pytest
 
+from spa.backends.hostcheck import Outcome, Target, check, render
 from spa.backends.names import DEFAULT_NAMES
 from spa.backends.nftgateway import NAT_CHAIN
 from spa.backends.nftrender import CHAIN, FORWARD, render_hold, render_start
 from spa.core.policy import Service
 from spa.server import config as config_mod
+from spa.server.coexist import forwarding_lines, targets_of
 from spa.server.errors import ConfigError
 
 DB = Service("db", "tcp", 22, 30, 300, ipaddress.ip_address("10.20.0.5"), 2222)
@@ -99,3 +101,37 @@ def test_a_published_port_is_one_dnat_rule_in_our_table_and_not_in_the_hold() ->
     assert NAT_CHAIN not in chains(hold, DEFAULT_NAMES.hold)
     assert any("@svc_db_v4" in repr(expr) and expr[-1] == {"accept": None}
                for expr in rules(hold, DEFAULT_NAMES.hold, FORWARD))
+
+
+def router(hook: str, policy: str) -> dict[str, Any]:
+    """An admin's table with one base chain on `hook` (priority 0) and the policy."""
+    return {"nftables": [
+        {"table": {"family": "inet", "name": "filter"}},
+        {"chain": {"family": "inet", "table": "filter", "name": hook, "type": "filter",
+                   "hook": hook, "prio": 0, "policy": policy}}]}
+
+
+GATEWAY_TARGET = Target("tcp", 22, "db", host="10.20.0.5")
+
+
+def test_check_walks_the_hosts_forward_chains_for_a_gateway_service() -> None:
+    [finding] = check(router("forward", "drop"), [GATEWAY_TARGET])
+    assert (finding.outcome, finding.version) == (Outcome.DROPS, 4)
+    assert render([finding]) == [
+        "db (tcp/22 to 10.20.0.5), IPv4: table inet filter chain forward (policy drop) drops "
+        "it: nft insert rule inet filter forward meta mark and 0x10000000 == 0x10000000 accept"]
+    passes = check(router("input", "drop"), [GATEWAY_TARGET])
+    assert passes == [] and render(check(router("forward", "accept"), [GATEWAY_TARGET])) == [
+        "db (tcp/22 to 10.20.0.5): ok, no other base chain on hook forward drops it"]
+
+
+def test_forwarding_off_is_one_line_per_ip_version_a_gateway_needs(tmp_path: Path) -> None:
+    loaded = load(tmp_path, GATEWAY.format(host="10.20.0.5"))
+    assert forwarding_lines(loaded, lambda version: True) == []
+    assert forwarding_lines(loaded, lambda version: version == 6) == [
+        "IPv4 forwarding is off (net.ipv4.ip_forward = 0): gateway services reach no internal "
+        "host until it is on (sysctl -w net.ipv4.ip_forward=1, and a file in /etc/sysctl.d/ "
+        "to keep it)"]
+    assert targets_of(loaded) == [GATEWAY_TARGET]
+    local = load(tmp_path, '[services.ssh]\nport = 22\ndefault_duration = 3\nmax_duration = 3\n')
+    assert forwarding_lines(local, lambda version: False) == [], "only a gateway needs it"
