@@ -82,6 +82,12 @@ def max_durations(services: Mapping[str, Service]) -> dict[str, int]:
     return {name: service.max_duration for name, service in services.items()}
 
 
+def local_port_names(services: Mapping[str, Service]) -> dict[int, str]:
+    """Port -> service name for this host's own services: the ports hook
+    input drops and counts (a gateway service's port is another host's)."""
+    return {s.port: s.name for s in services.values() if not s.gateway}
+
+
 DEFAULT_SERVICES: Mapping[str, Service] = {
     "ssh": Service("ssh", "tcp", 22, default_duration=30, max_duration=300),
     "https": Service("https", "tcp", 443, default_duration=30 * 60, max_duration=4 * 3600),

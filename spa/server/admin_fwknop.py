@@ -118,7 +118,7 @@ def move(store: ClientStore, config: ServerConfig, entry: ClientEntry, *,
     secret = os.urandom(MASTER_SECRET_SIZE)
     store.put(replace(entry, kind=KIND_SPA, secret=secret, fwknop_key=b"",
                       fwknop_hmac_key=b"", endpoint=endpoint or entry.endpoint), at=now)
-    refs = tuple(ServiceRef(s, config.services[s].protocol, config.services[s].port)
+    refs = tuple(ServiceRef(s, config.services[s].protocol, config.services[s].client_port)
                  for s in entry.services if s in config.services)
     return render(Enrollment(host, port, config.server_id, entry.name, secret, refs))
 

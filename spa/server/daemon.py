@@ -49,7 +49,7 @@ from spa.core.knock import SLICE, STEP_SECONDS, step_of, step_start
 from spa.core.leases import Allow, FirewallAction, LeaseTable, restore_saved
 from spa.core.limits import FailureLimiter, TrustEntry
 from spa.core.otp import OtpChecker
-from spa.core.policy import Decision, Policy, Service, max_durations
+from spa.core.policy import Decision, Policy, Service, local_port_names, max_durations
 from spa.core.verify import Accepted, Refused, Verifier
 from spa.core.wire import NONCE_OFFSET, Action
 from spa.server import config as config_mod
@@ -749,7 +749,7 @@ class Server:
         dropped, scans = self._scans.observe(counters, now, self._knocked)
         if dropped:
             self.state.save_drop_counters(self._scans.last)
-        by_port = {s.port: s.name for s in self.config.services.values()}
+        by_port = local_port_names(self.config.services)
         for item in dropped:  # counted within the event budget (a spoofed flood folds)
             self.events.tally(Event(now, "dropped", None, None, None, item.source,
                                     by_port.get(item.port, str(item.port)), None,

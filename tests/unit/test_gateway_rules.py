@@ -15,7 +15,7 @@ from spa.backends.hostcheck import Outcome, Target, check, render
 from spa.backends.names import DEFAULT_NAMES
 from spa.backends.nftgateway import NAT_CHAIN
 from spa.backends.nftrender import CHAIN, FORWARD, render_hold, render_start
-from spa.core.policy import Service
+from spa.core.policy import Service, local_port_names
 from spa.server import config as config_mod
 from spa.server.coexist import forwarding_lines, targets_of
 from spa.server.errors import ConfigError
@@ -135,3 +135,9 @@ def test_forwarding_off_is_one_line_per_ip_version_a_gateway_needs(tmp_path: Pat
     assert targets_of(loaded) == [GATEWAY_TARGET]
     local = load(tmp_path, '[services.ssh]\nport = 22\ndefault_duration = 3\nmax_duration = 3\n')
     assert forwarding_lines(local, lambda version: False) == [], "only a gateway needs it"
+
+
+def test_a_drop_on_port_22_is_the_local_services_not_the_gateways() -> None:
+    """The input chain's drop counters name this host's service: a gateway
+    service on the same port number (db, db6) is another host's."""
+    assert local_port_names({"db": DB, "ssh": SSH, "db6": DB6}) == {22: "ssh"}
