@@ -175,6 +175,10 @@ def test_a_flushed_forward_chain_and_a_deleted_published_chain_are_put_back(
         time.sleep(0.1)
     knock(site, "ipv4")
     assert ssh(world, GW4, 2222) == f"in-{INT4}"
+    site.stop()
+    done = site.admin("gate", "--remove", check=False)  # spa's shape, nat chain and all
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert world.srv.run("nft", "list", "tables").stdout == "", "spa's table went"
 
 
 def test_check_says_when_the_gateway_does_not_forward(site: Spa) -> None:
