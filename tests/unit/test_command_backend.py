@@ -261,3 +261,20 @@ def test_a_missing_program_stops_the_start() -> None:
     spec = CommandSpec(("/nonexistent/router-allow",), (TRUE,))
     with pytest.raises(LocalError, match="missing or not executable"):
         CommandBackend(spec, None, run=FakeRun()).start(SERVICES, now=0.0)
+
+
+def test_gate_with_the_command_backend_says_it_keeps_nothing_here(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from spa.cli import app
+
+    path = tmp_path / "server.toml"
+    path.write_text(config_mod.render_new(server_id=bytes(range(1, 17)), listen_port=62201,
+                                          backend="command", state_dir=tmp_path / "state")
+                    + f'\n[command]\nallow = ["{TRUE}"]\nremove = ["{TRUE}"]\n')
+    path.chmod(0o600)
+    done = CliRunner().invoke(app, ["--config", str(path), "gate"])
+    assert done.exit_code == 0, done.output
+    assert "keeps nothing in this host's firewall" in done.output
+    assert "spa: " not in done.output  # no port is closed here
+    assert not (tmp_path / "state").exists()
