@@ -7,11 +7,12 @@ Invariants:
   after its remove command succeeded: whatever the crash, a grant that may
   be on the other firewall is in the journal (one that is not there after
   all costs one remove that finds nothing).
-- The file lives in the state directory, reached without following a link
-  (spa.server.safefs), replaced atomically, 0600.  It is the gate keeper's:
-  the gate keeper must own it, so it runs as the state directory's owner
-  (the systemd unit's layout); root does not write in a directory another
-  user owns, and says so in one line.
+- The file lives in the state directory (or where [command] journal says),
+  reached without following a link (spa.server.safefs), replaced
+  atomically, 0600.  It is the gate keeper's: it runs as the config file's
+  owner, who must be able to write there (the systemd unit's layout: both
+  spa); root does not write in a directory another user owns, and says so
+  in one line.
 - What it reads is checked: a line that is not (address, service, until)
   is skipped.  A daemon that wrote the file could only add removes of
   addresses, which it may ask for anyway.
@@ -31,15 +32,17 @@ JOURNAL = "command-grants.json"
 
 
 class Journal:
-    def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / JOURNAL
-        self._state_dir = state_dir
+    def __init__(self, directory: Path, name: str = JOURNAL) -> None:
+        """The file `name` in `directory` (the state directory, or the
+        directory of [command] journal)."""
+        self.path = directory / name
+        self._state_dir, self._name = directory, name
 
     def load(self) -> Held:
         """What the file holds (nothing if there is none).  Raises LocalError."""
         try:
             with open_dir(self._state_dir) as directory:
-                raw, _ = directory.read(JOURNAL)
+                raw, _ = directory.read(self._name)
         except FileNotFoundError:
             return {}
         except OSError as exc:
@@ -65,9 +68,10 @@ class Journal:
         try:
             with open_dir(self._state_dir) as directory:
                 refuse_foreign_dir(directory)
-                directory.replace(JOURNAL, data)
+                directory.replace(self._name, data)
         except OSError as exc:
             raise LocalError(
                 f"cannot write the command journal {self.path}: {exc}; the gate keeper runs as "
                 "the config file's owner: give the config and the state directory one owner "
-                "(the systemd unit runs both as spa)") from None
+                "(the systemd unit runs both as spa), or set [command] journal to a file in "
+                "a directory the config's owner owns") from None

@@ -51,6 +51,7 @@ class CommandSpec:
     timeout: float = DEFAULT_TIMEOUT
     retries: int = DEFAULT_RETRIES
     backoff: float = DEFAULT_BACKOFF
+    journal: str = ""  # the journal file (absolute); "": command-grants.json in the state dir
 
     def programs(self) -> tuple[str, ...]:
         return tuple(argv[0] for argv in (self.allow, self.remove, self.list) if argv)
@@ -80,7 +81,8 @@ def check_template(kind: str, value: object) -> tuple[str, ...]:
 
 def parse_spec(table: Mapping[str, object]) -> CommandSpec:
     """[command] as TOML gives it.  Raises ValueError."""
-    unknown = sorted(set(table) - {"allow", "remove", "list", "timeout", "retries", "backoff"})
+    unknown = sorted(set(table) - {"allow", "remove", "list", "timeout", "retries", "backoff",
+                                   "journal"})
     if unknown:
         raise ValueError(f"unknown key {unknown[0]!r}")
     for needed in ("allow", "remove"):
@@ -98,11 +100,16 @@ def parse_spec(table: Mapping[str, object]) -> CommandSpec:
     if isinstance(backoff, bool) or not isinstance(backoff, int | float) or not (
             0 <= backoff <= 60):
         raise ValueError("backoff must be seconds from 0 to 60")
+    journal = table.get("journal", "")
+    if not isinstance(journal, str) or (journal and (
+            not journal.startswith("/") or journal.endswith("/") or "\0" in journal)):
+        raise ValueError("journal must be the absolute path of a file, e.g. "
+                         '"/var/lib/spa-gate/command-grants.json"')
     listing = table.get("list")
     return CommandSpec(check_template("allow", table["allow"]),
                        check_template("remove", table["remove"]),
                        check_template("list", listing) if listing is not None else (),
-                       float(timeout), retries, float(backoff))
+                       float(timeout), retries, float(backoff), journal)
 
 
 def values(address: IPAddress, service: Service, *, until: float | None = None,

@@ -68,7 +68,10 @@ def _command_backend(config: ServerConfig | None, *, flush_on_stop: bool) -> Bac
     if config is None or config.command is None:
         raise LocalError("the command backend needs a [command] table with allow and remove "
                          "in the config (docs/backends.md)")
-    return CommandBackend(config.command, Journal(config.state_dir), log=log_to_stderr,
+    chosen = Path(config.command.journal) if config.command.journal else None
+    journal = (Journal(chosen.parent, chosen.name) if chosen is not None
+               else Journal(config.state_dir))
+    return CommandBackend(config.command, journal, log=log_to_stderr,
                           flush_on_stop=flush_on_stop)
 
 

@@ -5,6 +5,7 @@ timeout, retries and backoff, and a journal that a restart reconciles from."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import sys
 import threading
 import time
@@ -278,3 +279,32 @@ def test_gate_with_the_command_backend_says_it_keeps_nothing_here(tmp_path: Path
     assert "keeps nothing in this host's firewall" in done.output
     assert "spa: " not in done.output  # no port is closed here
     assert not (tmp_path / "state").exists()
+
+
+def test_a_command_gets_a_fixed_environment_no_stdin_and_no_descriptor_of_ours(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPA_SECRET_LOOKALIKE", "do-not-pass")
+    kept = os.open(tmp_path / "ours", os.O_CREAT | os.O_RDWR)  # a descriptor of the daemon's
+    os.set_inheritable(kept, True)
+    try:
+        script = ("import os,sys\nprint(sorted(os.environ))\nprint(repr(sys.stdin.read()))\n"
+                  "print(sorted(int(fd) for fd in os.listdir('/proc/self/fd')))")
+        outcome = run_command([sys.executable, "-I", "-c", script], 5)
+    finally:
+        os.close(kept)
+    assert outcome.ok, outcome.problem
+    names, stdin, fds = outcome.output.splitlines()
+    assert names == "['LANG', 'LC_CTYPE', 'PATH']" or names == "['LANG', 'PATH']"
+    assert stdin == "''"
+    assert len(fds.strip("[]").split(", ")) == 4, fds  # 0, 1, 2 and listdir's own
+
+
+def test_the_journal_may_live_where_the_config_says(tmp_path: Path) -> None:
+    table = {"allow": [TRUE], "remove": [TRUE], "journal": "/var/lib/spa-gate/grants.json"}
+    assert parse_spec(table).journal == "/var/lib/spa-gate/grants.json"
+    with pytest.raises(ValueError, match="absolute path of a file"):
+        parse_spec({**table, "journal": "grants.json"})
+    elsewhere = tmp_path / "gate"
+    elsewhere.mkdir(mode=0o700)
+    Journal(elsewhere, "grants.json").save({(A, "ssh"): 5.0})
+    assert Journal(elsewhere, "grants.json").load() == {(A, "ssh"): 5.0}
