@@ -74,12 +74,15 @@ class CommandBackend:
     # ---- lifecycle ---------------------------------------------------------
 
     def start(self, services: Mapping[str, Service], *, now: float) -> None:
-        """Raises LocalError: a program missing or not executable, the journal."""
+        """Raises LocalError: a program missing or not executable, a journal
+        it cannot read or write."""
         for program in self.spec.programs():
             if not os.access(program, os.X_OK):
                 raise LocalError(f"[command] program {program} is missing or not executable "
                                  "by the gate keeper's user")
         out = self._journal.load() if self._journal is not None else {}
+        if self._journal is not None:
+            self._journal.save(out)  # one it cannot write stops the start, in one line
         with self._cond:
             self._services = dict(services)
             if not self._threads or self._stopping:

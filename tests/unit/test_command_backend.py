@@ -308,3 +308,12 @@ def test_the_journal_may_live_where_the_config_says(tmp_path: Path) -> None:
     elsewhere.mkdir(mode=0o700)
     Journal(elsewhere, "grants.json").save({(A, "ssh"): 5.0})
     assert Journal(elsewhere, "grants.json").load() == {(A, "ssh"): 5.0}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root writing in another user's directory")
+def test_a_journal_the_gate_keeper_may_not_write_stops_the_start(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, 65534, 65534)  # the daemon's, and the gate keeper runs as root
+    with pytest.raises(LocalError, match="another user controls"):
+        backend(FakeRun(), Journal(state))
