@@ -264,9 +264,11 @@ def test_a_missing_program_stops_the_start() -> None:
         CommandBackend(spec, None, run=FakeRun()).start(SERVICES, now=0.0)
 
 
-def test_gate_with_the_command_backend_says_it_keeps_nothing_here(tmp_path: Path) -> None:
+def test_gate_with_the_command_backend_says_it_keeps_nothing_here(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
+    from spa.backends import libnft, teardown
     from spa.cli import app
 
     path = tmp_path / "server.toml"
@@ -279,6 +281,13 @@ def test_gate_with_the_command_backend_says_it_keeps_nothing_here(tmp_path: Path
     assert "keeps nothing in this host's firewall" in done.output
     assert "spa: " not in done.output  # no port is closed here
     assert not (tmp_path / "state").exists()
+    # --remove takes out this host's tables only (none here) and says where the grants are
+    monkeypatch.setattr(teardown, "remove_all", lambda runner: teardown.Removal())
+    monkeypatch.setattr(libnft, "default_runner", lambda: None)
+    done = CliRunner().invoke(app, ["--config", str(path), "gate", "--remove"])
+    assert done.exit_code == 0, done.output
+    assert "spa has nothing in the firewall" in done.output
+    assert "the command backend's grants are on the firewall its programs drive" in done.output
 
 
 def test_a_command_gets_a_fixed_environment_no_stdin_and_no_descriptor_of_ours(
