@@ -195,9 +195,12 @@ class CommandBackend:
             return
         if until is not None:
             self._keep(key, until)  # in the journal before it may be out there
-        if self._try(argv, key, "allow" if until is not None else "remove", until) and (
-                until is None):
+        done = self._try(argv, key, "allow" if until is not None else "remove", until)
+        if done and until is None:
             self._keep(key, None)
+        elif not done and until is not None:
+            self._keep(key, 0.0)  # may be out there, not as wanted: a reconcile allows
+            # it again (a start), or removes it
 
     def _try(self, argv: list[str], key: Key, action: str, until: float | None) -> bool:
         """Run argv, retried with backoff; False once given up or superseded."""

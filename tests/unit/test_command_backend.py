@@ -203,7 +203,13 @@ def test_a_failing_command_is_retried_then_given_up_and_reported() -> None:
     metrics.observe(events)
     assert metrics.registry.get_sample_value(
         "spa_command_failures_total", {"action": "allow", "reason": "gave_up"}) == 1
-    # it may be out there (a failure after the change): the journal keeps it, to remove
+    # it may be out there (a failure after the change): the journal keeps it, to remove,
+    # but not as wanted, so the next reconcile (a start) tries the allow again
+    assert found.held(now=1000.0) == {(A, "ssh"): 0.0}
+    run.fail = set()
+    reconcile(found, {(A, "ssh"): 1300.0}, SERVICES, now=1000.0)
+    settle(found)
+    assert len(run.of("add")) == 4
     assert found.held(now=1000.0) == {(A, "ssh"): 1300.0}
     found.stop()
 
