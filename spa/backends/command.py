@@ -255,7 +255,8 @@ class CommandBackend:
     def _add_leftovers(self) -> None:
         """Run the list command once per service: addresses it lists that the
         journal does not hold join `held` with until 0 (reconcile removes
-        them, or renews them if they are wanted)."""
+        them, or allows them again if they are wanted), and so do those the
+        journal holds that it does not list (gone from the firewall)."""
         for service in list(self._services.values()):
             argv = render(self.spec.list, values_of_service(service))
             outcome = self._run(argv, self.spec.timeout)
@@ -267,9 +268,14 @@ class CommandBackend:
             if bad:
                 self._log(f"warning command list service={service.name}: {len(bad)} line(s) "
                           f"that are not one address, skipped (first: {bad[0]!r})")
+            listed = {(address, service.name) for address in found}
             with self._cond:
-                for address in found:
-                    self._out.setdefault((address, service.name), 0.0)
+                for key in listed:
+                    self._out.setdefault(key, 0.0)
+                for key in [k for k in self._out if k[1] == service.name and k not in listed
+                            and k not in self._want]:  # (a wish since the start: its own)
+                    self._out[key] = 0.0  # in the journal, gone from the firewall: if it is
+                    # wanted, the reconcile allows it again
 
 
 def values_of_service(service: Service) -> dict[str, str]:

@@ -46,7 +46,7 @@ class FakeRun:
         self.hang = threading.Event()  # set: a run whose args name `hang_on` blocks
         self.hang_on = ""
         self.release = threading.Event()
-        self.listing = ""
+        self.listing: str | dict[str, str] = ""  # (a dict: per service)
         self.lock = threading.Lock()
 
     def __call__(self, argv: Sequence[str], timeout: float) -> Outcome:
@@ -58,7 +58,10 @@ class FakeRun:
             return Outcome(None, problem=f"timed out after {timeout:g} s (killed)")
         if any(arg in self.fail for arg in argv):
             return Outcome(1, problem="exit status 1: no route to router")
-        return Outcome(0, self.listing if argv[1] == "list" else "")
+        if argv[1] != "list":
+            return Outcome(0)
+        listing = self.listing
+        return Outcome(0, listing.get(argv[-1], "") if isinstance(listing, dict) else listing)
 
     def of(self, word: str) -> list[list[str]]:
         with self.lock:
@@ -241,7 +244,7 @@ def test_a_restart_removes_what_was_added_before_a_crash(tmp_path: Path) -> None
     # a crash: no stop, no remove.  The next start finds both in the journal, and the
     # list command a leftover the journal never had (added by a run that died earlier)
     run2 = FakeRun()
-    run2.listing = "192.0.2.99\n"
+    run2.listing = {"ssh": "192.0.2.7\n192.0.2.99\n", "https": "2001:db8::9\n192.0.2.99\n"}
     second = backend(run2, Journal(state))
     reconcile(second, {(B, "https"): 1900.0}, SERVICES, now=1400.0)
     settle(second)
@@ -332,3 +335,16 @@ def test_a_journal_the_gate_keeper_may_not_write_stops_the_start(tmp_path: Path)
     os.chown(state, 65534, 65534)  # the daemon's, and the gate keeper runs as root
     with pytest.raises(LocalError, match="another user controls"):
         backend(FakeRun(), Journal(state))
+
+
+def test_a_grant_gone_from_the_firewall_is_allowed_again_at_the_start(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    Journal(state).save({(A, "ssh"): 1300.0})
+    run = FakeRun()
+    run.listing = ""  # someone removed it on the router
+    found = backend(run, Journal(state))
+    reconcile(found, {(A, "ssh"): 1300.0}, SERVICES, now=1000.0)
+    settle(found)
+    assert [c[2] for c in run.of("add")] == ["192.0.2.7"]
+    found.stop()
