@@ -608,6 +608,10 @@ def check() -> None:
 
     with local_errors():
         config = config_mod.load(_ctx.config)
+        if config.backend == "command":
+            raise LocalError("check reads this host's nftables ruleset; the command backend's "
+                             "grants are on the firewall its programs drive: check there "
+                             "that a grant's rule comes before any that drops the port")
         if config.backend != "nftables":
             raise LocalError(f"check reads nftables rulesets; this config's backend is "
                              f"{config.backend} (the iptables backend's chain runs first in "

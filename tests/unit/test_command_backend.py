@@ -290,6 +290,8 @@ def test_gate_with_the_command_backend_says_it_keeps_nothing_here(
     assert "keeps nothing in this host's firewall" in done.output
     assert "spa: " not in done.output  # no port is closed here
     assert not (tmp_path / "state").exists()
+    done = CliRunner().invoke(app, ["--config", str(path), "check"])
+    assert done.exit_code == 2 and "check there" in done.output, done.output
     # --remove takes out this host's tables only (none here) and says where the grants are
     monkeypatch.setattr(teardown, "remove_all", lambda runner: teardown.Removal())
     monkeypatch.setattr(libnft, "default_runner", lambda: None)
