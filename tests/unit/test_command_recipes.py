@@ -110,3 +110,11 @@ def test_each_recipe_sends_the_documented_requests(tmp_path: Path) -> None:
     assert calls == [f"firewall-cmd --quiet --zone=public --remove-rich-rule={rule}",
                      f"firewall-cmd --quiet --zone=public --add-rich-rule={rule} "
                      "--timeout=300s"]
+
+
+def test_the_example_configs_command_table_loads() -> None:
+    text = (ROOT / "contrib/server.toml.example").read_text()
+    block = text.split("# [command]\n", 1)[1].split("\n\n", 1)[0]
+    table = tomllib.loads("\n".join(line.removeprefix("# ") for line in block.splitlines()))
+    spec = parse_spec(table)
+    assert Path(spec.allow[0]).name in recipes() and spec.journal == ""
