@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,10 +60,10 @@ class Gateway:
         return re.findall(r"\d+\.\d+\.\d+\.\d+", done.stdout.split("elements", 1)[-1]
                           if "elements" in done.stdout else "")
 
-    def until(self, test: object, timeout: float) -> bool:
+    def until(self, test: Callable[[], bool], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if test():  # type: ignore[operator]
+            if test():
                 return True
             time.sleep(0.05)
         return False
@@ -115,7 +115,7 @@ def router_site(world: World, *, listing: bool = True) -> Iterator[Gateway]:
             os.chown(path, 65534, 65534)
         yield Gateway(rtr, cli, spa, hang)
     finally:
-        spa.stop(signal.SIGKILL)
+        spa.stop()  # a clean stop: the gate keeper ends with the daemon, nothing left behind
         topo.cleanup()
         shutil.rmtree(root, ignore_errors=True)
 
