@@ -557,9 +557,10 @@ def gate(
         return
     with local_errors():
         line = runner.install_gate(_ctx.config, backend=backend)
-        services = config_mod.load(_ctx.config).services
+        config = config_mod.load(_ctx.config)
     typer.echo(line)
-    typer.echo(f"spa: {closed_ports(services)}")
+    if (backend or config.backend) != "command":
+        typer.echo(f"spa: {closed_ports(config.services)}")
 
 
 def _remove_gate() -> None:
@@ -576,8 +577,22 @@ def _remove_gate() -> None:
             typer.echo(f"removed {line}")
         if not removal.removed and not removal.failed:
             typer.echo("spa has nothing in the firewall")
+        if _uses_command_backend():
+            typer.echo("the command backend's grants are on the firewall its programs drive, "
+                       "not here: stop spa-server with flush_on_stop = true first, or remove "
+                       "them there (docs/backends.md)")
         if removal.failed:
             raise LocalError("could not remove " + "; ".join(removal.failed))
+
+
+def _uses_command_backend() -> bool:
+    """Whether the config (if it can be read at all) names the command backend."""
+    from spa.server import config as config_mod
+
+    try:
+        return config_mod.load(_ctx.config).backend == "command"
+    except LocalError:
+        return False
 
 
 @app.command()
@@ -593,6 +608,10 @@ def check() -> None:
 
     with local_errors():
         config = config_mod.load(_ctx.config)
+        if config.backend == "command":
+            raise LocalError("check reads this host's nftables ruleset; the command backend's "
+                             "grants are on the firewall its programs drive: check there "
+                             "that a grant's rule comes before any that drops the port")
         if config.backend != "nftables":
             raise LocalError(f"check reads nftables rulesets; this config's backend is "
                              f"{config.backend} (the iptables backend's chain runs first in "

@@ -35,6 +35,7 @@ from typing import Any
 
 import tomlkit
 
+from spa.backends.cmdspec import CommandSpec, parse_spec
 from spa.backends.names import MAX_INSTANCE, Names, instance_problem
 from spa.clitools import UTC_FORMAT as UTC_FORMAT  # (re-exported: callers of config_mod)
 from spa.clitools import format_utc as format_utc
@@ -54,7 +55,7 @@ DEFAULT_CONFIG = Path("/etc/spa/server.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/spa")
 DEFAULT_PORT = 62201
 FWKNOP_PORT = 62201  # fwknop's default port (the compat listener's, when ours is elsewhere)
-BACKENDS = ("nftables", "iptables", "memory")
+BACKENDS = ("nftables", "iptables", "command", "memory")
 MODES = ("capture", "udp")
 HOLD_CHOICES = ("auto", "on", "off")  # the owned hold table (spa/backends/nftables.py)
 DEFAULT_BACKEND = "nftables"  # grants expire in the kernel even if the daemon dies
@@ -123,6 +124,7 @@ class ServerConfig:
     metrics_listen: str = ""  # [metrics] listen = "127.0.0.1:9712" (empty: no endpoint)
     geoip_database: Path | None = None  # [geoip] database = "/path/Country.mmdb"
     dashboard_listen: str = DEFAULT_DASHBOARD_LISTEN  # [dashboard] listen
+    command: CommandSpec | None = None  # [command]: the command backend's argv templates
     services: Mapping[str, Service] = field(default_factory=lambda: dict(DEFAULT_SERVICES))
     clients: Mapping[str, ClientEntry] = field(default_factory=dict)
 
@@ -214,7 +216,8 @@ def read_raw(path: Path) -> bytes:
 def parse(path: Path, raw: bytes) -> ServerConfig:
     """Validate the config file's bytes.  Raises ConfigError."""
     data = _parse_toml(path, raw)
-    unknown = set(data) - {"server", "services", "clients", "metrics", "geoip", "dashboard"}
+    unknown = set(data) - {"server", "services", "clients", "metrics", "geoip", "dashboard",
+                           "command"}
     if unknown:
         raise ConfigError(f"{path}: unknown section [{sorted(unknown)[0]}]")
     server = _table(path, data, "server")
@@ -250,6 +253,7 @@ def parse(path: Path, raw: bytes) -> ServerConfig:
         metrics_listen=_listen(path, data, "metrics", ""),
         geoip_database=_geoip(path, data),
         dashboard_listen=_listen(path, data, "dashboard", DEFAULT_DASHBOARD_LISTEN),
+        command=_command(path, data),
         services=services,
         clients=clients,
     )
@@ -259,9 +263,12 @@ def parse(path: Path, raw: bytes) -> ServerConfig:
                           f"{FWKNOP_PORT} (what fwknop clients send to) and set listen_port "
                           "to another, e.g. 62202")
     gateway = [name for name, service in services.items() if service.gateway]
-    if gateway and config.backend == "iptables":
+    if gateway and config.backend not in ("nftables", "memory"):
         raise ConfigError(f"{path}: [services.{gateway[0]}] gateway services need backend "
                           "nftables")
+    if config.backend == "command" and config.command is None:
+        raise ConfigError(f"{where} backend = \"command\" needs a [command] table with allow "
+                          "and remove (docs/backends.md)")
     if not 1 <= config.window <= 300:
         raise ConfigError(f"{where} window must be between 1 and 300 seconds")
     if config.event_retention_days < 1:
@@ -309,6 +316,16 @@ def check_listen(what: str, listen: str, example: str = DEFAULT_DASHBOARD_LISTEN
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ConfigError(f'{what} {listen!r}: write HOST:PORT, e.g. "{example}"')
+
+
+def _command(path: Path, data: Mapping[str, Any]) -> CommandSpec | None:
+    """[command]: the command backend's templates (spa.backends.cmdspec)."""
+    if "command" not in data:
+        return None
+    try:
+        return parse_spec(_table(path, data, "command"))
+    except ValueError as exc:
+        raise ConfigError(f"{path}: [command] {exc}") from None
 
 
 def _geoip(path: Path, data: Mapping[str, Any]) -> Path | None:

@@ -295,6 +295,9 @@ class Server:
         if self.backend.name == "memory":
             return ("gate none: the memory backend closes no port (a try-out; "
                     "--backend nftables or iptables closes them)")
+        if self.backend.name == "command":
+            return (f"gate {closed_ports(services)} on the firewall the [command] programs "
+                    "drive (nothing on this host)")
         return f"gate {closed_ports(services)}"
 
     def _check_host(self, now: float, *, force: bool = False) -> None:

@@ -70,6 +70,9 @@ class Metrics:
         self.restores = Counter("spa_firewall_restores", "Times another program removed or "
                                 "altered the gate and spa put it back (alert on any increase)",
                                 ["reason"], registry=self.registry)
+        self.command_failures = Counter("spa_command_failures", "Runs of a [command] program "
+                                        "that failed or timed out, and grants given up on",
+                                        ["action", "reason"], registry=self.registry)
         self.active_leases = Gauge("spa_active_leases", "Leases now open", ["service"],
                                    registry=self.registry)
         self.receive_drops = Gauge("spa_receive_queue_drops", "Datagrams the kernel dropped "
@@ -97,6 +100,9 @@ class Metrics:
                 self.scans.inc()
             elif event.outcome == "firewall":
                 self.restores.labels(event.reason or "").inc(event.count)
+            elif event.outcome == "command":
+                self.command_failures.labels(event.action or "", event.reason or "").inc(
+                    event.count)
 
     def set_state(self, leases: Mapping[str, int], services: Iterable[str],
                   receive_drops: int | None) -> None:

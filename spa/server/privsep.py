@@ -140,9 +140,11 @@ def gate_keeper_capabilities(backend: str, *, bpf: bool = False) -> frozenset[in
     """CAP_NET_ADMIN; the iptables backend also CAP_NET_RAW (libiptc talks
     to the kernel through a raw socket); with `bpf` (the eBPF map filter
     runs) CAP_BPF, for the maps of its growth (spa.server.mapgrant); the
-    memory backend touches no firewall: none for it."""
+    memory backend touches no firewall: none for it; nor does the command
+    backend: its programs drive another firewall (a router's API, a cloud's
+    CLI) with their own credentials, and run with no capability at all."""
     caps = ({CAP_NET_ADMIN, CAP_NET_RAW} if backend == "iptables"
-            else set() if backend == "memory" else {CAP_NET_ADMIN})
+            else set() if backend in ("memory", "command") else {CAP_NET_ADMIN})
     return frozenset(caps | ({CAP_BPF} if bpf else set()))
 
 

@@ -40,10 +40,13 @@ from spa.store.clients import CLIENTS_DB, ClientStore
 
 
 def make_backend(name: str, *, flush_on_stop: bool = False, hold: str = "auto",
-                 names: Names = DEFAULT_NAMES) -> Backend:
-    """`names`: the instance's tables or chain (config.names)."""
+                 names: Names = DEFAULT_NAMES, config: ServerConfig | None = None) -> Backend:
+    """`names`: the instance's tables or chain (config.names); `config`: the
+    command backend's [command] and state directory."""
     if name == "memory":
         return MemoryBackend()
+    if name == "command":
+        return _command_backend(config, flush_on_stop=flush_on_stop)
     if name == "nftables":
         from spa.backends.libnft import default_runner
         from spa.backends.nftables import NftablesBackend
@@ -55,7 +58,21 @@ def make_backend(name: str, *, flush_on_stop: bool = False, hold: str = "auto",
 
         return IptablesBackend.create(flush_on_stop=flush_on_stop, log=log_to_stderr,
                                       names=names)
-    raise LocalError(f"unknown backend {name!r}; choose nftables, iptables or memory")
+    raise LocalError(f"unknown backend {name!r}; choose nftables, iptables, command or memory")
+
+
+def _command_backend(config: ServerConfig | None, *, flush_on_stop: bool) -> Backend:
+    from spa.backends.cmdjournal import Journal
+    from spa.backends.command import CommandBackend
+
+    if config is None or config.command is None:
+        raise LocalError("the command backend needs a [command] table with allow and remove "
+                         "in the config (docs/backends.md)")
+    chosen = Path(config.command.journal) if config.command.journal else None
+    journal = (Journal(chosen.parent, chosen.name) if chosen is not None
+               else Journal(config.state_dir))
+    return CommandBackend(config.command, journal, log=log_to_stderr,
+                          flush_on_stop=flush_on_stop)
 
 
 def make_source(mode: str, address: str, port: int, interface: str) -> PacketSource:
@@ -86,8 +103,8 @@ def build(path: Path, *, backend: str | None, mode: str | None,
     state.acquire(time.time())  # a second daemon stops here, before socket or firewall
     config = _migrate_clients(config)
     if config.backend not in BACKENDS:
-        raise LocalError(f"unknown backend {config.backend!r}; choose nftables, iptables or "
-                         "memory")
+        raise LocalError(f"unknown backend {config.backend!r}; choose nftables, iptables, "
+                         "command or memory")
     source = make_source(config.mode, config.listen_address, config.listen_port,
                          config.interface)
     compat = (make_source(config.mode, config.listen_address, config.fwknop_port,
@@ -142,7 +159,7 @@ def _with_compat(server: Server, source: PacketSource | None) -> Server:
     return server
 
 
-BACKENDS = ("nftables", "iptables", "memory")
+BACKENDS = ("nftables", "iptables", "command", "memory")
 
 
 def _migrate_clients(config: ServerConfig) -> ServerConfig:
@@ -232,7 +249,7 @@ def _gate_keeper(config: ServerConfig, sock: socket.socket, room: int = 0) -> No
         try:
             privsep.drop_to_gate_keeper(config.path, config.backend, bpf=room > 0)
             backend = make_backend(config.backend, flush_on_stop=config.flush_on_stop,
-                                   hold=config.hold_table, names=config.names)
+                                   hold=config.hold_table, names=config.names, config=config)
             maps = MapGrants(config.mode, config.listen_port, room,
                              most=most_from(os.environ)) if room else None
         except LocalError as exc:  # the daemon's first request says it, in one line
@@ -241,6 +258,8 @@ def _gate_keeper(config: ServerConfig, sock: socket.socket, room: int = 0) -> No
         else:
             keeper = GateKeeper(backend, config_path=config.path, services=config.services,
                                 clock=time.time, log=log_to_stderr, maps=maps)
+            if hasattr(backend, "record"):  # the command backend's failures reach the events
+                backend.record = lambda event: keeper.events.append(event)
             monitor.serve(keeper, sock, threading.Event())
             status = 0
     except BaseException as exc:  # never a traceback from the privileged part
@@ -261,6 +280,10 @@ def install_gate(path: Path, *, backend: str | None = None) -> str:
     chosen = backend or config.backend
     if chosen == "memory":
         raise LocalError("the memory backend gates nothing; gate is for nftables or iptables")
+    if chosen == "command":
+        return ("the command backend keeps nothing in this host's firewall (its grants are on "
+                "the firewall its commands drive, and the daemon reconciles them from its "
+                "journal when it starts); nothing done")
     refuse_planted_state_dir(config.state_dir, config=config.path)
     state = StateDir(config.state_dir)
     if not privsep.owned_by_another(state.path):

@@ -1,0 +1,352 @@
+"""The command backend without a firewall: templates checked at load, values
+checked before they go in, commands run off the caller's thread with a
+timeout, retries and backoff, and a journal that a restart reconciles from."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from spa.backends.base import reconcile
+from spa.backends.cmdjournal import JOURNAL, Journal
+from spa.backends.cmdrun import Outcome, run_command
+from spa.backends.cmdspec import CommandSpec, parse_listing, parse_spec, render, values
+from spa.backends.command import CommandBackend
+from spa.core.policy import Service
+from spa.server import config as config_mod
+from spa.server.errors import ConfigError, LocalError
+from spa.server.events import Event
+from spa.server.metrics import Metrics
+from spa.server.privsep import gate_keeper_capabilities
+
+SSH = Service("ssh", "tcp", 22, 30, 3600)
+HTTPS = Service("https", "tcp", 443, 30, 3600)
+SERVICES = {"ssh": SSH, "https": HTTPS}
+A = ipaddress.ip_address("192.0.2.7")
+B = ipaddress.ip_address("2001:db8::9")
+TRUE = "/bin/true"
+SPEC = CommandSpec(allow=(TRUE, "add", "{address}", "{protocol}", "{port}", "{seconds}"),
+                   remove=(TRUE, "del", "{address}", "{service}"),
+                   list=(TRUE, "list", "{service}"), timeout=2.0, retries=2, backoff=0.0)
+
+
+class FakeRun:
+    """Records argv; `rules` (first word match on argv[1:]) decide outcomes."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.fail: set[str] = set()  # argv[-1] or any argument that makes it fail
+        self.hang = threading.Event()  # set: a run whose args name `hang_on` blocks
+        self.hang_on = ""
+        self.release = threading.Event()
+        self.listing: str | dict[str, str] = ""  # (a dict: per service)
+        self.lock = threading.Lock()
+
+    def __call__(self, argv: Sequence[str], timeout: float) -> Outcome:
+        with self.lock:
+            self.calls.append(list(argv))
+        if self.hang_on and self.hang_on in argv:
+            self.hang.set()
+            self.release.wait(10)
+            return Outcome(None, problem=f"timed out after {timeout:g} s (killed)")
+        if any(arg in self.fail for arg in argv):
+            return Outcome(1, problem="exit status 1: no route to router")
+        if argv[1] != "list":
+            return Outcome(0)
+        listing = self.listing
+        return Outcome(0, listing.get(argv[-1], "") if isinstance(listing, dict) else listing)
+
+    def of(self, word: str) -> list[list[str]]:
+        with self.lock:
+            return [c for c in self.calls if c[1] == word]
+
+
+def backend(run: FakeRun, journal: Journal | None = None, spec: CommandSpec = SPEC
+            ) -> CommandBackend:
+    found = CommandBackend(spec, journal, run=run, log=lambda line: None, clock=lambda: 1000.0)
+    found.start(SERVICES, now=1000.0)
+    return found
+
+
+def settle(found: CommandBackend, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while found.pending() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not found.pending()
+
+
+# ---- templates -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("table", "says"), [
+    ({"allow": "/bin/router-allow {address}", "remove": [TRUE]}, "not one string"),
+    ({"allow": [TRUE, "{adress}"], "remove": [TRUE]}, "unknown placeholder {adress}"),
+    ({"allow": ["router-allow", "{address}"], "remove": [TRUE]}, "absolute path"),
+    ({"allow": ["/bin/{service}"], "remove": [TRUE]}, "absolute path"),
+    ({"allow": [TRUE], "remove": [TRUE, "{seconds}"]}, "unknown placeholder {seconds}"),
+    ({"allow": [TRUE], "remove": [TRUE], "list": [TRUE, "{address}"]}, "unknown placeholder"),
+    ({"allow": [TRUE]}, "needs remove"),
+    ({"allow": [TRUE], "remove": [TRUE], "timeout": 0}, "timeout"),
+    ({"allow": [TRUE], "remove": [TRUE], "shell": True}, "unknown key"),
+])
+def test_command_templates_are_checked_when_the_config_loads(table: dict[str, object],
+                                                              says: str) -> None:
+    with pytest.raises(ValueError, match=says.replace("{", r"\{").replace("}", r"\}")):
+        parse_spec(table)
+
+
+def test_command_values_are_checked_and_each_stays_one_argument() -> None:
+    argv = render(SPEC.allow, values(A, SSH, until=1300.4, now=1000.0))
+    assert argv == [TRUE, "add", "192.0.2.7", "tcp", "22", "300"]
+    assert render((TRUE, '{"list":"spa","address":"{address}"}'), values(B, SSH)) == [
+        TRUE, '{"list":"spa","address":"2001:db8::9"}']  # JSON's braces are left alone
+    with pytest.raises(ValueError, match="does not appear to be an IPv4 or IPv6 address"):
+        values("192.0.2.7; reboot", SSH)  # type: ignore[arg-type]
+
+
+def test_command_list_output_is_addresses_one_a_line() -> None:
+    found, bad = parse_listing("# spa\n192.0.2.7\n2001:db8::9/128\n\n10.0.0.0/8\nnonsense\n")
+    assert [str(a) for a in found] == ["192.0.2.7", "2001:db8::9"]
+    assert bad == ["10.0.0.0/8", "nonsense"]
+
+
+def test_command_backend_section_in_the_config(tmp_path: Path) -> None:
+    base = tmp_path / "server.toml"
+    text = config_mod.render_new(server_id=bytes(range(1, 17)), listen_port=62201,
+                                 backend="command", state_dir=tmp_path / "state")
+    base.write_text(text)
+    base.chmod(0o600)
+    with pytest.raises(ConfigError, match=r"needs a \[command\] table"):
+        config_mod.load(base)
+    base.write_text(text + f'\n[command]\nallow = ["{TRUE}", "{{address}}"]\nremove = ["{TRUE}"]\n'
+                    "timeout = 3\n")
+    loaded = config_mod.load(base)
+    assert loaded.command is not None and loaded.command.timeout == 3.0
+    assert gate_keeper_capabilities("command") == frozenset()
+
+
+# ---- running ---------------------------------------------------------------------
+
+
+def test_command_runner_kills_the_process_group_at_the_timeout(tmp_path: Path) -> None:
+    child = tmp_path / "child.pid"
+    script = (f"import os,subprocess,sys,time\np=subprocess.Popen([sys.executable,'-c',"
+              f"'import time; time.sleep(30)'])\nopen({str(child)!r},'w').write(str(p.pid))\n"
+              "time.sleep(30)")
+    started = time.monotonic()
+    outcome = run_command([sys.executable, "-c", script], 1.0)
+    assert time.monotonic() - started < 5
+    assert not outcome.ok and "timed out" in outcome.problem
+    pid = int(child.read_text())
+    deadline = time.monotonic() + 3
+    while Path(f"/proc/{pid}").exists() and "Z" not in _state(pid):
+        assert time.monotonic() < deadline, "the grandchild outlived the timeout"
+        time.sleep(0.05)
+    assert run_command(["/bin/sh", "-c", "echo nope >&2; exit 3"], 2).problem == \
+        "exit status 3: nope"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+def test_command_backend_allows_and_removes_off_the_callers_thread() -> None:
+    run = FakeRun()
+    found = backend(run)
+    found.allow(A, SSH, 1300.0, now=1000.0)
+    settle(found)
+    assert run.of("add") == [[TRUE, "add", "192.0.2.7", "tcp", "22", "300"]]
+    assert found.held(now=1000.0) == {(A, "ssh"): 1300.0}
+    found.remove(A, SSH)
+    settle(found)
+    assert run.of("del") == [[TRUE, "del", "192.0.2.7", "ssh"]]
+    assert found.held(now=1000.0) == {}
+    found.stop()
+
+
+def test_a_hung_command_blocks_neither_the_caller_nor_other_grants() -> None:
+    run = FakeRun()
+    run.hang_on = "443"
+    found = backend(run)
+    started = time.monotonic()
+    found.allow(A, HTTPS, 1300.0, now=1000.0)  # its command hangs
+    assert run.hang.wait(2)
+    found.allow(B, SSH, 1300.0, now=1000.0)
+    assert time.monotonic() - started < 0.5, "allow never waits for a program"
+    deadline = time.monotonic() + 2
+    while not any("2001:db8::9" in c for c in run.of("add")):
+        assert time.monotonic() < deadline, "the other grant waited for the hung command"
+        time.sleep(0.01)
+    run.release.set()
+    found.stop()
+
+
+def test_a_failing_command_is_retried_then_given_up_and_reported() -> None:
+    run = FakeRun()
+    run.fail = {"192.0.2.7"}
+    events: list[Event] = []
+    found = backend(run)
+    found.record = events.append
+    found.allow(A, SSH, 1300.0, now=1000.0)
+    settle(found)
+    assert len(run.of("add")) == 3  # the first try and retries = 2
+    assert [(e.outcome, e.action, e.reason) for e in events] == [
+        ("command", "allow", "failed")] * 3 + [("command", "allow", "gave_up")]
+    metrics = Metrics()
+    metrics.observe(events)
+    assert metrics.registry.get_sample_value(
+        "spa_command_failures_total", {"action": "allow", "reason": "gave_up"}) == 1
+    # it may be out there (a failure after the change): the journal keeps it, to remove,
+    # but not as wanted, so the next reconcile (a start) tries the allow again
+    assert found.held(now=1000.0) == {(A, "ssh"): 0.0}
+    run.fail = set()
+    reconcile(found, {(A, "ssh"): 1300.0}, SERVICES, now=1000.0)
+    settle(found)
+    assert len(run.of("add")) == 4
+    assert found.held(now=1000.0) == {(A, "ssh"): 1300.0}
+    found.stop()
+
+
+def test_a_newer_wish_stops_the_retries_of_an_older_one() -> None:
+    run = FakeRun()
+    run.fail = {"192.0.2.7"}
+    spec = CommandSpec(SPEC.allow, SPEC.remove, (), 2.0, 5, 0.3)
+    found = backend(run, spec=spec)
+    found.allow(A, SSH, 1300.0, now=1000.0)
+    time.sleep(0.1)
+    run.fail = set()
+    found.remove(A, SSH)  # the lease ended during the backoff
+    settle(found)
+    assert len(run.of("add")) == 1 and len(run.of("del")) == 1
+    assert found.held(now=1000.0) == {}
+    found.stop()
+
+
+def test_a_restart_removes_what_was_added_before_a_crash(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    run = FakeRun()
+    first = backend(run, Journal(state))
+    first.allow(A, SSH, 1300.0, now=1000.0)
+    first.allow(B, HTTPS, 1900.0, now=1000.0)
+    settle(first)
+    assert (state / JOURNAL).stat().st_mode & 0o777 == 0o600
+    # a crash: no stop, no remove.  The next start finds both in the journal, and the
+    # list command a leftover the journal never had (added by a run that died earlier)
+    run2 = FakeRun()
+    run2.listing = {"ssh": "192.0.2.7\n192.0.2.99\n", "https": "2001:db8::9\n192.0.2.99\n"}
+    second = backend(run2, Journal(state))
+    reconcile(second, {(B, "https"): 1900.0}, SERVICES, now=1400.0)
+    settle(second)
+    removed = sorted(c[2] for c in run2.of("del"))
+    assert removed == ["192.0.2.7", "192.0.2.99", "192.0.2.99"], run2.calls  # ssh and https
+    assert run2.of("add") == []  # the live one is kept as it is
+    assert Journal(state).load() == {(B, "https"): 1900.0}
+    second.stop()
+
+
+def test_the_journal_refuses_a_link(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / JOURNAL).symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(LocalError, match="symbolic link"):
+        Journal(state).load()
+    Journal(state).save({(A, "ssh"): 1.0})  # the link is replaced, never written through
+    assert not (tmp_path / "elsewhere").exists()
+    assert not (state / JOURNAL).is_symlink()
+    assert Journal(state).load() == {(A, "ssh"): 1.0}
+
+
+def test_a_missing_program_stops_the_start() -> None:
+    spec = CommandSpec(("/nonexistent/router-allow",), (TRUE,))
+    with pytest.raises(LocalError, match="missing or not executable"):
+        CommandBackend(spec, None, run=FakeRun()).start(SERVICES, now=0.0)
+
+
+def test_gate_with_the_command_backend_says_it_keeps_nothing_here(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from spa.backends import libnft, teardown
+    from spa.cli import app
+
+    path = tmp_path / "server.toml"
+    path.write_text(config_mod.render_new(server_id=bytes(range(1, 17)), listen_port=62201,
+                                          backend="command", state_dir=tmp_path / "state")
+                    + f'\n[command]\nallow = ["{TRUE}"]\nremove = ["{TRUE}"]\n')
+    path.chmod(0o600)
+    done = CliRunner().invoke(app, ["--config", str(path), "gate"])
+    assert done.exit_code == 0, done.output
+    assert "keeps nothing in this host's firewall" in done.output
+    assert "spa: " not in done.output  # no port is closed here
+    assert not (tmp_path / "state").exists()
+    done = CliRunner().invoke(app, ["--config", str(path), "check"])
+    assert done.exit_code == 2 and "check there" in done.output, done.output
+    # --remove takes out this host's tables only (none here) and says where the grants are
+    monkeypatch.setattr(teardown, "remove_all", lambda runner: teardown.Removal())
+    monkeypatch.setattr(libnft, "default_runner", lambda: None)
+    done = CliRunner().invoke(app, ["--config", str(path), "gate", "--remove"])
+    assert done.exit_code == 0, done.output
+    assert "spa has nothing in the firewall" in done.output
+    assert "the command backend's grants are on the firewall its programs drive" in done.output
+
+
+def test_a_command_gets_a_fixed_environment_no_stdin_and_no_descriptor_of_ours(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPA_SECRET_LOOKALIKE", "do-not-pass")
+    kept = os.open(tmp_path / "ours", os.O_CREAT | os.O_RDWR)  # a descriptor of the daemon's
+    os.set_inheritable(kept, True)
+    try:
+        script = ("import os,sys\nprint(sorted(os.environ))\nprint(repr(sys.stdin.read()))\n"
+                  "print(sorted(int(fd) for fd in os.listdir('/proc/self/fd')))")
+        outcome = run_command([sys.executable, "-I", "-c", script], 5)
+    finally:
+        os.close(kept)
+    assert outcome.ok, outcome.problem
+    names, stdin, fds = outcome.output.splitlines()
+    assert names == "['LANG', 'LC_CTYPE', 'PATH']" or names == "['LANG', 'PATH']"
+    assert stdin == "''"
+    assert len(fds.strip("[]").split(", ")) == 4, fds  # 0, 1, 2 and listdir's own
+
+
+def test_the_journal_may_live_where_the_config_says(tmp_path: Path) -> None:
+    table = {"allow": [TRUE], "remove": [TRUE], "journal": "/var/lib/spa-gate/grants.json"}
+    assert parse_spec(table).journal == "/var/lib/spa-gate/grants.json"
+    with pytest.raises(ValueError, match="absolute path of a file"):
+        parse_spec({**table, "journal": "grants.json"})
+    elsewhere = tmp_path / "gate"
+    elsewhere.mkdir(mode=0o700)
+    Journal(elsewhere, "grants.json").save({(A, "ssh"): 5.0})
+    assert Journal(elsewhere, "grants.json").load() == {(A, "ssh"): 5.0}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root writing in another user's directory")
+def test_a_journal_the_gate_keeper_may_not_write_stops_the_start(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, 65534, 65534)  # the daemon's, and the gate keeper runs as root
+    with pytest.raises(LocalError, match="another user controls"):
+        backend(FakeRun(), Journal(state))
+
+
+def test_a_grant_gone_from_the_firewall_is_allowed_again_at_the_start(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    Journal(state).save({(A, "ssh"): 1300.0})
+    run = FakeRun()
+    run.listing = ""  # someone removed it on the router
+    found = backend(run, Journal(state))
+    reconcile(found, {(A, "ssh"): 1300.0}, SERVICES, now=1000.0)
+    settle(found)
+    assert [c[2] for c in run.of("add")] == ["192.0.2.7"]
+    found.stop()
