@@ -116,8 +116,12 @@ def test_a_revoke_holds_within_a_second_while_the_drop_counters_are_full(spa: Sp
     names = [f"m{i}" for i in range(5)]
     for name in names:
         spa.enroll(name, SRV_ATT4, "ssh")
+    assert not any(line.startswith("dropped ") for line in spa.lines), spa.lines
     fill_drop_counters(spa)
-    time.sleep(DROPS_EVERY + 1)  # the first reading of them is behind us
+    # the first reading of them is behind us (its rows are the first "dropped"
+    # lines), and a second more for its work
+    assert spa.wait_for("dropped ", timeout=3 * DROPS_EVERY), spa.lines[-5:]
+    time.sleep(1)
     took = []
     for name in names:  # 1.1 s apart: every phase of the 5 s reading cycle
         spa.admin("revoke", name)
