@@ -16,15 +16,16 @@
  * one core can).  -w START waits until the Unix time START (the wall clock)
  * before it sends (so that one flood can take over from another at a given
  * moment: bench_flood --recapture).  Stops SECONDS after it started sending
- * (or, with -1, at the end of the file).
+ * (or, with -1, at the end of the file), or earlier at SIGTERM or SIGINT.
  *
- * Prints "sent N packets in S s".  Run only by the scripts in benchmarks/,
- * which compile it into a temporary directory and run it only inside network
- * namespaces they create. */
+ * Prints "sent N packets in S s".  Run only by the scripts in benchmarks/ and
+ * tests/netns/test_captured_tag.py, which compile it into a temporary
+ * directory and run it only inside network namespaces they create. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <netinet/ip.h>
 #include <netinet/udp.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,6 +35,13 @@
 
 enum { POOL = 4096, BATCH = 64, SIZE = 161, RECORD = 4 + SIZE, FRAME = 20 + 8 + SIZE,
        MAX_PAYLOAD = 1400 };
+
+static volatile sig_atomic_t stopped;  /* SIGTERM or SIGINT: stop now, and say what was sent */
+
+static void stop(int sig) {
+    (void)sig;
+    stopped = 1;
+}
 
 static double now(void) {
     struct timespec ts;
@@ -166,11 +174,13 @@ int main(int argc, char **argv) {
             nanosleep(&pause, NULL);
         }
     }
+    signal(SIGTERM, stop);
+    signal(SIGINT, stop);
     double start = now(), deadline = start + atof(argv[optind + 2]);
     unsigned long sent = 0;
     for (;;) {
         double t = now();
-        if (t >= deadline || (once && sent >= count)) break;
+        if (stopped || t >= deadline || (once && sent >= count)) break;
         int batch = BATCH;
         if (rate > 0) {
             double due = (t - start) * rate - sent;  /* packets owed by now */

@@ -13,8 +13,8 @@ import sys
 import time
 
 from tests.integration.f2b import SCANS, matched_lines
-from tests.netns.conftest import ATT4, CLI4, SRV_ATT4, Spa
-from tests.netns.test_ssh_e2e import enroll_alice
+from tests.netns.conftest import ATT4, CLI4, ROUTER4, SRV_ATT4, SRV_NAT4, Spa
+from tests.netns.test_ssh_e2e import enroll_alice, tcp_open
 
 VICTIM = "10.199.1.77"  # an innocent address on the client's link, never used by anyone
 DROPS_EVERY = 5.0  # the daemon reads the drop counters this often
@@ -33,6 +33,25 @@ def forge_syns(spa: Spa, source: str) -> None:
     spa.world.att.run(sys.executable, "-c", code, source, SRV_ATT4, timeout=60)
 
 
+def mark(spa: Spa) -> int:
+    """One SYN to ssh from a marker address (nat1's, masqueraded to the
+    router's), dropped and counted by the kernel now, after everything the
+    test sent before it; the marker's count in the event store before it."""
+    seen = dropped_from(spa, ROUTER4)
+    assert not tcp_open(spa.world, "nat1", SRV_NAT4, 22, timeout=0.3), "dropped"
+    return seen
+
+
+def read_past(spa: Spa, seen: int) -> None:
+    """Wait until the marker's SYN is in the event store: the daemon has read
+    the drop counters since it was sent (a reading takes every counter at
+    once), and written what that reading found."""
+    deadline = time.monotonic() + 3 * DROPS_EVERY
+    while dropped_from(spa, ROUTER4) == seen:
+        assert time.monotonic() < deadline, spa.lines[-5:]
+        time.sleep(0.1)
+
+
 def test_forged_syns_restarts_and_a_refused_client_ban_nobody(spa: Spa) -> None:
     world = spa.world
     lines: list[str] = []
@@ -46,20 +65,22 @@ def test_forged_syns_restarts_and_a_refused_client_ban_nobody(spa: Spa) -> None:
     assert spa.wait_for("revoked client=alice")
     assert spa.client(world.cli, "alice", "open", "ssh", "srv", "--timeout", "4"
                       ).returncode == 1
-    time.sleep(DROPS_EVERY + 1)
+    read_past(spa, mark(spa))  # a reading after its last probe
     assert dropped_from(spa, CLI4) > 0, "its drops are counted"
     assert not any(line.startswith(f"scan src={CLI4}") for line in spa.lines), spa.lines
     before = (dropped_from(spa, VICTIM), dropped_from(spa, CLI4))
     for _ in range(3):  # each start once re-recorded the kernel's counters of minutes past
         lines += spa.lines
         spa.stop(signal.SIGTERM)
+        seen = mark(spa)  # with no daemon: the start's first reading has it
         spa.start()
-        time.sleep(DROPS_EVERY + 1)
+        read_past(spa, seen)
     assert (dropped_from(spa, VICTIM), dropped_from(spa, CLI4)) == before
     # a real scanner, from its own address
     world.att.run("nmap", "-sS", "-Pn", "-n", "-p", "22,443", "--max-retries", "1",
                   SRV_ATT4, timeout=120)
     assert spa.wait_for(f"scan src={ATT4}", timeout=3 * DROPS_EVERY), spa.lines[-5:]
+    assert (dropped_from(spa, VICTIM), dropped_from(spa, CLI4)) == before, "nor a later reading"
     lines += spa.lines
     banned = matched_lines(lines)
     assert not [line for line in banned if VICTIM in line or CLI4 in line], banned
@@ -95,8 +116,12 @@ def test_a_revoke_holds_within_a_second_while_the_drop_counters_are_full(spa: Sp
     names = [f"m{i}" for i in range(5)]
     for name in names:
         spa.enroll(name, SRV_ATT4, "ssh")
+    assert not any(line.startswith("dropped ") for line in spa.lines), spa.lines
     fill_drop_counters(spa)
-    time.sleep(DROPS_EVERY + 1)  # the first reading of them is behind us
+    # the first reading of them is behind us (its rows are the first "dropped"
+    # lines), and a second more for its work
+    assert spa.wait_for("dropped ", timeout=3 * DROPS_EVERY), spa.lines[-5:]
+    time.sleep(1)
     took = []
     for name in names:  # 1.1 s apart: every phase of the 5 s reading cycle
         spa.admin("revoke", name)
