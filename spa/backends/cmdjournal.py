@@ -14,17 +14,19 @@ Invariants:
   spa); root does not write in a directory another user owns, and says so
   in one line.
 - What it reads is checked: a line that is not (address, service, until)
-  is skipped.  A daemon that wrote the file could only add removes of
-  addresses, which it may ask for anyway.
+  is skipped, and so is one whose address `cmdspec.checked_address`
+  refuses (a scoped IPv6 address could carry any text into an argv).  A
+  daemon that wrote the file could only add removes of addresses, which it
+  may ask for anyway.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from pathlib import Path
 
 from spa.backends.base import Held
+from spa.backends.cmdspec import checked_address
 from spa.server.errors import LocalError
 from spa.server.safefs import open_dir, refuse_foreign_dir
 
@@ -56,7 +58,7 @@ class Journal:
         for row in rows if isinstance(rows, list) else []:
             try:
                 address, service, until = row
-                found[(ipaddress.ip_address(str(address)), str(service))] = float(until)
+                found[(checked_address(address), str(service))] = float(until)
             except (ValueError, TypeError):
                 continue
         return found

@@ -5,6 +5,7 @@ timeout, retries and backoff, and a journal that a restart reconciles from."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import sys
 import threading
@@ -95,6 +96,9 @@ def settle(found: CommandBackend, timeout: float = 5) -> None:
     ({"allow": [TRUE]}, "needs remove"),
     ({"allow": [TRUE], "remove": [TRUE], "timeout": 0}, "timeout"),
     ({"allow": [TRUE], "remove": [TRUE], "shell": True}, "unknown key"),
+    ({"allow": ["/bin/sh", "-c", "nft add element {address}"], "remove": [TRUE]}, "shell code"),
+    ({"allow": [TRUE], "remove": ["/usr/bin/bash", "-ec", "x {address}"]}, "shell code"),
+    ({"allow": [TRUE], "remove": ["/usr/bin/env", "dash", "-c", "x"]}, "shell code"),
 ])
 def test_command_templates_are_checked_when_the_config_loads(table: dict[str, object],
                                                               says: str) -> None:
@@ -109,6 +113,32 @@ def test_command_values_are_checked_and_each_stays_one_argument() -> None:
         TRUE, '{"list":"spa","address":"2001:db8::9"}']  # JSON's braces are left alone
     with pytest.raises(ValueError, match="does not appear to be an IPv4 or IPv6 address"):
         values("192.0.2.7; reboot", SSH)  # type: ignore[arg-type]
+
+
+# Python 3.11 takes any text after an IPv6 scope's %: quotes, spaces, $(), ;
+SCOPED = ['fe80::1%","list":"admin-trusted', 'fe80::1%x"}; -rf --all', "fe80::1%$(reboot)",
+          "fe80::1%eth0", "::ffff:192.0.2.7"]
+
+
+@pytest.mark.parametrize("text", SCOPED)
+def test_a_scoped_or_mapped_address_never_reaches_a_command(text: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"scope|IPv4-mapped"):
+        values(ipaddress.ip_address(text), SSH)
+    found, bad = parse_listing(f"192.0.2.7\n{text}\n{text}/128\n")
+    assert [str(a) for a in found] == ["192.0.2.7"] and len(bad) == 2
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / JOURNAL).write_text(json.dumps({"grants": [[text, "ssh", 1.0],
+                                                        ["192.0.2.7", "ssh", 2.0]]}))
+    assert Journal(state).load() == {(A, "ssh"): 2.0}
+    # end to end: the list command's output is never spliced into remove's argv
+    run = FakeRun()
+    run.listing = text + "\n"
+    found_backend = backend(run, Journal(state))
+    reconcile(found_backend, {}, SERVICES, now=1000.0)
+    settle(found_backend)
+    assert [c[2] for c in run.of("del")] == ["192.0.2.7"], run.calls
+    found_backend.stop()
 
 
 def test_command_list_output_is_addresses_one_a_line() -> None:
