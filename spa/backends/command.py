@@ -14,7 +14,9 @@ Invariants (STYLE principle 6; docs/threat-model.md, "A command backend"):
   failure is logged, recorded as a `command` event (a metric) and retried
   after backoff, backoff x 2, ... at most `retries` times, then given up
   with one more line and event.  A wish that changes meanwhile stops the
-  retries of the old one.
+  retries of the old one.  An `allow` whose journal row cannot be written
+  is not run at all (a line, an event `reason=journal`): no grant goes out
+  that a crash could leave unrecorded.
 - Grants do not end by themselves (`expires_by_itself` False): the gate
   keeper removes them at their end, as with iptables, also when the daemon
   is gone (spa.server.monitor).  The journal (spa.backends.cmdjournal) holds
@@ -193,8 +195,13 @@ class CommandBackend:
         except ValueError as exc:
             self._log(f"error command: not run for {name} {address}: {exc}")
             return
-        if until is not None:
-            self._keep(key, until)  # in the journal before it may be out there
+        if until is not None and not self._keep(key, until):  # in the journal before it
+            self._keep(key, out, save=False)  # may be out there; not written: not run
+            self._log(f"error command allow service={name} src={address}: not run, as the "
+                      "journal could not record it (a crash would leave it unrecorded)")
+            self.record(Event(self._clock(), "command", "allow", "journal", None,
+                              str(address), name))
+            return
         done = self._try(argv, key, "allow" if until is not None else "remove", until)
         if done and until is None:
             self._keep(key, None)
@@ -235,15 +242,16 @@ class CommandBackend:
         self.record(Event(self._clock(), "command", action, "gave_up", None, str(address), name))
         return False
 
-    def _keep(self, key: Key, until: float | None) -> None:
-        """Record in the journal (`until` None: the grant is gone)."""
+    def _keep(self, key: Key, until: float | None, *, save: bool = True) -> bool:
+        """Record in the journal (`until` None: the grant is gone); False if
+        the file could not be written (said in one line)."""
         with self._cond:
             if until is None:
                 self._out.pop(key, None)
             else:
                 self._out[key] = until
-        if self._journal is None:
-            return
+        if self._journal is None or not save:
+            return True
         with self._saving:  # one write at a time, each of the record as it is then: the
             with self._cond:  # last file written is never an older record than one before
                 snapshot = dict(self._out)
@@ -251,6 +259,8 @@ class CommandBackend:
                 self._journal.save(snapshot)
             except LocalError as exc:
                 self._log(f"error command: {exc}")
+                return False
+        return True
 
     def _add_leftovers(self) -> None:
         """Run the list command once per service: addresses it lists that the

@@ -380,3 +380,41 @@ def test_a_grant_gone_from_the_firewall_is_allowed_again_at_the_start(tmp_path: 
     settle(found)
     assert [c[2] for c in run.of("add")] == ["192.0.2.7"]
     found.stop()
+
+
+class FullJournal(Journal):
+    """A journal whose writes fail after the start's (a full disk)."""
+    full = False
+
+    def save(self, held: object) -> None:  # type: ignore[override]
+        if self.full:
+            raise LocalError(f"cannot write the command journal {self.path}: disk full")
+        super().save(held)  # type: ignore[arg-type]
+
+
+def test_an_allow_the_journal_cannot_record_is_not_run(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    journal = FullJournal(state)
+    run = FakeRun()
+    lines: list[str] = []
+    events: list[Event] = []
+    found = CommandBackend(SPEC, journal, run=run, log=lines.append, clock=lambda: 1000.0)
+    found.start(SERVICES, now=1000.0)
+    found.record = events.append
+    journal.full = True
+    found.allow(A, SSH, 1300.0, now=1000.0)
+    settle(found)
+    assert run.of("add") == [], "allow ran with no record on disk"
+    assert found.held(now=1000.0) == {}
+    assert [(e.outcome, e.action, e.reason) for e in events] == [("command", "allow", "journal")]
+    assert any("not run" in line for line in lines), lines
+    metrics = Metrics()
+    metrics.observe(events)
+    assert metrics.registry.get_sample_value(
+        "spa_command_failures_total", {"action": "allow", "reason": "journal"}) == 1
+    journal.full = False  # the disk has room again: the next wish goes out
+    found.allow(A, SSH, 1300.0, now=1000.0)
+    settle(found)
+    assert len(run.of("add")) == 1 and Journal(state).load() == {(A, "ssh"): 1300.0}
+    found.stop()
