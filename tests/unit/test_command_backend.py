@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from spa.backends.base import reconcile
+from spa.backends.base import Held, reconcile
 from spa.backends.cmdjournal import JOURNAL, Journal
 from spa.backends.cmdrun import Outcome, run_command
 from spa.backends.cmdspec import CommandSpec, parse_listing, parse_spec, render, values
@@ -386,10 +386,10 @@ class FullJournal(Journal):
     """A journal whose writes fail after the start's (a full disk)."""
     full = False
 
-    def save(self, held: object) -> None:  # type: ignore[override]
+    def save(self, held: Held) -> None:
         if self.full:
             raise LocalError(f"cannot write the command journal {self.path}: disk full")
-        super().save(held)  # type: ignore[arg-type]
+        super().save(held)
 
 
 def test_an_allow_the_journal_cannot_record_is_not_run(tmp_path: Path) -> None:
