@@ -23,7 +23,9 @@ Invariants (STYLE principle 6; docs/threat-model.md, "A command backend"):
   every grant that may be out there, so a restart removes what was added
   before a crash; `held` is the journal and, once after each start, the
   list command's leftovers (an address listed for a service that the
-  journal does not hold: `until` 0, so reconcile removes it).
+  journal does not hold: `until` 0, so reconcile removes it).  A start
+  removes the journal's grants of a service the config no longer has (by
+  the protocol and port the journal recorded), then forgets them.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ class CommandBackend:
         self.flush_on_stop = flush_on_stop
         self._workers = workers
         self._services: dict[str, Service] = {}
+        self._retired: dict[str, Service] = {}  # services gone from the config: their grants
+        # are removed (the protocol and port as the journal recorded them)
         self._want: dict[Key, float | None] = {}  # until, or None: remove
         self._out: Held = {}  # what may be out there (the journal)
         self._queue: deque[Key] = deque()
@@ -82,11 +86,14 @@ class CommandBackend:
             if not os.access(program, os.X_OK):
                 raise LocalError(f"[command] program {program} is missing or not executable "
                                  "by the gate keeper's user")
-        out = self._journal.load() if self._journal is not None else {}
-        if self._journal is not None:
-            self._journal.save(out)  # one it cannot write stops the start, in one line
+        out, ports = self._journal.load_with_ports() if self._journal is not None else ({}, {})
+        if self._journal is not None:  # one it cannot write stops the start, in one line
+            self._journal.save(out, {**ports, **self._retired, **self._services, **services})
         with self._cond:
+            self._retired.update({**ports, **self._services})
             self._services = dict(services)
+            for name in services:
+                self._retired.pop(name, None)
             if not self._threads or self._stopping:
                 self._out.update(out)
                 self._listed = not self.spec.list
@@ -95,6 +102,21 @@ class CommandBackend:
                                                   daemon=True) for n in range(self._workers)]
                 for thread in self._threads:
                     thread.start()
+            self._retire()
+
+    def _retire(self) -> None:
+        """Remove (then forget) the grants of services the config no longer
+        has, by the protocol and port the journal recorded for them (the
+        caller holds the lock)."""
+        gone = [key for key in self._out if key[1] not in self._services]
+        for key in gone:
+            if key[1] in self._retired:
+                self._enqueue(key, None)
+        unknown = sorted({name for _, name in gone if name not in self._retired})
+        if unknown:
+            self._log(f"warning command: the journal holds grants of {', '.join(unknown)}, "
+                      "no longer in the config, with no port recorded (an older journal): "
+                      "remove them on the other firewall by hand")
 
     def allow(self, address: IPAddress, service: Service, until: float, *, now: float) -> None:
         self._wish((address, service.name), until)
@@ -179,9 +201,11 @@ class CommandBackend:
 
     def _carry_out(self, key: Key, until: float | None) -> None:
         address, name = key
-        service = self._services.get(name)
         with self._cond:
             out = self._out.get(key)
+            service = self._services.get(name)
+            if service is None and until is None:
+                service = self._retired.get(name)
         if service is None or (until is None and out is None) or (
                 until is not None and out == until):
             return
@@ -255,8 +279,9 @@ class CommandBackend:
         with self._saving:  # one write at a time, each of the record as it is then: the
             with self._cond:  # last file written is never an older record than one before
                 snapshot = dict(self._out)
+                known = {**self._retired, **self._services}
             try:
-                self._journal.save(snapshot)
+                self._journal.save(snapshot, known)
             except LocalError as exc:
                 self._log(f"error command: {exc}")
                 return False

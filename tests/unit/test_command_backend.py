@@ -10,7 +10,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -386,10 +386,10 @@ class FullJournal(Journal):
     """A journal whose writes fail after the start's (a full disk)."""
     full = False
 
-    def save(self, held: Held) -> None:
+    def save(self, held: Held, services: Mapping[str, Service] | None = None) -> None:
         if self.full:
             raise LocalError(f"cannot write the command journal {self.path}: disk full")
-        super().save(held)
+        super().save(held, services)
 
 
 def test_an_allow_the_journal_cannot_record_is_not_run(tmp_path: Path) -> None:
@@ -417,4 +417,45 @@ def test_an_allow_the_journal_cannot_record_is_not_run(tmp_path: Path) -> None:
     found.allow(A, SSH, 1300.0, now=1000.0)
     settle(found)
     assert len(run.of("add")) == 1 and Journal(state).load() == {(A, "ssh"): 1300.0}
+    found.stop()
+
+
+def test_a_restart_removes_the_grants_of_a_service_gone_from_the_config(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    run = FakeRun()
+    first = backend(run, Journal(state))
+    first.allow(A, SSH, 1300.0, now=1000.0)
+    first.allow(B, HTTPS, 1300.0, now=1000.0)
+    settle(first)
+    first.stop()  # no flush: both stay on the router
+    rows = json.loads((state / JOURNAL).read_text())["grants"]
+    assert sorted(rows) == [["192.0.2.7", "ssh", 1300.0, "tcp", 22],
+                            ["2001:db8::9", "https", 1300.0, "tcp", 443]]
+    # the admin dropped [services.https] and restarted
+    run2 = FakeRun()
+    spec = CommandSpec(SPEC.allow, (TRUE, "del", "{address}", "{protocol}", "{port}"),
+                       (), 2.0, 0, 0.0)
+    second = CommandBackend(spec, Journal(state), run=run2, log=lambda line: None,
+                            clock=lambda: 1000.0)
+    second.start({"ssh": SSH}, now=1000.0)
+    reconcile(second, {(A, "ssh"): 1300.0}, {"ssh": SSH}, now=1000.0)
+    settle(second)
+    assert run2.of("del") == [[TRUE, "del", "2001:db8::9", "tcp", "443"]], run2.calls
+    assert Journal(state).load() == {(A, "ssh"): 1300.0}  # and forgotten
+    second.stop()
+
+
+def test_an_older_journal_without_ports_is_still_read(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / JOURNAL).write_text(json.dumps({"grants": [["192.0.2.7", "ssh", 1300.0],
+                                                        ["2001:db8::9", "gone", 1300.0]]}))
+    assert Journal(state).load() == {(A, "ssh"): 1300.0, (B, "gone"): 1300.0}
+    lines: list[str] = []
+    run = FakeRun()
+    found = CommandBackend(SPEC, Journal(state), run=run, log=lines.append, clock=lambda: 1000.0)
+    found.start({"ssh": SSH}, now=1000.0)
+    settle(found)
+    assert run.of("del") == [] and any("gone" in line and "by hand" in line for line in lines)
     found.stop()
