@@ -23,7 +23,8 @@ Invariants (STYLE principle 6; docs/threat-model.md, "A command backend"):
   every grant that may be out there, so a restart removes what was added
   before a crash; `held` is the journal and, once after each start, the
   list command's leftovers (an address listed for a service that the
-  journal does not hold: `until` 0, so reconcile removes it).  A start
+  journal does not hold: `until` 0, so reconcile removes it).  The list
+  commands run at once, within one deadline (LIST_DEADLINE).  A start
   removes the journal's grants of a service the config no longer has (by
   the protocol and port the journal recorded), then forgets them.
 """
@@ -46,6 +47,9 @@ from spa.server.errors import LocalError
 from spa.server.events import Event
 
 WORKERS = 4  # programs that may run at once (a hung one holds one worker, never the rest)
+LIST_DEADLINE = 20.0  # seconds the start's list commands may take together (under the gate
+# keeper's lock; systemd's start timeout is 90 s)
+LIST_AT_ONCE = 8  # list commands run at once
 DRAIN = 10.0  # seconds `stop` waits for wishes still to carry out (the unit allows 15)
 Key = tuple[IPAddress, str]
 
@@ -288,29 +292,63 @@ class CommandBackend:
         return True
 
     def _add_leftovers(self) -> None:
-        """Run the list command once per service: addresses it lists that the
-        journal does not hold join `held` with until 0 (reconcile removes
-        them, or allows them again if they are wanted), and so do those the
-        journal holds that it does not list (gone from the firewall)."""
-        for service in list(self._services.values()):
-            argv = render(self.spec.list, values_of_service(service))
-            outcome = self._run(argv, self.spec.timeout)
-            if not outcome.ok:
-                self._log(f"warning command list service={service.name}: "
-                          f"{outcome.problem}; leftovers of a crash are not looked for")
-                continue
-            found, bad = parse_listing(outcome.output)
-            if bad:
-                self._log(f"warning command list service={service.name}: {len(bad)} line(s) "
-                          f"that are not one address, skipped (first: {bad[0]!r})")
-            listed = {(address, service.name) for address in found}
-            with self._cond:
-                for key in listed:
-                    self._out.setdefault(key, 0.0)
-                for key in [k for k in self._out if k[1] == service.name and k not in listed
-                            and k not in self._want]:  # (a wish since the start: its own)
-                    self._out[key] = 0.0  # in the journal, gone from the firewall: if it is
-                    # wanted, the reconcile allows it again
+        """Run the list command once per service, all at once (at most
+        LIST_AT_ONCE), within one deadline (the gate keeper's lock is held
+        meanwhile): addresses it lists that the journal does not hold join
+        `held` with until 0 (reconcile removes them, or allows them again if
+        they are wanted), and so do those the journal holds that it does not
+        list (gone from the firewall).  A list not done by the deadline is
+        said in one line and its output, if any comes, is ignored."""
+        services = list(self._services.values())
+        results: dict[str, Outcome] = {}
+        lock, finished = threading.Lock(), threading.Event()
+        slots = threading.Semaphore(LIST_AT_ONCE)
+        budget = min(self.spec.timeout + 1.0, LIST_DEADLINE)
+        deadline = time.monotonic() + budget
+
+        def one(service: Service) -> None:
+            with slots:
+                if time.monotonic() >= deadline:
+                    return
+                argv = render(self.spec.list, values_of_service(service))
+                outcome = self._run(argv, self.spec.timeout)
+            with lock:
+                results[service.name] = outcome
+                if len(results) == len(services):
+                    finished.set()
+
+        for service in services:
+            threading.Thread(target=one, args=(service,), name="spa-command-list",
+                             daemon=True).start()
+        if services:
+            finished.wait(budget)
+        with lock:
+            got = dict(results)
+        late = [service.name for service in services if service.name not in got]
+        if late:
+            self._log(f"warning command list service={','.join(late)}: not done within "
+                      f"{budget:g} s; leftovers of a crash are not looked for there")
+        for service in services:
+            if service.name in got:
+                self._leftovers_of(service, got[service.name])
+
+    def _leftovers_of(self, service: Service, outcome: Outcome) -> None:
+        if not outcome.ok:
+            self._log(f"warning command list service={service.name}: "
+                      f"{outcome.problem}; leftovers of a crash are not looked for")
+            return
+        found, bad = parse_listing(outcome.output)
+        if bad:
+            self._log(f"warning command list service={service.name}: {len(bad)} line(s) "
+                      f"that are not one address, skipped (first: {bad[0]!r})")
+        listed = {(address, service.name) for address in found}
+        with self._cond:
+            for key in listed:
+                self._out.setdefault(key, 0.0)
+            for key in [k for k in self._out if k[1] == service.name and k not in listed
+                        and k not in self._want]:  # (a wish since the start: its own)
+                self._out[key] = 0.0  # in the journal, gone from the firewall: if it is
+                # wanted, the reconcile allows it again
 
 
 def values_of_service(service: Service) -> dict[str, str]:

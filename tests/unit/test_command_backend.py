@@ -459,3 +459,41 @@ def test_an_older_journal_without_ports_is_still_read(tmp_path: Path) -> None:
     settle(found)
     assert run.of("del") == [] and any("gone" in line and "by hand" in line for line in lines)
     found.stop()
+
+
+THREE = {name: Service(name, "tcp", port, 30, 300) for name, port in
+         (("ssh", 22), ("https", 443), ("db", 5432))}
+
+
+def test_the_starts_list_commands_run_at_once(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    spec = CommandSpec((TRUE,), (TRUE,), ("/bin/sleep", "100"), 1.0, 0, 0.0)  # a slow router
+    lines: list[str] = []
+    found = CommandBackend(spec, Journal(state), log=lines.append)
+    found.start(THREE, now=time.time())
+    started = time.monotonic()
+    assert found.held(now=time.time()) == {}
+    took = time.monotonic() - started
+    assert took < 2.5, f"{took:.1f} s: the lists ran one after another (3 x 1 s)"
+    found.stop()
+
+
+def test_the_starts_list_commands_have_one_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    from spa.backends import command
+
+    monkeypatch.setattr(command, "LIST_DEADLINE", 0.5)
+    run = FakeRun()
+    run.hang_on = "https"  # its router never answers (and its timeout is 300 s)
+    run.listing = {"ssh": "192.0.2.99\n"}
+    lines: list[str] = []
+    spec = CommandSpec(SPEC.allow, SPEC.remove, SPEC.list, 300.0, 0, 0.0)
+    found = CommandBackend(spec, None, run=run, log=lines.append, clock=lambda: 1000.0)
+    found.start(SERVICES, now=1000.0)
+    started = time.monotonic()
+    held = found.held(now=1000.0)
+    assert time.monotonic() - started < 2
+    assert held == {(ipaddress.ip_address("192.0.2.99"), "ssh"): 0.0}  # the one that answered
+    assert any("service=https: not done within 0.5 s" in line for line in lines), lines
+    run.release.set()
+    found.stop()
