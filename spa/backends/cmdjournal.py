@@ -13,18 +13,26 @@ Invariants:
   owner, who must be able to write there (the systemd unit's layout: both
   spa); root does not write in a directory another user owns, and says so
   in one line.
+- A row is (address, service, until, protocol, port): the protocol and
+  port let a start remove the grants of a service the config no longer
+  has.  A row without them (an older journal) is still read.
 - What it reads is checked: a line that is not (address, service, until)
-  is skipped.  A daemon that wrote the file could only add removes of
-  addresses, which it may ask for anyway.
+  is skipped, and so is one whose address `cmdspec.checked_address`
+  refuses (a scoped IPv6 address could carry any text into an argv).  A
+  daemon that wrote the file could only add removes of addresses, which it
+  may ask for anyway.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import contextlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from spa.backends.base import Held
+from spa.backends.cmdspec import checked_address
+from spa.core.policy import Service
 from spa.server.errors import LocalError
 from spa.server.safefs import open_dir, refuse_foreign_dir
 
@@ -38,13 +46,15 @@ class Journal:
         self.path = directory / name
         self._state_dir, self._name = directory, name
 
-    def load(self) -> Held:
-        """What the file holds (nothing if there is none).  Raises LocalError."""
+    def load_with_ports(self) -> tuple[Held, dict[str, Service]]:
+        """What the file holds, and the protocol and port of each service its
+        rows name (as a Service; a row of an older journal names none).
+        Raises LocalError."""
         try:
             with open_dir(self._state_dir) as directory:
                 raw, _ = directory.read(self._name)
         except FileNotFoundError:
-            return {}
+            return {}, {}
         except OSError as exc:
             raise LocalError(f"cannot read the command journal {self.path}: {exc}") from None
         try:
@@ -53,17 +63,31 @@ class Journal:
             raise LocalError(f"the command journal {self.path} is not one spa wrote: move it "
                              "away (its grants may then stay on the other firewall)") from None
         found: Held = {}
+        ports: dict[str, Service] = {}
         for row in rows if isinstance(rows, list) else []:
             try:
-                address, service, until = row
-                found[(ipaddress.ip_address(str(address)), str(service))] = float(until)
+                address, service, until, *where = row
+                found[(checked_address(address), str(service))] = float(until)
             except (ValueError, TypeError):
                 continue
-        return found
+            if service not in ports and len(where) == 2:
+                with contextlib.suppress(ValueError, TypeError):
+                    protocol, port = where
+                    if isinstance(port, int) and not isinstance(port, bool):
+                        ports[service] = Service(service, str(protocol), port, 1, 1)
+        return found, ports
 
-    def save(self, held: Held) -> None:
-        """Replace the file with `held`.  Raises LocalError."""
-        rows = sorted([str(address), service, until] for (address, service), until in held.items())
+    def load(self) -> Held:
+        """What the file holds (nothing if there is none).  Raises LocalError."""
+        return self.load_with_ports()[0]
+
+    def save(self, held: Held, services: Mapping[str, Service] | None = None) -> None:
+        """Replace the file with `held`, each row with its service's protocol
+        and port when `services` names it.  Raises LocalError."""
+        known = services or {}
+        rows = sorted([str(address), name, until,
+                       *((known[name].protocol, known[name].port) if name in known else ())]
+                      for (address, name), until in held.items())
         data = json.dumps({"grants": rows}, separators=(",", ":")).encode()
         try:
             with open_dir(self._state_dir) as directory:

@@ -5,8 +5,12 @@ Invariants (docs/threat-model.md, "A command backend"):
   inherited, a fixed small environment (PATH, LANG): nothing of the
   daemon's environment or secrets reaches the program.
 - The program runs in a session (process group) of its own; past its
-  timeout the whole group is killed (SIGKILL), so a hung program and
-  the children it started never outlive the try.
+  timeout the whole group is killed (SIGKILL): a hung program and the
+  children it started in its group end with the try.  A child that
+  leaves the group (setsid, a daemonising helper) escapes that kill and
+  runs on; only the service's cgroup ends it, when the unit stops
+  (systemd's default KillMode=control-group).  The try itself does not
+  wait for it: its pipes are read at most 1 s more.
 - Output read is bounded (MAX_OUTPUT); only its first line is quoted in
   the log.
 """

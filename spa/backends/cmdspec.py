@@ -11,8 +11,13 @@ Invariants:
   `{word}` is refused at load (a typo never runs as a literal).  Other
   braces (a JSON body) are left as they are.
 - Values are checked before they are substituted: an address is one IP
-  address in its canonical text, a protocol tcp or udp, a port 1-65535,
+  address in its canonical text (`checked_address`: no IPv6 scope, which
+  Python accepts with any text after `%` -- quotes, spaces, `;` -- and no
+  IPv4-mapped IPv6; the list command's output and the journal go through
+  it too), a protocol tcp or udp, a port 1-65535,
   seconds a whole number of at least 1, a service a valid service name.
+- A template whose program is a well-known shell given `-c` is refused
+  at load: the values would be spliced into shell code.
 - Pure: no I/O.  Raises ValueError (the config turns it into one line).
 """
 
@@ -40,6 +45,8 @@ MAX_RETRIES = 10
 DEFAULT_BACKOFF = 1.0  # seconds before the first retry; doubled before each next one
 MAX_ARGS = 64  # arguments in one template
 MAX_ARG = 4096  # characters in one argument
+SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "busybox", "fish",
+                    "csh", "tcsh", "rbash"})  # a program of these with -c runs shell code
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,12 +78,33 @@ def check_template(kind: str, value: object) -> tuple[str, ...]:
     if not program.startswith("/") or PLACEHOLDER.search(program):
         raise ValueError(f"{kind}: the program must be an absolute path with no placeholder "
                          f"(got {program!r})")
+    if runs_shell_code(value):
+        raise ValueError(f"{kind}: {program} -c would run the values as shell code; name a "
+                         "program (a script of yours) and pass the values as its arguments")
     for arg in value[1:]:
         for name in PLACEHOLDER.findall(arg):
             if name not in SLOTS[kind]:
                 raise ValueError(f"{kind}: unknown placeholder {{{name}}}; {kind} may use "
                                  + ", ".join(f"{{{slot}}}" for slot in sorted(SLOTS[kind])))
     return tuple(value)
+
+
+def runs_shell_code(argv: Sequence[str]) -> bool:
+    """A well-known shell given -c (alone or among its options, before its
+    first operand): its values would be spliced into shell code."""
+    args = list(argv)
+    while len(args) > 1 and args[0].rsplit("/", 1)[-1] in ("env", "busybox"):
+        args = args[1:]  # env [NAME=value]... sh -c, busybox sh -c
+        while len(args) > 1 and (args[0].startswith("-") or "=" in args[0]):
+            args = args[1:]
+    if args[0].rsplit("/", 1)[-1] not in SHELLS:
+        return False
+    for arg in args[1:]:
+        if arg == "--" or not arg.startswith(("-", "+")):
+            return False  # an operand (a script): what follows is its own
+        if not arg.startswith("--") and "c" in arg[1:]:
+            return True
+    return False
 
 
 def parse_spec(table: Mapping[str, object]) -> CommandSpec:
@@ -115,7 +143,7 @@ def parse_spec(table: Mapping[str, object]) -> CommandSpec:
 def values(address: IPAddress, service: Service, *, until: float | None = None,
            now: float | None = None) -> dict[str, str]:
     """The checked text of each placeholder for one grant.  Raises ValueError."""
-    address = ipaddress.ip_address(str(address))  # one address, canonical text
+    address = checked_address(address)
     if service.protocol not in ("tcp", "udp") or not 1 <= service.port <= 65535:
         raise ValueError(f"service {service.name}: not a tcp or udp port")
     if not is_valid_service_name(service.name):
@@ -126,6 +154,20 @@ def values(address: IPAddress, service: Service, *, until: float | None = None,
         found["seconds"] = str(max(1, round(until - now)))
         found["until"] = str(int(until))
     return found
+
+
+def checked_address(value: object) -> IPAddress:
+    """One host address in canonical text, as the templates may receive it:
+    no IPv6 scope (`fe80::1%<any text>`, which Python accepts) and no
+    IPv4-mapped IPv6.  The one check for values, the list command's output
+    and the journal.  Raises ValueError."""
+    address = ipaddress.ip_address(str(value))
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.scope_id is not None:
+            raise ValueError("an IPv6 address with a scope (%...) is not a grant's address")
+        if address.ipv4_mapped is not None:
+            raise ValueError("an IPv4-mapped IPv6 address is not a grant's address")
+    return address
 
 
 def render(template: Sequence[str], filled: Mapping[str, str]) -> list[str]:
@@ -155,8 +197,10 @@ def parse_listing(text: str) -> tuple[list[IPAddress], list[str]]:
         except ValueError:
             bad.append(line[:80])
             continue
-        if network.num_addresses != 1:
+        try:
+            if network.num_addresses != 1:
+                raise ValueError("a network")
+            found.append(checked_address(network.network_address))
+        except ValueError:
             bad.append(line[:80])
-            continue
-        found.append(network.network_address)
     return found, bad

@@ -14,14 +14,19 @@ Invariants (STYLE principle 6; docs/threat-model.md, "A command backend"):
   failure is logged, recorded as a `command` event (a metric) and retried
   after backoff, backoff x 2, ... at most `retries` times, then given up
   with one more line and event.  A wish that changes meanwhile stops the
-  retries of the old one.
+  retries of the old one.  An `allow` whose journal row cannot be written
+  is not run at all (a line, an event `reason=journal`): no grant goes out
+  that a crash could leave unrecorded.
 - Grants do not end by themselves (`expires_by_itself` False): the gate
   keeper removes them at their end, as with iptables, also when the daemon
   is gone (spa.server.monitor).  The journal (spa.backends.cmdjournal) holds
   every grant that may be out there, so a restart removes what was added
   before a crash; `held` is the journal and, once after each start, the
   list command's leftovers (an address listed for a service that the
-  journal does not hold: `until` 0, so reconcile removes it).
+  journal does not hold: `until` 0, so reconcile removes it).  The list
+  commands run at once, within one deadline (LIST_DEADLINE).  A start
+  removes the journal's grants of a service the config no longer has (by
+  the protocol and port the journal recorded), then forgets them.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ from spa.server.errors import LocalError
 from spa.server.events import Event
 
 WORKERS = 4  # programs that may run at once (a hung one holds one worker, never the rest)
+LIST_DEADLINE = 20.0  # seconds the start's list commands may take together (under the gate
+# keeper's lock; systemd's start timeout is 90 s)
+LIST_AT_ONCE = 8  # list commands run at once
 DRAIN = 10.0  # seconds `stop` waits for wishes still to carry out (the unit allows 15)
 Key = tuple[IPAddress, str]
 
@@ -60,6 +68,8 @@ class CommandBackend:
         self.flush_on_stop = flush_on_stop
         self._workers = workers
         self._services: dict[str, Service] = {}
+        self._retired: dict[str, Service] = {}  # services gone from the config: their grants
+        # are removed (the protocol and port as the journal recorded them)
         self._want: dict[Key, float | None] = {}  # until, or None: remove
         self._out: Held = {}  # what may be out there (the journal)
         self._queue: deque[Key] = deque()
@@ -80,11 +90,14 @@ class CommandBackend:
             if not os.access(program, os.X_OK):
                 raise LocalError(f"[command] program {program} is missing or not executable "
                                  "by the gate keeper's user")
-        out = self._journal.load() if self._journal is not None else {}
-        if self._journal is not None:
-            self._journal.save(out)  # one it cannot write stops the start, in one line
+        out, ports = self._journal.load_with_ports() if self._journal is not None else ({}, {})
+        if self._journal is not None:  # one it cannot write stops the start, in one line
+            self._journal.save(out, {**ports, **self._retired, **self._services, **services})
         with self._cond:
+            self._retired.update({**ports, **self._services})
             self._services = dict(services)
+            for name in services:
+                self._retired.pop(name, None)
             if not self._threads or self._stopping:
                 self._out.update(out)
                 self._listed = not self.spec.list
@@ -93,6 +106,21 @@ class CommandBackend:
                                                   daemon=True) for n in range(self._workers)]
                 for thread in self._threads:
                     thread.start()
+            self._retire()
+
+    def _retire(self) -> None:
+        """Remove (then forget) the grants of services the config no longer
+        has, by the protocol and port the journal recorded for them (the
+        caller holds the lock)."""
+        gone = [key for key in self._out if key[1] not in self._services]
+        for key in gone:
+            if key[1] in self._retired:
+                self._enqueue(key, None)
+        unknown = sorted({name for _, name in gone if name not in self._retired})
+        if unknown:
+            self._log(f"warning command: the journal holds grants of {', '.join(unknown)}, "
+                      "no longer in the config, with no port recorded (an older journal): "
+                      "remove them on the other firewall by hand")
 
     def allow(self, address: IPAddress, service: Service, until: float, *, now: float) -> None:
         self._wish((address, service.name), until)
@@ -177,9 +205,11 @@ class CommandBackend:
 
     def _carry_out(self, key: Key, until: float | None) -> None:
         address, name = key
-        service = self._services.get(name)
         with self._cond:
             out = self._out.get(key)
+            service = self._services.get(name)
+            if service is None and until is None:
+                service = self._retired.get(name)
         if service is None or (until is None and out is None) or (
                 until is not None and out == until):
             return
@@ -193,8 +223,13 @@ class CommandBackend:
         except ValueError as exc:
             self._log(f"error command: not run for {name} {address}: {exc}")
             return
-        if until is not None:
-            self._keep(key, until)  # in the journal before it may be out there
+        if until is not None and not self._keep(key, until):  # in the journal before it
+            self._keep(key, out, save=False)  # may be out there; not written: not run
+            self._log(f"error command allow service={name} src={address}: not run, as the "
+                      "journal could not record it (a crash would leave it unrecorded)")
+            self.record(Event(self._clock(), "command", "allow", "journal", None,
+                              str(address), name))
+            return
         done = self._try(argv, key, "allow" if until is not None else "remove", until)
         if done and until is None:
             self._keep(key, None)
@@ -235,47 +270,85 @@ class CommandBackend:
         self.record(Event(self._clock(), "command", action, "gave_up", None, str(address), name))
         return False
 
-    def _keep(self, key: Key, until: float | None) -> None:
-        """Record in the journal (`until` None: the grant is gone)."""
+    def _keep(self, key: Key, until: float | None, *, save: bool = True) -> bool:
+        """Record in the journal (`until` None: the grant is gone); False if
+        the file could not be written (said in one line)."""
         with self._cond:
             if until is None:
                 self._out.pop(key, None)
             else:
                 self._out[key] = until
-        if self._journal is None:
-            return
+        if self._journal is None or not save:
+            return True
         with self._saving:  # one write at a time, each of the record as it is then: the
             with self._cond:  # last file written is never an older record than one before
                 snapshot = dict(self._out)
+                known = {**self._retired, **self._services}
             try:
-                self._journal.save(snapshot)
+                self._journal.save(snapshot, known)
             except LocalError as exc:
                 self._log(f"error command: {exc}")
+                return False
+        return True
 
     def _add_leftovers(self) -> None:
-        """Run the list command once per service: addresses it lists that the
-        journal does not hold join `held` with until 0 (reconcile removes
-        them, or allows them again if they are wanted), and so do those the
-        journal holds that it does not list (gone from the firewall)."""
-        for service in list(self._services.values()):
-            argv = render(self.spec.list, values_of_service(service))
-            outcome = self._run(argv, self.spec.timeout)
-            if not outcome.ok:
-                self._log(f"warning command list service={service.name}: "
-                          f"{outcome.problem}; leftovers of a crash are not looked for")
-                continue
-            found, bad = parse_listing(outcome.output)
-            if bad:
-                self._log(f"warning command list service={service.name}: {len(bad)} line(s) "
-                          f"that are not one address, skipped (first: {bad[0]!r})")
-            listed = {(address, service.name) for address in found}
-            with self._cond:
-                for key in listed:
-                    self._out.setdefault(key, 0.0)
-                for key in [k for k in self._out if k[1] == service.name and k not in listed
-                            and k not in self._want]:  # (a wish since the start: its own)
-                    self._out[key] = 0.0  # in the journal, gone from the firewall: if it is
-                    # wanted, the reconcile allows it again
+        """Run the list command once per service, all at once (at most
+        LIST_AT_ONCE), within one deadline (the gate keeper's lock is held
+        meanwhile): addresses it lists that the journal does not hold join
+        `held` with until 0 (reconcile removes them, or allows them again if
+        they are wanted), and so do those the journal holds that it does not
+        list (gone from the firewall).  A list not done by the deadline is
+        said in one line and its output, if any comes, is ignored."""
+        services = list(self._services.values())
+        results: dict[str, Outcome] = {}
+        lock, finished = threading.Lock(), threading.Event()
+        slots = threading.Semaphore(LIST_AT_ONCE)
+        budget = min(self.spec.timeout + 1.0, LIST_DEADLINE)
+        deadline = time.monotonic() + budget
+
+        def one(service: Service) -> None:
+            with slots:
+                if time.monotonic() >= deadline:
+                    return
+                argv = render(self.spec.list, values_of_service(service))
+                outcome = self._run(argv, self.spec.timeout)
+            with lock:
+                results[service.name] = outcome
+                if len(results) == len(services):
+                    finished.set()
+
+        for service in services:
+            threading.Thread(target=one, args=(service,), name="spa-command-list",
+                             daemon=True).start()
+        if services:
+            finished.wait(budget)
+        with lock:
+            got = dict(results)
+        late = [service.name for service in services if service.name not in got]
+        if late:
+            self._log(f"warning command list service={','.join(late)}: not done within "
+                      f"{budget:g} s; leftovers of a crash are not looked for there")
+        for service in services:
+            if service.name in got:
+                self._leftovers_of(service, got[service.name])
+
+    def _leftovers_of(self, service: Service, outcome: Outcome) -> None:
+        if not outcome.ok:
+            self._log(f"warning command list service={service.name}: "
+                      f"{outcome.problem}; leftovers of a crash are not looked for")
+            return
+        found, bad = parse_listing(outcome.output)
+        if bad:
+            self._log(f"warning command list service={service.name}: {len(bad)} line(s) "
+                      f"that are not one address, skipped (first: {bad[0]!r})")
+        listed = {(address, service.name) for address in found}
+        with self._cond:
+            for key in listed:
+                self._out.setdefault(key, 0.0)
+            for key in [k for k in self._out if k[1] == service.name and k not in listed
+                        and k not in self._want]:  # (a wish since the start: its own)
+                self._out[key] = 0.0  # in the journal, gone from the firewall: if it is
+                # wanted, the reconcile allows it again
 
 
 def values_of_service(service: Service) -> dict[str, str]:

@@ -5,16 +5,17 @@ timeout, retries and backoff, and a journal that a restart reconciles from."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
 
-from spa.backends.base import reconcile
+from spa.backends.base import Held, reconcile
 from spa.backends.cmdjournal import JOURNAL, Journal
 from spa.backends.cmdrun import Outcome, run_command
 from spa.backends.cmdspec import CommandSpec, parse_listing, parse_spec, render, values
@@ -95,6 +96,9 @@ def settle(found: CommandBackend, timeout: float = 5) -> None:
     ({"allow": [TRUE]}, "needs remove"),
     ({"allow": [TRUE], "remove": [TRUE], "timeout": 0}, "timeout"),
     ({"allow": [TRUE], "remove": [TRUE], "shell": True}, "unknown key"),
+    ({"allow": ["/bin/sh", "-c", "nft add element {address}"], "remove": [TRUE]}, "shell code"),
+    ({"allow": [TRUE], "remove": ["/usr/bin/bash", "-ec", "x {address}"]}, "shell code"),
+    ({"allow": [TRUE], "remove": ["/usr/bin/env", "dash", "-c", "x"]}, "shell code"),
 ])
 def test_command_templates_are_checked_when_the_config_loads(table: dict[str, object],
                                                               says: str) -> None:
@@ -109,6 +113,32 @@ def test_command_values_are_checked_and_each_stays_one_argument() -> None:
         TRUE, '{"list":"spa","address":"2001:db8::9"}']  # JSON's braces are left alone
     with pytest.raises(ValueError, match="does not appear to be an IPv4 or IPv6 address"):
         values("192.0.2.7; reboot", SSH)  # type: ignore[arg-type]
+
+
+# Python 3.11 takes any text after an IPv6 scope's %: quotes, spaces, $(), ;
+SCOPED = ['fe80::1%","list":"admin-trusted', 'fe80::1%x"}; -rf --all', "fe80::1%$(reboot)",
+          "fe80::1%eth0", "::ffff:192.0.2.7"]
+
+
+@pytest.mark.parametrize("text", SCOPED)
+def test_a_scoped_or_mapped_address_never_reaches_a_command(text: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"scope|IPv4-mapped"):
+        values(ipaddress.ip_address(text), SSH)
+    found, bad = parse_listing(f"192.0.2.7\n{text}\n{text}/128\n")
+    assert [str(a) for a in found] == ["192.0.2.7"] and len(bad) == 2
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / JOURNAL).write_text(json.dumps({"grants": [[text, "ssh", 1.0],
+                                                        ["192.0.2.7", "ssh", 2.0]]}))
+    assert Journal(state).load() == {(A, "ssh"): 2.0}
+    # end to end: the list command's output is never spliced into remove's argv
+    run = FakeRun()
+    run.listing = text + "\n"
+    found_backend = backend(run, Journal(state))
+    reconcile(found_backend, {}, SERVICES, now=1000.0)
+    settle(found_backend)
+    assert [c[2] for c in run.of("del")] == ["192.0.2.7"], run.calls
+    found_backend.stop()
 
 
 def test_command_list_output_is_addresses_one_a_line() -> None:
@@ -349,4 +379,121 @@ def test_a_grant_gone_from_the_firewall_is_allowed_again_at_the_start(tmp_path: 
     reconcile(found, {(A, "ssh"): 1300.0}, SERVICES, now=1000.0)
     settle(found)
     assert [c[2] for c in run.of("add")] == ["192.0.2.7"]
+    found.stop()
+
+
+class FullJournal(Journal):
+    """A journal whose writes fail after the start's (a full disk)."""
+    full = False
+
+    def save(self, held: Held, services: Mapping[str, Service] | None = None) -> None:
+        if self.full:
+            raise LocalError(f"cannot write the command journal {self.path}: disk full")
+        super().save(held, services)
+
+
+def test_an_allow_the_journal_cannot_record_is_not_run(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    journal = FullJournal(state)
+    run = FakeRun()
+    lines: list[str] = []
+    events: list[Event] = []
+    found = CommandBackend(SPEC, journal, run=run, log=lines.append, clock=lambda: 1000.0)
+    found.start(SERVICES, now=1000.0)
+    found.record = events.append
+    journal.full = True
+    found.allow(A, SSH, 1300.0, now=1000.0)
+    settle(found)
+    assert run.of("add") == [], "allow ran with no record on disk"
+    assert found.held(now=1000.0) == {}
+    assert [(e.outcome, e.action, e.reason) for e in events] == [("command", "allow", "journal")]
+    assert any("not run" in line for line in lines), lines
+    metrics = Metrics()
+    metrics.observe(events)
+    assert metrics.registry.get_sample_value(
+        "spa_command_failures_total", {"action": "allow", "reason": "journal"}) == 1
+    journal.full = False  # the disk has room again: the next wish goes out
+    found.allow(A, SSH, 1300.0, now=1000.0)
+    settle(found)
+    assert len(run.of("add")) == 1 and Journal(state).load() == {(A, "ssh"): 1300.0}
+    found.stop()
+
+
+def test_a_restart_removes_the_grants_of_a_service_gone_from_the_config(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    run = FakeRun()
+    first = backend(run, Journal(state))
+    first.allow(A, SSH, 1300.0, now=1000.0)
+    first.allow(B, HTTPS, 1300.0, now=1000.0)
+    settle(first)
+    first.stop()  # no flush: both stay on the router
+    rows = json.loads((state / JOURNAL).read_text())["grants"]
+    assert sorted(rows) == [["192.0.2.7", "ssh", 1300.0, "tcp", 22],
+                            ["2001:db8::9", "https", 1300.0, "tcp", 443]]
+    # the admin dropped [services.https] and restarted
+    run2 = FakeRun()
+    spec = CommandSpec(SPEC.allow, (TRUE, "del", "{address}", "{protocol}", "{port}"),
+                       (), 2.0, 0, 0.0)
+    second = CommandBackend(spec, Journal(state), run=run2, log=lambda line: None,
+                            clock=lambda: 1000.0)
+    second.start({"ssh": SSH}, now=1000.0)
+    reconcile(second, {(A, "ssh"): 1300.0}, {"ssh": SSH}, now=1000.0)
+    settle(second)
+    assert run2.of("del") == [[TRUE, "del", "2001:db8::9", "tcp", "443"]], run2.calls
+    assert Journal(state).load() == {(A, "ssh"): 1300.0}  # and forgotten
+    second.stop()
+
+
+def test_an_older_journal_without_ports_is_still_read(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / JOURNAL).write_text(json.dumps({"grants": [["192.0.2.7", "ssh", 1300.0],
+                                                        ["2001:db8::9", "gone", 1300.0]]}))
+    assert Journal(state).load() == {(A, "ssh"): 1300.0, (B, "gone"): 1300.0}
+    lines: list[str] = []
+    run = FakeRun()
+    found = CommandBackend(SPEC, Journal(state), run=run, log=lines.append, clock=lambda: 1000.0)
+    found.start({"ssh": SSH}, now=1000.0)
+    settle(found)
+    assert run.of("del") == [] and any("gone" in line and "by hand" in line for line in lines)
+    found.stop()
+
+
+THREE = {name: Service(name, "tcp", port, 30, 300) for name, port in
+         (("ssh", 22), ("https", 443), ("db", 5432))}
+
+
+def test_the_starts_list_commands_run_at_once(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    spec = CommandSpec((TRUE,), (TRUE,), ("/bin/sleep", "100"), 1.0, 0, 0.0)  # a slow router
+    lines: list[str] = []
+    found = CommandBackend(spec, Journal(state), log=lines.append)
+    found.start(THREE, now=time.time())
+    started = time.monotonic()
+    assert found.held(now=time.time()) == {}
+    took = time.monotonic() - started
+    assert took < 2.5, f"{took:.1f} s: the lists ran one after another (3 x 1 s)"
+    found.stop()
+
+
+def test_the_starts_list_commands_have_one_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    from spa.backends import command
+
+    monkeypatch.setattr(command, "LIST_DEADLINE", 0.5)
+    run = FakeRun()
+    run.hang_on = "https"  # its router never answers (and its timeout is 300 s)
+    run.listing = {"ssh": "192.0.2.99\n"}
+    lines: list[str] = []
+    spec = CommandSpec(SPEC.allow, SPEC.remove, SPEC.list, 300.0, 0, 0.0)
+    found = CommandBackend(spec, None, run=run, log=lines.append, clock=lambda: 1000.0)
+    found.start(SERVICES, now=1000.0)
+    started = time.monotonic()
+    held = found.held(now=1000.0)
+    assert time.monotonic() - started < 2
+    assert held == {(ipaddress.ip_address("192.0.2.99"), "ssh"): 0.0}  # the one that answered
+    assert any("service=https: not done within 0.5 s" in line for line in lines), lines
+    run.release.set()
     found.stop()
