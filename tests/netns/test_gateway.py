@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from spa.netns import Namespace, Topology, start_sshd
+from tests.integration.procs import command
 from tests.netns.conftest import REASON, Spa, World, open_site
 
 GW4, CLI4, INT4, GW_INT4 = "10.198.1.1", "10.198.1.2", "10.198.9.5", "10.198.9.1"
@@ -196,3 +197,40 @@ def test_check_says_when_the_gateway_does_not_forward(site: Spa) -> None:
     assert "IPv4 forwarding is off (net.ipv4.ip_forward = 0)" in done.stdout, done.stdout
     assert "IPv6 forwarding is off" not in done.stdout
     assert done.returncode != 0
+
+
+OWN_HOST = f"""
+[services.web]
+protocol = "tcp"
+port = 8080
+default_duration = {LEASE}
+max_duration = {LEASE}
+host = "{GW_INT4}"
+listen_port = 2224
+"""
+OWN_LINE = (f"[services.web] host = {GW_INT4} is an address of this machine: a gateway "
+            "service's DNAT to it reaches hook input, where it is not gated, so it would be "
+            "open to everyone")
+
+
+def test_a_host_that_is_the_gateways_own_address_is_refused_at_start_check_and_reload(
+        gworld: World, tmp_path: Path) -> None:
+    """The review's gw.py `own`: DNATed to the gateway's own address, the
+    published port reached hook input, where gateway services are not gated."""
+    with open_site(gworld, tmp_path) as spa:
+        with spa.config.open("a") as config:
+            config.write(OWN_HOST)
+        for args in (("check",), ("gate",), ("run",)):
+            done = spa.world.srv.run(*command("spa-server"), "--config", str(spa.config),
+                                     *args, check=False, timeout=10)
+            assert done.returncode == 2 and OWN_LINE in done.stderr, (args, done.stderr)
+            assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert spa.world.srv.run("nft", "list", "tables").stdout == "", "nothing installed"
+    with open_site(gworld, tmp_path / "reload") as spa:
+        spa.start()
+        with spa.config.open("a") as config:
+            config.write(OWN_HOST)
+        assert spa.wait_for("error reload failed, keeping the running config", 5), spa.lines
+        assert any(OWN_LINE in line for line in spa.lines), spa.lines
+        listing = spa.world.srv.run("nft", "list", "table", "inet", "spa").stdout
+        assert GW_INT4 not in listing, "the gate keeper kept the services it had"
