@@ -92,17 +92,27 @@ def report(runner: NftRunner, config: ServerConfig,
     return Report(tuple(off + render(findings)), problems + len(off))
 
 
-def _through(service: Service) -> str:
-    """A gateway service's destination, as `closed_ports` names it."""
-    if service.host is None:
-        return ""
+def _gated(service: Service) -> str:
+    """A gateway service, as `closed_ports` names it: exactly what its forward
+    gate holds (spa/backends/nftgateway.py), and what it does not."""
     published = f", published on {service.listen_port}" if service.listen_port else ""
-    return f" of {service.host}{published}"
+    return (f"{service.name}: {service.protocol}/{service.port} of {service.host} (its other "
+            "addresses and ports are not gated, nor connections that do not pass through "
+            f"this host){published}")
 
 
 def closed_ports(services: Mapping[str, Service] | Sequence[Service]) -> str:
-    """The line `init`, `run` and `check` print: what the gate closes."""
-    listed = services.values() if isinstance(services, Mapping) else services
-    ports = ", ".join(f"{s.name} ({s.protocol}/{s.port}{_through(s)})" for s in listed)
-    return (f"closed to everyone from the first run, IPv4 and IPv6, except to clients whose "
-            f"knock opens them: {ports}")
+    """The line `init`, `run` and `check` print: what the gate closes.  A
+    gateway service is gated only where it passes through this host, on its
+    host's one address: its clause says so (docs/threat-model.md, "Gateway mode")."""
+    listed = list(services.values() if isinstance(services, Mapping) else services)
+    local = ", ".join(f"{s.name} ({s.protocol}/{s.port})" for s in listed if not s.gateway)
+    through = "; ".join(_gated(s) for s in listed if s.gateway)
+    parts = []
+    if local or not through:
+        parts.append("closed to everyone from the first run, IPv4 and IPv6, except to clients "
+                     f"whose knock opens them: {local}")
+    if through:
+        parts.append("forwarded through this host only to clients whose knock opens them: "
+                     + through)
+    return "; ".join(parts)

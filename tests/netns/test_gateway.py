@@ -186,7 +186,9 @@ def test_check_says_when_the_gateway_does_not_forward(site: Spa) -> None:
     world = site.world
     site.start()
     done = site.admin("check", check=False)
-    assert f"db4 (tcp/22 of {INT4}, published on 2222)" in done.stdout, done.stdout
+    assert (f"db4: tcp/22 of {INT4} (its other addresses and ports are not gated, nor "
+            "connections that do not pass through this host), published on 2222") \
+        in done.stdout, done.stdout
     assert "ok: no other firewall drops what spa lets in" in done.stdout, done.stdout + done.stderr
     assert done.returncode == 0
     world.srv.run("sysctl", "-q", "-w", "net.ipv4.ip_forward=0")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from spa.core.policy import Service
+from spa.server.coexist import closed_ports
 from spa.server.errors import LocalError
 from spa.server.gwroute import (
     FakeRoute,
@@ -64,3 +65,18 @@ def test_a_bridged_host_is_one_line_when_bridged_frames_skip_the_forward_hook() 
     routed = FakeRoute({"10.197.0.5": HostRoute(local=False)})
     assert bridged_lines({"vm": VM}, routed, lambda version: False) == [], "a routed host"
     assert bridged_lines({"vm": VM}, FakeRoute(), lambda version: False) == [], "no route"
+
+
+def test_the_start_line_says_exactly_what_a_gateway_service_gates() -> None:
+    """Not "closed to everyone, IPv4 and IPv6" (the review): only host's one
+    address and port, on the way through this host."""
+    assert closed_ports({"ssh": SSH, "web": WEB, "vm6": VM6}) == (
+        "closed to everyone from the first run, IPv4 and IPv6, except to clients whose knock "
+        "opens them: ssh (tcp/22); forwarded through this host only to clients whose knock "
+        "opens them: web: tcp/8080 of 10.198.9.1 (its other addresses and ports are not "
+        "gated, nor connections that do not pass through this host), published on 2222; "
+        "vm6: tcp/22 of fd00:197::5 (its other addresses and ports are not gated, nor "
+        "connections that do not pass through this host)")
+    assert not closed_ports([VM]).startswith("closed to everyone"), "a gateway alone"
+    assert closed_ports([SSH]) == ("closed to everyone from the first run, IPv4 and IPv6, "
+                                   "except to clients whose knock opens them: ssh (tcp/22)")
