@@ -12,6 +12,8 @@ Three namespaces and a fourth for another client's address.  Leases are
 from __future__ import annotations
 
 import contextlib
+import platform
+import re
 import signal
 import sys
 import time
@@ -236,3 +238,41 @@ def test_a_host_that_is_the_gateways_own_address_is_refused_at_start_check_and_r
         assert any(OWN_LINE in line for line in spa.lines), spa.lines
         listing = spa.world.srv.run("nft", "list", "table", "inet", "spa").stdout
         assert GW_INT4 not in listing, "the gate keeper kept the services it had"
+
+
+BRIDGED4 = "10.197.0.5"  # behind a bridge of the gateway's: switched, not routed
+BRIDGE_SYSCTL = "net.bridge.bridge-nf-call-iptables"
+
+
+def kernel_at_least(major: int, minor: int) -> bool:
+    found = re.match(r"(\d+)\.(\d+)", platform.release())
+    return found is not None and (int(found[1]), int(found[2])) >= (major, minor)
+
+
+def test_check_says_when_a_host_is_bridged_past_the_forward_gate(site: Spa) -> None:
+    """The review's br.py: with bridge-nf-call-iptables = 0 (or no
+    br_netfilter) a host on the gateway's bridge is open to the bridge.  The
+    sysctl is changed in the gateway's namespace only (per namespace since
+    Linux 5.3)."""
+    if not kernel_at_least(5, 3):
+        pytest.skip("the bridge sysctls are per namespace from Linux 5.3")
+    gw = site.world.srv
+    with site.config.open("a") as config:
+        config.write(f'\n[services.vm]\nport = 22\ndefault_duration = {LEASE}\n'
+                     f'max_duration = {LEASE}\nhost = "{BRIDGED4}"\n')
+    gw.run("ip", "link", "add", "spabr0", "type", "bridge")
+    try:
+        gw.run("ip", "addr", "add", "10.197.0.1/24", "dev", "spabr0")
+        gw.run("ip", "link", "set", "spabr0", "up")
+        line = (f"vm (tcp/22 to {BRIDGED4}): the route leaves through bridge spabr0 and "
+                f"{BRIDGE_SYSCTL} is 0 or absent (br_netfilter)")
+        has_sysctl = gw.run("sysctl", "-q", "-w", f"{BRIDGE_SYSCTL}=0",
+                            check=False).returncode == 0
+        done = site.admin("check", check=False)
+        assert line in done.stdout and done.returncode == 1, done.stdout + done.stderr
+        if has_sysctl:  # br_netfilter loaded: with the sysctl on, bridged frames are gated
+            gw.run("sysctl", "-q", "-w", f"{BRIDGE_SYSCTL}=1")
+            done = site.admin("check", check=False)
+            assert "leaves through bridge" not in done.stdout, done.stdout
+    finally:
+        gw.run("ip", "link", "del", "spabr0", check=False)
