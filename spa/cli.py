@@ -605,9 +605,11 @@ def check() -> None:
     reload and after another program changes the ruleset."""
     from spa.server import config as config_mod
     from spa.server.coexist import closed_ports, report
+    from spa.server.gwroute import refuse_own_hosts
 
     with local_errors():
         config = config_mod.load(_ctx.config)
+        refuse_own_hosts(config.services, config.path)
         if config.backend == "command":
             raise LocalError("check reads this host's nftables ruleset; the command backend's "
                              "grants are on the firewall its programs drive: check there "

@@ -16,6 +16,11 @@ Invariants (docs/threat-model.md, "Gateway mode"):
   decides, so a stranger's connection is DNATed and dropped.  The hold
   table has the forward gate, not the DNAT: if our table goes, the
   published port goes with it (closed, never open).
+- The destination is another machine this host routes to, by one plain
+  address: a mapped, zoned, loopback or link-local `host` is refused at load
+  (spa/server/config.py), one of this host's own addresses at start, reload
+  and check (its DNAT would reach hook input, ungated), and a bridged one is
+  a problem line of `check` (spa/server/gwroute.py).
 - A destination is a literal address, read at config load.  A DNS name
   resolved per lease would need a grant keyed by (source, destination), a
   resolver on the grant path (a knock would trigger a lookup) and leases,

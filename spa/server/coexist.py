@@ -12,7 +12,9 @@ Invariants:
   never the hold table in JSON (`safe_ruleset`).
 - The same targets and the same words for the command, the log and `status`.
 - With a gateway service, IP forwarding off in its destination's version is
-  one problem line (spa never changes the host's sysctl).
+  one problem line (spa never changes the host's sysctl), and so is a host
+  reached through a bridge whose frames skip the forward hook
+  (spa/server/gwroute.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from spa.backends.nftables import safe_ruleset
 from spa.core.policy import Service
 from spa.server.config import ServerConfig
 from spa.server.errors import LocalError
+from spa.server.gwroute import RouteOf, bridge_filtered, bridged_lines, kernel_route
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +75,10 @@ def forwarding_lines(config: ServerConfig, on: Callable[[int], bool]) -> list[st
 
 
 def report(runner: NftRunner, config: ServerConfig,
-           forwarding: Callable[[int], bool] = forwarding_on) -> Report:
-    """Raises LocalError when the ruleset cannot be read."""
+           forwarding: Callable[[int], bool] = forwarding_on,
+           route: RouteOf = kernel_route,
+           bridge: Callable[[int], bool] = bridge_filtered) -> Report:
+    """Raises LocalError when the ruleset (or the kernel's routes) cannot be read."""
     listing = safe_ruleset(runner)
     try:
         names = config.names
@@ -83,21 +88,31 @@ def report(runner: NftRunner, config: ServerConfig,
         raise LocalError(f"cannot read the ruleset: {exc}") from None
     problems = sum(1 for f in findings if f.outcome in (Outcome.DROPS, Outcome.MAY_DROP)
                    or (f.outcome is Outcome.FORWARDED and not f.gated_in_forward))
-    off = forwarding_lines(config, forwarding)
+    off = forwarding_lines(config, forwarding) + bridged_lines(config.services, route, bridge)
     return Report(tuple(off + render(findings)), problems + len(off))
 
 
-def _through(service: Service) -> str:
-    """A gateway service's destination, as `closed_ports` names it."""
-    if service.host is None:
-        return ""
+def _gated(service: Service) -> str:
+    """A gateway service, as `closed_ports` names it: exactly what its forward
+    gate holds (spa/backends/nftgateway.py), and what it does not."""
     published = f", published on {service.listen_port}" if service.listen_port else ""
-    return f" of {service.host}{published}"
+    return (f"{service.name}: {service.protocol}/{service.port} of {service.host} (its other "
+            "addresses and ports are not gated, nor connections that do not pass through "
+            f"this host){published}")
 
 
 def closed_ports(services: Mapping[str, Service] | Sequence[Service]) -> str:
-    """The line `init`, `run` and `check` print: what the gate closes."""
-    listed = services.values() if isinstance(services, Mapping) else services
-    ports = ", ".join(f"{s.name} ({s.protocol}/{s.port}{_through(s)})" for s in listed)
-    return (f"closed to everyone from the first run, IPv4 and IPv6, except to clients whose "
-            f"knock opens them: {ports}")
+    """The line `init`, `run` and `check` print: what the gate closes.  A
+    gateway service is gated only where it passes through this host, on its
+    host's one address: its clause says so (docs/threat-model.md, "Gateway mode")."""
+    listed = list(services.values() if isinstance(services, Mapping) else services)
+    local = ", ".join(f"{s.name} ({s.protocol}/{s.port})" for s in listed if not s.gateway)
+    through = "; ".join(_gated(s) for s in listed if s.gateway)
+    parts = []
+    if local or not through:
+        parts.append("closed to everyone from the first run, IPv4 and IPv6, except to clients "
+                     f"whose knock opens them: {local}")
+    if through:
+        parts.append("forwarded through this host only to clients whose knock opens them: "
+                     + through)
+    return "; ".join(parts)

@@ -406,17 +406,44 @@ def _choice(where: str, key: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def gateway_host_problem(address: IPAddress) -> str:
+    """Why `address` cannot be a gateway service's host, or "" when it can.
+    It refuses what spa/server/gatemsg.py `parse_address` refuses for a
+    client (a mapped or zoned IPv6 address, unspecified, multicast,
+    broadcast) and loopback and link-local: the forward gate matches one
+    routed address of one IP version, so a mapped ::ffff:a.b.c.d would gate
+    nothing of the real IPv4 host, and a zone fails in nftables later."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return (f"is an IPv4-mapped IPv6 address, which would leave the IPv4 host ungated; "
+                f"write {address.ipv4_mapped}")
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+        return "has a zone (%...); write a routed address of the internal host"
+    if (address.is_unspecified or address.is_multicast
+            or address == ipaddress.IPv4Address("255.255.255.255")):
+        return "is not a host address; write the internal host's own address"
+    if address.is_loopback:
+        return ("is a loopback address; a gateway service's host is another machine (for "
+                "this host's own port, leave host out)")
+    if address.is_link_local:
+        return "is link-local; a gateway service needs a routed address of the internal host"
+    return ""
+
+
 def _gateway_host(where: str, spec: Mapping[str, Any]) -> IPAddress | None:
     """A gateway service's destination: a literal address (names are not
-    resolved: docs/install.md, "Gateway")."""
+    resolved: docs/install.md, "Gateway"), of one routed host."""
     if "host" not in spec:
         return None
     host = _get(where, spec, "host", str)
     try:
-        return ipaddress.ip_address(host)
+        address = ipaddress.ip_address(host)
     except ValueError:
         raise ConfigError(f"{where} host = {host!r} is not an IP address; write the internal "
                           "host's address (names are not resolved)") from None
+    problem = gateway_host_problem(address)
+    if problem:
+        raise ConfigError(f"{where} host = {host!r} {problem}")
+    return address
 
 
 def _services(path: Path, data: Mapping[str, Any]) -> dict[str, Service]:

@@ -58,6 +58,7 @@ from spa.server.config import KIND_SPA, OLD_KEY, ClientEntry, ServerConfig, pars
 from spa.server.errors import LocalError
 from spa.server.events import EVENTS_DB, Event, EventSink
 from spa.server.guard import GateGuard, GateState, Guard
+from spa.server.gwroute import refuse_own_hosts
 from spa.server.metrics import Metrics
 from spa.server.notify import Notifier
 from spa.server.routes import RouteCheck
@@ -952,6 +953,7 @@ class Server:
         self._stamp = stamp
         try:
             new = self._read_config()
+            refuse_own_hosts(new.services, new.path)
         except LocalError as exc:
             self.log(f"error reload failed, keeping the running config: {exc}")
             return

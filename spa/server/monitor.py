@@ -51,6 +51,7 @@ from spa.server.events import Event
 from spa.server.frames import receive_message
 from spa.server.gatemsg import Apply, Reconcile, RefusedError, Simple, Start, TagMap
 from spa.server.guard import Guard
+from spa.server.gwroute import refuse_own_hosts
 from spa.server.mapgrant import MapGrants
 
 if TYPE_CHECKING:
@@ -291,7 +292,10 @@ class GateKeeper:
 
 
 def _services_of(path: Path) -> Mapping[str, Service]:
-    return config_mod.load(path).services
+    """Raises LocalError, also for a gateway service whose host is this machine."""
+    services = config_mod.load(path).services
+    refuse_own_hosts(services, path)
+    return services
 
 
 def serve(keeper: GateKeeper, sock: socket.socket, stop: threading.Event) -> None:

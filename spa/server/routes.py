@@ -92,6 +92,12 @@ class KernelRoutes:
             return ifindex == LOOPBACK_IFINDEX
         return kind == RTN_UNICAST and ifindex in interfaces
 
+    def route(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address
+              ) -> tuple[int, frozenset[int]] | None:
+        """(route type, its interfaces) of the kernel's route to `address`
+        (spa/server/gwroute.py).  Raises OSError when there is none."""
+        return self._route(address, 0)
+
     def _route(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address, oif: int
                ) -> tuple[int, frozenset[int]] | None:
         """(route type, its interfaces) of the kernel's route to `address`.

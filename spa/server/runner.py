@@ -26,6 +26,7 @@ from spa.server import monitor, privsep
 from spa.server.config import ServerConfig
 from spa.server.daemon import Server
 from spa.server.errors import LocalError
+from spa.server.gwroute import refuse_own_hosts
 from spa.server.logline import log_to_stderr
 from spa.server.mapgrant import MapGrants, most_from
 from spa.server.monitor import GateKeeper
@@ -96,6 +97,7 @@ def build(path: Path, *, backend: str | None, mode: str | None,
     config = replace(config, backend=backend or config.backend, mode=mode or config.mode,
                      interface=interface if interface is not None else config.interface)
     check_unit_instance(config, os.environ)
+    refuse_own_hosts(config.services, config.path)
     refuse_planted_state_dir(config.state_dir, config=config.path)
     state = StateDir(config.state_dir)
     if not privsep.owned_by_another(state.path):
@@ -284,6 +286,7 @@ def install_gate(path: Path, *, backend: str | None = None) -> str:
         return ("the command backend keeps nothing in this host's firewall (its grants are on "
                 "the firewall its commands drive, and the daemon reconciles them from its "
                 "journal when it starts); nothing done")
+    refuse_own_hosts(config.services, config.path)
     refuse_planted_state_dir(config.state_dir, config=config.path)
     state = StateDir(config.state_dir)
     if not privsep.owned_by_another(state.path):

@@ -12,6 +12,8 @@ Three namespaces and a fourth for another client's address.  Leases are
 from __future__ import annotations
 
 import contextlib
+import platform
+import re
 import signal
 import sys
 import time
@@ -21,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from spa.netns import Namespace, Topology, start_sshd
+from tests.integration.procs import command
 from tests.netns.conftest import REASON, Spa, World, open_site
 
 GW4, CLI4, INT4, GW_INT4 = "10.198.1.1", "10.198.1.2", "10.198.9.5", "10.198.9.1"
@@ -185,7 +188,9 @@ def test_check_says_when_the_gateway_does_not_forward(site: Spa) -> None:
     world = site.world
     site.start()
     done = site.admin("check", check=False)
-    assert f"db4 (tcp/22 of {INT4}, published on 2222)" in done.stdout, done.stdout
+    assert (f"db4: tcp/22 of {INT4} (its other addresses and ports are not gated, nor "
+            "connections that do not pass through this host), published on 2222") \
+        in done.stdout, done.stdout
     assert "ok: no other firewall drops what spa lets in" in done.stdout, done.stdout + done.stderr
     assert done.returncode == 0
     world.srv.run("sysctl", "-q", "-w", "net.ipv4.ip_forward=0")
@@ -196,3 +201,78 @@ def test_check_says_when_the_gateway_does_not_forward(site: Spa) -> None:
     assert "IPv4 forwarding is off (net.ipv4.ip_forward = 0)" in done.stdout, done.stdout
     assert "IPv6 forwarding is off" not in done.stdout
     assert done.returncode != 0
+
+
+OWN_HOST = f"""
+[services.web]
+protocol = "tcp"
+port = 8080
+default_duration = {LEASE}
+max_duration = {LEASE}
+host = "{GW_INT4}"
+listen_port = 2224
+"""
+OWN_LINE = (f"[services.web] host = {GW_INT4} is an address of this machine: a gateway "
+            "service's DNAT to it reaches hook input, where it is not gated, so it would be "
+            "open to everyone")
+
+
+def test_a_host_that_is_the_gateways_own_address_is_refused_at_start_check_and_reload(
+        gworld: World, tmp_path: Path) -> None:
+    """The review's gw.py `own`: DNATed to the gateway's own address, the
+    published port reached hook input, where gateway services are not gated."""
+    with open_site(gworld, tmp_path) as spa:
+        with spa.config.open("a") as config:
+            config.write(OWN_HOST)
+        for args in (("check",), ("gate",), ("run",)):
+            done = spa.world.srv.run(*command("spa-server"), "--config", str(spa.config),
+                                     *args, check=False, timeout=10)
+            assert done.returncode == 2 and OWN_LINE in done.stderr, (args, done.stderr)
+            assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert spa.world.srv.run("nft", "list", "tables").stdout == "", "nothing installed"
+    with open_site(gworld, tmp_path / "reload") as spa:
+        spa.start()
+        with spa.config.open("a") as config:
+            config.write(OWN_HOST)
+        assert spa.wait_for("error reload failed, keeping the running config", 5), spa.lines
+        assert any(OWN_LINE in line for line in spa.lines), spa.lines
+        listing = spa.world.srv.run("nft", "list", "table", "inet", "spa").stdout
+        assert GW_INT4 not in listing, "the gate keeper kept the services it had"
+
+
+BRIDGED4 = "10.197.0.5"  # behind a bridge of the gateway's: switched, not routed
+BRIDGE_SYSCTL = "net.bridge.bridge-nf-call-iptables"
+
+
+def kernel_at_least(major: int, minor: int) -> bool:
+    found = re.match(r"(\d+)\.(\d+)", platform.release())
+    return found is not None and (int(found[1]), int(found[2])) >= (major, minor)
+
+
+def test_check_says_when_a_host_is_bridged_past_the_forward_gate(site: Spa) -> None:
+    """The review's br.py: with bridge-nf-call-iptables = 0 (or no
+    br_netfilter) a host on the gateway's bridge is open to the bridge.  The
+    sysctl is changed in the gateway's namespace only (per namespace since
+    Linux 5.3)."""
+    if not kernel_at_least(5, 3):
+        pytest.skip("the bridge sysctls are per namespace from Linux 5.3")
+    gw = site.world.srv
+    with site.config.open("a") as config:
+        config.write(f'\n[services.vm]\nport = 22\ndefault_duration = {LEASE}\n'
+                     f'max_duration = {LEASE}\nhost = "{BRIDGED4}"\n')
+    gw.run("ip", "link", "add", "spabr0", "type", "bridge")
+    try:
+        gw.run("ip", "addr", "add", "10.197.0.1/24", "dev", "spabr0")
+        gw.run("ip", "link", "set", "spabr0", "up")
+        line = (f"vm (tcp/22 to {BRIDGED4}): the route leaves through bridge spabr0 and "
+                f"{BRIDGE_SYSCTL} is 0 or absent (br_netfilter)")
+        has_sysctl = gw.run("sysctl", "-q", "-w", f"{BRIDGE_SYSCTL}=0",
+                            check=False).returncode == 0
+        done = site.admin("check", check=False)
+        assert line in done.stdout and done.returncode == 1, done.stdout + done.stderr
+        if has_sysctl:  # br_netfilter loaded: with the sysctl on, bridged frames are gated
+            gw.run("sysctl", "-q", "-w", f"{BRIDGE_SYSCTL}=1")
+            done = site.admin("check", check=False)
+            assert "leaves through bridge" not in done.stdout, done.stdout
+    finally:
+        gw.run("ip", "link", "del", "spabr0", check=False)

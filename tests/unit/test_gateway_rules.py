@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,9 @@ from spa.backends.nftrender import CHAIN, FORWARD, render_hold, render_start
 from spa.core.policy import Service, local_port_names
 from spa.server import config as config_mod
 from spa.server.coexist import forwarding_lines, targets_of
+from spa.server.config import gateway_host_problem
 from spa.server.errors import ConfigError
+from spa.server.gatemsg import RefusedError, parse_address
 
 DB = Service("db", "tcp", 22, 30, 300, ipaddress.ip_address("10.20.0.5"), 2222)
 DB6 = Service("db6", "tcp", 22, 30, 300, ipaddress.ip_address("fd00:20::5"))
@@ -49,6 +52,40 @@ def test_a_name_for_host_is_refused_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"host = 'db.internal' is not an IP address; write "
                        "the internal host's address \\(names are not resolved\\)"):
         load(tmp_path, GATEWAY.format(host="db.internal"))
+
+
+@pytest.mark.parametrize(("host", "why"), [
+    ("::ffff:10.198.9.5", "is an IPv4-mapped IPv6 address, which would leave the IPv4 host "
+                          "ungated; write 10.198.9.5"),
+    ("fe80::5%eth0", "has a zone"),
+    ("fd00:20::5%2", "has a zone"),
+    ("0.0.0.0", "is not a host address"),
+    ("::", "is not a host address"),
+    ("224.0.0.1", "is not a host address"),
+    ("ff02::1", "is not a host address"),
+    ("255.255.255.255", "is not a host address"),
+    ("127.0.0.1", "is a loopback address"),
+    ("::1", "is a loopback address"),
+    ("169.254.1.5", "is link-local"),
+    ("fe80::5", "is link-local"),
+])
+def test_a_host_that_is_not_one_routed_address_is_refused_in_one_line(
+        tmp_path: Path, host: str, why: str) -> None:
+    """What gatemsg's parse_address refuses for a client, and loopback and
+    link-local: a mapped host would gate nothing of the real IPv4 host, a
+    zone would pass the load and fail in nftables (the review's gw.py)."""
+    with pytest.raises(ConfigError, match=re.escape(f"[services.db] host = {host!r} {why}")
+                       ) as raised:
+        load(tmp_path, GATEWAY.format(host=host))
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("text", ["::ffff:10.198.9.5", "fe80::5%eth0", "0.0.0.0", "::",
+                                  "224.0.0.1", "ff02::1", "255.255.255.255"])
+def test_every_address_refused_for_a_client_is_refused_for_a_host(text: str) -> None:
+    with pytest.raises(RefusedError):
+        parse_address(text)
+    assert gateway_host_problem(ipaddress.ip_address(text))
 
 
 def test_a_published_port_needs_a_host(tmp_path: Path) -> None:
