@@ -2,7 +2,7 @@
 
 Invariants:
 - Under journald (systemd connected stderr to the journal: JOURNAL_STREAM
-  names stderr's device and inode, systemd.exec(5)) a line is the event
+  names stderr's device and inode, as the systemd.exec man page says) a line is the event
   alone: the journal stamps it.
 - Anywhere else (a terminal, a pipe, a file) each line starts with its time,
   written as every time the programs print (spa.clitools.format_utc):
@@ -28,7 +28,7 @@ TIME_PREFIX = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z ")
 
 def stderr_is_journal(environ: Mapping[str, str], fd: int = 2) -> bool:
     """True when JOURNAL_STREAM ("DEV:INODE") names the file `fd` is, as
-    systemd.exec(5) says to check it (a child whose stderr was redirected
+    the systemd.exec man page says to check it (a child whose stderr was redirected
     still inherits the variable, so the variable alone proves nothing)."""
     dev, sep, ino = environ.get("JOURNAL_STREAM", "").partition(":")
     if not (sep and dev.isdigit() and ino.isdigit()):
