@@ -1,0 +1,378 @@
+"""kv.KV over a real etcd v3 cluster, through etcd's JSON gateway with
+etcd3gw (the choice and its figures: docs/benchmarks.md, "etcd clients").
+
+Invariants:
+- TLS both ways: the CA file verifies the members; the client certificate
+  and key prove this member to them (etcd runs with --client-cert-auth).
+- etcd's gateway does not let a certificate's Common Name name the RBAC user
+  (etcd 3.4 answers 400 to a gateway request whose certificate has a CN), so
+  the member's certificate carries no CN and its RBAC identity is a user and
+  password, traded for a token (sent again when etcd says it expired).  The
+  password never reaches a message, a log or argv.
+- Every call has a deadline (timeout seconds per endpoint); an endpoint that
+  cannot answer (refused, timed out, no leader) is left for the next one in
+  the list, and when none answers the call raises StoreUnavailableError, so a
+  cluster without quorum fails a call within len(endpoints) * timeout.
+- A watch runs in its own thread, reconnects to the next endpoint from the
+  revision after the last one delivered, and never delivers an event twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import etcd3gw
+import requests
+from etcd3gw import exceptions as gw_errors
+
+from spa.group.kv import (
+    Event,
+    EventKind,
+    Item,
+    LeaseExpiredError,
+    StoreError,
+    StorePermissionError,
+    StoreUnavailableError,
+)
+
+T = TypeVar("T")
+
+# gRPC status codes etcd's gateway puts in its error bodies
+_DEADLINE_EXCEEDED, _NOT_FOUND, _PERMISSION_DENIED = 4, 5, 7
+_UNAVAILABLE, _UNAUTHENTICATED = 14, 16
+_RECONNECT_PAUSE = 0.2  # seconds between watch reconnections (doubles up to 2 s)
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdAccess:
+    """Where the cluster is and how this member proves itself."""
+
+    endpoints: tuple[str, ...]  # https://host:port, tried in this order
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    user: str | None = None
+    password: str | None = None  # secret: never in a message
+    timeout: float = 2.0  # seconds for one call on one endpoint
+    watch_idle: float = 30.0  # seconds without a byte before a watch reconnects
+
+    def __repr__(self) -> str:
+        return f"EtcdAccess(endpoints={self.endpoints!r}, user={self.user!r})"
+
+
+class _UnreachableError(Exception):
+    """This endpoint could not answer: try the next one."""
+
+
+class _ExpiredTokenError(Exception):
+    """The auth token is no longer valid: authenticate again."""
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    """The range_end that makes [prefix, end) every key under prefix."""
+    trimmed = prefix.rstrip(b"\xff")
+    if not trimmed:
+        return b"\0"
+    return trimmed[:-1] + bytes([trimmed[-1] + 1])
+
+
+def _item(kv: dict[str, Any]) -> Item:
+    return Item(base64.b64decode(kv["key"]), base64.b64decode(kv.get("value", "")),
+                int(kv.get("mod_revision", 0)), int(kv.get("lease", 0)))
+
+
+def _refusal(e: gw_errors.Etcd3Exception, op: str) -> Exception:
+    """The exception for etcd's error answer to op."""
+    try:
+        body = json.loads(e.detail_text or "")
+        code, message = int(body.get("code", -1)), str(body.get("error", ""))
+    except (ValueError, AttributeError):
+        code, message = -1, (e.detail_text or type(e).__name__).strip()[:200]
+    if isinstance(e, gw_errors.ConnectionFailedError | gw_errors.ConnectionTimeoutError):
+        return _UnreachableError(message or type(e).__name__)
+    if code in (_UNAVAILABLE, _DEADLINE_EXCEEDED) or "no leader" in message:
+        return _UnreachableError(message)
+    if code == _UNAUTHENTICATED:
+        return _ExpiredTokenError(message)
+    if code == _PERMISSION_DENIED:
+        return StorePermissionError(f"etcd refused {op}: permission denied (this member's "
+                                     "role does not cover the key)")
+    if code == _NOT_FOUND and "lease" in message:
+        return LeaseExpiredError(f"etcd refused {op}: the lease has expired or was revoked")
+    return StoreError(f"etcd refused {op}: {message or 'HTTP error'}")
+
+
+class EtcdStore:
+    """kv.KV on an etcd v3 cluster (3.4 or later)."""
+
+    def __init__(self, access: EtcdAccess) -> None:
+        if not access.endpoints:
+            raise ValueError("no etcd endpoints")
+        self._access = access
+        self._clients = [self._client(url) for url in access.endpoints]
+        self._authed: set[int] = set()
+        self._current = 0
+        self._lock = threading.Lock()
+
+    def _client(self, url: str) -> etcd3gw.Etcd3Client:
+        scheme, _, rest = url.partition("://")
+        host, _, port = rest.rstrip("/").rpartition(":")
+        session = requests.Session()
+        session.trust_env = False  # no proxy nor CA bundle from the environment: ours only
+        session.verify = str(self._access.ca_file)
+        session.cert = (str(self._access.cert_file), str(self._access.key_file))
+        return etcd3gw.Etcd3Client(host=host.strip("[]"), port=int(port), protocol=scheme,
+                                   timeout=self._access.timeout, api_path="/v3/",
+                                   session=session)
+
+    # -- calls with failover -------------------------------------------------
+
+    def _call(self, op: str, fn: Callable[[etcd3gw.Etcd3Client], T]) -> T:
+        """fn on the current endpoint, then on each other one while they
+        cannot answer.  Raises StoreUnavailableError when none can."""
+        count = len(self._clients)
+        start = self._current
+        reasons = []
+        for step in range(count):
+            index = (start + step) % count
+            client = self._clients[index]
+            try:
+                return self._on(index, client, op, fn)
+            except _UnreachableError as e:
+                reasons.append(f"{self._access.endpoints[index]}: {str(e)[:80]}")
+                self._current = (index + 1) % count
+        raise StoreUnavailableError(f"etcd could not {op}: no endpoint answered in "
+                               f"{self._access.timeout:g} s ({'; '.join(reasons)})")
+
+    def _on(self, index: int, client: etcd3gw.Etcd3Client, op: str,
+            fn: Callable[[etcd3gw.Etcd3Client], T]) -> T:
+        for _ in range(2):  # a second time after a fresh token
+            try:
+                self._authenticate(index, client)
+                return fn(client)
+            except gw_errors.Etcd3Exception as e:
+                error = _refusal(e, op)
+            except requests.RequestException as e:
+                error = _UnreachableError(type(e).__name__)
+            if isinstance(error, _ExpiredTokenError):
+                self._authed.discard(index)
+                continue
+            raise error
+        raise _UnreachableError("the auth token was refused twice")
+
+    def _authenticate(self, index: int, client: etcd3gw.Etcd3Client) -> None:
+        access = self._access
+        if access.user is None or index in self._authed:
+            return
+        client.session.headers.pop("Authorization", None)
+        try:
+            answer = client.post(client.get_url("/auth/authenticate"),
+                                 json={"name": access.user, "password": access.password or ""})
+        except gw_errors.Etcd3Exception as e:
+            error = _refusal(e, "authenticate")
+            if isinstance(error, _UnreachableError):
+                raise error from None
+            raise StoreError(f"etcd refused user {access.user!r}: check its password file "
+                             "and that the user exists (spa-server group add-member)") from None
+        client.session.headers["Authorization"] = str(answer["token"])
+        self._authed.add(index)
+
+    # -- the interface --------------------------------------------------------
+
+    def get(self, key: bytes) -> Item | None:
+        answer = self._call("read a key", lambda c: c.post(
+            c.get_url("/kv/range"), json={"key": _b64(key)}))
+        kvs = answer.get("kvs", [])
+        return _item(kvs[0]) if kvs else None
+
+    def get_prefix(self, prefix: bytes) -> tuple[list[Item], int]:
+        answer = self._call("read a prefix", lambda c: c.post(
+            c.get_url("/kv/range"), json={"key": _b64(prefix),
+                                          "range_end": _b64(_prefix_end(prefix))}))
+        items = sorted((_item(kv) for kv in answer.get("kvs", [])), key=lambda i: i.key)
+        return items, int(answer["header"]["revision"])
+
+    def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
+        body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+        if lease:
+            body["lease"] = str(lease)
+        answer = self._call("write a key", lambda c: c.post(c.get_url("/kv/put"), json=body))
+        return int(answer["header"]["revision"])
+
+    def delete(self, key: bytes) -> bool:
+        answer = self._call("delete a key", lambda c: c.post(
+            c.get_url("/kv/deleterange"), json={"key": _b64(key)}))
+        return int(answer.get("deleted", 0)) > 0
+
+    def create(self, key: bytes, value: bytes, lease: int = 0) -> bool:
+        put: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+        if lease:
+            put["lease"] = str(lease)
+        txn = {"compare": [{"key": _b64(key), "result": "EQUAL", "target": "CREATE",
+                            "create_revision": "0"}],
+               "success": [{"request_put": put}],
+               "failure": [{"request_range": {"key": _b64(key)}}]}
+        attempts = 0
+
+        def once(c: etcd3gw.Etcd3Client) -> bool:
+            nonlocal attempts
+            attempts += 1
+            answer = c.post(c.get_url("/kv/txn"), json=txn)
+            if answer.get("succeeded", False):
+                return True
+            if attempts == 1:
+                return False
+            # a retry after an endpoint failed: the first attempt may have
+            # landed; the key holding exactly our value and lease is ours
+            found = answer.get("responses", [{}])[0].get("response_range", {}).get("kvs", [])
+            return bool(found) and _item(found[0]).value == value and \
+                _item(found[0]).lease == lease
+        return self._call("claim a key", once)
+
+    def grant(self, ttl: int) -> int:
+        answer = self._call("grant a lease", lambda c: c.post(
+            c.get_url("/lease/grant"), json={"TTL": str(ttl), "ID": "0"}))
+        return int(answer["ID"])
+
+    def keep_alive(self, lease: int) -> int:
+        answer = self._call("renew a lease", lambda c: c.post(
+            c.get_url("/lease/keepalive"), json={"ID": str(lease)}))
+        ttl = int(answer.get("result", {}).get("TTL", 0))
+        if ttl <= 0:
+            raise LeaseExpiredError(f"lease {lease:x} has expired or was revoked")
+        return ttl
+
+    def revoke(self, lease: int) -> None:
+        with contextlib.suppress(LeaseExpiredError):  # already gone: what revoke wants
+            self._call("revoke a lease", lambda c: c.post(
+                c.get_url("/kv/lease/revoke"), json={"ID": str(lease)}))
+
+    def watch_prefix(self, prefix: bytes, start_revision: int,
+                     callback: Callable[[Event], None]) -> EtcdWatch:
+        return EtcdWatch(self, prefix, start_revision, callback)
+
+    # -- for the watch ---------------------------------------------------------
+
+    def _watch_client(self) -> tuple[int, etcd3gw.Etcd3Client]:
+        index = self._current
+        client = self._clients[index]
+        try:
+            self._authenticate(index, client)
+        except _UnreachableError:
+            self._current = (index + 1) % len(self._clients)
+            raise
+        return index, client
+
+    def _skip(self, index: int) -> None:
+        if self._current == index:
+            self._current = (index + 1) % len(self._clients)
+
+
+class EtcdWatch:
+    """A prefix watch in a thread of its own (see the module's invariants)."""
+
+    def __init__(self, store: EtcdStore, prefix: bytes, start_revision: int,
+                 callback: Callable[[Event], None]) -> None:
+        self._store = store
+        self._prefix = prefix
+        self._next = start_revision
+        self._callback = callback
+        self._stop = threading.Event()
+        self._response: requests.Response | None = None
+        self._thread = threading.Thread(target=self._run, name="etcd-watch", daemon=True)
+        self._thread.start()
+
+    def cancel(self) -> None:
+        self._stop.set()
+        response = self._response
+        if response is not None:
+            _shut(response)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        pause = _RECONNECT_PAUSE
+        while not self._stop.is_set():
+            try:
+                index, client = self._store._watch_client()
+                if self._stream(client):
+                    pause = _RECONNECT_PAUSE  # it delivered: the endpoint was fine
+                else:
+                    self._store._skip(index)
+            except (_UnreachableError, StoreError, requests.RequestException, ValueError, OSError):
+                pass
+            self._stop.wait(pause)
+            pause = min(pause * 2, 2.0)
+
+    def _stream(self, client: etcd3gw.Etcd3Client) -> bool:
+        """One watch stream until it ends; whether it delivered anything."""
+        request = {"create_request": {
+            "key": _b64(self._prefix), "range_end": _b64(_prefix_end(self._prefix)),
+            "start_revision": str(self._next)}}
+        access = self._store._access
+        response = client.session.post(client.get_url("/watch"), json=request, stream=True,
+                                       timeout=(access.timeout, access.watch_idle))
+        self._response = response
+        delivered = False
+        try:
+            if response.status_code != 200:
+                return False
+            for line in response.iter_lines():
+                if self._stop.is_set():
+                    return delivered
+                if not line.strip():
+                    continue
+                result = json.loads(line).get("result", {})
+                if result.get("canceled") or int(result.get("compact_revision", 0)):
+                    return delivered  # etcd ended it (compacted past us: restart later)
+                for raw in result.get("events", []):
+                    event = _event(raw)
+                    if event.mod_revision < self._next:
+                        continue  # seen before a reconnection
+                    self._next = event.mod_revision + 1
+                    delivered = True
+                    self._callback(event)
+            return delivered
+        finally:
+            response.close()
+            self._response = None
+
+
+def _event(raw: dict[str, Any]) -> Event:
+    kind = EventKind.DELETE if raw.get("type") == "DELETE" else EventKind.PUT
+    item = _item(raw["kv"])
+    return Event(kind, item.key, item.value if kind is EventKind.PUT else b"",
+                 item.mod_revision)
+
+
+def _shut(response: requests.Response) -> None:
+    """Wake a thread blocked reading the response: shut its socket down."""
+    try:
+        fd = response.raw._fp.fileno()  # type: ignore[union-attr]
+        sock = socket.socket(fileno=socket.dup(fd))
+        sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+    except (AttributeError, OSError, ValueError):
+        pass
+    response.close()
+
+
+def endpoints_of(text: Sequence[str]) -> tuple[str, ...]:
+    """Endpoints as given (`https://host:port`), checked for the scheme."""
+    found = tuple(t.strip() for t in text if t.strip())
+    for url in found:
+        if not url.startswith("https://"):
+            raise ValueError(f"etcd endpoint {url!r} is not https://host:port")
+    return found

@@ -1,0 +1,110 @@
+"""The key-value store a group needs, as an interface: exactly the etcd v3
+operations the group uses, and nothing of any client library.
+
+Invariants:
+- Keys and values are bytes; revisions and lease ids are ints as etcd gives
+  them.  `create` is etcd's create-if-absent transaction: of any number of
+  callers racing on one key, exactly one is told it claimed it.
+- Every failure is a StoreError.  StoreUnavailableError means the store could not
+  answer in time (no endpoint reachable, or no quorum behind it): the caller
+  may retry later and must not take it as an answer.  StorePermissionError
+  means the store answered no (etcd's RBAC: a member reads only its group's
+  prefix).  Messages never contain a credential.
+- A watch delivers each change under its prefix once, in revision order, from
+  the revision it was started at, across reconnections, until cancelled.
+
+Implementations: memory.MemoryStore (the fake, a clock argument for lease
+TTLs) and etcd.EtcdStore (etcd's JSON gateway through etcd3gw).  One contract
+suite, tests/unit/test_group_kv_contract.py, runs against both.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class StoreError(Exception):
+    """The store refused or failed an operation."""
+
+
+class StoreUnavailableError(StoreError):
+    """No answer in time: no endpoint reachable, or no quorum behind it."""
+
+
+class StorePermissionError(StoreError):
+    """The store's access control refused this member the key or prefix."""
+
+
+class LeaseExpiredError(StoreError):
+    """The lease is gone (expired or revoked); keys attached to it are too."""
+
+
+class EventKind(enum.Enum):
+    PUT = "put"
+    DELETE = "delete"
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """A key as stored: its value, the revision that last changed it, and
+    its lease (0: none)."""
+
+    key: bytes
+    value: bytes
+    mod_revision: int
+    lease: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One change seen by a watch (value is b"" for a delete)."""
+
+    kind: EventKind
+    key: bytes
+    value: bytes
+    mod_revision: int
+
+
+class Watch(Protocol):
+    def cancel(self) -> None:
+        """Stop delivering; returns once no callback runs any more."""
+
+
+class KV(Protocol):
+    """What a group member asks of its store.  Every method raises
+    StoreUnavailableError or StorePermissionError (both StoreError)."""
+
+    def get(self, key: bytes) -> Item | None:
+        """The key, or None if absent."""
+
+    def get_prefix(self, prefix: bytes) -> tuple[list[Item], int]:
+        """Every key under prefix, in key order, and the store's revision at
+        the read (watch from revision + 1 to miss nothing)."""
+
+    def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
+        """Set the key (attached to lease if not 0); the new revision.
+        Raises LeaseExpiredError if the lease is gone."""
+
+    def delete(self, key: bytes) -> bool:
+        """Remove the key; whether it existed."""
+
+    def create(self, key: bytes, value: bytes, lease: int = 0) -> bool:
+        """Set the key only if absent, atomically: True if this call claimed
+        it.  Raises LeaseExpiredError if the lease is gone."""
+
+    def grant(self, ttl: int) -> int:
+        """A new lease of ttl seconds; its id."""
+
+    def keep_alive(self, lease: int) -> int:
+        """Renew the lease to its full TTL; the TTL.  Raises LeaseExpiredError."""
+
+    def revoke(self, lease: int) -> None:
+        """End the lease now, deleting its keys (no error if already gone)."""
+
+    def watch_prefix(self, prefix: bytes, start_revision: int,
+                     callback: Callable[[Event], None]) -> Watch:
+        """Deliver every change under prefix from start_revision on, to
+        callback (from another thread in the real store)."""

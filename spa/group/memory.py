@@ -1,0 +1,236 @@
+"""The in-memory fake of kv.KV: one process, no I/O, leases timed by a
+clock argument (STYLE 2 and 5).
+
+It keeps etcd's semantics where a group can see them: one revision counter
+for the whole store (1 when empty, +1 per change), create-if-absent,
+leases whose keys vanish when the clock passes their TTL (checked at every
+operation, as etcd's lessor would have by then), watches that replay from
+a start revision, and a prefix-restricted view standing in for etcd's RBAC.
+`unreachable = True` makes every operation raise StoreUnavailableError, as a
+store without quorum does.  The contract suite keeps it honest against etcd.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from spa.group.kv import (
+    Event,
+    EventKind,
+    Item,
+    LeaseExpiredError,
+    StorePermissionError,
+    StoreUnavailableError,
+)
+
+
+@dataclass
+class _Lease:
+    ttl: int
+    expires: float
+    keys: set[bytes] = field(default_factory=set)
+
+
+@dataclass
+class _Watch:
+    store: MemoryStore
+    prefix: bytes
+    callback: Callable[[Event], None]
+
+    def cancel(self) -> None:
+        with self.store._lock:
+            if self in self.store._watches:
+                self.store._watches.remove(self)
+
+
+class MemoryStore:
+    """kv.KV in memory.  `clock` returns seconds (monotonic)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._items: dict[bytes, Item] = {}
+        self._leases: dict[int, _Lease] = {}
+        self._lease_ids = itertools.count(7_000_000_000_000_000_001)
+        self._history: list[Event] = []
+        self._watches: list[_Watch] = []
+        self._delivered = 0  # events of _history already handed to watches
+        self.revision = 1
+        self.unreachable = False
+
+    # -- the interface -----------------------------------------------------
+
+    def get(self, key: bytes) -> Item | None:
+        with self._lock:
+            self._check()
+            return self._items.get(key)
+
+    def get_prefix(self, prefix: bytes) -> tuple[list[Item], int]:
+        with self._lock:
+            self._check()
+            found = [self._items[k] for k in sorted(self._items) if k.startswith(prefix)]
+            return found, self.revision
+
+    def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
+        with self._lock:
+            self._check()
+            self._set(key, value, lease)
+            events = self._drain()
+        self._deliver(events)
+        return self.revision
+
+    def delete(self, key: bytes) -> bool:
+        with self._lock:
+            self._check()
+            existed = key in self._items
+            if existed:
+                self._remove(key)
+            events = self._drain()
+        self._deliver(events)
+        return existed
+
+    def create(self, key: bytes, value: bytes, lease: int = 0) -> bool:
+        with self._lock:
+            self._check()
+            if key in self._items:
+                return False
+            self._set(key, value, lease)
+            events = self._drain()
+        self._deliver(events)
+        return True
+
+    def grant(self, ttl: int) -> int:
+        with self._lock:
+            self._check()
+            lease = next(self._lease_ids)
+            self._leases[lease] = _Lease(ttl, self._clock() + ttl)
+            return lease
+
+    def keep_alive(self, lease: int) -> int:
+        with self._lock:
+            self._check()
+            held = self._leases.get(lease)
+            if held is None:
+                raise LeaseExpiredError(f"lease {lease:x} has expired or was revoked")
+            held.expires = self._clock() + held.ttl
+            return held.ttl
+
+    def revoke(self, lease: int) -> None:
+        with self._lock:
+            self._check()
+            self._end_lease(lease)
+            events = self._drain()
+        self._deliver(events)
+
+    def watch_prefix(self, prefix: bytes, start_revision: int,
+                     callback: Callable[[Event], None]) -> _Watch:
+        with self._lock:
+            self._check()
+            watch = _Watch(self, prefix, callback)
+            past = [e for e in self._history
+                    if e.mod_revision >= start_revision and e.key.startswith(prefix)]
+            self._watches.append(watch)
+        for event in past:
+            callback(event)
+        return watch
+
+    # -- for tests ---------------------------------------------------------
+
+    def restricted(self, prefix: bytes) -> RestrictedView:
+        """A view that may touch keys under prefix only, as an etcd user
+        whose role grants readwrite on that prefix."""
+        return RestrictedView(self, prefix)
+
+    # -- inside ------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self.unreachable:
+            raise StoreUnavailableError("the store is unreachable (simulated: no quorum)")
+        now = self._clock()
+        for lease in [k for k, v in self._leases.items() if v.expires <= now]:
+            self._end_lease(lease)
+
+    def _set(self, key: bytes, value: bytes, lease: int) -> None:
+        if lease and lease not in self._leases:
+            raise LeaseExpiredError(f"lease {lease:x} has expired or was revoked")
+        old = self._items.get(key)
+        if old is not None and old.lease and old.lease in self._leases:
+            self._leases[old.lease].keys.discard(key)
+        self.revision += 1
+        self._items[key] = Item(key, value, self.revision, lease)
+        if lease:
+            self._leases[lease].keys.add(key)
+        self._history.append(Event(EventKind.PUT, key, value, self.revision))
+
+    def _remove(self, key: bytes) -> None:
+        del self._items[key]
+        self.revision += 1
+        self._history.append(Event(EventKind.DELETE, key, b"", self.revision))
+
+    def _end_lease(self, lease: int) -> None:
+        held = self._leases.pop(lease, None)
+        if held is None:
+            return
+        for key in sorted(held.keys):  # etcd deletes a lease's keys in one revision;
+            if key in self._items:     # here one each: a watch sees the same deletes
+                self._remove(key)
+
+    def _drain(self) -> list[tuple[_Watch, Event]]:
+        fresh = self._history[self._delivered:]
+        self._delivered = len(self._history)
+        return [(w, e) for e in fresh for w in self._watches if e.key.startswith(w.prefix)]
+
+    @staticmethod
+    def _deliver(events: list[tuple[_Watch, Event]]) -> None:
+        for watch, event in events:
+            watch.callback(event)
+
+
+class RestrictedView:
+    """MemoryStore seen by a member whose role covers one prefix."""
+
+    def __init__(self, store: MemoryStore, prefix: bytes) -> None:
+        self._store = store
+        self._prefix = prefix
+
+    def _allow(self, key: bytes) -> None:
+        if not key.startswith(self._prefix):
+            raise StorePermissionError("permission denied: the key is outside this member's "
+                                        "group prefix")
+
+    def get(self, key: bytes) -> Item | None:
+        self._allow(key)
+        return self._store.get(key)
+
+    def get_prefix(self, prefix: bytes) -> tuple[list[Item], int]:
+        self._allow(prefix)
+        return self._store.get_prefix(prefix)
+
+    def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
+        self._allow(key)
+        return self._store.put(key, value, lease)
+
+    def delete(self, key: bytes) -> bool:
+        self._allow(key)
+        return self._store.delete(key)
+
+    def create(self, key: bytes, value: bytes, lease: int = 0) -> bool:
+        self._allow(key)
+        return self._store.create(key, value, lease)
+
+    def grant(self, ttl: int) -> int:
+        return self._store.grant(ttl)
+
+    def keep_alive(self, lease: int) -> int:
+        return self._store.keep_alive(lease)
+
+    def revoke(self, lease: int) -> None:
+        self._store.revoke(lease)
+
+    def watch_prefix(self, prefix: bytes, start_revision: int,
+                     callback: Callable[[Event], None]) -> _Watch:
+        self._allow(prefix)
+        return self._store.watch_prefix(prefix, start_revision, callback)
