@@ -261,6 +261,13 @@ class EtcdStore:
 
     def watch_prefix(self, prefix: bytes, start_revision: int,
                      callback: Callable[[Event], None]) -> EtcdWatch:
+        # etcd answers a forbidden watch by cancelling it on its stream, which
+        # the watch thread would take for a lost connection: ask first, with a
+        # read of at most one key (StorePermissionError, StoreUnavailableError)
+        self._call("watch a prefix", lambda c: c.post(
+            c.get_url("/kv/range"), json={"key": _b64(prefix), "limit": "1",
+                                          "keys_only": True, "count_only": True,
+                                          "range_end": _b64(_prefix_end(prefix))}))
         return EtcdWatch(self, prefix, start_revision, callback)
 
     # -- for the watch ---------------------------------------------------------

@@ -1,0 +1,232 @@
+"""One contract for kv.KV, run against the in-memory fake and a real etcd
+cluster (three members in network namespaces, TLS and RBAC: tests/etcd_world.py),
+so the fake cannot drift from etcd."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from spa.group.etcd import EtcdAccess, EtcdStore
+from spa.group.kv import (
+    KV,
+    Event,
+    EventKind,
+    LeaseExpiredError,
+    StorePermissionError,
+    StoreUnavailableError,
+)
+from spa.group.memory import MemoryStore
+from tests.etcd_world import EtcdCluster
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Harness:
+    kv: KV  # a member of group a
+    prefix: bytes  # fresh, under group a's prefix
+    other: bytes  # under group b's prefix: not this member's
+    broken: Callable[[], KV]  # a store that cannot reach quorum
+    pass_time: Callable[[float], None]
+    real: bool
+
+    def until(self, check: Callable[[], bool], seconds: float = 10) -> bool:
+        """check() is true now (the fake), or becomes true within seconds
+        (the real store's watch thread, its lessor)."""
+        deadline = time.monotonic() + (seconds if self.real else 0)
+        while not check():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+
+def _fake() -> Harness:
+    clock = FakeClock()
+    store = MemoryStore(clock)
+
+    def advance(seconds: float) -> None:
+        clock.now += seconds
+
+    def broken() -> KV:
+        dead = MemoryStore(clock)
+        dead.unreachable = True
+        return dead
+    return Harness(store.restricted(b"/spa/groups/a/"), _fresh(b"a"), _fresh(b"b"), broken,
+                   advance, real=False)
+
+
+def _real(cluster: EtcdCluster) -> Harness:
+    def broken() -> KV:  # members that are not there: nothing listens on 2399
+        access = cluster.access("a", timeout=1.0)
+        nowhere = tuple(e.replace(":2379", ":2399") for e in access.endpoints)
+        return EtcdStore(EtcdAccess(nowhere, access.ca_file, access.cert_file,
+                                    access.key_file, access.user, access.password, 1.0))
+    return Harness(cluster.store("a"), _fresh(b"a"), _fresh(b"b"), broken, time.sleep,
+                   real=True)
+
+
+def _fresh(group: bytes) -> bytes:
+    return b"/spa/groups/" + group + b"/t-" + uuid.uuid4().hex[:12].encode() + b"/"
+
+
+@pytest.fixture(params=["memory", pytest.param("etcd", marks=pytest.mark.netns)])
+def h(request: pytest.FixtureRequest) -> Iterator[Harness]:
+    if request.param == "memory":
+        yield _fake()
+        return
+    cluster: EtcdCluster = request.getfixturevalue("etcd_cluster")
+    with cluster.inside():
+        yield _real(cluster)
+
+
+def test_put_then_get_gives_the_value_at_the_new_revision(h: Harness) -> None:
+    key = h.prefix + b"k"
+    assert h.kv.get(key) is None
+    first = h.kv.put(key, b"one")
+    second = h.kv.put(key, b"two")
+    assert second > first
+    item = h.kv.get(key)
+    assert item is not None
+    assert (item.key, item.value, item.mod_revision, item.lease) == (key, b"two", second, 0)
+
+
+def test_get_prefix_lists_only_the_prefix_in_key_order(h: Harness) -> None:
+    for name in (b"c", b"a", b"b"):
+        h.kv.put(h.prefix + name, name * 2)
+    last = h.kv.put(h.prefix[:-1] + b"x/sibling", b"not under the prefix")
+    items, revision = h.kv.get_prefix(h.prefix)
+    assert [(i.key, i.value) for i in items] == [
+        (h.prefix + b"a", b"aa"), (h.prefix + b"b", b"bb"), (h.prefix + b"c", b"cc")]
+    assert revision >= last
+
+
+def test_delete_says_whether_the_key_was_there(h: Harness) -> None:
+    key = h.prefix + b"gone"
+    h.kv.put(key, b"v")
+    assert h.kv.delete(key) is True
+    assert h.kv.get(key) is None
+    assert h.kv.delete(key) is False
+
+
+def test_create_claims_an_absent_key_once(h: Harness) -> None:
+    key = h.prefix + b"claim"
+    assert h.kv.create(key, b"first") is True
+    assert h.kv.create(key, b"second") is False
+    item = h.kv.get(key)
+    assert item is not None
+    assert item.value == b"first"
+
+
+def test_of_racing_creates_exactly_one_claims(h: Harness) -> None:
+    key = h.prefix + b"race"
+    results: list[bool] = []
+    lock = threading.Lock()
+
+    def claim(n: int) -> None:
+        won = h.kv.create(key, b"racer-%d" % n)
+        with lock:
+            results.append(won)
+    threads = [threading.Thread(target=claim, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert sorted(results) == [False] * 7 + [True]
+
+
+def test_a_revoked_lease_takes_its_keys_and_refuses_more(h: Harness) -> None:
+    lease = h.kv.grant(30)
+    key = h.prefix + b"leased"
+    h.kv.put(key, b"v", lease=lease)
+    item = h.kv.get(key)
+    assert item is not None
+    assert item.lease == lease
+    h.kv.revoke(lease)
+    assert h.kv.get(key) is None
+    with pytest.raises(LeaseExpiredError):
+        h.kv.keep_alive(lease)
+    with pytest.raises(LeaseExpiredError):
+        h.kv.put(key, b"again", lease=lease)
+    with pytest.raises(LeaseExpiredError):
+        h.kv.create(h.prefix + b"other", b"v", lease=lease)
+    h.kv.revoke(lease)  # a second revoke is no error
+
+
+def test_a_lease_kept_alive_outlives_its_ttl_and_one_left_alone_expires(h: Harness) -> None:
+    kept, left = h.kv.grant(3), h.kv.grant(3)
+    h.kv.put(h.prefix + b"kept", b"v", lease=kept)
+    h.kv.put(h.prefix + b"left", b"v", lease=left)
+    h.pass_time(2)
+    assert h.kv.keep_alive(kept) == 3
+    h.pass_time(2)  # 4 s since the grant: past the TTL, not past the renewal's
+    assert h.kv.get(h.prefix + b"kept") is not None
+    assert h.until(lambda: h.kv.get(h.prefix + b"left") is None)
+    h.kv.revoke(kept)
+
+
+def test_a_watch_replays_from_its_revision_then_follows(h: Harness) -> None:
+    h.kv.put(h.prefix + b"1", b"before")
+    start = h.kv.put(h.prefix + b"2", b"from here")
+    seen: list[Event] = []
+    watch = h.kv.watch_prefix(h.prefix, start, seen.append)
+    try:
+        h.kv.put(h.prefix[:-1] + b"x/elsewhere", b"not watched")
+        h.kv.put(h.prefix + b"3", b"after")
+        deleted = h.kv.put(h.prefix + b"2", b"changed") and h.kv.delete(h.prefix + b"2")
+        assert deleted
+        assert h.until(lambda: len(seen) >= 4)
+        assert [(e.kind, e.key, e.value) for e in seen] == [
+            (EventKind.PUT, h.prefix + b"2", b"from here"),
+            (EventKind.PUT, h.prefix + b"3", b"after"),
+            (EventKind.PUT, h.prefix + b"2", b"changed"),
+            (EventKind.DELETE, h.prefix + b"2", b""),
+        ]
+        revisions = [e.mod_revision for e in seen]
+        assert revisions == sorted(set(revisions))
+        assert revisions[0] == start
+    finally:
+        watch.cancel()
+    h.kv.put(h.prefix + b"4", b"after the cancel")
+    h.pass_time(0.3)
+    assert len(seen) == 4
+
+
+def test_another_groups_prefix_is_refused(h: Harness) -> None:
+    key = h.other + b"k"
+    with pytest.raises(StorePermissionError):
+        h.kv.get(key)
+    with pytest.raises(StorePermissionError):
+        h.kv.put(key, b"v")
+    with pytest.raises(StorePermissionError):
+        h.kv.create(key, b"v")
+    with pytest.raises(StorePermissionError):
+        h.kv.get_prefix(h.other)
+    with pytest.raises(StorePermissionError):
+        h.kv.watch_prefix(h.other, 1, lambda e: None)
+
+
+def test_a_store_out_of_reach_raises_unavailable_for_every_call(h: Harness) -> None:
+    dead = h.broken()
+    key = h.prefix + b"k"
+    calls: list[Callable[[], object]] = [
+        lambda: dead.get(key), lambda: dead.get_prefix(h.prefix),
+        lambda: dead.put(key, b"v"), lambda: dead.delete(key),
+        lambda: dead.create(key, b"v"), lambda: dead.grant(5),
+        lambda: dead.keep_alive(1), lambda: dead.revoke(1),
+        lambda: dead.watch_prefix(h.prefix, 1, lambda e: None)]
+    for call in calls:
+        with pytest.raises(StoreUnavailableError):
+            call()
