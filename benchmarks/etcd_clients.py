@@ -153,7 +153,8 @@ def ops_etcd3gw(port: int, tls: Path | None) -> Ops:
     if tls:
         kw = {"protocol": "https", "ca_cert": str(tls / "ca.crt"),
               "cert_cert": str(tls / "member-a.crt"), "cert_key": str(tls / "member-a.key")}
-    c = lib.client(host="127.0.0.1", port=port, timeout=5, **kw)
+    c = lib.client(host="127.0.0.1", port=port, timeout=5, api_path="/v3/", **kw)
+    c.session.trust_env = False  # our CA, not the environment's REQUESTS_CA_BUNDLE
     o = Ops()
     o.put = lambda k, v: c.put(k, v)
     o.get = lambda k: (c.get(k) or [None])[0]
@@ -315,7 +316,8 @@ def cn_auth(name: str, root: Path) -> str:
         except NotImplementedError as e:
             return f"no: {e}"
         except Exception as e:  # the library's own error type
-            return f"no: {type(e).__name__}: {str(e)[:120]}"
+            detail = getattr(e, "detail_text", None) or str(e)
+            return f"no: {type(e).__name__}: {detail.strip()[:120]}"
         return "yes" if value == b"yes" else f"no: read {value!r}"
 
 
