@@ -15,6 +15,8 @@ Invariants:
   cluster without quorum fails a call within len(endpoints) * timeout.
 - A watch runs in its own thread, reconnects to the next endpoint from the
   revision after the last one delivered, and never delivers an event twice.
+  If its callback raises, the watch ends (WatchCallbackError, to
+  threading.excepthook) rather than go on past an event it failed on.
 """
 
 from __future__ import annotations
@@ -74,6 +76,11 @@ class _UnreachableError(Exception):
 
 class _ExpiredTokenError(Exception):
     """The auth token is no longer valid: authenticate again."""
+
+
+class WatchCallbackError(Exception):
+    """The watch's callback raised: the watch has ended (the callback's
+    exception is the cause; it reaches threading.excepthook)."""
 
 
 def _b64(raw: bytes) -> str:
@@ -350,7 +357,12 @@ class EtcdWatch:
                         continue  # seen before a reconnection
                     self._next = event.mod_revision + 1
                     delivered = True
-                    self._callback(event)
+                    try:
+                        self._callback(event)
+                    except Exception as e:  # end the watch, loudly: never skip an event
+                        self._stop.set()
+                        raise WatchCallbackError(f"the watch on {self._prefix!r} ended: its "
+                                                 "callback raised") from e
             return delivered
         finally:
             response.close()

@@ -1,0 +1,194 @@
+"""EtcdStore's own logic without an etcd: the prefix range, how etcd's error
+answers map to our errors, failover between endpoints, a fresh token when
+etcd says the old one expired, and a create retried after an endpoint failed
+(the contract and the cluster tests run it against a real etcd)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from etcd3gw import exceptions as gw
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spa.group import etcd
+from spa.group.etcd import EtcdAccess, EtcdStore
+from spa.group.kv import (
+    LeaseExpiredError,
+    StoreError,
+    StorePermissionError,
+    StoreUnavailableError,
+)
+
+PASSWORD = "s3cret-password-value"
+
+
+@given(st.binary(min_size=1, max_size=6), st.binary(max_size=8))
+def test_the_prefix_range_holds_exactly_the_keys_under_the_prefix(prefix: bytes,
+                                                                  key: bytes) -> None:
+    end = etcd._prefix_end(prefix)
+    inside = prefix <= key and (end == b"\0" or key < end)
+    assert inside == key.startswith(prefix)
+
+
+def _answer(code: int, message: str, status: type[gw.Etcd3Exception] = gw.Etcd3Exception
+            ) -> gw.Etcd3Exception:
+    return status(json.dumps({"error": message, "message": message, "code": code}))
+
+
+@pytest.mark.parametrize(("error", "expected"), [
+    (_answer(7, "etcdserver: permission denied"), StorePermissionError),
+    (_answer(5, "etcdserver: requested lease not found"), LeaseExpiredError),
+    (_answer(14, "etcdserver: request timed out"), etcd._UnreachableError),
+    (_answer(4, "context deadline exceeded"), etcd._UnreachableError),
+    (_answer(2, "etcdserver: no leader"), etcd._UnreachableError),
+    (_answer(16, "etcdserver: invalid auth token"), etcd._ExpiredTokenError),
+    (gw.ConnectionFailedError("refused"), etcd._UnreachableError),
+    (gw.ConnectionTimeoutError("read timed out"), etcd._UnreachableError),
+    (gw.Etcd3Exception("CommonName of client sending a request against gateway will be "
+                       "ignored and not used as expected\n"), StoreError),
+    (_answer(3, "etcdserver: key is not provided"), StoreError),
+])
+def test_etcds_answers_map_to_our_errors(error: gw.Etcd3Exception, expected: type) -> None:
+    mapped = etcd._refusal(error, "read a key")
+    assert type(mapped) is expected
+
+
+class Stub:
+    """An Etcd3Client stand-in: each post() pops the next scripted answer
+    (a dict, or an exception to raise)."""
+
+    def __init__(self, *answers: dict[str, Any] | Exception) -> None:
+        self.answers = list(answers)
+        self.paths: list[str] = []
+        self.session = type("S", (), {"headers": {}})()
+
+    def get_url(self, path: str) -> str:
+        return path
+
+    def post(self, url: str, json: Any = None) -> Any:
+        self.paths.append(url)
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def _store(*stubs: Stub, user: str | None = None) -> EtcdStore:
+    access = EtcdAccess(tuple(f"https://10.0.0.{i}:2379" for i in range(1, len(stubs) + 1)),
+                        Path("ca.crt"), Path("m.crt"), Path("m.key"), user=user,
+                        password=PASSWORD if user else None)
+    store = EtcdStore(access)
+    store._clients = list(stubs)  # type: ignore[arg-type]
+    return store
+
+
+HEADER = {"header": {"revision": "9"}}
+
+
+def test_a_call_fails_over_to_the_next_endpoint_and_stays_there() -> None:
+    first = Stub(gw.ConnectionFailedError("refused"))
+    second = Stub({**HEADER}, {**HEADER})
+    store = _store(first, second)
+    assert store.put(b"k", b"v") == 9
+    assert store.put(b"k", b"v") == 9
+    assert first.paths == ["/kv/put"]  # tried once, then left
+    assert second.paths == ["/kv/put", "/kv/put"]
+
+
+def test_when_no_endpoint_answers_the_call_raises_unavailable() -> None:
+    store = _store(Stub(gw.ConnectionFailedError("refused")),
+                   Stub(_answer(14, "etcdserver: request timed out")))
+    with pytest.raises(StoreUnavailableError, match="no endpoint answered"):
+        store.get(b"k")
+
+
+def test_an_expired_token_is_renewed_once_and_the_call_repeated() -> None:
+    stub = Stub({"token": "t1"}, _answer(16, "etcdserver: invalid auth token"),
+                {"token": "t2"}, {**HEADER, "kvs": []})
+    store = _store(stub, user="a-1")
+    assert store.get(b"k") is None
+    assert stub.paths == ["/auth/authenticate", "/kv/range", "/auth/authenticate", "/kv/range"]
+    assert stub.session.headers["Authorization"] == "t2"
+
+
+def test_a_refused_login_names_the_user_never_the_password() -> None:
+    store = _store(Stub(_answer(3, "etcdserver: authentication failed, invalid user ID "
+                                   "or password")), user="a-1")
+    with pytest.raises(StoreError) as caught:
+        store.get(b"k")
+    assert "a-1" in str(caught.value)
+    assert PASSWORD not in str(caught.value)
+    assert PASSWORD not in repr(store._access)
+
+
+def _txn(succeeded: bool, value: bytes | None = None) -> dict[str, Any]:
+    kvs = [] if value is None else [{"key": base64.b64encode(b"k").decode(),
+                                     "value": base64.b64encode(value).decode(),
+                                     "mod_revision": "5"}]
+    return {**HEADER, "succeeded": succeeded,
+            "responses": [] if succeeded else [{"response_range": {"kvs": kvs}}]}
+
+
+@pytest.mark.parametrize(("second", "claimed"), [
+    (_txn(True), True),  # the first attempt never landed
+    (_txn(False, b"mine"), True),  # it landed before the endpoint failed: ours
+    (_txn(False, b"theirs"), False),  # someone else's
+])
+def test_a_create_retried_after_a_failed_endpoint(second: dict[str, Any],
+                                                  claimed: bool) -> None:
+    store = _store(Stub(gw.ConnectionTimeoutError("read timed out")), Stub(second))
+    assert store.create(b"k", b"mine") is claimed
+
+
+def test_a_first_create_that_finds_the_key_taken_is_not_a_claim_even_with_our_value(
+        ) -> None:
+    store = _store(Stub(_txn(False, b"mine")))
+    assert store.create(b"k", b"mine") is False
+
+
+def test_a_watch_whose_callback_raises_ends_instead_of_skipping(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    events = [{"result": {"created": True}},
+              {"result": {"events": [
+                  {"kv": {"key": base64.b64encode(b"/p/1").decode(),
+                          "value": base64.b64encode(b"x").decode(), "mod_revision": "3"}},
+                  {"kv": {"key": base64.b64encode(b"/p/2").decode(),
+                          "value": base64.b64encode(b"y").decode(), "mod_revision": "4"}}]}}]
+
+    class Response:
+        status_code = 200
+
+        def iter_lines(self) -> list[bytes]:
+            return [json.dumps(e).encode() for e in events]
+
+        def close(self) -> None:
+            pass
+
+    class StreamStub(Stub):
+        session: Any
+
+    stub = StreamStub({**HEADER})  # the permission probe
+    stub.session = type("S", (), {"headers": {},
+                                  "post": lambda *a, **k: Response()})()
+    store = _store(stub)
+    seen: list[bytes] = []
+    failures: list[BaseException] = []
+
+    def callback(event: Any) -> None:
+        seen.append(event.key)
+        raise RuntimeError("the group's handler failed")
+
+    def hook(args: Any) -> None:
+        failures.append(args.exc_value)
+    monkeypatch.setattr(threading, "excepthook", hook)
+    watch = store.watch_prefix(b"/p/", 1, callback)
+    watch._thread.join(timeout=10)
+    assert seen == [b"/p/1"]  # the second event is not delivered past the failure
+    assert len(failures) == 1
+    assert isinstance(failures[0], etcd.WatchCallbackError)
