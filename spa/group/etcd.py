@@ -15,8 +15,8 @@ Invariants:
   cluster without quorum fails a call within len(endpoints) * timeout.
 - A watch runs in its own thread, reconnects to the next endpoint from the
   revision after the last one delivered, and never delivers an event twice.
-  If its callback raises, the watch ends (WatchCallbackError, to
-  threading.excepthook) rather than go on past an event it failed on.
+  If its callback raises, or etcd has compacted the revision it needs, the
+  watch ends (ended() says why) rather than go on past an event.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from spa.group.kv import (
     StoreError,
     StorePermissionError,
     StoreUnavailableError,
+    WatchLostError,
 )
 
 T = TypeVar("T")
@@ -78,9 +79,8 @@ class _ExpiredTokenError(Exception):
     """The auth token is no longer valid: authenticate again."""
 
 
-class WatchCallbackError(Exception):
-    """The watch's callback raised: the watch has ended (the callback's
-    exception is the cause; it reaches threading.excepthook)."""
+class _WatchEndedError(Exception):
+    """The watch cannot go on (its `lost` says why)."""
 
 
 def _b64(raw: bytes) -> str:
@@ -305,6 +305,7 @@ class EtcdWatch:
         self._callback = callback
         self._stop = threading.Event()
         self._response: requests.Response | None = None
+        self.lost: WatchLostError | None = None
         self._thread = threading.Thread(target=self._run, name="etcd-watch", daemon=True)
         self._thread.start()
 
@@ -316,6 +317,9 @@ class EtcdWatch:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=10)
 
+    def ended(self) -> WatchLostError | None:
+        return self.lost
+
     def _run(self) -> None:
         pause = _RECONNECT_PAUSE
         while not self._stop.is_set():
@@ -325,6 +329,9 @@ class EtcdWatch:
                     pause = _RECONNECT_PAUSE  # it delivered: the endpoint was fine
                 else:
                     self._store._skip(index)
+            except _WatchEndedError:
+                self._stop.set()
+                return
             except (_UnreachableError, StoreError, requests.RequestException, ValueError, OSError):
                 pass
             self._stop.wait(pause)
@@ -349,8 +356,12 @@ class EtcdWatch:
                 if not line.strip():
                     continue
                 result = json.loads(line).get("result", {})
-                if result.get("canceled") or int(result.get("compact_revision", 0)):
-                    return delivered  # etcd ended it (compacted past us: restart later)
+                compacted = int(result.get("compact_revision", 0))
+                if compacted:
+                    self._end(f"revision {self._next} has been compacted (the oldest kept is "
+                              f"{compacted})")
+                if result.get("canceled"):
+                    return delivered  # etcd ended it otherwise: connect again
                 for raw in result.get("events", []):
                     event = _event(raw)
                     if event.mod_revision < self._next:
@@ -359,14 +370,18 @@ class EtcdWatch:
                     delivered = True
                     try:
                         self._callback(event)
-                    except Exception as e:  # end the watch, loudly: never skip an event
-                        self._stop.set()
-                        raise WatchCallbackError(f"the watch on {self._prefix!r} ended: its "
-                                                 "callback raised") from e
+                    except Exception as e:  # end the watch: never skip an event
+                        self._end(f"the watch on {self._prefix!r} ended: its callback raised "
+                                  f"{type(e).__name__}")
             return delivered
         finally:
             response.close()
             self._response = None
+
+
+    def _end(self, why: str) -> None:
+        self.lost = WatchLostError(why)
+        raise _WatchEndedError(why)
 
 
 def _event(raw: dict[str, Any]) -> Event:

@@ -11,7 +11,9 @@ Invariants:
   means the store answered no (etcd's RBAC: a member reads only its group's
   prefix).  Messages never contain a credential.
 - A watch delivers each change under its prefix once, in revision order, from
-  the revision it was started at, across reconnections, until cancelled.
+  the revision it was started at, across reconnections, until cancelled; or
+  it ends by itself (ended() says why: WatchLostError) when that revision has
+  been compacted away or its callback raised, never skipping an event.
 
 Implementations: memory.MemoryStore (the fake, a clock argument for lease
 TTLs) and etcd.EtcdStore (etcd's JSON gateway through etcd3gw).  One contract
@@ -40,6 +42,11 @@ class StorePermissionError(StoreError):
 
 class LeaseExpiredError(StoreError):
     """The lease is gone (expired or revoked); keys attached to it are too."""
+
+
+class WatchLostError(StoreError):
+    """A watch ended by itself: the revision it needed was compacted away,
+    or its callback raised.  Read the prefix again and watch anew."""
 
 
 class EventKind(enum.Enum):
@@ -71,6 +78,10 @@ class Event:
 class Watch(Protocol):
     def cancel(self) -> None:
         """Stop delivering; returns once no callback runs any more."""
+
+    def ended(self) -> WatchLostError | None:
+        """Why the watch stopped by itself; None while it runs (or once
+        cancelled)."""
 
 
 class KV(Protocol):

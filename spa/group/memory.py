@@ -24,6 +24,7 @@ from spa.group.kv import (
     LeaseExpiredError,
     StorePermissionError,
     StoreUnavailableError,
+    WatchLostError,
 )
 
 
@@ -34,16 +35,30 @@ class _Lease:
     keys: set[bytes] = field(default_factory=set)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Watch:
     store: MemoryStore
     prefix: bytes
     callback: Callable[[Event], None]
+    lost: WatchLostError | None = None
 
     def cancel(self) -> None:
         with self.store._lock:
             if self in self.store._watches:
                 self.store._watches.remove(self)
+
+    def ended(self) -> WatchLostError | None:
+        return self.lost
+
+    def _give(self, event: Event) -> None:
+        if self.lost is not None:
+            return
+        try:
+            self.callback(event)
+        except Exception as e:
+            self.cancel()
+            self.lost = WatchLostError(f"the watch on {self.prefix!r} ended: its callback "
+                                       f"raised {type(e).__name__}")
 
 
 class MemoryStore:
@@ -58,6 +73,7 @@ class MemoryStore:
         self._history: list[Event] = []
         self._watches: list[_Watch] = []
         self._delivered = 0  # events of _history already handed to watches
+        self._compacted = 0  # revisions below this one are gone from _history
         self.revision = 1
         self.unreachable = False
 
@@ -130,14 +146,24 @@ class MemoryStore:
         with self._lock:
             self._check()
             watch = _Watch(self, prefix, callback)
+            if start_revision < self._compacted:
+                watch.lost = WatchLostError(f"revision {start_revision} has been compacted "
+                                            f"(the oldest kept is {self._compacted})")
+                return watch
             past = [e for e in self._history
                     if e.mod_revision >= start_revision and e.key.startswith(prefix)]
             self._watches.append(watch)
         for event in past:
-            callback(event)
+            watch._give(event)
         return watch
 
     # -- for tests ---------------------------------------------------------
+
+    def compact(self, revision: int) -> None:
+        """Forget the history below revision, as etcd's compaction (by the
+        admin or its auto-compaction) does."""
+        with self._lock:
+            self._compacted = max(self._compacted, revision)
 
     def restricted(self, prefix: bytes) -> RestrictedView:
         """A view that may touch keys under prefix only, as an etcd user
@@ -186,7 +212,7 @@ class MemoryStore:
     @staticmethod
     def _deliver(events: list[tuple[_Watch, Event]]) -> None:
         for watch, event in events:
-            watch.callback(event)
+            watch._give(event)
 
 
 class RestrictedView:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from spa.group.kv import (
     StoreError,
     StorePermissionError,
     StoreUnavailableError,
+    WatchLostError,
 )
 
 PASSWORD = "s3cret-password-value"
@@ -152,8 +152,7 @@ def test_a_first_create_that_finds_the_key_taken_is_not_a_claim_even_with_our_va
     assert store.create(b"k", b"mine") is False
 
 
-def test_a_watch_whose_callback_raises_ends_instead_of_skipping(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_watch_whose_callback_raises_ends_instead_of_skipping() -> None:
     events = [{"result": {"created": True}},
               {"result": {"events": [
                   {"kv": {"key": base64.b64encode(b"/p/1").decode(),
@@ -178,17 +177,15 @@ def test_a_watch_whose_callback_raises_ends_instead_of_skipping(
                                   "post": lambda *a, **k: Response()})()
     store = _store(stub)
     seen: list[bytes] = []
-    failures: list[BaseException] = []
 
     def callback(event: Any) -> None:
         seen.append(event.key)
         raise RuntimeError("the group's handler failed")
 
-    def hook(args: Any) -> None:
-        failures.append(args.exc_value)
-    monkeypatch.setattr(threading, "excepthook", hook)
     watch = store.watch_prefix(b"/p/", 1, callback)
     watch._thread.join(timeout=10)
+    assert not watch._thread.is_alive()
     assert seen == [b"/p/1"]  # the second event is not delivered past the failure
-    assert len(failures) == 1
-    assert isinstance(failures[0], etcd.WatchCallbackError)
+    lost = watch.ended()
+    assert isinstance(lost, WatchLostError)
+    assert "RuntimeError" in str(lost)

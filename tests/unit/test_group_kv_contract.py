@@ -20,6 +20,7 @@ from spa.group.kv import (
     LeaseExpiredError,
     StorePermissionError,
     StoreUnavailableError,
+    WatchLostError,
 )
 from spa.group.memory import MemoryStore
 from tests.etcd_world import EtcdCluster
@@ -40,6 +41,7 @@ class Harness:
     other: bytes  # under group b's prefix: not this member's
     broken: Callable[[], KV]  # a store that cannot reach quorum
     pass_time: Callable[[float], None]
+    compact: Callable[[int], None]  # forget the history below a revision
     real: bool
 
     def until(self, check: Callable[[], bool], seconds: float = 10) -> bool:
@@ -65,7 +67,7 @@ def _fake() -> Harness:
         dead.unreachable = True
         return dead
     return Harness(store.restricted(b"/spa/groups/a/"), _fresh(b"a"), _fresh(b"b"), broken,
-                   advance, real=False)
+                   advance, store.compact, real=False)
 
 
 def _real(cluster: EtcdCluster) -> Harness:
@@ -74,8 +76,10 @@ def _real(cluster: EtcdCluster) -> Harness:
         nowhere = tuple(e.replace(":2379", ":2399") for e in access.endpoints)
         return EtcdStore(EtcdAccess(nowhere, access.ca_file, access.cert_file,
                                     access.key_file, access.user, access.password, 1.0))
+    def compact(revision: int) -> None:  # root's work: members may not compact
+        cluster.ctl("compaction", str(revision))
     return Harness(cluster.store("a"), _fresh(b"a"), _fresh(b"b"), broken, time.sleep,
-                   real=True)
+                   compact, real=True)
 
 
 def _fresh(group: bytes) -> bytes:
@@ -197,11 +201,47 @@ def test_a_watch_replays_from_its_revision_then_follows(h: Harness) -> None:
         revisions = [e.mod_revision for e in seen]
         assert revisions == sorted(set(revisions))
         assert revisions[0] == start
+        assert watch.ended() is None
     finally:
         watch.cancel()
     h.kv.put(h.prefix + b"4", b"after the cancel")
     h.pass_time(0.3)
     assert len(seen) == 4
+
+
+def test_a_watch_from_a_compacted_revision_ends_and_says_why(h: Harness) -> None:
+    old = h.kv.put(h.prefix + b"k", b"1")
+    h.kv.put(h.prefix + b"k", b"2")
+    now = h.kv.put(h.prefix + b"k", b"3")
+    h.compact(now)
+    seen: list[Event] = []
+    watch = h.kv.watch_prefix(h.prefix, old, seen.append)
+    try:
+        assert h.until(lambda: watch.ended() is not None)
+        assert isinstance(watch.ended(), WatchLostError)
+        assert "compacted" in str(watch.ended())
+        assert seen == []
+    finally:
+        watch.cancel()
+
+
+def test_a_watch_whose_callback_raises_ends_after_that_event(h: Harness) -> None:
+    start = h.kv.put(h.prefix + b"1", b"v")
+    h.kv.put(h.prefix + b"2", b"v")
+    seen: list[bytes] = []
+
+    def callback(event: Event) -> None:
+        seen.append(event.key)
+        raise ValueError("the group's handler failed")
+    watch = h.kv.watch_prefix(h.prefix, start, callback)
+    try:
+        assert h.until(lambda: watch.ended() is not None)
+        h.kv.put(h.prefix + b"3", b"v")
+        h.pass_time(0.3)
+        assert seen == [h.prefix + b"1"]
+        assert "ValueError" in str(watch.ended())
+    finally:
+        watch.cancel()
 
 
 def test_another_groups_prefix_is_refused(h: Harness) -> None:
