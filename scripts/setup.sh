@@ -42,7 +42,9 @@ TEST_PACKAGES=(
     fwknop-client                      # the real fwknop client knocks the compat listener
     fwknop-server                      # import-fwknop reads the access.conf Debian ships
     pipx                               # the client alone, installed as a user would
-    etcd-server etcd-client            # a real etcd cluster for the group tests (etcdctl: RBAC)
+    etcd-server etcd-client            # a real etcd cluster for the group tests (etcdctl: RBAC);
+                                       # where systemd runs, Debian also starts its own etcd on
+                                       # 127.0.0.1:2379: the tests use none of it (namespaces)
 )
 APT_PACKAGES=("${DEMO_PACKAGES[@]}")
 EXTRAS=server

@@ -254,7 +254,7 @@ def _wire(topo: Topology, client: Namespace, members: list[Member]) -> None:
     client.run("ip", "addr", "add", f"{CLIENT_IP}/24", "dev", bridge)
     client.run("ip", "link", "set", bridge, "up")
     for i, m in enumerate(members, 1):
-        inner, outer = f"v{topo.tag}m{i}"[:15], f"v{topo.tag}b{i}"[:15]
+        inner, outer = f"v{topo.tag}m{i}"[:15], f"v{topo.tag}k{i}"[:15]  # not link()'s a/b
         sh("ip", "link", "add", inner, "type", "veth", "peer", "name", outer)
         sh("ip", "link", "set", inner, "netns", m.ns.name)
         sh("ip", "link", "set", outer, "netns", client.name)
