@@ -26,7 +26,7 @@ import contextlib
 import json
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 import etcd3gw
 import requests
 from etcd3gw import exceptions as gw_errors
+from requests.adapters import HTTPAdapter
 
 from spa.group.kv import (
     Event,
@@ -81,6 +82,24 @@ class _ExpiredTokenError(Exception):
 
 class _WatchEndedError(Exception):
     """The watch cannot go on (its `lost` says why)."""
+
+
+class _Deadline(HTTPAdapter):
+    """Every request on the session gets a deadline, also where the library
+    passes none (etcd3gw 2.0.0, Debian 12's, calls without a timeout)."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__()
+        self._timeout = timeout
+
+    def send(self, request: requests.PreparedRequest, stream: bool = False,
+             timeout: float | tuple[float, float] | tuple[float, None] | None = None,
+             verify: bool | str = True,
+             cert: bytes | str | tuple[bytes | str, bytes | str] | None = None,
+             proxies: Mapping[str, str] | None = None) -> requests.Response:
+        return super().send(request, stream=stream,
+                            timeout=self._timeout if timeout is None else timeout,
+                            verify=verify, cert=cert, proxies=proxies)
 
 
 def _b64(raw: bytes) -> str:
@@ -138,11 +157,13 @@ class EtcdStore:
         host, _, port = rest.rstrip("/").rpartition(":")
         session = requests.Session()
         session.trust_env = False  # no proxy nor CA bundle from the environment: ours only
+        session.mount("https://", _Deadline(self._access.timeout))
         session.verify = str(self._access.ca_file)
         session.cert = (str(self._access.cert_file), str(self._access.key_file))
-        return etcd3gw.Etcd3Client(host=host.strip("[]"), port=int(port), protocol=scheme,
-                                   timeout=self._access.timeout, api_path="/v3/",
-                                   session=session)
+        client = etcd3gw.Etcd3Client(host=host.strip("[]"), port=int(port), protocol=scheme,
+                                     timeout=self._access.timeout, api_path="/v3/")
+        client.session = session  # set after: Debian 12's etcd3gw 2.0.0 takes no session=
+        return client
 
     # -- calls with failover -------------------------------------------------
 
