@@ -69,7 +69,11 @@ def _b64(raw: bytes) -> str:
 
 
 def access_of(config: ServerConfig, services: list[str]) -> tuple[str, ...]:
-    return tuple(f"{config.services[s].protocol}/{config.services[s].port}" for s in services)
+    """fwknop's ACCESS for the services: the port of this host each is knocked
+    for (a gateway service's published port, else its port), as the compat
+    listener maps a knock."""
+    return tuple(f"{config.services[s].protocol}/{config.services[s].client_port}"
+                 for s in services)
 
 
 def enroll(path: Path, name: str, services: list[str], endpoint: str, *,
