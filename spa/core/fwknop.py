@@ -77,7 +77,8 @@ _B64_TEXT = re.compile(rb"[A-Za-z0-9+/]+\Z")
 _ACCESS = re.compile(r"([0-9]{1,3}(?:\.[0-9]{1,3}){3}),(.+)\Z")
 _PORT_SPEC = re.compile(r"([a-z]{1,4})/([0-9]{1,5})\Z")
 _VERSION = re.compile(r"[0-9A-Za-z.]{1,8}\Z")
-_NAT = re.compile(r"([A-Za-z0-9._-]{1,70}),([0-9]{1,5})\Z")  # HOST,PORT (an address or a name)
+# HOST,PORT: an address or a name (fwknop's hostname characters), then a port
+_NAT = re.compile(rf"([A-Za-z0-9._-]{{1,{MAX_NAT_HOST}}}),([0-9]{{1,5}})\Z")
 UNSPECIFIED = ipaddress.IPv4Address("0.0.0.0")  # noqa: S104 (fwknop's "use my source")
 
 
@@ -228,8 +229,9 @@ def is_fwknop_plaintext(signed: bytes, key: bytes, *, legacy: bool = False) -> b
 
 def decode(plain: bytes) -> SpaData:
     """Parse and check a plaintext.  Raises PacketError: MALFORMED,
-    WEAK_DIGEST (an MD5 or SHA-1 digest), or COMMAND_MESSAGE / NAT_MESSAGE for
-    a well-formed message of those types (local NAT is a NAT message)."""
+    WEAK_DIGEST (an MD5 or SHA-1 digest), COMMAND_MESSAGE for a command,
+    NAT_MESSAGE for local NAT (types 5, 6).  A NAT access message decodes
+    with its destination (`nat`); the verifier decides whether it is served."""
     if not plain.isascii() or not all(32 <= c < 127 for c in plain):
         raise PacketError(Reason.MALFORMED, "not printable")
     text = plain.decode("ascii")
