@@ -46,11 +46,12 @@ def compat(**kwargs: Any) -> CompatVerifier:
 
 def packet(keys: FwknopKeys = KEYS, *, now: int = NOW, ports: tuple[tuple[str, int], ...] = (
         ("tcp", 22),), allow: str = "0.0.0.0", kind: Message = Message.ACCESS,
-           timeout: int = 0, hmac_name: str | None = "sha256", digest: str = "sha256") -> bytes:
+           timeout: int = 0, hmac_name: str | None = "sha256", digest: str = "sha256",
+           nat: tuple[str, int] | None = None) -> bytes:
     """A packet as fwknop's client makes it, with a fresh deterministic salt."""
     salt = next(_SALTS).to_bytes(8, "big")
     data = SpaData(f"{next(_SALTS):016d}", "tester", now, "3.0.0", kind,
-                   ipaddress.IPv4Address(allow), ports, timeout)
+                   ipaddress.IPv4Address(allow), ports, timeout, nat)
     return seal(plaintext(data, digest=digest), keys, salt=salt, hmac_name=hmac_name)
 
 

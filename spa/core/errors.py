@@ -49,7 +49,7 @@ class Reason(enum.Enum):
     WEAK_DIGEST = "weak_digest"  # fwknop -m md5 / sha1: the inner digest MD5 or SHA-1
     LEGACY_IV = "legacy_iv"  # fwknop's legacy IV mode (a short key padded with '0's)
     COMMAND_MESSAGE = "command_message"  # remote execution: never
-    NAT_MESSAGE = "nat_message"  # fwknop's NAT access (no gateway mode)
+    NAT_MESSAGE = "nat_message"  # fwknop NAT access naming no gateway service exactly; local NAT
 
     def __str__(self) -> str:
         return self.value

@@ -15,6 +15,12 @@ lib/fko_hmac.c, lib/fko_decode.c, lib/fko_message.c, server/incoming_spa.c):
   [:nat_b64][:server_auth_b64][:client_timeout]:digest_b64", the digest a hash
   of everything before it.  fwknopd takes 400 base64 characters or more (HMAC
   removed) for GnuPG.
+- A NAT access message (types 2 and 4, `fwknop -N HOST:PORT`) carries
+  "HOST,PORT" (lib/fko_message.c validate_nat_access_msg: one comma, HOST at
+  most 70 characters, a port after it); its access message's first
+  proto/port is the port fwknopd DNATs on its own host to HOST:PORT
+  (server/fw_util_iptables.c process_spa_request).  Local NAT (types 5 and 6,
+  `--nat-local`) redirects a port of fwknopd's own host: never served here.
 
 Invariants (docs/protocol.md, "fwknop compatibility"; docs/threat-model.md,
 "fwknop clients"):
@@ -61,6 +67,8 @@ MAX_USER_B64 = 64  # MAX_SPA_USERNAME_SIZE
 MAX_TIMESTAMP_DIGITS = 12  # MAX_SPA_TIMESTAMP_SIZE
 MAX_VERSION = 8  # MAX_SPA_VERSION_SIZE
 MAX_TIMEOUT = 2 << 15  # fwknop's bound on a client timeout (65536 seconds)
+MAX_NAT_B64 = 128  # fwknop's MAX_SPA_NAT_ACCESS_SIZE
+MAX_NAT_HOST = 70  # fwknop's MAX_HOSTNAME_LEN
 # digest lengths (base64) -> the hashes fwknop may have used (SHA3 shares lengths);
 # MD5 and SHA-1 (-m md5, -m sha1) are refused WEAK_DIGEST
 _DIGESTS = {43: ("sha256", "sha3_256"), 64: ("sha384",), 86: ("sha512", "sha3_512")}
@@ -69,6 +77,8 @@ _B64_TEXT = re.compile(rb"[A-Za-z0-9+/]+\Z")
 _ACCESS = re.compile(r"([0-9]{1,3}(?:\.[0-9]{1,3}){3}),(.+)\Z")
 _PORT_SPEC = re.compile(r"([a-z]{1,4})/([0-9]{1,5})\Z")
 _VERSION = re.compile(r"[0-9A-Za-z.]{1,8}\Z")
+# HOST,PORT: an address or a name (fwknop's hostname characters), then a port
+_NAT = re.compile(rf"([A-Za-z0-9._-]{{1,{MAX_NAT_HOST}}}),([0-9]{{1,5}})\Z")
 UNSPECIFIED = ipaddress.IPv4Address("0.0.0.0")  # noqa: S104 (fwknop's "use my source")
 
 
@@ -84,7 +94,10 @@ class Message(enum.IntEnum):
     CLIENT_TIMEOUT_LOCAL_NAT_ACCESS = 6
 
 
-ACCEPTED_TYPES = frozenset({Message.ACCESS, Message.CLIENT_TIMEOUT_ACCESS})
+# NAT access is decoded, then served only for a gateway service (spa.core.fwknop_verify)
+ACCEPTED_TYPES = frozenset({Message.ACCESS, Message.CLIENT_TIMEOUT_ACCESS, Message.NAT_ACCESS,
+                            Message.CLIENT_TIMEOUT_NAT_ACCESS})
+NAT_TYPES = frozenset({Message.NAT_ACCESS, Message.CLIENT_TIMEOUT_NAT_ACCESS})
 _TIMEOUT_TYPES = frozenset({Message.CLIENT_TIMEOUT_ACCESS, Message.CLIENT_TIMEOUT_NAT_ACCESS,
                             Message.CLIENT_TIMEOUT_LOCAL_NAT_ACCESS})
 
@@ -115,6 +128,9 @@ class SpaData:
     allow_ip: ipaddress.IPv4Address  # 0.0.0.0: the packet's source
     ports: tuple[tuple[str, int], ...]  # (protocol, port) asked for
     client_timeout: int = 0  # seconds (types 3, 4, 6); 0: the service's default
+    # NAT access (types 2, 4): the destination as sent, (HOST, PORT); HOST is
+    # text (fwknop allows a name), never resolved here
+    nat: tuple[str, int] | None = None
 
 
 def b64(raw: bytes) -> bytes:
@@ -213,8 +229,9 @@ def is_fwknop_plaintext(signed: bytes, key: bytes, *, legacy: bool = False) -> b
 
 def decode(plain: bytes) -> SpaData:
     """Parse and check a plaintext.  Raises PacketError: MALFORMED,
-    WEAK_DIGEST (an MD5 or SHA-1 digest), or COMMAND_MESSAGE / NAT_MESSAGE for
-    a well-formed message of those types."""
+    WEAK_DIGEST (an MD5 or SHA-1 digest), COMMAND_MESSAGE for a command,
+    NAT_MESSAGE for local NAT (types 5, 6).  A NAT access message decodes
+    with its destination (`nat`); the verifier decides whether it is served."""
     if not plain.isascii() or not all(32 <= c < 127 for c in plain):
         raise PacketError(Reason.MALFORMED, "not printable")
     text = plain.decode("ascii")
@@ -238,6 +255,11 @@ def decode(plain: bytes) -> SpaData:
     if message_type not in ACCEPTED_TYPES:
         raise PacketError(Reason.NAT_MESSAGE)
     rest = fields[6:]
+    nat = None
+    if message_type in NAT_TYPES:
+        if not rest:
+            raise PacketError(Reason.MALFORMED, "NAT access")
+        nat = _nat(rest.pop(0))
     timeout = 0
     if message_type in _TIMEOUT_TYPES:
         if len(rest) != 1 or not rest[0].isdigit() or len(rest[0]) > 5:
@@ -249,7 +271,15 @@ def decode(plain: bytes) -> SpaData:
         raise PacketError(Reason.MALFORMED, "extra fields")
     allow_ip, ports = _access(fields[5])
     return SpaData(rand, _text(user, MAX_USER_B64, "username"), int(stamp), version,
-                   message_type, allow_ip, ports, timeout)
+                   message_type, allow_ip, ports, timeout, nat)
+
+
+def _nat(field_b64: str) -> tuple[str, int]:
+    """"HOST,PORT" of a NAT access message.  Raises PacketError(MALFORMED)."""
+    found = _NAT.match(_text(field_b64, MAX_NAT_B64, "NAT access"))
+    if found is None or not 1 <= int(found.group(2)) <= 65535:
+        raise PacketError(Reason.MALFORMED, "NAT access")
+    return found.group(1), int(found.group(2))
 
 
 def _check_digest(encoded: str, digest: str) -> None:
@@ -302,6 +332,8 @@ def plaintext(data: SpaData, *, digest: str = "sha256") -> bytes:
     access = ",".join([str(data.allow_ip), *(f"{p}/{n}" for p, n in data.ports)])
     fields = [data.rand, b64(data.username.encode()).decode(), str(data.timestamp),
               data.version, str(int(data.message_type)), b64(access.encode()).decode()]
+    if data.nat is not None:
+        fields.append(b64(f"{data.nat[0]},{data.nat[1]}".encode()).decode())
     if data.message_type in _TIMEOUT_TYPES:
         fields.append(str(data.client_timeout))
     encoded = ":".join(fields).encode("ascii")

@@ -7,9 +7,14 @@ Invariants (docs/protocol.md, "fwknop compatibility"; docs/threat-model.md,
   work budget (`HmacBudget`), then the HMAC-SHA256 under each compat
   client's key in turn (fwknop has no tag: the HMAC names the client), in
   constant time, before any decryption.  Then decryption, the strict parse,
-  the message type (command and NAT messages refused), the time window, the
-  replay cache's record, and policy (each `proto/port` mapped onto the
-  service with that protocol and port).
+  the message type (command and local NAT messages refused), the time window,
+  the replay cache's record, and policy (each `proto/port` mapped onto the
+  client's service reached on that protocol and port of this host).
+- A NAT access message (`fwknop -N HOST:PORT`) opens exactly one gateway
+  service: the one whose literal host and port it names, reached on the
+  port its access message names (the published port, `--nat-port`), and
+  only as policy lets this client open it; anything else is refused
+  `nat_message`.  A destination is never the client's choice, nor resolved.
 - A packet no key authenticates is refused `unknown_sender`; at most
   DIAGNOSES_PER_SECOND of them are looked at again to say why an old client
   fails (`no_hmac`: its first block decrypts to fwknop's random value under a
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 from collections.abc import Hashable, Mapping
 from typing import NamedTuple
 
@@ -149,7 +155,12 @@ class CompatVerifier:
     @policy.setter
     def policy(self, policy: Policy) -> None:
         self._policy = policy
-        self._services = {(s.protocol, s.port): s.name for s in policy.services.values()}
+        # (protocol, the port a client names) -> service, a service of this
+        # host before a gateway's: what a client with no service there meets
+        ports: dict[tuple[str, int], str] = {}
+        for service in sorted(policy.services.values(), key=lambda s: not s.gateway):
+            ports[(service.protocol, service.client_port)] = service.name
+        self._services = ports
 
     @property
     def clients(self) -> list[str]:
@@ -263,18 +274,68 @@ class CompatVerifier:
 
     def _decide(self, client: str, data: SpaData, source: IPAddress
                 ) -> tuple[Decision, ...] | Reason:
-        """Each proto/port onto our service with that protocol and port; all
-        or nothing (as fwknopd: one port refused refuses the packet)."""
+        """Each proto/port onto a service of the client's; all or nothing (as
+        fwknopd: one port refused refuses the packet).  A NAT message onto
+        the one gateway service it names exactly, or refused NAT_MESSAGE."""
         address = None if data.allow_ip == UNSPECIFIED else data.allow_ip
+        if data.nat is not None:
+            found = self._nat_service(client, data)
+            if found is None:
+                return Reason.NAT_MESSAGE
+            names = [found]
+        else:
+            names = []
+            for protocol, port in data.ports:
+                found = self._service(client, protocol, port)
+                if found is None:
+                    return Reason.SERVICE_NOT_ALLOWED
+                names.append(found)
         decisions = []
-        for protocol, port in data.ports:
-            service = self._services.get((protocol, port))
-            if service is None:
-                return Reason.SERVICE_NOT_ALLOWED
-            request = Request(data.timestamp * 1000, Action.OPEN, service,
-                              data.client_timeout, address)
+        for name in names:
+            request = Request(data.timestamp * 1000, Action.OPEN, name, data.client_timeout,
+                              address)
             decision = self._policy.decide(client, request, source)
             if isinstance(decision, Reason):
                 return decision
             decisions.append(decision)
         return tuple(decisions)
+
+    def _service(self, client: str, protocol: str, port: int) -> str | None:
+        """The service `protocol/port` opens for this client: its own service
+        a client reaches on that port (fwknop's -A names a port of this host:
+        a gateway's published port, or without one its port), a service of
+        this host before a gateway's; None when two gateways share it."""
+        rules = self._policy.clients.get(client)
+        if rules is not None:
+            own = [service for name in sorted(rules.services)
+                   if (service := self._policy.services.get(name)) is not None
+                   and service.protocol == protocol and service.client_port == port]
+            local = [service for service in own if not service.gateway]
+            if local or len(own) == 1:
+                return (local or own)[0].name
+            if own:
+                return None
+        return self._services.get((protocol, port))
+
+    def _nat_service(self, client: str, data: SpaData) -> str | None:
+        """The gateway service a NAT message names exactly, or None: its one
+        proto/port is the service's port on this host (`--nat-port`, the
+        published port; without one, its port) and its destination the
+        service's literal host and port.  A name is never resolved; a
+        destination no service names is never opened (fwknopd let a client
+        name any)."""
+        assert data.nat is not None
+        if len(data.ports) != 1:
+            return None
+        (protocol, port), (host, nat_port) = data.ports[0], data.nat
+        try:
+            address = ipaddress.IPv4Address(host)
+        except ValueError:
+            return None
+        rules = self._policy.clients.get(client)
+        mine = rules.services if rules is not None else frozenset()
+        found = sorted((service.name not in mine, service.name)
+                       for service in self._policy.services.values()
+                       if service.host == address and service.port == nat_port
+                       and service.protocol == protocol and service.client_port == port)
+        return found[0][1] if found else None

@@ -28,6 +28,7 @@ from spa.server.config import KIND_FWKNOP, KIND_SPA, ClientEntry, ServerConfig
 from spa.server.errors import LocalError
 from spa.server.fwknop_import import ImportPlan, Known, client_names, plan
 from spa.server.fwknopd_files import DiskFiles, Files, read_access, read_conf
+from spa.server.gwroute import RouteOf, kernel_route, own_host_problem
 from spa.store.clients import CLIENTS_DB, ClientStore
 
 RIJNDAEL_KEY_SIZE = 32  # what fwknop --key-gen makes
@@ -68,7 +69,11 @@ def _b64(raw: bytes) -> str:
 
 
 def access_of(config: ServerConfig, services: list[str]) -> tuple[str, ...]:
-    return tuple(f"{config.services[s].protocol}/{config.services[s].port}" for s in services)
+    """fwknop's ACCESS for the services: the port of this host each is knocked
+    for (a gateway service's published port, else its port), as the compat
+    listener maps a knock."""
+    return tuple(f"{config.services[s].protocol}/{config.services[s].client_port}"
+                 for s in services)
 
 
 def enroll(path: Path, name: str, services: list[str], endpoint: str, *,
@@ -124,22 +129,28 @@ def move(store: ClientStore, config: ServerConfig, entry: ClientEntry, *,
 
 
 def import_fwknopd(path: Path, access: Path, conf: Path, *, conf_given: bool, dry_run: bool,
-                   now: float, files: Files | None = None) -> ImportPlan:
+                   now: float, files: Files | None = None,
+                   route: RouteOf | None = None) -> ImportPlan:
     """Import fwknopd's stanzas as compat clients (spa.server.fwknop_import);
     with `dry_run` only plan.  Writes the services and fwknop_port first,
     then the clients in one transaction, so a failure between leaves
-    nothing a second run does not finish.  Raises LocalError."""
+    nothing a second run does not finish.  A FORCE_NAT address that is this
+    machine's own (`route`: the kernel's, a fake in tests) stops it before
+    anything is written.  Raises LocalError."""
     reader = DiskFiles() if files is None else files
     config = config_mod.load(path)
     stanzas = read_access(access, reader)
     fwknopd = read_conf(conf, reader, required=conf_given)
     names = client_names(stanzas)
     if dry_run:
-        return plan(stanzas, fwknopd, config, _known_now(config, names), now=now)
+        made = plan(stanzas, fwknopd, config, _known_now(config, names), now=now)
+        _refuse_own_hosts(made, route)
+        return made
     with open_store(config, now=now) as store:
         known = Known(tuple(store.of_kind(KIND_FWKNOP)),
                       {name: entry for name in names if (entry := store.get(name)) is not None})
     made = plan(stanzas, fwknopd, config, known, now=now)
+    _refuse_own_hosts(made, route)
     # outside the store's block: root writes the store as its owner, the config as root
     if made.services or made.fwknop_port:
         config_mod.add_services(path, made.services, fwknop_port=made.fwknop_port)
@@ -151,6 +162,19 @@ def import_fwknopd(path: Path, access: Path, conf: Path, *, conf_given: bool, dr
         raise LocalError(f"{len(made.entries) - added} of the names were enrolled by another "
                          "command meanwhile; run import-fwknop again")
     return made
+
+
+def _refuse_own_hosts(made: ImportPlan, route: RouteOf | None) -> None:
+    """Raises LocalError when a gateway service the import adds has this
+    machine's own address as its host (spa.server.gwroute says why)."""
+    for service in made.services:
+        if service.host is not None and own_host_problem({service.name: service},
+                                                         route or kernel_route):
+            raise LocalError(f"FORCE_NAT {service.host} {service.port}: {service.host} is an "
+                             "address of this machine, and a gateway service's DNAT to it "
+                             "would be open to everyone; fix FORCE_NAT to name the internal "
+                             "host (or delete it to open the port here), then run again; "
+                             "nothing was changed")
 
 
 def _known_now(config: ServerConfig, names: list[str]) -> Known:

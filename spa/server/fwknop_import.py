@@ -13,9 +13,15 @@ Invariants (docs/operations.md, "Moving off fwknopd"):
 - Names are derived from the stanza alone, in file order, so a run and the
   next agree: REQUIRE_USERNAME, else an included file's name, else
   "fwknop-" and SOURCE; made valid and unique with -2, -3, ...
-- A stanza's ports map onto the service with that protocol and port, as the
-  compat listener maps packets (the last by name wins); a port no service
-  has gets a new one, `tcp-2222`, with the stanza's timeouts.
+- A stanza's ports map onto this host's service with that protocol and
+  port, as the compat listener maps packets (the last by name wins); a port
+  no service has gets a new one, `tcp-2222`, with the stanza's timeouts.  A
+  port a gateway service publishes is no port of this host: the stanza is
+  kept out.
+- A FORCE_NAT stanza (spa.server.fwknop_nat) maps onto the gateway service
+  that is exactly its target, or a new one, `nat-10-20-0-5-22`; never onto
+  a second service for a destination one already gates, nor publishing a
+  port another service is on (a reason each, and what to do).
 - fwknop_port is set only when unset, not listen_port, and some stanza is
   served; at most MAX_CLIENTS fwknop clients in all (LocalError past it).
 - Nothing here quotes a key.
@@ -33,6 +39,8 @@ from spa.core.policy import Service
 from spa.core.uri import is_valid_client_name
 from spa.server.config import FWKNOP_PORT, KIND_FWKNOP, ClientEntry, ServerConfig, format_utc
 from spa.server.errors import LocalError
+from spa.server.fwknop_nat import Forwarding
+from spa.server.fwknop_services import Port, Services
 from spa.server.fwknop_stanza import Judged, is_yes, judge
 from spa.server.fwknopd_files import FwknopdConf, Stanza
 
@@ -40,7 +48,6 @@ DEFAULT_PCAP_FILTER = "udp port 62201"  # fwknopd's DEF_PCAP_FILTER
 DEFAULT_PACKET_AGE = 120  # fwknopd's DEF_MAX_SPA_PACKET_AGE
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9._@-]+")
 _FILTER_PORT = re.compile(r"\bport\s+(\d{1,5})\b")
-Port = tuple[str, int]
 
 
 class Outcome(enum.Enum):
@@ -110,44 +117,16 @@ def _base_name(stanza: Stanza) -> str:
     return "fwknop"
 
 
-class _Services:
-    """Ports onto services: the config's, then those this import adds."""
-
-    def __init__(self, services: Mapping[str, Service]) -> None:
-        # as the compat listener maps them (spa.core.fwknop_verify): the last wins
-        self.by_port = {(s.protocol, s.port): s for s in services.values()}
-        self.names = set(services)
-        self.added: list[Service] = []
-
-    def find(self, port: Port) -> Service | None:
-        return self.by_port.get(port)
-
-    def get(self, port: Port, timeouts: tuple[int, int]) -> tuple[Service, bool]:
-        """The service for a port, made if none has it (True: made now)."""
-        found = self.by_port.get(port)
-        if found is not None:
-            return found, False
-        base = name = f"{port[0]}-{port[1]}"
-        count = 1
-        while name in self.names:
-            count += 1
-            name = f"{base}-{count}"
-        made = Service(name, port[0], port[1], *timeouts)
-        self.by_port[port] = made
-        self.added.append(made)
-        self.names.add(name)
-        return made, True
-
-
 def plan(stanzas: Sequence[Stanza], conf: FwknopdConf, config: ServerConfig, known: Known,
          *, now: float) -> ImportPlan:
     """What importing the stanzas would do.  Raises LocalError (past MAX_CLIENTS)."""
-    services = _Services(config.services)
+    services = Services(config.services)
     by_key = {entry.fwknop_hmac_key: entry for entry in known.fwknop}
     first: dict[bytes, tuple[Judged, str]] = {}
+    forwarding = Forwarding.of(conf.settings, config.backend)
     plans = []
     for stanza, name in zip(stanzas, client_names(stanzas), strict=True):
-        judged = judge(stanza, now=now)
+        judged = judge(stanza, now=now, forwarding=forwarding)
         plans.append(_one(judged, name, by_key, known.named, first, services, now))
     new = sum(p.outcome is Outcome.NEW for p in plans)
     if new and len(known.fwknop) + new > MAX_CLIENTS:
@@ -164,7 +143,7 @@ def plan(stanzas: Sequence[Stanza], conf: FwknopdConf, config: ServerConfig, kno
 
 def _one(judged: Judged, name: str, by_key: Mapping[bytes, ClientEntry],
          named: Mapping[str, ClientEntry], first: dict[bytes, tuple[Judged, str]],
-         services: _Services, now: float) -> StanzaPlan:
+         services: Services, now: float) -> StanzaPlan:
     if judged.reasons or judged.keys is None:
         return StanzaPlan(judged, name, Outcome.SKIPPED, judged.reasons, judged.notes)
     key = judged.keys.hmac
@@ -188,11 +167,17 @@ def _one(judged: Judged, name: str, by_key: Mapping[bytes, ClientEntry],
             "client moved to spa1:// keeps its name, and its old fwknop keys must not come "
             "back; if this is someone else, give the stanza its own file in an "
             "%include_folder (the file's name names the client)",), judged.notes)
+    blocked = services.blocked(judged.ports, judged.nat)
+    if blocked:
+        return StanzaPlan(judged, name, Outcome.SKIPPED, (blocked,), judged.notes)
     first[key] = (judged, name)
     mapped = []
     notes = list(judged.notes)
     for port in judged.ports:
-        service, made = services.get(port, judged.timeouts)
+        got = services.gateway(judged.nat, judged.timeouts) if judged.nat else services.get(
+            port, judged.timeouts)
+        assert not isinstance(got, str)  # blocked() said so
+        service, made = got
         mapped.append((port, service.name, made))
         notes.extend(_durations(port, service, judged.timeouts))
     entry = ClientEntry(name, b"", tuple(dict.fromkeys(s for _, s, _ in mapped)),
@@ -211,14 +196,15 @@ def _durations(port: Port, service: Service, timeouts: tuple[int, int]) -> list[
             f"{service.name}])"]
 
 
-def _differences(judged: Judged, existing: ClientEntry, services: _Services) -> list[str]:
+def _differences(judged: Judged, existing: ClientEntry, services: Services) -> list[str]:
     """How the store's client differs from the stanza now (left as it is)."""
     found = []
     assert judged.keys is not None
     if existing.fwknop_key != judged.keys.rijndael:
         found.append(f"its KEY_BASE64 is not {existing.name}'s: left as it is (revoke "
                      f"{existing.name} and run again to take this one)")
-    wanted = [services.find(port) for port in judged.ports]
+    wanted = [services.find_target(judged.nat)] if judged.nat else [
+        services.find(port) for port in judged.ports]
     names = sorted({s.name for s in wanted if s is not None})
     if None in wanted or names != sorted(existing.services):
         found.append(f"{existing.name} opens {', '.join(existing.services)}, not what "
@@ -298,8 +284,13 @@ def conf_notes(conf: FwknopdConf, window: float) -> tuple[str, ...]:
     forwarding = [k for k in ("ENABLE_IPT_FORWARDING", "ENABLE_FIREWD_FORWARDING")
                   if is_yes(settings.get(k))]
     if forwarding:
-        notes.append(f"{forwarding[0]}: a client's NAT request (fwknop -N) is refused "
-                     "nat_message here (no gateway mode)")
+        notes.append(f"{forwarding[0]}: a client's NAT request (fwknop -N HOST:PORT) is "
+                     "served only when HOST:PORT is a gateway service it may open, knocked "
+                     "for on its published port (--nat-port); any other is refused "
+                     "nat_message (fwknopd let a client name any destination)")
+    if is_yes(settings.get("ENABLE_NAT_DNS")):
+        notes.append("ENABLE_NAT_DNS: a NAT request naming a host by name is refused "
+                     "nat_message; names are never resolved here (-N with the address)")
     if is_yes(settings.get("ENABLE_EXTERNAL_CMDS")):
         notes.append("ENABLE_EXTERNAL_CMDS: no command runs on a grant here")
     if settings.get("BLACKLIST"):
@@ -320,7 +311,11 @@ def render(plan: ImportPlan, *, dry_run: bool) -> list[str]:
         lines.extend(_stanza_lines(one, dry_run))
     would = "would " if dry_run else ""
     for service in plan.services:
-        lines.append(f"service {service.name}: {would}add {service.protocol}/{service.port} "
+        what = f"{service.protocol}/{service.port}"
+        if service.host is not None:
+            what += f" of {service.host}" + (f", published on {service.listen_port}"
+                                             if service.listen_port else ", reached routed")
+        lines.append(f"service {service.name}: {would}add {what} "
                      f"({service.default_duration} s, at most {service.max_duration} s)")
     if plan.fwknop_port:
         lines.append(f"{'would set' if dry_run else 'set'} {plan.port_line}")
@@ -367,6 +362,10 @@ def _summary(plan: ImportPlan, dry_run: bool) -> list[str]:
         lines.append("each imported client opens only for the address its knock comes from "
                      "(fwknopd also granted an address a packet named: fwknop -a); its knocks "
                      "are marked legacy; it keeps its .fwknoprc (the same keys)")
+    if any(service.gateway for service in plan.services):
+        lines.append("gateway services forward through this host: keep net.ipv4.ip_forward=1 "
+                     "(spa never sets it) and run `spa-server check` (docs/install.md, "
+                     "section 11)")
     if plan.fwknop_port:
         lines.append(f"next: stop fwknopd, then restart spa-server (the compat listener starts "
                      f"with it, on {plan.fwknop_port}/udp)")

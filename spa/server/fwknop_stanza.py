@@ -17,8 +17,9 @@ Invariants (docs/operations.md, "Moving off fwknopd"):
   (REQUIRE_USERNAME) or what the client itself controls (REQUIRE_SOURCE_ADDRESS):
   those are dropped and said.  A limit we cannot keep (ACCESS_EXPIRE,
   DESTINATION) or a kind of access we never give (GnuPG, no HMAC, another
-  digest or mode, NAT, command cycles) keeps the stanza out, with a reason
-  each and what to do.
+  digest or mode, SNAT, FORWARD_ALL, command cycles) keeps the stanza out,
+  with a reason each and what to do.  FORCE_NAT becomes a gateway service
+  where it maps exactly (spa.server.fwknop_nat), else keeps it out too.
 - No reason or note quotes a key's value (spa.server.fwknopd_files
   SECRET_SETTINGS); keys are named by their setting.
 """
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from spa.core.errors import FormatError
 from spa.core.fwknop import FwknopKeys
 from spa.core.sources import canonical_sources
+from spa.server.fwknop_nat import NO_FORWARDING, Forwarding, NatTarget, judge_nat
 from spa.server.fwknopd_files import Stanza, shown_name
 
 DEFAULT_TIMEOUT = 30  # fwknopd's DEF_FW_ACCESS_TIMEOUT
@@ -67,14 +69,16 @@ class Judged:
     ports: tuple[tuple[str, int], ...] = ()  # ("tcp", 22), ... in order
     timeouts: tuple[int, int] = (DEFAULT_TIMEOUT, DEFAULT_MAX_TIMEOUT)  # (default, max)
     username: str = ""  # REQUIRE_USERNAME (names the client)
+    nat: NatTarget | None = None  # FORCE_NAT: the gateway service (ports: its one port)
 
 
 def is_yes(value: str | None) -> bool:
     return bool(value) and str(value)[:1] in "Yy"
 
 
-def judge(stanza: Stanza, *, now: float) -> Judged:
-    """Everything a stanza says, checked; every reason found, not the first."""
+def judge(stanza: Stanza, *, now: float, forwarding: Forwarding = NO_FORWARDING) -> Judged:
+    """Everything a stanza says, checked; every reason found, not the first.
+    `forwarding`: fwknopd.conf's forwarding facts and our backend (FORCE_NAT)."""
     reasons: list[str] = []
     notes: list[str] = []
     keys = _keys(stanza, reasons, notes)
@@ -82,6 +86,7 @@ def judge(stanza: Stanza, *, now: float) -> Judged:
     ports = _ports(stanza, reasons)
     timeouts = _timeouts(stanza, reasons)
     _kinds(stanza, reasons, notes)
+    nat = judge_nat(stanza, ports, forwarding, reasons, notes)
     _limits(stanza, reasons, notes, now)
     for name in stanza.names():
         if name not in KNOWN_SETTINGS and not name.startswith("GPG_"):
@@ -90,7 +95,8 @@ def judge(stanza: Stanza, *, now: float) -> Judged:
             notes.append(f"unknown setting {shown_name(name, setting.where)}: ignored "
                          "(fwknopd ignores it too)")
     return Judged(stanza, tuple(reasons), tuple(notes), None if reasons else keys, sources,
-                  ports, timeouts, (stanza.get("REQUIRE_USERNAME") or "").split(",")[0].strip())
+                  ports, timeouts, (stanza.get("REQUIRE_USERNAME") or "").split(",")[0].strip(),
+                  nat)
 
 
 def _key(stanza: Stanza, clear: str, coded: str, reasons: list[str], *,
@@ -228,7 +234,7 @@ def _timeouts(stanza: Stanza, reasons: list[str]) -> tuple[int, int]:
 
 
 def _kinds(stanza: Stanza, reasons: list[str], notes: list[str]) -> None:
-    """The digest, the mode, NAT and commands: kinds of access we never give."""
+    """The digest, the mode and commands: kinds of access we never give."""
     digest = stanza.get("HMAC_DIGEST_TYPE")
     if digest is not None and digest.lower() != "sha256":
         reasons.append(f"HMAC_DIGEST_TYPE {digest}: the compat listener takes HMAC-SHA256 "
@@ -242,12 +248,6 @@ def _kinds(stanza: Stanza, reasons: list[str], notes: list[str]) -> None:
                else "GnuPG's packets are refused (gpg_mode)" if mode.lower() == "asymmetric"
                else "only CBC, fwknop's default, is served")
         reasons.append(f"ENCRYPTION_MODE {mode}: {why}")
-    nat = [n for n in NAT_SETTINGS if stanza.get(n) is not None and (
-        n in ("FORCE_NAT", "FORCE_SNAT") or is_yes(stanza.get(n)))]
-    if nat:
-        reasons.append(f"NAT ({', '.join(nat)}): this stanza forwards to another host; not "
-                       "carried over until a gateway mode exists (NAT messages are refused "
-                       "nat_message)")
     if stanza.get("CMD_CYCLE_OPEN") is not None or stanza.get("CMD_CYCLE_CLOSE") is not None:
         reasons.append("CMD_CYCLE_OPEN: fwknopd runs a command for each knock instead of "
                        "opening a port; no command ever runs here")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from spa.core.errors import Reason
-from spa.core.fwknop import FwknopKeys
+from spa.core.fwknop import FwknopKeys, Message
 from spa.core.fwknop_verify import CompatAccepted
 from spa.core.uri import parse as parse_uri
 from spa.core.verify import Refused
@@ -71,6 +71,31 @@ def test_enroll_fwknop_needs_the_listener_and_prints_what_clients_read(tmp_path:
     assert "[oldphone]" in stanza and "SPA_SERVER_PORT     62201" in stanza
     assert "ACCESS              tcp/22" in stanza and "HMAC_DIGEST_TYPE    sha256" in stanza
     assert base64.b64encode(made.rijndael).decode() not in repr(made)
+
+
+def test_an_fwknop_client_of_a_gateway_service_knocks_for_its_published_port(
+        tmp_path: Path) -> None:
+    """enroll --fwknop for a gateway service: .fwknoprc's ACCESS names the
+    published port, and that knock (or `fwknop -N 10.20.0.5:22 --nat-port
+    2222`) grants the gateway service."""
+    world = compat_world(tmp_path)
+    with world.config_path.open("a") as config:
+        config.write('\n[services.db-ssh]\nprotocol = "tcp"\nport = 22\ndefault_duration = 30\n'
+                     'max_duration = 300\nhost = "10.20.0.5"\nlisten_port = 2222\n')
+    made = admin_fwknop.enroll(world.config_path, "router", ["db-ssh"], "192.0.2.1",
+                               now=world.clock.now)
+    assert "ACCESS              tcp/2222\n" in made.fwknoprc()
+    listener, _ = start(world)
+    now = int(world.clock.now)
+    plain = listener.handle([(packet(keys_of(made), now=now, ports=(("tcp", 2222),)), SOURCE,
+                              0)])[0]
+    assert isinstance(plain, CompatAccepted)
+    assert set(world.backend.grants) == {(plain.source, "db-ssh")}
+    nat = listener.handle([(packet(keys_of(made), now=now, ports=(("tcp", 2222),),
+                                   kind=Message.NAT_ACCESS, nat=("10.20.0.5", 22)), SOURCE,
+                            0)])[0]
+    assert isinstance(nat, CompatAccepted)
+    assert [d.service.name for d in nat.decisions] == ["db-ssh"]
 
 
 def knocked_once(tmp_path: Path) -> tuple[World, CompatListener, bytes]:

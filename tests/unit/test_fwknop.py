@@ -17,6 +17,7 @@ from spa.core.fwknop import (
     split,
 )
 from spa.core.fwknop_verify import CompatAccepted, CompatVerifier, HmacBudget
+from spa.core.policy import ClientPolicy, Policy, Service
 from spa.core.verify import Refused
 from tests.fwknop_world import (
     CLIENTS,
@@ -136,9 +137,88 @@ def test_ports_map_onto_services_by_protocol_and_port() -> None:
 
 
 def test_command_and_nat_messages_are_refused_after_authentication() -> None:
+    """A NAT message naming no gateway service (POLICY has none), a local NAT
+    message and a command are refused with their reasons; a NAT message
+    without its destination field is malformed, as fwknop's decoder says."""
     verifier = compat()
+    assert verifier.verify(packet(kind=Message.NAT_ACCESS, nat=("10.0.0.2", 22)), SOURCE,
+                           NOW) == Refused(Reason.NAT_MESSAGE, "oldphone")
+    assert verifier.verify(packet(kind=Message.LOCAL_NAT_ACCESS, nat=("192.0.2.1", 22)),
+                           SOURCE, NOW) == Refused(Reason.NAT_MESSAGE, "oldphone")
+    assert verifier.verify(packet(kind=Message.COMMAND), SOURCE, NOW) == Refused(
+        Reason.COMMAND_MESSAGE, "oldphone")
     assert verifier.verify(packet(kind=Message.NAT_ACCESS), SOURCE, NOW) == Refused(
-        Reason.NAT_MESSAGE, "oldphone")
+        Reason.MALFORMED, "oldphone")
+
+
+def test_the_real_clients_nat_message_decodes_to_its_destination() -> None:
+    """`fwknop -A tcp/22 -N 10.0.0.2:22` (the vector Debian's client made):
+    the access port and the destination, as fwknopd reads them."""
+    item = vector("nat")
+    text, _ = split(str(item["packet"]).encode())
+    data = decode(decrypt(text, KEYS.rijndael))
+    assert data.message_type is Message.NAT_ACCESS
+    assert (data.ports, data.nat) == ((("tcp", 22),), ("10.0.0.2", 22))
+
+
+DB = ipaddress.IPv4Address("10.20.0.5")
+GATEWAYS = {**POLICY.services,
+            "db": Service("db", "tcp", 22, 30, 60, DB, 2222),
+            "db-routed": Service("db-routed", "tcp", 22, 30, 60,
+                                 ipaddress.IPv4Address("10.20.0.6")),
+            "not-yours": Service("not-yours", "tcp", 22, 30, 60,
+                                 ipaddress.IPv4Address("10.20.0.7"), 2223)}
+NAT_POLICY = Policy(GATEWAYS, {
+    "oldphone": ClientPolicy("oldphone", frozenset({"ssh", "db", "db-routed"})),
+    "other": ClientPolicy("other", frozenset({"ssh"}))})
+
+
+@pytest.mark.parametrize(("ports", "nat", "expect"), [
+    ((("tcp", 2222),), ("10.20.0.5", 22), "db"),  # fwknop -A tcp/22 -N 10.20.0.5:22 --nat-port 2222
+    ((("tcp", 22),), ("10.20.0.6", 22), "db-routed"),  # no published port: its own port
+    ((("tcp", 22),), ("10.20.0.5", 22), Reason.NAT_MESSAGE),  # not db's published port
+    ((("tcp", 2222),), ("10.20.0.9", 22), Reason.NAT_MESSAGE),  # a destination no service names
+    ((("tcp", 2222),), ("10.20.0.5", 23), Reason.NAT_MESSAGE),
+    ((("udp", 2222),), ("10.20.0.5", 22), Reason.NAT_MESSAGE),
+    ((("tcp", 2222),), ("db.internal", 22), Reason.NAT_MESSAGE),  # names are never resolved
+    ((("tcp", 2222),), ("010.20.0.5", 22), Reason.NAT_MESSAGE),
+    ((("tcp", 2222), ("tcp", 22)), ("10.20.0.5", 22), Reason.NAT_MESSAGE),  # one port only
+    ((("tcp", 2223),), ("10.20.0.7", 22), Reason.SERVICE_NOT_ALLOWED),  # not this client's
+])
+def test_a_nat_message_opens_exactly_the_gateway_service_it_names(
+        ports: tuple[tuple[str, int], ...], nat: tuple[str, int], expect: str | Reason) -> None:
+    verifier = CompatVerifier({"oldphone": KEYS, "other": OTHER_KEYS}, NAT_POLICY,
+                              budget=HmacBudget(max_hmacs=10**9, per_source=10**9))
+    result = verifier.verify(packet(kind=Message.NAT_ACCESS, ports=ports, nat=nat), SOURCE, NOW)
+    if isinstance(expect, Reason):
+        assert result == Refused(expect, "oldphone")
+        return
+    assert type(result) is CompatAccepted
+    assert [(d.service, d.address, d.duration) for d in result.decisions] == [
+        (GATEWAYS[expect], SOURCE, 30)]
+    timed = verifier.verify(packet(kind=Message.CLIENT_TIMEOUT_NAT_ACCESS, ports=ports, nat=nat,
+                                   timeout=9999), SOURCE, NOW)
+    assert type(timed) is CompatAccepted and timed.decisions[0].duration == 60  # capped
+    stranger = verifier.verify(packet(OTHER_KEYS, kind=Message.NAT_ACCESS, ports=ports, nat=nat),
+                               SOURCE, NOW)
+    assert stranger == Refused(Reason.SERVICE_NOT_ALLOWED, "other")
+
+
+def test_a_plain_knock_opens_the_clients_service_on_that_port_of_this_host() -> None:
+    """fwknop -A tcp/2222 opens the gateway service published on 2222 (as
+    fwknopd's FORCE_NAT did); tcp/22 opens this host's ssh, not a gateway
+    service whose internal port is 22 (before: the last service on tcp/22)."""
+    verifier = CompatVerifier({"oldphone": KEYS, "other": OTHER_KEYS}, NAT_POLICY,
+                              budget=HmacBudget(max_hmacs=10**9, per_source=10**9))
+    published = verifier.verify(packet(ports=(("tcp", 2222),)), SOURCE, NOW)
+    assert type(published) is CompatAccepted
+    assert published.decisions[0].service.name == "db"
+    local = verifier.verify(packet(ports=(("tcp", 22),)), SOURCE, NOW)
+    assert type(local) is CompatAccepted and local.decisions[0].service.name == "ssh"
+    other = verifier.verify(packet(OTHER_KEYS, ports=(("tcp", 22),)), SOURCE, NOW)
+    assert type(other) is CompatAccepted and other.decisions[0].service.name == "ssh"
+    assert verifier.verify(packet(OTHER_KEYS, ports=(("tcp", 2222),)), SOURCE, NOW) == Refused(
+        Reason.SERVICE_NOT_ALLOWED, "other")
 
 
 def test_refused_digests_and_hmacs() -> None:

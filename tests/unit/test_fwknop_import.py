@@ -95,10 +95,12 @@ def assert_no_secret(*texts: str) -> None:
      "ENCRYPTION_MODE legacy: fwknop's legacy IV mode is refused (legacy_iv)"),
     (f"OPEN_PORTS tcp/22\n{KEYS}ENCRYPTION_MODE CTR\n",
      "ENCRYPTION_MODE CTR: only CBC, fwknop's default, is served"),
-    (f"OPEN_PORTS tcp/22\n{KEYS}FORCE_NAT 192.168.10.2 22\n", "NAT (FORCE_NAT)"),
+    (f"OPEN_PORTS tcp/22\n{KEYS}FORCE_NAT 192.168.10.2 22\n",
+     "FORCE_NAT without ENABLE_IPT_FORWARDING or ENABLE_IPT_LOCAL_NAT in fwknopd.conf"),
     (f"OPEN_PORTS tcp/22\n{KEYS}FORCE_MASQUERADE Y\nFORWARD_ALL y\n",
-     "NAT (FORCE_MASQUERADE, FORWARD_ALL)"),
-    (f"OPEN_PORTS tcp/22\n{KEYS}DISABLE_DNAT Y\n", "NAT (DISABLE_DNAT)"),
+     "FORWARD_ALL: fwknopd forwarded every port and protocol"),
+    (f"OPEN_PORTS tcp/22\n{KEYS}FORCE_MASQUERADE Y\nFORWARD_ALL y\n",
+     "FORCE_MASQUERADE: fwknopd rewrote the forwarded connection's source; spa does no SNAT"),
     (f"OPEN_PORTS tcp/22\n{KEYS}CMD_CYCLE_OPEN /bin/true\nCMD_CYCLE_CLOSE NONE\n",
      "CMD_CYCLE_OPEN: fwknopd runs a command for each knock"),
     (f"OPEN_PORTS tcp/22\n{KEYS}ACCESS_EXPIRE 01/31/2020\n",
@@ -143,6 +145,7 @@ def test_a_bad_source_is_refused_with_the_fix() -> None:
     ("GPG_DECRYPT_ID ABCD1234\nGPG_DECRYPT_PW correct horse\n",
      "GnuPG (GPG_DECRYPT_ID, GPG_DECRYPT_PW): its GnuPG packets are refused gpg_mode"),
     ("LATER_FEATURE Y\n", "unknown setting LATER_FEATURE: ignored (fwknopd ignores it too)"),
+    ("DISABLE_DNAT Y\n", "DISABLE_DNAT: it only touched NAT requests (fwknop -N)"),
     ("ENCRYPTION_MODE cbc\nHMAC_DIGEST_TYPE sha256\nDESTINATION ANY\nENABLE_CMD_EXEC N\n", ""),
 ])
 def test_what_cannot_be_kept_but_costs_nothing_is_dropped_and_said(body: str,
@@ -301,7 +304,8 @@ def test_fwknopd_conf_settings_we_do_not_carry_are_said() -> None:
     notes = "\n".join(plan(two_stanzas(), conf, CONFIG, EMPTY, now=NOW).notes)
     for fragment in ("ENABLE_SPA_PACKET_AGING N: fwknopd took packets of any age",
                      "ENABLE_TCP_SERVER: SPA over TCP is not served",
-                     "ENABLE_IPT_FORWARDING: a client's NAT request (fwknop -N) is refused",
+                     "ENABLE_IPT_FORWARDING: a client's NAT request (fwknop -N HOST:PORT) "
+                     "is served only when HOST:PORT is a gateway service it may open",
                      "BLACKLIST 192.0.2.0/24: not carried over",
                      "ACCESS_FOLDER /etc/fwknop/access.d: fwknopd reads that"):
         assert fragment in notes
