@@ -29,7 +29,7 @@ VERSION = 1  # the records' format version; a decoder refuses any other
 MAX_RECORD_SIZE = 16 * 1024  # bytes: a client record is about 700, the rest under 300
 MAX_TIME = 253_402_300_799  # 9999-12-31T23:59:59Z: the last time UTC_FORMAT can write
 MAX_LIST = 64  # services or sources one record may list (spa.core.sources.MAX_SOURCES)
-_UTC_RE = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})Z")
+_UTC_RE = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})Z", re.ASCII)
 _B64_RE = re.compile(r"[A-Za-z0-9_-]*")
 
 

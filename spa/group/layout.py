@@ -108,6 +108,8 @@ def check_address(text: str) -> IPAddress:
         address = ipaddress.ip_address(text)
     except ValueError:
         raise GroupNameError(f"address {_shown(str(text))}: not an IP address") from None
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+        raise GroupNameError(f"address {_shown(text)}: a zone is not part of an address")
     if str(address) != text:
         raise GroupNameError(f"address {_shown(text)}: write it as {str(address)!r}")
     return address
