@@ -4,8 +4,10 @@ docs/groups.md)."""
 
 from __future__ import annotations
 
+import ast
 import ipaddress
 import json
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +31,7 @@ from spa.group.policy import (
 from spa.group.records import MAX_TTL, MEMBER_SKEW, LeaseRecord, claim_ttl, claim_until, lease_ttl
 from spa.server import config as config_mod
 from spa.server.config import ClientEntry, ServerConfig, client_policy
+from tests.unit.test_core_purity import BANNED, BANNED_CALLS, imported_names
 
 SID = bytes.fromhex("5350412d746573742d7365727665722e")
 OTHER_SID = bytes(16)
@@ -324,3 +327,42 @@ def test_the_store_down_option_parses_and_names_its_risk() -> None:
             parse_on_store_down(text)
         assert "fail_closed or local_only" in str(info.value) and len(str(info.value)) < 200
     assert "another" in LOCAL_ONLY_RISK and "window" in LOCAL_ONLY_RISK
+
+
+# ---- the group's core is pure ----------------------------------------------
+
+GROUP_DIR = Path(__file__).resolve().parents[2] / "spa" / "group"
+PURE = ("__init__.py", "layout.py", "codec.py", "records.py", "clients.py", "policy.py")
+ETCD_LIBRARIES = {"etcd", "etcd3", "aetcd", "grpc", "pyetcd"}
+
+
+def _runtime_imports(tree: ast.Module) -> list[str]:
+    """Imported module names, leaving out `if TYPE_CHECKING:` blocks (types only)."""
+    kept = [node for node in tree.body if not (
+        isinstance(node, ast.If) and isinstance(node.test, ast.Name)
+        and node.test.id == "TYPE_CHECKING")]
+    return imported_names(ast.Module(body=kept, type_ignores=[]))
+
+
+@pytest.mark.parametrize("name", PURE)
+def test_the_group_core_does_no_io_and_imports_no_etcd_library(name: str) -> None:
+    path = GROUP_DIR / name
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for imported in _runtime_imports(tree):
+        top = imported.split(".")[0]
+        assert imported not in BANNED and top not in BANNED, f"{name} imports {imported}"
+        assert top not in ETCD_LIBRARIES, f"{name} imports {imported}"
+        if top == "spa":
+            assert imported.startswith(("spa.core", "spa.group")), f"{name} imports {imported}"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            assert called not in BANNED_CALLS, f"{name}:{node.lineno} calls {called}()"
+
+
+def test_the_purity_check_sees_a_runtime_import_and_not_a_typing_one() -> None:
+    tree = ast.parse("from typing import TYPE_CHECKING\nimport time\n"
+                     "if TYPE_CHECKING:\n    from spa.server.config import ClientEntry\n")
+    names = _runtime_imports(tree)
+    assert "time" in names and "spa.server.config" not in names
