@@ -236,7 +236,7 @@ def decode_client(data: bytes, server_id: bytes) -> GroupClient:
         raise RecordError("server_id: the record is another group's")
     old = record["old"]
     old_keys = None if old is None else _keys(old, _OLD_FIELDS, "old")
-    return GroupClient(
+    client = GroupClient(
         name=codec.text(record, "name", 64), server_id=server_id,
         keys=_keys(record["keys"], _KEY_FIELDS, "keys"),
         services=codec.strings(record, "services"),
@@ -247,3 +247,5 @@ def decode_client(data: bytes, server_id: bytes) -> GroupClient:
         enrolled=codec.maybe_seconds(record, "enrolled"),
         old_keys=old_keys, old_until=None if old is None else codec.seconds(old, "until"),
         kind=codec.text(record, "kind", 16))
+    codec.canonical(data, encode_client(client), "client")
+    return client

@@ -4,11 +4,13 @@ Invariants:
 - A record is one JSON object, at most MAX_RECORD_SIZE bytes of UTF-8, with
   `"v": 1` and `"type"` naming its kind; the encoding is canonical (sorted
   keys, no spaces, ASCII only), so equal records are equal bytes.
-- Decoding is strict: anything but exactly the fields of its type and
-  version, a field of the wrong JSON type (a bool is not a number), a
-  duplicate key, NaN or Infinity, bytes that are not canonical unpadded
-  base64url of the right size, or a time out of range raises RecordError,
-  and nothing else, whatever the bytes (tests/property/test_group_records.py).
+- Decoding is strict: bytes that are not exactly what the encoder writes
+  for the record they hold (canonical), anything but exactly the fields of
+  its type and version, a field of the wrong JSON type (a bool is not a
+  number), a duplicate key, NaN or Infinity, bytes that are not canonical
+  unpadded base64url of the right size, or a time out of range raises
+  RecordError, and nothing else, whatever the bytes
+  (tests/property/test_group_records.py).
 - A RecordError's message is one line naming the field, never quoting a
   value (a record may hold keys).
 - Pure: no clock; times are numbers the caller gives.
@@ -81,6 +83,15 @@ def decode(data: bytes, kind: str, fields: frozenset[str]) -> dict[str, Any]:
         raise RecordError(f"not a {kind} record")
     exact(record, fields, f"{kind} record")
     return record
+
+
+def canonical(data: bytes, encoded: bytes, kind: str) -> None:
+    """Raise RecordError unless `data` is the canonical encoding of what it
+    decoded to (`encoded`): one record, one byte string, so a transaction may
+    compare values.  Call it last, on a record that decoded."""
+    if bytes(data) != encoded:
+        raise RecordError(f"{kind} record: not in canonical form (sorted keys, no spaces, "
+                          "ASCII, times as this version writes them)")
 
 
 def exact(record: Mapping[str, Any], fields: frozenset[str], what: str) -> None:

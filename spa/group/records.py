@@ -106,9 +106,11 @@ def encode_meta(meta: GroupMeta) -> bytes:
 def decode_meta(data: bytes) -> GroupMeta:
     """Raises RecordError."""
     record = codec.decode(data, "meta", _META_FIELDS)
-    return GroupMeta(codec.text(record, "group", 32),
-                     codec.key_bytes(record, "server_id", SERVER_ID_SIZE),
-                     codec.seconds(record, "created"))
+    value = GroupMeta(codec.text(record, "group", 32),
+                      codec.key_bytes(record, "server_id", SERVER_ID_SIZE),
+                      codec.seconds(record, "created"))
+    codec.canonical(data, encode_meta(value), "meta")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +135,9 @@ def encode_member(member: Member) -> bytes:
 def decode_member(data: bytes) -> Member:
     """Raises RecordError."""
     record = codec.decode(data, "member", _MEMBER_FIELDS)
-    return Member(codec.text(record, "member", 64), codec.instant(record, "started"))
+    value = Member(codec.text(record, "member", 64), codec.instant(record, "started"))
+    codec.canonical(data, encode_member(value), "member")
+    return value
 
 
 # ---- leases and claims -----------------------------------------------------
@@ -186,10 +190,12 @@ def decode_lease(data: bytes) -> LeaseRecord:
         address = check_address(codec.text(record, "address", 64))
     except GroupNameError:
         raise RecordError("address: not an IP address in its canonical form") from None
-    return LeaseRecord(codec.text(record, "client", 64), address,
-                       codec.text(record, "service", 32), codec.text(record, "protocol", 3),
-                       record["port"], codec.instant(record, "until"),
-                       codec.text(record, "member", 64))
+    value = LeaseRecord(codec.text(record, "client", 64), address,
+                        codec.text(record, "service", 32), codec.text(record, "protocol", 3),
+                        record["port"], codec.instant(record, "until"),
+                        codec.text(record, "member", 64))
+    codec.canonical(data, encode_lease(value), "lease")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +221,9 @@ def encode_claim(claim: Claim) -> bytes:
 def decode_claim(data: bytes) -> Claim:
     """Raises RecordError."""
     record = codec.decode(data, "claim", _CLAIM_FIELDS)
-    return Claim(codec.text(record, "member", 64), codec.instant(record, "at"))
+    value = Claim(codec.text(record, "member", 64), codec.instant(record, "at"))
+    codec.canonical(data, encode_claim(value), "claim")
+    return value
 
 
 # ---- client states ---------------------------------------------------------
@@ -246,8 +254,10 @@ def encode_revocation(revocation: Revocation) -> bytes:
 def decode_revocation(data: bytes) -> Revocation:
     """Raises RecordError."""
     record = codec.decode(data, "revocation", _REVOCATION_FIELDS)
-    return Revocation(codec.text(record, "client", 64), codec.seconds(record, "at"),
-                      codec.flag(record, "close"))
+    value = Revocation(codec.text(record, "client", 64), codec.seconds(record, "at"),
+                       codec.flag(record, "close"))
+    codec.canonical(data, encode_revocation(value), "revocation")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,4 +284,6 @@ def encode_activation(activation: Activation) -> bytes:
 def decode_activation(data: bytes) -> Activation:
     """Raises RecordError."""
     record = codec.decode(data, "activation", _ACTIVATION_FIELDS)
-    return Activation(codec.text(record, "client", 64), codec.seconds(record, "enroll_by"))
+    value = Activation(codec.text(record, "client", 64), codec.seconds(record, "enroll_by"))
+    codec.canonical(data, encode_activation(value), "activation")
+    return value
