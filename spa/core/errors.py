@@ -38,6 +38,9 @@ class Reason(enum.Enum):
     # the route back to the source does not leave by the arrival interface
     # (checked by the daemon after the verifier accepted; docs/threat-model.md)
     SPOOFED_SOURCE = "spoofed_source"
+    # a member of a group could not claim the packet's nonce in etcd, and the
+    # group fails closed (spa.group.policy; docs/groups.md): no grant without a claim
+    GROUP_UNREACHABLE = "group_unreachable"
     # fwknop's packets (spa.core.fwknop, spa.core.fwknop_verify; docs/protocol.md,
     # "fwknop compatibility"): what the compat listener refuses, each its own
     UNKNOWN_SENDER = "unknown_sender"  # no compat client's HMAC key matches (fwknop's junk)
@@ -63,7 +66,7 @@ AFTER_AUTHENTICATION = frozenset({
     Reason.STALE, Reason.FUTURE, Reason.STEP_MISMATCH, Reason.REPLAY_CACHE_FULL,
     Reason.REVOKED, Reason.ENROLLMENT_EXPIRED, Reason.SERVICE_NOT_ALLOWED,
     Reason.ADDRESS_NOT_ALLOWED, Reason.SOURCE_NOT_ALLOWED, Reason.OTP_INVALID,
-    Reason.OTP_REUSED,
+    Reason.OTP_REUSED, Reason.GROUP_UNREACHABLE,
     Reason.LEGACY_IV, Reason.COMMAND_MESSAGE, Reason.NAT_MESSAGE, Reason.WEAK_DIGEST,
 })
 

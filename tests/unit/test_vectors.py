@@ -6,6 +6,7 @@ was built."""
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
 import re
@@ -24,6 +25,10 @@ from spa.core.policy import ClientPolicy, Policy
 from spa.core.uri import parse, render
 from spa.core.verify import Accepted, Verifier
 from spa.core.wire import Action, Request, decode_body, encode_body, open_packet
+from spa.group.clients import client_record, decode_client
+from spa.group.layout import claim_key
+from spa.group.records import GroupMeta, decode_meta, encode_meta
+from spa.server.config import ClientEntry
 
 ROOT = Path(__file__).resolve().parents[2]
 VECTORS = ROOT / "tests" / "vectors"
@@ -158,3 +163,59 @@ def test_every_refused_uri_part_is_one_the_grammar_names() -> None:
     parts = {case["part"] for case in URIS["refused"]}
     assert parts == {"scheme", "host", "port", "client", "fragment", "parameter", "sid",
                      "key", "svc", "otp", "exp"}
+
+
+# -- a group's records in etcd (docs/groups.md) -------------------------------------
+
+GROUP = load("group_v1.json")
+
+
+def _group_entry() -> ClientEntry:
+    case, fields = GROUP["client"], GROUP["client"]["entry"]
+    return ClientEntry(fields["name"], bytes.fromhex(case["secret"]), tuple(fields["services"]),
+                       allow_other_address=fields["allow_other_address"],
+                       enrolled=fields["enrolled"], enroll_by=fields["enroll_by"],
+                       otp_secret=fields["otp_secret"], endpoint=fields["endpoint"],
+                       old_secret=bytes.fromhex(case["old_secret"]),
+                       old_until=fields["old_until"], sources=tuple(fields["sources"]))
+
+
+def test_group_client_record_vector() -> None:
+    """The record's exact bytes, the keys it holds, and neither secret in it."""
+    case, server_id = GROUP["client"], bytes.fromhex(GROUP["server_id"])
+    record = client_record(_group_entry(), server_id)
+    assert record == case["record"].encode("ascii")
+    client = decode_client(record, server_id)
+    for keys, want in ((client.keys, case["keys"]), (client.old_keys, case["old_keys"])):
+        assert keys is not None
+        assert (keys.tag_key.hex(), keys.cipher_key.hex(), keys.mac_key.hex()) == (
+            want["tag"], want["cipher"], want["mac"])
+    for secret in (case["secret"], case["old_secret"]):
+        raw = bytes.fromhex(secret)
+        for spelling in (secret, base64.b64encode(raw).decode(),
+                         base64.urlsafe_b64encode(raw).decode().rstrip("=")):
+            assert spelling not in case["record"]
+
+
+def test_a_member_opens_the_packet_vector_with_the_record_alone() -> None:
+    """packet_v1.json's first packet is alice's at the same server id: the keys
+    of the group's record open it, without the master secret."""
+    packet_case = json.loads((VECTORS / "packet_v1.json").read_text())[0]
+    server_id = bytes.fromhex(GROUP["server_id"])
+    assert packet_case["server_id"] == GROUP["server_id"]
+    assert packet_case["master_secret"] == GROUP["client"]["secret"]
+    client = decode_client(GROUP["client"]["record"].encode("ascii"), server_id)
+    assert client.keys.tag_key.hex() == packet_case["tag_key"]
+    request = open_packet(bytes.fromhex(packet_case["packet"]), client.keys, server_id)
+    assert request.service == packet_case["service"]
+    assert request.timestamp_ms == packet_case["timestamp_ms"]
+
+
+def test_group_claim_and_meta_vectors() -> None:
+    claim = GROUP["claim"]
+    assert claim_key(claim["group"], claim["client"], bytes.fromhex(claim["nonce"])) == (
+        claim["key"])
+    meta = GROUP["meta"]
+    record = GroupMeta(meta["group"], bytes.fromhex(GROUP["server_id"]), meta["created"])
+    assert encode_meta(record) == meta["record"].encode("ascii")
+    assert decode_meta(meta["record"].encode("ascii")) == record

@@ -1,0 +1,251 @@
+"""A client as a group keeps it: its derived keys and its rules, never its secret.
+
+Invariants (docs/groups.md, "What a member holds"):
+- A client record holds the three keys spa.core.keys derives from the
+  client's master secret for the group's server id (and those of the secret a
+  rotate replaced, while its grace lasts), never the master secret: nothing
+  in it is the secret or a function of it but those HKDF outputs, bound to
+  the group's server id (a record of another group's id is refused).
+- Only clients of our own protocol join a group: an fwknop client's keys are
+  its own (not derived per server), so a member would hold the secret itself.
+- The record carries what a member needs to verify and decide: the keys, the
+  services, allow_other_address, the source networks (canonical), enroll_by,
+  the authenticator secret (drawn per enrollment, not derived: a member holds
+  it as it is), and the rotation's end.  Its revoked state is a key of its own
+  (revoked/<client>, spa.group.records.Revocation), so a revoke never races
+  a rewrite of this record.
+- Strict both ways: a GroupClient is checked when made; what encode_client
+  writes decode_client reads back equal; other bytes raise RecordError.
+- Pure: no clock (`now` is an argument), no etcd library.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from spa.core.errors import FormatError
+from spa.core.keys import KEY_SIZE, SERVER_ID_SIZE, ClientKeys, derive_keys
+from spa.core.policy import ClientPolicy
+from spa.core.sources import MAX_SOURCES, canonical_sources, source_networks
+from spa.group import codec
+from spa.group.codec import RecordError
+from spa.group.layout import GroupNameError, check_client, check_service
+
+if TYPE_CHECKING:
+    from spa.server.config import ClientEntry
+
+KIND_SPA = "spa"  # spa.server.config.KIND_SPA: the only kind a group holds
+OLD_KEY = "~old"  # spa.server.config.OLD_KEY: a rotated-out key's name suffix
+MAX_OTP_SECRET = 128  # characters of base32 (SECRET_BYTES = 20 is 32)
+_MIN_OTP_BYTES = 10  # 80 bits, as the config file requires
+_FIELDS = frozenset({"name", "server_id", "kind", "keys", "old", "services",
+                     "allow_other_address", "sources", "enroll_by", "otp_secret", "enrolled"})
+_KEY_FIELDS = frozenset({"tag", "cipher", "mac"})
+_OLD_FIELDS = _KEY_FIELDS | {"until"}
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class GroupClient:
+    """What every member knows of one client (see the invariants)."""
+
+    name: str
+    server_id: bytes
+    keys: ClientKeys
+    services: tuple[str, ...]
+    allow_other_address: bool = False
+    sources: tuple[str, ...] = ()  # canonical networks; empty: anywhere
+    enroll_by: int | None = None  # pending: its first knock due by (Unix seconds)
+    otp_secret: str = field(default="")  # base32 TOTP secret; empty: no code
+    enrolled: int | None = None  # when it was enrolled (Unix seconds), if known
+    old_keys: ClientKeys | None = None  # the keys a rotate replaced ...
+    old_until: int | None = None  # ... which work until then (Unix seconds)
+    kind: str = KIND_SPA
+
+    def __post_init__(self) -> None:
+        _check(self)
+
+    def __repr__(self) -> str:
+        return f"GroupClient({self.name!r}, services={self.services})"
+
+    def policy(self, *, revoked: bool = False) -> ClientPolicy:
+        """Its rules as spa.core.policy holds them (`revoked`: revoked/<name> exists)."""
+        return ClientPolicy(self.name, frozenset(self.services), self.allow_other_address,
+                            revoked, None if self.enroll_by is None else float(self.enroll_by),
+                            source_networks(self.sources))
+
+    def key_sets(self, now: float) -> dict[str, ClientKeys]:
+        """Key name -> keys, as the verifier names them: NAME, and NAME~old
+        while a rotation's grace lasts (`now` before old_until)."""
+        found = {self.name: self.keys}
+        if self.old_keys is not None and self.old_until is not None and now < self.old_until:
+            found[self.name + OLD_KEY] = self.old_keys
+        return found
+
+    def tag_keys(self, now: float) -> dict[str, bytes]:
+        """Key name -> knock-tag key: what the tag table and the kernel's tag
+        filter need of this client at `now`."""
+        return {name: keys.tag_key for name, keys in self.key_sets(now).items()}
+
+
+def _check_keys(keys: object, what: str) -> None:
+    if not isinstance(keys, ClientKeys) or not all(
+            isinstance(key, bytes) and len(key) == KEY_SIZE
+            for key in (keys.tag_key, keys.cipher_key, keys.mac_key)):
+        raise RecordError(f"{what}: not three keys of {KEY_SIZE} bytes")
+
+
+def _check(client: GroupClient) -> None:
+    """Raise RecordError unless every field of `client` is one a record holds."""
+    try:
+        check_client(client.name)
+        for service in client.services:
+            check_service(service)
+    except GroupNameError:
+        raise RecordError("name or services: not valid names") from None
+    if client.kind != KIND_SPA:
+        raise RecordError("kind: only spa clients join a group (an fwknop client's keys "
+                          "are its own, not derived for the group)")
+    if not isinstance(client.server_id, bytes) or len(client.server_id) != SERVER_ID_SIZE:
+        raise RecordError(f"server_id: not {SERVER_ID_SIZE} bytes")
+    _check_keys(client.keys, "keys")
+    if not isinstance(client.services, tuple) or len(set(client.services)) != len(
+            client.services) or len(client.services) > codec.MAX_LIST:
+        raise RecordError(f"services: a tuple of at most {codec.MAX_LIST} distinct names")
+    if not isinstance(client.allow_other_address, bool):
+        raise RecordError("allow_other_address: not true or false")
+    _check_sources(client.sources)
+    for name in ("enroll_by", "enrolled"):
+        if getattr(client, name) is not None:
+            codec.seconds({name: getattr(client, name)}, name)
+    _check_otp(client.otp_secret)
+    if (client.old_keys is None) != (client.old_until is None):
+        raise RecordError("old: keys and until go together")
+    if client.old_keys is not None:
+        _check_keys(client.old_keys, "old")
+        codec.seconds({"until": client.old_until}, "until")
+
+
+def _check_sources(sources: tuple[str, ...]) -> None:
+    if not isinstance(sources, tuple) or len(sources) > MAX_SOURCES:
+        raise RecordError(f"sources: a tuple of at most {MAX_SOURCES} networks")
+    try:
+        canonical = canonical_sources(sources)
+    except FormatError:
+        canonical = ()
+    if canonical != sources:
+        raise RecordError("sources: not networks in their canonical form")
+
+
+def _check_otp(secret: str) -> None:
+    if not isinstance(secret, str) or len(secret) > MAX_OTP_SECRET:
+        raise RecordError("otp_secret: not a base32 secret")
+    if not secret:
+        return
+    try:
+        raw = base64.b32decode(secret, casefold=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) < _MIN_OTP_BYTES:
+        raise RecordError("otp_secret: not a base32 secret of 80 bits or more")
+
+
+# ---- from a ClientEntry ----------------------------------------------------
+
+def _utc(text: str, name: str) -> int | None:
+    if not text:
+        return None
+    try:
+        return codec.utc_seconds(text)
+    except RecordError:
+        raise RecordError(f"{name}: not a UTC time like 2026-12-06T00:14:18Z") from None
+
+
+def group_client(entry: ClientEntry, server_id: bytes) -> GroupClient:
+    """The group's view of a client of the config or the client store: its keys
+    derived for `server_id` (the group's), its secrets left behind.  The
+    revoked state is not in it: write a Revocation for a revoked entry.
+    Raises RecordError (an fwknop client, a secret or server id of the wrong
+    size, a time that is not UTC_FORMAT)."""
+    if entry.kind != KIND_SPA:
+        raise RecordError(f"client {entry.name}: only spa clients join a group (an fwknop "
+                          "client's keys are its own; move it to spa1:// with rotate first)")
+    try:
+        keys = derive_keys(entry.secret, server_id)
+        old = (derive_keys(entry.old_secret, server_id)
+               if entry.old_secret and entry.old_until else None)
+    except ValueError:
+        raise RecordError(f"client {entry.name}: a secret or the server id has the wrong "
+                          "size") from None
+    try:
+        enrolled = codec.utc_seconds(entry.enrolled)
+    except RecordError:
+        enrolled = None  # informational, and never checked by the config: not carried over
+    return GroupClient(
+        name=entry.name, server_id=server_id, keys=keys,
+        services=tuple(dict.fromkeys(entry.services)),
+        allow_other_address=entry.allow_other_address, sources=tuple(entry.sources),
+        enroll_by=_utc(entry.enroll_by, "enroll_by"), otp_secret=entry.otp_secret,
+        enrolled=enrolled, old_keys=old,
+        old_until=_utc(entry.old_until, "old_until") if old is not None else None)
+
+
+def client_record(entry: ClientEntry, server_id: bytes) -> bytes:
+    """The record at clients/<name> for `entry` in the group of `server_id`.
+    Raises RecordError (see group_client)."""
+    return encode_client(group_client(entry, server_id))
+
+
+# ---- the record ------------------------------------------------------------
+
+def _keys_fields(keys: ClientKeys) -> dict[str, Any]:
+    return {"tag": codec.b64(keys.tag_key), "cipher": codec.b64(keys.cipher_key),
+            "mac": codec.b64(keys.mac_key)}
+
+
+def encode_client(client: GroupClient) -> bytes:
+    """The canonical bytes of a client record."""
+    old = None
+    if client.old_keys is not None:
+        old = {**_keys_fields(client.old_keys), "until": client.old_until}
+    return codec.encode({
+        "name": client.name, "server_id": codec.b64(client.server_id), "kind": client.kind,
+        "keys": _keys_fields(client.keys), "old": old, "services": list(client.services),
+        "allow_other_address": client.allow_other_address, "sources": list(client.sources),
+        "enroll_by": client.enroll_by, "otp_secret": client.otp_secret,
+        "enrolled": client.enrolled}, "client")
+
+
+def _keys(record: Any, fields: frozenset[str], what: str) -> ClientKeys:
+    if not isinstance(record, dict):
+        raise RecordError(f"{what}: not an object")
+    codec.exact(record, fields, what)
+    return ClientKeys(codec.key_bytes(record, "tag", KEY_SIZE),
+                      codec.key_bytes(record, "cipher", KEY_SIZE),
+                      codec.key_bytes(record, "mac", KEY_SIZE))
+
+
+def decode_client(data: bytes, server_id: bytes) -> GroupClient:
+    """The client a record at clients/<name> describes, for the group whose
+    server id is `server_id`.  Raises RecordError for anything encode_client
+    would not write, and for a record of another server id."""
+    record = codec.decode(data, "client", _FIELDS)
+    if codec.key_bytes(record, "server_id", SERVER_ID_SIZE) != server_id:
+        raise RecordError("server_id: the record is another group's")
+    old = record["old"]
+    old_keys = None if old is None else _keys(old, _OLD_FIELDS, "old")
+    client = GroupClient(
+        name=codec.text(record, "name", 64), server_id=server_id,
+        keys=_keys(record["keys"], _KEY_FIELDS, "keys"),
+        services=codec.strings(record, "services"),
+        allow_other_address=codec.flag(record, "allow_other_address"),
+        sources=codec.strings(record, "sources"),
+        enroll_by=codec.maybe_seconds(record, "enroll_by"),
+        otp_secret=codec.text(record, "otp_secret", MAX_OTP_SECRET),
+        enrolled=codec.maybe_seconds(record, "enrolled"),
+        old_keys=old_keys, old_until=None if old is None else codec.seconds(old, "until"),
+        kind=codec.text(record, "kind", 16))
+    codec.canonical(data, encode_client(client), "client")
+    return client
