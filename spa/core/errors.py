@@ -38,6 +38,13 @@ class Reason(enum.Enum):
     # the route back to the source does not leave by the arrival interface
     # (checked by the daemon after the verifier accepted; docs/threat-model.md)
     SPOOFED_SOURCE = "spoofed_source"
+    # a named gateway service's host (docs/install.md, section 11), resolved
+    # by the daemon when a lease starts: no address of the client's IP
+    # version, a resolver error or no answer in time (spa/server/gwresolve.py)
+    HOST_UNRESOLVED = "host_unresolved"
+    # ... or it resolved to an address no gateway may reach (loopback,
+    # link-local, this machine's own: spa/server/config.py gateway_host_problem)
+    HOST_NOT_ALLOWED = "host_not_allowed"
     # fwknop's packets (spa.core.fwknop, spa.core.fwknop_verify; docs/protocol.md,
     # "fwknop compatibility"): what the compat listener refuses, each its own
     UNKNOWN_SENDER = "unknown_sender"  # no compat client's HMAC key matches (fwknop's junk)
