@@ -7,6 +7,9 @@ Invariants (STYLE principle 6):
   does not own.
 - `apply` carries out several changes at once where the backend can (one
   nftables transaction for a whole batch of grants), else one by one.
+- A named gateway service's lease (spa/core/leases.py) reaches a backend as
+  the service `for_destination` its address (`allow`, `remove`), or as an
+  action that carries it (`apply`); `reconcile` is given the destinations.
 - `expires_by_itself` says whether a grant closes on time even when the daemon
   is not running (nftables set timeouts: yes; memory and iptables: no).
 """
@@ -21,6 +24,9 @@ from spa.core.policy import Service
 from spa.core.wire import IPAddress
 
 Held = dict[tuple[IPAddress, str], float]  # (address, service name) -> until
+# (address, service name) -> the destination of a named gateway service's
+# lease (spa/core/leases.py): the address its grant resolved the name to
+Destinations = dict[tuple[IPAddress, str], IPAddress]
 Change = tuple[Allow | Remove, Service]  # a lease action and the service it names
 
 
@@ -62,18 +68,24 @@ def apply(backend: Backend, actions: Iterable[FirewallAction],
 
 
 def reconcile(backend: Backend, wanted: Held, services: Mapping[str, Service], *,
-              now: float) -> None:
+              now: float, destinations: Destinations | None = None) -> None:
     """Make the backend hold exactly `wanted` (after a restart, a repair, at
     boot), changing only the pairs that differ.  A backend that reconciles
     itself (the gate keeper's end: one request) is asked to.  Raises LocalError."""
     own = getattr(backend, "reconcile", None)
+    dests = destinations or {}
     if own is not None:
-        own({key: until for key, until in wanted.items() if key[1] in services}, now=now)
+        own({key: until for key, until in wanted.items() if key[1] in services}, now=now,
+            destinations={key: d for key, d in dests.items() if key in wanted})
         return
     held = backend.held(now=now)
     for (address, name), until in wanted.items():
         if name in services and held.get((address, name)) != until:
-            backend.allow(address, services[name], until, now=now)
+            service = services[name]
+            if service.named and (address, name) not in dests:
+                continue  # no destination known: left closed
+            backend.allow(address, service.for_destination(dests.get((address, name))), until,
+                          now=now)
     for address, name in held.keys() - wanted.keys():
         if name in services:
             backend.remove(address, services[name])
@@ -83,7 +95,8 @@ def apply_each(backend: Backend, changes: Sequence[Change], *, now: float) -> No
     """`Backend.apply` for backends without batches: one change at a time."""
     for action, service in changes:
         if isinstance(action, Allow):
-            backend.allow(action.address, service, action.until, now=now)
+            backend.allow(action.address, service.for_destination(action.destination),
+                          action.until, now=now)
         else:
             assert isinstance(action, Remove)
-            backend.remove(action.address, service)
+            backend.remove(action.address, service.for_destination(action.destination))

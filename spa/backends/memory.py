@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from spa.backends.base import Change, Held, apply_each
+from spa.backends.base import Change, Destinations, Held, apply_each
 from spa.core.policy import Service
 from spa.core.wire import IPAddress
 
@@ -19,6 +19,7 @@ class MemoryBackend:
 
     def __init__(self) -> None:
         self.grants: Held = {}
+        self.destinations: Destinations = {}  # a named gateway service's grants' addresses
         self.services: dict[str, Service] = {}
         self.started = False
         self.removed = False  # `wipe` was called: another program took the gate away
@@ -32,9 +33,12 @@ class MemoryBackend:
     def allow(self, address: IPAddress, service: Service, until: float, *, now: float) -> None:
         self.grants[(address, service.name)] = until
         self.log.append(("allow", str(address), service.name, f"{until:.3f}"))
+        if service.named and service.host is not None:
+            self.destinations[(address, service.name)] = service.host
 
     def remove(self, address: IPAddress, service: Service) -> None:
         self.grants.pop((address, service.name), None)
+        self.destinations.pop((address, service.name), None)
         self.log.append(("remove", str(address), service.name))
 
     def apply(self, changes: Sequence[Change], *, now: float) -> None:

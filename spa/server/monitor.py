@@ -41,7 +41,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spa.backends.base import Backend, Held, reconcile
+from spa.backends.base import Backend, Destinations, Held, reconcile
+from spa.core.gwhost import gateway_host_problem
 from spa.core.leases import Allow, Remove
 from spa.core.policy import Service
 from spa.server import config as config_mod
@@ -209,6 +210,9 @@ class GateKeeper:
         service = self.installed.get(change.service)
         if service is None:
             raise RefusedError(f"no service {change.service!r} in the gate")
+        problem = destination_problem(service, change)
+        if problem:
+            raise RefusedError(f"{change.service}: {problem}")
         if isinstance(change, Allow) and not (
                 now < change.until <= now + service.max_duration + SLACK):
             raise RefusedError(f"{change.service}: a grant ends within "
@@ -220,13 +224,16 @@ class GateKeeper:
         grants in the kernel that this process never made)."""
         now = self.clock()
         wanted: Held = {}
+        destinations: Destinations = {}
         for grant in grants:
             self._checked(grant, now)
             wanted[(grant.address, grant.service)] = grant.until
+            if grant.destination is not None:
+                destinations[(grant.address, grant.service)] = grant.destination
         if len(wanted) > MAX_GRANTS:  # (a request holds fewer: gatemsg.MAX_CHANGES)
             raise RefusedError(f"over {MAX_GRANTS} grants")
         with self.lock:
-            reconcile(self.backend, wanted, self.installed, now=now)
+            reconcile(self.backend, wanted, self.installed, now=now, destinations=destinations)
             self.granted = wanted
 
     def _apply(self, changes: tuple[Allow | Remove, ...]) -> None:
@@ -378,3 +385,20 @@ def serve_failure(sock: socket.socket, error: str) -> None:
     with contextlib.suppress(OSError, RefusedError):
         while receive_message(sock) is not None:
             frames.send(sock, {"error": error})
+
+
+def destination_problem(service: Service, change: Allow | Remove) -> str:
+    """Why a change's destination does not fit its service, or "": a named
+    gateway service's change names an address of its client's IP version
+    that a gateway may reach (spa/core/gwhost.py); any other names none.
+    The daemon resolved it; the gate keeper holds it to what any answer
+    could be, so a daemon taken over opens no loopback or other-version way."""
+    destination = change.destination
+    if not service.named:
+        return "" if destination is None else "a destination for a service that names none"
+    if destination is None:
+        return "a named gateway service's change needs its destination"
+    if destination.version != change.address.version:
+        return "the destination is of another IP version than the address"
+    problem = gateway_host_problem(destination)
+    return f"destination {destination} {problem}" if problem else ""
