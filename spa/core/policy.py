@@ -99,6 +99,11 @@ def max_durations(services: Mapping[str, Service]) -> dict[str, int]:
     return {name: service.max_duration for name, service in services.items()}
 
 
+def named_services(services: Mapping[str, Service]) -> frozenset[str]:
+    """The names of the gateway services whose host is a DNS name."""
+    return frozenset(name for name, service in services.items() if service.named)
+
+
 def local_port_names(services: Mapping[str, Service]) -> dict[int, str]:
     """Port -> service name for this host's own services: the ports hook
     input drops and counts (a gateway service's port is another host's)."""

@@ -82,6 +82,7 @@ class Lookups:
         self._order = ThreadPoolExecutor(1, thread_name_prefix="spa-resolved")
         self._pending = 0
         self._count = threading.Lock()
+        self._cached = threading.Lock()  # the cache (the compat listener resolves too)
 
     def submit(self, name: str, version: int, done: Callable[[Outcome], None]) -> None:
         """Resolve `name` for a client of IP `version`; `done` gets the outcome
@@ -90,15 +91,16 @@ class Lookups:
             full = self._pending >= MAX_PENDING
             if not full:
                 self._pending += 1
-        if full:
-            done(Reason.HOST_UNRESOLVED)
+        if full:  # (still from the lookups' thread: the caller may hold a lock `done` takes)
+            self._order.submit(done, Reason.HOST_UNRESOLVED)
             return
         self._order.submit(self._run, name, version, done)
 
     def resolve(self, name: str, version: int) -> Outcome:
         """The outcome for one name and IP version (waits TIMEOUT at most)."""
         now = self.clock()
-        cached = self.cache.get(name, version, now)
+        with self._cached:
+            cached = self.cache.get(name, version, now)
         if cached is not None:
             return cached
         try:
@@ -107,7 +109,8 @@ class Lookups:
             return Reason.HOST_UNRESOLVED
         outcome = choose(answers, version)
         if not isinstance(outcome, Reason):
-            self.cache.put(name, version, outcome, now)
+            with self._cached:
+                self.cache.put(name, version, outcome, now)
         return outcome
 
     def _run(self, name: str, version: int, done: Callable[[Outcome], None]) -> None:
