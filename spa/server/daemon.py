@@ -137,7 +137,7 @@ class Server:
         privileged gate keeper holds the firewall).  `resolver`: a named
         gateway service's host names (spa.server.gwresolve)."""
         self.config = config
-        self._lookups = Lookups(resolver, clock=clock)
+        self.lookups = Lookups(resolver, clock=clock)
         self.backend = backend
         self.source = source
         self.clock = clock
@@ -434,7 +434,7 @@ class Server:
         self.notifier.stopping()
         for companion in self.companions:
             companion.close()
-        self._lookups.close()
+        self.lookups.close()
         self.run_commands()
         try:
             with self._lock:
@@ -608,7 +608,7 @@ class Server:
         service = decision.service
         if not service.named or self.leases.destination(decision.address, service.name):
             return False
-        self._lookups.submit(service.host_name, decision.address.version,
+        self.lookups.submit(service.host_name, decision.address.version,
                              lambda outcome: self._resolved(result, outcome))
         return True
 
@@ -641,7 +641,7 @@ class Server:
         listener's thread, every event it causes marked legacy.  A named
         gateway service's host is resolved here, on that thread."""
         actions: list[FirewallAction] = []
-        found = {d.service.name: self._lookups.resolve(d.service.host_name, d.address.version)
+        found = {d.service.name: self.lookups.resolve(d.service.host_name, d.address.version)
                  for d in decisions if d.service.named}
         with self._lock:
             for decision in decisions:

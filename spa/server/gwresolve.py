@@ -121,6 +121,11 @@ class Lookups:
                 self._pending -= 1
         done(outcome)
 
+    def settle(self, timeout: float = 30.0) -> None:
+        """Wait until every lookup submitted so far has had its `done` (tests,
+        and a clean stop).  Raises TimeoutError past `timeout`."""
+        self._order.submit(lambda: None).result(timeout)
+
     def close(self) -> None:
         """Stop taking lookups; one in flight is abandoned (its thread ends with it)."""
         self._order.shutdown(wait=False, cancel_futures=True)
