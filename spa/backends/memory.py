@@ -20,6 +20,7 @@ class MemoryBackend:
     def __init__(self) -> None:
         self.grants: Held = {}
         self.destinations: Destinations = {}  # a named gateway service's grants' addresses
+        self.gated: dict[str, set[IPAddress]] = {}  # `gate_addresses`: before any lease
         self.services: dict[str, Service] = {}
         self.started = False
         self.removed = False  # `wipe` was called: another program took the gate away
@@ -44,6 +45,10 @@ class MemoryBackend:
     def apply(self, changes: Sequence[Change], *, now: float) -> None:
         self.log.append(("apply", str(len(changes))))
         apply_each(self, changes, now=now)
+
+    def gate_addresses(self, addresses: Mapping[str, Sequence[IPAddress]]) -> None:
+        for name, found in addresses.items():
+            self.gated.setdefault(name, set()).update(found)
 
     def held(self, *, now: float) -> Held:
         return dict(self.grants)

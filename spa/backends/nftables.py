@@ -65,7 +65,7 @@ from collections.abc import Mapping, Sequence
 from spa.backends.base import Change, Destinations, Held
 from spa.backends.libnft import Document, NftRunner
 from spa.backends.names import DEFAULT_NAMES, FAMILY, Names, instance_of_table, is_hold_table
-from spa.backends.nftgateway import local_services
+from spa.backends.nftgateway import gated_elements, local_services
 from spa.backends.nftrender import (
     CHAIN,
     DROPS_SIZE,
@@ -131,6 +131,7 @@ class NftablesBackend:
         # that expired in the kernel linger here until their Remove).
         self._present: set[tuple[IPAddress, str]] = set()
         self._dest: Destinations = {}  # named gateway services' open pairs -> destination
+        self._gated: dict[str, set[IPAddress]] = {}  # `gate_addresses`: before any lease
         self._shape = ""  # our table as nftables listed it right after we installed it
         self._started = False  # a start ran (a reload's start is not the first)
 
@@ -155,10 +156,11 @@ class NftablesBackend:
                 held = parse_held(listing, self._services, now, names=names, destinations=dest)
                 try:
                     self.runner.run(render_repair(listing, self._services, held, now,
-                                                  names=names, destinations=dest))
+                                                  names=names, destinations=dest,
+                                                  gated=self._gated))
                 except LocalError:  # something in the way: start afresh, the grants kept
                     self.runner.run(render_replace(self._services, held, now, names=names,
-                                                   destinations=dest))
+                                                   destinations=dest, gated=self._gated))
             installed = self._remember_shape()
         except LocalError:  # the guard's first check reports it, and keeps reporting
             # nothing is known to be installed: whatever the table holds now
@@ -268,7 +270,7 @@ class NftablesBackend:
             if not self._hold:
                 self.runner.run_text(f"add table {FAMILY} {self.names.hold} {{ flags owner; }}")
             self.runner.run(render_hold(self._services, held, now, names=self.names,
-                                        destinations=self._dest))
+                                        destinations=self._dest, gated=self._gated))
         except LocalError as exc:
             self._hold = False
             self.hold_note = (f"no hold table ({exc}); a flush of the ruleset opens the "
@@ -327,13 +329,14 @@ class NftablesBackend:
         if not problem:
             return None
         dest = self._dest
-        replace = render_replace(self._services, wanted, now, names=names, destinations=dest)
+        replace = render_replace(self._services, wanted, now, names=names, destinations=dest,
+                                 gated=self._gated)
         if flags:  # not safe to list, nor to take apart: start afresh
             self.runner.run(replace)
         else:
             try:
                 self.runner.run(render_repair(listing, self._services, wanted, now,
-                                              names=names, destinations=dest))
+                                              names=names, destinations=dest, gated=self._gated))
             except LocalError:  # something in the way (a jump into a chain): start afresh
                 self.runner.run(replace)
         self._present = set(wanted)
@@ -373,6 +376,17 @@ class NftablesBackend:
                                       names=self.names, destination=destination))
         self._present.discard((address, service.name))
         self._dest.pop((address, service.name), None)
+
+    def gate_addresses(self, addresses: Mapping[str, Sequence[IPAddress]]) -> None:
+        """Drop a named gateway service's port on these addresses from now on,
+        before any lease (its host's name at start and reload); kept for
+        every repair while this process runs."""
+        for name, found in addresses.items():
+            self._gated.setdefault(name, set()).update(found)
+        commands = [c for table in _gate_tables(self) for c in
+                    gated_elements(addresses, self._services, table)]
+        if commands:
+            self.runner.run({"nftables": commands})
 
     def _destination_of(self, address: IPAddress, service: Service) -> IPAddress | None:
         """A named service's lease's destination: the service's (as handed
@@ -424,6 +438,11 @@ class NftablesBackend:
     def stop(self) -> None:
         if self.flush_on_stop and self._services:
             self.runner.run(render_flush(self._services, hold=self._hold, names=self.names))
+
+
+def _gate_tables(backend: NftablesBackend) -> tuple[str, ...]:
+    names = backend.names
+    return (names.table, names.hold) if backend.holds else (names.table,)
 
 
 def safe_ruleset(runner: NftRunner) -> Document:

@@ -34,7 +34,7 @@ Invariants (docs/threat-model.md, "Gateway mode"):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from spa.backends.names import FAMILY
@@ -167,4 +167,19 @@ def nat_commands(services: Mapping[str, Service], table: str) -> list[dict[str, 
             _match({"payload": {"protocol": service.protocol, "field": "dport"}},
                    service.listen_port),
             {"dnat": {"family": proto, "addr": str(service.host), "port": service.port}}])}})
+    return commands
+
+
+def gated_elements(gated: Mapping[str, Iterable[Any]], services: Mapping[str, Service],
+                   table: str) -> list[dict[str, Any]]:
+    """Add the addresses a named service's drop covers before any lease
+    (what its host's name gave at start and reload) to its destination sets."""
+    commands: list[dict[str, Any]] = []
+    for name, addresses in sorted(gated.items()):
+        service = services.get(name)
+        if service is None or not service.named:
+            continue
+        for address in sorted(addresses, key=lambda a: (a.version, a.packed)):
+            commands.append({"add": {"element": _where(
+                table, name=dst_set_name(name, address.version), elem=[str(address)])}})
     return commands

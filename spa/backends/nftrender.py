@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from spa.backends.base import Change, Destinations, Held
@@ -19,6 +19,7 @@ from spa.backends.nftgateway import (
     dst_set_name,
     element,
     forward_rules,
+    gated_elements,
     grant_sets,
     local_services,
     nat_commands,
@@ -26,6 +27,8 @@ from spa.backends.nftgateway import (
 from spa.core.leases import Allow
 from spa.core.policy import Service
 from spa.core.wire import IPAddress
+
+Gated = Mapping[str, Iterable[IPAddress]]  # named service -> addresses gated before any lease
 
 # The tables are an instance's (spa/backends/names.py): `inet spa` and the
 # same gate in a table the daemon owns, `inet spa_hold` (see the backend).
@@ -147,8 +150,8 @@ _SET_MARK = {"mangle": {"key": {"meta": {"key": "mark"}},
 
 
 def render_hold(services: Mapping[str, Service], held: Held, now: float, *,
-                names: Names = DEFAULT_NAMES,
-                destinations: Destinations | None = None) -> Document:
+                names: Names = DEFAULT_NAMES, destinations: Destinations | None = None,
+                gated: Gated | None = None) -> Document:
     """The hold table's content (the table itself is made `flags owner` by a
     text command: nft's JSON drops table flags): per service the grant sets,
     set to exactly `held`, and one chain that drops a protected port unless
@@ -159,16 +162,18 @@ def render_hold(services: Mapping[str, Service], held: Held, now: float, *,
         commands.append({"flush": {"set": _where(hold, name=command["add"]["set"]["name"])}})
     commands += _input_commands(services, hold, HOLD_PRIORITY, mark=False, count=False)
     commands += _forward_commands(services, hold, HOLD_PRIORITY, mark=False)
-    return {"nftables": commands + render_elements(held, services, now, hold, destinations)}
+    return {"nftables": commands + render_elements(held, services, now, hold, destinations,
+                                                   gated)}
 
 
 def render_elements(wanted: Held, services: Mapping[str, Service], now: float,
-                    table: str, destinations: Destinations | None = None
-                    ) -> list[dict[str, Any]]:
+                    table: str, destinations: Destinations | None = None,
+                    gated: Gated | None = None) -> list[dict[str, Any]]:
     """The commands that add every live grant of `wanted` at its remaining
     time.  A named service's grant needs its destination (`destinations`):
-    one without is left out (closed, never opened to another address)."""
-    commands: list[dict[str, Any]] = []
+    one without is left out (closed, never opened to another address).  And
+    the `gated` addresses of named services (`gated_elements`)."""
+    commands = gated_elements(gated or {}, services, table)
     for (address, name), until in sorted(wanted.items(), key=str):
         service = services.get(name)
         if service is None or not until > now:

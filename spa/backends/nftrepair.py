@@ -30,6 +30,7 @@ from spa.backends.nftrender import (
     CHAIN,
     DROPS_SIZE,
     DROPS_TIMEOUT,
+    Gated,
     parse_held,
     render_elements,
     render_start,
@@ -126,7 +127,8 @@ def diagnose(listing: Document | None, installed: Shape, services: Mapping[str, 
 
 def render_repair(listing: Document | None, services: Mapping[str, Service], wanted: Held,
                   now: float, *, names: Names = DEFAULT_NAMES,
-                  destinations: Destinations | None = None) -> Document:
+                  destinations: Destinations | None = None,
+                  gated: Gated | None = None) -> Document:
     """The one transaction that restores the table with exactly `wanted`."""
     where = {"family": FAMILY, "table": names.table}
     commands: list[dict[str, Any]] = []
@@ -161,7 +163,7 @@ def render_repair(listing: Document | None, services: Mapping[str, Service], wan
         for version in (4, 6):
             commands.append({"flush": {"set": {**where, "name": set_name(service.name,
                                                                          version)}}})
-    commands += render_elements(wanted, services, now, names.table, destinations)
+    commands += render_elements(wanted, services, now, names.table, destinations, gated)
     return {"nftables": commands}
 
 
@@ -181,14 +183,15 @@ def _updated_sets(expr: object) -> set[str]:
 
 def render_replace(services: Mapping[str, Service], wanted: Held, now: float, *,
                    names: Names = DEFAULT_NAMES,
-                   destinations: Destinations | None = None) -> Document:
+                   destinations: Destinations | None = None,
+                   gated: Gated | None = None) -> Document:
     """Our table deleted and made again in one transaction, with exactly
     `wanted`: for what `render_repair` cannot take apart (flags, a knot of
     jumps).  The drop counters start again from zero."""
     table = {"family": FAMILY, "name": names.table}
     commands: list[dict[str, Any]] = [{"add": {"table": table}}, {"delete": {"table": table}}]
     commands += render_start(services, drop_sets=True, names=names)["nftables"]
-    commands += render_elements(wanted, services, now, names.table, destinations)
+    commands += render_elements(wanted, services, now, names.table, destinations, gated)
     return {"nftables": commands}
 
 

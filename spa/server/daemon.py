@@ -58,7 +58,7 @@ from spa.core.policy import (
     named_services,
 )
 from spa.core.verify import Accepted, Refused, Verifier
-from spa.core.wire import NONCE_OFFSET, Action
+from spa.core.wire import NONCE_OFFSET, Action, IPAddress
 from spa.server import config as config_mod
 from spa.server.coexist import Report, closed_ports, report
 from spa.server.config import KIND_SPA, OLD_KEY, ClientEntry, ServerConfig, parse_utc
@@ -260,6 +260,7 @@ class Server:
                                 retention_days=self.config.event_retention_days)
         self.backend.start(self.config.services, now=now)
         try:
+            self._gate_named(self.config.services)
             self._reconcile(now)
         except LocalError as exc:  # the gate is not ours to write (the guard says so): serve
             self.log(f"error firewall: {exc}")
@@ -599,6 +600,27 @@ class Server:
             except LocalError as exc:  # keep serving; the next housekeeping retries
                 self.log(f"error firewall: {exc}")
                 self._retry_reconcile = True
+
+    def _gate_named(self, services: Mapping[str, Service]) -> None:
+        """Resolve each named gateway service's host now (start, reload: not
+        the receive thread) and have the gate drop its port on what the name
+        gives, before any lease.  Raises LocalError from the backend."""
+        found: dict[str, list[IPAddress]] = {}
+        for service in services.values():
+            if not service.named:
+                continue
+            for version in (4, 6):
+                outcome = self.lookups.resolve(service.host_name, version)
+                if not isinstance(outcome, Reason):
+                    found.setdefault(service.name, []).append(outcome)
+            if service.name not in found:
+                self.log(f"warning gateway {service.name}: host {service.host_name} gives no "
+                         "usable address now; its port is gated on an address from the first "
+                         "lease that gets it (docs/install.md, section 11)")
+        gate = getattr(self.backend, "gate_addresses", None)
+        if found and gate is not None:
+            with self._lock:
+                gate(found)
 
     def _lookup(self, result: Accepted) -> bool:
         """Whether an open of a named gateway service waits for its host's
@@ -1169,6 +1191,10 @@ class Server:
                 self.log(f"error reload refused, keeping the running services: {exc}")
                 return
             self.log(f"firewall rules updated for services: {', '.join(sorted(services))}")
+            try:
+                self._gate_named(new.services)
+            except LocalError as exc:
+                self.log(f"error firewall: {exc}")
         self.config = replace(new, services=services, server_id=old.server_id,
                               listen_port=old.listen_port, backend=old.backend,
                               mode=old.mode, state_dir=old.state_dir, window=old.window,

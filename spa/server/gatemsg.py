@@ -90,7 +90,18 @@ class TagMap:
     entries: int
 
 
-Request = Start | Apply | Reconcile | Simple | TagMap
+@dataclass(frozen=True, slots=True)
+class Gated:
+    """Drop a named gateway service's port on these addresses from now on,
+    before any lease (what its host's name gives at start and reload)."""
+
+    addresses: tuple[tuple[str, IPAddress], ...]  # (service name, address)
+
+
+MAX_GATED = 1024  # (service, address) pairs in one `gated` request
+
+
+Request = Start | Apply | Reconcile | Simple | TagMap | Gated
 SIMPLE = frozenset({"held", "drops", "gate", "check", "fold", "host", "stamp", "config",
                     "stop"})
 
@@ -141,6 +152,9 @@ def encode_request(request: Request) -> dict[str, Any]:
     if isinstance(request, TagMap):
         return {"kind": "tagmap", "mode": request.mode, "port": request.port,
                 "entries": request.entries}
+    if isinstance(request, Gated):
+        return {"kind": "gated", "addresses": [[name, str(address)]
+                                               for name, address in request.addresses]}
     return {"kind": request.kind}
 
 
@@ -168,6 +182,14 @@ def parse_request(message: dict[str, Any]) -> Request:
         return Reconcile(grants)
     if kind == "tagmap":
         return _tag_map(message)
+    if kind == "gated":
+        _fields(message, {"kind", "addresses"})
+        items = message["addresses"]
+        if not isinstance(items, list) or len(items) > MAX_GATED or not all(
+                isinstance(item, list) and len(item) == 2 for item in items):
+            raise RefusedError(f"gated: addresses is a list of at most {MAX_GATED} "
+                               "[service, address] pairs")
+        return Gated(tuple((_service(name), parse_address(address)) for name, address in items))
     raise RefusedError(f"unknown request {str(kind)[:40]!r}")
 
 

@@ -36,7 +36,7 @@ from spa.server.coexist import Report
 from spa.server.errors import LocalError
 from spa.server.events import Event
 from spa.server.frames import close_all, receive, receive_with_fds
-from spa.server.gatemsg import Apply, Reconcile, Simple, Start, TagMap
+from spa.server.gatemsg import Apply, Gated, Reconcile, Simple, Start, TagMap
 from spa.server.guard import GateState
 from spa.server.monitor import GateKeeper, serve
 
@@ -135,6 +135,11 @@ class RemoteGate:
         dests = destinations or {}
         self.ask(Reconcile(tuple(Allow(address, name, until, dests.get((address, name)))
                                  for (address, name), until in wanted.items())))
+
+    def gate_addresses(self, addresses: Mapping[str, Sequence[Any]]) -> None:
+        """A named gateway service's addresses, gated before any lease."""
+        self.ask(Gated(tuple((name, address) for name, found in addresses.items()
+                             for address in found)))
 
     def held(self, *, now: float) -> Held:
         return {(gatemsg.parse_address(address), name): float(until)

@@ -49,6 +49,7 @@ default_duration = {lease}
 max_duration = {lease}
 host = "{missing}"
 """
+GATED = [f"dst_dbn_v4 {INT4}", f"dst_dbn_v6 {INT6}"]  # what the name gives at start
 LONG = 30  # seconds: the restart test's leases (a stop and a start fit in them)
 
 
@@ -117,13 +118,16 @@ def test_a_knock_reaches_the_host_its_name_resolves_to_and_only_for_its_lease(
     assert world.cli.run("getent", "hosts", NAME, check=False).returncode != 0, \
         "and nobody else does"
     site.start()
+    assert site.elements() == GATED, "what the name gives is gated from the start"
+    assert not tcp_open(world.cli, INT4, 22), "the internal host hidden before the knock"
+    assert not tcp_open(world.att, INT6, 22)
     knock(site, "dbn")
     opened = time.monotonic()
-    assert wait_for_elements(site, 2) == [f"dst_dbn_v4 {INT4}", f"svc_dbn_v4 {CLI4} . {INT4}"]
+    assert wait_for_elements(site, 3) == [*GATED, f"svc_dbn_v4 {CLI4} . {INT4}"]
     assert ssh(world, INT4) == f"in-{INT4}", "a real login to the host the name gave"
     assert not tcp_open(world.att, INT4, 22), "another address cannot"
     time.sleep(max(0.0, opened + LEASE + 1.2 - time.monotonic()))
-    assert site.elements() == [f"dst_dbn_v4 {INT4}"], "the kernel expired the grant"
+    assert site.elements() == GATED, "the kernel expired the grant"
     assert not tcp_open(world.cli, INT4, 22), "closed again when the lease ends"
     assert not tcp_open(world.att, INT4, 22)
 
@@ -131,7 +135,7 @@ def test_a_knock_reaches_the_host_its_name_resolves_to_and_only_for_its_lease(
 def test_an_ipv6_knock_gets_the_names_ipv6_address(site: Spa) -> None:
     site.start()
     knock(site, "dbn", "fd00:198:1::1")
-    assert wait_for_elements(site, 2) == [f"dst_dbn_v6 {INT6}", f"svc_dbn_v6 {CLI6} . {INT6}"]
+    assert wait_for_elements(site, 3) == [*GATED, f"svc_dbn_v6 {CLI6} . {INT6}"]
     assert ssh(site.world, INT6) == f"in-{INT4}"
     assert not tcp_open(site.world.att, INT6, 22)
 
@@ -144,10 +148,12 @@ def test_a_name_that_does_not_resolve_refuses_the_grant(site: Spa) -> None:
         assert time.monotonic() < deadline, site.lines[-8:]
         time.sleep(0.05)
     assert any(f"host {MISSING} gave no usable IPv4 address" in line for line in site.lines)
-    assert site.elements() == [], "nothing opened"
+    assert site.elements() == GATED, "nothing opened"
+    assert any(f"warning gateway gone: host {MISSING} gives no usable address now" in line
+               for line in site.lines)
 
 
-def test_a_restart_reinstalls_the_leases_destination_without_resolving(
+def test_a_restart_reinstalls_the_leases_destination_when_the_name_no_longer_resolves(
         gworld: World, tmp_path: Path) -> None:
     """The hosts file loses the name after the grant: the restarted daemon
     puts back exactly the grant it saved (the pair with its address)."""
@@ -158,7 +164,7 @@ def test_a_restart_reinstalls_the_leases_destination_without_resolving(
 def restart_keeps_the_destination(site: Spa, gworld: World) -> None:
     site.start()
     knock(site, "dbn")
-    assert wait_for_elements(site, 2) == [f"dst_dbn_v4 {INT4}", f"svc_dbn_v4 {CLI4} . {INT4}"]
+    assert wait_for_elements(site, 3) == [*GATED, f"svc_dbn_v4 {CLI4} . {INT4}"]
     hosts = Path("/etc/netns") / gworld.srv.name / "hosts"
     kept = hosts.read_text()
     hosts.write_text("127.0.0.1 localhost\n")
@@ -166,8 +172,10 @@ def restart_keeps_the_destination(site: Spa, gworld: World) -> None:
         site.stop()
         site.world.srv.run("nft", "delete", "table", "inet", "spa")
         site.start()
+        # the name gives nothing now: only the lease's own address is gated
         assert wait_for_elements(site, 2) == [f"dst_dbn_v4 {INT4}",
                                               f"svc_dbn_v4 {CLI4} . {INT4}"]
+        assert not tcp_open(site.world.att, INT4, 22)
         assert ssh(site.world, INT4) == f"in-{INT4}"
     finally:
         hosts.write_text(kept)

@@ -174,3 +174,37 @@ def test_saved_leases_keep_their_destination(tmp_path: Path) -> None:
     state.save_leases(table, now=NOW, backend="nftables", expires_by_itself=True)
     loaded = {lease.service: lease.destination for lease in state.load_leases()}
     assert loaded == {"db": INT5, "ssh": None}
+
+
+def test_addresses_gated_before_any_lease_are_added_and_kept_through_a_repair() -> None:
+    fake = FakeNft()
+    backend = NftablesBackend(fake, hold=False)
+    backend.start(SERVICES, now=1000)
+    backend.gate_addresses({"db": [INT5, ip("fd00:20::5")], "ssh": [INT6]})
+    assert fake.documents[-1] == {"nftables": [
+        {"add": {"element": {"family": "inet", "table": "spa", "name": "dst_db_v4",
+                             "elem": [str(INT5)]}}},
+        {"add": {"element": {"family": "inet", "table": "spa", "name": "dst_db_v6",
+                             "elem": ["fd00:20::5"]}}}]}, "only a named service's"
+    doc = render_repair(None, SERVICES, {}, NOW, gated={"db": [INT5]})
+    assert {"add": {"element": {"family": "inet", "table": "spa", "name": "dst_db_v4",
+                                "elem": [str(INT5)]}}} in doc["nftables"]
+    fake.documents.clear()
+    backend.repair({}, now=1000)  # the table is gone (the fake lists nothing)
+    assert str(INT5) in str(fake.documents)
+
+
+@pytest.mark.parametrize(("pairs", "why"), [
+    ([["ssh", str(INT5)]], "no named gateway service"),
+    ([["db", "127.0.0.1"]], "is a loopback address"),
+    ([["db", "db.internal"]], "not an address"),
+    ([["db"]], "pairs"),
+])
+def test_the_gate_keeper_gates_only_a_named_services_reachable_addresses(
+        pairs: list[Any], why: str) -> None:
+    gate, backend = keeper()
+    assert gate.handle({"kind": "gated", "addresses": [["db", str(INT5)]]}) == {"ok": None}
+    assert backend.gated == {"db": {INT5}}
+    reply = gate.handle({"kind": "gated", "addresses": pairs})
+    assert "refused" in reply and why in reply["refused"], reply
+    assert backend.gated == {"db": {INT5}}
