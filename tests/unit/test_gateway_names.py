@@ -10,12 +10,14 @@ import threading
 from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
 
 from spa.core.errors import Reason
 from spa.core.gwhost import CACHE_SECONDS, NameCache, choose, host_name_problem
 from spa.core.leases import Allow, Lease, LeaseTable, Remove, restore_saved
 from spa.core.verify import Accepted
 from spa.server.gwresolve import FakeResolver, Lookups
+from spa.server.metrics import Metrics
 from tests.server_world import START, World
 
 ip = ipaddress.ip_address
@@ -181,6 +183,12 @@ def test_a_name_that_does_not_resolve_refuses_the_grant_with_its_reason(world: W
         ("host_unresolved", "alice", A, "db")]
     assert any("host db.internal gave no usable IPv4 address (host_unresolved)" in line
                for line in world.logs)
+    assert any(line.startswith(f"refused reason=host_unresolved client=alice src={A}")
+               for line in world.logs), world.logs
+    metrics = Metrics()
+    metrics.observe(world.events())
+    assert ('spa_knocks_total{outcome="refused",reason="host_unresolved"} 1.0'
+            in generate_latest(metrics.registry).decode())
     world.resolver.answers[NAME] = ["127.0.0.1"]
     knock(world, B)
     assert world.backend.grants == {}
