@@ -416,8 +416,9 @@ def destination_problem(service: Service, change: Allow | Remove) -> str:
     destination = change.destination
     if not service.named:
         return "" if destination is None else "a destination for a service that names none"
-    if destination is None:
-        return "a named gateway service's change needs its destination"
+    if destination is None:  # a removal: the backend knows what it opened
+        return "" if isinstance(change, Remove) else \
+            "a named gateway service's grant needs its destination"
     if destination.version != change.address.version:
         return "the destination is of another IP version than the address"
     problem = gateway_host_problem(destination)

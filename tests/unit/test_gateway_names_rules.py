@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
+from spa.backends.base import Backend
 from spa.backends.libnft import FakeNft
 from spa.backends.nftables import NftablesBackend
 from spa.backends.nftrender import FORWARD, parse_held, render_changes, render_start
@@ -208,3 +209,40 @@ def test_the_gate_keeper_gates_only_a_named_services_reachable_addresses(
     reply = gate.handle({"kind": "gated", "addresses": pairs})
     assert "refused" in reply and why in reply["refused"], reply
     assert backend.gated == {"db": {INT5}}
+
+
+def test_a_reload_that_renames_or_unnames_a_host_leaves_open_leases_closed_not_elsewhere(
+        ) -> None:
+    """A lease made before a reload meets the service as it is now: a
+    destination goes only to a named service, and a named service's grant
+    without one (the service had an address then) opens nothing."""
+    from spa.backends.base import apply, fit, reconcile
+    from spa.backends.memory import MemoryBackend
+    literal = Service("db", "tcp", 22, 30, 300, INT5)
+    assert fit(Allow(A, "db", NOW + 30, INT5), literal) == Allow(A, "db", NOW + 30)
+    assert fit(Remove(A, "db", INT5), literal) == Remove(A, "db")
+    assert fit(Allow(A, "db", NOW + 30), DB) is None
+    assert fit(Allow(A, "db", NOW + 30, ip("fd00::5")), DB) is None
+    assert fit(Remove(A, "db"), DB) == Remove(A, "db")
+    backend = MemoryBackend()
+    apply(backend, [Allow(A, "db", NOW + 30), Allow(B, "db", NOW + 30, INT6)], SERVICES,
+          now=NOW)
+    assert backend.grants == {(B, "db"): NOW + 30}
+    assert backend.destinations == {(B, "db"): INT6}
+    gate, kept = keeper()
+    reconcile(cast(Backend, _Remote(gate)), {(A, "db"): NOW + 30, (B, "db"): NOW + 30}, SERVICES, now=NOW,
+              destinations={(B, "db"): INT6})
+    assert kept.grants == {(B, "db"): NOW + 30}, "one without a destination is left closed"
+
+
+class _Remote:
+    """The daemon's end of the gate keeper, as spa.server.remote sends it."""
+
+    def __init__(self, gate: GateKeeper) -> None:
+        self.gate = gate
+
+    def reconcile(self, wanted: Any, *, now: float, destinations: Any = None) -> None:
+        grants = [gatemsg._change_out(Allow(key[0], key[1], until,
+                                            (destinations or {}).get(key)))
+                  for key, until in wanted.items()]
+        assert self.gate.handle({"kind": "reconcile", "grants": grants}) == {"ok": None}
