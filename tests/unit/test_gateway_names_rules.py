@@ -230,8 +230,8 @@ def test_a_reload_that_renames_or_unnames_a_host_leaves_open_leases_closed_not_e
     assert backend.grants == {(B, "db"): NOW + 30}
     assert backend.destinations == {(B, "db"): INT6}
     gate, kept = keeper()
-    reconcile(cast(Backend, _Remote(gate)), {(A, "db"): NOW + 30, (B, "db"): NOW + 30}, SERVICES, now=NOW,
-              destinations={(B, "db"): INT6})
+    reconcile(cast(Backend, _Remote(gate)), {(A, "db"): NOW + 30, (B, "db"): NOW + 30},
+              SERVICES, now=NOW, destinations={(B, "db"): INT6})
     assert kept.grants == {(B, "db"): NOW + 30}, "one without a destination is left closed"
 
 
