@@ -102,8 +102,9 @@ def _gated(service: Service) -> str:
     published = f", published on {service.listen_port}" if service.listen_port else ""
     if service.named:
         return (f"{service.name}: {service.protocol}/{service.port} of {service.host_name}, "
-                "resolved when a lease starts (only the addresses its leases were given are "
-                "gated, nor connections that do not pass through this host)")
+                "resolved when a lease starts (gated on the addresses the name gives at start, "
+                "reload and each lease, not on others, nor connections that do not pass "
+                "through this host)")
     return (f"{service.name}: {service.protocol}/{service.port} of {service.host} (its other "
             "addresses and ports are not gated, nor connections that do not pass through "
             f"this host){published}")

@@ -246,3 +246,20 @@ class _Remote:
                                             (destinations or {}).get(key)))
                   for key, until in wanted.items()]
         assert self.gate.handle({"kind": "reconcile", "grants": grants}) == {"ok": None}
+
+
+def test_the_start_line_and_check_say_what_a_named_service_gates(tmp_path: Path) -> None:
+    from spa.backends.hostcheck import Target
+    from spa.server.coexist import closed_ports, forwarding_lines, targets_of
+    from tests.unit.test_gateway_rules import GATEWAY, load
+    loaded = load(tmp_path, GATEWAY.format(host="db.internal"))
+    assert closed_ports(loaded.services) == (
+        "forwarded through this host only to clients whose knock opens them: db: tcp/22 of "
+        "db.internal, resolved when a lease starts (gated on the addresses the name gives at "
+        "start, reload and each lease, not on others, nor connections that do not pass "
+        "through this host)")
+    target = targets_of(loaded)[0]
+    assert target == Target("tcp", 22, "db", host="db.internal")
+    assert (target.hook, target.versions) == ("forward", (4, 6)), "either version may be given"
+    assert forwarding_lines(loaded, lambda version: version == 6) == [], "one version is enough"
+    assert len(forwarding_lines(loaded, lambda version: False)) == 2
