@@ -15,6 +15,8 @@ mode"):
   order), fail closed: no answer of that version is `host_unresolved`, a
   first answer the gate cannot hold is `host_not_allowed` (the next one is
   never tried in its place).
+- `destination_problem` holds a lease's destination, where the gate keeper
+  receives it, to what `choose` could have given.
 - `NameCache` keeps an answer at most CACHE_SECONDS (the system resolver
   gives no TTL) and at most CACHE_SIZE names; a failure is never kept.
 """
@@ -27,6 +29,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from spa.core.errors import Reason
+from spa.core.leases import Allow, Remove
+from spa.core.policy import Service
 from spa.core.wire import IPAddress
 
 MAX_NAME = 253  # characters of a DNS name (RFC 1035 section 2.3.4, without the trailing dot)
@@ -116,3 +120,22 @@ class NameCache:
 
     def __len__(self) -> int:
         return len(self._answers)
+
+
+def destination_problem(service: Service, change: Allow | Remove) -> str:
+    """Why a change's destination does not fit its service, or "": a named
+    gateway service's change names an address of its client's IP version
+    that a gateway may reach (spa/core/gwhost.py); any other names none.
+    The daemon resolved it; the gate keeper (spa/server/monitor.py) holds
+    it to what any answer could be, so a daemon taken over opens no
+    loopback or other-version way."""
+    destination = change.destination
+    if not service.named:
+        return "" if destination is None else "a destination for a service that names none"
+    if destination is None:  # a removal: the backend knows what it opened
+        return "" if isinstance(change, Remove) else \
+            "a named gateway service's grant needs its destination"
+    if destination.version != change.address.version:
+        return "the destination is of another IP version than the address"
+    problem = gateway_host_problem(destination)
+    return f"destination {destination} {problem}" if problem else ""

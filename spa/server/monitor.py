@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from spa.backends.base import Backend, Destinations, Held, reconcile
-from spa.core.gwhost import gateway_host_problem
+from spa.core.gwhost import destination_problem, gateway_host_problem
 from spa.core.leases import Allow, Remove
 from spa.core.policy import Service
 from spa.core.wire import IPAddress
@@ -406,20 +406,3 @@ def serve_failure(sock: socket.socket, error: str) -> None:
         while receive_message(sock) is not None:
             frames.send(sock, {"error": error})
 
-
-def destination_problem(service: Service, change: Allow | Remove) -> str:
-    """Why a change's destination does not fit its service, or "": a named
-    gateway service's change names an address of its client's IP version
-    that a gateway may reach (spa/core/gwhost.py); any other names none.
-    The daemon resolved it; the gate keeper holds it to what any answer
-    could be, so a daemon taken over opens no loopback or other-version way."""
-    destination = change.destination
-    if not service.named:
-        return "" if destination is None else "a destination for a service that names none"
-    if destination is None:  # a removal: the backend knows what it opened
-        return "" if isinstance(change, Remove) else \
-            "a named gateway service's grant needs its destination"
-    if destination.version != change.address.version:
-        return "the destination is of another IP version than the address"
-    problem = gateway_host_problem(destination)
-    return f"destination {destination} {problem}" if problem else ""
