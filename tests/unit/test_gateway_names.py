@@ -15,6 +15,7 @@ from prometheus_client import generate_latest
 from spa.core.errors import Reason
 from spa.core.gwhost import CACHE_SECONDS, NameCache, choose, host_name_problem
 from spa.core.leases import Allow, Lease, LeaseTable, Remove, restore_saved
+from spa.core.policy import Decision
 from spa.core.verify import Accepted
 from spa.server.gwresolve import FakeResolver, Lookups
 from spa.server.metrics import Metrics
@@ -241,3 +242,18 @@ def test_a_name_that_gives_nothing_at_start_is_one_warning_and_no_gate(tmp_path:
     assert [line for line in w.logs if "gives no usable address now" in line] == [
         "warning gateway db: host db.internal gives no usable address now; its port is "
         "gated on an address from the first lease that gets it (docs/install.md, section 11)"]
+
+
+def test_a_compat_knock_resolves_on_its_listeners_thread_and_fails_closed(world: World) -> None:
+    """fwknop's packets are granted from the compat listener's own thread:
+    the name is resolved there, with the same outcome and events."""
+    assert world.server is not None and isinstance(world.resolver, FakeResolver)
+    service = world.server.config.services["db"]
+    world.server.grant_legacy("alice", (Decision(ip(A), service, 60),), world.clock.now)
+    assert world.backend.destinations == {(ip(A), "db"): ip("10.20.0.5")}
+    world.resolver.answers.clear()
+    world.clock.advance(CACHE_SECONDS)
+    world.server.grant_legacy("alice", (Decision(ip(B), service, 60),), world.clock.now)
+    assert (ip(B), "db") not in world.backend.grants
+    assert [(e.reason, e.legacy) for e in world.events() if e.outcome == "refused"] == [
+        ("host_unresolved", True)]
