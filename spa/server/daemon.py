@@ -123,6 +123,9 @@ class FileStamp:
         return cls(st.st_mtime_ns, st.st_size, st.st_ino)
 
 
+HOST_WARN_EVERY = 60.0  # seconds between two lines on one named service's failing host
+
+
 class Server:
     def __init__(self, config: ServerConfig, *, backend: Backend, source: PacketSource,
                  clock: Clock, log: Log, notifier: Notifier | None = None,
@@ -138,6 +141,7 @@ class Server:
         gateway service's host names (spa.server.gwresolve)."""
         self.config = config
         self.lookups = Lookups(resolver, clock=clock)
+        self._host_warned: dict[str, float] = {}  # service -> its last unresolved-host line
         self.backend = backend
         self.source = source
         self.clock = clock
@@ -643,9 +647,12 @@ class Server:
         with self._lock:
             if isinstance(outcome, Reason):
                 self.events.refuse(now, outcome.value, result.client, str(result.source), name)
-                self.log(f"warning gateway {name}: host {decision.service.host_name} gave no "
-                         f"usable IPv{decision.address.version} address ({outcome.value}); "
-                         f"the grant for client={result.client} is refused")
+                if now - self._host_warned.get(name, -HOST_WARN_EVERY) >= HOST_WARN_EVERY:
+                    self._host_warned[name] = now  # (the refusals themselves: events' budget)
+                    self.log(f"warning gateway {name}: host {decision.service.host_name} gave "
+                             f"no usable IPv{decision.address.version} address "
+                             f"({outcome.value}); the grant for client={result.client} is "
+                             "refused")
                 return
             self.events.record(Event(now, "accepted", "open", None, result.client,
                                      str(decision.address), name, decision.duration))

@@ -83,6 +83,7 @@ class Lookups:
         self._pending = 0
         self._count = threading.Lock()
         self._cached = threading.Lock()  # the cache (the compat listener resolves too)
+        self._closed = threading.Event()  # no `done` after `close`
 
     def submit(self, name: str, version: int, done: Callable[[Outcome], None]) -> None:
         """Resolve `name` for a client of IP `version`; `done` gets the outcome
@@ -119,7 +120,8 @@ class Lookups:
         finally:
             with self._count:
                 self._pending -= 1
-        done(outcome)
+        if not self._closed.is_set():
+            done(outcome)
 
     def settle(self, timeout: float = 30.0) -> None:
         """Wait until every lookup submitted so far has had its `done` (tests,
@@ -128,5 +130,6 @@ class Lookups:
 
     def close(self) -> None:
         """Stop taking lookups; one in flight is abandoned (its thread ends with it)."""
+        self._closed.set()
         self._order.shutdown(wait=False, cancel_futures=True)
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -195,6 +195,7 @@ def test_a_name_that_does_not_resolve_refuses_the_grant_with_its_reason(world: W
     assert world.backend.grants == {}
     assert [e.reason for e in world.events() if e.outcome == "refused"] == [
         "host_unresolved", "host_not_allowed"]
+    assert sum("gave no usable" in line for line in world.logs) == 1, "one line a minute"
 
 
 def test_two_leases_keep_their_own_addresses_when_the_name_changes(world: World) -> None:
