@@ -155,8 +155,9 @@ def test_a_name_that_does_not_resolve_refuses_the_grant(site: Spa) -> None:
 
 def test_a_restart_reinstalls_the_leases_destination_when_the_name_no_longer_resolves(
         gworld: World, tmp_path: Path) -> None:
-    """The hosts file loses the name after the grant: the restarted daemon
-    puts back exactly the grant it saved (the pair with its address)."""
+    """The hosts file loses the name after the grant: the boot gate
+    (`spa-server gate`) and the restarted daemon put back exactly the grant
+    it saved (the pair with its address)."""
     with named_site(gworld, tmp_path, LONG) as site:
         restart_keeps_the_destination(site, gworld)
 
@@ -170,11 +171,15 @@ def restart_keeps_the_destination(site: Spa, gworld: World) -> None:
     hosts.write_text("127.0.0.1 localhost\n")
     try:
         site.stop()
+        pair = [f"dst_dbn_v4 {INT4}", f"svc_dbn_v4 {CLI4} . {INT4}"]
+        site.world.srv.run("nft", "delete", "table", "inet", "spa")  # as after a reboot
+        assert "1 saved lease(s) kept open" in site.admin("gate").stdout
+        assert site.elements() == pair, "the boot gate: the saved pair, nothing resolved"
+        assert not tcp_open(site.world.att, INT4, 22)
         site.world.srv.run("nft", "delete", "table", "inet", "spa")
         site.start()
         # the name gives nothing now: only the lease's own address is gated
-        assert wait_for_elements(site, 2) == [f"dst_dbn_v4 {INT4}",
-                                              f"svc_dbn_v4 {CLI4} . {INT4}"]
+        assert wait_for_elements(site, 2) == pair
         assert not tcp_open(site.world.att, INT4, 22)
         assert ssh(site.world, INT4) == f"in-{INT4}"
     finally:
