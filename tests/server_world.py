@@ -14,6 +14,7 @@ from spa.server import admin
 from spa.server import config as config_mod
 from spa.server.daemon import Server
 from spa.server.events import Event, read_events
+from spa.server.gwresolve import Resolver, system_resolver
 from spa.server.routes import RouteCheck
 from spa.server.sources import FakeSource
 
@@ -39,6 +40,7 @@ class World:
     backend: MemoryBackend = field(default_factory=MemoryBackend)
     source: FakeSource = field(default_factory=FakeSource)
     server: Server | None = None
+    resolver: Resolver | None = None  # a named gateway host's (None: the system's)
 
     @property
     def config_path(self) -> Path:
@@ -63,7 +65,7 @@ class World:
         self.source = source if source is not None else FakeSource()
         self.server = Server(config_mod.load(self.config_path), backend=self.backend,
                              source=self.source, clock=self.clock, log=self.logs.append,
-                             routes=routes)
+                             routes=routes, resolver=self.resolver or system_resolver)
         self.server.start()
         return self.server
 

@@ -7,6 +7,9 @@ Invariants (STYLE principle 6):
   does not own.
 - `apply` carries out several changes at once where the backend can (one
   nftables transaction for a whole batch of grants), else one by one.
+- A named gateway service's lease (spa/core/leases.py) reaches a backend as
+  the service `for_destination` its address (`allow`, `remove`), or as an
+  action that carries it (`apply`); `reconcile` is given the destinations.
 - `expires_by_itself` says whether a grant closes on time even when the daemon
   is not running (nftables set timeouts: yes; memory and iptables: no).
 """
@@ -14,6 +17,7 @@ Invariants (STYLE principle 6):
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Protocol
 
 from spa.core.leases import Allow, FirewallAction, Remove
@@ -21,6 +25,9 @@ from spa.core.policy import Service
 from spa.core.wire import IPAddress
 
 Held = dict[tuple[IPAddress, str], float]  # (address, service name) -> until
+# (address, service name) -> the destination of a named gateway service's
+# lease (spa/core/leases.py): the address its grant resolved the name to
+Destinations = dict[tuple[IPAddress, str], IPAddress]
 Change = tuple[Allow | Remove, Service]  # a lease action and the service it names
 
 
@@ -56,24 +63,52 @@ def apply(backend: Backend, actions: Iterable[FirewallAction],
     last: dict[tuple[IPAddress, str], FirewallAction] = {}
     for action in actions:
         last[(action.address, action.service)] = action
-    if last:
-        backend.apply([(action, services[action.service]) for action in last.values()],
-                      now=now)
+    changes = [(fitted, services[action.service]) for action in last.values()
+               if (fitted := fit(action, services[action.service])) is not None]
+    if changes:
+        backend.apply(changes, now=now)
+
+
+def fit(action: FirewallAction, service: Service) -> FirewallAction | None:
+    """The action as `service` takes it (a reload may have turned a named
+    gateway service into another, or back): a destination only for a named
+    service, and a grant of one only with a destination of its address's IP
+    version (None: nothing to open, left closed).  A removal without one is
+    the backend's to find (it knows what it opened)."""
+    destination = action.destination
+    if not service.named:
+        return action if destination is None else replace(action, destination=None)
+    if destination is not None and destination.version != action.address.version:
+        return None if isinstance(action, Allow) else replace(action, destination=None)
+    if destination is None and isinstance(action, Allow):
+        return None
+    return action
 
 
 def reconcile(backend: Backend, wanted: Held, services: Mapping[str, Service], *,
-              now: float) -> None:
+              now: float, destinations: Destinations | None = None) -> None:
     """Make the backend hold exactly `wanted` (after a restart, a repair, at
     boot), changing only the pairs that differ.  A backend that reconciles
     itself (the gate keeper's end: one request) is asked to.  Raises LocalError."""
     own = getattr(backend, "reconcile", None)
+    fitting: Held = {}
+    dests: Destinations = {}
+    for key, until in wanted.items():
+        fitted = fit(Allow(*key, until, (destinations or {}).get(key)), services[key[1]]) \
+            if key[1] in services else None
+        if fitted is not None:  # (a named service's grant: to its own destination)
+            fitting[key] = until
+            if fitted.destination is not None:
+                dests[key] = fitted.destination
+    wanted = fitting
     if own is not None:
-        own({key: until for key, until in wanted.items() if key[1] in services}, now=now)
+        own(wanted, now=now, destinations=dests)
         return
     held = backend.held(now=now)
     for (address, name), until in wanted.items():
-        if name in services and held.get((address, name)) != until:
-            backend.allow(address, services[name], until, now=now)
+        if held.get((address, name)) != until:
+            backend.allow(address, services[name].for_destination(dests.get((address, name))),
+                          until, now=now)
     for address, name in held.keys() - wanted.keys():
         if name in services:
             backend.remove(address, services[name])
@@ -83,7 +118,8 @@ def apply_each(backend: Backend, changes: Sequence[Change], *, now: float) -> No
     """`Backend.apply` for backends without batches: one change at a time."""
     for action, service in changes:
         if isinstance(action, Allow):
-            backend.allow(action.address, service, action.until, now=now)
+            backend.allow(action.address, service.for_destination(action.destination),
+                          action.until, now=now)
         else:
             assert isinstance(action, Remove)
-            backend.remove(action.address, service)
+            backend.remove(action.address, service.for_destination(action.destination))

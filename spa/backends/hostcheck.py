@@ -57,13 +57,18 @@ class Target:
 
     @property
     def versions(self) -> tuple[int, ...]:
-        if not self.host:
-            return (4, 6)
+        if not self.host or not _literal(self.host):
+            return (4, 6)  # a service of this host, or a gateway's host by name: both
         return (6,) if ":" in self.host else (4,)
 
     def __str__(self) -> str:
         to = f" to {self.host}" if self.host else ""
         return f"{self.label} ({self.protocol}/{self.port}{to})"
+
+
+def _literal(host: str) -> bool:
+    """Whether a gateway's host is an address (not a DNS name)."""
+    return ":" in host or host.replace(".", "").isdigit()
 
 
 class Outcome(Enum):

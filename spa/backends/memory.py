@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from spa.backends.base import Change, Held, apply_each
+from spa.backends.base import Change, Destinations, Held, apply_each
 from spa.core.policy import Service
 from spa.core.wire import IPAddress
 
@@ -19,6 +19,8 @@ class MemoryBackend:
 
     def __init__(self) -> None:
         self.grants: Held = {}
+        self.destinations: Destinations = {}  # a named gateway service's grants' addresses
+        self.gated: dict[str, set[IPAddress]] = {}  # `gate_addresses`: before any lease
         self.services: dict[str, Service] = {}
         self.started = False
         self.removed = False  # `wipe` was called: another program took the gate away
@@ -32,14 +34,21 @@ class MemoryBackend:
     def allow(self, address: IPAddress, service: Service, until: float, *, now: float) -> None:
         self.grants[(address, service.name)] = until
         self.log.append(("allow", str(address), service.name, f"{until:.3f}"))
+        if service.named and service.host is not None:
+            self.destinations[(address, service.name)] = service.host
 
     def remove(self, address: IPAddress, service: Service) -> None:
         self.grants.pop((address, service.name), None)
+        self.destinations.pop((address, service.name), None)
         self.log.append(("remove", str(address), service.name))
 
     def apply(self, changes: Sequence[Change], *, now: float) -> None:
         self.log.append(("apply", str(len(changes))))
         apply_each(self, changes, now=now)
+
+    def gate_addresses(self, addresses: Mapping[str, Sequence[IPAddress]]) -> None:
+        for name, found in addresses.items():
+            self.gated.setdefault(name, set()).update(found)
 
     def held(self, *, now: float) -> Held:
         return dict(self.grants)

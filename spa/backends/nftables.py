@@ -40,6 +40,12 @@ Invariants (docs/threat-model.md, "Firewall"; STYLE principle 6):
   the daemon, which reads the counters now and then (`drops`).
 - `stop` leaves live grants to expire by themselves, or with flush=True
   empties the sets; the rules stay, so protected ports stay closed.
+- A named gateway service's grants are (address . destination) elements
+  (spa/backends/nftgateway.py); the backend keeps each open pair's
+  destination (`_dest`: from the changes, the kernel's elements at start, a
+  reconcile), and every rendering of held grants (repair, replace, the
+  hold table) uses it.  A pair whose destination it does not know is left
+  closed.
 - One daemon per instance, one instance per port (docs/install.md, "Several
   instances on one host"): the first start refuses, in one line, when our
   hold table is already there (another live daemon of this instance owns
@@ -56,10 +62,10 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 
-from spa.backends.base import Change, Held
+from spa.backends.base import Change, Destinations, Held
 from spa.backends.libnft import Document, NftRunner
 from spa.backends.names import DEFAULT_NAMES, FAMILY, Names, instance_of_table, is_hold_table
-from spa.backends.nftgateway import local_services
+from spa.backends.nftgateway import gated_elements, local_services
 from spa.backends.nftrender import (
     CHAIN,
     DROPS_SIZE,
@@ -124,6 +130,8 @@ class NftablesBackend:
         # Elements we believe the kernel holds (a hint for `create`: grants
         # that expired in the kernel linger here until their Remove).
         self._present: set[tuple[IPAddress, str]] = set()
+        self._dest: Destinations = {}  # named gateway services' open pairs -> destination
+        self._gated: dict[str, set[IPAddress]] = {}  # `gate_addresses`: before any lease
         self._shape = ""  # our table as nftables listed it right after we installed it
         self._started = False  # a start ran (a reload's start is not the first)
 
@@ -140,16 +148,19 @@ class NftablesBackend:
         names = self.names
         try:
             flags = self._flags()
+            dest = self._dest
             if flags:  # not safe to list in JSON (see _flags): start afresh
                 self.runner.run(render_replace(self._services, {}, now, names=names))
             else:
                 listing = (self._json_listing() if flags is not None else None) or {}
-                held = parse_held(listing, self._services, now, names=names)
+                held = parse_held(listing, self._services, now, names=names, destinations=dest)
                 try:
                     self.runner.run(render_repair(listing, self._services, held, now,
-                                                  names=names))
+                                                  names=names, destinations=dest,
+                                                  gated=self._gated))
                 except LocalError:  # something in the way: start afresh, the grants kept
-                    self.runner.run(render_replace(self._services, held, now, names=names))
+                    self.runner.run(render_replace(self._services, held, now, names=names,
+                                                   destinations=dest, gated=self._gated))
             installed = self._remember_shape()
         except LocalError:  # the guard's first check reports it, and keeps reporting
             # nothing is known to be installed: whatever the table holds now
@@ -258,7 +269,8 @@ class NftablesBackend:
         try:
             if not self._hold:
                 self.runner.run_text(f"add table {FAMILY} {self.names.hold} {{ flags owner; }}")
-            self.runner.run(render_hold(self._services, held, now, names=self.names))
+            self.runner.run(render_hold(self._services, held, now, names=self.names,
+                                        destinations=self._dest, gated=self._gated))
         except LocalError as exc:
             self._hold = False
             self.hold_note = (f"no hold table ({exc}); a flush of the ruleset opens the "
@@ -316,13 +328,15 @@ class NftablesBackend:
                                wanted if grants else None, now, names=names)
         if not problem:
             return None
-        replace = render_replace(self._services, wanted, now, names=names)
+        dest = self._dest
+        replace = render_replace(self._services, wanted, now, names=names, destinations=dest,
+                                 gated=self._gated)
         if flags:  # not safe to list, nor to take apart: start afresh
             self.runner.run(replace)
         else:
             try:
                 self.runner.run(render_repair(listing, self._services, wanted, now,
-                                              names=names))
+                                              names=names, destinations=dest, gated=self._gated))
             except LocalError:  # something in the way (a jump into a chain): start afresh
                 self.runner.run(replace)
         self._present = set(wanted)
@@ -343,14 +357,43 @@ class NftablesBackend:
             return None
 
     def allow(self, address: IPAddress, service: Service, until: float, *, now: float) -> None:
+        """(A named service's lease comes `for_destination` its address.)"""
+        destination = self._destination_of(address, service)
+        if service.named and destination is None:
+            return  # no address to open it to: closed
         self.runner.run(render_allow(address, service.name, timeout_seconds(until, now),
-                                     hold=self._hold, names=self.names))
+                                     hold=self._hold, names=self.names,
+                                     destination=destination))
         self._present.add((address, service.name))
+        if destination is not None:
+            self._dest[(address, service.name)] = destination
 
     def remove(self, address: IPAddress, service: Service) -> None:
+        destination = self._destination_of(address, service)
+        if service.named and destination is None:
+            return  # never opened
         self.runner.run(render_remove(address, service.name, hold=self._hold,
-                                      names=self.names))
+                                      names=self.names, destination=destination))
         self._present.discard((address, service.name))
+        self._dest.pop((address, service.name), None)
+
+    def gate_addresses(self, addresses: Mapping[str, Sequence[IPAddress]]) -> None:
+        """Drop a named gateway service's port on these addresses from now on,
+        before any lease (its host's name at start and reload); kept for
+        every repair while this process runs."""
+        for name, found in addresses.items():
+            self._gated.setdefault(name, set()).update(found)
+        commands = [c for table in _gate_tables(self) for c in
+                    gated_elements(addresses, self._services, table)]
+        if commands:
+            self.runner.run({"nftables": commands})
+
+    def _destination_of(self, address: IPAddress, service: Service) -> IPAddress | None:
+        """A named service's lease's destination: the service's (as handed
+        over for one lease), else the one the backend knows; None otherwise."""
+        if not service.named:
+            return None
+        return service.host or self._dest.get((address, service.name))
 
     def apply(self, changes: Sequence[Change], *, now: float) -> None:
         if not changes:
@@ -365,10 +408,14 @@ class NftablesBackend:
             # the form that works either way; its error is the one to report.
             self.runner.run(render_changes(changes, now, hold=self._hold, names=self.names))
         for action, service in changes:
+            pair = (action.address, service.name)
             if isinstance(action, Allow):
-                present.add((action.address, service.name))
+                present.add(pair)
+                if service.named and action.destination is not None:
+                    self._dest[pair] = action.destination
             else:
-                present.discard((action.address, service.name))
+                present.discard(pair)
+                self._dest.pop(pair, None)
 
     def drops(self) -> dict[tuple[str, int], int]:
         """Dropped attempts on protected ports: (source, port) -> packets so far.
@@ -383,13 +430,19 @@ class NftablesBackend:
         return found
 
     def held(self, *, now: float) -> Held:
-        held = parse_held(self._listing() or {}, self._services, now, names=self.names)
+        held = parse_held(self._listing() or {}, self._services, now, names=self.names,
+                          destinations=self._dest)
         self._present = set(held)
         return held
 
     def stop(self) -> None:
         if self.flush_on_stop and self._services:
             self.runner.run(render_flush(self._services, hold=self._hold, names=self.names))
+
+
+def _gate_tables(backend: NftablesBackend) -> tuple[str, ...]:
+    names = backend.names
+    return (names.table, names.hold) if backend.holds else (names.table,)
 
 
 def safe_ruleset(runner: NftRunner) -> Document:

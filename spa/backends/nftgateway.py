@@ -21,16 +21,20 @@ Invariants (docs/threat-model.md, "Gateway mode"):
   (spa/server/config.py), one of this host's own addresses at start, reload
   and check (its DNAT would reach hook input, ungated), and a bridged one is
   a problem line of `check` (spa/server/gwroute.py).
-- A destination is a literal address, read at config load.  A DNS name
-  resolved per lease would need a grant keyed by (source, destination), a
-  resolver on the grant path (a knock would trigger a lookup) and leases,
-  saved state and repair that carry the destination; v1 keeps the
-  per-service source sets, and so every guarantee local services have.
+- A named service (`host = NAME`, resolved per lease: spa/server/gwresolve.py)
+  keys its grant sets by (source . destination): svc_NAME_v4 holds
+  `client . address` pairs, so two leases that resolved the name to two
+  addresses each reach only their own.  Its drop covers the addresses its
+  leases were given (dst_NAME_v4/v6, no timeout: an address stays gated
+  while our table lives, and a repair or restart adds those of the live
+  leases back); an address it never resolved to is the admin's forward
+  policy's.  Its accepts come before its drops, after every literal
+  service's rules.  No published port for a name (one DNAT target for all).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from spa.backends.names import FAMILY
@@ -57,6 +61,15 @@ def _match(left: Any, right: Any) -> dict[str, Any]:
     return {"match": {"op": "==", "left": left, "right": right}}
 
 
+def dst_set_name(service: str, version: int) -> str:
+    """A named service's set of the addresses its leases were given."""
+    return f"dst_{service}_v{version}"
+
+
+def named_services(services: Mapping[str, Service]) -> list[Service]:
+    return [service for service in services.values() if service.named]
+
+
 def _ip(service: Service) -> tuple[int, str, str]:
     """(version, nft protocol, nfproto) of the service's destination."""
     assert service.host is not None
@@ -70,6 +83,8 @@ def forward_rules(services: Mapping[str, Service], table: str, chain: str,
     `mark`), any other new connection to host:port dropped."""
     commands: list[dict[str, Any]] = []
     for service in gateway_services(services):
+        if service.named:
+            continue
         version, proto, _ = _ip(service)
         target = [_match({"meta": {"key": "l4proto"}}, service.protocol),
                   _match({"payload": {"protocol": proto, "field": "daddr"}}, str(service.host)),
@@ -81,7 +96,57 @@ def forward_rules(services: Mapping[str, Service], table: str, chain: str,
             *mark, {"accept": None}])}})
         commands.append({"add": {"rule": _where(table, chain=chain,
                                                 expr=[*target, {"drop": None}])}})
+    return commands + _named_rules(services, table, chain, set_name, mark)
+
+
+def _named_rules(services: Mapping[str, Service], table: str, chain: str,
+                 set_name: Callable[[str, int], str], mark: list[dict[str, Any]]
+                 ) -> list[dict[str, Any]]:
+    """Per named service and IP version: (source . destination) in its grant
+    set accepted; then, for every named service, a new connection to its
+    port on an address its leases were given dropped."""
+    accepts: list[dict[str, Any]] = []
+    drops: list[dict[str, Any]] = []
+    for service in named_services(services):
+        port = [_match({"meta": {"key": "l4proto"}}, service.protocol),
+                _match({"payload": {"protocol": service.protocol, "field": "dport"}},
+                       service.port)]
+        for version, proto in ((4, "ip"), (6, "ip6")):
+            pair = {"concat": [{"payload": {"protocol": proto, "field": "saddr"}},
+                               {"payload": {"protocol": proto, "field": "daddr"}}]}
+            accepts.append({"add": {"rule": _where(table, chain=chain, expr=[
+                *port, _match(pair, f"@{set_name(service.name, version)}"),
+                *mark, {"accept": None}])}})
+            drops.append({"add": {"rule": _where(table, chain=chain, expr=[
+                *port, _match({"payload": {"protocol": proto, "field": "daddr"}},
+                              f"@{dst_set_name(service.name, version)}"),
+                {"drop": None}])}})
+    return accepts + drops
+
+
+def grant_sets(services: Mapping[str, Service], table: str) -> list[dict[str, Any]]:
+    """The `add set` commands of every service's grant sets (keyed by
+    source, or by source . destination for a named service) and of the
+    named services' destination sets."""
+    commands: list[dict[str, Any]] = []
+    for service in services.values():
+        for version, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")):
+            commands.append({"add": {"set": _where(
+                table, name=f"svc_{service.name}_v{version}",
+                type=[kind, kind] if service.named else kind, flags=["timeout"])}})
+    for service in named_services(services):
+        for version, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")):
+            commands.append({"add": {"set": _where(
+                table, name=dst_set_name(service.name, version), type=kind)}})
     return commands
+
+
+def element(address: Any, destination: Any) -> Any:
+    """A grant set's element value: the address, or for a named service's
+    lease, address . destination."""
+    if destination is None:
+        return str(address)
+    return {"concat": [str(address), str(destination)]}
 
 
 def nat_commands(services: Mapping[str, Service], table: str) -> list[dict[str, Any]]:
@@ -102,4 +167,19 @@ def nat_commands(services: Mapping[str, Service], table: str) -> list[dict[str, 
             _match({"payload": {"protocol": service.protocol, "field": "dport"}},
                    service.listen_port),
             {"dnat": {"family": proto, "addr": str(service.host), "port": service.port}}])}})
+    return commands
+
+
+def gated_elements(gated: Mapping[str, Iterable[Any]], services: Mapping[str, Service],
+                   table: str) -> list[dict[str, Any]]:
+    """Add the addresses a named service's drop covers before any lease
+    (what its host's name gave at start and reload) to its destination sets."""
+    commands: list[dict[str, Any]] = []
+    for name, addresses in sorted(gated.items()):
+        service = services.get(name)
+        if service is None or not service.named:
+            continue
+        for address in sorted(addresses, key=lambda a: (a.version, a.packed)):
+            commands.append({"add": {"element": _where(
+                table, name=dst_set_name(name, address.version), elem=[str(address)])}})
     return commands

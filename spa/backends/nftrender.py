@@ -9,16 +9,26 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from spa.backends.base import Change, Held
+from spa.backends.base import Change, Destinations, Held
 from spa.backends.libnft import Document
 from spa.backends.names import DEFAULT_NAMES, FAMILY, Names
-from spa.backends.nftgateway import forward_rules, local_services, nat_commands
+from spa.backends.nftgateway import (
+    dst_set_name,
+    element,
+    forward_rules,
+    gated_elements,
+    grant_sets,
+    local_services,
+    nat_commands,
+)
 from spa.core.leases import Allow
 from spa.core.policy import Service
 from spa.core.wire import IPAddress
+
+Gated = Mapping[str, Iterable[IPAddress]]  # named service -> addresses gated before any lease
 
 # The tables are an instance's (spa/backends/names.py): `inet spa` and the
 # same gate in a table the daemon owns, `inet spa_hold` (see the backend).
@@ -58,10 +68,7 @@ def render_start(services: Mapping[str, Service], *, drop_sets: bool = True,
     take) is refused."""
     table = names.table
     commands: list[dict[str, Any]] = [{"add": {"table": {"family": FAMILY, "name": table}}}]
-    for service in services.values():
-        for version, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")):
-            commands.append({"add": {"set": _where(table, name=set_name(service.name, version),
-                                                   type=kind, flags=["timeout"])}})
+    commands += grant_sets(services, table)
     for version, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")) if drop_sets else ():
         commands.append({"add": {"set": _where(
             table, name=f"drops_v{version}", type=[kind, "inet_service"], flags=["timeout"],
@@ -143,47 +150,74 @@ _SET_MARK = {"mangle": {"key": {"meta": {"key": "mark"}},
 
 
 def render_hold(services: Mapping[str, Service], held: Held, now: float, *,
-                names: Names = DEFAULT_NAMES) -> Document:
+                names: Names = DEFAULT_NAMES, destinations: Destinations | None = None,
+                gated: Gated | None = None) -> Document:
     """The hold table's content (the table itself is made `flags owner` by a
     text command: nft's JSON drops table flags): per service the grant sets,
     set to exactly `held`, and one chain that drops a protected port unless
     the source is in its set.  No counting: our table counts."""
     hold = names.hold
-    commands: list[dict[str, Any]] = []
-    for service in services.values():
-        for version, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")):
-            name = set_name(service.name, version)
-            commands += [{"add": {"set": _where(hold, name=name, type=kind, flags=["timeout"])}},
-                         {"flush": {"set": _where(hold, name=name)}}]
+    commands = grant_sets(services, hold)
+    for command in list(commands):
+        commands.append({"flush": {"set": _where(hold, name=command["add"]["set"]["name"])}})
     commands += _input_commands(services, hold, HOLD_PRIORITY, mark=False, count=False)
     commands += _forward_commands(services, hold, HOLD_PRIORITY, mark=False)
-    return {"nftables": commands + render_elements(held, services, now, hold)}
+    return {"nftables": commands + render_elements(held, services, now, hold, destinations,
+                                                   gated)}
 
 
 def render_elements(wanted: Held, services: Mapping[str, Service], now: float,
-                    table: str) -> list[dict[str, Any]]:
-    """The commands that add every live grant of `wanted` at its remaining time."""
-    return [{"add": {"element": {
-        **_where(table, name=set_name(name, address.version)),
-        "elem": [{"elem": {"val": str(address), "timeout": timeout_seconds(until, now)}}],
-    }}} for (address, name), until in sorted(wanted.items(), key=str)
-        if name in services and until > now]
+                    table: str, destinations: Destinations | None = None,
+                    gated: Gated | None = None) -> list[dict[str, Any]]:
+    """The commands that add every live grant of `wanted` at its remaining
+    time.  A named service's grant needs its destination (`destinations`):
+    one without is left out (closed, never opened to another address).  And
+    the `gated` addresses of named services (`gated_elements`)."""
+    commands = gated_elements(gated or {}, services, table)
+    for (address, name), until in sorted(wanted.items(), key=str):
+        service = services.get(name)
+        if service is None or not until > now:
+            continue
+        destination = (destinations or {}).get((address, name)) if service.named else None
+        if service.named and (destination is None or destination.version != address.version):
+            continue
+        commands += _add_commands(address, name, timeout_seconds(until, now), table,
+                                  destination)
+    return commands
+
+
+def _add_commands(address: IPAddress, service: str, timeout: int, table: str,
+                  destination: IPAddress | None, verb: str = "add") -> list[dict[str, Any]]:
+    """Add (or `create`) one grant's element; a named service's lease adds
+    its destination to the service's destination set too."""
+    where = _where(table, name=set_name(service, address.version))
+    commands: list[dict[str, Any]] = [{verb: {"element": {**where, "elem": [{"elem": {
+        "val": element(address, destination), "timeout": timeout}}]}}}]
+    if destination is not None:
+        commands.insert(0, {"add": {"element": {
+            **_where(table, name=dst_set_name(service, destination.version)),
+            "elem": [str(destination)]}}})
+    return commands
 
 
 def render_allow(address: IPAddress, service: str, timeout: int, *,
-                 hold: bool = False, names: Names = DEFAULT_NAMES) -> Document:
+                 hold: bool = False, names: Names = DEFAULT_NAMES,
+                 destination: IPAddress | None = None) -> Document:
     """Add or replace one element's timeout, atomically: add (no-op if it
     exists), delete, add with the new timeout (in the hold table too)."""
     return {"nftables": [command for table in _tables(hold, names)
-                         for command in _allow_commands(address, service, timeout, table)]}
+                         for command in _allow_commands(address, service, timeout, table,
+                                                        destination)]}
 
 
 def render_remove(address: IPAddress, service: str, *, hold: bool = False,
-                  names: Names = DEFAULT_NAMES) -> Document:
+                  names: Names = DEFAULT_NAMES,
+                  destination: IPAddress | None = None) -> Document:
     """Remove one element; the leading add makes the delete safe when the
     kernel already expired it."""
     return {"nftables": [command for table in _tables(hold, names)
-                         for command in _remove_commands(address, service, table)]}
+                         for command in _remove_commands(address, service, table,
+                                                         destination)]}
 
 
 def _tables(hold: bool, names: Names) -> tuple[str, ...]:
@@ -196,44 +230,42 @@ def render_changes(changes: Sequence[Change], now: float,
     """Several grants and removals as one transaction (all or nothing), in
     our table and, with `hold`, the hold table.  Grants for which
     `absent(address, service)` holds are a single `create` in each (the two
-    hold the same elements: every change reaches both in one transaction)."""
+    hold the same elements: every change reaches both in one transaction).
+    A named service's change without its destination (or of another IP
+    version than its address) is left out: closed, never opened elsewhere."""
     commands: list[dict[str, Any]] = []
     tables = _tables(hold, names)
     for action, service in changes:
+        destination = action.destination if service.named else None
+        if service.named and (destination is None
+                              or destination.version != action.address.version):
+            continue
         if isinstance(action, Allow):
             timeout = timeout_seconds(action.until, now)
             for table in tables:  # the hold table holds what ours holds
                 if absent(action.address, service.name):
-                    commands.append(_create_command(action.address, service.name, timeout,
-                                                    table))
+                    commands += _add_commands(action.address, service.name, timeout, table,
+                                              destination, "create")
                 else:
-                    commands += _allow_commands(action.address, service.name, timeout, table)
+                    commands += _allow_commands(action.address, service.name, timeout, table,
+                                                destination)
         else:
             for table in tables:
-                commands += _remove_commands(action.address, service.name, table)
+                commands += _remove_commands(action.address, service.name, table, destination)
     return {"nftables": commands}
 
 
-def _create_command(address: IPAddress, service: str, timeout: int,
-                    table: str) -> dict[str, Any]:
-    where = _where(table, name=set_name(service, address.version))
-    return {"create": {"element": {**where, "elem": [{"elem": {"val": str(address),
-                                                                "timeout": timeout}}]}}}
-
-
 def _allow_commands(address: IPAddress, service: str, timeout: int,
-                    table: str) -> list[dict[str, Any]]:
+                    table: str, destination: IPAddress | None = None) -> list[dict[str, Any]]:
     """Remove (whether or not it exists), then add with the new timeout."""
-    where = _where(table, name=set_name(service, address.version))
-    return [*_remove_commands(address, service, table),
-            {"add": {"element": {**where, "elem": [{"elem": {"val": str(address),
-                                                              "timeout": timeout}}]}}}]
+    return [*_remove_commands(address, service, table, destination),
+            *_add_commands(address, service, timeout, table, destination)]
 
 
-def _remove_commands(address: IPAddress, service: str,
-                     table: str) -> list[dict[str, Any]]:
+def _remove_commands(address: IPAddress, service: str, table: str,
+                     destination: IPAddress | None = None) -> list[dict[str, Any]]:
     where = _where(table, name=set_name(service, address.version))
-    value = str(address)
+    value = element(address, destination)
     return [
         {"add": {"element": {**where, "elem": [{"elem": {"val": value, "timeout": 1}}]}}},
         {"delete": {"element": {**where, "elem": [value]}}},
@@ -249,8 +281,11 @@ def render_flush(services: Mapping[str, Service], *, hold: bool = False,
 
 
 def parse_held(listing: Document, services: Mapping[str, Service], now: float, *,
-               names: Names = DEFAULT_NAMES) -> Held:
-    """(address, service) -> until, from `list table inet spa` output."""
+               names: Names = DEFAULT_NAMES, destinations: Destinations | None = None
+               ) -> Held:
+    """(address, service) -> until, from `list table inet spa` output; a
+    named service's (address . destination) elements also fill
+    `destinations`, when given."""
     by_set = {set_name(s.name, v): s.name for s in services.values() for v in (4, 6)}
     held: Held = {}
     for item in listing.get("nftables", []):
@@ -262,7 +297,13 @@ def parse_held(listing: Document, services: Mapping[str, Service], now: float, *
                 value, expires = elem["elem"]["val"], elem["elem"].get("expires", 0)
             else:
                 value, expires = elem, 0  # no timeout: not ours to keep
-            held[(ipaddress.ip_address(value), by_set[spec["name"]])] = now + float(expires)
+            destination = None
+            if isinstance(value, dict):  # {"concat": [address, destination]}
+                value, destination = value["concat"]
+            pair = (ipaddress.ip_address(value), by_set[spec["name"]])
+            held[pair] = now + float(expires)
+            if destination is not None and destinations is not None:
+                destinations[pair] = ipaddress.ip_address(destination)
     return held
 
 

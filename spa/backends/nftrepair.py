@@ -22,13 +22,15 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from spa.backends.base import Held
+from spa.backends.base import Destinations, Held
 from spa.backends.libnft import Document
 from spa.backends.names import DEFAULT_NAMES, FAMILY, Names
+from spa.backends.nftgateway import dst_set_name, named_services
 from spa.backends.nftrender import (
     CHAIN,
     DROPS_SIZE,
     DROPS_TIMEOUT,
+    Gated,
     parse_held,
     render_elements,
     render_start,
@@ -124,7 +126,9 @@ def diagnose(listing: Document | None, installed: Shape, services: Mapping[str, 
 
 
 def render_repair(listing: Document | None, services: Mapping[str, Service], wanted: Held,
-                  now: float, *, names: Names = DEFAULT_NAMES) -> Document:
+                  now: float, *, names: Names = DEFAULT_NAMES,
+                  destinations: Destinations | None = None,
+                  gated: Gated | None = None) -> Document:
     """The one transaction that restores the table with exactly `wanted`."""
     where = {"family": FAMILY, "table": names.table}
     commands: list[dict[str, Any]] = []
@@ -159,7 +163,7 @@ def render_repair(listing: Document | None, services: Mapping[str, Service], wan
         for version in (4, 6):
             commands.append({"flush": {"set": {**where, "name": set_name(service.name,
                                                                          version)}}})
-    commands += render_elements(wanted, services, now, names.table)
+    commands += render_elements(wanted, services, now, names.table, destinations, gated)
     return {"nftables": commands}
 
 
@@ -178,23 +182,29 @@ def _updated_sets(expr: object) -> set[str]:
 
 
 def render_replace(services: Mapping[str, Service], wanted: Held, now: float, *,
-                   names: Names = DEFAULT_NAMES) -> Document:
+                   names: Names = DEFAULT_NAMES,
+                   destinations: Destinations | None = None,
+                   gated: Gated | None = None) -> Document:
     """Our table deleted and made again in one transaction, with exactly
     `wanted`: for what `render_repair` cannot take apart (flags, a knot of
     jumps).  The drop counters start again from zero."""
     table = {"family": FAMILY, "name": names.table}
     commands: list[dict[str, Any]] = [{"add": {"table": table}}, {"delete": {"table": table}}]
     commands += render_start(services, drop_sets=True, names=names)["nftables"]
-    commands += render_elements(wanted, services, now, names.table)
+    commands += render_elements(wanted, services, now, names.table, destinations, gated)
     return {"nftables": commands}
 
 
 def _expected_sets(services: Mapping[str, Service]) -> dict[str, SetKind]:
-    """set name -> type, for the sets we install (all with flags timeout)."""
+    """set name -> type, for the sets we install (all with flags timeout
+    but the named services' destination sets: `_UNTIMED`)."""
     found: dict[str, SetKind] = {}
     for service in services.values():
-        found[set_name(service.name, 4)] = "ipv4_addr"
-        found[set_name(service.name, 6)] = "ipv6_addr"
+        for version, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")):
+            found[set_name(service.name, version)] = [kind, kind] if service.named else kind
+    for service in named_services(services):
+        found[dst_set_name(service.name, 4)] = "ipv4_addr"
+        found[dst_set_name(service.name, 6)] = "ipv6_addr"
     found["drops_v4"] = ["ipv4_addr", "inet_service"]
     found["drops_v6"] = ["ipv6_addr", "inet_service"]
     return found
@@ -213,6 +223,8 @@ def _same_set(spec: dict[str, Any], expected: dict[str, SetKind]) -> bool:
     kind = expected.get(name)
     flags = set(spec.get("flags", [])) - {"dynamic"}
     extra = _DROP_EXTRA if name in DROP_SETS else {}
-    return (kind is not None and spec.get("type") == kind and flags == {"timeout"}
+    timed = not name.startswith("dst_")  # a named service's destinations have no timeout
+    return (kind is not None and spec.get("type") == kind
+            and flags == ({"timeout"} if timed else set())
             and set(spec) <= _SET_KEYS | set(extra)
             and all(spec.get(key) == value for key, value in extra.items()))

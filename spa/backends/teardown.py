@@ -84,7 +84,8 @@ def is_our_ipset(name: str) -> bool:
 
 
 _OBJECT = re.compile(r"^\t(\w+) (\S+) \{$")  # `\tset svc_ssh_v4 {` in a table's listing
-_SERVICE_SET = re.compile(r"svc_\S+_v[46]")  # nftrender.set_name
+# nftrender.set_name, and a named gateway service's nftgateway.dst_set_name
+_SERVICE_SET = re.compile(r"(svc|dst)_\S+_v[46]")
 DROP_SETS = {"drops_v4", "drops_v6"}
 
 
@@ -99,7 +100,8 @@ _NAT_HOOK = "type nat hook prerouting priority dstnat; policy accept;"  # nftgat
 def has_our_shape(name: str, table_text: str) -> bool:
     """Does `nft -t list table inet NAME` show what spa installs there (see
     nftrender.render_start and render_hold)?  A gate table: chain input (and
-    forward) at priority filter - 10, the sets svc_*_v4/v6 and both drop sets
+    forward) at priority filter - 10, the sets svc_*_v4/v6 (and a named
+    gateway service's dst_*_v4/v6) and both drop sets
     drops_v4/v6, nothing else; with a gateway's published port, chain published
     too (nat, prerouting at dstnat: nftgateway.py).  A hold table: input and
     forward at filter - 9, only svc_* sets, `flags owner`.  A table an admin

@@ -41,6 +41,13 @@ class Reason(enum.Enum):
     # a member of a group could not claim the packet's nonce in etcd, and the
     # group fails closed (spa.group.policy; docs/groups.md): no grant without a claim
     GROUP_UNREACHABLE = "group_unreachable"
+    # a named gateway service's host (docs/install.md, section 11), resolved
+    # by the daemon when a lease starts: no address of the client's IP
+    # version, a resolver error or no answer in time (spa/server/gwresolve.py)
+    HOST_UNRESOLVED = "host_unresolved"
+    # ... or it resolved to an address no gateway may reach (loopback,
+    # link-local, this machine's own: spa/server/config.py gateway_host_problem)
+    HOST_NOT_ALLOWED = "host_not_allowed"
     # fwknop's packets (spa.core.fwknop, spa.core.fwknop_verify; docs/protocol.md,
     # "fwknop compatibility"): what the compat listener refuses, each its own
     UNKNOWN_SENDER = "unknown_sender"  # no compat client's HMAC key matches (fwknop's junk)

@@ -10,6 +10,11 @@ Invariants (docs/protocol.md, "Leases"; docs/threat-model.md, "shared NAT"):
   extends, never shortens.
 - A lease is live while `now < expires`.  Every call that takes `now` first
   expires what is due, so results do not depend on when `expire` last ran.
+- A pair of a named gateway service (docs/install.md, section 11) has one
+  destination, the address its first lease's grant resolved: later leases
+  on the open pair keep it (a renewal resolves nothing), every action on the
+  pair carries it, and it goes with the pair's last lease.  A saved lease
+  brings its destination back (`from_leases`), never a fresh resolution.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class Allow:
     address: IPAddress
     service: str
     until: float
+    destination: IPAddress | None = None  # a named gateway service's address for the pair
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +47,7 @@ class Remove:
 
     address: IPAddress
     service: str
+    destination: IPAddress | None = None
 
 
 FirewallAction = Allow | Remove
@@ -52,15 +59,17 @@ class Lease:
     address: IPAddress
     service: str
     expires: float
+    destination: IPAddress | None = None  # a named gateway service's resolved address
 
 
 class LeaseTable:
-    __slots__ = ("_by_pair", "_heap", "_leases", "_pair_until", "_seq")
+    __slots__ = ("_by_pair", "_dest", "_heap", "_leases", "_pair_until", "_seq")
 
     def __init__(self) -> None:
         self._leases: dict[LeaseKey, float] = {}
         self._by_pair: dict[Pair, dict[str, float]] = {}
         self._pair_until: dict[Pair, float] = {}
+        self._dest: dict[Pair, IPAddress] = {}  # named gateway services' pairs only
         # (expires, sequence, client, address, service); the sequence keeps
         # the heap from ever comparing an IPv4 with an IPv6 address.
         self._heap: list[tuple[float, int, str, IPAddress, str]] = []
@@ -70,15 +79,20 @@ class LeaseTable:
         return len(self._leases)
 
     def grant(
-        self, client: str, address: IPAddress, service: str, *, now: float, duration: float
+        self, client: str, address: IPAddress, service: str, *, now: float, duration: float,
+        destination: IPAddress | None = None,
     ) -> list[FirewallAction]:
-        """Start or extend a client's lease.
+        """Start or extend a client's lease.  `destination`: a named gateway
+        service's address, used only when the pair is not open (an open
+        pair keeps its own: `destination`).
 
         Raises ValueError unless duration is finite and positive and now finite.
         """
         if not (math.isfinite(duration) and duration > 0 and math.isfinite(now)):
             raise ValueError("a grant needs a finite positive duration at a finite time")
         actions = self.expire(now)
+        if destination is not None and (address, service) not in self._by_pair:
+            self._dest[(address, service)] = destination
         self._extend(client, address, service, now + duration)
         return actions + self._settle((address, service))
 
@@ -123,9 +137,17 @@ class LeaseTable:
         """The firewall state the table wants: pair -> until."""
         return dict(self._pair_until)
 
+    def destination(self, address: IPAddress, service: str) -> IPAddress | None:
+        """The open pair's destination (a named gateway service's), or None."""
+        return self._dest.get((address, service))
+
+    def destinations(self) -> dict[Pair, IPAddress]:
+        """pair -> destination, for the open pairs of named gateway services."""
+        return dict(self._dest)
+
     def leases(self) -> list[Lease]:
         return [
-            Lease(client, address, service, expires)
+            Lease(client, address, service, expires, self._dest.get((address, service)))
             for (client, address, service), expires in sorted(
                 self._leases.items(), key=lambda item: (item[1], item[0][0])
             )
@@ -141,6 +163,9 @@ class LeaseTable:
         table = cls()
         for lease in leases:
             if lease.expires > now:
+                pair = (lease.address, lease.service)
+                if lease.destination is not None and pair not in table._by_pair:
+                    table._dest[pair] = lease.destination
                 table._extend(lease.client, lease.address, lease.service, lease.expires)
                 table._settle((lease.address, lease.service))
         return table
@@ -164,15 +189,16 @@ class LeaseTable:
         holders = self._by_pair.get(pair)
         current = self._pair_until.get(pair)
         if not holders:
+            destination = self._dest.pop(pair, None)
             if current is None:
                 return []
             del self._pair_until[pair]
-            return [Remove(*pair)]
+            return [Remove(pair[0], pair[1], destination)]
         until = max(holders.values())
         if until == current:
             return []
         self._pair_until[pair] = until
-        return [Allow(pair[0], pair[1], until)]
+        return [Allow(pair[0], pair[1], until, self._dest.get(pair))]
 
 
 def _pair_order(pair: Pair) -> tuple[int, bytes, str]:
@@ -196,20 +222,32 @@ class Restored:
 
 
 def restore_saved(saved: list[Lease], *, clients: Container[str],
-                  max_durations: Mapping[str, int], now: float) -> Restored:
+                  max_durations: Mapping[str, int], now: float,
+                  named: Container[str] = frozenset()) -> Restored:
     """The saved leases (leases.json) a restart may open again: those of a
     known client on a known service, each ending at most now + that
     service's max_duration (a lease can never be longer: the file is not
-    trusted to say otherwise).  Expired ones are kept (the table drops them)."""
+    trusted to say otherwise).  Expired ones are kept (the table drops them).
+    A lease of a `named` service (a gateway to a DNS name) is kept only with
+    a destination of its address's IP version, and a lease of any other
+    service only without one: a restart never resolves a name again."""
     kept: list[Lease] = []
     dropped = capped = 0
     for lease in saved:
         longest = max_durations.get(lease.service)
-        if longest is None or lease.client not in clients or math.isnan(lease.expires):
+        if (longest is None or lease.client not in clients or math.isnan(lease.expires)
+                or not _destination_fits(lease, lease.service in named)):
             dropped += 1
             continue
         if not lease.expires <= now + longest:  # (NaN too)
-            lease = Lease(lease.client, lease.address, lease.service, now + longest)
+            lease = Lease(lease.client, lease.address, lease.service, now + longest,
+                          lease.destination)
             capped += 1
         kept.append(lease)
     return Restored(kept, dropped, capped)
+
+
+def _destination_fits(lease: Lease, named: bool) -> bool:
+    if lease.destination is None:
+        return not named
+    return named and lease.destination.version == lease.address.version

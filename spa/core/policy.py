@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from spa.core.errors import Reason
@@ -41,11 +41,14 @@ class Service:
     max_duration: int  # seconds; longer requests are capped to this
     # A gateway service (docs/install.md, "Gateway"): a grant lets its client
     # through this host to host:port (hook forward) instead of to this host's
-    # own port; None: a service of this host.  A literal address: a name is
-    # resolved by no one (spa/backends/nftgateway.py says why).
+    # own port; None: a service of this host.  A literal address, or (in
+    # `host_name`) a DNS name resolved when a lease starts: then `host` is
+    # None, except in the service a backend is handed for one lease, which
+    # carries that lease's address (`for_destination`).
     host: IPAddress | None = None
     # a port of this host DNATed to host:port (0: none, reach host directly)
     listen_port: int = 0
+    host_name: str = ""  # a DNS name (spa/server/gwresolve.py); "" for an address
 
     def __post_init__(self) -> None:
         if not is_valid_service_name(self.name):
@@ -56,8 +59,10 @@ class Service:
             raise ValueError(f"service {self.name}: port must be 1-65535")
         if not 1 <= self.default_duration <= self.max_duration:
             raise ValueError(f"service {self.name}: need 1 <= default duration <= max duration")
-        if self.listen_port and (self.host is None or not 1 <= self.listen_port <= 65535):
-            raise ValueError(f"service {self.name}: listen_port must be 1-65535 and needs host")
+        if self.listen_port and (self.host is None or not 1 <= self.listen_port <= 65535
+                                 or self.host_name):
+            raise ValueError(f"service {self.name}: listen_port must be 1-65535 and needs "
+                             "host (an address, not a name)")
 
     @property
     def client_port(self) -> int:
@@ -68,7 +73,19 @@ class Service:
     @property
     def gateway(self) -> bool:
         """Whether a grant opens a way through this host (host = ...)."""
-        return self.host is not None
+        return self.host is not None or bool(self.host_name)
+
+    @property
+    def named(self) -> bool:
+        """Whether the destination is a DNS name: each lease has its own."""
+        return bool(self.host_name)
+
+    def for_destination(self, destination: IPAddress | None) -> Service:
+        """The service as one lease of a named service reaches it (`host` =
+        the lease's address); itself otherwise."""
+        if not self.host_name or destination is None:
+            return self
+        return replace(self, host=destination)
 
     def cap(self, requested: int) -> int:
         """The duration actually granted for a request."""
@@ -80,6 +97,11 @@ class Service:
 def max_durations(services: Mapping[str, Service]) -> dict[str, int]:
     """Service name -> its longest lease in seconds."""
     return {name: service.max_duration for name, service in services.items()}
+
+
+def named_services(services: Mapping[str, Service]) -> frozenset[str]:
+    """The names of the gateway services whose host is a DNS name."""
+    return frozenset(name for name, service in services.items() if service.named)
 
 
 def local_port_names(services: Mapping[str, Service]) -> dict[int, str]:

@@ -47,7 +47,7 @@ class Report:
 
 
 def targets_of(config: ServerConfig) -> list[Target]:
-    found = [Target(s.protocol, s.port, s.name, host=str(s.host or ""))
+    found = [Target(s.protocol, s.port, s.name, host=s.host_name or str(s.host or ""))
              for s in config.services.values()]
     if config.mode == "udp":
         found.append(Target.knock_port(config.listen_port))
@@ -67,11 +67,15 @@ def forwarding_on(version: int) -> bool:
 
 
 def forwarding_lines(config: ServerConfig, on: Callable[[int], bool]) -> list[str]:
-    """One line per IP version a gateway service needs and the host does not forward."""
-    needed = sorted({s.host.version for s in config.services.values() if s.host is not None})
+    """One line per IP version a gateway service needs and the host does not
+    forward (a host by name needs one of the two: its answers decide)."""
+    needed = {s.host.version for s in config.services.values() if s.host is not None}
+    if any(s.named for s in config.services.values()) and not (on(4) or on(6)):
+        needed |= {4, 6}
     return [f"IPv{version} forwarding is off ({FORWARDING[version]} = 0): gateway services "
             f"reach no internal host until it is on (sysctl -w {FORWARDING[version]}=1, and "
-            "a file in /etc/sysctl.d/ to keep it)" for version in needed if not on(version)]
+            "a file in /etc/sysctl.d/ to keep it)" for version in sorted(needed)
+            if not on(version)]
 
 
 def report(runner: NftRunner, config: ServerConfig,
@@ -96,6 +100,11 @@ def _gated(service: Service) -> str:
     """A gateway service, as `closed_ports` names it: exactly what its forward
     gate holds (spa/backends/nftgateway.py), and what it does not."""
     published = f", published on {service.listen_port}" if service.listen_port else ""
+    if service.named:
+        return (f"{service.name}: {service.protocol}/{service.port} of {service.host_name}, "
+                "resolved when a lease starts (gated on the addresses the name gives at start, "
+                "reload and each lease, not on others, nor connections that do not pass "
+                "through this host)")
     return (f"{service.name}: {service.protocol}/{service.port} of {service.host} (its other "
             "addresses and ports are not gated, nor connections that do not pass through "
             f"this host){published}")

@@ -41,6 +41,8 @@ from spa.clitools import UTC_FORMAT as UTC_FORMAT  # (re-exported: callers of co
 from spa.clitools import format_utc as format_utc
 from spa.clitools import parse_utc as parse_utc
 from spa.core.errors import FormatError
+from spa.core.gwhost import gateway_host_problem as gateway_host_problem  # (re-exported)
+from spa.core.gwhost import host_name_problem
 from spa.core.keys import MASTER_SECRET_SIZE, SERVER_ID_SIZE
 from spa.core.policy import DEFAULT_SERVICES, ClientPolicy, Policy, Service
 from spa.core.sources import NOWHERE, SourceNetwork, canonical_sources, source_networks
@@ -406,40 +408,25 @@ def _choice(where: str, key: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def gateway_host_problem(address: IPAddress) -> str:
-    """Why `address` cannot be a gateway service's host, or "" when it can.
-    It refuses what spa/server/gatemsg.py `parse_address` refuses for a
-    client (a mapped or zoned IPv6 address, unspecified, multicast,
-    broadcast) and loopback and link-local: the forward gate matches one
-    routed address of one IP version, so a mapped ::ffff:a.b.c.d would gate
-    nothing of the real IPv4 host, and a zone fails in nftables later."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return (f"is an IPv4-mapped IPv6 address, which would leave the IPv4 host ungated; "
-                f"write {address.ipv4_mapped}")
-    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
-        return "has a zone (%...); write a routed address of the internal host"
-    if (address.is_unspecified or address.is_multicast
-            or address == ipaddress.IPv4Address("255.255.255.255")):
-        return "is not a host address; write the internal host's own address"
-    if address.is_loopback:
-        return ("is a loopback address; a gateway service's host is another machine (for "
-                "this host's own port, leave host out)")
-    if address.is_link_local:
-        return "is link-local; a gateway service needs a routed address of the internal host"
-    return ""
-
-
-def _gateway_host(where: str, spec: Mapping[str, Any]) -> IPAddress | None:
-    """A gateway service's destination: a literal address (names are not
-    resolved: docs/install.md, "Gateway"), of one routed host."""
+def _gateway_host(where: str, spec: Mapping[str, Any]) -> IPAddress | str | None:
+    """A gateway service's destination: a literal address of one routed
+    host, or a DNS host name, resolved when a lease starts (docs/install.md,
+    section 11); None: a service of this host."""
     if "host" not in spec:
         return None
-    host = _get(where, spec, "host", str)
+    host: str = _get(where, spec, "host", str)
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        raise ConfigError(f"{where} host = {host!r} is not an IP address; write the internal "
-                          "host's address (names are not resolved)") from None
+        problem = host_name_problem(host)
+        if problem:
+            raise ConfigError(f"{where} host = {host!r} {problem}; write the internal host's "
+                              "address or its DNS name") from None
+        if "listen_port" in spec:
+            raise ConfigError(f"{where} host = {host!r} is a name, and listen_port needs an "
+                              "address (one DNAT target for everyone): write the internal "
+                              "host's address, or leave listen_port out") from None
+        return host
     problem = gateway_host_problem(address)
     if problem:
         raise ConfigError(f"{where} host = {host!r} {problem}")
@@ -458,6 +445,7 @@ def _services(path: Path, data: Mapping[str, Any]) -> dict[str, Service]:
                               f"[services.{name}] on a line of its own and its keys below "
                               "it, e.g. port = 22")
         _no_unknown_keys(path, f"services.{name}", spec, _SERVICE_KEYS)
+        host = _gateway_host(where, spec)
         try:
             services[name] = Service(
                 name,
@@ -465,8 +453,9 @@ def _services(path: Path, data: Mapping[str, Any]) -> dict[str, Service]:
                 _get(where, spec, "port", int),
                 _get(where, spec, "default_duration", int),
                 _get(where, spec, "max_duration", int),
-                _gateway_host(where, spec),
+                None if isinstance(host, str) else host,
                 _get(where, spec, "listen_port", int, 0),
+                host if isinstance(host, str) else "",
             )
         except ValueError as exc:
             raise ConfigError(f"{path}: {exc}") from None
@@ -637,8 +626,8 @@ def _service_table(service: Service) -> tomlkit.items.Table:
     entry.add("port", service.port)
     entry.add("default_duration", service.default_duration)
     entry.add("max_duration", service.max_duration)
-    if service.host is not None:
-        entry.add("host", str(service.host))
+    if service.host is not None or service.host_name:
+        entry.add("host", service.host_name or str(service.host))
     if service.listen_port:
         entry.add("listen_port", service.listen_port)
     return entry

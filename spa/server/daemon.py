@@ -49,15 +49,23 @@ from spa.core.knock import SLICE, STEP_SECONDS, step_of, step_start
 from spa.core.leases import Allow, FirewallAction, LeaseTable, restore_saved
 from spa.core.limits import FailureLimiter, TrustEntry
 from spa.core.otp import OtpChecker
-from spa.core.policy import Decision, Policy, Service, local_port_names, max_durations
+from spa.core.policy import (
+    Decision,
+    Policy,
+    Service,
+    local_port_names,
+    max_durations,
+    named_services,
+)
 from spa.core.verify import Accepted, Refused, Verifier
-from spa.core.wire import NONCE_OFFSET, Action
+from spa.core.wire import NONCE_OFFSET, Action, IPAddress
 from spa.server import config as config_mod
 from spa.server.coexist import Report, closed_ports, report
 from spa.server.config import KIND_SPA, OLD_KEY, ClientEntry, ServerConfig, parse_utc
 from spa.server.errors import LocalError
 from spa.server.events import EVENTS_DB, Event, EventSink
 from spa.server.guard import GateGuard, GateState, Guard
+from spa.server.gwresolve import Lookups, Outcome, Resolver, system_resolver
 from spa.server.gwroute import refuse_own_hosts
 from spa.server.metrics import Metrics
 from spa.server.notify import Notifier
@@ -115,18 +123,25 @@ class FileStamp:
         return cls(st.st_mtime_ns, st.st_size, st.st_ino)
 
 
+HOST_WARN_EVERY = 60.0  # seconds between two lines on one named service's failing host
+
+
 class Server:
     def __init__(self, config: ServerConfig, *, backend: Backend, source: PacketSource,
                  clock: Clock, log: Log, notifier: Notifier | None = None,
                  state: StateDir | None = None, routes: RouteCheck | None = None,
-                 guard: Callable[..., GateGuard] = Guard) -> None:
+                 guard: Callable[..., GateGuard] = Guard,
+                 resolver: Resolver = system_resolver) -> None:
         """`state`: the state directory, already locked by the caller (so a
         second daemon is refused before it binds a socket); else `start`
         locks it.  `routes`: the reverse-path check of knocks' sources (the
         daemon's is the kernel's, spa.server.routes); None checks nothing.
         `guard`: makes the gate's guard (spa.server.remote's when a
-        privileged gate keeper holds the firewall)."""
+        privileged gate keeper holds the firewall).  `resolver`: a named
+        gateway service's host names (spa.server.gwresolve)."""
         self.config = config
+        self.lookups = Lookups(resolver, clock=clock)
+        self._host_warned: dict[str, float] = {}  # service -> its last unresolved-host line
         self.backend = backend
         self.source = source
         self.clock = clock
@@ -239,7 +254,8 @@ class Server:
                                  limiter=limiter, warm_later=True)
         closed = {n for n, c in self.config.clients.items() if c.close_leases}
         restored = restore_saved(self.state.load_leases(), clients=self.config.clients,
-                                 max_durations=max_durations(self.config.services), now=now)
+                                 max_durations=max_durations(self.config.services), now=now,
+                                 named=named_services(self.config.services))
         if restored.note():
             self.log(f"warning {restored.note()}")
         saved = [lease for lease in restored.kept if lease.client not in closed]
@@ -248,6 +264,7 @@ class Server:
                                 retention_days=self.config.event_retention_days)
         self.backend.start(self.config.services, now=now)
         try:
+            self._gate_named(self.config.services)
             self._reconcile(now)
         except LocalError as exc:  # the gate is not ours to write (the guard says so): serve
             self.log(f"error firewall: {exc}")
@@ -369,7 +386,8 @@ class Server:
     def _reconcile(self, now: float) -> None:
         """Make the backend hold exactly the live leases (after a restart)."""
         wanted = self.leases.allowed()
-        reconcile(self.backend, wanted, self.config.services, now=now)
+        reconcile(self.backend, wanted, self.config.services, now=now,
+                  destinations=self.leases.destinations())
         self._open_pairs = set(wanted)
 
     def serve(self, stop: threading.Event) -> None:
@@ -421,6 +439,7 @@ class Server:
         self.notifier.stopping()
         for companion in self.companions:
             companion.close()
+        self.lookups.close()
         self.run_commands()
         try:
             with self._lock:
@@ -569,6 +588,8 @@ class Server:
                 decision, request = result.decision, result.request
                 name = decision.service.name
                 opening = request.action is Action.OPEN
+                if opening and self._lookup(result):
+                    continue  # granted (or refused) once its host's name is resolved
                 self.events.record(Event(now, "accepted", str(request.action), None,
                                          result.client, str(decision.address), name,
                                          decision.duration if opening else None))
@@ -584,18 +605,86 @@ class Server:
                 self.log(f"error firewall: {exc}")
                 self._retry_reconcile = True
 
+    def _gate_named(self, services: Mapping[str, Service]) -> None:
+        """Resolve each named gateway service's host now (start, reload: not
+        the receive thread) and have the gate drop its port on what the name
+        gives, before any lease.  Raises LocalError from the backend."""
+        found: dict[str, list[IPAddress]] = {}
+        for service in services.values():
+            if not service.named:
+                continue
+            for version in (4, 6):
+                outcome = self.lookups.resolve(service.host_name, version)
+                if not isinstance(outcome, Reason):
+                    found.setdefault(service.name, []).append(outcome)
+            if service.name not in found:
+                self.log(f"warning gateway {service.name}: host {service.host_name} gives no "
+                         "usable address now; its port is gated on an address from the first "
+                         "lease that gets it (docs/install.md, section 11)")
+        gate = getattr(self.backend, "gate_addresses", None)
+        if found and gate is not None:
+            with self._lock:
+                gate(found)
+
+    def _lookup(self, result: Accepted) -> bool:
+        """Whether an open of a named gateway service waits for its host's
+        name (its pair is not open yet: an open pair keeps its destination),
+        resolved off the receive thread.  (Caller holds the lock.)"""
+        decision = result.decision
+        service = decision.service
+        if not service.named or self.leases.destination(decision.address, service.name):
+            return False
+        self.lookups.submit(service.host_name, decision.address.version,
+                             lambda outcome: self._resolved(result, outcome))
+        return True
+
+    def _resolved(self, result: Accepted, outcome: Outcome) -> None:
+        """The grant a lookup waited for: made, to the address resolved, or
+        refused (fail closed) with the reason (the lookups' thread)."""
+        now = self.clock()
+        decision = result.decision
+        name = decision.service.name
+        with self._lock:
+            if isinstance(outcome, Reason):
+                self.events.refuse(now, outcome.value, result.client, str(result.source), name)
+                if now - self._host_warned.get(name, -HOST_WARN_EVERY) >= HOST_WARN_EVERY:
+                    self._host_warned[name] = now  # (the refusals themselves: events' budget)
+                    self.log(f"warning gateway {name}: host {decision.service.host_name} gave "
+                             f"no usable IPv{decision.address.version} address "
+                             f"({outcome.value}); the grant for client={result.client} is "
+                             "refused")
+                return
+            self.events.record(Event(now, "accepted", "open", None, result.client,
+                                     str(decision.address), name, decision.duration))
+            actions = self.leases.grant(result.client, decision.address, name, now=now,
+                                        duration=decision.duration, destination=outcome)
+            self._dirty = True
+            try:
+                self._apply(actions, now)
+            except LocalError as exc:  # keep serving; the next housekeeping retries
+                self.log(f"error firewall: {exc}")
+                self._retry_reconcile = True
+
     def grant_legacy(self, client: str, decisions: tuple[Decision, ...], now: float) -> None:
         """A compat knock accepted (spa.server.compat): its grants, from its
-        listener's thread, every event it causes marked legacy."""
+        listener's thread, every event it causes marked legacy.  A named
+        gateway service's host is resolved here, on that thread."""
         actions: list[FirewallAction] = []
+        found = {d.service.name: self.lookups.resolve(d.service.host_name, d.address.version)
+                 for d in decisions if d.service.named}
         with self._lock:
             for decision in decisions:
                 name = decision.service.name
+                outcome = found.get(name)
+                if isinstance(outcome, Reason):
+                    self.events.refuse(now, outcome.value, client, str(decision.address), name,
+                                       legacy=True)
+                    continue
                 self.events.record(Event(now, "accepted", "open", None, client,
                                          str(decision.address), name, decision.duration,
                                          legacy=True))
                 actions += self.leases.grant(client, decision.address, name, now=now,
-                                             duration=decision.duration)
+                                             duration=decision.duration, destination=outcome)
             self._dirty = True
             try:
                 self._apply(actions, now, legacy=True)
@@ -1109,6 +1198,10 @@ class Server:
                 self.log(f"error reload refused, keeping the running services: {exc}")
                 return
             self.log(f"firewall rules updated for services: {', '.join(sorted(services))}")
+            try:
+                self._gate_named(new.services)
+            except LocalError as exc:
+                self.log(f"error firewall: {exc}")
         self.config = replace(new, services=services, server_id=old.server_id,
                               listen_port=old.listen_port, backend=old.backend,
                               mode=old.mode, state_dir=old.state_dir, window=old.window,

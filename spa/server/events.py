@@ -63,7 +63,7 @@ from spa.server.errors import LocalError
 from spa.server.safefs import Directory, UnsafeFileError, check_file, open_dir, refuse_foreign_dir
 
 EVENT_BUDGET = 50  # rows (and log lines) a second a sender without a key can cause
-SOURCE_ROWS = 27  # of them, rows of single sources in a second that folds (the rest: prefixes;
+SOURCE_ROWS = 25  # of them, rows of single sources in a second that folds (the rest: prefixes;
 # with one row per reason and two more, SOURCE_ROWS + len(Reason) + 2 <= EVENT_BUDGET)
 MAX_KEYS_BUFFERED = 10_000  # distinct keys held between flushes (spoofed-source floods)
 RECENT_SOURCES = 10_000  # sources that had a row of their own lately (they win ties)

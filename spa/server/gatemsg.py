@@ -12,7 +12,9 @@ Invariants:
 - `parse_request` turns a frame into one of the request types below or raises
   RefusedError: an unknown kind, a missing or extra field, a wrong type, a
   malformed address (a network, a zone, an unspecified or multicast address),
-  a service name that is not a plain name, or a tag map of a mode, port or
+  a service name that is not a plain name, a malformed destination (a
+  named gateway service's lease's address, the change's last item when
+  there is one), or a tag map of a mode, port or
   size out of range.  Whether the service exists and the time is allowed is
   the gate keeper's check against its own config (spa.server.monitor), and
   whether it makes that tag map is its own (spa.server.mapgrant), not this
@@ -88,7 +90,18 @@ class TagMap:
     entries: int
 
 
-Request = Start | Apply | Reconcile | Simple | TagMap
+@dataclass(frozen=True, slots=True)
+class Gated:
+    """Drop a named gateway service's port on these addresses from now on,
+    before any lease (what its host's name gives at start and reload)."""
+
+    addresses: tuple[tuple[str, IPAddress], ...]  # (service name, address)
+
+
+MAX_GATED = 1024  # (service, address) pairs in one `gated` request
+
+
+Request = Start | Apply | Reconcile | Simple | TagMap | Gated
 SIMPLE = frozenset({"held", "drops", "gate", "check", "fold", "host", "stamp", "config",
                     "stop"})
 
@@ -139,6 +152,9 @@ def encode_request(request: Request) -> dict[str, Any]:
     if isinstance(request, TagMap):
         return {"kind": "tagmap", "mode": request.mode, "port": request.port,
                 "entries": request.entries}
+    if isinstance(request, Gated):
+        return {"kind": "gated", "addresses": [[name, str(address)]
+                                               for name, address in request.addresses]}
     return {"kind": request.kind}
 
 
@@ -166,6 +182,14 @@ def parse_request(message: dict[str, Any]) -> Request:
         return Reconcile(grants)
     if kind == "tagmap":
         return _tag_map(message)
+    if kind == "gated":
+        _fields(message, {"kind", "addresses"})
+        items = message["addresses"]
+        if not isinstance(items, list) or len(items) > MAX_GATED or not all(
+                isinstance(item, list) and len(item) == 2 for item in items):
+            raise RefusedError(f"gated: addresses is a list of at most {MAX_GATED} "
+                               "[service, address] pairs")
+        return Gated(tuple((_service(name), parse_address(address)) for name, address in items))
     raise RefusedError(f"unknown request {str(kind)[:40]!r}")
 
 
@@ -199,15 +223,16 @@ def _fields(message: dict[str, Any], wanted: set[str]) -> None:
 
 
 def _change_out(change: Allow | Remove) -> list[Any]:
+    dest = [] if change.destination is None else [str(change.destination)]
     if isinstance(change, Allow):
-        return ["allow", str(change.address), change.service, change.until]
-    return ["remove", str(change.address), change.service]
+        return ["allow", str(change.address), change.service, change.until, *dest]
+    return ["remove", str(change.address), change.service, *dest]
 
 
 def _change_in(item: object) -> Allow | Remove:
     if not isinstance(item, list) or not item:
         raise RefusedError("a change is a list")
-    if item[0] == "allow" and len(item) == 4:
+    if item[0] == "allow" and len(item) in (4, 5):
         until = item[3]
         if not isinstance(until, int | float) or isinstance(until, bool):
             raise RefusedError("allow: until is a number of seconds")
@@ -217,10 +242,14 @@ def _change_in(item: object) -> Allow | Remove:
             raise RefusedError("allow: until is out of range") from None
         if not math.isfinite(seconds):
             raise RefusedError("allow: until is a number of seconds")
-        return Allow(parse_address(item[1]), _service(item[2]), seconds)
-    if item[0] == "remove" and len(item) == 3:
-        return Remove(parse_address(item[1]), _service(item[2]))
+        return Allow(parse_address(item[1]), _service(item[2]), seconds, _destination(item, 4))
+    if item[0] == "remove" and len(item) in (3, 4):
+        return Remove(parse_address(item[1]), _service(item[2]), _destination(item, 3))
     raise RefusedError(f"unknown change {str(item[0])[:20]!r}")
+
+
+def _destination(item: list[Any], index: int) -> IPAddress | None:
+    return parse_address(item[index]) if len(item) > index else None
 
 
 def _service(name: object) -> str:

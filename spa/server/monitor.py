@@ -41,15 +41,17 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spa.backends.base import Backend, Held, reconcile
+from spa.backends.base import Backend, Destinations, Held, reconcile
+from spa.core.gwhost import destination_problem, gateway_host_problem
 from spa.core.leases import Allow, Remove
 from spa.core.policy import Service
+from spa.core.wire import IPAddress
 from spa.server import config as config_mod
 from spa.server import frames, gatemsg
 from spa.server.errors import LocalError
 from spa.server.events import Event
 from spa.server.frames import receive_message
-from spa.server.gatemsg import Apply, Reconcile, RefusedError, Simple, Start, TagMap
+from spa.server.gatemsg import Apply, Gated, Reconcile, RefusedError, Simple, Start, TagMap
 from spa.server.guard import Guard
 from spa.server.gwroute import refuse_own_hosts
 from spa.server.mapgrant import MapGrants
@@ -137,6 +139,8 @@ class GateKeeper:
             return self._apply(request.changes)
         if isinstance(request, Reconcile):
             return self._reconcile(request.grants)
+        if isinstance(request, Gated):
+            return self._gated(request)
         assert isinstance(request, Simple)
         kind = request.kind
         if kind == "held":
@@ -209,6 +213,9 @@ class GateKeeper:
         service = self.installed.get(change.service)
         if service is None:
             raise RefusedError(f"no service {change.service!r} in the gate")
+        problem = destination_problem(service, change)
+        if problem:
+            raise RefusedError(f"{change.service}: {problem}")
         if isinstance(change, Allow) and not (
                 now < change.until <= now + service.max_duration + SLACK):
             raise RefusedError(f"{change.service}: a grant ends within "
@@ -220,14 +227,34 @@ class GateKeeper:
         grants in the kernel that this process never made)."""
         now = self.clock()
         wanted: Held = {}
+        destinations: Destinations = {}
         for grant in grants:
             self._checked(grant, now)
             wanted[(grant.address, grant.service)] = grant.until
+            if grant.destination is not None:
+                destinations[(grant.address, grant.service)] = grant.destination
         if len(wanted) > MAX_GRANTS:  # (a request holds fewer: gatemsg.MAX_CHANGES)
             raise RefusedError(f"over {MAX_GRANTS} grants")
         with self.lock:
-            reconcile(self.backend, wanted, self.installed, now=now)
+            reconcile(self.backend, wanted, self.installed, now=now, destinations=destinations)
             self.granted = wanted
+
+    def _gated(self, request: Gated) -> None:
+        """A named gateway service's addresses to drop its port on, each one
+        a gateway may reach (spa/core/gwhost.py).  Raises RefusedError."""
+        found: dict[str, list[IPAddress]] = {}
+        for name, address in request.addresses:
+            service = self.installed.get(name)
+            if service is None or not service.named:
+                raise RefusedError(f"gated: {name!r} is no named gateway service of the gate")
+            problem = gateway_host_problem(address)
+            if problem:
+                raise RefusedError(f"gated: {address} {problem}")
+            found.setdefault(name, []).append(address)
+        gate = getattr(self.backend, "gate_addresses", None)
+        if gate is not None:
+            with self.lock:
+                gate(found)
 
     def _apply(self, changes: tuple[Allow | Remove, ...]) -> None:
         now = self.clock()
@@ -378,3 +405,4 @@ def serve_failure(sock: socket.socket, error: str) -> None:
     with contextlib.suppress(OSError, RefusedError):
         while receive_message(sock) is not None:
             frames.send(sock, {"error": error})
+

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from spa.backends.base import Change, Held
+from spa.backends.base import Change, Destinations, Held
 from spa.core.leases import Allow, Remove
 from spa.core.policy import Service
 from spa.kernel import tagkit
@@ -36,7 +36,7 @@ from spa.server.coexist import Report
 from spa.server.errors import LocalError
 from spa.server.events import Event
 from spa.server.frames import close_all, receive, receive_with_fds
-from spa.server.gatemsg import Apply, Reconcile, Simple, Start, TagMap
+from spa.server.gatemsg import Apply, Gated, Reconcile, Simple, Start, TagMap
 from spa.server.guard import GateState
 from spa.server.monitor import GateKeeper, serve
 
@@ -120,18 +120,26 @@ class RemoteGate:
         self._host_check = bool(info["host_check"])
 
     def allow(self, address: Any, service: Service, until: float, *, now: float) -> None:
-        self.ask(Apply((Allow(address, service.name, until),)))
+        self.ask(Apply((Allow(address, service.name, until, _destination(service)),)))
 
     def remove(self, address: Any, service: Service) -> None:
-        self.ask(Apply((Remove(address, service.name),)))
+        self.ask(Apply((Remove(address, service.name, _destination(service)),)))
 
     def apply(self, changes: Sequence[Change], *, now: float) -> None:
         self.ask(Apply(tuple(action for action, _ in changes)))
 
-    def reconcile(self, wanted: Held, *, now: float) -> None:
-        """Hold exactly `wanted` (the gate keeper records it as its own)."""
-        self.ask(Reconcile(tuple(Allow(address, name, until)
+    def reconcile(self, wanted: Held, *, now: float,
+                  destinations: Destinations | None = None) -> None:
+        """Hold exactly `wanted` (the gate keeper records it as its own), a
+        named service's grants to their `destinations`."""
+        dests = destinations or {}
+        self.ask(Reconcile(tuple(Allow(address, name, until, dests.get((address, name)))
                                  for (address, name), until in wanted.items())))
+
+    def gate_addresses(self, addresses: Mapping[str, Sequence[Any]]) -> None:
+        """A named gateway service's addresses, gated before any lease."""
+        self.ask(Gated(tuple((name, address) for name, found in addresses.items()
+                             for address in found)))
 
     def held(self, *, now: float) -> Held:
         return {(gatemsg.parse_address(address), name): float(until)
@@ -232,3 +240,8 @@ def serving_here(keeper: GateKeeper) -> Iterator[RemoteGate]:
         ours.close()
         thread.join(timeout=5)
         theirs.close()
+
+
+def _destination(service: Service) -> Any:
+    """A named gateway service's lease's address (`Service.for_destination`)."""
+    return service.host if service.named else None

@@ -18,7 +18,7 @@ from spa.backends.memory import MemoryBackend
 from spa.backends.names import DEFAULT_NAMES, Names
 from spa.core.knock import steps_for_window
 from spa.core.leases import restore_saved
-from spa.core.policy import max_durations
+from spa.core.policy import max_durations, named_services
 from spa.core.wire import IPAddress
 from spa.kernel.mapsource import MapFiltered
 from spa.server import config as config_mod
@@ -301,15 +301,19 @@ def install_gate(path: Path, *, backend: str | None = None) -> str:
         gate = make_backend(chosen, names=config.names)
         gate.start(config.services, now=now)
         restored = restore_saved(state.load_leases(), clients=_known_clients(config),
-                                 max_durations=max_durations(config.services), now=now)
+                                 max_durations=max_durations(config.services), now=now,
+                                 named=named_services(config.services))
         if restored.note():
             log_to_stderr(f"warning {restored.note()}")
         wanted: dict[tuple[IPAddress, str], float] = {}
+        destinations: dict[tuple[IPAddress, str], IPAddress] = {}
         for lease in restored.kept:
             if lease.expires > now:
                 key = (lease.address, lease.service)
                 wanted[key] = max(lease.expires, wanted.get(key, 0.0))
-        reconcile(gate, wanted, config.services, now=now)
+                if lease.destination is not None:  # the one its grant resolved, not a new one
+                    destinations.setdefault(key, lease.destination)
+        reconcile(gate, wanted, config.services, now=now, destinations=destinations)
     finally:
         state.release()
     return f"gate installed ({chosen}), {len(wanted)} saved lease(s) kept open"

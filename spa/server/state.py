@@ -46,6 +46,7 @@ from spa.clitools import format_utc
 from spa.core.errors import FormatError
 from spa.core.leases import Lease, LeaseTable
 from spa.core.replay import ReplayCache, entry_bytes
+from spa.core.wire import IPAddress
 from spa.server.errors import LocalError
 from spa.server.safefs import Directory, open_dir, refuse_foreign_dir
 
@@ -224,11 +225,7 @@ class StateDir:
             "updated": now,
             "backend": backend,
             "expires_by_itself": expires_by_itself,
-            "leases": [
-                {"client": lease.client, "address": str(lease.address),
-                 "service": lease.service, "expires": lease.expires}
-                for lease in table.leases()
-            ],
+            "leases": [_lease_out(lease) for lease in table.leases()],
         }
         self._save(LEASES, json.dumps(data, indent=1).encode())
 
@@ -239,7 +236,8 @@ class StateDir:
             return []
         try:
             return [Lease(item["client"], ipaddress.ip_address(item["address"]),
-                          item["service"], float(item["expires"]))
+                          item["service"], float(item["expires"]),
+                          _destination_in(item.get("destination")))
                     for item in data["leases"]]
         except (KeyError, TypeError, ValueError):
             raise LocalError(f"{self.path / LEASES} is damaged; stop the server and "
@@ -485,6 +483,25 @@ class StateDir:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise LocalError(f"{self.path / name} is damaged (not JSON)") from None
+
+
+def _lease_out(lease: Lease) -> dict[str, Any]:
+    """A lease in leases.json; a named gateway service's with the address
+    its grant resolved (a restart opens exactly that again)."""
+    item: dict[str, Any] = {"client": lease.client, "address": str(lease.address),
+                            "service": lease.service, "expires": lease.expires}
+    if lease.destination is not None:
+        item["destination"] = str(lease.destination)
+    return item
+
+
+def _destination_in(value: object) -> IPAddress | None:
+    """A saved lease's destination.  Raises ValueError for one not an address."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError("a destination is an address")
+    return ipaddress.ip_address(value)
 
 
 def lock_name(state_dir: Path) -> str:

@@ -232,6 +232,8 @@ class Spa:
                 continue  # the drop counters are not grants
             for elem in spec.get("elem", []):
                 value = elem["elem"]["val"] if isinstance(elem, dict) else elem
+                if isinstance(value, dict) and "concat" in value:  # a named gateway's pair
+                    value = " . ".join(map(str, value["concat"]))
                 found.append(f"{spec['name']} {value}")
         return sorted(found)
 

@@ -48,10 +48,17 @@ def test_a_service_names_its_internal_host_by_address(tmp_path: Path) -> None:
         == ipaddress.ip_address("fd00:20::5")
 
 
-def test_a_name_for_host_is_refused_in_one_line(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"host = 'db.internal' is not an IP address; write "
-                       "the internal host's address \\(names are not resolved\\)"):
-        load(tmp_path, GATEWAY.format(host="db.internal"))
+def test_a_name_for_host_is_kept_unresolved_and_a_malformed_one_refused_in_one_line(
+        tmp_path: Path) -> None:
+    loaded = load(tmp_path, GATEWAY.format(host="db.internal")).services["db"]
+    assert (loaded.host, loaded.host_name, loaded.gateway, loaded.named) == (
+        None, "db.internal", True, True)
+    for bad in ("db..internal", "-db.internal", "db_1.internal", "10.20.0", "db internal"):
+        with pytest.raises(ConfigError, match=re.escape(f"host = {bad!r} is ")) as raised:
+            load(tmp_path, GATEWAY.format(host=bad))
+        assert "\n" not in str(raised.value) and "DNS host name" in str(raised.value)
+    with pytest.raises(ConfigError, match="is a name, and listen_port needs an address"):
+        load(tmp_path, GATEWAY.format(host="db.internal") + "listen_port = 2222\n")
 
 
 @pytest.mark.parametrize(("host", "why"), [
