@@ -42,6 +42,7 @@ TEST_PACKAGES=(
     fwknop-client                      # the real fwknop client knocks the compat listener
     fwknop-server                      # import-fwknop reads the access.conf Debian ships
     pipx                               # the client alone, installed as a user would
+    zsh                                # the zsh completion is run in the tests
 )
 APT_PACKAGES=("${DEMO_PACKAGES[@]}")
 EXTRAS=server
