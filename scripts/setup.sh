@@ -45,6 +45,7 @@ TEST_PACKAGES=(
     etcd-server etcd-client            # a real etcd cluster for the group tests (etcdctl: RBAC);
                                        # where systemd runs, Debian also starts its own etcd on
                                        # 127.0.0.1:2379: the tests use none of it (namespaces)
+    zsh                                # the zsh completion is run in the tests
 )
 APT_PACKAGES=("${DEMO_PACKAGES[@]}")
 EXTRAS=server

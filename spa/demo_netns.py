@@ -114,7 +114,8 @@ class NetnsDemo:
         say = self.say
         say(f"1. namespaces: server {SERVER} (a real sshd on tcp/22, spa-server with nftables "
             f"in capture mode:")
-        say(f"   nothing bound to {PORT}/udp) and client {CLIENT} (spa-client, ssh)")
+        say(f"   nothing bound to {PORT}/udp) and client {CLIENT} (spa-client, ssh): "
+            f"{self.srv.name} and {self.cli.name}, removed at the end")
         before = self.ssh("true")
         self.check(before.returncode != 0,
                    "before the knock: ssh cannot connect (the port is filtered, not even refused)")

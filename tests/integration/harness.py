@@ -115,7 +115,11 @@ class ServerProcess:
             self.raw.append(line.rstrip("\n"))
             self.lines.append(event_of(line.rstrip("\n")))
 
-    def wait_for_line(self, prefix: str, timeout: float = 5) -> bool:
+    def wait_for_line(self, prefix: str, timeout: float = 15) -> bool:
+        """Whether a line starting with `prefix` came within `timeout` seconds
+        (a line that comes returns at once: the generous default only costs a
+        failing test; 5 s was too short on a loaded machine, where a restarted
+        server's refusal once took longer)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if any(line.startswith(prefix) for line in self.lines):
