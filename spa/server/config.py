@@ -50,6 +50,7 @@ from spa.core.uri import is_valid_client_name
 from spa.core.wire import IPAddress
 from spa.server.configvalue import describe, expect
 from spa.server.errors import ConfigError, LocalError
+from spa.server.gwclash import gateway_clash
 from spa.server.safefs import Directory, Stamp, open_dir, refuse_foreign_dir
 from spa.server.secretfile import read_secret
 
@@ -268,6 +269,9 @@ def parse(path: Path, raw: bytes) -> ServerConfig:
     if gateway and config.backend not in ("nftables", "memory"):
         raise ConfigError(f"{path}: [services.{gateway[0]}] gateway services need backend "
                           "nftables")
+    clash = gateway_clash(services, knock_ports=(config.listen_port, config.fwknop_port))
+    if clash:
+        raise ConfigError(f"{path}: {clash}")
     if config.backend == "command" and config.command is None:
         raise ConfigError(f"{where} backend = \"command\" needs a [command] table with allow "
                           "and remove (docs/backends.md)")
