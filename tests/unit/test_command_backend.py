@@ -17,7 +17,7 @@ import pytest
 
 from spa.backends.base import Held, reconcile
 from spa.backends.cmdjournal import JOURNAL, Journal
-from spa.backends.cmdrun import Outcome, run_command
+from spa.backends.cmdrun import MAX_OUTPUT, Outcome, run_command
 from spa.backends.cmdspec import CommandSpec, parse_listing, parse_spec, render, values
 from spa.backends.command import CommandBackend
 from spa.core.policy import Service
@@ -181,6 +181,26 @@ def test_command_runner_kills_the_process_group_at_the_timeout(tmp_path: Path) -
         time.sleep(0.05)
     assert run_command(["/bin/sh", "-c", "echo nope >&2; exit 3"], 2).problem == \
         "exit status 3: nope"
+
+
+def test_a_chatty_command_is_killed_once_its_output_passes_the_bound() -> None:
+    """A program that prints more than MAX_OUTPUT (or without end) is ended
+    when its output passes the bound, not kept in memory until it stops."""
+    much = [sys.executable, "-c", f"import sys; sys.stdout.write('x' * {8 * MAX_OUTPUT})"]
+    outcome = run_command(much, 60.0)  # (first: the old code kept all 8 MiB and said ok)
+    assert not outcome.ok and "output" in outcome.problem, outcome.problem
+    assert len(outcome.output) <= MAX_OUTPUT
+    noisy = [sys.executable, "-c", f"import sys; sys.stderr.write('e' * {8 * MAX_OUTPUT})"]
+    outcome = run_command(noisy, 60.0)
+    assert not outcome.ok and "output" in outcome.problem, outcome.problem
+    endless = [sys.executable, "-c", "import sys\nwhile True: sys.stdout.write('x' * 65536)"]
+    started = time.monotonic()
+    outcome = run_command(endless, 60.0)
+    assert not outcome.ok and "output" in outcome.problem, outcome.problem
+    assert time.monotonic() - started < 30, "it ran on to its timeout"
+    said = [sys.executable, "-c", f"print('1' * {MAX_OUTPUT // 2})"]
+    done = run_command(said, 60.0)  # under the bound: all of it
+    assert done.ok and len(done.output) == MAX_OUTPUT // 2 + 1
 
 
 def _state(pid: int) -> str:
