@@ -19,7 +19,7 @@ from spa.backends.base import Held, reconcile
 from spa.backends.cmdjournal import JOURNAL, Journal
 from spa.backends.cmdrun import MAX_OUTPUT, Outcome, run_command
 from spa.backends.cmdspec import CommandSpec, parse_listing, parse_spec, render, values
-from spa.backends.command import CommandBackend
+from spa.backends.command import WORKERS, CommandBackend
 from spa.core.policy import Service
 from spa.server import config as config_mod
 from spa.server.errors import ConfigError, LocalError
@@ -238,6 +238,49 @@ def test_a_hung_command_blocks_neither_the_caller_nor_other_grants() -> None:
         assert time.monotonic() < deadline, "the other grant waited for the hung command"
         time.sleep(0.01)
     run.release.set()
+    found.stop()
+
+
+def test_commands_of_one_hung_service_leave_a_worker_to_the_others() -> None:
+    """As many clients as there are workers knock for a service whose program
+    hangs: another service's grant still goes through at once."""
+    run = FakeRun()
+    run.hang_on = "443"
+    found = backend(run)
+    for n in range(WORKERS + 2):
+        found.allow(ipaddress.ip_address(f"192.0.2.{10 + n}"), HTTPS, 1300.0, now=1000.0)
+    assert run.hang.wait(2)
+    time.sleep(0.2)  # every worker that may take one of them has
+    found.allow(B, SSH, 1300.0, now=1000.0)
+    deadline = time.monotonic() + 2
+    while not any("2001:db8::9" in c for c in run.of("add")):
+        assert time.monotonic() < deadline, "the hung service held every worker"
+        time.sleep(0.01)
+    run.release.set()
+    found.stop()
+
+
+def test_a_retry_waits_without_holding_a_worker() -> None:
+    """Failing allows waiting out their backoff hold no worker: another
+    grant is carried out meanwhile, and the retries still come."""
+    run = FakeRun()
+    addresses = [ipaddress.ip_address(f"192.0.2.{10 + n}") for n in range(WORKERS)]
+    run.fail = {str(address) for address in addresses}
+    spec = CommandSpec(SPEC.allow, SPEC.remove, (), 2.0, 1, 3.0)
+    found = backend(run, spec=spec)
+    for address in addresses:
+        found.allow(address, SSH, 1300.0, now=1000.0)
+    deadline = time.monotonic() + 2
+    while len(run.of("add")) < len(addresses):  # every first try failed
+        assert time.monotonic() < deadline, "the first tries did not all run"
+        time.sleep(0.01)
+    found.allow(B, SSH, 1300.0, now=1000.0)
+    deadline = time.monotonic() + 2.5  # (before the first retry is due)
+    while not any("2001:db8::9" in c for c in run.of("add")):
+        assert time.monotonic() < deadline, "the backoffs held every worker"
+        time.sleep(0.01)
+    settle(found, 10)
+    assert len(run.of("add")) == 2 * len(addresses) + 1  # each retried once
     found.stop()
 
 
