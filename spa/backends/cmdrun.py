@@ -11,6 +11,13 @@ Invariants (docs/threat-model.md, "A command backend"):
   runs on; only the service's cgroup ends it, when the unit stops
   (systemd's default KillMode=control-group).  The try itself does not
   wait for it: past the timeout its pipes are closed, not read.
+- A program runs only if no user but root and the gate keeper's own could
+  change it: it, the file a link at its name leads to, and every directory
+  above either are owned by one of them and not writable by every user (a
+  sticky directory, /tmp, excepted: there others cannot replace a file
+  they do not own) (`program_problem`, at the backend's start).  Group
+  write is not judged (Debian's /usr/local is root:staff 2775 where the
+  admin chooses so).
 - Output is bounded: stdout and stderr together at most MAX_OUTPUT bytes
   are read; a program that prints more is killed (its group) then and
   there, and the try fails.  Only the first line is quoted in the log.
@@ -20,12 +27,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import selectors
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO
 
 MAX_OUTPUT = 1 << 20  # bytes of a program's output (stdout and stderr) read, at most; more: it
@@ -47,6 +57,38 @@ class Outcome:
 
 
 Run = Callable[[Sequence[str], float], Outcome]
+
+
+def program_problem(program: str) -> str:
+    """Why the gate keeper will not run `program` (an absolute path), in
+    words for one line; "" when nothing (see the invariants)."""
+    if not os.access(program, os.X_OK):
+        return "is missing or not executable by the gate keeper's user"
+    me = os.geteuid()
+    for path in dict.fromkeys((program, os.path.realpath(program))):
+        for where in (path, *map(str, Path(path).parents)):
+            try:
+                found = os.lstat(where)
+            except OSError as exc:
+                return f"cannot be checked: {where}: {exc.strerror}"
+            if stat.S_ISLNK(found.st_mode):
+                continue  # a link's own mode means nothing; its directory and target count
+            if found.st_uid not in (0, me):
+                return (f"could be changed by {_name(found.st_uid)}, who owns {where}: make "
+                        "root (or the gate keeper's user) own the program and the directories "
+                        "above it")
+            if found.st_mode & 0o002 and not (stat.S_ISDIR(found.st_mode)
+                                              and found.st_mode & stat.S_ISVTX):
+                return (f"could be changed by anyone: {where} is writable by every user "
+                        f"(chmod o-w {where})")
+    return ""
+
+
+def _name(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 def run_command(argv: Sequence[str], timeout: float) -> Outcome:

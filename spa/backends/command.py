@@ -42,7 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from spa.backends.base import Change, Held, apply_each
 from spa.backends.cmdjournal import Journal
-from spa.backends.cmdrun import Outcome, Run, run_command
+from spa.backends.cmdrun import Outcome, Run, program_problem, run_command
 from spa.backends.cmdspec import CommandSpec, parse_listing, render, values
 from spa.core.policy import Service
 from spa.core.wire import IPAddress
@@ -92,9 +92,9 @@ class CommandBackend:
         """Raises LocalError: a program missing or not executable, a journal
         it cannot read or write."""
         for program in self.spec.programs():
-            if not os.access(program, os.X_OK):
-                raise LocalError(f"[command] program {program} is missing or not executable "
-                                 "by the gate keeper's user")
+            problem = program_problem(program)
+            if problem:
+                raise LocalError(f"[command] program {program} {problem}")
         out, ports = self._journal.load_with_ports() if self._journal is not None else ({}, {})
         if self._journal is not None:  # one it cannot write stops the start, in one line
             self._journal.save(out, {**ports, **self._retired, **self._services, **services})

@@ -366,6 +366,41 @@ def test_a_missing_program_stops_the_start() -> None:
         CommandBackend(spec, None, run=FakeRun()).start(SERVICES, now=0.0)
 
 
+def test_a_program_another_user_could_change_stops_the_start(tmp_path: Path) -> None:
+    """A program (or a directory above it) that another user owns, or that
+    every user may write, would run that user's code as the gate keeper: the
+    start stops with one line.  A sticky directory (/tmp) is no way in."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (chown)")
+    def program_in(directory: Path, mode: int) -> str:
+        directory.mkdir(mode=0o755)
+        directory.chmod(mode)
+        program = directory / "router-allow"
+        program.write_bytes(Path(TRUE).read_bytes())
+        program.chmod(0o755)
+        return str(program)
+    def start(program: str) -> None:
+        spec = CommandSpec((program, "{address}"), (TRUE,))
+        CommandBackend(spec, None, run=FakeRun()).start(SERVICES, now=0.0)
+    open_to_all = program_in(tmp_path / "shared", 0o777)
+    with pytest.raises(LocalError, match="writable by every user") as raised:
+        start(open_to_all)
+    assert "\n" not in str(raised.value) and "shared" in str(raised.value)
+    theirs = program_in(tmp_path / "theirs", 0o755)
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(LocalError, match="could be changed by nobody"):
+        start(theirs)
+    os.chown(tmp_path / "theirs", 65534, 65534)
+    os.chown(theirs, 0, 0)  # the file root's, in a directory another user owns
+    with pytest.raises(LocalError, match="could be changed by nobody"):
+        start(theirs)
+    link = tmp_path / "link"
+    link.symlink_to(open_to_all)  # through a link: where it leads counts
+    with pytest.raises(LocalError, match="writable by every user"):
+        start(str(link))
+    start(program_in(tmp_path / "sticky", 0o1777))  # others may not replace root's file
+
+
 def test_gate_with_the_command_backend_says_it_keeps_nothing_here(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
