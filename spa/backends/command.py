@@ -53,6 +53,9 @@ WORKERS = 4  # programs that may run at once (a hung one holds one worker, never
 LIST_DEADLINE = 20.0  # seconds the start's list commands may take together (under the gate
 # keeper's lock; systemd's start timeout is 90 s)
 LIST_AT_ONCE = 8  # list commands run at once
+MAX_LEFTOVERS = 1024  # addresses one start's list may add per service (each removal rewrites
+# the journal: n of them cost n x n rows written; a lost journal's grants still wanted are
+# allowed again by the reconcile whether or not they are taken)
 DRAIN = 10.0  # seconds `stop` waits for wishes still to carry out (the unit allows 15)
 Key = tuple[IPAddress, str]
 
@@ -362,8 +365,14 @@ class CommandBackend:
                       f"that are not one address, skipped (first: {bad[0]!r})")
         listed = {(address, service.name) for address in found}
         with self._cond:
-            for key in listed:
-                self._out.setdefault(key, 0.0)
+            new = sorted((key for key in listed if key not in self._out), key=str)
+            if len(new) > MAX_LEFTOVERS:
+                self._log(f"warning command list service={service.name}: {len(new)} "
+                          "addresses spa does not hold; removing the first "
+                          f"{MAX_LEFTOVERS} (the next start takes more; does the list "
+                          "command list only what spa added?)")
+            for key in new[:MAX_LEFTOVERS]:
+                self._out[key] = 0.0
             for key in [k for k in self._out if k[1] == service.name and k not in listed
                         and k not in self._want]:  # (a wish since the start: its own)
                 self._out[key] = 0.0  # in the journal, gone from the firewall: if it is

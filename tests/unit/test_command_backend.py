@@ -19,7 +19,7 @@ from spa.backends.base import Held, reconcile
 from spa.backends.cmdjournal import JOURNAL, Journal
 from spa.backends.cmdrun import MAX_OUTPUT, Outcome, run_command
 from spa.backends.cmdspec import CommandSpec, parse_listing, parse_spec, render, values
-from spa.backends.command import WORKERS, CommandBackend
+from spa.backends.command import MAX_LEFTOVERS, WORKERS, CommandBackend
 from spa.core.policy import Service
 from spa.server import config as config_mod
 from spa.server.errors import ConfigError, LocalError
@@ -477,6 +477,23 @@ def test_a_grant_gone_from_the_firewall_is_allowed_again_at_the_start(tmp_path: 
     reconcile(found, {(A, "ssh"): 1300.0}, SERVICES, now=1000.0)
     settle(found)
     assert [c[2] for c in run.of("add")] == ["192.0.2.7"]
+    found.stop()
+
+
+def test_a_list_of_many_addresses_spa_never_added_is_taken_in_part() -> None:
+    """A list command that names tens of thousands of addresses the journal
+    does not hold (a hostile router, a list of rules not spa's) adds at most
+    MAX_LEFTOVERS of them to remove, said in one line: each removal rewrites
+    the journal, so all of them would cost the square of their number."""
+    run = FakeRun()
+    run.listing = "\n".join(f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}" for n in range(20000))
+    lines: list[str] = []
+    found = CommandBackend(SPEC, None, run=run, log=lines.append, clock=lambda: 1000.0)
+    found.start(SERVICES, now=1000.0)
+    held = found.held(now=1000.0)
+    assert len([key for key in held if key[1] == "ssh"]) == MAX_LEFTOVERS
+    assert any("20000 addresses" in line and f"first {MAX_LEFTOVERS}" in line
+               for line in lines), lines
     found.stop()
 
 
