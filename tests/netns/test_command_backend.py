@@ -248,6 +248,7 @@ def test_a_gate_keeper_user_of_its_own_runs_the_commands_the_daemon_cannot(
             program.write_text(
                 "#!/bin/sh\n"
                 f'echo "$(id -u) $1" >> {ran}\n'
+            f"grep SigIgn /proc/self/status > {private / 'ignored'}\n"
                 f'exec {sys.executable} -I {HERE / "router_cmd.py"} {AGENT} {gate.hang} "$@"\n')
             program.chmod(0o700)
             for path in (private, program):
@@ -282,6 +283,9 @@ def test_a_gate_keeper_user_of_its_own_runs_the_commands_the_daemon_cannot(
             ran_as = ran.read_text().split()
             assert ran_as[0::2] == [str(keeper_user.pw_uid)] * (len(ran_as) // 2), ran_as
             assert "allow" in ran_as[1::2] and "list" in ran_as[1::2]
+            ignored = int((private / "ignored").read_text().split()[1], 16)
+            hup_int_term = 1 << signal.SIGHUP - 1 | 1 << signal.SIGINT - 1 | 1 << signal.SIGTERM - 1
+            assert not ignored & hup_int_term, "the program inherited the gate keeper's SIG_IGN"
             as_daemon = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--")
             tried = gate.spa.world.srv.run(*as_daemon, str(program), "allow", "10.197.1.77", "ssh",
                                            check=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -445,6 +446,25 @@ def test_a_command_gets_a_fixed_environment_no_stdin_and_no_descriptor_of_ours(
     assert names == "['LANG', 'LC_CTYPE', 'PATH']" or names == "['LANG', 'PATH']"
     assert stdin == "''"
     assert len(fds.strip("[]").split(", ")) == 4, fds  # 0, 1, 2 and listdir's own
+
+
+def test_the_gate_keepers_signals_reach_its_programs_as_the_default() -> None:
+    """The gate keeper leaves SIGTERM, SIGINT and SIGHUP to the daemon by a
+    handler that does nothing, not by ignoring them: an ignored signal would
+    stay ignored in every program it runs (a `timeout` or `kill` in the
+    admin's script, the unit's stop, could not end them)."""
+    from spa.server.runner import GATE_KEEPER_SIGNALS, leave_signals_to_the_daemon
+
+    before = {signum: signal.getsignal(signum) for signum in GATE_KEEPER_SIGNALS}
+    try:
+        leave_signals_to_the_daemon()
+        os.kill(os.getpid(), signal.SIGTERM)  # nothing happens here
+        outcome = run_command(["/bin/sh", "-c", "grep SigIgn /proc/self/status"], 5)
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    ignored = int(outcome.output.split()[1], 16)
+    assert not any(ignored >> (signum - 1) & 1 for signum in GATE_KEEPER_SIGNALS), hex(ignored)
 
 
 def test_the_journal_may_live_where_the_config_says(tmp_path: Path) -> None:
