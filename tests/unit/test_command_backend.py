@@ -361,6 +361,26 @@ def test_the_journal_refuses_a_link(tmp_path: Path) -> None:
     assert Journal(state).load() == {(A, "ssh"): 1.0}
 
 
+def test_a_journal_others_could_have_written_is_refused(tmp_path: Path) -> None:
+    """Its rows become `remove` commands with the gate keeper's credentials
+    (a dropped service's row: any protocol and port): a journal that group
+    or others may write, or that another user owns, is refused in one line."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    journal = Journal(state)
+    journal.save({(A, "ssh"): 1.0})
+    (state / JOURNAL).chmod(0o666)
+    with pytest.raises(LocalError, match="group or others may write") as raised:
+        journal.load()
+    assert "\n" not in str(raised.value)
+    (state / JOURNAL).chmod(0o644)  # (readable is fine: addresses, no secret)
+    assert journal.load() == {(A, "ssh"): 1.0}
+    if os.geteuid() == 0:
+        os.chown(state / JOURNAL, 65534, 65534)
+        with pytest.raises(LocalError, match="belongs to"):
+            journal.load()
+
+
 def test_a_missing_program_stops_the_start() -> None:
     spec = CommandSpec(("/nonexistent/router-allow",), (TRUE,))
     with pytest.raises(LocalError, match="missing or not executable"):
