@@ -19,17 +19,17 @@ Invariants:
 - What it reads is checked: the file is the gate keeper's user's (root's
   when it runs as root) and group and others may not write it (its rows
   run `remove` commands, a dropped service's with any protocol and port);
-  a line that is not (address, service, until)
-  is skipped, and so is one whose address `cmdspec.checked_address`
-  refuses (a scoped IPv6 address could carry any text into an argv).  A
-  daemon that wrote the file could only add removes of addresses, which it
-  may ask for anyway.
+  a row that is not (address, service, until) is skipped, and so is one
+  whose address `cmdspec.checked_address` refuses (a scoped IPv6 address
+  could carry any text into an argv), whose service is no valid service
+  name (it reaches the log and argv) or whose end is no finite number.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,6 +37,7 @@ from pathlib import Path
 from spa.backends.base import Held
 from spa.backends.cmdspec import checked_address
 from spa.core.policy import Service
+from spa.core.wire import is_valid_service_name
 from spa.server.errors import LocalError
 from spa.server.safefs import open_dir, refuse_foreign_dir, user_name
 
@@ -85,7 +86,12 @@ class Journal:
         for row in rows if isinstance(rows, list) else []:
             try:
                 address, service, until, *where = row
-                found[(checked_address(address), str(service))] = float(until)
+                if not isinstance(service, str) or not is_valid_service_name(service):
+                    continue  # (the name reaches the log and a command's argv)
+                if isinstance(until, bool) or not isinstance(until, int | float) or not (
+                        math.isfinite(until)):
+                    continue
+                found[(checked_address(address), service)] = float(until)
             except (ValueError, TypeError):
                 continue
             if service not in ports and len(where) == 2:

@@ -616,6 +616,26 @@ def test_an_older_journal_without_ports_is_still_read(tmp_path: Path) -> None:
     found.stop()
 
 
+def test_a_journal_row_with_a_bad_name_or_end_is_skipped(tmp_path: Path) -> None:
+    """A row's service name reaches the log (a dropped service is named in a
+    line), its end the reconcile: a name that is no service name (a newline
+    and a forged log line) or an end that is no finite time is skipped."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / JOURNAL).write_text(json.dumps({"grants": [
+        ["192.0.2.7", "ssh", 1300.0],
+        ["192.0.2.8", "gone\nerror forged line", 1300.0],
+        ["192.0.2.9", "ssh", "nan"], ["192.0.2.10", "ssh", "inf"], ["192.0.2.11", "ssh", True],
+        ["192.0.2.12", ["ssh"], 1300.0]]}))
+    assert Journal(state).load() == {(A, "ssh"): 1300.0}
+    lines: list[str] = []
+    found = CommandBackend(SPEC, Journal(state), run=FakeRun(), log=lines.append,
+                           clock=lambda: 1000.0)
+    found.start({"ssh": SSH}, now=1000.0)
+    found.stop()
+    assert not any("\n" in line or "forged" in line for line in lines), lines
+
+
 THREE = {name: Service(name, "tcp", port, 30, 300) for name, port in
          (("ssh", 22), ("https", 443), ("db", 5432))}
 
