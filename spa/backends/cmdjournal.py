@@ -78,7 +78,7 @@ class Journal:
                              "who changed it, then chmod 600 it or move it away")
         try:
             rows = json.loads(raw)["grants"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # (nested too deep)
             raise LocalError(f"the command journal {self.path} is not one spa wrote: move it "
                              "away (its grants may then stay on the other firewall)") from None
         found: Held = {}

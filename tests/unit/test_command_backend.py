@@ -636,6 +636,18 @@ def test_a_journal_row_with_a_bad_name_or_end_is_skipped(tmp_path: Path) -> None
     assert not any("\n" in line or "forged" in line for line in lines), lines
 
 
+@pytest.mark.parametrize("text", ['{"grants": [["192.0.2.7", "ssh", 13', "\xff\xfe",
+                                  '{"grants": ' + "[" * 100000 + "]" * 100000 + "}"],
+                         ids=["truncated", "not-utf8", "nested-deep"])
+def test_a_damaged_journal_is_one_line(text: str, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / JOURNAL).write_bytes(text.encode("latin-1"))
+    with pytest.raises(LocalError, match="not one spa wrote") as raised:
+        Journal(state).load()
+    assert "\n" not in str(raised.value)
+
+
 THREE = {name: Service(name, "tcp", port, 30, 300) for name, port in
          (("ssh", 22), ("https", 443), ("db", 5432))}
 
