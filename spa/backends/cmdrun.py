@@ -2,8 +2,9 @@
 
 Invariants (docs/threat-model.md, "A command backend"):
 - argv only (no shell), stdin from /dev/null, no descriptor of ours
-  inherited, a fixed small environment (PATH, LANG): nothing of the
-  daemon's environment or secrets reaches the program.
+  inherited, a fixed small environment (PATH, LANG), `/` as its working
+  directory (not wherever spa-server was started): nothing of the daemon's
+  environment or secrets reaches the program.
 - The program runs in a session (process group) of its own; past its
   timeout the whole group is killed (SIGKILL): a hung program and the
   children it started in its group end with the try.  A child that
@@ -97,7 +98,8 @@ def run_command(argv: Sequence[str], timeout: float) -> Outcome:
     try:
         proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL,  # noqa: S603 (argv, no shell)
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=ENVIRONMENT, close_fds=True, start_new_session=True)
+                                env=ENVIRONMENT, close_fds=True, start_new_session=True,
+                                cwd="/")
     except OSError as exc:
         return Outcome(None, problem=f"cannot run {argv[0]}: {exc.strerror or exc}")
     deadline = time.monotonic() + timeout

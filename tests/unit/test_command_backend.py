@@ -457,12 +457,15 @@ def test_a_command_gets_a_fixed_environment_no_stdin_and_no_descriptor_of_ours(
     os.set_inheritable(kept, True)
     try:
         script = ("import os,sys\nprint(sorted(os.environ))\nprint(repr(sys.stdin.read()))\n"
-                  "print(sorted(int(fd) for fd in os.listdir('/proc/self/fd')))")
+                  "print(sorted(int(fd) for fd in os.listdir('/proc/self/fd')))\n"
+                  "print(os.getcwd())")
+        monkeypatch.chdir(tmp_path)  # wherever spa-server was started: not the program's
         outcome = run_command([sys.executable, "-I", "-c", script], 5)
     finally:
         os.close(kept)
     assert outcome.ok, outcome.problem
-    names, stdin, fds = outcome.output.splitlines()
+    names, stdin, fds, cwd = outcome.output.splitlines()
+    assert cwd == "/"
     assert names == "['LANG', 'LC_CTYPE', 'PATH']" or names == "['LANG', 'PATH']"
     assert stdin == "''"
     assert len(fds.strip("[]").split(", ")) == 4, fds  # 0, 1, 2 and listdir's own
