@@ -311,6 +311,27 @@ def test_a_failing_command_is_retried_then_given_up_and_reported() -> None:
     found.stop()
 
 
+def test_a_retried_allow_gives_the_seconds_left_at_its_try() -> None:
+    """{seconds} is rendered for each try: an allow retried after its backoff
+    does not give the other firewall's own timeout the seconds the first
+    try had (the grant would outlive its lease there by the backoffs)."""
+    run = FakeRun()
+    run.fail = {"192.0.2.7"}
+    now = [1000.0]
+    spec = CommandSpec(SPEC.allow, SPEC.remove, (), 2.0, 1, 0.2)
+    found = CommandBackend(spec, None, run=run, log=lambda line: None, clock=lambda: now[0])
+    found.start(SERVICES, now=1000.0)
+    found.allow(A, SSH, 1300.0, now=1000.0)
+    deadline = time.monotonic() + 2
+    while not run.of("add"):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    now[0] = 1100.0  # the clock the retry reads
+    settle(found)
+    assert [c[-1] for c in run.of("add")] == ["300", "200"]
+    found.stop()
+
+
 def test_a_newer_wish_stops_the_retries_of_an_older_one() -> None:
     run = FakeRun()
     run.fail = {"192.0.2.7"}
