@@ -245,8 +245,7 @@ class CommandBackend:
         except ValueError as exc:
             self._log(f"error command: not run for {name} {address}: {exc}")
             return
-        if until is not None and not attempt and not self._keep(key, until):  # in the
-            # journal before it runs
+        if until is not None and not self._keep(key, until):  # in the journal before it
             self._keep(key, out, save=False)  # may be out there; not written: not run
             self._log(f"error command allow service={name} src={address}: not run, as the "
                       "journal could not record it (a crash would leave it unrecorded)")
@@ -283,6 +282,8 @@ class CommandBackend:
             self.record(Event(self._clock(), "command", action, "gave_up", None, str(address),
                               name))
             return False
+        if until is not None:  # until its retry: may be out there, not as wanted (a crash
+            self._keep(key, 0.0)  # meanwhile: the next start's reconcile allows it again)
         with self._cond:
             if self._stopping or self._want.get(key, "gone") != until:
                 return False  # a newer wish (or the stop) takes over

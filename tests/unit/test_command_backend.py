@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from spa.backends import command as command_mod
 from spa.backends.base import Held, reconcile
 from spa.backends.cmdjournal import JOURNAL, Journal
 from spa.backends.cmdrun import MAX_OUTPUT, Outcome, run_command
@@ -368,6 +369,34 @@ def test_a_restart_removes_what_was_added_before_a_crash(tmp_path: Path) -> None
     assert run2.of("add") == []  # the live one is kept as it is
     assert Journal(state).load() == {(B, "https"): 1900.0}
     second.stop()
+
+
+def test_a_crash_while_an_allow_waits_to_be_retried_allows_it_at_the_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An allow that failed and waits out its backoff is in the journal as
+    "may be out there, not as wanted": a crash then, and the next start's
+    reconcile runs the allow again (it is not taken as done)."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    run = FakeRun()
+    run.fail = {"192.0.2.7"}
+    spec = CommandSpec(SPEC.allow, SPEC.remove, (), 2.0, 3, 30.0)
+    first = backend(run, Journal(state), spec=spec)
+    first.allow(A, SSH, 1300.0, now=1000.0)
+    deadline = time.monotonic() + 2
+    while Journal(state).load().get((A, "ssh")) != 0.0:
+        assert time.monotonic() < deadline, Journal(state).load()
+        time.sleep(0.01)
+    assert len(run.of("add")) == 1  # (its retry is 30 s away: the crash comes first)
+    run2 = FakeRun()  # the next start, no list command: the journal alone
+    second = backend(run2, Journal(state), spec=CommandSpec(SPEC.allow, SPEC.remove))
+    reconcile(second, {(A, "ssh"): 1300.0}, SERVICES, now=1000.0)
+    settle(second)
+    assert [c[2] for c in run2.of("add")] == ["192.0.2.7"]
+    assert Journal(state).load() == {(A, "ssh"): 1300.0}
+    second.stop()
+    monkeypatch.setattr(command_mod, "DRAIN", 0.1)  # (the first's retry: not waited for)
+    first.stop()
 
 
 def test_the_journal_refuses_a_link(tmp_path: Path) -> None:
