@@ -77,7 +77,8 @@ class Gateway:
 
 
 @contextlib.contextmanager
-def router_site(world: World, *, listing: bool = True) -> Iterator[Gateway]:
+def router_site(world: World, *, listing: bool = True, timeout: float = 1
+                ) -> Iterator[Gateway]:
     if shutil.which("setpriv") is None:
         pytest.skip("needs setpriv (util-linux)")
     topo = Topology()
@@ -111,7 +112,7 @@ def router_site(world: World, *, listing: bool = True) -> Iterator[Gateway]:
             f"allow = {argv('allow', '{address}', '{service}')}\n"
             f"remove = {argv('remove', '{address}', '{service}')}\n"
             + (f"list = {argv('list', '{service}')}\n" if listing else "") +
-            "timeout = 1\nretries = 1\nbackoff = 0.2\n")
+            f"timeout = {timeout:g}\nretries = 1\nbackoff = 0.2\n")
         (root / "state").mkdir(mode=0o700, exist_ok=True)
         for path in (spa.config, root / "state", *(root / "state").iterdir()):
             os.chown(path, 65534, 65534)
@@ -183,17 +184,28 @@ def test_command_backend_reconciles_a_crash_at_restart(gate_listing: tuple[Gatew
     assert gate.until(lambda: gate.allowed("https") == leftover, 2), gate.spa.lines
 
 
-def test_a_hung_router_command_blocks_no_other_grant(gate: Gateway) -> None:
+@pytest.fixture
+def slow_gate(world: World, checkout_reachable_by_others: None) -> Iterator[Gateway]:
+    with router_site(world, timeout=4) as site:  # a hung allow: 4 + 0.2 + 4 s
+        yield site
+
+
+def test_a_hung_router_command_blocks_no_other_grant(slow_gate: Gateway) -> None:
+    """The ssh grant goes through while https's allow hangs: well before that
+    allow's tries end (8.2 s; the client's own start may take a second or
+    two on a loaded machine, hence the long timeout)."""
+    gate = slow_gate
     gate.hang.write_text("https\n")
     start(gate)
-    gate.knock("https")
+    gate.knock("https", "--duration", "30")  # (a lease that outlasts the tries)
     knocked = time.monotonic()
     gate.knock("ssh")
-    assert gate.until(lambda: gate.allowed("ssh") == [CLI], 1.5), gate.spa.lines
-    assert time.monotonic() - knocked < 1.5, "the ssh grant waited for the hung command"
-    assert gate.spa.wait_for("error command allow service=https", timeout=3), gate.spa.lines
+    assert gate.until(lambda: gate.allowed("ssh") == [CLI], 4), gate.spa.lines
+    assert time.monotonic() - knocked < 4, "the ssh grant waited for the hung command"
+    assert not any("service=https" in line for line in gate.spa.lines if "error" in line)
+    assert gate.spa.wait_for("error command allow service=https", timeout=6), gate.spa.lines
     assert any("timed out" in line for line in gate.spa.lines)
-    assert gate.spa.wait_for("command action=allow reason=gave_up", timeout=4), gate.spa.lines
+    assert gate.spa.wait_for("command action=allow reason=gave_up", timeout=8), gate.spa.lines
     assert gate.allowed("https") == []
 
 
