@@ -2,13 +2,14 @@
 real nftables set in a second namespace playing the router in front of it,
 through the router's API (tests/netns/router_agent.py) and the admin's
 program (tests/netns/router_cmd.py), run by the gate keeper with no
-capability, as the systemd unit's user (uid 65534).
+capability, as the systemd unit's user (uid 65534), or (started as root)
+as a throwaway gate-keeper user of its own that owns the config.
 
     cli 10.197.1.2 --- 10.197.1.1 rtr 10.197.2.1 --- 10.197.2.2 srv (spa-server, sshd)
 
 The router forwards; tcp/22 and tcp/443 to srv pass only from an address in
 its set `allowed_ssh` / `allowed_https`.  Leases are 3 s; the module takes
-about 15 s.
+about 40 s.
 """
 
 from __future__ import annotations
