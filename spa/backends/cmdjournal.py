@@ -16,25 +16,30 @@ Invariants:
 - A row is (address, service, until, protocol, port): the protocol and
   port let a start remove the grants of a service the config no longer
   has.  A row without them (an older journal) is still read.
-- What it reads is checked: a line that is not (address, service, until)
-  is skipped, and so is one whose address `cmdspec.checked_address`
-  refuses (a scoped IPv6 address could carry any text into an argv).  A
-  daemon that wrote the file could only add removes of addresses, which it
-  may ask for anyway.
+- What it reads is checked: the file is the gate keeper's user's (root's
+  when it runs as root) and group and others may not write it (its rows
+  run `remove` commands, a dropped service's with any protocol and port);
+  a row that is not (address, service, until) is skipped, and so is one
+  whose address `cmdspec.checked_address` refuses (a scoped IPv6 address
+  could carry any text into an argv), whose service is no valid service
+  name (it reaches the log and argv) or whose end is no finite number.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
 from spa.backends.base import Held
 from spa.backends.cmdspec import checked_address
 from spa.core.policy import Service
+from spa.core.wire import is_valid_service_name
 from spa.server.errors import LocalError
-from spa.server.safefs import open_dir, refuse_foreign_dir
+from spa.server.safefs import open_dir, refuse_foreign_dir, user_name
 
 JOURNAL = "command-grants.json"
 
@@ -52,14 +57,28 @@ class Journal:
         Raises LocalError."""
         try:
             with open_dir(self._state_dir) as directory:
-                raw, _ = directory.read(self._name)
+                fd = directory.open(self._name, os.O_RDONLY)
+                with open(fd, "rb") as handle:
+                    info = os.fstat(handle.fileno())
+                    raw = handle.read()
         except FileNotFoundError:
             return {}, {}
+        except LocalError as exc:  # a link, a FIFO, a second name
+            raise LocalError(f"the command journal: {exc}") from None
         except OSError as exc:
             raise LocalError(f"cannot read the command journal {self.path}: {exc}") from None
+        if info.st_uid != os.geteuid():
+            raise LocalError(f"the command journal {self.path} belongs to "
+                             f"{user_name(info.st_uid)}, not to the gate keeper's user "
+                             f"{user_name(os.geteuid())} who writes it: its rows run remove "
+                             "commands; check who put it there, then move it away")
+        if info.st_mode & 0o022:
+            raise LocalError(f"the command journal {self.path} is a file group or others may "
+                             "write (spa writes it 0600): its rows run remove commands; check "
+                             "who changed it, then chmod 600 it or move it away")
         try:
             rows = json.loads(raw)["grants"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # (nested too deep)
             raise LocalError(f"the command journal {self.path} is not one spa wrote: move it "
                              "away (its grants may then stay on the other firewall)") from None
         found: Held = {}
@@ -67,7 +86,12 @@ class Journal:
         for row in rows if isinstance(rows, list) else []:
             try:
                 address, service, until, *where = row
-                found[(checked_address(address), str(service))] = float(until)
+                if not isinstance(service, str) or not is_valid_service_name(service):
+                    continue  # (the name reaches the log and a command's argv)
+                if isinstance(until, bool) or not isinstance(until, int | float) or not (
+                        math.isfinite(until)):
+                    continue
+                found[(checked_address(address), service)] = float(until)
             except (ValueError, TypeError):
                 continue
             if service not in ports and len(where) == 2:

@@ -10,6 +10,9 @@ Invariants (STYLE principle 6; docs/threat-model.md, "A command backend"):
   run the commands.  So a program that hangs or fails holds up neither the
   receive path nor another pair's grant (each pair is carried out by one
   worker at a time, in order; a newer wish replaces one not yet carried out).
+  The pairs of one service take at most WORKERS - 1 workers at once, so a
+  service whose program hangs leaves a worker to the others; a retry waits
+  out its backoff in the queue, holding no worker.
 - Each run has the spec's timeout (its process group killed past it); a
   failure is logged, recorded as a `command` event (a metric) and retried
   after backoff, backoff x 2, ... at most `retries` times, then given up
@@ -39,7 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from spa.backends.base import Change, Held, apply_each
 from spa.backends.cmdjournal import Journal
-from spa.backends.cmdrun import Outcome, Run, run_command
+from spa.backends.cmdrun import Outcome, Run, program_problem, run_command
 from spa.backends.cmdspec import CommandSpec, parse_listing, render, values
 from spa.core.policy import Service
 from spa.core.wire import IPAddress
@@ -50,6 +53,9 @@ WORKERS = 4  # programs that may run at once (a hung one holds one worker, never
 LIST_DEADLINE = 20.0  # seconds the start's list commands may take together (under the gate
 # keeper's lock; systemd's start timeout is 90 s)
 LIST_AT_ONCE = 8  # list commands run at once
+MAX_LEFTOVERS = 1024  # addresses one start's list may add per service (each removal rewrites
+# the journal: n of them cost n x n rows written; a lost journal's grants still wanted are
+# allowed again by the reconcile whether or not they are taken)
 DRAIN = 10.0  # seconds `stop` waits for wishes still to carry out (the unit allows 15)
 Key = tuple[IPAddress, str]
 
@@ -74,6 +80,8 @@ class CommandBackend:
         self._out: Held = {}  # what may be out there (the journal)
         self._queue: deque[Key] = deque()
         self._busy: set[Key] = set()
+        self._retry: dict[Key, tuple[int, float]] = {}  # the next try's number and when
+        # (monotonic) it is due, for a pair whose last try failed
         self._cond = threading.Condition()
         self._saving = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -87,9 +95,9 @@ class CommandBackend:
         """Raises LocalError: a program missing or not executable, a journal
         it cannot read or write."""
         for program in self.spec.programs():
-            if not os.access(program, os.X_OK):
-                raise LocalError(f"[command] program {program} is missing or not executable "
-                                 "by the gate keeper's user")
+            problem = program_problem(program)
+            if problem:
+                raise LocalError(f"[command] program {program} {problem}")
         out, ports = self._journal.load_with_ports() if self._journal is not None else ({}, {})
         if self._journal is not None:  # one it cannot write stops the start, in one line
             self._journal.save(out, {**ports, **self._retired, **self._services, **services})
@@ -168,32 +176,46 @@ class CommandBackend:
             self._enqueue(key, until)
 
     def _enqueue(self, key: Key, until: float | None) -> None:
+        if self._want.get(key, "none") != until:
+            self._retry.pop(key, None)  # a newer wish: its own first try, now
         self._want[key] = until
         if key not in self._queue:
             self._queue.append(key)
         self._cond.notify_all()
 
-    def _next(self) -> tuple[Key, float | None] | None:
-        """The first queued pair no worker carries out (caller holds the lock)."""
+    def _next(self) -> tuple[Key, float | None, int] | float | None:
+        """The first queued pair no worker carries out, whose retry is due and
+        whose service has a worker to spare (caller holds the lock); else the
+        seconds until the first retry is due (None: none waits)."""
+        now, soonest = time.monotonic(), None
+        spare = max(1, self._workers - 1)  # workers one service may hold
         for key in self._queue:
-            if key not in self._busy:
-                self._queue.remove(key)
-                self._busy.add(key)
-                return key, self._want.get(key)
-        return None
+            if key in self._busy:
+                continue
+            attempt, due = self._retry.get(key, (0, now))
+            if due > now:
+                soonest = due - now if soonest is None else min(soonest, due - now)
+                continue
+            if sum(1 for busy in self._busy if busy[1] == key[1]) >= spare:
+                continue
+            self._queue.remove(key)
+            self._busy.add(key)
+            self._retry.pop(key, None)
+            return key, self._want.get(key), attempt
+        return soonest
 
     def _work(self) -> None:
         while True:
             with self._cond:
                 found = self._next()
-                while found is None:
+                while not isinstance(found, tuple):
                     if self._stopping:
                         return
-                    self._cond.wait()
+                    self._cond.wait(found)
                     found = self._next()
-            key, until = found
+            key, until, attempt = found
             try:
-                self._carry_out(key, until)
+                self._carry_out(key, until, attempt)
             except Exception as exc:  # never lose a worker
                 self._log(f"error command worker failed: {type(exc).__name__}: {exc}")
             finally:
@@ -203,7 +225,7 @@ class CommandBackend:
                         self._want.pop(key, None)
                     self._cond.notify_all()
 
-    def _carry_out(self, key: Key, until: float | None) -> None:
+    def _carry_out(self, key: Key, until: float | None, attempt: int = 0) -> None:
         address, name = key
         with self._cond:
             out = self._out.get(key)
@@ -211,7 +233,7 @@ class CommandBackend:
             if service is None and until is None:
                 service = self._retired.get(name)
         if service is None or (until is None and out is None) or (
-                until is not None and out == until):
+                until is not None and out == until and not attempt):
             return
         try:
             if until is None:
@@ -230,45 +252,46 @@ class CommandBackend:
             self.record(Event(self._clock(), "command", "allow", "journal", None,
                               str(address), name))
             return
-        done = self._try(argv, key, "allow" if until is not None else "remove", until)
-        if done and until is None:
+        done = self._try(argv, key, "allow" if until is not None else "remove", until, attempt)
+        if done is True and until is None:
             self._keep(key, None)
-        elif not done and until is not None:
+        elif done is False and until is not None:
             self._keep(key, 0.0)  # may be out there, not as wanted: a reconcile allows
             # it again (a start), or removes it
 
-    def _try(self, argv: list[str], key: Key, action: str, until: float | None) -> bool:
-        """Run argv, retried with backoff; False once given up or superseded."""
+    def _try(self, argv: list[str], key: Key, action: str, until: float | None,
+             attempt: int) -> bool | None:
+        """Run argv once: True done; None failed, tried again after its
+        backoff (queued, holding no worker); False given up, or superseded."""
         address, name = key
         spec = self.spec
-        for attempt in range(spec.retries + 1):
-            outcome: Outcome = self._run(argv, spec.timeout)
-            if outcome.ok:
-                return True
-            self.failures += 1
-            reason = "timeout" if outcome.code is None and "timed out" in outcome.problem \
-                else "failed"
-            last = attempt == spec.retries
-            wait = spec.backoff * 2 ** attempt
-            self._log(f"error command {action} service={name} src={address}: "
-                      f"{os.path.basename(argv[0])}: {outcome.problem} (try {attempt + 1} of "
-                      f"{spec.retries + 1}" + ("; giving up)" if last else
-                                                f"; again in {wait:g} s)"))
-            self.record(Event(self._clock(), "command", action, reason, None, str(address),
+        outcome: Outcome = self._run(argv, spec.timeout)
+        if outcome.ok:
+            return True
+        self.failures += 1
+        reason = "timeout" if outcome.code is None and "timed out" in outcome.problem \
+            else "failed"
+        last = attempt >= spec.retries
+        wait = spec.backoff * 2 ** attempt
+        self._log(f"error command {action} service={name} src={address}: "
+                  f"{os.path.basename(argv[0])}: {outcome.problem} (try {attempt + 1} of "
+                  f"{spec.retries + 1}" + ("; giving up)" if last else
+                                            f"; again in {wait:g} s)"))
+        self.record(Event(self._clock(), "command", action, reason, None, str(address), name))
+        if last:
+            self.record(Event(self._clock(), "command", action, "gave_up", None, str(address),
                               name))
-            if last:
-                break
-            with self._cond:
-                deadline = time.monotonic() + wait
-                while not self._stopping and self._want.get(key, "gone") == until:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
-                if self._stopping or self._want.get(key, "gone") != until:
-                    return False  # a newer wish (or the stop) takes over
-        self.record(Event(self._clock(), "command", action, "gave_up", None, str(address), name))
-        return False
+            return False
+        if until is not None:  # until its retry: may be out there, not as wanted (a crash
+            self._keep(key, 0.0)  # meanwhile: the next start's reconcile allows it again)
+        with self._cond:
+            if self._stopping or self._want.get(key, "gone") != until:
+                return False  # a newer wish (or the stop) takes over
+            self._retry[key] = (attempt + 1, time.monotonic() + wait)
+            if key not in self._queue:
+                self._queue.append(key)
+            self._cond.notify_all()
+        return None
 
     def _keep(self, key: Key, until: float | None, *, save: bool = True) -> bool:
         """Record in the journal (`until` None: the grant is gone); False if
@@ -343,8 +366,14 @@ class CommandBackend:
                       f"that are not one address, skipped (first: {bad[0]!r})")
         listed = {(address, service.name) for address in found}
         with self._cond:
-            for key in listed:
-                self._out.setdefault(key, 0.0)
+            new = sorted((key for key in listed if key not in self._out), key=str)
+            if len(new) > MAX_LEFTOVERS:
+                self._log(f"warning command list service={service.name}: {len(new)} "
+                          "addresses spa does not hold; removing the first "
+                          f"{MAX_LEFTOVERS} (the next start takes more; does the list "
+                          "command list only what spa added?)")
+            for key in new[:MAX_LEFTOVERS]:
+                self._out[key] = 0.0
             for key in [k for k in self._out if k[1] == service.name and k not in listed
                         and k not in self._want]:  # (a wish since the start: its own)
                 self._out[key] = 0.0  # in the journal, gone from the firewall: if it is

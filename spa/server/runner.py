@@ -239,6 +239,23 @@ def split(config: ServerConfig, state: StateDir, source: PacketSource, *,
     return gate, who.pw_name
 
 
+GATE_KEEPER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def leave_signals_to_the_daemon() -> None:
+    """The gate keeper's SIGTERM, SIGINT and SIGHUP do nothing: caught by a
+    handler that does nothing, not ignored.  An ignored signal stays ignored
+    across exec: the programs it runs (the command backend's) would inherit
+    it, and neither their own `kill` or `timeout`, nor the unit's stop, could
+    end them with it (a caught one is reset to the default at exec)."""
+    for signum in GATE_KEEPER_SIGNALS:
+        signal.signal(signum, _nothing)
+
+
+def _nothing(signum: int, frame: object) -> None:
+    """A signal the daemon acts on (see leave_signals_to_the_daemon)."""
+
+
 def _gate_keeper(config: ServerConfig, sock: socket.socket, room: int = 0) -> NoReturn:
     """The child's life: drop to CAP_NET_ADMIN (and CAP_BPF with a `room`:
     the eBPF tag map's), make the backend, answer the daemon until it goes
@@ -246,8 +263,7 @@ def _gate_keeper(config: ServerConfig, sock: socket.socket, room: int = 0) -> No
     reaches both; this one stops when the daemon has)."""
     status = 1
     try:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_IGN)
+        leave_signals_to_the_daemon()
         try:
             privsep.drop_to_gate_keeper(config.path, config.backend, bpf=room > 0)
             backend = make_backend(config.backend, flush_on_stop=config.flush_on_stop,

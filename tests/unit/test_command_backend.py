@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -15,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from spa.backends import command as command_mod
 from spa.backends.base import Held, reconcile
 from spa.backends.cmdjournal import JOURNAL, Journal
-from spa.backends.cmdrun import Outcome, run_command
+from spa.backends.cmdrun import MAX_OUTPUT, Outcome, run_command
 from spa.backends.cmdspec import CommandSpec, parse_listing, parse_spec, render, values
-from spa.backends.command import CommandBackend
+from spa.backends.command import MAX_LEFTOVERS, WORKERS, CommandBackend
 from spa.core.policy import Service
 from spa.server import config as config_mod
 from spa.server.errors import ConfigError, LocalError
@@ -183,6 +185,26 @@ def test_command_runner_kills_the_process_group_at_the_timeout(tmp_path: Path) -
         "exit status 3: nope"
 
 
+def test_a_chatty_command_is_killed_once_its_output_passes_the_bound() -> None:
+    """A program that prints more than MAX_OUTPUT (or without end) is ended
+    when its output passes the bound, not kept in memory until it stops."""
+    much = [sys.executable, "-c", f"import sys; sys.stdout.write('x' * {8 * MAX_OUTPUT})"]
+    outcome = run_command(much, 60.0)  # (first: the old code kept all 8 MiB and said ok)
+    assert not outcome.ok and "output" in outcome.problem, outcome.problem
+    assert len(outcome.output) <= MAX_OUTPUT
+    noisy = [sys.executable, "-c", f"import sys; sys.stderr.write('e' * {8 * MAX_OUTPUT})"]
+    outcome = run_command(noisy, 60.0)
+    assert not outcome.ok and "output" in outcome.problem, outcome.problem
+    endless = [sys.executable, "-c", "import sys\nwhile True: sys.stdout.write('x' * 65536)"]
+    started = time.monotonic()
+    outcome = run_command(endless, 60.0)
+    assert not outcome.ok and "output" in outcome.problem, outcome.problem
+    assert time.monotonic() - started < 30, "it ran on to its timeout"
+    said = [sys.executable, "-c", f"print('1' * {MAX_OUTPUT // 2})"]
+    done = run_command(said, 60.0)  # under the bound: all of it
+    assert done.ok and len(done.output) == MAX_OUTPUT // 2 + 1
+
+
 def _state(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -221,6 +243,49 @@ def test_a_hung_command_blocks_neither_the_caller_nor_other_grants() -> None:
     found.stop()
 
 
+def test_commands_of_one_hung_service_leave_a_worker_to_the_others() -> None:
+    """As many clients as there are workers knock for a service whose program
+    hangs: another service's grant still goes through at once."""
+    run = FakeRun()
+    run.hang_on = "443"
+    found = backend(run)
+    for n in range(WORKERS + 2):
+        found.allow(ipaddress.ip_address(f"192.0.2.{10 + n}"), HTTPS, 1300.0, now=1000.0)
+    assert run.hang.wait(2)
+    time.sleep(0.2)  # every worker that may take one of them has
+    found.allow(B, SSH, 1300.0, now=1000.0)
+    deadline = time.monotonic() + 2
+    while not any("2001:db8::9" in c for c in run.of("add")):
+        assert time.monotonic() < deadline, "the hung service held every worker"
+        time.sleep(0.01)
+    run.release.set()
+    found.stop()
+
+
+def test_a_retry_waits_without_holding_a_worker() -> None:
+    """Failing allows waiting out their backoff hold no worker: another
+    grant is carried out meanwhile, and the retries still come."""
+    run = FakeRun()
+    addresses = [ipaddress.ip_address(f"192.0.2.{10 + n}") for n in range(WORKERS)]
+    run.fail = {str(address) for address in addresses}
+    spec = CommandSpec(SPEC.allow, SPEC.remove, (), 2.0, 1, 3.0)
+    found = backend(run, spec=spec)
+    for address in addresses:
+        found.allow(address, SSH, 1300.0, now=1000.0)
+    deadline = time.monotonic() + 2
+    while len(run.of("add")) < len(addresses):  # every first try failed
+        assert time.monotonic() < deadline, "the first tries did not all run"
+        time.sleep(0.01)
+    found.allow(B, SSH, 1300.0, now=1000.0)
+    deadline = time.monotonic() + 2.5  # (before the first retry is due)
+    while not any("2001:db8::9" in c for c in run.of("add")):
+        assert time.monotonic() < deadline, "the backoffs held every worker"
+        time.sleep(0.01)
+    settle(found, 10)
+    assert len(run.of("add")) == 2 * len(addresses) + 1  # each retried once
+    found.stop()
+
+
 def test_a_failing_command_is_retried_then_given_up_and_reported() -> None:
     run = FakeRun()
     run.fail = {"192.0.2.7"}
@@ -244,6 +309,27 @@ def test_a_failing_command_is_retried_then_given_up_and_reported() -> None:
     settle(found)
     assert len(run.of("add")) == 4
     assert found.held(now=1000.0) == {(A, "ssh"): 1300.0}
+    found.stop()
+
+
+def test_a_retried_allow_gives_the_seconds_left_at_its_try() -> None:
+    """{seconds} is rendered for each try: an allow retried after its backoff
+    does not give the other firewall's own timeout the seconds the first
+    try had (the grant would outlive its lease there by the backoffs)."""
+    run = FakeRun()
+    run.fail = {"192.0.2.7"}
+    now = [1000.0]
+    spec = CommandSpec(SPEC.allow, SPEC.remove, (), 2.0, 1, 0.2)
+    found = CommandBackend(spec, None, run=run, log=lambda line: None, clock=lambda: now[0])
+    found.start(SERVICES, now=1000.0)
+    found.allow(A, SSH, 1300.0, now=1000.0)
+    deadline = time.monotonic() + 2
+    while not run.of("add"):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    now[0] = 1100.0  # the clock the retry reads
+    settle(found)
+    assert [c[-1] for c in run.of("add")] == ["300", "200"]
     found.stop()
 
 
@@ -285,6 +371,34 @@ def test_a_restart_removes_what_was_added_before_a_crash(tmp_path: Path) -> None
     second.stop()
 
 
+def test_a_crash_while_an_allow_waits_to_be_retried_allows_it_at_the_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An allow that failed and waits out its backoff is in the journal as
+    "may be out there, not as wanted": a crash then, and the next start's
+    reconcile runs the allow again (it is not taken as done)."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    run = FakeRun()
+    run.fail = {"192.0.2.7"}
+    spec = CommandSpec(SPEC.allow, SPEC.remove, (), 2.0, 3, 30.0)
+    first = backend(run, Journal(state), spec=spec)
+    first.allow(A, SSH, 1300.0, now=1000.0)
+    deadline = time.monotonic() + 2
+    while Journal(state).load().get((A, "ssh")) != 0.0:
+        assert time.monotonic() < deadline, Journal(state).load()
+        time.sleep(0.01)
+    assert len(run.of("add")) == 1  # (its retry is 30 s away: the crash comes first)
+    run2 = FakeRun()  # the next start, no list command: the journal alone
+    second = backend(run2, Journal(state), spec=CommandSpec(SPEC.allow, SPEC.remove))
+    reconcile(second, {(A, "ssh"): 1300.0}, SERVICES, now=1000.0)
+    settle(second)
+    assert [c[2] for c in run2.of("add")] == ["192.0.2.7"]
+    assert Journal(state).load() == {(A, "ssh"): 1300.0}
+    second.stop()
+    monkeypatch.setattr(command_mod, "DRAIN", 0.1)  # (the first's retry: not waited for)
+    first.stop()
+
+
 def test_the_journal_refuses_a_link(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
@@ -297,10 +411,65 @@ def test_the_journal_refuses_a_link(tmp_path: Path) -> None:
     assert Journal(state).load() == {(A, "ssh"): 1.0}
 
 
+def test_a_journal_others_could_have_written_is_refused(tmp_path: Path) -> None:
+    """Its rows become `remove` commands with the gate keeper's credentials
+    (a dropped service's row: any protocol and port): a journal that group
+    or others may write, or that another user owns, is refused in one line."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    journal = Journal(state)
+    journal.save({(A, "ssh"): 1.0})
+    (state / JOURNAL).chmod(0o666)
+    with pytest.raises(LocalError, match="group or others may write") as raised:
+        journal.load()
+    assert "\n" not in str(raised.value)
+    (state / JOURNAL).chmod(0o644)  # (readable is fine: addresses, no secret)
+    assert journal.load() == {(A, "ssh"): 1.0}
+    if os.geteuid() == 0:
+        os.chown(state / JOURNAL, 65534, 65534)
+        with pytest.raises(LocalError, match="belongs to"):
+            journal.load()
+
+
 def test_a_missing_program_stops_the_start() -> None:
     spec = CommandSpec(("/nonexistent/router-allow",), (TRUE,))
     with pytest.raises(LocalError, match="missing or not executable"):
         CommandBackend(spec, None, run=FakeRun()).start(SERVICES, now=0.0)
+
+
+def test_a_program_another_user_could_change_stops_the_start(tmp_path: Path) -> None:
+    """A program (or a directory above it) that another user owns, or that
+    every user may write, would run that user's code as the gate keeper: the
+    start stops with one line.  A sticky directory (/tmp) is no way in."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (chown)")
+    def program_in(directory: Path, mode: int) -> str:
+        directory.mkdir(mode=0o755)
+        directory.chmod(mode)
+        program = directory / "router-allow"
+        program.write_bytes(Path(TRUE).read_bytes())
+        program.chmod(0o755)
+        return str(program)
+    def start(program: str) -> None:
+        spec = CommandSpec((program, "{address}"), (TRUE,))
+        CommandBackend(spec, None, run=FakeRun()).start(SERVICES, now=0.0)
+    open_to_all = program_in(tmp_path / "shared", 0o777)
+    with pytest.raises(LocalError, match="writable by every user") as raised:
+        start(open_to_all)
+    assert "\n" not in str(raised.value) and "shared" in str(raised.value)
+    theirs = program_in(tmp_path / "theirs", 0o755)
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(LocalError, match="could be changed by nobody"):
+        start(theirs)
+    os.chown(tmp_path / "theirs", 65534, 65534)
+    os.chown(theirs, 0, 0)  # the file root's, in a directory another user owns
+    with pytest.raises(LocalError, match="could be changed by nobody"):
+        start(theirs)
+    link = tmp_path / "link"
+    link.symlink_to(open_to_all)  # through a link: where it leads counts
+    with pytest.raises(LocalError, match="writable by every user"):
+        start(str(link))
+    start(program_in(tmp_path / "sticky", 0o1777))  # others may not replace root's file
 
 
 def test_gate_with_the_command_backend_says_it_keeps_nothing_here(
@@ -338,15 +507,37 @@ def test_a_command_gets_a_fixed_environment_no_stdin_and_no_descriptor_of_ours(
     os.set_inheritable(kept, True)
     try:
         script = ("import os,sys\nprint(sorted(os.environ))\nprint(repr(sys.stdin.read()))\n"
-                  "print(sorted(int(fd) for fd in os.listdir('/proc/self/fd')))")
+                  "print(sorted(int(fd) for fd in os.listdir('/proc/self/fd')))\n"
+                  "print(os.getcwd())")
+        monkeypatch.chdir(tmp_path)  # wherever spa-server was started: not the program's
         outcome = run_command([sys.executable, "-I", "-c", script], 5)
     finally:
         os.close(kept)
     assert outcome.ok, outcome.problem
-    names, stdin, fds = outcome.output.splitlines()
+    names, stdin, fds, cwd = outcome.output.splitlines()
+    assert cwd == "/"
     assert names == "['LANG', 'LC_CTYPE', 'PATH']" or names == "['LANG', 'PATH']"
     assert stdin == "''"
     assert len(fds.strip("[]").split(", ")) == 4, fds  # 0, 1, 2 and listdir's own
+
+
+def test_the_gate_keepers_signals_reach_its_programs_as_the_default() -> None:
+    """The gate keeper leaves SIGTERM, SIGINT and SIGHUP to the daemon by a
+    handler that does nothing, not by ignoring them: an ignored signal would
+    stay ignored in every program it runs (a `timeout` or `kill` in the
+    admin's script, the unit's stop, could not end them)."""
+    from spa.server.runner import GATE_KEEPER_SIGNALS, leave_signals_to_the_daemon
+
+    before = {signum: signal.getsignal(signum) for signum in GATE_KEEPER_SIGNALS}
+    try:
+        leave_signals_to_the_daemon()
+        os.kill(os.getpid(), signal.SIGTERM)  # nothing happens here
+        outcome = run_command(["/bin/sh", "-c", "grep SigIgn /proc/self/status"], 5)
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    ignored = int(outcome.output.split()[1], 16)
+    assert not any(ignored >> (signum - 1) & 1 for signum in GATE_KEEPER_SIGNALS), hex(ignored)
 
 
 def test_the_journal_may_live_where_the_config_says(tmp_path: Path) -> None:
@@ -379,6 +570,23 @@ def test_a_grant_gone_from_the_firewall_is_allowed_again_at_the_start(tmp_path: 
     reconcile(found, {(A, "ssh"): 1300.0}, SERVICES, now=1000.0)
     settle(found)
     assert [c[2] for c in run.of("add")] == ["192.0.2.7"]
+    found.stop()
+
+
+def test_a_list_of_many_addresses_spa_never_added_is_taken_in_part() -> None:
+    """A list command that names tens of thousands of addresses the journal
+    does not hold (a hostile router, a list of rules not spa's) adds at most
+    MAX_LEFTOVERS of them to remove, said in one line: each removal rewrites
+    the journal, so all of them would cost the square of their number."""
+    run = FakeRun()
+    run.listing = "\n".join(f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}" for n in range(20000))
+    lines: list[str] = []
+    found = CommandBackend(SPEC, None, run=run, log=lines.append, clock=lambda: 1000.0)
+    found.start(SERVICES, now=1000.0)
+    held = found.held(now=1000.0)
+    assert len([key for key in held if key[1] == "ssh"]) == MAX_LEFTOVERS
+    assert any("20000 addresses" in line and f"first {MAX_LEFTOVERS}" in line
+               for line in lines), lines
     found.stop()
 
 
@@ -459,6 +667,38 @@ def test_an_older_journal_without_ports_is_still_read(tmp_path: Path) -> None:
     settle(found)
     assert run.of("del") == [] and any("gone" in line and "by hand" in line for line in lines)
     found.stop()
+
+
+def test_a_journal_row_with_a_bad_name_or_end_is_skipped(tmp_path: Path) -> None:
+    """A row's service name reaches the log (a dropped service is named in a
+    line), its end the reconcile: a name that is no service name (a newline
+    and a forged log line) or an end that is no finite time is skipped."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / JOURNAL).write_text(json.dumps({"grants": [
+        ["192.0.2.7", "ssh", 1300.0],
+        ["192.0.2.8", "gone\nerror forged line", 1300.0],
+        ["192.0.2.9", "ssh", "nan"], ["192.0.2.10", "ssh", "inf"], ["192.0.2.11", "ssh", True],
+        ["192.0.2.12", ["ssh"], 1300.0]]}))
+    assert Journal(state).load() == {(A, "ssh"): 1300.0}
+    lines: list[str] = []
+    found = CommandBackend(SPEC, Journal(state), run=FakeRun(), log=lines.append,
+                           clock=lambda: 1000.0)
+    found.start({"ssh": SSH}, now=1000.0)
+    found.stop()
+    assert not any("\n" in line or "forged" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("text", ['{"grants": [["192.0.2.7", "ssh", 13', "\xff\xfe",
+                                  '{"grants": ' + "[" * 100000 + "]" * 100000 + "}"],
+                         ids=["truncated", "not-utf8", "nested-deep"])
+def test_a_damaged_journal_is_one_line(text: str, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / JOURNAL).write_bytes(text.encode("latin-1"))
+    with pytest.raises(LocalError, match="not one spa wrote") as raised:
+        Journal(state).load()
+    assert "\n" not in str(raised.value)
 
 
 THREE = {name: Service(name, "tcp", port, 30, 300) for name, port in
