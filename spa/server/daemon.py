@@ -52,6 +52,7 @@ from spa.core.otp import OtpChecker
 from spa.core.policy import Decision, Policy, Service, local_port_names, max_durations
 from spa.core.verify import Accepted, Refused, Verifier
 from spa.core.wire import NONCE_OFFSET, Action
+from spa.group.delta import ClientDelta
 from spa.server import config as config_mod
 from spa.server.coexist import Report, closed_ports, report
 from spa.server.config import KIND_SPA, OLD_KEY, ClientEntry, ServerConfig, parse_utc
@@ -997,6 +998,8 @@ class Server:
         clients = self.config.clients
         changed: dict[str, bytes] = {}
         gone: list[str] = []
+        closed: list[str] = []
+        revoked: list[str] = []
         for name, was in before.items():
             entry = clients.get(name)
             old_keys, new_keys = _keys_of(was, now), _keys_of(entry, now)
@@ -1007,6 +1010,11 @@ class Server:
                 until = parse_utc(entry.old_until)
                 if until > now:
                     self._grace[name + OLD_KEY] = until
+            if entry is not None and entry.close_leases and not (
+                    was is not None and was.close_leases):
+                closed.append(name)
+            elif entry is not None and entry.revoked and not (was is not None and was.revoked):
+                revoked.append(name)
         rules = {name: config_mod.client_policy(clients[name]) if name in clients else None
                  for name in before}
         otp = {name: clients[name].otp_secret if name in clients else "" for name in before}
@@ -1014,39 +1022,51 @@ class Server:
                and self._activated.get(name) == clients[name].enroll_by}
         pending = {name for name in before if name in clients and clients[name].enroll_by
                    and name not in met}
+        self.apply_client_delta(ClientDelta(
+            tuple(before), tuple(gone), changed, {}, rules, otp, frozenset(met),
+            frozenset(pending), tuple(closed), tuple(revoked)), "the store")
 
+    def apply_client_delta(self, delta: ClientDelta, origin: str) -> None:
+        """Switch clients as `delta` says, on the receive thread (the client
+        store's changes and a group's, spa.group.delta), then their tags into
+        the kernel filter; `origin` names where the change came from."""
         def switch() -> None:
             """On the receive thread: single entries swapped in the rules it
             reads (Policy stays a value; its clients mapping is the daemon's)."""
-            for key in gone:
+            for key in delta.gone:
                 self.verifier.remove_client(key)
-            for key, secret in changed.items():
+            for key, secret in delta.secrets.items():
                 self.verifier.add_client(key, secret)
+            for key, keys in delta.keys.items():
+                self.verifier.add_client_keys(key, keys)
             policy = self.verifier.policy
             held = policy.clients
             assert isinstance(held, dict)
-            for name, rule in rules.items():
+            for name, rule in delta.rules.items():
                 if rule is None:
                     held.pop(name, None)
                 else:
                     held[name] = rule
-                self.verifier.otp.set_secret(name, otp[name])
-            for names, now_in in ((self._met, met), (self._pending, pending)):
-                names.difference_update(before)
+                self.verifier.otp.set_secret(name, delta.otp.get(name, ""))
+            for names, now_in in ((self._met, delta.met), (self._pending, delta.pending)):
+                names.difference_update(delta.names)
                 names.update(now_in)
-            for name, was in before.items():  # said once the rules refuse its knocks
-                entry = clients.get(name)
-                if entry is not None:
-                    self._note_revoked(name, entry, was)
+            for name in delta.closed:  # said once the rules refuse its knocks
+                self._close_revoked(name)
+            for name in delta.revoked:
+                held_leases = [lease for lease in self.leases.leases() if lease.client == name]
+                self.log(f"revoked client={name} leases={len(held_leases)} "
+                         "(knocks refused from now on; its leases run out by themselves)")
             # the changed clients' tags into the kernel filter now (the table's
             # journal: a delta, never the whole map), then the line that says
             # the server knows them: a knock after it is not dropped in the kernel
             self._update_kernel_filter(self.clock())
             _settle()
-            self.log(f"reloaded clients={len(clients)} changed={len(before)} (from the "
-                     f"store) keys added={len(changed)} removed={len(gone)}")
+            self.log(f"reloaded clients={len(self.verifier.policy.clients)} "
+                     f"changed={len(delta.names)} (from {origin}) keys added={delta.added} "
+                     f"removed={len(delta.gone)}")
 
-        self._make_filter_room(len(changed))
+        self._make_filter_room(delta.added)
         self._commands.append(switch)
 
     def _make_filter_room(self, keys: int) -> None:
@@ -1062,23 +1082,18 @@ class Server:
                 self.log(f"{self.config.mode} {note}")
                 self._note_filter(note)
 
-    def _note_revoked(self, name: str, entry: ClientEntry, was: ClientEntry | None) -> None:
-        """A revoke --close ends the client's leases now; a revoke says so."""
-        if entry.close_leases and not (was is not None and was.close_leases):
-            now = self.clock()
-            with self._lock:
-                closing = self.leases.close_client(name, now=now)
-                self._dirty = True
-                try:
-                    self._apply(closing, now)
-                except LocalError as exc:  # the next housekeeping reconciles
-                    self.log(f"error firewall: {exc}")
-                    self._retry_reconcile = True
-            self.log(f"revoked client={name} leases closed (knocks refused from now on)")
-        elif entry.revoked and not (was is not None and was.revoked):
-            held = [lease for lease in self.leases.leases() if lease.client == name]
-            self.log(f"revoked client={name} leases={len(held)} "
-                     "(knocks refused from now on; its leases run out by themselves)")
+    def _close_revoked(self, name: str) -> None:
+        """A revoke --close ends the client's leases now, and says so."""
+        now = self.clock()
+        with self._lock:
+            closing = self.leases.close_client(name, now=now)
+            self._dirty = True
+            try:
+                self._apply(closing, now)
+            except LocalError as exc:  # the next housekeeping reconciles
+                self.log(f"error firewall: {exc}")
+                self._retry_reconcile = True
+        self.log(f"revoked client={name} leases closed (knocks refused from now on)")
 
     def _switch_to(self, new: ServerConfig) -> None:
         """A new reading of the config file: settings and services.  The
