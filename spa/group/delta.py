@@ -12,6 +12,8 @@ Invariants (docs/groups.md, "Members"):
 - `group_delta` is pure: the views before and after, the keys the verifier
   holds, and `now` in; a delta out.  A group client's rules are its record's
   with its revocation (revoked/<name>) and activation (activated/<name>) keys.
+  A revoked group client's keys leave the verifier and the kernel's tag
+  filter (docs/groups.md: a revoke removes its tags at every member).
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ class ClientView:
         return (self.client.enroll_by is not None
                 and self.activated == self.client.enroll_by)
 
+    def keys(self, now: float) -> dict[str, ClientKeys]:
+        """The keys the verifier holds for it at `now`: none once revoked
+        (its knocks die at the kernel's tag filter), else its record's live
+        ones (NAME~old only while the grace lasts)."""
+        return {} if self.revocation is not None else self.client.key_sets(now)
+
     def rules(self) -> ClientPolicy:
         return self.client.policy(revoked=self.revocation is not None)
 
@@ -76,7 +84,7 @@ def group_delta(before: Mapping[str, ClientView | None], after: Mapping[str, Cli
     revoked: list[str] = []
     for name, view in after.items():
         old_keys = held.get(name, {})
-        new_keys = view.client.key_sets(now) if view is not None else {}
+        new_keys = view.keys(now) if view is not None else {}
         gone += [key for key in old_keys if key not in new_keys]
         keys.update({k: v for k, v in new_keys.items() if old_keys.get(k) != v})
         rules[name] = view.rules() if view is not None else None

@@ -51,8 +51,10 @@ from spa.core.limits import FailureLimiter, TrustEntry
 from spa.core.otp import OtpChecker
 from spa.core.policy import Decision, Policy, Service, local_port_names, max_durations
 from spa.core.verify import Accepted, Refused, Verifier
-from spa.core.wire import NONCE_OFFSET, Action
+from spa.core.wire import NONCE_OFFSET, NONCE_SIZE, Action, IPAddress
+from spa.group.claims import Claimer
 from spa.group.delta import ClientDelta
+from spa.group.records import LeaseRecord
 from spa.server import config as config_mod
 from spa.server.coexist import Report, closed_ports, report
 from spa.server.config import KIND_SPA, OLD_KEY, ClientEntry, ServerConfig, parse_utc
@@ -208,6 +210,7 @@ class Server:
         self._store: ClientStore | None = None  # the client store (opened at start)
         self._store_seq = 0  # the store's version the running clients reflect
         self.clients_read = 0  # client rows read from the store (all at start, then changes)
+        self.claims: Claimer | None = None  # a group member's claims (spa.group.link)
         self.guard: GateGuard
         self.verifier: Verifier
         self.leases: LeaseTable
@@ -470,6 +473,7 @@ class Server:
         verify, events = self.verifier.verify, self.events
         results: list[Accepted | Refused] = []
         accepted: list[Accepted] = []
+        nonces: list[bytes] = []
         for data, source, ifindex in batch:
             result = verify(data, source, now)
             if type(result) is Accepted and not self._route_back(result, source, ifindex, now):
@@ -485,9 +489,12 @@ class Server:
             else:
                 self._knocked_from(source, now, self._ports_of(result.client))
                 accepted.append(result)
+                nonces.append(bytes(data[NONCE_OFFSET:NONCE_OFFSET + NONCE_SIZE]))
                 if result.client in self._pending:
                     self._activate(result.client)
-        if accepted:
+        if accepted and self.claims is not None:  # a group's member: granted once claimed
+            self.claims.submit(list(zip(accepted, nonces, strict=True)))
+        elif accepted:
             self._grant(accepted, now)
         if len(batch) >= SHUT_NOW_BATCH and sum(
                 1 for r in results if type(r) is Refused and r.reason is Reason.RATE_LIMITED
@@ -578,6 +585,39 @@ class Server:
                                                  now=now, duration=decision.duration)
                 else:
                     actions += self.leases.close(result.client, decision.address, name, now=now)
+            self._dirty = True
+            try:
+                self._apply(actions, now)
+            except LocalError as exc:  # keep serving; the next housekeeping retries
+                self.log(f"error firewall: {exc}")
+                self._retry_reconcile = True
+
+    # ---- a group's member (spa.group.member, spa.group.claims) -------------
+
+    def grant_claimed(self, result: Accepted, now: float) -> None:
+        """A claimed knock's grant (from a claim thread)."""
+        self._grant([result], now)
+
+    def refuse_claimed(self, result: Accepted, reason: Reason, now: float) -> None:
+        """An accepted knock whose claim refused it (replay, group_unreachable)."""
+        self.events.refuse(now, reason.value, result.client, str(result.source))
+
+    def install_lease(self, lease: LeaseRecord) -> None:
+        """Another member's lease, here too with the same end (a grant's path)."""
+        now = self.clock()
+        if lease.until > now and lease.service in self.config.services:
+            self._change_leases(lambda: self.leases.grant(
+                lease.client, lease.address, lease.service, now=now, duration=lease.until - now),
+                now)
+
+    def remove_lease(self, client: str, address: IPAddress, service: str) -> None:
+        """A lease the group no longer holds (closed or revoked elsewhere)."""
+        now = self.clock()
+        self._change_leases(lambda: self.leases.close(client, address, service, now=now), now)
+
+    def _change_leases(self, change: Callable[[], list[FirewallAction]], now: float) -> None:
+        with self._lock:
+            actions = change()
             self._dirty = True
             try:
                 self._apply(actions, now)
