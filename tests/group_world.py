@@ -29,9 +29,10 @@ GROUP = "g1"
 SOURCE = "192.0.2.10"
 
 
-def settings(member: str, mode: OnStoreDown = OnStoreDown.FAIL_CLOSED) -> GroupSettings:
+def settings(member: str, mode: OnStoreDown = OnStoreDown.FAIL_CLOSED, group: str = GROUP
+             ) -> GroupSettings:
     unused = Path("/nonexistent")  # the store is given: no file is read
-    return GroupSettings(GROUP, member, ("https://unused:2379",), unused, unused, unused,
+    return GroupSettings(group, member, ("https://unused:2379",), unused, unused, unused,
                          member, unused, on_store_down=mode)
 
 
@@ -46,6 +47,9 @@ class Group:
     links: dict[str, GroupLink] = field(default_factory=dict)
     secrets: dict[str, bytes] = field(default_factory=dict)
     server_id: bytes = b""
+    group: str = GROUP
+    # member name -> its own store (default: `kv`, shared)
+    stores: dict[str, KV] = field(default_factory=dict)
 
     def member(self, name: str, mode: OnStoreDown = OnStoreDown.FAIL_CLOSED) -> Server:
         """A started server that is member `name` (the first one's init sets
@@ -57,8 +61,8 @@ class Group:
             from spa.server import config as config_mod
 
             self.server_id = config_mod.load(world.config_path).server_id
-            self.kv.put(layout.meta_key(GROUP).encode(),
-                        encode_meta(GroupMeta(GROUP, self.server_id, int(self.clock.now))))
+            self.kv.put(layout.meta_key(self.group).encode(),
+                        encode_meta(GroupMeta(self.group, self.server_id, int(self.clock.now))))
         else:
             first = next(iter(self.worlds.values())).config_path.read_text()
             own_id = re.search(r'^server_id = ".*"$', first, re.M)
@@ -67,7 +71,8 @@ class Group:
                           world.config_path.read_text(), flags=re.M)
             world.config_path.write_text(text)
         server = world.start()
-        link = GroupLink(server, self.kv, settings(name, mode), executor=Inline())
+        link = GroupLink(server, self.stores.get(name, self.kv),
+                         settings(name, mode, self.group), executor=Inline())
         link.start()
         server.run_commands()
         self.worlds[name], self.links[name] = world, link
@@ -78,11 +83,11 @@ class Group:
         secret = os.urandom(32)
         self.secrets[name] = secret
         entry = ClientEntry(name, secret, tuple(services) or ("ssh", "https"))
-        self.kv.put(layout.client_key(GROUP, name).encode(),
+        self.kv.put(layout.client_key(self.group, name).encode(),
                     client_record(entry, self.server_id))
 
     def revoke(self, name: str, *, close: bool) -> None:
-        self.kv.put(layout.revoked_key(GROUP, name).encode(),
+        self.kv.put(layout.revoked_key(self.group, name).encode(),
                     encode_revocation(Revocation(name, int(self.clock.now), close)))
 
     def packet(self, client: str, service: str = "ssh", *, duration: int = 60,
