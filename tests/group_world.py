@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,11 +79,14 @@ class Group:
         self.worlds[name], self.links[name] = world, link
         return server
 
-    def enroll(self, name: str, *services: str) -> None:
-        """Write a client record, as `spa-server enroll` on a group will."""
+    def enroll(self, name: str, *services: str, enroll_by: float | None = None) -> None:
+        """Write a client record, as `spa-server enroll` on a group will
+        (`enroll_by`: pending until its first knock, due by then)."""
         secret = os.urandom(32)
         self.secrets[name] = secret
-        entry = ClientEntry(name, secret, tuple(services) or ("ssh", "https"))
+        due = "" if enroll_by is None else time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                         time.gmtime(enroll_by))
+        entry = ClientEntry(name, secret, tuple(services) or ("ssh", "https"), enroll_by=due)
         self.kv.put(layout.client_key(self.group, name).encode(),
                     client_record(entry, self.server_id))
 

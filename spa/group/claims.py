@@ -32,7 +32,15 @@ from spa.group import layout
 from spa.group.kv import KV, StoreError, StoreUnavailableError
 from spa.group.member import MemberHooks
 from spa.group.policy import ClaimResult, OnStoreDown, Verdict, decide
-from spa.group.records import Claim, LeaseRecord, claim_ttl, encode_claim, encode_lease
+from spa.group.records import (
+    Activation,
+    Claim,
+    LeaseRecord,
+    claim_ttl,
+    encode_activation,
+    encode_claim,
+    encode_lease,
+)
 
 CLAIM_THREADS = 4  # claims in flight at once (each waits at most the store's deadline)
 
@@ -54,8 +62,12 @@ class Claimer:
     def __init__(self, kv: KV, *, group: str, member: str, window: float,
                  on_store_down: OnStoreDown, hooks: MemberHooks,
                  clock: Callable[[], float], log: Callable[[str], None],
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None,
+                 pending: Callable[[str], int | None] = lambda client: None) -> None:
+        """`pending`: the enroll_by of a client not yet activated (None:
+        not pending); its first grant writes activated/<client>."""
         self.kv = kv
+        self.pending = pending
         self.group = layout.check_group(group)
         self.member = layout.check_member(member)
         self.window = window
@@ -108,7 +120,24 @@ class Claimer:
         self.hooks.grant_claimed(result, now)
         if verdict is Verdict.GRANT:
             self.share(result, now)
+            self._activate(result.client)
         return verdict
+
+    def _activate(self, client: str) -> None:
+        """A pending client's first claimed knock, in time: every member
+        takes it as enrolled for good (activated/<client>, by the watch)."""
+        enroll_by = self.pending(client)
+        if enroll_by is None:
+            return
+        try:
+            self.kv.put(layout.activated_key(self.group, client).encode(),
+                        encode_activation(Activation(client, enroll_by)))
+        except StoreError as exc:
+            self.log(f"error group {self.group}: the activation of client={client} was not "
+                     f"written (its next knock writes it): {exc}")
+            return
+        self.log(f"activated client={client} (its pending enrollment was used in time, "
+                 f"at every member of group {self.group})")
 
     def share(self, result: Accepted, now: float) -> None:
         """Write (open) or delete (close) the grant's lease key for the others."""

@@ -41,7 +41,8 @@ class GroupLink:
         self.claimer = Claimer(kv, group=settings.name, member=settings.member,
                                window=server.config.window,
                                on_store_down=settings.on_store_down, hooks=server,
-                               clock=server.clock, log=log, executor=executor)
+                               clock=server.clock, log=log, executor=executor,
+                               pending=self.member.pending)
         server.claims = self.claimer
         server.companions.append(self)
 

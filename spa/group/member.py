@@ -285,6 +285,13 @@ class GroupMember:
 
     # ---- for status and tests ----------------------------------------------
 
+    def pending(self, client: str) -> int | None:
+        """The enroll_by of a client still pending (None: not pending)."""
+        view = self._views.get(client)
+        if view is None or view.client.enroll_by is None or view.met:
+            return None
+        return view.client.enroll_by
+
     @property
     def clients(self) -> frozenset[str]:
         return frozenset(self._views)

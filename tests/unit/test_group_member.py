@@ -234,3 +234,28 @@ def test_a_group_of_another_server_id_is_refused_in_one_line(group: Group) -> No
 
     with pytest.raises(LocalError, match="server id is not this server's"):
         group.member("b")
+
+
+def test_a_pending_client_s_first_knock_activates_it_at_every_member(group: Group) -> None:
+    a, b = group.member("a"), group.member("b")
+    group.enroll("alice", enroll_by=group.clock.now + 60)
+    group.settle()
+    assert group.links["b"].member.pending("alice") is not None
+    a.handle(group.packet("alice"), SOURCE)
+    group.settle()
+    assert group.kv.get(layout.activated_key(GROUP, "alice").encode()) is not None
+    assert group.links["b"].member.pending("alice") is None
+    group.clock.advance(120)  # past its enroll_by: enrolled for good at b too
+    b.handle(group.packet("alice"), SOURCE)
+    assert ("enrollment_expired", "alice") not in group.refusals("b")
+    assert group.grants("b") == {(SOURCE, "ssh")}
+
+
+def test_a_pending_client_that_never_knocked_is_refused_after_its_enroll_by(
+        group: Group) -> None:
+    b = group.member("b")
+    group.enroll("alice", enroll_by=group.clock.now + 60)
+    group.settle()
+    group.clock.advance(120)
+    b.handle(group.packet("alice"), SOURCE)
+    assert ("enrollment_expired", "alice") in group.refusals("b")
