@@ -5,6 +5,7 @@ resync, revocation, shared leases."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -259,3 +260,26 @@ def test_a_pending_client_that_never_knocked_is_refused_after_its_enroll_by(
     group.clock.advance(120)
     b.handle(group.packet("alice"), SOURCE)
     assert ("enrollment_expired", "alice") in group.refusals("b")
+
+
+def test_the_runner_opens_the_group_s_store_only_with_a_private_password_file(
+        tmp_path: Path) -> None:
+    import types
+
+    from spa.server import runner
+    from spa.server.errors import LocalError
+    from tests.group_world import settings
+
+    password = tmp_path / "etcd-password"
+    password.write_text("s3cret-not-in-messages\n")
+    password.chmod(0o644)
+    chosen = replace(settings("a"), password_file=password)
+    config = types.SimpleNamespace(group=chosen, path=tmp_path / "server.toml")
+    with pytest.raises(LocalError) as refused:
+        runner._group_store(config)  # type: ignore[arg-type]
+    assert "s3cret" not in str(refused.value) and "\n" not in str(refused.value)
+    password.chmod(0o600)
+    opened = runner._group_store(config)  # type: ignore[arg-type]
+    assert opened is not None and opened[0] is chosen
+    assert "s3cret" not in repr(opened[1].__dict__.get("_access"))
+    assert runner._group_store(types.SimpleNamespace(path=config.path)) is None  # type: ignore[arg-type]
