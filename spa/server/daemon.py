@@ -760,6 +760,8 @@ class Server:
         queue_drops = getattr(self.source, "queue_drops", None)
         self.metrics.set_state(per_service, self.config.services,
                                queue_drops() if queue_drops is not None else None)
+        if self.claims is not None:
+            self.metrics.set_group(dict(self.claims.counts))
 
     def _drops_loop(self, stop: threading.Event) -> None:
         """The drop counters' readings, apart from housekeeping: a reading of

@@ -15,6 +15,7 @@ from spa.group import layout
 from spa.group.kv import WatchLostError
 from spa.group.memory import MemoryStore
 from spa.group.policy import OnStoreDown
+from spa.server.metrics import Metrics
 from tests.group_world import GROUP, SOURCE, Group
 from tests.server_world import FakeClock
 
@@ -103,6 +104,11 @@ def test_local_only_grants_with_the_store_down_and_counts_each(group: Group) -> 
     a.handle(packet, SOURCE)  # the local replay cache still refuses a copy here
     assert ("replay", "alice") in group.refusals("a")
     assert group.links["a"].claimer.counts["unclaimed_grants"] == 1
+    a.metrics = Metrics()  # (not served: the counters alone)
+    for _ in range(2):  # each round advances by what is new, never twice
+        a.housekeeping()
+    sample = a.metrics.registry.get_sample_value
+    assert sample("spa_group_claims_total", {"result": "unclaimed_grants"}) == 1
 
 
 def test_the_members_take_a_client_enrolled_later_and_forget_a_removed_one(
