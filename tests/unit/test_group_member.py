@@ -4,6 +4,7 @@ resync, revocation, shared leases."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -289,3 +290,42 @@ def test_the_runner_opens_the_group_s_store_only_with_a_private_password_file(
     assert opened is not None and opened[0] is chosen
     assert "s3cret" not in repr(opened[1].__dict__.get("_access"))
     assert runner._group_store(types.SimpleNamespace(path=config.path)) is None  # type: ignore[arg-type]
+
+
+class _HeldStore:
+    """The fake whose claims (create) wait until `opened` is set: an etcd
+    that answers slowly.  Everything else goes straight through."""
+
+    def __init__(self, kv: MemoryStore) -> None:
+        self.kv = kv
+        self.opened = threading.Event()
+        self.waiting = threading.Semaphore(0)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.kv, name)
+
+    def create(self, key: bytes, value: bytes, lease: int = 0) -> bool:
+        self.waiting.release()
+        assert self.opened.wait(30)
+        return self.kv.create(key, value, lease)
+
+
+def test_a_slow_claim_never_holds_up_the_receive_loop(group: Group) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    a = group.member("a")
+    group.enroll("alice")
+    group.enroll("bob")
+    group.settle()
+    claimer = group.links["a"].claimer
+    held = _HeldStore(group.kv)  # type: ignore[arg-type]
+    claimer.kv = held  # type: ignore[assignment]
+    claimer.executor = pool = ThreadPoolExecutor(2)
+    a.handle(group.packet("alice"), SOURCE)  # returns with alice's claim still waiting
+    assert held.waiting.acquire(timeout=30)
+    a.handle(group.packet("bob", "https"), "192.0.2.20")  # and bob's knock is not behind it
+    assert held.waiting.acquire(timeout=30)
+    assert group.grants("a") == set()
+    held.opened.set()
+    pool.shutdown(wait=True)
+    assert group.grants("a") == {(SOURCE, "ssh"), ("192.0.2.20", "https")}
