@@ -63,11 +63,14 @@ class Claimer:
                  on_store_down: OnStoreDown, hooks: MemberHooks,
                  clock: Callable[[], float], log: Callable[[str], None],
                  executor: Executor | None = None,
-                 pending: Callable[[str], int | None] = lambda client: None) -> None:
+                 pending: Callable[[str], int | None] = lambda client: None,
+                 covers: Callable[[str], bool] = lambda client: True) -> None:
         """`pending`: the enroll_by of a client not yet activated (None:
-        not pending); its first grant writes activated/<client>."""
+        not pending); its first grant writes activated/<client>.  `covers`:
+        whether a client is the group's (the server's own are not claimed)."""
         self.kv = kv
         self.pending = pending
+        self.covers = covers
         self.group = layout.check_group(group)
         self.member = layout.check_member(member)
         self.window = window
@@ -85,11 +88,26 @@ class Claimer:
         self.counts = {"claimed": 0, "replay": 0, "unreachable": 0, "unclaimed_grants": 0,
                        "leases_shared": 0, "leases_not_shared": 0}
 
-    def submit(self, accepted: list[tuple[Accepted, bytes]]) -> None:
+    def submit(self, accepted: list[Accepted], nonces: list[bytes]) -> list[Accepted]:
         """Receive thread: hand over the batch's accepted packets (with their
-        nonces); each is claimed and settled on the pool."""
-        for result, nonce in accepted:
-            self.executor.submit(self.settle, result, nonce)
+        nonces); each of the group's clients' is claimed and settled on the
+        pool.  Returns the others (the server's own clients: granted as on
+        a standalone server, etcd or not)."""
+        own: list[Accepted] = []
+        for result, nonce in zip(accepted, nonces, strict=True):
+            if self.covers(result.client):
+                self.executor.submit(self._settle_logged, result, nonce)
+            else:
+                own.append(result)
+        return own
+
+    def _settle_logged(self, result: Accepted, nonce: bytes) -> None:
+        """settle, on the pool: what goes wrong is said (a pool keeps it quiet)."""
+        try:
+            self.settle(result, nonce)
+        except Exception as exc:  # the knock is lost, the member goes on
+            self.log(f"error group {self.group}: the knock of client={result.client} was "
+                     f"not settled: {type(exc).__name__}: {exc}")
 
     def claim(self, client: str, nonce: bytes, sent: float, now: float) -> ClaimResult:
         """Create the claim key if absent, attached to a lease of claim_ttl."""

@@ -42,7 +42,7 @@ class GroupLink:
                                window=server.config.window,
                                on_store_down=settings.on_store_down, hooks=server,
                                clock=server.clock, log=log, executor=executor,
-                               pending=self.member.pending)
+                               pending=self.member.pending, covers=self.member.covers)
         server.claims = self.claimer
         server.companions.append(self)
 

@@ -292,6 +292,10 @@ class GroupMember:
             return None
         return view.client.enroll_by
 
+    def covers(self, client: str) -> bool:
+        """Whether `client` is one of the group's (as the server runs them)."""
+        return client in self._views
+
     @property
     def clients(self) -> frozenset[str]:
         return frozenset(self._views)

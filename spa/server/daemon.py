@@ -492,9 +492,9 @@ class Server:
                 nonces.append(bytes(data[NONCE_OFFSET:NONCE_OFFSET + NONCE_SIZE]))
                 if result.client in self._pending:
                     self._activate(result.client)
-        if accepted and self.claims is not None:  # a group's member: granted once claimed
-            self.claims.submit(list(zip(accepted, nonces, strict=True)))
-        elif accepted:
+        if accepted and self.claims is not None:  # the group's clients: granted once claimed
+            accepted = self.claims.submit(accepted, nonces)
+        if accepted:
             self._grant(accepted, now)
         if len(batch) >= SHUT_NOW_BATCH and sum(
                 1 for r in results if type(r) is Refused and r.reason is Reason.RATE_LIMITED
@@ -548,14 +548,21 @@ class Server:
     def _ports_of(self, client: str | None) -> frozenset[int] | None:
         """The ports of the services a client may open (None: no such client);
         one set per combination of services, made again after a reload."""
-        entry = self.config.clients.get(client) if client is not None else None
-        if entry is None:
+        if client is None:
             return None
-        ports = self._ports.get(entry.services)
+        entry = self.config.clients.get(client)
+        if entry is not None:
+            names = entry.services
+        else:  # a group's client (spa.group.member): its rules say
+            rules = self.verifier.policy.clients.get(client)
+            if rules is None:
+                return None
+            names = tuple(sorted(rules.services))
+        ports = self._ports.get(names)
         if ports is None:
             services = self.config.services
-            ports = frozenset(services[s].port for s in entry.services if s in services)
-            self._ports[entry.services] = ports
+            ports = frozenset(services[s].port for s in names if s in services)
+            self._ports[names] = ports
         return ports
 
     def _count_replay(self, data: bytes, now: float) -> None:
@@ -605,7 +612,10 @@ class Server:
     def install_lease(self, lease: LeaseRecord) -> None:
         """Another member's lease, here too with the same end (a grant's path)."""
         now = self.clock()
-        if lease.until > now and lease.service in self.config.services:
+        if lease.service not in self.config.services:
+            self.log(f"warning group: a lease of client={lease.client} for service "
+                     f"{lease.service} is not installed: no such service in {self.config.path}")
+        elif lease.until > now:
             self._change_leases(lambda: self.leases.grant(
                 lease.client, lease.address, lease.service, now=now, duration=lease.until - now),
                 now)

@@ -329,3 +329,17 @@ def test_a_slow_claim_never_holds_up_the_receive_loop(group: Group) -> None:
     held.opened.set()
     pool.shutdown(wait=True)
     assert group.grants("a") == {(SOURCE, "ssh"), ("192.0.2.20", "https")}
+
+
+def test_the_server_s_own_clients_are_granted_without_a_claim_etcd_or_not(
+        group: Group) -> None:
+    a = group.member("a")
+    world = group.worlds["a"]
+    world.enroll("local", "ssh")  # this server's own client store, not the group's
+    a.housekeeping()
+    a.run_commands()
+    group.kv.unreachable = True  # type: ignore[attr-defined]
+    a.handle(world.packet("local"), SOURCE)
+    assert group.grants("a") == {(SOURCE, "ssh")}
+    assert group.links["a"].claimer.counts["unreachable"] == 0
+    assert not group.links["a"].member.covers("local")
