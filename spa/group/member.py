@@ -226,6 +226,7 @@ class GroupMember:
             return
         record = decode_lease(value)
         if record.member == self.member:
+            self._remote.pop(key, None)  # ours now (a grant here replaced another's)
             if own_too:  # a grant (or extension) of a lease we hold: the same end
                 self.hooks.install_lease(record)
             return  # our own grant, echoed: the local table holds it

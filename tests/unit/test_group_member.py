@@ -343,3 +343,16 @@ def test_the_server_s_own_clients_are_granted_without_a_claim_etcd_or_not(
     assert group.grants("a") == {(SOURCE, "ssh")}
     assert group.links["a"].claimer.counts["unreachable"] == 0
     assert not group.links["a"].member.covers("local")
+
+
+def test_a_member_s_own_grant_of_a_shared_lease_makes_the_key_its_own(group: Group) -> None:
+    a, b = group.member("a"), group.member("b")
+    group.enroll("alice")
+    group.settle()
+    a.handle(group.packet("alice", duration=60), SOURCE)
+    assert len(group.links["b"].member.remote_leases) == 1
+    group.clock.advance(10)
+    b.handle(group.packet("alice", duration=120), SOURCE)  # b extends it: the key is b's
+    assert group.links["b"].member.remote_leases == {}
+    assert [lease.member for lease in group.links["a"].member.remote_leases.values()] == ["b"]
+    assert list(group.worlds["a"].backend.grants.values()) == [group.clock.now + 120]
