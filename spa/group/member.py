@@ -18,6 +18,8 @@ Invariants (docs/groups.md, "Members"):
   leases' echoes are ignored (the local table already holds them).
 - A watch callback never raises: a record that does not decode is logged
   (its key's kind and name, never its value) and skipped.
+- While etcd does not answer, reads are retried with a growing pause (up to
+  MAX_RETRY_PAUSE), the failure said once and the recovery once.
 - The claims are spa.group.claims'; the member only routes packets there.
 """
 
@@ -35,7 +37,7 @@ from spa.group import layout
 from spa.group.clients import decode_client
 from spa.group.codec import RecordError
 from spa.group.delta import ClientDelta, ClientView, group_delta
-from spa.group.kv import KV, Event, EventKind, Item, StoreError, Watch
+from spa.group.kv import KV, Event, EventKind, Item, StoreError, Watch, WatchLostError
 from spa.group.layout import GroupNameError, Kind
 from spa.group.records import (
     LeaseRecord,
@@ -47,6 +49,7 @@ from spa.group.records import (
 )
 
 TICK = 0.2  # seconds between the member thread's looks at its watch and the grace ends
+MAX_RETRY_PAUSE = 5.0  # seconds between reads at most while etcd does not answer
 
 
 class MemberError(Exception):
@@ -92,6 +95,9 @@ class GroupMember:
         self.loaded = False
         self.revision = 0  # the revision the last full read saw
         self.resyncs = 0  # full reads after the first (a watch lost, etcd back)
+        self._failing: str | None = None  # why the last read failed (said once)
+        self._retry_at = 0.0  # no read again before this (the clock's seconds)
+        self._pause = TICK  # doubles while reads fail, up to MAX_RETRY_PAUSE
 
     # ---- reading the group -------------------------------------------------
 
@@ -139,21 +145,14 @@ class GroupMember:
                               "server_id in the config to the group's (spa-server group join)")
 
     def tick(self) -> None:
-        """The member thread's round: read afresh when the watch is gone (or
-        the first read failed), and end the grace of rotated-out keys."""
+        """The member thread's round: read afresh when there is no watch (the
+        first read failed) or it is gone, backing off while etcd does not
+        answer (said once, and once when it does); and end the grace of
+        rotated-out keys."""
         watch = self._watch
         lost = watch.ended() if watch is not None else None
-        if not self.loaded or lost is not None:
-            if lost is not None:
-                self.log(f"warning group {self.group}: {lost}; reading the group again")
-            try:
-                self.load()
-            except StoreError as exc:
-                self.log(f"error group {self.group}: {exc} (keeping the clients and leases "
-                         "this member has; trying again)")
-                return
-            self.log(f"group {self.group}: read at revision {self.revision} "
-                     f"clients={len(self._views)} leases from other members={len(self._remote)}")
+        if watch is None or lost is not None:
+            self._read_again(lost)
             return
         now = self.clock()
         with self._lock:
@@ -161,6 +160,26 @@ class GroupMember:
                      if name in self._views and keys.keys() != self._views[name].keys(now).keys()}
             if ended:
                 self._apply(ended)
+
+    def _read_again(self, lost: WatchLostError | None) -> None:
+        now = self.clock()
+        if now < self._retry_at <= now + MAX_RETRY_PAUSE:  # (a clock set back: read now)
+            return
+        if lost is not None and self._failing is None:
+            self.log(f"warning group {self.group}: {lost}; reading the group again")
+        try:
+            self.load()
+        except (StoreError, MemberError) as exc:
+            self._retry_at = now + self._pause
+            self._pause = min(self._pause * 2, MAX_RETRY_PAUSE)
+            if self._failing is None:
+                self.log(f"error group {self.group}: {exc} (keeping the clients and leases "
+                         "this member has; trying again)")
+            self._failing = str(exc)
+            return
+        self._failing, self._retry_at, self._pause = None, 0.0, TICK
+        self.log(f"group {self.group}: read at revision {self.revision} "
+                 f"clients={len(self._views)} leases from other members={len(self._remote)}")
 
     def run(self, stop: threading.Event) -> None:
         while not stop.wait(TICK):
