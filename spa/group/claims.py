@@ -10,7 +10,8 @@ Invariants (docs/groups.md, "Claims", "When etcd cannot be reached",
   an etcd lease of claim_ttl seconds.  Only a claim that created the key
   grants; one that found it refuses `replay`; one with no answer is decided
   by on_store_down (spa.group.policy): `group_unreachable` by default, or a
-  grant counted and logged as unclaimed (local_only).
+  grant counted and logged as unclaimed (local_only).  A claim etcd
+  refuses (its RBAC: the member may not write claims/) is never a grant.
 - Claims run on a pool of threads (`executor`), never on the receive thread:
   a slow or unreachable etcd delays the knocks being claimed, by at most the
   store's deadline, and never the packets of other clients behind them.
@@ -29,7 +30,7 @@ from typing import Any, Protocol
 from spa.core.verify import Accepted
 from spa.core.wire import Action
 from spa.group import layout
-from spa.group.kv import KV, StoreError, StoreUnavailableError
+from spa.group.kv import KV, StoreError, StorePermissionError, StoreUnavailableError
 from spa.group.member import MemberHooks
 from spa.group.policy import ClaimResult, OnStoreDown, Verdict, decide
 from spa.group.records import (
@@ -110,11 +111,16 @@ class Claimer:
                      f"not settled: {type(exc).__name__}: {exc}")
 
     def claim(self, client: str, nonce: bytes, sent: float, now: float) -> ClaimResult:
-        """Create the claim key if absent, attached to a lease of claim_ttl."""
+        """Create the claim key if absent, attached to a lease of claim_ttl.
+        Raises StorePermissionError: etcd answered no (its RBAC), which no
+        on_store_down turns into a grant."""
         key = layout.claim_key(self.group, client, nonce).encode()
         try:
             lease = self.kv.grant(claim_ttl(sent, now, self.window))
             created = self.kv.create(key, encode_claim(Claim(self.member, now)), lease)
+        except StorePermissionError as exc:
+            self._store_is(down=True, why=exc)
+            raise
         except StoreError as exc:
             self._store_is(down=True, why=exc)
             return ClaimResult.UNREACHABLE
@@ -124,8 +130,11 @@ class Claimer:
     def settle(self, result: Accepted, nonce: bytes) -> Verdict:
         """Claim one accepted packet, then grant or refuse it as the verdict says."""
         sent = result.request.timestamp_ms / 1000
-        verdict = decide(self.claim(result.client, nonce, sent, self.clock()),
-                         self.on_store_down)
+        try:
+            verdict = decide(self.claim(result.client, nonce, sent, self.clock()),
+                             self.on_store_down)
+        except StorePermissionError:  # a member refused its own claims: no grant, ever
+            verdict = Verdict.REFUSE_UNREACHABLE
         now = self.clock()
         self._count(verdict)
         if not verdict.granted:

@@ -361,3 +361,17 @@ def test_a_member_s_own_grant_of_a_shared_lease_makes_the_key_its_own(group: Gro
     assert group.links["b"].member.remote_leases == {}
     assert [lease.member for lease in group.links["a"].member.remote_leases.values()] == ["b"]
     assert list(group.worlds["a"].backend.grants.values()) == [group.clock.now + 120]
+
+
+def test_a_claim_etcd_refuses_is_never_a_grant_even_local_only(group: Group) -> None:
+    a = group.member("a", OnStoreDown.LOCAL_ONLY)
+    group.enroll("alice")
+    group.settle()
+    claimer = group.links["a"].claimer
+    claimer.kv = group.kv.restricted(  # type: ignore[attr-defined]
+        layout.kind_prefix(GROUP, layout.Kind.LEASE).encode())  # no right to claims/
+    a.handle(group.packet("alice"), SOURCE)
+    assert group.grants("a") == set()
+    assert ("group_unreachable", "alice") in group.refusals("a")
+    assert claimer.counts["unclaimed_grants"] == 0
+    assert any("etcd refused for claims" in line for line in group.worlds["a"].logs)
