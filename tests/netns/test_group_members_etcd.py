@@ -32,8 +32,7 @@ def group(etcd_cluster: EtcdCluster, tmp_path: Path) -> Iterator[Group]:
         try:
             yield made
         finally:
-            for link in made.links.values():
-                link.close()
+            made.close()
             for i in range(len(etcd_cluster.members)):
                 etcd_cluster.restart(i)
             etcd_cluster.wait_healthy()

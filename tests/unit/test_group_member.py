@@ -26,8 +26,7 @@ def group(tmp_path: Path) -> Iterator[Group]:
     clock = FakeClock()
     made = Group(tmp_path, MemoryStore(clock), clock)
     yield made
-    for link in made.links.values():
-        link.close()
+    made.close()
 
 
 def _claims(group: Group) -> list[bytes]:
