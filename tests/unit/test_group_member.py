@@ -374,3 +374,25 @@ def test_a_claim_etcd_refuses_is_never_a_grant_even_local_only(group: Group) -> 
     assert ("group_unreachable", "alice") in group.refusals("a")
     assert claimer.counts["unclaimed_grants"] == 0
     assert any("etcd refused for claims" in line for line in group.worlds["a"].logs)
+
+
+def test_the_member_thread_reads_the_group_again_by_itself(group: Group) -> None:
+    a = group.member("a")
+    link = group.links["a"]
+    watch = link.member._watch
+    assert watch is not None
+    watch.cancel()
+    watch.lost = WatchLostError("revision 2 has been compacted")  # type: ignore[attr-defined]
+    group.enroll("alice")
+    stop = threading.Event()
+    link.serve(stop)  # the daemon's serve starts it so
+    try:
+        for _ in range(300):
+            if link.member.resyncs:
+                break
+            stop.wait(0.05)
+    finally:
+        stop.set()
+    assert link.member.resyncs == 1
+    group.settle()
+    assert "alice" in a.verifier.tags.clients
