@@ -468,7 +468,10 @@ class Server:
 
     def handle_batch(self, batch: list[Datagram]) -> list[Accepted | Refused]:
         """Verify datagrams and act on them; the batch's firewall changes go
-        out in one call.  Never answers, never raises for any content."""
+        out in one call.  Never answers, never raises for any content.  A
+        group's client's packet that verify accepted is Accepted here and
+        granted or refused once its nonce is claimed (spa.group.claims, on
+        the claimer's threads)."""
         now = self.clock()
         verify, events = self.verifier.verify, self.events
         results: list[Accepted | Refused] = []
