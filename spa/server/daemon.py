@@ -27,6 +27,11 @@ Invariants (docs/threat-model.md; issue 4's server design):
   kernel filter but from the sources its client authenticated from, held a
   second past the last one it was seen in (spa.server.shut_tags); the
   receive thread reads the limiter for housekeeping, which builds the filter.
+- A member of a group (spa.group.link): knocks of the group's clients that
+  verify accepted are granted or refused on the claimer's threads once their
+  nonce is claimed in etcd; the group's client changes come as ClientDeltas
+  run by the receive thread like the store's; other members' leases are
+  installed from the watch's thread under the lease lock, as a grant is.
 - The server never answers a packet.
 """
 
