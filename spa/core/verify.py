@@ -19,6 +19,9 @@ Invariants (docs/protocol.md, "Verification order"; STYLE principle 3):
   and cipher keys are derived when a packet's tag first matches that client
   (only enrolled clients' tags match), and at most HOT_CLIENTS clients' are
   kept, so memory follows the clients that knock, not those enrolled.
+- A group's client (docs/groups.md) is added by its derived keys instead
+  (`add_client_keys`): the verifier never sees its master secret, and its
+  packets pass exactly the checks a secret's would, in the same order.
 """
 
 from __future__ import annotations
@@ -29,7 +32,14 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 from spa.core.errors import PacketError, Reason
-from spa.core.keys import ClientKeys, HmacSha256, check_server_id, derive_keys, derive_tag_key
+from spa.core.keys import (
+    KEY_SIZE,
+    ClientKeys,
+    HmacSha256,
+    check_server_id,
+    derive_keys,
+    derive_tag_key,
+)
 from spa.core.knock import (
     STEP_SECONDS,
     TagTable,
@@ -142,6 +152,8 @@ class Verifier:
         if self.replay.window < window:
             self.replay.set_window(window)  # never forget an entry before it is stale
         self._secrets: dict[str, bytes] = dict(secrets)
+        # name -> keys given already derived (a group's clients): never a secret
+        self._given: dict[str, ClientKeys] = {}
         # name -> (keys, MAC): derived at the first packet whose tag matched
         self._hot: dict[str, tuple[ClientKeys, HmacSha256]] = {}
         step = step_of(now)
@@ -161,12 +173,27 @@ class Verifier:
         """Enroll or re-key a client (takes effect for the next packet)."""
         tag_key = derive_tag_key(secret, self.server_id)  # raises before anything changes
         self._secrets[name] = secret
+        self._given.pop(name, None)
         self._hot.pop(name, None)
         self._tags.add(name, tag_key)
+
+    def add_client_keys(self, name: str, keys: ClientKeys) -> None:
+        """Enroll or re-key a client by the keys derived for this server id
+        (a group's record holds those, never the secret; NAME~old as in
+        add_client).  Takes effect for the next packet.  Raises ValueError
+        for keys of the wrong size."""
+        if not all(len(key) == KEY_SIZE for key in (keys.tag_key, keys.cipher_key,
+                                                     keys.mac_key)):
+            raise ValueError(f"a client's keys are {KEY_SIZE} bytes each")
+        self._given[name] = keys
+        self._secrets.pop(name, None)
+        self._hot.pop(name, None)
+        self._tags.add(name, keys.tag_key)
 
     def remove_client(self, name: str) -> None:
         """Forget a client's keys and tags at once."""
         self._secrets.pop(name, None)
+        self._given.pop(name, None)
         self._hot.pop(name, None)
         self._tags.remove(name)
         self.limiter.forget(name)
@@ -176,7 +203,9 @@ class Verifier:
         hot = self._hot
         found = hot.get(name)
         if found is None:
-            keys = derive_keys(self._secrets[name], self.server_id)
+            secret = self._secrets.get(name)
+            keys = (self._given[name] if secret is None
+                    else derive_keys(secret, self.server_id))
             found = (keys, HmacSha256(keys.mac_key))
             if len(hot) >= HOT_CLIENTS:
                 del hot[next(iter(hot))]  # the oldest derived

@@ -355,6 +355,10 @@ class EtcdWatch:
                 return
             except (_UnreachableError, StoreError, requests.RequestException, ValueError, OSError):
                 pass
+            except Exception:
+                if self._stop.is_set():  # cancel() closed the response under the reader
+                    return  # (http.client then fails on its fp: AttributeError)
+                raise
             self._stop.wait(pause)
             pause = min(pause * 2, 2.0)
 

@@ -27,6 +27,11 @@ Invariants (docs/threat-model.md; issue 4's server design):
   kernel filter but from the sources its client authenticated from, held a
   second past the last one it was seen in (spa.server.shut_tags); the
   receive thread reads the limiter for housekeeping, which builds the filter.
+- A member of a group (spa.group.link): knocks of the group's clients that
+  verify accepted are granted or refused on the claimer's threads once their
+  nonce is claimed in etcd; the group's client changes come as ClientDeltas
+  run by the receive thread like the store's; other members' leases are
+  installed from the watch's thread under the lease lock, as a grant is.
 - The server never answers a packet.
 """
 
@@ -58,7 +63,10 @@ from spa.core.policy import (
     named_services,
 )
 from spa.core.verify import Accepted, Refused, Verifier
-from spa.core.wire import NONCE_OFFSET, Action, IPAddress
+from spa.core.wire import NONCE_OFFSET, NONCE_SIZE, Action, IPAddress
+from spa.group.claims import Claimer
+from spa.group.delta import ClientDelta
+from spa.group.records import LeaseRecord
 from spa.server import config as config_mod
 from spa.server.coexist import Report, closed_ports, report
 from spa.server.config import KIND_SPA, OLD_KEY, ClientEntry, ServerConfig, parse_utc
@@ -222,6 +230,7 @@ class Server:
         self._store: ClientStore | None = None  # the client store (opened at start)
         self._store_seq = 0  # the store's version the running clients reflect
         self.clients_read = 0  # client rows read from the store (all at start, then changes)
+        self.claims: Claimer | None = None  # a group member's claims (spa.group.link)
         self.guard: GateGuard
         self.verifier: Verifier
         self.leases: LeaseTable
@@ -483,11 +492,15 @@ class Server:
 
     def handle_batch(self, batch: list[Datagram]) -> list[Accepted | Refused]:
         """Verify datagrams and act on them; the batch's firewall changes go
-        out in one call.  Never answers, never raises for any content."""
+        out in one call.  Never answers, never raises for any content.  A
+        group's client's packet that verify accepted is Accepted here and
+        granted or refused once its nonce is claimed (spa.group.claims, on
+        the claimer's threads)."""
         now = self.clock()
         verify, events = self.verifier.verify, self.events
         results: list[Accepted | Refused] = []
         accepted: list[Accepted] = []
+        nonces: list[bytes] = []
         for data, source, ifindex in batch:
             result = verify(data, source, now)
             if type(result) is Accepted and not self._route_back(result, source, ifindex, now):
@@ -503,8 +516,11 @@ class Server:
             else:
                 self._knocked_from(source, now, self._ports_of(result.client))
                 accepted.append(result)
+                nonces.append(bytes(data[NONCE_OFFSET:NONCE_OFFSET + NONCE_SIZE]))
                 if result.client in self._pending:
                     self._activate(result.client)
+        if accepted and self.claims is not None:  # the group's clients: granted once claimed
+            accepted = self.claims.submit(accepted, nonces)
         if accepted:
             self._grant(accepted, now)
         if len(batch) >= SHUT_NOW_BATCH and sum(
@@ -559,14 +575,21 @@ class Server:
     def _ports_of(self, client: str | None) -> frozenset[int] | None:
         """The ports of the services a client may open (None: no such client);
         one set per combination of services, made again after a reload."""
-        entry = self.config.clients.get(client) if client is not None else None
-        if entry is None:
+        if client is None:
             return None
-        ports = self._ports.get(entry.services)
+        entry = self.config.clients.get(client)
+        if entry is not None:
+            names = entry.services
+        else:  # a group's client (spa.group.member): its rules say
+            rules = self.verifier.policy.clients.get(client)
+            if rules is None:
+                return None
+            names = tuple(sorted(rules.services))
+        ports = self._ports.get(names)
         if ports is None:
             services = self.config.services
-            ports = frozenset(services[s].port for s in entry.services if s in services)
-            self._ports[entry.services] = ports
+            ports = frozenset(services[s].port for s in names if s in services)
+            self._ports[names] = ports
         return ports
 
     def _count_replay(self, data: bytes, now: float) -> None:
@@ -658,6 +681,47 @@ class Server:
                                      str(decision.address), name, decision.duration))
             actions = self.leases.grant(result.client, decision.address, name, now=now,
                                         duration=decision.duration, destination=outcome)
+            self._dirty = True
+            try:
+                self._apply(actions, now)
+            except LocalError as exc:  # keep serving; the next housekeeping retries
+                self.log(f"error firewall: {exc}")
+                self._retry_reconcile = True
+
+    # ---- a group's member (spa.group.member, spa.group.claims) -------------
+
+    def grant_claimed(self, result: Accepted, now: float) -> None:
+        """A claimed knock's grant (from a claim thread)."""
+        self._grant([result], now)
+
+    def refuse_claimed(self, result: Accepted, reason: Reason, now: float) -> None:
+        """An accepted knock whose claim refused it (replay, group_unreachable)."""
+        self.events.refuse(now, reason.value, result.client, str(result.source))
+
+    def install_lease(self, lease: LeaseRecord) -> None:
+        """Another member's lease, here too with the same end (a grant's path)."""
+        now = self.clock()
+        service = self.config.services.get(lease.service)
+        if service is None:
+            self.log(f"warning group: a lease of client={lease.client} for service "
+                     f"{lease.service} is not installed: no such service in {self.config.path}")
+        elif service.named:  # its destination is not in the lease record (yet): never guess
+            self.log(f"warning group: a lease of client={lease.client} for service "
+                     f"{lease.service} is not installed here: its host is a name, and another "
+                     "member's lease does not say what it resolved to")
+        elif lease.until > now:
+            self._change_leases(lambda: self.leases.grant(
+                lease.client, lease.address, lease.service, now=now, duration=lease.until - now),
+                now)
+
+    def remove_lease(self, client: str, address: IPAddress, service: str) -> None:
+        """A lease the group no longer holds (closed or revoked elsewhere)."""
+        now = self.clock()
+        self._change_leases(lambda: self.leases.close(client, address, service, now=now), now)
+
+    def _change_leases(self, change: Callable[[], list[FirewallAction]], now: float) -> None:
+        with self._lock:
+            actions = change()
             self._dirty = True
             try:
                 self._apply(actions, now)
@@ -808,6 +872,8 @@ class Server:
         queue_drops = getattr(self.source, "queue_drops", None)
         self.metrics.set_state(per_service, self.config.services,
                                queue_drops() if queue_drops is not None else None)
+        if self.claims is not None:
+            self.metrics.set_group(dict(self.claims.counts))
 
     def _drops_loop(self, stop: threading.Event) -> None:
         """The drop counters' readings, apart from housekeeping: a reading of
@@ -1086,6 +1152,8 @@ class Server:
         clients = self.config.clients
         changed: dict[str, bytes] = {}
         gone: list[str] = []
+        closed: list[str] = []
+        revoked: list[str] = []
         for name, was in before.items():
             entry = clients.get(name)
             old_keys, new_keys = _keys_of(was, now), _keys_of(entry, now)
@@ -1096,6 +1164,11 @@ class Server:
                 until = parse_utc(entry.old_until)
                 if until > now:
                     self._grace[name + OLD_KEY] = until
+            if entry is not None and entry.close_leases and not (
+                    was is not None and was.close_leases):
+                closed.append(name)
+            elif entry is not None and entry.revoked and not (was is not None and was.revoked):
+                revoked.append(name)
         rules = {name: config_mod.client_policy(clients[name]) if name in clients else None
                  for name in before}
         otp = {name: clients[name].otp_secret if name in clients else "" for name in before}
@@ -1103,39 +1176,51 @@ class Server:
                and self._activated.get(name) == clients[name].enroll_by}
         pending = {name for name in before if name in clients and clients[name].enroll_by
                    and name not in met}
+        self.apply_client_delta(ClientDelta(
+            tuple(before), tuple(gone), changed, {}, rules, otp, frozenset(met),
+            frozenset(pending), tuple(closed), tuple(revoked)), "the store")
 
+    def apply_client_delta(self, delta: ClientDelta, origin: str) -> None:
+        """Switch clients as `delta` says, on the receive thread (the client
+        store's changes and a group's, spa.group.delta), then their tags into
+        the kernel filter; `origin` names where the change came from."""
         def switch() -> None:
             """On the receive thread: single entries swapped in the rules it
             reads (Policy stays a value; its clients mapping is the daemon's)."""
-            for key in gone:
+            for key in delta.gone:
                 self.verifier.remove_client(key)
-            for key, secret in changed.items():
+            for key, secret in delta.secrets.items():
                 self.verifier.add_client(key, secret)
+            for key, keys in delta.keys.items():
+                self.verifier.add_client_keys(key, keys)
             policy = self.verifier.policy
             held = policy.clients
             assert isinstance(held, dict)
-            for name, rule in rules.items():
+            for name, rule in delta.rules.items():
                 if rule is None:
                     held.pop(name, None)
                 else:
                     held[name] = rule
-                self.verifier.otp.set_secret(name, otp[name])
-            for names, now_in in ((self._met, met), (self._pending, pending)):
-                names.difference_update(before)
+                self.verifier.otp.set_secret(name, delta.otp.get(name, ""))
+            for names, now_in in ((self._met, delta.met), (self._pending, delta.pending)):
+                names.difference_update(delta.names)
                 names.update(now_in)
-            for name, was in before.items():  # said once the rules refuse its knocks
-                entry = clients.get(name)
-                if entry is not None:
-                    self._note_revoked(name, entry, was)
+            for name in delta.closed:  # said once the rules refuse its knocks
+                self._close_revoked(name)
+            for name in delta.revoked:
+                held_leases = [lease for lease in self.leases.leases() if lease.client == name]
+                self.log(f"revoked client={name} leases={len(held_leases)} "
+                         "(knocks refused from now on; its leases run out by themselves)")
             # the changed clients' tags into the kernel filter now (the table's
             # journal: a delta, never the whole map), then the line that says
             # the server knows them: a knock after it is not dropped in the kernel
             self._update_kernel_filter(self.clock())
             _settle()
-            self.log(f"reloaded clients={len(clients)} changed={len(before)} (from the "
-                     f"store) keys added={len(changed)} removed={len(gone)}")
+            self.log(f"reloaded clients={len(self.verifier.policy.clients)} "
+                     f"changed={len(delta.names)} (from {origin}) keys added={delta.added} "
+                     f"removed={len(delta.gone)}")
 
-        self._make_filter_room(len(changed))
+        self._make_filter_room(delta.added)
         self._commands.append(switch)
 
     def _make_filter_room(self, keys: int) -> None:
@@ -1151,23 +1236,18 @@ class Server:
                 self.log(f"{self.config.mode} {note}")
                 self._note_filter(note)
 
-    def _note_revoked(self, name: str, entry: ClientEntry, was: ClientEntry | None) -> None:
-        """A revoke --close ends the client's leases now; a revoke says so."""
-        if entry.close_leases and not (was is not None and was.close_leases):
-            now = self.clock()
-            with self._lock:
-                closing = self.leases.close_client(name, now=now)
-                self._dirty = True
-                try:
-                    self._apply(closing, now)
-                except LocalError as exc:  # the next housekeeping reconciles
-                    self.log(f"error firewall: {exc}")
-                    self._retry_reconcile = True
-            self.log(f"revoked client={name} leases closed (knocks refused from now on)")
-        elif entry.revoked and not (was is not None and was.revoked):
-            held = [lease for lease in self.leases.leases() if lease.client == name]
-            self.log(f"revoked client={name} leases={len(held)} "
-                     "(knocks refused from now on; its leases run out by themselves)")
+    def _close_revoked(self, name: str) -> None:
+        """A revoke --close ends the client's leases now, and says so."""
+        now = self.clock()
+        with self._lock:
+            closing = self.leases.close_client(name, now=now)
+            self._dirty = True
+            try:
+                self._apply(closing, now)
+            except LocalError as exc:  # the next housekeeping reconciles
+                self.log(f"error firewall: {exc}")
+                self._retry_reconcile = True
+        self.log(f"revoked client={name} leases closed (knocks refused from now on)")
 
     def _switch_to(self, new: ServerConfig) -> None:
         """A new reading of the config file: settings and services.  The

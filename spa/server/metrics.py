@@ -78,6 +78,11 @@ class Metrics:
         self.receive_drops = Gauge("spa_receive_queue_drops", "Datagrams the kernel dropped "
                                    "because the knock socket's queue was full (since start)",
                                    registry=self.registry)
+        self.group_claims = Counter("spa_group_claims", "A group member's claims by result "
+                                    "(claimed, replay, unreachable, unclaimed_grants: granted "
+                                    "without a claim, on_store_down = local_only) and its "
+                                    "leases shared or not", ["result"], registry=self.registry)
+        self._group_seen: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -110,6 +115,14 @@ class Metrics:
             self.active_leases.labels(name).set(leases.get(name, 0))
         if receive_drops is not None:
             self.receive_drops.set(receive_drops)
+
+    def set_group(self, counts: Mapping[str, int]) -> None:
+        """Advance spa_group_claims to a member's counts (spa.group.claims)."""
+        for result, count in counts.items():
+            seen = self._group_seen.get(result, 0)
+            if count > seen:
+                self.group_claims.labels(result).inc(count - seen)
+                self._group_seen[result] = count
 
     def serve(self, listen: str) -> None:
         """Serve /metrics at HOST:PORT in a daemon thread.  Raises LocalError."""

@@ -20,6 +20,8 @@ from spa.core.knock import steps_for_window
 from spa.core.leases import restore_saved
 from spa.core.policy import max_durations, named_services
 from spa.core.wire import IPAddress
+from spa.group.kv import KV, StoreError
+from spa.group.settings import GroupSettings
 from spa.kernel.mapsource import MapFiltered
 from spa.server import config as config_mod
 from spa.server import monitor, privsep
@@ -112,12 +114,13 @@ def build(path: Path, *, backend: str | None, mode: str | None,
     compat = (make_source(config.mode, config.listen_address, config.fwknop_port,
                           config.interface) if config.fwknop_port else None)
     notifier = Notifier.from_environment()
+    group = _group_store(config)  # before the drop: its password file may be root's
     if not separate:
         if config.backend != "memory":
             raise LocalError("only the memory backend runs in one process")
-        return _with_compat(Server(config, backend=MemoryBackend(), source=source,
-                                   clock=time.time, log=log_to_stderr, notifier=notifier,
-                                   state=state), compat)
+        return _with_group(_with_compat(Server(
+            config, backend=MemoryBackend(), source=source, clock=time.time,
+            log=log_to_stderr, notifier=notifier, state=state), compat), group)
     notifier.connect()  # while it may: the daemon's user may not reach the socket
     reserved = _reserve_kernel_map(config, source)  # while it may: CAP_BPF goes at the drop
     room = source.map_room if isinstance(source, MapFiltered) else 0
@@ -136,7 +139,7 @@ def build(path: Path, *, backend: str | None, mode: str | None,
     kept = f"{kept} only" if kept else "no capability"
     server.start_notes.append(f"privileges: daemon pid {os.getpid()} as {user} with no "
                               f"capability; gate keeper pid {gate.pid} with {kept}")
-    return _with_compat(server, compat)
+    return _with_group(_with_compat(server, compat), group)
 
 
 UNIT_INSTANCE = "SPA_INSTANCE"  # set by spa-server@NAME.service to its NAME
@@ -158,6 +161,31 @@ def _with_compat(server: Server, source: PacketSource | None) -> Server:
         from spa.server.compat import CompatListener
 
         server.companions.append(CompatListener(server, source))
+    return server
+
+
+def _group_store(config: ServerConfig) -> tuple[GroupSettings, KV] | None:
+    """The [group] table's store (None: a standalone server).  Raises LocalError."""
+    settings: GroupSettings | None = getattr(config, "group", None)  # [group], when parsed
+    if settings is None:
+        return None
+    try:
+        from spa.group.link import open_store
+
+        return settings, open_store(settings)
+    except ImportError:
+        raise LocalError(f"[group] in {config.path}: groups need etcd3gw (pip install "
+                         "'spa[group]', or apt install python3-etcd3gw)") from None
+    except (StoreError, ValueError) as exc:
+        raise LocalError(f"[group] in {config.path}: {exc}") from None
+
+
+def _with_group(server: Server, group: tuple[GroupSettings, KV] | None) -> Server:
+    """The server as a member of its group (spa.group.link), when [group] is set."""
+    if group is not None:
+        from spa.group.link import GroupLink
+
+        GroupLink(server, group[1], group[0])
     return server
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -189,3 +190,37 @@ def test_a_watch_whose_callback_raises_ends_instead_of_skipping() -> None:
     lost = watch.ended()
     assert isinstance(lost, WatchLostError)
     assert "RuntimeError" in str(lost)
+
+
+def test_a_cancelled_watch_ends_quietly_when_its_response_is_closed_under_the_reader(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """cancel() closes the response while the watch thread reads it: http.client
+    then raises AttributeError (its fp is gone); the thread ends, nothing escapes."""
+    reading, closed = threading.Event(), threading.Event()
+
+    class Response:
+        status_code = 200
+        raw = None  # _shut finds no socket and closes the response
+
+        def iter_lines(self) -> Any:
+            reading.set()
+            assert closed.wait(10)
+            raise AttributeError("'NoneType' object has no attribute 'read'")
+            yield b""  # a generator, as requests' is
+
+        def close(self) -> None:
+            closed.set()
+
+    class StreamStub(Stub):
+        session: Any
+
+    stub = StreamStub({**HEADER})
+    stub.session = type("S", (), {"headers": {}, "post": lambda *a, **k: Response()})()
+    escaped: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: escaped.append(args.exc_value))
+    watch = _store(stub).watch_prefix(b"/p/", 1, lambda event: None)
+    assert reading.wait(10)
+    watch.cancel()
+    assert not watch._thread.is_alive()
+    assert escaped == []
+    assert watch.ended() is None  # cancelled, not lost

@@ -1,0 +1,105 @@
+"""What a change of clients does to a running server, as one value.
+
+Invariants (docs/groups.md, "Members"):
+- A ClientDelta is everything the receive thread needs to switch some
+  clients from what it runs with to what they are now: the key names to
+  forget, the keys to add (a local client's master secret, or a group
+  client's derived keys: never both for one name), each client's rules and
+  authenticator secret, who is pending or met its enroll_by, whose leases
+  close now (a revoke with close) and who was just revoked.  The daemon
+  carries one out the same way whoever made it: its client store
+  (spa.server.daemon) or a group's watch (spa.group.member).
+- `group_delta` is pure: the views before and after, the keys the verifier
+  holds, and `now` in; a delta out.  A group client's rules are its record's
+  with its revocation (revoked/<name>) and activation (activated/<name>) keys.
+  A revoked group client's keys leave the verifier and the kernel's tag
+  filter (docs/groups.md: a revoke removes its tags at every member).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from spa.core.keys import ClientKeys
+from spa.core.policy import ClientPolicy
+from spa.group.clients import GroupClient
+from spa.group.records import Revocation
+
+
+@dataclass(frozen=True, slots=True)
+class ClientDelta:
+    """The switch of `names` from what the server runs with to what they are."""
+
+    names: tuple[str, ...]
+    gone: tuple[str, ...] = ()  # key names (NAME, NAME~old) the verifier forgets
+    secrets: Mapping[str, bytes] = field(default_factory=dict, repr=False)  # key -> secret
+    keys: Mapping[str, ClientKeys] = field(default_factory=dict, repr=False)  # key -> keys
+    rules: Mapping[str, ClientPolicy | None] = field(default_factory=dict)  # None: gone
+    otp: Mapping[str, str] = field(default_factory=dict, repr=False)  # "" : no code
+    met: frozenset[str] = frozenset()  # pending clients that knocked in time
+    pending: frozenset[str] = frozenset()  # pending clients not (yet)
+    closed: tuple[str, ...] = ()  # revoked with close just now: their leases end now
+    revoked: tuple[str, ...] = ()  # revoked just now, leases left to run out
+
+    @property
+    def added(self) -> int:
+        return len(self.secrets) + len(self.keys)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientView:
+    """A group client as the member knows it: record, revocation, activation."""
+
+    client: GroupClient
+    revocation: Revocation | None = None
+    activated: int | None = None  # the enroll_by an activated/<name> key says it met
+
+    @property
+    def met(self) -> bool:
+        return (self.client.enroll_by is not None
+                and self.activated == self.client.enroll_by)
+
+    def keys(self, now: float) -> dict[str, ClientKeys]:
+        """The keys the verifier holds for it at `now`: none once revoked
+        (its knocks die at the kernel's tag filter), else its record's live
+        ones (NAME~old only while the grace lasts)."""
+        return {} if self.revocation is not None else self.client.key_sets(now)
+
+    def rules(self) -> ClientPolicy:
+        return self.client.policy(revoked=self.revocation is not None)
+
+
+def group_delta(before: Mapping[str, ClientView | None], after: Mapping[str, ClientView | None],
+                held: Mapping[str, Mapping[str, ClientKeys]], now: float) -> ClientDelta:
+    """The delta for the clients named in `after` (`before`: as the server
+    runs them, None: unknown to it; `held`: the keys the verifier holds per
+    client).  A view's keys are its record's live at `now` (NAME~old only
+    while its grace lasts)."""
+    gone: list[str] = []
+    keys: dict[str, ClientKeys] = {}
+    rules: dict[str, ClientPolicy | None] = {}
+    otp: dict[str, str] = {}
+    closed: list[str] = []
+    revoked: list[str] = []
+    for name, view in after.items():
+        old_keys = held.get(name, {})
+        new_keys = view.keys(now) if view is not None else {}
+        gone += [key for key in old_keys if key not in new_keys]
+        keys.update({k: v for k, v in new_keys.items() if old_keys.get(k) != v})
+        rules[name] = view.rules() if view is not None else None
+        otp[name] = view.client.otp_secret if view is not None else ""
+        was = before.get(name)
+        was_revoked = was is not None and was.revocation is not None
+        if view is not None and view.revocation is not None:
+            if view.revocation.close and not (was_revoked and was is not None
+                                              and was.revocation is not None
+                                              and was.revocation.close):
+                closed.append(name)
+            elif not was_revoked:
+                revoked.append(name)
+    met = frozenset(n for n, v in after.items() if v is not None and v.met)
+    pending = frozenset(n for n, v in after.items()
+                        if v is not None and v.client.enroll_by is not None and n not in met)
+    return ClientDelta(tuple(after), tuple(gone), {}, keys, rules, otp, met, pending,
+                       tuple(closed), tuple(revoked))

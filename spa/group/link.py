@@ -1,0 +1,85 @@
+"""A running server's link to its group: the member (clients and leases from
+etcd) and the claimer (nonces and shared leases), started, served and closed
+with the daemon as one of its companions.
+
+Invariants (docs/groups.md, "Members"; the privilege split, docs/install.md):
+- Everything here runs in the unprivileged daemon: etcd is reached by it,
+  and what reaches the firewall goes through the daemon's backend (the gate
+  keeper's end when the daemon is split), as a local grant does.
+- A start with etcd unreachable is not fatal: the server serves its own
+  clients and the member thread reads the group once etcd answers.  A group
+  that is not this server's (no meta, another server id) stops the start
+  with one line.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from spa.group.claims import Claimer, Executor
+from spa.group.kv import KV, StoreError
+from spa.group.member import GroupMember, MemberError
+from spa.group.settings import GroupSettings
+
+if TYPE_CHECKING:
+    from spa.server.daemon import Server
+
+
+class GroupLink:
+    """The daemon's companion for its group (spa.server.daemon.Companion)."""
+
+    def __init__(self, server: Server, kv: KV, settings: GroupSettings, *,
+                 executor: Executor | None = None) -> None:
+        self.server = server
+        self.settings = settings
+        log: Callable[[str], None] = server.log
+        self.member = GroupMember(kv, group=settings.name, member=settings.member,
+                                  server_id=server.config.server_id, hooks=server,
+                                  clock=server.clock, log=log)
+        self.claimer = Claimer(kv, group=settings.name, member=settings.member,
+                               window=server.config.window,
+                               on_store_down=settings.on_store_down, hooks=server,
+                               clock=server.clock, log=log, executor=executor,
+                               pending=self.member.pending, covers=self.member.covers)
+        server.claims = self.claimer
+        server.companions.append(self)
+
+    def start(self) -> None:
+        """Read the group now if etcd answers (else the member thread will).
+        Raises LocalError for a group that is not this server's."""
+        try:
+            self.member.load()
+        except StoreError as exc:
+            self.server.log(f"error group {self.settings.name}: {exc} (serving this server's "
+                            "own clients; the group's once etcd answers)")
+            return
+        except MemberError as exc:
+            from spa.server.errors import LocalError
+
+            raise LocalError(str(exc)) from None
+        self.server.log(f"group {self.settings.name} member={self.settings.member} "
+                        f"clients={len(self.member.clients)} on_store_down="
+                        f"{self.settings.on_store_down}")
+
+    def serve(self, stop: threading.Event) -> None:
+        threading.Thread(target=self.member.run, args=(stop,), name="spa-group",
+                         daemon=True).start()
+
+    def close(self) -> None:
+        self.member.close()
+        self.claimer.close()
+
+
+def open_store(settings: GroupSettings) -> KV:
+    """The real store for `settings` (etcd over TLS, user and password).
+    Raises LocalError (spa.server.secretfile) for a password file that is
+    not private, StoreError for a bad endpoint."""
+    from spa.group.etcd import EtcdAccess, EtcdStore
+    from spa.server.secretfile import read_secret_file
+
+    password = read_secret_file(settings.password_file).decode("utf-8").strip()
+    return EtcdStore(EtcdAccess(settings.endpoints, settings.ca_file, settings.cert_file,
+                                settings.key_file, user=settings.user, password=password,
+                                timeout=settings.timeout))
