@@ -20,6 +20,7 @@ from typing import Annotated
 import typer
 
 from spa import about, clitools, completion
+from spa.cli_group import AdminPasswordOption, AdminUserOption, admin_login, group_app
 from spa.clitools import run_app
 from spa.core.errors import FormatError
 from spa.server import admin
@@ -134,8 +135,14 @@ def enroll(
                                          "packets (the fwknop CLI, Fwknop2, fwknop-gui) to "
                                          "the compat port: prints its .fwknoprc stanza, and "
                                          "with --qr the code Fwknop2 scans.")] = False,
+    admin_user: AdminUserOption = None,
+    admin_password_file: AdminPasswordOption = None,
 ) -> None:
-    """Enroll a client: create its secret and print its enrollment URI."""
+    """Enroll a client: create its secret and print its enrollment URI.
+
+    When the config names a group ([group]), the client is the group's: its
+    record (derived keys, no secret) goes to etcd, as the group admin's etcd
+    user (--admin-user, --admin-password-file), and it knocks at any member."""
     if fwknop:
         enroll_fwknop(name, service, endpoint, qr=qr, stanza_only=uri_only,
                       other=otp or expires is not None or png is not None)
@@ -144,9 +151,9 @@ def enroll(
         if png is not None and (png.is_dir() or not png.parent.is_dir()):
             raise LocalError(f"--png {png}: not a file in an existing directory")
         seconds = None if expires is None else parse_duration(expires, "--expires")
-        uri = admin.enroll(_ctx.config, name, service, endpoint, expires=seconds, otp=otp,
-                           sources=sources or ())
-        otp_uri = admin.otp_uri(_ctx.config, name) if otp else None
+        uri, otp_uri = admin.enroll_client(
+            _ctx.config, name, service, endpoint, expires=seconds, now=time.time(), otp=otp,
+            sources=sources or (), login=admin_login(admin_user, admin_password_file))
         if png is not None:
             from spa.server import qr as qr_mod
 
@@ -279,14 +286,19 @@ def rotate(
                                                  "the one it was enrolled with).")] = None,
     qr: Annotated[bool, typer.Option("--qr", help="Also print the new URI as a QR code.")
                   ] = False,
+    admin_user: AdminUserOption = None,
+    admin_password_file: AdminPasswordOption = None,
 ) -> None:
     """Give a client a new secret and URI; a running server switches within a second.
 
-    For a lost device, a leaked URI, or a photo of its QR code."""
+    For a lost device, a leaked URI, or a photo of its QR code.  In a group:
+    the group's record gets the new keys (as the group admin's etcd user), and
+    --endpoint is needed (the group keeps none per client)."""
     with local_errors():
         seconds = 0.0 if grace.strip() == "0" else parse_duration(grace, "--grace")
         uri = admin.rotate(_ctx.config, name, grace=seconds, now=time.time(),
-                           endpoint=endpoint)
+                           endpoint=endpoint,
+                           login=admin_login(admin_user, admin_password_file))
     when = "stops working now" if not seconds else f"keeps working for {grace}"
     typer.echo(f"{name} has a new secret; the old one {when}. Its new URI (give it to the "
                "user privately; they enroll it again with spa-client enroll):\n")
@@ -302,6 +314,7 @@ def rotate(
 clients_app = typer.Typer(help="List, change, export and import clients.",
                           no_args_is_help=False)
 app.add_typer(clients_app, name="clients")
+app.add_typer(group_app, name="group")
 EXPORT_FORMAT = Annotated[str, typer.Option("--format", help="json or toml.")]
 
 
@@ -428,10 +441,16 @@ def revoke(name: Annotated[str, typer.Argument(metavar="NAME", help="The client 
            close: Annotated[bool, typer.Option("--close", help="Also end its live leases now "
                                                "(others sharing its address keep theirs; "
                                                "open sessions are not cut).")] = False,
+           admin_user: AdminUserOption = None,
+           admin_password_file: AdminPasswordOption = None,
            ) -> None:
-    """Revoke a client: its knocks are refused from now on (no restart needed)."""
+    """Revoke a client: its knocks are refused from now on (no restart needed).
+
+    In a group: at every member (revoked/NAME in etcd, as the group admin's
+    etcd user)."""
     with local_errors():
-        result = admin.revoke(_ctx.config, name, now=time.time(), close=close)
+        result = admin.revoke(_ctx.config, name, now=time.time(), close=close,
+                              login=admin_login(admin_user, admin_password_file))
     typer.echo(result.message)
 
 

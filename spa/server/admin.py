@@ -36,6 +36,7 @@ from spa.server.config import ClientEntry, ServerConfig
 from spa.server.errors import ConfigError, LocalError
 from spa.server.events import EVENTS_DB, Event, read_events
 from spa.server.geoip import Countries
+from spa.server.groupstore import Login
 from spa.server.plant import refuse_planted_state_dir
 from spa.server.state import PairStatus, StateDir
 from spa.store import transfer
@@ -150,6 +151,47 @@ def enroll(path: Path, name: str, services: list[str], endpoint: str, *,
     `sources` (networks), a knock from outside them is refused
     `source_not_allowed`.  Raises LocalError."""
     config = config_mod.load(path)
+    when = time.time() if now is None else now
+    entry, enrollment = new_client(config, name, services, endpoint, expires=expires,
+                                   now=when, otp=otp, sources=sources)
+    with open_store(config, now=when) as store:
+        store.add(entry, at=when)
+    return render(enrollment)
+
+
+def enroll_client(path: Path, name: str, services: list[str], endpoint: str, *,
+                  expires: float | None, now: float, otp: bool, sources: Sequence[str],
+                  login: Login | None = None) -> tuple[str, str | None]:
+    """`enroll` here, or in the group the config names (as the admin's etcd
+    `login`): the URI, and the authenticator's otpauth:// URI with `otp`.
+    Raises LocalError."""
+    config = config_mod.load(path)
+    if config.group is not None:
+        from spa.server import admin_group
+
+        made = admin_group.enroll_in(config, login, name, services, endpoint,
+                                     expires=expires, now=now, otp=otp, sources=sources)
+        return made.uri, made.otp_uri
+    _refuse_login(config, login)
+    uri = enroll(path, name, services, endpoint, expires=expires, now=now, otp=otp,
+                 sources=sources)
+    return uri, otp_uri(path, name) if otp else None
+
+
+def _refuse_login(config: ServerConfig, login: Login | None) -> None:
+    if login is not None:
+        from spa.server import admin_group
+
+        admin_group.refuse_login(config, login)
+
+
+def new_client(config: ServerConfig, name: str, services: Sequence[str], endpoint: str, *,
+               expires: float | None, now: float, otp: bool, sources: Sequence[str],
+               server_id: bytes | None = None,
+               random: Callable[[int], bytes] = os.urandom) -> tuple[ClientEntry, Enrollment]:
+    """A new client (its secret from `random`) and its enrollment, for the
+    config's server id or `server_id` (a group's), checked as enroll checks
+    it: its name, services, endpoint, sources and expiry.  Raises LocalError."""
     networks = parse_sources(sources)
     if not is_valid_client_name(name):
         raise LocalError(f"client name {name!r}: use letters, digits, '.', '_', '@', '-' "
@@ -159,23 +201,32 @@ def enroll(path: Path, name: str, services: list[str], endpoint: str, *,
     for service in services:
         if service not in config.services:
             raise LocalError(f"unknown service {service!r}; known: {_known(config)} "
-                             f"(add it under [services] in {path})")
+                             f"(add it under [services] in {config.path})")
     host, port = parse_endpoint(endpoint, config.listen_port)
-    secret = os.urandom(MASTER_SECRET_SIZE)
-    unique = list(dict.fromkeys(services))
-    when = time.time() if now is None else now
     if expires is not None and not expires > 0:
         raise LocalError("--expires must be a positive duration, e.g. 15m")
-    enroll_by = config_mod.format_utc(when + expires) if expires is not None else ""
-    otp_secret = base64.b32encode(os.urandom(SECRET_BYTES)).decode() if otp else ""
-    with open_store(config, now=when) as store:
-        store.add(ClientEntry(name, secret, tuple(unique), enrolled=config_mod.format_utc(when),
-                              enroll_by=enroll_by, otp_secret=otp_secret,
-                              endpoint=endpoint.strip(), sources=networks), at=when)
-    refs = tuple(ServiceRef(s, config.services[s].protocol, config.services[s].client_port)
-                 for s in unique)
-    return render(Enrollment(host, port, config.server_id, name, secret, refs, otp=otp,
-                             expires=None if expires is None else int(when + expires)))
+    secret = random(MASTER_SECRET_SIZE)
+    unique = tuple(dict.fromkeys(services))
+    enroll_by = config_mod.format_utc(now + expires) if expires is not None else ""
+    otp_secret = base64.b32encode(random(SECRET_BYTES)).decode() if otp else ""
+    entry = ClientEntry(name, secret, unique, enrolled=config_mod.format_utc(now),
+                        enroll_by=enroll_by, otp_secret=otp_secret, endpoint=endpoint.strip(),
+                        sources=networks)
+    enrollment = Enrollment(host, port, config.server_id if server_id is None else server_id,
+                            name, secret, service_refs(config, unique), otp=otp,
+                            expires=None if expires is None else int(now + expires))
+    return entry, enrollment
+
+
+def service_refs(config: ServerConfig, services: Sequence[str]) -> tuple[ServiceRef, ...]:
+    """The services as a client's URI names them (this server's ports).
+    Raises LocalError for a service this config does not define."""
+    missing = [s for s in services if s not in config.services]
+    if missing:
+        raise LocalError(f"service {missing[0]!r} is not in {config.path} [services]; add it "
+                         "there as the group's other members have it")
+    return tuple(ServiceRef(s, config.services[s].protocol, config.services[s].client_port)
+                 for s in services)
 
 
 def parse_sources(texts: Sequence[str]) -> tuple[str, ...]:
@@ -208,11 +259,18 @@ def set_sources(path: Path, name: str, sources: Sequence[str], *, now: float) ->
 
 
 def rotate(path: Path, name: str, *, grace: float, now: float,
-           endpoint: str | None = None) -> str:
+           endpoint: str | None = None, login: Login | None = None) -> str:
     """A new secret for a client; the old one keeps working for `grace`
-    seconds (0: stops at once).  Returns the new enrollment URI.
+    seconds (0: stops at once).  Returns the new enrollment URI.  In the
+    group the config names, as the admin's etcd `login`.
     Raises LocalError (no such client, revoked, no endpoint known)."""
     config = config_mod.load(path)
+    if config.group is not None:
+        from spa.server import admin_group
+
+        return admin_group.rotate_in(config, login, name, grace=grace, now=now,
+                                     endpoint=endpoint)
+    _refuse_login(config, login)
     with open_store(config, now=now) as store:
         return _rotate(store, config, name, grace=grace, now=now, endpoint=endpoint)
 
@@ -267,8 +325,15 @@ class ClientPage:
 def client_page(path: Path, *, now: float, after: str = "", limit: int = 100, match: str = "",
                 state: str = "") -> ClientPage:
     """One page of the store's clients (keyset paging by name, filters in
-    SQL, see ClientStore.page).  Raises LocalError."""
+    SQL, see ClientStore.page); of the group's, read from etcd as this
+    member, when the config names a group.  Raises LocalError."""
     config = config_mod.load(path)
+    if config.group is not None:
+        from spa.server import admin_group
+
+        count, rows = admin_group.client_page_in(config, now=now, after=after, limit=limit,
+                                                 match=match, state=state)
+        return ClientPage(count, [e for e, _ in rows], {e.name: text for e, text in rows})
     met = activation(config, now=now)
     with open_store(config, now=now) as store:
         count = store.count()
@@ -339,9 +404,17 @@ class RevokeResult:
     message: str
 
 
-def revoke(path: Path, name: str, *, now: float, close: bool = False) -> RevokeResult:
-    """Mark a client revoked; say what happens to its active leases."""
+def revoke(path: Path, name: str, *, now: float, close: bool = False,
+           login: Login | None = None) -> RevokeResult:
+    """Mark a client revoked; say what happens to its active leases.  In the
+    group the config names, as the admin's etcd `login`."""
     config = config_mod.load(path)
+    if config.group is not None:
+        from spa.server import admin_group
+
+        done = admin_group.revoke_in(config, login, name, now=now, close=close)
+        return RevokeResult(name, done.changed, [], done.message)
+    _refuse_login(config, login)
     with open_store(config, now=now) as store:
         changed = store.set_revoked(name, close=close, at=now)
     held = [row for row in StateDir(config.state_dir).status(now) if name in row.clients]

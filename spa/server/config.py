@@ -48,8 +48,10 @@ from spa.core.policy import DEFAULT_SERVICES, ClientPolicy, Policy, Service
 from spa.core.sources import NOWHERE, SourceNetwork, canonical_sources, source_networks
 from spa.core.uri import is_valid_client_name
 from spa.core.wire import IPAddress
+from spa.group.settings import GroupSettings
 from spa.server.configvalue import describe, expect
 from spa.server.errors import ConfigError, LocalError
+from spa.server.groupconfig import parse_group
 from spa.server.gwclash import gateway_clash
 from spa.server.safefs import Directory, Stamp, open_dir, refuse_foreign_dir
 from spa.server.secretfile import read_secret
@@ -128,6 +130,9 @@ class ServerConfig:
     geoip_database: Path | None = None  # [geoip] database = "/path/Country.mmdb"
     dashboard_listen: str = DEFAULT_DASHBOARD_LISTEN  # [dashboard] listen
     command: CommandSpec | None = None  # [command]: the command backend's argv templates
+    # [group]: a member of a group on etcd (spa/server/groupconfig.py); None: standalone.
+    # Its server id is the group's meta record's: server_id above must equal it.
+    group: GroupSettings | None = None
     services: Mapping[str, Service] = field(default_factory=lambda: dict(DEFAULT_SERVICES))
     clients: Mapping[str, ClientEntry] = field(default_factory=dict)
 
@@ -220,7 +225,7 @@ def parse(path: Path, raw: bytes) -> ServerConfig:
     """Validate the config file's bytes.  Raises ConfigError."""
     data = _parse_toml(path, raw)
     unknown = set(data) - {"server", "services", "clients", "metrics", "geoip", "dashboard",
-                           "command"}
+                           "command", "group"}
     if unknown:
         raise ConfigError(f"{path}: unknown section [{sorted(unknown)[0]}]")
     server = _table(path, data, "server")
@@ -257,6 +262,7 @@ def parse(path: Path, raw: bytes) -> ServerConfig:
         geoip_database=_geoip(path, data),
         dashboard_listen=_listen(path, data, "dashboard", DEFAULT_DASHBOARD_LISTEN),
         command=_command(path, data),
+        group=parse_group(path, data),
         services=services,
         clients=clients,
     )
@@ -833,3 +839,21 @@ def add_services(path: Path, services: Iterable[Service], *, fwknop_port: int = 
                 server.add("fwknop_port", port)
         parse(path, tomlkit.dumps(doc).encode("utf-8"))
         edit.write()
+
+
+def set_group(path: Path, server_id: bytes, group: tomlkit.items.Table) -> ServerConfig:
+    """Make this server a member (spa-server group join): [server] server_id
+    becomes the group's and the [group] table is written (replacing one
+    there), comments kept.  The new text is checked as `load` checks it
+    before it is written.  Raises ConfigError."""
+    with _editing(path) as edit:
+        server = edit.doc["server"]
+        assert isinstance(server, tomlkit.items.Table)
+        server["server_id"] = b64encode(server_id)
+        if "group" in edit.doc:
+            edit.doc["group"] = group
+        else:
+            edit.doc.add("group", group)
+        config = parse(path, tomlkit.dumps(edit.doc).encode("utf-8"))
+        edit.write()
+        return config
