@@ -65,8 +65,8 @@ TimeoutOption = Annotated[float | None, typer.Option(
 
 def _config_path(ctx: typer.Context) -> Path:
     """The --config the root command was given."""
-    path = ctx.find_root().params.get("config")
-    return path if isinstance(path, Path) else DEFAULT_CONFIG
+    path = ctx.find_root().params.get("config")  # as given: typer converts it for the callback
+    return Path(path) if isinstance(path, str | Path) else DEFAULT_CONFIG
 
 
 def local_errors() -> AbstractContextManager[None]:
