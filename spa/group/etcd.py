@@ -213,7 +213,8 @@ class EtcdStore:
             if isinstance(error, _UnreachableError):
                 raise error from None
             raise StoreError(f"etcd refused user {access.user!r}: check its password file "
-                             "and that the user exists (spa-server group add-member)") from None
+                             "and that the user exists (docs/install.md, 'A group on "
+                             "etcd')") from None
         client.session.headers["Authorization"] = str(answer["token"])
         self._authed.add(index)
 

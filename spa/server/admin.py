@@ -178,6 +178,15 @@ def enroll_client(path: Path, name: str, services: list[str], endpoint: str, *,
     return uri, otp_uri(path, name) if otp else None
 
 
+def _standalone_only(config: ServerConfig, what: str) -> None:
+    """Refuse a command that works on this server's own client store when the
+    config names a group (whose clients are in etcd).  Raises LocalError."""
+    if config.group is not None:
+        raise LocalError(f"{what}: this server is a member of group {config.group.name}, "
+                         "whose clients are in etcd (spa-server clients, group status); to "
+                         "change a client's rules, revoke it and enroll it again")
+
+
 def _refuse_login(config: ServerConfig, login: Login | None) -> None:
     if login is not None:
         from spa.server import admin_group
@@ -248,6 +257,7 @@ def set_sources(path: Path, name: str, sources: Sequence[str], *, now: float) ->
     network)."""
     networks = parse_sources(sources)
     config = config_mod.load(path)
+    _standalone_only(config, "clients set")
     with open_store(config, now=now) as store:
         changed = store.set_sources(name, networks, at=now)
     where = describe_sources(networks)
@@ -347,6 +357,8 @@ def client_counts(path: Path, *, now: float) -> StateCounts:
     Only reads: no store yet (or server.toml's clients not moved yet) is a
     LocalError saying so, never a new store.  Raises LocalError."""
     config = config_mod.load(path)
+    if config.group is not None:
+        raise LocalError(f"group {config.group.name}'s, in etcd: see spa-server group status")
     if config.clients:
         raise LocalError(f"{len(config.clients)} in {path}, not moved to the client store "
                          "yet (any admin command as root moves them)")
@@ -358,6 +370,7 @@ def export_clients(path: Path, fmt: str, *, now: float) -> str:
     """Every client, secrets included, as JSON or TOML (spa/store/transfer.py).
     Raises LocalError."""
     config = config_mod.load(path)
+    _standalone_only(config, "clients export")
     with open_store(config, now=now) as store:
         return transfer.render(store.all(), fmt)
 
@@ -367,6 +380,7 @@ def import_clients(path: Path, source: Path, text: str, *, prune: bool,
     """Make the store hold the file's clients (updated where they differ;
     with `prune`, only them).  Raises LocalError."""
     config = config_mod.load(path)
+    _standalone_only(config, "clients import")
     entries = transfer.parse(source, text, config)
     with open_store(config, now=now) as store:
         return transfer.import_entries(store, entries, prune=prune, at=now)

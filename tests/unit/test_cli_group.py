@@ -262,3 +262,19 @@ def test_join_with_local_only_warns_with_the_risk(world: World, run: Run) -> Non
                *admin_options(world))[0] == 0
     status, out, _ = run(*join_options(world, "--on-store-down", "local_only"))
     assert status == 0 and "warning: local_only: while etcd cannot be reached" in out
+
+
+@pytest.mark.parametrize("args", [("clients", "set", "alice", "--no-from"),
+                                  ("clients", "export"), ("clients", "import", "x.json")])
+def test_what_works_on_the_local_store_only_says_so_on_a_member(member: World, run: Run,
+                                                                 args: tuple[str, ...]) -> None:
+    if args[1] == "import":
+        (member.tmp / "x.json").write_text("{}")
+        args = (*args[:2], str(member.tmp / "x.json"))
+    one_line_error(run(*args), "this server is a member of group office, whose clients are "
+                   "in etcd")
+
+
+def test_status_points_a_member_to_group_status(member: World, run: Run) -> None:
+    status, out, _ = run("status")
+    assert status == 0 and "clients: group office's, in etcd: see spa-server group status" in out
