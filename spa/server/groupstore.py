@@ -121,9 +121,10 @@ def connect(settings: GroupSettings, login: Login | None = None) -> KV:
     """The group's store (see `access`).  The admin commands and the daemon
     call this one function, so a test can give them the fake instead.
     Raises LocalError."""
+    checked = access(settings, login)  # first: says in one line when etcd3gw is missing
     from spa.group.etcd import EtcdStore
 
-    return EtcdStore(access(settings, login))
+    return EtcdStore(checked)
 
 
 def connect_one(settings: GroupSettings, endpoint: str, login: Login | None = None) -> KV:
@@ -131,9 +132,10 @@ def connect_one(settings: GroupSettings, endpoint: str, login: Login | None = No
     Raises LocalError."""
     from dataclasses import replace
 
+    checked = access(settings, login)
     from spa.group.etcd import EtcdStore
 
-    return EtcdStore(replace(access(settings, login), endpoints=(endpoint,)))
+    return EtcdStore(replace(checked, endpoints=(endpoint,)))
 
 
 def _one_line(text: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -530,3 +531,11 @@ def test_import_skips_an_fwknop_client_and_says_how_to_move_it(
     assert report.skipped and report.skipped[0][0] == "legacy"
     assert "move it to spa1:// with rotate" in report.lines()[-1]
     assert store.get(layout.client_key(GROUP, "legacy").encode()) is None
+
+
+def test_without_the_group_library_a_group_command_says_what_to_install(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "spa.group.etcd", None)  # as if etcd3gw were missing
+    with pytest.raises(LocalError, match=r"needs the etcd3gw library: install the group "
+                                         r"extra: pip install 'spa\[group\]'"):
+        groupstore.connect(settings(tmp_path))
