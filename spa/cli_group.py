@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import sys
 import time
@@ -290,3 +291,30 @@ def status(
     if found is None:
         typer.echo("etcd: no endpoint answered", err=True)
         raise typer.Exit(1)
+
+
+@group_app.command("roles")
+def roles(
+    group: Annotated[str, typer.Option("--group", metavar="NAME", help="The group.")],
+    member: Annotated[list[str] | None, typer.Option(
+        "--member", metavar="NAME", help="A member to make a user for (repeat).")] = None,
+) -> None:
+    """Print the etcdctl commands that make the group's roles and users.
+
+    The admin's role writes the group; a member's reads it and writes only
+    claims, leases, activations and its own member key (docs/groups.md,
+    "Access").  Run them as etcd's root user; each `user add` asks for the
+    password."""
+    from spa.group import rbac
+    from spa.group.layout import GroupNameError
+
+    with local_errors():
+        try:
+            commands = rbac.role_commands(group, member or [])
+        except GroupNameError as exc:
+            raise LocalError(f"--group or --member: {exc}") from None
+    typer.echo("# as etcd's root user (add your --endpoints, --cacert, --cert, --key); each "
+               "`user add` asks for that user's password")
+    for argv in commands:
+        typer.echo(shlex.join(["etcdctl", *argv]))
+    typer.echo("etcdctl auth enable   # once, if RBAC is not on yet")

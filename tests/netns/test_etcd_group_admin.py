@@ -1,7 +1,7 @@
 """The group's admin commands against a real 3-member etcd cluster with TLS
 and RBAC (tests/etcd_world.py), run in process through spa-server's entry
 point: group init, join, status, enroll, revoke, rotate, clients; the roles
-docs/install.md gives (the admin writes the group, a member reads it and
+`spa-server group roles` prints (the admin writes the group, a member reads it and
 writes only its claims, leases, activations and member record); another
 group's member reads nothing of this one; status fails when etcd has no
 quorum."""
@@ -21,7 +21,7 @@ import pytest
 from spa import cli
 from spa.core.keys import derive_keys
 from spa.core.uri import parse as parse_uri
-from spa.group import layout
+from spa.group import layout, rbac
 from spa.group.clients import decode_client
 from spa.group.etcd import EtcdAccess, EtcdStore
 from spa.group.kv import StorePermissionError
@@ -64,25 +64,14 @@ class Group:
 
 def grant_roles(cluster: EtcdCluster, group: str, admin_password: str,
                 member_password: str) -> None:
-    """The roles of docs/install.md, "A group on etcd", as etcdctl makes them."""
-    prefix = layout.group_prefix(group)
-    cluster.ctl("role", "add", f"spa-{group}-admin")
-    cluster.ctl("role", "grant-permission", f"spa-{group}-admin", "--prefix=true",
-                "readwrite", prefix)
-    cluster.ctl("role", "add", f"spa-{group}-member")
-    cluster.ctl("role", "grant-permission", f"spa-{group}-member", "--prefix=true", "read",
-                prefix)
-    for kind in (layout.Kind.CLAIM, layout.Kind.LEASE, layout.Kind.ACTIVATED):
-        cluster.ctl("role", "grant-permission", f"spa-{group}-member", "--prefix=true",
-                    "readwrite", layout.kind_prefix(group, kind))
-    cluster.ctl("role", "add", f"spa-{group}-gw1")
-    cluster.ctl("role", "grant-permission", f"spa-{group}-gw1", "readwrite",
-                layout.member_key(group, "gw1"))
-    _add_user(cluster, f"{group}-admin", admin_password)
-    cluster.ctl("user", "grant-role", f"{group}-admin", f"spa-{group}-admin")
-    _add_user(cluster, f"{group}-gw1", member_password)
-    cluster.ctl("user", "grant-role", f"{group}-gw1", f"spa-{group}-member")
-    cluster.ctl("user", "grant-role", f"{group}-gw1", f"spa-{group}-gw1")
+    """The roles `spa-server group roles` prints (spa.group.rbac), as etcd's root."""
+    passwords = {rbac.admin_user(group): admin_password,
+                 rbac.member_user(group, "gw1"): member_password}
+    for argv in rbac.role_commands(group, ["gw1"]):
+        if argv[:2] == ["user", "add"]:
+            _add_user(cluster, argv[2], passwords[argv[2]])  # the password on stdin
+        else:
+            cluster.ctl(*argv)
 
 
 @pytest.fixture

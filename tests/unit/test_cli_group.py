@@ -278,3 +278,21 @@ def test_what_works_on_the_local_store_only_says_so_on_a_member(member: World, r
 def test_status_points_a_member_to_group_status(member: World, run: Run) -> None:
     status, out, _ = run("status")
     assert status == 0 and "clients: group office's, in etcd: see spa-server group status" in out
+
+
+def test_roles_prints_the_etcdctl_commands_without_a_password(world: World, run: Run) -> None:
+    status, out, _ = run("group", "roles", "--group", "office", "--member", "gw1")
+    assert status == 0
+    lines = out.splitlines()
+    assert ("etcdctl role grant-permission spa-office-member --prefix=true read "
+            "/spa/groups/office/") in lines
+    assert ("etcdctl role grant-permission spa-office-m-gw1 readwrite "
+            "/spa/groups/office/members/gw1") in lines
+    writes = [line.split()[-1] for line in lines if "spa-office-member --prefix=true "
+              "readwrite" in line]
+    assert writes == ["/spa/groups/office/claims/", "/spa/groups/office/leases/",
+                      "/spa/groups/office/activated/"]
+    assert all("--interactive=true" in line for line in lines if " user add " in line)
+    one_line_error(run("group", "roles", "--group", "Office"), "--group or --member")
+    one_line_error(run("group", "roles", "--group", "office", "--member", "a/b"),
+                   "member name 'a/b'")

@@ -332,7 +332,8 @@ def test_the_store_down_option_parses_and_names_its_risk() -> None:
 # ---- the group's core is pure ----------------------------------------------
 
 GROUP_DIR = Path(__file__).resolve().parents[2] / "spa" / "group"
-PURE = ("__init__.py", "layout.py", "codec.py", "records.py", "clients.py", "policy.py")
+PURE = ("__init__.py", "layout.py", "codec.py", "records.py", "clients.py", "policy.py",
+        "rbac.py")
 ETCD_LIBRARIES = {"etcd", "etcd3", "aetcd", "grpc", "pyetcd"}
 
 
