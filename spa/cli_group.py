@@ -191,9 +191,6 @@ def _default_member() -> str:
 def join(
     ctx: typer.Context,
     group: Annotated[str, typer.Option("--group", metavar="NAME", help="The group.")],
-    user: Annotated[str, typer.Option(
-        "--user", metavar="USER", help="This member's etcd user (its role reads the group "
-        "and writes its claims, leases, activations and member record).")],
     password_file: Annotated[Path, typer.Option(
         "--password-file", metavar="FILE", help="That user's password (0600, one line); "
         "the config names the file, never the password.")],
@@ -208,6 +205,10 @@ def join(
     member: Annotated[str | None, typer.Option(
         "--member", metavar="NAME", help="This server's name in the group (default: the "
         "host name's first label).")] = None,
+    user: Annotated[str | None, typer.Option(
+        "--user", metavar="USER", help="This member's etcd user (its role reads the group "
+        "and writes its claims, leases, activations and member record; default: "
+        "GROUP-MEMBER, as group roles names it).")] = None,
     on_store_down: Annotated[str, typer.Option(
         "--on-store-down", metavar="MODE", help="fail_closed (grant nothing while etcd "
         "cannot be reached) or local_only (grant on the local replay cache alone: a knock "
@@ -225,10 +226,12 @@ def join(
     Comments in the config are kept.  Restart the server (or reload) afterwards."""
     path = _config_path(ctx)
     with local_errors():
-        table = {"name": group, "member": member or _default_member(),
+        name = member or _default_member()
+        table = {"name": group, "member": name,
                  "endpoints": list(endpoint), "ca_file": str(ca.absolute()),
                  "cert_file": str(cert.absolute()), "key_file": str(key.absolute()),
-                 "user": user, "password_file": str(password_file.absolute()),
+                 "user": user or f"{group}-{name}",
+                 "password_file": str(password_file.absolute()),
                  "on_store_down": on_store_down, "timeout": timeout}
         settings = parse_group(path, {"group": table}, where="group join:")
         assert settings is not None

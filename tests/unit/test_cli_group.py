@@ -104,7 +104,7 @@ def admin_options(world: World) -> list[str]:
 
 
 def join_options(world: World, *more: str) -> list[str]:
-    return ["group", "join", "--group", "office", "--member", "gw1", "--user", "office-gw1",
+    return ["group", "join", "--group", "office", "--member", "gw1",
             "--password-file", str(world.tmp / "password"), *world.files(), *more]
 
 
@@ -124,6 +124,7 @@ def member(world: World, run: Run) -> World:
 def test_a_client_of_the_group_from_enroll_to_rotate(member: World, run: Run) -> None:
     config = config_mod.load(member.config)
     assert config.group is not None and config.group.member == "gw1"
+    assert config.group.user == "office-gw1"  # as group roles names it
     status, out, _ = run("enroll", "alice", "--service", "ssh", "--endpoint", "gw.example",
                          *admin_options(member))
     assert status == 0, out
