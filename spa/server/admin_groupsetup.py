@@ -228,16 +228,18 @@ def connection(base: GroupSettings | None, *, group: str | None, endpoints: Sequ
 
 
 def local_client_count(config: ServerConfig) -> int:
-    """Clients enrolled at this server itself (its client store, or the
-    config's [clients] not moved there yet).  Raises LocalError."""
+    """Clients of our protocol enrolled at this server itself (its client
+    store, or the config's [clients] not moved there yet): their keys are
+    bound to its server id.  fwknop clients are not counted (their keys are
+    their own, whatever the server id).  Raises LocalError."""
     from spa.store.clients import CLIENTS_DB, ClientStore
 
     if config.clients:
-        return len(config.clients)
+        return sum(1 for c in config.clients.values() if c.kind == KIND_SPA and not c.revoked)
     if not os.path.lexists(config.state_dir / CLIENTS_DB):
         return 0
     with ClientStore.open_as_owner(config.state_dir, create=False) as store:
-        return store.count()
+        return sum(1 for c in store.all() if c.kind == KIND_SPA and not c.revoked)
 
 
 def join(path: Path, settings: GroupSettings, kv: KV, *,

@@ -539,3 +539,18 @@ def test_without_the_group_library_a_group_command_says_what_to_install(
     with pytest.raises(LocalError, match=r"needs the etcd3gw library: install the group "
                                          r"extra: pip install 'spa\[group\]'"):
         groupstore.connect(settings(tmp_path))
+
+
+def test_join_counts_only_clients_whose_keys_the_new_id_breaks(
+        store: MemoryStore, tmp_path: Path, config_path: Path) -> None:
+    admin.enroll(config_path, "gone", ["ssh"], "203.0.113.1", now=NOW)
+    admin.revoke(config_path, "gone", now=NOW)
+    config = config_mod.load(config_path)
+    with admin.open_store(config, now=NOW) as clients:
+        clients.add(config_mod.ClientEntry("legacy", b"", ("ssh",), kind="fwknop",
+                                           fwknop_key=b"k" * 16, fwknop_hmac_key=b"h" * 32),
+                    at=NOW)
+    assert admin_groupsetup.local_client_count(config) == 0
+    made_group(store, tmp_path)
+    joined_config, _ = admin_groupsetup.join(config_path, settings(tmp_path), store)
+    assert joined_config.server_id == GROUP_ID
