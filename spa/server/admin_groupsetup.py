@@ -99,8 +99,8 @@ def import_clients(kv: KV, settings: GroupSettings, user: str, meta: GroupMeta,
         raise LocalError(f"group {meta.group} has another server id than {config.path}: the "
                          "clients enrolled here hold keys for this server's id, which the "
                          "group's members do not use; enroll them in the group anew (spa-server "
-                         "enroll, or rotate on the server they came from), see docs/groups.md, "
-                         "\"Moving a standalone server into a group\"")
+                         "enroll on a member), see docs/groups.md, \"Moving a standalone "
+                         "server into a group\"")
     report = ImportReport()
     with store_errors(settings, user):
         for entry in entries:
@@ -109,11 +109,11 @@ def import_clients(kv: KV, settings: GroupSettings, user: str, meta: GroupMeta,
                                        "move it to spa1:// with rotate, then import again"))
                 continue
             try:
+                key = layout.client_key(meta.group, entry.name).encode()
                 record = client_record(entry, meta.server_id)
-            except RecordError as exc:
-                report.skipped.append((entry.name, str(exc)))
+            except (RecordError, layout.GroupNameError) as exc:
+                report.skipped.append((entry.name[:64], str(exc)))
                 continue
-            key = layout.client_key(meta.group, entry.name).encode()
             if kv.create(key, record):
                 report.added.append(entry.name)
             else:
@@ -185,6 +185,8 @@ def endpoint_states(settings: GroupSettings,
             found.append(EndpointState(url, False, str(exc)))
     return found
 
+
+# ---- admin connections, join, import ----------------------------------------
 
 
 def connection(base: GroupSettings | None, *, group: str | None, endpoints: Sequence[str],
