@@ -45,7 +45,7 @@ AdminUserOption = Annotated[str | None, typer.Option(
 AdminPasswordOption = Annotated[str | None, typer.Option(
     "--admin-password-file", metavar="FILE", envvar="SPA_GROUP_ADMIN_PASSWORD_FILE",
     help="Its password: a file (0600, one line), or - to read one line from standard "
-    "input.  Never an argument.")]
+    "input (asked for, without echo, on a terminal).  Never an argument.")]
 GroupOption = Annotated[str | None, typer.Option(
     "--group", metavar="NAME", help="The group (default: the config's [group] name).")]
 EndpointOption = Annotated[list[str] | None, typer.Option(
@@ -85,7 +85,12 @@ def admin_login(user: str | None, password_file: str | None) -> Login | None:
                          "('-': the password from standard input)")
     check_user("--admin-user:", user)
     if password_file == STDIN:
-        line = sys.stdin.readline().rstrip("\r\n")
+        if sys.stdin.isatty():  # a person at a terminal: ask, without echo
+            import getpass
+
+            line = getpass.getpass(f"etcd password of {user}: ")
+        else:
+            line = sys.stdin.readline().rstrip("\r\n")
         if not line:
             raise LocalError("--admin-password-file -: standard input held no password (give "
                              "it on one line)")
