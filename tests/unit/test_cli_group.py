@@ -7,6 +7,7 @@ no traceback, no password."""
 from __future__ import annotations
 
 import io
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -155,10 +156,16 @@ def test_group_status_reports_and_fails_when_no_endpoint_answers(member: World,
     assert status == 0, out
     assert "https://192.0.2.1:2379" in out and "ok" in out
     assert "clients: 1 (0 revoked, 1 active, 0 pending, 0 expired)" in out
+    shown = json.loads(run("group", "status", "--json")[1])
+    assert shown["endpoints"] == [{"url": "https://192.0.2.1:2379", "answered": True,
+                                   "detail": "ok"}]
+    assert shown["clients"]["active"] == 1 and shown["group"] == "office"
     member.down = True
     status, out, err = run("group", "status")
     assert status == 1 and "etcd: no endpoint answered" in err
     assert "unreachable" in out
+    shown = json.loads(run("group", "status", "--json")[1])
+    assert not shown["endpoints"][0]["answered"] and "clients" not in shown
 
 
 def test_a_standalone_servers_clients_move_into_a_new_group(world: World, run: Run) -> None:
