@@ -36,7 +36,7 @@ from spa.server.groupstore import Login, read_password
 STDIN = "-"  # --admin-password-file -: the password is standard input's first line
 group_app = typer.Typer(
     help="A group of servers sharing one server id and one client table in etcd "
-    "(docs/groups.md): init, join, status, import.",
+    "(docs/groups.md): init, join, status, import, roles.",
     no_args_is_help=True)
 
 AdminUserOption = Annotated[str | None, typer.Option(
