@@ -203,3 +203,26 @@ def test_status_fails_when_etcd_has_no_quorum(group: Group, spa_server: object) 
     assert status == 1, (out, err)
     assert "etcd: no endpoint answered" in err and out.count(" ok") == 0
     assert time.monotonic() - started < 60
+
+
+def test_a_standalone_server_moves_in_and_its_clients_uris_keep_working(
+        group: Group, spa_server: object) -> None:
+    run = spa_server
+    assert callable(run)
+    status, out, err = run("enroll", "alice", "--service", "ssh", "--endpoint", "203.0.113.1",
+                           "--uri-only")
+    assert status == 0, err
+    before = parse_uri(out.strip())
+    status, out, err = run("group", "init", "--group", group.name, "--from-this-server",
+                           *group.tls(), *group.admin())
+    assert status == 0 and "added 1: alice" in out, err
+    status, _, err = run("group", "join", "--group", group.name, "--member", "gw1",
+                         "--password-file", str(group.dir / "password"), "--timeout", TIMEOUT,
+                         *group.tls())
+    assert status == 0, err  # its own id is the group's: nothing to strand
+    item = group.member_store().get(layout.client_key(group.name, "alice").encode())
+    assert item is not None
+    assert decode_client(item.value, before.server_id).keys == derive_keys(
+        before.secret, before.server_id)
+    status, out, _ = run("clients")
+    assert out.splitlines()[1].split()[:2] == ["alice", "active"]
