@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -304,3 +305,18 @@ def test_roles_prints_the_etcdctl_commands_without_a_password(world: World, run:
     one_line_error(run("group", "roles", "--group", "Office"), "--group or --member")
     one_line_error(run("group", "roles", "--group", "office", "--member", "a/b"),
                    "member name 'a/b'")
+
+
+def test_no_command_takes_a_password_as_an_argument() -> None:
+    import typer.main
+
+    def walk(command: Any, path: str) -> list[tuple[str, str]]:  # click's, or typer's own
+        found = [(path, p.name or "") for p in command.params if "password" in (p.name or "")]
+        for name, sub in getattr(command, "commands", {}).items():
+            found += walk(sub, f"{path} {name}")
+        return found
+
+    taking = walk(typer.main.get_command(cli.app), "spa-server")
+    assert ("spa-server group join", "password_file") in taking
+    assert ("spa-server enroll", "admin_password_file") in taking
+    assert all(name.endswith("password_file") for _, name in taking), taking
