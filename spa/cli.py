@@ -328,13 +328,18 @@ def clients(
     state: Annotated[str, typer.Option(help="revoked, active, pending or expired.")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document (no "
                                           "secrets).")] = False,
+    local: Annotated[bool, typer.Option("--local", help="On a group's member: this "
+                                        "server's own clients, not the group's.")] = False,
 ) -> None:
-    """List enrolled clients, a page at a time, by name."""
+    """List enrolled clients, a page at a time, by name (on a group's member: the group's)."""
     if ctx.invoked_subcommand is not None:
         return
     with local_errors():
         page = admin.client_page(_ctx.config, now=time.time(), after=after, limit=limit,
-                                 match=match, state=state)
+                                 match=match, state=state, local=local)
+    if page.own:
+        typer.echo(f"this server's own store holds {page.own} client(s) too, not the group's: "
+                   "spa-server clients --local", err=True)
     if as_json:
         typer.echo(json.dumps({"count": page.count, "clients": [
             {"name": e.name, "state": page.states[e.name], "services": list(e.services),

@@ -40,7 +40,7 @@ from spa.server.groupstore import Login
 from spa.server.plant import refuse_planted_state_dir
 from spa.server.state import PairStatus, StateDir
 from spa.store import transfer
-from spa.store.clients import ClientStore
+from spa.store.clients import CLIENTS_DB, ClientStore
 from spa.store.states import Activation, StateCounts
 
 SERVICE_SPEC = re.compile(r"([A-Za-z][A-Za-z0-9_-]{0,31})=(tcp|udp)/(\d{1,5})\Z")
@@ -330,26 +330,40 @@ class ClientPage:
     count: int  # clients in the store
     entries: list[ClientEntry]  # this page, by name
     states: dict[str, str]  # name -> state (see state_text)
+    own: int = 0  # a member's listing of its group: clients in this server's own store
 
 
 def client_page(path: Path, *, now: float, after: str = "", limit: int = 100, match: str = "",
-                state: str = "") -> ClientPage:
+                state: str = "", local: bool = False) -> ClientPage:
     """One page of the store's clients (keyset paging by name, filters in
     SQL, see ClientStore.page); of the group's, read from etcd as this
-    member, when the config names a group.  Raises LocalError."""
+    member, when the config names a group (and not `local`: this server's
+    own store all the same).  Raises LocalError."""
     config = config_mod.load(path)
-    if config.group is not None:
+    if config.group is not None and not local:
         from spa.server import admin_group
 
         count, rows = admin_group.client_page_in(config, now=now, after=after, limit=limit,
                                                  match=match, state=state)
-        return ClientPage(count, [e for e, _ in rows], {e.name: text for e, text in rows})
+        return ClientPage(count, [e for e, _ in rows], {e.name: text for e, text in rows},
+                          own=_own_count(config))
     met = activation(config, now=now)
     with open_store(config, now=now) as store:
         count = store.count()
         entries = store.page(after=after, limit=limit, match=match, state=state,
                              activation=met)
     return ClientPage(count, entries, {e.name: state_text(e, met) for e in entries})
+
+
+def _own_count(config: ServerConfig) -> int:
+    """How many clients this server's own store holds (0: it has none).
+    Raises LocalError."""
+    if config.clients:
+        return len(config.clients)
+    if not os.path.lexists(config.state_dir / CLIENTS_DB):
+        return 0
+    with ClientStore.open_as_owner(config.state_dir, create=False) as store:
+        return store.count()
 
 
 def client_counts(path: Path, *, now: float) -> StateCounts:

@@ -320,3 +320,16 @@ def test_no_command_takes_a_password_as_an_argument() -> None:
     assert ("spa-server group join", "password_file") in taking
     assert ("spa-server enroll", "admin_password_file") in taking
     assert all(name.endswith("password_file") for _, name in taking), taking
+
+
+def test_a_members_own_clients_are_listed_with_local(world: World, run: Run) -> None:
+    assert run("enroll", "alice", "--service", "ssh", "--endpoint", "203.0.113.1")[0] == 0
+    assert run("group", "init", "--group", "office", *world.files(),
+               *admin_options(world))[0] == 0
+    one_line_error(run(*join_options(world)), "1 client(s) enrolled at this server")
+    assert run(*join_options(world, "--force"))[0] == 0
+    status, out, err = run("clients")
+    assert status == 0 and out.startswith("no clients enrolled")
+    assert "own store holds 1 client(s) too, not the group's: spa-server clients --local" in err
+    status, out, _ = run("clients", "--local")
+    assert status == 0 and out.splitlines()[1].split()[0] == "alice"
