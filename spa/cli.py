@@ -417,6 +417,8 @@ def clients_set(
         "--from", metavar="NET", help=_FROM_HELP + "  Replaces the list it had.")] = None,
     no_from: Annotated[bool, typer.Option("--no-from", help="Accept its knocks from "
                                           "anywhere again.")] = False,
+    admin_user: AdminUserOption = None,
+    admin_password_file: AdminPasswordOption = None,
 ) -> None:
     """Change where a client may knock from; a running server applies it within a second.
 
@@ -425,7 +427,8 @@ def clients_set(
         if bool(sources) == no_from:
             raise LocalError("give --from NET (repeat for several networks) or --no-from, "
                              "one of the two")
-        line = admin.set_sources(_ctx.config, name, sources or (), now=time.time())
+        line = admin.set_sources(_ctx.config, name, sources or (), now=time.time(),
+                                 login=admin_login(admin_user, admin_password_file))
     typer.echo(line)
 
 

@@ -251,21 +251,29 @@ def describe_sources(sources: Sequence[str]) -> str:
     return "only from " + ", ".join(sources) if sources else "from anywhere"
 
 
-def set_sources(path: Path, name: str, sources: Sequence[str], *, now: float) -> str:
+def set_sources(path: Path, name: str, sources: Sequence[str], *, now: float,
+                login: Login | None = None) -> str:
     """Set the networks a client's knocks may come from (empty: anywhere);
-    returns the line to print.  Raises LocalError (no such client, a bad
-    network)."""
+    returns the line to print.  In the group the config names, in the
+    client's record, as the admin's etcd `login`.  Raises LocalError (no
+    such client, a bad network)."""
     networks = parse_sources(sources)
     config = config_mod.load(path)
-    _standalone_only(config, "clients set")
-    with open_store(config, now=now) as store:
-        changed = store.set_sources(name, networks, at=now)
+    if config.group is not None:
+        from spa.server import admin_group
+
+        changed = admin_group.set_sources_in(config, login, name, networks)
+    else:
+        _refuse_login(config, login)
+        with open_store(config, now=now) as store:
+            changed = store.set_sources(name, networks, at=now)
     where = describe_sources(networks)
     if not changed:
         return f"{name}: knocks accepted {where} already; nothing changed"
     refused = "; a knock from elsewhere is refused source_not_allowed" if networks else ""
-    return (f"{name}: knocks accepted {where} now{refused} (a running server applies it "
-            "within a second)")
+    applies = ("every member of the group applies it once it sees the change" if config.group
+               else "a running server applies it within a second")
+    return f"{name}: knocks accepted {where} now{refused} ({applies})"
 
 
 def rotate(path: Path, name: str, *, grace: float, now: float,

@@ -211,6 +211,21 @@ def rotate(kv: KV, settings: GroupSettings, user: str, config: ServerConfig, nam
                              otp=bool(client.otp_secret)))
 
 
+def set_sources(kv: KV, settings: GroupSettings, user: str, config: ServerConfig,
+                name: str, networks: tuple[str, ...]) -> bool:
+    """Write the client's record again with `networks` (canonical; empty:
+    anywhere); whether it changed.  Raises LocalError (no such client)."""
+    meta = read_meta(kv, settings, user)
+    check_server_id(config, meta)
+    client, _ = _client(kv, settings, user, meta, name)
+    if client.sources == networks:
+        return False
+    with store_errors(settings, user):
+        kv.put(layout.client_key(meta.group, name).encode(),
+               encode_client(replace(client, sources=networks)))
+    return True
+
+
 # ---- from the config file (what spa.server.admin calls in group mode) -------
 
 def need_login(config: ServerConfig, login: Login | None, command: str) -> Login:
@@ -254,6 +269,12 @@ def rotate_in(config: ServerConfig, login: Login | None, name: str, *, grace: fl
               now: float, endpoint: str | None) -> str:
     settings, kv, user = _open(config, need_login(config, login, "rotate"))
     return rotate(kv, settings, user, config, name, grace=grace, now=now, endpoint=endpoint)
+
+
+def set_sources_in(config: ServerConfig, login: Login | None, name: str,
+                   networks: tuple[str, ...]) -> bool:
+    settings, kv, user = _open(config, need_login(config, login, "clients set"))
+    return set_sources(kv, settings, user, config, name, networks)
 
 
 def client_page_in(config: ServerConfig, *, now: float, after: str, limit: int, match: str,

@@ -273,8 +273,7 @@ def test_join_with_local_only_warns_with_the_risk(world: World, run: Run) -> Non
     assert status == 0 and "warning: local_only: while etcd cannot be reached" in out
 
 
-@pytest.mark.parametrize("args", [("clients", "set", "alice", "--no-from"),
-                                  ("clients", "export"), ("clients", "import", "x.json")])
+@pytest.mark.parametrize("args", [("clients", "export"), ("clients", "import", "x.json")])
 def test_what_works_on_the_local_store_only_says_so_on_a_member(member: World, run: Run,
                                                                  args: tuple[str, ...]) -> None:
     if args[1] == "import":
@@ -333,3 +332,21 @@ def test_a_members_own_clients_are_listed_with_local(world: World, run: Run) -> 
     assert "own store holds 1 client(s) too, not the group's: spa-server clients --local" in err
     status, out, _ = run("clients", "--local")
     assert status == 0 and out.splitlines()[1].split()[0] == "alice"
+
+
+def test_clients_set_rewrites_the_groups_record(member: World, run: Run) -> None:
+    assert run("enroll", "alice", "--service", "ssh", "--endpoint", "gw.example",
+               *admin_options(member))[0] == 0
+    one_line_error(run("clients", "set", "alice", "--from", "192.0.2.0/24"),
+                   "clients set in group office writes to etcd")
+    status, out, _ = run("clients", "set", "alice", "--from", "192.0.2.0/24",
+                         *admin_options(member))
+    assert status == 0 and "alice: knocks accepted only from 192.0.2.0/24 now" in out
+    config = config_mod.load(member.config)
+    item = member.store.get(layout.client_key("office", "alice").encode())
+    assert item is not None
+    assert decode_client(item.value, config.server_id).sources == ("192.0.2.0/24",)
+    assert "nothing changed" in run("clients", "set", "alice", "--from", "192.0.2.0/24",
+                                    *admin_options(member))[1]
+    one_line_error(run("clients", "set", "bob", "--no-from", *admin_options(member)),
+                   "no client named 'bob' in group office")
