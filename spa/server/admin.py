@@ -183,8 +183,8 @@ def _standalone_only(config: ServerConfig, what: str) -> None:
     config names a group (whose clients are in etcd).  Raises LocalError."""
     if config.group is not None:
         raise LocalError(f"{what}: this server is a member of group {config.group.name}, "
-                         "whose clients are in etcd (spa-server clients, group status); to "
-                         "change a client's rules, revoke it and enroll it again")
+                         "whose clients are in etcd, without their secrets (spa-server "
+                         "clients lists them, clients set changes their networks)")
 
 
 def _refuse_login(config: ServerConfig, login: Login | None) -> None:
