@@ -70,16 +70,3 @@ class GroupLink:
     def close(self) -> None:
         self.member.close()
         self.claimer.close()
-
-
-def open_store(settings: GroupSettings) -> KV:
-    """The real store for `settings` (etcd over TLS, user and password).
-    Raises LocalError (spa.server.secretfile) for a password file that is
-    not private, StoreError for a bad endpoint."""
-    from spa.group.etcd import EtcdAccess, EtcdStore
-    from spa.server.secretfile import read_secret_file
-
-    password = read_secret_file(settings.password_file).decode("utf-8").strip()
-    return EtcdStore(EtcdAccess(settings.endpoints, settings.ca_file, settings.cert_file,
-                                settings.key_file, user=settings.user, password=password,
-                                timeout=settings.timeout))

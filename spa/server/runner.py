@@ -165,17 +165,18 @@ def _with_compat(server: Server, source: PacketSource | None) -> Server:
 
 
 def _group_store(config: ServerConfig) -> tuple[GroupSettings, KV] | None:
-    """The [group] table's store (None: a standalone server).  Raises LocalError."""
-    settings: GroupSettings | None = getattr(config, "group", None)  # [group], when parsed
+    """The [group] table's store (None: a standalone server), through the
+    edge every group command uses (spa.server.groupstore: the password and key
+    files checked, etcd3gw's absence said).  Raises LocalError."""
+    settings = config.group
     if settings is None:
         return None
-    try:
-        from spa.group.link import open_store
+    from spa.server import groupstore
 
-        return settings, open_store(settings)
-    except ImportError:
-        raise LocalError(f"[group] in {config.path}: groups need etcd3gw (pip install "
-                         "'spa[group]', or apt install python3-etcd3gw)") from None
+    try:
+        return settings, groupstore.connect(settings)
+    except LocalError as exc:
+        raise LocalError(f"[group] in {config.path}: {exc}") from None
     except (StoreError, ValueError) as exc:
         raise LocalError(f"[group] in {config.path}: {exc}") from None
 

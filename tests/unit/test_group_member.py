@@ -282,10 +282,18 @@ def test_the_runner_opens_the_group_s_store_only_with_a_private_password_file(
     from tests.group_world import settings
 
     password = tmp_path / "etcd-password"
+    chosen = replace(settings("a"), password_file=password, ca_file=tmp_path / "ca.crt",
+                     cert_file=tmp_path / "m.crt", key_file=tmp_path / "m.key")
+    config = types.SimpleNamespace(group=chosen, path=tmp_path / "server.toml")
+    with pytest.raises(LocalError, match=r"etcd CA file .* does not exist"):
+        runner._group_store(config)  # type: ignore[arg-type]
+    for name in ("ca.crt", "m.crt", "m.key"):
+        (tmp_path / name).write_text("-----BEGIN CERTIFICATE-----\n")
+        (tmp_path / name).chmod(0o600)
+    with pytest.raises(LocalError, match=r"etcd password file .* does not exist"):
+        runner._group_store(config)  # type: ignore[arg-type]
     password.write_text("s3cret-not-in-messages\n")
     password.chmod(0o644)
-    chosen = replace(settings("a"), password_file=password)
-    config = types.SimpleNamespace(group=chosen, path=tmp_path / "server.toml")
     with pytest.raises(LocalError) as refused:
         runner._group_store(config)  # type: ignore[arg-type]
     assert "s3cret" not in str(refused.value) and "\n" not in str(refused.value)
@@ -293,7 +301,7 @@ def test_the_runner_opens_the_group_s_store_only_with_a_private_password_file(
     opened = runner._group_store(config)  # type: ignore[arg-type]
     assert opened is not None and opened[0] is chosen
     assert "s3cret" not in repr(opened[1].__dict__.get("_access"))
-    assert runner._group_store(types.SimpleNamespace(path=config.path)) is None  # type: ignore[arg-type]
+    assert runner._group_store(types.SimpleNamespace(group=None, path=config.path)) is None  # type: ignore[arg-type]
 
 
 class _HeldStore:
