@@ -226,3 +226,19 @@ def test_a_standalone_server_moves_in_and_its_clients_uris_keep_working(
         before.secret, before.server_id)
     status, out, _ = run("clients")
     assert out.splitlines()[1].split()[:2] == ["alice", "active"]
+
+
+def test_the_daemon_opens_the_store_join_wrote_with_the_members_own_login(
+        group: Group, spa_server: object) -> None:
+    from spa.server import config as config_mod
+    from spa.server import groupstore, runner
+
+    joined(group, spa_server)
+    config = config_mod.load(group.config)
+    opened = runner._group_store(config)
+    assert opened is not None
+    settings, kv = opened
+    meta = groupstore.read_meta(kv, settings, settings.user)
+    groupstore.check_server_id(config, meta)  # join wrote the group's id
+    with pytest.raises(StorePermissionError):
+        kv.put(layout.client_key(group.name, "mallory").encode(), b"x")
