@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from spa.group.claims import Claimer, Executor
 from spa.group.kv import KV, StoreError
 from spa.group.member import GroupMember, MemberError
+from spa.group.presence import PRESENCE_EVERY, Presence
 from spa.group.settings import GroupSettings
 
 if TYPE_CHECKING:
@@ -43,12 +44,15 @@ class GroupLink:
                                on_store_down=settings.on_store_down, hooks=server,
                                clock=server.clock, log=log, executor=executor,
                                pending=self.member.pending, covers=self.member.covers)
+        self.presence = Presence(kv, group=settings.name, member=settings.member,
+                                 started=server.clock(), log=log)
         server.claims = self.claimer
         server.companions.append(self)
 
     def start(self) -> None:
-        """Read the group now if etcd answers (else the member thread will).
-        Raises LocalError for a group that is not this server's."""
+        """Read the group now if etcd answers (else the member thread will),
+        and announce this member.  Raises LocalError for a group that is not
+        this server's."""
         try:
             self.member.load()
         except StoreError as exc:
@@ -62,11 +66,19 @@ class GroupLink:
         self.server.log(f"group {self.settings.name} member={self.settings.member} "
                         f"clients={len(self.member.clients)} on_store_down="
                         f"{self.settings.on_store_down}")
+        self.presence.tick()
 
     def serve(self, stop: threading.Event) -> None:
         threading.Thread(target=self.member.run, args=(stop,), name="spa-group",
                          daemon=True).start()
+        threading.Thread(target=self._announce, args=(stop,), name="spa-group-presence",
+                         daemon=True).start()
+
+    def _announce(self, stop: threading.Event) -> None:
+        while not stop.wait(PRESENCE_EVERY):
+            self.presence.tick()
 
     def close(self) -> None:
         self.member.close()
         self.claimer.close()
+        self.presence.close()
