@@ -21,6 +21,7 @@ import pytest
 from spa.server.state import StateDir
 from tests.integration import procs
 from tests.netns.conftest import ATT4, CLI4, SRV4, SRV_ATT4, Spa, World
+from tests.netns.gatetrace import TRACE_TABLE, GateTrace
 from tests.netns.test_ssh_e2e import enroll_alice, tcp_open
 
 HERE = Path(__file__).resolve().parent
@@ -91,27 +92,42 @@ def test_the_gate_is_put_back_at_once_with_the_users_lease(spa: Spa, command: tu
     assert not any("nftables refused" in line for line in spa.lines), spa.lines
 
 
-def test_kill_9_and_restarts_never_open_the_gate(spa: Spa) -> None:
+def test_kill_9_and_restarts_never_open_the_gate(spa: Spa, tmp_path: Path) -> None:
     """Issue 12: a restart or `kill -9` never deletes the table first; the
     table outlives the daemon (the kernel keeps enforcing it), and a start
-    replaces its rules in one transaction.  Not one probe gets through."""
+    replaces its rules in one transaction.  Not one probe gets through, and
+    the server sends the attacker not one SYN-ACK meanwhile (the capture,
+    shown to see the handshake made before the gate, sees every handshake
+    whatever the probe's own socket says).  A failure prints the nftables
+    commits around the opening (the whole trace stays in tmp_path)."""
     world = spa.world
-    spa.start()
-    enroll_alice(spa)
-    prober = Prober(world, 8.0)
-    time.sleep(0.5)
-    spa.stop(signal.SIGKILL)
-    time.sleep(1.0)
-    tables = world.srv.run("nft", "list", "tables").stdout.splitlines()
-    assert tables == ["table inet spa"], "the hold table went with its owner; ours stays"
-    spa.start()
-    time.sleep(0.5)
-    spa.stop(signal.SIGTERM)
-    time.sleep(1.0)
-    spa.start()
-    probes = prober.result()
-    assert probes["sent"] > 500, probes
-    assert probes["opened"] == [], probes
+    trace = GateTrace(world, tmp_path)
+    try:
+        assert tcp_open(world, "att", SRV_ATT4, 22), "no gate yet: sshd answers everyone"
+        spa.start()
+        enroll_alice(spa)
+        prober = Prober(world, 8.0)
+        time.sleep(0.5)
+        spa.stop(signal.SIGKILL)
+        time.sleep(1.0)
+        tables = world.srv.run("nft", "list", "tables").stdout.splitlines()
+        assert sorted(tables) == [f"table inet {TRACE_TABLE}", "table inet spa"], (
+            "the hold table went with its owner; ours stays")
+        spa.start()
+        time.sleep(0.5)
+        spa.stop(signal.SIGTERM)
+        time.sleep(1.0)
+        spa.start()
+        probes = prober.result()
+    finally:
+        trace.close()
+    (tmp_path / "probes.json").write_text(json.dumps(probes))
+    (tmp_path / "daemon.txt").write_text("\n".join(spa.stamped))
+    before = [line for line in trace.syn_acks() if float(line.split()[0]) < probes["start"]]
+    assert len(before) == 1, ("the capture sees the handshake made before the gate", before)
+    assert probes["sent"] - sum(map(len, probes["failed"].values())) > 500, probes
+    assert probes["opened"] == [] and trace.syn_acks() == before, (
+        probes, trace.around(probes), "the daemons' lines:", spa.stamped)
 
 
 def test_no_other_program_can_touch_the_hold_table(spa: Spa) -> None:
