@@ -1,9 +1,11 @@
 """Evidence of what the gate did while a test probed it, for the test's
-failure message: every nftables commit in the server's namespace (`nft
-monitor`, each line stamped with the wall clock), and every SYN-ACK the
-server sent to the attacker (tcpdump on the attacker's link, before any
-hook of ours: a handshake the attacker completed must show there, whatever
-its own socket said).
+failure message, each line stamped with the wall clock: every nftables
+commit in the server's namespace and the trace of every packet of the
+attacker's to tcp/22 through every chain it met (`nft monitor`, with a
+table of ours that sets nftrace), the tables each time they changed (polled
+every 5 ms: a hold table going with its owner is no commit), and every
+SYN-ACK the server sent to the attacker (tcpdump on the attacker's link: a
+handshake the attacker completed shows there, whatever its own socket said).
 """
 
 from __future__ import annotations
@@ -18,21 +20,20 @@ from typing import Any
 from tests.netns.conftest import ATT4, SRV_ATT4, World
 
 HERE = Path(__file__).resolve().parent
-
-
 TRACE_TABLE = "probetrace"  # ours, in the server's namespace: not a name spa gives a table
 
 
 class GateTrace:
     def __init__(self, world: World, directory: Path) -> None:
         self.world = world
+        self.closed = False
         self.monitor_file = directory / "nft-monitor.txt"
         self.capture_file = directory / "syn-acks.txt"
         # every packet of the attacker's to tcp/22 is traced through every
         # chain it meets (`nft monitor` prints the traces with the commits):
         # which verdict let it in
-        world.srv.run("nft", f"add table inet {TRACE_TABLE}; add chain inet {TRACE_TABLE} pre "
-                      "{ type filter hook prerouting priority -350; }; "
+        world.srv.run("nft", f"add table inet {TRACE_TABLE}; add chain inet {TRACE_TABLE} "
+                      "pre { type filter hook prerouting priority -350; }; "
                       f"add rule inet {TRACE_TABLE} pre ip saddr {ATT4} tcp dport 22 "
                       "meta nftrace set 1")
         self.monitor = world.srv.popen(
@@ -55,6 +56,9 @@ class GateTrace:
         time.sleep(0.3)  # nft monitor joins the notification group
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         self.world.srv.run("nft", "delete", "table", "inet", TRACE_TABLE, check=False)
         for proc in (self.monitor, self.capture, self.tables):
             if proc.poll() is None:

@@ -98,8 +98,10 @@ def test_kill_9_and_restarts_never_open_the_gate(spa: Spa, tmp_path: Path) -> No
     replaces its rules in one transaction.  Not one probe gets through, and
     the server sends the attacker not one SYN-ACK meanwhile (the capture,
     shown to see the handshake made before the gate, sees every handshake
-    whatever the probe's own socket says).  A failure prints the nftables
-    commits around the opening (the whole trace stays in tmp_path)."""
+    whatever the probe's own socket says).  A failure prints what let the
+    packet in: the tables then, the commits around it, and the nft trace of
+    the opened connections' packets through every chain (the whole trace
+    stays in tmp_path)."""
     world = spa.world
     trace = GateTrace(world, tmp_path)
     try:
@@ -124,7 +126,7 @@ def test_kill_9_and_restarts_never_open_the_gate(spa: Spa, tmp_path: Path) -> No
     (tmp_path / "probes.json").write_text(json.dumps(probes))
     (tmp_path / "daemon.txt").write_text("\n".join(spa.stamped))
     before = [line for line in trace.syn_acks() if float(line.split()[0]) < probes["start"]]
-    assert len(before) == 1, ("the capture sees the handshake made before the gate", before)
+    assert before, "the capture sees the handshake made before the gate"
     assert probes["sent"] - sum(map(len, probes["failed"].values())) > 500, probes
     assert probes["opened"] == [] and trace.syn_acks() == before, (
         probes, trace.around(probes), "the daemons' lines:", spa.stamped)
@@ -384,3 +386,25 @@ def test_a_removed_lock_file_is_taken_again_so_no_second_daemon_starts(spa: Spa)
         spa.lines[-5:])
     second = spa.admin("run", check=False)
     assert second.returncode == 2 and "already running" in second.stderr, second.stderr
+
+
+def test_a_connect_that_fails_at_once_is_no_opening_to_the_probe() -> None:
+    """The probe behind the gate tests: a connect refused at once (here no
+    route; under load also EADDRNOTAVAIL or ENOBUFS) sends no SYN, and
+    leaves a closed socket that select() calls writable with SO_ERROR 0,
+    which the probe once counted as a completed handshake.  Now it is named
+    by its errno, and only a socket with a peer is an opening."""
+    code = f'''
+import json, select, socket, sys
+sys.path.insert(0, {str(HERE)!r})
+from syn_probe import probe
+sock = socket.socket()
+sock.setblocking(False)
+code = sock.connect_ex(("10.1.2.3", 22))
+_, ready, _ = select.select([], [sock], [], 0.05)
+trap = [code != 115, bool(ready), sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)]
+print(json.dumps({{"trap": trap, "probe": probe("10.1.2.3", 22, 0.05)}}))
+'''
+    found = run_in_a_namespace("noroute", code)
+    assert found["trap"] == [True, True, 0], "the kernel still sets the trap"
+    assert found["probe"] == ["ENETUNREACH", 0]
