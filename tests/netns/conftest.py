@@ -138,6 +138,7 @@ class Spa:
     root: Path
     proc: subprocess.Popen[str] | None = None
     lines: list[str] = field(default_factory=list)
+    stamped: list[str] = field(default_factory=list)  # every start's lines, each when read
 
     @property
     def config(self) -> Path:
@@ -163,6 +164,7 @@ class Spa:
         assert proc.stdout is not None
         for line in proc.stdout:  # as the journal keeps them: the event, no time
             self.lines.append(event_of(line.rstrip("\n")))
+            self.stamped.append(f"{time.time():.6f} {line.rstrip()}")
 
     def wait_for(self, prefix: str, timeout: float = 10) -> bool:
         deadline = time.monotonic() + timeout

@@ -21,6 +21,7 @@ import pytest
 from spa.server.state import StateDir
 from tests.integration import procs
 from tests.netns.conftest import ATT4, CLI4, SRV4, SRV_ATT4, Spa, World
+from tests.netns.gatetrace import TRACE_TABLE, GateTrace
 from tests.netns.test_ssh_e2e import enroll_alice, tcp_open
 
 HERE = Path(__file__).resolve().parent
@@ -91,27 +92,44 @@ def test_the_gate_is_put_back_at_once_with_the_users_lease(spa: Spa, command: tu
     assert not any("nftables refused" in line for line in spa.lines), spa.lines
 
 
-def test_kill_9_and_restarts_never_open_the_gate(spa: Spa) -> None:
+def test_kill_9_and_restarts_never_open_the_gate(spa: Spa, tmp_path: Path) -> None:
     """Issue 12: a restart or `kill -9` never deletes the table first; the
     table outlives the daemon (the kernel keeps enforcing it), and a start
-    replaces its rules in one transaction.  Not one probe gets through."""
+    replaces its rules in one transaction.  Not one probe gets through, and
+    the server sends the attacker not one SYN-ACK meanwhile (the capture,
+    shown to see the handshake made before the gate, sees every handshake
+    whatever the probe's own socket says).  A failure prints what let the
+    packet in: the tables then, the commits around it, and the nft trace of
+    the opened connections' packets through every chain (the whole trace
+    stays in tmp_path)."""
     world = spa.world
-    spa.start()
-    enroll_alice(spa)
-    prober = Prober(world, 8.0)
-    time.sleep(0.5)
-    spa.stop(signal.SIGKILL)
-    time.sleep(1.0)
-    tables = world.srv.run("nft", "list", "tables").stdout.splitlines()
-    assert tables == ["table inet spa"], "the hold table went with its owner; ours stays"
-    spa.start()
-    time.sleep(0.5)
-    spa.stop(signal.SIGTERM)
-    time.sleep(1.0)
-    spa.start()
-    probes = prober.result()
-    assert probes["sent"] > 500, probes
-    assert probes["opened"] == [], probes
+    trace = GateTrace(world, tmp_path)
+    try:
+        assert tcp_open(world, "att", SRV_ATT4, 22), "no gate yet: sshd answers everyone"
+        spa.start()
+        enroll_alice(spa)
+        prober = Prober(world, 8.0)
+        time.sleep(0.5)
+        spa.stop(signal.SIGKILL)
+        time.sleep(1.0)
+        tables = world.srv.run("nft", "list", "tables").stdout.splitlines()
+        assert sorted(tables) == [f"table inet {TRACE_TABLE}", "table inet spa"], (
+            "the hold table went with its owner; ours stays")
+        spa.start()
+        time.sleep(0.5)
+        spa.stop(signal.SIGTERM)
+        time.sleep(1.0)
+        spa.start()
+        probes = prober.result()
+    finally:
+        trace.close()
+    (tmp_path / "probes.json").write_text(json.dumps(probes))
+    (tmp_path / "daemon.txt").write_text("\n".join(spa.stamped))
+    before = [line for line in trace.syn_acks() if float(line.split()[0]) < probes["start"]]
+    assert before, "the capture sees the handshake made before the gate"
+    assert probes["sent"] - sum(map(len, probes["failed"].values())) > 500, probes
+    assert probes["opened"] == [] and trace.syn_acks() == before, (
+        probes, trace.around(probes), "the daemons' lines:", spa.stamped)
 
 
 def test_no_other_program_can_touch_the_hold_table(spa: Spa) -> None:
@@ -368,3 +386,25 @@ def test_a_removed_lock_file_is_taken_again_so_no_second_daemon_starts(spa: Spa)
         spa.lines[-5:])
     second = spa.admin("run", check=False)
     assert second.returncode == 2 and "already running" in second.stderr, second.stderr
+
+
+def test_a_connect_that_fails_at_once_is_no_opening_to_the_probe() -> None:
+    """The probe behind the gate tests: a connect refused at once (here no
+    route; under load also EADDRNOTAVAIL or ENOBUFS) sends no SYN, and
+    leaves a closed socket that select() calls writable with SO_ERROR 0,
+    which the probe once counted as a completed handshake.  Now it is named
+    by its errno, and only a socket with a peer is an opening."""
+    code = f'''
+import json, select, socket, sys
+sys.path.insert(0, {str(HERE)!r})
+from syn_probe import probe
+sock = socket.socket()
+sock.setblocking(False)
+code = sock.connect_ex(("10.1.2.3", 22))
+_, ready, _ = select.select([], [sock], [], 0.05)
+trap = [code != 115, bool(ready), sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)]
+print(json.dumps({{"trap": trap, "probe": probe("10.1.2.3", 22, 0.05)}}))
+'''
+    found = run_in_a_namespace("noroute", code)
+    assert found["trap"] == [True, True, 0], "the kernel still sets the trap"
+    assert found["probe"] == ["ENETUNREACH", 0]
