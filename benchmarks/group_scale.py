@@ -171,6 +171,20 @@ class Etcd:
         return self.status()
 
 
+def etcd_rss(root: Path) -> int:
+    """The resident memory (bytes) of the etcd whose data directory is under root."""
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if argv[0].endswith(b"etcd") and any(str(root).encode() in a for a in argv):
+                for line in (proc / "status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, IndexError, ValueError):
+            continue
+    return 0
+
+
 def bulk_put(store: EtcdStore, items: list[tuple[str, bytes]]) -> None:
     """Puts TXN_OPS at a time (etcd's default --max-txn-ops), as an import
     would load a group."""
@@ -216,6 +230,15 @@ def sizes(rng: random.Random, now: float, server_id: bytes) -> None:
                             ("activation", layout.activated_key(GROUP, name), activation)):
         print(f"  {what:15} {len(data):6}   key {len(key)}")
     print(f"  e.g. {records[0][:160].decode()}...")
+    with_sources = [r for r in records if b'"sources":[]' not in r]
+    without = [r for r in records if b'"sources":[]' in r]
+    for what, group in (("without sources", without), ("with sources", with_sources)):
+        t0 = time.perf_counter()
+        for r in group:
+            decode_client(r, server_id)
+        each = (time.perf_counter() - t0) / len(group)
+        print(f"  decode_client {what}: {each * 1e6:.0f} us a record ({len(group)} records) "
+              f"{load()}")
 
 
 def timed_ops(stores: list[EtcdStore], per_thread: int,
@@ -385,7 +408,8 @@ def main() -> None:
         store.put(layout.meta_key(GROUP).encode(), b"{}")
         empty = e.settled()
         print(f"database (bytes; after compaction and defrag) {load()}:")
-        print(f"  empty: dbSize {empty['db']:,}  in use {empty['in_use']:,}")
+        print(f"  empty: dbSize {empty['db']:,}  in use {empty['in_use']:,}; etcd RSS "
+              f"{etcd_rss(root) / 2**20:.0f} MiB")
         steps = [c for c in (10_000, args.clients) if c <= args.clients]
         loaded, before = 0, empty
         print("member start (read the group's prefix, decode every client record):")
@@ -401,7 +425,7 @@ def main() -> None:
             per = (after["in_use"] - empty["in_use"]) / count
             print(f"  {count:>7} clients: dbSize {after['db']:,}  in use {after['in_use']:,}"
                   f"  -> {per:.0f} bytes per client  (loaded at {rate:,.0f} records/s in "
-                  f"transactions of {TXN_OPS})")
+                  f"transactions of {TXN_OPS}); etcd RSS {etcd_rss(root) / 2**20:.0f} MiB")
             before = after
             member_start(e, server_id, count, args.page)
         per_kind = 10_000
