@@ -19,13 +19,15 @@ group's prefix: spa.group.etcd's way through the JSON gateway).  Then:
 4. a member's start: EtcdStore.get_prefix of the group (one range) and
    decode_client of every record, at 10^4 and 10^5 clients; the same read
    paged (--page keys a range) for comparison;
-5. watch fan-out: N watchers (one EtcdStore each, as N members) on the
-   group's prefix; the delay from the start of a put until each watcher's
-   callback has the event.
+5. history: 5,000 claims on 2 s leases, come and gone: what their puts and
+   the deletes of their expiries leave in the database until a compaction;
+6. watch fan-out: N watchers (one EtcdStore each, as N members) on the
+   group's revoked/ prefix; the delay from the start of a revocation's put
+   until each watcher's callback has the event.
 
-    sudo .venv/bin/python benchmarks/group_scale.py [--clients 100000] [--threads 4]
+    .venv/bin/python benchmarks/group_scale.py [--clients 100000] [--threads 4]
 
-(root is not needed: etcd runs as the caller.)  Needs etcd, etcdctl and
+(root is not needed: etcd runs as the caller, on 127.0.0.1.)  Needs etcd, etcdctl and
 openssl.  The machine is noisy (2 cores shared): the load average is printed
 with each phase; run it twice.  Figures: docs/scale.md.
 """
