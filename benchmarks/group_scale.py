@@ -1,0 +1,486 @@
+"""What a group costs etcd, measured with our records and our EtcdStore (issue 18).
+
+One etcd member (Debian 12's etcd 3.4.23) on loopback ports of its own, in a
+temporary data directory removed afterwards, TLS with client certificates and
+RBAC on as a group runs it (a user with a password whose role covers the
+group's prefix: spa.group.etcd's way through the JSON gateway).  Then:
+
+1. sizes: encoded bytes of a client record (random ClientEntry values,
+   realistic names), a lease, a claim, a revocation, an activation; their
+   keys' lengths;
+2. database: etcd's dbSize and dbSizeInUse (after a compaction and a defrag)
+   empty, with 10^4 and 10^5 client records (more with --clients), then with
+   10^4 leases and 10^4 claims, each on an etcd lease of its own: bytes per
+   record in etcd;
+3. write rates: client records put one by one (EtcdStore.put), a claim as a
+   member makes it (a lease grant, then EtcdStore.create), a claim on a
+   shared lease (create alone), each from 1 and from --threads threads (each
+   thread its own EtcdStore, as separate members would);
+4. a member's start: EtcdStore.get_prefix of the group (one range) and
+   decode_client of every record, at 10^4 and 10^5 clients; the same read
+   paged (--page keys a range) for comparison;
+5. history: 5,000 claims on 2 s leases, come and gone: what their puts and
+   the deletes of their expiries leave in the database until a compaction;
+6. watch fan-out: N watchers (one EtcdStore each, as N members) on the
+   group's revoked/ prefix; the delay from the start of a revocation's put
+   until each watcher's callback has the event.
+
+    .venv/bin/python benchmarks/group_scale.py [--clients 100000] [--threads 4]
+
+(root is not needed: etcd runs as the caller, on 127.0.0.1.)  Needs etcd, etcdctl and
+openssl.  The machine is noisy (2 cores shared): the load average is printed
+with each phase; run it twice.  Figures: docs/scale.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import random
+import shutil
+import statistics
+import string
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from ipaddress import ip_address
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from etcd_clients import etcd, make_certs  # noqa: E402
+
+from spa.core.sources import canonical_sources  # noqa: E402
+from spa.group import layout  # noqa: E402
+from spa.group.clients import client_record, decode_client  # noqa: E402
+from spa.group.etcd import EtcdAccess, EtcdStore, _item  # noqa: E402
+from spa.group.kv import Event, Item  # noqa: E402
+from spa.group.records import (  # noqa: E402
+    Activation,
+    Claim,
+    LeaseRecord,
+    Revocation,
+    claim_ttl,
+    encode_activation,
+    encode_claim,
+    encode_lease,
+    encode_revocation,
+)
+from spa.server.config import ClientEntry  # noqa: E402
+
+GROUP = "office-eu"  # a realistic group name (9 characters)
+MEMBER = "spa-fra-03.example.net"  # a realistic member name (a host name)
+PASSWORD = "bench-password"  # the member user's, throwaway (this etcd lives minutes)
+TXN_OPS = 128  # etcd's default --max-txn-ops: puts per bulk transaction
+WORDS = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy")
+DEVICES = ("laptop", "phone", "desktop", "tablet")
+SERVICES = ("ssh", "https", "rdp", "vpn", "git")
+UTC = "%Y-%m-%dT%H:%M:%SZ"
+
+
+# -- records -------------------------------------------------------------------
+
+def client_name(i: int) -> str:
+    """alice.m004217-laptop@example.org: 30 characters, unique per i."""
+    return f"{WORDS[i % len(WORDS)]}.m{i:06d}-{DEVICES[i % len(DEVICES)]}@example.org"
+
+
+def random_entry(i: int, rng: random.Random, now: float) -> ClientEntry:
+    """A client as enrollment makes it: a secret, 1-3 services, half with an
+    authenticator code, a fifth with source networks, 5% mid-rotation."""
+    services = tuple(rng.sample(SERVICES, rng.randint(1, 3)))
+    otp = "".join(rng.choice(string.ascii_uppercase + "234567") for _ in range(32)) \
+        if rng.random() < 0.5 else ""
+    sources: tuple[str, ...] = ()
+    if rng.random() < 0.2:
+        sources = canonical_sources([f"198.51.{rng.randint(0, 255)}.0/24",
+                                     f"2001:db8:{rng.randint(0, 65535):x}::/48"])
+    old, old_until = b"", ""
+    if rng.random() < 0.05:
+        old, old_until = rng.randbytes(32), time.strftime(UTC, time.gmtime(now + 86400))
+    return ClientEntry(name=client_name(i), secret=rng.randbytes(32), services=services,
+                       enrolled=time.strftime(UTC, time.gmtime(now - rng.randint(0, 10**7))),
+                       otp_secret=otp, sources=sources, old_secret=old, old_until=old_until)
+
+
+def lease_record(i: int, now: float) -> tuple[str, bytes]:
+    address = ip_address(f"2001:db8:{i % 65536:x}:{i // 65536:x}::{i % 9973 + 1:x}")
+    record = LeaseRecord(client_name(i), address, "https", "tcp", 443, now + 3600.25, MEMBER)
+    return layout.lease_key(GROUP, client_name(i), address, "https"), encode_lease(record)
+
+
+def claim(i: int, rng: random.Random, now: float) -> tuple[str, bytes]:
+    key = layout.claim_key(GROUP, client_name(i), rng.randbytes(24))
+    return key, encode_claim(Claim(MEMBER, now + rng.random()))
+
+
+# -- etcd ------------------------------------------------------------------------
+
+class Etcd:
+    """etcdctl as root (CN=root) and stores as the group's member user."""
+
+    def __init__(self, port: int, certs: Path) -> None:
+        self.port, self.certs = port, certs
+        self.url = f"https://127.0.0.1:{port}"
+        self.compacted = 0
+
+    def ctl(self, *args: str, stdin: str | None = None) -> str:
+        c = self.certs
+        done = subprocess.run(["etcdctl", f"--endpoints={self.url}", f"--cacert={c / 'ca.crt'}",
+                               f"--cert={c / 'root.crt'}", f"--key={c / 'root.key'}",
+                               "--command-timeout=120s", *args],
+                              input=stdin, capture_output=True, text=True, check=False,
+                              timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"etcdctl {' '.join(args)}: {done.stderr.strip()}")
+        return done.stdout
+
+    def rbac(self) -> None:
+        """root by certificate; user member with a password, its role
+        read-write on the group's prefix (docs/groups.md)."""
+        self.ctl("user", "add", "root", "--no-password")
+        self.ctl("user", "grant-role", "root", "root")
+        self.ctl("role", "add", f"group-{GROUP}")
+        self.ctl("role", "grant-permission", f"group-{GROUP}", "--prefix=true", "readwrite",
+                 layout.group_prefix(GROUP))
+        self.ctl("user", "add", "member", "--interactive=true", stdin=f"{PASSWORD}\n{PASSWORD}\n")
+        self.ctl("user", "grant-role", "member", f"group-{GROUP}")
+        self.ctl("auth", "enable")
+
+    def store(self) -> EtcdStore:
+        c = self.certs
+        return EtcdStore(EtcdAccess((self.url,), c / "ca.crt", c / "member-nocn.crt",
+                                    c / "member-nocn.key", user="member", password=PASSWORD,
+                                    timeout=120.0, watch_idle=60.0))
+
+    def status(self) -> dict[str, int]:
+        found = json.loads(self.ctl("endpoint", "status", "-w", "json"))[0]["Status"]
+        return {"revision": int(found["header"]["revision"]), "db": int(found["dbSize"]),
+                "in_use": int(found.get("dbSizeInUse", found["dbSize"]))}
+
+    def settled(self) -> dict[str, int]:
+        """Status after compacting every old revision away and a defrag."""
+        revision = self.status()["revision"]
+        if revision > self.compacted:  # etcd refuses the same revision twice
+            self.ctl("compact", str(revision), "--physical")
+            self.compacted = revision
+        self.ctl("defrag")
+        return self.status()
+
+
+def etcd_rss(root: Path) -> int:
+    """The resident memory (bytes) of the etcd whose data directory is under root."""
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if argv[0].endswith(b"etcd") and any(str(root).encode() in a for a in argv):
+                for line in (proc / "status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, IndexError, ValueError):
+            continue
+    return 0
+
+
+def bulk_put(store: EtcdStore, items: list[tuple[str, bytes]]) -> None:
+    """Puts TXN_OPS at a time (etcd's default --max-txn-ops), as an import
+    would load a group."""
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode()
+    for start in range(0, len(items), TXN_OPS):
+        txn = {"success": [{"request_put": {"key": b64(k.encode()), "value": b64(v)}}
+                           for k, v in items[start:start + TXN_OPS]]}
+        store._call("load", lambda c, t=txn: c.post(c.get_url("/kv/txn"), json=t))  # type: ignore[misc]
+
+
+def load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"(load average {one:.1f} / {five:.1f}, {os.cpu_count()} cores)"
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+# -- the phases ----------------------------------------------------------------
+
+def sizes(rng: random.Random, now: float, server_id: bytes) -> None:
+    records = [client_record(random_entry(i, rng, now), server_id) for i in range(2000)]
+    lengths = [len(r) for r in records]
+    keys = [len(layout.client_key(GROUP, client_name(i))) for i in range(2000)]
+    print("record sizes (bytes), 2,000 random clients:")
+    print(f"  client record   mean {statistics.mean(lengths):6.0f}  min {min(lengths)}  "
+          f"max {max(lengths)}   key {statistics.mean(keys):.0f}")
+    rotating = [len(r) for r in records if b'"old":{' in r]
+    plain = [len(r) for r in records if b'"old":null' in r and b'"otp_secret":""' in r
+             and b'"sources":[]' in r]
+    print(f"    plain (no code, no sources, no rotation) mean {statistics.mean(plain):.0f}; "
+          f"mid-rotation mean {statistics.mean(rotating):.0f}")
+    lease_key, lease = lease_record(12345, now)
+    claim_key, value = claim(12345, rng, now)
+    name = client_name(12345)
+    revocation = encode_revocation(Revocation(name, int(now), True))
+    activation = encode_activation(Activation(name, int(now)))
+    for what, key, data in (("lease", lease_key, lease), ("claim", claim_key, value),
+                            ("revocation", layout.revoked_key(GROUP, name), revocation),
+                            ("activation", layout.activated_key(GROUP, name), activation)):
+        print(f"  {what:15} {len(data):6}   key {len(key)}")
+    print(f"  e.g. {records[0][:160].decode()}...")
+    with_sources = [r for r in records if b'"sources":[]' not in r]
+    without = [r for r in records if b'"sources":[]' in r]
+    for what, group in (("without sources", without), ("with sources", with_sources)):
+        t0 = time.perf_counter()
+        for r in group:
+            decode_client(r, server_id)
+        each = (time.perf_counter() - t0) / len(group)
+        print(f"  decode_client {what}: {each * 1e6:.0f} us a record ({len(group)} records) "
+              f"{load()}")
+
+
+def timed_ops(stores: list[EtcdStore], per_thread: int,
+              op: Callable[[EtcdStore, int, int], object]) -> float:
+    """Operations per second, len(stores) threads, per_thread each."""
+    barrier = threading.Barrier(len(stores) + 1)
+    errors: list[BaseException] = []
+
+    def run(t: int, store: EtcdStore) -> None:
+        barrier.wait()
+        try:
+            for i in range(per_thread):
+                op(store, t, i)
+        except BaseException as e:
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=(t, s)) for t, s in enumerate(stores)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return len(stores) * per_thread / elapsed
+
+
+def write_rates(e: Etcd, rng: random.Random, now: float, server_id: bytes, threads: int,
+                ops: int, base: int) -> None:
+    print(f"write rates (operations/s), {ops} per thread {load()}:")
+    records = [client_record(random_entry(base + i, rng, now), server_id)
+               for i in range(ops * threads)]
+    ttl = claim_ttl(now, now, 30.0)
+    for n in (1, threads):
+        stores = [e.store() for _ in range(n)]
+        for s in stores:
+            s.get(b"/spa/groups/" + GROUP.encode() + b"/meta")  # authenticated, connected
+        offset = base + (0 if n == 1 else ops)
+
+        def put(s: EtcdStore, t: int, i: int, offset: int = offset) -> None:
+            j = t * ops + i
+            s.put(layout.client_key(GROUP, client_name(offset + j)).encode(),
+                  records[j % len(records)])
+
+        def make_claim(s: EtcdStore, t: int, i: int) -> None:
+            key, value = claim(t * ops + i, rng, now)
+            lease = s.grant(ttl)
+            assert s.create(key.encode(), value, lease)
+
+        shared = stores[0].grant(ttl)
+
+        def shared_claim(s: EtcdStore, t: int, i: int, shared: int = shared) -> None:
+            key, value = claim(t * ops + i, rng, now)
+            assert s.create(key.encode(), value, shared)
+
+        def taken(s: EtcdStore, t: int, i: int, shared: int = shared) -> None:
+            key = layout.claim_key(GROUP, client_name(0), bytes(24))
+            s.create(key.encode(), b"x", shared)
+
+        print(f"  {n} thread(s): client put {timed_ops(stores, ops, put):7.0f}   "
+              f"claim (grant + create) {timed_ops(stores, ops, make_claim):7.0f}   "
+              f"claim on a shared lease {timed_ops(stores, ops, shared_claim):7.0f}   "
+              f"claim already taken {timed_ops(stores, ops, taken):7.0f}")
+
+
+def member_start(e: Etcd, server_id: bytes, count: int, page: int) -> None:
+    store = e.store()
+    prefix = layout.group_prefix(GROUP).encode()
+    t0 = time.perf_counter()
+    items, _ = store.get_prefix(prefix)
+    t1 = time.perf_counter()
+    clients = [decode_client(i.value, server_id) for i in items
+               if i.key.startswith(layout.kind_prefix(GROUP, layout.Kind.CLIENT).encode())]
+    t2 = time.perf_counter()
+    assert len(clients) == count, (len(clients), count)
+    payload = sum(len(i.key) + len(i.value) for i in items)
+    # the same read in pages of `page` keys, as a paged get_prefix would make it
+    t3 = time.perf_counter()
+    end = base64.b64encode(prefix[:-1] + bytes([prefix[-1] + 1])).decode()
+    key, revision = prefix, "0"
+    paged: list[Item] = []
+    while True:
+        body = {"key": base64.b64encode(key).decode(), "range_end": end,
+                "limit": str(page), "revision": revision}
+        answer = store._call("page", lambda c, b=body: c.post(c.get_url("/kv/range"), json=b))  # type: ignore[misc]
+        kvs = answer.get("kvs", [])
+        paged.extend(_item(kv) for kv in kvs)
+        revision = answer["header"]["revision"] if revision == "0" else revision
+        if not answer.get("more"):
+            break
+        key = base64.b64decode(kvs[-1]["key"]) + b"\0"
+    t4 = time.perf_counter()
+    assert paged == items, (len(paged), len(items))
+    print(f"  {count:>7} clients: one range {t1 - t0:5.2f} s ({payload / 1e6:.1f} MB of keys "
+          f"and values, {payload * 4 / 3 / 1e6:.0f} MB as the gateway's base64), decode "
+          f"{t2 - t1:5.2f} s, start {t2 - t0:5.2f} s;  in pages of {page}: {t4 - t3:5.2f} s "
+          f"{load()}")
+
+
+def fan_out(e: Etcd, watchers: int, puts: int) -> list[float]:
+    """Delays (s) from the start of each put to each watcher having it."""
+    prefix = layout.kind_prefix(GROUP, layout.Kind.REVOKED).encode()
+    writer = e.store()
+    revision = writer.get_prefix(prefix)[1]
+    seen: list[dict[bytes, float]] = [{} for _ in range(watchers)]
+    done = threading.Event()
+    lock = threading.Lock()
+    remaining = [watchers * puts]
+
+    def callback_for(w: int) -> Callable[[Event], None]:
+        def callback(event: Event) -> None:
+            seen[w][event.key] = time.perf_counter()
+            with lock:
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    done.set()
+        return callback
+    stores = [e.store() for _ in range(watchers)]
+    watches = [s.watch_prefix(prefix, revision + 1, callback_for(w))
+               for w, s in enumerate(stores)]
+    time.sleep(1.0 + watchers * 0.05)  # every stream open
+    started: dict[bytes, float] = {}
+    name = client_name(7)
+    try:
+        for i in range(puts):
+            key = layout.revoked_key(GROUP, f"{name}.{watchers}.{i}").encode()
+            value = encode_revocation(Revocation(name, int(time.time()), False))
+            started[key] = time.perf_counter()
+            writer.put(key, value)
+            time.sleep(0.05)
+        if not done.wait(60):
+            raise RuntimeError(f"watchers missed {remaining[0]} events in 60 s")
+    finally:
+        for w in watches:
+            w.cancel()
+    return [seen[w][k] - t for w in range(watchers) for k, t in started.items()]
+
+
+def history(e: Etcd, store: EtcdStore, rng: random.Random, now: float) -> None:
+    """What claims that came and went leave in the database until a
+    compaction: each one's put, and the delete its lease's expiry makes."""
+    count = 5000
+    before = e.settled()
+    prefix = layout.client_claims_prefix(GROUP, client_name(999_999)).encode()
+    for _ in range(count):
+        key, value = claim(999_999, rng, now)
+        store.put(key.encode(), value, store.grant(2))
+    deadline = time.monotonic() + 120
+    while store.get_prefix(prefix)[0]:
+        if time.monotonic() > deadline:
+            raise RuntimeError("claims still there 120 s after their 2 s leases")
+        time.sleep(1)
+    after = e.status()
+    print(f"  {count:,} claims come and gone (2 s leases), before any compaction: in use "
+          f"{after['in_use']:,}  -> {(after['in_use'] - before['in_use']) / count:.0f} bytes "
+          f"per claim of history; revisions +{after['revision'] - before['revision']:,} "
+          f"{load()}")
+    compacted = e.settled()
+    print(f"    after compaction and defrag: in use {compacted['in_use']:,}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=100_000)
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--ops", type=int, default=500, help="operations per thread and rate")
+    parser.add_argument("--page", type=int, default=5000, help="keys per paged range")
+    parser.add_argument("--fan-out", default="1,10,50", help="watcher counts")
+    parser.add_argument("--seed", type=int, default=18)
+    args = parser.parse_args()
+    for tool in ("etcd", "etcdctl", "openssl"):
+        if shutil.which(tool) is None:
+            sys.exit(f"group_scale: error: needs {tool} (apt install etcd-server etcd-client "
+                     "openssl)")
+    rng = random.Random(args.seed)
+    now = time.time()
+    server_id = rng.randbytes(16)
+    version = subprocess.run(["etcd", "--version"], capture_output=True, text=True,
+                             check=False).stdout.splitlines()[0]
+    print(f"{version}; one member on loopback, TLS, RBAC on {load()}")
+    sizes(rng, now, server_id)
+    with ExitStack() as stack:
+        root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="group-scale-")))
+        make_certs(root / "certs")
+        port = stack.enter_context(etcd(root / "etcd", tls=root / "certs"))
+        e = Etcd(port, root / "certs")
+        e.rbac()
+        store = e.store()
+        store.put(layout.meta_key(GROUP).encode(), b"{}")
+        empty = e.settled()
+        print(f"database (bytes; after compaction and defrag) {load()}:")
+        print(f"  empty: dbSize {empty['db']:,}  in use {empty['in_use']:,}; etcd RSS "
+              f"{etcd_rss(root) / 2**20:.0f} MiB")
+        steps = [c for c in (10_000, args.clients) if c <= args.clients]
+        loaded, before = 0, empty
+        print("member start (read the group's prefix, decode every client record):")
+        for count in dict.fromkeys(steps):
+            batch = [(layout.client_key(GROUP, client_name(i)),
+                      client_record(random_entry(i, rng, now), server_id))
+                     for i in range(loaded, count)]
+            t0 = time.perf_counter()
+            bulk_put(store, batch)
+            rate = len(batch) / (time.perf_counter() - t0)
+            loaded = count
+            after = e.settled()
+            per = (after["in_use"] - empty["in_use"]) / count
+            print(f"  {count:>7} clients: dbSize {after['db']:,}  in use {after['in_use']:,}"
+                  f"  -> {per:.0f} bytes per client  (loaded at {rate:,.0f} records/s in "
+                  f"transactions of {TXN_OPS}); etcd RSS {etcd_rss(root) / 2**20:.0f} MiB")
+            before = after
+            member_start(e, server_id, count, args.page)
+        per_kind = 10_000
+        for what in ("lease", "claim"):
+            t0 = time.perf_counter()
+            for i in range(per_kind):
+                lease = store.grant(600)
+                if what == "lease":
+                    key, value = lease_record(i, now)
+                else:
+                    key, value = claim(i, rng, now)
+                store.put(key.encode(), value, lease)
+            rate = per_kind / (time.perf_counter() - t0)
+            after = e.settled()
+            print(f"  + {per_kind:,} {what}s (each its own etcd lease): in use "
+                  f"{after['in_use']:,}  -> {(after['in_use'] - before['in_use']) / per_kind:.0f}"
+                  f" bytes per {what}  (grant + put, one thread: {rate:.0f}/s) {load()}")
+            before = after
+        history(e, store, rng, now)
+        write_rates(e, rng, now, server_id, args.threads, args.ops, args.clients)
+        print(f"watch fan-out: delay from put to each watcher's callback, ms {load()}")
+        for n in (int(x) for x in args.fan_out.split(",")):
+            delays = fan_out(e, n, 40)
+            print(f"  {n:3} watchers x 40 puts: p50 {statistics.median(delays) * 1e3:7.1f}  "
+                  f"p99 {pct(delays, 0.99) * 1e3:7.1f}  max {max(delays) * 1e3:7.1f} {load()}")
+
+
+if __name__ == "__main__":
+    main()
