@@ -25,13 +25,14 @@ from typing import Any
 from spa.backends.base import Destinations, Held
 from spa.backends.libnft import Document
 from spa.backends.names import DEFAULT_NAMES, FAMILY, Names
-from spa.backends.nftgateway import dst_set_name, named_services
+from spa.backends.nftgateway import dst_set_name, named_services, published_named
 from spa.backends.nftrender import (
     CHAIN,
     DROPS_SIZE,
     DROPS_TIMEOUT,
     Gated,
     parse_held,
+    parse_published,
     render_elements,
     render_start,
     set_name,
@@ -107,7 +108,8 @@ def diagnose(listing: Document | None, installed: Shape, services: Mapping[str, 
                 "program")
     if wanted is None:
         return None
-    held = parse_held(listing, services, now, names=names)
+    dest: Destinations = {}
+    held = parse_held(listing, services, now, names=names, destinations=dest)
     missing = sorted(f"{a} {s}" for (a, s), until in wanted.items()
                      if until - now > ENDING and (a, s) not in held)
     if missing:
@@ -122,6 +124,25 @@ def diagnose(listing: Document | None, installed: Shape, services: Mapping[str, 
     if moved:
         return (f"{len(moved)} grant(s) in table {FAMILY} {table} have another timeout than "
                 f"their lease ({', '.join(moved[:3])})")
+    return _published_problem(listing, services, held, dest, now, table, names)
+
+
+def _published_problem(listing: Document, services: Mapping[str, Service], held: Held,
+                       dest: Destinations, now: float, table: str, names: Names) -> str | None:
+    """Whether the DNAT maps of named services' published ports hold exactly
+    the twins of their grant elements (same source, destination, expiry)."""
+    published = {name for name, service in services.items() if published_named(service)}
+    if not published:
+        return None
+    mapped = parse_published(listing, services, now, names=names)
+    wrong = sorted(f"{a} {s}" for (a, s), until in held.items()
+                   if s in published and (a, s) in dest and until - now > ENDING and (
+                       mapped.get((a, s), (None, 0.0))[0] != dest[(a, s)]
+                       or abs(mapped[(a, s)][1] - until) > EXPIRY_SLACK))
+    extra = sorted(f"{a} {s}" for (a, s) in mapped if (a, s) not in held)
+    if wrong or extra:
+        return (f"{len(wrong) + len(extra)} published-port mapping(s) in table {FAMILY} "
+                f"{table} differ from their grants ({', '.join((wrong + extra)[:3])})")
     return None
 
 
