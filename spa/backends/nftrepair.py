@@ -9,7 +9,8 @@ Invariants (docs/threat-model.md, "The host firewall is reloaded"):
   nftables' rendering, never against what we sent (which nft normalizes).
 - `diagnose` names the first thing wrong: the table gone, our chain gone,
   chains, rules or sets altered, grants missing, extra, or with another
-  timeout than the lease's (beyond the whole-second rounding).
+  timeout than the lease's (beyond the whole-second rounding), or a named
+  published port's map elements not the twins of its grant elements.
 - `render_repair` is one transaction: it deletes what is not ours or not
   as installed inside our table, installs the table as `render_start`
   does, and sets every grant set to exactly the live leases at their
@@ -139,7 +140,9 @@ def _published_problem(listing: Document, services: Mapping[str, Service], held:
                    if s in published and (a, s) in dest and until - now > ENDING and (
                        mapped.get((a, s), (None, 0.0))[0] != dest[(a, s)]
                        or abs(mapped[(a, s)][1] - until) > EXPIRY_SLACK))
-    extra = sorted(f"{a} {s}" for (a, s) in mapped if (a, s) not in held)
+    # an element about to end is not extra: its twin may have ended a moment sooner
+    extra = sorted(f"{a} {s}" for (a, s), (_, until) in mapped.items()
+                   if (a, s) not in held and until - now > ENDING)
     if wrong or extra:
         return (f"{len(wrong) + len(extra)} published-port mapping(s) in table {FAMILY} "
                 f"{table} differ from their grants ({', '.join((wrong + extra)[:3])})")

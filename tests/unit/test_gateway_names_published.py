@@ -151,6 +151,8 @@ def test_the_guard_finds_a_missing_moved_or_extra_map_twin() -> None:
                 [entry(A, INT5, 20), entry(B, INT6, 20)]):
         problem = diagnose(listing(bad), installed, SERVICES, wanted, NOW)
         assert problem is not None and "published-port mapping" in problem, bad
+    ending = listing([entry(A, INT5, 20), entry(B, INT6, 1)])
+    assert diagnose(ending, installed, SERVICES, wanted, NOW) is None, "its twin just ended"
 
 
 def test_the_backend_sends_the_twin_with_every_grant_and_its_start() -> None:
