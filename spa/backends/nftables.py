@@ -65,7 +65,7 @@ from collections.abc import Mapping, Sequence
 from spa.backends.base import Change, Destinations, Held
 from spa.backends.libnft import Document, NftRunner
 from spa.backends.names import DEFAULT_NAMES, FAMILY, Names, instance_of_table, is_hold_table
-from spa.backends.nftgateway import gated_elements, local_services
+from spa.backends.nftgateway import gated_elements, local_services, published_named
 from spa.backends.nftrender import (
     CHAIN,
     DROPS_SIZE,
@@ -363,7 +363,8 @@ class NftablesBackend:
             return  # no address to open it to: closed
         self.runner.run(render_allow(address, service.name, timeout_seconds(until, now),
                                      hold=self._hold, names=self.names,
-                                     destination=destination))
+                                     destination=destination,
+                                     published=published_named(service)))
         self._present.add((address, service.name))
         if destination is not None:
             self._dest[(address, service.name)] = destination
@@ -373,7 +374,8 @@ class NftablesBackend:
         if service.named and destination is None:
             return  # never opened
         self.runner.run(render_remove(address, service.name, hold=self._hold,
-                                      names=self.names, destination=destination))
+                                      names=self.names, destination=destination,
+                                      published=published_named(service)))
         self._present.discard((address, service.name))
         self._dest.pop((address, service.name), None)
 

@@ -29,7 +29,19 @@ Invariants (docs/threat-model.md, "Gateway mode"):
   while our table lives, and a repair or restart adds those of the live
   leases back); an address it never resolved to is the admin's forward
   policy's.  Its accepts come before its drops, after every literal
-  service's rules.  No published port for a name (one DNAT target for all).
+  service's rules.
+- A named service's published port DNATs per lease (docs/install.md,
+  section 11): its DNAT rule looks the source up in the map pub_NAME_v4/v6
+  (client -> the destination its lease resolved), whose elements are the
+  grant set's twins: added, renewed, removed and timed out with the same
+  pair's grant element in the same transaction, put back with it by a
+  repair or restart (spa/backends/nftrender.py).  A source without an
+  element is not DNATed: its connection stays addressed to this host's own
+  listen_port (hook input: whatever this host does with that port, usually
+  nothing listens).  One source has one element per service: the pair's
+  one destination (spa/core/leases.py), so two clients behind one NAT
+  address both reach the address the pair's first lease resolved.  The
+  maps are in our table only: the hold table has no DNAT.
 """
 
 from __future__ import annotations
@@ -68,6 +80,16 @@ def dst_set_name(service: str, version: int) -> str:
 
 def named_services(services: Mapping[str, Service]) -> list[Service]:
     return [service for service in services.values() if service.named]
+
+
+def pub_map_name(service: str, version: int) -> str:
+    """A named service's map of published-port destinations (source -> address)."""
+    return f"pub_{service}_v{version}"
+
+
+def published_named(service: Service) -> bool:
+    """Whether a named service publishes a port (its DNAT is per lease)."""
+    return service.named and bool(service.listen_port)
 
 
 def _ip(service: Service) -> tuple[int, str, str]:
@@ -151,21 +173,37 @@ def element(address: Any, destination: Any) -> Any:
 
 def nat_commands(services: Mapping[str, Service], table: str) -> list[dict[str, Any]]:
     """The nat chain and its DNAT rules, when a gateway service publishes a
-    port; nothing otherwise (a table without it has the shape it had)."""
+    port (and a named one's maps); nothing otherwise (a table without it has
+    the shape it had)."""
     published = [s for s in gateway_services(services) if s.listen_port]
     if not published:
         return []
-    commands: list[dict[str, Any]] = [
+    commands: list[dict[str, Any]] = []
+    for service in published:
+        if service.named:
+            for version, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")):
+                commands.append({"add": {"map": _where(
+                    table, name=pub_map_name(service.name, version), type=kind, map=kind,
+                    flags=["timeout"])}})
+    commands += [
         {"add": {"chain": _where(table, name=NAT_CHAIN, type="nat", hook="prerouting",
                                  prio=NAT_PRIORITY, policy="accept")}},
         {"flush": {"chain": _where(table, name=NAT_CHAIN)}}]
     for service in published:
+        port = _match({"payload": {"protocol": service.protocol, "field": "dport"}},
+                      service.listen_port)
+        local = _match({"fib": {"flags": ["daddr"], "result": "type"}}, "local")
+        if service.named:
+            for version, proto, nfproto in ((4, "ip", "ipv4"), (6, "ip6", "ipv6")):
+                address = {"map": {"key": {"payload": {"protocol": proto, "field": "saddr"}},
+                                   "data": f"@{pub_map_name(service.name, version)}"}}
+                commands.append({"add": {"rule": _where(table, chain=NAT_CHAIN, expr=[
+                    _match({"meta": {"key": "nfproto"}}, nfproto), local, port,
+                    {"dnat": {"family": proto, "addr": address, "port": service.port}}])}})
+            continue
         _, proto, nfproto = _ip(service)
         commands.append({"add": {"rule": _where(table, chain=NAT_CHAIN, expr=[
-            _match({"meta": {"key": "nfproto"}}, nfproto),
-            _match({"fib": {"flags": ["daddr"], "result": "type"}}, "local"),
-            _match({"payload": {"protocol": service.protocol, "field": "dport"}},
-                   service.listen_port),
+            _match({"meta": {"key": "nfproto"}}, nfproto), local, port,
             {"dnat": {"family": proto, "addr": str(service.host), "port": service.port}}])}})
     return commands
 

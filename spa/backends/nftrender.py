@@ -23,6 +23,8 @@ from spa.backends.nftgateway import (
     grant_sets,
     local_services,
     nat_commands,
+    pub_map_name,
+    published_named,
 )
 from spa.core.leases import Allow
 from spa.core.policy import Service
@@ -163,16 +165,17 @@ def render_hold(services: Mapping[str, Service], held: Held, now: float, *,
     commands += _input_commands(services, hold, HOLD_PRIORITY, mark=False, count=False)
     commands += _forward_commands(services, hold, HOLD_PRIORITY, mark=False)
     return {"nftables": commands + render_elements(held, services, now, hold, destinations,
-                                                   gated)}
+                                                   gated, nat=False)}
 
 
 def render_elements(wanted: Held, services: Mapping[str, Service], now: float,
                     table: str, destinations: Destinations | None = None,
-                    gated: Gated | None = None) -> list[dict[str, Any]]:
+                    gated: Gated | None = None, *, nat: bool = True) -> list[dict[str, Any]]:
     """The commands that add every live grant of `wanted` at its remaining
     time.  A named service's grant needs its destination (`destinations`):
     one without is left out (closed, never opened to another address).  And
-    the `gated` addresses of named services (`gated_elements`)."""
+    the `gated` addresses of named services (`gated_elements`).  `nat`: the
+    table has the published ports' maps (ours; not the hold table)."""
     commands = gated_elements(gated or {}, services, table)
     for (address, name), until in sorted(wanted.items(), key=str):
         service = services.get(name)
@@ -182,17 +185,25 @@ def render_elements(wanted: Held, services: Mapping[str, Service], now: float,
         if service.named and (destination is None or destination.version != address.version):
             continue
         commands += _add_commands(address, name, timeout_seconds(until, now), table,
-                                  destination)
+                                  destination, nat=nat and published_named(service))
     return commands
 
 
 def _add_commands(address: IPAddress, service: str, timeout: int, table: str,
-                  destination: IPAddress | None, verb: str = "add") -> list[dict[str, Any]]:
+                  destination: IPAddress | None, verb: str = "add", *, nat: bool = False
+                  ) -> list[dict[str, Any]]:
     """Add (or `create`) one grant's element; a named service's lease adds
-    its destination to the service's destination set too."""
+    its destination to the service's destination set too, and with `nat`
+    (it publishes a port, in our table) its twin in the DNAT map: source ->
+    destination, with the same timeout."""
     where = _where(table, name=set_name(service, address.version))
     commands: list[dict[str, Any]] = [{verb: {"element": {**where, "elem": [{"elem": {
         "val": element(address, destination), "timeout": timeout}}]}}}]
+    if nat and destination is not None:
+        commands.append({verb: {"element": {
+            **_where(table, name=pub_map_name(service, address.version)),
+            "elem": [[{"elem": {"val": str(address), "timeout": timeout}},
+                      str(destination)]]}}})
     if destination is not None:
         commands.insert(0, {"add": {"element": {
             **_where(table, name=dst_set_name(service, destination.version)),
@@ -202,22 +213,27 @@ def _add_commands(address: IPAddress, service: str, timeout: int, table: str,
 
 def render_allow(address: IPAddress, service: str, timeout: int, *,
                  hold: bool = False, names: Names = DEFAULT_NAMES,
-                 destination: IPAddress | None = None) -> Document:
+                 destination: IPAddress | None = None, published: bool = False
+                 ) -> Document:
     """Add or replace one element's timeout, atomically: add (no-op if it
-    exists), delete, add with the new timeout (in the hold table too)."""
+    exists), delete, add with the new timeout (in the hold table too).
+    `published`: a named service's published port (its map element too)."""
     return {"nftables": [command for table in _tables(hold, names)
-                         for command in _allow_commands(address, service, timeout, table,
-                                                        destination)]}
+                         for command in _allow_commands(
+                             address, service, timeout, table, destination,
+                             nat=published and table == names.table)]}
 
 
 def render_remove(address: IPAddress, service: str, *, hold: bool = False,
                   names: Names = DEFAULT_NAMES,
-                  destination: IPAddress | None = None) -> Document:
+                  destination: IPAddress | None = None, published: bool = False
+                  ) -> Document:
     """Remove one element; the leading add makes the delete safe when the
     kernel already expired it."""
     return {"nftables": [command for table in _tables(hold, names)
-                         for command in _remove_commands(address, service, table,
-                                                         destination)]}
+                         for command in _remove_commands(
+                             address, service, table, destination,
+                             nat=published and table == names.table)]}
 
 
 def _tables(hold: bool, names: Names) -> tuple[str, ...]:
@@ -242,34 +258,47 @@ def render_changes(changes: Sequence[Change], now: float,
             continue
         if isinstance(action, Allow):
             timeout = timeout_seconds(action.until, now)
-            for table in tables:  # the hold table holds what ours holds
+            for table in tables:  # the hold table holds what ours holds (but the maps)
+                nat = published_named(service) and table == names.table
                 if absent(action.address, service.name):
                     commands += _add_commands(action.address, service.name, timeout, table,
-                                              destination, "create")
+                                              destination, "create", nat=nat)
                 else:
                     commands += _allow_commands(action.address, service.name, timeout, table,
-                                                destination)
+                                                destination, nat=nat)
         else:
             for table in tables:
-                commands += _remove_commands(action.address, service.name, table, destination)
+                commands += _remove_commands(action.address, service.name, table, destination,
+                                             nat=published_named(service)
+                                             and table == names.table)
     return {"nftables": commands}
 
 
 def _allow_commands(address: IPAddress, service: str, timeout: int,
-                    table: str, destination: IPAddress | None = None) -> list[dict[str, Any]]:
+                    table: str, destination: IPAddress | None = None, *, nat: bool = False
+                    ) -> list[dict[str, Any]]:
     """Remove (whether or not it exists), then add with the new timeout."""
-    return [*_remove_commands(address, service, table, destination),
-            *_add_commands(address, service, timeout, table, destination)]
+    return [*_remove_commands(address, service, table, destination, nat=nat),
+            *_add_commands(address, service, timeout, table, destination, nat=nat)]
 
 
 def _remove_commands(address: IPAddress, service: str, table: str,
-                     destination: IPAddress | None = None) -> list[dict[str, Any]]:
+                     destination: IPAddress | None = None, *, nat: bool = False
+                     ) -> list[dict[str, Any]]:
     where = _where(table, name=set_name(service, address.version))
     value = element(address, destination)
-    return [
+    commands: list[dict[str, Any]] = [
         {"add": {"element": {**where, "elem": [{"elem": {"val": value, "timeout": 1}}]}}},
         {"delete": {"element": {**where, "elem": [value]}}},
     ]
+    if nat and destination is not None:
+        pub = _where(table, name=pub_map_name(service, address.version))
+        commands += [
+            {"add": {"element": {**pub, "elem": [[{"elem": {"val": str(address), "timeout": 1}},
+                                                  str(destination)]]}}},
+            {"delete": {"element": {**pub, "elem": [str(address)]}}},
+        ]
+    return commands
 
 
 def render_flush(services: Mapping[str, Service], *, hold: bool = False,
@@ -277,6 +306,9 @@ def render_flush(services: Mapping[str, Service], *, hold: bool = False,
     return {"nftables": [
         {"flush": {"set": _where(table, name=set_name(service.name, version))}}
         for table in _tables(hold, names) for service in services.values() for version in (4, 6)
+    ] + [
+        {"flush": {"map": _where(names.table, name=pub_map_name(service.name, version))}}
+        for service in services.values() if published_named(service) for version in (4, 6)
     ]}
 
 
@@ -305,6 +337,31 @@ def parse_held(listing: Document, services: Mapping[str, Service], now: float, *
             if destination is not None and destinations is not None:
                 destinations[pair] = ipaddress.ip_address(destination)
     return held
+
+
+def parse_published(listing: Document, services: Mapping[str, Service], now: float, *,
+                    names: Names = DEFAULT_NAMES
+                    ) -> dict[tuple[IPAddress, str], tuple[IPAddress, float]]:
+    """(address, service) -> (destination, until), from the DNAT maps of the
+    named services that publish a port (pub_NAME_v4/v6) in a listing."""
+    by_map = {pub_map_name(s.name, v): s.name for s in services.values()
+              if published_named(s) for v in (4, 6)}
+    found: dict[tuple[IPAddress, str], tuple[IPAddress, float]] = {}
+    for item in listing.get("nftables", []):
+        spec = item.get("map") if isinstance(item, dict) else None
+        if not spec or spec.get("table") != names.table or spec.get("name") not in by_map:
+            continue
+        for elem in spec.get("elem", []):
+            if not isinstance(elem, list) or len(elem) != 2:
+                continue
+            key, destination = elem
+            if isinstance(key, dict) and "elem" in key:
+                value, expires = key["elem"]["val"], key["elem"].get("expires", 0)
+            else:
+                value, expires = key, 0
+            found[(ipaddress.ip_address(value), by_map[spec["name"]])] = (
+                ipaddress.ip_address(destination), now + float(expires))
+    return found
 
 
 def parse_drops(listing: Document, *, names: Names = DEFAULT_NAMES

@@ -9,7 +9,8 @@ Invariants (docs/threat-model.md, "The host firewall is reloaded"):
   nftables' rendering, never against what we sent (which nft normalizes).
 - `diagnose` names the first thing wrong: the table gone, our chain gone,
   chains, rules or sets altered, grants missing, extra, or with another
-  timeout than the lease's (beyond the whole-second rounding).
+  timeout than the lease's (beyond the whole-second rounding), or a named
+  published port's map elements not the twins of its grant elements.
 - `render_repair` is one transaction: it deletes what is not ours or not
   as installed inside our table, installs the table as `render_start`
   does, and sets every grant set to exactly the live leases at their
@@ -25,13 +26,14 @@ from typing import Any
 from spa.backends.base import Destinations, Held
 from spa.backends.libnft import Document
 from spa.backends.names import DEFAULT_NAMES, FAMILY, Names
-from spa.backends.nftgateway import dst_set_name, named_services
+from spa.backends.nftgateway import dst_set_name, named_services, published_named
 from spa.backends.nftrender import (
     CHAIN,
     DROPS_SIZE,
     DROPS_TIMEOUT,
     Gated,
     parse_held,
+    parse_published,
     render_elements,
     render_start,
     set_name,
@@ -107,7 +109,8 @@ def diagnose(listing: Document | None, installed: Shape, services: Mapping[str, 
                 "program")
     if wanted is None:
         return None
-    held = parse_held(listing, services, now, names=names)
+    dest: Destinations = {}
+    held = parse_held(listing, services, now, names=names, destinations=dest)
     missing = sorted(f"{a} {s}" for (a, s), until in wanted.items()
                      if until - now > ENDING and (a, s) not in held)
     if missing:
@@ -122,6 +125,27 @@ def diagnose(listing: Document | None, installed: Shape, services: Mapping[str, 
     if moved:
         return (f"{len(moved)} grant(s) in table {FAMILY} {table} have another timeout than "
                 f"their lease ({', '.join(moved[:3])})")
+    return _published_problem(listing, services, held, dest, now, table, names)
+
+
+def _published_problem(listing: Document, services: Mapping[str, Service], held: Held,
+                       dest: Destinations, now: float, table: str, names: Names) -> str | None:
+    """Whether the DNAT maps of named services' published ports hold exactly
+    the twins of their grant elements (same source, destination, expiry)."""
+    published = {name for name, service in services.items() if published_named(service)}
+    if not published:
+        return None
+    mapped = parse_published(listing, services, now, names=names)
+    wrong = sorted(f"{a} {s}" for (a, s), until in held.items()
+                   if s in published and (a, s) in dest and until - now > ENDING and (
+                       mapped.get((a, s), (None, 0.0))[0] != dest[(a, s)]
+                       or abs(mapped[(a, s)][1] - until) > EXPIRY_SLACK))
+    # an element about to end is not extra: its twin may have ended a moment sooner
+    extra = sorted(f"{a} {s}" for (a, s), (_, until) in mapped.items()
+                   if (a, s) not in held and until - now > ENDING)
+    if wrong or extra:
+        return (f"{len(wrong) + len(extra)} published-port mapping(s) in table {FAMILY} "
+                f"{table} differ from their grants ({', '.join((wrong + extra)[:3])})")
     return None
 
 

@@ -6,7 +6,8 @@ Invariants (STYLE principle 6):
   and its shape: nftables tables of family inet named `spa`, `spa_hold`,
   `spa_NAME` or `spa_hold_NAME` (NAME a valid instance name) whose listing
   is what spa/backends/nftrender.py installs (`has_our_shape`: only the
-  chains input and forward at our priority, only the sets svc_*_v4/v6 and,
+  chains input and forward at our priority, only the sets svc_*_v4/v6 (and a
+  named published port's maps pub_*_v4/v6) and,
   in a gate table, its drop sets drops_v4/v6; a hold table `flags owner`);
   iptables chains `SPA` or `SPA_NAME` in the legacy filter tables whose
   first rule is our established/related accept, and the jumps to them;
@@ -87,6 +88,7 @@ _OBJECT = re.compile(r"^\t(\w+) (\S+) \{$")  # `\tset svc_ssh_v4 {` in a table's
 # nftrender.set_name, and a named gateway service's nftgateway.dst_set_name
 _SERVICE_SET = re.compile(r"(svc|dst)_\S+_v[46]")
 DROP_SETS = {"drops_v4", "drops_v6"}
+_PUB_MAP = re.compile(r"pub_\S+_v[46]")  # nftgateway.pub_map_name: a named published port
 
 
 def _hook_line(hook: str, priority: int) -> str:
@@ -103,15 +105,19 @@ def has_our_shape(name: str, table_text: str) -> bool:
     forward) at priority filter - 10, the sets svc_*_v4/v6 (and a named
     gateway service's dst_*_v4/v6) and both drop sets
     drops_v4/v6, nothing else; with a gateway's published port, chain published
-    too (nat, prerouting at dstnat: nftgateway.py).  A hold table: input and
+    too (nat, prerouting at dstnat: nftgateway.py), and for a named one its
+    maps pub_*_v4/v6.  A hold table: input and
     forward at filter - 9, only svc_* sets, `flags owner`.  A table an admin
     wrote that merely shares a name has other chains, sets, priorities or no
     drop sets."""
     objects = [match.groups() for match in map(_OBJECT.match, table_text.splitlines()) if match]
     chains = {object_name for kind, object_name in objects if kind == "chain"}
     sets = {object_name for kind, object_name in objects if kind == "set"}
+    maps = {object_name for kind, object_name in objects if kind == "map"}
     gate = instance_of_table(name) is not None
-    if {kind for kind, _ in objects} - {"chain", "set"} or not (
+    if not all(_PUB_MAP.fullmatch(map_name) for map_name in maps) or (maps and not gate):
+        return False
+    if {kind for kind, _ in objects} - {"chain", "set", "map"} or not (
             {NFT_CHAIN} <= chains <= {NFT_CHAIN, FORWARD, *([NAT_CHAIN] if gate else [])}):
         return False
     priority = PRIORITY if gate else HOLD_PRIORITY

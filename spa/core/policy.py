@@ -59,10 +59,10 @@ class Service:
             raise ValueError(f"service {self.name}: port must be 1-65535")
         if not 1 <= self.default_duration <= self.max_duration:
             raise ValueError(f"service {self.name}: need 1 <= default duration <= max duration")
-        if self.listen_port and (self.host is None or not 1 <= self.listen_port <= 65535
-                                 or self.host_name):
+        if self.listen_port and ((self.host is None and not self.host_name)
+                                 or not 1 <= self.listen_port <= 65535):
             raise ValueError(f"service {self.name}: listen_port must be 1-65535 and needs "
-                             "host (an address, not a name)")
+                             "host (an address or a name)")
 
     @property
     def client_port(self) -> int:

@@ -104,7 +104,9 @@ def _gated(service: Service) -> str:
         return (f"{service.name}: {service.protocol}/{service.port} of {service.host_name}, "
                 "resolved when a lease starts (gated on the addresses the name gives at start, "
                 "reload and each lease, not on others, nor connections that do not pass "
-                "through this host)")
+                "through this host)" + (f", published on {service.listen_port} per lease "
+                                        "(DNATed for a lease's own address only)"
+                                        if service.listen_port else ""))
     return (f"{service.name}: {service.protocol}/{service.port} of {service.host} (its other "
             "addresses and ports are not gated, nor connections that do not pass through "
             f"this host){published}")

@@ -432,10 +432,6 @@ def _gateway_host(where: str, spec: Mapping[str, Any]) -> IPAddress | str | None
         if problem:
             raise ConfigError(f"{where} host = {host!r} {problem}; write the internal host's "
                               "address or its DNS name") from None
-        if "listen_port" in spec:
-            raise ConfigError(f"{where} host = {host!r} is a name, and listen_port needs an "
-                              "address (one DNAT target for everyone): write the internal "
-                              "host's address, or leave listen_port out") from None
         return host
     problem = gateway_host_problem(address)
     if problem:

@@ -57,8 +57,10 @@ def test_a_name_for_host_is_kept_unresolved_and_a_malformed_one_refused_in_one_l
         with pytest.raises(ConfigError, match=re.escape(f"host = {bad!r} is ")) as raised:
             load(tmp_path, GATEWAY.format(host=bad))
         assert "\n" not in str(raised.value) and "DNS host name" in str(raised.value)
-    with pytest.raises(ConfigError, match="is a name, and listen_port needs an address"):
-        load(tmp_path, GATEWAY.format(host="db.internal") + "listen_port = 2222\n")
+    published = load(tmp_path, GATEWAY.format(host="db.internal") + "listen_port = 2222\n")
+    db = published.services["db"]
+    assert (db.host, db.host_name, db.listen_port, db.client_port) == (
+        None, "db.internal", 2222, 2222)
 
 
 @pytest.mark.parametrize(("host", "why"), [
