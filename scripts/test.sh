@@ -30,10 +30,15 @@ fi
 # It leaves the directory modes alone (SPA_TESTS_KEEP_MODES, tests/conftest.py):
 # the kernel half gives the daemon's user its search permission and puts the
 # modes back only when it ends.
-cpu_log=$(mktemp)
-trap 'rm -f "$cpu_log"' EXIT
+# Its temporary directories are its own (--basetemp): pytest makes
+# /tmp/pytest-of-root 0700 again when a session starts, which took the
+# daemon's user's search permission from the other half's directories.
+cpu_dir=$(mktemp -d)
+cpu_log="$cpu_dir/log"
+trap 'rm -rf "$cpu_dir"' EXIT
 echo "== pytest, in two processes (hypothesis profile: $HYPOTHESIS_PROFILE)"
-SPA_TESTS_KEEP_MODES=1 "${pytest[@]}" tests/unit tests/property >"$cpu_log" 2>&1 &
+SPA_TESTS_KEEP_MODES=1 "${pytest[@]}" --basetemp="$cpu_dir/tmp" tests/unit tests/property \
+    >"$cpu_log" 2>&1 &
 cpu_pid=$!
 kernel_rc=0
 "${pytest[@]}" tests --ignore=tests/unit --ignore=tests/property || kernel_rc=$?
