@@ -621,12 +621,7 @@ class Server:
                                                  now=now, duration=decision.duration)
                 else:
                     actions += self.leases.close(result.client, decision.address, name, now=now)
-            self._dirty = True
-            try:
-                self._apply(actions, now)
-            except LocalError as exc:  # keep serving; the next housekeeping retries
-                self.log(f"error firewall: {exc}")
-                self._retry_reconcile = True
+            self._commit(actions, now)
 
     def _gate_named(self, services: Mapping[str, Service]) -> None:
         """Resolve each named gateway service's host now (start, reload: not
@@ -681,12 +676,18 @@ class Server:
                                      str(decision.address), name, decision.duration))
             actions = self.leases.grant(result.client, decision.address, name, now=now,
                                         duration=decision.duration, destination=outcome)
-            self._dirty = True
-            try:
-                self._apply(actions, now)
-            except LocalError as exc:  # keep serving; the next housekeeping retries
-                self.log(f"error firewall: {exc}")
-                self._retry_reconcile = True
+            self._commit(actions, now)
+
+    def _commit(self, actions: list[FirewallAction], now: float) -> None:
+        """Carry out lease changes made under the lock (held by the caller):
+        the state is saved at the next round; a firewall error is logged and
+        the next housekeeping reconciles."""
+        self._dirty = True
+        try:
+            self._apply(actions, now)
+        except LocalError as exc:  # keep serving; the next housekeeping retries
+            self.log(f"error firewall: {exc}")
+            self._retry_reconcile = True
 
     # ---- a group's member (spa.group.member, spa.group.claims) -------------
 
@@ -722,12 +723,7 @@ class Server:
     def _change_leases(self, change: Callable[[], list[FirewallAction]], now: float) -> None:
         with self._lock:
             actions = change()
-            self._dirty = True
-            try:
-                self._apply(actions, now)
-            except LocalError as exc:  # keep serving; the next housekeeping retries
-                self.log(f"error firewall: {exc}")
-                self._retry_reconcile = True
+            self._commit(actions, now)
 
     def grant_legacy(self, client: str, decisions: tuple[Decision, ...], now: float) -> None:
         """A compat knock accepted (spa.server.compat): its grants, from its
