@@ -42,18 +42,19 @@ def checkout_searchable_by_the_daemon(tmp_path_factory: pytest.TempPathFactory
     (mktemp -d is 0700) is out of its reach: give its ancestors the search
     (x, not read) permission for the session, and put the modes back.  So
     with the temporary directories the tests put state directories in (SQLite
-    opens the event store by its full path).  SPA_TESTS_KEEP_MODES=1 leaves
-    them alone: scripts/test.sh sets it in the process that runs only
-    tests/unit and tests/property beside the one that runs the daemons (which
-    would lose the permission when the first one ended and put the modes
-    back)."""
+    opens the event store by its full path).  SPA_TESTS_ANCESTORS_SEARCHABLE=1
+    says the caller did it for the ancestors (scripts/test.sh, which runs two
+    pytest processes side by side: one putting the modes back at its end
+    would take the permission from the other); the temporary directories,
+    each process's own, are still made searchable here."""
     changed: list[tuple[Path, int]] = []
-    if os.geteuid() == 0 and not os.environ.get("SPA_TESTS_KEEP_MODES"):
-        for directory in reversed(Path(sys.executable).absolute().parents):
-            mode = directory.stat().st_mode
-            if not mode & 0o001:
-                changed.append((directory, mode))
-                directory.chmod((mode & 0o7777) | 0o001)
+    if os.geteuid() == 0:
+        if not os.environ.get("SPA_TESTS_ANCESTORS_SEARCHABLE"):
+            for directory in reversed(Path(sys.executable).absolute().parents):
+                mode = directory.stat().st_mode
+                if not mode & 0o001:
+                    changed.append((directory, mode))
+                    directory.chmod((mode & 0o7777) | 0o001)
         for directory in (tmp_path_factory.getbasetemp().parent,
                           tmp_path_factory.getbasetemp()):
             directory.chmod(directory.stat().st_mode & 0o7777 | 0o001)  # ours, made 0700
