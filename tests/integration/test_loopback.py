@@ -418,7 +418,7 @@ def test_prometheus_metrics_on_loopback(tmp_path: Path) -> None:
             with urllib.request.urlopen(url, timeout=5) as answer:
                 return str(answer.read().decode())
 
-        assert wait_until(lambda: "spa_replays_total 2.0" in scrape(), timeout=5), scrape()
+        assert wait_until(lambda: "spa_replays_total 2.0" in scrape(), timeout=15), scrape()
         text = scrape()
         assert 'spa_knocks_total{outcome="accepted",reason=""} 1.0' in text
         assert 'spa_knocks_total{outcome="refused",reason="replay"} 2.0' in text
