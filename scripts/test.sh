@@ -33,7 +33,9 @@ fi
 # (x) here, for both processes, and their modes back when both have ended
 # (tests/conftest.py does this itself in a single process).  Each process has
 # its own temporary directories: pytest makes /tmp/pytest-of-root 0700 when a
-# session starts, which would take the permission from the other's.
+# session starts, which would take the permission from the other's.  Each
+# prints its slowest tests (--durations): the second process is the run's
+# length, and the list says which test to move when it grows.
 restore=()
 directory=$PWD/.venv/bin
 while :; do
@@ -55,10 +57,10 @@ trap cleanup EXIT
 export SPA_TESTS_ANCESTORS_SEARCHABLE=1
 first=(tests/unit tests/property tests/netns/test_silence.py)
 echo "== pytest, in two processes (hypothesis profile: $HYPOTHESIS_PROFILE)"
-"${pytest[@]}" --basetemp="$first_dir/tmp" "${first[@]}" >"$first_dir/log" 2>&1 &
+"${pytest[@]}" --durations=15 --basetemp="$first_dir/tmp" "${first[@]}" >"$first_dir/log" 2>&1 &
 first_pid=$!
 kernel_rc=0
-"${pytest[@]}" tests --ignore=tests/unit --ignore=tests/property \
+"${pytest[@]}" --durations=40 tests --ignore=tests/unit --ignore=tests/property \
     --ignore=tests/netns/test_silence.py || kernel_rc=$?
 cpu_rc=0
 wait "$first_pid" || cpu_rc=$?
