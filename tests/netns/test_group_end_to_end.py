@@ -53,6 +53,8 @@ CLIENT_NET = "10.221.9"
 SERVICE_USER = 65534  # nobody: who the daemons run as after their drop (spa.server.privsep)
 WAIT = 15.0  # seconds a watch event or a grant may take on a loaded machine
 TIMEOUT = "1"  # seconds per etcd call and endpoint, for the members
+LEASE = 8  # seconds: a lease that must end on time while etcd has no quorum
+METRICS = "127.0.0.1:9712"  # each member's /metrics, on its own namespace's loopback
 
 
 @dataclass
@@ -111,6 +113,16 @@ class Member:
 
     def elements(self) -> list[str]:
         return nft_elements(self.ns)
+
+    def metric(self, sample: str) -> float:
+        """One sample of the daemon's /metrics ([metrics] listen, on the
+        namespace's own loopback), e.g. 'spa_group_claims_total{result="replay"}';
+        0 where it has none yet."""
+        code = ("import sys,urllib.request\nsys.stdout.write(urllib.request.urlopen("
+                f"'http://{METRICS}/metrics',timeout=5).read().decode())")
+        text = self.ns.run(sys.executable, "-c", code).stdout
+        found = [line.split()[-1] for line in text.splitlines() if line.startswith(sample + " ")]
+        return float(found[0]) if found else 0.0
 
     def events(self) -> list[dict[str, object]]:
         rows: list[dict[str, object]] = json.loads(self.admin("events", "--json").stdout)
@@ -297,6 +309,8 @@ def open_site(cluster: EtcdCluster, root: Path) -> Iterator[Site]:
                          "--password-file", str(member.root / "password"), "--timeout",
                          TIMEOUT, *site.tls(name))
         for member in site.members.values():
+            with member.config.open("a") as config:
+                config.write(f'\n[metrics]\nlisten = "{METRICS}"\n')
             member.start()
         yield site
     finally:
@@ -380,6 +394,8 @@ def test_a_knock_accepted_by_one_member_and_replayed_to_the_other_is_refused_rep
     assert first.startswith(accepted), first  # the captured packet is one gwa accepted
     claims = site.keys("claims", "bob")
     assert len(claims) == site.gwa.count(accepted), claims
+    counted = {result: site.gwb.metric(f'spa_group_claims_total{{result="{result}"}}')
+               for result in ("replay", "claimed")}
     # the same bytes, from an address no lease holds, to the other member
     site.att.run(sys.executable, "-c",
                  "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
@@ -393,6 +409,9 @@ def test_a_knock_accepted_by_one_member_and_replayed_to_the_other_is_refused_rep
     # no second claim, no lease for the replay's sender: the only lease is
     # the one gwa granted to bob's own address (shared with gwb by design)
     assert site.keys("claims", "bob") == claims
+    assert _until(lambda: site.gwb.metric('spa_group_claims_total{result="replay"}')
+                  == counted["replay"] + 1)
+    assert site.gwb.metric('spa_group_claims_total{result="claimed"}') == counted["claimed"]
     leases = site.keys("leases", "bob")
     assert len(leases) == 1 and f"/{me}/" in leases[0], leases
     assert not site.gwb.count("accepted action=open client=bob")
@@ -481,29 +500,32 @@ def test_without_etcd_quorum_no_new_grant_leases_end_on_time_grants_resume(
         site: Site, quorum: EtcdCluster) -> None:
     me, other = site.new_source(), site.new_source()
     site.enroll("erin")
-    knocked = site.knock("erin", "gwa", me, "--duration", "4")
+    knocked = site.knock("erin", "gwa", me, "--duration", str(LEASE))
     assert knocked.returncode == 0, knocked.stdout + knocked.stderr
     granted = time.monotonic()
     element = f"svc_ssh_v4 {me}"
     assert _until(lambda: element in site.gwb.elements())
     quorum.kill(0)
     quorum.kill(1)  # one of three left: no quorum
+    assert element in site.gwa.elements() and element in site.gwb.elements()
     site.route("gwb", other)
+    unreachable = site.gwb.metric('spa_group_claims_total{result="unreachable"}')
     sent = site.client("erin", "open", "ssh", "grp", "--no-wait")
     assert sent.returncode == 0, sent.stderr
     assert site.gwb.wait_for(f"refused reason=group_unreachable client=erin src={other}"), \
         site.gwb.lines[-5:]
     assert not site.tcp_open(site.cli), "no grant without a claim"
     assert not any(other in e for e in site.gwa.elements() + site.gwb.elements())
-    unreachable = [e for e in site.gwb.events() if e["reason"] == "group_unreachable"]
-    assert sum(int(e["count"]) for e in unreachable) >= 1  # type: ignore[call-overload]
+    refused = [e for e in site.gwb.events() if e["reason"] == "group_unreachable"]
+    assert sum(int(e["count"]) for e in refused) >= 1  # type: ignore[call-overload]
+    assert _until(lambda: site.gwb.metric('spa_group_claims_total{result="unreachable"}')
+                  > unreachable)
     # the lease granted before ends on time in both kernels, etcd or not
-    assert element in site.gwa.elements() and element in site.gwb.elements()
-    assert _until(lambda: element not in site.gwa.elements() + site.gwb.elements(), 8)
+    assert _until(lambda: element not in site.gwa.elements() + site.gwb.elements(), LEASE + 4)
     ended = time.monotonic() - granted
-    print(f"\na 4 s lease ended at both members {ended:.1f} s after its grant, etcd without "
-          "quorum")
-    assert ended >= 3.0  # not early (its end was set at the grant, etcd's time is not used)
+    print(f"\na {LEASE} s lease ended at both members {ended:.1f} s after its grant, etcd "
+          "without quorum")
+    assert ended >= LEASE - 1  # not early: its end was set at the grant
     quorum.restart(0)
     quorum.restart(1)
     quorum.wait_healthy()
