@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import secrets
 import shlex
 import shutil
@@ -41,6 +42,7 @@ from scapy.utils import rdpcap
 from spa.group import layout
 from spa.netns import Namespace, Sshd, Topology, sh, start_sshd
 from spa.server.logline import event_of
+from spa.server.privsep import SERVICE_USERS
 from tests.etcd_world import SUBNET, EtcdCluster, _add_user, _ctl_argv
 from tests.integration.procs import command
 from tests.netns.conftest import HERE, KNOCK_PORT, nft_elements
@@ -50,7 +52,6 @@ LINKS = {"gwa": ("10.221.1.1", "10.221.1.2"), "gwb": ("10.221.2.1", "10.221.2.2"
 ETCD_SIDE = {"gwa": f"{SUBNET}.11", "gwb": f"{SUBNET}.12"}
 ATT_GW, ATT = "10.221.3.1", "10.221.3.2"
 CLIENT_NET = "10.221.9"
-SERVICE_USER = 65534  # nobody: who the daemons run as after their drop (spa.server.privsep)
 WAIT = 15.0  # seconds a watch event or a grant may take on a loaded machine
 TIMEOUT = "1"  # seconds per etcd call and endpoint, for the members
 LEASE = 8  # seconds: a lease that must end on time while etcd has no quorum
@@ -226,14 +227,22 @@ def _until(condition: object, timeout: float = WAIT) -> bool:
 def _files(site: Site, pki_root: Path, member: str) -> None:
     """A member's etcd files in the site's directory: the CA and certificate
     readable, the key 0600 and the service user's (the daemon reads them
-    after its drop, docs/groups.md)."""
+    after its drop to that user, spa.server.privsep.daemon_user; docs/groups.md)."""
     site.cluster.pki.issue(f"{site.group}-{member}", cn=None)
     for src, dst, mode in ((site.cluster.pki.ca_file, "ca.crt", 0o644),
                            (pki_root / f"{site.group}-{member}.crt", f"{member}.crt", 0o644),
                            (pki_root / f"{site.group}-{member}.key", f"{member}.key", 0o600)):
         shutil.copyfile(src, site.root / dst)
         (site.root / dst).chmod(mode)
-    os.chown(site.root / f"{member}.key", SERVICE_USER, SERVICE_USER)
+    user = next(found for name in SERVICE_USERS if (found := _user(name)) is not None)
+    os.chown(site.root / f"{member}.key", user.pw_uid, user.pw_gid)
+
+
+def _user(name: str) -> pwd.struct_passwd | None:
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        return None
 
 
 def _secret(path: Path, text: str) -> None:
