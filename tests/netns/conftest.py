@@ -224,20 +224,26 @@ class Spa:
     def elements(self, table: str = "spa") -> list[str]:
         """Every grant in our sets (of `table`: an instance's), as `set address`
         (not the drop counters)."""
-        done = self.world.srv.run("nft", "-j", "list", "table", "inet", table, check=False)
-        if done.returncode != 0:
-            return []
-        found = []
-        for item in json.loads(done.stdout)["nftables"]:
-            spec = item.get("set")
-            if spec is None or spec["name"].startswith("drops_"):
-                continue  # the drop counters are not grants
-            for elem in spec.get("elem", []):
-                value = elem["elem"]["val"] if isinstance(elem, dict) else elem
-                if isinstance(value, dict) and "concat" in value:  # a named gateway's pair
-                    value = " . ".join(map(str, value["concat"]))
-                found.append(f"{spec['name']} {value}")
-        return sorted(found)
+        return nft_elements(self.world.srv, table)
+
+
+def nft_elements(ns: Namespace, table: str = "spa") -> list[str]:
+    """Every grant in the sets of nftables table inet `table` in `ns`, as
+    `set address` (not the drop counters); none where the table is missing."""
+    done = ns.run("nft", "-j", "list", "table", "inet", table, check=False)
+    if done.returncode != 0:
+        return []
+    found = []
+    for item in json.loads(done.stdout)["nftables"]:
+        spec = item.get("set")
+        if spec is None or spec["name"].startswith("drops_"):
+            continue  # the drop counters are not grants
+        for elem in spec.get("elem", []):
+            value = elem["elem"]["val"] if isinstance(elem, dict) else elem
+            if isinstance(value, dict) and "concat" in value:  # a named gateway's pair
+                value = " . ".join(map(str, value["concat"]))
+            found.append(f"{spec['name']} {value}")
+    return sorted(found)
 
 
 @contextlib.contextmanager
