@@ -5,6 +5,7 @@ test sees the verdict when `handle` returns."""
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 import re
@@ -47,17 +48,23 @@ class Group:
     worlds: dict[str, World] = field(default_factory=dict)
     links: dict[str, GroupLink] = field(default_factory=dict)
     secrets: dict[str, bytes] = field(default_factory=dict)
+    otp_secrets: dict[str, str] = field(default_factory=dict)  # client -> base32 TOTP secret
     server_id: bytes = b""
     group: str = GROUP
     # member name -> its own store (default: `kv`, shared)
     stores: dict[str, KV] = field(default_factory=dict)
 
-    def member(self, name: str, mode: OnStoreDown = OnStoreDown.FAIL_CLOSED) -> Server:
+    def member(self, name: str, mode: OnStoreDown = OnStoreDown.FAIL_CLOSED, *,
+               config: str = "") -> Server:
         """A started server that is member `name` (the first one's init sets
-        the group's server id; the others take it)."""
+        the group's server id; the others take it); `config` is added to its
+        config file (e.g. a service of its own)."""
         world = World(self.root / name, clock=self.clock)
         world.root.mkdir(parents=True)
         world.init()
+        if config:
+            with world.config_path.open("a") as file:
+                file.write(config)
         if not self.worlds:
             from spa.server import config as config_mod
 
@@ -87,14 +94,19 @@ class Group:
                 world.server.shutdown()
                 world.server = None
 
-    def enroll(self, name: str, *services: str, enroll_by: float | None = None) -> None:
+    def enroll(self, name: str, *services: str, enroll_by: float | None = None,
+               otp: bool = False) -> None:
         """Write a client record, as `spa-server enroll` on a group will
-        (`enroll_by`: pending until its first knock, due by then)."""
+        (`enroll_by`: pending until its first knock, due by then; `otp`: it
+        must send an authenticator code, its secret in `otp_secrets`)."""
         secret = os.urandom(32)
         self.secrets[name] = secret
         due = "" if enroll_by is None else time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                          time.gmtime(enroll_by))
-        entry = ClientEntry(name, secret, tuple(services) or ("ssh", "https"), enroll_by=due)
+        if otp:
+            self.otp_secrets[name] = base64.b32encode(os.urandom(20)).decode()
+        entry = ClientEntry(name, secret, tuple(services) or ("ssh", "https"), enroll_by=due,
+                            otp_secret=self.otp_secrets.get(name, ""))
         self.kv.put(layout.client_key(self.group, name).encode(),
                     client_record(entry, self.server_id))
 
@@ -103,8 +115,8 @@ class Group:
                     encode_revocation(Revocation(name, int(self.clock.now), close)))
 
     def packet(self, client: str, service: str = "ssh", *, duration: int = 60,
-               action: Action = Action.OPEN) -> bytes:
-        request = Request(int(self.clock.now * 1000), action, service, duration, None, "")
+               action: Action = Action.OPEN, otp: str = "") -> bytes:
+        request = Request(int(self.clock.now * 1000), action, service, duration, None, otp)
         return build_packet(request, derive_keys(self.secrets[client], self.server_id),
                             self.server_id, nonce=os.urandom(24))
 
