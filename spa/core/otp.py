@@ -63,6 +63,10 @@ class OtpChecker:
     def last_steps(self) -> dict[str, int]:
         return dict(self._last)
 
+    def last_step(self, client: str) -> int | None:
+        """The time step of the last code this client used (None: none yet)."""
+        return self._last.get(client)
+
     def check(self, client: str, code: str, now: float) -> Reason | None:
         """None if the client needs no code or this one is good (it is then
         used up); else the refusal reason."""

@@ -78,6 +78,9 @@ class Accepted(NamedTuple):
     request: Request
     decision: Decision
     source: IPAddress
+    # the time step of the authenticator code this packet used up (None: it
+    # carried none); a group member claims it at every member (spa.group.otpclaim)
+    otp_step: int | None = None
 
 
 class Refused(NamedTuple):
@@ -274,9 +277,12 @@ class Verifier:
         decision = self.policy.decide(client, request, address)
         if isinstance(decision, Reason):
             return Refused(decision, client)
+        step = None
         if request.action is Action.OPEN:
             refusal = self.otp.check(client, request.otp, now)
             if refusal is not None:
                 return Refused(refusal, client)
+            if self.otp.required(client):
+                step = self.otp.last_step(client)
         limiter.trust(client, source, now)  # only a knock that passed everything
-        return Accepted(client, request, decision, address)
+        return Accepted(client, request, decision, address, step)

@@ -12,6 +12,9 @@ Invariants (docs/groups.md, "Claims", "When etcd cannot be reached",
   by on_store_down (spa.group.policy): `group_unreachable` by default, or a
   grant counted and logged as unclaimed (local_only).  A claim etcd
   refuses (its RBAC: the member may not write claims/) is never a grant.
+- A packet that used up an authenticator code claims the code's time step
+  too, once its nonce is claimed (spa.group.otpclaim): a step another member
+  used is refused `otp_reused`.
 - Claims run on a pool of threads (`executor`), never on the receive thread:
   a slow or unreachable etcd delays the knocks being claimed, by at most the
   store's deadline, and never the packets of other clients behind them.
@@ -32,7 +35,8 @@ from spa.core.wire import Action
 from spa.group import layout
 from spa.group.kv import KV, StoreError, StorePermissionError, StoreUnavailableError
 from spa.group.member import MemberHooks
-from spa.group.policy import ClaimResult, OnStoreDown, Verdict, decide
+from spa.group.otpclaim import claim_step
+from spa.group.policy import ClaimResult, OnStoreDown, Verdict, decide, decide_otp
 from spa.group.records import (
     Activation,
     Claim,
@@ -87,7 +91,7 @@ class Claimer:
         self._lock = threading.Lock()
         self.store_down = False
         self.counts = {"claimed": 0, "replay": 0, "unreachable": 0, "unclaimed_grants": 0,
-                       "leases_shared": 0, "leases_not_shared": 0}
+                       "otp_reused": 0, "leases_shared": 0, "leases_not_shared": 0}
 
     def submit(self, accepted: list[Accepted], nonces: list[bytes]) -> list[Accepted]:
         """Receive thread: hand over the batch's accepted packets (with their
@@ -127,12 +131,29 @@ class Claimer:
         self._store_is(down=False)
         return ClaimResult.CREATED if created else ClaimResult.EXISTS
 
+    def claim_otp(self, client: str, step: int, now: float) -> ClaimResult:
+        """Use up an authenticator code's step at every member (spa.group.otpclaim);
+        raises StorePermissionError as `claim` does."""
+        try:
+            created = claim_step(self.kv, self.group, client, step, self.member, now)
+        except StorePermissionError as exc:
+            self._store_is(down=True, why=exc)
+            raise
+        except StoreError as exc:
+            self._store_is(down=True, why=exc)
+            return ClaimResult.UNREACHABLE
+        return ClaimResult.CREATED if created else ClaimResult.EXISTS
+
     def settle(self, result: Accepted, nonce: bytes) -> Verdict:
-        """Claim one accepted packet, then grant or refuse it as the verdict says."""
+        """Claim one accepted packet (and its authenticator code's step), then
+        grant or refuse it as the verdict says."""
         sent = result.request.timestamp_ms / 1000
         try:
             verdict = decide(self.claim(result.client, nonce, sent, self.clock()),
                              self.on_store_down)
+            if verdict is Verdict.GRANT and result.otp_step is not None:
+                verdict = decide_otp(self.claim_otp(result.client, result.otp_step,
+                                                    self.clock()), self.on_store_down)
         except StorePermissionError:  # a member refused its own claims: no grant, ever
             verdict = Verdict.REFUSE_UNREACHABLE
         now = self.clock()
@@ -195,7 +216,8 @@ class Claimer:
     def _count(self, verdict: Verdict) -> None:
         self._bump({Verdict.GRANT: "claimed", Verdict.REFUSE_REPLAY: "replay",
                     Verdict.REFUSE_UNREACHABLE: "unreachable",
-                    Verdict.GRANT_UNCLAIMED: "unclaimed_grants"}[verdict])
+                    Verdict.GRANT_UNCLAIMED: "unclaimed_grants",
+                    Verdict.REFUSE_OTP_REUSED: "otp_reused"}[verdict])
 
     def _bump(self, name: str) -> None:
         with self._lock:

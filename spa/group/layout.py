@@ -33,6 +33,8 @@ MAX_MEMBER_NAME = 64  # characters of a member name (a host name fits)
 _GROUP_RE = re.compile(rf"[a-z0-9][a-z0-9_-]{{0,{MAX_GROUP_NAME - 1}}}")
 _MEMBER_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_MEMBER_NAME - 1}}}")
 _NONCE_RE = re.compile(rf"[0-9a-f]{{{2 * NONCE_SIZE}}}")
+OTP_STEP_MAX = 10**12 - 1  # 30 s steps: past year 9999, and no more digits than that
+_OTP_STEP_RE = re.compile(r"otp-(0|[1-9][0-9]{0,11})")
 
 
 class GroupNameError(ValueError):
@@ -181,6 +183,16 @@ def claim_key(group: str, client: str, nonce: bytes) -> str:
     return client_claims_prefix(group, client) + nonce_hex(nonce)
 
 
+def otp_claim_key(group: str, client: str, step: int) -> str:
+    """The key a member creates (only if absent) to use up the time step of
+    a client's authenticator code at every member: `otp-<step>` beside the
+    client's nonce claims (a member's role already writes claims/).
+    Raises GroupNameError."""
+    if type(step) is not int or not 0 <= step <= OTP_STEP_MAX:
+        raise GroupNameError(f"an authenticator step is a whole number 0 to {OTP_STEP_MAX}")
+    return f"{client_claims_prefix(group, client)}otp-{step}"
+
+
 def parse_key(group: str, key: str) -> KeyRef:
     """What a key of `group` holds (the inverse of the functions above), e.g.
     for a watch event.  Raises GroupNameError for a key of another group, of
@@ -206,9 +218,9 @@ def parse_key(group: str, key: str) -> KeyRef:
         check_service(parts[2])
     elif kind is Kind.CLAIM and len(parts) == 2:
         check_client(parts[0])
-        if _NONCE_RE.fullmatch(parts[1]) is None:
+        if _NONCE_RE.fullmatch(parts[1]) is None and _OTP_STEP_RE.fullmatch(parts[1]) is None:
             raise GroupNameError(f"key {_shown(key)}: a claim ends in {2 * NONCE_SIZE} "
-                                 "lower-case hex digits")
+                                 "lower-case hex digits or otp-<step>")
     else:
         raise GroupNameError(f"key {_shown(key)}: wrong number of parts for {kind.value}")
     return KeyRef(kind, parts)

@@ -53,6 +53,7 @@ class Verdict(enum.Enum):
     GRANT_UNCLAIMED = "grant_unclaimed"  # local_only with etcd down: log and count it
     REFUSE_REPLAY = "refuse_replay"
     REFUSE_UNREACHABLE = "refuse_unreachable"
+    REFUSE_OTP_REUSED = "refuse_otp_reused"  # the code's step was used at a member already
 
     @property
     def granted(self) -> bool:
@@ -65,7 +66,8 @@ class Verdict(enum.Enum):
 
 
 _REASONS = {Verdict.REFUSE_REPLAY: Reason.REPLAY,
-            Verdict.REFUSE_UNREACHABLE: Reason.GROUP_UNREACHABLE}
+            Verdict.REFUSE_UNREACHABLE: Reason.GROUP_UNREACHABLE,
+            Verdict.REFUSE_OTP_REUSED: Reason.OTP_REUSED}
 
 
 def decide(result: ClaimResult, on_store_down: OnStoreDown) -> Verdict:
@@ -78,6 +80,15 @@ def decide(result: ClaimResult, on_store_down: OnStoreDown) -> Verdict:
     if on_store_down is OnStoreDown.LOCAL_ONLY:
         return Verdict.GRANT_UNCLAIMED
     return Verdict.REFUSE_UNREACHABLE
+
+
+def decide_otp(result: ClaimResult, on_store_down: OnStoreDown) -> Verdict:
+    """The verdict once the packet's nonce is claimed, given how the claim on
+    its authenticator code's step ended (spa.group.otpclaim): a step some
+    member used already is `otp_reused`, as on one server."""
+    if result is ClaimResult.EXISTS:
+        return Verdict.REFUSE_OTP_REUSED
+    return decide(result, on_store_down)
 
 
 def parse_on_store_down(text: str) -> OnStoreDown:

@@ -26,6 +26,7 @@ from spa.group.policy import (
     OnStoreDown,
     Verdict,
     decide,
+    decide_otp,
     parse_on_store_down,
 )
 from spa.group.records import MAX_TTL, MEMBER_SKEW, LeaseRecord, claim_ttl, claim_until, lease_ttl
@@ -137,6 +138,8 @@ def test_parse_key_inverts_every_key_function() -> None:
         layout.member_key("g1", "m.example"): KeyRef(Kind.MEMBER, ("m.example",)),
         layout.lease_key("g1", "a", V6, "ssh"): KeyRef(Kind.LEASE, ("a", "2001:db8::1", "ssh")),
         layout.claim_key("g1", "a", NONCE): KeyRef(Kind.CLAIM, ("a", NONCE.hex())),
+        layout.otp_claim_key("g1", "a", 0): KeyRef(Kind.CLAIM, ("a", "otp-0")),
+        layout.otp_claim_key("g1", "a", 60_000_000): KeyRef(Kind.CLAIM, ("a", "otp-60000000")),
     }
     for key, ref in cases.items():
         assert layout.parse_key("g1", key) == ref
@@ -150,6 +153,9 @@ def test_parse_key_inverts_every_key_function() -> None:
     "/spa/groups/g1/leases/a/203.0.113.7/SSH", "/spa/groups/g1/leases/a/203.0.113.7",
     "/spa/groups/g1/claims/a/" + NONCE.hex().upper(), "/spa/groups/g1/claims/a/00",
     "/spa/groups/g1/claims/a/" + NONCE.hex() + "/x", "/spa/groups/g1/members/m/../x",
+    "/spa/groups/g1/claims/a/otp-", "/spa/groups/g1/claims/a/otp-01",
+    "/spa/groups/g1/claims/a/otp--1", "/spa/groups/g1/claims/a/otp-1000000000000",
+    "/spa/groups/g1/claims/a/OTP-1", "/spa/groups/g1/claims/a/otp-1/x",
     "spa/groups/g1/meta",
 ])
 def test_parse_key_refuses_what_no_key_function_makes(key: str) -> None:
@@ -312,6 +318,12 @@ def test_verdicts_carry_the_reasons_events_and_metrics_count() -> None:
     assert decide(ClaimResult.UNREACHABLE, DEFAULT_ON_STORE_DOWN).reason is (
         Reason.GROUP_UNREACHABLE)
     assert Verdict.REFUSE_REPLAY.reason is Reason.REPLAY  # spa_replays counts it
+    # an authenticator step another member used: as on one server
+    assert decide_otp(ClaimResult.EXISTS, OnStoreDown.LOCAL_ONLY).reason is Reason.OTP_REUSED
+    for result in ClaimResult:
+        if result is not ClaimResult.EXISTS:
+            for mode in OnStoreDown:
+                assert decide_otp(result, mode) is decide(result, mode)
     assert [v for v in Verdict if v.granted] == [Verdict.GRANT, Verdict.GRANT_UNCLAIMED]
     assert all((v.reason is None) == v.granted for v in Verdict)
     assert str(Reason.GROUP_UNREACHABLE) == "group_unreachable"

@@ -8,13 +8,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyotp
 import pytest
 
+from spa.core.otp import DRIFT, STEP
 from spa.group import layout
 from spa.group.memory import MemoryStore
-from spa.group.records import LeaseRecord, encode_lease
-from tests.group_world import ADDRESS, SOURCE, Group
-from tests.server_world import FakeClock
+from spa.group.otpclaim import otp_claim_ttl, otp_claim_until
+from spa.group.records import MEMBER_SKEW, LeaseRecord, encode_lease
+from tests.group_world import ADDRESS, GROUP, SOURCE, Group
+from tests.server_world import START, FakeClock
 
 NAMED = ('\n[services.db]\nport = 22\ndefault_duration = 60\nmax_duration = 300\n'
          'host = "db.internal"\n')
@@ -50,3 +53,47 @@ def test_another_members_lease_of_a_named_gateway_service_is_logged_not_installe
     group.settle()
     assert group.grants("b") == {(SOURCE, "ssh")}
     assert group.worlds["b"].backend.grants[(ADDRESS, "ssh")] == pytest.approx(until)
+
+
+def _code(group: Group, client: str, at: float) -> str:
+    return pyotp.TOTP(group.otp_secrets[client]).at(at)
+
+
+def test_an_authenticator_code_used_at_one_member_is_refused_at_another(group: Group) -> None:
+    a, b, c = group.member("a"), group.member("b"), group.member("c")
+    group.enroll("alice", otp=True)
+    group.settle()
+    now = group.clock.now
+    code = _code(group, "alice", now)
+    a.handle(group.packet("alice", otp=code), SOURCE)
+    assert group.grants("a") == {(SOURCE, "ssh")}
+    # a new packet (new nonce) with the same code: b's own checker never saw it
+    b.handle(group.packet("alice", otp=code), SOURCE)
+    assert group.refusals("b") == [("otp_reused", "alice")]
+    assert group.links["b"].claimer.counts["otp_reused"] == 1
+    assert [e.outcome for e in group.worlds["b"].events()].count("accepted") == 0
+    # as on one server, the earlier code still in the drift window is spent too
+    c.handle(group.packet("alice", otp=_code(group, "alice", now - STEP)), SOURCE)
+    assert group.refusals("c") == [("otp_reused", "alice")]
+    assert group.links["c"].claimer.counts["otp_reused"] == 1
+    # the next code is alice's to use, at any member
+    group.clock.advance(STEP)
+    b.handle(group.packet("alice", "https", otp=_code(group, "alice", group.clock.now)), SOURCE)
+    assert (ADDRESS, "https") in group.worlds["b"].backend.grants
+    assert [group.links[m].claimer.counts["claimed"] for m in "abc"] == [1, 1, 0]
+
+
+def test_an_authenticator_step_claim_lasts_while_any_member_could_accept_its_code() -> None:
+    step = int(START // STEP)
+    until = otp_claim_until(step)
+    # a member whose clock is MEMBER_SKEW behind still accepts the code until then
+    behind = until - MEMBER_SKEW - 0.001
+    assert step in range(int(behind // STEP) - DRIFT, int(behind // STEP) + DRIFT + 1)
+    assert step not in range(int((until - MEMBER_SKEW) // STEP) - DRIFT,
+                             int((until - MEMBER_SKEW) // STEP) + DRIFT + 1)
+    assert otp_claim_ttl(step, START) >= until - START
+    assert layout.parse_key(GROUP, layout.otp_claim_key(GROUP, "alice", step)) == (
+        layout.KeyRef(layout.Kind.CLAIM, ("alice", f"otp-{step}")))
+    for bad in (-1, layout.OTP_STEP_MAX + 1, True):
+        with pytest.raises(layout.GroupNameError):
+            layout.otp_claim_key(GROUP, "alice", bad)
