@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pyotp
 import pytest
 
 from tests.etcd_world import EtcdCluster
@@ -103,3 +104,20 @@ def test_without_quorum_members_fail_closed_keep_their_table_and_recover_over_et
 
     assert _until(closed_everywhere)
     assert "alice" not in m1.verifier.tags.clients | m2.verifier.tags.clients
+
+
+def test_an_authenticator_code_used_at_one_member_is_refused_at_another_over_etcd(
+        group: Group) -> None:
+    m1, m2 = group.member("m1"), group.member("m2")
+    group.enroll("alice", otp=True)
+    assert _until(lambda: all(link.member.clients == {"alice"}
+                              for link in group.links.values()))
+    group.settle()
+    code = pyotp.TOTP(group.otp_secrets["alice"]).at(group.clock.now)
+    m1.handle(group.packet("alice", otp=code), SOURCE)
+    assert group.grants("m1") == {(SOURCE, "ssh")}
+    m2.handle(group.packet("alice", "https", otp=code), SOURCE)  # a new packet, the same code
+    assert group.refusals("m2") == [("otp_reused", "alice")]
+    assert (SOURCE, "https") not in group.grants("m2")
+    # the members' roles write the step's key as they write nonce claims
+    assert [link.claimer.counts["claimed"] for link in group.links.values()] == [1, 0]
