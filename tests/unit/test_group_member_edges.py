@@ -5,18 +5,25 @@ code used at one member and sent to another (docs/groups.md)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyotp
 import pytest
 
+from spa.core.errors import Reason
+from spa.core.keys import MASTER_SECRET_SIZE, derive_keys
 from spa.core.otp import DRIFT, STEP
+from spa.core.verify import Accepted, Refused
+from spa.core.wire import Action, Request, build_packet
 from spa.group import layout
 from spa.group.memory import MemoryStore
 from spa.group.otpclaim import otp_claim_ttl, otp_claim_until
 from spa.group.records import MEMBER_SKEW, LeaseRecord, encode_lease
-from tests.group_world import ADDRESS, GROUP, SOURCE, Group
+from spa.server import admin_group
+from spa.server import config as config_mod
+from tests.group_world import ADDRESS, GROUP, SOURCE, Group, settings
 from tests.server_world import START, FakeClock
 
 NAMED = ('\n[services.db]\nport = 22\ndefault_duration = 60\nmax_duration = 300\n'
@@ -97,3 +104,63 @@ def test_an_authenticator_step_claim_lasts_while_any_member_could_accept_its_cod
     for bad in (-1, layout.OTP_STEP_MAX + 1, True):
         with pytest.raises(layout.GroupNameError):
             layout.otp_claim_key(GROUP, "alice", bad)
+
+
+def _knock(group: Group, secret: bytes, service: str = "ssh") -> bytes:
+    request = Request(int(group.clock.now * 1000), Action.OPEN, service, 60, None, "")
+    return build_packet(request, derive_keys(secret, group.server_id), group.server_id,
+                        nonce=os.urandom(24))
+
+
+def _rotate(group: Group, grace: float) -> bytes:
+    """`spa-server rotate alice` on member a's config: the new secret."""
+    new = os.urandom(MASTER_SECRET_SIZE)
+    config = config_mod.load(group.worlds["a"].config_path)
+    admin_group.rotate(group.kv, settings("a"), "a", config, "alice", grace=grace,
+                       now=group.clock.now, endpoint="gw.example", random=lambda n: new[:n])
+    return new
+
+
+def _granted(result: Accepted | Refused) -> bool:
+    return isinstance(result, Accepted)
+
+
+def test_a_rotation_without_grace_stops_the_old_key_as_each_member_applies_it(
+        group: Group) -> None:
+    a, b = group.member("a"), group.member("b")
+    group.enroll("alice")
+    group.settle()
+    old = group.secrets["alice"]
+    new = _rotate(group, grace=0)
+    # in etcd now, not yet switched on the members' receive threads: the old
+    # key is still taken there, the new one not yet (its tag is unknown)
+    assert _granted(b.handle(_knock(group, old), SOURCE))
+    assert b.handle(_knock(group, new, "https"), SOURCE) == Refused(Reason.UNKNOWN_TAG)
+    group.settle()  # each member's receive thread applies the rotation
+    for member in (a, b):
+        assert member.handle(_knock(group, old), SOURCE) == Refused(Reason.UNKNOWN_TAG)
+        assert _granted(member.handle(_knock(group, new), SOURCE))
+
+
+def test_a_rotation_with_grace_takes_both_keys_until_the_grace_ends_at_every_member(
+        group: Group) -> None:
+    a, b = group.member("a"), group.member("b")
+    group.enroll("alice")
+    group.settle()
+    old = group.secrets["alice"]
+    new = _rotate(group, grace=600)
+    group.settle()
+    assert _granted(a.handle(_knock(group, old), SOURCE))
+    assert _granted(b.handle(_knock(group, new), SOURCE))
+    group.clock.advance(599)
+    for link in group.links.values():
+        link.member.tick()
+    group.settle()
+    assert _granted(b.handle(_knock(group, old), SOURCE))  # the grace lasts
+    group.clock.advance(2)  # past ceil(rotation + 600), on the members' clock
+    for link in group.links.values():
+        link.member.tick()  # the member thread's next round ends the grace
+    group.settle()
+    for member in (a, b):
+        assert member.handle(_knock(group, old), SOURCE) == Refused(Reason.UNKNOWN_TAG)
+        assert _granted(member.handle(_knock(group, new, "https"), SOURCE))
