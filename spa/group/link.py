@@ -58,6 +58,7 @@ class GroupLink:
         except StoreError as exc:
             self.server.log(f"error group {self.settings.name}: {exc} (serving this server's "
                             "own clients; the group's once etcd answers)")
+            self.member.read_failed(exc, self.server.clock(), said=True)  # one line an outage
             return
         except MemberError as exc:
             from spa.server.errors import LocalError

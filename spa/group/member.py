@@ -12,6 +12,9 @@ Invariants (docs/groups.md, "Members"):
   daemon's own client store takes (ClientDelta, hooks.apply_client_delta):
   a record, revocation or activation added, changed or removed is one delta.
   A revocation with close ends the client's leases at this member too.
+- At the first read, the leases the server restored at start for clients
+  not in its own store (a member restarted) stay only if the group holds
+  them (hooks.confirm_restored): one closed elsewhere meanwhile ends.
 - Another member's lease (leases/<c>/<address>/<service>, its `member` not
   ours) is installed in this member's firewall with the same end
   (hooks.install_lease); its key's deletion removes it here.  Our own
@@ -26,7 +29,7 @@ Invariants (docs/groups.md, "Members"):
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Protocol
 
 from spa.core.errors import Reason
@@ -64,6 +67,8 @@ class MemberHooks(Protocol):
     def install_lease(self, lease: LeaseRecord) -> None: ...
 
     def remove_lease(self, client: str, address: IPAddress, service: str) -> None: ...
+
+    def confirm_restored(self, live: Collection[tuple[str, IPAddress, str]]) -> None: ...
 
     def grant_claimed(self, result: Accepted, now: float) -> None: ...
 
@@ -125,6 +130,8 @@ class GroupMember:
             for key in [k for k in self._remote if k not in seen]:
                 self._drop_lease(key)
             self._apply(set(self._views) | set(self._records_names()))
+            if not self.loaded:  # the leases the server restored at start: the group's still?
+                self.hooks.confirm_restored(_live_leases(self.group, seen))
             if self.loaded:
                 self.resyncs += 1
             self.loaded, self.revision = True, revision
@@ -170,16 +177,21 @@ class GroupMember:
         try:
             self.load()
         except (StoreError, MemberError) as exc:
-            self._retry_at = now + self._pause
-            self._pause = min(self._pause * 2, MAX_RETRY_PAUSE)
-            if self._failing is None:
-                self.log(f"error group {self.group}: {exc} (keeping the clients and leases "
-                         "this member has; trying again)")
-            self._failing = str(exc)
+            self.read_failed(exc, now)
             return
         self._failing, self._retry_at, self._pause = None, 0.0, TICK
         self.log(f"group {self.group}: read at revision {self.revision} "
                  f"clients={len(self._views)} leases from other members={len(self._remote)}")
+
+    def read_failed(self, exc: Exception, now: float, *, said: bool = False) -> None:
+        """A read got no answer: try again after a growing pause, and say so
+        once per outage (`said`: the caller said it already)."""
+        self._retry_at = now + self._pause
+        self._pause = min(self._pause * 2, MAX_RETRY_PAUSE)
+        if self._failing is None and not said:
+            self.log(f"error group {self.group}: {exc} (keeping the clients and leases "
+                     "this member has; trying again)")
+        self._failing = str(exc)
 
     def run(self, stop: threading.Event) -> None:
         while not stop.wait(TICK):
@@ -323,6 +335,19 @@ class GroupMember:
     @property
     def remote_leases(self) -> dict[str, LeaseRecord]:
         return dict(self._remote)
+
+
+def _live_leases(group: str, keys: set[str]) -> set[tuple[str, IPAddress, str]]:
+    """(client, address, service) of every lease key among `keys`."""
+    live = set()
+    for key in keys:
+        try:
+            ref = layout.parse_key(group, key)
+        except GroupNameError:
+            continue
+        if ref.kind is Kind.LEASE:
+            live.add((ref.parts[0], layout.check_address(ref.parts[1]), ref.parts[2]))
+    return live
 
 
 def _what(group: str, key: str) -> str:

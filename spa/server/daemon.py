@@ -43,7 +43,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -208,6 +208,8 @@ class Server:
         self._pending: set[str] = set()
         self._activated_dirty = False
         self._otp_dirty = False
+        # a member's restored leases of the group's clients, until the group's first read
+        self._unconfirmed: set[tuple[str, IPAddress, str]] = set()
         self._trust_saved = 0  # the limiter's trust_revision last saved
         self._last_trust_save = 0.0
         self._pending_trust: list[TrustEntry] | None = None  # snapshot to write
@@ -262,12 +264,21 @@ class Server:
                                  window=self.config.window, replay=replay, otp=otp,
                                  limiter=limiter, warm_later=True)
         closed = {n for n, c in self.config.clients.items() if c.close_leases}
-        restored = restore_saved(self.state.load_leases(), clients=self.config.clients,
+        group = self.config.group
+        restored = restore_saved(self.state.load_leases(),
+                                 clients=self.config.clients if group is None else _AnyName(),
                                  max_durations=max_durations(self.config.services), now=now,
                                  named=named_services(self.config.services))
         if restored.note():
             self.log(f"warning {restored.note()}")
         saved = [lease for lease in restored.kept if lease.client not in closed]
+        if group is not None:  # a member: its leases of the group's clients, until the group says
+            self._unconfirmed = {(lease.client, lease.address, lease.service) for lease in saved
+                                 if lease.client not in self.config.clients}
+            if self._unconfirmed:
+                self.log(f"group {group.name}: {len(self._unconfirmed)} leases of the group's "
+                         "clients restored from the state directory (the group's first read "
+                         "keeps those it still holds)")
         self.leases = LeaseTable.from_leases(saved, now=now)
         self.events = EventSink(self.state.files / EVENTS_DB, self.log,
                                 retention_days=self.config.event_retention_days)
@@ -714,6 +725,18 @@ class Server:
             self._change_leases(lambda: self.leases.grant(
                 lease.client, lease.address, lease.service, now=now, duration=lease.until - now),
                 now)
+
+    def confirm_restored(self, live: Collection[tuple[str, IPAddress, str]]) -> None:
+        """The group's first read (spa.group.member): a lease of a group client
+        restored at start stays only if the group still holds it (`live`: the
+        (client, address, service) of its leases/ keys); one closed at another
+        member, or whose client is gone, while this one was down ends now."""
+        stale, self._unconfirmed = self._unconfirmed - set(live), set()
+        for client, address, service in sorted(stale, key=str):
+            self.remove_lease(client, address, service)
+        if stale:
+            self.log(f"group: {len(stale)} leases restored at start are not the group's any "
+                     "more (closed at another member, or their client gone): removed")
 
     def remove_lease(self, client: str, address: IPAddress, service: str) -> None:
         """A lease the group no longer holds (closed or revoked elsewhere)."""
@@ -1289,6 +1312,14 @@ class Server:
         if services != dict(old.services):
             self.log(self._gate_line(services))
             self._check_host(self.clock(), force=True)
+
+
+class _AnyName:
+    """Every client name (a member restores its leases of the group's clients,
+    whom its own store does not know: spa.core.leases.restore_saved)."""
+
+    def __contains__(self, name: object) -> bool:
+        return True
 
 
 def _percentiles(samples: list[tuple[float, int]]) -> str:

@@ -18,11 +18,14 @@ from spa.core.otp import DRIFT, STEP
 from spa.core.verify import Accepted, Refused
 from spa.core.wire import Action, Request, build_packet
 from spa.group import layout
+from spa.group.claims import Inline
+from spa.group.link import GroupLink
 from spa.group.memory import MemoryStore
 from spa.group.otpclaim import otp_claim_ttl, otp_claim_until
 from spa.group.records import MEMBER_SKEW, LeaseRecord, encode_lease
 from spa.server import admin_group
 from spa.server import config as config_mod
+from spa.server.daemon import Server
 from tests.group_world import ADDRESS, GROUP, SOURCE, Group, settings
 from tests.server_world import START, FakeClock
 
@@ -164,3 +167,78 @@ def test_a_rotation_with_grace_takes_both_keys_until_the_grace_ends_at_every_mem
     for member in (a, b):
         assert member.handle(_knock(group, old), SOURCE) == Refused(Reason.UNKNOWN_TAG)
         assert _granted(member.handle(_knock(group, new, "https"), SOURCE))
+
+
+def _group_table(member: str) -> str:
+    """A member's [group] table (its files are never read here: the store is given)."""
+    return (f'\n[group]\nname = "{GROUP}"\nmember = "{member}"\n'
+            'endpoints = ["https://192.0.2.1:2379"]\nca_file = "etcd/ca.crt"\n'
+            f'cert_file = "etcd/{member}.crt"\nkey_file = "etcd/{member}.key"\n'
+            f'user = "{member}"\npassword_file = "etcd/password"\n')
+
+
+def _stop(group: Group, name: str) -> None:
+    server = group.worlds[name].server
+    assert server is not None
+    server.shutdown()  # (its link too: a companion)
+    group.worlds[name].server = None
+
+
+def _start_again(group: Group, name: str) -> Server:
+    """Start member `name` again on its state, as the runner does (its config
+    now with its [group] table), on the store as it is."""
+    world = group.worlds[name]
+    with world.config_path.open("a") as file:
+        file.write(_group_table(name))
+    server = world.start()
+    link = GroupLink(server, group.kv, settings(name), executor=Inline())
+    link.start()
+    server.run_commands()
+    group.links[name] = link
+    return server
+
+
+def test_a_member_restarted_while_etcd_is_down_keeps_its_leases_and_recovers(
+        group: Group) -> None:
+    a, b = group.member("a"), group.member("b")
+    group.worlds["a"].enroll("carol")  # a's own client, in its own store
+    a.housekeeping()
+    group.enroll("alice")
+    group.enroll("bob")
+    group.settle()
+    a.handle(group.packet("alice", duration=300), SOURCE)
+    a.handle(group.packet("bob", "https", duration=300), "192.0.2.20")
+    assert group.grants("a") == {(SOURCE, "ssh"), ("192.0.2.20", "https")}
+    a.housekeeping()  # the state is saved
+    _stop(group, "a")
+    b.handle(group.packet("bob", "https", duration=0, action=Action.CLOSE), "192.0.2.20")
+    group.kv.unreachable = True  # type: ignore[attr-defined]
+    group.clock.advance(10)
+    a = _start_again(group, "a")
+    logs = group.worlds["a"].logs
+    # it starts, and keeps its leases of the group's clients with their ends
+    assert group.grants("a") == {(SOURCE, "ssh"), ("192.0.2.20", "https")}
+    assert group.worlds["a"].backend.grants[(ADDRESS, "ssh")] == pytest.approx(
+        START + 300)
+    # fail closed for the group's clients (no table until the group is read),
+    # its own client served as ever
+    a.handle(group.packet("alice", "https"), SOURCE)
+    assert group.refusals("a")[-1] == ("unknown_tag", None)
+    assert isinstance(a.handle(group.worlds["a"].packet("carol", "https"), "192.0.2.30"),
+                      Accepted)
+    for _ in range(10):  # still down: said once, at the start
+        group.links["a"].member.tick()
+        group.clock.advance(0.5)
+    assert [line for line in logs if line.startswith("error group")] == [
+        next(line for line in logs if "serving this server's own clients" in line)]
+    group.kv.unreachable = False  # type: ignore[attr-defined]
+    group.clock.advance(5)
+    group.links["a"].member.tick()
+    group.settle()
+    assert any(line.startswith("group g1: read at revision") for line in logs)
+    # the group's first read: the lease closed at b meanwhile ends, alice's stays
+    assert group.grants("a") == {(SOURCE, "ssh"), ("192.0.2.30", "https")}
+    assert any("1 leases restored at start are not the group's any more" in line
+               for line in logs)
+    a.handle(group.packet("alice", "https"), SOURCE)
+    assert (SOURCE, "https") in group.grants("a")
