@@ -27,6 +27,8 @@ from spa.group.settings import GroupSettings
 if TYPE_CHECKING:
     from spa.server.daemon import Server
 
+FACT = "group"  # the lock file's key for facts() (spa.server.state: running_server)
+
 
 class GroupLink:
     """The daemon's companion for its group (spa.server.daemon.Companion)."""
@@ -46,6 +48,7 @@ class GroupLink:
                                pending=self.member.pending, covers=self.member.covers)
         self.presence = Presence(kv, group=settings.name, member=settings.member,
                                  started=server.clock(), log=log)
+        self._said: dict[str, object] = {}  # the facts last handed to the daemon
         server.claims = self.claimer
         server.companions.append(self)
 
@@ -59,6 +62,8 @@ class GroupLink:
             self.server.log(f"error group {self.settings.name}: {exc} (serving this server's "
                             "own clients; the group's once etcd answers)")
             self.member.read_failed(exc, self.server.clock(), said=True)  # one line an outage
+            self._said = self.facts()
+            self.server.set_fact(FACT, self._said)
             return
         except MemberError as exc:
             from spa.server.errors import LocalError
@@ -68,6 +73,18 @@ class GroupLink:
                         f"clients={len(self.member.clients)} on_store_down="
                         f"{self.settings.on_store_down}")
         self.presence.tick()
+        self._said = self.facts()
+        self.server.set_fact(FACT, self._said)
+
+    def facts(self) -> dict[str, object]:
+        """What `status` and the dashboard say of the group (the lock file's
+        "group" fact): names, the clients this member runs, whether etcd
+        answered its last read and claim."""
+        return {"name": self.settings.name, "member": self.settings.member,
+                "clients": len(self.member.clients), "read": self.member.loaded,
+                "revision": self.member.revision, "on_store_down": str(self.settings.on_store_down),
+                "etcd": "unreachable" if self.claimer.store_down or self.member.failing
+                else "answering"}
 
     def serve(self, stop: threading.Event) -> None:
         threading.Thread(target=self.member.run, args=(stop,), name="spa-group",
@@ -77,7 +94,17 @@ class GroupLink:
 
     def _announce(self, stop: threading.Event) -> None:
         while not stop.wait(PRESENCE_EVERY):
-            self.presence.tick()
+            self.tick()
+
+    def tick(self) -> None:
+        """The presence thread's round: announce this member, and hand the
+        daemon the group's facts when they changed (the receive thread writes
+        them)."""
+        self.presence.tick()
+        facts = self.facts()
+        if facts != self._said:
+            self._said = facts
+            self.server.set_fact_soon(FACT, facts)
 
     def close(self) -> None:
         self.member.close()

@@ -317,6 +317,11 @@ class GroupMember:
 
     # ---- for status and tests ----------------------------------------------
 
+    @property
+    def failing(self) -> bool:
+        """Whether the last read of the group got no answer (etcd down)."""
+        return self._failing is not None
+
     def pending(self, client: str) -> int | None:
         """The enroll_by of a client still pending (None: not pending)."""
         view = self._views.get(client)

@@ -328,6 +328,10 @@ class Server:
         self._facts = {**self._facts, key: value}
         self.state.write_server(self._facts)
 
+    def set_fact_soon(self, key: str, value: object) -> None:
+        """set_fact, from a companion's thread: on the receive thread's next turn."""
+        self._commands.append(lambda: self.set_fact(key, value))
+
     def _gate_line(self, services: Mapping[str, Service]) -> str:
         """What the gate closes; the memory backend (a try-out) closes nothing."""
         if self.backend.name == "memory":

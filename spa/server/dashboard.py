@@ -232,6 +232,8 @@ def make_app(dash: Dashboard, *, listen: str = config_mod.DEFAULT_DASHBOARD_LIST
         session = request.session
         context.setdefault("flash", session.pop("flash", ""))
         context.setdefault("signed_in", True)
+        if context["signed_in"]:
+            context.setdefault("group", _group(dash))
         return templates.TemplateResponse(request, name, {"csrf": _csrf(session), **context},
                                           status_code=status)
 
@@ -433,6 +435,23 @@ def _query(dash: Dashboard, where: Filter) -> list[Any]:
         return query_events(dash.events_db(), where)
     except FileNotFoundError:
         return []
+
+
+def _group(dash: Dashboard) -> dict[str, Any] | None:
+    """The group this server is a member of, as the running daemon says
+    (spa.group.link's facts: its clients, etcd's state) or, when it does not
+    run, as the config names it; None for a standalone server."""
+    config = dash.config()
+    try:
+        facts = StateDir(config.state_dir).running_server() or {}
+    except LocalError:
+        facts = {}
+    found = facts.get("group")
+    if isinstance(found, dict) and isinstance(found.get("name"), str):
+        return found
+    if config.group is not None:
+        return {"name": config.group.name, "member": config.group.member}
+    return None
 
 
 def _leases(dash: Dashboard) -> dict[str, Any]:

@@ -6,11 +6,14 @@ code used at one member and sent to another (docs/groups.md)."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import nacl.pwhash
 import pyotp
 import pytest
+from starlette.testclient import TestClient
 
 from spa.core.errors import Reason
 from spa.core.keys import MASTER_SECRET_SIZE, derive_keys
@@ -23,11 +26,12 @@ from spa.group.link import GroupLink
 from spa.group.memory import MemoryStore
 from spa.group.otpclaim import otp_claim_ttl, otp_claim_until
 from spa.group.records import MEMBER_SKEW, LeaseRecord, encode_lease
-from spa.server import admin_group
+from spa.server import admin_group, webauth
 from spa.server import config as config_mod
 from spa.server.daemon import Server
+from spa.server.dashboard import Dashboard, make_app
 from tests.group_world import ADDRESS, GROUP, SOURCE, Group, settings
-from tests.server_world import START, FakeClock
+from tests.server_world import START, FakeClock, World
 
 NAMED = ('\n[services.db]\nport = 22\ndefault_duration = 60\nmax_duration = 300\n'
          'host = "db.internal"\n')
@@ -242,3 +246,67 @@ def test_a_member_restarted_while_etcd_is_down_keeps_its_leases_and_recovers(
                for line in logs)
     a.handle(group.packet("alice", "https"), SOURCE)
     assert (SOURCE, "https") in group.grants("a")
+
+
+def _dashboard(group: Group, member: str) -> TestClient:
+    """A signed-in dashboard on member `member`'s config and state."""
+    world = group.worlds[member]
+    webauth.save(world.root / "state", webauth.make_credentials(
+        "correct horse battery staple", opslimit=nacl.pwhash.argon2id.OPSLIMIT_MIN,
+        memlimit=nacl.pwhash.argon2id.MEMLIMIT_MIN))
+    http = TestClient(make_app(Dashboard(world.config_path, clock=group.clock, log=print)),
+                      base_url="http://127.0.0.1:9713")
+    found = re.search(r'name="csrf" value="([0-9a-f]+)"', http.get("/login").text)
+    assert found is not None
+    answer = http.post("/login", data={"csrf": found.group(1),
+                                       "password": "correct horse battery staple"},
+                       follow_redirects=False)
+    assert answer.status_code == 303
+    return http
+
+
+def test_a_members_dashboard_names_its_group_and_the_group_s_clients(group: Group) -> None:
+    a = group.member("a")
+    group.worlds["a"].enroll("carol")  # a's own client
+    a.housekeeping()
+    group.enroll("alice")
+    group.enroll("bob")
+    group.settle()
+    a.handle(group.packet("alice"), SOURCE)
+    a.housekeeping()  # leases saved where the dashboard reads them
+    group.links["a"].tick()  # the presence thread's round hands over the facts
+    a.run_commands()
+    with _dashboard(group, "a") as http:
+        for path in ("/", "/clients"):
+            page = http.get(path).text
+            banner = re.search(r'<p class="group" id="group">(.*?)</p>', page, re.S)
+            assert banner is not None, path
+            text = " ".join(banner.group(1).split())
+            assert "member <b>a</b> of group <b>g1</b>" in text
+            assert "the group's 2 clients live in etcd" in text
+            assert "group-down" not in text
+        # the list is the server's own (carol), and the open lease is the group's alice's
+        clients = http.get("/clients").text
+        assert "carol" in clients and "bob" not in clients
+        assert http.get("/api/leases").json()["leases"][0]["clients"] == ["alice"]
+        group.kv.unreachable = True  # type: ignore[attr-defined]
+        a.handle(group.packet("alice", "https"), SOURCE)  # its claim finds etcd down
+        group.links["a"].tick()
+        a.run_commands()
+        assert "new grants for the group's clients are refused" in " ".join(
+            http.get("/").text.split())
+
+
+def test_a_standalone_dashboard_says_nothing_of_a_group(tmp_path: Path) -> None:
+    made = Group(tmp_path, MemoryStore(FakeClock()))
+    world = World(tmp_path / "alone", clock=made.clock)
+    world.root.mkdir()
+    world.init()
+    world.start()
+    made.worlds["alone"] = world  # (for the helper; no link: not a member)
+    try:
+        with _dashboard(made, "alone") as http:
+            assert 'id="group"' not in http.get("/").text
+    finally:
+        assert world.server is not None
+        world.server.shutdown()
