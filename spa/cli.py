@@ -27,7 +27,13 @@ from spa.server import admin
 from spa.server.config import DEFAULT_CONFIG, DEFAULT_PORT, DEFAULT_STATE_DIR, default_state_dir
 from spa.server.errors import LocalError
 from spa.server.fwknopd_files import DEFAULT_ACCESS, DEFAULT_CONF
-from spa.server.state import StateDir, describe_filter, describe_gate, describe_holder
+from spa.server.state import (
+    StateDir,
+    describe_filter,
+    describe_gate,
+    describe_group,
+    describe_holder,
+)
 
 app = typer.Typer(
     help="Single-packet authorization server: keeps services closed until a client "
@@ -693,6 +699,9 @@ def status(json_out: Annotated[bool, typer.Option("--json", help="Machine-readab
     if running:
         typer.echo(f"gate: {describe_gate(running.get('gate'), hold=running.get('hold'))}")
         typer.echo(f"kernel filter: {describe_filter(running.get('filter'))}")
+        member = describe_group(running.get("group"))
+        if member is not None:
+            typer.echo(f"group: {member}")
         compat = running.get("fwknop")
         if isinstance(compat, dict):
             typer.echo(f"fwknop compat: port {compat.get('port')}/udp, {compat.get('clients')} "

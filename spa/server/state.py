@@ -629,6 +629,22 @@ def describe_filter(kind: object) -> str:
     return FILTERS.get(kind, kind)
 
 
+def describe_group(group: object) -> str | None:
+    """`status`'s line on the group a member belongs to, from the daemon's
+    facts (spa.group.link: GroupLink.facts); None for a standalone server."""
+    if not isinstance(group, dict):
+        return None
+    line = (f"member {group.get('member')} of group {group.get('name')}, "
+            f"{group.get('clients')} of the group's clients")
+    line += (f" (read at revision {group.get('revision')})" if group.get("read")
+             else " (the group not read yet)")
+    if group.get("etcd") == "unreachable":
+        return line + ("; etcd UNREACHABLE: new grants for the group's clients "
+                       + ("go on this member's replay cache alone (local_only)"
+                          if group.get("on_store_down") == "local_only" else "are refused"))
+    return line + "; etcd answering"
+
+
 def describe_gate(gate: object, *, hold: object = False) -> str:
     """`status`'s line on the firewall gate, from the daemon's facts."""
     if not isinstance(gate, dict):

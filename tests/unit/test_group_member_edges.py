@@ -30,6 +30,7 @@ from spa.server import admin_group, webauth
 from spa.server import config as config_mod
 from spa.server.daemon import Server
 from spa.server.dashboard import Dashboard, make_app
+from spa.server.state import describe_group
 from tests.group_world import ADDRESS, GROUP, SOURCE, Group, settings
 from tests.server_world import START, FakeClock, World
 
@@ -310,3 +311,26 @@ def test_a_standalone_dashboard_says_nothing_of_a_group(tmp_path: Path) -> None:
     finally:
         assert world.server is not None
         world.server.shutdown()
+
+
+def test_status_says_which_group_a_member_serves_and_whether_etcd_answers(
+        group: Group) -> None:
+    a = group.member("a")
+    group.enroll("alice")
+    group.settle()
+    assert describe_group(None) is None  # a standalone server: no line
+    group.links["a"].tick()
+    a.run_commands()
+    running = group.worlds["a"].server.state.running_server()  # type: ignore[union-attr]
+    assert running is not None
+    assert describe_group(running.get("group")) == (
+        "member a of group g1, 1 of the group's clients (read at revision "
+        f"{group.links['a'].member.revision}); etcd answering")
+    group.kv.unreachable = True  # type: ignore[attr-defined]
+    a.handle(group.packet("alice"), SOURCE)
+    group.links["a"].tick()
+    a.run_commands()
+    running = group.worlds["a"].server.state.running_server()  # type: ignore[union-attr]
+    assert running is not None
+    assert describe_group(running.get("group")).endswith(  # type: ignore[union-attr]
+        "etcd UNREACHABLE: new grants for the group's clients are refused")
