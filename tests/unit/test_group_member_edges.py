@@ -334,3 +334,19 @@ def test_status_says_which_group_a_member_serves_and_whether_etcd_answers(
     assert running is not None
     assert describe_group(running.get("group")).endswith(  # type: ignore[union-attr]
         "etcd UNREACHABLE: new grants for the group's clients are refused")
+
+
+def test_a_member_restarted_with_etcd_up_ends_at_once_the_saved_leases_the_group_lacks(
+        group: Group) -> None:
+    a, b = group.member("a"), group.member("b")
+    group.enroll("alice")
+    group.enroll("bob")
+    group.settle()
+    a.handle(group.packet("alice", duration=300), SOURCE)
+    a.handle(group.packet("bob", "https", duration=300), "192.0.2.20")
+    a.housekeeping()
+    _stop(group, "a")
+    b.handle(group.packet("bob", "https", duration=0, action=Action.CLOSE), "192.0.2.20")
+    _start_again(group, "a")
+    assert group.grants("a") == {(SOURCE, "ssh")}  # bob's, closed at b meanwhile, is gone
+    assert group.worlds["a"].backend.grants[(ADDRESS, "ssh")] == pytest.approx(START + 300)
