@@ -81,7 +81,7 @@ class GroupLink:
         "group" fact): names, the clients this member runs, whether etcd
         answered its last read and claim."""
         return {"name": self.settings.name, "member": self.settings.member,
-                "clients": len(self.member.clients), "read": self.member.loaded,
+                "clients": self.member.client_count, "read": self.member.loaded,
                 "revision": self.member.revision, "on_store_down": str(self.settings.on_store_down),
                 "etcd": "unreachable" if self.claimer.store_down or self.member.failing
                 else "answering"}
@@ -94,7 +94,11 @@ class GroupLink:
 
     def _announce(self, stop: threading.Event) -> None:
         while not stop.wait(PRESENCE_EVERY):
-            self.tick()
+            try:
+                self.tick()
+            except Exception as exc:  # keep announcing; say what broke
+                self.server.log(f"error group {self.settings.name}: {type(exc).__name__}: "
+                                f"{exc}")
 
     def tick(self) -> None:
         """The presence thread's round: announce this member, and hand the

@@ -338,6 +338,12 @@ class GroupMember:
         return frozenset(self._views)
 
     @property
+    def client_count(self) -> int:
+        """How many of the group's clients the server runs (from any thread:
+        no iteration of a dict the watch changes)."""
+        return len(self._views)
+
+    @property
     def remote_leases(self) -> dict[str, LeaseRecord]:
         return dict(self._remote)
 
