@@ -35,6 +35,8 @@ group's by spa.server.admin_group.enroll, as `spa-server enroll` on a member).
     standalone, group, standalone, group...; group knocks alternate m1 and m2.
     A group knock is claimed in etcd (a lease grant and a create-if-absent)
     before the member grants; its lease is then shared with the other member.
+    Then --claims claims timed alone (the same two calls through EtcdStore from
+    the client namespace): the floor etcd puts under a group knock.
 (b) Revocation: each of --revocations clients of the group knocks m1 (its
     grant at m1; the shared lease installed at m2 through etcd's watch, seen
     in m2's `nft monitor`), then spa.server.admin.revoke(close=True, login=the
@@ -88,6 +90,7 @@ from spa.core.wire import NONCE_SIZE, Action  # noqa: E402
 from spa.group import layout, rbac  # noqa: E402
 from spa.group.kv import Event  # noqa: E402
 from spa.group.policy import OnStoreDown  # noqa: E402
+from spa.group.records import Claim, encode_claim  # noqa: E402
 from spa.group.settings import GroupSettings  # noqa: E402
 from spa.netns import Namespace, sh  # noqa: E402
 from spa.server import admin, admin_group, admin_groupsetup, groupstore, privsep  # noqa: E402
@@ -382,6 +385,29 @@ def bench_knocks(standalone: Host, members: list[Host], alone: Enrollment,
               f"group mode: {met}")
 
 
+def claim_floor(group: Group, count: int) -> None:
+    """What the claim on a group knock's path costs alone: a lease grant and a
+    create-if-absent on it, as spa.group.claims makes them, through one
+    EtcdStore from the client namespace (the admin's login; same cluster,
+    same TLS, same gateway as a member's)."""
+    kv = groupstore.connect(group.settings, group.login)
+    kv.get(layout.meta_key(GROUP).encode())  # logged in and connected first
+    pairs: list[float | None] = []
+    creates: list[float | None] = []
+    for _ in range(count):
+        started = time.perf_counter()
+        lease = kv.grant(60)
+        between = time.perf_counter()
+        key = layout.claim_key(GROUP, "lat", os.urandom(NONCE_SIZE)).encode()
+        kv.create(key, encode_claim(Claim("floor", time.time())), lease)
+        done = time.perf_counter()
+        pairs.append((done - started) * 1000)
+        creates.append((done - between) * 1000)
+    print(f"the claim alone, {count} made one after another ({load()}):")
+    print(f"{'  grant + create':<20} {summary(pairs)}")
+    print(f"{'  create alone':<20} {summary(creates)}")
+
+
 class Written:
     """When each revocation's put reached a watcher of revoked/ (the admin's
     own login, from the client namespace): the write seen in etcd."""
@@ -527,6 +553,8 @@ def main() -> int:
     parser.add_argument("--knocks", type=int, default=200, help="knock-to-open, per mode")
     parser.add_argument("--pause", type=float, default=0.02,
                         help="seconds between knocks in (a)")
+    parser.add_argument("--claims", type=int, default=100,
+                        help="claims timed alone after (a), the floor under a group knock")
     parser.add_argument("--revocations", type=int, default=50)
     parser.add_argument("--grant-knocks", type=int, default=6000, help="knocks offered in (c)")
     parser.add_argument("--grant-clients", type=int, default=100)
@@ -576,6 +604,7 @@ def main() -> int:
                 if host in members else ()))
         time.sleep(2.0)  # the other live steps' tags (a second), then quiet daemons
         bench_knocks(standalone, members, alone, group.uris["lat"], args.knocks, args.pause)
+        claim_floor(group, args.claims)
         bench_revocations(group, members, args.revocations, args.knocks)
         print(f"\n(c) grants/s: {args.grant_knocks} valid knocks from {args.grant_clients} "
               f"clients, one source address each, offered at {args.rate}/s; grants counted "
