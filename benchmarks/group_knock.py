@@ -52,7 +52,10 @@ group's by spa.server.admin_group.enroll, as `spa-server enroll` on a member).
     (last: a member's backlog of claims slows nothing after it); grants
     counted in each server's event store (its lease_start events, time
     stamped by the server) for --window seconds from the first knock sent:
-    how many, and their rate from the first to the last of them.
+    how many, and their rate from the first to the last of them.  Before
+    them, the floor etcd puts under a member's rate: as many threads as a
+    member's claim pool, on one EtcdStore, making the four calls of a grant
+    (claim: lease grant + create; shared lease: lease grant + put) for 5 s.
 
 Figures are printed with the machine's load average; nothing is asserted
 (the goals, p50 <= 3 ms and p99 <= 1 s, are printed beside the figures).
@@ -88,6 +91,7 @@ from latency_probe import opened  # noqa: E402
 from spa.core.uri import Enrollment, parse  # noqa: E402
 from spa.core.wire import NONCE_SIZE, Action  # noqa: E402
 from spa.group import layout, rbac  # noqa: E402
+from spa.group.claims import CLAIM_THREADS  # noqa: E402
 from spa.group.kv import Event  # noqa: E402
 from spa.group.policy import OnStoreDown  # noqa: E402
 from spa.group.records import Claim, encode_claim  # noqa: E402
@@ -408,6 +412,41 @@ def claim_floor(group: Group, count: int) -> None:
     print(f"{'  create alone':<20} {summary(creates)}")
 
 
+def etcd_floor(group: Group, threads: int, seconds: float) -> str:
+    """What etcd alone gives a member's claim pool: `threads` threads on one
+    EtcdStore (as the claimer's pool shares its member's), each making a
+    grant's four calls in a loop (the claim: lease grant + create; the shared
+    lease: lease grant + put; both under claims/, which no member installs)."""
+    kv = groupstore.connect(group.settings, group.login)
+    kv.get(layout.meta_key(GROUP).encode())  # logged in and connected first
+    value = encode_claim(Claim("floor", time.time()))
+    done = [0] * threads
+    failed: list[BaseException] = []
+    end = time.monotonic() + seconds
+
+    def run(index: int) -> None:
+        try:
+            while time.monotonic() < end:
+                key = layout.claim_key(GROUP, "lat", os.urandom(NONCE_SIZE)).encode()
+                kv.create(key, value, kv.grant(60))
+                key = layout.claim_key(GROUP, "lat", os.urandom(NONCE_SIZE)).encode()
+                kv.put(key, value, kv.grant(60))
+                done[index] += 1
+        except BaseException as exc:  # said below, never lost in a thread
+            failed.append(exc)
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if failed:
+        return f"etcd alone: failed: {type(failed[0]).__name__}: {failed[0]}"
+    return (f"etcd alone, {threads} threads on one store making a grant's 4 calls (lease "
+            f"grant + create, lease grant + put) for {seconds:g} s: "
+            f"{sum(done) / seconds:,.0f}/s")
+
+
 class Written:
     """When each revocation's put reached a watcher of revoked/ (the admin's
     own login, from the client namespace): the write seen in etcd."""
@@ -609,6 +648,7 @@ def main() -> int:
         print(f"\n(c) grants/s: {args.grant_knocks} valid knocks from {args.grant_clients} "
               f"clients, one source address each, offered at {args.rate}/s; grants counted "
               f"in the server's events for {args.window:g} s from the first knock ({load()})")
+        print(etcd_floor(group, CLAIM_THREADS, 5.0))
         print(f"{'':<3} {'sent':>6} {'offered/s':>9} {'granted':>7} {'grants/s':>9}   refused")
         print(grant_rate(cluster.client, flood, standalone, alone_grants, args.grant_knocks,
                          args.rate, args.window, root))
