@@ -35,8 +35,12 @@ group's by spa.server.admin_group.enroll, as `spa-server enroll` on a member).
     standalone, group, standalone, group...; group knocks alternate m1 and m2.
     A group knock is claimed in etcd (a lease grant and a create-if-absent)
     before the member grants; its lease is then shared with the other member.
-    Then --claims claims timed alone (the same two calls through EtcdStore from
-    the client namespace): the floor etcd puts under a group knock.
+    Then --set-knocks knocks a mode timed to the element in the server's set
+    (`nft monitor` in its namespace) with no connect polled meanwhile (the
+    server's part, without the connect attempts the gate drops and the daemon
+    counts), and --claims claims timed alone (the same two calls through
+    EtcdStore from the client namespace): the floor etcd puts under a group
+    knock.
 (b) Revocation: each of --revocations clients of the group knocks m1 (its
     grant at m1; the shared lease installed at m2 through etcd's watch, seen
     in m2's `nft monitor`), then spa.server.admin.revoke(close=True, login=the
@@ -292,12 +296,7 @@ def knock_to_open(enrollment: Enrollment, source: str, server: str,
                   timeout: float = 3.0) -> float | None:
     """Milliseconds from the knock leaving `source` until a TCP connect from
     it to the service completes (None: not within `timeout`)."""
-    data = knock.make_packet(enrollment, Action.OPEN, "ssh", duration=60, address=None,
-                             now=time.time(), nonce=os.urandom(NONCE_SIZE))
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        udp.bind((source, 0))
-        started = time.perf_counter()
-        udp.sendto(data, (server, KNOCK_PORT))
+    started = send_knock(enrollment, source, server)
     deadline = started + timeout
     while time.perf_counter() < deadline:
         if opened(source, server, SERVICE_PORT):
@@ -392,6 +391,46 @@ def bench_knocks(standalone: Host, members: list[Host], alone: Enrollment,
         met = "met" if group_p50 <= 3.0 else "NOT met"
         print(f"p50 group / standalone: {group_p50 / alone_p50:.1f}x; goal p50 <= 3 ms in "
               f"group mode: {met}")
+
+
+def send_knock(enrollment: Enrollment, source: str, server: str) -> float:
+    """Send one fresh knock from `source`; the perf_counter time it left."""
+    data = knock.make_packet(enrollment, Action.OPEN, "ssh", duration=60, address=None,
+                             now=time.time(), nonce=os.urandom(NONCE_SIZE))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind((source, 0))
+        started = time.perf_counter()
+        udp.sendto(data, (server, KNOCK_PORT))
+    return started
+
+
+def bench_set_times(standalone: Host, members: list[Host], alone: Enrollment,
+                    grouped: Enrollment, count: int, offset: int, pause: float) -> None:
+    """Knock to the element in the server's nft set (its `nft monitor`), with
+    no connect polled meanwhile: the server's part alone, without the
+    client's connect attempts that the gate drops (and the daemon counts)."""
+    hosts = [standalone, *members]
+    monitors = {h.name: NftMonitor(h.ns) for h in hosts}
+    rows: dict[str, list[float | None]] = {"standalone": [], "group": []}
+    try:
+        time.sleep(0.5)  # the monitors listening
+        for i in range(count):
+            member = members[i % 2]
+            for row, host, enrollment in (("standalone", standalone, alone),
+                                          ("group", member, grouped)):
+                source = host.source(offset + i)
+                mark = monitors[host.name].mark()
+                sent = send_knock(enrollment, source, host.address)
+                at = monitors[host.name].first(element("add", source), mark, 3.0)
+                rows[row].append(None if at is None else (at - sent) * 1000)
+                time.sleep(pause)
+    finally:
+        for monitor in monitors.values():
+            monitor.close()
+    print(f"knock to the element in the set (nft monitor at the server), no connect "
+          f"polled, {count} knocks each ({load()}):")
+    print(f"{'  standalone':<20} {summary(rows['standalone'])}")
+    print(f"{'  group':<20} {summary(rows['group'])}")
 
 
 def claim_floor(group: Group, count: int) -> None:
@@ -599,6 +638,8 @@ def main() -> int:
     parser.add_argument("--knocks", type=int, default=200, help="knock-to-open, per mode")
     parser.add_argument("--pause", type=float, default=0.02,
                         help="seconds between knocks in (a)")
+    parser.add_argument("--set-knocks", type=int, default=50,
+                        help="knocks a mode timed to the set's element, no connect polled")
     parser.add_argument("--claims", type=int, default=100,
                         help="claims timed alone after (a), the floor under a group knock")
     parser.add_argument("--revocations", type=int, default=50)
@@ -629,7 +670,7 @@ def main() -> int:
             (root / name).mkdir(mode=0o711)
             hosts.append(Host(name, cluster.topo.ns(name), net, root / name))
         standalone, members = hosts[0], hosts[1:]
-        wire(cluster, hosts, members, args.knocks + args.revocations)
+        wire(cluster, hosts, members, args.knocks + args.revocations + args.set_knocks)
         flood = compile_flood(root)
         standalone_config(standalone, args.mode)
         alone = parse(admin.enroll(standalone.config, "lat", ["ssh"], standalone.address))
@@ -655,6 +696,8 @@ def main() -> int:
                       "changed?); going on", file=sys.stderr)
         time.sleep(2.0)  # the other live steps' tags (a second), then quiet daemons
         bench_knocks(standalone, members, alone, group.uris["lat"], args.knocks, args.pause)
+        bench_set_times(standalone, members, alone, group.uris["lat"], args.set_knocks,
+                        args.knocks + args.revocations, args.pause)
         claim_floor(group, args.claims)
         bench_revocations(group, members, args.revocations, args.knocks)
         print(f"\n(c) grants/s: {args.grant_knocks} valid knocks from {args.grant_clients} "
