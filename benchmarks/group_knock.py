@@ -15,17 +15,14 @@ Everything runs in network namespaces the script makes and removes:
     client --veth-- standalone s0 (10.201.0.1), --veth-- m1 (10.202.0.1),
            --veth-- m2 (10.203.0.1): knocks on these links, etcd on the bridge
 
-The etcd cluster is tests/etcd_world.py's (3 members, TLS with client
-certificates, RBAC on).  The group `bench` gets the roles `spa-server group
-roles` prints (spa.group.rbac), its meta record from `group init`
-(spa.server.admin_groupsetup.init) and each member's [group] table from
-`group join` (admin_groupsetup.join), each member with its own etcd user,
-password file and certificate (its key readable by the daemon's user, as
-docs/groups.md says).  Three `spa-server run` daemons as installed (privilege
-split, nftables, capture mode unless --mode udp): s0 standalone, m1 and m2
-members; each server namespace has a TCP service on port 22 behind the
-server's firewall.  Clients are enrolled before the daemons start (the
-group's by spa.server.admin_group.enroll, as `spa-server enroll` on a member).
+The site (benchmarks/group_site.py): tests/etcd_world.py's cluster (3 members,
+TLS with client certificates, RBAC on); the group `bench` made as an admin
+makes one (roles, `group init`, `group join` per member); three `spa-server
+run` daemons as installed (privilege split, nftables, capture mode unless
+--mode udp): s0 standalone, m1 and m2 members, each with a TCP service on
+port 22 behind its firewall.  Clients are enrolled before the daemons start
+(the group's by spa.server.admin_group.enroll, as `spa-server enroll` on a
+member).
 
 (a) Knock to open: from the knock leaving the client until a TCP connect from
     the knock's source address to port 22 completes (bench_latency.py's
@@ -69,224 +66,56 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import secrets
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from contextlib import ExitStack
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests.etcd_world: the cluster the group tests use
 
 from bench_flood import compile_flood  # noqa: E402
-from bench_latency import KNOCK_PORT, SERVICE, percentile  # noqa: E402
+from bench_latency import KNOCK_PORT, percentile  # noqa: E402
 from bench_throughput import SPOOFED, per_second, write_records  # noqa: E402
+from group_site import (  # noqa: E402
+    GROUP,
+    Group,
+    Host,
+    NftMonitor,
+    element,
+    enroll_group,
+    join,
+    launch,
+    make_group,
+    running,
+    standalone_config,
+    wait_started,
+    wire,
+)
 from latency_probe import opened  # noqa: E402
 
 from spa.core.uri import Enrollment, parse  # noqa: E402
 from spa.core.wire import NONCE_SIZE, Action  # noqa: E402
-from spa.group import layout, rbac  # noqa: E402
+from spa.group import layout  # noqa: E402
 from spa.group.kv import Event  # noqa: E402
-from spa.group.policy import OnStoreDown  # noqa: E402
 from spa.group.records import Claim, encode_claim  # noqa: E402
-from spa.group.settings import GroupSettings  # noqa: E402
 from spa.netns import Namespace, sh  # noqa: E402
-from spa.server import admin, admin_group, admin_groupsetup, groupstore, privsep  # noqa: E402
-from spa.server import config as config_mod  # noqa: E402
+from spa.server import admin, groupstore  # noqa: E402
 from spa.server.events import EVENTS_DB, read_events  # noqa: E402
-from spa.server.groupstore import Login  # noqa: E402
 from spa_client import knock  # noqa: E402
-from tests.etcd_world import EtcdCluster, _add_user, open_cluster, why_not  # noqa: E402
+from tests.etcd_world import open_cluster, why_not  # noqa: E402
 
-GROUP = "bench"
-MEMBERS = ("m1", "m2")
 SERVICE_PORT = 22
-ETCD_TIMEOUT = 2.0  # seconds per etcd call and endpoint ([group] timeout's default)
-START_TIMEOUT = 60.0  # seconds a daemon may take to say it started (a loaded machine)
 
 
 def load() -> str:
     one, five, fifteen = os.getloadavg()
     return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f}, {os.cpu_count()} cores"
-
-
-# -- the servers ----------------------------------------------------------------
-
-
-@dataclass
-class Host:
-    """One spa-server in its namespace: its knock link's /16 is 10.NET.0.0."""
-
-    name: str
-    ns: Namespace
-    net: int
-    root: Path
-    link: str = ""  # its end of the client link
-    proc: subprocess.Popen[str] | None = None
-    service: subprocess.Popen[str] | None = None
-
-    @property
-    def address(self) -> str:
-        return f"10.{self.net}.0.1"
-
-    @property
-    def config(self) -> Path:
-        return self.root / "server.toml"
-
-    @property
-    def state(self) -> Path:
-        return self.root / "state"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "spa-server.log"
-
-    def source(self, index: int) -> str:
-        """The client's index-th source address on this host's link."""
-        return f"10.{self.net}.{1 + index // 250}.{1 + index % 250}"
-
-
-def wire(cluster: EtcdCluster, hosts: list[Host], members: list[Host], sources: int) -> None:
-    """Each host linked to the client namespace (its /16, `sources` addresses
-    on the client's end); each member also on the etcd bridge."""
-    client = cluster.client
-    for host in hosts:
-        host.link, client_if = cluster.topo.link(host.ns, [f"{host.address}/16"], client,
-                                                 [f"10.{host.net}.0.2/16"])
-        batch = "".join(f"addr add {host.source(i)}/16 dev {client_if}\n"
-                        for i in range(sources))
-        subprocess.run(client.argv("ip", "-batch", "-"), input=batch, text=True, check=True,
-                       capture_output=True)
-        host.ns.run("ip", "route", "add", str(SPOOFED), "dev", host.link)  # (c)'s sources
-    bridge = f"br{cluster.topo.tag}"[:15]  # tests/etcd_world.py's _wire names it so
-    for index, member in enumerate(members, 1):
-        inner, outer = f"v{cluster.topo.tag}g{index}"[:15], f"v{cluster.topo.tag}h{index}"[:15]
-        sh("ip", "link", "add", inner, "type", "veth", "peer", "name", outer)
-        sh("ip", "link", "set", inner, "netns", member.ns.name)
-        sh("ip", "link", "set", outer, "netns", client.name)
-        member.ns.run("ip", "addr", "add", f"10.218.0.{10 + index}/24", "dev", inner)
-        member.ns.run("ip", "link", "set", inner, "up")
-        client.run("ip", "link", "set", outer, "master", bridge)
-        client.run("ip", "link", "set", outer, "up")
-
-
-def standalone_config(host: Host, mode: str) -> None:
-    admin.init(host.config, listen_port=KNOCK_PORT, backend="nftables",
-               state_dir=host.state, force=True)
-    host.config.write_text(host.config.read_text().replace('mode = "capture"',
-                                                           f'mode = "{mode}"'))
-
-
-def launch(host: Host) -> None:
-    """The service on port 22, then `spa-server run` (wait_started waits for it)."""
-    host.service = host.ns.popen([sys.executable, "-c", SERVICE])
-    program = Path(sys.executable).parent / "spa-server"
-    with host.log.open("w") as log:
-        host.proc = host.ns.popen([str(program), "--config", str(host.config), "run"],
-                                  stdout=log, stderr=subprocess.STDOUT)
-
-
-def wait_started(host: Host, mark: str = "started port=", *, timeout: float = START_TIMEOUT,
-                 required: bool = True) -> bool:
-    """Until the daemon's log holds `mark`; False (or, `required`,
-    RuntimeError with the log's tail) if it does not within `timeout`."""
-    deadline = time.monotonic() + timeout
-    while mark not in host.log.read_text():
-        assert host.proc is not None
-        if host.proc.poll() is not None or time.monotonic() > deadline:
-            if not required and host.proc.poll() is None:
-                return False
-            tail = host.log.read_text()[-600:]
-            raise RuntimeError(f"{host.name} did not say {mark!r}: {tail}")
-        time.sleep(0.05)
-    return True
-
-
-def stop(host: Host) -> None:
-    for proc in (host.proc, host.service):
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-# -- the group --------------------------------------------------------------------
-
-
-@dataclass
-class Group:
-    settings: GroupSettings  # the admin's view (member "admin")
-    login: Login
-    uris: dict[str, Enrollment] = field(default_factory=dict)
-
-
-def make_group(cluster: EtcdCluster, root: Path) -> Group:
-    """The group's roles and users (as `spa-server group roles` prints them),
-    then its meta record (`group init`), as the group's admin."""
-    passwords = {rbac.admin_user(GROUP): secrets.token_urlsafe(18)}
-    passwords |= {rbac.member_user(GROUP, m): secrets.token_urlsafe(18) for m in MEMBERS}
-    for argv in rbac.role_commands(GROUP, MEMBERS):
-        if argv[:2] == ["user", "add"]:
-            _add_user(cluster, argv[2], passwords[argv[2]])  # the password on stdin
-        else:
-            cluster.ctl(*argv)
-    for member in MEMBERS:
-        secret = root / f"{member}.password"
-        secret.write_text(passwords[rbac.member_user(GROUP, member)] + "\n")
-        secret.chmod(0o600)
-    user = rbac.admin_user(GROUP)
-    settings = GroupSettings(GROUP, "admin", cluster.endpoints, cluster.pki.ca_file,
-                             cluster.root / "member.crt", cluster.root / "member.key", user,
-                             Path("/dev/null"), OnStoreDown.FAIL_CLOSED, ETCD_TIMEOUT)
-    login = Login(user, passwords[user])
-    kv = groupstore.connect(settings, login)
-    admin_groupsetup.init(kv, settings, user, server_id=os.urandom(16), now=time.time())
-    return Group(settings, login)
-
-
-def join(cluster: EtcdCluster, host: Host, mode: str, secrets_dir: Path) -> None:
-    """A member's config: its own certificate (no CN) and key, readable by the
-    daemon's user after the privilege drop, then `group join`."""
-    standalone_config(host, mode)
-    files = host.root / "etcd"
-    files.mkdir(mode=0o711)
-    crt, key = cluster.pki.issue(f"spa-{host.name}", cn=None)
-    ca = Path(shutil.copy(cluster.pki.ca_file, files / "ca.crt"))
-    crt = Path(shutil.copy(crt, files / "member.crt"))
-    key = Path(shutil.copy(key, files / "member.key"))
-    ca.chmod(0o644)
-    crt.chmod(0o644)
-    key.chmod(0o600)
-    host.state.mkdir(mode=0o700, exist_ok=True)  # root's: the daemon runs as a service user
-    daemon = privsep.daemon_user(host.state)
-    os.chown(key, daemon.pw_uid, daemon.pw_gid)
-    settings = GroupSettings(GROUP, host.name, cluster.endpoints, ca, crt, key,
-                             rbac.member_user(GROUP, host.name),
-                             secrets_dir / f"{host.name}.password", OnStoreDown.FAIL_CLOSED,
-                             ETCD_TIMEOUT)
-    admin_groupsetup.join(host.config, settings, groupstore.connect(settings))
-
-
-def enroll_group(group: Group, member: Host, names: list[str]) -> None:
-    kv = groupstore.connect(group.settings, group.login)
-    config = config_mod.load(member.config)
-    for name in names:
-        made = admin_group.enroll(kv, group.settings, group.login.user, config, name, ["ssh"],
-                                  member.address, expires=None, now=time.time(), otp=False,
-                                  sources=())
-        group.uris[name] = parse(made.uri)
 
 
 # -- measuring ----------------------------------------------------------------------
@@ -302,57 +131,6 @@ def knock_to_open(enrollment: Enrollment, source: str, server: str,
         if opened(source, server, SERVICE_PORT):
             return (time.perf_counter() - started) * 1000
     return None
-
-
-class NftMonitor:
-    """`nft monitor` in a namespace: each line it prints, with the
-    perf_counter time this process read it."""
-
-    def __init__(self, ns: Namespace) -> None:
-        self.proc = ns.popen(["nft", "monitor"], stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, bufsize=1)
-        self.lines: list[tuple[float, str]] = []
-        self.changed = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            now = time.perf_counter()
-            with self.changed:
-                self.lines.append((now, line))
-                self.changed.notify_all()
-
-    def mark(self) -> int:
-        with self.changed:
-            return len(self.lines)
-
-    def first(self, matches: Callable[[str], bool], since: int, timeout: float
-              ) -> float | None:
-        """The time of the first line from index `since` that matches."""
-        deadline = time.monotonic() + timeout
-        with self.changed:
-            while True:
-                for at, line in self.lines[since:]:
-                    if matches(line):
-                        return at
-                since = len(self.lines)
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                self.changed.wait(left)
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-
-def element(verb: str, address: str) -> Callable[[str], bool]:
-    """A monitor line that adds (verb "add": nft prints `create element`) or
-    deletes ("delete") an element of `address` in a set of any table."""
-    verb = "(?:add|create)" if verb == "add" else verb
-    pattern = re.compile(rf"^{verb} element inet \S+ \S+ .*[{{,] {re.escape(address)}[ ,}}]")
-    return lambda line: pattern.search(line) is not None
 
 
 def summary(values: list[float | None]) -> str:
@@ -621,15 +399,6 @@ def wait_for_grants(path: Path, since: float, expected: int,
 
 
 # -- the run ----------------------------------------------------------------------------
-
-
-@contextmanager
-def running(hosts: list[Host]) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for host in hosts:
-            stop(host)
 
 
 def main() -> int:
