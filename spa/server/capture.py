@@ -33,7 +33,6 @@ import ctypes
 import errno
 import ipaddress
 import os
-import select
 import socket
 import struct
 import time
@@ -48,6 +47,7 @@ from spa.server.sources import (
     SHUT_SAMPLE,
     Datagram,
     Shut,
+    Waiter,
     filter_note,
 )
 
@@ -482,8 +482,8 @@ class CaptureSource(MapFiltered):
         except (BlockingIOError, InterruptedError):
             pass
         self._sock = sock
-        self._poll = select.poll()
-        self._poll.register(sock, select.POLLIN)
+        self._waiter = Waiter(sock)
+        self.wake = self._waiter.wake
         self._queue_drops = 0
         self.port = self._map_port = port
 
@@ -533,7 +533,7 @@ class CaptureSource(MapFiltered):
         """Queued knocks (see spa.server.sources); [] after `timeout` idle."""
         try:
             items = self._drain()
-            if not items and self._poll.poll(timeout * 1000):
+            if not items and self._waiter.wait(timeout):
                 items = self._drain()
         except OSError as exc:
             if exc.errno in _DOWN:
@@ -567,3 +567,4 @@ class CaptureSource(MapFiltered):
     def close(self) -> None:
         self._drop_map()
         self._sock.close()
+        self._waiter.close()

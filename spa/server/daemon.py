@@ -330,7 +330,7 @@ class Server:
 
     def set_fact_soon(self, key: str, value: object) -> None:
         """set_fact, from a companion's thread: on the receive thread's next turn."""
-        self._commands.append(lambda: self.set_fact(key, value))
+        self._queue(lambda: self.set_fact(key, value))
 
     def _gate_line(self, services: Mapping[str, Service]) -> str:
         """What the gate closes; the memory backend (a try-out) closes nothing."""
@@ -494,6 +494,14 @@ class Server:
         self._reload_requested.set()
 
     # ---- the receive path --------------------------------------------------
+
+    def _queue(self, command: Callable[[], None]) -> None:
+        """Have the receive thread run `command` next, woken now if it waits
+        (a source without a wake-up takes it at the end of its wait)."""
+        self._commands.append(command)
+        wake = getattr(self.source, "wake", None)
+        if wake is not None:
+            wake()
 
     def run_commands(self) -> None:
         """Apply queued changes to the verifier (receive thread only)."""
@@ -878,7 +886,7 @@ class Server:
                 self._refresh_queued = False
                 self.verifier.refresh(self.clock())
 
-            self._commands.append(refresh)
+            self._queue(refresh)
 
     @staticmethod
     def _grace_of(config: ServerConfig, now: float) -> dict[str, float]:
@@ -953,7 +961,7 @@ class Server:
             for key in ended:
                 self.verifier.remove_client(key)
 
-        self._commands.append(forget)
+        self._queue(forget)
         self._update_kernel_filter(now, force=True)
         self.log(f"grace over: the old secret of {', '.join(k.split('~')[0] for k in ended)} "
                  "no longer works")
@@ -985,7 +993,7 @@ class Server:
         shut = self._shut.current(now)
         table = self.verifier.tags
         if force and self._filter_generation is not None:
-            self._commands.append(self._replace_filter.set)  # after the changes queued before
+            self._queue(self._replace_filter.set)  # after the changes queued before
         extras = nonces != self._filter_nonces or shut != self._filter_shut
         if (self._filter_generation != table.generation or self._replace_filter.is_set()):
             self._replace_filter.clear()
@@ -1056,7 +1064,7 @@ class Server:
             now = self.clock()
             self._shut_seen = (now, read_shut(self.verifier.limiter, now, self._filter_shut))
 
-        self._commands.append(read)
+        self._queue(read)
 
     def _compact_replay(self, now: float) -> None:
         """Every COMPACT_EVERY seconds: the receive thread snapshots and rotates
@@ -1075,7 +1083,7 @@ class Server:
             def snapshot() -> None:
                 self._pending_snapshot = self.state.rotate_journal(self.verifier.replay)
 
-            self._commands.append(snapshot)
+            self._queue(snapshot)
 
     def _load_trust(self) -> list[TrustEntry]:
         """The sources clients authenticated from before the restart (a
@@ -1106,7 +1114,7 @@ class Server:
             self._trust_saved = limiter.trust_revision
             self._pending_trust = limiter.dump_trust(self.clock())
 
-        self._commands.append(snapshot)
+        self._queue(snapshot)
 
     def _save(self, now: float) -> None:
         if self._otp_dirty:
@@ -1244,7 +1252,7 @@ class Server:
                      f"removed={len(delta.gone)}")
 
         self._make_filter_room(delta.added)
-        self._commands.append(switch)
+        self._queue(switch)
 
     def _make_filter_room(self, keys: int) -> None:
         """Before new keys' tags go to the receive thread: an eBPF tag map
@@ -1310,7 +1318,7 @@ class Server:
                               mode=old.mode, state_dir=old.state_dir, window=old.window,
                               instance=old.instance)
         self._ports = {}  # a service's port may have changed
-        self._commands.append(switch)
+        self._queue(switch)
         self._update_kernel_filter(self.clock(), force=True)
         self.log(f"reloaded clients={len(new.clients)} (settings and services)")
         if services != dict(old.services):

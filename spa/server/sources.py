@@ -21,6 +21,7 @@ import random
 import select
 import socket
 import struct
+import threading
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence, Sized
 from pathlib import Path
@@ -53,6 +54,47 @@ class PacketSource(Protocol):
     def receive(self, timeout: float) -> list[Datagram]: ...
 
     def close(self) -> None: ...
+
+
+class Waiter:
+    """A socket's wait for datagrams that another thread may cut short:
+    `wake()` (any thread) ends the receive thread's current or next wait
+    at once, so a change queued for it (a revocation a group's watch
+    delivered) is applied now, not at the end of RECEIVE_TIMEOUT.  An
+    eventfd beside the socket in one poll; wakes before a wait add up to
+    one."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._closing = threading.Lock()  # a wake never writes to a closed (reused) fd
+        self._closed = False
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
+        self._poll.register(self._wake_fd, select.POLLIN)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the socket or a wake; whether
+        the socket may have datagrams."""
+        ready = self._poll.poll(timeout * 1000)
+        woken = False
+        for fd, _ in ready:
+            if fd == self._wake_fd:
+                woken = True
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(fd)
+        return len(ready) > int(woken)
+
+    def wake(self) -> None:
+        """End the wait (from any thread; never blocks)."""
+        with self._closing, contextlib.suppress(OSError):  # counter full: one is pending
+            if not self._closed:
+                os.eventfd_write(self._wake_fd, 1)
+
+    def close(self) -> None:
+        with self._closing:
+            if not self._closed:
+                self._closed = True
+                os.close(self._wake_fd)
 
 
 class UdpSource(MapFiltered):
@@ -89,8 +131,8 @@ class UdpSource(MapFiltered):
         sock.setblocking(False)
         self._sock = sock
         self._ifindex_at = IN6_PKTINFO_IFINDEX if family == socket.AF_INET6 else 0
-        self._poll = select.poll()
-        self._poll.register(sock, select.POLLIN)
+        self._waiter = Waiter(sock)
+        self.wake = self._waiter.wake
         self.port = sock.getsockname()[1]
         self._map_port = None  # the eBPF map filter: udp mode's program
 
@@ -139,7 +181,7 @@ class UdpSource(MapFiltered):
 
     def receive(self, timeout: float) -> list[Datagram]:
         items = self._drain()
-        if not items and self._poll.poll(timeout * 1000):
+        if not items and self._waiter.wait(timeout):
             items = self._drain()
         return items
 
@@ -162,6 +204,7 @@ class UdpSource(MapFiltered):
     def close(self) -> None:
         self._drop_map()
         self._sock.close()
+        self._waiter.close()
 
 
 Shut = Mapping[bytes, Sequence[str]]  # a shut tag -> the sources it still passes from
