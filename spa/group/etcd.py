@@ -13,6 +13,14 @@ Invariants:
   cannot answer (refused, timed out, no leader) is left for the next one in
   the list, and when none answers the call raises StoreUnavailableError, so a
   cluster without quorum fails a call within len(endpoints) * timeout.
+- get_prefix reads in pages of `page_keys` keys (etcd's range `limit`, the
+  next page from the key after the last one), every page after the first
+  pinned at the first page's revision: one consistent snapshot, as one range
+  would give, without one answer of the whole group (68 MB of JSON at 10^5
+  clients) or the memory etcd and we need for it.  If etcd compacts past
+  that revision before the last page, the read starts again at a new
+  revision (READ_ATTEMPTS in all), then raises StoreError, which the member
+  takes as any failed read: it keeps what it has and reads again later.
 - A watch runs in its own thread, reconnects to the next endpoint from the
   revision after the last one delivered, and never delivers an event twice.
   If its callback raises, or etcd has compacted the revision it needs, the
@@ -50,9 +58,12 @@ from spa.group.kv import (
 T = TypeVar("T")
 
 # gRPC status codes etcd's gateway puts in its error bodies
-_DEADLINE_EXCEEDED, _NOT_FOUND, _PERMISSION_DENIED = 4, 5, 7
+_DEADLINE_EXCEEDED, _NOT_FOUND, _PERMISSION_DENIED, _OUT_OF_RANGE = 4, 5, 7, 11
 _UNAVAILABLE, _UNAUTHENTICATED = 14, 16
 _RECONNECT_PAUSE = 0.2  # seconds between watch reconnections (doubles up to 2 s)
+PAGE_KEYS = 5000  # keys a get_prefix page holds: ~3.4 MB of JSON for client records
+# (at 10^5 clients measured as fast as one range or faster: docs/scale.md)
+READ_ATTEMPTS = 3  # a get_prefix started again this often while compactions overtake it
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +89,10 @@ class _UnreachableError(Exception):
 
 class _ExpiredTokenError(Exception):
     """The auth token is no longer valid: authenticate again."""
+
+
+class _CompactedError(StoreError):
+    """etcd no longer holds the revision a read asked for."""
 
 
 class _WatchEndedError(Exception):
@@ -132,6 +147,8 @@ def _refusal(e: gw_errors.Etcd3Exception, op: str) -> Exception:
         return _UnreachableError(message)
     if code == _UNAUTHENTICATED:
         return _ExpiredTokenError(message)
+    if code == _OUT_OF_RANGE and "compacted" in message:
+        return _CompactedError(f"etcd refused {op}: {message}")
     if code == _PERMISSION_DENIED:
         return StorePermissionError(f"etcd refused {op}: permission denied (this member's "
                                      "role does not cover the key)")
@@ -143,10 +160,13 @@ def _refusal(e: gw_errors.Etcd3Exception, op: str) -> Exception:
 class EtcdStore:
     """kv.KV on an etcd v3 cluster (3.4 or later)."""
 
-    def __init__(self, access: EtcdAccess) -> None:
+    def __init__(self, access: EtcdAccess, *, page_keys: int = PAGE_KEYS) -> None:
         if not access.endpoints:
             raise ValueError("no etcd endpoints")
+        if page_keys < 1:
+            raise ValueError("page_keys must be at least 1")
         self._access = access
+        self._page_keys = page_keys
         self._clients = [self._client(url) for url in access.endpoints]
         self._authed: set[int] = set()
         self._current = 0
@@ -227,11 +247,43 @@ class EtcdStore:
         return _item(kvs[0]) if kvs else None
 
     def get_prefix(self, prefix: bytes) -> tuple[list[Item], int]:
-        answer = self._call("read a prefix", lambda c: c.post(
-            c.get_url("/kv/range"), json={"key": _b64(prefix),
-                                          "range_end": _b64(_prefix_end(prefix))}))
-        items = sorted((_item(kv) for kv in answer.get("kvs", [])), key=lambda i: i.key)
-        return items, int(answer["header"]["revision"])
+        """In pages at one revision (see the module's invariants).  Raises
+        StoreError (and its kinds) as every call; StoreError too when
+        compactions overtook READ_ATTEMPTS reads."""
+        for _ in range(READ_ATTEMPTS):
+            try:
+                return self._read_pages(prefix)
+            except _CompactedError:
+                continue
+        raise StoreError(f"etcd could not read the prefix in {READ_ATTEMPTS} attempts: "
+                         "each time a compaction removed its revision before the last page "
+                         "(raise the compaction retention above a member's start)")
+
+    def _read_pages(self, prefix: bytes) -> tuple[list[Item], int]:
+        end = _b64(_prefix_end(prefix))
+        body: dict[str, Any] = {"key": _b64(prefix), "range_end": end,
+                                "limit": str(self._page_keys)}
+        items: list[Item] = []
+        revision = 0
+        while True:
+            answer = self._range(dict(body))
+            kvs = answer.get("kvs", [])
+            items.extend(_item(kv) for kv in kvs)
+            if not revision:  # the snapshot's: every later page is read at it
+                revision = int(answer["header"]["revision"])
+                body["revision"] = str(revision)
+            if not answer.get("more") or not kvs:
+                break
+            body["key"] = _b64(items[-1].key + b"\0")  # the next key after the last
+        items.sort(key=lambda i: i.key)  # etcd's order already (one pass for sorted input)
+        return items, revision
+
+    def _range(self, body: dict[str, Any]) -> dict[str, Any]:
+        """One page of a get_prefix (a method of its own: tests step in
+        between pages)."""
+        answer: dict[str, Any] = self._call("read a prefix", lambda c: c.post(
+            c.get_url("/kv/range"), json=body))
+        return answer
 
     def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
         body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}

@@ -67,6 +67,7 @@ class Stub:
     def __init__(self, *answers: dict[str, Any] | Exception) -> None:
         self.answers = list(answers)
         self.paths: list[str] = []
+        self.bodies: list[Any] = []
         self.session = type("S", (), {"headers": {}})()
 
     def get_url(self, path: str) -> str:
@@ -74,22 +75,60 @@ class Stub:
 
     def post(self, url: str, json: Any = None) -> Any:
         self.paths.append(url)
+        self.bodies.append(json)
         answer = self.answers.pop(0)
         if isinstance(answer, Exception):
             raise answer
         return answer
 
 
-def _store(*stubs: Stub, user: str | None = None) -> EtcdStore:
+def _store(*stubs: Stub, user: str | None = None, page_keys: int = etcd.PAGE_KEYS
+           ) -> EtcdStore:
     access = EtcdAccess(tuple(f"https://10.0.0.{i}:2379" for i in range(1, len(stubs) + 1)),
                         Path("ca.crt"), Path("m.crt"), Path("m.key"), user=user,
                         password=PASSWORD if user else None)
-    store = EtcdStore(access)
+    store = EtcdStore(access, page_keys=page_keys)
     store._clients = list(stubs)  # type: ignore[arg-type]
     return store
 
 
 HEADER = {"header": {"revision": "9"}}
+
+
+def _page(revision: int, keys: list[bytes], more: bool) -> dict[str, Any]:
+    return {"header": {"revision": str(revision)}, "more": more,
+            "kvs": [{"key": etcd._b64(k), "value": etcd._b64(k * 2), "mod_revision": "3"}
+                    for k in keys]}
+
+
+COMPACTED = _answer(11, "etcdserver: mvcc: required revision has been compacted")
+
+
+def test_a_prefix_is_read_in_pages_pinned_at_the_first_pages_revision() -> None:
+    stub = Stub(_page(9, [b"p/a", b"p/b"], True), _page(12, [b"p/b\x00", b"p/c"], True),
+                _page(12, [b"p/d"], False))
+    items, revision = _store(stub, page_keys=2).get_prefix(b"p/")
+    assert revision == 9
+    assert [i.key for i in items] == [b"p/a", b"p/b", b"p/b\x00", b"p/c", b"p/d"]
+    end = etcd._b64(b"p0")
+    assert stub.bodies == [
+        {"key": etcd._b64(b"p/"), "range_end": end, "limit": "2"},
+        {"key": etcd._b64(b"p/b\x00"), "range_end": end, "limit": "2", "revision": "9"},
+        {"key": etcd._b64(b"p/c\x00"), "range_end": end, "limit": "2", "revision": "9"}]
+
+
+def test_a_paged_read_overtaken_by_a_compaction_starts_afresh_then_gives_up() -> None:
+    stub = Stub(_page(9, [b"p/a"], True), COMPACTED, _page(15, [b"p/a"], True),
+                _page(15, [b"p/b"], False))
+    items, revision = _store(stub, page_keys=1).get_prefix(b"p/")
+    assert (revision, [i.key for i in items]) == (15, [b"p/a", b"p/b"])
+    assert "revision" not in stub.bodies[2]  # the new attempt's first page: today's revision
+    always = Stub(*[answer for n in range(etcd.READ_ATTEMPTS)
+                    for answer in (_page(9 + n, [b"p/a"], True), COMPACTED)])
+    with pytest.raises(StoreError, match="compaction") as caught:
+        _store(always, page_keys=1).get_prefix(b"p/")
+    assert type(caught.value) is StoreError  # what the member handles: it reads again later
+    assert always.answers == []
 
 
 def test_a_call_fails_over_to_the_next_endpoint_and_stays_there() -> None:

@@ -9,21 +9,25 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
-from spa.group.etcd import EtcdAccess, EtcdStore
+from spa.group.etcd import READ_ATTEMPTS, EtcdAccess, EtcdStore
 from spa.group.kv import (
     KV,
     Event,
     EventKind,
     LeaseExpiredError,
+    StoreError,
     StorePermissionError,
     StoreUnavailableError,
     WatchLostError,
 )
 from spa.group.memory import MemoryStore
 from tests.etcd_world import EtcdCluster
+
+PAGE = 4  # keys a page of the paged store holds: the tests write more
 
 
 class FakeClock:
@@ -43,6 +47,7 @@ class Harness:
     pass_time: Callable[[float], None]
     compact: Callable[[int], None]  # forget the history below a revision
     real: bool
+    paged: KV  # the same member, reading a prefix in pages of PAGE keys (etcd)
 
     def until(self, check: Callable[[], bool], seconds: float = 10) -> bool:
         """check() is true now (the fake), or becomes true within seconds
@@ -66,8 +71,9 @@ def _fake() -> Harness:
         dead = MemoryStore(clock)
         dead.unreachable = True
         return dead
-    return Harness(store.restricted(b"/spa/groups/a/"), _fresh(b"a"), _fresh(b"b"), broken,
-                   advance, store.compact, real=False)
+    view = store.restricted(b"/spa/groups/a/")
+    return Harness(view, _fresh(b"a"), _fresh(b"b"), broken, advance, store.compact,
+                   real=False, paged=view)
 
 
 def _real(cluster: EtcdCluster) -> Harness:
@@ -79,7 +85,7 @@ def _real(cluster: EtcdCluster) -> Harness:
     def compact(revision: int) -> None:  # root's work: members may not compact
         cluster.ctl("compaction", str(revision))
     return Harness(cluster.store("a"), _fresh(b"a"), _fresh(b"b"), broken, time.sleep,
-                   compact, real=True)
+                   compact, real=True, paged=EtcdStore(cluster.access("a"), page_keys=PAGE))
 
 
 def _fresh(group: bytes) -> bytes:
@@ -115,6 +121,19 @@ def test_get_prefix_lists_only_the_prefix_in_key_order(h: Harness) -> None:
     assert [(i.key, i.value) for i in items] == [
         (h.prefix + b"a", b"aa"), (h.prefix + b"b", b"bb"), (h.prefix + b"c", b"cc")]
     assert revision >= last
+
+
+def test_get_prefix_reads_more_keys_than_a_page_all_in_key_order(h: Harness) -> None:
+    names = [f"{i:02d}".encode() for i in range(3 * PAGE + 1)]  # 4 pages, the last of one
+    for name in reversed(names):
+        last = h.kv.put(h.prefix + name, name)
+    h.kv.put(h.prefix[:-1] + b"0", b"after the prefix's keys")
+    h.kv.put(h.prefix + b"10/deeper", b"x")  # a key after 10 and before 11
+    items, revision = h.paged.get_prefix(h.prefix)
+    expected = sorted([(h.prefix + n, n) for n in names] + [(h.prefix + b"10/deeper", b"x")])
+    assert [(i.key, i.value) for i in items] == expected
+    assert revision > last
+    assert (items, revision) == h.kv.get_prefix(h.prefix)  # one range, the same snapshot
 
 
 def test_delete_says_whether_the_key_was_there(h: Harness) -> None:
@@ -270,3 +289,69 @@ def test_a_store_out_of_reach_raises_unavailable_for_every_call(h: Harness) -> N
     for call in calls:
         with pytest.raises(StoreUnavailableError):
             call()
+
+
+# ---- a paged read on etcd: one snapshot while keys change between its pages --
+
+class _Between(EtcdStore):
+    """A paged store that runs `between(n)` after its n-th page (n from 1)."""
+
+    def __init__(self, cluster: EtcdCluster, between: Callable[[int], None]) -> None:
+        super().__init__(cluster.access("a"), page_keys=PAGE)
+        self.between = between
+        self.pages = 0
+
+    def _range(self, body: dict[str, Any]) -> dict[str, Any]:
+        answer = super()._range(body)
+        self.pages += 1
+        self.between(self.pages)
+        return answer
+
+
+@pytest.mark.netns
+def test_a_paged_read_is_one_snapshot_while_keys_change_between_pages(
+        etcd_cluster: EtcdCluster) -> None:
+    with etcd_cluster.inside():
+        writer = etcd_cluster.store("a")
+        prefix = _fresh(b"a")
+        for i in range(3 * PAGE):
+            revision = writer.put(prefix + f"{i:02d}".encode(), b"before")
+
+        def change(page: int) -> None:
+            if page == 1:  # past the first page and before it: a change, a delete, a new key
+                writer.put(prefix + b"00", b"after")
+                writer.delete(prefix + f"{2 * PAGE:02d}".encode())
+                writer.put(prefix + b"05x", b"new")
+        reader = _Between(etcd_cluster, change)
+        items, read_at = reader.get_prefix(prefix)
+        assert read_at == revision
+        assert reader.pages == 3
+        assert [(i.key, i.value) for i in items] == [
+            (prefix + f"{i:02d}".encode(), b"before") for i in range(3 * PAGE)]
+        assert len(writer.get_prefix(prefix)[0]) == 3 * PAGE  # one gone, one new
+
+
+@pytest.mark.netns
+def test_a_paged_read_overtaken_by_a_compaction_starts_again_then_gives_up(
+        etcd_cluster: EtcdCluster) -> None:
+    with etcd_cluster.inside():
+        writer = etcd_cluster.store("a")
+        prefix = _fresh(b"a")
+        for i in range(2 * PAGE):
+            writer.put(prefix + f"{i:02d}".encode(), b"v")
+
+        def compact_once(page: int) -> None:
+            if page == 1:  # the first attempt's pinned revision is gone after its first page
+                etcd_cluster.ctl("compaction", str(writer.put(prefix + b"00", b"newer")))
+        reader = _Between(etcd_cluster, compact_once)
+        items, read_at = reader.get_prefix(prefix)
+        assert reader.pages == 1 + 2  # the first attempt's one page, then both again
+        assert read_at == writer.get(prefix + b"00").mod_revision  # type: ignore[union-attr]
+        assert items[0].value == b"newer" and len(items) == 2 * PAGE
+
+        def compact_always(page: int) -> None:  # after every first page
+            etcd_cluster.ctl("compaction", str(writer.put(prefix + b"00", b"x")))
+        stubborn = _Between(etcd_cluster, compact_always)
+        with pytest.raises(StoreError, match="compaction"):
+            stubborn.get_prefix(prefix)
+        assert stubborn.pages == READ_ATTEMPTS
