@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from spa.core.errors import FormatError
 from spa.core.keys import KEY_SIZE, SERVER_ID_SIZE, ClientKeys, derive_keys
 from spa.core.policy import ClientPolicy
-from spa.core.sources import MAX_SOURCES, canonical_sources, source_networks
+from spa.core.sources import MAX_SOURCES, parse_network, source_networks
 from spa.group import codec
 from spa.group.codec import RecordError
 from spa.group.layout import GroupNameError, check_client, check_service
@@ -43,7 +44,9 @@ MAX_OTP_SECRET = 128  # characters of base32 (SECRET_BYTES = 20 is 32)
 _MIN_OTP_BYTES = 10  # 80 bits, as the config file requires
 _FIELDS = frozenset({"name", "server_id", "kind", "keys", "old", "services",
                      "allow_other_address", "sources", "enroll_by", "otp_secret", "enrolled"})
+_RECORD_FIELDS = _FIELDS | {"v", "type"}
 _KEY_FIELDS = frozenset({"tag", "cipher", "mac"})
+_CANONICAL_CACHE = 16384  # network texts remembered as canonical or not (~2 MB at most)
 _OLD_FIELDS = _KEY_FIELDS | {"until"}
 
 
@@ -129,14 +132,22 @@ def _check(client: GroupClient) -> None:
 
 
 def _check_sources(sources: tuple[str, ...]) -> None:
+    """canonical_sources(sources) == sources, each network's verdict cached
+    (many clients share their networks; parsing one took 20-50 us)."""
     if not isinstance(sources, tuple) or len(sources) > MAX_SOURCES:
         raise RecordError(f"sources: a tuple of at most {MAX_SOURCES} networks")
-    try:
-        canonical = canonical_sources(sources)
-    except FormatError:
-        canonical = ()
-    if canonical != sources:
+    if not (all(type(text) is str and _canonical_network(text) for text in sources)
+            and len(set(sources)) == len(sources)):
         raise RecordError("sources: not networks in their canonical form")
+
+
+@functools.lru_cache(maxsize=_CANONICAL_CACHE)
+def _canonical_network(text: str) -> bool:
+    """Whether `text` is a network's canonical text (spa.core.sources)."""
+    try:
+        return parse_network(text)[0] == text
+    except FormatError:
+        return False
 
 
 def _check_otp(secret: str) -> None:
@@ -230,7 +241,67 @@ def _keys(record: Any, fields: frozenset[str], what: str) -> ClientKeys:
 def decode_client(data: bytes, server_id: bytes) -> GroupClient:
     """The client a record at clients/<name> describes, for the group whose
     server id is `server_id`.  Raises RecordError for anything encode_client
-    would not write, and for a record of another server id."""
+    would not write, and for a record of another server id.
+
+    A record in canonical form takes the fast path (_decode_canonical, 3-4
+    times faster: a member's start decodes every record); anything else, and
+    anything the fast path doubts, is decided by decode_client_strict, whose
+    RecordError names the field.  The two agree on every record
+    (tests/property/test_group_records.py)."""
+    client = _decode_canonical(data, server_id)
+    return client if client is not None else decode_client_strict(data, server_id)
+
+
+def _fast_keys(value: Any, fields: frozenset[str]) -> ClientKeys | None:
+    if type(value) is not dict or value.keys() != fields:
+        return None
+    tag = codec.key_bytes_or_none(value["tag"], KEY_SIZE)
+    cipher = codec.key_bytes_or_none(value["cipher"], KEY_SIZE)
+    mac = codec.key_bytes_or_none(value["mac"], KEY_SIZE)
+    if tag is None or cipher is None or mac is None:
+        return None
+    return ClientKeys(tag, cipher, mac)
+
+
+def _short_strings(value: Any) -> bool:
+    return type(value) is list and all(type(v) is str and len(v) <= 64 for v in value)
+
+
+def _decode_canonical(data: bytes, server_id: bytes) -> GroupClient | None:
+    """The client of a record that is JSON in canonical form, its fields of
+    the JSON types decode_client_strict reads; None for anything else.  The
+    JSON is canonical and every field is as encode_client writes it (keys
+    canonical base64url, the rest checked by GroupClient), so encode_client
+    would write exactly `data`: no re-encoding of the client is needed."""
+    record = codec.canonical_record(data)
+    if record is None or record.keys() != _RECORD_FIELDS:
+        return None
+    version, old = record["v"], record["old"]
+    keys = _fast_keys(record["keys"], _KEY_FIELDS)
+    old_keys = None if old is None else _fast_keys(old, _OLD_FIELDS)
+    if (type(version) is not int or version != codec.VERSION or record["type"] != "client"
+            or codec.key_bytes_or_none(record["server_id"], SERVER_ID_SIZE) != server_id
+            or keys is None or (old is not None and old_keys is None)
+            or not (_short_strings(record["services"]) and _short_strings(record["sources"]))
+            or type(record["name"]) is not str or type(record["kind"]) is not str
+            or type(record["otp_secret"]) is not str):
+        return None
+    try:
+        return GroupClient(
+            name=record["name"], server_id=server_id, keys=keys,
+            services=tuple(record["services"]),
+            allow_other_address=record["allow_other_address"],
+            sources=tuple(record["sources"]), enroll_by=record["enroll_by"],
+            otp_secret=record["otp_secret"], enrolled=record["enrolled"], old_keys=old_keys,
+            old_until=None if old is None else old["until"], kind=record["kind"])
+    except RecordError:  # GroupClient's own checks: let the strict path name the field
+        return None
+
+
+def decode_client_strict(data: bytes, server_id: bytes) -> GroupClient:
+    """decode_client field by field, then the re-encoding compared with
+    `data`: the reference the fast path is tested against, and the path of
+    every record that is not canonical (its RecordError names the field)."""
     record = codec.decode(data, "client", _FIELDS)
     if codec.key_bytes(record, "server_id", SERVER_ID_SIZE) != server_id:
         raise RecordError("server_id: the record is another group's")

@@ -33,6 +33,12 @@ MAX_TIME = 253_402_300_799  # 9999-12-31T23:59:59Z: the last time UTC_FORMAT can
 MAX_LIST = 64  # services or sources one record may list (spa.core.sources.MAX_SOURCES)
 _UTC_RE = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})Z", re.ASCII)
 _B64_RE = re.compile(r"[A-Za-z0-9_-]*")
+_B64_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_URLSAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+# the canonical JSON writer (encode's settings); its C implementation re-encodes
+# a decoded record in a few microseconds
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                              allow_nan=False)
 
 
 class RecordError(ValueError):
@@ -174,6 +180,43 @@ def key_bytes(record: Mapping[str, Any], name: str, size: int) -> bytes:
         if len(raw) == size and b64(raw) == value:
             return raw
     raise RecordError(f"{name}: not {size} bytes of unpadded base64url")
+
+
+def _last_digits(size: int) -> frozenset[str]:
+    """The base64url digits that may end the canonical text of `size` bytes:
+    those whose bits past the last byte are zero."""
+    unused = (-size * 8) % 6
+    return frozenset(c for i, c in enumerate(_B64_ALPHABET) if i & ((1 << unused) - 1) == 0)
+
+
+_LAST = {size: _last_digits(size) for size in (16, 32)}
+
+
+def key_bytes_or_none(value: object, size: int) -> bytes | None:
+    """What key_bytes({name: value}, name, size) returns, or None where it
+    raises: its check without the re-encoding (the length, the alphabet and
+    the unused bits of the last digit decide canonical form).  `size` 16 or 32."""
+    if (type(value) is not str or len(value) != (4 * size + 2) // 3
+            or value[-1] not in _LAST[size] or _B64_RE.fullmatch(value) is None):
+        return None
+    padded = value.encode("ascii").translate(_URLSAFE_TO_STANDARD) + b"=" * (-len(value) % 4)
+    return binascii.a2b_base64(padded)
+
+
+def canonical_record(data: object) -> dict[str, Any] | None:
+    """The fields of `data` (with `v` and `type`) when it is JSON in canonical
+    form, as `encode` writes it (so no duplicate key, NaN or space either);
+    None otherwise.  Never raises: a caller falls back to decode and its
+    precise RecordError."""
+    if type(data) is not bytes or len(data) > MAX_RECORD_SIZE:
+        return None
+    try:
+        record = json.loads(data)
+        if type(record) is not dict or _CANONICAL.encode(record).encode("ascii") != data:
+            return None
+    except (ValueError, RecursionError):  # not JSON, NaN or a huge int met by the encoder
+        return None
+    return record
 
 
 def utc_seconds(text: str) -> int:

@@ -37,7 +37,7 @@ from spa.core.keys import ClientKeys
 from spa.core.verify import Accepted
 from spa.core.wire import IPAddress
 from spa.group import layout
-from spa.group.clients import decode_client
+from spa.group.clients import GroupClient, decode_client
 from spa.group.codec import RecordError
 from spa.group.delta import ClientDelta, ClientView, group_delta
 from spa.group.kv import KV, Event, EventKind, Item, StoreError, Watch, WatchLostError
@@ -90,7 +90,7 @@ class GroupMember:
         self.log = log
         self._prefix = layout.group_prefix(group)
         self._lock = threading.RLock()
-        self._records: dict[str, bytes] = {}  # clients/<name> -> its record's bytes
+        self._records: dict[str, GroupClient] = {}  # clients/<name>, decoded once
         self._revoked: dict[str, Revocation] = {}
         self._activated: dict[str, int] = {}
         self._views: dict[str, ClientView] = {}  # what the server runs with
@@ -238,8 +238,7 @@ class GroupMember:
             if value is None:
                 self._records.pop(name, None)
             else:
-                decode_client(value, self.server_id)  # raises before anything changes
-                self._records[name] = value
+                self._records[name] = decode_client(value, self.server_id)  # raises first
         elif ref.kind is Kind.REVOKED:
             if value is None:
                 self._revoked.pop(name, None)
@@ -285,11 +284,10 @@ class GroupMember:
         return set(self._records)
 
     def _view(self, name: str) -> ClientView | None:
-        data = self._records.get(name)
-        if data is None:
+        client = self._records.get(name)
+        if client is None:
             return None
-        return ClientView(decode_client(data, self.server_id), self._revoked.get(name),
-                          self._activated.get(name))
+        return ClientView(client, self._revoked.get(name), self._activated.get(name))
 
     def _apply(self, names: set[str]) -> None:
         """Give the daemon the delta for `names` (caller holds the lock)."""

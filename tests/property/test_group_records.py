@@ -23,9 +23,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from spa.core.errors import FormatError
 from spa.core.keys import ClientKeys, derive_keys
-from spa.group import codec
-from spa.group.clients import GroupClient, client_record, decode_client, encode_client
+from spa.core.sources import canonical_sources
+from spa.group import clients, codec
+from spa.group.clients import (
+    GroupClient,
+    client_record,
+    decode_client,
+    decode_client_strict,
+    encode_client,
+)
 from spa.group.codec import MAX_TIME, RecordError
 from spa.group.records import (
     Activation,
@@ -241,3 +249,83 @@ def test_a_client_record_holds_no_master_secret(secret: bytes, old: bytes, serve
                for k in (keys.tag_key, keys.cipher_key, keys.mac_key)}
     assert held == derived  # every byte string in the record is a derived key or a name
     assert decode_client(data, server_id).keys == mine
+
+
+# ---- the fast client decoder against the strict one ---------------------------
+
+B64_DIGITS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+near_keys = st.one_of(
+    st.text(B64_DIGITS, min_size=20, max_size=45),
+    st.text(B64_DIGITS + "=+/ .", min_size=42, max_size=44),
+    key32.map(codec.b64), st.binary(min_size=16, max_size=16).map(codec.b64))
+SOURCE_TEXTS = (*NETWORKS, "203.0.113.1/24", " 10.0.0.0/8", "10.0.0.0/255.0.0.0", "10.0.0.1",
+                "2001:DB8::/48", "2001:db8:0::/48", "2001:0db8::/48", "::ffff:0:0/96",
+                "fe80::%1/64", "10.0.0.0/08", "not a network", "", "1.2.3.4/33")
+
+
+def _outcome(decode: Callable[[bytes, bytes], GroupClient], data: bytes) -> object:
+    try:
+        return decode(data, SERVER_ID)
+    except RecordError:
+        return RecordError
+
+
+@st.composite
+def client_record_variants(draw: st.DrawFn) -> bytes:
+    """A valid client record, or one mutated: a field dropped, added or
+    replaced (a key by text close to base64url, the sources by texts close to
+    networks), written canonically or not, or a byte of it changed."""
+    record = json.loads(encode_client(draw(group_clients())))
+    how = draw(st.sampled_from(["valid", "fields", "key", "sources", "bytes"]))
+    if how == "fields":
+        record = draw(_mutations(record))
+    elif how == "key":
+        where = draw(st.sampled_from(["server_id", "tag", "cipher", "mac"]))
+        (record if where == "server_id" else record["keys"])[where] = draw(near_keys)
+    elif how == "sources":
+        record["sources"] = draw(st.lists(st.sampled_from(SOURCE_TEXTS), max_size=4))
+    data = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+    if how == "bytes" and data:
+        at = draw(st.integers(0, len(data) - 1))
+        data = data[:at] + bytes([draw(st.integers(0, 255))]) + data[at + 1:]
+    if draw(st.booleans()) and how != "valid":
+        data = json.dumps(record, sort_keys=draw(st.booleans())).encode()  # spaces
+    return data
+
+
+@given(client_record_variants())
+def test_the_fast_client_decoder_agrees_with_the_strict_one(data: bytes) -> None:
+    strict = _outcome(decode_client_strict, data)
+    assert _outcome(decode_client, data) == strict
+    fast = clients._decode_canonical(data, SERVER_ID)
+    assert fast is None or fast == strict  # what the fast path accepts, the strict path does
+    if strict is not RecordError:
+        assert fast is not None  # and every record the strict path accepts takes it
+
+
+@given(group_clients())
+def test_every_valid_client_record_takes_the_fast_path(client: GroupClient) -> None:
+    assert clients._decode_canonical(encode_client(client), SERVER_ID) == client
+
+
+@given(near_keys, st.sampled_from([16, 32]))
+def test_the_quick_key_check_agrees_with_key_bytes(text: str, size: int) -> None:
+    try:
+        expected: bytes | None = codec.key_bytes({"k": text}, "k", size)
+    except RecordError:
+        expected = None
+    assert codec.key_bytes_or_none(text, size) == expected
+
+
+@given(st.lists(st.sampled_from(SOURCE_TEXTS), max_size=5))
+def test_the_cached_sources_check_agrees_with_canonical_sources(texts: list[str]) -> None:
+    try:
+        expected = canonical_sources(texts) == tuple(texts)
+    except FormatError:
+        expected = False
+    try:
+        clients._check_sources(tuple(texts))
+        found = True
+    except RecordError:
+        found = False
+    assert found == expected
