@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import gc
 import json
 import os
 import random
@@ -59,20 +60,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from etcd_clients import etcd, make_certs  # noqa: E402
 
-from spa.core.sources import canonical_sources  # noqa: E402
+import spa.group.clients as clients_mod  # noqa: E402
+import spa.group.member as member_mod  # noqa: E402
+from spa.core.errors import FormatError  # noqa: E402
+from spa.core.policy import Policy  # noqa: E402
+from spa.core.sources import MAX_SOURCES, canonical_sources  # noqa: E402
+from spa.core.verify import Verifier  # noqa: E402
 from spa.group import layout  # noqa: E402
-from spa.group.clients import client_record, decode_client  # noqa: E402
-from spa.group.etcd import EtcdAccess, EtcdStore, _item  # noqa: E402
+from spa.group.clients import GroupClient, client_record, decode_client  # noqa: E402
+from spa.group.codec import RecordError  # noqa: E402
+from spa.group.delta import ClientDelta  # noqa: E402
+from spa.group.etcd import PAGE_KEYS, EtcdAccess, EtcdStore, _item  # noqa: E402
 from spa.group.kv import Event, Item  # noqa: E402
+from spa.group.member import GroupMember  # noqa: E402
 from spa.group.records import (  # noqa: E402
     Activation,
     Claim,
+    GroupMeta,
     LeaseRecord,
     Revocation,
     claim_ttl,
     encode_activation,
     encode_claim,
     encode_lease,
+    encode_meta,
     encode_revocation,
 )
 from spa.server.config import ClientEntry  # noqa: E402
@@ -156,11 +167,11 @@ class Etcd:
         self.ctl("user", "grant-role", "member", f"group-{GROUP}")
         self.ctl("auth", "enable")
 
-    def store(self) -> EtcdStore:
+    def store(self, page_keys: int = PAGE_KEYS) -> EtcdStore:
         c = self.certs
         return EtcdStore(EtcdAccess((self.url,), c / "ca.crt", c / "member-nocn.crt",
                                     c / "member-nocn.key", user="member", password=PASSWORD,
-                                    timeout=120.0, watch_idle=60.0))
+                                    timeout=120.0, watch_idle=60.0), page_keys=page_keys)
 
     def status(self) -> dict[str, int]:
         found = json.loads(self.ctl("endpoint", "status", "-w", "json"))[0]["Status"]
@@ -311,38 +322,140 @@ def write_rates(e: Etcd, rng: random.Random, now: float, server_id: bytes, threa
               f"claim already taken {timed_ops(stores, ops, taken):7.0f}")
 
 
+class _Hooks:
+    """The daemon's side of a member's start as far as Python goes: the
+    receive thread's switch (spa.server.daemon.apply_client_delta) into a
+    real Verifier (each key's live knock tags into its tag table, the rules,
+    the codes), timed; leases and claims are not in this group."""
+
+    def __init__(self, server_id: bytes, now: float) -> None:
+        self.verifier = Verifier(server_id, {}, Policy(clients={}), now=now)
+        self.seconds = 0.0
+        self.deltas = 0
+
+    def apply_client_delta(self, delta: ClientDelta, origin: str) -> None:
+        t0 = time.perf_counter()
+        verifier = self.verifier
+        for key in delta.gone:
+            verifier.remove_client(key)
+        for key, keys in delta.keys.items():
+            verifier.add_client_keys(key, keys)
+        held = verifier.policy.clients
+        assert isinstance(held, dict)
+        for name, rule in delta.rules.items():
+            if rule is None:
+                held.pop(name, None)
+            else:
+                held[name] = rule
+            verifier.otp.set_secret(name, delta.otp.get(name, ""))
+        self.seconds += time.perf_counter() - t0
+        self.deltas += 1
+
+    def install_lease(self, lease: LeaseRecord) -> None:
+        pass
+
+    def remove_lease(self, client: str, address: object, service: str) -> None:
+        pass
+
+    def grant_claimed(self, result: object, now: float) -> None:
+        pass
+
+    def refuse_claimed(self, result: object, reason: object, now: float) -> None:
+        pass
+
+
+class _TimedRead:
+    """The member's store with its get_prefix timed (the watch's set-up is
+    the rest of load's I/O: one range of one key, and a thread)."""
+
+    def __init__(self, store: EtcdStore, one_range: bool) -> None:
+        self.store, self.one_range, self.seconds = store, one_range, 0.0
+
+    def get_prefix(self, prefix: bytes) -> tuple[list[Item], int]:
+        t0 = time.perf_counter()
+        found = old_get_prefix(self.store, prefix) if self.one_range else \
+            self.store.get_prefix(prefix)
+        self.seconds += time.perf_counter() - t0
+        return found
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.store, name)
+
+
+def old_get_prefix(store: EtcdStore, prefix: bytes) -> tuple[list[Item], int]:
+    """get_prefix before paging: the whole prefix in one range."""
+    body = {"key": base64.b64encode(prefix).decode(),
+            "range_end": base64.b64encode(prefix[:-1] + bytes([prefix[-1] + 1])).decode()}
+    answer = store._call("read a prefix", lambda c: c.post(c.get_url("/kv/range"), json=body))
+    items = sorted((_item(kv) for kv in answer.get("kvs", [])), key=lambda i: i.key)
+    return items, int(answer["header"]["revision"])
+
+
+def _old_check_sources(sources: tuple[str, ...]) -> None:
+    """clients._check_sources before its cache: every network parsed again."""
+    if not isinstance(sources, tuple) or len(sources) > MAX_SOURCES:
+        raise RecordError(f"sources: a tuple of at most {MAX_SOURCES} networks")
+    try:
+        canonical = canonical_sources(sources)
+    except FormatError:
+        canonical = ()
+    if canonical != sources:
+        raise RecordError("sources: not networks in their canonical form")
+
+
+def _old_decode(data: bytes, server_id: bytes) -> GroupClient:
+    """What the member's start cost per record before: the strict decoder
+    (field by field, then the client encoded again and compared), run twice
+    (the member decoded a record when it took it and again for its view)."""
+    clients_mod.decode_client_strict(data, server_id)
+    return clients_mod.decode_client_strict(data, server_id)
+
+
+def one_start(e: Etcd, server_id: bytes, count: int, old: bool, page: int
+              ) -> dict[str, float]:
+    """GroupMember.load of the group, timed in parts; `old`: as before this
+    version (one range, the strict decoder twice, no cache of networks)."""
+    store = _TimedRead(e.store(page), one_range=old)
+    hooks = _Hooks(server_id, time.time())
+    names = ((member_mod, "decode_client", _old_decode),
+             (clients_mod, "_check_sources", _old_check_sources))
+    saved = [vars(module)[name] for module, name, _ in names]
+    if old:
+        for module, name, value in names:
+            setattr(module, name, value)
+    clients_mod._canonical_network.cache_clear()
+    gc.collect()
+    member = GroupMember(store, group=GROUP, member=MEMBER, server_id=server_id,  # type: ignore[arg-type]
+                         hooks=hooks, clock=time.time, log=lambda line: None)
+    try:
+        t0 = time.perf_counter()
+        member.load()
+        t1 = time.perf_counter()
+        tags = hooks.verifier.tags.start_journal()  # the set a kernel filter is given
+        t2 = time.perf_counter()
+    finally:
+        member.close()
+        for (module, name, _), value in zip(names, saved, strict=True):
+            setattr(module, name, value)
+    assert len(member.clients) == count, (len(member.clients), count)
+    assert hooks.deltas == 1
+    return {"read": store.seconds, "decode": t1 - t0 - store.seconds - hooks.seconds,
+            "verifier": hooks.seconds, "load": t1 - t0, "tags": t2 - t1, "count": len(tags)}
+
+
 def member_start(e: Etcd, server_id: bytes, count: int, page: int) -> None:
-    store = e.store()
-    prefix = layout.group_prefix(GROUP).encode()
-    t0 = time.perf_counter()
-    items, _ = store.get_prefix(prefix)
-    t1 = time.perf_counter()
-    clients = [decode_client(i.value, server_id) for i in items
-               if i.key.startswith(layout.kind_prefix(GROUP, layout.Kind.CLIENT).encode())]
-    t2 = time.perf_counter()
-    assert len(clients) == count, (len(clients), count)
-    payload = sum(len(i.key) + len(i.value) for i in items)
-    # the same read in pages of `page` keys, as a paged get_prefix would make it
-    t3 = time.perf_counter()
-    end = base64.b64encode(prefix[:-1] + bytes([prefix[-1] + 1])).decode()
-    key, revision = prefix, "0"
-    paged: list[Item] = []
-    while True:
-        body = {"key": base64.b64encode(key).decode(), "range_end": end,
-                "limit": str(page), "revision": revision}
-        answer = store._call("page", lambda c, b=body: c.post(c.get_url("/kv/range"), json=b))  # type: ignore[misc]
-        kvs = answer.get("kvs", [])
-        paged.extend(_item(kv) for kv in kvs)
-        revision = answer["header"]["revision"] if revision == "0" else revision
-        if not answer.get("more"):
-            break
-        key = base64.b64decode(kvs[-1]["key"]) + b"\0"
-    t4 = time.perf_counter()
-    assert paged == items, (len(paged), len(items))
-    print(f"  {count:>7} clients: one range {t1 - t0:5.2f} s ({payload / 1e6:.1f} MB of keys "
-          f"and values, {payload * 4 / 3 / 1e6:.0f} MB as the gateway's base64), decode "
-          f"{t2 - t1:5.2f} s, start {t2 - t0:5.2f} s;  in pages of {page}: {t4 - t3:5.2f} s "
-          f"{load()}")
+    """Before (one range, strict decode twice) and after (pages, the fast
+    decoder once) in turn, twice each, in one run."""
+    print(f"  {count:>7} clients, GroupMember.load (read / decode and deltas / the "
+          f"verifier's tag table and rules = load; then the tag list a kernel filter gets) "
+          f"{load()}:")
+    for _ in range(2):
+        for old in (True, False):
+            r = one_start(e, server_id, count, old, page)
+            what = "before: one range, strict x2" if old else f"after: pages of {page}, fast"
+            print(f"    {what:31} read {r['read']:5.2f}  decode {r['decode']:5.2f}  "
+                  f"verifier {r['verifier']:5.2f}  = load {r['load']:5.2f} s;  "
+                  f"{r['count']:,.0f} tags listed {r['tags']:4.2f} s {load()}")
 
 
 def fan_out(e: Etcd, watchers: int, puts: int) -> list[float]:
@@ -412,9 +525,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=100_000)
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--ops", type=int, default=500, help="operations per thread and rate")
-    parser.add_argument("--page", type=int, default=5000, help="keys per paged range")
+    parser.add_argument("--page", type=int, default=PAGE_KEYS, help="keys per paged range")
     parser.add_argument("--fan-out", default="1,10,50", help="watcher counts")
     parser.add_argument("--seed", type=int, default=18)
+    parser.add_argument("--start-only", action="store_true",
+                        help="phase 4 alone (with the loads it needs)")
     args = parser.parse_args()
     for tool in ("etcd", "etcdctl", "openssl"):
         if shutil.which(tool) is None:
@@ -426,7 +541,8 @@ def main() -> None:
     version = subprocess.run(["etcd", "--version"], capture_output=True, text=True,
                              check=False).stdout.splitlines()[0]
     print(f"{version}; one member on loopback, TLS, RBAC on {load()}")
-    sizes(rng, now, server_id)
+    if not args.start_only:
+        sizes(rng, now, server_id)
     with ExitStack() as stack:
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="group-scale-")))
         make_certs(root / "certs")
@@ -434,7 +550,8 @@ def main() -> None:
         e = Etcd(port, root / "certs")
         e.rbac()
         store = e.store()
-        store.put(layout.meta_key(GROUP).encode(), b"{}")
+        store.put(layout.meta_key(GROUP).encode(),
+                  encode_meta(GroupMeta(GROUP, server_id, int(now))))
         empty = e.settled()
         print(f"database (bytes; after compaction and defrag) {load()}:")
         print(f"  empty: dbSize {empty['db']:,}  in use {empty['in_use']:,}; etcd RSS "
@@ -457,6 +574,8 @@ def main() -> None:
                   f"transactions of {TXN_OPS}); etcd RSS {etcd_rss(root) / 2**20:.0f} MiB")
             before = after
             member_start(e, server_id, count, args.page)
+        if args.start_only:
+            return
         per_kind = 10_000
         for what in ("lease", "claim"):
             t0 = time.perf_counter()

@@ -13,6 +13,7 @@ spa.group.clients; docs/groups.md, "Records").
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
 import ipaddress
 import json
@@ -329,3 +330,15 @@ def test_the_cached_sources_check_agrees_with_canonical_sources(texts: list[str]
     except RecordError:
         found = False
     assert found == expected
+
+
+@given(st.one_of(st.text("ABCXYZabcz234567=01 ", max_size=40),
+                 st.binary(max_size=30).map(lambda raw: base64.b32encode(raw).decode()),
+                 st.binary(max_size=30).map(lambda raw: base64.b32encode(raw).decode().lower()),
+                 st.text(max_size=16)))
+def test_the_shape_check_of_a_code_secret_agrees_with_b32decode(text: str) -> None:
+    try:
+        expected = len(base64.b32decode(text, casefold=True))
+    except (binascii.Error, ValueError):
+        expected = -1
+    assert clients.otp_bytes(text) == expected
