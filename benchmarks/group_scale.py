@@ -330,11 +330,11 @@ class _Hooks:
 
     def __init__(self, server_id: bytes, now: float) -> None:
         self.verifier = Verifier(server_id, {}, Policy(clients={}), now=now)
-        self.seconds = 0.0
+        self.seconds = self.cpu = 0.0
         self.deltas = 0
 
     def apply_client_delta(self, delta: ClientDelta, origin: str) -> None:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         verifier = self.verifier
         for key in delta.gone:
             verifier.remove_client(key)
@@ -349,6 +349,7 @@ class _Hooks:
                 held[name] = rule
             verifier.otp.set_secret(name, delta.otp.get(name, ""))
         self.seconds += time.perf_counter() - t0
+        self.cpu += time.thread_time() - c0
         self.deltas += 1
 
     def install_lease(self, lease: LeaseRecord) -> None:
@@ -369,13 +370,15 @@ class _TimedRead:
     the rest of load's I/O: one range of one key, and a thread)."""
 
     def __init__(self, store: EtcdStore, one_range: bool) -> None:
-        self.store, self.one_range, self.seconds = store, one_range, 0.0
+        self.store, self.one_range = store, one_range
+        self.seconds = self.cpu = 0.0
 
     def get_prefix(self, prefix: bytes) -> tuple[list[Item], int]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         found = old_get_prefix(self.store, prefix) if self.one_range else \
             self.store.get_prefix(prefix)
         self.seconds += time.perf_counter() - t0
+        self.cpu += time.thread_time() - c0
         return found
 
     def __getattr__(self, name: str) -> object:
@@ -428,9 +431,9 @@ def one_start(e: Etcd, server_id: bytes, count: int, old: bool, page: int
     member = GroupMember(store, group=GROUP, member=MEMBER, server_id=server_id,  # type: ignore[arg-type]
                          hooks=hooks, clock=time.time, log=lambda line: None)
     try:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         member.load()
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.thread_time()
         tags = hooks.verifier.tags.start_journal()  # the set a kernel filter is given
         t2 = time.perf_counter()
     finally:
@@ -440,22 +443,27 @@ def one_start(e: Etcd, server_id: bytes, count: int, old: bool, page: int
     assert len(member.clients) == count, (len(member.clients), count)
     assert hooks.deltas == 1
     return {"read": store.seconds, "decode": t1 - t0 - store.seconds - hooks.seconds,
-            "verifier": hooks.seconds, "load": t1 - t0, "tags": t2 - t1, "count": len(tags)}
+            "verifier": hooks.seconds, "load": t1 - t0, "tags": t2 - t1, "count": len(tags),
+            "read_cpu": store.cpu, "decode_cpu": c1 - c0 - store.cpu - hooks.cpu,
+            "verifier_cpu": hooks.cpu, "load_cpu": c1 - c0}
 
 
 def member_start(e: Etcd, server_id: bytes, count: int, page: int) -> None:
     """Before (one range, strict decode twice) and after (pages, the fast
-    decoder once) in turn, twice each, in one run."""
-    print(f"  {count:>7} clients, GroupMember.load (read / decode and deltas / the "
-          f"verifier's tag table and rules = load; then the tag list a kernel filter gets) "
+    decoder once, each page's records decoded while the next is read) in
+    turn, twice each, in one run.  *: its read includes that decoding."""
+    print(f"  {count:>7} clients, GroupMember.load, wall seconds (this thread's CPU seconds): "
+          f"read / decode and deltas / the verifier's tag table and rules = load; then the "
+          f"tag list a kernel filter gets; *: the read includes the decoding it overlaps "
           f"{load()}:")
     for _ in range(2):
         for old in (True, False):
             r = one_start(e, server_id, count, old, page)
-            what = "before: one range, strict x2" if old else f"after: pages of {page}, fast"
-            print(f"    {what:31} read {r['read']:5.2f}  decode {r['decode']:5.2f}  "
-                  f"verifier {r['verifier']:5.2f}  = load {r['load']:5.2f} s;  "
-                  f"{r['count']:,.0f} tags listed {r['tags']:4.2f} s {load()}")
+            what = "before: one range, strict x2" if old else f"after: pages of {page}, fast*"
+            parts = "  ".join(f"{k} {r[k]:5.2f} ({r[k + '_cpu']:5.2f})"
+                              for k in ("read", "decode", "verifier"))
+            print(f"    {what:31} {parts}  = load {r['load']:5.2f} ({r['load_cpu']:5.2f}) s;"
+                  f"  {r['count']:,.0f} tags listed {r['tags']:4.2f} s {load()}")
 
 
 def fan_out(e: Etcd, watchers: int, puts: int) -> list[float]:

@@ -21,6 +21,9 @@ Invariants:
   that revision before the last page, the read starts again at a new
   revision (READ_ATTEMPTS in all), then raises StoreError, which the member
   takes as any failed read: it keeps what it has and reads again later.
+  The next page is fetched on a thread while the caller's on_page has the
+  last one (the member decodes its records there: the read waits on etcd's
+  gateway far more than on Python, so the two overlap).
 - A watch runs in its own thread, reconnects to the next endpoint from the
   revision after the last one delivered, and never delivers an event twice.
   If its callback raises, or etcd has compacted the revision it needs, the
@@ -35,6 +38,7 @@ import json
 import socket
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -49,6 +53,7 @@ from spa.group.kv import (
     EventKind,
     Item,
     LeaseExpiredError,
+    PageCallback,
     StoreError,
     StorePermissionError,
     StoreUnavailableError,
@@ -246,35 +251,48 @@ class EtcdStore:
         kvs = answer.get("kvs", [])
         return _item(kvs[0]) if kvs else None
 
-    def get_prefix(self, prefix: bytes) -> tuple[list[Item], int]:
-        """In pages at one revision (see the module's invariants).  Raises
-        StoreError (and its kinds) as every call; StoreError too when
+    def get_prefix(self, prefix: bytes, on_page: PageCallback | None = None
+                   ) -> tuple[list[Item], int]:
+        """In pages at one revision, the next page fetched (on a thread of
+        its own) while on_page has this one (see the module's invariants).
+        Raises StoreError (and its kinds) as every call; StoreError too when
         compactions overtook READ_ATTEMPTS reads."""
-        for _ in range(READ_ATTEMPTS):
-            try:
-                return self._read_pages(prefix)
-            except _CompactedError:
-                continue
+        with ThreadPoolExecutor(1, thread_name_prefix="etcd-page") as fetcher:
+            for _ in range(READ_ATTEMPTS):
+                try:
+                    return self._read_pages(prefix, on_page, fetcher)
+                except _CompactedError:
+                    continue
         raise StoreError(f"etcd could not read the prefix in {READ_ATTEMPTS} attempts: "
                          "each time a compaction removed its revision before the last page "
                          "(raise the compaction retention above a member's start)")
 
-    def _read_pages(self, prefix: bytes) -> tuple[list[Item], int]:
-        end = _b64(_prefix_end(prefix))
-        body: dict[str, Any] = {"key": _b64(prefix), "range_end": end,
+    def _read_pages(self, prefix: bytes, on_page: PageCallback | None,
+                    fetcher: ThreadPoolExecutor) -> tuple[list[Item], int]:
+        body: dict[str, Any] = {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)),
                                 "limit": str(self._page_keys)}
         items: list[Item] = []
         revision = 0
-        while True:
-            answer = self._range(dict(body))
+        pending: Future[dict[str, Any]] | None = fetcher.submit(self._range, dict(body))
+        while pending is not None:
+            answer = pending.result()
             kvs = answer.get("kvs", [])
-            items.extend(_item(kv) for kv in kvs)
+            pending = None
             if not revision:  # the snapshot's: every later page is read at it
                 revision = int(answer["header"]["revision"])
                 body["revision"] = str(revision)
-            if not answer.get("more") or not kvs:
-                break
-            body["key"] = _b64(items[-1].key + b"\0")  # the next key after the last
+            if answer.get("more") and kvs:  # the next page is on its way meanwhile
+                body["key"] = _b64(base64.b64decode(kvs[-1]["key"]) + b"\0")
+                pending = fetcher.submit(self._range, dict(body))
+            page = [_item(kv) for kv in kvs]
+            items += page
+            if on_page is not None:
+                try:
+                    on_page(page)
+                except BaseException:
+                    if pending is not None:
+                        pending.cancel()
+                    raise
         items.sort(key=lambda i: i.key)  # etcd's order already (one pass for sorted input)
         return items, revision
 

@@ -75,6 +75,9 @@ class Event:
     mod_revision: int
 
 
+PageCallback = Callable[[list[Item]], None]
+
+
 class Watch(Protocol):
     def cancel(self) -> None:
         """Stop delivering; returns once no callback runs any more."""
@@ -91,9 +94,15 @@ class KV(Protocol):
     def get(self, key: bytes) -> Item | None:
         """The key, or None if absent."""
 
-    def get_prefix(self, prefix: bytes) -> tuple[list[Item], int]:
+    def get_prefix(self, prefix: bytes, on_page: PageCallback | None = None
+                   ) -> tuple[list[Item], int]:
         """Every key under prefix, in key order, and the store's revision at
-        the read (watch from revision + 1 to miss nothing)."""
+        the read (watch from revision + 1 to miss nothing).  `on_page`, if
+        given, is called on the caller's thread with each part of the items
+        as it arrives, while the store fetches the next (the member decodes
+        there); a read started again after a compaction gives its parts again,
+        so what on_page made of an item is for that key at that mod_revision,
+        and the returned list is the snapshot."""
 
     def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
         """Set the key (attached to lease if not 0); the new revision.

@@ -8,6 +8,8 @@ Invariants (docs/groups.md, "Members"):
   callback that raised) or the first read failed, the next tick reads the
   prefix afresh and applies the difference; until then the server keeps the
   clients and leases it had (etcd down changes nothing that runs).
+- Each client record is decoded once, as its page of the read arrives (the
+  store fetches the next page meanwhile: spa.group.etcd).
 - Clients reach the verifier and the kernel's tag filter through the path the
   daemon's own client store takes (ClientDelta, hooks.apply_client_delta):
   a record, revocation or activation added, changed or removed is one delta.
@@ -109,7 +111,19 @@ class GroupMember:
     def load(self) -> None:
         """Read the whole prefix, apply the difference, watch from the next
         revision.  Raises StoreError (etcd), MemberError (not this group)."""
-        items, revision = self.kv.get_prefix(self._prefix.encode())
+        clients = layout.kind_prefix(self.group, Kind.CLIENT).encode()
+        decoded: dict[tuple[bytes, int], GroupClient | RecordError] = {}
+
+        def on_page(page: list[Item]) -> None:
+            """Decode the page's client records while the store reads on."""
+            for item in page:
+                at = (item.key, item.mod_revision)  # one value (a read again: known)
+                if item.key.startswith(clients) and at not in decoded:
+                    try:
+                        decoded[at] = decode_client(item.value, self.server_id)
+                    except RecordError as exc:
+                        decoded[at] = exc
+        items, revision = self.kv.get_prefix(self._prefix.encode(), on_page)
         self._check_meta(items)
         if self._watch is not None:
             self._watch.cancel()
@@ -123,7 +137,8 @@ class GroupMember:
                 key = item.key.decode("utf-8", "replace")
                 seen.add(key)
                 try:
-                    self._take(key, item.value, reading=True)
+                    self._take(key, item.value, reading=True,
+                               client=decoded.get((item.key, item.mod_revision)))
                 except (RecordError, GroupNameError) as exc:
                     self.log(f"error group {self.group}: {_what(self.group, key)} skipped: "
                              f"{exc}")
@@ -219,11 +234,13 @@ class GroupMember:
             self.log(f"error group {self.group}: a change of {_what(self.group, key)} was "
                      f"not applied: {type(exc).__name__}: {exc}")
 
-    def _take(self, key: str, value: bytes | None, *, reading: bool = False) -> str | None:
+    def _take(self, key: str, value: bytes | None, *, reading: bool = False,
+              client: GroupClient | RecordError | None = None) -> str | None:
         """Record one key's new value (None: deleted); the client it changes
         (None: no client's view changed).  `reading`: from a full read, where
         our own leases are installed too (a restart forgot those of the
-        group's clients).  Raises RecordError, GroupNameError."""
+        group's clients).  `client`: a client record's value decoded already
+        (or its error).  Raises RecordError, GroupNameError."""
         try:
             ref = layout.parse_key(self.group, key)
         except GroupNameError:
@@ -238,7 +255,11 @@ class GroupMember:
             if value is None:
                 self._records.pop(name, None)
             else:
-                self._records[name] = decode_client(value, self.server_id)  # raises first
+                if client is None:
+                    client = decode_client(value, self.server_id)
+                if isinstance(client, RecordError):
+                    raise client  # before anything changes
+                self._records[name] = client
         elif ref.kind is Kind.REVOKED:
             if value is None:
                 self._revoked.pop(name, None)

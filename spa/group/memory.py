@@ -22,6 +22,7 @@ from spa.group.kv import (
     EventKind,
     Item,
     LeaseExpiredError,
+    PageCallback,
     StorePermissionError,
     StoreUnavailableError,
     WatchLostError,
@@ -84,11 +85,15 @@ class MemoryStore:
             self._check()
             return self._items.get(key)
 
-    def get_prefix(self, prefix: bytes) -> tuple[list[Item], int]:
+    def get_prefix(self, prefix: bytes, on_page: PageCallback | None = None
+                   ) -> tuple[list[Item], int]:
         with self._lock:
             self._check()
             found = [self._items[k] for k in sorted(self._items) if k.startswith(prefix)]
-            return found, self.revision
+            revision = self.revision
+        if on_page is not None:
+            on_page(found)  # one part: the whole snapshot
+        return found, revision
 
     def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
         with self._lock:
@@ -231,9 +236,10 @@ class RestrictedView:
         self._allow(key)
         return self._store.get(key)
 
-    def get_prefix(self, prefix: bytes) -> tuple[list[Item], int]:
+    def get_prefix(self, prefix: bytes, on_page: PageCallback | None = None
+                   ) -> tuple[list[Item], int]:
         self._allow(prefix)
-        return self._store.get_prefix(prefix)
+        return self._store.get_prefix(prefix, on_page)
 
     def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
         self._allow(key)

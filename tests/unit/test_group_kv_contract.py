@@ -18,6 +18,7 @@ from spa.group.kv import (
     KV,
     Event,
     EventKind,
+    Item,
     LeaseExpiredError,
     StoreError,
     StorePermissionError,
@@ -129,11 +130,14 @@ def test_get_prefix_reads_more_keys_than_a_page_all_in_key_order(h: Harness) -> 
         last = h.kv.put(h.prefix + name, name)
     h.kv.put(h.prefix[:-1] + b"0", b"after the prefix's keys")
     h.kv.put(h.prefix + b"10/deeper", b"x")  # a key after 10 and before 11
-    items, revision = h.paged.get_prefix(h.prefix)
+    pages: list[list[Item]] = []
+    items, revision = h.paged.get_prefix(h.prefix, pages.append)
     expected = sorted([(h.prefix + n, n) for n in names] + [(h.prefix + b"10/deeper", b"x")])
     assert [(i.key, i.value) for i in items] == expected
     assert revision > last
     assert (items, revision) == h.kv.get_prefix(h.prefix)  # one range, the same snapshot
+    assert [i for page in pages for i in page] == items  # on_page had every item, in order
+    assert len(pages) == (4 if h.real else 1)
 
 
 def test_delete_says_whether_the_key_was_there(h: Harness) -> None:
