@@ -274,12 +274,68 @@ def _short_strings(value: Any) -> bool:
     return type(value) is list and all(type(v) is str and len(v) <= 64 for v in value)
 
 
+_K = rb'"([A-Za-z0-9_-]{43})"'  # a key as encode_client writes it
+_INT = rb"(null|0|[1-9][0-9]{0,11})"
+# encode_client's output, byte for byte, for records whose strings need no JSON
+# escape (every one it writes: the names, services, networks, keys and base32
+# secrets it accepts have none): one match replaces json.loads and the
+# canonical re-encoding (10 us of a record's 19)
+_EXACT = re.compile(
+    rb'\{"allow_other_address":(true|false),"enroll_by":' + _INT + rb',"enrolled":' + _INT
+    + rb',"keys":\{"cipher":' + _K + rb',"mac":' + _K + rb',"tag":' + _K
+    + rb'\},"kind":"([a-z]{1,16})","name":"([A-Za-z0-9._@-]{1,64})","old":(?:null|\{"cipher":'
+    + _K + rb',"mac":' + _K + rb',"tag":' + _K + rb',"until":(0|[1-9][0-9]{0,11})\}),'
+    rb'"otp_secret":"([A-Za-z2-7=]{0,128})","server_id":"([A-Za-z0-9_-]{22})",'
+    rb'"services":\[((?:"[a-z0-9_-]{1,32}")(?:,"[a-z0-9_-]{1,32}")*)?\],'
+    rb'"sources":\[((?:"[0-9a-f.:/]{1,43}")(?:,"[0-9a-f.:/]{1,43}")*)?\],'
+    rb'"type":"client","v":1\}')
+
+
+def _names(group: bytes | None) -> tuple[str, ...]:
+    return () if group is None else tuple(group[1:-1].decode("ascii").split('","'))
+
+
+def _number(group: bytes) -> int | None:
+    return None if group == b"null" else int(group)
+
+
+def _exact_keys(texts: tuple[str, str, str]) -> ClientKeys | None:
+    cipher, mac, tag = (codec.key_bytes_or_none(text, KEY_SIZE) for text in texts)
+    if cipher is None or mac is None or tag is None:
+        return None
+    return ClientKeys(tag, cipher, mac)
+
+
+def _decode_exact(data: bytes, server_id: bytes) -> GroupClient | None:
+    """The client of a record that matches _EXACT; None for anything else."""
+    match = _EXACT.fullmatch(data) if type(data) is bytes else None
+    if match is None:
+        return None
+    g = [v.decode("ascii") if v is not None else "" for v in match.groups()]
+    keys = _exact_keys((g[3], g[4], g[5]))
+    old = _exact_keys((g[8], g[9], g[10])) if g[8] else None
+    if (codec.key_bytes_or_none(g[13], SERVER_ID_SIZE) != server_id or keys is None
+            or (g[8] and old is None)):
+        return None
+    try:
+        return GroupClient(
+            name=g[7], server_id=server_id, keys=keys, services=_names(match[15]),
+            allow_other_address=g[0] == "true", sources=_names(match[16]),
+            enroll_by=_number(match[2]), otp_secret=g[12], enrolled=_number(match[3]),
+            old_keys=old, old_until=int(g[11]) if g[11] else None, kind=g[6])
+    except RecordError:
+        return None
+
+
 def _decode_canonical(data: bytes, server_id: bytes) -> GroupClient | None:
     """The client of a record that is JSON in canonical form, its fields of
     the JSON types decode_client_strict reads; None for anything else.  The
     JSON is canonical and every field is as encode_client writes it (keys
     canonical base64url, the rest checked by GroupClient), so encode_client
     would write exactly `data`: no re-encoding of the client is needed."""
+    exact = _decode_exact(data, server_id)
+    if exact is not None:
+        return exact
     record = codec.canonical_record(data)
     if record is None or record.keys() != _RECORD_FIELDS:
         return None

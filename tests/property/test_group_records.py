@@ -300,6 +300,8 @@ def test_the_fast_client_decoder_agrees_with_the_strict_one(data: bytes) -> None
     assert _outcome(decode_client, data) == strict
     fast = clients._decode_canonical(data, SERVER_ID)
     assert fast is None or fast == strict  # what the fast path accepts, the strict path does
+    exact = clients._decode_exact(data, SERVER_ID)  # (its first step, on the bytes alone)
+    assert exact is None or exact == strict
     if strict is not RecordError:
         assert fast is not None  # and every record the strict path accepts takes it
 
@@ -307,6 +309,7 @@ def test_the_fast_client_decoder_agrees_with_the_strict_one(data: bytes) -> None
 @given(group_clients())
 def test_every_valid_client_record_takes_the_fast_path(client: GroupClient) -> None:
     assert clients._decode_canonical(encode_client(client), SERVER_ID) == client
+    assert clients._decode_exact(encode_client(client), SERVER_ID) == client
 
 
 @given(near_keys, st.sampled_from([16, 32]))
