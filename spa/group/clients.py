@@ -16,6 +16,9 @@ Invariants (docs/groups.md, "What a member holds"):
   a rewrite of this record.
 - Strict both ways: a GroupClient is checked when made; what encode_client
   writes decode_client reads back equal; other bytes raise RecordError.
+  decode_client's fast path (a member's start decodes every record) accepts
+  exactly what decode_client_strict accepts, with the same result, and hands
+  it everything else (tests/property/test_group_records.py).
 - Pure: no clock (`now` is an argument), no etcd library.
 """
 
