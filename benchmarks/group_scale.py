@@ -359,6 +359,9 @@ class _Hooks:
     def remove_lease(self, client: str, address: object, service: str) -> None:
         pass
 
+    def confirm_restored(self, live: object) -> None:
+        pass
+
     def grant_claimed(self, result: object, now: float) -> None:
         pass
 
