@@ -133,7 +133,7 @@ def test_kill_9_and_restarts_never_open_the_gate(spa: Spa, tmp_path: Path) -> No
 
 
 STALE_PORT = 29022  # the attacker's port for a stale session: below the ephemeral range,
-# so no probe's connect() ever picks it
+# so no probe's connect() ever picks it (each test its own: the entry stays)
 CONNECT_FROM = """
 import errno, socket, struct, sys
 sock = socket.socket()
@@ -179,7 +179,18 @@ def test_a_syn_that_conntrack_calls_established_is_still_gated(spa: Spa) -> None
     from the same port.  A SYN without ACK is a new connection whatever
     conntrack says: it must pass the gate like any other."""
     world = spa.world
-    port = STALE_PORT
+    make_stale_session(world, STALE_PORT)
+    spa.start()
+    assert not tcp_open(world, "att", SRV_ATT4, 22), "the gate stands for a new port"
+    assert connect_from(world, STALE_PORT) == "dropped", (
+        "a SYN from the stale session's port reached sshd")
+
+
+def make_stale_session(world: World, port: int) -> None:
+    """A connection from the attacker's `port` to sshd, made while nothing
+    gates (conntrack tracks it), whose two ends are gone without conntrack
+    hearing of it (each end's reset dropped before conntrack saw it): the
+    kernel still holds it as established."""
     world.srv.run("nft", "add table inet stalesetup; "
                   "add chain inet stalesetup ctin { type filter hook input priority 0; }; "
                   "add rule inet stalesetup ctin ct state new counter; "
@@ -190,8 +201,6 @@ def test_a_syn_that_conntrack_calls_established_is_still_gated(spa: Spa) -> None
                   "add chain inet stalesetup out { type filter hook output priority 0; }; "
                   f"add rule inet stalesetup out tcp sport {port} tcp flags rst drop")
     try:
-        # the session, made while nothing gates (conntrack tracks it), ended
-        # at both ends without conntrack hearing of it
         made = world.att.run(sys.executable, "-c", CONNECT_FROM, SRV_ATT4, "22", str(port),
                              "abort")
         assert made.stdout.strip() == "open", made
@@ -200,10 +209,13 @@ def test_a_syn_that_conntrack_calls_established_is_still_gated(spa: Spa) -> None
     finally:
         world.att.run("nft", "delete", "table", "inet", "stalesetup", check=False)
         world.srv.run("nft", "delete", "table", "inet", "stalesetup", check=False)
-    spa.start()
-    assert not tcp_open(world, "att", SRV_ATT4, 22), "the gate stands for a new port"
-    again = world.att.run(sys.executable, "-c", CONNECT_FROM, SRV_ATT4, "22", str(port), "close")
-    assert again.stdout.strip() == "dropped", "a SYN from the stale session's port reached sshd"
+
+
+def connect_from(world: World, port: int) -> str:
+    """A new connection from the attacker's `port` to sshd: "open",
+    "dropped" (no answer in 2 s) or the error's name."""
+    done = world.att.run(sys.executable, "-c", CONNECT_FROM, SRV_ATT4, "22", str(port), "close")
+    return done.stdout.strip()
 
 
 def test_no_other_program_can_touch_the_hold_table(spa: Spa) -> None:
