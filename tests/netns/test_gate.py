@@ -101,7 +101,10 @@ def test_kill_9_and_restarts_never_open_the_gate(spa: Spa, tmp_path: Path) -> No
     whatever the probe's own socket says).  A failure prints what let the
     packet in: the tables then, the commits around it, and the nft trace of
     the opened connections' packets through every chain (the whole trace
-    stays in tmp_path)."""
+    stays in tmp_path).  Its one opening under load (2026-12-06, in a run of
+    the whole file) came from ports the attacker had used in an earlier
+    test's open window, which conntrack still held as established:
+    test_a_syn_that_conntrack_calls_established_is_still_gated."""
     world = spa.world
     trace = GateTrace(world, tmp_path)
     try:
