@@ -5,7 +5,8 @@ Invariants (STYLE principle 6; docs/install.md):
   spa/backends/names.py) in the filter table (IPv4 and IPv6), jumped to from
   INPUT by one rule we insert once; no other rule is touched.  `start` is
   idempotent.
-- The chain: established/related accepted; one ACCEPT rule per grant, its
+- The chain: established/related accepted (never a TCP SYN: conntrack
+  passes one that matches a stale entry as established); one ACCEPT rule per grant, its
   expiry in a comment (`spa:SERVICE:UNIX_TIME`); a DROP per protected port at
   the end.  A renewal inserts the new rule before deleting the old one.
 - iptables rules cannot expire by themselves: the daemon removes them at
@@ -300,11 +301,8 @@ class IptablesBackend:
                 address = ipaddress.ip_address(rule.src.split("/")[0])
                 keep.append(self._grant_rule(address, self._services[found[0]], found[1]))
         chain.flush()
-        established = self._rule(version)
-        match = established.create_match("conntrack")
-        match.ctstate = "ESTABLISHED,RELATED"
-        established.create_target("ACCEPT")
-        chain.append_rule(established)
+        for rule in self._established_rules(version):
+            chain.append_rule(rule)
         for rule in keep:
             chain.append_rule(rule)
         for service in self._services.values():
@@ -319,6 +317,23 @@ class IptablesBackend:
             inbound.insert_rule(jump)
         table.commit()
         table.autocommit = True
+
+    def _established_rules(self, version: int) -> list[Any]:
+        """Established and related traffic accepted, as two rules: any
+        protocol but tcp (`! -p tcp`), and tcp but a SYN (`! --syn`).  A SYN
+        opens a new connection whatever conntrack says: it passes one that
+        matches an entry it still holds as established as established, and
+        a stale session's port would open anew (docs/threat-model.md)."""
+        rules = []
+        for protocol in ("!tcp", "tcp"):
+            rule = self._rule(version)
+            rule.protocol = protocol
+            if protocol == "tcp":
+                rule.create_match("tcp").syn = "!1"
+            rule.create_match("conntrack").ctstate = "ESTABLISHED,RELATED"
+            rule.create_target("ACCEPT")
+            rules.append(rule)
+        return rules
 
     @staticmethod
     def _comment_of(rule: Any) -> tuple[str, float] | None:

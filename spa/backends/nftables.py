@@ -31,7 +31,9 @@ Invariants (docs/threat-model.md, "Firewall"; STYLE principle 6):
   transaction, it is sent again with every grant in the add+delete+add form,
   so a wrong belief costs time, never a wrong timeout.
 - The chain (hook input, before the usual filter chains): established and
-  related traffic accepted (a session survives its lease); new connections
+  related traffic accepted (a session survives its lease), but never a TCP
+  SYN without ACK (conntrack passes one that matches an entry it still holds
+  as established: a stale session's port would open anew); new connections
   to a protected port accepted only from that service's sets; everything else
   to a protected port dropped, never rejected (a scanner sees "filtered").
 - Every dropped attempt on a protected port is counted in the kernel, per

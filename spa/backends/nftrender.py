@@ -115,13 +115,23 @@ def _input_commands(services: Mapping[str, Service], table: str, priority: int, 
 
 
 def _fresh_chain(table: str, name: str, hook: str, priority: int) -> list[dict[str, Any]]:
-    """A base chain, emptied, whose first rule accepts established and
-    related traffic (a session survives its lease)."""
+    """A base chain, emptied, whose first rules accept established and
+    related traffic (a session survives its lease), but never a TCP SYN
+    without ACK: that opens a new connection, whatever conntrack says.  A
+    SYN whose addresses and ports match an entry conntrack still holds as
+    established (both ends gone without its hearing) is "ignored" by
+    conntrack and passes as established; accepted here, it reached the
+    service's listener (docs/threat-model.md, "kill -9 or restart")."""
+    established = _match({"ct": {"key": "state"}}, ["established", "related"], "in")
     return [{"add": {"chain": _where(table, name=name, type="filter", hook=hook,
                                      prio=priority, policy="accept")}},
             {"flush": {"chain": _where(table, name=name)}},
             {"add": {"rule": _where(table, chain=name, expr=[
-                _match({"ct": {"key": "state"}}, ["established", "related"], "in"),
+                _match({"meta": {"key": "l4proto"}}, "tcp", "!="), established,
+                {"accept": None}])}},
+            {"add": {"rule": _where(table, chain=name, expr=[
+                _match({"&": [{"payload": {"protocol": "tcp", "field": "flags"}},
+                              ["syn", "ack"]]}, "syn", "!="), established,
                 {"accept": None}])}}]
 
 

@@ -135,8 +135,11 @@ def has_our_shape(name: str, table_text: str) -> bool:
 
 
 def _is_our_first_rule(words: Sequence[str]) -> bool:
-    """`-A SPA -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT`, the
-    first rule spa's iptables backend puts in its chain."""
+    """`-A SPA ! -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT`,
+    the first rule spa's iptables backend puts in its chain (before
+    2026-12-06, the same without `! -p tcp`)."""
+    if words[2:5] == ["!", "-p", "tcp"]:
+        words = [*words[:2], *words[5:]]
     return (len(words) == 8 and words[2:5] == ["-m", "conntrack", "--ctstate"]
             and set(words[5].split(",")) == {"RELATED", "ESTABLISHED"}
             and words[6:] == ["-j", "ACCEPT"])

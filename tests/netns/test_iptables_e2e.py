@@ -20,6 +20,7 @@ import pytest
 
 from tests.integration.procs import command
 from tests.netns.conftest import ATT4, CLI4, CLI6, SRV4, SRV6, SRV_ATT4, Spa, World
+from tests.netns.test_gate import STALE_PORT, connect_from, make_stale_session
 from tests.netns.test_ssh_e2e import enroll_alice, tcp_open
 
 
@@ -189,3 +190,21 @@ def test_iptables_rules_flushed_by_another_program_are_put_back_within_the_poll(
     assert f"-s {CLI4}/32" in legacy_rules(world)
     assert world.ssh(world.cli, SRV4, "echo in").stdout.strip() == "in"
     assert not tcp_open(world, "att", SRV_ATT4, 22)
+
+
+def test_iptables_a_syn_that_conntrack_calls_established_is_still_gated(
+        ipt: Spa, tmp_path: Path) -> None:
+    """As for nftables (test_gate.py's test of this name without
+    `iptables_`): a connection the kernel still holds as established, both
+    its ends gone; with the gate up, a new connection from its port
+    reached sshd through `--ctstate RELATED,ESTABLISHED -j ACCEPT`.  Now a
+    TCP SYN is never accepted as established."""
+    world = ipt.world
+    port = STALE_PORT + 1  # not the nftables test's: its entry stays
+    make_stale_session(world, port)
+    ipt.start("--backend", "iptables", prefix=legacy_path(tmp_path))
+    rules = legacy_rules(world)
+    assert "! -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT" in rules, rules
+    assert not tcp_open(world, "att", SRV_ATT4, 22), "the gate stands for a new port"
+    assert connect_from(world, port) == "dropped", (
+        "a SYN from the stale session's port reached sshd")

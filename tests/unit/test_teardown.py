@@ -205,6 +205,18 @@ RULES = """-P INPUT ACCEPT
 """
 
 
+def test_iptables_chains_of_both_first_rules_are_spas() -> None:
+    """The iptables chain's first rule since 2026-12-06 (`! -p tcp`: a TCP
+    SYN is never accepted as established, a second rule takes the rest of
+    tcp) and the one before it are both spa's; an admin's chain whose first
+    rule only looks alike is not."""
+    new = RULES.replace("-A SPA -m conntrack", "-A SPA ! -p tcp -m conntrack")
+    assert "! -p tcp" in new
+    assert teardown.render_ipt_removal(new) == teardown.render_ipt_removal(RULES)
+    other = RULES.replace("-A SPA -m conntrack", "-A SPA ! -p udp -m conntrack")
+    assert ["-X", "SPA"] not in teardown.render_ipt_removal(other)
+
+
 def test_iptables_jumps_go_before_the_chain_and_nothing_else_is_touched() -> None:
     """Not the admin's SPA_TRUSTED (not a name spa makes) nor SPA_web (a
     name it could make, but not its first rule)."""
