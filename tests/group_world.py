@@ -80,7 +80,8 @@ class Group:
             world.config_path.write_text(text)
         server = world.start()
         link = GroupLink(server, self.stores.get(name, self.kv),
-                         settings(name, mode, self.group), executor=Inline())
+                         settings(name, mode, self.group), executor=Inline(),
+                         monotonic=self.clock)
         link.start()
         server.run_commands()
         self.worlds[name], self.links[name] = world, link

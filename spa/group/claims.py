@@ -6,34 +6,63 @@ Invariants (docs/groups.md, "Claims", "When etcd cannot be reached",
 - Only a packet that passed every local check reaches here (the verifier
   accepted it, the route back matched): junk, unknown tags and bad MACs
   never cost a round trip to etcd.
-- A claim is one create-if-absent of claims/<client>/<nonce-hex> attached to
-  an etcd lease of claim_ttl seconds.  Only a claim that created the key
-  grants; one that found it refuses `replay`; one with no answer is decided
-  by on_store_down (spa.group.policy): `group_unreachable` by default, or a
-  grant counted and logged as unclaimed (local_only).  A claim etcd
-  refuses (its RBAC: the member may not write claims/) is never a grant.
+- A claim is a create-if-absent of claims/<client>/<nonce-hex> attached to
+  an etcd lease that outlives the packet's window (claim_until), shared with
+  the other claims ending in the same second (spa.group.leasepool).  Only a
+  claim that created the key grants; one that found it refuses `replay`;
+  one with no answer is decided by on_store_down (spa.group.policy):
+  `group_unreachable` by default, or a grant counted and logged as
+  unclaimed (local_only).  A claim etcd refuses (its RBAC: the member may
+  not write claims/) is never a grant.
 - A packet that used up an authenticator code claims the code's time step
-  too, once its nonce is claimed (spa.group.otpclaim): a step another member
-  used is refused `otp_reused`.
-- Claims run on a pool of threads (`executor`), never on the receive thread:
-  a slow or unreachable etcd delays the knocks being claimed, by at most the
-  store's deadline, and never the packets of other clients behind them.
-- A grant writes leases/<client>/<address>/<service> with an etcd lease that
-  ends at the lease's end (lease_ttl), so every member can install it; a
-  close deletes it.  A write that fails costs the other members that lease,
-  never this grant (logged and counted).
+  too, once its nonce is claimed (spa.group.otpclaim), in round trips of its
+  own after its batch's transaction: a step another member used is refused
+  `otp_reused`.  Its lease record is written after that, on its own (it must
+  not exist for a knock the step refuses).
+- Group commit: the receive thread only queues accepted packets; up to
+  `threads` claim threads (`executor`) each take whatever is queued, at most
+  BATCH_MAX packets, and claim them in one transaction (kv.create_many).  A
+  packet that finds the queue empty goes alone at once: nothing waits for a
+  batch to fill.  A transaction that finds some keys taken changes nothing;
+  those packets are replays, and the rest go again without them (each round
+  takes at least one out, so it ends).  A slow or unreachable etcd delays
+  the knocks being claimed, by at most the store's deadline per round, and
+  never the packets of other clients behind them on the receive thread.
+- A grant's lease is shared in the same transaction: its claim's success
+  branch writes leases/<client>/<address>/<service> (an etcd lease that ends
+  at the lease's end, from the same pool) or deletes it (a close), so the key
+  exists exactly when the claim was made, and every member can install it.
+  If that transaction is refused for any reason but an outage (etcd's RBAC
+  on leases/, a lease etcd lost twice), the claims go again alone and each
+  grant's lease is written on its own afterwards: a write that fails then
+  costs the other members that lease, never this grant (logged and counted).
+- The grant here and the shared record end at the same moment (one `now`
+  per batch).  A pending client's first grant writes activated/<client>.
 """
 
 from __future__ import annotations
 
+import collections
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from spa.core.verify import Accepted
 from spa.core.wire import Action
 from spa.group import layout
-from spa.group.kv import KV, StoreError, StorePermissionError, StoreUnavailableError
+from spa.group.kv import (
+    KV,
+    MAX_TXN_OPS,
+    Delete,
+    LeaseExpiredError,
+    Put,
+    StoreError,
+    StorePermissionError,
+    StoreUnavailableError,
+)
+from spa.group.leasepool import LeasePool
 from spa.group.member import MemberHooks
 from spa.group.otpclaim import claim_step
 from spa.group.policy import ClaimResult, OnStoreDown, Verdict, decide, decide_otp
@@ -41,13 +70,16 @@ from spa.group.records import (
     Activation,
     Claim,
     LeaseRecord,
-    claim_ttl,
+    claim_until,
     encode_activation,
     encode_claim,
     encode_lease,
 )
 
-CLAIM_THREADS = 4  # claims in flight at once (each waits at most the store's deadline)
+CLAIM_THREADS = 4  # transactions in flight at once (each waits at most the store's deadline)
+# packets in one transaction: each is a compare and up to two writes (its
+# claim, its lease record), and etcd takes at most MAX_TXN_OPS of either
+BATCH_MAX = MAX_TXN_OPS // 2
 
 
 class Executor(Protocol):
@@ -61,6 +93,19 @@ class Inline:
         return fn(*args)
 
 
+@dataclass(slots=True)
+class _Knock:
+    """One accepted packet on its way through a batch."""
+
+    result: Accepted
+    claim: Put  # its claim key and value (lease 0 until a round picks one)
+    claim_end: float  # the claim must live until then (monotonic seconds)
+    share_key: bytes  # leases/<client>/<address>/<service>
+    record: LeaseRecord | None  # an open's lease (None: a close deletes the key)
+    outcome: ClaimResult | None = None
+    shared: bool = False  # its lease write went in the claim's transaction
+
+
 class Claimer:
     """Claims, decides, grants or refuses, and shares the grant's lease."""
 
@@ -69,10 +114,17 @@ class Claimer:
                  clock: Callable[[], float], log: Callable[[str], None],
                  executor: Executor | None = None,
                  pending: Callable[[str], int | None] = lambda client: None,
-                 covers: Callable[[str], bool] = lambda client: True) -> None:
+                 covers: Callable[[str], bool] = lambda client: True,
+                 threads: int = CLAIM_THREADS, batch_max: int = BATCH_MAX,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         """`pending`: the enroll_by of a client not yet activated (None:
         not pending); its first grant writes activated/<client>.  `covers`:
-        whether a client is the group's (the server's own are not claimed)."""
+        whether a client is the group's (the server's own are not claimed).
+        `threads`: claim transactions in flight at once; `monotonic`: the
+        clock the shared etcd leases are timed by (a wall clock's step must
+        not end a claim early)."""
+        if not 1 <= batch_max <= BATCH_MAX or threads < 1:
+            raise ValueError(f"a claim batch holds 1 to {BATCH_MAX} packets, on 1 thread or more")
         self.kv = kv
         self.pending = pending
         self.covers = covers
@@ -82,58 +134,112 @@ class Claimer:
         self.on_store_down = on_store_down
         self.hooks = hooks
         self.clock = clock
+        self.monotonic = monotonic
         self.log = log
+        self.threads = threads
+        self.batch_max = batch_max
         if executor is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            executor = ThreadPoolExecutor(CLAIM_THREADS, thread_name_prefix="spa-claim")
+            executor = ThreadPoolExecutor(threads, thread_name_prefix="spa-claim")
         self.executor = executor
+        self.pool = LeasePool()
         self._lock = threading.Lock()
+        self._queue: collections.deque[tuple[Accepted, bytes]] = collections.deque()
+        self._drains = 0  # claim threads started and not yet gone idle
         self.store_down = False
         self.counts = {"claimed": 0, "replay": 0, "unreachable": 0, "unclaimed_grants": 0,
                        "otp_reused": 0, "leases_shared": 0, "leases_not_shared": 0}
+        self.batches = 0  # transactions of claims sent (figures, tests)
 
     def submit(self, accepted: list[Accepted], nonces: list[bytes]) -> list[Accepted]:
-        """Receive thread: hand over the batch's accepted packets (with their
-        nonces); each of the group's clients' is claimed and settled on the
-        pool.  Returns the others (the server's own clients: granted as on
-        a standalone server, etcd or not)."""
+        """Receive thread: queue the batch's accepted packets (with their
+        nonces) of the group's clients, to be claimed and settled on the
+        claim threads.  Returns the others (the server's own clients: granted
+        as on a standalone server, etcd or not)."""
         own: list[Accepted] = []
+        mine: list[tuple[Accepted, bytes]] = []
         for result, nonce in zip(accepted, nonces, strict=True):
             if self.covers(result.client):
-                self.executor.submit(self._settle_logged, result, nonce)
+                mine.append((result, nonce))
             else:
                 own.append(result)
+        if mine:
+            with self._lock:
+                self._queue.extend(mine)
+                start = self._drains < self.threads
+                self._drains += start
+            if start:
+                self.executor.submit(self._drain)
         return own
 
-    def _settle_logged(self, result: Accepted, nonce: bytes) -> None:
-        """settle, on the pool: what goes wrong is said (a pool keeps it quiet)."""
+    def _drain(self) -> None:
+        """A claim thread: settle what is queued, a batch at a time, until
+        the queue is empty (a packet queued meanwhile is taken here or by a
+        thread started for it)."""
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._drains -= 1
+                    return
+                batch = [self._queue.popleft()
+                         for _ in range(min(self.batch_max, len(self._queue)))]
+            self._settle_logged(batch)
+
+    def _settle_logged(self, batch: list[tuple[Accepted, bytes]]) -> None:
+        """settle_batch, on a claim thread: what goes wrong is said."""
         try:
-            self.settle(result, nonce)
-        except Exception as exc:  # the knock is lost, the member goes on
-            self.log(f"error group {self.group}: the knock of client={result.client} was "
+            self.settle_batch(batch)
+        except Exception as exc:  # the knocks are lost, the member goes on
+            clients = ",".join(sorted({result.client for result, _ in batch}))
+            self.log(f"error group {self.group}: the knocks of client={clients} were "
                      f"not settled: {type(exc).__name__}: {exc}")
 
-    def claim(self, client: str, nonce: bytes, sent: float, now: float) -> ClaimResult:
-        """Create the claim key if absent, attached to a lease of claim_ttl.
-        Raises StorePermissionError: etcd answered no (its RBAC), which no
-        on_store_down turns into a grant."""
-        key = layout.claim_key(self.group, client, nonce).encode()
+    def settle(self, result: Accepted, nonce: bytes) -> Verdict:
+        """Claim one accepted packet, then grant or refuse it."""
+        return self.settle_batch([(result, nonce)])[0]
+
+    def settle_batch(self, batch: Sequence[tuple[Accepted, bytes]]) -> list[Verdict]:
+        """Claim the packets in one transaction (more rounds if some are
+        replays), then grant or refuse each as its verdict says, in order."""
+        now, mono = self.clock(), self.monotonic()
+        knocks = [self._knock(result, nonce, now, mono) for result, nonce in batch]
+        refused_by_rbac = False
         try:
-            lease = self.kv.grant(claim_ttl(sent, now, self.window))
-            created = self.kv.create(key, encode_claim(Claim(self.member, now)), lease)
-        except StorePermissionError as exc:
+            self._claim_all(knocks, now, mono)
+        except StorePermissionError as exc:  # never a grant, whatever on_store_down says
             self._store_is(down=True, why=exc)
-            raise
+            refused_by_rbac = True
         except StoreError as exc:
             self._store_is(down=True, why=exc)
-            return ClaimResult.UNREACHABLE
-        self._store_is(down=False)
-        return ClaimResult.CREATED if created else ClaimResult.EXISTS
+        else:
+            self._store_is(down=False)
+        later = self.clock()
+        verdicts = []
+        for knock in knocks:
+            outcome = knock.outcome
+            if outcome is None:
+                verdict = (Verdict.REFUSE_UNREACHABLE if refused_by_rbac
+                           else decide(ClaimResult.UNREACHABLE, self.on_store_down))
+            else:
+                verdict = self._with_otp(knock, decide(outcome, self.on_store_down))
+            verdicts.append(self._carry_out(knock, verdict, now, later))
+        return verdicts
+
+    def _with_otp(self, knock: _Knock, verdict: Verdict) -> Verdict:
+        """A granted knock that used up an authenticator code: its step's claim decides."""
+        step = knock.result.otp_step
+        if verdict is not Verdict.GRANT or step is None:
+            return verdict
+        try:
+            return decide_otp(self.claim_otp(knock.result.client, step, self.clock()),
+                              self.on_store_down)
+        except StorePermissionError:  # a member refused its own claims: no grant, ever
+            return Verdict.REFUSE_UNREACHABLE
 
     def claim_otp(self, client: str, step: int, now: float) -> ClaimResult:
-        """Use up an authenticator code's step at every member (spa.group.otpclaim);
-        raises StorePermissionError as `claim` does."""
+        """Use up an authenticator code's step at every member (spa.group.otpclaim).
+        Raises StorePermissionError: etcd answered no (its RBAC)."""
         try:
             created = claim_step(self.kv, self.group, client, step, self.member, now)
         except StorePermissionError as exc:
@@ -144,30 +250,113 @@ class Claimer:
             return ClaimResult.UNREACHABLE
         return ClaimResult.CREATED if created else ClaimResult.EXISTS
 
-    def settle(self, result: Accepted, nonce: bytes) -> Verdict:
-        """Claim one accepted packet (and its authenticator code's step), then
-        grant or refuse it as the verdict says."""
-        sent = result.request.timestamp_ms / 1000
+    def _knock(self, result: Accepted, nonce: bytes, now: float, mono: float) -> _Knock:
+        key = layout.claim_key(self.group, result.client, nonce).encode()
+        until = claim_until(result.request.timestamp_ms / 1000, self.window)
+        decision = result.decision
+        record = None
+        if result.request.action is Action.OPEN:
+            record = LeaseRecord(result.client, decision.address, decision.service.name,
+                                 decision.service.protocol, decision.service.port,
+                                 now + decision.duration, self.member)
+        share_key = layout.lease_key(self.group, result.client, decision.address,
+                                     decision.service.name).encode()
+        return _Knock(result, Put(key, encode_claim(Claim(self.member, now))),
+                      mono + (until - now), share_key, record)
+
+    # -- the transactions ----------------------------------------------------
+
+    def _claim_all(self, knocks: list[_Knock], now: float, mono: float) -> None:
+        """Set each knock's outcome: CREATED (and shared, if its lease went
+        in the same transaction) or EXISTS.  Raises StoreError with the
+        knocks it could not decide left at None."""
+        pending, seen = [], set()
+        for knock in knocks:
+            if knock.claim.key in seen:  # a copy in the same batch: the first one claims
+                knock.outcome = ClaimResult.EXISTS
+            else:
+                seen.add(knock.claim.key)
+                pending.append(knock)
         try:
-            verdict = decide(self.claim(result.client, nonce, sent, self.clock()),
-                             self.on_store_down)
-            if verdict is Verdict.GRANT and result.otp_step is not None:
-                verdict = decide_otp(self.claim_otp(result.client, result.otp_step,
-                                                    self.clock()), self.on_store_down)
-        except StorePermissionError:  # a member refused its own claims: no grant, ever
-            verdict = Verdict.REFUSE_UNREACHABLE
-        now = self.clock()
+            self._commit(pending, now, mono, shares=True)
+        except StoreUnavailableError:
+            raise
+        except StoreError as exc:  # perhaps the lease writes': the claims alone
+            self.log(f"warning group {self.group}: claims with their leases were refused "
+                     f"({exc}); claiming them alone, the leases written after")
+            self._commit([k for k in pending if k.outcome is None], now, mono, shares=False)
+
+    def _commit(self, pending: list[_Knock], now: float, mono: float, *, shares: bool) -> None:
+        """Rounds of one transaction each, until every pending knock's claim
+        is made or found taken.  One lease etcd has lost is granted anew once."""
+        renewed = False
+        while pending:
+            creates, writes, used = self._ops(pending, now, mono, shares=shares)
+            try:
+                found = self.kv.create_many(creates, writes)
+            except LeaseExpiredError:
+                if renewed:
+                    raise
+                renewed = True
+                for lease in used:
+                    self.pool.drop(lease)
+                continue
+            finally:
+                self._bump_batches()
+            if not found:
+                for knock in pending:
+                    knock.outcome = ClaimResult.CREATED
+                    knock.shared = shares and knock.result.otp_step is None
+                return
+            left = [k for k in pending if k.claim.key not in found]
+            if len(left) == len(pending):
+                raise StoreError("etcd named keys taken that were not in the transaction")
+            for knock in pending:
+                if knock.claim.key in found:
+                    knock.outcome = ClaimResult.EXISTS
+            pending = left
+
+    def _ops(self, pending: list[_Knock], now: float, mono: float, *,
+             shares: bool) -> tuple[list[Put], list[Put | Delete], set[int]]:
+        """A round's claims and lease writes (a lease key written by two knocks
+        of the batch: the later one's write, as if one after the other)."""
+        used: set[int] = set()
+        creates = []
+        for knock in pending:
+            lease = self.pool.lease(knock.claim_end, mono, self.kv.grant)
+            used.add(lease)
+            creates.append(Put(knock.claim.key, knock.claim.value, lease))
+        writes: dict[bytes, Put | Delete] = {}
+        for knock in pending if shares else ():
+            if knock.result.otp_step is not None:  # written once its step is claimed
+                continue
+            writes.pop(knock.share_key, None)
+            if knock.record is None:
+                writes[knock.share_key] = Delete(knock.share_key)
+                continue
+            lease = self.pool.lease(mono + (knock.record.until - now), mono, self.kv.grant)
+            used.add(lease)
+            writes[knock.share_key] = Put(knock.share_key, encode_lease(knock.record), lease)
+        return creates, list(writes.values()), used
+
+    # -- the verdicts --------------------------------------------------------
+
+    def _carry_out(self, knock: _Knock, verdict: Verdict, now: float, later: float) -> Verdict:
+        result = knock.result
         self._count(verdict)
         if not verdict.granted:
             assert verdict.reason is not None
-            self.hooks.refuse_claimed(result, verdict.reason, now)
+            self.hooks.refuse_claimed(result, verdict.reason, later)
             return verdict
         if verdict is Verdict.GRANT_UNCLAIMED:
             self.log(f"warning group {self.group}: granted client={result.client} without a "
                      "claim (etcd unreachable; on_store_down = local_only)")
         self.hooks.grant_claimed(result, now)
         if verdict is Verdict.GRANT:
-            self.share(result, now)
+            if knock.shared:
+                self._bump("leases_shared")
+            else:
+                self.share(result, now)
             self._activate(result.client)
         return verdict
 
@@ -188,7 +377,8 @@ class Claimer:
                  f"at every member of group {self.group})")
 
     def share(self, result: Accepted, now: float) -> None:
-        """Write (open) or delete (close) the grant's lease key for the others."""
+        """Write (open) or delete (close) the grant's lease key for the others,
+        on its own (when it could not go with the claim)."""
         decision = result.decision
         key = layout.lease_key(self.group, result.client, decision.address,
                                decision.service.name).encode()
@@ -197,8 +387,13 @@ class Claimer:
                 record = LeaseRecord(result.client, decision.address, decision.service.name,
                                      decision.service.protocol, decision.service.port,
                                      now + decision.duration, self.member)
-                lease = self.kv.grant(record.ttl(now))
-                self.kv.put(key, encode_lease(record), lease)
+                mono = self.monotonic()
+                lease = self.pool.lease(mono + (record.until - now), mono, self.kv.grant)
+                try:
+                    self.kv.put(key, encode_lease(record), lease)
+                except LeaseExpiredError:
+                    self.pool.drop(lease)
+                    raise
             else:
                 self.kv.delete(key)
         except StoreError as exc:
@@ -222,6 +417,10 @@ class Claimer:
     def _bump(self, name: str) -> None:
         with self._lock:
             self.counts[name] += 1
+
+    def _bump_batches(self) -> None:
+        with self._lock:
+            self.batches += 1
 
     def _store_is(self, *, down: bool, why: Exception | None = None) -> None:
         """Say when etcd stops and starts answering claims (once each way)."""

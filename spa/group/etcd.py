@@ -49,15 +49,18 @@ from etcd3gw import exceptions as gw_errors
 from requests.adapters import HTTPAdapter
 
 from spa.group.kv import (
+    Delete,
     Event,
     EventKind,
     Item,
     LeaseExpiredError,
     PageCallback,
+    Put,
     StoreError,
     StorePermissionError,
     StoreUnavailableError,
     WatchLostError,
+    check_batch,
 )
 
 T = TypeVar("T")
@@ -132,6 +135,16 @@ def _prefix_end(prefix: bytes) -> bytes:
     if not trimmed:
         return b"\0"
     return trimmed[:-1] + bytes([trimmed[-1] + 1])
+
+
+def _op(op: Put | Delete) -> dict[str, Any]:
+    """One operation of a transaction's branch, as etcd's gateway takes it."""
+    if isinstance(op, Delete):
+        return {"request_delete_range": {"key": _b64(op.key)}}
+    put: dict[str, Any] = {"key": _b64(op.key), "value": _b64(op.value)}
+    if op.lease:
+        put["lease"] = str(op.lease)
+    return {"request_put": put}
 
 
 def _item(kv: dict[str, Any]) -> Item:
@@ -340,6 +353,34 @@ class EtcdStore:
                 _item(found[0]).lease == lease
         return self._call("claim a key", once)
 
+    def create_many(self, creates: Sequence[Put],
+                    writes: Sequence[Put | Delete] = ()) -> frozenset[bytes]:
+        check_batch(creates, writes)
+        txn = {"compare": [{"key": _b64(op.key), "result": "EQUAL", "target": "CREATE",
+                            "create_revision": "0"} for op in creates],
+               "success": [_op(op) for op in (*creates, *writes)],
+               "failure": [{"request_range": {"key": _b64(op.key)}} for op in creates]}
+        attempts = 0
+
+        def once(c: etcd3gw.Etcd3Client) -> frozenset[bytes]:
+            nonlocal attempts
+            attempts += 1
+            answer = c.post(c.get_url("/kv/txn"), json=txn)
+            if answer.get("succeeded", False):
+                return frozenset()
+            found = [_item(kvs[0]) for kvs in (
+                r.get("response_range", {}).get("kvs", []) for r in answer.get("responses", []))
+                if kvs]
+            if not found:  # never, from etcd: a failed compare means a key is there
+                raise StoreError("etcd refused claim keys: the transaction failed with no "
+                                 "key there")
+            ours = {(op.key, op.value, op.lease) for op in creates}
+            if attempts > 1 and len(found) == len(creates) and all(
+                    (i.key, i.value, i.lease) in ours for i in found):
+                return frozenset()  # a retry after an endpoint failed: the first landed
+            return frozenset(i.key for i in found)
+        return self._call("claim keys", once)
+
     def grant(self, ttl: int) -> int:
         answer = self._call("grant a lease", lambda c: c.post(
             c.get_url("/lease/grant"), json={"TTL": str(ttl), "ID": "0"}))
@@ -458,9 +499,12 @@ class EtcdWatch:
                               f"{compacted})")
                 if result.get("canceled"):
                     return delivered  # etcd ended it otherwise: connect again
+                # the events of one revision (a transaction's keys, a lease's
+                # expiry) come in one response, never split: all of them pass
+                seen_below = self._next
                 for raw in result.get("events", []):
                     event = _event(raw)
-                    if event.mod_revision < self._next:
+                    if event.mod_revision < seen_below:
                         continue  # seen before a reconnection
                     self._next = event.mod_revision + 1
                     delivered = True

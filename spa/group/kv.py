@@ -5,6 +5,10 @@ Invariants:
 - Keys and values are bytes; revisions and lease ids are ints as etcd gives
   them.  `create` is etcd's create-if-absent transaction: of any number of
   callers racing on one key, exactly one is told it claimed it.
+  `create_many` is the same for a batch, in one transaction: either every
+  key was absent and all of them (and the writes that go with them) are set,
+  or nothing changes and the caller learns which keys were there; of callers
+  racing on overlapping batches, each key is claimed by exactly one.
 - Every failure is a StoreError.  StoreUnavailableError means the store could not
   answer in time (no endpoint reachable, or no quorum behind it): the caller
   may retry later and must not take it as an answer.  StorePermissionError
@@ -23,9 +27,13 @@ suite, tests/unit/test_group_kv_contract.py, runs against both.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+# etcd's --max-txn-ops (default 128): the most compares, and the most
+# operations in either branch, one transaction may hold (each counted apart)
+MAX_TXN_OPS = 128
 
 
 class StoreError(Exception):
@@ -78,6 +86,35 @@ class Event:
 PageCallback = Callable[[list[Item]], None]
 
 
+@dataclass(frozen=True, slots=True)
+class Put:
+    """Set key to value (attached to lease if not 0), inside a transaction."""
+
+    key: bytes
+    value: bytes
+    lease: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """Remove key (if there), inside a transaction."""
+
+    key: bytes
+
+
+def check_batch(creates: Sequence[Put], writes: Sequence[Put | Delete]) -> None:
+    """What every store refuses in create_many, as etcd would: more than
+    MAX_TXN_OPS compares or operations, a key written twice.  Raises ValueError."""
+    if not creates:
+        raise ValueError("create_many needs at least one key to create")
+    if len(creates) + len(writes) > MAX_TXN_OPS:
+        raise ValueError(f"a transaction holds at most {MAX_TXN_OPS} operations "
+                         f"(etcd's --max-txn-ops), not {len(creates) + len(writes)}")
+    keys = [op.key for op in creates] + [op.key for op in writes]
+    if len(set(keys)) != len(keys):
+        raise ValueError("a key is written twice in one transaction (etcd refuses it)")
+
+
 class Watch(Protocol):
     def cancel(self) -> None:
         """Stop delivering; returns once no callback runs any more."""
@@ -114,6 +151,14 @@ class KV(Protocol):
     def create(self, key: bytes, value: bytes, lease: int = 0) -> bool:
         """Set the key only if absent, atomically: True if this call claimed
         it.  Raises LeaseExpiredError if the lease is gone."""
+
+    def create_many(self, creates: Sequence[Put],
+                    writes: Sequence[Put | Delete] = ()) -> frozenset[bytes]:
+        """One transaction: if no key of `creates` exists, set them all and
+        apply `writes` too, and return the empty set; else change nothing and
+        return the keys of `creates` that exist.  Raises ValueError (see
+        check_batch), LeaseExpiredError if a lease named is gone (nothing
+        changed)."""
 
     def grant(self, ttl: int) -> int:
         """A new lease of ttl seconds; its id."""

@@ -15,6 +15,7 @@ Invariants (docs/groups.md, "Members"; the privilege split, docs/install.md):
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -34,7 +35,8 @@ class GroupLink:
     """The daemon's companion for its group (spa.server.daemon.Companion)."""
 
     def __init__(self, server: Server, kv: KV, settings: GroupSettings, *,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.server = server
         self.settings = settings
         log: Callable[[str], None] = server.log
@@ -45,7 +47,8 @@ class GroupLink:
                                window=server.config.window,
                                on_store_down=settings.on_store_down, hooks=server,
                                clock=server.clock, log=log, executor=executor,
-                               pending=self.member.pending, covers=self.member.covers)
+                               pending=self.member.pending, covers=self.member.covers,
+                               monotonic=monotonic)
         self.presence = Presence(kv, group=settings.name, member=settings.member,
                                  started=server.clock(), log=log)
         self._said: dict[str, object] = {}  # the facts last handed to the daemon

@@ -14,18 +14,21 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from spa.group.kv import (
+    Delete,
     Event,
     EventKind,
     Item,
     LeaseExpiredError,
     PageCallback,
+    Put,
     StorePermissionError,
     StoreUnavailableError,
     WatchLostError,
+    check_batch,
 )
 
 
@@ -123,6 +126,27 @@ class MemoryStore:
         self._deliver(events)
         return True
 
+    def create_many(self, creates: Sequence[Put],
+                    writes: Sequence[Put | Delete] = ()) -> frozenset[bytes]:
+        check_batch(creates, writes)
+        with self._lock:
+            self._check()
+            found = frozenset(op.key for op in creates if op.key in self._items)
+            if found:
+                return found
+            for op in (*creates, *writes):  # etcd checks every lease before it writes
+                if isinstance(op, Put) and op.lease and op.lease not in self._leases:
+                    raise LeaseExpiredError(f"lease {op.lease:x} has expired or was revoked")
+            self.revision += 1  # one revision for the whole transaction, as etcd's
+            for op in (*creates, *writes):
+                if isinstance(op, Put):
+                    self._set(op.key, op.value, op.lease, bump=False)
+                elif op.key in self._items:
+                    self._remove(op.key, bump=False)
+            events = self._drain()
+        self._deliver(events)
+        return frozenset()
+
     def grant(self, ttl: int) -> int:
         with self._lock:
             self._check()
@@ -184,21 +208,21 @@ class MemoryStore:
         for lease in [k for k, v in self._leases.items() if v.expires <= now]:
             self._end_lease(lease)
 
-    def _set(self, key: bytes, value: bytes, lease: int) -> None:
+    def _set(self, key: bytes, value: bytes, lease: int, *, bump: bool = True) -> None:
         if lease and lease not in self._leases:
             raise LeaseExpiredError(f"lease {lease:x} has expired or was revoked")
         old = self._items.get(key)
         if old is not None and old.lease and old.lease in self._leases:
             self._leases[old.lease].keys.discard(key)
-        self.revision += 1
+        self.revision += bump
         self._items[key] = Item(key, value, self.revision, lease)
         if lease:
             self._leases[lease].keys.add(key)
         self._history.append(Event(EventKind.PUT, key, value, self.revision))
 
-    def _remove(self, key: bytes) -> None:
+    def _remove(self, key: bytes, *, bump: bool = True) -> None:
         del self._items[key]
-        self.revision += 1
+        self.revision += bump
         self._history.append(Event(EventKind.DELETE, key, b"", self.revision))
 
     def _end_lease(self, lease: int) -> None:
@@ -252,6 +276,12 @@ class RestrictedView:
     def create(self, key: bytes, value: bytes, lease: int = 0) -> bool:
         self._allow(key)
         return self._store.create(key, value, lease)
+
+    def create_many(self, creates: Sequence[Put],
+                    writes: Sequence[Put | Delete] = ()) -> frozenset[bytes]:
+        for op in (*creates, *writes):
+            self._allow(op.key)
+        return self._store.create_many(creates, writes)
 
     def grant(self, ttl: int) -> int:
         return self._store.grant(ttl)

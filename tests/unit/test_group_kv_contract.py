@@ -16,10 +16,13 @@ import pytest
 from spa.group.etcd import READ_ATTEMPTS, EtcdAccess, EtcdStore
 from spa.group.kv import (
     KV,
+    MAX_TXN_OPS,
+    Delete,
     Event,
     EventKind,
     Item,
     LeaseExpiredError,
+    Put,
     StoreError,
     StorePermissionError,
     StoreUnavailableError,
@@ -49,6 +52,7 @@ class Harness:
     compact: Callable[[int], None]  # forget the history below a revision
     real: bool
     paged: KV  # the same member, reading a prefix in pages of PAGE keys (etcd)
+    another: Callable[[], KV]  # a second member of group a (its own connection)
 
     def until(self, check: Callable[[], bool], seconds: float = 10) -> bool:
         """check() is true now (the fake), or becomes true within seconds
@@ -74,7 +78,8 @@ def _fake() -> Harness:
         return dead
     view = store.restricted(b"/spa/groups/a/")
     return Harness(view, _fresh(b"a"), _fresh(b"b"), broken, advance, store.compact,
-                   real=False, paged=view)
+                   real=False, paged=view,
+                   another=lambda: store.restricted(b"/spa/groups/a/"))
 
 
 def _real(cluster: EtcdCluster) -> Harness:
@@ -86,7 +91,8 @@ def _real(cluster: EtcdCluster) -> Harness:
     def compact(revision: int) -> None:  # root's work: members may not compact
         cluster.ctl("compaction", str(revision))
     return Harness(cluster.store("a"), _fresh(b"a"), _fresh(b"b"), broken, time.sleep,
-                   compact, real=True, paged=EtcdStore(cluster.access("a"), page_keys=PAGE))
+                   compact, real=True, paged=EtcdStore(cluster.access("a"), page_keys=PAGE),
+                   another=lambda: cluster.store("a"))
 
 
 def _fresh(group: bytes) -> bytes:
@@ -276,6 +282,11 @@ def test_another_groups_prefix_is_refused(h: Harness) -> None:
     with pytest.raises(StorePermissionError):
         h.kv.create(key, b"v")
     with pytest.raises(StorePermissionError):
+        h.kv.create_many([Put(h.prefix + b"mine", b"v"), Put(key, b"v")])
+    with pytest.raises(StorePermissionError):  # a write beside the claims counts too
+        h.kv.create_many([Put(h.prefix + b"mine", b"v")], [Delete(key)])
+    assert h.kv.get(h.prefix + b"mine") is None
+    with pytest.raises(StorePermissionError):
         h.kv.get_prefix(h.other)
     with pytest.raises(StorePermissionError):
         h.kv.watch_prefix(h.other, 1, lambda e: None)
@@ -287,7 +298,8 @@ def test_a_store_out_of_reach_raises_unavailable_for_every_call(h: Harness) -> N
     calls: list[Callable[[], object]] = [
         lambda: dead.get(key), lambda: dead.get_prefix(h.prefix),
         lambda: dead.put(key, b"v"), lambda: dead.delete(key),
-        lambda: dead.create(key, b"v"), lambda: dead.grant(5),
+        lambda: dead.create(key, b"v"), lambda: dead.create_many([Put(key, b"v")]),
+        lambda: dead.grant(5),
         lambda: dead.keep_alive(1), lambda: dead.revoke(1),
         lambda: dead.watch_prefix(h.prefix, 1, lambda e: None)]
     for call in calls:
@@ -359,3 +371,114 @@ def test_a_paged_read_overtaken_by_a_compaction_starts_again_then_gives_up(
         with pytest.raises(StoreError, match="compaction"):
             stubborn.get_prefix(prefix)
         assert stubborn.pages == READ_ATTEMPTS
+
+
+# ---- create_many: a batch of claims in one transaction ------------------------
+
+def test_create_many_sets_every_absent_key_and_its_writes_at_one_revision(h: Harness) -> None:
+    lease = h.kv.grant(30)
+    h.kv.put(h.prefix + b"lease/old", b"closed")
+    creates = [Put(h.prefix + b"claim/%d" % i, b"c%d" % i, lease) for i in range(3)]
+    writes: list[Put | Delete] = [Put(h.prefix + b"lease/new", b"open", lease),
+                                  Delete(h.prefix + b"lease/old"),
+                                  Delete(h.prefix + b"lease/never-there")]
+    assert h.kv.create_many(creates, writes) == frozenset()
+    items, _ = h.kv.get_prefix(h.prefix)
+    assert {(i.key, i.value, i.lease) for i in items} == {
+        *((c.key, c.value, lease) for c in creates), (h.prefix + b"lease/new", b"open", lease)}
+    assert len({i.mod_revision for i in items}) == 1  # one transaction, one revision
+    h.kv.revoke(lease)
+    assert h.kv.get_prefix(h.prefix)[0] == []
+
+
+def test_create_many_with_a_key_taken_changes_nothing_and_names_the_taken(
+        h: Harness) -> None:
+    taken = [h.prefix + b"claim/1", h.prefix + b"claim/3"]
+    for key in taken:
+        assert h.kv.create(key, b"theirs")
+    before = h.kv.get_prefix(h.prefix)
+    creates = [Put(h.prefix + b"claim/%d" % i, b"mine") for i in range(5)]
+    found = h.kv.create_many(creates, [Put(h.prefix + b"lease/x", b"open")])
+    assert found == frozenset(taken)
+    after = h.kv.get_prefix(h.prefix)
+    assert after[0] == before[0]  # nothing written: no claim, no lease record
+    # the caller goes again without them: the rest are claimed
+    assert h.kv.create_many([c for c in creates if c.key not in found]) == frozenset()
+    assert all(h.kv.get(c.key) is not None for c in creates)
+    assert [h.kv.get(k).value for k in taken] == [b"theirs", b"theirs"]  # type: ignore[union-attr]
+
+
+def test_create_many_on_a_lease_gone_raises_and_writes_nothing(h: Harness) -> None:
+    alive, gone = h.kv.grant(30), h.kv.grant(30)
+    h.kv.revoke(gone)
+    with pytest.raises(LeaseExpiredError):
+        h.kv.create_many([Put(h.prefix + b"c1", b"v", alive)],
+                         [Put(h.prefix + b"l1", b"v", gone)])
+    assert h.kv.get_prefix(h.prefix)[0] == []
+    h.kv.revoke(alive)
+
+
+def test_create_many_refuses_what_etcd_would_before_sending_it(h: Harness) -> None:
+    key = h.prefix + b"k"
+    with pytest.raises(ValueError, match="max-txn-ops"):
+        h.kv.create_many([Put(h.prefix + b"%d" % i, b"v") for i in range(MAX_TXN_OPS + 1)])
+    with pytest.raises(ValueError, match="max-txn-ops"):
+        h.kv.create_many([Put(h.prefix + b"%d" % i, b"v") for i in range(MAX_TXN_OPS // 2)],
+                         [Delete(h.prefix + b"d%d" % i) for i in range(MAX_TXN_OPS // 2 + 1)])
+    with pytest.raises(ValueError, match="twice"):
+        h.kv.create_many([Put(key, b"v")], [Put(key, b"w")])
+    with pytest.raises(ValueError, match="at least one"):
+        h.kv.create_many([], [Put(key, b"w")])
+    assert h.kv.get(key) is None
+    full = [Put(h.prefix + b"%d" % i, b"v") for i in range(MAX_TXN_OPS // 2)]
+    closes: list[Put | Delete] = [Delete(h.prefix + b"d%d" % i)
+                                  for i in range(MAX_TXN_OPS // 2)]
+    assert h.kv.create_many(full, closes) == frozenset()  # the most etcd takes: taken
+
+
+def test_a_watch_sees_every_key_of_one_transaction(h: Harness) -> None:
+    start = h.kv.put(h.prefix + b"0", b"before")
+    seen: list[Event] = []
+    watch = h.kv.watch_prefix(h.prefix, start + 1, seen.append)
+    try:
+        h.kv.create_many([Put(h.prefix + b"%d" % i, b"v") for i in range(1, 6)],
+                         [Delete(h.prefix + b"0")])
+        h.kv.put(h.prefix + b"after", b"v")
+        assert h.until(lambda: len(seen) >= 7)
+        assert sorted(e.key for e in seen[:6]) == sorted(
+            [h.prefix + b"%d" % i for i in range(6)])
+        assert seen[-1].key == h.prefix + b"after"
+    finally:
+        watch.cancel()
+
+
+def test_of_members_racing_on_overlapping_batches_each_key_is_claimed_once(
+        h: Harness) -> None:
+    keys = [h.prefix + b"n%02d" % i for i in range(40)]
+    stores = [h.kv, h.another(), h.another()]
+    won: dict[int, list[bytes]] = {n: [] for n in range(len(stores))}
+
+    def claim(n: int) -> None:
+        # each its own overlapping slice, in its own order, batches of up to 8,
+        # going again without the keys found taken (as the claimer does)
+        mine = keys[n * 10:n * 10 + 20][::1 if n % 2 else -1]
+        for at in range(0, len(mine), 8):
+            batch = [Put(k, b"member-%d" % n) for k in mine[at:at + 8]]
+            while batch:
+                found = stores[n].create_many(batch)
+                if not found:
+                    won[n] += [p.key for p in batch]
+                    break
+                batch = [p for p in batch if p.key not in found]
+    threads = [threading.Thread(target=claim, args=(n,)) for n in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    claimed = [k for n in won for k in won[n]]
+    assert sorted(claimed) == sorted(set(claimed))  # no key twice
+    assert set(claimed) == set(keys)  # every key claimed (their slices cover 0-39)
+    for n, mine in won.items():
+        for key in mine:
+            item = h.kv.get(key)
+            assert item is not None and item.value == b"member-%d" % n

@@ -5,7 +5,7 @@ resync, revocation, shared leases."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +13,7 @@ import pytest
 
 from spa.core.wire import Action
 from spa.group import layout
-from spa.group.kv import WatchLostError
+from spa.group.kv import Delete, Put, WatchLostError
 from spa.group.memory import MemoryStore
 from spa.group.policy import OnStoreDown
 from spa.server.metrics import Metrics
@@ -305,8 +305,8 @@ def test_the_runner_opens_the_group_s_store_only_with_a_private_password_file(
 
 
 class _HeldStore:
-    """The fake whose claims (create) wait until `opened` is set: an etcd
-    that answers slowly.  Everything else goes straight through."""
+    """The fake whose claims (create_many) wait until `opened` is set: an
+    etcd that answers slowly.  Everything else goes straight through."""
 
     def __init__(self, kv: MemoryStore) -> None:
         self.kv = kv
@@ -316,10 +316,11 @@ class _HeldStore:
     def __getattr__(self, name: str) -> object:
         return getattr(self.kv, name)
 
-    def create(self, key: bytes, value: bytes, lease: int = 0) -> bool:
+    def create_many(self, creates: Sequence[Put],
+                    writes: Sequence[Put | Delete] = ()) -> frozenset[bytes]:
         self.waiting.release()
         assert self.opened.wait(30)
-        return self.kv.create(key, value, lease)
+        return self.kv.create_many(creates, writes)
 
 
 def test_a_slow_claim_never_holds_up_the_receive_loop(group: Group) -> None:
