@@ -19,7 +19,9 @@ from hypothesis import strategies as st
 from spa.group import etcd
 from spa.group.etcd import EtcdAccess, EtcdStore
 from spa.group.kv import (
+    Delete,
     LeaseExpiredError,
+    Put,
     StoreError,
     StorePermissionError,
     StoreUnavailableError,
@@ -190,6 +192,102 @@ def test_a_first_create_that_finds_the_key_taken_is_not_a_claim_even_with_our_va
         ) -> None:
     store = _store(Stub(_txn(False, b"mine")))
     assert store.create(b"k", b"mine") is False
+
+
+def _many_failed(*values: bytes | None, lease: int = 0) -> dict[str, Any]:
+    """etcd's answer to a create_many whose compare failed: one range per key."""
+    def found(i: int, value: bytes | None) -> dict[str, Any]:
+        if value is None:
+            return {"response_range": {}}  # the gateway leaves empty fields out
+        kv = {"key": base64.b64encode(b"k%d" % i).decode(),
+              "value": base64.b64encode(value).decode(), "mod_revision": "5"}
+        if lease:
+            kv["lease"] = str(lease)
+        return {"response_range": {"kvs": [kv]}}
+    return {**HEADER, "responses": [found(i, v) for i, v in enumerate(values)]}
+
+
+class Recording(Stub):
+    def post(self, url: str, json: Any = None) -> Any:
+        self.sent = json
+        return super().post(url, json)
+
+
+def test_create_many_sends_one_txn_of_compares_puts_deletes_and_ranges() -> None:
+    stub = Recording({**HEADER, "succeeded": True})
+    store = _store(stub)
+    assert store.create_many([Put(b"k0", b"a", 7), Put(b"k1", b"b", 7)],
+                             [Put(b"l0", b"r", 9), Delete(b"l1")]) == frozenset()
+    txn = stub.sent
+    assert stub.paths == ["/kv/txn"]
+    assert [c["target"] for c in txn["compare"]] == ["CREATE", "CREATE"]
+    assert {c["create_revision"] for c in txn["compare"]} == {"0"}
+    assert [next(iter(op)) for op in txn["success"]] == [
+        "request_put", "request_put", "request_put", "request_delete_range"]
+    assert [op["request_put"]["lease"] for op in txn["success"][:3]] == ["7", "7", "9"]
+    assert len(txn["failure"]) == 2
+
+
+def test_create_many_names_the_keys_etcd_found_taken() -> None:
+    store = _store(Stub(_many_failed(None, b"theirs", None)))
+    assert store.create_many([Put(b"k0", b"a"), Put(b"k1", b"b"), Put(b"k2", b"c")]) == {b"k1"}
+
+
+@pytest.mark.parametrize(("second", "taken"), [
+    ({**HEADER, "succeeded": True}, set()),  # the first attempt never landed
+    (_many_failed(b"a", b"b", lease=7), set()),  # it landed before the endpoint failed
+    (_many_failed(b"a", None, lease=7), {b"k0"}),  # one key someone else's: not all ours
+    (_many_failed(b"a", b"b", lease=8), {b"k0", b"k1"}),  # their lease: theirs
+])
+def test_a_create_many_retried_after_a_failed_endpoint(second: dict[str, Any],
+                                                       taken: set[bytes]) -> None:
+    store = _store(Stub(gw.ConnectionTimeoutError("read timed out")), Stub(second))
+    assert store.create_many([Put(b"k0", b"a", 7), Put(b"k1", b"b", 7)]) == taken
+
+
+def test_a_first_create_many_finding_our_values_is_not_a_claim() -> None:
+    store = _store(Stub(_many_failed(b"a", b"b", lease=7)))
+    assert store.create_many([Put(b"k0", b"a", 7), Put(b"k1", b"b", 7)]) == {b"k0", b"k1"}
+
+
+def test_a_watch_delivers_every_event_of_one_revision_once() -> None:
+    def event(key: bytes, revision: int) -> dict[str, Any]:
+        return {"kv": {"key": base64.b64encode(key).decode(),
+                       "value": base64.b64encode(b"v").decode(), "mod_revision": str(revision)}}
+    streams = [[{"result": {"events": [event(b"/p/1", 3), event(b"/p/2", 3)]}}],
+               # a reconnection: etcd replays from the revision asked for (4 here)
+               [{"result": {"events": [event(b"/p/3", 4), event(b"/p/4", 4),
+                                       event(b"/p/5", 5)]}}]]
+    seen: list[bytes] = []
+    done = threading.Event()
+
+    class Response:
+        status_code = 200
+
+        def __init__(self, lines: list[dict[str, Any]]) -> None:
+            self.lines = lines
+
+        def iter_lines(self) -> list[bytes]:
+            return [json.dumps(e).encode() for e in self.lines]
+
+        def close(self) -> None:
+            pass
+
+    def post(*args: Any, **kwargs: Any) -> Response:
+        if not streams:
+            done.set()
+            raise OSError("no more streams")
+        return Response(streams.pop(0))
+
+    stub = Stub({**HEADER})  # the permission probe
+    stub.session = type("S", (), {"headers": {}, "post": post})()
+    store = _store(stub)
+    watch = store.watch_prefix(b"/p/", 3, lambda e: seen.append(e.key))
+    try:
+        assert done.wait(10)
+    finally:
+        watch.cancel()
+    assert seen == [b"/p/1", b"/p/2", b"/p/3", b"/p/4", b"/p/5"]
 
 
 def test_a_watch_whose_callback_raises_ends_instead_of_skipping() -> None:
