@@ -195,15 +195,18 @@ class Claimer:
             self.log(f"error group {self.group}: the knocks of client={clients} were "
                      f"not settled: {type(exc).__name__}: {exc}")
 
-    def settle(self, result: Accepted, nonce: bytes) -> Verdict:
-        """Claim one accepted packet, then grant or refuse it."""
-        return self.settle_batch([(result, nonce)])[0]
-
     def settle_batch(self, batch: Sequence[tuple[Accepted, bytes]]) -> list[Verdict]:
         """Claim the packets in one transaction (more rounds if some are
-        replays), then grant or refuse each as its verdict says, in order."""
+        replays), then grant or refuse each as its verdict says, in order;
+        their verdicts (a knock whose settling raised is logged, and left
+        out)."""
         now, mono = self.clock(), self.monotonic()
-        knocks = [self._knock(result, nonce, now, mono) for result, nonce in batch]
+        knocks = []
+        for result, nonce in batch:
+            try:
+                knocks.append(self._knock(result, nonce, now, mono))
+            except ValueError as exc:  # this knock alone is lost, never its batch
+                self._lost(result, exc)
         refused_by_rbac = False
         try:
             self._claim_all(knocks, now, mono)
@@ -222,9 +225,17 @@ class Claimer:
                 verdict = (Verdict.REFUSE_UNREACHABLE if refused_by_rbac
                            else decide(ClaimResult.UNREACHABLE, self.on_store_down))
             else:
-                verdict = self._with_otp(knock, decide(outcome, self.on_store_down))
-            verdicts.append(self._carry_out(knock, verdict, now, later))
+                verdict = decide(outcome, self.on_store_down)
+            try:
+                verdicts.append(self._carry_out(knock, self._with_otp(knock, verdict),
+                                                now, later))
+            except Exception as exc:  # one knock's grant failed: the others go on
+                self._lost(knock.result, exc)
         return verdicts
+
+    def _lost(self, result: Accepted, exc: Exception) -> None:
+        self.log(f"error group {self.group}: the knock of client={result.client} was not "
+                 f"settled: {type(exc).__name__}: {exc}")
 
     def _with_otp(self, knock: _Knock, verdict: Verdict) -> Verdict:
         """A granted knock that used up an authenticator code: its step's claim decides."""

@@ -242,3 +242,29 @@ def test_a_lease_record_etcd_refuses_costs_the_share_never_the_grant(group: Grou
                               "leases_shared": 0}
     assert len(_keys(group, layout.Kind.CLAIM)) == 2
     assert any("not shared" in line for line in group.worlds["a"].logs)
+
+
+def test_a_knock_whose_grant_fails_costs_its_batch_nothing_else(group: Group) -> None:
+    a = group.member("a")
+    for name in ("alice", "bob", "carol"):
+        group.enroll(name)
+    group.settle()
+    claimer, deferred, _ = _deferred(group, "a")
+    server = claimer.hooks
+
+    class Failing:
+        def __getattr__(self, name: str) -> object:
+            return getattr(server, name)
+
+        def grant_claimed(self, result: Any, now: float) -> None:
+            if result.client == "bob":
+                raise OSError("the firewall helper is gone (test)")
+            server.grant_claimed(result, now)
+    claimer.hooks = Failing()  # type: ignore[assignment]
+    a.handle(group.packet("alice"), SOURCE)
+    a.handle(group.packet("bob", "https"), "192.0.2.20")
+    a.handle(group.packet("carol"), "192.0.2.30")
+    deferred.run()
+    assert group.grants("a") == {(SOURCE, "ssh"), ("192.0.2.30", "ssh")}
+    assert any("client=bob was not settled: OSError" in line
+               for line in group.worlds["a"].logs)
