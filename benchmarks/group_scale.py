@@ -12,10 +12,12 @@ group's prefix: spa.group.etcd's way through the JSON gateway).  Then:
    empty, with 10^4 and 10^5 client records (more with --clients), then with
    10^4 leases and 10^4 claims, each on an etcd lease of its own: bytes per
    record in etcd;
-3. write rates: client records put one by one (EtcdStore.put), a claim as a
-   member makes it (a lease grant, then EtcdStore.create), a claim on a
-   shared lease (create alone), each from 1 and from --threads threads (each
-   thread its own EtcdStore, as separate members would);
+3. write rates: client records put one by one (EtcdStore.put), a claim as
+   members made it before the claimer's batches (a lease grant, then
+   EtcdStore.create), a claim on a shared lease (create alone), each from 1
+   and from --threads threads (each thread its own EtcdStore, as separate
+   members would); claims as a member makes them now, through the claimer:
+   benchmarks/group_claims.py;
 4. a member's start: EtcdStore.get_prefix of the group (one range) and
    decode_client of every record, at 10^4 and 10^5 clients; the same read
    paged (--page keys a range) for comparison;
