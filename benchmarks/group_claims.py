@@ -18,14 +18,16 @@ Paths, each with 1 and 4 claim threads:
   transaction: whatever is queued when a claim thread is free).
 
 Figures:
-1. grants/s: --knocks knocks (distinct clients and nonces, as the receive
+1. grants/s: --knocks knocks on the batched path, --slow-knocks on the
+   others (a run of some seconds each; distinct clients and nonces, as the receive
    thread would hand them over, one submit() each, as fast as it can) until
    every one is granted; beside it the CPU this process (the member's side:
    records, JSON, TLS; not etcd's) spent a knock, and the wall time;
 2. claim latency of a lone knock (an idle member): submit() to the grant
    (hooks.grant_claimed), --lone knocks one after another; p50 / p99.
 
-    .venv/bin/python benchmarks/group_claims.py [--knocks 4000] [--lone 300] [--runs 2]
+    .venv/bin/python benchmarks/group_claims.py [--knocks 20000] [--slow-knocks 2000]
+        [--lone 300] [--runs 2]
 
 (root is not needed: etcd runs as the caller, on 127.0.0.1.)  Needs etcd,
 etcdctl and openssl.  The machine is noisy (2 cores shared, etcd on them too):
@@ -215,7 +217,10 @@ def latency(path: str, kv: KV, count: int, run: str) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--knocks", type=int, default=4000, help="knocks per rate figure")
+    parser.add_argument("--knocks", type=int, default=20_000,
+                        help="knocks per rate figure of the batched path")
+    parser.add_argument("--slow-knocks", type=int, default=2000,
+                        help="knocks per rate figure of the old and one-by-one paths")
     parser.add_argument("--lone", type=int, default=300, help="lone knocks per latency figure")
     parser.add_argument("--runs", type=int, default=2)
     args = parser.parse_args()
@@ -233,14 +238,15 @@ def main() -> None:
         kv.get(b"/spa/groups/" + GROUP.encode() + b"/meta")  # the token, once
         version = subprocess.run(["etcd", "--version"], capture_output=True, text=True,
                                  check=False).stdout.splitlines()[0]
-        print(f"{version}; one member on loopback, TLS, RBAC; knocks {args.knocks} "
-              f"{load()}")
+        print(f"{version}; one member on loopback, TLS, RBAC; knocks {args.knocks:,} batched, "
+              f"{args.slow_knocks:,} on the other paths {load()}")
         paths = ("old", "one-by-one", "batched")
         for run in range(1, args.runs + 1):
             print(f"run {run}: grants/s (every knock claimed and its lease shared)")
             for threads in (1, 4):
                 for path in paths:
-                    per_s, extra = rate(path, kv, threads, args.knocks, f"r{run}{path}{threads}")
+                    count = args.knocks if path == "batched" else args.slow_knocks
+                    per_s, extra = rate(path, kv, threads, count, f"r{run}{path}{threads}")
                     print(f"  {path:10} {threads} thread{'s' if threads > 1 else ' '}: "
                           f"{per_s:7,.0f}/s  ({extra}) {load()}")
             print(f"run {run}: claim latency of a lone knock, submit to grant, ms")

@@ -9,6 +9,7 @@ quorum."""
 from __future__ import annotations
 
 import io
+import ipaddress
 import secrets
 import sys
 import time
@@ -24,7 +25,7 @@ from spa.core.uri import parse as parse_uri
 from spa.group import layout, rbac
 from spa.group.clients import decode_client
 from spa.group.etcd import EtcdAccess, EtcdStore
-from spa.group.kv import StorePermissionError
+from spa.group.kv import Put, StorePermissionError
 from spa.group.records import decode_revocation
 from tests.etcd_world import EtcdCluster, _add_user
 
@@ -171,6 +172,15 @@ def test_a_member_reads_its_group_writes_only_its_own_keys_and_no_other_group(
         member.delete(layout.meta_key(g).encode())
     claim = layout.claim_key(g, "alice", bytes(24)).encode()
     assert member.create(claim, b"claimed")
+    # the claimer's transaction: claims and lease records together, on the member's role
+    batch = [Put(layout.claim_key(g, "alice", bytes([n]) * 24).encode(), b"claimed")
+             for n in (1, 2)]
+    lease = layout.lease_key(g, "alice", ipaddress.ip_address("192.0.2.7"), "ssh").encode()
+    assert member.create_many(batch, [Put(lease, b"lease")]) == frozenset()
+    with pytest.raises(StorePermissionError):  # a write outside its own kinds spoils it all
+        member.create_many([Put(layout.claim_key(g, "alice", bytes([3]) * 24).encode(), b"c")],
+                           [Put(layout.client_key(g, "mallory").encode(), b"x")])
+    assert member.get(layout.claim_key(g, "alice", bytes([3]) * 24).encode()) is None
     assert member.put(layout.member_key(g, "gw1").encode(), b"me") > 0
     other = group.cluster.store("a", timeout=2.0)  # group a's member (tests/etcd_world.py)
     with pytest.raises(StorePermissionError):
