@@ -47,7 +47,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -107,6 +107,9 @@ class Hooks:
         pass
 
     def remove_lease(self, client: str, address: IPAddress, service: str) -> None:
+        pass
+
+    def confirm_restored(self, live: Collection[tuple[str, IPAddress, str]]) -> None:
         pass
 
     def wait(self, count: int, timeout: float = 600) -> None:
