@@ -268,3 +268,29 @@ def test_a_knock_whose_grant_fails_costs_its_batch_nothing_else(group: Group) ->
     assert group.grants("a") == {(SOURCE, "ssh"), ("192.0.2.30", "ssh")}
     assert any("client=bob was not settled: OSError" in line
                for line in group.worlds["a"].logs)
+
+
+def test_a_knock_with_a_code_shares_its_lease_only_once_its_step_is_claimed(
+        group: Group) -> None:
+    import pyotp
+
+    a, b = group.member("a"), group.member("b")
+    group.enroll("alice", otp=True)
+    group.enroll("bob")
+    group.settle()
+    code = pyotp.TOTP(group.otp_secrets["alice"]).at(group.clock.now)
+    b.handle(group.packet("alice", otp=code), SOURCE)  # b uses the code first
+    assert _keys(group, layout.Kind.LEASE) != []
+    group.kv.delete(_keys(group, layout.Kind.LEASE)[0])  # (b's record out of the way)
+    claimer, deferred, counting = _deferred(group, "a")
+    a.handle(group.packet("alice", "https", otp=code), "192.0.2.50")  # the code again, at a
+    a.handle(group.packet("bob"), "192.0.2.20")
+    deferred.run()
+    assert counting.txns == [(2, 1)]  # bob's record only: alice's waits for her step
+    assert ("otp_reused", "alice") in group.refusals("a")
+    assert group.grants("a") >= {("192.0.2.20", "ssh")}
+    assert ("192.0.2.50", "https") not in group.grants("a")
+    leases = group.kv.get_prefix(layout.kind_prefix(GROUP, layout.Kind.LEASE).encode())[0]
+    assert [item.key.split(b"/")[-3] for item in leases] == [b"bob"]  # none for alice's
+    assert claimer.counts == {**claimer.counts, "claimed": 1, "otp_reused": 1,
+                              "leases_shared": 1}
