@@ -89,9 +89,9 @@ class Hooks:
         self.refused: dict[str, int] = {}
         self.last = 0.0
 
-    def grant_claimed(self, result: Accepted, now: float) -> None:
+    def grant_claimed(self, results: list[Accepted], now: float) -> None:
         with self.cond:
-            self.granted += 1
+            self.granted += len(results)
             self.last = time.perf_counter()
             self.cond.notify_all()
 
@@ -146,7 +146,7 @@ class OldClaimer(Claimer):
             assert verdict.reason is not None
             self.hooks.refuse_claimed(result, verdict.reason, now)
             return verdict
-        self.hooks.grant_claimed(result, now)
+        self.hooks.grant_claimed([result], now)
         decision = result.decision
         record = LeaseRecord(result.client, decision.address, decision.service.name,
                              decision.service.protocol, decision.service.port,

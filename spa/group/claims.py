@@ -37,7 +37,8 @@ Invariants (docs/groups.md, "Claims", "When etcd cannot be reached",
   grant's lease is written on its own afterwards: a write that fails then
   costs the other members that lease, never this grant (logged and counted).
 - The grant here and the shared record end at the same moment (one `now`
-  per batch).  A pending client's first grant writes activated/<client>.
+  per batch), and a batch's grants reach the daemon in one call (one
+  firewall commit).  A pending client's first grant writes activated/<client>.
 """
 
 from __future__ import annotations
@@ -197,9 +198,9 @@ class Claimer:
 
     def settle_batch(self, batch: Sequence[tuple[Accepted, bytes]]) -> list[Verdict]:
         """Claim the packets in one transaction (more rounds if some are
-        replays), then grant or refuse each as its verdict says, in order;
-        their verdicts (a knock whose settling raised is logged, and left
-        out)."""
+        replays), then refuse each refused one, grant the granted ones in
+        one call (hooks.grant_claimed), then share and activate; the verdicts
+        (a knock whose settling raised is logged, and left out)."""
         now, mono = self.clock(), self.monotonic()
         knocks = []
         for result, nonce in batch:
@@ -218,7 +219,7 @@ class Claimer:
         else:
             self._store_is(down=False)
         later = self.clock()
-        verdicts = []
+        decided: list[tuple[_Knock, Verdict]] = []
         for knock in knocks:
             outcome = knock.outcome
             if outcome is None:
@@ -227,11 +228,27 @@ class Claimer:
             else:
                 verdict = decide(outcome, self.on_store_down)
             try:
-                verdicts.append(self._carry_out(knock, self._with_otp(knock, verdict),
-                                                now, later))
-            except Exception as exc:  # one knock's grant failed: the others go on
+                decided.append((knock, self._refuse_or_pass(knock,
+                                                            self._with_otp(knock, verdict),
+                                                            later)))
+            except Exception as exc:  # one knock's refusal failed: the others go on
                 self._lost(knock.result, exc)
-        return verdicts
+        granted = [(knock, verdict) for knock, verdict in decided if verdict.granted]
+        if granted:
+            try:  # the batch's grants in one call: one firewall commit for them all
+                self.hooks.grant_claimed([knock.result for knock, _ in granted], now)
+            except Exception as exc:
+                for knock, _ in granted:
+                    self._lost(knock.result, exc)
+                return [verdict for _, verdict in decided if not verdict.granted]
+        for knock, verdict in granted:
+            if verdict is Verdict.GRANT:
+                if knock.shared:
+                    self._bump("leases_shared")
+                else:
+                    self.share(knock.result, now)
+                self._activate(knock.result.client)
+        return [verdict for _, verdict in decided]
 
     def _lost(self, result: Accepted, exc: Exception) -> None:
         self.log(f"error group {self.group}: the knock of client={result.client} was not "
@@ -352,23 +369,17 @@ class Claimer:
 
     # -- the verdicts --------------------------------------------------------
 
-    def _carry_out(self, knock: _Knock, verdict: Verdict, now: float, later: float) -> Verdict:
+    def _refuse_or_pass(self, knock: _Knock, verdict: Verdict, later: float) -> Verdict:
+        """Count the verdict; refuse (event, log) a refused knock; say a grant
+        without a claim."""
         result = knock.result
         self._count(verdict)
         if not verdict.granted:
             assert verdict.reason is not None
             self.hooks.refuse_claimed(result, verdict.reason, later)
-            return verdict
-        if verdict is Verdict.GRANT_UNCLAIMED:
+        elif verdict is Verdict.GRANT_UNCLAIMED:
             self.log(f"warning group {self.group}: granted client={result.client} without a "
                      "claim (etcd unreachable; on_store_down = local_only)")
-        self.hooks.grant_claimed(result, now)
-        if verdict is Verdict.GRANT:
-            if knock.shared:
-                self._bump("leases_shared")
-            else:
-                self.share(result, now)
-            self._activate(result.client)
         return verdict
 
     def _activate(self, client: str) -> None:

@@ -714,9 +714,9 @@ class Server:
 
     # ---- a group's member (spa.group.member, spa.group.claims) -------------
 
-    def grant_claimed(self, result: Accepted, now: float) -> None:
-        """A claimed knock's grant (from a claim thread)."""
-        self._grant([result], now)
+    def grant_claimed(self, results: list[Accepted], now: float) -> None:
+        """Claimed knocks' grants, a claim batch's in one commit (from a claim thread)."""
+        self._grant(results, now)
 
     def refuse_claimed(self, result: Accepted, reason: Reason, now: float) -> None:
         """An accepted knock whose claim refused it (replay, group_unreachable)."""
