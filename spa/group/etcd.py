@@ -360,14 +360,20 @@ class EtcdStore:
 
     def watch_prefix(self, prefix: bytes, start_revision: int,
                      callback: Callable[[Event], None]) -> EtcdWatch:
+        return self.watch_range(prefix, _prefix_end(prefix), start_revision, callback)
+
+    def watch_range(self, start: bytes, end: bytes, start_revision: int,
+                    callback: Callable[[Event], None]) -> EtcdWatch:
+        if end != b"\0" and end <= start:
+            raise ValueError("a watch's range must end after its start")
         # etcd answers a forbidden watch by cancelling it on its stream, which
         # the watch thread would take for a lost connection: ask first, with a
         # read of at most one key (StorePermissionError, StoreUnavailableError)
-        self._call("watch a prefix", lambda c: c.post(
-            c.get_url("/kv/range"), json={"key": _b64(prefix), "limit": "1",
+        self._call("watch a range", lambda c: c.post(
+            c.get_url("/kv/range"), json={"key": _b64(start), "limit": "1",
                                           "keys_only": True, "count_only": True,
-                                          "range_end": _b64(_prefix_end(prefix))}))
-        return EtcdWatch(self, prefix, start_revision, callback)
+                                          "range_end": _b64(end)}))
+        return EtcdWatch(self, start, end, start_revision, callback)
 
     # -- for the watch ---------------------------------------------------------
 
@@ -387,12 +393,14 @@ class EtcdStore:
 
 
 class EtcdWatch:
-    """A prefix watch in a thread of its own (see the module's invariants)."""
+    """A watch of the keys in [start, end) in a thread of its own (see the
+    module's invariants)."""
 
-    def __init__(self, store: EtcdStore, prefix: bytes, start_revision: int,
+    def __init__(self, store: EtcdStore, start: bytes, end: bytes, start_revision: int,
                  callback: Callable[[Event], None]) -> None:
         self._store = store
-        self._prefix = prefix
+        self._start = start
+        self._range_end = end
         self._next = start_revision
         self._callback = callback
         self._stop = threading.Event()
@@ -436,7 +444,7 @@ class EtcdWatch:
     def _stream(self, client: etcd3gw.Etcd3Client) -> bool:
         """One watch stream until it ends; whether it delivered anything."""
         request = {"create_request": {
-            "key": _b64(self._prefix), "range_end": _b64(_prefix_end(self._prefix)),
+            "key": _b64(self._start), "range_end": _b64(self._range_end),
             "start_revision": str(self._next)}}
         access = self._store._access
         response = client.session.post(client.get_url("/watch"), json=request, stream=True,
@@ -467,7 +475,7 @@ class EtcdWatch:
                     try:
                         self._callback(event)
                     except Exception as e:  # end the watch: never skip an event
-                        self._end(f"the watch on {self._prefix!r} ended: its callback raised "
+                        self._end(f"the watch on {self._start!r} ended: its callback raised "
                                   f"{type(e).__name__}")
             return delivered
         finally:
