@@ -25,7 +25,10 @@ Invariants:
   last one (the member decodes its records there: the read waits on etcd's
   gateway far more than on Python, so the two overlap).
 - A watch runs in its own thread, reconnects to the next endpoint from the
-  revision after the last one delivered, and never delivers an event twice.
+  revision after the last one delivered, and never delivers an event twice
+  nor skips one: the keys of one revision (a transaction, a lease's keys
+  deleted with it) are each an event, and etcd sends a revision's events in
+  one response, so a stream restarts at a whole revision.
   If its callback raises, or etcd has compacted the revision it needs, the
   watch ends (ended() says why) rather than go on past an event.
 """
@@ -451,6 +454,7 @@ class EtcdWatch:
                                        timeout=(access.timeout, access.watch_idle))
         self._response = response
         delivered = False
+        floor = self._next  # this stream starts here: every event from it is new
         try:
             if response.status_code != 200:
                 return False
@@ -468,8 +472,10 @@ class EtcdWatch:
                     return delivered  # etcd ended it otherwise: connect again
                 for raw in result.get("events", []):
                     event = _event(raw)
-                    if event.mod_revision < self._next:
+                    if event.mod_revision < floor:
                         continue  # seen before a reconnection
+                    # (not `< self._next`: a transaction's keys, or a lease's
+                    # deleted with it, share one revision, each an event)
                     self._next = event.mod_revision + 1
                     delivered = True
                     try:

@@ -232,6 +232,28 @@ def test_a_watch_replays_from_its_revision_then_follows(h: Harness) -> None:
     assert len(seen) == 4
 
 
+def test_a_watch_gives_every_key_a_lease_takes_with_it(h: Harness) -> None:
+    """etcd deletes a lease's keys in one revision (so does a transaction
+    write its keys): the watch gives each of them, not the first alone."""
+    lease = h.kv.grant(60)
+    keys = [h.prefix + f"on-lease/{i}".encode() for i in range(5)]
+    for key in keys:
+        h.kv.put(key, b"v", lease)
+    start = h.kv.put(h.prefix + b"marker", b"")
+    seen: list[Event] = []
+    watch = h.kv.watch_prefix(h.prefix, start + 1, seen.append)
+    try:
+        h.kv.revoke(lease)
+        assert h.until(lambda: len(seen) >= len(keys))
+        h.pass_time(0.3)
+        assert sorted(e.key for e in seen) == keys
+        assert {e.kind for e in seen} == {EventKind.DELETE}
+        revisions = [e.mod_revision for e in seen]
+        assert revisions == sorted(revisions)
+    finally:
+        watch.cancel()
+
+
 def test_a_watch_from_a_compacted_revision_ends_and_says_why(h: Harness) -> None:
     old = h.kv.put(h.prefix + b"k", b"1")
     h.kv.put(h.prefix + b"k", b"2")
