@@ -25,9 +25,18 @@ group's prefix: spa.group.etcd's way through the JSON gateway).  Then:
    the deletes of their expiries leave in the database until a compaction;
 6. watch fan-out: N watchers (one EtcdStore each, as N members) on the
    group's revoked/ prefix; the delay from the start of a revocation's put
-   until each watcher's callback has the event.
+   until each watcher's callback has the event;
+7. a member's watch of other members' grants: --writers threads (each an
+   EtcdStore, as other members) grant --grants times, each grant a claim
+   and a lease record as spa.group.claims writes them (each on an etcd
+   lease of its own, 3 s: then the deletes of their expiry); two members
+   watch meanwhile, one the whole group prefix (as before KV.watch_range),
+   one as spa.group.member does now (every key but claims/): the events
+   each is given per grant and its watch threads' CPU per 1,000 grants
+   (/proc/self/task/<tid>/stat).  --watch-only runs this phase alone.
 
     .venv/bin/python benchmarks/group_scale.py [--clients 100000] [--threads 4]
+    .venv/bin/python benchmarks/group_scale.py --watch-only [--grants 4000] [--writers 4]
 
 (root is not needed: etcd runs as the caller, on 127.0.0.1.)  Needs etcd, etcdctl and
 openssl.  The machine is noisy (2 cores shared): the load average is printed
@@ -94,6 +103,7 @@ from spa.server.config import ClientEntry  # noqa: E402
 GROUP = "office-eu"  # a realistic group name (9 characters)
 MEMBER = "spa-fra-03.example.net"  # a realistic member name (a host name)
 PASSWORD = "bench-password"  # the member user's, throwaway (this etcd lives minutes)
+WATCH_TTL = 3  # seconds: the claims' and lease records' etcd leases in phase 7
 TXN_OPS = 128  # etcd's default --max-txn-ops: puts per bulk transaction
 WORDS = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy")
 DEVICES = ("laptop", "phone", "desktop", "tablet")
@@ -517,6 +527,98 @@ def fan_out(e: Etcd, watchers: int, puts: int) -> list[float]:
     return [seen[w][k] - t for w in range(watchers) for k, t in started.items()]
 
 
+class _Counted(GroupMember):
+    """A member that counts the watch events it is given."""
+
+    events = 0
+
+    def _on_event(self, event: Event) -> None:
+        self.events += 1
+        super()._on_event(event)
+
+
+class _WholePrefix(_Counted):
+    """The member as it was before KV.watch_range: one watch of the whole
+    group prefix, claims included."""
+
+    def _watch_from(self, revision: int) -> None:
+        self._watches.append(self.kv.watch_prefix(self._prefix.encode(), revision,
+                                                  self._on_event))
+
+
+def _thread_cpu(tids: list[int]) -> float:
+    """CPU seconds (user + system) the threads have used (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for tid in tids:
+        fields = Path(f"/proc/self/task/{tid}/stat").read_text().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / tick
+
+
+def _watch_threads(member: GroupMember) -> list[int]:
+    tids = [w._thread.native_id for w in member._watches]  # type: ignore[attr-defined]
+    assert all(t is not None for t in tids)
+    return [t for t in tids if t is not None]
+
+
+def member_watch(e: Etcd, server_id: bytes, grants: int, writers: int) -> dict[str, float]:
+    """Two members watch the group while `writers` other members grant:
+    each grant a claim (create-if-absent) and a lease record, each on an
+    etcd lease of its own (WATCH_TTL s) as spa.group.claims writes them, and
+    their deletes when etcd's lessor expires them.  One member watches the
+    whole prefix (before), the other as spa.group.member does now (after),
+    side by side on the same writes; the events each is given per grant and
+    its watch threads' CPU."""
+    members = {}
+    for name, kind in (("before", _WholePrefix), ("after", _Counted)):
+        member = kind(e.store(), group=GROUP, member=f"watcher-{name}", server_id=server_id,
+                      hooks=_Hooks(server_id, time.time()), clock=time.time,
+                      log=lambda line: None)
+        member.load()
+        members[name] = member
+    time.sleep(1.0)  # every stream open
+    tids = {name: _watch_threads(m) for name, m in members.items()}
+    cpu0 = {name: _thread_cpu(t) for name, t in tids.items()}
+    counts0 = {name: m.events for name, m in members.items()}
+    per_writer = grants // writers
+
+    def write(w: int) -> None:
+        store, rng, now = e.store(), random.Random(w), time.time()
+        for j in range(per_writer):
+            i = 500_000 + w * per_writer + j
+            key = layout.claim_key(GROUP, client_name(i), rng.randbytes(24))
+            store.create(key.encode(), encode_claim(Claim(f"writer-{w}", now)),
+                         store.grant(WATCH_TTL))
+            address = ip_address(f"2001:db8:{i % 65536:x}:{i // 65536:x}::1")
+            record = LeaseRecord(client_name(i), address, "https", "tcp", 443,
+                                 now + WATCH_TTL, f"writer-{w}")
+            store.put(layout.lease_key(GROUP, client_name(i), address, "https").encode(),
+                      encode_lease(record), store.grant(WATCH_TTL))
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wrote = time.perf_counter() - t0
+    done = per_writer * writers
+    deadline = time.monotonic() + 180
+    while (members["before"].events - counts0["before"] < 4 * done
+           or members["after"].events - counts0["after"] < 2 * done):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    time.sleep(0.5)  # anything more would have come by now
+    result = {"grants": float(done), "rate": done / wrote}
+    for name, member in members.items():
+        result[f"{name}_events"] = (member.events - counts0[name]) / done
+        result[f"{name}_cpu"] = (_thread_cpu(tids[name]) - cpu0[name]) * 1000 / done
+        result[f"{name}_leases"] = float(len(member.remote_leases))
+        member.close()
+    return result
+
+
 def history(e: Etcd, store: EtcdStore, rng: random.Random, now: float) -> None:
     """What claims that came and went leave in the database until a
     compaction: each one's put, and the delete its lease's expiry makes."""
@@ -526,7 +628,7 @@ def history(e: Etcd, store: EtcdStore, rng: random.Random, now: float) -> None:
     for _ in range(count):
         key, value = claim(999_999, rng, now)
         store.put(key.encode(), value, store.grant(2))
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while store.get_prefix(prefix)[0]:
         if time.monotonic() > deadline:
             raise RuntimeError("claims still there 120 s after their 2 s leases")
@@ -550,6 +652,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=18)
     parser.add_argument("--start-only", action="store_true",
                         help="phase 4 alone (with the loads it needs)")
+    parser.add_argument("--watch-only", action="store_true",
+                        help="phase 7 alone (an empty group)")
+    parser.add_argument("--grants", type=int, default=4000, help="grants in phase 7")
+    parser.add_argument("--writers", type=int, default=4, help="granting members in phase 7")
     args = parser.parse_args()
     for tool in ("etcd", "etcdctl", "openssl"):
         if shutil.which(tool) is None:
@@ -561,7 +667,7 @@ def main() -> None:
     version = subprocess.run(["etcd", "--version"], capture_output=True, text=True,
                              check=False).stdout.splitlines()[0]
     print(f"{version}; one member on loopback, TLS, RBAC on {load()}")
-    if not args.start_only:
+    if not args.start_only and not args.watch_only:
         sizes(rng, now, server_id)
     with ExitStack() as stack:
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="group-scale-")))
@@ -572,6 +678,9 @@ def main() -> None:
         store = e.store()
         store.put(layout.meta_key(GROUP).encode(),
                   encode_meta(GroupMeta(GROUP, server_id, int(now))))
+        if args.watch_only:
+            watch_cost(e, server_id, args.grants, args.writers)
+            return
         empty = e.settled()
         print(f"database (bytes; after compaction and defrag) {load()}:")
         print(f"  empty: dbSize {empty['db']:,}  in use {empty['in_use']:,}; etcd RSS "
@@ -619,6 +728,19 @@ def main() -> None:
             delays = fan_out(e, n, 40)
             print(f"  {n:3} watchers x 40 puts: p50 {statistics.median(delays) * 1e3:7.1f}  "
                   f"p99 {pct(delays, 0.99) * 1e3:7.1f}  max {max(delays) * 1e3:7.1f} {load()}")
+        watch_cost(e, server_id, args.grants, args.writers)
+
+
+def watch_cost(e: Etcd, server_id: bytes, grants: int, writers: int) -> None:
+    print(f"a member's watch of other members' grants ({writers} members granting, each "
+          f"grant a claim and a lease, then their deletes), twice {load()}:")
+    for _ in range(2):
+        r = member_watch(e, server_id, grants, writers)
+        print(f"  {r['grants']:,.0f} grants at {r['rate']:,.0f}/s:  events per grant "
+              f"before (the whole prefix) {r['before_events']:.2f}, after (but claims/) "
+              f"{r['after_events']:.2f};  watch threads' CPU per 1,000 grants before "
+              f"{r['before_cpu']:.2f} s, after {r['after_cpu']:.2f} s "
+              f"(x{r['after_cpu'] / max(r['before_cpu'], 1e-9):.2f}) {load()}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,10 @@ Invariants:
   last one (the member decodes its records there: the read waits on etcd's
   gateway far more than on Python, so the two overlap).
 - A watch runs in its own thread, reconnects to the next endpoint from the
-  revision after the last one delivered, and never delivers an event twice.
+  revision after the last one delivered, and never delivers an event twice
+  nor skips one: the keys of one revision (a transaction, a lease's keys
+  deleted with it) are each an event, and etcd sends a revision's events in
+  one response, so a stream restarts at a whole revision.
   If its callback raises, or etcd has compacted the revision it needs, the
   watch ends (ended() says why) rather than go on past an event.
 """
@@ -401,14 +404,20 @@ class EtcdStore:
 
     def watch_prefix(self, prefix: bytes, start_revision: int,
                      callback: Callable[[Event], None]) -> EtcdWatch:
+        return self.watch_range(prefix, _prefix_end(prefix), start_revision, callback)
+
+    def watch_range(self, start: bytes, end: bytes, start_revision: int,
+                    callback: Callable[[Event], None]) -> EtcdWatch:
+        if end != b"\0" and end <= start:
+            raise ValueError("a watch's range must end after its start")
         # etcd answers a forbidden watch by cancelling it on its stream, which
         # the watch thread would take for a lost connection: ask first, with a
         # read of at most one key (StorePermissionError, StoreUnavailableError)
-        self._call("watch a prefix", lambda c: c.post(
-            c.get_url("/kv/range"), json={"key": _b64(prefix), "limit": "1",
+        self._call("watch a range", lambda c: c.post(
+            c.get_url("/kv/range"), json={"key": _b64(start), "limit": "1",
                                           "keys_only": True, "count_only": True,
-                                          "range_end": _b64(_prefix_end(prefix))}))
-        return EtcdWatch(self, prefix, start_revision, callback)
+                                          "range_end": _b64(end)}))
+        return EtcdWatch(self, start, end, start_revision, callback)
 
     # -- for the watch ---------------------------------------------------------
 
@@ -428,12 +437,14 @@ class EtcdStore:
 
 
 class EtcdWatch:
-    """A prefix watch in a thread of its own (see the module's invariants)."""
+    """A watch of the keys in [start, end) in a thread of its own (see the
+    module's invariants)."""
 
-    def __init__(self, store: EtcdStore, prefix: bytes, start_revision: int,
+    def __init__(self, store: EtcdStore, start: bytes, end: bytes, start_revision: int,
                  callback: Callable[[Event], None]) -> None:
         self._store = store
-        self._prefix = prefix
+        self._start = start
+        self._range_end = end
         self._next = start_revision
         self._callback = callback
         self._stop = threading.Event()
@@ -477,13 +488,14 @@ class EtcdWatch:
     def _stream(self, client: etcd3gw.Etcd3Client) -> bool:
         """One watch stream until it ends; whether it delivered anything."""
         request = {"create_request": {
-            "key": _b64(self._prefix), "range_end": _b64(_prefix_end(self._prefix)),
+            "key": _b64(self._start), "range_end": _b64(self._range_end),
             "start_revision": str(self._next)}}
         access = self._store._access
         response = client.session.post(client.get_url("/watch"), json=request, stream=True,
                                        timeout=(access.timeout, access.watch_idle))
         self._response = response
         delivered = False
+        floor = self._next  # this stream starts here: every event from it is new
         try:
             if response.status_code != 200:
                 return False
@@ -499,19 +511,18 @@ class EtcdWatch:
                               f"{compacted})")
                 if result.get("canceled"):
                     return delivered  # etcd ended it otherwise: connect again
-                # the events of one revision (a transaction's keys, a lease's
-                # expiry) come in one response, never split: all of them pass
-                seen_below = self._next
                 for raw in result.get("events", []):
                     event = _event(raw)
-                    if event.mod_revision < seen_below:
+                    if event.mod_revision < floor:
                         continue  # seen before a reconnection
+                    # (not `< self._next`: a transaction's keys, or a lease's
+                    # deleted with it, share one revision, each an event)
                     self._next = event.mod_revision + 1
                     delivered = True
                     try:
                         self._callback(event)
                     except Exception as e:  # end the watch: never skip an event
-                        self._end(f"the watch on {self._prefix!r} ended: its callback raised "
+                        self._end(f"the watch on {self._start!r} ended: its callback raised "
                                   f"{type(e).__name__}")
             return delivered
         finally:

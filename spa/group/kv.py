@@ -173,3 +173,23 @@ class KV(Protocol):
                      callback: Callable[[Event], None]) -> Watch:
         """Deliver every change under prefix from start_revision on, to
         callback (from another thread in the real store)."""
+
+    def watch_range(self, start: bytes, end: bytes, start_revision: int,
+                    callback: Callable[[Event], None]) -> Watch:
+        """Deliver every change of a key in [start, end) from start_revision
+        on, to callback, as watch_prefix does.  Raises ValueError if end is
+        not after start."""
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The end that makes [prefix, end) every key under prefix (etcd's
+    range_end; b"\\0" for an empty or all-0xff prefix: to the last key)."""
+    trimmed = prefix.rstrip(b"\xff")
+    if not trimmed:
+        return b"\0"
+    return trimmed[:-1] + bytes([trimmed[-1] + 1])
+
+
+def in_range(key: bytes, start: bytes, end: bytes) -> bool:
+    """Whether key is in [start, end), end b"\\0" meaning no end (etcd's)."""
+    return key >= start and (end == b"\0" or key < end)

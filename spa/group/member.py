@@ -4,10 +4,26 @@ in step with etcd, applied to the running server.
 Invariants (docs/groups.md, "Members"):
 - The member reads the group's prefix once (get_prefix, revision R) and
   watches it from R + 1: no change is missed between the read and the watch.
-  When the watch ends by itself (WatchLostError: a compacted revision, a
-  callback that raised) or the first read failed, the next tick reads the
-  prefix afresh and applies the difference; until then the server keeps the
-  clients and leases it had (etcd down changes nothing that runs).
+  It watches every key but the claims (WATCHED: two streams, the ranges
+  before and after claims/, which a member never reads: create-if-absent is
+  the check), so another member's grant costs it the lease's events, not
+  also the claim's (docs/scale.md, "Watch fan-out").  When either watch ends
+  by itself (WatchLostError: a compacted revision, a callback that raised)
+  or the first read failed, the next tick reads the prefix afresh and
+  applies the difference, and watches both ranges anew; until then the
+  server keeps the clients and leases it had (etcd down changes nothing that
+  runs).
+- Across the two streams nothing is ordered (each is in revision order) and
+  the member relies on nothing more: every key is in one stream, and its
+  state is each key's last value (records, revocations, activations and
+  other members' leases, per key), each event recomputing the view of the
+  one client it names from those values.  So once both streams have
+  delivered up to a revision, the state is the one the revision order
+  gives (tests/unit/test_group_watch_order.py).  Only activated/ is in the
+  first stream: a record and its activation may arrive in either order, and
+  an activation counts only for the record whose enroll_by it names (a stale
+  one never makes a newer enrollment met); a revocation (with close) and the
+  leases it ends are in the same stream, in order.
 - Each client record is decoded once, as its page of the read arrives (the
   store fetches the next page meanwhile: spa.group.etcd).
 - Clients reach the verifier and the kernel's tag filter through the path the
@@ -44,7 +60,16 @@ from spa.group import layout
 from spa.group.clients import GroupClient, decode_client
 from spa.group.codec import RecordError
 from spa.group.delta import ClientDelta, ClientView, group_delta
-from spa.group.kv import KV, Event, EventKind, Item, StoreError, Watch, WatchLostError
+from spa.group.kv import (
+    KV,
+    Event,
+    EventKind,
+    Item,
+    StoreError,
+    Watch,
+    WatchLostError,
+    prefix_end,
+)
 from spa.group.layout import GroupNameError, Kind
 from spa.group.records import (
     LeaseRecord,
@@ -100,7 +125,7 @@ class GroupMember:
         self._views: dict[str, ClientView] = {}  # what the server runs with
         self._held: dict[str, dict[str, ClientKeys]] = {}  # the verifier's keys per client
         self._remote: dict[str, LeaseRecord] = {}  # lease key -> another member's lease
-        self._watch: Watch | None = None
+        self._watches: list[Watch] = []  # one per range of watched(group); none: read again
         self.loaded = False
         self.revision = 0  # the revision the last full read saw
         self.resyncs = 0  # full reads after the first (a watch lost, etcd back)
@@ -134,9 +159,7 @@ class GroupMember:
                         decoded[at] = exc
         items, revision = self.kv.get_prefix(self._prefix.encode(), on_page)
         self._check_meta(items)
-        if self._watch is not None:
-            self._watch.cancel()
-            self._watch = None
+        self._cancel_watches()
         with self._lock:
             self._records.clear()
             self._revoked.clear()
@@ -159,7 +182,22 @@ class GroupMember:
             if self.loaded:
                 self.resyncs += 1
             self.loaded, self.revision = True, revision
-        self._watch = self.kv.watch_prefix(self._prefix.encode(), revision + 1, self._on_event)
+        self._watch_from(revision + 1)
+
+    def _watch_from(self, revision: int) -> None:
+        """Watch every range of watched() from revision on (a failure to
+        start one cancels the others: the next tick reads again)."""
+        try:
+            for start, end in watched(self.group):
+                self._watches.append(self.kv.watch_range(start, end, revision, self._on_event))
+        except BaseException:
+            self._cancel_watches()
+            raise
+
+    def _cancel_watches(self) -> None:
+        watches, self._watches = self._watches, []
+        for watch in watches:
+            watch.cancel()
 
     def _check_meta(self, items: list[Item]) -> None:
         meta = layout.meta_key(self.group).encode()
@@ -180,9 +218,9 @@ class GroupMember:
         first read failed) or it is gone, backing off while etcd does not
         answer (said once, and once when it does); and end the grace of
         rotated-out keys."""
-        watch = self._watch
-        lost = watch.ended() if watch is not None else None
-        if watch is None or lost is not None:
+        watches = self._watches
+        lost = next((w.ended() for w in watches if w.ended() is not None), None)
+        if not watches or lost is not None:
             self._read_again(lost)
             return
         now = self.clock()
@@ -225,9 +263,7 @@ class GroupMember:
                 self.log(f"error group {self.group}: {type(exc).__name__}: {exc}")
 
     def close(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            self._watch = None
+        self._cancel_watches()
 
     # ---- changes -----------------------------------------------------------
 
@@ -374,6 +410,15 @@ class GroupMember:
     @property
     def remote_leases(self) -> dict[str, LeaseRecord]:
         return dict(self._remote)
+
+
+def watched(group: str) -> tuple[tuple[bytes, bytes], ...]:
+    """The ranges [start, end) a member watches: the group's prefix but its
+    claims/ (layout's order: activated/ | claims/ | clients/ leases/ members/
+    meta revoked/)."""
+    prefix = layout.group_prefix(group).encode()
+    claims = layout.kind_prefix(group, Kind.CLAIM).encode()
+    return ((prefix, claims), (prefix_end(claims), prefix_end(prefix)))
 
 
 def _live_leases(group: str, keys: set[str]) -> set[tuple[str, IPAddress, str]]:

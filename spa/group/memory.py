@@ -29,6 +29,8 @@ from spa.group.kv import (
     StoreUnavailableError,
     WatchLostError,
     check_batch,
+    in_range,
+    prefix_end,
 )
 
 
@@ -42,9 +44,13 @@ class _Lease:
 @dataclass(eq=False)
 class _Watch:
     store: MemoryStore
-    prefix: bytes
+    start: bytes
+    end: bytes  # [start, end), b"\0": no end
     callback: Callable[[Event], None]
     lost: WatchLostError | None = None
+
+    def covers(self, key: bytes) -> bool:
+        return in_range(key, self.start, self.end)
 
     def cancel(self) -> None:
         with self.store._lock:
@@ -61,7 +67,7 @@ class _Watch:
             self.callback(event)
         except Exception as e:
             self.cancel()
-            self.lost = WatchLostError(f"the watch on {self.prefix!r} ended: its callback "
+            self.lost = WatchLostError(f"the watch on {self.start!r} ended: its callback "
                                        f"raised {type(e).__name__}")
 
 
@@ -172,15 +178,20 @@ class MemoryStore:
 
     def watch_prefix(self, prefix: bytes, start_revision: int,
                      callback: Callable[[Event], None]) -> _Watch:
+        return self.watch_range(prefix, prefix_end(prefix), start_revision, callback)
+
+    def watch_range(self, start: bytes, end: bytes, start_revision: int,
+                    callback: Callable[[Event], None]) -> _Watch:
+        _check_range(start, end)
         with self._lock:
             self._check()
-            watch = _Watch(self, prefix, callback)
+            watch = _Watch(self, start, end, callback)
             if start_revision < self._compacted:
                 watch.lost = WatchLostError(f"revision {start_revision} has been compacted "
                                             f"(the oldest kept is {self._compacted})")
                 return watch
             past = [e for e in self._history
-                    if e.mod_revision >= start_revision and e.key.startswith(prefix)]
+                    if e.mod_revision >= start_revision and watch.covers(e.key)]
             self._watches.append(watch)
         for event in past:
             watch._give(event)
@@ -236,7 +247,7 @@ class MemoryStore:
     def _drain(self) -> list[tuple[_Watch, Event]]:
         fresh = self._history[self._delivered:]
         self._delivered = len(self._history)
-        return [(w, e) for e in fresh for w in self._watches if e.key.startswith(w.prefix)]
+        return [(w, e) for e in fresh for w in self._watches if w.covers(e.key)]
 
     @staticmethod
     def _deliver(events: list[tuple[_Watch, Event]]) -> None:
@@ -296,3 +307,17 @@ class RestrictedView:
                      callback: Callable[[Event], None]) -> _Watch:
         self._allow(prefix)
         return self._store.watch_prefix(prefix, start_revision, callback)
+
+    def watch_range(self, start: bytes, end: bytes, start_revision: int,
+                    callback: Callable[[Event], None]) -> _Watch:
+        _check_range(start, end)
+        self._allow(start)
+        if end == b"\0" or end > prefix_end(self._prefix):
+            raise StorePermissionError("permission denied: the range reaches past this "
+                                        "member's group prefix")
+        return self._store.watch_range(start, end, start_revision, callback)
+
+
+def _check_range(start: bytes, end: bytes) -> None:
+    if end != b"\0" and end <= start:
+        raise ValueError("a watch's range must end after its start")

@@ -361,3 +361,53 @@ def test_a_cancelled_watch_ends_quietly_when_its_response_is_closed_under_the_re
     assert not watch._thread.is_alive()
     assert escaped == []
     assert watch.ended() is None  # cancelled, not lost
+
+
+def test_a_watch_gives_each_event_of_a_revision_and_none_twice_after_reconnecting() -> None:
+    """A transaction's keys share one revision: each is an event.  The
+    stream that replays them after a reconnection gives only what is new."""
+    def kv(key: bytes, revision: int) -> dict[str, Any]:
+        return {"kv": {"key": base64.b64encode(key).decode(),
+                       "value": base64.b64encode(b"v").decode(), "mod_revision": str(revision)}}
+    streams: list[list[dict[str, Any]]] = [  # the first ends (a lost connection), the
+        # second replays from revision 3
+        [{"result": {"created": True}},
+         {"result": {"events": [kv(b"/p/a", 3), kv(b"/p/b", 3), kv(b"/p/c", 3)]}}],
+        [{"result": {"created": True}},
+         {"result": {"events": [kv(b"/p/a", 3), kv(b"/p/b", 3), kv(b"/p/c", 3)]}},
+         {"result": {"events": [kv(b"/p/d", 4), kv(b"/p/e", 4)]}}]]
+    asked: list[str] = []
+    done = threading.Event()
+
+    class Response:
+        status_code = 200
+
+        def __init__(self, lines: list[dict[str, Any]]) -> None:
+            self.lines = lines
+
+        def iter_lines(self) -> list[bytes]:
+            return [json.dumps(e).encode() for e in self.lines]
+
+        def close(self) -> None:
+            pass
+
+    def post(*args: Any, **kwargs: Any) -> Response:
+        asked.append(kwargs["json"]["create_request"]["start_revision"])
+        if len(asked) > len(streams):
+            done.set()
+            return Response([])
+        return Response(streams[len(asked) - 1])
+
+    class StreamStub(Stub):
+        session: Any
+
+    stub = StreamStub({**HEADER})
+    stub.session = type("S", (), {"headers": {}, "post": staticmethod(post)})()
+    seen: list[tuple[bytes, int]] = []
+    watch = _store(stub).watch_prefix(b"/p/", 3, lambda e: seen.append((e.key, e.mod_revision)))
+    try:
+        assert done.wait(10)
+    finally:
+        watch.cancel()
+    assert seen == [(b"/p/a", 3), (b"/p/b", 3), (b"/p/c", 3), (b"/p/d", 4), (b"/p/e", 4)]
+    assert asked[:3] == ["3", "4", "5"]

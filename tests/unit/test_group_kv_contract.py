@@ -238,6 +238,28 @@ def test_a_watch_replays_from_its_revision_then_follows(h: Harness) -> None:
     assert len(seen) == 4
 
 
+def test_a_watch_gives_every_key_a_lease_takes_with_it(h: Harness) -> None:
+    """etcd deletes a lease's keys in one revision (so does a transaction
+    write its keys): the watch gives each of them, not the first alone."""
+    lease = h.kv.grant(60)
+    keys = [h.prefix + f"on-lease/{i}".encode() for i in range(5)]
+    for key in keys:
+        h.kv.put(key, b"v", lease)
+    start = h.kv.put(h.prefix + b"marker", b"")
+    seen: list[Event] = []
+    watch = h.kv.watch_prefix(h.prefix, start + 1, seen.append)
+    try:
+        h.kv.revoke(lease)
+        assert h.until(lambda: len(seen) >= len(keys))
+        h.pass_time(0.3)
+        assert sorted(e.key for e in seen) == keys
+        assert {e.kind for e in seen} == {EventKind.DELETE}
+        revisions = [e.mod_revision for e in seen]
+        assert revisions == sorted(revisions)
+    finally:
+        watch.cancel()
+
+
 def test_a_watch_from_a_compacted_revision_ends_and_says_why(h: Harness) -> None:
     old = h.kv.put(h.prefix + b"k", b"1")
     h.kv.put(h.prefix + b"k", b"2")
@@ -273,6 +295,89 @@ def test_a_watch_whose_callback_raises_ends_after_that_event(h: Harness) -> None
         watch.cancel()
 
 
+def test_a_range_watch_gives_the_keys_from_its_start_up_to_not_including_its_end(
+        h: Harness) -> None:
+    h.kv.put(h.prefix + b"b/before", b"before the start revision")
+    start = h.kv.put(h.prefix + b"a/1", b"below the range")
+    seen: list[Event] = []
+    watch = h.kv.watch_range(h.prefix + b"b", h.prefix + b"c/", start, seen.append)
+    try:
+        h.kv.put(h.prefix + b"b", b"the start itself")
+        h.kv.put(h.prefix + b"c/1", b"at and past the end")
+        h.kv.put(h.prefix + b"c", b"inside: c sorts before c/")
+        h.kv.put(h.prefix + b"b/x", b"inside")
+        h.kv.delete(h.prefix + b"b/before")
+        h.kv.put(h.prefix + b"d", b"past the end")
+        h.kv.put(h.prefix + b"c/", b"the end itself: outside")
+        last = h.kv.put(h.prefix + b"b/y", b"inside, the last")
+        assert h.until(lambda: len(seen) >= 5)
+        h.pass_time(0.3)
+        assert [(e.kind, e.key, e.value) for e in seen] == [
+            (EventKind.PUT, h.prefix + b"b", b"the start itself"),
+            (EventKind.PUT, h.prefix + b"c", b"inside: c sorts before c/"),
+            (EventKind.PUT, h.prefix + b"b/x", b"inside"),
+            (EventKind.DELETE, h.prefix + b"b/before", b""),
+            (EventKind.PUT, h.prefix + b"b/y", b"inside, the last"),
+        ]
+        assert seen[-1].mod_revision == last
+        assert watch.ended() is None
+    finally:
+        watch.cancel()
+
+
+def test_two_range_watches_split_a_prefix_and_each_keeps_revision_order(
+        h: Harness) -> None:
+    start = h.kv.put(h.prefix + b"m", b"")  # split the prefix at m
+    low: list[Event] = []
+    high: list[Event] = []
+    watches = [h.kv.watch_range(h.prefix, h.prefix + b"m", start + 1, low.append),
+               h.kv.watch_range(h.prefix + b"m", h.prefix[:-1] + b"0", start + 1,
+                                high.append)]
+    try:
+        written = []
+        for i in range(12):
+            key = h.prefix + (b"a", b"z", b"m")[i % 3] + str(i).encode()
+            written.append((key, h.kv.put(key, str(i).encode())))
+        assert h.until(lambda: len(low) + len(high) >= 12)
+        assert [(e.key, e.mod_revision) for e in low] == [
+            (k, r) for k, r in written if k < h.prefix + b"m"]
+        assert [(e.key, e.mod_revision) for e in high] == [
+            (k, r) for k, r in written if k >= h.prefix + b"m"]
+    finally:
+        for watch in watches:
+            watch.cancel()
+
+
+def test_a_range_watch_from_a_compacted_revision_ends_and_says_why(h: Harness) -> None:
+    old = h.kv.put(h.prefix + b"k", b"1")
+    now = h.kv.put(h.prefix + b"k", b"2")
+    h.compact(now)
+    watch = h.kv.watch_range(h.prefix, h.prefix + b"z", old, lambda e: None)
+    try:
+        assert h.until(lambda: watch.ended() is not None)
+        assert "compacted" in str(watch.ended())
+    finally:
+        watch.cancel()
+
+
+def test_a_range_past_the_groups_prefix_or_empty_is_refused(h: Harness) -> None:
+    group = b"/spa/groups/a/"
+    with pytest.raises(StorePermissionError):  # reaches into group b's keys
+        h.kv.watch_range(h.prefix, b"/spa/groups/c/", 1, lambda e: None)
+    with pytest.raises(StorePermissionError):  # starts in another group's
+        h.kv.watch_range(h.other, h.other + b"z", 1, lambda e: None)
+    with pytest.raises(StorePermissionError):  # no end: every key from the start on
+        h.kv.watch_range(h.prefix, b"\0", 1, lambda e: None)
+    with pytest.raises(ValueError, match="must end after its start"):
+        h.kv.watch_range(h.prefix + b"b", h.prefix + b"a", 1, lambda e: None)
+    with pytest.raises(ValueError, match="must end after its start"):
+        h.kv.watch_range(h.prefix, h.prefix, 1, lambda e: None)
+    now = h.kv.put(h.prefix + b"k", b"v")
+    watch = h.kv.watch_range(group, group[:-1] + b"0", now, lambda e: None)  # the whole group
+    assert watch.ended() is None
+    watch.cancel()
+
+
 def test_another_groups_prefix_is_refused(h: Harness) -> None:
     key = h.other + b"k"
     with pytest.raises(StorePermissionError):
@@ -301,7 +406,8 @@ def test_a_store_out_of_reach_raises_unavailable_for_every_call(h: Harness) -> N
         lambda: dead.create(key, b"v"), lambda: dead.create_many([Put(key, b"v")]),
         lambda: dead.grant(5),
         lambda: dead.keep_alive(1), lambda: dead.revoke(1),
-        lambda: dead.watch_prefix(h.prefix, 1, lambda e: None)]
+        lambda: dead.watch_prefix(h.prefix, 1, lambda e: None),
+        lambda: dead.watch_range(h.prefix, h.prefix + b"z", 1, lambda e: None)]
     for call in calls:
         with pytest.raises(StoreUnavailableError):
             call()

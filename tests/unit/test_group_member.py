@@ -13,7 +13,7 @@ import pytest
 
 from spa.core.wire import Action
 from spa.group import layout
-from spa.group.kv import Delete, Put, WatchLostError
+from spa.group.kv import Delete, Event, Put, WatchLostError
 from spa.group.memory import MemoryStore
 from spa.group.policy import OnStoreDown
 from spa.server.metrics import Metrics
@@ -125,25 +125,62 @@ def test_the_members_take_a_client_enrolled_later_and_forget_a_removed_one(
     assert "alice" not in a.verifier.tags.clients
 
 
-def test_a_member_reads_the_group_again_after_its_watch_is_lost(group: Group) -> None:
+@pytest.mark.parametrize("lost", [0, 1], ids=["before-claims", "after-claims"])
+def test_a_member_reads_the_group_again_after_either_watch_is_lost(
+        group: Group, lost: int) -> None:
     a = group.member("a")
     link = group.links["a"]
-    watch = link.member._watch
-    assert watch is not None
+    store = group.kv
+    assert isinstance(store, MemoryStore)
+    old = list(link.member._watches)
+    assert len(old) == 2
+    watch = old[lost]
     watch.cancel()  # as a compacted revision ends it: nothing more is delivered
     watch.lost = WatchLostError("revision 2 has been compacted")  # type: ignore[attr-defined]
-    group.enroll("alice")  # missed by the watch
+    group.enroll("alice")  # clients/: missed if the stream after claims/ was lost
     group.settle()
-    assert "alice" not in a.verifier.tags.clients
+    assert ("alice" in a.verifier.tags.clients) is (lost == 0)
     link.member.tick()
     group.settle()
     assert link.member.resyncs == 1
     assert "alice" in a.verifier.tags.clients
+    assert not set(old) & set(store._watches)  # the other stream is cancelled too
+    assert len(link.member._watches) == 2
     a.handle(group.packet("alice"), SOURCE)
     assert group.grants("a") == {(SOURCE, "ssh")}
-    group.enroll("bob")  # and the new watch delivers again
+    group.enroll("bob")  # and the new watches deliver again
     group.settle()
     assert "bob" in a.verifier.tags.clients
+
+
+def test_a_member_does_not_watch_the_claims_and_its_close_ends_both_watches(
+        group: Group) -> None:
+    a = group.member("a")
+    group.member("b")
+    group.enroll("alice")
+    group.settle()
+    store = group.kv
+    assert isinstance(store, MemoryStore)
+    seen: list[bytes] = []
+    member = group.links["b"].member
+    taken = member._on_event
+
+    def counted(event: Event) -> None:
+        seen.append(event.key)
+        taken(event)
+    member._on_event = counted  # type: ignore[method-assign]
+    member.close()  # the watches call the bound method they were given: watch anew
+    assert not set(store._watches) & set(member._watches)
+    member.load()
+    a.handle(group.packet("alice"), SOURCE)  # a claim and a lease, written by a
+    group.settle()
+    assert [key for key in seen if b"/claims/" in key] == []
+    assert any(b"/leases/alice/" in key for key in seen)
+    assert group.grants("b") == {(SOURCE, "ssh")}  # a's lease, installed at b
+    watches = list(member._watches)
+    member.close()
+    assert member._watches == [] and not set(watches) & set(store._watches)
+    assert _claims(group)  # the claim was written; b only did not hear of it
 
 
 def test_a_member_started_with_the_store_down_reads_the_group_when_it_returns(
@@ -388,8 +425,7 @@ def test_a_claim_etcd_refuses_is_never_a_grant_even_local_only(group: Group) -> 
 def test_the_member_thread_reads_the_group_again_by_itself(group: Group) -> None:
     a = group.member("a")
     link = group.links["a"]
-    watch = link.member._watch
-    assert watch is not None
+    watch = link.member._watches[1]
     watch.cancel()
     watch.lost = WatchLostError("revision 2 has been compacted")  # type: ignore[attr-defined]
     group.enroll("alice")
