@@ -6,8 +6,7 @@ lease-record write etcd refuses never costs the grant."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -16,9 +15,7 @@ from spa.core.wire import Action
 from spa.group import layout
 from spa.group.claims import BATCH_MAX, Claimer
 from spa.group.kv import Delete, Put, StorePermissionError
-from spa.group.memory import MemoryStore
 from tests.group_world import GROUP, SOURCE, Group
-from tests.server_world import FakeClock
 
 
 class Deferred:
@@ -65,14 +62,6 @@ class Counting:
         self._allow(key)
         revision: int = self.kv.put(key, value, lease)
         return revision
-
-
-@pytest.fixture
-def group(tmp_path: Path) -> Iterator[Group]:
-    clock = FakeClock()
-    made = Group(tmp_path, MemoryStore(clock), clock)
-    yield made
-    made.close()
 
 
 def _deferred(group: Group, member: str, refuse: bytes | None = None

@@ -5,7 +5,7 @@ resync, revocation, shared leases."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,15 +18,6 @@ from spa.group.memory import MemoryStore
 from spa.group.policy import OnStoreDown
 from spa.server.metrics import Metrics
 from tests.group_world import GROUP, SOURCE, Group
-from tests.server_world import FakeClock
-
-
-@pytest.fixture
-def group(tmp_path: Path) -> Iterator[Group]:
-    clock = FakeClock()
-    made = Group(tmp_path, MemoryStore(clock), clock)
-    yield made
-    made.close()
 
 
 def _claims(group: Group) -> list[bytes]:

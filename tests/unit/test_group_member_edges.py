@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import nacl.pwhash
@@ -36,14 +35,6 @@ from tests.server_world import START, FakeClock, World
 
 NAMED = ('\n[services.db]\nport = 22\ndefault_duration = 60\nmax_duration = 300\n'
          'host = "db.internal"\n')
-
-
-@pytest.fixture
-def group(tmp_path: Path) -> Iterator[Group]:
-    clock = FakeClock()
-    made = Group(tmp_path, MemoryStore(clock), clock)
-    yield made
-    made.close()
 
 
 def _share(group: Group, record: LeaseRecord) -> None:

@@ -4,9 +4,6 @@ silences longer than the TTL."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from spa.group import layout
@@ -64,14 +61,6 @@ def test_a_clean_stop_takes_the_key_at_once(clock: FakeClock) -> None:
     presence.tick()
     presence.close()
     assert announced(kv) == []
-
-
-@pytest.fixture
-def group(tmp_path: Path) -> Iterator[Group]:
-    clock = FakeClock()
-    made = Group(tmp_path, MemoryStore(clock), clock)
-    yield made
-    made.close()
 
 
 def test_a_started_member_is_announced_and_a_closed_one_is_not(group: Group) -> None:
