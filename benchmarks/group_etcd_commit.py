@@ -11,11 +11,16 @@ namespace (on the bridge the group members use, one veth hop as theirs)
 --calls calls of each kind, one after another, through
 
 - EtcdStore (the member's client: etcd3gw over a kept-alive requests
-  session, group a's user): a linearizable read (a raft ReadIndex, no disk
-  write), a put, a create-if-absent transaction (a claim), a lease grant;
+  session, group a's user; its transactions over http.client, kept alive):
+  a knock's transaction (its claim and its lease record, as
+  spa.group.claims sends them), the same through requests and etcd3gw (the
+  path before the lean one), a linearizable read (a raft ReadIndex, no
+  disk write), a put, a create-if-absent transaction (a claim), a lease
+  grant;
 - http.client on one kept-alive TLS connection, the same JSON bodies (no
   requests, no etcd3gw): a read, a put; the difference from the lines above
-  is the client's own share (requests/urllib3, etcd3gw);
+  is the client's own share (requests/urllib3, etcd3gw), and so is the
+  difference in CPU a call (this thread's CPU time, the last round's);
 - etcdctl check perf is not used (60 s of load a run, its figures are rates).
 
 A write is committed once 2 of the 3 members have written it to their log
@@ -64,13 +69,20 @@ def row(name: str, ms: list[float]) -> str:
             f"{percentile(ms, .99):>7.2f}")
 
 
-def timed(count: int, fn: object, pause: float = 0.0) -> list[float]:
+CPU: dict[str, float] = {}  # this process's CPU ms a call, by the row's name
+
+
+def timed(count: int, fn: object, pause: float = 0.0, name: str = "") -> list[float]:
     out = []
+    cpu = 0.0
     for i in range(count):
         time.sleep(pause)
-        started = time.perf_counter()
+        started, used = time.perf_counter(), time.thread_time()
         fn(i)  # type: ignore[operator]
         out.append((time.perf_counter() - started) * 1000)
+        cpu += time.thread_time() - used
+    if name:
+        CPU[name] = cpu * 1000 / count
     return out
 
 
@@ -119,16 +131,26 @@ def measure(where: str, count: int) -> None:
                 store.create_many([Put(PREFIX + nonce, value, claim_lease)],
                                   [Put(PREFIX + b"lease-" + nonce, record, share_lease)])
 
+            old = EtcdStore(cluster.access("a"))  # the txn through requests and etcd3gw
+            old._lean.clear()
+            old.get(PREFIX)
+
+            def old_txn(i: int) -> None:
+                nonce = os.urandom(8).hex().encode()
+                old.create_many([Put(PREFIX + nonce, value, claim_lease)],
+                                [Put(PREFIX + b"lease-" + nonce, record, share_lease)])
+
             claim_lease, share_lease = store.grant(60), store.grant(90)
             for _ in range(2):  # two rounds, alternating kinds (the machine is noisy)
                 for name, fn in (
                         ("EtcdStore knock txn (claim + lease)", knock_txn),
+                        ("  the same, requests + etcd3gw", old_txn),
                         ("EtcdStore read (linearizable)", lambda i: store.get(PREFIX)),
                         ("EtcdStore put", lambda i: store.put(PREFIX + b"p", value)),
                         ("EtcdStore create (a claim txn)",
                          lambda i: store.create(PREFIX + os.urandom(8).hex().encode(), value)),
                         ("EtcdStore lease grant", lambda i: store.grant(60))):
-                    results.setdefault(name, []).extend(timed(count // 2, fn))
+                    results.setdefault(name, []).extend(timed(count // 2, fn, name=name))
             endpoint = cluster.members[0]
             token = store._clients[0].session.headers["Authorization"]
             raw = Raw(cluster.access("a"), endpoint.ip, 2379, str(token))
@@ -139,14 +161,14 @@ def measure(where: str, count: int) -> None:
                             "/v3/kv/range", {"key": b64(PREFIX)})),
                         ("http.client put", lambda i: raw.post(
                             "/v3/kv/put", {"key": b64(PREFIX + b"p"), "value": b64(value)}))):
-                    results.setdefault(name, []).extend(timed(count // 2, raw_fn))
+                    results.setdefault(name, []).extend(timed(count // 2, raw_fn, name=name))
             first = json.loads(leader)[0]["Status"]["header"]["member_id"]
             print(f"\netcd data on {where} ({data}); calls to e1, which is "
                   f"{'the leader' if first in leaders else 'a follower'}; {count} calls "
                   f"each ({load()})")
-            print(f"  {'':<34} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7}")
+            print(f"  {'':<34} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'CPU ms':>7}")
             for name, ms in results.items():
-                print(row(name, ms))
+                print(f"{row(name, ms)} {CPU.get(name, 0.0):>7.2f}")
             watchers = [watcher(cluster, store, token) for _ in range(2)]
             try:
                 time.sleep(0.5)
