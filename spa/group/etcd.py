@@ -278,8 +278,9 @@ class EtcdStore:
         self._access = access
         self._page_keys = page_keys
         self._clients = [self._client(url) for url in access.endpoints]
-        # the claims' transactions (the module's invariants), by client
-        self._lean = {id(client): _Lean(*_host_port(url), access)
+        # the claims' transactions (the module's invariants), by client (held
+        # here too: an id is only that client's while it lives)
+        self._lean = {id(client): (client, _Lean(*_host_port(url), access))
                       for url, client in zip(access.endpoints, self._clients, strict=True)}
         self._authed: set[int] = set()
         self._current = 0
@@ -425,9 +426,10 @@ class EtcdStore:
 
     def _txn(self, c: etcd3gw.Etcd3Client, txn: dict[str, Any]) -> Any:
         """A transaction on c's endpoint, lean (see the module's invariants)."""
-        lean = self._lean.get(id(c))
-        if lean is None:  # a client set from outside (tests): its own post
+        held = self._lean.get(id(c))
+        if held is None or held[0] is not c:  # a client set from outside (tests)
             return c.post(c.get_url("/kv/txn"), json=txn)
+        lean = held[1]
         token = c.session.headers.get("Authorization")
         return lean.post(urlsplit(c.get_url("/kv/txn")).path, txn,
                          None if token is None else str(token))
