@@ -125,7 +125,8 @@ class OldClaimer(Claimer):
     """The claim and the share of commit bed3635, one knock at a time: a lease
     grant and a create, then a lease grant and a put."""
 
-    def settle_batch(self, batch: Sequence[tuple[Accepted, bytes]]) -> list[Verdict]:
+    def settle_batch(self, batch: Sequence[tuple[Accepted, bytes]], *,
+                     queued: float | None = None) -> list[Verdict]:
         return [self._old_settle(result, nonce) for result, nonce in batch]
 
     def _old_settle(self, result: Accepted, nonce: bytes) -> Verdict:

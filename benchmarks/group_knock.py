@@ -4,6 +4,12 @@ and grants/s at one member.  Needs root, etcd, etcdctl, nft and gcc.
 
     .venv/bin/python benchmarks/group_knock.py [--knocks 200] [--revocations 50]
         [--grant-knocks 6000] [--rate 3000] [--window 10] [--mode capture|udp]
+        [--etcd-data disk|tmpfs]
+
+--etcd-data: where the etcd members keep their data directories: under the
+run's directory in /tmp (the disk here; the default: what a user of this
+machine gets) or in /dev/shm (a tmpfs: etcd's fsyncs cost nothing).
+--revocations 0 and --grant-knocks 0 leave (b) and (c) out.
 
 About 100 s with the defaults on a 2-core machine.
 
@@ -23,6 +29,11 @@ run` daemons as installed (privilege split, nftables, capture mode unless
 port 22 behind its firewall.  Clients are enrolled before the daemons start
 (the group's by spa.server.admin_group.enroll, as `spa-server enroll` on a
 member).
+
+The members run with SPA_LOG_CLAIM_TIMES set: each claim batch logs where
+its time went (spa.group.claims), and after (a) the benchmark prints those
+figures' p50/p90 at the members (queued until a claim thread takes it, etcd
+lease grants, the transaction, the grant's firewall commit).
 
 (a) Knock to open: from the knock leaving the client until a TCP connect from
     the knock's source address to port 22 completes (bench_latency.py's
@@ -102,6 +113,7 @@ from latency_probe import opened  # noqa: E402
 from spa.core.uri import Enrollment, parse  # noqa: E402
 from spa.core.wire import NONCE_SIZE, Action  # noqa: E402
 from spa.group import layout  # noqa: E402
+from spa.group.claims import TIMES_VARIABLE  # noqa: E402
 from spa.group.kv import Event  # noqa: E402
 from spa.group.records import Claim, encode_claim  # noqa: E402
 from spa.netns import Namespace, sh  # noqa: E402
@@ -169,6 +181,35 @@ def bench_knocks(standalone: Host, members: list[Host], alone: Enrollment,
         met = "met" if group_p50 <= 3.0 else "NOT met"
         print(f"p50 group / standalone: {group_p50 / alone_p50:.1f}x; goal p50 <= 3 ms in "
               f"group mode: {met}")
+
+
+TIMES = ("queued_ms", "leases_ms", "txn_ms", "other_ms", "grant_ms", "total_ms")
+
+
+def claim_times(members: list[Host], marks: dict[str, int]) -> None:
+    """The members' claim times lines (SPA_LOG_CLAIM_TIMES) since `marks`
+    (each log's size then): p50 / p90 of each part, over the batches."""
+    rows: dict[str, list[float]] = {name: [] for name in TIMES}
+    batches = grants = 0
+    for member in members:
+        text = member.log.read_bytes()[marks[member.name]:].decode(errors="replace")
+        for line in text.splitlines():
+            if "claim times " not in line:
+                continue
+            fields = dict(f.split("=", 1) for f in line.split("claim times ", 1)[1].split()
+                          if "=" in f)
+            batches += 1
+            grants += int(fields.get("lease_grants", 0))
+            for name in TIMES:
+                rows[name].append(float(fields[name]))
+    if not batches:
+        print("at the members: no claim times lines (SPA_LOG_CLAIM_TIMES not passed on?)")
+        return
+    print(f"at the members, {batches} claim batches ({grants} etcd lease grants among them), "
+          "ms:")
+    print("  " + " ".join(f"{n[:-3]:>9}" for n in TIMES) + "   (p50, then p90)")
+    print("  " + " ".join(f"{percentile(rows[n], .5):>9.2f}" for n in TIMES))
+    print("  " + " ".join(f"{percentile(rows[n], .9):>9.2f}" for n in TIMES))
 
 
 def send_knock(enrollment: Enrollment, source: str, server: str) -> float:
@@ -420,6 +461,8 @@ def main() -> int:
     parser.add_argument("--floor-threads", type=int, default=4,
                         help="threads of (c)'s etcd-alone line (a member's claim pool: 4)")
     parser.add_argument("--mode", choices=("capture", "udp"), default="capture")
+    parser.add_argument("--etcd-data", choices=("disk", "tmpfs"), default="disk",
+                        help="etcd's data directories: under /tmp (the disk) or /dev/shm")
     args = parser.parse_args()
     reason = why_not() or (None if shutil.which("gcc") else "needs gcc (flood.c)")
     if reason is not None:
@@ -427,12 +470,17 @@ def main() -> int:
         return 2
     began = time.monotonic()
     version = sh("etcd", "--version").stdout.splitlines()[0]
-    print(f"group_knock: {version}, 3 members (TLS, RBAC); spa-server {args.mode} mode, "
-          f"nftables; {load()}")
+    print(f"group_knock: {version}, 3 members (TLS, RBAC, data on {args.etcd_data}); "
+          f"spa-server {args.mode} mode, nftables; {load()}")
+    os.environ[TIMES_VARIABLE] = "1"  # the daemons' claim times lines (after (a))
     with ExitStack() as stack:
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="spa-gknock-")))
         root.chmod(0o711)  # the daemons run as a service user: they must get through
-        cluster = stack.enter_context(open_cluster(root / "etcd"))
+        data = None
+        if args.etcd_data == "tmpfs":
+            data = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                prefix="spa-gknock-", dir="/dev/shm")))
+        cluster = stack.enter_context(open_cluster(root / "etcd", data))
         stack.enter_context(cluster.inside())  # this thread: the client (and admin) namespace
         hosts = []
         for name, net in (("s0", 201), ("m1", 202), ("m2", 203)):
@@ -464,11 +512,17 @@ def main() -> int:
                 print(f"warning: {member.name}'s log has no {mark!r} after 15 s (the line "
                       "changed?); going on", file=sys.stderr)
         time.sleep(2.0)  # the other live steps' tags (a second), then quiet daemons
+        marks = {m.name: m.log.stat().st_size for m in members}
         bench_knocks(standalone, members, alone, group.uris["lat"], args.knocks, args.pause)
+        claim_times(members, marks)
         bench_set_times(standalone, members, alone, group.uris["lat"], args.set_knocks,
                         args.knocks + args.revocations, args.pause)
         claim_floor(group, args.claims)
-        bench_revocations(group, members, args.revocations, args.knocks)
+        if args.revocations:
+            bench_revocations(group, members, args.revocations, args.knocks)
+        if not args.grant_knocks:
+            print(f"\ngroup_knock: done in {time.monotonic() - began:.0f} s (no (c))")
+            return 0
         print(f"\n(c) grants/s: {args.grant_knocks} valid knocks from {args.grant_clients} "
               f"clients, one source address each, offered at {args.rate}/s; grants counted "
               f"in the server's events for {args.window:g} s from the first knock ({load()})")

@@ -296,9 +296,13 @@ def _add_user(cluster: EtcdCluster, user: str, password: str) -> None:
 
 
 @contextlib.contextmanager
-def open_cluster(root: Path) -> Iterator[EtcdCluster]:
-    """Three etcd members in namespaces, TLS and RBAC on; all removed after."""
+def open_cluster(root: Path, data: Path | None = None) -> Iterator[EtcdCluster]:
+    """Three etcd members in namespaces, TLS and RBAC on; all removed after.
+    `data`: where the members' data directories go (default: under `root`;
+    benchmarks put them on a tmpfs to compare with the disk)."""
     root.mkdir(parents=True, exist_ok=True)
+    data = root if data is None else data
+    data.mkdir(parents=True, exist_ok=True)
     topo = Topology()
     cluster: EtcdCluster | None = None
     try:
@@ -309,7 +313,7 @@ def open_cluster(root: Path) -> Iterator[EtcdCluster]:
             ip = f"{SUBNET}.{i}"
             ns = topo.ns(f"e{i}")
             pki.issue(f"e{i}", cn=f"etcd-e{i}", ips=(ip,), server=True)
-            cluster.members.append(Member(f"e{i}", ns, ip, root / f"e{i}.data",
+            cluster.members.append(Member(f"e{i}", ns, ip, data / f"e{i}.data",
                                           root / f"e{i}.log"))
         pki.issue("root", cn="root")
         pki.issue("member", cn=None)

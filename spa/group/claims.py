@@ -39,11 +39,26 @@ Invariants (docs/groups.md, "Claims", "When etcd cannot be reached",
 - The grant here and the shared record end at the same moment (one `now`
   per batch), and a batch's grants reach the daemon in one call (one
   firewall commit).  A pending client's first grant writes activated/<client>.
+- Leases ahead: once a batch's knocks are granted, the claim thread asks
+  etcd now for the next second's shared leases of the ends the batch used
+  (the pool's rule, so every key still ends as the pool promises), so the
+  knocks of the next second find their leases in the pool instead of
+  waiting for a grant on their path.  Only after a claim etcd answered
+  (never against an unreachable etcd); a grant that fails here is
+  forgotten (the next knock asks for it on its path, as before).  At most
+  one lease a second more than needed per end a member serves, and only
+  while knocks arrive.
+- With `times` on (the daemon's SPA_LOG_CLAIM_TIMES, for benchmarks), each
+  batch logs where its time went: queued until a claim thread took it,
+  etcd lease grants, the transaction(s), the grant's firewall commit
+  (benchmarks/group_knock.py reads these lines).  Nothing else changes.
 """
 
 from __future__ import annotations
 
 import collections
+import math
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -81,6 +96,12 @@ CLAIM_THREADS = 4  # transactions in flight at once (each waits at most the stor
 # packets in one transaction: each is a compare and up to two writes (its
 # claim, its lease record), and etcd takes at most MAX_TXN_OPS of either
 BATCH_MAX = MAX_TXN_OPS // 2
+TIMES_VARIABLE = "SPA_LOG_CLAIM_TIMES"  # set: log each claim batch's times (benchmarks)
+
+
+def times_wanted() -> bool:
+    """Whether the daemon's environment asks for the claim times' log lines."""
+    return bool(os.environ.get(TIMES_VARIABLE))
 
 
 class Executor(Protocol):
@@ -107,6 +128,16 @@ class _Knock:
     shared: bool = False  # its lease write went in the claim's transaction
 
 
+@dataclass(slots=True)
+class _Times:
+    """Where a batch's time went (perf_counter seconds), for the times log."""
+
+    leases: float = 0.0  # etcd lease grants (the pool's misses)
+    grants: int = 0
+    txn: float = 0.0  # create_many calls
+    rounds: int = 0
+
+
 class Claimer:
     """Claims, decides, grants or refuses, and shares the grant's lease."""
 
@@ -117,13 +148,16 @@ class Claimer:
                  pending: Callable[[str], int | None] = lambda client: None,
                  covers: Callable[[str], bool] = lambda client: True,
                  threads: int = CLAIM_THREADS, batch_max: int = BATCH_MAX,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 times: bool = False, ahead: bool = True) -> None:
         """`pending`: the enroll_by of a client not yet activated (None:
         not pending); its first grant writes activated/<client>.  `covers`:
         whether a client is the group's (the server's own are not claimed).
         `threads`: claim transactions in flight at once; `monotonic`: the
         clock the shared etcd leases are timed by (a wall clock's step must
-        not end a claim early)."""
+        not end a claim early).  `times`: log each batch's times; `ahead`:
+        the next second's leases granted after a batch (see the module's
+        invariants)."""
         if not 1 <= batch_max <= BATCH_MAX or threads < 1:
             raise ValueError(f"a claim batch holds 1 to {BATCH_MAX} packets, on 1 thread or more")
         self.kv = kv
@@ -145,8 +179,11 @@ class Claimer:
             executor = ThreadPoolExecutor(threads, thread_name_prefix="spa-claim")
         self.executor = executor
         self.pool = LeasePool()
+        self.times = times
+        self.ahead = ahead
         self._lock = threading.Lock()
-        self._queue: collections.deque[tuple[Accepted, bytes]] = collections.deque()
+        # accepted packets with their nonces and when they were queued (perf_counter)
+        self._queue: collections.deque[tuple[Accepted, bytes, float]] = collections.deque()
         self._drains = 0  # claim threads started and not yet gone idle
         self.store_down = False
         self.counts = {"claimed": 0, "replay": 0, "unreachable": 0, "unclaimed_grants": 0,
@@ -159,10 +196,11 @@ class Claimer:
         claim threads.  Returns the others (the server's own clients: granted
         as on a standalone server, etcd or not)."""
         own: list[Accepted] = []
-        mine: list[tuple[Accepted, bytes]] = []
+        mine: list[tuple[Accepted, bytes, float]] = []
+        queued = time.perf_counter()
         for result, nonce in zip(accepted, nonces, strict=True):
             if self.covers(result.client):
-                mine.append((result, nonce))
+                mine.append((result, nonce, queued))
             else:
                 own.append(result)
         if mine:
@@ -183,24 +221,29 @@ class Claimer:
                 if not self._queue:
                     self._drains -= 1
                     return
-                batch = [self._queue.popleft()
+                taken = [self._queue.popleft()
                          for _ in range(min(self.batch_max, len(self._queue)))]
-            self._settle_logged(batch)
+            self._settle_logged([(result, nonce) for result, nonce, _ in taken],
+                                min(queued for _, _, queued in taken))
 
-    def _settle_logged(self, batch: list[tuple[Accepted, bytes]]) -> None:
+    def _settle_logged(self, batch: list[tuple[Accepted, bytes]], queued: float) -> None:
         """settle_batch, on a claim thread: what goes wrong is said."""
         try:
-            self.settle_batch(batch)
+            self.settle_batch(batch, queued=queued)
         except Exception as exc:  # the knocks are lost, the member goes on
             clients = ",".join(sorted({result.client for result, _ in batch}))
             self.log(f"error group {self.group}: the knocks of client={clients} were "
                      f"not settled: {type(exc).__name__}: {exc}")
 
-    def settle_batch(self, batch: Sequence[tuple[Accepted, bytes]]) -> list[Verdict]:
+    def settle_batch(self, batch: Sequence[tuple[Accepted, bytes]], *,
+                     queued: float | None = None) -> list[Verdict]:
         """Claim the packets in one transaction (more rounds if some are
         replays), then refuse each refused one, grant the granted ones in
         one call (hooks.grant_claimed), then share and activate; the verdicts
-        (a knock whose settling raised is logged, and left out)."""
+        (a knock whose settling raised is logged, and left out).  `queued`:
+        when the oldest was queued (perf_counter), for the times log."""
+        started = time.perf_counter()
+        times = _Times()
         now, mono = self.clock(), self.monotonic()
         knocks = []
         for result, nonce in batch:
@@ -210,7 +253,7 @@ class Claimer:
                 self._lost(result, exc)
         refused_by_rbac = False
         try:
-            self._claim_all(knocks, now, mono)
+            self._claim_all(knocks, now, mono, times)
         except StorePermissionError as exc:  # never a grant, whatever on_store_down says
             self._store_is(down=True, why=exc)
             refused_by_rbac = True
@@ -234,6 +277,7 @@ class Claimer:
             except Exception as exc:  # one knock's refusal failed: the others go on
                 self._lost(knock.result, exc)
         granted = [(knock, verdict) for knock, verdict in decided if verdict.granted]
+        decided_at = time.perf_counter()
         if granted:
             try:  # the batch's grants in one call: one firewall commit for them all
                 self.hooks.grant_claimed([knock.result for knock, _ in granted], now)
@@ -241,6 +285,8 @@ class Claimer:
                 for knock, _ in granted:
                     self._lost(knock.result, exc)
                 return [verdict for _, verdict in decided if not verdict.granted]
+        if self.times:
+            self._say_times(len(knocks), len(granted), queued, started, times, decided_at)
         for knock, verdict in granted:
             if verdict is Verdict.GRANT:
                 if knock.shared:
@@ -248,7 +294,36 @@ class Claimer:
                 else:
                     self.share(knock.result, now)
                 self._activate(knock.result.client)
+        if self.ahead:
+            self._lease_ahead(knocks, now, mono)
         return [verdict for _, verdict in decided]
+
+    def _lease_ahead(self, knocks: list[_Knock], now: float, mono: float) -> None:
+        """The next second's leases of the ends this batch's claims (and lease
+        records) used, granted now, off the path of knocks granted already."""
+        seconds = set()
+        for knock in knocks:
+            if knock.outcome is not ClaimResult.CREATED:
+                continue
+            seconds.add(math.ceil(knock.claim_end) + 1)
+            if knock.shared and knock.record is not None:
+                seconds.add(math.ceil(mono + (knock.record.until - now)) + 1)
+        for second in sorted(seconds):
+            try:
+                self.pool.lease(second, self.monotonic(), self.kv.grant)
+            except (StoreError, ValueError):
+                return  # asked for on the path of the knock that needs it, as before
+
+    def _say_times(self, knocks: int, granted: int, queued: float | None, started: float,
+                   times: _Times, decided_at: float) -> None:
+        done = time.perf_counter()
+        waited = 0.0 if queued is None else started - queued
+        rest = decided_at - started - times.leases - times.txn
+        self.log(f"claim times knocks={knocks} granted={granted} queued_ms={waited * 1000:.3f} "
+                 f"leases_ms={times.leases * 1000:.3f} lease_grants={times.grants} "
+                 f"txn_ms={times.txn * 1000:.3f} rounds={times.rounds} "
+                 f"other_ms={rest * 1000:.3f} grant_ms={(done - decided_at) * 1000:.3f} "
+                 f"total_ms={(done - (started if queued is None else queued)) * 1000:.3f}")
 
     def _lost(self, result: Accepted, exc: Exception) -> None:
         self.log(f"error group {self.group}: the knock of client={result.client} was not "
@@ -294,7 +369,8 @@ class Claimer:
 
     # -- the transactions ----------------------------------------------------
 
-    def _claim_all(self, knocks: list[_Knock], now: float, mono: float) -> None:
+    def _claim_all(self, knocks: list[_Knock], now: float, mono: float,
+                   times: _Times) -> None:
         """Set each knock's outcome: CREATED (and shared, if its lease went
         in the same transaction) or EXISTS.  Raises StoreError with the
         knocks it could not decide left at None."""
@@ -306,20 +382,27 @@ class Claimer:
                 seen.add(knock.claim.key)
                 pending.append(knock)
         try:
-            self._commit(pending, now, mono, shares=True)
+            self._commit(pending, now, mono, times, shares=True)
         except StoreUnavailableError:
             raise
         except StoreError as exc:  # perhaps the lease writes': the claims alone
             self.log(f"warning group {self.group}: claims with their leases were refused "
                      f"({exc}); claiming them alone, the leases written after")
-            self._commit([k for k in pending if k.outcome is None], now, mono, shares=False)
+            self._commit([k for k in pending if k.outcome is None], now, mono, times,
+                         shares=False)
 
-    def _commit(self, pending: list[_Knock], now: float, mono: float, *, shares: bool) -> None:
+    def _commit(self, pending: list[_Knock], now: float, mono: float, times: _Times, *,
+                shares: bool) -> None:
         """Rounds of one transaction each, until every pending knock's claim
         is made or found taken.  One lease etcd has lost is granted anew once."""
         renewed = False
         while pending:
+            before = self.pool.granted
+            begun = time.perf_counter()
             creates, writes, used = self._ops(pending, now, mono, shares=shares)
+            sent = time.perf_counter()
+            times.leases += sent - begun
+            times.grants += self.pool.granted - before
             try:
                 found = self.kv.create_many(creates, writes)
             except LeaseExpiredError:
@@ -331,6 +414,8 @@ class Claimer:
                 continue
             finally:
                 self._bump_batches()
+                times.txn += time.perf_counter() - sent
+                times.rounds += 1
             if not found:
                 for knock in pending:
                     knock.outcome = ClaimResult.CREATED

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from spa.group.claims import Claimer, Executor
+from spa.group.claims import Claimer, Executor, times_wanted
 from spa.group.kv import KV, StoreError
 from spa.group.member import GroupMember, MemberError
 from spa.group.presence import PRESENCE_EVERY, Presence
@@ -48,7 +48,7 @@ class GroupLink:
                                on_store_down=settings.on_store_down, hooks=server,
                                clock=server.clock, log=log, executor=executor,
                                pending=self.member.pending, covers=self.member.covers,
-                               monotonic=monotonic)
+                               monotonic=monotonic, times=times_wanted())
         self.presence = Presence(kv, group=settings.name, member=settings.member,
                                  started=server.clock(), log=log)
         self._said: dict[str, object] = {}  # the facts last handed to the daemon

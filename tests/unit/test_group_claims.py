@@ -99,7 +99,9 @@ def test_packets_queued_while_the_claim_thread_is_busy_go_in_one_transaction(
     assert claimer.counts["claimed"] == 3 and claimer.counts["leases_shared"] == 3
     group.settle()
     assert group.grants("b") == group.grants("a")  # every record reached the other member
-    assert claimer.pool.granted == 2  # one lease for the claims' second, one for the leases'
+    # one lease for the claims' second, one for the leases', and the next second's of
+    # each, ahead (after the grants)
+    assert claimer.pool.granted == 4
 
 
 def test_a_replay_inside_a_batch_is_refused_and_the_rest_granted_in_a_second_round(
@@ -192,13 +194,77 @@ def test_claims_over_many_seconds_share_a_lease_a_second_and_one_after_silence_h
     packet = group.packet("alice")
     a.handle(packet, SOURCE)
     assert (SOURCE, "ssh") in group.grants("a")
-    assert len(claimer.pool) == 2  # the old seconds forgotten, two new ones
+    assert len(claimer.pool) == 4  # the old seconds forgotten: two new ones, two ahead
     claim = _keys(group, layout.Kind.CLAIM)
     assert len(claim) == 1
     group.clock.advance(claimer.window + 5 - 0.01)  # the window and the skew: still there
     assert _keys(group, layout.Kind.CLAIM) == claim
     group.clock.advance(2)  # and gone less than 2 s after
     assert _keys(group, layout.Kind.CLAIM) == []
+
+
+class Calls:
+    """The store, saying which calls the claimer made, in order."""
+
+    def __init__(self, kv: Any) -> None:
+        self.kv = kv
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.kv, name)
+
+    def grant(self, ttl: int) -> int:
+        self.calls.append("grant")
+        lease: int = self.kv.grant(ttl)
+        return lease
+
+    def create_many(self, creates: Sequence[Put],
+                    writes: Sequence[Put | Delete] = ()) -> frozenset[bytes]:
+        self.calls.append("txn")
+        found: frozenset[bytes] = self.kv.create_many(creates, writes)
+        return found
+
+
+def test_the_next_seconds_leases_are_granted_after_a_knock_not_on_the_next_ones_path(
+        group: Group) -> None:
+    a = group.member("a")
+    group.enroll("alice")
+    group.settle()
+    claimer = group.links["a"].claimer
+    calls = Calls(group.kv)
+    claimer.kv = calls  # type: ignore[assignment]
+    a.handle(group.packet("alice"), SOURCE)
+    assert calls.calls == ["grant", "grant", "txn", "grant", "grant"]  # two ahead, after
+    for i in range(3):  # a knock a second: its leases are in the pool already
+        calls.calls.clear()
+        group.clock.advance(1.0)
+        a.handle(group.packet("alice"), f"192.0.2.{100 + i}")
+        assert calls.calls[0] == "txn"
+        assert calls.calls[1:] == ["grant", "grant"]  # the second after, ahead again
+    assert claimer.counts["claimed"] == 4
+    claimer.ahead = False
+    calls.calls.clear()
+    group.clock.advance(1.0)
+    a.handle(group.packet("alice"), "192.0.2.110")
+    assert calls.calls == ["txn"]  # what the last knock asked for ahead
+    calls.calls.clear()
+    group.clock.advance(1.0)
+    a.handle(group.packet("alice"), "192.0.2.111")
+    assert calls.calls == ["grant", "grant", "txn"]  # none ahead: on the path
+
+
+def test_no_lease_is_asked_for_ahead_of_a_claim_found_taken(group: Group) -> None:
+    a, b = group.member("a"), group.member("b")
+    group.enroll("alice")
+    group.settle()
+    packet = group.packet("alice")
+    a.handle(packet, SOURCE)
+    claimer = group.links["b"].claimer
+    calls = Calls(group.kv)
+    claimer.kv = calls  # type: ignore[assignment]
+    b.handle(packet, SOURCE)  # accepted by a: a replay at b, nothing granted
+    assert claimer.counts["replay"] == 1 and claimer.counts["claimed"] == 0
+    assert calls.calls == ["grant", "grant", "txn"]  # its own leases, none ahead
 
 
 def test_a_lease_etcd_lost_is_granted_anew_once_and_the_knock_granted(group: Group) -> None:

@@ -6,10 +6,15 @@ etcd says the old one expired, and a create retried after an endpoint failed
 from __future__ import annotations
 
 import base64
+import dataclasses
+import http.server
 import json
+import socket
+import ssl
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from etcd3gw import exceptions as gw
@@ -411,3 +416,104 @@ def test_a_watch_gives_each_event_of_a_revision_and_none_twice_after_reconnectin
         watch.cancel()
     assert seen == [(b"/p/a", 3), (b"/p/b", 3), (b"/p/c", 3), (b"/p/d", 4), (b"/p/e", 4)]
     assert asked[:3] == ["3", "4", "5"]
+
+
+# ---- the lean transaction path (http.client, kept alive) against a TLS server ----
+
+
+class _Gateway(http.server.BaseHTTPRequestHandler):
+    """etcd's gateway as far as a txn goes: answers the scripted status and
+    body, and counts the TLS connections it accepted."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive
+    script: ClassVar[list[tuple[int, dict[str, Any], bool]]] = []  # (status, body, close)
+    seen: ClassVar[list[tuple[str, str | None, Any]]] = []  # (path, token, body)
+    connections: ClassVar[list[int]] = []  # one a connection accepted
+
+    def setup(self) -> None:
+        super().setup()
+        _Gateway.connections.append(1)
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _Gateway.seen.append((self.path, self.headers.get("Authorization"), body))
+        status, answer, close = _Gateway.script.pop(0)
+        data = json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if close:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+        self.close_connection = close
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[tuple[EtcdAccess, int]]:
+    """A TLS server on loopback that asks for our client certificate."""
+    from tests.etcd_world import Pki
+
+    pki = Pki(tmp_path)
+    crt, key = pki.issue("gw", cn=None, ips=("127.0.0.1",), server=True)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca_file))
+    context.load_cert_chain(str(crt), str(key))
+    context.verify_mode = ssl.CERT_REQUIRED  # as etcd's --client-cert-auth
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Gateway)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    _Gateway.script, _Gateway.seen, _Gateway.connections = [], [], []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    access = EtcdAccess((f"https://127.0.0.1:{port}",), pki.ca_file, crt, key, timeout=2.0)
+    try:
+        yield access, port
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_claims_txn_goes_over_one_kept_alive_tls_connection_with_the_token(
+        gateway: tuple[EtcdAccess, int]) -> None:
+    access, _ = gateway
+    store = EtcdStore(access)
+    store._clients[0].session.headers["Authorization"] = "tok-1"
+    _Gateway.script += [(200, {**HEADER, "succeeded": True}, False)] * 3
+    assert store.create(b"k", b"v", 7) is True
+    assert store.create_many([Put(b"k1", b"a", 7)], [Put(b"l1", b"r", 9)]) == frozenset()
+    assert store.create(b"k2", b"v") is True
+    assert [(path, token) for path, token, _ in _Gateway.seen] == [("/v3/kv/txn", "tok-1")] * 3
+    assert _Gateway.seen[1][2]["success"][1]["request_put"]["lease"] == "9"
+    assert len(_Gateway.connections) == 1  # kept alive
+
+
+def test_a_connection_the_gateway_closed_is_opened_anew_and_errors_map_as_etcd3gws(
+        gateway: tuple[EtcdAccess, int]) -> None:
+    access, _ = gateway
+    store = EtcdStore(access)
+    _Gateway.script += [(200, {**HEADER, "succeeded": True}, True),
+                        (200, {**HEADER, "succeeded": False,
+                               "responses": [{"response_range": {}}]}, False),
+                        (500, {"error": "etcdserver: permission denied", "code": 7}, False),
+                        (503, {"error": "etcdserver: no leader", "code": 14}, False)]
+    assert store.create(b"k", b"v") is True
+    assert store.create(b"k", b"v") is False  # taken (a fresh connection: the last closed)
+    assert len(_Gateway.connections) == 2
+    with pytest.raises(StorePermissionError):
+        store.create(b"k", b"v")
+    with pytest.raises(StoreUnavailableError):  # the only endpoint has no leader
+        store.create(b"k", b"v")
+
+
+def test_a_claims_txn_to_an_endpoint_that_is_not_there_fails_over(
+        gateway: tuple[EtcdAccess, int]) -> None:
+    access, _ = gateway
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        nowhere = f"https://127.0.0.1:{unused.getsockname()[1]}"  # bound, never listening
+        store = EtcdStore(dataclasses.replace(access, endpoints=(nowhere, *access.endpoints)))
+        _Gateway.script += [(200, {**HEADER, "succeeded": True}, False)]
+        assert store.create(b"k", b"v") is True
+        assert store._current == 1  # and stays on the one that answered
