@@ -71,11 +71,13 @@ class ClientView:
 
 
 def group_delta(before: Mapping[str, ClientView | None], after: Mapping[str, ClientView | None],
-                held: Mapping[str, Mapping[str, ClientKeys]], now: float) -> ClientDelta:
+                held: Mapping[str, Mapping[str, ClientKeys]], now: float, *,
+                live: Mapping[str, Mapping[str, ClientKeys]] | None = None) -> ClientDelta:
     """The delta for the clients named in `after` (`before`: as the server
     runs them, None: unknown to it; `held`: the keys the verifier holds per
     client).  A view's keys are its record's live at `now` (NAME~old only
-    while its grace lasts)."""
+    while its grace lasts); `live`, if given, holds them already for every
+    name of `after` (view.keys(now): the member made them once)."""
     gone: list[str] = []
     keys: dict[str, ClientKeys] = {}
     rules: dict[str, ClientPolicy | None] = {}
@@ -84,7 +86,8 @@ def group_delta(before: Mapping[str, ClientView | None], after: Mapping[str, Cli
     revoked: list[str] = []
     for name, view in after.items():
         old_keys = held.get(name, {})
-        new_keys = view.keys(now) if view is not None else {}
+        new_keys = (live[name] if live is not None else
+                    view.keys(now) if view is not None else {})
         gone += [key for key in old_keys if key not in new_keys]
         keys.update({k: v for k, v in new_keys.items() if old_keys.get(k) != v})
         rules[name] = view.rules() if view is not None else None
