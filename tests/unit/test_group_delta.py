@@ -22,8 +22,10 @@ SERVER_ID = bytes(range(16))
 NOW = 1_800_000_000.0
 
 
-def _client(name: str, *, rotating: bool = False) -> GroupClient:
+def _client(name: str, *, rotating: bool = False, enroll_by: int | None = None
+            ) -> GroupClient:
     return GroupClient(name, SERVER_ID, derive_keys(os.urandom(32), SERVER_ID), ("ssh",),
+                       enroll_by=enroll_by,
                        old_keys=derive_keys(os.urandom(32), SERVER_ID) if rotating else None,
                        old_until=int(NOW) + 60 if rotating else None)
 
@@ -32,7 +34,9 @@ def test_a_delta_made_with_the_keys_given_is_the_one_made_without() -> None:
     alice, bob = _client("alice", rotating=True), _client("bob")
     after: dict[str, ClientView | None] = {
         "alice": ClientView(alice), "bob": ClientView(bob, Revocation("bob", 1, True)),
-        "carol": None, "dave": ClientView(_client("dave"))}
+        "carol": None, "dave": ClientView(_client("dave")),
+        "erin": ClientView(_client("erin", enroll_by=int(NOW) + 600)),
+        "frank": ClientView(_client("frank", enroll_by=int(NOW) + 600), None, int(NOW) + 600)}
     before: dict[str, ClientView | None] = {"bob": ClientView(bob), "carol": ClientView(
         _client("carol"))}
     assert alice.old_keys is not None
@@ -42,8 +46,10 @@ def test_a_delta_made_with_the_keys_given_is_the_one_made_without() -> None:
     live = {name: view.keys(NOW) if view is not None else {} for name, view in after.items()}
     made = group_delta(before, after, held, NOW)
     assert group_delta(before, after, held, NOW, live=live) == made
-    assert set(made.keys) == {"alice", "dave"}
+    assert set(made.keys) == {"alice", "dave", "erin", "frank"}
     assert set(made.gone) == {"bob", "carol"} and made.closed == ("bob",)
+    assert (made.met, made.pending) == (frozenset({"frank"}), frozenset({"erin"}))
+    assert made.rules["carol"] is None and made.rules["bob"].revoked  # type: ignore[union-attr]
 
 
 def test_a_members_read_makes_each_clients_keys_once(tmp_path: Path,
