@@ -359,6 +359,7 @@ class _Hooks:
     def apply_client_delta(self, delta: ClientDelta, origin: str) -> None:
         t0, c0 = time.perf_counter(), time.thread_time()
         verifier = self.verifier
+        verifier.refresh(time.time())  # the daemon's housekeeping moves it at each boundary
         for key in delta.gone:
             verifier.remove_client(key)
         later = self.later and len(delta.keys) > WARM_LATER_KEYS
@@ -524,7 +525,8 @@ def member_start(e: Etcd, server_id: bytes, count: int, page: int) -> None:
     print(f"  {count:>7} clients, GroupMember.load, wall seconds (this thread's CPU seconds): "
           f"read* / deltas / the verifier's tag table and rules = load; the first knock of "
           f"a group client accepted (from load's start); the tags left to slice in (the "
-          f"daemon: within {WARM_ROUNDS} s); the tag list a kernel filter gets {load()}:")
+          f"daemon: in {WARM_ROUNDS} housekeeping rounds); the tag list a kernel filter gets "
+          f"{load()}:")
     for _ in range(2):
         for old in (True, False):
             r = one_start(e, server_id, count, old, page)
