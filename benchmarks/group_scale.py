@@ -18,9 +18,14 @@ group's prefix: spa.group.etcd's way through the JSON gateway).  Then:
    and from --threads threads (each thread its own EtcdStore, as separate
    members would); claims as a member makes them now, through the claimer:
    benchmarks/group_claims.py;
-4. a member's start: EtcdStore.get_prefix of the group (one range) and
-   decode_client of every record, at 10^4 and 10^5 clients; the same read
-   paged (--page keys a range) for comparison;
+4. a member's start (GroupMember.load into a real Verifier), at 10^4 and
+   10^5 clients, before and after in turn: the whole prefix read, each
+   client's keys made three times, every live step's tags at once (before);
+   the kinds a member applies at one revision, keys made once, the current
+   step's tags first and the rest sliced in (after); then the first knock of
+   a group client judged by that verifier (the member's start figure: until
+   it is accepted), and the warm-up's slices.  --claims N puts N nonce
+   claims in the group first (a busy group's claims/);
 5. history: 5,000 claims on 2 s leases, come and gone: what their puts and
    the deletes of their expiries leave in the database until a compaction;
 6. watch fan-out: N watchers (one EtcdStore each, as N members) on the
@@ -37,6 +42,7 @@ group's prefix: spa.group.etcd's way through the JSON gateway).  Then:
 
     .venv/bin/python benchmarks/group_scale.py [--clients 100000] [--threads 4]
     .venv/bin/python benchmarks/group_scale.py --watch-only [--grants 4000] [--writers 4]
+    .venv/bin/python benchmarks/group_scale.py --clients 100000 --start-only [--claims 240000]
 
 (root is not needed: etcd runs as the caller, on 127.0.0.1.)  Needs etcd, etcdctl and
 openssl.  The machine is noisy (2 cores shared): the load average is printed
@@ -47,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import gc
 import json
 import os
@@ -74,16 +79,18 @@ from etcd_clients import etcd, make_certs  # noqa: E402
 
 import spa.group.clients as clients_mod  # noqa: E402
 import spa.group.member as member_mod  # noqa: E402
-from spa.core.errors import FormatError  # noqa: E402
+from spa.core.keys import derive_keys  # noqa: E402
+from spa.core.knock import SLICE  # noqa: E402
 from spa.core.policy import Policy  # noqa: E402
-from spa.core.sources import MAX_SOURCES, canonical_sources  # noqa: E402
-from spa.core.verify import Verifier  # noqa: E402
+from spa.core.sources import canonical_sources  # noqa: E402
+from spa.core.verify import Accepted, Verifier  # noqa: E402
+from spa.core.wire import Action, IPAddress, Request, build_packet  # noqa: E402
 from spa.group import layout  # noqa: E402
-from spa.group.clients import GroupClient, client_record, decode_client  # noqa: E402
-from spa.group.codec import RecordError  # noqa: E402
-from spa.group.delta import ClientDelta  # noqa: E402
-from spa.group.etcd import PAGE_KEYS, EtcdAccess, EtcdStore, _item  # noqa: E402
+from spa.group.clients import client_record, decode_client  # noqa: E402
+from spa.group.delta import ClientDelta, ClientView, group_delta  # noqa: E402
+from spa.group.etcd import PAGE_KEYS, EtcdAccess, EtcdStore  # noqa: E402
 from spa.group.kv import Event, Item, PageCallback  # noqa: E402
+from spa.group.layout import GroupNameError, Kind  # noqa: E402
 from spa.group.member import GroupMember  # noqa: E402
 from spa.group.records import (  # noqa: E402
     Activation,
@@ -99,6 +106,7 @@ from spa.group.records import (  # noqa: E402
     encode_revocation,
 )
 from spa.server.config import ClientEntry  # noqa: E402
+from spa.server.daemon import WARM_LATER_KEYS, WARM_ROUNDS  # noqa: E402
 
 GROUP = "office-eu"  # a realistic group name (9 characters)
 MEMBER = "spa-fra-03.example.net"  # a realistic member name (a host name)
@@ -215,13 +223,14 @@ def etcd_rss(root: Path) -> int:
     return 0
 
 
-def bulk_put(store: EtcdStore, items: list[tuple[str, bytes]]) -> None:
+def bulk_put(store: EtcdStore, items: list[tuple[str, bytes]], lease: int = 0) -> None:
     """Puts TXN_OPS at a time (etcd's default --max-txn-ops), as an import
-    would load a group."""
+    would load a group (`lease`: each key on it)."""
     def b64(raw: bytes) -> str:
         return base64.b64encode(raw).decode()
+    on = {"lease": str(lease)} if lease else {}
     for start in range(0, len(items), TXN_OPS):
-        txn = {"success": [{"request_put": {"key": b64(k.encode()), "value": b64(v)}}
+        txn = {"success": [{"request_put": {"key": b64(k.encode()), "value": b64(v), **on}}
                            for k, v in items[start:start + TXN_OPS]]}
         store._call("load", lambda c, t=txn: c.post(c.get_url("/kv/txn"), json=t))  # type: ignore[misc]
 
@@ -341,18 +350,21 @@ class _Hooks:
     real Verifier (each key's live knock tags into its tag table, the rules,
     the codes), timed; leases and claims are not in this group."""
 
-    def __init__(self, server_id: bytes, now: float) -> None:
+    def __init__(self, server_id: bytes, now: float, later: bool) -> None:
         self.verifier = Verifier(server_id, {}, Policy(clients={}), now=now)
+        self.later = later  # as the daemon: a big delta's current step first
         self.seconds = self.cpu = 0.0
         self.deltas = 0
 
     def apply_client_delta(self, delta: ClientDelta, origin: str) -> None:
         t0, c0 = time.perf_counter(), time.thread_time()
         verifier = self.verifier
+        verifier.refresh(time.time())  # the daemon's housekeeping moves it at each boundary
         for key in delta.gone:
             verifier.remove_client(key)
+        later = self.later and len(delta.keys) > WARM_LATER_KEYS
         for key, keys in delta.keys.items():
-            verifier.add_client_keys(key, keys)
+            verifier.add_client_keys(key, keys, later=later)
         held = verifier.policy.clients
         assert isinstance(held, dict)
         for name, rule in delta.rules.items():
@@ -382,72 +394,100 @@ class _Hooks:
 
 
 class _TimedRead:
-    """The member's store with its get_prefix timed (the watch's set-up is
-    the rest of load's I/O: one range of one key, and a thread)."""
+    """The member's store with its reads timed (the watch's set-up is the
+    rest of load's I/O: a thread); `whole`: the group's whole prefix read
+    (claims/ and members/ too), as a member did before it read by kind."""
 
-    def __init__(self, store: EtcdStore, one_range: bool) -> None:
-        self.store, self.one_range = store, one_range
+    def __init__(self, store: EtcdStore, whole: bool) -> None:
+        self.store, self.whole = store, whole
         self.seconds = self.cpu = 0.0
+        self.keys = 0
 
-    def get_prefix(self, prefix: bytes, on_page: PageCallback | None = None
-                   ) -> tuple[list[Item], int]:
+    def get_prefixes(self, prefixes: list[bytes], on_page: PageCallback | None = None
+                     ) -> tuple[list[Item], int]:
         t0, c0 = time.perf_counter(), time.thread_time()
-        found = old_get_prefix(self.store, prefix) if self.one_range else \
-            self.store.get_prefix(prefix, on_page)
+        found = self.store.get_prefix(layout.group_prefix(GROUP).encode(), on_page) \
+            if self.whole else self.store.get_prefixes(prefixes, on_page)
         self.seconds += time.perf_counter() - t0
         self.cpu += time.thread_time() - c0
-        if self.one_range and on_page is not None:  # before: decoding came after the read
-            on_page(found[0])
+        self.keys += len(found[0])
         return found
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.store, name)
 
 
-def old_get_prefix(store: EtcdStore, prefix: bytes) -> tuple[list[Item], int]:
-    """get_prefix before paging: the whole prefix in one range."""
-    body = {"key": base64.b64encode(prefix).decode(),
-            "range_end": base64.b64encode(prefix[:-1] + bytes([prefix[-1] + 1])).decode()}
-    answer = store._call("read a prefix", lambda c: c.post(c.get_url("/kv/range"), json=body))
-    items = sorted((_item(kv) for kv in answer.get("kvs", [])), key=lambda i: i.key)
-    return items, int(answer["header"]["revision"])
+def _old_apply(self: GroupMember, names: set[str]) -> None:
+    """GroupMember._apply before: each client's live keys made three times
+    (the check, group_delta, the held copy)."""
+    now = self.clock()
+    after: dict[str, ClientView | None] = {}
+    for name in sorted(names):
+        view = self._view(name)
+        held = self._held.get(name, {})
+        live = view.keys(now) if view is not None else {}
+        if view == self._views.get(name) and held == live:
+            continue
+        after[name] = view
+    if not after:
+        return
+    before = {n: self._views.get(n) for n in after}
+    delta = group_delta(before, after, self._held, now)
+    for name, view in after.items():
+        if view is None:
+            self._views.pop(name, None)
+            self._held.pop(name, None)
+        else:
+            self._views[name] = view
+            self._held[name] = view.keys(now)
+    self.hooks.apply_client_delta(delta, f"group {self.group}")
 
 
-def _old_check_sources(sources: tuple[str, ...]) -> None:
-    """clients._check_sources before its cache: every network parsed again."""
-    if not isinstance(sources, tuple) or len(sources) > MAX_SOURCES:
-        raise RecordError(f"sources: a tuple of at most {MAX_SOURCES} networks")
-    try:
-        canonical = canonical_sources(sources)
-    except FormatError:
-        canonical = ()
-    if canonical != sources:
-        raise RecordError("sources: not networks in their canonical form")
+def _old_live_leases(group: str, keys: set[str]) -> set[tuple[str, IPAddress, str]]:
+    """member._live_leases before: every key read parsed, clients' too."""
+    live = set()
+    for key in keys:
+        try:
+            ref = layout.parse_key(group, key)
+        except GroupNameError:
+            continue
+        if ref.kind is Kind.LEASE:
+            live.add((ref.parts[0], layout.check_address(ref.parts[1]), ref.parts[2]))
+    return live
 
 
-def _old_decode(data: bytes, server_id: bytes) -> GroupClient:
-    """What the member's start cost per record before: the strict decoder
-    (field by field, then the client encoded again and compared), run twice
-    (the member decoded a record when it took it and again for its view)."""
-    clients_mod.decode_client_strict(data, server_id)
-    return clients_mod.decode_client_strict(data, server_id)
+# a client of the group that knocks once its member has loaded: (name, secret,
+# service), one without an authenticator code or source networks
+PROBE: list[tuple[str, bytes, str]] = []
+
+
+def first_knock(verifier: Verifier, server_id: bytes) -> None:
+    """The probe client's knock of this moment, judged by the member's
+    verifier; raises unless it is accepted."""
+    name, secret, service = PROBE[0]
+    request = Request(int(time.time() * 1000), Action.OPEN, service, 0, None, "")
+    packet = build_packet(request, derive_keys(secret, server_id), server_id,
+                          nonce=os.urandom(24))
+    result = verifier.verify(packet, "192.0.2.10", time.time())
+    if not isinstance(result, Accepted) or result.client != name:
+        raise RuntimeError(f"the first knock of {name} was not accepted: {result}")
 
 
 def one_start(e: Etcd, server_id: bytes, count: int, old: bool, page: int
               ) -> dict[str, float]:
-    """GroupMember.load of the group, timed in parts; `old`: as before this
-    version (one range, the strict decoder twice, no cache of networks, the
-    garbage collector running; the rest is today's, so `old` is if anything
-    flattered: a code secret's check, the networks' values for the rules)."""
-    store = _TimedRead(e.store(page), one_range=old)
-    hooks = _Hooks(server_id, time.time())
-    names = ((member_mod, "decode_client", _old_decode),
-             (clients_mod, "_check_sources", _old_check_sources),
-             (member_mod, "_collector_paused", contextlib.nullcontext))
-    saved = [vars(module)[name] for module, name, _ in names]
+    """GroupMember.load of the group, timed in parts, then the first knock
+    of a group client accepted, then the warm-up the daemon slices in;
+    `old`: as before this version (the whole prefix read, each client's keys
+    made three times, every read key parsed for the leases, every live
+    step's tags at once)."""
+    store = _TimedRead(e.store(page), whole=old)
+    hooks = _Hooks(server_id, time.time(), later=not old)
+    names: tuple[tuple[object, str, object], ...] = (
+        (GroupMember, "_apply", _old_apply), (member_mod, "_live_leases", _old_live_leases))
+    saved = [vars(owner)[name] for owner, name, _ in names]
     if old:
-        for module, name, value in names:
-            setattr(module, name, value)
+        for owner, name, value in names:
+            setattr(owner, name, value)
     clients_mod._canonical_network.cache_clear()
     gc.collect()
     member = GroupMember(store, group=GROUP, member=MEMBER, server_id=server_id,  # type: ignore[arg-type]
@@ -456,36 +496,62 @@ def one_start(e: Etcd, server_id: bytes, count: int, old: bool, page: int
         t0, c0 = time.perf_counter(), time.thread_time()
         member.load()
         t1, c1 = time.perf_counter(), time.thread_time()
-        tags = hooks.verifier.tags.start_journal()  # the set a kernel filter is given
+        first_knock(hooks.verifier, server_id)
         t2 = time.perf_counter()
+        table = hooks.verifier.tags
+        while table.warming():  # the daemon: within WARM_ROUNDS rounds, in slices
+            table.slice(min(SLICE, table.warming()))
+        t3 = time.perf_counter()
+        tags = table.start_journal()  # the set a kernel filter is given
+        t4 = time.perf_counter()
     finally:
         member.close()
-        for (module, name, _), value in zip(names, saved, strict=True):
-            setattr(module, name, value)
+        for (owner, name, _), value in zip(names, saved, strict=True):
+            setattr(owner, name, value)
     assert len(member.clients) == count, (len(member.clients), count)
     assert hooks.deltas == 1
     return {"read": store.seconds, "decode": t1 - t0 - store.seconds - hooks.seconds,
-            "verifier": hooks.seconds, "load": t1 - t0, "tags": t2 - t1, "count": len(tags),
+            "verifier": hooks.seconds, "load": t1 - t0, "knock": t2 - t0, "warm": t3 - t2,
+            "tags": t4 - t3, "count": len(tags), "keys": store.keys,
             "read_cpu": store.cpu, "decode_cpu": c1 - c0 - store.cpu - hooks.cpu,
             "verifier_cpu": hooks.cpu, "load_cpu": c1 - c0}
 
 
 def member_start(e: Etcd, server_id: bytes, count: int, page: int) -> None:
-    """Before (one range, strict decode twice) and after (pages, the fast
-    decoder once, each page's records decoded while the next is read) in
-    turn, twice each, in one run.  *: its read includes that decoding."""
+    """Before (the whole prefix, keys made thrice, every step's tags at
+    once) and after (the kinds a member applies at one revision, keys made
+    once, the current step's tags first) in turn, twice each, in one run.
+    *: the read includes the decoding of the records (on_page)."""
     print(f"  {count:>7} clients, GroupMember.load, wall seconds (this thread's CPU seconds): "
-          f"read / decode and deltas / the verifier's tag table and rules = load; then the "
-          f"tag list a kernel filter gets; *: the read includes the decoding it overlaps "
+          f"read* / deltas / the verifier's tag table and rules = load; the first knock of "
+          f"a group client accepted (from load's start); the tags left to slice in (the "
+          f"daemon: in {WARM_ROUNDS} housekeeping rounds); the tag list a kernel filter gets "
           f"{load()}:")
     for _ in range(2):
         for old in (True, False):
             r = one_start(e, server_id, count, old, page)
-            what = "before: one range, strict x2" if old else f"after: pages of {page}, fast*"
+            what = "before: whole prefix" if old else "after: kinds, once"
             parts = "  ".join(f"{k} {r[k]:5.2f} ({r[k + '_cpu']:5.2f})"
                               for k in ("read", "decode", "verifier"))
-            print(f"    {what:31} {parts}  = load {r['load']:5.2f} ({r['load_cpu']:5.2f}) s;"
-                  f"  {r['count']:,.0f} tags listed {r['tags']:4.2f} s {load()}")
+            print(f"    {what:20} {r['keys']:>7,.0f} keys  {parts}  = load {r['load']:5.2f} "
+                  f"({r['load_cpu']:5.2f}) s;  knock accepted {r['knock']:5.2f} s;  warm-up "
+                  f"{r['warm']:4.2f} s;  {r['count']:,.0f} tags listed {r['tags']:4.2f} s "
+                  f"{load()}")
+
+
+def claims_in(e: Etcd, store: EtcdStore, rng: random.Random, now: float, clients: int,
+              count: int) -> None:
+    """`count` nonce claims of the group's clients, on one etcd lease that
+    outlives the run, as a busy group's claims/ holds them (a member's read
+    before this version took them all)."""
+    lease = store.grant(3600)
+    batch = [claim(i % clients, rng, now) for i in range(count)]
+    t0 = time.perf_counter()
+    bulk_put(store, batch, lease)
+    rate = count / (time.perf_counter() - t0)
+    after = e.settled()
+    print(f"  + {count:,} claims in claims/ (loaded at {rate:,.0f}/s): dbSize {after['db']:,}"
+          f"  in use {after['in_use']:,} {load()}")
 
 
 def fan_out(e: Etcd, watchers: int, puts: int) -> list[float]:
@@ -573,7 +639,7 @@ def member_watch(e: Etcd, server_id: bytes, grants: int, writers: int) -> dict[s
     members = {}
     for name, kind in (("before", _WholePrefix), ("after", _Counted)):
         member = kind(e.store(), group=GROUP, member=f"watcher-{name}", server_id=server_id,
-                      hooks=_Hooks(server_id, time.time()), clock=time.time,
+                      hooks=_Hooks(server_id, time.time(), later=True), clock=time.time,
                       log=lambda line: None)
         member.load()
         members[name] = member
@@ -650,6 +716,9 @@ def main() -> None:
     parser.add_argument("--page", type=int, default=PAGE_KEYS, help="keys per paged range")
     parser.add_argument("--fan-out", default="1,10,50", help="watcher counts")
     parser.add_argument("--seed", type=int, default=18)
+    parser.add_argument("--claims", type=int, default=0,
+                        help="nonce claims in the group before the start at --clients (a busy "
+                             "group: 2,000 grants/s x a 2-minute window = 240,000)")
     parser.add_argument("--start-only", action="store_true",
                         help="phase 4 alone (with the loads it needs)")
     parser.add_argument("--watch-only", action="store_true",
@@ -689,9 +758,13 @@ def main() -> None:
         loaded, before = 0, empty
         print("member start (read the group's prefix, decode every client record):")
         for count in dict.fromkeys(steps):
-            batch = [(layout.client_key(GROUP, client_name(i)),
-                      client_record(random_entry(i, rng, now), server_id))
-                     for i in range(loaded, count)]
+            entries = [random_entry(i, rng, now) for i in range(loaded, count)]
+            batch = [(layout.client_key(GROUP, entry.name), client_record(entry, server_id))
+                     for entry in entries]
+            if not PROBE:
+                probe = next(entry for entry in entries
+                             if not (entry.otp_secret or entry.sources or entry.old_secret))
+                PROBE.append((probe.name, probe.secret, probe.services[0]))
             t0 = time.perf_counter()
             bulk_put(store, batch)
             rate = len(batch) / (time.perf_counter() - t0)
@@ -702,6 +775,8 @@ def main() -> None:
                   f"  -> {per:.0f} bytes per client  (loaded at {rate:,.0f} records/s in "
                   f"transactions of {TXN_OPS}); etcd RSS {etcd_rss(root) / 2**20:.0f} MiB")
             before = after
+            if count == args.clients and args.claims:
+                claims_in(e, store, rng, now, count, args.claims)
             member_start(e, server_id, count, args.page)
         if args.start_only:
             return

@@ -15,7 +15,9 @@ Invariants (docs/protocol.md, "Knock tag"):
   One exception, asked for by `warm_later` (a daemon's start at 10^5
   clients): the table is made with the current step's tags alone, and the
   other live steps' are the first slices (`warming` says how many clients'
-  worth are left); a knock of those steps meanwhile is an unknown tag.
+  worth are left); a knock of those steps meanwhile is an unknown tag.  The
+  same for clients added `later` (a group member's first read: the daemon
+  puts a delta of more than WARM_LATER_KEYS keys in so).
 - Every tag that enters or leaves the table is journaled once journaling is
   on: applying `drain_changes` to the set `start_journal` returned gives
   exactly the live tags.
@@ -211,12 +213,22 @@ class TagTable:
                 self._step = step
                 self._rebuild()
 
-    def add(self, client: str, tag_key: bytes) -> None:
-        """Enroll (or re-key) a client: its tags are live at once."""
+    def add(self, client: str, tag_key: bytes, *, later: bool = False) -> None:
+        """Enroll (or re-key) a client: its tags are live at once; `later`
+        (a group member's first read of 10^5 clients): the current step's
+        at once, the other live steps' among the first slices, as
+        `warm_later` does for the table's own (`warming` counts them)."""
         with self._lock:
             self._remove(client)
             self._keys[client] = tag_key
-            for step in self._steps_of_new_client():
+            steps: Iterable[int] = self._steps_of_new_client()
+            if later:
+                if not self._warm:  # a warm-up of its own: the others nearest first
+                    self._warm = _nearest_first(self._step, self._skew)
+                    self._warm_names, self._warm_at = [], 0
+                self._warm_names.append(client)  # (the step under way reaches it too)
+                steps = [step for step in steps if step not in self._warm]
+            for step in steps:
                 self._insert(knock_tag(tag_key, step), client, step)
 
     def remove(self, client: str) -> None:
@@ -323,9 +335,7 @@ class TagTable:
         self._drop, self._drop_at = None, 0
         live = range(self._step - self._skew, self._step + self._skew + 1)
         now = [self._step] if warm_later else list(live)
-        # the others nearest first: a client's clock a step behind, then ahead
-        self._warm = sorted((s for s in live if s not in now),
-                            key=lambda s: (abs(s - self._step), -s))
+        self._warm = _nearest_first(self._step, self._skew) if warm_later else []
         self._warm_names, self._warm_at = (list(self._keys) if self._warm else []), 0
         for step in now:
             self._add_step(step, self._keys.items())
@@ -333,3 +343,10 @@ class TagTable:
     def _add_step(self, step: int, clients: Iterable[tuple[str, bytes]]) -> None:
         for client, key in clients:
             self._insert(knock_tag(key, step), client, step)
+
+
+def _nearest_first(step: int, skew: int) -> list[int]:
+    """The live steps but `step`, nearest first: a client's clock a step
+    behind, then ahead, then two behind..."""
+    return sorted((s for s in range(step - skew, step + skew + 1) if s != step),
+                  key=lambda s: (abs(s - step), -s))

@@ -52,6 +52,7 @@ _B32_RE = re.compile(r"[A-Za-z2-7]*(=*)")
 _B32_DROP = {0: 0, 1: 1, 3: 2, 4: 3, 6: 4}  # '=' at the end -> bytes short of 5 a block
 _CANONICAL_CACHE = 16384  # network texts remembered as canonical or not (~2 MB at most)
 _OLD_FIELDS = _KEY_FIELDS | {"until"}
+_SERVICE_SETS = 1024  # distinct service lists remembered as sets
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -79,10 +80,10 @@ class GroupClient:
 
     def policy(self, *, revoked: bool = False) -> ClientPolicy:
         """Its rules as spa.core.policy holds them (`revoked`: revoked/<name> exists)."""
-        return ClientPolicy(self.name, frozenset(self.services), self.allow_other_address,
+        return ClientPolicy(self.name, _service_set(self.services), self.allow_other_address,
                             revoked, None if self.enroll_by is None else float(self.enroll_by),
                             tuple(_canonical_network(text) or NOWHERE[0]  # (checked: never)
-                                  for text in self.sources))
+                                  for text in self.sources) if self.sources else ())
 
     def key_sets(self, now: float) -> dict[str, ClientKeys]:
         """Key name -> keys, as the verifier names them: NAME, and NAME~old
@@ -144,6 +145,13 @@ def _check_sources(sources: tuple[str, ...]) -> None:
     if not (all(type(text) is str and _canonical_network(text) is not None
                 for text in sources) and len(set(sources)) == len(sources)):
         raise RecordError("sources: not networks in their canonical form")
+
+
+@functools.lru_cache(maxsize=_SERVICE_SETS)
+def _service_set(services: tuple[str, ...]) -> frozenset[str]:
+    """frozenset(services), one object per distinct tuple (10^5 clients
+    share a few dozen service lists)."""
+    return frozenset(services)
 
 
 @functools.lru_cache(maxsize=_CANONICAL_CACHE)

@@ -71,35 +71,45 @@ class ClientView:
 
 
 def group_delta(before: Mapping[str, ClientView | None], after: Mapping[str, ClientView | None],
-                held: Mapping[str, Mapping[str, ClientKeys]], now: float) -> ClientDelta:
+                held: Mapping[str, Mapping[str, ClientKeys]], now: float, *,
+                live: Mapping[str, Mapping[str, ClientKeys]] | None = None) -> ClientDelta:
     """The delta for the clients named in `after` (`before`: as the server
     runs them, None: unknown to it; `held`: the keys the verifier holds per
     client).  A view's keys are its record's live at `now` (NAME~old only
-    while its grace lasts)."""
+    while its grace lasts); `live`, if given, holds them already for every
+    name of `after` (view.keys(now): the member made them once)."""
     gone: list[str] = []
     keys: dict[str, ClientKeys] = {}
     rules: dict[str, ClientPolicy | None] = {}
     otp: dict[str, str] = {}
     closed: list[str] = []
     revoked: list[str] = []
-    for name, view in after.items():
-        old_keys = held.get(name, {})
-        new_keys = view.keys(now) if view is not None else {}
-        gone += [key for key in old_keys if key not in new_keys]
-        keys.update({k: v for k, v in new_keys.items() if old_keys.get(k) != v})
-        rules[name] = view.rules() if view is not None else None
-        otp[name] = view.client.otp_secret if view is not None else ""
-        was = before.get(name)
-        was_revoked = was is not None and was.revocation is not None
-        if view is not None and view.revocation is not None:
-            if view.revocation.close and not (was_revoked and was is not None
-                                              and was.revocation is not None
-                                              and was.revocation.close):
+    met: list[str] = []
+    pending: list[str] = []
+    for name, view in after.items():  # one pass (a first read: 10^5 names)
+        old_keys = held.get(name)
+        if view is None:
+            gone += old_keys or ()
+            rules[name], otp[name] = None, ""
+            continue
+        new_keys = live[name] if live is not None else view.keys(now)
+        if old_keys:
+            gone += [key for key in old_keys if key not in new_keys]
+            keys.update({k: v for k, v in new_keys.items() if old_keys.get(k) != v})
+        else:
+            keys.update(new_keys)
+        client = view.client
+        rules[name], otp[name] = view.rules(), client.otp_secret
+        if client.enroll_by is not None:
+            (met if view.met else pending).append(name)
+        revocation = view.revocation
+        if revocation is not None:
+            was = before.get(name)
+            was_revocation = was.revocation if was is not None else None
+            if revocation.close and not (was_revocation is not None and was_revocation.close):
                 closed.append(name)
-            elif not was_revoked:
+            elif was_revocation is None:
                 revoked.append(name)
-    met = frozenset(n for n, v in after.items() if v is not None and v.met)
-    pending = frozenset(n for n, v in after.items()
-                        if v is not None and v.client.enroll_by is not None and n not in met)
-    return ClientDelta(tuple(after), tuple(gone), {}, keys, rules, otp, met, pending,
+    return ClientDelta(tuple(after), tuple(gone), {}, keys, rules, otp, frozenset(met),
+                       frozenset(pending),
                        tuple(closed), tuple(revoked))

@@ -21,6 +21,9 @@ Invariants:
   that revision before the last page, the read starts again at a new
   revision (READ_ATTEMPTS in all), then raises StoreError, which the member
   takes as any failed read: it keeps what it has and reads again later.
+  get_prefixes reads several prefixes so, in turn, every page of every one
+  at the first page's revision (a member's start: the kinds it needs, one
+  snapshot).
   The next page is fetched on a thread while the caller's on_page has the
   last one (the member decodes its records there: the read waits on etcd's
   gateway far more than on Python, so the two overlap).
@@ -77,6 +80,7 @@ from spa.group.kv import (
     StoreUnavailableError,
     WatchLostError,
     check_batch,
+    check_prefixes,
 )
 
 T = TypeVar("T")
@@ -369,33 +373,48 @@ class EtcdStore:
         its own) while on_page has this one (see the module's invariants).
         Raises StoreError (and its kinds) as every call; StoreError too when
         compactions overtook READ_ATTEMPTS reads."""
+        return self.get_prefixes((prefix,), on_page)
+
+    def get_prefixes(self, prefixes: Sequence[bytes], on_page: PageCallback | None = None
+                     ) -> tuple[list[Item], int]:
+        """get_prefix of each prefix in turn, every page of every prefix at
+        the first page's revision (one snapshot); started again as a whole
+        when a compaction overtakes it.  Raises ValueError (see
+        kv.check_prefixes), StoreError as get_prefix."""
+        check_prefixes(prefixes)
         with ThreadPoolExecutor(1, thread_name_prefix="etcd-page") as fetcher:
             for _ in range(READ_ATTEMPTS):
                 try:
-                    return self._read_pages(prefix, on_page, fetcher)
+                    return self._read_pages(prefixes, on_page, fetcher)
                 except _CompactedError:
                     continue
         raise StoreError(f"etcd could not read the prefix in {READ_ATTEMPTS} attempts: "
                          "each time a compaction removed its revision before the last page "
                          "(raise the compaction retention above a member's start)")
 
-    def _read_pages(self, prefix: bytes, on_page: PageCallback | None,
+    def _read_pages(self, prefixes: Sequence[bytes], on_page: PageCallback | None,
                     fetcher: ThreadPoolExecutor) -> tuple[list[Item], int]:
-        body: dict[str, Any] = {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)),
-                                "limit": str(self._page_keys)}
+        bodies: list[dict[str, Any]] = [
+            {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)),
+             "limit": str(self._page_keys)} for prefix in prefixes]
         items: list[Item] = []
         revision = 0
-        pending: Future[dict[str, Any]] | None = fetcher.submit(self._range, dict(body))
+        at = 0  # the prefix being read
+        pending: Future[dict[str, Any]] | None = fetcher.submit(self._range, dict(bodies[0]))
         while pending is not None:
             answer = pending.result()
             kvs = answer.get("kvs", [])
             pending = None
             if not revision:  # the snapshot's: every later page is read at it
                 revision = int(answer["header"]["revision"])
-                body["revision"] = str(revision)
+                for body in bodies:
+                    body["revision"] = str(revision)
             if answer.get("more") and kvs:  # the next page is on its way meanwhile
-                body["key"] = _b64(base64.b64decode(kvs[-1]["key"]) + b"\0")
-                pending = fetcher.submit(self._range, dict(body))
+                bodies[at]["key"] = _b64(base64.b64decode(kvs[-1]["key"]) + b"\0")
+                pending = fetcher.submit(self._range, dict(bodies[at]))
+            elif at + 1 < len(bodies):  # or the next prefix's first
+                at += 1
+                pending = fetcher.submit(self._range, dict(bodies[at]))
             page = [_item(kv) for kv in kvs]
             items += page
             if on_page is not None:
@@ -405,7 +424,7 @@ class EtcdStore:
                     if pending is not None:
                         pending.cancel()
                     raise
-        items.sort(key=lambda i: i.key)  # etcd's order already (one pass for sorted input)
+        items.sort(key=lambda i: i.key)  # etcd's order within a prefix (one pass if sorted)
         return items, revision
 
     def _range(self, body: dict[str, Any]) -> dict[str, Any]:

@@ -115,6 +115,17 @@ def check_batch(creates: Sequence[Put], writes: Sequence[Put | Delete]) -> None:
         raise ValueError("a key is written twice in one transaction (etcd refuses it)")
 
 
+def check_prefixes(prefixes: Sequence[bytes]) -> None:
+    """Raise ValueError unless `prefixes` is at least one prefix and none is
+    under another (get_prefixes would give such a key twice)."""
+    if not prefixes:
+        raise ValueError("get_prefixes needs at least one prefix")
+    for a in prefixes:
+        for b in prefixes:
+            if a is not b and b.startswith(a):
+                raise ValueError(f"prefix {b[:40]!r} is under {a[:40]!r}")
+
+
 class Watch(Protocol):
     def cancel(self) -> None:
         """Stop delivering; returns once no callback runs any more."""
@@ -140,6 +151,15 @@ class KV(Protocol):
         there); a read started again after a compaction gives its parts again,
         so what on_page made of an item is for that key at that mod_revision,
         and the returned list is the snapshot."""
+
+    def get_prefixes(self, prefixes: Sequence[bytes], on_page: PageCallback | None = None
+                     ) -> tuple[list[Item], int]:
+        """Every key under any of `prefixes` (none a prefix of another), in
+        key order, all read at one revision, and that revision (watch from
+        revision + 1): get_prefix of each kind a reader needs, one snapshot,
+        without the kinds it does not (a member's start skips claims/).
+        `on_page` as in get_prefix.  Raises ValueError for no prefix or one
+        under another."""
 
     def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
         """Set the key (attached to lease if not 0); the new revision.

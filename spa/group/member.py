@@ -2,14 +2,18 @@
 in step with etcd, applied to the running server.
 
 Invariants (docs/groups.md, "Members"):
-- The member reads the group's prefix once (get_prefix, revision R) and
-  watches it from R + 1: no change is missed between the read and the watch.
+- The member reads the kinds of keys it uses (READ_KINDS and meta, one
+  snapshot at revision R: get_prefixes) and watches the group from R + 1: no
+  change is missed between the read and the watch.  It never reads claims/
+  (a busy group holds every nonce of the freshness window there:
+  docs/scale.md, "A member's start") nor members/ (presence, not applied
+  here).
   It watches every key but the claims (WATCHED: two streams, the ranges
   before and after claims/, which a member never reads: create-if-absent is
   the check), so another member's grant costs it the lease's events, not
   also the claim's (docs/scale.md, "Watch fan-out").  When either watch ends
   by itself (WatchLostError: a compacted revision, a callback that raised)
-  or the first read failed, the next tick reads the prefix afresh and
+  or the first read failed, the next tick reads the group afresh and
   applies the difference, and watches both ranges anew; until then the
   server keeps the clients and leases it had (etcd down changes nothing that
   runs).
@@ -82,6 +86,8 @@ from spa.group.records import (
 
 TICK = 0.2  # seconds between the member thread's looks at its watch and the grace ends
 MAX_RETRY_PAUSE = 5.0  # seconds between reads at most while etcd does not answer
+# the kinds a member's read takes (with the meta key): what _take applies
+READ_KINDS = (Kind.CLIENT, Kind.REVOKED, Kind.ACTIVATED, Kind.LEASE)
 
 
 class MemberError(Exception):
@@ -118,6 +124,8 @@ class GroupMember:
         self.clock = clock
         self.log = log
         self._prefix = layout.group_prefix(group)
+        self._read_prefixes = (layout.meta_key(group).encode(), *(  # meta first
+            layout.kind_prefix(group, kind).encode() for kind in READ_KINDS))
         self._lock = threading.RLock()
         self._records: dict[str, GroupClient] = {}  # clients/<name>, decoded once
         self._revoked: dict[str, Revocation] = {}
@@ -136,8 +144,9 @@ class GroupMember:
     # ---- reading the group -------------------------------------------------
 
     def load(self) -> None:
-        """Read the whole prefix, apply the difference, watch from the next
-        revision.  Raises StoreError (etcd), MemberError (not this group).
+        """Read the group (the kinds it applies, one snapshot), apply the
+        difference, watch from the next revision.  Raises StoreError (etcd),
+        MemberError (not this group).
         The cyclic garbage collector pauses meanwhile: at 10^5 clients its
         passes over the objects a read makes (none of them garbage) took 1-1.3
         s of 6 (benchmarks/group_scale.py)."""
@@ -157,7 +166,7 @@ class GroupMember:
                         decoded[at] = decode_client(item.value, self.server_id)
                     except RecordError as exc:
                         decoded[at] = exc
-        items, revision = self.kv.get_prefix(self._prefix.encode(), on_page)
+        items, revision = self.kv.get_prefixes(self._read_prefixes, on_page)
         self._check_meta(items)
         self._cancel_watches()
         with self._lock:
@@ -359,24 +368,24 @@ class GroupMember:
         """Give the daemon the delta for `names` (caller holds the lock)."""
         now = self.clock()
         after: dict[str, ClientView | None] = {}
+        live: dict[str, dict[str, ClientKeys]] = {}  # each one's keys at now, made once
         for name in sorted(names):
             view = self._view(name)
-            held = self._held.get(name, {})
-            live = view.keys(now) if view is not None else {}
-            if view == self._views.get(name) and held == live:
+            keys = view.keys(now) if view is not None else {}
+            if view == self._views.get(name) and self._held.get(name, {}) == keys:
                 continue
-            after[name] = view
+            after[name], live[name] = view, keys
         if not after:
             return
         before: Mapping[str, ClientView | None] = {n: self._views.get(n) for n in after}
-        delta = group_delta(before, after, self._held, now)
+        delta = group_delta(before, after, self._held, now, live=live)
         for name, view in after.items():
             if view is None:
                 self._views.pop(name, None)
                 self._held.pop(name, None)
             else:
                 self._views[name] = view
-                self._held[name] = view.keys(now)
+                self._held[name] = live[name]
         self.hooks.apply_client_delta(delta, f"group {self.group}")
 
     # ---- for status and tests ----------------------------------------------
@@ -424,7 +433,10 @@ def watched(group: str) -> tuple[tuple[bytes, bytes], ...]:
 def _live_leases(group: str, keys: set[str]) -> set[tuple[str, IPAddress, str]]:
     """(client, address, service) of every lease key among `keys`."""
     live = set()
+    leases = layout.kind_prefix(group, Kind.LEASE)
     for key in keys:
+        if not key.startswith(leases):  # (10^5 client keys: none parsed for nothing)
+            continue
         try:
             ref = layout.parse_key(group, key)
         except GroupNameError:

@@ -29,6 +29,7 @@ from spa.group.kv import (
     StoreUnavailableError,
     WatchLostError,
     check_batch,
+    check_prefixes,
     in_range,
     prefix_end,
 )
@@ -99,6 +100,18 @@ class MemoryStore:
         with self._lock:
             self._check()
             found = [self._items[k] for k in sorted(self._items) if k.startswith(prefix)]
+            revision = self.revision
+        if on_page is not None:
+            on_page(found)  # one part: the whole snapshot
+        return found, revision
+
+    def get_prefixes(self, prefixes: Sequence[bytes], on_page: PageCallback | None = None
+                     ) -> tuple[list[Item], int]:
+        check_prefixes(prefixes)
+        starts = tuple(prefixes)
+        with self._lock:
+            self._check()
+            found = [self._items[k] for k in sorted(self._items) if k.startswith(starts)]
             revision = self.revision
         if on_page is not None:
             on_page(found)  # one part: the whole snapshot
@@ -275,6 +288,12 @@ class RestrictedView:
                    ) -> tuple[list[Item], int]:
         self._allow(prefix)
         return self._store.get_prefix(prefix, on_page)
+
+    def get_prefixes(self, prefixes: Sequence[bytes], on_page: PageCallback | None = None
+                     ) -> tuple[list[Item], int]:
+        for prefix in prefixes:
+            self._allow(prefix)
+        return self._store.get_prefixes(prefixes, on_page)
 
     def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
         self._allow(key)

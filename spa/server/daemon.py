@@ -92,6 +92,9 @@ HOST_CHECK_EVERY = 1.0  # seconds between checks of the host's firewall after it
 PAUSE_LOG_VARIABLE = "SPA_LOG_RECEIVE_PAUSE"  # set: log the receive thread's pauses each step
 ROTATE_BY = STEP_SECONDS / 2  # seconds into a step by which its rotation's slices are done
 WARM_ROUNDS = 5  # housekeeping rounds (1 s) in which a start's other live steps go in
+# a delta of more keys than this (a group member's first read) puts in their
+# tags of the current step alone; the other live steps' come in WARM_ROUNDS
+WARM_LATER_KEYS = 1000
 REPLAYS_TO_BLOCK = 20  # copies of one packet in one second that put its nonce in the kernel filter
 MAX_BLOCKED_NONCES = 64  # nonces the kernel filter drops at most (5 BPF instructions each)
 DROPS_EVERY = 5.0  # seconds between readings of the firewall's drop counters
@@ -1222,8 +1225,12 @@ class Server:
                 self.verifier.remove_client(key)
             for key, secret in delta.secrets.items():
                 self.verifier.add_client(key, secret)
+            later = len(delta.keys) > WARM_LATER_KEYS  # a member's first read
             for key, keys in delta.keys.items():
-                self.verifier.add_client_keys(key, keys)
+                self.verifier.add_client_keys(key, keys, later=later)
+            if later:  # their other live steps go in within WARM_ROUNDS rounds
+                self._warm_slice = max(self._warm_slice,
+                                       -(-self.verifier.tags.warming() // WARM_ROUNDS))
             policy = self.verifier.policy
             held = policy.clients
             assert isinstance(held, dict)

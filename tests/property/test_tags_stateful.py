@@ -6,7 +6,8 @@ enrolled client's tags of steps current-skew..current+skew are in the table
 as (client, step); no revoked or re-keyed-away key has a tag in it; and the
 table holds nothing outside current-skew-1..current+skew+1.  A table made
 `warm_later` holds the current step's tags from the start, and the rest of
-that invariant once `warming()` is down to zero (its first slices).
+that invariant once `warming()` is down to zero (its first slices); so does
+a client added `later` (a group member's first read).
 """
 
 from __future__ import annotations
@@ -50,6 +51,17 @@ class TagMachine(RuleBasedStateMachine):
             self.retired.append(self.model[name])
         self.model[name] = key
         self.table.add(name, key)
+
+    @rule(name=NAMES)
+    def add_later(self, name: str) -> None:
+        """As a group member's first read adds its clients: the current
+        step's tags now, the rest among the first slices."""
+        self.version += 1
+        key = key_of(name, self.version)
+        if name in self.model:
+            self.retired.append(self.model[name])
+        self.model[name] = key
+        self.table.add(name, key, later=True)
 
     @rule(name=NAMES)
     def remove(self, name: str) -> None:

@@ -8,6 +8,7 @@ the tests compare the kernel's set with the table's at every round.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,8 +16,12 @@ import pytest
 
 from spa.core.keys import derive_keys
 from spa.core.knock import STEP_SECONDS, knock_tag, step_of, step_start
+from spa.core.policy import ClientPolicy
 from spa.core.verify import Accepted
+from spa.core.wire import Action, Request, build_packet
+from spa.group.delta import ClientDelta
 from spa.server import admin
+from spa.server import daemon as daemon_mod
 from spa.server.daemon import PAUSE_LOG_VARIABLE, ROTATE_BY, TICK, WARM_ROUNDS, Server
 from spa.server.sources import FakeFilteredSource, Shut, filter_note
 from spa.server.state import describe_filter
@@ -190,3 +195,40 @@ def test_the_pause_gauge_says_each_steps_max_and_percentiles(
     said = [line for line in world.logs if line.startswith("receive pause max")]
     assert said and said[0].startswith("receive pause max 9.00 ms, backlog max 7 in step"), said
     assert "batches=1000 p99 1.00 ms backlog 1, p99.9 9.00 ms backlog 7" in said[0], said
+
+
+def test_a_members_first_read_puts_in_the_current_steps_tags_and_the_others_within_a_second(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delta of more than WARM_LATER_KEYS keys (a group member's first
+    read, 10^5 clients): the receive thread inserts their current step's
+    tags alone, a knock of the current step is judged at once, and
+    housekeeping puts the other live steps' in within WARM_ROUNDS rounds;
+    the kernel's map follows the table throughout."""
+    monkeypatch.setattr(daemon_mod, "WARM_LATER_KEYS", 10)
+    world, server, source = started(tmp_path, 0)
+    table = server.verifier.tags
+    server_id = server.config.server_id
+    keys = {f"g{i}": derive_keys(bytes([i + 1]) * 32, server_id) for i in range(12)}
+    server.apply_client_delta(ClientDelta(
+        tuple(keys), keys=keys,
+        rules={name: ClientPolicy(name, frozenset({"ssh"})) for name in keys}), "group g")
+    server.run_commands()
+    assert len(table) == 12 and source.map == set(table.all_tags())
+    assert table.warming() == 2 * 12, "a step behind and a step ahead, still to come"
+
+    def knock(name: str, at: float) -> type:
+        request = Request(int(at * 1000), Action.OPEN, "ssh", 0, None, "")
+        source.push(build_packet(request, keys[name], server_id, nonce=os.urandom(24)), A)
+        return type(server.handle_batch(source.receive(0))[0])
+    assert knock("g3", world.clock.now) is Accepted
+    rounds(world, server, (WARM_ROUNDS - 1) * TICK)
+    assert 0 < table.warming() < 2 * 12, "spread over the rounds"
+    rounds(world, server, TICK)
+    assert table.warming() == 0 and source.map == set(table.all_tags())
+    for at in (step_start(table.step) - 1, step_start(table.step + 1) + 1):  # within the window
+        assert knock("g5", at) is Accepted, at
+    monkeypatch.setattr(daemon_mod, "WARM_LATER_KEYS", 12)  # a delta of 12: all steps at once
+    more = {"h0": derive_keys(b"\xaa" * 32, server_id)}
+    server.apply_client_delta(ClientDelta(("h0",), keys=more), "group g")
+    server.run_commands()
+    assert table.warming() == 0 and len(table) == 3 * 13

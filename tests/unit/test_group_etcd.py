@@ -124,6 +124,39 @@ def test_a_prefix_is_read_in_pages_pinned_at_the_first_pages_revision() -> None:
         {"key": etcd._b64(b"p/c\x00"), "range_end": end, "limit": "2", "revision": "9"}]
 
 
+def test_several_prefixes_are_read_in_turn_every_page_at_the_first_pages_revision() -> None:
+    stub = Stub(_page(9, [b"q/a"], True), _page(12, [b"q/b"], False),
+                _page(12, [], False), _page(12, [b"m"], False))
+    pages: list[list[bytes]] = []
+    items, revision = _store(stub, page_keys=1).get_prefixes(
+        (b"q/", b"r/", b"m"), lambda page: pages.append([i.key for i in page]))
+    assert revision == 9
+    assert [i.key for i in items] == [b"m", b"q/a", b"q/b"]  # in key order
+    assert pages == [[b"q/a"], [b"q/b"], [], [b"m"]]
+    assert [(b["key"], b.get("revision")) for b in stub.bodies] == [
+        (etcd._b64(b"q/"), None), (etcd._b64(b"q/a\x00"), "9"), (etcd._b64(b"r/"), "9"),
+        (etcd._b64(b"m"), "9")]
+    assert [b["range_end"] for b in stub.bodies[1:]] == [
+        etcd._b64(b"q0"), etcd._b64(b"r0"), etcd._b64(b"n")]
+
+
+def test_several_prefixes_overtaken_by_a_compaction_are_all_read_again() -> None:
+    stub = Stub(_page(9, [b"q/a"], False), COMPACTED, _page(15, [b"q/a"], False),
+                _page(15, [b"r/a"], False))
+    items, revision = _store(stub, page_keys=1).get_prefixes((b"q/", b"r/"))
+    assert (revision, [i.key for i in items]) == (15, [b"q/a", b"r/a"])
+    assert [b["key"] for b in stub.bodies] == [etcd._b64(k) for k in (b"q/", b"r/", b"q/",
+                                                                        b"r/")]
+
+
+@pytest.mark.parametrize("prefixes", [(), (b"q/", b"q/a/"), (b"q/a/", b"q/")])
+def test_prefixes_none_or_one_under_another_are_refused(prefixes: tuple[bytes, ...]) -> None:
+    stub = Stub()
+    with pytest.raises(ValueError, match="prefix"):
+        _store(stub).get_prefixes(prefixes)
+    assert stub.bodies == []
+
+
 def test_a_paged_read_overtaken_by_a_compaction_starts_afresh_then_gives_up() -> None:
     stub = Stub(_page(9, [b"p/a"], True), COMPACTED, _page(15, [b"p/a"], True),
                 _page(15, [b"p/b"], False))

@@ -415,6 +415,25 @@ def test_a_store_out_of_reach_raises_unavailable_for_every_call(h: Harness) -> N
 
 # ---- a paged read on etcd: one snapshot while keys change between its pages --
 
+def test_get_prefixes_reads_only_those_prefixes_at_one_revision_in_key_order(
+        h: Harness) -> None:
+    one, two, skipped = h.prefix + b"one/", h.prefix + b"two/", h.prefix + b"skipped/"
+    for i in range(PAGE + 1):  # two pages of `one/` in the paged store
+        h.kv.put(one + f"{i:02d}".encode(), b"1")
+    h.kv.put(skipped + b"x", b"never read")
+    last = h.kv.put(two + b"a", b"2")
+    h.kv.put(h.prefix + b"meta", b"m")
+    pages: list[list[Item]] = []
+    items, revision = h.paged.get_prefixes((two, h.prefix + b"meta", one), pages.append)
+    assert [i.key for i in items] == sorted(
+        [one + f"{i:02d}".encode() for i in range(PAGE + 1)] + [two + b"a", h.prefix + b"meta"])
+    assert revision > last
+    assert sorted(i.key for page in pages for i in page) == [i.key for i in items]
+    assert (items, revision) == h.kv.get_prefixes((one, two, h.prefix + b"meta"))
+    with pytest.raises(StorePermissionError):
+        h.kv.get_prefixes((h.prefix, h.other))
+
+
 class _Between(EtcdStore):
     """A paged store that runs `between(n)` after its n-th page (n from 1)."""
 
@@ -451,6 +470,30 @@ def test_a_paged_read_is_one_snapshot_while_keys_change_between_pages(
         assert [(i.key, i.value) for i in items] == [
             (prefix + f"{i:02d}".encode(), b"before") for i in range(3 * PAGE)]
         assert len(writer.get_prefix(prefix)[0]) == 3 * PAGE  # one gone, one new
+
+
+@pytest.mark.netns
+def test_several_prefixes_are_one_snapshot_while_keys_change_between_them(
+        etcd_cluster: EtcdCluster) -> None:
+    with etcd_cluster.inside():
+        writer = etcd_cluster.store("a")
+        prefix = _fresh(b"a")
+        first, second = prefix + b"1/", prefix + b"2/"
+        for i in range(PAGE):
+            writer.put(first + f"{i:02d}".encode(), b"before")
+        revision = writer.put(second + b"00", b"before")
+
+        def change(page: int) -> None:
+            if page == 1:  # the first prefix read: the second one changes, grows
+                writer.put(second + b"00", b"after")
+                writer.put(second + b"01", b"new")
+                writer.delete(first + b"00")
+        reader = _Between(etcd_cluster, change)
+        items, read_at = reader.get_prefixes((first, second))
+        assert read_at == revision
+        assert [(i.key, i.value) for i in items] == [
+            *((first + f"{i:02d}".encode(), b"before") for i in range(PAGE)),
+            (second + b"00", b"before")]
 
 
 @pytest.mark.netns

@@ -13,11 +13,12 @@ import pytest
 
 from spa.core.wire import Action
 from spa.group import layout
-from spa.group.kv import Delete, Event, Put, WatchLostError
+from spa.group.kv import Delete, Event, Item, PageCallback, Put, WatchLostError
 from spa.group.memory import MemoryStore
 from spa.group.policy import OnStoreDown
 from spa.server.metrics import Metrics
 from tests.group_world import GROUP, SOURCE, Group
+from tests.server_world import FakeClock
 
 
 def _claims(group: Group) -> list[bytes]:
@@ -432,3 +433,46 @@ def test_the_member_thread_reads_the_group_again_by_itself(group: Group) -> None
     assert link.member.resyncs == 1
     group.settle()
     assert "alice" in a.verifier.tags.clients
+
+
+class _Recording(MemoryStore):
+    """The fake, noting every key a read of prefixes handed back."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock)
+        self.read: list[bytes] = []
+
+    def get_prefix(self, prefix: bytes, on_page: PageCallback | None = None
+                   ) -> tuple[list[Item], int]:
+        items, revision = super().get_prefix(prefix, on_page)
+        self.read += [item.key for item in items]
+        return items, revision
+
+    def get_prefixes(self, prefixes: Sequence[bytes], on_page: PageCallback | None = None
+                     ) -> tuple[list[Item], int]:
+        items, revision = super().get_prefixes(prefixes, on_page)
+        self.read += [item.key for item in items]
+        return items, revision
+
+
+def test_a_members_read_takes_the_kinds_it_applies_and_never_the_claims(
+        tmp_path: Path) -> None:
+    clock = FakeClock()
+    store = _Recording(clock)
+    group = Group(tmp_path, store, clock)
+    try:
+        a = group.member("a")
+        group.enroll("alice")
+        group.settle()
+        a.handle(group.packet("alice"), SOURCE)  # a claim, a lease
+        group.revoke("carol-was-never-enrolled", close=False)
+        assert _claims(group)
+        store.read.clear()
+        group.member("b")
+        kinds = {layout.parse_key(GROUP, key.decode()).kind for key in store.read}
+        assert kinds == {layout.Kind.META, layout.Kind.CLIENT, layout.Kind.REVOKED,
+                         layout.Kind.LEASE}
+        assert group.links["b"].member.covers("alice")
+        assert group.grants("b") == {(SOURCE, "ssh")}  # a's lease, read with the rest
+    finally:
+        group.close()

@@ -106,6 +106,9 @@ class Captured:
     def get_prefix(self, prefix: bytes, on_page: Any = None) -> Any:
         return self.store.get_prefix(prefix, on_page)
 
+    def get_prefixes(self, prefixes: Any, on_page: Any = None) -> Any:
+        return self.store.get_prefixes(prefixes, on_page)
+
     def watch_range(self, start: bytes, end: bytes, start_revision: int,
                     callback: Callable[[Event], None]) -> Any:
         self.watches.append((start, end, start_revision, callback))
