@@ -313,6 +313,9 @@ class GroupMember:
                     client = decode_client(value, self.server_id)
                 if isinstance(client, RecordError):
                     raise client  # before anything changes
+                if client.name != name:  # its keys would go in under another name
+                    raise RecordError(f"the record under clients/{name} names client "
+                                      f"{client.name}")
                 self._records[name] = client
         elif ref.kind is Kind.REVOKED:
             if value is None:

@@ -476,3 +476,25 @@ def test_a_members_read_takes_the_kinds_it_applies_and_never_the_claims(
         assert group.grants("b") == {(SOURCE, "ssh")}  # a's lease, read with the rest
     finally:
         group.close()
+
+
+@pytest.mark.parametrize("reader", ["a", "b"], ids=["watched", "read"])
+def test_a_record_filed_under_another_clients_name_is_skipped(group: Group, reader: str
+                                                               ) -> None:
+    """clients/<name> must hold <name>'s record: one copied under another
+    name (its keys would go into the verifier under the record's own name
+    while the key's name decides revocations and leases) is logged and
+    skipped, whether the watch (member a, running) or a first read (member
+    b, started after) brings it."""
+    group.member("a")
+    group.enroll("alice")
+    record = group.kv.get(layout.client_key(GROUP, "alice").encode())
+    assert record is not None
+    group.kv.put(layout.client_key(GROUP, "mallory").encode(), record.value)
+    server = group.member("b") if reader == "b" else group.worlds["a"].server
+    assert server is not None
+    group.settle()
+    assert group.links[reader].member.clients == {"alice"}
+    logs = group.worlds[reader].logs
+    assert any("clients/mallory" in line and "names client alice" in line for line in logs), logs
+    assert "mallory" not in server.verifier.tags.clients
