@@ -391,9 +391,11 @@ def bench_revocations(group: Group, members: list[Host], count: int, offset: int
 
 
 def grant_rate(client: Namespace, flood: Path, host: Host, uris: list[Enrollment],
-               count: int, rate: int, window: float, root: Path) -> str:
+               count: int, rate: int, window: float, root: Path,
+               spaces: dict[str, str] | None = None) -> str:
     """Offer `count` valid knocks at `rate` to `host`; the grants it made in
-    `window` seconds from the first knock sent, and their rate."""
+    `window` seconds from the first knock sent, and their rate (with
+    `spaces`, label -> namespace: the CPU each spent on them)."""
     now = time.time()
     base = int(SPOOFED.network_address) + 256
     packets = [((base + i).to_bytes(4, "big"),
@@ -402,6 +404,7 @@ def grant_rate(client: Namespace, flood: Path, host: Host, uris: list[Enrollment
                for i in range(count)]
     records = root / f"records-{host.name}"
     write_records(records, packets)
+    before = cpu_ticks(spaces) if spaces else {}
     started = time.time()
     seconds = count / rate
     done = client.run(str(flood), "-f", str(records), "-r", str(rate), "-1", host.address,
@@ -413,8 +416,49 @@ def grant_rate(client: Namespace, flood: Path, host: Host, uris: list[Enrollment
     backlog = f"; {len(leases) - len(within)} more after it" if len(leases) > len(within) else ""
     if len(within) == sent and per >= 0.8 * sent / took:
         backlog += "; kept up with the offered rate (raise --rate for its limit)"
-    return (f"{host.name:<3} {sent:>6} {sent / took:>9,.0f} {len(within):>7} {per:>9,.0f}   "
+    line = (f"{host.name:<3} {sent:>6} {sent / took:>9,.0f} {len(within):>7} {per:>9,.0f}   "
             f"{dict(refused) or 'none'}{backlog}")
+    if spaces:
+        line += "\n" + cpu_report(before, cpu_ticks(spaces), len(leases))
+    return line
+
+
+def cpu_ticks(spaces: dict[str, str]) -> dict[str, Counter[str]]:
+    """CPU time (clock ticks, user + system) of every process in each
+    namespace (label -> namespace name), by the process's name."""
+    taken: dict[str, Counter[str]] = {}
+    for label, name in spaces.items():
+        ticks: Counter[str] = Counter()
+        for pid in sh("ip", "netns", "pids", name).stdout.split():
+            try:
+                raw = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue  # gone meanwhile
+            comm = raw[raw.index("(") + 1:raw.rindex(")")]
+            fields = raw[raw.rindex(")") + 2:].split()
+            ticks[comm] += int(fields[11]) + int(fields[12])  # utime, stime
+        taken[label] = ticks
+    return taken
+
+
+def cpu_report(before: dict[str, Counter[str]], after: dict[str, Counter[str]],
+               grants: int) -> str:
+    """CPU milliseconds per 1,000 grants, per namespace and process name."""
+    hertz = os.sysconf("SC_CLK_TCK")
+    lines = [f"CPU while (c) ran at the member, ms per 1,000 grants ({grants} grants; "
+             "a process's ticks in the window, by namespace)"]
+    total = 0.0
+    for label, ticks in after.items():
+        used = ticks - before.get(label, Counter())
+        spent = sum(used.values()) / hertz * 1000
+        total += spent
+        parts = ", ".join(f"{comm} {n / hertz * 1000 * 1000 / max(grants, 1):,.0f}"
+                          for comm, n in used.most_common(3) if n)
+        lines.append(f"  {label:<8} {spent * 1000 / max(grants, 1):>7,.0f}   {parts}")
+    lines.append(f"  {'all':<8} {total * 1000 / max(grants, 1):>7,.0f}   (2 cores give 2,000 "
+                 "ms a second: at this cost the machine's ceiling is "
+                 f"{2_000_000 / max(total * 1000 / max(grants, 1), 1):,.0f} grants/s)")
+    return "\n".join(lines)
 
 
 def wait_for_grants(path: Path, since: float, expected: int,
@@ -530,9 +574,12 @@ def main() -> int:
         print(f"{'':<3} {'sent':>6} {'offered/s':>9} {'granted':>7} {'grants/s':>9}   refused")
         print(grant_rate(cluster.client, flood, standalone, alone_grants, args.grant_knocks,
                          args.rate, args.window, root))
+        spaces = {m.name: m.ns.name for m in members}
+        spaces.update({m.name: m.ns.name for m in cluster.members})
+        spaces["client"] = cluster.client.name  # the flood, and this script
         print(grant_rate(cluster.client, flood, members[0],
                          [group.uris[n] for n in grant_names], args.grant_knocks, args.rate,
-                         args.window, root))  # last: a member's backlog slows nothing after
+                         args.window, root, spaces))  # last: its backlog slows nothing after
         print(f"(grants/s: first to last grant in the window; {load()})")
     print(f"\ngroup_knock: done in {time.monotonic() - began:.0f} s; namespaces removed")
     return 0
