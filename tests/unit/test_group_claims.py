@@ -117,6 +117,7 @@ def test_a_replay_inside_a_batch_is_refused_and_the_rest_granted_in_a_second_rou
     a.handle(seen_at_b, SOURCE)  # the copy at a, between two fresh knocks
     a.handle(group.packet("alice", "https"), SOURCE)
     deferred.run()
+    group.settle()  # a's receive thread installs b's lease, brought by the watch
     assert counting.txns == [(3, 3), (2, 2)]  # the taken key named, the others again
     assert ("replay", "alice") in group.refusals("a")
     # the two fresh ones granted here; ssh is b's lease, installed by the watch

@@ -235,6 +235,7 @@ def test_a_lease_granted_by_one_member_is_installed_at_another_with_its_end(
     group.enroll("alice")
     group.settle()
     a.handle(group.packet("alice", duration=60), SOURCE)
+    group.settle()  # b's receive thread installs what its watch brought
     assert group.grants("b") == {(SOURCE, "ssh")}
     ends = [list(group.worlds[name].backend.grants.values()) for name in ("a", "b")]
     assert ends == [[group.clock.now + 60]] * 2
@@ -251,8 +252,10 @@ def test_a_close_at_one_member_removes_the_shared_lease_at_the_others(group: Gro
     group.enroll("alice")
     group.settle()
     a.handle(group.packet("alice"), SOURCE)
+    group.settle()  # b's receive thread installs what its watch brought
     assert group.grants("b") == {(SOURCE, "ssh")}
     b.handle(group.packet("alice", action=Action.CLOSE, duration=0), SOURCE)
+    group.settle()
     assert group.grants("a") == group.grants("b") == set()
 
 
@@ -397,6 +400,7 @@ def test_a_member_s_own_grant_of_a_shared_lease_makes_the_key_its_own(group: Gro
     b.handle(group.packet("alice", duration=120), SOURCE)  # b extends it: the key is b's
     assert group.links["b"].member.remote_leases == {}
     assert [lease.member for lease in group.links["a"].member.remote_leases.values()] == ["b"]
+    group.settle()
     assert list(group.worlds["a"].backend.grants.values()) == [group.clock.now + 120]
 
 
@@ -498,3 +502,26 @@ def test_a_record_filed_under_another_clients_name_is_skipped(group: Group, read
     logs = group.worlds[reader].logs
     assert any("clients/mallory" in line and "names client alice" in line for line in logs), logs
     assert "mallory" not in server.verifier.tags.clients
+
+
+def test_a_burst_of_another_members_leases_goes_in_with_one_commit_in_order(
+        group: Group) -> None:
+    """The watch hands b each lease a grants; b's receive thread installs
+    every one queued meanwhile in one firewall commit, and a close that came
+    after an install is made after it (the lease ends, never the reverse)."""
+    a = group.member("a")
+    group.member("b")
+    names = [f"c{i}" for i in range(5)]
+    for name in names:
+        group.enroll(name)
+    group.settle()
+    backend = group.worlds["b"].backend
+    before = len(backend.log)
+    for i, name in enumerate(names):
+        a.handle(group.packet(name), f"192.0.2.{20 + i}")
+    a.handle(group.packet("c0", action=Action.CLOSE, duration=0), "192.0.2.20")
+    assert group.grants("b") == set()  # queued for b's receive thread, not made yet
+    group.settle()
+    commits = [entry for entry in backend.log[before:] if entry[0] == "apply"]
+    assert len(commits) == 1, backend.log[before:]  # five grants and the close: one commit
+    assert group.grants("b") == {(f"192.0.2.{20 + i}", "ssh") for i in range(1, 5)}
