@@ -254,11 +254,11 @@ class Claimer:
         refused_by_rbac = False
         try:
             self._claim_all(knocks, now, mono, times)
-        except StorePermissionError as exc:  # never a grant, whatever on_store_down says
+        except StoreUnavailableError as exc:  # no answer: on_store_down decides
+            self._store_is(down=True, why=exc)
+        except StoreError as exc:  # etcd answered no: never a grant, whatever on_store_down says
             self._store_is(down=True, why=exc)
             refused_by_rbac = True
-        except StoreError as exc:
-            self._store_is(down=True, why=exc)
         else:
             self._store_is(down=False)
         later = self.clock()

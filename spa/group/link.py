@@ -47,7 +47,8 @@ class GroupLink:
                                window=server.config.window,
                                on_store_down=settings.on_store_down, hooks=server,
                                clock=server.clock, log=log, executor=executor,
-                               pending=self.member.pending, covers=self.member.covers,
+                               pending=self.member.pending,
+                               covers=lambda client: client not in server.config.clients,
                                monotonic=monotonic, times=times_wanted())
         self.presence = Presence(kv, group=settings.name, member=settings.member,
                                  started=server.clock(), log=log)

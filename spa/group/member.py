@@ -53,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Protocol
 
@@ -86,6 +87,9 @@ from spa.group.records import (
 
 TICK = 0.2  # seconds between the member thread's looks at its watch and the grace ends
 MAX_RETRY_PAUSE = 5.0  # seconds between reads at most while etcd does not answer
+# lease removals remembered for the echo of a grant of ours that follows one (the
+# echo comes within the watch's delay: thousands of removals is seconds of them)
+REMOVED_KEPT = 4096
 # the kinds a member's read takes (with the meta key): what _take applies
 READ_KINDS = (Kind.CLIENT, Kind.REVOKED, Kind.ACTIVATED, Kind.LEASE)
 
@@ -133,6 +137,9 @@ class GroupMember:
         self._views: dict[str, ClientView] = {}  # what the server runs with
         self._held: dict[str, dict[str, ClientKeys]] = {}  # the verifier's keys per client
         self._remote: dict[str, LeaseRecord] = {}  # lease key -> another member's lease
+        # lease keys whose removal went to the daemon's queue, the latest
+        # REMOVED_KEPT (a removal run after a grant of ours is undone by its echo)
+        self._removed: OrderedDict[str, None] = OrderedDict()
         self._watches: list[Watch] = []  # one per range of watched(group); none: read again
         self.loaded = False
         self.revision = 0  # the revision the last full read saw
@@ -172,6 +179,7 @@ class GroupMember:
         with self._lock:
             self._records.clear()
             self._revoked.clear()
+            self._removed.clear()
             self._activated.clear()
             seen = set()
             for item in items:
@@ -333,8 +341,11 @@ class GroupMember:
             self._drop_lease(key)
             return
         record = decode_lease(value)
+        removed = self._removed.pop(key, False) is None
         if record.member == self.member:
             self._remote.pop(key, None)  # ours now (a grant here replaced another's)
+            if removed:  # a removal the daemon ran after our grant ended it: put it back
+                own_too = True
             if own_too:  # a grant (or extension) of a lease we hold: the same end
                 self.hooks.install_lease(record)
             return  # our own grant, echoed: the local table holds it
@@ -344,6 +355,10 @@ class GroupMember:
             self.hooks.install_lease(record)
 
     def _drop_lease(self, key: str) -> None:
+        self._removed[key] = None
+        self._removed.move_to_end(key)
+        if len(self._removed) > REMOVED_KEPT:
+            self._removed.popitem(last=False)
         record = self._remote.pop(key, None)
         if record is None:
             try:

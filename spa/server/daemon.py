@@ -722,7 +722,18 @@ class Server:
 
     def grant_claimed(self, results: list[Accepted], now: float) -> None:
         """Claimed knocks' grants, a claim batch's in one commit (from a claim thread)."""
-        self._grant(results, now)
+        with self._lock:  # a revocation applied while the claim was in flight: no grant
+            clients = self.verifier.policy.clients
+            kept = []
+            for result in results:
+                rule = clients.get(result.client)
+                if rule is not None and not rule.revoked:
+                    kept.append(result)
+                else:
+                    self.events.refuse(now, Reason.REVOKED.value, result.client,
+                                       str(result.source))
+        if kept:
+            self._grant(kept, now)
 
     def refuse_claimed(self, result: Accepted, reason: Reason, now: float) -> None:
         """An accepted knock whose claim refused it (replay, group_unreachable)."""
@@ -740,9 +751,13 @@ class Server:
                      f"{lease.service} is not installed here: its host is a name, and another "
                      "member's lease does not say what it resolved to")
         elif lease.until > now:
-            self._change_leases(lambda at: self.leases.grant(
-                lease.client, lease.address, lease.service, now=at, duration=lease.until - at)
-                if lease.until > at else [])
+            def install(at: float) -> list[FirewallAction]:
+                rule = self.verifier.policy.clients.get(lease.client)
+                if lease.until <= at or (rule is not None and rule.revoked):
+                    return []
+                return self.leases.grant(lease.client, lease.address, lease.service, now=at,
+                                         duration=lease.until - at)
+            self._change_leases(install)
 
     def confirm_restored(self, live: Collection[tuple[str, IPAddress, str]]) -> None:
         """The group's first read (spa.group.member): a lease of a group client
