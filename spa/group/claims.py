@@ -75,7 +75,6 @@ from spa.group.kv import (
     LeaseExpiredError,
     Put,
     StoreError,
-    StorePermissionError,
     StoreUnavailableError,
 )
 from spa.group.leasepool import LeasePool
@@ -337,20 +336,21 @@ class Claimer:
         try:
             return decide_otp(self.claim_otp(knock.result.client, step, self.clock()),
                               self.on_store_down)
-        except StorePermissionError:  # a member refused its own claims: no grant, ever
+        except StoreError:  # etcd answered no (not an outage): no grant, ever
             return Verdict.REFUSE_UNREACHABLE
 
     def claim_otp(self, client: str, step: int, now: float) -> ClaimResult:
         """Use up an authenticator code's step at every member (spa.group.otpclaim).
-        Raises StorePermissionError: etcd answered no (its RBAC)."""
+        Raises StoreError but StoreUnavailableError: etcd answered no (its RBAC,
+        a refused login), which no on_store_down turns into a grant."""
         try:
             created = claim_step(self.kv, self.group, client, step, self.member, now)
-        except StorePermissionError as exc:
-            self._store_is(down=True, why=exc)
-            raise
-        except StoreError as exc:
+        except StoreUnavailableError as exc:  # no answer: on_store_down decides
             self._store_is(down=True, why=exc)
             return ClaimResult.UNREACHABLE
+        except StoreError as exc:
+            self._store_is(down=True, why=exc)
+            raise
         return ClaimResult.CREATED if created else ClaimResult.EXISTS
 
     def _knock(self, result: Accepted, nonce: bytes, now: float, mono: float) -> _Knock:

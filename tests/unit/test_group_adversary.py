@@ -9,9 +9,11 @@ from collections.abc import Callable
 from typing import Any
 
 import pyotp
+import pytest
 
 from spa.core.otp import STEP
 from spa.core.wire import Action
+from spa.group import claims as claims_module
 from spa.group import layout
 from spa.group.kv import StoreError, StoreUnavailableError
 from spa.group.policy import OnStoreDown
@@ -161,3 +163,21 @@ def test_a_close_whose_delete_failed_stays_closed_here_after_a_reread(group: Gro
     group.links["a"].member.load()
     group.settle()
     assert (b_after_close, group.grants("a")) == (set(), set())
+
+
+def test_etcd_refusing_a_codes_step_claim_is_never_a_grant_even_local_only(
+        group: Group, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same for the claim of an authenticator code's step: an answer
+    that refuses (here the login) is no grant under local_only; no answer is
+    what on_store_down decides."""
+    a = group.member("a", OnStoreDown.LOCAL_ONLY)
+    group.enroll("alice", otp=True)
+    group.settle()
+
+    def refused(*args: object, **kwargs: object) -> bool:
+        raise StoreError("etcd refused user 'a': check its password file and that the "
+                         "user exists")
+    monkeypatch.setattr(claims_module, "claim_step", refused)
+    code = pyotp.TOTP(group.otp_secrets["alice"]).at(group.clock.now)
+    a.handle(group.packet("alice", otp=code), SOURCE)
+    assert group.grants("a") == set()
