@@ -97,18 +97,16 @@ class MemoryStore:
 
     def get_prefix(self, prefix: bytes, on_page: PageCallback | None = None
                    ) -> tuple[list[Item], int]:
-        with self._lock:
-            self._check()
-            found = [self._items[k] for k in sorted(self._items) if k.startswith(prefix)]
-            revision = self.revision
-        if on_page is not None:
-            on_page(found)  # one part: the whole snapshot
-        return found, revision
+        return self._snapshot((prefix,), on_page)
 
     def get_prefixes(self, prefixes: Sequence[bytes], on_page: PageCallback | None = None
                      ) -> tuple[list[Item], int]:
         check_prefixes(prefixes)
-        starts = tuple(prefixes)
+        return self._snapshot(tuple(prefixes), on_page)
+
+    def _snapshot(self, starts: tuple[bytes, ...], on_page: PageCallback | None
+                  ) -> tuple[list[Item], int]:
+        """Every key under any of `starts`, in key order, and the revision."""
         with self._lock:
             self._check()
             found = [self._items[k] for k in sorted(self._items) if k.startswith(starts)]
