@@ -92,9 +92,15 @@ HOST_CHECK_EVERY = 1.0  # seconds between checks of the host's firewall after it
 PAUSE_LOG_VARIABLE = "SPA_LOG_RECEIVE_PAUSE"  # set: log the receive thread's pauses each step
 ROTATE_BY = STEP_SECONDS / 2  # seconds into a step by which its rotation's slices are done
 WARM_ROUNDS = 5  # housekeeping rounds (1 s) in which a start's other live steps go in
-# a delta of more keys than this (a group member's first read) puts in their
-# tags of the current step alone; the other live steps' come in WARM_ROUNDS
+# a start with more clients than this, or a delta of more keys (a group member's
+# first read), puts in their tags of the current step alone; the other live
+# steps' come in WARM_ROUNDS.  At or under it every live step goes in at once
+# (3,000 tags: ~5 ms): a knock sealed a step before a restart (in flight, or a
+# client's clock behind) is never an unknown tag there.
 WARM_LATER_KEYS = 1000
+# clients' worth of a warm-up a round at least (~7 ms): up to this many the
+# other live steps are in by the first round, not spread over WARM_ROUNDS
+WARM_MIN_SLICE = 5 * SLICE
 REPLAYS_TO_BLOCK = 20  # copies of one packet in one second that put its nonce in the kernel filter
 MAX_BLOCKED_NONCES = 64  # nonces the kernel filter drops at most (5 BPF instructions each)
 DROPS_EVERY = 5.0  # seconds between readings of the firewall's drop counters
@@ -265,10 +271,11 @@ class Server:
         limiter = FailureLimiter()
         limiter.restore_trust(self._load_trust(), now)
         self._trust_saved = limiter.trust_revision
-        self.verifier = Verifier(self.config.server_id, self.config.secrets(now),
+        secrets = self.config.secrets(now)
+        self.verifier = Verifier(self.config.server_id, secrets,
                                  self._policy_of(self.config), now=now,
                                  window=self.config.window, replay=replay, otp=otp,
-                                 limiter=limiter, warm_later=True)
+                                 limiter=limiter, warm_later=len(secrets) > WARM_LATER_KEYS)
         closed = {n for n, c in self.config.clients.items() if c.close_leases}
         group = self.config.group
         restored = restore_saved(self.state.load_leases(),
@@ -300,7 +307,7 @@ class Server:
             clock=self.clock, log=self.log, record=self.events.record,
             on_change=self._gate_changed, on_foreign=self._host_changed.set)
         self.verifier.tags.use_lock(self._tags_lock)
-        self._warm_slice = -(-self.verifier.tags.warming() // WARM_ROUNDS)
+        self._warm_slice = _warm_slice(self.verifier.tags.warming())
         self._update_kernel_filter(now, force=True)
         self._facts = {
             "pid": os.getpid(), "started": self._started_at(now), "port": self.config.listen_port,
@@ -1264,7 +1271,7 @@ class Server:
                 self.verifier.add_client_keys(key, keys, later=later)
             if later:  # their other live steps go in within WARM_ROUNDS rounds
                 self._warm_slice = max(self._warm_slice,
-                                       -(-self.verifier.tags.warming() // WARM_ROUNDS))
+                                       _warm_slice(self.verifier.tags.warming()))
             policy = self.verifier.policy
             held = policy.clients
             assert isinstance(held, dict)
@@ -1373,6 +1380,12 @@ class _AnyName:
 
     def __contains__(self, name: object) -> bool:
         return True
+
+
+def _warm_slice(warming: int) -> int:
+    """Clients' worth of a start's warm-up a housekeeping round: all of it
+    within WARM_ROUNDS rounds, and at least WARM_MIN_SLICE a round."""
+    return max(-(-warming // WARM_ROUNDS), WARM_MIN_SLICE)
 
 
 def _percentiles(samples: list[tuple[float, int]]) -> str:
