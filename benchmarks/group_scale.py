@@ -57,7 +57,6 @@ import gc
 import json
 import os
 import random
-import shutil
 import statistics
 import string
 import subprocess
@@ -75,7 +74,7 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from etcd_clients import etcd, make_certs  # noqa: E402
+from etcd_clients import etcd, make_certs, need_tools  # noqa: E402
 
 import spa.group.clients as clients_mod  # noqa: E402
 import spa.group.member as member_mod  # noqa: E402
@@ -720,10 +719,7 @@ def main() -> None:
     parser.add_argument("--grants", type=int, default=4000, help="grants in phase 7")
     parser.add_argument("--writers", type=int, default=4, help="granting members in phase 7")
     args = parser.parse_args()
-    for tool in ("etcd", "etcdctl", "openssl"):
-        if shutil.which(tool) is None:
-            sys.exit(f"group_scale: error: needs {tool} (apt install etcd-server etcd-client "
-                     "openssl)")
+    need_tools("group_scale")
     rng = random.Random(args.seed)
     now = time.time()
     server_id = rng.randbytes(16)
