@@ -44,6 +44,15 @@ from typing import Any
 CANDIDATES = ("etcd3gw", "etcd-sdk-python", "etcd3", "aetcd")
 
 
+def need_tools(program: str) -> None:
+    """Exit with one line unless etcd, etcdctl and openssl (make_certs) are
+    here: what a benchmark on a loopback etcd (`etcd`) needs."""
+    for tool in ("etcd", "etcdctl", "openssl"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{program}: error: needs {tool} (apt install etcd-server etcd-client "
+                     "openssl)")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -367,10 +376,7 @@ def main() -> None:
     parser.add_argument("candidate", choices=[*CANDIDATES, "gateway-probe"])
     parser.add_argument("--ops", type=int, default=300)
     args = parser.parse_args()
-    for tool in ("etcd", "etcdctl", "openssl"):
-        if shutil.which(tool) is None:
-            sys.exit(f"etcd_clients: error: needs {tool} (apt install etcd-server etcd-client "
-                     "openssl)")
+    need_tools("etcd_clients")
     with tempfile.TemporaryDirectory(prefix="etcd-bench-") as tmp:
         root = Path(tmp)
         if args.candidate == "gateway-probe":

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -57,7 +56,7 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from etcd_clients import etcd, make_certs  # noqa: E402
+from etcd_clients import etcd, make_certs, need_tools  # noqa: E402
 from group_scale import GROUP, MEMBER, Etcd, load, pct  # noqa: E402
 
 from spa.core.errors import Reason  # noqa: E402
@@ -228,10 +227,7 @@ def main() -> None:
     parser.add_argument("--lone", type=int, default=300, help="lone knocks per latency figure")
     parser.add_argument("--runs", type=int, default=2)
     args = parser.parse_args()
-    for tool in ("etcd", "etcdctl", "openssl"):
-        if shutil.which(tool) is None:
-            sys.exit(f"group_claims: error: needs {tool} (apt install etcd-server etcd-client "
-                     "openssl)")
+    need_tools("group_claims")
     with ExitStack() as stack:
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="group-claims-")))
         make_certs(root / "certs")

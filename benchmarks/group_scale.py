@@ -57,7 +57,6 @@ import gc
 import json
 import os
 import random
-import shutil
 import statistics
 import string
 import subprocess
@@ -75,7 +74,7 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from etcd_clients import etcd, make_certs  # noqa: E402
+from etcd_clients import etcd, make_certs, need_tools  # noqa: E402
 
 import spa.group.clients as clients_mod  # noqa: E402
 import spa.group.member as member_mod  # noqa: E402
@@ -87,7 +86,12 @@ from spa.core.verify import Accepted, Verifier  # noqa: E402
 from spa.core.wire import Action, IPAddress, Request, build_packet  # noqa: E402
 from spa.group import layout  # noqa: E402
 from spa.group.clients import client_record, decode_client  # noqa: E402
-from spa.group.delta import ClientDelta, ClientView, group_delta  # noqa: E402
+from spa.group.delta import (  # noqa: E402
+    ClientDelta,
+    ClientView,
+    group_delta,
+    switch_verifier,
+)
 from spa.group.etcd import PAGE_KEYS, EtcdAccess, EtcdStore  # noqa: E402
 from spa.group.kv import Event, Item, PageCallback  # noqa: E402
 from spa.group.layout import GroupNameError, Kind  # noqa: E402
@@ -346,9 +350,10 @@ def write_rates(e: Etcd, rng: random.Random, now: float, server_id: bytes, threa
 
 class _Hooks:
     """The daemon's side of a member's start as far as Python goes: the
-    receive thread's switch (spa.server.daemon.apply_client_delta) into a
-    real Verifier (each key's live knock tags into its tag table, the rules,
-    the codes), timed; leases and claims are not in this group."""
+    receive thread's switch (spa.group.delta.switch_verifier, which the
+    daemon's apply_client_delta calls) into a real Verifier (each key's live
+    knock tags into its tag table, the rules, the codes), timed; leases and
+    claims are not in this group."""
 
     def __init__(self, server_id: bytes, now: float, later: bool) -> None:
         self.verifier = Verifier(server_id, {}, Policy(clients={}), now=now)
@@ -358,21 +363,9 @@ class _Hooks:
 
     def apply_client_delta(self, delta: ClientDelta, origin: str) -> None:
         t0, c0 = time.perf_counter(), time.thread_time()
-        verifier = self.verifier
-        verifier.refresh(time.time())  # the daemon's housekeeping moves it at each boundary
-        for key in delta.gone:
-            verifier.remove_client(key)
-        later = self.later and len(delta.keys) > WARM_LATER_KEYS
-        for key, keys in delta.keys.items():
-            verifier.add_client_keys(key, keys, later=later)
-        held = verifier.policy.clients
-        assert isinstance(held, dict)
-        for name, rule in delta.rules.items():
-            if rule is None:
-                held.pop(name, None)
-            else:
-                held[name] = rule
-            verifier.otp.set_secret(name, delta.otp.get(name, ""))
+        self.verifier.refresh(time.time())  # the daemon's housekeeping moves it at each boundary
+        switch_verifier(self.verifier, delta,
+                        later=self.later and len(delta.keys) > WARM_LATER_KEYS)
         self.seconds += time.perf_counter() - t0
         self.cpu += time.thread_time() - c0
         self.deltas += 1
@@ -726,10 +719,7 @@ def main() -> None:
     parser.add_argument("--grants", type=int, default=4000, help="grants in phase 7")
     parser.add_argument("--writers", type=int, default=4, help="granting members in phase 7")
     args = parser.parse_args()
-    for tool in ("etcd", "etcdctl", "openssl"):
-        if shutil.which(tool) is None:
-            sys.exit(f"group_scale: error: needs {tool} (apt install etcd-server etcd-client "
-                     "openssl)")
+    need_tools("group_scale")
     rng = random.Random(args.seed)
     now = time.time()
     server_id = rng.randbytes(16)

@@ -42,7 +42,7 @@ from spa.core.uri import Enrollment, parse
 from spa.group import rbac
 from spa.group.policy import OnStoreDown
 from spa.group.settings import GroupSettings
-from spa.netns import Namespace, sh
+from spa.netns import Namespace
 from spa.server import admin, admin_group, admin_groupsetup, groupstore, privsep
 from spa.server import config as config_mod
 from spa.server.groupstore import Login
@@ -102,16 +102,8 @@ def wire(cluster: EtcdCluster, hosts: list[Host], members: list[Host], sources: 
         subprocess.run(client.argv("ip", "-batch", "-"), input=batch, text=True, check=True,
                        capture_output=True)
         host.ns.run("ip", "route", "add", str(SPOOFED), "dev", host.link)  # (c)'s sources
-    bridge = f"br{cluster.topo.tag}"[:15]  # tests/etcd_world.py's _wire names it so
     for index, member in enumerate(members, 1):
-        inner, outer = f"v{cluster.topo.tag}g{index}"[:15], f"v{cluster.topo.tag}h{index}"[:15]
-        sh("ip", "link", "add", inner, "type", "veth", "peer", "name", outer)
-        sh("ip", "link", "set", inner, "netns", member.ns.name)
-        sh("ip", "link", "set", outer, "netns", client.name)
-        member.ns.run("ip", "addr", "add", f"10.218.0.{10 + index}/24", "dev", inner)
-        member.ns.run("ip", "link", "set", inner, "up")
-        client.run("ip", "link", "set", outer, "master", bridge)
-        client.run("ip", "link", "set", outer, "up")
+        cluster.attach(member.ns, f"10.218.0.{10 + index}")
 
 
 def standalone_config(host: Host, mode: str) -> None:

@@ -7,15 +7,19 @@ Passwords never come in an argument: an etcd password is read from a file
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import shlex
 import socket
 import sys
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -23,8 +27,9 @@ from spa import clitools
 from spa.clitools import format_utc
 from spa.core.errors import FormatError
 from spa.core.keys import SERVER_ID_SIZE
+from spa.group.kv import KV
 from spa.group.policy import LOCAL_ONLY_RISK
-from spa.group.settings import DEFAULT_TIMEOUT
+from spa.group.settings import DEFAULT_TIMEOUT, GroupSettings
 from spa.server import admin_groupsetup as setup
 from spa.server import config as config_mod
 from spa.server import groupstore
@@ -113,17 +118,65 @@ def _config(path: Path, *, required: bool) -> ServerConfig | None:
     return config_mod.load(path)
 
 
+@dataclass(frozen=True, slots=True)
+class AdminConnection:
+    """The options of a command that writes the group as its admin: where
+    etcd is (each defaults to the config's [group]) and the admin's login."""
+
+    group: str | None = None
+    endpoint: list[str] | None = None
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    timeout: float | None = None
+    admin_user: str | None = None
+    admin_password_file: str | None = None
+
+    def open(self, config: ServerConfig | None, command: str
+             ) -> tuple[Login, GroupSettings, KV]:
+        """The admin's login, the group's settings and the store, connected.
+        Raises LocalError."""
+        login = need_admin(self.admin_user, self.admin_password_file, command)
+        settings = setup.connection(config.group if config else None, group=self.group,
+                                    endpoints=self.endpoint or [], ca=self.ca, cert=self.cert,
+                                    key=self.key, timeout=self.timeout)
+        return login, settings, groupstore.connect(settings, login)
+
+
+# AdminConnection's fields as options, in --help's order
+_ADMIN_OPTIONS = [
+    inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                      annotation=option)
+    for name, option in (("group", GroupOption), ("endpoint", EndpointOption),
+                         ("ca", CaOption), ("cert", CertOption), ("key", KeyOption),
+                         ("timeout", TimeoutOption), ("admin_user", AdminUserOption),
+                         ("admin_password_file", AdminPasswordOption))]
+
+
+def admin_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give a command (ctx, admin: AdminConnection, its own options...) the
+    options of AdminConnection after ctx and before its own, and hand them
+    to it as `admin`: the options are defined once for every such command."""
+    ctx, *own = [param for param in inspect.signature(command, eval_str=True).parameters.values()
+                 if param.name != "admin"]
+
+    @functools.wraps(command)
+    def with_options(**given: Any) -> None:
+        admin = AdminConnection(**{param.name: given.pop(param.name)
+                                   for param in _ADMIN_OPTIONS})
+        command(admin=admin, **given)
+
+    # what typer reads (inspect.signature honours __signature__)
+    with_options.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [ctx, *_ADMIN_OPTIONS, *own])
+    return with_options
+
+
 @group_app.command("init")
+@admin_options
 def init(
     ctx: typer.Context,
-    group: GroupOption = None,
-    endpoint: EndpointOption = None,
-    ca: CaOption = None,
-    cert: CertOption = None,
-    key: KeyOption = None,
-    timeout: TimeoutOption = None,
-    admin_user: AdminUserOption = None,
-    admin_password_file: AdminPasswordOption = None,
+    admin: AdminConnection,
     from_this_server: Annotated[bool, typer.Option(
         "--from-this-server", help="Give the group this server's own server id and bring "
         "its clients in: their URIs keep working at every member (one standalone server "
@@ -135,11 +188,7 @@ def init(
     path = _config_path(ctx)
     with local_errors():
         config = _config(path, required=from_this_server)
-        login = need_admin(admin_user, admin_password_file, "init")
-        settings = setup.connection(config.group if config else None, group=group,
-                                    endpoints=endpoint or [], ca=ca, cert=cert, key=key,
-                                    timeout=timeout)
-        kv = groupstore.connect(settings, login)
+        login, settings, kv = admin.open(config, "init")
         now = time.time()
         if from_this_server:
             assert config is not None
@@ -163,26 +212,14 @@ def init(
 
 
 @group_app.command("import")
-def import_(
-    ctx: typer.Context,
-    group: GroupOption = None,
-    endpoint: EndpointOption = None,
-    ca: CaOption = None,
-    cert: CertOption = None,
-    key: KeyOption = None,
-    timeout: TimeoutOption = None,
-    admin_user: AdminUserOption = None,
-    admin_password_file: AdminPasswordOption = None,
-) -> None:
+@admin_options
+def import_(ctx: typer.Context, admin: AdminConnection) -> None:
     """Bring this server's own clients into the group (whose server id must be this
     server's: group init --from-this-server).  Running it again changes nothing."""
     path = _config_path(ctx)
     with local_errors():
         config = config_mod.load(path)
-        login = need_admin(admin_user, admin_password_file, "import")
-        settings = setup.connection(config.group, group=group, endpoints=endpoint or [],
-                                    ca=ca, cert=cert, key=key, timeout=timeout)
-        kv = groupstore.connect(settings, login)
+        login, settings, kv = admin.open(config, "import")
         report = setup.import_here(path, settings, kv, login.user, now=time.time())
     for line in report.lines():
         typer.echo(line)

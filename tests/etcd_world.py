@@ -141,10 +141,31 @@ class EtcdCluster:
     root: Path
     members: list[Member] = field(default_factory=list)
     passwords: dict[str, str] = field(default_factory=dict)
+    attached: int = 0  # namespaces put on the bridge so far (their veths' numbers)
 
     @property
     def endpoints(self) -> tuple[str, ...]:
         return tuple(m.endpoint for m in self.members)
+
+    @property
+    def bridge(self) -> str:
+        """The bridge in the client namespace that every member's veth is on."""
+        return f"br{self.topo.tag}"[:15]
+
+    def attach(self, ns: Namespace, ip: str) -> None:
+        """Put a namespace on the bridge at `ip` (/24, in SUBNET): a veth pair
+        of its own, one end in `ns`, the other on the bridge (the etcd members,
+        and the spa-server members that reach them)."""
+        self.attached += 1
+        tag, n = self.topo.tag, self.attached  # not Topology.link()'s a/b names
+        inner, outer = f"v{tag}m{n}"[:15], f"v{tag}k{n}"[:15]
+        sh("ip", "link", "add", inner, "type", "veth", "peer", "name", outer)
+        sh("ip", "link", "set", inner, "netns", ns.name)
+        sh("ip", "link", "set", outer, "netns", self.client.name)
+        ns.run("ip", "addr", "add", f"{ip}/24", "dev", inner)
+        ns.run("ip", "link", "set", inner, "up")
+        self.client.run("ip", "link", "set", outer, "master", self.bridge)
+        self.client.run("ip", "link", "set", outer, "up")
 
     def _argv(self, m: Member) -> list[str]:
         crt, key = self.root / f"{m.name}.crt", self.root / f"{m.name}.key"
@@ -248,20 +269,13 @@ def in_namespace(name: str) -> Iterator[None]:
         os.close(target)
 
 
-def _wire(topo: Topology, client: Namespace, members: list[Member]) -> None:
-    bridge = f"br{topo.tag}"[:15]
-    client.run("ip", "link", "add", bridge, "type", "bridge")
-    client.run("ip", "addr", "add", f"{CLIENT_IP}/24", "dev", bridge)
-    client.run("ip", "link", "set", bridge, "up")
-    for i, m in enumerate(members, 1):
-        inner, outer = f"v{topo.tag}m{i}"[:15], f"v{topo.tag}k{i}"[:15]  # not link()'s a/b
-        sh("ip", "link", "add", inner, "type", "veth", "peer", "name", outer)
-        sh("ip", "link", "set", inner, "netns", m.ns.name)
-        sh("ip", "link", "set", outer, "netns", client.name)
-        m.ns.run("ip", "addr", "add", f"{m.ip}/24", "dev", inner)
-        m.ns.run("ip", "link", "set", inner, "up")
-        client.run("ip", "link", "set", outer, "master", bridge)
-        client.run("ip", "link", "set", outer, "up")
+def _wire(cluster: EtcdCluster) -> None:
+    client = cluster.client
+    client.run("ip", "link", "add", cluster.bridge, "type", "bridge")
+    client.run("ip", "addr", "add", f"{CLIENT_IP}/24", "dev", cluster.bridge)
+    client.run("ip", "link", "set", cluster.bridge, "up")
+    for m in cluster.members:
+        cluster.attach(m.ns, m.ip)
 
 
 def _rbac(cluster: EtcdCluster) -> None:
@@ -317,7 +331,7 @@ def open_cluster(root: Path, data: Path | None = None) -> Iterator[EtcdCluster]:
                                           root / f"e{i}.log"))
         pki.issue("root", cn="root")
         pki.issue("member", cn=None)
-        _wire(topo, client, cluster.members)
+        _wire(cluster)
         for m in cluster.members:
             cluster.start(m)
         cluster.wait_healthy()

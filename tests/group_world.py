@@ -10,6 +10,7 @@ import ipaddress
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,8 @@ class Group:
     group: str = GROUP
     # member name -> its own store (default: `kv`, shared)
     stores: dict[str, KV] = field(default_factory=dict)
+    # the members' monotonic clock, that times the shared etcd leases (default: `clock`)
+    monotonic: Callable[[], float] | None = None
 
     def member(self, name: str, mode: OnStoreDown = OnStoreDown.FAIL_CLOSED, *,
                config: str = "") -> Server:
@@ -81,7 +84,7 @@ class Group:
         server = world.start()
         link = GroupLink(server, self.stores.get(name, self.kv),
                          settings(name, mode, self.group), executor=Inline(),
-                         monotonic=self.clock)
+                         monotonic=self.monotonic or self.clock)
         link.start()
         server.run_commands()
         self.worlds[name], self.links[name] = world, link
@@ -116,8 +119,11 @@ class Group:
                     encode_revocation(Revocation(name, int(self.clock.now), close)))
 
     def packet(self, client: str, service: str = "ssh", *, duration: int = 60,
-               action: Action = Action.OPEN, otp: str = "") -> bytes:
-        request = Request(int(self.clock.now * 1000), action, service, duration, None, otp)
+               action: Action = Action.OPEN, otp: str = "", sent: float | None = None
+               ) -> bytes:
+        """A packet of `client`'s, sealed at `sent` (default: the clock's now)."""
+        when = self.clock.now if sent is None else sent
+        request = Request(int(when * 1000), action, service, duration, None, otp)
         return build_packet(request, derive_keys(self.secrets[client], self.server_id),
                             self.server_id, nonce=os.urandom(24))
 

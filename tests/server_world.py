@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,23 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+class RunningClock(FakeClock):
+    """A clock that runs at the real (monotonic) clock's speed from where it
+    was set: for real-time tests that still want to choose where in a step
+    they begin.  Setting `now` (or advance) moves it; it goes on running."""
+
+    def __init__(self, start: float = START) -> None:
+        self._offset = start - time.monotonic()
+
+    @property
+    def now(self) -> float:
+        return time.monotonic() + self._offset
+
+    @now.setter
+    def now(self, value: float) -> None:
+        self._offset = value - time.monotonic()
 
 
 @dataclass

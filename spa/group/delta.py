@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from spa.core.keys import ClientKeys
 from spa.core.policy import ClientPolicy
+from spa.core.verify import Verifier
 from spa.group.clients import GroupClient
 from spa.group.records import Revocation
 
@@ -45,6 +46,30 @@ class ClientDelta:
     @property
     def added(self) -> int:
         return len(self.secrets) + len(self.keys)
+
+
+def switch_verifier(verifier: Verifier, delta: ClientDelta, *, later: bool) -> None:
+    """The verifier's part of carrying a delta out, on the receive thread:
+    key names forgotten, secrets and derived keys in (`later`: each key's
+    other live steps are sliced in afterwards, the current one now), then
+    each client's rules and authenticator secret swapped one entry at a time
+    in the clients mapping the verifier's Policy reads (Policy stays a value;
+    that mapping is the daemon's).  The daemon's apply_client_delta and
+    benchmarks/group_scale.py (which times it) both call this."""
+    for key in delta.gone:
+        verifier.remove_client(key)
+    for key, secret in delta.secrets.items():
+        verifier.add_client(key, secret)
+    for key, keys in delta.keys.items():
+        verifier.add_client_keys(key, keys, later=later)
+    held = verifier.policy.clients
+    assert isinstance(held, dict)
+    for name, rule in delta.rules.items():
+        if rule is None:
+            held.pop(name, None)
+        else:
+            held[name] = rule
+        verifier.otp.set_secret(name, delta.otp.get(name, ""))
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,11 @@ from collections.abc import Callable
 
 from spa.group.records import MAX_TTL
 
+# seconds: a key outlives the end it was attached for by less than this (the
+# lease is its end's second's, ceil(end), granted for whole seconds): the
+# invariant above, for the tests that wait a key's whole lifetime out
+OUTLIVES_BY = 2
+
 
 class LeasePool:
     """Leases by the second they serve (the caller's monotonic clock)."""

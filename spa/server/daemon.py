@@ -65,7 +65,7 @@ from spa.core.policy import (
 from spa.core.verify import Accepted, Refused, Verifier
 from spa.core.wire import NONCE_OFFSET, NONCE_SIZE, Action, IPAddress
 from spa.group.claims import Claimer
-from spa.group.delta import ClientDelta
+from spa.group.delta import ClientDelta, switch_verifier
 from spa.group.records import LeaseRecord
 from spa.server import config as config_mod
 from spa.server.coexist import Report, closed_ports, report
@@ -1262,25 +1262,11 @@ class Server:
         def switch() -> None:
             """On the receive thread: single entries swapped in the rules it
             reads (Policy stays a value; its clients mapping is the daemon's)."""
-            for key in delta.gone:
-                self.verifier.remove_client(key)
-            for key, secret in delta.secrets.items():
-                self.verifier.add_client(key, secret)
             later = len(delta.keys) > WARM_LATER_KEYS  # a member's first read
-            for key, keys in delta.keys.items():
-                self.verifier.add_client_keys(key, keys, later=later)
+            switch_verifier(self.verifier, delta, later=later)
             if later:  # their other live steps go in within WARM_ROUNDS rounds
                 self._warm_slice = max(self._warm_slice,
                                        _warm_slice(self.verifier.tags.warming()))
-            policy = self.verifier.policy
-            held = policy.clients
-            assert isinstance(held, dict)
-            for name, rule in delta.rules.items():
-                if rule is None:
-                    held.pop(name, None)
-                else:
-                    held[name] = rule
-                self.verifier.otp.set_secret(name, delta.otp.get(name, ""))
             for names, now_in in ((self._met, delta.met), (self._pending, delta.pending)):
                 names.difference_update(delta.names)
                 names.update(now_in)

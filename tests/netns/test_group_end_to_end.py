@@ -40,7 +40,7 @@ from scapy.layers.inet import UDP
 from scapy.utils import rdpcap
 
 from spa.group import layout
-from spa.netns import Namespace, Sshd, Topology, sh, start_sshd
+from spa.netns import Namespace, Sshd, Topology, start_sshd
 from spa.server.logline import event_of
 from spa.server.privsep import SERVICE_USERS
 from tests.etcd_world import SUBNET, EtcdCluster, _add_user, _ctl_argv
@@ -267,18 +267,9 @@ def _roles(site: Site, passwords: dict[str, str]) -> None:
 
 
 def _wire(site: Site) -> None:
-    topo, cluster = site.topo, site.cluster
-    bridge = f"br{cluster.topo.tag}"[:15]
-    for i, (name, ip) in enumerate(ETCD_SIDE.items(), 1):
-        ns = site.members[name].ns
-        inner, outer = f"v{topo.tag}e{i}"[:15], f"v{topo.tag}f{i}"[:15]
-        sh("ip", "link", "add", inner, "type", "veth", "peer", "name", outer)
-        sh("ip", "link", "set", inner, "netns", ns.name)
-        sh("ip", "link", "set", outer, "netns", cluster.client.name)
-        ns.run("ip", "addr", "add", f"{ip}/24", "dev", inner)
-        ns.run("ip", "link", "set", inner, "up")
-        cluster.client.run("ip", "link", "set", outer, "master", bridge)
-        cluster.client.run("ip", "link", "set", outer, "up")
+    topo = site.topo
+    for name, ip in ETCD_SIDE.items():
+        site.cluster.attach(site.members[name].ns, ip)
     for name, (gw, cli) in LINKS.items():
         ns = site.members[name].ns
         inner, _ = topo.link(ns, [f"{gw}/24"], site.cli, [f"{cli}/24"])

@@ -15,6 +15,8 @@ from spa.core.wire import Action
 from spa.group import layout
 from spa.group.claims import BATCH_MAX, Claimer
 from spa.group.kv import Delete, Put, StorePermissionError
+from spa.group.leasepool import OUTLIVES_BY
+from spa.group.records import claim_until
 from tests.group_world import GROUP, SOURCE, Group
 
 
@@ -202,6 +204,35 @@ def test_claims_over_many_seconds_share_a_lease_a_second_and_one_after_silence_h
     assert _keys(group, layout.Kind.CLAIM) == claim
     group.clock.advance(2)  # and gone less than 2 s after
     assert _keys(group, layout.Kind.CLAIM) == []
+
+
+def test_knocks_after_silences_of_many_steps_each_claim_once_on_a_lease_etcd_holds(
+        group: Group) -> None:
+    """Silences from half a second to an hour, landing on and beside whole
+    seconds, tag steps and a claim's lifetime: each knock after one is
+    claimed in one transaction (a lease of the pool's that the store had
+    expired would cost a refused round and a second one), and the claim
+    before it is there until its end and gone within OUTLIVES_BY after."""
+    a = group.member("a")
+    group.enroll("alice")
+    group.settle()
+    claimer = group.links["a"].claimer
+    life = claim_until(0.0, claimer.window)  # a claim's end, from its packet's time
+    silences = (0.5, 1.0, 29.999, 30.0, 30.001, 0.5, life - 0.001, life, life + 0.999,
+                life + OUTLIVES_BY, 90.0, 299.5, 3600.0)
+    last: set[bytes] = set()  # the claim of the knock before the silence
+    for silence in silences:
+        group.clock.advance(silence)
+        held = set(_keys(group, layout.Kind.CLAIM))
+        if silence < life:
+            assert last <= held, silence
+        elif silence >= life + OUTLIVES_BY:
+            assert not held, silence
+        batches, claimed = claimer.batches, claimer.counts["claimed"]
+        a.handle(group.packet("alice", duration=5), SOURCE)
+        assert (claimer.batches, claimer.counts["claimed"]) == (batches + 1, claimed + 1), silence
+        last = set(_keys(group, layout.Kind.CLAIM)) - held
+        assert len(last) == 1
 
 
 class Calls:

@@ -288,34 +288,40 @@ def test_a_first_create_many_finding_our_values_is_not_a_claim() -> None:
     assert store.create_many([Put(b"k0", b"a", 7), Put(b"k1", b"b", 7)]) == {b"k0", b"k1"}
 
 
+class _Stream:
+    """A watch's response from etcd's gateway: the lines it streams, then its end."""
+
+    status_code = 200
+
+    def __init__(self, lines: list[dict[str, Any]]) -> None:
+        self.lines = lines
+
+    def iter_lines(self) -> list[bytes]:
+        return [json.dumps(e).encode() for e in self.lines]
+
+    def close(self) -> None:
+        pass
+
+
+def _event(key: bytes, revision: int) -> dict[str, Any]:
+    """A watch event of `key` put at `revision`, as the gateway gives it."""
+    return {"kv": {"key": base64.b64encode(key).decode(),
+                   "value": base64.b64encode(b"v").decode(), "mod_revision": str(revision)}}
+
+
 def test_a_watch_delivers_every_event_of_one_revision_once() -> None:
-    def event(key: bytes, revision: int) -> dict[str, Any]:
-        return {"kv": {"key": base64.b64encode(key).decode(),
-                       "value": base64.b64encode(b"v").decode(), "mod_revision": str(revision)}}
-    streams = [[{"result": {"events": [event(b"/p/1", 3), event(b"/p/2", 3)]}}],
+    streams = [[{"result": {"events": [_event(b"/p/1", 3), _event(b"/p/2", 3)]}}],
                # a reconnection: etcd replays from the revision asked for (4 here)
-               [{"result": {"events": [event(b"/p/3", 4), event(b"/p/4", 4),
-                                       event(b"/p/5", 5)]}}]]
+               [{"result": {"events": [_event(b"/p/3", 4), _event(b"/p/4", 4),
+                                       _event(b"/p/5", 5)]}}]]
     seen: list[bytes] = []
     done = threading.Event()
 
-    class Response:
-        status_code = 200
-
-        def __init__(self, lines: list[dict[str, Any]]) -> None:
-            self.lines = lines
-
-        def iter_lines(self) -> list[bytes]:
-            return [json.dumps(e).encode() for e in self.lines]
-
-        def close(self) -> None:
-            pass
-
-    def post(*args: Any, **kwargs: Any) -> Response:
+    def post(*args: Any, **kwargs: Any) -> _Stream:
         if not streams:
             done.set()
             raise OSError("no more streams")
-        return Response(streams.pop(0))
+        return _Stream(streams.pop(0))
 
     stub = Stub({**HEADER})  # the permission probe
     stub.session = type("S", (), {"headers": {}, "post": post})()
@@ -404,37 +410,22 @@ def test_a_cancelled_watch_ends_quietly_when_its_response_is_closed_under_the_re
 def test_a_watch_gives_each_event_of_a_revision_and_none_twice_after_reconnecting() -> None:
     """A transaction's keys share one revision: each is an event.  The
     stream that replays them after a reconnection gives only what is new."""
-    def kv(key: bytes, revision: int) -> dict[str, Any]:
-        return {"kv": {"key": base64.b64encode(key).decode(),
-                       "value": base64.b64encode(b"v").decode(), "mod_revision": str(revision)}}
     streams: list[list[dict[str, Any]]] = [  # the first ends (a lost connection), the
         # second replays from revision 3
         [{"result": {"created": True}},
-         {"result": {"events": [kv(b"/p/a", 3), kv(b"/p/b", 3), kv(b"/p/c", 3)]}}],
+         {"result": {"events": [_event(b"/p/a", 3), _event(b"/p/b", 3), _event(b"/p/c", 3)]}}],
         [{"result": {"created": True}},
-         {"result": {"events": [kv(b"/p/a", 3), kv(b"/p/b", 3), kv(b"/p/c", 3)]}},
-         {"result": {"events": [kv(b"/p/d", 4), kv(b"/p/e", 4)]}}]]
+         {"result": {"events": [_event(b"/p/a", 3), _event(b"/p/b", 3), _event(b"/p/c", 3)]}},
+         {"result": {"events": [_event(b"/p/d", 4), _event(b"/p/e", 4)]}}]]
     asked: list[str] = []
     done = threading.Event()
 
-    class Response:
-        status_code = 200
-
-        def __init__(self, lines: list[dict[str, Any]]) -> None:
-            self.lines = lines
-
-        def iter_lines(self) -> list[bytes]:
-            return [json.dumps(e).encode() for e in self.lines]
-
-        def close(self) -> None:
-            pass
-
-    def post(*args: Any, **kwargs: Any) -> Response:
+    def post(*args: Any, **kwargs: Any) -> _Stream:
         asked.append(kwargs["json"]["create_request"]["start_revision"])
         if len(asked) > len(streams):
             done.set()
-            return Response([])
-        return Response(streams[len(asked) - 1])
+            return _Stream([])
+        return _Stream(streams[len(asked) - 1])
 
     class StreamStub(Stub):
         session: Any

@@ -4,13 +4,18 @@ its end and gone less than 2 s after, long silences, a lease etcd lost."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
+from spa.core.knock import STEP_SECONDS
+from spa.core.verify import DEFAULT_WINDOW
 from spa.group.kv import LeaseExpiredError, StoreUnavailableError
-from spa.group.leasepool import LeasePool
+from spa.group.leasepool import OUTLIVES_BY, LeasePool
 from spa.group.memory import MemoryStore
+from spa.group.records import claim_until
 from tests.server_world import FakeClock
 
 
@@ -111,3 +116,63 @@ def test_a_grant_that_fails_leaves_nothing_behind_and_a_bad_end_is_refused() -> 
         pool.lease(float("inf"), clock.now, store.grant)
     with pytest.raises(ValueError, match="longest"):
         pool.lease(clock.now + 10**10, clock.now, store.grant)
+
+
+class Granting:
+    """The fake store's grant, remembering when each lease etcd would end."""
+
+    def __init__(self, store: MemoryStore, clock: FakeClock) -> None:
+        self.store, self.clock = store, clock
+        self.expires: dict[int, float] = {}
+
+    def grant(self, ttl: int) -> int:
+        lease = self.store.grant(ttl)
+        self.expires[lease] = self.clock.now + ttl
+        return lease
+
+
+EPSILON = 1e-6  # seconds: what float addition may add to a sum of times
+
+# silences between knocks: short ones, and many tag steps' worth landing just
+# before, on and just after a second, a step (30 s) and a claim's lifetime
+SILENCE = st.one_of(
+    st.floats(0, 2, allow_nan=False),
+    st.builds(lambda steps, off: max(0.0, steps * STEP_SECONDS + off),
+              st.integers(0, 40), st.sampled_from([-1.0, -0.5, -1e-3, 0.0, 1e-3, 0.5, 1.0])),
+    st.builds(lambda whole, off: whole + off, st.integers(0, 80),
+              st.sampled_from([-1e-6, 0.0, 1e-6, 0.999])))
+
+
+@given(st.lists(st.tuples(SILENCE,
+                          st.floats(-30, 30, allow_nan=False),  # the packet's age (its clock)
+                          st.integers(1, 600)),  # the lease it asks for, seconds
+                min_size=1, max_size=25),
+       st.sampled_from([1000.0, 1000.25]))
+@example([(0.0, 0.0, 10), (11.0, 0.0, 10)], 1000.0)  # now on the very second a lease ends
+@example([(389.0, 0.0, 1), (43.000001, 0.0, 1), (-1e-06, 0.0, 1), (389.0, 0.0, 226)],
+         1000.0)  # a sum of silences just under a second (float rounding in the check)
+def test_over_many_steps_of_silence_the_pool_never_hands_out_a_lease_etcd_has_expired(
+        knocks: list[tuple[float, float, int]], start: float) -> None:
+    """The claimer's use of the pool (a claim's end, its lease record's end,
+    then the next second's of each, ahead; and an end already past) after
+    silences of many tag steps, on whole seconds too: every lease handed out
+    is alive in the store when it is handed out, and ends no earlier than the
+    end asked for (or now) and less than OUTLIVES_BY after."""
+    clock = FakeClock(start)
+    store = MemoryStore(clock)
+    granting = Granting(store, clock)
+    pool = LeasePool()
+    for i, (silence, age, duration) in enumerate(knocks):
+        clock.now += silence
+        now = clock.now
+        claim_end = claim_until(now - age, DEFAULT_WINDOW)
+        for end in (claim_end, now + duration, now - 1):  # the knock's path; a past end
+            lease = pool.lease(end, now, granting.grant)
+            store.put(b"/k/%d" % i, b"v", lease)  # LeaseExpiredError if etcd has dropped it
+            assert now < granting.expires[lease], (now, end)
+            assert max(end, now) <= granting.expires[lease] < max(end, now) + OUTLIVES_BY
+        for second in (math.ceil(claim_end) + 1, math.ceil(now + duration) + 1):  # ahead
+            lease = pool.lease(second, now, granting.grant)
+            # (EPSILON: the fake's now + ttl rounds: now = 1820.99999999999977
+            # and a TTL of 228 make 2049.0 in floats, 2048.99999999999977 in fact)
+            assert second <= granting.expires[lease] < second + 1 + EPSILON
