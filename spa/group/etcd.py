@@ -36,6 +36,12 @@ Invariants:
   raises, so failover, a fresh token and the retry after a failed endpoint
   are the other calls'.  A kept-alive connection the peer has closed is
   opened anew before it is used (as urllib3 does), never retried after.
+- A claim's transaction goes to etcd's leader first when the member knows
+  which configured endpoint that is (spa.group.leader: learned off the
+  knock's path, on a thread of its own, from etcd's maintenance status and
+  member list; forgotten when the leader fails a call or an answer carries a
+  newer raft term).  Until then, and when the leader is not a configured
+  endpoint, the configured order; failover from there is every call's.
 - A watch runs in its own thread, reconnects to the next endpoint from the
   revision after the last one delivered, and never delivers an event twice
   nor skips one: the keys of one revision (a transaction, a lease's keys
@@ -55,6 +61,7 @@ import select
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -82,6 +89,7 @@ from spa.group.kv import (
     check_batch,
     check_prefixes,
 )
+from spa.group.leader import Leader, leader_index, term_of
 
 T = TypeVar("T")
 
@@ -277,7 +285,10 @@ def _refusal(e: gw_errors.Etcd3Exception, op: str) -> Exception:
 class EtcdStore:
     """kv.KV on an etcd v3 cluster (3.4 or later)."""
 
-    def __init__(self, access: EtcdAccess, *, page_keys: int = PAGE_KEYS) -> None:
+    def __init__(self, access: EtcdAccess, *, page_keys: int = PAGE_KEYS,
+                 leader_first: bool = True) -> None:
+        """leader_first: send claims to etcd's leader once it is known (the
+        module's invariants); off, the configured order as for every call."""
         if not access.endpoints:
             raise ValueError("no etcd endpoints")
         if page_keys < 1:
@@ -292,6 +303,9 @@ class EtcdStore:
         self._authed: set[int] = set()
         self._current = 0
         self._lock = threading.Lock()
+        self._leader = Leader(len(access.endpoints) if leader_first else 0)
+        self._spawn: Callable[[Callable[[], None]], None] = _in_thread  # tests: at once
+        self._clock: Callable[[], float] = time.monotonic
 
     def _client(self, url: str) -> etcd3gw.Etcd3Client:
         scheme = url.partition("://")[0]
@@ -308,11 +322,13 @@ class EtcdStore:
 
     # -- calls with failover -------------------------------------------------
 
-    def _call(self, op: str, fn: Callable[[etcd3gw.Etcd3Client], T]) -> T:
-        """fn on the current endpoint, then on each other one while they
-        cannot answer.  Raises StoreUnavailableError when none can."""
+    def _call(self, op: str, fn: Callable[[etcd3gw.Etcd3Client], T],
+              start: int | None = None) -> T:
+        """fn on the current endpoint (or `start`), then on each other one
+        while they cannot answer.  Raises StoreUnavailableError when none
+        can."""
         count = len(self._clients)
-        start = self._current
+        start = self._current if start is None else start
         reasons = []
         for step in range(count):
             index = (start + step) % count
@@ -322,6 +338,7 @@ class EtcdStore:
             except _UnreachableError as e:
                 reasons.append(f"{self._access.endpoints[index]}: {str(e)[:80]}")
                 self._current = (index + 1) % count
+                self._leader.lost(index)
         raise StoreUnavailableError(f"etcd could not {op}: no endpoint answered in "
                                f"{self._access.timeout:g} s ({'; '.join(reasons)})")
 
@@ -450,11 +467,13 @@ class EtcdStore:
         """A transaction on c's endpoint, lean (see the module's invariants)."""
         held = self._lean.get(id(c))
         if held is None or held[0] is not c:  # a client set from outside (tests)
-            return c.post(c.get_url("/kv/txn"), json=txn)
-        lean = held[1]
-        token = c.session.headers.get("Authorization")
-        return lean.post(urlsplit(c.get_url("/kv/txn")).path, txn,
-                         None if token is None else str(token))
+            answer = c.post(c.get_url("/kv/txn"), json=txn)
+        else:
+            token = c.session.headers.get("Authorization")
+            answer = held[1].post(urlsplit(c.get_url("/kv/txn")).path, txn,
+                                  None if token is None else str(token))
+        self._leader.seen_term(term_of(answer))  # an election: learn the leader again
+        return answer
 
     def create(self, key: bytes, value: bytes, lease: int = 0) -> bool:
         put: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
@@ -479,7 +498,7 @@ class EtcdStore:
             found = answer.get("responses", [{}])[0].get("response_range", {}).get("kvs", [])
             return bool(found) and _item(found[0]).value == value and \
                 _item(found[0]).lease == lease
-        return self._call("claim a key", once)
+        return self._claim("claim a key", once)
 
     def create_many(self, creates: Sequence[Put],
                     writes: Sequence[Put | Delete] = ()) -> frozenset[bytes]:
@@ -507,7 +526,28 @@ class EtcdStore:
                     (i.key, i.value, i.lease) in ours for i in found):
                 return frozenset()  # a retry after an endpoint failed: the first landed
             return frozenset(i.key for i in found)
-        return self._call("claim keys", once)
+        return self._claim("claim keys", once)
+
+    def _claim(self, op: str, fn: Callable[[etcd3gw.Etcd3Client], T]) -> T:
+        """A claim's call: at the leader first when it is known (learning
+        it, if due, on a thread of its own: never on the knock's path)."""
+        if self._leader.should_learn(self._clock()):
+            self._spawn(self._learn_leader)
+        return self._call(op, fn, self._leader.first(self._current))
+
+    def _learn_leader(self) -> None:
+        """Ask etcd which member leads and map it to a configured endpoint
+        (spa.group.leader); a failure leaves the configured order."""
+        try:
+            status = self._call("find etcd's leader", lambda c: c.post(
+                c.get_url("/maintenance/status"), json={}))
+            members = self._call("list etcd's members", lambda c: c.post(
+                c.get_url("/cluster/member/list"), json={}))
+        except StoreError:
+            self._leader.failed(self._clock())
+            return
+        index = leader_index(self._access.endpoints, status, members)
+        self._leader.learned(index, term_of(status), self._clock())
 
     def grant(self, ttl: int) -> int:
         answer = self._call("grant a lease", lambda c: c.post(
@@ -677,6 +717,10 @@ def _shut(response: requests.Response) -> None:
     except (AttributeError, OSError, ValueError):
         pass
     response.close()
+
+
+def _in_thread(fn: Callable[[], None]) -> None:
+    threading.Thread(target=fn, name="etcd-leader", daemon=True).start()
 
 
 def endpoints_of(text: Sequence[str]) -> tuple[str, ...]:
