@@ -89,9 +89,14 @@ class Leader:
             return True
 
     def learned(self, index: int | None, term: int, now: float) -> None:
+        """etcd's status named this endpoint (None: none of ours) at this
+        raft term (0: it did not say).  An answer older than a term already
+        seen is not taken (an election came since): learned again."""
         with self._lock:
             self._learning = False
-            self.index, self.term = index, term
+            if term and term < self.term:
+                return
+            self.index, self.term = index, max(term, self.term)
             if index is None:
                 self._not_before = now + RETRY
 

@@ -159,3 +159,30 @@ def test_a_single_endpoint_never_asks_for_the_leader() -> None:
     store = _leading(only)
     assert store.create(b"k", b"v") is True
     assert only.paths == ["/kv/txn"]
+
+
+def _index(leader: lead.Leader) -> int | None:
+    return leader.index  # (a call: mypy narrows fields)
+
+
+def test_a_leader_learned_at_a_term_older_than_one_seen_is_not_taken() -> None:
+    leader = lead.Leader(3)
+    assert leader.should_learn(0.0)
+    leader.seen_term(3)  # a claim's answer, while the status was on its way
+    leader.learned(2, 2, 0.0)  # the status: from before that election
+    assert _index(leader) is None
+    assert leader.should_learn(0.0)  # at the next claim
+    leader.learned(1, 3, 0.0)
+    assert (_index(leader), leader.term) == (1, 3)
+
+
+def test_a_status_without_a_term_does_not_make_every_claim_learn_again() -> None:
+    leader = lead.Leader(3)
+    assert leader.should_learn(0.0)
+    leader.learned(1, 0, 0.0)
+    leader.seen_term(2)  # the first answer's term: newer than "none"
+    assert leader.should_learn(0.0)
+    leader.learned(1, 0, 0.0)
+    leader.seen_term(2)
+    assert _index(leader) == 1
+    assert not leader.should_learn(0.0)
