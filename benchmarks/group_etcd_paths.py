@@ -30,10 +30,10 @@ noisy), each `--calls` calls in all:
 
 Printed per row: p50 / p90 / p99 ms and this process's CPU ms a call (all
 threads: gRPC's C core works on threads of its own).  `--capture` also runs
-tcpdump on the client namespace's bridge during 20 gateway and 20 gRPC
-calls and prints, per call, the segments each way and the time from our
-last request segment to the answer's first (a delayed ACK would show as a
-40 ms gap).  Figures: docs/benchmarks.md ("Where a group knock's time goes").
+tcpdump on the client namespace's bridge during 20 calls each of http.client
+(two sends), EtcdStore and gRPC, and prints, per call, the segments each way
+and the time from our last request segment to the answer's first (a delayed
+ACK would show as a 40 ms gap).  Figures: docs/benchmarks.md ("Where a group knock's time goes").
 """
 
 from __future__ import annotations
@@ -341,16 +341,18 @@ def measure(cluster: EtcdCluster, args: argparse.Namespace, stubs: Path | None) 
         print(f"  {name:<62} {percentile(ms, .5):>7.2f} {percentile(ms, .9):>7.2f} "
               f"{percentile(ms, .99):>7.2f} {cpu:>7.2f}")
     if args.capture:
-        capture(cluster, leader, raw(two), None if stubs is None or args.curve else rows[4][1])
+        grpc_call = None if stubs is None or args.curve else rows[4][1]
+        capture(cluster, leader, {"gateway, http.client (2 sends)": raw(two),
+                                  "gateway, EtcdStore": gw_store, "gRPC": grpc_call})
 
 
-def capture(cluster: EtcdCluster, leader: str, gateway: Callable[[], object],
-            grpc_call: Callable[[], object] | None) -> None:
+def capture(cluster: EtcdCluster, leader: str,
+            calls: dict[str, Callable[[], object] | None]) -> None:
     """tcpdump on the client namespace during 20 calls of each path, spaced
     100 ms apart; per call: segments out and in (with data), and the time
     from our last data segment to the answer's first."""
     ip = leader.partition("://")[2].rpartition(":")[0]
-    for name, fn in (("gateway", gateway), ("gRPC", grpc_call)):
+    for name, fn in calls.items():
         if fn is None:
             continue
         with tempfile.NamedTemporaryFile(suffix=".txt") as out:
