@@ -165,8 +165,9 @@ class _Lean:
     a time; as many as threads ask at once).  The request, its headers and
     its body, goes in one send(): http.client sends them in two (two TLS
     records, two TCP segments), and etcd's gateway then reads the headers,
-    waits and reads the body; one send saves 0.1-0.2 ms p50 and a quarter of
-    the call's CPU (benchmarks/group_etcd_paths.py).  The answer is read by
+    waits and reads the body; one send made the call 0.1-0.4 ms p50 faster
+    and its CPU ~10% lower (benchmarks/group_etcd_paths.py, figures in
+    docs/benchmarks.md).  The answer is read by
     http.client's HTTPResponse; http.client's HTTPSConnection connects (TLS,
     TCP_NODELAY, the deadline)."""
 

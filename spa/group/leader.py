@@ -1,7 +1,7 @@
 """Which configured endpoint is etcd's leader, so that a claim's transaction
 goes there first (issue 18: a write sent to a follower is forwarded to the
-leader, one more hop: 0.2-0.3 ms a claim on this machine, docs/benchmarks.md,
-"Where a group knock's time goes").
+leader, one more hop: 0.1-0.3 ms a claim on this machine, docs/benchmarks.md,
+"The etcd round trip path by path").
 
 Invariants:
 - The leader is only ever one of the configured endpoints: a client URL that
