@@ -4,12 +4,16 @@ and grants/s at one member.  Needs root, etcd, etcdctl, nft and gcc.
 
     .venv/bin/python benchmarks/group_knock.py [--knocks 200] [--revocations 50]
         [--grant-knocks 6000] [--rate 3000] [--window 10] [--mode capture|udp]
-        [--etcd-data disk|tmpfs]
+        [--etcd-data disk|tmpfs] [--leader any|e1|e2|e3]
 
 --etcd-data: where the etcd members keep their data directories: under the
 run's directory in /tmp (the disk here; the default: what a user of this
 machine gets) or in /dev/shm (a tmpfs: etcd's fsyncs cost nothing).
 --revocations 0 and --grant-knocks 0 leave (b) and (c) out.
+--leader: etcd's leadership moved to that member before the daemons start
+(the members list e1, e2, e3 in that order: with e3 leading, a member that
+sends its claims to the leader first and one that sends them in the
+configured order differ).
 
 About 100 s with the defaults on a 2-core machine.
 
@@ -76,6 +80,7 @@ Figures are printed with the machine's load average; nothing is asserted
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -120,9 +125,21 @@ from spa.netns import Namespace, sh  # noqa: E402
 from spa.server import admin, groupstore  # noqa: E402
 from spa.server.events import EVENTS_DB, read_events  # noqa: E402
 from spa_client import knock  # noqa: E402
-from tests.etcd_world import open_cluster, why_not  # noqa: E402
+from tests.etcd_world import EtcdCluster, open_cluster, why_not  # noqa: E402
 
 SERVICE_PORT = 22
+
+
+def lead(cluster: EtcdCluster, wanted: str) -> str:
+    """Move etcd's leadership to member `wanted` (unless "any"); which one leads."""
+    members = json.loads(cluster.ctl("member", "list", "-w", "json"))["members"]
+    if wanted != "any":
+        cluster.ctl("move-leader", f"{next(m['ID'] for m in members if m['name'] == wanted):x}")
+    for status in json.loads(cluster.ctl("endpoint", "status", "-w", "json")):
+        if status["Status"]["leader"] == status["Status"]["header"]["member_id"]:
+            return (f"etcd's leader: {status['Endpoint']} (the members' endpoints: "
+                    f"{', '.join(cluster.endpoints)}, in this order)")
+    return "etcd has no leader"
 
 
 def load() -> str:
@@ -505,6 +522,9 @@ def main() -> int:
     parser.add_argument("--floor-threads", type=int, default=4,
                         help="threads of (c)'s etcd-alone line (a member's claim pool: 4)")
     parser.add_argument("--mode", choices=("capture", "udp"), default="capture")
+    parser.add_argument("--leader", choices=("any", "e1", "e2", "e3"), default="any",
+                        help="move etcd's leadership there first (e1: the members' first "
+                             "endpoint; another: where leader-first claims differ)")
     parser.add_argument("--etcd-data", choices=("disk", "tmpfs"), default="disk",
                         help="etcd's data directories: under /tmp (the disk) or /dev/shm")
     args = parser.parse_args()
@@ -544,7 +564,7 @@ def main() -> int:
         enroll_group(group, members[0],
                      ["lat", *grant_names, *(f"rev{k}" for k in range(args.revocations))])
         print(f"set up in {time.monotonic() - began:.0f} s: group {GROUP} with "
-              f"{len(group.uris)} clients; starting the daemons")
+              f"{len(group.uris)} clients; starting the daemons; {lead(cluster, args.leader)}")
         stack.enter_context(running(hosts))
         for host in hosts:
             launch(host)

@@ -1,12 +1,15 @@
 """A group's store on a real 3-member etcd cluster (tests/etcd_world.py):
 RBAC keeps a member to its group's prefix, one member down changes nothing,
 two down make every call fail with StoreUnavailableError within its deadline,
-and the store (and a watch) recover when they return."""
+and the store (and a watch) recover when they return; claims go to the
+leader, and follow it to the next when it is killed."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -136,3 +139,58 @@ def test_with_two_members_killed_calls_fail_unavailable_then_recover(
         assert len(keys) == len(set(zip(keys, (e.mod_revision for e in seen), strict=True)))
     finally:
         watch.cancel()
+
+
+def _leader(cluster: EtcdCluster, alive: tuple[int, ...] = (0, 1, 2)) -> int | None:
+    """The index of the member etcd says leads (asking the live ones), or
+    None while none does."""
+    urls = [cluster.members[i].endpoint for i in alive]
+    done = cluster.client.run(
+        "etcdctl", f"--endpoints={','.join(urls)}", f"--cacert={cluster.pki.ca_file}",
+        f"--cert={cluster.root / 'root.crt'}", f"--key={cluster.root / 'root.key'}",
+        "--dial-timeout=1s", "--command-timeout=2s", "endpoint", "status", "-w", "json",
+        check=False, timeout=20)
+    try:
+        statuses = json.loads(done.stdout)
+    except ValueError:
+        return None
+    for status in statuses:
+        header = status["Status"]["header"]
+        if status["Status"]["leader"] == header["member_id"]:
+            return cluster.endpoints.index(status["Endpoint"])
+    return None
+
+
+def test_claims_go_to_the_leader_and_follow_it_when_it_is_killed(cluster: EtcdCluster) -> None:
+    store = cluster.store("a", timeout=TIMEOUT)
+    store._spawn = lambda fn: fn()  # learn on the claim's thread (the daemon: a thread apart)
+    sent: list[int] = []
+    txn = store._txn
+
+    def recorded(c: Any, body: dict[str, Any]) -> Any:
+        sent.append(store._clients.index(c))
+        return txn(c, body)
+    store._txn = recorded  # type: ignore[method-assign,assignment]
+    if _leader(cluster) == 0:  # the configured order's first: lead elsewhere, to tell apart
+        ids = {m["name"]: m["ID"] for m in json.loads(
+            cluster.ctl("member", "list", "-w", "json"))["members"]}
+        cluster.ctl("move-leader", f"{ids['e3']:x}")
+    leader = _leader(cluster)
+    assert leader is not None and leader != 0
+    assert store.create(b"/spa/groups/a/lead/0", b"x") is True
+    assert sent == [leader]  # learned before the first claim, and sent there
+    cluster.kill(leader)
+    alive = tuple(i for i in range(3) if i != leader)
+    assert _retry(lambda: store.create(b"/spa/groups/a/lead/1", b"x")) is True
+    deadline = time.monotonic() + 20
+    while (now := _leader(cluster, alive)) is None:
+        assert time.monotonic() < deadline, "no new leader"
+        time.sleep(0.2)
+    for n in range(2, 40):  # a claim or two until the store has learned the new leader
+        sent.clear()
+        assert _retry(lambda n=n: store.create(b"/spa/groups/a/lead/%d" % n, b"x")) is True
+        if sent == [now]:
+            break
+        time.sleep(0.1)
+    assert sent == [now] and now != leader
+    assert store.create(b"/spa/groups/a/lead/1", b"y") is False  # still a claim: taken

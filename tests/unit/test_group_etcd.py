@@ -89,12 +89,14 @@ class Stub:
         return answer
 
 
-def _store(*stubs: Stub, user: str | None = None, page_keys: int = etcd.PAGE_KEYS
-           ) -> EtcdStore:
+def _store(*stubs: Stub, user: str | None = None, page_keys: int = etcd.PAGE_KEYS,
+           leader_first: bool = False) -> EtcdStore:
+    """A store on scripted endpoints (leader first off: learning the leader
+    would take the scripts' answers; the leader's own tests turn it on)."""
     access = EtcdAccess(tuple(f"https://10.0.0.{i}:2379" for i in range(1, len(stubs) + 1)),
                         Path("ca.crt"), Path("m.crt"), Path("m.key"), user=user,
                         password=PASSWORD if user else None)
-    store = EtcdStore(access, page_keys=page_keys)
+    store = EtcdStore(access, page_keys=page_keys, leader_first=leader_first)
     store._clients = list(stubs)  # type: ignore[arg-type]
     return store
 
@@ -537,7 +539,61 @@ def test_a_claims_txn_to_an_endpoint_that_is_not_there_fails_over(
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         nowhere = f"https://127.0.0.1:{unused.getsockname()[1]}"  # bound, never listening
-        store = EtcdStore(dataclasses.replace(access, endpoints=(nowhere, *access.endpoints)))
+        store = EtcdStore(dataclasses.replace(access, endpoints=(nowhere, *access.endpoints)),
+                          leader_first=False)  # the script answers the txn only
         _Gateway.script += [(200, {**HEADER, "succeeded": True}, False)]
         assert store.create(b"k", b"v") is True
         assert store._current == 1  # and stays on the one that answered
+
+
+def test_a_claims_request_goes_in_one_piece_headers_and_body(tmp_path: Path) -> None:
+    """One send: the gateway's first read (one TLS record) holds the whole
+    request (http.client's two sends would give it the headers alone)."""
+    from tests.etcd_world import Pki
+
+    pki = Pki(tmp_path)
+    crt, key = pki.issue("gw", cn=None, ips=("127.0.0.1",), server=True)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca_file))
+    context.load_cert_chain(str(crt), str(key))
+    context.verify_mode = ssl.CERT_REQUIRED
+    listener = socket.create_server(("127.0.0.1", 0))
+    firsts: list[bytes] = []
+
+    def serve() -> None:
+        with context.wrap_socket(listener.accept()[0], server_side=True) as conn:
+            for _ in range(2):
+                threading.Event().wait(0.3)  # every record of the request has arrived
+                firsts.append(conn.recv(65536))  # one read: one TLS record at most
+                answer = json.dumps({**HEADER, "succeeded": True}).encode()
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(answer), answer))
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        access = EtcdAccess((f"https://127.0.0.1:{listener.getsockname()[1]}",), pki.ca_file,
+                            crt, key, timeout=2.0)
+        store = EtcdStore(access)
+        store._clients[0].session.headers["Authorization"] = "tok-9"
+        assert store.create(b"k", b"v", 7) is True
+        assert store.create_many([Put(b"k1", b"a", 7)], [Delete(b"l1")]) == frozenset()
+        server.join(5)
+    finally:
+        listener.close()
+    for first in firsts:  # each: the headers, then the whole JSON body
+        head, _, body = first.partition(b"\r\n\r\n")
+        assert head.startswith(b"POST /v3/kv/txn HTTP/1.1\r\n")
+        assert b"\r\nAuthorization: tok-9" in head
+        assert int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]) == len(body)
+        assert json.loads(body)["compare"][0]["target"] == "CREATE"
+    assert len(firsts) == 2  # on one kept-alive connection
+
+
+def test_a_token_that_is_no_header_value_is_never_sent(
+        gateway: tuple[EtcdAccess, int]) -> None:
+    access, _ = gateway
+    store = EtcdStore(access)
+    store._clients[0].session.headers["Authorization"] = "tok\r\nX-Injected: 1"
+    with pytest.raises(StoreUnavailableError):
+        store.create(b"k", b"v")
+    assert _Gateway.seen == []
