@@ -231,6 +231,30 @@ class TagTable:
             for step in steps:
                 self._insert(knock_tag(tag_key, step), client, step)
 
+    def add_many(self, keys: Iterable[tuple[str, bytes]], *, later: bool = False) -> None:
+        """`add` of each (client, tag key) in turn, under one hold of the lock
+        and with the steps and their counters worked out once (a member's
+        first read adds 10^5 clients: add's own work was 2.5 us a client
+        beside its 1.7 us of HMAC)."""
+        with self._lock:
+            steps: Iterable[int] = self._steps_of_new_client()
+            if later:
+                if not self._warm:
+                    self._warm = _nearest_first(self._step, self._skew)
+                    self._warm_names, self._warm_at = [], 0
+                steps = [step for step in steps if step not in self._warm]
+            counters = [(step, step.to_bytes(8, "big")) for step in steps]
+            known, insert, digest = self._keys, self._insert, hmac.digest
+            warm = self._warm_names.append if later else None
+            for client, tag_key in keys:
+                if client in known:
+                    self._remove(client)
+                known[client] = tag_key
+                if warm is not None:
+                    warm(client)
+                for step, counter in counters:  # knock_tag(tag_key, step)
+                    insert(digest(tag_key, counter, "sha256")[:TAG_SIZE], client, step)
+
     def remove(self, client: str) -> None:
         """Forget a client's tags at once (later slices never bring them back)."""
         with self._lock:

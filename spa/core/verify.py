@@ -195,6 +195,21 @@ class Verifier:
         self._hot.pop(name, None)
         self._tags.add(name, keys.tag_key, later=later)
 
+    def add_clients_keys(self, keys: Mapping[str, ClientKeys], *, later: bool = False) -> None:
+        """add_client_keys of every (name, keys), the tags in one go
+        (TagTable.add_many).  Raises ValueError for keys of the wrong size,
+        before anything changes."""
+        if not all(len(key) == KEY_SIZE for given in keys.values()
+                   for key in (given.tag_key, given.cipher_key, given.mac_key)):
+            raise ValueError(f"a client's keys are {KEY_SIZE} bytes each")
+        self._given.update(keys)
+        secrets, hot = self._secrets, self._hot
+        for name in keys:
+            secrets.pop(name, None)
+            hot.pop(name, None)
+        self._tags.add_many(((name, given.tag_key) for name, given in keys.items()),
+                            later=later)
+
     def remove_client(self, name: str) -> None:
         """Forget a client's keys and tags at once."""
         self._secrets.pop(name, None)

@@ -24,15 +24,15 @@ Invariants (docs/groups.md, "What a member holds"):
 
 from __future__ import annotations
 
+import binascii
 import functools
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from spa.core.errors import FormatError
 from spa.core.keys import KEY_SIZE, SERVER_ID_SIZE, ClientKeys, derive_keys
 from spa.core.policy import ClientPolicy
-from spa.core.sources import MAX_SOURCES, NOWHERE, SourceNetwork, parse_network
+from spa.core.sources import MAX_SOURCES, NOWHERE, SourceNetwork, canonical_network
 from spa.group import codec
 from spa.group.codec import RecordError
 from spa.group.layout import GroupNameError, check_client, check_service
@@ -110,8 +110,6 @@ def _check(client: GroupClient) -> None:
     """Raise RecordError unless every field of `client` is one a record holds."""
     try:
         check_client(client.name)
-        for service in client.services:
-            check_service(service)
     except GroupNameError:
         raise RecordError("name or services: not valid names") from None
     if client.kind != KIND_SPA:
@@ -120,21 +118,46 @@ def _check(client: GroupClient) -> None:
     if not isinstance(client.server_id, bytes) or len(client.server_id) != SERVER_ID_SIZE:
         raise RecordError(f"server_id: not {SERVER_ID_SIZE} bytes")
     _check_keys(client.keys, "keys")
-    if not isinstance(client.services, tuple) or len(set(client.services)) != len(
-            client.services) or len(client.services) > codec.MAX_LIST:
-        raise RecordError(f"services: a tuple of at most {codec.MAX_LIST} distinct names")
+    _check_services(client.services)
     if not isinstance(client.allow_other_address, bool):
         raise RecordError("allow_other_address: not true or false")
     _check_sources(client.sources)
-    for name in ("enroll_by", "enrolled"):
-        if getattr(client, name) is not None:
-            codec.seconds({name: getattr(client, name)}, name)
+    for value, name in ((client.enroll_by, "enroll_by"), (client.enrolled, "enrolled")):
+        if value is not None and (type(value) is not int or not 0 <= value <= codec.MAX_TIME):
+            codec.seconds({name: value}, name)  # (raises: its message names the field)
     _check_otp(client.otp_secret)
     if (client.old_keys is None) != (client.old_until is None):
         raise RecordError("old: keys and until go together")
     if client.old_keys is not None:
         _check_keys(client.old_keys, "old")
         codec.seconds({"until": client.old_until}, "until")
+
+
+def _check_services(services: tuple[str, ...]) -> None:
+    """Raise RecordError unless `services` is a tuple of at most MAX_LIST
+    distinct valid service names (each distinct tuple's verdict cached:
+    10^5 clients share a few dozen lists)."""
+    if not isinstance(services, tuple):
+        raise RecordError(f"services: a tuple of at most {codec.MAX_LIST} distinct names")
+    try:
+        problem = _services_problem(services)
+    except TypeError:  # an item that cannot be hashed: not a name
+        problem = "name or services: not valid names"
+    if problem:
+        raise RecordError(problem)
+
+
+@functools.lru_cache(maxsize=_SERVICE_SETS)
+def _services_problem(services: tuple[str, ...]) -> str:
+    """What is wrong with a tuple of services ("": nothing)."""
+    try:
+        for service in services:
+            check_service(service)
+    except GroupNameError:
+        return "name or services: not valid names"
+    if len(set(services)) != len(services) or len(services) > codec.MAX_LIST:
+        return f"services: a tuple of at most {codec.MAX_LIST} distinct names"
+    return ""
 
 
 def _check_sources(sources: tuple[str, ...]) -> None:
@@ -158,11 +181,7 @@ def _service_set(services: tuple[str, ...]) -> frozenset[str]:
 def _canonical_network(text: str) -> SourceNetwork | None:
     """The network whose canonical text `text` is (spa.core.sources), None
     if it is not one's canonical text."""
-    try:
-        canonical, network = parse_network(text)
-    except FormatError:
-        return None
-    return network if canonical == text else None
+    return canonical_network(text)
 
 
 def _check_otp(secret: str) -> None:
@@ -306,34 +325,61 @@ def _names(group: bytes | None) -> tuple[str, ...]:
     return () if group is None else tuple(group[1:-1].decode("ascii").split('","'))
 
 
+@functools.lru_cache(maxsize=_SERVICE_SETS)
+def _service_names(group: bytes | None) -> tuple[str, ...]:
+    """_names of a services list (a few dozen distinct lists in a group)."""
+    return _names(group)
+
+
 def _number(group: bytes) -> int | None:
     return None if group == b"null" else int(group)
 
 
-def _exact_keys(texts: tuple[str, str, str]) -> ClientKeys | None:
-    cipher, mac, tag = (codec.key_bytes_or_none(text, KEY_SIZE) for text in texts)
+# the last digit of 32 bytes in canonical unpadded base64url: its 2 unused bits zero
+_LAST_OF_KEY = frozenset(ord(digit) for digit in codec.last_digits(KEY_SIZE))
+_URLSAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+
+
+def _exact_key(text: bytes) -> bytes | None:
+    """The key of 43 base64url digits (_EXACT's _K), None unless canonical:
+    what codec.key_bytes_or_none returns for them, without its checks of
+    the length and the alphabet (the regular expression made them)."""
+    if text[-1] not in _LAST_OF_KEY:
+        return None
+    return binascii.a2b_base64(text.translate(_URLSAFE_TO_STANDARD) + b"=")
+
+
+def _exact_keys(texts: tuple[bytes, bytes, bytes]) -> ClientKeys | None:
+    cipher, mac, tag = (_exact_key(text) for text in texts)
     if cipher is None or mac is None or tag is None:
         return None
     return ClientKeys(tag, cipher, mac)
 
 
+@functools.lru_cache(maxsize=16)
+def _server_id_text(server_id: bytes) -> bytes:
+    """The server id as a record writes it (its one canonical spelling)."""
+    return codec.b64(server_id).encode("ascii")
+
+
 def _decode_exact(data: bytes, server_id: bytes) -> GroupClient | None:
     """The client of a record that matches _EXACT; None for anything else."""
     match = _EXACT.fullmatch(data) if type(data) is bytes else None
-    if match is None:
+    if match is None or match[14] != _server_id_text(server_id):
         return None
-    g = [v.decode("ascii") if v is not None else "" for v in match.groups()]
+    g = match.groups()
     keys = _exact_keys((g[3], g[4], g[5]))
-    old = _exact_keys((g[8], g[9], g[10])) if g[8] else None
-    if (codec.key_bytes_or_none(g[13], SERVER_ID_SIZE) != server_id or keys is None
-            or (g[8] and old is None)):
+    old = _exact_keys((g[8], g[9], g[10])) if g[8] is not None else None
+    if keys is None or (g[8] is not None and old is None):
         return None
     try:
         return GroupClient(
-            name=g[7], server_id=server_id, keys=keys, services=_names(match[15]),
-            allow_other_address=g[0] == "true", sources=_names(match[16]),
-            enroll_by=_number(match[2]), otp_secret=g[12], enrolled=_number(match[3]),
-            old_keys=old, old_until=int(g[11]) if g[11] else None, kind=g[6])
+            name=g[7].decode("ascii"), server_id=server_id, keys=keys,
+            services=_service_names(g[14]),
+            allow_other_address=g[0] == b"true", sources=_names(g[15]),
+            enroll_by=_number(g[1]), otp_secret=g[12].decode("ascii"),
+            enrolled=_number(g[2]), old_keys=old,
+            old_until=int(g[11]) if g[11] is not None else None, kind=g[6].decode("ascii"))
     except RecordError:
         return None
 

@@ -182,14 +182,14 @@ def key_bytes(record: Mapping[str, Any], name: str, size: int) -> bytes:
     raise RecordError(f"{name}: not {size} bytes of unpadded base64url")
 
 
-def _last_digits(size: int) -> frozenset[str]:
+def last_digits(size: int) -> frozenset[str]:
     """The base64url digits that may end the canonical text of `size` bytes:
     those whose bits past the last byte are zero."""
     unused = (-size * 8) % 6
     return frozenset(c for i, c in enumerate(_B64_ALPHABET) if i & ((1 << unused) - 1) == 0)
 
 
-_LAST = {size: _last_digits(size) for size in (16, 32)}
+_LAST = {size: last_digits(size) for size in (16, 32)}
 
 
 def key_bytes_or_none(value: object, size: int) -> bytes | None:

@@ -60,8 +60,7 @@ def switch_verifier(verifier: Verifier, delta: ClientDelta, *, later: bool) -> N
         verifier.remove_client(key)
     for key, secret in delta.secrets.items():
         verifier.add_client(key, secret)
-    for key, keys in delta.keys.items():
-        verifier.add_client_keys(key, keys, later=later)
+    verifier.add_clients_keys(delta.keys, later=later)  # (one lock hold: TagTable.add_many)
     held = verifier.policy.clients
     assert isinstance(held, dict)
     for name, rule in delta.rules.items():

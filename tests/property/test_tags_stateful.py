@@ -63,6 +63,20 @@ class TagMachine(RuleBasedStateMachine):
         self.model[name] = key
         self.table.add(name, key, later=True)
 
+    @rule(names=st.lists(NAMES, max_size=5), later=st.booleans())
+    def add_many(self, names: list[str], later: bool) -> None:
+        """Several at once (a member's first read: TagTable.add_many), a
+        name given twice taking its last key."""
+        batch = []
+        for name in names:
+            self.version += 1
+            key = key_of(name, self.version)
+            if name in self.model:
+                self.retired.append(self.model[name])
+            self.model[name] = key
+            batch.append((name, key))
+        self.table.add_many(batch, later=later)
+
     @rule(name=NAMES)
     def remove(self, name: str) -> None:
         if name in self.model:

@@ -42,6 +42,32 @@ def test_wrong_missing_and_far_codes_are_invalid() -> None:
     assert checker.required("alice") and not checker.required("bob")
 
 
+def test_a_changed_secret_is_the_one_checked_and_a_removed_one_needs_no_code() -> None:
+    """The checker makes a client's TOTP at its first code: one made for
+    an earlier secret never checks the codes of the next."""
+    new = base64.b32encode(bytes(range(20, 40))).decode()
+    checker = OtpChecker({"alice": SECRET})
+    assert checker.check("alice", code(NOW - STEP), NOW) is None  # made for SECRET
+    checker.set_secret("alice", new)
+    assert checker.check("alice", code(NOW), NOW) is Reason.OTP_INVALID  # the old secret's
+    assert checker.check("alice", pyotp.TOTP(new).at(NOW), NOW) is None
+    checker.set_secrets({"alice": SECRET})
+    assert checker.check("alice", code(NOW + STEP), NOW) is None
+    checker.set_secret("alice", "")
+    assert checker.check("alice", "", NOW) is None and not checker.required("alice")
+
+
+def test_a_secret_pyotp_refuses_refuses_every_code_and_never_raises() -> None:
+    """Secrets are checked where they are written (the config, a group's
+    record); one that reaches the checker anyway fails closed."""
+    checker = OtpChecker({"alice": "not base32!"})
+    checker.set_secret("bob", "A")  # too short a block for base32
+    for client in ("alice", "bob"):
+        assert checker.required(client)
+        assert checker.check(client, code(NOW), NOW) is Reason.OTP_INVALID
+        assert checker.check(client, "", NOW) is Reason.OTP_INVALID
+
+
 def test_used_steps_survive_a_restart_through_last_steps() -> None:
     first = OtpChecker({"alice": SECRET})
     assert first.check("alice", code(NOW), NOW) is None
