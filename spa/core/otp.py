@@ -28,11 +28,21 @@ ISSUER = "spa"
 
 
 SECRET_BYTES = 20  # 160 bits, what authenticator apps expect (the caller draws them)
+MIN_SECRET_BITS = 80  # the shortest secret the config and a group's record accept
+
+
+class _TOTP(pyotp.TOTP):
+    """pyotp's TOTP taking every secret the config accepts: pyotp 2.12 refuses
+    one under 112 bits (its min_secret_length_bits; older versions check
+    nothing), and a client with an 80-bit secret the config took (the length
+    many authenticator set-ups use) then had every code refused otp_invalid."""
+
+    min_secret_length_bits = MIN_SECRET_BITS
 
 
 def provisioning_uri(secret: str, client: str) -> str:
     """The otpauth:// URI an authenticator app scans (issuer 'spa', account NAME)."""
-    return pyotp.TOTP(secret).provisioning_uri(name=client, issuer_name=ISSUER)
+    return _TOTP(secret).provisioning_uri(name=client, issuer_name=ISSUER)
 
 
 class OtpChecker:
@@ -72,7 +82,7 @@ class OtpChecker:
         if made is not None and made[0] == secret:
             return made[1]
         try:
-            totp = pyotp.TOTP(secret)
+            totp = _TOTP(secret)
         except (ValueError, TypeError):  # (binascii.Error is a ValueError)
             return None
         self._made[client] = (secret, totp)

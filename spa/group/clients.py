@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from spa.core.keys import KEY_SIZE, SERVER_ID_SIZE, ClientKeys, derive_keys
+from spa.core.otp import MIN_SECRET_BITS
 from spa.core.policy import ClientPolicy
 from spa.core.sources import MAX_SOURCES, NOWHERE, SourceNetwork, canonical_network
 from spa.group import codec
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 KIND_SPA = "spa"  # spa.server.config.KIND_SPA: the only kind a group holds
 OLD_KEY = "~old"  # spa.server.config.OLD_KEY: a rotated-out key's name suffix
 MAX_OTP_SECRET = 128  # characters of base32 (SECRET_BYTES = 20 is 32)
-_MIN_OTP_BYTES = 10  # 80 bits, as the config file requires
+_MIN_OTP_BYTES = MIN_SECRET_BITS // 8  # as the config file requires (and the checker takes)
 _FIELDS = frozenset({"name", "server_id", "kind", "keys", "old", "services",
                      "allow_other_address", "sources", "enroll_by", "otp_secret", "enrolled"})
 _RECORD_FIELDS = _FIELDS | {"v", "type"}

@@ -44,6 +44,7 @@ from spa.core.errors import FormatError
 from spa.core.gwhost import gateway_host_problem as gateway_host_problem  # (re-exported)
 from spa.core.gwhost import host_name_problem
 from spa.core.keys import MASTER_SECRET_SIZE, SERVER_ID_SIZE
+from spa.core.otp import MIN_SECRET_BITS
 from spa.core.policy import DEFAULT_SERVICES, ClientPolicy, Policy, Service
 from spa.core.sources import NOWHERE, SourceNetwork, canonical_sources, source_networks
 from spa.core.uri import is_valid_client_name
@@ -511,7 +512,8 @@ def _clients(path: Path, data: Mapping[str, Any], services: Mapping[str, Service
         _check_utc(where, "enroll_by", clients[name].enroll_by)
         if clients[name].otp_secret:
             try:
-                if len(base64.b32decode(clients[name].otp_secret, casefold=True)) < 10:
+                if len(base64.b32decode(clients[name].otp_secret,
+                                        casefold=True)) * 8 < MIN_SECRET_BITS:
                     raise ValueError
             except (ValueError, binascii.Error):
                 raise ConfigError(f"{where} otp_secret: not a base32 secret of 80 bits or "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hmac
 import ipaddress
 
 import pyotp
@@ -93,3 +94,24 @@ def test_the_verifier_wants_a_code_for_open_only() -> None:
     assert isinstance(v.verify(alice.packet(action=Action.CLOSE), SRC, NOW), Accepted)
     bob = Knocker("bob")
     assert isinstance(v.verify(bob.packet("https"), SRC, NOW), Accepted), "bob needs none"
+
+
+def _rfc6238(secret: bytes, at: float) -> str:
+    """RFC 6238's code (SHA-1, 30 s, 6 digits), written out without pyotp."""
+    digest = hmac.digest(secret, int(at // STEP).to_bytes(8, "big"), "sha1")
+    offset = digest[-1] & 0x0F
+    return f"{int.from_bytes(digest[offset:offset + 4], 'big') & 0x7FFFFFFF:010d}"[-6:]
+
+
+def test_every_secret_the_config_accepts_has_its_codes_accepted() -> None:
+    """The config and a group's record take a secret of 80 bits or more
+    (10 bytes: JBSWY3DPEHPK3PXP); pyotp 2.12 refuses one under 112 bits,
+    which made every code of such a client otp_invalid, silently."""
+    assert _rfc6238(b"12345678901234567890", 59) == "287082"  # RFC 6238's vector
+    for size in (10, 13, 14, 20):
+        raw = bytes(range(100, 100 + size))
+        checker = OtpChecker({"alice": base64.b32encode(raw).decode()})
+        assert checker.check("alice", _rfc6238(raw, NOW), NOW) is None, size
+        assert checker.check("alice", _rfc6238(raw, NOW), NOW) is Reason.OTP_REUSED
+    assert OtpChecker({"bob": "JBSWY3DPEHPK3PXP"}).check(
+        "bob", _rfc6238(base64.b32decode("JBSWY3DPEHPK3PXP"), NOW), NOW) is None
