@@ -565,10 +565,12 @@ class EtcdStore:
                 c.get_url("/maintenance/status"), json={}))
             members = self._call("list etcd's members", lambda c: c.post(
                 c.get_url("/cluster/member/list"), json={}))
-        except StoreError:
+            index = leader_index(self._access.endpoints, status, members)
+        except (StoreError, AttributeError, TypeError, ValueError):
+            # (the last three: answers not shaped as etcd's; a raise here would
+            # end the learning thread with the learning never done)
             self._leader.failed(self._clock())
             return
-        index = leader_index(self._access.endpoints, status, members)
         self._leader.learned(index, term_of(status), self._clock())
 
     def grant(self, ttl: int) -> int:

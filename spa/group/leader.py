@@ -30,7 +30,7 @@ def _host_port(url: str) -> tuple[str, int] | None:
     lower case; None for anything else."""
     scheme, _, rest = url.strip().partition("://")
     host, _, port = rest.rstrip("/").rpartition(":")
-    if scheme.lower() != "https" or not host or not port.isdigit():
+    if scheme.lower() != "https" or not host or not (port.isascii() and port.isdigit()):
         return None
     return host.strip("[]").lower(), int(port)
 

@@ -186,3 +186,36 @@ def test_a_status_without_a_term_does_not_make_every_claim_learn_again() -> None
     leader.seen_term(2)
     assert _index(leader) == 1
     assert not leader.should_learn(0.0)
+
+
+def test_an_answer_not_shaped_as_etcds_is_a_failed_learning_and_learned_again() -> None:
+    """A member list etcd would not write (a port of Unicode digits, which
+    str.isdigit takes and int refuses; no list of URLs; not an object) made
+    leader_index raise: the learning thread died with `learning` still set,
+    so the leader was never learned again (every claim went in the
+    configured order for the rest of the daemon's life)."""
+    for odd in ({"members": [{"ID": "22", "clientURLs": ["https://10.0.0.2:\u00b2"]}]},
+                {"members": [{"ID": "22", "clientURLs": None}]},
+                {"members": ["22"]}, {"members": None}):
+        now = [50.0]
+        raised: list[BaseException] = []
+        first = Stub(_status("22"), odd, _ok(), _status("22"), _members())
+        second = Stub(_ok())
+        store = _store(first, second, Stub(), leader_first=True)
+
+        def clock(at: list[float] = now) -> float:
+            return at[0]
+        store._clock = clock
+
+        def as_a_thread(fn: Any, raised: list[BaseException] = raised) -> None:
+            try:
+                fn()
+            except Exception as exc:  # what the thread's death would hide
+                raised.append(exc)
+        store._spawn = as_a_thread
+        assert store.create(b"k0", b"v") is True  # in the configured order: e1
+        assert raised == [] and _known(store) is None, odd
+        now[0] += lead.RETRY
+        assert store.create(b"k1", b"v") is True  # learned again: e2 leads
+        assert _known(store) == 1, odd
+        assert second.paths == ["/kv/txn"]
