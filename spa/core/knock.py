@@ -218,18 +218,7 @@ class TagTable:
         (a group member's first read of 10^5 clients): the current step's
         at once, the other live steps' among the first slices, as
         `warm_later` does for the table's own (`warming` counts them)."""
-        with self._lock:
-            self._remove(client)
-            self._keys[client] = tag_key
-            steps: Iterable[int] = self._steps_of_new_client()
-            if later:
-                if not self._warm:  # a warm-up of its own: the others nearest first
-                    self._warm = _nearest_first(self._step, self._skew)
-                    self._warm_names, self._warm_at = [], 0
-                self._warm_names.append(client)  # (the step under way reaches it too)
-                steps = [step for step in steps if step not in self._warm]
-            for step in steps:
-                self._insert(knock_tag(tag_key, step), client, step)
+        self.add_many(((client, tag_key),), later=later)
 
     def add_many(self, keys: Iterable[tuple[str, bytes]], *, later: bool = False) -> None:
         """`add` of each (client, tag key) in turn, under one hold of the lock
@@ -239,7 +228,7 @@ class TagTable:
         with self._lock:
             steps: Iterable[int] = self._steps_of_new_client()
             if later:
-                if not self._warm:
+                if not self._warm:  # a warm-up of its own: the others nearest first
                     self._warm = _nearest_first(self._step, self._skew)
                     self._warm_names, self._warm_at = [], 0
                 steps = [step for step in steps if step not in self._warm]
@@ -251,7 +240,7 @@ class TagTable:
                     self._remove(client)
                 known[client] = tag_key
                 if warm is not None:
-                    warm(client)
+                    warm(client)  # (a warm-up under way reaches it too)
                 for step, counter in counters:  # knock_tag(tag_key, step)
                     insert(digest(tag_key, counter, "sha256")[:TAG_SIZE], client, step)
 

@@ -180,20 +180,12 @@ class Verifier:
         self._hot.pop(name, None)
         self._tags.add(name, tag_key)
 
-    def add_client_keys(self, name: str, keys: ClientKeys, *, later: bool = False) -> None:
+    def add_client_keys(self, name: str, keys: ClientKeys) -> None:
         """Enroll or re-key a client by the keys derived for this server id
         (a group's record holds those, never the secret; NAME~old as in
-        add_client).  Takes effect for the next packet; `later`: its tags of
-        the current step do, those of the other live steps come with the tag
-        table's slices (TagTable.add).  Raises ValueError for keys of the
-        wrong size."""
-        if not all(len(key) == KEY_SIZE for key in (keys.tag_key, keys.cipher_key,
-                                                     keys.mac_key)):
-            raise ValueError(f"a client's keys are {KEY_SIZE} bytes each")
-        self._given[name] = keys
-        self._secrets.pop(name, None)
-        self._hot.pop(name, None)
-        self._tags.add(name, keys.tag_key, later=later)
+        add_client).  Takes effect for the next packet.  Raises ValueError
+        for keys of the wrong size."""
+        self.add_clients_keys({name: keys})
 
     def add_clients_keys(self, keys: Mapping[str, ClientKeys], *, later: bool = False) -> None:
         """add_client_keys of every (name, keys), the tags in one go
